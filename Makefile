@@ -1,0 +1,42 @@
+# gravl-dr: `make demo` runs the main job on embedded defaults; `make test` runs the whole suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
+
+.PHONY: demo test lint typecheck pytest venv system system-test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@command -v uv >/dev/null 2>&1 || python3 -m pip install -q uv
+	@test -x $(PY) || uv venv -q --python python3 $(VENV)
+	uv pip install -q --python $(PY) -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+system:
+	@bash scripts/system-deps.sh
+
+system-test:
+	@bash scripts/system-deps.sh test
+
+demo: system venv
+	$(VENV)/bin/gravl-dr demo
+
+lint: venv
+	$(VENV)/bin/ruff check flows tasks deployments tests bench
+
+typecheck: venv
+	$(VENV)/bin/mypy flows tasks deployments
+
+pytest: system-test venv
+	$(VENV)/bin/pytest -q tests
+
+test: lint typecheck pytest
+
+bench: system-test venv
+	$(PY) bench/backup.py --scale 20
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,110 @@
+"""Orchestration: the ``gravl-dr`` command line.
+
+Commands that are not flows (list, verify, wal-push, wal-fetch) never import Prefect: PostgreSQL
+calls the WAL hooks once per file and `list` must answer at once. Each feature registers its
+commands from its own ``flows/cli_*.py`` module; every error ends as one line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from tasks.errors import DRError, one_line
+
+# Modules that add sub-commands (each has ``register(subparsers)``), in help order.
+COMMAND_MODULES = [
+    "flows.cli_backup",
+]
+
+log = logging.getLogger("gravl_dr")
+
+
+def prefect_environment() -> None:
+    """Settings for flows run from the CLI; set before Prefect is imported (see STACK.md)."""
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,flows")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+
+
+class _NoTraceback(logging.Filter):
+    """Keep tracebacks out of the terminal (they still reach the Prefect API and UI)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+def quiet_console_tracebacks() -> None:
+    if os.environ.get("GRAVL_DR_DEBUG"):
+        return
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.addFilter(_NoTraceback())
+
+
+def run_flow(flow_fn, **params):  # type: ignore[no-untyped-def]
+    """Run a flow in-process: against PREFECT_API_URL when set, else Prefect's ephemeral mode."""
+    prefect_environment()
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # Prefect prints flow and task logs itself
+        root.removeHandler(handler)
+    import prefect  # noqa: F401 - configures logging
+
+    quiet_console_tracebacks()
+    return flow_fn(**params)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        sys.stderr.write(f"gravl-dr: error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gravl-dr", description="Disaster recovery for PostgreSQL.")
+    parser.add_argument("--config", help="config file (default $GRAVL_DR_CONFIG, then ./gravl-dr.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="gravl-dr: %(message)s",
+    )
+    try:
+        code = int(args.func(args) or 0)
+    except DRError as exc:
+        if os.environ.get("GRAVL_DR_DEBUG"):
+            traceback.print_exc()
+        sys.stderr.write(f"gravl-dr: error: {one_line(exc)}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("gravl-dr: interrupted\n")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI contract: one line, never a traceback
+        if os.environ.get("GRAVL_DR_DEBUG"):
+            traceback.print_exc()
+        sys.stderr.write(f"gravl-dr: error: unexpected {type(exc).__name__}: {one_line(exc)}\n")
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""Adapter: the backup procedure's steps as plain functions (the flow wraps them as tasks).
+
+Preflight -> lock -> stream (pg_basebackup or pg_dump through encode() into the repository) ->
+verify -> publish manifest (the commit point) -> unlock. A backup without a manifest does not
+exist; the objects of a failed attempt are removed before a retry or a new attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from tasks.config import Config
+from tasks.errors import (
+    AlreadyExists,
+    DRError,
+    Locked,
+    NotFound,
+    PreconditionFailed,
+)
+from tasks.libpq import client_env
+from tasks.models import (
+    Manifest,
+    StoredObject,
+    backup_time,
+    format_lsn,
+    new_backup_id,
+    parse_lsn,
+    parse_manifest,
+    wal_file_name,
+)
+from tasks.postgres import (
+    ServerInfo,
+    check_version,
+    connection,
+    count_rows,
+    safe_dsn,
+    server_info,
+)
+from tasks.proc import pg_bin, popen
+from tasks.repository import FileRepository, Repository
+from tasks.streams import (
+    CODEC_SUFFIX,
+    ENC_SUFFIX,
+    ProcessSource,
+    consume,
+    decode,
+    encode,
+    key_fingerprint,
+    load_key,
+    verified,
+)
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = "locks/backup.lock"
+STALE_LOCK_SECONDS = 24 * 3600
+
+
+def backup_prefix(backup_id: str) -> str:
+    return f"backups/{backup_id}"
+
+
+def manifest_key(backup_id: str) -> str:
+    return f"backups/{backup_id}/manifest.json"
+
+
+@dataclass(frozen=True)
+class Preflight:
+    backup_id: str
+    kind: str
+    info: ServerInfo
+    codec: str
+    encrypted: bool
+    key_fingerprint: str | None
+    database_bytes: int
+    free_bytes: int | None
+    messages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    objects: tuple[StoredObject, ...]
+    start_lsn: str | None
+    stop_lsn: str | None
+    timeline: int
+    start_time: datetime
+    stop_time: datetime
+    row_counts: dict[str, dict[str, int]]
+    row_counts_exact: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    backup_id: str
+    objects: int
+    bytes_read: int
+    seconds: float
+    deep: bool
+
+
+@dataclass
+class BackupSummary:
+    manifest: Manifest
+    stream_seconds: float
+    verify_seconds: float
+    total_seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- preflight
+
+def preflight(cfg: Config, repo: Repository, kind: str, now: datetime | None = None) -> Preflight:
+    """Check everything a backup needs, with no side effect: server, version, space, lock."""
+    if kind not in ("physical", "logical"):
+        raise PreconditionFailed(f"unknown backup kind {kind!r} (physical or logical)")
+    repo.check(write=False) if not isinstance(repo, FileRepository) else repo.check(write=True)
+    key = load_key(cfg.repository.encryption_key_env)
+    info = server_info(cfg.primary.dsn)
+    check_version(info)
+    messages = [
+        f"server {safe_dsn(cfg.primary.dsn)} is PostgreSQL {info.version_text}, "
+        f"system identifier {info.system_identifier}, timeline {info.timeline}"
+    ]
+    if info.in_recovery and kind == "physical":
+        messages.append("server is a standby: backing up from it")
+    with connection(cfg.primary.dsn) as conn:
+        row = conn.execute("SELECT sum(pg_database_size(oid))::bigint FROM pg_database").fetchone()
+        db_row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+    database_bytes = int((row[0] if kind == "physical" else db_row[0]) or 0) if row and db_row else 0
+    free: int | None = None
+    if isinstance(repo, FileRepository):
+        free = repo.free_bytes()
+        need = database_bytes if cfg.repository.compression == "none" else database_bytes // 2
+        if free < need:
+            raise PreconditionFailed(
+                f"repository {repo.url} has {free >> 20} MiB free, a {kind} backup of "
+                f"{database_bytes >> 20} MiB may need {need >> 20} MiB"
+            )
+        messages.append(f"repository has {free >> 20} MiB free for about {database_bytes >> 20} MiB of data")
+    lock = read_lock(repo)
+    if lock is not None and not lock_is_stale(lock):
+        raise Locked(
+            f"another backup of this cluster is running ({lock.get('backup_id')} on "
+            f"{lock.get('host')} since {lock.get('started')})"
+        )
+    backup_id = new_backup_id(kind, now)
+    if repo.exists(manifest_key(backup_id)):
+        raise AlreadyExists(f"backup {backup_id} already exists; try again in a second")
+    return Preflight(
+        backup_id=backup_id,
+        kind=kind,
+        info=info,
+        codec=cfg.repository.compression,
+        encrypted=key is not None,
+        key_fingerprint=key_fingerprint(key) if key else None,
+        database_bytes=database_bytes,
+        free_bytes=free,
+        messages=tuple(messages),
+    )
+
+
+# ---------------------------------------------------------------- lock
+
+def read_lock(repo: Repository) -> dict[str, Any] | None:
+    try:
+        data = repo.get_bytes(LOCK_KEY)
+    except NotFound:
+        return None
+    try:
+        lock = json.loads(data)
+        return lock if isinstance(lock, dict) else {"corrupt": True}
+    except ValueError:
+        return {"corrupt": True}
+
+
+def lock_is_stale(lock: dict[str, Any]) -> bool:
+    """A lock is stale when its holder on this host is gone, or it is older than a day."""
+    if lock.get("corrupt"):
+        return True
+    started = float(lock.get("epoch", 0))
+    if time.time() - started > STALE_LOCK_SECONDS:
+        return True
+    if lock.get("host") == socket.gethostname():
+        pid = int(lock.get("pid", 0))
+        if pid <= 0:
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    return False
+
+
+def acquire_lock(repo: Repository, backup_id: str) -> None:
+    body = json.dumps({
+        "backup_id": backup_id, "host": socket.gethostname(), "pid": os.getpid(),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"), "epoch": time.time(),
+    }).encode()
+    try:
+        repo.put_bytes(LOCK_KEY, body)
+        return
+    except AlreadyExists:
+        pass
+    lock = read_lock(repo)
+    if lock is not None and not lock_is_stale(lock):
+        raise Locked(f"another backup of this cluster is running ({lock.get('backup_id')})")
+    log.warning("removing stale backup lock of %s", (lock or {}).get("backup_id"))
+    repo.delete(LOCK_KEY)
+    try:
+        repo.put_bytes(LOCK_KEY, body)
+    except AlreadyExists:
+        raise Locked("another backup took the lock at the same moment") from None
+
+
+def release_lock(repo: Repository, backup_id: str) -> None:
+    lock = read_lock(repo)
+    if lock is not None and lock.get("backup_id") == backup_id:
+        repo.delete(LOCK_KEY)
+
+
+# ---------------------------------------------------------------- stream
+
+def discard_incomplete(repo: Repository, backup_id: str) -> int:
+    """Delete the objects of an attempt that has no manifest (never those of a real backup)."""
+    if repo.exists(manifest_key(backup_id)):
+        raise PreconditionFailed(f"backup {backup_id} is complete; refusing to discard it")
+    keys = repo.list_keys(backup_prefix(backup_id))
+    for key in keys:
+        repo.delete(key)
+    with contextlib.suppress(DRError):
+        repo.abort_incomplete(backup_prefix(backup_id))
+    return len(keys)
+
+
+_START_RE = re.compile(r"write-ahead log start point: ([0-9A-F]+/[0-9A-F]+) on timeline (\d+)")
+_END_RE = re.compile(r"write-ahead log end point: ([0-9A-F]+/[0-9A-F]+)")
+
+
+def _object_name(base: str, codec: str, encrypted: bool) -> str:
+    return base + CODEC_SUFFIX[codec] + (ENC_SUFFIX if encrypted else "")
+
+
+def _store(
+    cfg: Config, repo: Repository, pre: Preflight, name: str, source: ProcessSource
+) -> StoredObject:
+    key = load_key(cfg.repository.encryption_key_env)
+    stream, result = encode(source, pre.codec, key, cfg.repository.compression_level)
+    put = repo.put_stream(f"{backup_prefix(pre.backup_id)}/{name}", stream)
+    if put.size != result.stored.size or put.sha256 != result.stored.hexdigest():
+        raise PreconditionFailed(f"{name}: repository recorded other bytes than were sent")
+    return StoredObject(
+        key=name, size=result.stored.size, sha256=result.stored.hexdigest(),
+        raw_size=result.raw.size, raw_sha256=result.raw.hexdigest(),
+    )
+
+
+def stream_backup(cfg: Config, repo: Repository, pre: Preflight) -> StreamResult:
+    """Run the backup program and stream its output into the repository in one pass."""
+    removed = discard_incomplete(repo, pre.backup_id)
+    if removed:
+        log.info("removed %d object(s) of an earlier failed attempt of %s", removed, pre.backup_id)
+    if pre.kind == "physical":
+        return _stream_physical(cfg, repo, pre)
+    return _stream_logical(cfg, repo, pre)
+
+
+def _stream_physical(cfg: Config, repo: Repository, pre: Preflight) -> StreamResult:
+    t0 = time.monotonic()
+    start_time = datetime.now(UTC)
+    argv = [pg_bin("pg_basebackup", cfg.postgres.bindir), "-D", "-", "-Ft", "-X", "fetch",
+            "-c", "fast", "-v", "--no-password"]
+    proc = popen(argv, env=client_env(cfg.primary.dsn))
+    source = ProcessSource(proc, "pg_basebackup")
+    log.info("streaming pg_basebackup of %s as tar (WAL included)", safe_dsn(cfg.primary.dsn))
+    try:
+        obj = _store(cfg, repo, pre, _object_name("base.tar", pre.codec, pre.encrypted), source)
+    finally:
+        source.finish()
+    stderr = source.stderr_text()
+    start = _START_RE.search(stderr)
+    end = _END_RE.search(stderr)
+    if not start or not end:
+        raise PreconditionFailed("pg_basebackup did not report its WAL start and end points")
+    stop_time = datetime.now(UTC)
+    counts = _row_counts_now(cfg)
+    return StreamResult(
+        objects=(obj,), start_lsn=start.group(1), stop_lsn=end.group(1),
+        timeline=int(start.group(2)), start_time=start_time, stop_time=stop_time,
+        row_counts=counts, row_counts_exact=False, seconds=time.monotonic() - t0,
+    )
+
+
+def _row_counts_now(cfg: Config) -> dict[str, dict[str, int]]:
+    with connection(cfg.primary.dsn) as conn:
+        db = conn.info.dbname
+        return {db: count_rows(conn)}
+
+
+def _stream_logical(cfg: Config, repo: Repository, pre: Preflight) -> StreamResult:
+    """pg_dump -Fc in the same snapshot in which rows are counted: the counts are exact."""
+    t0 = time.monotonic()
+    start_time = datetime.now(UTC)
+    with connection(cfg.primary.dsn, autocommit=False) as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        snap_row = conn.execute("SELECT pg_export_snapshot(), pg_current_wal_lsn()::text").fetchone()
+        assert snap_row is not None
+        snapshot, start_lsn = snap_row[0], snap_row[1]
+        counts = {conn.info.dbname: count_rows(conn)}
+        argv = [pg_bin("pg_dump", cfg.postgres.bindir), "-Fc", "-Z", "0", "--no-password",
+                f"--snapshot={snapshot}"]
+        proc = popen(argv, env=client_env(cfg.primary.dsn))
+        source = ProcessSource(proc, "pg_dump")
+        log.info("streaming pg_dump -Fc of %s in snapshot %s", safe_dsn(cfg.primary.dsn), snapshot)
+        try:
+            obj = _store(cfg, repo, pre, _object_name("dump.pgc", pre.codec, pre.encrypted), source)
+        finally:
+            source.finish()
+        conn.rollback()
+    return StreamResult(
+        objects=(obj,), start_lsn=start_lsn, stop_lsn=start_lsn, timeline=pre.info.timeline,
+        start_time=start_time, stop_time=datetime.now(UTC), row_counts=counts,
+        row_counts_exact=True, seconds=time.monotonic() - t0,
+    )
+
+
+def build_manifest(cfg: Config, pre: Preflight, res: StreamResult) -> Manifest:
+    seg = pre.info.wal_segment_size
+    start_wal = wal_file_name(res.timeline, parse_lsn(res.start_lsn), seg) if res.start_lsn else None
+    stop_wal = None
+    if res.stop_lsn and pre.kind == "physical":
+        # the end point is the first byte after the backup's WAL: name the segment holding the
+        # last byte needed (XLByteToPrevSeg in xlog_internal.h)
+        stop_wal = wal_file_name(res.timeline, max(parse_lsn(res.stop_lsn) - 1, 0), seg)
+    return Manifest(
+        id=pre.backup_id, kind=pre.kind, cluster=cfg.cluster,  # type: ignore[arg-type]
+        pg_version=pre.info.version_num, pg_version_text=pre.info.version_text,
+        system_identifier=pre.info.system_identifier, timeline=res.timeline,
+        start_lsn=res.start_lsn, stop_lsn=res.stop_lsn, start_wal=start_wal, stop_wal=stop_wal,
+        wal_segment_size=seg, start_time=res.start_time, stop_time=res.stop_time,
+        database=pre.info.database, codec=pre.codec,
+        encryption="aes-256-gcm" if pre.encrypted else "none", key_fingerprint=pre.key_fingerprint,
+        objects=list(res.objects), row_counts=res.row_counts, row_counts_exact=res.row_counts_exact,
+        data_checksums=pre.info.data_checksums,
+    )
+
+
+# ---------------------------------------------------------------- verify and publish
+
+def verify_objects(
+    repo: Repository, manifest: Manifest, *, deep: bool = False, key: bytes | None = None
+) -> VerifyResult:
+    """Re-read every object: size and SHA-256 of stored bytes; with ``deep`` also decode it and
+    check the raw size and SHA-256. Raises ChecksumMismatch naming the first bad object."""
+    t0 = time.monotonic()
+    total = 0
+    for obj in manifest.objects:
+        full = f"{backup_prefix(manifest.id)}/{obj.key}"
+        what = f"backup {manifest.id} object {obj.key}"
+        try:
+            stored = verified(repo.iter_object(full), obj.sha256, obj.size, what)
+        except NotFound:
+            raise NotFound(f"{what} is missing from the repository") from None
+        if deep:
+            raw = decode(stored, manifest.codec, key, manifest.encryption != "none", what)
+            consume(verified(raw, obj.raw_sha256, obj.raw_size, f"{what} (decoded)"))
+        else:
+            consume(stored)
+        total += obj.size
+    return VerifyResult(manifest.id, len(manifest.objects), total, time.monotonic() - t0, deep)
+
+
+def publish_manifest(repo: Repository, manifest: Manifest) -> str:
+    """Write the manifest: from this moment the backup exists."""
+    key = manifest_key(manifest.id)
+    repo.put_bytes(key, manifest.to_json())
+    return key
+
+
+# ---------------------------------------------------------------- catalog
+
+def list_backups(repo: Repository, cluster: str | None = None) -> list[Manifest]:
+    """Complete backups (those with a manifest), oldest first."""
+    manifests = []
+    for key in repo.list_keys("backups"):
+        if not key.endswith("/manifest.json"):
+            continue
+        manifest = parse_manifest(repo.get_bytes(key), key)
+        if cluster is None or manifest.cluster == cluster:
+            manifests.append(manifest)
+    return sorted(manifests, key=lambda m: (m.stop_time, m.id))
+
+
+def resolve_backup(
+    repo: Repository, ref: str, *, kind: str | None = None, before: datetime | None = None,
+    cluster: str | None = None,
+) -> Manifest:
+    """A backup by id, or 'latest' (optionally of a kind, ending before a time)."""
+    if ref != "latest":
+        try:
+            data = repo.get_bytes(manifest_key(ref))
+        except NotFound:
+            raise NotFound(f"backup {ref} not found (no manifest in {repo.url})") from None
+        return parse_manifest(data, manifest_key(ref))
+    candidates = [
+        m for m in list_backups(repo, cluster)
+        if (kind is None or m.kind == kind) and (before is None or m.stop_time <= before)
+    ]
+    if not candidates:
+        what = f"{kind} " if kind else ""
+        when = f" ending before {before.isoformat()}" if before else ""
+        raise NotFound(f"no complete {what}backup{when} in {repo.url}")
+    return candidates[-1]
+
+
+def age_of(manifest: Manifest) -> float:
+    return (datetime.now(UTC) - backup_time(manifest.id)).total_seconds()
+
+
+def format_lsn_safe(value: int | None) -> str:
+    return format_lsn(value) if value is not None else "-"
+
+
+_ = threading  # stages run in threads from tasks.streams

@@ -1,0 +1,165 @@
+"""Pure logic: the configuration model (DESIGN.md's contract) and its loader.
+
+Secrets never live here: AWS credentials come from boto3's chain, the client-side encryption
+key and the TSIG key from environment variables the config names.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Node(_Strict):
+    name: str = "primary"
+    dsn: str = Field(description="libpq connection string; no password (use .pgpass or PGPASSWORD)")
+    pgdata: str | None = None
+    dns_value: str | None = None
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_parses(cls, value: str) -> str:
+        from psycopg import conninfo
+
+        try:
+            conninfo.conninfo_to_dict(value)
+        except Exception as exc:  # psycopg.ProgrammingError
+            raise ValueError("not a valid libpq connection string") from exc
+        return value
+
+
+class RepositoryConfig(_Strict):
+    url: str = Field(description="s3://bucket/prefix or file:///path")
+    endpoint_url: str | None = None
+    region: str | None = None
+    storage_class: str | None = None
+    sse: Literal["AES256", "aws:kms"] | None = None
+    kms_key_id: str | None = None
+    compression: Literal["zstd", "lz4", "gzip", "none"] = "zstd"
+    compression_level: Annotated[int, Field(ge=1, le=19)] | None = None
+    encryption_key_env: str | None = None
+    part_size_mb: Annotated[int, Field(ge=5, le=512)] = 16
+    upload_concurrency: Annotated[int, Field(ge=1, le=32)] = 4
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, value: str) -> str:
+        if not (value.startswith("s3://") or value.startswith("file://")):
+            raise ValueError("must start with s3:// or file://")
+        if value.startswith("s3://") and len(value) <= len("s3://"):
+            raise ValueError("s3 url needs a bucket")
+        return value
+
+
+class RetentionConfig(_Strict):
+    full_days: Annotated[int, Field(ge=0)] = 30
+    min_full: Annotated[int, Field(ge=1)] = 2
+
+
+class DNSConfig(_Strict):
+    provider: Literal["route53", "rfc2136", "none"] = "none"
+    record: str | None = None
+    ttl: Annotated[int, Field(ge=1, le=86400)] = 30
+    zone_id: str | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
+    server: str | None = None
+    port: Annotated[int, Field(ge=1, le=65535)] = 53
+    zone: str | None = None
+    key_name: str | None = None
+    key_env: str | None = None
+    key_algorithm: str = "hmac-sha256"
+
+
+class MetricsConfig(_Strict):
+    pushgateway: str | None = None
+
+
+class DrillConfig(_Strict):
+    suites_dir: str | None = None
+    row_count_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.01
+    freshness_max_seconds: Annotated[int, Field(ge=0)] = 86400
+
+
+class KubernetesHook(_Strict):
+    namespace: str
+    deployments: list[str]
+
+
+class ReconnectHook(_Strict):
+    command: list[str] | None = None
+    webhook: str | None = None
+    kubernetes: KubernetesHook | None = None
+    timeout: Annotated[float, Field(gt=0, le=3600)] = 60
+
+
+class PostgresConfig(_Strict):
+    bindir: str = "auto"
+    os_user: str = "postgres"
+
+
+class Config(_Strict):
+    cluster: str = Field(default="gravl", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    primary: Node
+    replicas: list[Node] = []
+    repository: RepositoryConfig
+    retention: RetentionConfig = RetentionConfig()
+    dns: DNSConfig = DNSConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    drill: DrillConfig = DrillConfig()
+    reconnect: list[ReconnectHook] = []
+    postgres: PostgresConfig = PostgresConfig()
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"unknown key '{where}'"
+    if kind == "missing":
+        return f"missing key '{where}'"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"invalid value for '{where}': {first['msg']}{more}"
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    """Validate a mapping into a Config, or raise ConfigError naming the offending key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+
+
+def config_path(explicit: str | None) -> Path:
+    """--config, then $GRAVL_DR_CONFIG, then ./gravl-dr.yaml."""
+    return Path(explicit or os.environ.get("GRAVL_DR_CONFIG") or "gravl-dr.yaml")
+
+
+def load_config(explicit: str | None = None) -> Config:
+    path = config_path(explicit)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,182 @@
+"""Adapter: talking to PostgreSQL servers (psycopg 3) and reading what a backup needs to record."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import conninfo, sql
+
+from tasks.errors import PreconditionFailed, TransientError
+
+log = logging.getLogger(__name__)
+
+
+def safe_dsn(dsn: str) -> str:
+    """A DSN fit for logs: host, port, user and dbname only — never a password."""
+    try:
+        parts = conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<invalid dsn>"
+    keep = {k: parts[k] for k in ("host", "port", "user", "dbname") if k in parts}
+    return " ".join(f"{k}={v}" for k, v in keep.items()) or "<default dsn>"
+
+
+def dsn_field(dsn: str, name: str, default: str | None = None) -> str | None:
+    value = conninfo.conninfo_to_dict(dsn).get(name)
+    return str(value) if value is not None else default
+
+
+def with_dbname(dsn: str, dbname: str) -> str:
+    return conninfo.make_conninfo(dsn, dbname=dbname)
+
+
+class ServerUnreachable(TransientError):
+    """The server did not accept a connection."""
+
+
+def connect(dsn: str, *, timeout: int = 5, autocommit: bool = True, **kw: Any) -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(
+            dsn, connect_timeout=timeout, autocommit=autocommit, application_name="gravl-dr", **kw
+        )
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "connection failed"
+        # never echo the DSN: libpq messages can contain it
+        reason = reason.replace(dsn, "<dsn>")
+        raise ServerUnreachable(f"cannot connect to {safe_dsn(dsn)}: {reason}") from None
+
+
+@contextmanager
+def connection(dsn: str, **kw: Any) -> Iterator[psycopg.Connection[Any]]:
+    conn = connect(dsn, **kw)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    version_num: int
+    version_text: str
+    system_identifier: str
+    timeline: int
+    in_recovery: bool
+    wal_segment_size: int
+    data_checksums: bool
+    current_lsn: str
+    database: str
+    data_directory: str | None
+    is_superuser: bool
+
+
+def server_info(dsn: str) -> ServerInfo:
+    with connection(dsn) as conn:
+        row = conn.execute(
+            """
+            SELECT current_setting('server_version_num')::int,
+                   current_setting('server_version'),
+                   (SELECT system_identifier::text FROM pg_control_system()),
+                   pg_is_in_recovery(),
+                   (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'),
+                   current_setting('data_checksums') = 'on',
+                   CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text
+                        ELSE pg_current_wal_lsn()::text END,
+                   current_database(),
+                   (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+            """
+        ).fetchone()
+        assert row is not None
+        tli_row = conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()
+        try:
+            ddir = conn.execute("SELECT current_setting('data_directory')").fetchone()
+            data_directory = ddir[0] if ddir else None
+        except psycopg.Error:
+            data_directory = None
+    return ServerInfo(
+        version_num=row[0],
+        version_text=row[1],
+        system_identifier=row[2],
+        timeline=int(tli_row[0]) if tli_row else 1,
+        in_recovery=bool(row[3]),
+        wal_segment_size=int(row[4]),
+        data_checksums=bool(row[5]),
+        current_lsn=str(row[6] or "0/0"),
+        database=row[7],
+        data_directory=data_directory,
+        is_superuser=bool(row[8]),
+    )
+
+
+def list_databases(dsn: str) -> list[str]:
+    with connection(dsn) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1"
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def user_tables(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
+    rows = conn.execute(
+        """
+        SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+          AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
+          AND NOT c.relispartition
+        ORDER BY 1, 2
+        """
+    ).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+def count_rows(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """Exact row counts of every user table, in the connection's current snapshot."""
+    counts: dict[str, int] = {}
+    for schema, table in user_tables(conn):
+        query = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+        row = conn.execute(query).fetchone()
+        counts[f"{schema}.{table}"] = int(row[0]) if row else 0
+    return counts
+
+
+def table_rows_ordered(conn: psycopg.Connection[Any], schema: str, table: str) -> list[tuple[Any, ...]]:
+    """Every row of a table as text tuples in a total order: for content comparisons in tests/demo."""
+    query = sql.SQL("SELECT t::text FROM {}.{} AS t ORDER BY 1").format(
+        sql.Identifier(schema), sql.Identifier(table)
+    )
+    return [tuple(r) for r in conn.execute(query).fetchall()]
+
+
+def table_digest(conn: psycopg.Connection[Any], schema: str, table: str) -> tuple[int, str]:
+    """(rows, md5 of all rows in order): compares table contents without moving them."""
+    query = sql.SQL(
+        "SELECT count(*), coalesce(md5(string_agg(t::text, E'\\n' ORDER BY t::text)), '') FROM {}.{} AS t"
+    ).format(sql.Identifier(schema), sql.Identifier(table))
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return int(row[0]), str(row[1])
+
+
+def database_digest(dsn: str) -> dict[str, tuple[int, str]]:
+    with connection(dsn) as conn:
+        return {f"{s}.{t}": table_digest(conn, s, t) for s, t in user_tables(conn)}
+
+
+def is_empty_database(dsn: str) -> bool:
+    with connection(dsn) as conn:
+        return not user_tables(conn)
+
+
+def require_superuser_or_replication(info: ServerInfo, kind: str) -> None:
+    if kind == "physical" and not info.is_superuser:
+        log.info("connected role is not a superuser; pg_basebackup needs the REPLICATION attribute")
+
+
+def check_version(info: ServerInfo) -> None:
+    if info.version_num < 120000:
+        raise PreconditionFailed(f"PostgreSQL {info.version_text} is not supported (need 12 or newer)")

@@ -1,0 +1,481 @@
+"""Adapter: the backup repository, one interface over a local directory and S3.
+
+Layout (DESIGN.md): ``<prefix>/backups/<id>/...``, ``<prefix>/wal/<tli>/...``,
+``<prefix>/drills/<id>/...``, ``<prefix>/locks/...``. Objects are never overwritten: the file
+backend links a fsynced temporary file into place (link(2) fails on an existing name); the S3
+backend sends ``If-None-Match: *`` with the write that makes an object visible. boto3 is only
+imported for s3:// repositories so that file-repository commands stay fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlparse
+
+from tasks.errors import (
+    AlreadyExists,
+    ConfigError,
+    DRError,
+    NotFound,
+    PreconditionFailed,
+    StorageUnavailable,
+)
+
+if TYPE_CHECKING:
+    from tasks.config import RepositoryConfig
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 4 * 1024 * 1024
+_TMP_MARK = ".gravl-tmp-"
+
+
+@dataclass(frozen=True)
+class PutResult:
+    key: str
+    size: int
+    sha256: str
+
+
+class Repository(Protocol):
+    url: str
+
+    def put_stream(self, key: str, chunks: Iterable[bytes]) -> PutResult: ...
+    def put_bytes(self, key: str, data: bytes) -> PutResult: ...
+    def iter_object(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def size(self, key: str) -> int: ...
+    def list_keys(self, prefix: str) -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+    def abort_incomplete(self, prefix: str) -> int: ...
+    def check(self, write: bool = False) -> None: ...
+
+
+def _clean_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise PreconditionFailed(f"invalid object key: {key!r}")
+    return key
+
+
+class FileRepository:
+    """A directory on a local (or mounted) filesystem."""
+
+    def __init__(self, root: Path, url: str) -> None:
+        self.root = root
+        self.url = url
+
+    def _path(self, key: str) -> Path:
+        return self.root / _clean_key(key)
+
+    def check(self, write: bool = False) -> None:
+        if not self.root.exists():
+            if not write:
+                raise NotFound(f"repository {self.url} does not exist")
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise PreconditionFailed(f"cannot create repository {self.url}: {exc.strerror}") from None
+        if not self.root.is_dir():
+            raise PreconditionFailed(f"repository {self.url} is not a directory")
+        if write and not os.access(self.root, os.W_OK):
+            raise PreconditionFailed(f"repository {self.url} is not writable")
+
+    def free_bytes(self) -> int:
+        self.check(write=True)
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def put_stream(self, key: str, chunks: Iterable[bytes]) -> PutResult:
+        final = self._path(key)
+        if final.exists():
+            raise AlreadyExists(f"object {key} already exists in the repository")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f"{_TMP_MARK}{final.name}.{uuid.uuid4().hex[:8]}"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(tmp, "xb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            try:
+                os.link(tmp, final)  # atomic and refuses to replace an existing name
+            except FileExistsError:
+                raise AlreadyExists(f"object {key} already exists in the repository") from None
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise PreconditionFailed(f"repository {self.url} is full while writing {key}") from None
+            raise StorageUnavailable(f"cannot write {key}: {exc.strerror}") from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return PutResult(key, size, digest.hexdigest())
+
+    def put_bytes(self, key: str, data: bytes) -> PutResult:
+        return self.put_stream(key, [data])
+
+    def iter_object(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+        path = self._path(key)
+        try:
+            fh = open(path, "rb")
+        except FileNotFoundError:
+            raise NotFound(f"object {key} not found in the repository") from None
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot read {key}: {exc.strerror}") from exc
+        with fh:
+            while chunk := fh.read(chunk_size):
+                yield chunk
+
+    def get_bytes(self, key: str) -> bytes:
+        return b"".join(self.iter_object(key))
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise NotFound(f"object {key} not found in the repository") from None
+
+    def list_keys(self, prefix: str) -> list[str]:
+        base = self.root / prefix if prefix else self.root
+        if not base.exists():
+            return []
+        keys = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(_TMP_MARK):
+                    continue
+                keys.append(str(Path(dirpath, name).relative_to(self.root)))
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        # prune empty directories up to the root
+        parent = path.parent
+        while parent != self.root and parent.is_dir():
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+    def abort_incomplete(self, prefix: str) -> int:
+        """Remove temporary files older than an hour left by a killed writer."""
+        base = self.root / prefix if prefix else self.root
+        removed = 0
+        if not base.exists():
+            return 0
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(_TMP_MARK):
+                    path = Path(dirpath, name)
+                    with contextlib.suppress(FileNotFoundError):
+                        if time.time() - path.stat().st_mtime > 3600:
+                            path.unlink()
+                            removed += 1
+        return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class S3Repository:
+    """An S3 (or S3-compatible) bucket and prefix; multipart uploads with concurrent parts."""
+
+    def __init__(self, cfg: RepositoryConfig) -> None:
+        parsed = urlparse(cfg.url)
+        self.url = cfg.url
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.cfg = cfg
+        self.part_size = cfg.part_size_mb * 1024 * 1024
+        self.concurrency = cfg.upload_concurrency
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config as BotoConfig
+
+                self._client = boto3.session.Session().client(
+                    "s3",
+                    endpoint_url=self.cfg.endpoint_url,
+                    region_name=self.cfg.region,
+                    config=BotoConfig(
+                        connect_timeout=10,
+                        read_timeout=120,
+                        retries={"max_attempts": 5, "mode": "standard"},
+                        max_pool_connections=max(10, self.concurrency * 2 + 2),
+                    ),
+                )
+            return self._client
+
+    def _full(self, key: str) -> str:
+        key = _clean_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _rel(self, full: str) -> str:
+        return full[len(self.prefix) + 1 :] if self.prefix else full
+
+    def _wrap(self, exc: Exception, what: str) -> DRError:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in ("NoSuchBucket",):
+                return PreconditionFailed(f"bucket {self.bucket} does not exist")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return NotFound(f"{what}: not found")
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return PreconditionFailed(f"{what}: access denied by the repository ({code})")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return AlreadyExists(f"{what}: object already exists in the repository")
+            if status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError"):
+                return StorageUnavailable(f"{what}: repository error {code or status}")
+            return PreconditionFailed(f"{what}: repository refused ({code or status})")
+        if isinstance(exc, BotoCoreError):
+            return StorageUnavailable(f"{what}: repository unreachable ({type(exc).__name__})")
+        return StorageUnavailable(f"{what}: {type(exc).__name__}")
+
+    def _extra(self) -> dict[str, str]:
+        extra: dict[str, str] = {}
+        if self.cfg.storage_class:
+            extra["StorageClass"] = self.cfg.storage_class
+        if self.cfg.sse:
+            extra["ServerSideEncryption"] = self.cfg.sse
+            if self.cfg.sse == "aws:kms" and self.cfg.kms_key_id:
+                extra["SSEKMSKeyId"] = self.cfg.kms_key_id
+        return extra
+
+    def check(self, write: bool = False) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            from botocore.exceptions import ClientError
+
+            if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in (
+                "404", "NoSuchBucket", "NotFound"
+            ):
+                raise PreconditionFailed(f"bucket {self.bucket} does not exist") from None
+            raise self._wrap(exc, f"bucket {self.bucket}") from None
+
+    def put_stream(self, key: str, chunks: Iterable[bytes]) -> PutResult:
+        full = self._full(key)
+        if self.exists(key):
+            raise AlreadyExists(f"object {key} already exists in the repository")
+        digest = hashlib.sha256()
+        size = 0
+        buf = bytearray()
+        it = iter(chunks)
+        # Fill the first part: small objects go up in one PUT.
+        for chunk in it:
+            buf += chunk
+            digest.update(chunk)
+            size += len(chunk)
+            if len(buf) >= self.part_size:
+                break
+        else:
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket, Key=full, Body=bytes(buf), IfNoneMatch="*", **self._extra()
+                )
+            except Exception as exc:
+                raise self._wrap(exc, f"put {key}") from None
+            return PutResult(key, size, digest.hexdigest())
+        try:
+            upload_id = self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=full, **self._extra()
+            )["UploadId"]
+        except Exception as exc:
+            raise self._wrap(exc, f"put {key}") from None
+        parts: dict[int, str] = {}
+        pending: set[Future[tuple[int, str]]] = set()
+
+        def send(number: int, body: bytes) -> tuple[int, str]:
+            resp = self.client.upload_part(
+                Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=body
+            )
+            return number, resp["ETag"]
+
+        def drain(block_until: int) -> None:
+            nonlocal pending
+            while len(pending) > block_until:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    number, etag = fut.result()
+                    parts[number] = etag
+
+        number = 0
+        try:
+            with ThreadPoolExecutor(self.concurrency, thread_name_prefix="s3-part") as pool:
+                try:
+                    while True:
+                        # Cut exactly part_size bytes; keep the remainder for the next part.
+                        while len(buf) >= self.part_size:
+                            number += 1
+                            body = bytes(buf[: self.part_size])
+                            del buf[: self.part_size]
+                            drain(self.concurrency)  # bounded queue: memory stays flat
+                            pending.add(pool.submit(send, number, body))
+                        chunk = next(it, None)
+                        if chunk is None:
+                            break
+                        buf += chunk
+                        digest.update(chunk)
+                        size += len(chunk)
+                    if buf or number == 0:
+                        number += 1
+                        pending.add(pool.submit(send, number, bytes(buf)))
+                        buf = bytearray()
+                    drain(0)
+                except BaseException:
+                    for fut in pending:
+                        fut.cancel()
+                    raise
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=full,
+                UploadId=upload_id,
+                MultipartUpload={
+                    "Parts": [{"ETag": parts[n], "PartNumber": n} for n in sorted(parts)]
+                },
+                IfNoneMatch="*",
+            )
+        except BaseException as exc:
+            self._abort(full, upload_id)
+            if isinstance(exc, DRError | KeyboardInterrupt | SystemExit | GeneratorExit):
+                raise
+            if isinstance(exc, Exception):
+                from botocore.exceptions import BotoCoreError, ClientError
+
+                if isinstance(exc, ClientError | BotoCoreError):
+                    raise self._wrap(exc, f"put {key}") from None
+            raise
+        return PutResult(key, size, digest.hexdigest())
+
+    def _abort(self, full: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+            log.info("aborted incomplete multipart upload of %s", full)
+        except Exception:  # noqa: BLE001 - best effort; abort_incomplete() sweeps later
+            log.warning("could not abort multipart upload of %s; it will be swept later", full)
+
+    def put_bytes(self, key: str, data: bytes) -> PutResult:
+        return self.put_stream(key, [data])
+
+    def iter_object(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
+        except Exception as exc:
+            raise self._wrap(exc, f"object {key}") from None
+        body = resp["Body"]
+        try:
+            while True:
+                try:
+                    chunk = body.read(chunk_size)
+                except Exception as exc:
+                    raise self._wrap(exc, f"reading {key}") from None
+                if not chunk:
+                    break
+                yield chunk
+        finally:
+            body.close()
+
+    def get_bytes(self, key: str) -> bytes:
+        return b"".join(self.iter_object(key))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+            return True
+        except Exception as exc:
+            err = self._wrap(exc, f"object {key}")
+            if isinstance(err, NotFound):
+                return False
+            raise err from None
+
+    def size(self, key: str) -> int:
+        try:
+            return int(
+                self.client.head_object(Bucket=self.bucket, Key=self._full(key))["ContentLength"]
+            )
+        except Exception as exc:
+            raise self._wrap(exc, f"object {key}") from None
+
+    def list_keys(self, prefix: str) -> list[str]:
+        full_prefix = self._full(prefix.rstrip("/")) + "/" if prefix else (
+            f"{self.prefix}/" if self.prefix else ""
+        )
+        keys: list[str] = []
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
+                keys.extend(self._rel(o["Key"]) for o in page.get("Contents", []))
+        except Exception as exc:
+            raise self._wrap(exc, f"listing {prefix or '/'}") from None
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
+        except Exception as exc:
+            raise self._wrap(exc, f"delete {key}") from None
+
+    def abort_incomplete(self, prefix: str) -> int:
+        full_prefix = self._full(prefix) if prefix else self.prefix
+        count = 0
+        try:
+            resp = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=full_prefix)
+            for up in resp.get("Uploads", []):
+                self._abort(up["Key"], up["UploadId"])
+                count += 1
+        except Exception as exc:
+            raise self._wrap(exc, "listing multipart uploads") from None
+        return count
+
+    def list_incomplete(self, prefix: str = "") -> list[str]:
+        full_prefix = self._full(prefix) if prefix else self.prefix
+        resp = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=full_prefix)
+        return [u["Key"] for u in resp.get("Uploads", [])]
+
+
+def open_repository(cfg: RepositoryConfig) -> FileRepository | S3Repository:
+    if cfg.url.startswith("file://"):
+        path = urlparse(cfg.url).path
+        if not path or path == "/":
+            raise ConfigError(f"repository.url {cfg.url}: needs an absolute directory path")
+        return FileRepository(Path(path), cfg.url)
+    if cfg.url.startswith("s3://"):
+        return S3Repository(cfg)
+    raise ConfigError(f"repository.url: unsupported scheme in {cfg.url}")

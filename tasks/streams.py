@@ -1,0 +1,388 @@
+"""Adapter: composable stream stages for the data path (source -> compress -> hash -> encrypt -> sink).
+
+Every stage takes and yields chunks of bytes; nothing holds a whole object. Stages can run in
+their own thread behind a bounded queue (``threaded``), so reading the source, compressing and
+writing overlap while memory stays bounded by chunk size x queue depth.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import queue
+import subprocess
+import threading
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks.errors import ChecksumMismatch, CommandFailed, ConfigError, PreconditionFailed
+from tasks.proc import tail
+
+CHUNK = 4 * 1024 * 1024
+CODEC_SUFFIX = {"zstd": ".zst", "lz4": ".lz4", "gzip": ".gz", "none": ""}
+ENC_MAGIC = b"GRVLENC1"
+ENC_SUFFIX = ".enc"
+_NONCE = 12
+_TAG = 16
+
+
+# ---------------------------------------------------------------- threads and queues
+
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def threaded(source: Iterable[bytes], depth: int = 4, name: str = "stage") -> Iterator[bytes]:
+    """Run ``source`` in a thread, handing chunks over through a queue of ``depth`` slots."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    it = iter(source)
+
+    def pump() -> None:
+        try:
+            for chunk in it:
+                while not stop.is_set():
+                    try:
+                        q.put(chunk, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    break
+            item: Any = _DONE
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            item = _Failure(exc)
+        finally:
+            close = getattr(it, "close", None)
+            if stop.is_set() and close is not None:
+                close()
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    thread = threading.Thread(target=pump, name=f"gravl-{name}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+# ---------------------------------------------------------------- sources
+
+@dataclass
+class ProcessSource:
+    """Stream a subprocess's stdout; stderr is drained in the background and kept (tail only)."""
+
+    proc: subprocess.Popen[bytes]
+    label: str
+    chunk_size: int = CHUNK
+    stderr_lines: list[str] = field(default_factory=list)
+    _drainer: threading.Thread | None = None
+
+    def __post_init__(self) -> None:
+        def drain() -> None:
+            assert self.proc.stderr is not None
+            for raw in self.proc.stderr:
+                self.stderr_lines.append(raw.decode("utf-8", "replace").rstrip())
+                if len(self.stderr_lines) > 400:
+                    del self.stderr_lines[:200]
+
+        self._drainer = threading.Thread(target=drain, daemon=True, name="stderr-drain")
+        self._drainer.start()
+
+    def __iter__(self) -> Iterator[bytes]:
+        assert self.proc.stdout is not None
+        read = self.proc.stdout.read
+        try:
+            while chunk := read(self.chunk_size):
+                yield chunk
+        finally:
+            code = self.finish()
+        if code != 0:
+            raise CommandFailed(
+                f"{self.label} exited {code}: {tail(chr(10).join(self.stderr_lines)) or 'no message'}"
+            )
+
+    def finish(self, timeout: float = 60) -> int:
+        """Wait for the process (killing it if the stream was abandoned) and return its code."""
+        if self.proc.poll() is None and self.proc.stdout is not None and not self.proc.stdout.closed:
+            # the consumer stopped early: do not leave a half-finished producer behind
+            try:
+                self.proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        if self._drainer is not None:
+            self._drainer.join(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return code
+
+    def stderr_text(self) -> str:
+        return "\n".join(self.stderr_lines)
+
+
+# ---------------------------------------------------------------- hashing
+
+@dataclass
+class Digest:
+    """Running SHA-256 and byte count of a stream."""
+
+    sha: Any = field(default_factory=hashlib.sha256)
+    size: int = 0
+
+    def hexdigest(self) -> str:
+        return str(self.sha.hexdigest())
+
+
+def hashed(source: Iterable[bytes], digest: Digest) -> Iterator[bytes]:
+    for chunk in source:
+        digest.sha.update(chunk)
+        digest.size += len(chunk)
+        yield chunk
+
+
+def verified(source: Iterable[bytes], sha256: str, size: int, what: str) -> Iterator[bytes]:
+    """Pass chunks through; at the end raise ChecksumMismatch unless size and SHA-256 match."""
+    digest = Digest()
+    for chunk in source:
+        digest.sha.update(chunk)
+        digest.size += len(chunk)
+        if digest.size > size:
+            raise ChecksumMismatch(f"{what}: larger than the {size} bytes recorded")
+        yield chunk
+    if digest.size != size:
+        raise ChecksumMismatch(f"{what}: {digest.size} bytes, manifest says {size}")
+    if digest.hexdigest() != sha256:
+        raise ChecksumMismatch(f"{what}: SHA-256 mismatch (stored data is corrupt)")
+
+
+# ---------------------------------------------------------------- compression
+
+def compress(source: Iterable[bytes], codec: str, level: int | None = None) -> Iterator[bytes]:
+    if codec == "none":
+        yield from source
+        return
+    comp: Any
+    if codec == "zstd":
+        import zstandard
+
+        threads = max(1, min(4, os.cpu_count() or 1))
+        comp = zstandard.ZstdCompressor(level=level or 3, threads=threads).compressobj()
+        flush = comp.flush
+    elif codec == "gzip":
+        comp = zlib.compressobj(level or 6, zlib.DEFLATED, 31)
+        flush = comp.flush
+    elif codec == "lz4":
+        import lz4.frame
+
+        comp = lz4.frame.LZ4FrameCompressor(compression_level=level or 0)
+        head = comp.begin()
+        if head:
+            yield head
+        flush = comp.flush
+    else:
+        raise ConfigError(f"unknown compression codec {codec!r}")
+    for chunk in source:
+        out = comp.compress(chunk)
+        if out:
+            yield out
+    last = flush()
+    if last:
+        yield last
+
+
+def decompress(source: Iterable[bytes], codec: str, what: str = "object") -> Iterator[bytes]:
+    if codec == "none":
+        yield from source
+        return
+    try:
+        if codec == "zstd":
+            import zstandard
+
+            dobj: Any = zstandard.ZstdDecompressor().decompressobj()
+            for chunk in source:
+                out = dobj.decompress(chunk)
+                if out:
+                    yield out
+            if not dobj.eof:
+                raise ChecksumMismatch(f"{what}: truncated zstd stream")
+        elif codec == "gzip":
+            zobj = zlib.decompressobj(31)
+            for chunk in source:
+                out = zobj.decompress(chunk)
+                if out:
+                    yield out
+            tail_bytes = zobj.flush()
+            if tail_bytes:
+                yield tail_bytes
+            if not zobj.eof:
+                raise ChecksumMismatch(f"{what}: truncated gzip stream")
+        elif codec == "lz4":
+            import lz4.frame
+
+            lobj = lz4.frame.LZ4FrameDecompressor()
+            for chunk in source:
+                out = lobj.decompress(chunk)
+                if out:
+                    yield out
+            if not lobj.eof:
+                raise ChecksumMismatch(f"{what}: truncated lz4 stream")
+        else:
+            raise ConfigError(f"unknown compression codec {codec!r}")
+    except (zlib.error, RuntimeError) as exc:
+        raise ChecksumMismatch(f"{what}: cannot decompress ({exc})") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith(("zstandard", "lz4")):
+            raise ChecksumMismatch(f"{what}: cannot decompress ({exc})") from None
+        raise
+
+
+# ---------------------------------------------------------------- encryption (AES-256-GCM)
+
+def load_key(env_name: str | None) -> bytes | None:
+    """The client-side key from the environment variable the config names (64 hex or base64)."""
+    if not env_name:
+        return None
+    raw = os.environ.get(env_name)
+    if not raw:
+        raise ConfigError(f"repository.encryption_key_env: environment variable {env_name} is not set")
+    raw = raw.strip()
+    key: bytes | None = None
+    try:
+        if len(raw) == 64:
+            key = bytes.fromhex(raw)
+    except ValueError:
+        key = None
+    if key is None:
+        try:
+            key = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            key = None
+    if key is None or len(key) != 32:
+        raise ConfigError(
+            f"repository.encryption_key_env: {env_name} must hold 32 bytes as 64 hex digits or base64"
+        )
+    return key
+
+
+def key_fingerprint(key: bytes) -> str:
+    """A non-secret identifier of a key, so restore can tell a wrong key from corrupt data."""
+    return hashlib.sha256(b"gravl-dr key id:" + key).hexdigest()[:16]
+
+
+def encrypt(source: Iterable[bytes], key: bytes) -> Iterator[bytes]:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    nonce = os.urandom(_NONCE)
+    enc = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+    yield ENC_MAGIC + nonce
+    for chunk in source:
+        out = enc.update(chunk)
+        if out:
+            yield out
+    yield enc.finalize() + enc.tag
+
+
+def decrypt(source: Iterable[bytes], key: bytes, what: str = "object") -> Iterator[bytes]:
+    """Decrypt as a stream; the GCM tag is only checked at the end, so callers verify the stored
+    SHA-256 of the whole object before trusting any plaintext."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    head = b""
+    it = iter(source)
+    for chunk in it:
+        head += chunk
+        if len(head) >= len(ENC_MAGIC) + _NONCE:
+            break
+    if not head.startswith(ENC_MAGIC) or len(head) < len(ENC_MAGIC) + _NONCE:
+        raise ChecksumMismatch(f"{what}: not a gravl-dr encrypted object")
+    nonce = head[len(ENC_MAGIC) : len(ENC_MAGIC) + _NONCE]
+    pending = head[len(ENC_MAGIC) + _NONCE :]
+    dec = Cipher(algorithms.AES(key), modes.GCM(nonce)).decryptor()
+    for chunk in it:
+        pending += chunk
+        if len(pending) > _TAG:
+            out = dec.update(pending[:-_TAG])
+            pending = pending[-_TAG:]
+            if out:
+                yield out
+    if len(pending) < _TAG:
+        raise ChecksumMismatch(f"{what}: truncated encrypted object")
+    try:
+        yield dec.finalize_with_tag(pending)
+    except InvalidTag:
+        raise ChecksumMismatch(f"{what}: authentication failed (wrong key or corrupt data)") from None
+
+
+# ---------------------------------------------------------------- pipelines
+
+@dataclass
+class EncodeResult:
+    raw: Digest
+    stored: Digest
+
+
+def encode(
+    source: Iterable[bytes],
+    codec: str,
+    key: bytes | None,
+    level: int | None = None,
+) -> tuple[Iterator[bytes], EncodeResult]:
+    """raw -> sha(raw) -> compress -> (encrypt) -> sha(stored), with stages in threads."""
+    result = EncodeResult(Digest(), Digest())
+    stage: Iterable[bytes] = threaded(source, depth=4, name="source")
+    stage = compress(hashed(stage, result.raw), codec, level)
+    if key is not None:
+        stage = encrypt(stage, key)
+    stage = threaded(hashed(stage, result.stored), depth=4, name="encode")
+    return iter(stage), result
+
+
+def decode(
+    source: Iterable[bytes],
+    codec: str,
+    key: bytes | None,
+    encrypted: bool,
+    what: str,
+) -> Iterator[bytes]:
+    stage: Iterable[bytes] = threaded(source, depth=4, name="fetch")
+    if encrypted:
+        if key is None:
+            raise PreconditionFailed(f"{what} is encrypted: set repository.encryption_key_env")
+        stage = decrypt(stage, key, what)
+    return iter(decompress(stage, codec, what))
+
+
+def consume(source: Iterable[bytes], sink: Callable[[bytes], Any] | None = None) -> int:
+    n = 0
+    for chunk in source:
+        if sink is not None:
+            sink(chunk)
+        n += len(chunk)
+    return n

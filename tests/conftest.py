@@ -1,0 +1,184 @@
+"""Session fixtures: real PostgreSQL 15 clusters, one moto server, a Pushgateway, Prefect harness."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports Prefect (STACK.md): no telemetry, patient ephemeral start-up.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,flows")
+os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+# moto and boto3: fake credentials, never a real account.
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ.pop("AWS_SESSION_TOKEN", None)
+os.environ.pop("AWS_PROFILE", None)
+os.environ["AWS_DEFAULT_REGION"] = "eu-north-1"
+
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tasks.pgcluster import LocalCluster, free_port, make_private_dir  # noqa: E402
+from tasks.sample import create_database, load_sample  # noqa: E402
+
+PG_USER = "postgres"
+
+
+def _new_cluster(prefix: str, **initdb: Any) -> LocalCluster:
+    base = make_private_dir(prefix, PG_USER)
+    cluster = LocalCluster(base / "data", free_port())
+    cluster.initdb(**initdb)
+    cluster.start()
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def pg_primary() -> Iterator[LocalCluster]:
+    """A PostgreSQL 15 cluster with the Gravl sample database `gravl` (treat as read-only)."""
+    cluster = _new_cluster("gravl-test-primary-")
+    cluster.dbname = "gravl"
+    create_database(cluster.dsn("postgres"), "gravl")
+    load_sample(cluster.dsn())
+    yield cluster
+    cluster.destroy()
+    shutil.rmtree(cluster.pgdata.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster_factory() -> Iterator[Callable[..., LocalCluster]]:
+    """Make throwaway clusters for one test; all are destroyed afterwards."""
+    made: list[LocalCluster] = []
+
+    def make(prefix: str = "gravl-test-", **initdb: Any) -> LocalCluster:
+        cluster = _new_cluster(prefix, **initdb)
+        made.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.destroy()
+        shutil.rmtree(cluster.pgdata.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_dir() -> Iterator[Path]:
+    """An empty directory the postgres user can write (pytest's tmp_path is root-only)."""
+    path = make_private_dir("gravl-test-dir-", PG_USER)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """One moto server over HTTP on 127.0.0.1 for S3 and Route 53."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint: str) -> str:
+    import boto3
+
+    name = f"gravl-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="eu-north-1").create_bucket(
+        Bucket=name, CreateBucketConfiguration={"LocationConstraint": "eu-north-1"}
+    )
+    return name
+
+
+@pytest.fixture
+def file_repo_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="gravl-test-repo-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def file_repo_url(file_repo_dir: Path) -> str:
+    return f"file://{file_repo_dir}"
+
+
+@pytest.fixture
+def s3_repo_url(s3_bucket: str) -> str:
+    return f"s3://{s3_bucket}/gravl"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One Prefect test harness for the whole session (starting one costs 10-15 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+def _wait_port(host: str, port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {host}:{port}")
+
+
+@pytest.fixture(scope="session")
+def pushgateway() -> Iterator[str]:
+    """A real Pushgateway (Debian's prometheus-pushgateway) on a loopback port."""
+    binary = shutil.which("prometheus-pushgateway") or "/usr/bin/prometheus-pushgateway"
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_port("127.0.0.1", port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def pushgateway_metrics(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, pg_primary: LocalCluster) -> Callable[..., Path]:
+    """Write a config file for the session primary and a repository; keys can be overridden."""
+    from gravl_testlib import write_config
+
+    def make(repo_url: str, *, moto: str | None = None, name: str = "gravl-dr.yaml",
+             **overrides: Any) -> Path:
+        repository: dict[str, Any] = {"url": repo_url}
+        if repo_url.startswith("s3://"):
+            repository.update({"endpoint_url": moto, "region": "eu-north-1", "part_size_mb": 5})
+        repository.update(overrides.pop("repository", {}))
+        data: dict[str, Any] = {
+            "cluster": "gravl",
+            "primary": {"dsn": pg_primary.dsn()},
+            "repository": repository,
+        }
+        data.update(overrides)
+        return write_config(tmp_path / name, data)
+
+    return make

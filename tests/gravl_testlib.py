@@ -1,0 +1,42 @@
+"""Shared helpers for the test suite (imported by conftest and tests)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GRAVL_DR = str(Path(sys.executable).parent / "gravl-dr")
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, config: Path | str | None = None, env: dict[str, str] | None = None,
+            timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed gravl-dr command as a user would."""
+    argv = [GRAVL_DR]
+    if config is not None:
+        argv += ["--config", str(config)]
+    argv += list(args)
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          input=input, cwd=str(REPO_ROOT))
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """The CLI contract for bad input: non-zero exit, one error line naming the problem, no traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("gravl-dr: error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
