@@ -332,6 +332,11 @@ def decrypt(source: Iterable[bytes], key: bytes, what: str = "object") -> Iterat
             pending = pending[-_TAG:]
             if out:
                 yield out
+    if len(pending) > _TAG:
+        out = dec.update(pending[:-_TAG])
+        pending = pending[-_TAG:]
+        if out:
+            yield out
     if len(pending) < _TAG:
         raise ChecksumMismatch(f"{what}: truncated encrypted object")
     try:

@@ -1,0 +1,322 @@
+"""Pure logic: which backups and WAL files retention keeps, plus the two thin steps that read the
+repository's state and apply a plan, through the Repository interface only.
+
+Rules (DESIGN.md): keep at least ``retention.min_full`` complete backups (of each kind) and every
+backup that ended within ``retention.full_days``; keep every WAL file a kept physical backup
+needs to recover to its end point and on to the newest WAL — from the oldest kept physical
+backup's start segment onward, on its timeline and every later one; ``.history`` files always.
+When no backup would be kept, nothing at all is deleted.
+
+A backup exists while its manifest exists, so an expired backup loses its manifest FIRST and its
+data objects after: a crash in between leaves unlisted objects (collected as orphans by the next
+run), never a listed backup with objects missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from tasks.config import RetentionConfig
+from tasks.errors import NotFound
+from tasks.models import BACKUP_ID_RE, Manifest, backup_time, parse_manifest
+from tasks.repository import Repository
+
+log = logging.getLogger(__name__)
+
+BACKUPS_PREFIX = "backups"
+WAL_PREFIX = "wal"
+MANIFEST_NAME = "manifest.json"
+# An unlisted backup folder younger than this may be a backup still being written.
+ORPHAN_GRACE = timedelta(days=1)
+
+# wal/<timeline>/<file>: a segment, <segment>.partial, <segment>.<offset>.backup, <tli>.history,
+# each optionally followed by codec/encryption suffixes (.zst, .lz4, .gz, .enc, ...).
+_SEGMENT_RE = re.compile(r"^(?P<tli>[0-9A-F]{8})(?P<pos>[0-9A-F]{16})(?P<rest>(\..*)?)$")
+_HISTORY_RE = re.compile(r"^(?P<tli>[0-9A-F]{8})\.history(\..*)?$")
+_BACKUP_LABEL_RE = re.compile(r"^\.[0-9A-F]{8}\.backup(\..*)?$")
+_PARTIAL_RE = re.compile(r"^\.partial(\..*)?$")
+
+WalKind = Literal["segment", "partial", "backup", "history", "other"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class WalFile(_Frozen):
+    """A key under ``wal/``, classified from its file name (PostgreSQL's XLogFileName)."""
+
+    key: str
+    kind: WalKind
+    timeline: int | None = None
+    position: str | None = None  # the 16 hex digits after the timeline: log id + segment
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+
+def parse_wal_key(key: str) -> WalFile:
+    """Classify a repository key under ``wal/``; anything unrecognised is ``other`` (kept)."""
+    name = key.rsplit("/", 1)[-1]
+    if m := _HISTORY_RE.match(name):
+        return WalFile(key=key, kind="history", timeline=int(m["tli"], 16))
+    if m := _SEGMENT_RE.match(name):
+        rest = m["rest"]
+        kind: WalKind
+        if _BACKUP_LABEL_RE.match(rest):
+            kind = "backup"
+        elif _PARTIAL_RE.match(rest):
+            kind = "partial"
+        elif rest == "" or not rest[1:2].isdigit():
+            # bare segment, or a segment with codec/encryption suffixes only (.zst, .gz.enc)
+            kind = "segment"
+        else:
+            return WalFile(key=key, kind="other")
+        return WalFile(key=key, kind=kind, timeline=int(m["tli"], 16), position=m["pos"])
+    return WalFile(key=key, kind="other")
+
+
+class WalNeed(_Frozen):
+    """WAL a kept physical backup needs: from ``start_wal`` on its timeline, and later timelines."""
+
+    backup_id: str
+    timeline: int
+    position: str
+
+    def covers(self, wal: WalFile) -> bool:
+        if wal.timeline is None or wal.position is None:
+            return True
+        if wal.timeline != self.timeline:
+            return wal.timeline > self.timeline
+        # Same timeline: the 16 hex digits compare like the segment numbers they encode.
+        return wal.position >= self.position
+
+
+class BackupDecision(_Frozen):
+    backup_id: str
+    kind: str
+    cluster: str
+    stop_time: datetime
+    keep: bool
+    reason: str
+
+
+class ExpiredBackup(_Frozen):
+    backup_id: str
+    manifest_key: str
+    object_keys: list[str]  # every other key under the backup's folder
+
+
+class RetentionPlan(_Frozen):
+    decisions: list[BackupDecision]
+    expire: list[ExpiredBackup]
+    orphan_keys: list[str]
+    expire_wal: list[str]
+    kept_wal: int
+    wal_needs: list[WalNeed]
+    notes: list[str]
+
+    @property
+    def kept(self) -> list[str]:
+        return [d.backup_id for d in self.decisions if d.keep]
+
+    @property
+    def deletes_anything(self) -> bool:
+        return bool(self.expire or self.orphan_keys or self.expire_wal)
+
+
+class RepositoryState(_Frozen):
+    """What retention reads from the repository before deciding anything."""
+
+    manifests: list[Manifest]
+    backup_keys: list[str]
+    wal_keys: list[str]
+    locked_backup_id: str | None = None
+
+
+def _backup_id_of(key: str) -> str | None:
+    parts = key.split("/")
+    if len(parts) >= 3 and parts[0] == BACKUPS_PREFIX:
+        return parts[1]
+    return None
+
+
+def decide_backups(
+    manifests: Sequence[Manifest], policy: RetentionConfig, now: datetime, cluster: str
+) -> list[BackupDecision]:
+    """Keep the newest ``min_full`` of each kind and all that ended within ``full_days``.
+
+    Backups of other clusters sharing the repository are never expired here.
+    """
+    cutoff = now - timedelta(days=policy.full_days)
+    decisions: list[BackupDecision] = []
+    newest_first = sorted(manifests, key=lambda m: (m.stop_time, m.id), reverse=True)
+    rank: dict[str, int] = {}
+    for m in newest_first:
+        if m.cluster != cluster:
+            decisions.append(BackupDecision(
+                backup_id=m.id, kind=m.kind, cluster=m.cluster, stop_time=m.stop_time, keep=True,
+                reason=f"belongs to cluster {m.cluster}, not {cluster}",
+            ))
+            continue
+        n = rank.get(m.kind, 0)
+        rank[m.kind] = n + 1
+        if n < policy.min_full:
+            keep, reason = True, f"one of the newest {policy.min_full} {m.kind} backups"
+        elif m.stop_time >= cutoff:
+            keep, reason = True, f"ended within {policy.full_days} days"
+        else:
+            keep, reason = False, (
+                f"ended {(now - m.stop_time).days} days ago, older than {policy.full_days} days, "
+                f"and {n} newer {m.kind} backups are kept"
+            )
+        decisions.append(BackupDecision(
+            backup_id=m.id, kind=m.kind, cluster=m.cluster, stop_time=m.stop_time, keep=keep,
+            reason=reason,
+        ))
+    return sorted(decisions, key=lambda d: (d.stop_time, d.backup_id))
+
+
+def plan_retention(
+    state: RepositoryState,
+    policy: RetentionConfig,
+    now: datetime,
+    cluster: str,
+    orphan_grace: timedelta = ORPHAN_GRACE,
+) -> RetentionPlan:
+    """Decide what to delete. Pure: the same state, policy and time give the same plan."""
+    notes: list[str] = []
+    decisions = decide_backups(state.manifests, policy, now, cluster)
+    kept_ids = {d.backup_id for d in decisions if d.keep}
+    by_id = {m.id: m for m in state.manifests}
+
+    keys_by_backup: dict[str, list[str]] = {}
+    for key in state.backup_keys:
+        bid = _backup_id_of(key)
+        if bid is not None:
+            keys_by_backup.setdefault(bid, []).append(key)
+
+    if not kept_ids:
+        notes.append("no complete backup in the repository: nothing is deleted")
+        return RetentionPlan(decisions=decisions, expire=[], orphan_keys=[], expire_wal=[],
+                             kept_wal=len(state.wal_keys), wal_needs=[], notes=notes)
+
+    expire = []
+    for d in decisions:
+        if d.keep:
+            continue
+        manifest_key = f"{BACKUPS_PREFIX}/{d.backup_id}/{MANIFEST_NAME}"
+        others = sorted(k for k in keys_by_backup.get(d.backup_id, []) if k != manifest_key)
+        expire.append(ExpiredBackup(backup_id=d.backup_id, manifest_key=manifest_key, object_keys=others))
+
+    # Folders without a manifest: a failed attempt, or an expiry interrupted after the manifest
+    # went. Leave young ones alone (a backup may be writing them) and the one holding the lock.
+    orphan_keys: list[str] = []
+    for bid, keys in sorted(keys_by_backup.items()):
+        if bid in by_id:
+            continue
+        if not BACKUP_ID_RE.match(bid):
+            notes.append(f"left alone: backups/{bid}/ is not named like a backup")
+            continue
+        if bid == state.locked_backup_id:
+            notes.append(f"left alone: backup {bid} holds the backup lock (still running?)")
+            continue
+        if now - backup_time(bid) < orphan_grace:
+            notes.append(f"left alone: backups/{bid}/ has no manifest yet but is recent")
+            continue
+        orphan_keys.extend(sorted(keys))
+
+    wal = [parse_wal_key(k) for k in state.wal_keys]
+    kept_physical = [by_id[b] for b in kept_ids if by_id[b].kind == "physical"]
+    needs: list[WalNeed] = []
+    expire_wal: list[str] = []
+    unknown_start = [m.id for m in kept_physical if not m.start_wal]
+    if not kept_physical:
+        notes.append("no physical backup is kept: WAL is left untouched")
+    elif unknown_start:
+        notes.append(f"kept backup {unknown_start[0]} does not record its start WAL: WAL is left untouched")
+    else:
+        for m in kept_physical:
+            assert m.start_wal is not None
+            start = parse_wal_key(m.start_wal)
+            if start.timeline is None or start.position is None or start.kind != "segment":
+                notes.append(f"kept backup {m.id} has an unreadable start WAL {m.start_wal!r}: "
+                             "WAL is left untouched")
+                needs = []
+                break
+            needs.append(WalNeed(backup_id=m.id, timeline=start.timeline, position=start.position))
+        if needs:
+            for w in wal:
+                if w.kind in ("history", "other"):
+                    continue
+                if not any(n.covers(w) for n in needs):
+                    expire_wal.append(w.key)
+    others = [w.key for w in wal if w.kind == "other"]
+    if others:
+        notes.append(f"left alone: {len(others)} unrecognised key(s) under wal/, e.g. {others[0]}")
+    # Oldest first, so an interrupted run never leaves a hole inside the kept range.
+    expire_wal.sort(key=lambda k: (parse_wal_key(k).timeline or 0, parse_wal_key(k).name))
+    needs.sort(key=lambda n: (n.timeline, n.position))
+    return RetentionPlan(
+        decisions=decisions, expire=expire, orphan_keys=orphan_keys, expire_wal=expire_wal,
+        kept_wal=len(wal) - len(expire_wal), wal_needs=needs[:1], notes=notes,
+    )
+
+
+# ---------------------------------------------------------------- the repository side
+
+def read_state(repo: Repository) -> RepositoryState:
+    """List backups and WAL and read every manifest; an unreadable manifest stops retention."""
+    from tasks.backup import read_lock
+
+    backup_keys = repo.list_keys(BACKUPS_PREFIX)
+    manifests = [
+        parse_manifest(repo.get_bytes(key), key)
+        for key in backup_keys
+        if key.endswith(f"/{MANIFEST_NAME}") and key.count("/") == 2
+    ]
+    lock = read_lock(repo)
+    locked = str(lock["backup_id"]) if lock and lock.get("backup_id") else None
+    return RepositoryState(manifests=manifests, backup_keys=backup_keys,
+                           wal_keys=repo.list_keys(WAL_PREFIX), locked_backup_id=locked)
+
+
+def _delete_all(repo: Repository, keys: Iterable[str], workers: int = 8) -> int:
+    keys = list(keys)
+    if not keys:
+        return 0
+
+    def one(key: str) -> None:
+        try:
+            repo.delete(key)
+        except NotFound:
+            pass
+
+    with ThreadPoolExecutor(min(workers, len(keys)), thread_name_prefix="expire") as pool:
+        list(pool.map(one, keys))
+    return len(keys)
+
+
+def expire_backup(repo: Repository, backup: ExpiredBackup) -> int:
+    """Manifest first (the backup stops existing), then its data objects."""
+    repo.delete(backup.manifest_key)
+    return 1 + _delete_all(repo, backup.object_keys)
+
+
+def delete_keys(repo: Repository, keys: Sequence[str],
+                progress: Callable[[int], None] | None = None, batch: int = 500) -> int:
+    """Delete keys in order, in concurrent batches; returns how many were deleted."""
+    done = 0
+    for i in range(0, len(keys), batch):
+        done += _delete_all(repo, keys[i : i + batch])
+        if progress is not None:
+            progress(done)
+    return done

@@ -1,0 +1,191 @@
+"""Failures leave nothing that looks valid: corruption, killed streams, S3 errors, locks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks import backup as steps
+from tasks.config import load_config
+from tasks.errors import ChecksumMismatch, CommandFailed, Locked, StorageUnavailable
+from tasks.repository import FileRepository, S3Repository, open_repository
+from tasks.restore import restore_physical
+from gravl_testlib import assert_one_line_error, run_cli
+
+
+def take_backup(cfg, repo, kind: str = "physical"):
+    """The flow's steps without Prefect: preflight, lock, stream, verify, publish."""
+    pre = steps.preflight(cfg, repo, kind)
+    steps.acquire_lock(repo, pre.backup_id)
+    try:
+        res = steps.stream_backup(cfg, repo, pre)
+        manifest = steps.build_manifest(cfg, pre, res)
+        steps.verify_objects(repo, manifest)
+        steps.publish_manifest(repo, manifest)
+        return manifest
+    except BaseException:
+        steps.discard_incomplete(repo, pre.backup_id)
+        raise
+    finally:
+        steps.release_lock(repo, pre.backup_id)
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_corrupt_object_fails_verify_and_restore_writes_nothing(make_config, file_repo_url,
+                                                                 file_repo_dir, pg_dir) -> None:
+    # GIVEN a good physical backup whose stored object then has one byte flipped
+    cfg_path = make_config(file_repo_url)
+    cfg = load_config(str(cfg_path))
+    repo = open_repository(cfg.repository)
+    manifest = take_backup(cfg, repo)
+    stored = file_repo_dir / "backups" / manifest.id / manifest.objects[0].key
+    _flip_byte(stored, stored.stat().st_size // 2)
+    # WHEN verify runs THEN it fails naming the object
+    proc = run_cli("verify", "latest", config=cfg_path)
+    assert_one_line_error(proc, manifest.objects[0].key, manifest.id)
+    # AND restore fails naming it, leaving the target absent
+    target = pg_dir / "restored"
+    with pytest.raises(ChecksumMismatch, match=manifest.objects[0].key):
+        restore_physical(cfg, repo, manifest, target)
+    assert not target.exists()
+    proc = run_cli("restore", manifest.id, "--pgdata", str(target), config=cfg_path)
+    assert_one_line_error(proc, manifest.objects[0].key)
+    assert not target.exists()
+
+
+def test_verify_good_backup_succeeds_from_cli(make_config, file_repo_url) -> None:
+    cfg_path = make_config(file_repo_url)
+    cfg = load_config(str(cfg_path))
+    manifest = take_backup(cfg, open_repository(cfg.repository), "logical")
+    proc = run_cli("verify", manifest.id, config=cfg_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"backup {manifest.id} OK" in proc.stdout
+
+
+class SlowFileRepository(FileRepository):
+    """Fault injection at the adapter boundary: a slow disk, so the stream is still running."""
+
+    def put_stream(self, key, chunks):
+        def slow():
+            for chunk in chunks:
+                time.sleep(0.15)
+                yield chunk
+        return super().put_stream(key, slow())
+
+
+def _kill_child_named(name: str, timeout: float = 20) -> int:
+    deadline = time.monotonic() + timeout
+    me = os.getpid()
+    while time.monotonic() < deadline:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if cmd.endswith(name.encode()) and ppid == me:
+                os.kill(int(pid), signal.SIGKILL)
+                return int(pid)
+        time.sleep(0.01)
+    raise AssertionError(f"no {name} child appeared")
+
+
+def test_killed_pg_basebackup_leaves_no_backup_and_next_succeeds(make_config, file_repo_url,
+                                                                 file_repo_dir) -> None:
+    # GIVEN a backup streaming into a slow repository (compression off: many chunks)
+    cfg = load_config(str(make_config(file_repo_url, repository={"compression": "none"})))
+    repo = SlowFileRepository(file_repo_dir, file_repo_url)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            take_backup(cfg, repo)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    # WHEN pg_basebackup is SIGKILLed mid-stream
+    _kill_child_named("pg_basebackup")
+    thread.join(60)
+    # THEN the backup failed naming pg_basebackup, nothing is listed, no partial file remains
+    assert len(errors) == 1 and isinstance(errors[0], CommandFailed), errors
+    assert "pg_basebackup" in str(errors[0])
+    assert steps.list_backups(repo) == []
+    assert [p for p in file_repo_dir.rglob("*") if p.is_file()] == []
+    # AND the next backup succeeds
+    manifest = take_backup(cfg, open_repository(cfg.repository))
+    assert [m.id for m in steps.list_backups(repo)] == [manifest.id]
+
+
+def test_s3_error_mid_upload_aborts_multipart_and_next_succeeds(make_config, s3_repo_url,
+                                                                moto_endpoint, monkeypatch) -> None:
+    # GIVEN an S3 repository with 5 MiB parts and no compression (several parts)
+    cfg = load_config(str(make_config(s3_repo_url, moto=moto_endpoint,
+                                      repository={"compression": "none"})))
+    repo = open_repository(cfg.repository)
+    assert isinstance(repo, S3Repository)
+    from botocore.exceptions import ClientError
+
+    real_upload_part = repo.client.upload_part
+    calls = {"n": 0}
+
+    def failing_upload_part(**kwargs):
+        calls["n"] += 1
+        if kwargs["PartNumber"] == 3:
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "injected"},
+                               "ResponseMetadata": {"HTTPStatusCode": 500}}, "UploadPart")
+        return real_upload_part(**kwargs)
+
+    monkeypatch.setattr(repo.client, "upload_part", failing_upload_part)
+    # WHEN the third part fails with a 500
+    with pytest.raises(StorageUnavailable):
+        take_backup(cfg, repo)
+    # THEN no backup is listed, no object and no multipart upload is left behind
+    assert calls["n"] >= 3
+    assert steps.list_backups(repo) == []
+    assert [k for k in repo.list_keys("backups")] == []
+    assert repo.list_incomplete() == []
+    monkeypatch.undo()
+    # AND the next backup succeeds
+    manifest = take_backup(cfg, repo)
+    assert [m.id for m in steps.list_backups(repo)] == [manifest.id]
+
+
+def test_second_backup_is_refused_while_lock_is_held(make_config, file_repo_url) -> None:
+    cfg = load_config(str(make_config(file_repo_url)))
+    repo = open_repository(cfg.repository)
+    steps.acquire_lock(repo, "20260101T000000Z-physical")
+    try:
+        with pytest.raises(Locked, match="another backup"):
+            steps.preflight(cfg, repo, "physical")
+    finally:
+        steps.release_lock(repo, "20260101T000000Z-physical")
+    assert steps.preflight(cfg, repo, "physical").kind == "physical"
+
+
+def test_stale_lock_of_dead_process_is_taken_over(make_config, file_repo_url) -> None:
+    import json
+    import socket
+
+    cfg = load_config(str(make_config(file_repo_url)))
+    repo = open_repository(cfg.repository)
+    repo.put_bytes(steps.LOCK_KEY, json.dumps({
+        "backup_id": "20260101T000000Z-physical", "host": socket.gethostname(),
+        "pid": 2**22 + 12345, "epoch": time.time()}).encode())
+    steps.acquire_lock(repo, "20260102T000000Z-physical")
+    assert steps.read_lock(repo)["backup_id"] == "20260102T000000Z-physical"

@@ -1,0 +1,89 @@
+"""Bad input: one line naming what is wrong, a non-zero exit, no traceback, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gravl_testlib import assert_one_line_error, run_cli, write_config
+from tasks.pgcluster import free_port
+
+
+def test_unknown_config_key(tmp_path: Path, file_repo_url: str, pg_primary) -> None:
+    cfg = write_config(tmp_path / "c.yaml", {
+        "primary": {"dsn": pg_primary.dsn()}, "repository": {"url": file_repo_url, "compresion": "zstd"}})
+    assert_one_line_error(run_cli("list", config=cfg), "unknown key", "repository.compresion")
+
+
+def test_wrong_type_names_the_key(tmp_path: Path, file_repo_url: str, pg_primary) -> None:
+    cfg = write_config(tmp_path / "c.yaml", {
+        "primary": {"dsn": pg_primary.dsn()}, "repository": {"url": file_repo_url},
+        "retention": {"min_full": "many"}})
+    assert_one_line_error(run_cli("list", config=cfg), "retention.min_full")
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("list", config=tmp_path / "nope.yaml"), "config file not found")
+
+
+def test_config_from_environment_variable(tmp_path: Path, file_repo_url: str, pg_primary) -> None:
+    cfg = write_config(tmp_path / "c.yaml", {"primary": {"dsn": pg_primary.dsn()},
+                                             "repository": {"url": file_repo_url}})
+    proc = run_cli("list", env={"GRAVL_DR_CONFIG": str(cfg)})
+    assert proc.returncode == 0, proc.stderr
+    assert "no backups" in proc.stdout
+
+
+def test_unreachable_server(tmp_path: Path, file_repo_url: str) -> None:
+    cfg = write_config(tmp_path / "c.yaml", {
+        "primary": {"dsn": f"host=127.0.0.1 port={free_port()} user=postgres dbname=gravl"},
+        "repository": {"url": file_repo_url}})
+    proc = run_cli("backup", config=cfg)
+    assert_one_line_error(proc, "cannot connect to host=127.0.0.1")
+
+
+def test_missing_bucket(tmp_path: Path, moto_endpoint: str, pg_primary) -> None:
+    cfg = write_config(tmp_path / "c.yaml", {
+        "primary": {"dsn": pg_primary.dsn()},
+        "repository": {"url": "s3://no-such-bucket-gravl/x", "endpoint_url": moto_endpoint,
+                       "region": "eu-north-1"}})
+    assert_one_line_error(run_cli("backup", config=cfg), "bucket no-such-bucket-gravl does not exist")
+    assert_one_line_error(run_cli("list", config=cfg), "bucket no-such-bucket-gravl does not exist")
+
+
+def test_non_empty_restore_target(tmp_path: Path, make_config, file_repo_url: str) -> None:
+    cfg = make_config(file_repo_url)
+    target = tmp_path / "data"
+    target.mkdir()
+    (target / "keep.txt").write_text("precious")
+    assert_one_line_error(run_cli("restore", "latest", "--pgdata", str(target), config=cfg), "not empty")
+    assert (target / "keep.txt").read_text() == "precious"
+
+
+def test_unknown_backup_id(make_config, file_repo_url: str, tmp_path: Path) -> None:
+    cfg = make_config(file_repo_url)
+    assert_one_line_error(run_cli("verify", "20200101T000000Z-physical", config=cfg),
+                          "backup 20200101T000000Z-physical not found")
+    assert_one_line_error(run_cli("restore", "20200101T000000Z-physical", "--pgdata",
+                                  str(tmp_path / "d"), config=cfg), "not found")
+    assert_one_line_error(run_cli("verify", "yesterday", config=cfg), "invalid backup id")
+
+
+def test_no_backup_for_latest(make_config, file_repo_url: str, tmp_path: Path) -> None:
+    cfg = make_config(file_repo_url)
+    assert_one_line_error(run_cli("restore", "latest", "--pgdata", str(tmp_path / "d"), config=cfg),
+                          "no complete physical backup")
+
+
+def test_bad_argument_is_one_line(make_config, file_repo_url: str) -> None:
+    cfg = make_config(file_repo_url)
+    proc = run_cli("backup", "--kind", "incremental", config=cfg)
+    assert_one_line_error(proc, "--kind")
+    assert proc.returncode == 2
+
+
+def test_list_does_not_import_prefect_or_boto3(make_config, file_repo_url: str) -> None:
+    cfg = make_config(file_repo_url)
+    proc = run_cli("list", config=cfg, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert proc.returncode == 0, proc.stderr
+    imported = {ln.split("|")[-1].strip() for ln in proc.stderr.splitlines() if "import time" in ln}
+    assert "prefect" not in imported and "boto3" not in imported
