@@ -14,6 +14,7 @@ run), never a listed backup with objects missing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -245,8 +246,7 @@ def plan_retention(
         notes.append(f"kept backup {unknown_start[0]} does not record its start WAL: WAL is left untouched")
     else:
         for m in kept_physical:
-            assert m.start_wal is not None
-            start = parse_wal_key(m.start_wal)
+            start = parse_wal_key(m.start_wal or "")
             if start.timeline is None or start.position is None or start.kind != "segment":
                 notes.append(f"kept backup {m.id} has an unreadable start WAL {m.start_wal!r}: "
                              "WAL is left untouched")
@@ -267,7 +267,7 @@ def plan_retention(
     needs.sort(key=lambda n: (n.timeline, n.position))
     return RetentionPlan(
         decisions=decisions, expire=expire, orphan_keys=orphan_keys, expire_wal=expire_wal,
-        kept_wal=len(wal) - len(expire_wal), wal_needs=needs[:1], notes=notes,
+        kept_wal=len(wal) - len(expire_wal), wal_needs=needs, notes=notes,
     )
 
 
@@ -295,10 +295,8 @@ def _delete_all(repo: Repository, keys: Iterable[str], workers: int = 8) -> int:
         return 0
 
     def one(key: str) -> None:
-        try:
+        with contextlib.suppress(NotFound):
             repo.delete(key)
-        except NotFound:
-            pass
 
     with ThreadPoolExecutor(min(workers, len(keys)), thread_name_prefix="expire") as pool:
         list(pool.map(one, keys))
