@@ -1,0 +1,37 @@
+"""Orchestration: the CLI command for retention — ``gravl-dr expire [--dry-run]``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from tasks.config import load_config
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("expire", help="delete backups and WAL beyond the retention policy (a flow run)")
+    p.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_expire)
+
+
+def cmd_expire(args: argparse.Namespace) -> int:
+    from tasks.repository import open_repository
+
+    cfg = load_config(args.config)
+    open_repository(cfg.repository).check()  # fail fast, before Prefect starts
+    from flows.cli import run_flow
+    from flows.retention import expire_flow
+
+    report = run_flow(expire_flow, config_path=args.config, dry_run=args.dry_run)
+    if args.json:
+        print(report.model_dump_json(indent=2))
+        return 0
+    verb = "would expire" if args.dry_run else "expired"
+    print(f"{verb} {len(report.expired)} backup(s) and {report.wal_expired} WAL file(s); "
+          f"kept {len(report.kept)} backup(s) and {report.wal_kept} WAL file(s)")
+    for backup_id in report.expired:
+        print(f"  {backup_id}")
+    for note in report.notes:
+        print(f"  note: {note}")
+    return 0

@@ -1,0 +1,147 @@
+"""Orchestration: the retention flow — survey the repository, plan, expire backups, expire WAL."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from flows.common import NETWORK_RETRIES, load, logger
+from tasks import retention as steps
+from tasks.config import Config
+from tasks.errors import DRError, one_line
+from tasks.metrics import push_metrics
+from tasks.repository import Repository
+
+
+class RetentionReport(BaseModel):
+    dry_run: bool
+    kept: list[str] = []
+    expired: list[str] = []
+    orphan_objects: int = 0
+    wal_expired: int = 0
+    wal_kept: int = 0
+    wal_kept_from: list[str] = []
+    notes: list[str] = []
+    seconds: float = 0.0
+
+
+@task(name="survey-repository", cache_policy=NO_CACHE, **NETWORK_RETRIES)
+def survey_repository(repo: Repository) -> steps.RepositoryState:
+    state = steps.read_state(repo)
+    logger().info("%s holds %d complete backup(s), %d backup object(s) and %d WAL file(s)",
+                  repo.url, len(state.manifests), len(state.backup_keys), len(state.wal_keys))
+    return state
+
+
+@task(name="plan-retention", cache_policy=NO_CACHE)
+def plan_retention(cfg: Config, state: steps.RepositoryState) -> steps.RetentionPlan:
+    pol = cfg.retention
+    plan = steps.plan_retention(state, pol, datetime.now(UTC), cfg.cluster)
+    log = logger()
+    log.info("policy: keep the newest %d backup(s) of each kind and all that ended within %d days",
+             pol.min_full, pol.full_days)
+    for d in plan.decisions:
+        log.info("%s %s: %s", "keep" if d.keep else "EXPIRE", d.backup_id, d.reason)
+    for need in plan.wal_needs:
+        log.info("backup %s needs WAL from timeline %d, segment %08X%s onward", need.backup_id,
+                 need.timeline, need.timeline, need.position)
+    log.info("WAL: %d file(s) to expire, %d kept", len(plan.expire_wal), plan.kept_wal)
+    for note in plan.notes:
+        log.info(note)
+    return plan
+
+
+@task(name="expire-backups", cache_policy=NO_CACHE, **NETWORK_RETRIES)
+def expire_backups(repo: Repository, plan: steps.RetentionPlan) -> int:
+    log = logger()
+    deleted = 0
+    for b in plan.expire:
+        n = steps.expire_backup(repo, b)
+        deleted += n
+        log.info("expired backup %s: manifest removed first, then %d object(s)", b.backup_id, n - 1)
+    if plan.orphan_keys:
+        n = steps.delete_keys(repo, plan.orphan_keys)
+        deleted += n
+        log.info("removed %d object(s) of unlisted (incomplete) backups", n)
+    return deleted
+
+
+@task(name="expire-wal", cache_policy=NO_CACHE, **NETWORK_RETRIES)
+def expire_wal(repo: Repository, plan: steps.RetentionPlan) -> int:
+    if not plan.expire_wal:
+        logger().info("no WAL to expire")
+        return 0
+    n = steps.delete_keys(repo, plan.expire_wal)
+    logger().info("expired %d WAL file(s), %s .. %s", n, plan.expire_wal[0], plan.expire_wal[-1])
+    return n
+
+
+@task(name="push-retention-metrics", cache_policy=NO_CACHE)
+def push_retention_metrics(cfg: Config, report: RetentionReport) -> None:
+    values = {
+        "gravl_retention_last_success_timestamp_seconds": (time.time(), "Time of the last retention run"),
+        "gravl_retention_backups_kept": (float(len(report.kept)), "Backups kept by the last retention run"),
+        "gravl_retention_backups_expired": (float(len(report.expired)),
+                                            "Backups expired by the last retention run"),
+        "gravl_retention_wal_expired": (float(report.wal_expired), "WAL files expired by the last retention run"),
+    }
+    try:
+        push_metrics(cfg.metrics.pushgateway, "expire", {"cluster": cfg.cluster}, values)
+    except DRError as exc:
+        logger().warning("metrics not pushed: %s", one_line(exc))
+
+
+def _markdown(report: RetentionReport, cfg: Config, repo_url: str) -> str:
+    head = "dry run: nothing deleted" if report.dry_run else "done"
+    lines = [
+        f"# Retention for {cfg.cluster}: {head}",
+        "",
+        f"Policy: keep the newest {cfg.retention.min_full} backup(s) of each kind and every backup "
+        f"that ended within {cfg.retention.full_days} days; keep the WAL they need.",
+        "",
+        "| | |", "|---|---|",
+        f"| repository | {repo_url} |",
+        f"| backups kept | {len(report.kept)} |",
+        f"| backups {'to expire' if report.dry_run else 'expired'} | {len(report.expired)} |",
+        f"| orphaned objects | {report.orphan_objects} |",
+        f"| WAL files {'to expire' if report.dry_run else 'expired'} | {report.wal_expired} |",
+        f"| WAL files kept | {report.wal_kept} |",
+        f"| WAL kept from | {', '.join(report.wal_kept_from) or 'everything'} |",
+        f"| took | {report.seconds:.1f} s |",
+    ]
+    if report.expired:
+        lines += ["", "## Expired backups", *[f"- `{b}`" for b in report.expired]]
+    if report.notes:
+        lines += ["", "## Notes", *[f"- {n}" for n in report.notes]]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="expire", log_prints=False)
+def expire_flow(config_path: str | None = None, dry_run: bool = False) -> RetentionReport:
+    """Expire backups and WAL beyond the retention policy (retention.full_days, retention.min_full)."""
+    t0 = time.monotonic()
+    cfg, repo = load(config_path)
+    state = survey_repository(repo)
+    plan = plan_retention(cfg, state)
+    report = RetentionReport(
+        dry_run=dry_run, kept=plan.kept, expired=[b.backup_id for b in plan.expire],
+        orphan_objects=len(plan.orphan_keys), wal_expired=len(plan.expire_wal), wal_kept=plan.kept_wal,
+        wal_kept_from=[f"{n.timeline:08X}{n.position} ({n.backup_id})" for n in plan.wal_needs],
+        notes=plan.notes,
+    )
+    if not dry_run:
+        expire_backups(repo, plan)
+        expire_wal(repo, plan)
+    report.seconds = time.monotonic() - t0
+    create_markdown_artifact(
+        markdown=_markdown(report, cfg, repo.url), key=f"retention-report-{cfg.cluster}".replace("_", "-"),
+        description="retention dry run" if dry_run else "retention run",
+    )
+    if not dry_run:
+        push_retention_metrics(cfg, report)
+    return report
