@@ -1,0 +1,357 @@
+"""Adapter: point-in-time recovery settings for a restored data directory, and proof of where it stopped.
+
+``write_recovery_settings`` writes ``recovery.signal`` and the recovery parameters into
+``postgresql.auto.conf`` (restore_command through ``gravl-dr wal-fetch``, one recovery_target_*,
+recovery_target_timeline = latest, recovery_target_action = promote). ``wait_for_recovery``
+waits for the promotion and reads the point reached from the server's own record: the log
+("recovery stopping before ...", "redo done at ...", "last completed transaction was at log time
+..."), ``pg_last_xact_replay_timestamp()`` and the new timeline's ``.history`` file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasks.errors import ConfigError, PreconditionFailed
+from tasks.models import LSN_RE, format_lsn, parse_lsn
+from tasks.pgcluster import LocalCluster, chown_tree
+
+TargetKind = Literal["end", "time", "lsn", "name", "xid", "immediate"]
+
+MARK_BEGIN = "# gravl-dr recovery settings (begin)"
+MARK_END = "# gravl-dr recovery settings (end)"
+
+
+def parse_target_time(text: str) -> datetime:
+    """An ISO-8601 timestamp; without an offset it is taken as UTC."""
+    raw = text.strip()
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00") if raw.endswith("Z") else raw)
+    except ValueError:
+        raise ConfigError(
+            f"invalid target time {text!r} (expected ISO 8601, e.g. 2026-11-24T10:15:00Z)"
+        ) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+class RecoveryTarget(BaseModel):
+    """Where recovery stops: the end of the archive (default) or a time, LSN, restore point or xid."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: TargetKind = Field(default="end", description="end | time | lsn | name | xid | immediate")
+    value: str | None = Field(default=None, description="the target; None for end and immediate")
+
+    @model_validator(mode="after")
+    def _check(self) -> RecoveryTarget:
+        if self.kind in ("end", "immediate"):
+            if self.value is not None:
+                raise ValueError(f"a recovery target of kind {self.kind!r} takes no value")
+            return self
+        if not self.value or not self.value.strip():
+            raise ValueError(f"a recovery target of kind {self.kind!r} needs a value")
+        if self.kind == "time":
+            parse_target_time(self.value)
+        elif self.kind == "lsn" and not LSN_RE.match(self.value.strip()):
+            raise ValueError(f"invalid LSN {self.value!r} (expected e.g. 0/3000028)")
+        elif self.kind == "xid" and not self.value.strip().isdigit():
+            raise ValueError(f"invalid transaction id {self.value!r} (expected digits)")
+        elif self.kind == "name" and len(self.value) > 63:
+            raise ValueError("a restore point name has at most 63 characters")
+        return self
+
+    @classmethod
+    def from_options(
+        cls, *, time: str | None = None, lsn: str | None = None, name: str | None = None,
+        xid: str | None = None,
+    ) -> RecoveryTarget:
+        """At most one of the CLI's --target-* options; none means the end of the archive."""
+        given = {k: v for k, v in (("time", time), ("lsn", lsn), ("name", name), ("xid", xid))
+                 if v is not None}
+        if len(given) > 1:
+            raise ConfigError("give at most one of --target-time, --target-lsn, --target-name, --target-xid")
+        if not given:
+            return cls()
+        kind, value = next(iter(given.items()))
+        try:
+            return cls(kind=kind, value=value)  # type: ignore[arg-type]
+        except ValueError as exc:
+            first = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
+            raise ConfigError(str(first).removeprefix("Value error, ")) from None
+
+    @property
+    def time(self) -> datetime | None:
+        return parse_target_time(self.value) if self.kind == "time" and self.value else None
+
+    @property
+    def lsn(self) -> int | None:
+        return parse_lsn(self.value) if self.kind == "lsn" and self.value else None
+
+    def describe(self) -> str:
+        if self.kind == "end":
+            return "the end of the archive"
+        if self.kind == "immediate":
+            return "the end of the backup (consistent point)"
+        if self.kind == "time":
+            assert self.time is not None
+            return f"time {self.time.isoformat()}"
+        return f"{self.kind} {self.value}"
+
+
+class RecoveryOutcome(BaseModel):
+    """Where a restored server stopped recovery, as the server itself recorded it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    promoted: bool
+    timeline: int
+    reached_lsn: str | None = Field(description="where replay stopped (switch point of the new timeline)")
+    last_xact_time: datetime | None = Field(description="commit time of the last replayed transaction")
+    stop_message: str | None = Field(default=None, description="the server's 'recovery stopping ...' line")
+    target_reached: bool = Field(description="the server reported stopping at the target")
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------- writing the settings
+
+def gravl_dr_executable() -> str:
+    """The absolute path of this installation's ``gravl-dr`` (the venv's, else the one on PATH)."""
+    beside = Path(sys.executable).parent / "gravl-dr"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("gravl-dr")
+    if found:
+        return str(Path(found).absolute())
+    raise PreconditionFailed("cannot find the gravl-dr executable for restore_command")
+
+
+def _quote(value: str) -> str:
+    """A postgresql.conf string literal (single quotes doubled)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _shell_word(value: str) -> str:
+    """restore_command runs through /bin/sh: quote a path only when it needs it."""
+    if re.fullmatch(r"[A-Za-z0-9_./:=+-]+", value):
+        return value
+    return "'" + value.replace("'", "'\"'\"'") + "'"
+
+
+def restore_command(config_path: str) -> str:
+    cfg = str(Path(config_path).absolute())
+    return f"{_shell_word(gravl_dr_executable())} --config {_shell_word(cfg)} wal-fetch %f %p"
+
+
+def recovery_settings(target: RecoveryTarget, config_path: str, *, keep_archiving: bool = False) -> dict[str, str]:
+    """The postgresql.auto.conf lines for a target (values already quoted)."""
+    settings = {
+        "restore_command": _quote(restore_command(config_path)),
+        "recovery_target_timeline": "'latest'",
+        "recovery_target_action": "'promote'",
+    }
+    if target.kind == "time":
+        when = target.time
+        assert when is not None
+        settings["recovery_target_time"] = _quote(when.strftime("%Y-%m-%d %H:%M:%S.%f+00"))
+        settings["recovery_target_inclusive"] = "on"
+    elif target.kind == "lsn":
+        assert target.lsn is not None
+        settings["recovery_target_lsn"] = _quote(format_lsn(target.lsn))
+        settings["recovery_target_inclusive"] = "on"
+    elif target.kind == "name":
+        assert target.value is not None
+        settings["recovery_target_name"] = _quote(target.value)
+    elif target.kind == "xid":
+        assert target.value is not None
+        settings["recovery_target_xid"] = _quote(target.value.strip())
+        settings["recovery_target_inclusive"] = "on"
+    elif target.kind == "immediate":
+        settings["recovery_target"] = "'immediate'"
+    if not keep_archiving:
+        # A restored copy must not push its new timeline into the archive it restores from:
+        # a later restore with recovery_target_timeline = latest would follow that fork.
+        settings["archive_mode"] = "off"
+    return settings
+
+
+def write_recovery_settings(
+    pgdata: Path, *, config_path: str, target: RecoveryTarget, os_user: str,
+    keep_archiving: bool = False,
+) -> None:
+    """Write recovery.signal and the recovery settings into pgdata/postgresql.auto.conf.
+
+    Settings a previous call wrote are replaced, so the step can be re-run."""
+    pgdata = Path(pgdata)
+    if not (pgdata / "PG_VERSION").exists():
+        raise PreconditionFailed(f"{pgdata} is not a PostgreSQL data directory (no PG_VERSION)")
+    auto = pgdata / "postgresql.auto.conf"
+    text = auto.read_text() if auto.exists() else ""
+    text = _strip_block(text)
+    lines = [MARK_BEGIN]
+    lines += [f"{k} = {v}" for k, v in recovery_settings(target, config_path,
+                                                          keep_archiving=keep_archiving).items()]
+    lines.append(MARK_END)
+    if text and not text.endswith("\n"):
+        text += "\n"
+    auto.write_text(text + "\n".join(lines) + "\n")
+    for stale in ("standby.signal",):
+        (pgdata / stale).unlink(missing_ok=True)
+    (pgdata / "recovery.signal").write_text("")
+    chown_tree(auto, os_user)
+    chown_tree(pgdata / "recovery.signal", os_user)
+
+
+def _strip_block(text: str) -> str:
+    out: list[str] = []
+    skipping = False
+    for line in text.splitlines(keepends=True):
+        if line.strip() == MARK_BEGIN:
+            skipping = True
+            continue
+        if line.strip() == MARK_END:
+            skipping = False
+            continue
+        if not skipping:
+            out.append(line)
+    return "".join(out)
+
+
+# ---------------------------------------------------------------- reading where it stopped
+
+_STOP_RE = re.compile(r"recovery stopping (?:before|after|at) .*")
+_REDO_DONE_RE = re.compile(r"redo done at ([0-9A-F]+/[0-9A-F]+)")
+_LAST_XACT_RE = re.compile(r"last completed transaction was at log time (.+)$")
+_NEW_TLI_RE = re.compile(r"selected new timeline ID: (\d+)")
+_FATAL_RE = re.compile(r"(FATAL|PANIC):\s+(.*)")
+
+
+def parse_pg_timestamp(text: str) -> datetime:
+    """A timestamptz as the server prints it: '2026-11-24 10:15:00.123456+00'."""
+    raw = text.strip().strip('"')
+    m = re.match(r"^(\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}:\d{2}(?:\.\d+)?)([+-]\d{2})(?::?(\d{2}))?$", raw)
+    if not m:
+        raise ValueError(f"not a timestamp: {text!r}")
+    frac_time = m.group(2)
+    if "." in frac_time:
+        whole, frac = frac_time.split(".")
+        frac_time = f"{whole}.{frac[:6].ljust(6, '0')}"
+    offset = f"{m.group(3)}:{m.group(4) or '00'}"
+    return datetime.fromisoformat(f"{m.group(1)}T{frac_time}{offset}").astimezone(UTC)
+
+
+class LogRecord(BaseModel):
+    """What the server log says about the last recovery it ran."""
+
+    stop_message: str | None = None
+    redo_done_lsn: str | None = None
+    last_xact_time: datetime | None = None
+    new_timeline: int | None = None
+    fatal: str | None = None
+
+
+def read_recovery_log(text: str) -> LogRecord:
+    """Parse the server log of a recovery (the last occurrence of each message wins)."""
+    rec = LogRecord()
+    for line in text.splitlines():
+        if m := _STOP_RE.search(line):
+            rec.stop_message = m.group(0).strip()
+        if m := _REDO_DONE_RE.search(line):
+            rec.redo_done_lsn = m.group(1)
+        if m := _LAST_XACT_RE.search(line):
+            with contextlib.suppress(ValueError):
+                rec.last_xact_time = parse_pg_timestamp(m.group(1))
+        if m := _NEW_TLI_RE.search(line):
+            rec.new_timeline = int(m.group(1))
+        if m := _FATAL_RE.search(line):
+            rec.fatal = m.group(2).strip()
+    return rec
+
+
+def read_history_switchpoint(pgdata: Path, timeline: int) -> tuple[int, str] | None:
+    """(parent timeline, switch LSN) from the last line of ``pg_wal/<timeline>.history``."""
+    path = pgdata / "pg_wal" / f"{timeline:08X}.history"
+    try:
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    except FileNotFoundError:
+        return None
+    if not lines:
+        return None
+    parts = lines[-1].split("\t")
+    if len(parts) < 2 or not LSN_RE.match(parts[1].strip()):
+        return None
+    return int(parts[0]), parts[1].strip()
+
+
+def wait_for_recovery(cluster: LocalCluster, target: RecoveryTarget, timeout: float) -> RecoveryOutcome:
+    """Wait until the restored server has finished recovery and is promoted; return where it stopped.
+
+    Raises PreconditionFailed when the server stops (e.g. restore_command exited > 125 on a
+    corrupt segment) or when recovery does not finish within ``timeout`` seconds."""
+    from tasks.postgres import connection
+
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    promoted = False
+    last_xact: datetime | None = None
+    tli = 0
+    lsn_now: str | None = None
+    while True:
+        if not cluster.is_running():
+            rec = read_recovery_log(_read(cluster.logfile))
+            reason = rec.fatal or cluster.log_tail(4) or "no message"
+            raise PreconditionFailed(f"restored server stopped during recovery: {reason}")
+        try:
+            with connection(cluster.dsn("postgres"), timeout=3) as conn:
+                row = conn.execute(
+                    "SELECT pg_is_in_recovery(), pg_last_xact_replay_timestamp(),"
+                    " CASE WHEN pg_is_in_recovery() THEN NULL"
+                    " ELSE pg_walfile_name(pg_current_wal_lsn()) END,"
+                    " CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text"
+                    " ELSE pg_current_wal_lsn()::text END"
+                ).fetchone()
+            assert row is not None
+            if not row[0]:
+                promoted = True
+                last_xact = row[1]
+                tli = int(row[2][:8], 16)
+                lsn_now = row[3]
+                break
+        except Exception as exc:  # noqa: BLE001 - the server may not accept connections yet
+            if time.monotonic() > deadline:
+                raise PreconditionFailed(
+                    f"recovery did not finish within {timeout:.0f}s ({type(exc).__name__})"
+                ) from None
+        if time.monotonic() > deadline:
+            raise PreconditionFailed(
+                f"recovery did not finish within {timeout:.0f}s; server log: {cluster.log_tail(3)}"
+            )
+        time.sleep(0.2)
+    rec = read_recovery_log(_read(cluster.logfile))
+    switch = read_history_switchpoint(cluster.pgdata, tli) if tli > 1 else None
+    reached = switch[1] if switch else (rec.redo_done_lsn or lsn_now)
+    if last_xact is not None:
+        last_xact = last_xact.astimezone(UTC)
+    return RecoveryOutcome(
+        promoted=promoted, timeline=tli, reached_lsn=reached,
+        last_xact_time=last_xact or rec.last_xact_time, stop_message=rec.stop_message,
+        target_reached=rec.stop_message is not None or target.kind == "end",
+        seconds=time.monotonic() - t0,
+    )
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
