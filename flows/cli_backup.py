@@ -94,15 +94,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from tasks.backup import resolve_backup, verify_objects
-    from tasks.streams import load_key
+    from tasks.backup import key_for_manifest, resolve_backup, verify_objects
 
     check_backup_ref(args.backup)
     cfg, repo = _repo(args)
     manifest = resolve_backup(repo, args.backup, cluster=cfg.cluster)
-    key = load_key(cfg.repository.encryption_key_env) if manifest.encryption != "none" else None
-    if manifest.encryption != "none" and key is None:
-        raise PreconditionFailed(f"backup {manifest.id} is encrypted: set repository.encryption_key_env")
+    key = key_for_manifest(cfg, manifest)
     res = verify_objects(repo, manifest, deep=True, key=key)
     if args.json:
         print(json.dumps({"backup_id": res.backup_id, "objects": res.objects, "bytes": res.bytes_read,

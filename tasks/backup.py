@@ -382,6 +382,20 @@ def verify_objects(
     return VerifyResult(manifest.id, len(manifest.objects), total, time.monotonic() - t0, deep)
 
 
+def key_for_manifest(cfg: Config, manifest: Manifest) -> bytes | None:
+    """The client-side key a backup needs, checked against the fingerprint it was written with."""
+    if manifest.encryption == "none":
+        return None
+    key = load_key(cfg.repository.encryption_key_env)
+    if key is None:
+        raise PreconditionFailed(
+            f"backup {manifest.id} is encrypted: set repository.encryption_key_env to its key"
+        )
+    if manifest.key_fingerprint and key_fingerprint(key) != manifest.key_fingerprint:
+        raise PreconditionFailed(f"backup {manifest.id} was encrypted with another key")
+    return key
+
+
 def publish_manifest(repo: Repository, manifest: Manifest) -> str:
     """Write the manifest: from this moment the backup exists."""
     key = manifest_key(manifest.id)

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.backup import key_for_manifest, verify_objects
 from tasks.config import Config
 from tasks.errors import ChecksumMismatch, CommandFailed, DRError, PreconditionFailed
 from tasks.libpq import client_env
@@ -28,7 +29,7 @@ from tasks.pgcluster import chown_tree
 from tasks.postgres import is_empty_database, safe_dsn
 from tasks.proc import as_user, child_env, pg_bin, run, tail
 from tasks.repository import Repository
-from tasks.streams import decode, key_fingerprint, load_key, threaded, verified
+from tasks.streams import decode, threaded, verified
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +52,6 @@ def check_pgdata_target(pgdata: Path) -> None:
             raise PreconditionFailed(f"restore target {pgdata} is not empty")
     elif not pgdata.parent.is_dir():
         raise PreconditionFailed(f"parent directory of restore target {pgdata} does not exist")
-
-
-def _key_for(cfg: Config, manifest: Manifest) -> bytes | None:
-    if manifest.encryption == "none":
-        return None
-    key = load_key(cfg.repository.encryption_key_env)
-    if key is None:
-        raise PreconditionFailed(
-            f"backup {manifest.id} is encrypted: set repository.encryption_key_env to its key"
-        )
-    if manifest.key_fingerprint and key_fingerprint(key) != manifest.key_fingerprint:
-        raise PreconditionFailed(f"backup {manifest.id} was encrypted with another key")
-    return key
 
 
 def _object_stream(repo: Repository, manifest: Manifest, key: bytes | None, index: int = 0):
@@ -91,9 +79,7 @@ def restore_physical(cfg: Config, repo: Repository, manifest: Manifest, pgdata: 
         raise PreconditionFailed(f"backup {manifest.id} is logical: restore it with --dsn")
     pgdata = pgdata.absolute()
     check_pgdata_target(pgdata)
-    key = _key_for(cfg, manifest)
-    from tasks.backup import verify_objects
-
+    key = key_for_manifest(cfg, manifest)
     t0 = time.monotonic()
     verify_objects(repo, manifest)  # stored bytes intact before anything is written
     verify_seconds = time.monotonic() - t0
@@ -155,7 +141,7 @@ def restore_logical(
         raise PreconditionFailed(f"backup {manifest.id} is physical: restore it with --pgdata")
     if not is_empty_database(dsn):
         raise PreconditionFailed(f"target database {safe_dsn(dsn)} is not empty")
-    key = _key_for(cfg, manifest)
+    key = key_for_manifest(cfg, manifest)
     t0 = time.monotonic()
     fd, tmp_name = tempfile.mkstemp(prefix="gravl-restore-", suffix=".pgc")
     tmp = Path(tmp_name)

@@ -226,6 +226,10 @@ def decompress(source: Iterable[bytes], codec: str, what: str = "object") -> Ite
 
             dobj: Any = zstandard.ZstdDecompressor().decompressobj()
             for chunk in source:
+                if not chunk:
+                    continue
+                if dobj.eof:
+                    raise ChecksumMismatch(f"{what}: data after the end of the zstd stream")
                 out = dobj.decompress(chunk)
                 if out:
                     yield out
@@ -247,6 +251,10 @@ def decompress(source: Iterable[bytes], codec: str, what: str = "object") -> Ite
 
             lobj = lz4.frame.LZ4FrameDecompressor()
             for chunk in source:
+                if not chunk:
+                    continue
+                if lobj.eof:
+                    raise ChecksumMismatch(f"{what}: data after the end of the lz4 stream")
                 out = lobj.decompress(chunk)
                 if out:
                     yield out

@@ -40,3 +40,22 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str)
     assert len(errors) == 1, proc.stderr
     for needle in needles:
         assert needle in errors[0], errors[0]
+
+
+def take_backup(cfg: Any, repo: Any, kind: str = "physical") -> Any:
+    """The backup flow's steps without Prefect: preflight, lock, stream, verify, publish."""
+    from tasks import backup as steps
+
+    pre = steps.preflight(cfg, repo, kind)
+    steps.acquire_lock(repo, pre.backup_id)
+    try:
+        res = steps.stream_backup(cfg, repo, pre)
+        manifest = steps.build_manifest(cfg, pre, res)
+        steps.verify_objects(repo, manifest)
+        steps.publish_manifest(repo, manifest)
+        return manifest
+    except BaseException:
+        steps.discard_incomplete(repo, pre.backup_id)
+        raise
+    finally:
+        steps.release_lock(repo, pre.backup_id)

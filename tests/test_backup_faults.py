@@ -10,29 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from gravl_testlib import assert_one_line_error, run_cli, take_backup
 from tasks import backup as steps
 from tasks.config import load_config
 from tasks.errors import ChecksumMismatch, CommandFailed, Locked, StorageUnavailable
 from tasks.repository import FileRepository, S3Repository, open_repository
 from tasks.restore import restore_physical
-from gravl_testlib import assert_one_line_error, run_cli
-
-
-def take_backup(cfg, repo, kind: str = "physical"):
-    """The flow's steps without Prefect: preflight, lock, stream, verify, publish."""
-    pre = steps.preflight(cfg, repo, kind)
-    steps.acquire_lock(repo, pre.backup_id)
-    try:
-        res = steps.stream_backup(cfg, repo, pre)
-        manifest = steps.build_manifest(cfg, pre, res)
-        steps.verify_objects(repo, manifest)
-        steps.publish_manifest(repo, manifest)
-        return manifest
-    except BaseException:
-        steps.discard_incomplete(repo, pre.backup_id)
-        raise
-    finally:
-        steps.release_lock(repo, pre.backup_id)
 
 
 def _flip_byte(path: Path, offset: int) -> None:
