@@ -14,6 +14,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
 from tasks.errors import DRError, one_line
 
@@ -66,7 +67,7 @@ def run_flow(flow_fn, **params):  # type: ignore[no-untyped-def]
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
+    def error(self, message: str) -> NoReturn:  # one line, exit 2
         sys.stderr.write(f"gravl-dr: error: {message}\n")
         raise SystemExit(2)
 

@@ -109,7 +109,7 @@ def restore_flow(
             f"# Restore of {manifest.id}: complete\n\n| | |\n|---|---|\n| kind | {manifest.kind} |\n"
             f"| target | {target} |\n| data | {human_bytes(report.raw_bytes)} |\n"
             f"| verify | {report.verify_seconds:.1f} s |\n| total (RTO) | {report.seconds:.1f} s |\n"
-            f"| started | {'port %d' % report.port if report.started else 'no'} |\n"
+            f"| started | {f'port {report.port}' if report.started else 'no'} |\n"
         ),
     )
     return report

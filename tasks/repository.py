@@ -348,12 +348,12 @@ class S3Repository:
                             del buf[: self.part_size]
                             drain(self.concurrency)  # bounded queue: memory stays flat
                             pending.add(pool.submit(send, number, body))
-                        chunk = next(it, None)
-                        if chunk is None:
+                        nxt = next(it, None)
+                        if nxt is None:
                             break
-                        buf += chunk
-                        digest.update(chunk)
-                        size += len(chunk)
+                        buf += nxt
+                        digest.update(nxt)
+                        size += len(nxt)
                     if buf or number == 0:
                         number += 1
                         pending.add(pool.submit(send, number, bytes(buf)))
