@@ -21,6 +21,7 @@ from tasks.errors import DRError, one_line
 # Modules that add sub-commands (each has ``register(subparsers)``), in help order.
 COMMAND_MODULES = [
     "flows.cli_backup",
+    "flows.cli_demo",
     "flows.cli_retention",
 ]
 

@@ -1,0 +1,18 @@
+"""`gravl-dr demo`: the whole procedure on embedded defaults, cleaning up after itself."""
+
+from __future__ import annotations
+
+import glob
+
+import pytest
+
+from flows.demo import demo_flow
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_demo_backs_up_restores_compares_and_cleans_up() -> None:
+    before = set(glob.glob("/tmp/gravl-dr-demo-*"))
+    report = demo_flow(users=50, logs=500)
+    assert report.ok and report.tables == 7
+    assert report.physical_backup.endswith("-physical") and report.logical_backup.endswith("-logical")
+    assert set(glob.glob("/tmp/gravl-dr-demo-*")) == before
