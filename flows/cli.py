@@ -23,7 +23,12 @@ COMMAND_MODULES = [
     "flows.cli_backup",
     "flows.cli_demo",
     "flows.cli_retention",
+    "flows.cli_wal",
 ]
+
+# Commands PostgreSQL runs once per WAL file may answer before the parser and the config model
+# load (each module has ``fast_path(argv) -> int | None``; None falls through to the parser).
+FAST_PATHS = {"wal-push": "flows.cli_wal", "wal-fetch": "flows.cli_wal"}
 
 log = logging.getLogger("gravl_dr")
 
@@ -85,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    fast = next((FAST_PATHS[w] for w in words if w in FAST_PATHS), None)
+    if fast is not None:
+        code = importlib.import_module(fast).fast_path(words)
+        if code is not None:
+            return int(code)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

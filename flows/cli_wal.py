@@ -1,0 +1,210 @@
+"""Orchestration: CLI commands for WAL — wal-push, wal-fetch (PostgreSQL's hooks) and wal-check.
+
+None of them imports Prefect. PostgreSQL runs ``wal-push`` once per file, so a file that a
+look-ahead push already stored is answered by ``fast_path`` before the parser, the config
+model (pydantic) or any repository client is loaded. ``wal-fetch`` maps every outcome to
+PostgreSQL's contract itself: 0 fetched, 1 not in the archive, 255 (> 125: recovery stops)
+for anything else — a corrupt object or an unreachable repository must never look like the
+end of the archive, or PostgreSQL would promote at an earlier point and lose data silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("gravl_dr.wal")
+
+FETCH_FATAL = 255  # > 125: PostgreSQL aborts recovery (xlogarchive.c, wait_result_is_any_signal)
+FETCH_MISSING = 1
+DEFAULT_PARALLEL = 4
+DEFAULT_PREFETCH = 8
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("wal-push", help="archive one WAL file (archive_command = 'gravl-dr wal-push %%p')")
+    p.add_argument("path", help="the file, as PostgreSQL passes it (%%p)")
+    p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL,
+                   help="also push up to N-1 other .ready files at once (default %(default)s; 1 = off)")
+    p.set_defaults(func=cmd_wal_push)
+
+    p = sub.add_parser("wal-fetch", help="fetch one archived WAL file (restore_command = 'gravl-dr wal-fetch %%f %%p')")
+    p.add_argument("name", help="the file name (%%f)")
+    p.add_argument("dest", help="where to write it (%%p)")
+    p.add_argument("--prefetch", type=int, default=DEFAULT_PREFETCH,
+                   help="fetch the next N segments in parallel (default %(default)s; 0 = off)")
+    p.set_defaults(func=cmd_wal_fetch_args)
+
+    p = sub.add_parser("wal-check", help="check the WAL archive's continuity and the archiver's health")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-server", action="store_true", help="check the repository only")
+    p.set_defaults(func=cmd_wal_check)
+
+
+def _config_file(explicit: str | None) -> str:
+    # the same rule as tasks.config.config_path, without importing pydantic
+    return explicit or os.environ.get("GRAVL_DR_CONFIG") or "gravl-dr.yaml"
+
+
+# ---------------------------------------------------------------- fast path
+
+def _split(argv: Sequence[str]) -> tuple[str | None, bool, list[str]] | None:
+    """(--config, --verbose, the rest) when argv is simple enough to take without argparse."""
+    config: str | None = None
+    verbose = False
+    i = 0
+    args = list(argv)
+    while i < len(args):
+        a = args[i]
+        if a == "--config" and i + 1 < len(args):
+            config, i = args[i + 1], i + 2
+        elif a.startswith("--config="):
+            config, i = a.split("=", 1)[1], i + 1
+        elif a in ("-v", "--verbose"):
+            verbose, i = True, i + 1
+        elif a.startswith("-"):
+            return None
+        else:
+            break
+    return config, verbose, args[i:]
+
+
+def _int_option(rest: list[str], flag: str, default: int) -> int | None:
+    """The value of ``flag N`` / ``flag=N`` in rest (removed from it); None when malformed."""
+    value = default
+    for i, a in enumerate(list(rest)):
+        if a == flag and i + 1 < len(rest):
+            raw = rest[i + 1]
+            del rest[i : i + 2]
+        elif a.startswith(flag + "="):
+            raw = a.split("=", 1)[1]
+            del rest[i]
+        else:
+            continue
+        if not raw.isdigit():
+            return None
+        return int(raw)
+    return value
+
+
+def fast_path(argv: Sequence[str]) -> int | None:
+    """Answer wal-push for an already-archived file, and all of wal-fetch, without the parser.
+    None means: let the regular parser handle it."""
+    split = _split(argv)
+    if split is None:
+        return None
+    config, verbose, rest = split
+    if not rest or rest[0] not in ("wal-push", "wal-fetch") or "-h" in rest or "--help" in rest:
+        return None
+    if rest[0] == "wal-push":
+        if len(rest) < 2:
+            return None
+        from tasks.wal import already_archived, config_stamp
+
+        path = Path(rest[1])
+        if path.name and already_archived(path.absolute(), config_stamp(_config_file(config))):
+            return 0
+        return None
+    rest = rest[1:]
+    prefetch = _int_option(rest, "--prefetch", DEFAULT_PREFETCH)
+    if prefetch is None or len(rest) != 2:
+        sys.stderr.write("gravl-dr: error: usage: wal-fetch NAME DEST [--prefetch N]\n")
+        return FETCH_FATAL
+    _log_setup(verbose)
+    return wal_fetch(config, rest[0], rest[1], prefetch)
+
+
+def _log_setup(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="gravl-dr: %(message)s")
+
+
+# ---------------------------------------------------------------- wal-push
+
+def cmd_wal_push(args: argparse.Namespace) -> int:
+    from tasks.config import load_config
+    from tasks.repository import open_repository
+    from tasks.wal import WalSettings, config_stamp, parse_wal_name, push_with_lookahead
+
+    path = Path(args.path)
+    parse_wal_name(path.name)  # validate before anything else
+    if args.parallel < 1 or args.parallel > 32:
+        from tasks.errors import ConfigError
+
+        raise ConfigError("--parallel must be between 1 and 32")
+    cfg = load_config(args.config)
+    repo = open_repository(cfg.repository)
+    settings = WalSettings.from_config(cfg.repository)
+    res = push_with_lookahead(repo, path, settings, parallel=args.parallel,
+                              stamp=config_stamp(_config_file(args.config)))
+    log.info("%s: %s as %s (%d -> %d bytes, %.0f ms); %d more pushed ahead",
+             res.own.name, res.own.outcome, res.own.key, res.own.raw_size, res.own.stored_size,
+             res.own.seconds * 1000, len(res.ahead))
+    return 0
+
+
+# ---------------------------------------------------------------- wal-fetch
+
+def cmd_wal_fetch_args(args: argparse.Namespace) -> int:
+    return wal_fetch(args.config, args.name, args.dest, args.prefetch)
+
+
+def wal_fetch(config: str | None, name: str, dest: str, prefetch: int) -> int:
+    """PostgreSQL's restore_command contract as exit codes (see the module docstring)."""
+    from tasks.errors import one_line
+    from tasks.wal import WalMissing, config_stamp, fetch_with_prefetch, parse_wal_name, take_prefetched
+
+    stamp = config_stamp(_config_file(config))
+    try:
+        wal = parse_wal_name(name)
+        if wal.kind == "segment" and take_prefetched(name, Path(dest).absolute(), stamp):
+            return 0
+        from tasks.config import load_config
+        from tasks.repository import open_repository
+        from tasks.wal import WalSettings, repository_reachable
+
+        cfg = load_config(config)
+        repo = open_repository(cfg.repository)
+        settings = WalSettings.from_config(cfg.repository)
+        try:
+            res = fetch_with_prefetch(repo, name, Path(dest), settings, prefetch=max(0, prefetch),
+                                      stamp=stamp)
+        except WalMissing:
+            repository_reachable(repo)  # a vanished repository is not "the end of the archive"
+            log.info("%s is not in the archive", name)
+            return FETCH_MISSING
+        log.info("%s fetched (%d bytes, %.0f ms, %d prefetched)", name, res.raw_size,
+                 res.seconds * 1000, res.prefetched)
+        return 0
+    except KeyboardInterrupt:
+        return FETCH_FATAL
+    except Exception as exc:  # noqa: BLE001 - every other outcome must stop recovery
+        sys.stderr.write(
+            f"gravl-dr: error: wal-fetch {name}: {one_line(exc)} (exit {FETCH_FATAL}: recovery stops "
+            "rather than end early)\n"
+        )
+        return FETCH_FATAL
+
+
+# ---------------------------------------------------------------- wal-check
+
+def cmd_wal_check(args: argparse.Namespace) -> int:
+    from tasks.config import load_config
+    from tasks.errors import DRError
+    from tasks.repository import open_repository
+    from tasks.walcheck import check_wal
+
+    cfg = load_config(args.config)
+    repo = open_repository(cfg.repository)
+    report = check_wal(cfg, repo, server=not args.no_server)
+    if args.json:
+        print(report.model_dump_json(indent=2))
+    else:
+        print(report.text())
+    if not report.ok:
+        raise DRError(report.summary())
+    return 0

@@ -1,0 +1,732 @@
+"""Adapter: archiving and fetching WAL files (``wal-push`` / ``wal-fetch``), with look-ahead and prefetch.
+
+No Prefect import and, for file repositories, no boto3 import: PostgreSQL runs these once per
+16 MB segment. An archived file is one object ``wal/<timeline>/<name><codec suffix>[.enc]``:
+a zstd *skippable frame* (magic 0x184D2A5E, ignored by ``zstd -d`` and ``lz4 -d``) holding a
+small JSON header with the raw size and SHA-256 (HMAC-SHA-256 when encrypted), followed by the
+compressed (and encrypted) payload. The checksum travels with the data, so there is no second
+object to keep in step, and fetch verifies every byte before PostgreSQL sees it.
+
+Local state lives in ``pg_wal/gravl-dr/`` (pg_basebackup never copies pg_wal's contents, as
+WAL-G does with ``pg_wal/walg_data``): ``archived/<name>.ok`` marks a file stored by a
+look-ahead push (written only after the object is durable; it names the file's inode, size and
+mtime, so a different file under the same name is pushed again), ``prefetch/<name>`` holds
+segments fetched ahead during recovery (written only after verification).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import struct
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from tasks.errors import (
+    AlreadyExists,
+    ChecksumMismatch,
+    ConfigError,
+    DRError,
+    NotFound,
+    PermanentError,
+    PreconditionFailed,
+    StorageUnavailable,
+)
+
+if TYPE_CHECKING:
+    from tasks.repository import Repository
+
+log = logging.getLogger(__name__)
+
+SEGMENT_SIZE = 16 * 1024 * 1024
+READ_CHUNK = 4 * 1024 * 1024
+HEADER_MAGIC = struct.pack("<I", 0x184D2A5E)  # a zstd/lz4 skippable frame
+HEADER_FORMAT = "gravl-wal/1"
+MAX_HEADER = 64 * 1024
+CODEC_SUFFIX = {"zstd": ".zst", "lz4": ".lz4", "gzip": ".gz", "none": ""}
+ENC_SUFFIX = ".enc"
+SPOOL_DIR = "gravl-dr"
+
+# XLogFileName, TLHistoryFileName, BackupHistoryFileName and the .partial of a promoted
+# timeline's last segment (xlog_internal.h).
+WAL_NAME_RE = re.compile(
+    r"^(?P<tli>[0-9A-F]{8})(?:(?P<seg>[0-9A-F]{16})(?P<suffix>\.partial|\.[0-9A-F]{8}\.backup)?"
+    r"|(?P<history>\.history))$"
+)
+
+WalKind = Literal["segment", "partial", "backup", "history"]
+
+
+class WalConflict(PermanentError):
+    """A file of that name is archived already with different content; the stored copy is kept."""
+
+
+class WalMissing(NotFound):
+    """The archive has no file of that name (PostgreSQL reads this as the end of the archive)."""
+
+
+@dataclass(frozen=True)
+class WalName:
+    name: str
+    kind: WalKind
+    timeline: int
+    segno: int | None  # for segment, partial and backup files
+
+    @property
+    def folder(self) -> str:
+        return f"wal/{self.timeline:08X}"
+
+
+def parse_wal_name(name: str, seg_size: int = SEGMENT_SIZE) -> WalName:
+    """Validate a WAL file name before anything touches the repository."""
+    m = WAL_NAME_RE.match(name)
+    if not m:
+        raise ConfigError(f"not a WAL file name: {name!r}")
+    tli = int(m.group("tli"), 16)
+    if tli == 0:
+        raise ConfigError(f"not a WAL file name (timeline 0): {name!r}")
+    if m.group("history"):
+        return WalName(name, "history", tli, None)
+    seg = m.group("seg")
+    per = 0x100000000 // seg_size
+    segno = int(seg[:8], 16) * per + int(seg[8:], 16)
+    suffix = m.group("suffix") or ""
+    kind: WalKind = "partial" if suffix == ".partial" else ("backup" if suffix else "segment")
+    return WalName(name, kind, tli, segno)
+
+
+def segment_name(timeline: int, segno: int, seg_size: int = SEGMENT_SIZE) -> str:
+    per = 0x100000000 // seg_size
+    return f"{timeline:08X}{segno // per:08X}{segno % per:08X}"
+
+
+def object_key(name: str, codec: str, encrypted: bool) -> str:
+    wal = parse_wal_name(name)
+    return f"{wal.folder}/{name}{CODEC_SUFFIX[codec]}{ENC_SUFFIX if encrypted else ''}"
+
+
+def key_variants(name: str, codec: str, encrypted: bool) -> list[str]:
+    """Keys a file may be stored under: the configured codec first, then the others (a
+    repository keeps files pushed under an earlier configuration)."""
+    keys = [object_key(name, codec, encrypted)]
+    for enc in (encrypted, not encrypted):
+        for other in ("zstd", "lz4", "gzip", "none"):
+            key = object_key(name, other, enc)
+            if key not in keys:
+                keys.append(key)
+    return keys
+
+
+def name_of_key(key: str) -> str | None:
+    """The WAL file name an object key holds, or None for anything else."""
+    base = key.rsplit("/", 1)[-1]
+    if base.endswith(ENC_SUFFIX):
+        base = base[: -len(ENC_SUFFIX)]
+    for suffix in (".zst", ".lz4", ".gz"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return base if WAL_NAME_RE.match(base) else None
+
+
+# ---------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class WalSettings:
+    """What push and fetch need from the configuration."""
+
+    codec: str = "zstd"
+    level: int | None = None
+    key: bytes | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        return self.key is not None
+
+    @classmethod
+    def from_config(cls, repo_cfg: Any) -> WalSettings:
+        from tasks.streams import load_key
+
+        return cls(codec=repo_cfg.compression, level=repo_cfg.compression_level,
+                   key=load_key(repo_cfg.encryption_key_env))
+
+
+# ---------------------------------------------------------------- digests and the header
+
+class _RawDigest:
+    """SHA-256 of the raw bytes, or HMAC-SHA-256 under the encryption key (a plain hash of
+    plaintext WAL next to its ciphertext would let anyone confirm a guess of the content)."""
+
+    def __init__(self, key: bytes | None) -> None:
+        self.alg = "hmac-sha256" if key else "sha256"
+        self._h: Any = hmac.new(key, digestmod=hashlib.sha256) if key else hashlib.sha256()
+        self.size = 0
+
+    def update(self, chunk: bytes) -> None:
+        self._h.update(chunk)
+        self.size += len(chunk)
+
+    def hexdigest(self) -> str:
+        return str(self._h.hexdigest())
+
+
+def _read_file(path: Path) -> Iterator[bytes]:
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        raise PreconditionFailed(f"WAL file {path} does not exist") from None
+    except OSError as exc:
+        raise PreconditionFailed(f"cannot read WAL file {path}: {exc.strerror}") from None
+    with fh:
+        while chunk := fh.read(READ_CHUNK):
+            yield chunk
+
+
+def file_digest(path: Path, key: bytes | None) -> tuple[str, int]:
+    d = _RawDigest(key)
+    for chunk in _read_file(path):
+        d.update(chunk)
+    return d.hexdigest(), d.size
+
+
+def build_header(name: str, settings: WalSettings, digest: str, size: int) -> bytes:
+    from tasks.streams import key_fingerprint
+
+    body = {
+        "format": HEADER_FORMAT, "name": name, "codec": settings.codec,
+        "encryption": "aes-256-gcm" if settings.key else "none",
+        "raw_size": size, "digest_alg": "hmac-sha256" if settings.key else "sha256",
+        "digest": digest,
+    }
+    if settings.key:
+        body["key_fingerprint"] = key_fingerprint(settings.key)
+    data = json.dumps(body, separators=(",", ":")).encode()
+    return HEADER_MAGIC + struct.pack("<I", len(data)) + data
+
+
+@dataclass(frozen=True)
+class WalHeader:
+    name: str
+    codec: str
+    encryption: str
+    raw_size: int
+    digest_alg: str
+    digest: str
+    key_fingerprint: str | None = None
+
+
+def split_header(chunks: Iterable[bytes], what: str) -> tuple[WalHeader, Iterator[bytes]]:
+    """Read the header frame off an object's chunks; return it and the payload's chunks."""
+    it = iter(chunks)
+    buf = b""
+    need = 8
+    for chunk in it:
+        buf += chunk
+        if len(buf) >= 8:
+            if buf[:4] != HEADER_MAGIC:
+                raise ChecksumMismatch(f"{what}: not a gravl-dr WAL object (no header)")
+            length = struct.unpack("<I", buf[4:8])[0]
+            if length > MAX_HEADER:
+                raise ChecksumMismatch(f"{what}: header of {length} bytes is corrupt")
+            need = 8 + length
+        if len(buf) >= need and need > 8:
+            break
+    if len(buf) < need or need <= 8:
+        raise ChecksumMismatch(f"{what}: truncated object (header incomplete)")
+    try:
+        doc = json.loads(buf[8:need])
+        if doc.get("format") != HEADER_FORMAT:
+            raise ValueError(doc.get("format"))
+        header = WalHeader(
+            name=str(doc["name"]), codec=str(doc["codec"]), encryption=str(doc["encryption"]),
+            raw_size=int(doc["raw_size"]), digest_alg=str(doc["digest_alg"]),
+            digest=str(doc["digest"]), key_fingerprint=doc.get("key_fingerprint"),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ChecksumMismatch(f"{what}: header is corrupt") from None
+    if header.codec not in CODEC_SUFFIX:
+        raise ChecksumMismatch(f"{what}: header names unknown codec {header.codec!r}")
+    rest = buf[need:]
+
+    def payload() -> Iterator[bytes]:
+        if rest:
+            yield rest
+        yield from it
+
+    return header, payload()
+
+
+def decode_object(
+    chunks: Iterable[bytes], settings: WalSettings, what: str
+) -> tuple[WalHeader, Iterator[bytes]]:
+    """Header plus the raw bytes; the iterator raises ChecksumMismatch at the end unless the
+    size and digest match the header (callers must consume it fully before trusting it)."""
+    from tasks.streams import decompress, decrypt, key_fingerprint
+
+    header, payload = split_header(chunks, what)
+    stage: Iterable[bytes] = payload
+    if header.encryption != "none":
+        if settings.key is None:
+            raise PreconditionFailed(f"{what} is encrypted: set repository.encryption_key_env")
+        if header.key_fingerprint and header.key_fingerprint != key_fingerprint(settings.key):
+            raise PreconditionFailed(f"{what} was encrypted with another key")
+        stage = decrypt(stage, settings.key, what)
+    stage = decompress(stage, header.codec, what)
+    key = settings.key if header.digest_alg == "hmac-sha256" else None
+    if header.digest_alg == "hmac-sha256" and key is None:
+        raise PreconditionFailed(f"{what} is keyed: set repository.encryption_key_env")
+
+    def checked() -> Iterator[bytes]:
+        d = _RawDigest(key)
+        for chunk in stage:
+            d.update(chunk)
+            if d.size > header.raw_size:
+                raise ChecksumMismatch(f"{what}: longer than the {header.raw_size} bytes recorded")
+            yield chunk
+        if d.size != header.raw_size:
+            raise ChecksumMismatch(f"{what}: {d.size} bytes, header says {header.raw_size}")
+        if not hmac.compare_digest(d.hexdigest(), header.digest):
+            raise ChecksumMismatch(f"{what}: checksum mismatch (stored data is corrupt)")
+
+    return header, checked()
+
+
+def _encoded(path: Path, name: str, settings: WalSettings, digest: str, size: int) -> Iterator[bytes]:
+    """Header, then the file compressed (and encrypted). The file is hashed again on the way:
+    if it changed since the header was built, the stream fails before its last chunk, so the
+    repository never commits an object whose header lies."""
+    from tasks.streams import compress, encrypt
+
+    check = _RawDigest(settings.key)
+
+    def source() -> Iterator[bytes]:
+        for chunk in _read_file(path):
+            check.update(chunk)
+            yield chunk
+        if check.size != size or check.hexdigest() != digest:
+            raise PreconditionFailed(f"WAL file {name} changed while it was being archived")
+
+    yield build_header(name, settings, digest, size)
+    stage: Iterable[bytes] = compress(source(), settings.codec, settings.level)
+    if settings.key:
+        stage = encrypt(stage, settings.key)
+    yield from stage
+
+
+# ---------------------------------------------------------------- finding objects
+
+def find_object(repo: Repository, name: str, settings: WalSettings) -> str | None:
+    """The key under which ``name`` is archived, or None. One request in the usual case (the
+    configured codec); on S3 a miss costs one prefix listing, not a probe per codec."""
+    variants = key_variants(name, settings.codec, settings.encrypted)
+    if repo.exists(variants[0]):
+        return variants[0]
+    client = getattr(repo, "client", None) if hasattr(repo, "bucket") else None
+    if client is None:
+        for key in variants[1:]:
+            if repo.exists(key):
+                return key
+        return None
+    full = repo._full(f"{parse_wal_name(name).folder}/{name}")  # type: ignore[attr-defined]
+    try:
+        resp = client.list_objects_v2(Bucket=repo.bucket, Prefix=full, MaxKeys=50)  # type: ignore[attr-defined]
+    except Exception as exc:
+        raise repo._wrap(exc, f"listing {name}") from None  # type: ignore[attr-defined]
+    found = {o["Key"].rsplit("/", 1)[-1] for o in resp.get("Contents", [])}
+    for key in variants[1:]:
+        if key.rsplit("/", 1)[-1] in found:
+            return key
+    return None
+
+
+def list_archive(repo: Repository) -> dict[str, str]:
+    """Every archived WAL file: name -> key."""
+    found: dict[str, str] = {}
+    for key in repo.list_keys("wal"):
+        name = name_of_key(key)
+        if name is not None and name not in found:
+            found[name] = key
+    return found
+
+
+# ---------------------------------------------------------------- push
+
+@dataclass(frozen=True)
+class PushResult:
+    name: str
+    key: str
+    outcome: Literal["stored", "duplicate", "spooled"]
+    raw_size: int
+    stored_size: int
+    seconds: float
+
+
+def push_file(repo: Repository, path: Path, settings: WalSettings) -> PushResult:
+    """Archive one WAL file: durable on success, never overwriting. The same content already
+    archived is a success ("duplicate"); different content raises WalConflict."""
+    t0 = time.monotonic()
+    name = path.name
+    parse_wal_name(name)
+    digest, size = file_digest(path, settings.key)
+    existing = find_object(repo, name, settings)
+    if existing is not None:
+        _same_as_stored(repo, existing, name, settings, digest, size)
+        return PushResult(name, existing, "duplicate", size, 0, time.monotonic() - t0)
+    key = object_key(name, settings.codec, settings.encrypted)
+    stored = hashlib.sha256()
+    stored_size = 0
+
+    def counted() -> Iterator[bytes]:
+        nonlocal stored_size
+        for chunk in _encoded(path, name, settings, digest, size):
+            stored.update(chunk)
+            stored_size += len(chunk)
+            yield chunk
+
+    try:
+        put = repo.put_stream(key, counted())
+    except AlreadyExists:
+        # another pusher won the race: same content is fine, different is a conflict
+        _same_as_stored(repo, key, name, settings, digest, size)
+        return PushResult(name, key, "duplicate", size, 0, time.monotonic() - t0)
+    if put.size != stored_size or put.sha256 != stored.hexdigest():
+        raise StorageUnavailable(f"{key}: the repository recorded other bytes than were sent")
+    return PushResult(name, key, "stored", size, stored_size, time.monotonic() - t0)
+
+
+def _same_as_stored(
+    repo: Repository, key: str, name: str, settings: WalSettings, digest: str, size: int
+) -> None:
+    """Succeed only when the stored object decodes, intact, to exactly the local file."""
+    what = f"archived {name}"
+    try:
+        header, raw = decode_object(repo.iter_object(key), settings, what)
+        local_alg = "hmac-sha256" if settings.key else "sha256"
+        if header.digest_alg == local_alg and (header.digest != digest or header.raw_size != size):
+            raise WalConflict(
+                f"{name} is already archived with different content ({header.raw_size} bytes, "
+                f"{header.digest_alg} {header.digest[:12]}...; local file {size} bytes, "
+                f"{digest[:12]}...); the stored copy was kept"
+            )
+        d = _RawDigest(settings.key)
+        for chunk in raw:
+            d.update(chunk)
+    except ChecksumMismatch as exc:
+        raise WalConflict(
+            f"{name} is already archived but the stored copy is unreadable ({exc}); it was kept, "
+            "not overwritten: inspect and remove it by hand"
+        ) from None
+    if d.hexdigest() != digest or d.size != size:
+        raise WalConflict(f"{name} is already archived with different content; the stored copy was kept")
+
+
+# ---------------------------------------------------------------- the look-ahead spool
+
+def config_stamp(config_path: str | Path) -> str:
+    """Identifies a config file's version: spool state is only trusted under the same one."""
+    p = Path(config_path).absolute()
+    try:
+        st = p.stat()
+    except OSError:
+        return f"{p}:missing"
+    return f"{p}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def file_stamp(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def spool_root(pg_wal: Path) -> Path:
+    return pg_wal / SPOOL_DIR
+
+
+def _ensure_dir(folder: Path, like: Path) -> None:
+    """mkdir -p; when root, new folders belong to the owner of ``like`` (pg_wal's owner), so
+    the server's own later calls can use them."""
+    missing = []
+    probe = folder
+    while not probe.exists() and probe != like and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0 and missing:
+        st = like.stat()
+        for d in missing:
+            with contextlib.suppress(OSError):
+                os.chown(d, st.st_uid, st.st_gid)
+
+
+def _atomic_write(path: Path, data: bytes, like: Path | None = None) -> None:
+    like = like or path.parent
+    _ensure_dir(path.parent, like)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "xb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+        if os.geteuid() == 0:
+            st = like.stat()
+            with contextlib.suppress(OSError):
+                os.fchown(fh.fileno(), st.st_uid, st.st_gid)
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mark_archived(path: Path, result: PushResult, stamp: str) -> None:
+    """Record (after the object is durable) that this exact file is archived."""
+    body = {"name": result.name, "key": result.key, "config": stamp, **file_stamp(path)}
+    _atomic_write(spool_root(path.parent) / "archived" / f"{result.name}.ok",
+                  json.dumps(body).encode(), like=path.parent)
+
+
+def already_archived(path: Path, stamp: str) -> bool:
+    """True when a look-ahead push stored this very file (same inode, size, mtime) under the
+    same configuration. Cheap: no hashing, no repository round trip."""
+    ok = spool_root(path.parent) / "archived" / f"{path.name}.ok"
+    try:
+        body = json.loads(ok.read_bytes())
+        st = path.stat()
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(body, dict) and body.get("config") == stamp and body.get("ino") == st.st_ino
+        and body.get("size") == st.st_size and body.get("mtime_ns") == st.st_mtime_ns
+    )
+
+
+def ready_files(pg_wal: Path) -> list[str]:
+    """Names PostgreSQL has marked ready to archive, in its own order: timeline history files
+    first, then the oldest (pgarch.c, pgarch_readyXlog)."""
+    status = pg_wal / "archive_status"
+    try:
+        names = [n[: -len(".ready")] for n in os.listdir(status) if n.endswith(".ready")]
+    except FileNotFoundError:
+        return []
+    names = [n for n in names if WAL_NAME_RE.match(n)]
+    return sorted(names, key=lambda n: (not n.endswith(".history"), n))
+
+
+def prune_spool(pg_wal: Path) -> int:
+    """Forget .ok marks of files PostgreSQL has since recycled or removed."""
+    folder = spool_root(pg_wal) / "archived"
+    removed = 0
+    try:
+        entries = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        path = folder / entry
+        if entry.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                if time.time() - path.stat().st_mtime > 3600:
+                    path.unlink()
+            continue
+        if entry.endswith(".ok") and not (pg_wal / entry[: -len(".ok")]).exists():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+    return removed
+
+
+@dataclass(frozen=True)
+class LookaheadResult:
+    own: PushResult
+    ahead: tuple[PushResult, ...]
+    failed_ahead: tuple[str, ...]
+
+
+def push_with_lookahead(
+    repo: Repository, path: Path, settings: WalSettings, *, parallel: int, stamp: str
+) -> LookaheadResult:
+    """Push ``path`` and, in parallel, up to ``parallel - 1`` other files already ``.ready`` in
+    archive_status, marking each one stored; the caller's exit status depends on ``path`` only."""
+    path = path.absolute()
+    pg_wal = path.parent
+    others: list[str] = []
+    if parallel > 1:
+        for name in ready_files(pg_wal):
+            if name == path.name or already_archived(pg_wal / name, stamp):
+                continue
+            others.append(name)
+            if len(others) >= parallel - 1:
+                break
+    can_mark = _spool_writable(pg_wal)
+    with ThreadPoolExecutor(max(1, len(others) + 1), thread_name_prefix="wal-push") as pool:
+        own_f = pool.submit(push_file, repo, path, settings)
+        ahead_f: dict[str, Future[PushResult]] = {
+            n: pool.submit(push_file, repo, pg_wal / n, settings) for n in others
+        }
+        ahead: list[PushResult] = []
+        failed: list[str] = []
+        for name, fut in ahead_f.items():
+            try:
+                res = fut.result()
+                if can_mark:
+                    mark_archived(pg_wal / name, res, stamp)
+                ahead.append(res)
+            except (DRError, OSError) as exc:
+                # it will be pushed again when PostgreSQL asks for it
+                failed.append(name)
+                log.warning("look-ahead push of %s failed (it will be retried): %s", name, exc)
+        own = own_f.result()
+    with contextlib.suppress(OSError):
+        prune_spool(pg_wal)
+    return LookaheadResult(own, tuple(ahead), tuple(failed))
+
+
+def _spool_writable(pg_wal: Path) -> bool:
+    root = spool_root(pg_wal)
+    try:
+        _ensure_dir(root / "archived", pg_wal)
+    except OSError:
+        return False
+    return os.access(root / "archived", os.W_OK)
+
+
+# ---------------------------------------------------------------- fetch
+
+@dataclass(frozen=True)
+class FetchResult:
+    name: str
+    source: Literal["repository", "prefetch"]
+    raw_size: int
+    prefetched: int
+    seconds: float
+
+
+def _write_verified(repo: Repository, key: str, name: str, settings: WalSettings, dest: Path,
+                    sync: bool) -> int:
+    """Stream the object into ``dest`` through a temporary name; rename only once verified."""
+    tmp = dest.with_name(f".{dest.name}.gravl-{uuid.uuid4().hex[:8]}")
+    size = 0
+    try:
+        _header, raw = decode_object(repo.iter_object(key), settings, f"archived {name}")
+        with open(tmp, "xb") as out:
+            for chunk in raw:
+                out.write(chunk)
+                size += len(chunk)
+            if sync:
+                out.flush()
+                os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    except NotFound:
+        raise WalMissing(f"{name} is not in the archive") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return size
+
+
+def fetch_file(repo: Repository, name: str, dest: Path, settings: WalSettings) -> int:
+    """Fetch one archived file to ``dest``, verified. WalMissing when it is not archived."""
+    parse_wal_name(name)
+    key = find_object(repo, name, settings)
+    if key is None:
+        raise WalMissing(f"{name} is not in the archive")
+    return _write_verified(repo, key, name, settings, dest, sync=False)
+
+
+def prefetch_dir(dest: Path) -> Path:
+    return spool_root(dest.absolute().parent) / "prefetch"
+
+
+def take_prefetched(name: str, dest: Path, stamp: str) -> bool:
+    """Move a prefetched (already verified) file into place; False when there is none."""
+    folder = prefetch_dir(dest)
+    try:
+        if (folder / "config").read_text() != stamp:
+            return False
+        os.replace(folder / name, dest)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
+
+
+def _reset_prefetch(folder: Path, stamp: str, below: str | None) -> None:
+    """Start a prefetch folder for this configuration; drop files recovery has passed."""
+    _ensure_dir(folder, folder.parent.parent)
+    stamp_file = folder / "config"
+    current = stamp_file.read_text() if stamp_file.exists() else None
+    for entry in os.listdir(folder):
+        if entry == "config":
+            continue
+        stale = current != stamp or entry.startswith(".") or (below is not None and entry < below)
+        if stale:
+            with contextlib.suppress(FileNotFoundError):
+                (folder / entry).unlink()
+    if current != stamp:
+        _atomic_write(stamp_file, stamp.encode(), like=folder.parent.parent)
+
+
+def fetch_with_prefetch(
+    repo: Repository, name: str, dest: Path, settings: WalSettings, *, prefetch: int, stamp: str
+) -> FetchResult:
+    """Fetch ``name`` to ``dest`` and, in parallel, the next ``prefetch`` segments of its
+    timeline into the prefetch folder, so the next calls are a rename."""
+    t0 = time.monotonic()
+    wal = parse_wal_name(name)
+    dest = dest.absolute()
+    if wal.kind == "segment" and take_prefetched(name, dest, stamp):
+        return FetchResult(name, "prefetch", dest.stat().st_size, 0, time.monotonic() - t0)
+    nexts: list[str] = []
+    folder = prefetch_dir(dest)
+    if wal.kind == "segment" and prefetch > 0 and wal.segno is not None:
+        try:
+            _reset_prefetch(folder, stamp, below=name)
+            nexts = [segment_name(wal.timeline, wal.segno + i) for i in range(1, prefetch + 1)]
+            nexts = [n for n in nexts if not (folder / n).exists()]
+        except OSError as exc:
+            log.warning("prefetch disabled: %s", exc)
+            nexts = []
+
+    def ahead(n: str) -> bool:
+        key = find_object(repo, n, settings)
+        if key is None:
+            return False
+        _write_verified(repo, key, n, settings, folder / n, sync=True)
+        return True
+
+    with ThreadPoolExecutor(max(1, len(nexts) + 1), thread_name_prefix="wal-fetch") as pool:
+        own = pool.submit(fetch_file, repo, name, dest, settings)
+        futures = [pool.submit(ahead, n) for n in nexts]
+        got = 0
+        for fut in futures:
+            try:
+                got += 1 if fut.result() else 0
+            except (DRError, OSError) as exc:
+                # a bad segment ahead is reported when recovery asks for it
+                log.info("prefetch failed: %s", exc)
+        size = own.result()
+    return FetchResult(name, "repository", size, got, time.monotonic() - t0)
+
+
+def repository_reachable(repo: Repository) -> None:
+    """Raise unless the repository answers and looks like one (a missing file is then truly
+    missing, not a mount that went away)."""
+    from tasks.repository import FileRepository
+
+    if isinstance(repo, FileRepository):
+        root = repo.root
+        if not root.is_dir():
+            raise StorageUnavailable(f"repository {repo.url} is not reachable (no such directory)")
+        if not any((root / d).is_dir() for d in ("wal", "backups")):
+            raise StorageUnavailable(
+                f"repository {repo.url} holds neither backups nor WAL: is it mounted?"
+            )
+        return
+    repo.check()
