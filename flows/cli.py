@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "flows.cli_demo",
     "flows.cli_retention",
     "flows.cli_wal",
+    "flows.cli_drill",
 ]
 
 # Commands PostgreSQL runs once per WAL file may answer before the parser and the config model

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import ConfigError
 
@@ -86,14 +86,29 @@ class MetricsConfig(_Strict):
 
 
 class DrillConfig(_Strict):
-    suites_dir: str | None = None
+    suites_dir: str | None = Field(
+        default=None, description="directory of user expectation suites (*.yaml); relative to the config file"
+    )
     row_count_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.01
     freshness_max_seconds: Annotated[int, Field(ge=0)] = 86400
+    freshness_columns: list[str] | None = Field(
+        default=None,
+        description="schema.table.column timestamps whose newest value must be recent; default: all",
+    )
+    work_dir: str | None = Field(default=None, description="parent of the drill's temporary directory")
+    superuser: str | None = Field(
+        default=None, description="role the drill connects as to the restored instance (default: the DSN's user)"
+    )
+    amcheck_jobs: Annotated[int, Field(ge=1, le=32)] = 2
+    recovery_timeout_seconds: Annotated[int, Field(ge=10)] = 6 * 3600
 
 
 class KubernetesHook(_Strict):
     namespace: str
     deployments: list[str]
+    kubeconfig: str | None = None  # default: in-cluster service account, else ~/.kube/config
+    context: str | None = None
+    wait: bool = True  # wait for the rollout to finish (within the hook's timeout)
 
 
 class ReconnectHook(_Strict):
@@ -101,6 +116,13 @@ class ReconnectHook(_Strict):
     webhook: str | None = None
     kubernetes: KubernetesHook | None = None
     timeout: Annotated[float, Field(gt=0, le=3600)] = 60
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ReconnectHook:
+        kinds = [k for k in ("command", "webhook", "kubernetes") if getattr(self, k)]
+        if len(kinds) != 1:
+            raise ValueError("each reconnect hook needs exactly one of command, webhook, kubernetes")
+        return self
 
 
 class PostgresConfig(_Strict):
