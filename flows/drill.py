@@ -1,0 +1,417 @@
+"""Orchestration: the restore drill — prove a backup restores into a complete, consistent, usable
+database, and say exactly what is wrong when it does not.
+
+pick-backup -> provision-instance -> restore (+ pg_verifybackup before start) -> start-and-wait
+-> checks (amcheck, Great Expectations suites) -> usability -> verify-data-checksums (stopped)
+-> report (JSON + markdown, uploaded to drills/<drill-id>/) -> metrics; teardown always runs.
+Any failed check fails the flow (and the CLI exits non-zero).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from flows.common import NETWORK_RETRIES, human_bytes, load, logger
+from tasks import backup as bsteps
+from tasks import drill as dsteps
+from tasks import expectations as gxsteps
+from tasks import integrity
+from tasks import restore as rsteps
+from tasks.config import Config, config_path
+from tasks.drill import CheckResult, DrillFailed, DrillInstance, DrillReport
+from tasks.errors import DRError, PreconditionFailed, one_line
+from tasks.metrics import push_metrics
+from tasks.models import Manifest, parse_lsn, wal_segno
+from tasks.recovery import RecoveryOutcome, RecoveryTarget, write_recovery_settings
+from tasks.repository import Repository
+
+
+class RestoreStep(BaseModel):
+    seconds: float
+    raw_bytes: int
+    checks: list[CheckResult]
+
+
+class RecoveryStep(BaseModel):
+    seconds: float
+    recovered_to: datetime | None
+    lsn: str | None
+    timeline: int | None
+    past_backup: bool
+    check: CheckResult
+
+
+# ---------------------------------------------------------------- steps
+
+@task(name="validate-suites", cache_policy=NO_CACHE)
+def validate_suites(cfg: Config, config_file: str | None) -> list[gxsteps.SuiteFile]:
+    suites = gxsteps.load_suites(suites_dir(cfg, config_file))
+    if suites:
+        gxsteps.validate_suites(suites, datetime.now(UTC))
+        logger().info("user suites: %s", ", ".join(f"{s.name} ({Path(s.path).name})" for s in suites))
+    else:
+        logger().info("no user suites configured (drill.suites_dir); the default suite still runs")
+    return suites
+
+
+@task(name="pick-backup", cache_policy=NO_CACHE, **NETWORK_RETRIES)
+def pick_backup(repo: Repository, ref: str, cluster: str, target_time: datetime | None) -> Manifest:
+    if target_time is not None:
+        manifest = bsteps.resolve_backup(repo, ref, kind="physical" if ref == "latest" else None,
+                                         before=target_time if ref == "latest" else None, cluster=cluster)
+        if manifest.kind != "physical":
+            raise PreconditionFailed(f"backup {manifest.id} is logical: --target-time needs a physical backup")
+        if manifest.stop_time > target_time:
+            raise PreconditionFailed(
+                f"backup {manifest.id} ended at {manifest.stop_time.isoformat()}, after the target "
+                f"{target_time.isoformat()}: pick an older backup")
+    else:
+        manifest = bsteps.resolve_backup(repo, ref, cluster=cluster)
+    logger().info("drilling backup %s (%s, %s, ended %s)", manifest.id, manifest.kind,
+                  human_bytes(manifest.raw_bytes), manifest.stop_time.isoformat())
+    return manifest
+
+
+@task(name="provision-instance", cache_policy=NO_CACHE)
+def provision_instance(cfg: Config, drill_id: str) -> DrillInstance:
+    from prefect.runtime import flow_run
+
+    instance = dsteps.provision_instance(cfg, drill_id, flow_run_id=str(flow_run.id or "") or None)
+    logger().info("throwaway instance: %s, port 127.0.0.1:%d", instance.workdir, instance.port)
+    return instance
+
+
+@task(name="restore", cache_policy=NO_CACHE)
+def restore(cfg: Config, repo: Repository, manifest: Manifest, instance: DrillInstance,
+            target: RecoveryTarget, config_file: str) -> RestoreStep:
+    """Physical: verify + unpack, pg_verifybackup, make it safe to start, write recovery settings.
+    Logical: initdb + start a fresh server, create the database, pg_restore."""
+    t0 = time.monotonic()
+    if manifest.kind == "physical":
+        res = rsteps.restore_physical(cfg, repo, manifest, instance.pgdata)
+        seconds = time.monotonic() - t0
+        logger().info("verified and unpacked %s in %.1fs", human_bytes(res.raw_bytes), seconds)
+        check = integrity.verify_backup_dir(instance.pgdata, bindir=cfg.postgres.bindir,
+                                            os_user=cfg.postgres.os_user)
+        logger().info("pg_verifybackup: %s (%s)", check.status, check.summary)
+        dsteps.configure_instance(instance)
+        write_recovery_settings(instance.pgdata, config_path=config_file, target=target,
+                                os_user=cfg.postgres.os_user)
+        logger().info("recovery settings written: replay to %s, then promote; archiving off", target.describe())
+        restored = CheckResult(name="restore", kind="restore", category="restore", status="passed",
+                               seconds=seconds, summary=f"{human_bytes(res.raw_bytes)} verified and unpacked")
+        return RestoreStep(seconds=seconds, raw_bytes=res.raw_bytes, checks=[restored, check])
+    dsteps.create_empty_instance(instance)
+    database = manifest.database or "postgres"
+    t1 = time.monotonic()
+    if database != "postgres":
+        from tasks.sample import create_database
+
+        create_database(instance.dsn("postgres"), database)
+    res = rsteps.restore_logical(cfg, repo, manifest, instance.dsn(database), jobs=2)
+    seconds = time.monotonic() - t1
+    logger().info("pg_restore of %s into database %s took %.1fs (server set up in %.1fs)", manifest.id,
+                  database, seconds, t1 - t0)
+    restored = CheckResult(name="restore", kind="restore", category="restore", status="passed",
+                           seconds=seconds, summary=f"pg_restore into an empty database {database}")
+    return RestoreStep(seconds=seconds, raw_bytes=res.raw_bytes, checks=[restored])
+
+
+@task(name="start-and-wait", cache_policy=NO_CACHE)
+def start_and_wait(cfg: Config, manifest: Manifest, instance: DrillInstance,
+                   target: RecoveryTarget) -> RecoveryStep:
+    """Start the restored server and wait for recovery to reach its target and promote."""
+    from tasks.recovery import wait_for_recovery
+
+    t0 = time.monotonic()
+    if manifest.kind == "logical":
+        check = CheckResult(name="recovery", kind="recovery", category="restore", status="skipped",
+                            summary="logical backup: no WAL replay")
+        return RecoveryStep(seconds=0.0, recovered_to=manifest.start_time, lsn=manifest.start_lsn,
+                            timeline=None, past_backup=False, check=check)
+    timeout = cfg.drill.recovery_timeout_seconds
+    cluster = instance.cluster()
+    try:
+        dsteps.start_instance(instance, timeout=timeout)
+    except DRError as exc:
+        raise PreconditionFailed(f"restored server did not start: {one_line(exc)}") from None
+    outcome: RecoveryOutcome = wait_for_recovery(cluster, target, timeout=timeout)
+    seconds = time.monotonic() - t0
+    past = _past_backup(manifest, outcome.reached_lsn)
+    recovered_to = _recovered_to(manifest, target, outcome, past)
+    summary = (f"promoted on timeline {outcome.timeline} at {outcome.reached_lsn or '?'} after replaying to "
+               f"{target.describe()}" + (" (WAL from the archive)" if past else " (backup's own WAL)"))
+    if outcome.stop_message:
+        summary += f"; {outcome.stop_message}"
+    logger().info("recovery: %s in %.1fs", summary, seconds)
+    check = CheckResult(name="recovery", kind="recovery", category="restore", status="passed",
+                        seconds=seconds, summary=summary)
+    return RecoveryStep(seconds=seconds, recovered_to=recovered_to, lsn=outcome.reached_lsn,
+                        timeline=outcome.timeline, past_backup=past, check=check)
+
+
+def _past_backup(manifest: Manifest, reached_lsn: str | None) -> bool:
+    """Did recovery replay WAL beyond the segments that came with the backup?"""
+    if not reached_lsn or not manifest.stop_wal:
+        return False
+    try:
+        reached = parse_lsn(reached_lsn) // manifest.wal_segment_size
+    except DRError:
+        return False
+    return reached > wal_segno(manifest.stop_wal, manifest.wal_segment_size)[1]
+
+
+def _recovered_to(manifest: Manifest, target: RecoveryTarget, outcome: RecoveryOutcome,
+                  past: bool) -> datetime:
+    if target.kind == "time" and target.time is not None:
+        return target.time
+    if past and outcome.last_xact_time is not None:
+        return max(manifest.stop_time, outcome.last_xact_time)
+    return manifest.stop_time
+
+
+@task(name="checks", cache_policy=NO_CACHE)
+def run_checks(cfg: Config, manifest: Manifest, instance: DrillInstance, suites: list[gxsteps.SuiteFile],
+               recovery: RecoveryStep, target: RecoveryTarget, started_at: datetime) -> list[CheckResult]:
+    """amcheck on every database, then the default suite and the user suites with GX."""
+    if dsteps.run_before_checks_hook_for_tests(instance):
+        logger().warning("a test hook ran on the instance before its checks")
+    results: list[CheckResult] = []
+    databases = dsteps.list_restored_databases(instance)
+    for db in databases:
+        check = integrity.amcheck_database(instance.dsn(db), db, jobs=cfg.drill.amcheck_jobs)
+        logger().info("%s: %s (%s)", check.name, check.status, check.summary)
+        results.append(check)
+    catalogs = {db: gxsteps.read_catalog(instance.dsn(db)) for db in databases}
+    reference = recovery.recovered_to or manifest.stop_time
+    if manifest.kind == "logical":
+        mode: gxsteps.CountMode = "exact"
+        reason = ""
+    elif target.kind == "time":
+        mode, reason = "skip", f"restored to {target.describe()}: counts recorded at backup time do not apply"
+    elif recovery.past_backup:
+        mode, reason = "skip", ("WAL from the archive was replayed past the backup: counts recorded at "
+                                "backup time do not apply")
+    else:
+        mode, reason = "tolerance", ""
+    specs: list[gxsteps.ExpectationSpec] = []
+    for db in databases:
+        db_specs, decided = gxsteps.plan_default(
+            db, catalogs[db], expected_counts=manifest.row_counts.get(db), count_mode=mode,
+            tolerance=cfg.drill.row_count_tolerance, reference=reference,
+            max_age_seconds=cfg.drill.freshness_max_seconds, freshness_columns=cfg.drill.freshness_columns,
+            skip_reason=reason)
+        specs += db_specs
+        results += decided
+    for db in manifest.row_counts:
+        if db not in catalogs:
+            results.append(CheckResult(name=f"row-count {db}", kind="row-count", category="data",
+                                       status="failed", database=db,
+                                       summary="database recorded in the manifest is missing"))
+    for suite in suites:
+        suite_specs, decided = gxsteps.plan_suite(suite, catalogs, now=started_at, reference=reference)
+        specs += suite_specs
+        results += decided
+    t0 = time.monotonic()
+    data = gxsteps.run_expectations(gxsteps.unique_names(specs), instance.dsn)
+    failed = [c for c in data if c.failed]
+    logger().info("%d expectation(s) on %d database(s) in %.1fs: %d failed%s", len(data), len(databases),
+                  time.monotonic() - t0, len(failed),
+                  "" if not failed else ": " + ", ".join(c.name for c in failed[:10]))
+    return results + data
+
+
+@task(name="usability", cache_policy=NO_CACHE)
+def usability(manifest: Manifest, instance: DrillInstance) -> CheckResult:
+    databases = dsteps.list_restored_databases(instance)
+    database = manifest.database if manifest.database in databases else "postgres"
+    check = dsteps.check_usability(instance, database)
+    logger().info("%s: %s (%s)", check.name, check.status, check.summary)
+    return check
+
+
+@task(name="verify-data-checksums", cache_policy=NO_CACHE)
+def verify_data_checksums(cfg: Config, manifest: Manifest, instance: DrillInstance) -> CheckResult:
+    """pg_checksums --check needs a cleanly stopped cluster: stop it first."""
+    if manifest.kind != "physical":
+        return CheckResult(name="pg_checksums", kind="pg_checksums", category="integrity", status="skipped",
+                           summary="logical backup: block checksums are not carried over")
+    if manifest.data_checksums:
+        instance.cluster().stop(mode="fast", timeout=600)
+    check = integrity.checksums_check(instance.pgdata, enabled_in_source=manifest.data_checksums,
+                                      bindir=cfg.postgres.bindir, os_user=cfg.postgres.os_user)
+    logger().info("pg_checksums: %s (%s)", check.status, check.summary)
+    return check
+
+
+@task(name="teardown", cache_policy=NO_CACHE)
+def teardown(instance: DrillInstance) -> None:
+    gone = dsteps.teardown_instance(instance)
+    if all(gone.values()):
+        logger().info("instance torn down: server stopped, %s removed", instance.workdir)
+    else:
+        logger().error("teardown incomplete: %s", gone)
+
+
+@task(name="report", cache_policy=NO_CACHE, **NETWORK_RETRIES)
+def upload_report(repo: Repository, report: DrillReport) -> list[str]:
+    keys = report.report_keys
+    repo.put_bytes(keys[0], report.model_dump_json(indent=2).encode() + b"\n")
+    repo.put_bytes(keys[1], dsteps.render_markdown(report).encode())
+    logger().info("report stored as %s and %s", *keys)
+    return keys
+
+
+@task(name="metrics", cache_policy=NO_CACHE)
+def push_drill_metrics(cfg: Config, report: DrillReport) -> None:
+    now = time.time()
+    values: dict[str, tuple[float, str]] = {
+        "gravl_drill_success": (1.0 if report.passed else 0.0, "1 if the last restore drill passed"),
+        "gravl_drill_last_run_timestamp_seconds": (now, "Time of the last restore drill"),
+        "gravl_drill_duration_seconds": (report.total_seconds, "Wall time of the last restore drill"),
+        "gravl_drill_failed_checks": (float(len(report.failed_checks)), "Failed checks in the last drill"),
+    }
+    if report.rto_seconds is not None:
+        values["gravl_drill_rto_seconds"] = (report.rto_seconds, "Measured restore RTO of the last drill")
+    if report.rpo_seconds is not None:
+        values["gravl_drill_rpo_seconds"] = (report.rpo_seconds, "Data age (RPO) of the last drilled restore")
+    if report.passed:
+        values["gravl_drill_last_success_timestamp_seconds"] = (now, "Time of the last passed restore drill")
+    try:
+        push_metrics(cfg.metrics.pushgateway, "drill", {"cluster": cfg.cluster}, values)
+    except DRError as exc:
+        logger().warning("metrics not pushed: %s", one_line(exc))
+
+
+def suites_dir(cfg: Config, config_file: str | None) -> Path | None:
+    """drill.suites_dir, relative to the config file's directory."""
+    if not cfg.drill.suites_dir:
+        return None
+    path = Path(cfg.drill.suites_dir)
+    if not path.is_absolute():
+        path = config_path(config_file).absolute().parent / path
+    return path
+
+
+def _cleanup_hook(flow: Any, flow_run: Any, state: Any) -> None:
+    """On cancellation or crash: tear down whatever this flow run still owns."""
+    from tasks.config import load_config
+
+    try:
+        cfg = load_config((flow_run.parameters or {}).get("config_path"))
+        removed = dsteps.teardown_for_flow_run(dsteps._work_base(cfg), str(flow_run.id), cfg.postgres.bindir)
+    except Exception:  # noqa: BLE001 - a hook must not raise; the next drill sweeps leftovers
+        return
+    if removed:
+        import logging
+
+        logging.getLogger(__name__).warning("tore down %d drill instance(s) of run %s", removed, flow_run.id)
+
+
+# ---------------------------------------------------------------- the flow
+
+@flow(name="drill", on_cancellation=[_cleanup_hook], on_crashed=[_cleanup_hook])
+def drill_flow(
+    config_path: str | None = None,
+    backup: str = "latest",
+    target_time: datetime | None = None,
+) -> DrillReport:
+    """Restore a backup into a throwaway instance, check it thoroughly, report, tear down."""
+    started_at = datetime.now(UTC)
+    t0 = time.monotonic()
+    cfg, repo = load(config_path)
+    config_file = str(_config_file(config_path))
+    if target_time is not None and target_time.tzinfo is None:
+        target_time = target_time.replace(tzinfo=UTC)
+    target = RecoveryTarget(kind="time", value=target_time.isoformat()) if target_time else RecoveryTarget()
+    drill_id = dsteps.new_drill_id(started_at)
+    report = DrillReport(drill_id=drill_id, cluster=cfg.cluster, started_at=started_at,
+                         target=target.describe())
+    suites = validate_suites(cfg, config_path)
+    instance: DrillInstance | None = None
+    try:
+        manifest = pick_backup(repo, backup, cfg.cluster, target_time)
+        report.backup_id, report.backup_kind = manifest.id, manifest.kind
+        report.backup_stop_time = manifest.stop_time
+        if manifest.kind == "logical":
+            report.target = f"the dump's snapshot ({manifest.start_time.isoformat()})"
+        instance = provision_instance(cfg, drill_id)
+        _run_steps(cfg, repo, manifest, instance, suites, target, config_file, report)
+    except Exception as exc:  # noqa: BLE001 - the report says what went wrong; teardown still runs
+        report.error = one_line(exc) if isinstance(exc, DRError) else f"{type(exc).__name__}: {one_line(exc)}"
+        logger().error("drill stopped: %s", report.error)
+    finally:
+        if instance is not None:
+            teardown(instance)
+    report.finished_at = datetime.now(UTC)
+    report.total_seconds = time.monotonic() - t0
+    report.passed = report.error is None and bool(report.checks) and not report.failed_checks
+    prefix = dsteps.drill_prefix(drill_id)
+    report.report_keys = [f"{prefix}/report.json", f"{prefix}/report.md"]
+    try:
+        upload_report(repo, report)
+    except DRError as exc:
+        logger().error("report not stored in the repository: %s", one_line(exc))
+        report.passed = False
+        report.error = report.error or f"report not stored: {one_line(exc)}"
+    create_markdown_artifact(markdown=dsteps.render_markdown(report),
+                             key=f"drill-report-{cfg.cluster}".replace("_", "-"),
+                             description=report.verdict())
+    push_drill_metrics(cfg, report)
+    if not report.passed:
+        raise DrillFailed(report)
+    logger().info("%s; RTO %.1fs, RPO %s", report.verdict(), report.rto_seconds or 0.0,
+                  f"{report.rpo_seconds:.0f}s" if report.rpo_seconds is not None else "-")
+    return report
+
+
+def _run_steps(cfg: Config, repo: Repository, manifest: Manifest, instance: DrillInstance,
+               suites: list[gxsteps.SuiteFile], target: RecoveryTarget, config_file: str,
+               report: DrillReport) -> None:
+    """restore -> start-and-wait -> checks -> usability -> checksums; a failed step is a failed check."""
+    try:
+        restored = restore(cfg, repo, manifest, instance, target, config_file)
+    except Exception as exc:  # noqa: BLE001 - a failed step is a failed check
+        report.checks.append(integrity.failed_check("restore", "restore", "restore", exc))
+        return
+    report.checks += restored.checks
+    report.restore_seconds = restored.seconds
+    try:
+        recovery = start_and_wait(cfg, manifest, instance, target)
+    except Exception as exc:  # noqa: BLE001 - a failed step is a failed check
+        report.checks.append(integrity.failed_check("recovery", "recovery", "restore", exc))
+        return
+    report.checks.append(recovery.check)
+    report.recovery_seconds = recovery.seconds
+    report.rto_seconds = restored.seconds + recovery.seconds
+    report.recovered_to, report.recovered_lsn, report.timeline = (recovery.recovered_to, recovery.lsn,
+                                                                  recovery.timeline)
+    report.rpo_seconds = dsteps.data_age(report.started_at, recovery.recovered_to)
+    t_checks = time.monotonic()
+    try:
+        report.checks += run_checks(cfg, manifest, instance, suites, recovery, target, report.started_at)
+        report.checks.append(usability(manifest, instance))
+        report.checks.append(verify_data_checksums(cfg, manifest, instance))
+    finally:
+        report.checks_seconds = time.monotonic() - t_checks
+
+
+def _config_file(explicit: str | None) -> Path:
+    return config_path(explicit).absolute()
+
+
+def run_drill(config_path: str | None, backup: str = "latest",
+              target_time: datetime | None = None) -> DrillReport:
+    """Run the drill flow and return its report, passed or failed (for the demo and scripts)."""
+    try:
+        return drill_flow(config_path=config_path, backup=backup, target_time=target_time)
+    except DrillFailed as exc:
+        return exc.report

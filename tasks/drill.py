@@ -1,0 +1,461 @@
+"""Adapter: the restore drill's throwaway instance (provision, configure, start, probe, tear down),
+with the drill's report model and its JSON/markdown rendering (pure).
+
+An instance is one private temporary directory (``gravl-drill-<id>-*``) holding the data
+directory, the server log and an owner file, and one server on a free loopback port. Teardown
+stops the server, kills it if it lingers and removes the directory; a drill that was killed
+outright is cleaned up by the next one on the same host (its owner process is gone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.config import Config
+from tasks.errors import PermanentError, PreconditionFailed
+from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir
+from tasks.postgres import connection, dsn_field
+
+log = logging.getLogger(__name__)
+
+DIR_PREFIX = "gravl-drill-"
+OWNER_FILE = "owner.json"
+PROBE_TABLE = "gravl_dr_drill_probe"
+
+CheckStatus = Literal["passed", "failed", "skipped"]
+
+
+# ---------------------------------------------------------------- report model (pure)
+
+class CheckResult(BaseModel):
+    """One check of a drill, as an operator reads it: what, where, verdict, evidence."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(description="unique, e.g. 'row-count gravl.public.users'")
+    kind: str = Field(description="restore, pg_verifybackup, recovery, amcheck, row-count, ...")
+    category: Literal["restore", "integrity", "data", "usability"]
+    status: CheckStatus
+    summary: str = ""
+    database: str | None = None
+    samples: list[Any] = Field(default_factory=list, description="failing rows/values, at most 20")
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+
+class DrillReport(BaseModel):
+    """The drill's verdict and evidence; uploaded as drills/<drill-id>/report.json."""
+
+    drill_id: str
+    cluster: str
+    backup_id: str | None = None
+    backup_kind: str | None = None
+    backup_stop_time: datetime | None = None
+    target: str = "-"
+    started_at: datetime
+    finished_at: datetime | None = None
+    passed: bool = False
+    restore_seconds: float = Field(default=0.0, description="fetch, verify and unpack")
+    recovery_seconds: float = Field(default=0.0, description="start, WAL replay, promotion")
+    rto_seconds: float | None = Field(default=None, description="restore + recovery: time to a usable database")
+    checks_seconds: float = 0.0
+    total_seconds: float = 0.0
+    recovered_to: datetime | None = Field(default=None, description="time of the newest data recovered")
+    rpo_seconds: float | None = Field(default=None, description="data age: drill start minus recovered_to")
+    recovered_lsn: str | None = None
+    timeline: int | None = None
+    checks: list[CheckResult] = Field(default_factory=list)
+    error: str | None = None
+    report_keys: list[str] = Field(default_factory=list)
+
+    @property
+    def failed_checks(self) -> list[CheckResult]:
+        return [c for c in self.checks if c.failed]
+
+    def verdict(self) -> str:
+        if self.passed:
+            n = sum(1 for c in self.checks if c.status == "passed")
+            return f"drill {self.drill_id} PASSED: {n} checks passed"
+        names = ", ".join(c.name for c in self.failed_checks) or (self.error or "unknown error")
+        return f"drill {self.drill_id} FAILED: {names}"
+
+
+class DrillFailed(PermanentError):
+    """A drill ran to the end and at least one check failed; carries the report."""
+
+    def __init__(self, report: DrillReport) -> None:
+        super().__init__(report.verdict())
+        self.report = report
+
+
+def new_drill_id(now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    return f"{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
+
+
+def drill_prefix(drill_id: str) -> str:
+    return f"drills/{drill_id}"
+
+
+def _fmt_seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 3600:
+        return f"{value / 3600:.1f} h"
+    if value >= 120:
+        return f"{value / 60:.1f} min"
+    return f"{value:.1f} s"
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(report: DrillReport) -> str:
+    """The report an on-call operator reads in the Prefect UI or the repository."""
+    status = "PASSED" if report.passed else "FAILED"
+    lines = [
+        f"# Restore drill {report.drill_id}: {status}",
+        "",
+        "| | |", "|---|---|",
+        f"| cluster | {report.cluster} |",
+        f"| backup | {report.backup_id or '-'} ({report.backup_kind or '-'}) |",
+        f"| target | {_md(report.target)} |",
+        f"| restore (fetch, verify, unpack) | {_fmt_seconds(report.restore_seconds)} |",
+        f"| recovery (start, replay, promote) | {_fmt_seconds(report.recovery_seconds)} |",
+        f"| **RTO** (restore + recovery) | {_fmt_seconds(report.rto_seconds)} |",
+        f"| recovered to | {report.recovered_to.isoformat() if report.recovered_to else '-'}"
+        f"{' (LSN ' + report.recovered_lsn + ')' if report.recovered_lsn else ''} |",
+        f"| **RPO** (data age at drill start) | {_fmt_seconds(report.rpo_seconds)} |",
+        f"| checks | {_fmt_seconds(report.checks_seconds)} |",
+        f"| total | {_fmt_seconds(report.total_seconds)} |",
+        "",
+        "## Checks",
+        "",
+        "| check | result | details | time |",
+        "|---|---|---|---|",
+    ]
+    mark = {"passed": "passed", "failed": "**FAILED**", "skipped": "skipped"}
+    for c in report.checks:
+        lines.append(f"| {_md(c.name)} | {mark[c.status]} | {_md(c.summary)} | {c.seconds:.2f} s |")
+    failed = report.failed_checks
+    if failed:
+        lines += ["", "## Failing samples", ""]
+        for c in failed:
+            lines.append(f"### {c.name}")
+            lines.append(_md(c.summary))
+            if c.samples:
+                lines.append("```")
+                lines += [json.dumps(s, default=str)[:400] for s in c.samples[:20]]
+                lines.append("```")
+            lines.append("")
+    if report.error:
+        lines += ["", "## Error", "", f"`{report.error}`"]
+    if not report.passed:
+        lines += [
+            "", "## What to do next", "",
+            "- The backup named above did not prove restorable as it is: treat it as suspect.",
+            "- Read each failing check's samples; amcheck or pg_verifybackup failures mean physical "
+            "corruption (take a fresh backup and check the source with amcheck); data-suite "
+            "failures mean the data itself is wrong or a suite is stale.",
+            "- Re-run the drill after fixing: `gravl-dr drill latest`.",
+        ]
+    if report.report_keys:
+        lines += ["", "Stored as " + ", ".join(f"`{k}`" for k in report.report_keys)]
+    return "\n".join(lines) + "\n"
+
+
+def data_age(started_at: datetime, recovered_to: datetime | None) -> float | None:
+    if recovered_to is None:
+        return None
+    return max(0.0, (started_at - recovered_to).total_seconds())
+
+
+# ---------------------------------------------------------------- the instance
+
+class DrillInstance(BaseModel):
+    """Where a drill's throwaway server lives; everything it owns is under ``workdir``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    drill_id: str
+    workdir: str
+    port: int
+    os_user: str
+    bindir: str
+    superuser: str
+
+    @property
+    def pgdata(self) -> Path:
+        return Path(self.workdir) / "data"
+
+    def cluster(self) -> LocalCluster:
+        return LocalCluster(self.pgdata, self.port, os_user=self.os_user, bindir=self.bindir,
+                            user=self.superuser)
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return self.cluster().dsn(dbname)
+
+
+def _work_base(cfg: Config) -> str:
+    return cfg.drill.work_dir or tempfile.gettempdir()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def provision_instance(cfg: Config, drill_id: str, flow_run_id: str | None = None) -> DrillInstance:
+    """A private directory and a free loopback port for a throwaway server (nothing started yet)."""
+    base = _work_base(cfg)
+    swept = sweep_abandoned(base, cfg.postgres.bindir)
+    if swept:
+        log.warning("removed %d abandoned drill instance(s) of killed drills", swept)
+    workdir = make_private_dir(f"{DIR_PREFIX}{drill_id}-", cfg.postgres.os_user, base=base)
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "flow_run_id": flow_run_id,
+             "drill_id": drill_id, "started": datetime.now(UTC).isoformat()}
+    (workdir / OWNER_FILE).write_text(json.dumps(owner))
+    superuser = cfg.drill.superuser or dsn_field(cfg.primary.dsn, "user") or "postgres"
+    return DrillInstance(drill_id=drill_id, workdir=str(workdir), port=free_port(),
+                         os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir, superuser=superuser)
+
+
+def _read_owner(workdir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((workdir / OWNER_FILE).read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _destroy_dir(workdir: Path, bindir: str) -> None:
+    """Stop a server running from workdir/data (if any) and remove the directory."""
+    pgdata = workdir / "data"
+    if (pgdata / "postmaster.pid").exists():
+        cluster = LocalCluster(pgdata, 0, os_user=_owner_name(pgdata), bindir=bindir)
+        cluster.destroy()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _owner_name(path: Path) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(path.stat().st_uid).pw_name
+    except (KeyError, OSError):
+        return "postgres"
+
+
+def sweep_abandoned(base: str, bindir: str = "auto") -> int:
+    """Tear down drill instances on this host whose owning process is gone."""
+    removed = 0
+    host = socket.gethostname()
+    for workdir in Path(base).glob(f"{DIR_PREFIX}*"):
+        if not workdir.is_dir():
+            continue
+        owner = _read_owner(workdir)
+        if owner is None:
+            # no owner file: being created right now, or a crash before it was written
+            with contextlib.suppress(OSError):
+                if time.time() - workdir.stat().st_mtime < 3600:
+                    continue
+        elif owner.get("host") != host or _pid_alive(int(owner.get("pid", 0))):
+            continue
+        _destroy_dir(workdir, bindir)
+        removed += 1
+    return removed
+
+
+def teardown_instance(instance: DrillInstance) -> dict[str, bool]:
+    """Stop the server (fast, then immediate, then SIGKILL) and remove the directory."""
+    cluster = instance.cluster()
+    pid = cluster.postmaster_pid()
+    with contextlib.suppress(Exception):
+        cluster.stop(mode="fast", timeout=30)
+    cluster.destroy()  # immediate stop + SIGKILL of the postmaster if still there
+    if pid is not None:
+        deadline = time.monotonic() + 10
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    shutil.rmtree(instance.workdir, ignore_errors=True)
+    return {
+        "server_gone": pid is None or not _pid_alive(pid),
+        "dir_gone": not Path(instance.workdir).exists(),
+    }
+
+
+def teardown_for_flow_run(base: str, flow_run_id: str, bindir: str = "auto") -> int:
+    """Tear down every instance a given flow run owns (for cancellation and crash hooks)."""
+    removed = 0
+    for workdir in Path(base).glob(f"{DIR_PREFIX}*"):
+        owner = _read_owner(workdir)
+        if owner and owner.get("flow_run_id") == flow_run_id:
+            _destroy_dir(workdir, bindir)
+            removed += 1
+    return removed
+
+
+# ---------------------------------------------------------------- configuring the restored copy
+
+def configure_instance(instance: DrillInstance) -> None:
+    """Make a restored data directory safe to start here: own port, loopback only, no archiving,
+    no streaming from production, trust authentication from loopback for the drill only.
+
+    Written to postgresql.auto.conf (read after postgresql.conf, so it wins). A Debian-style data
+    directory has no postgresql.conf or pg_hba.conf; the drill provides what it needs."""
+    pgdata = instance.pgdata
+    conf = pgdata / "postgresql.conf"
+    if not conf.exists():
+        conf.write_text("# gravl-dr drill: the source keeps its configuration outside the data directory\n")
+    hba = Path(instance.workdir) / "drill_hba.conf"
+    hba.write_text("# gravl-dr drill: loopback only\nhost all all 127.0.0.1/32 trust\n"
+                   "host replication all 127.0.0.1/32 trust\n")
+    settings = {
+        "port": str(instance.port),
+        "listen_addresses": "'127.0.0.1'",
+        "unix_socket_directories": "''",
+        "hba_file": f"'{hba}'",
+        "ident_file": "''",
+        "ssl": "off",
+        "archive_mode": "off",
+        "primary_conninfo": "''",
+        "primary_slot_name": "''",
+        "shared_buffers": "'128MB'",
+        "logging_collector": "off",
+        "log_destination": "'stderr'",
+        "synchronous_standby_names": "''",
+        "cluster_name": f"'gravl-drill-{instance.drill_id}'",
+    }
+    auto = pgdata / "postgresql.auto.conf"
+    text = auto.read_text() if auto.exists() else ""
+    block = ["", "# gravl-dr drill instance (begin)"]
+    block += [f"{k} = {v}" for k, v in settings.items()]
+    block.append("# gravl-dr drill instance (end)")
+    auto.write_text(text + "\n".join(block) + "\n")
+    for path in (conf, hba, auto):
+        chown_tree(path, instance.os_user)
+
+
+def start_instance(instance: DrillInstance, timeout: float) -> None:
+    """Start the server; pg_ctl -w returns once it accepts connections (or failed)."""
+    cluster = instance.cluster()
+    cluster.start(timeout=int(timeout))
+
+
+def wait_promoted(instance: DrillInstance, timeout: float) -> tuple[str | None, datetime | None, int]:
+    """Wait until the server is out of recovery: (current LSN, last replayed commit time, timeline)."""
+    cluster = instance.cluster()
+    deadline = time.monotonic() + timeout
+    last_error = "no answer"
+    while time.monotonic() < deadline:
+        if not cluster.is_running():
+            raise PreconditionFailed(f"restored server stopped: {cluster.log_tail(4)}")
+        try:
+            with connection(instance.dsn(), timeout=3) as conn:
+                row = conn.execute(
+                    "SELECT pg_is_in_recovery(), pg_current_wal_lsn()::text,"
+                    " pg_last_xact_replay_timestamp(), (SELECT timeline_id FROM pg_control_checkpoint())"
+                ).fetchone()
+            if row is not None and not row[0]:
+                return row[1], row[2], int(row[3])
+            last_error = "still in recovery"
+        except Exception as exc:  # noqa: BLE001 - not accepting connections yet
+            last_error = str(exc)
+        time.sleep(0.2)
+    raise PreconditionFailed(f"restored server not promoted within {timeout:.0f}s ({last_error})")
+
+
+def create_empty_instance(instance: DrillInstance) -> None:
+    """initdb + start, for a logical drill (pg_restore needs a server to restore into)."""
+    cluster = instance.cluster()
+    cluster.initdb()
+    cluster.start()
+
+
+def list_restored_databases(instance: DrillInstance) -> list[str]:
+    with connection(instance.dsn()) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1"
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def check_usability(instance: DrillInstance, database: str) -> CheckResult:
+    """A write transaction on the promoted instance: create, insert, read back, drop, commit."""
+    t0 = time.monotonic()
+    name = f"usability {database}"
+    try:
+        with connection(instance.dsn(database), autocommit=False) as conn:
+            conn.execute("SET LOCAL statement_timeout = '60s'")
+            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+            if row is None or row[0]:
+                raise PreconditionFailed("the instance is still in recovery (read-only)")
+            conn.execute(f"CREATE TABLE {PROBE_TABLE} (id bigint PRIMARY KEY, at timestamptz NOT NULL)")
+            conn.execute(f"INSERT INTO {PROBE_TABLE} SELECT g, now() FROM generate_series(1, 100) g")
+            count = conn.execute(f"SELECT count(*), txid_current() FROM {PROBE_TABLE}").fetchone()
+            conn.execute(f"DROP TABLE {PROBE_TABLE}")
+            conn.commit()
+        assert count is not None
+        if count[0] != 100:
+            raise PreconditionFailed(f"wrote 100 rows, read back {count[0]}")
+        return CheckResult(name=name, kind="usability", category="usability", status="passed",
+                           database=database, seconds=time.monotonic() - t0,
+                           summary=f"write transaction {count[1]} committed (create, insert 100 rows, "
+                                   "read back, drop)")
+    except Exception as exc:  # noqa: BLE001 - the verdict is the result
+        from tasks.errors import one_line
+
+        return CheckResult(name=name, kind="usability", category="usability", status="failed",
+                           database=database, seconds=time.monotonic() - t0,
+                           summary=f"write transaction failed: {one_line(exc)}")
+
+
+# ---------------------------------------------------------------- test hook
+
+_BEFORE_CHECKS_HOOK_FOR_TESTS: Callable[[LocalCluster], None] | None = None
+
+
+@contextlib.contextmanager
+def before_checks_hook_for_tests(hook: Callable[[LocalCluster], None]) -> Iterator[None]:
+    """Tests only: call ``hook(cluster)`` on the restored, promoted instance before its checks
+    (e.g. to corrupt an index on purpose). Only code in the same process can set it; nothing in
+    configuration, parameters or environment reaches it, so production drills never run one."""
+    global _BEFORE_CHECKS_HOOK_FOR_TESTS
+    previous = _BEFORE_CHECKS_HOOK_FOR_TESTS
+    _BEFORE_CHECKS_HOOK_FOR_TESTS = hook
+    try:
+        yield
+    finally:
+        _BEFORE_CHECKS_HOOK_FOR_TESTS = previous
+
+
+def run_before_checks_hook_for_tests(instance: DrillInstance) -> bool:
+    hook = _BEFORE_CHECKS_HOOK_FOR_TESTS
+    if hook is None:
+        return False
+    log.warning("running a test hook on drill instance %s before its checks", instance.drill_id)
+    hook(instance.cluster())
+    return True

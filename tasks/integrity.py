@@ -1,0 +1,167 @@
+"""Adapter: physical integrity checks of a restored instance — pg_verifybackup, amcheck, pg_checksums.
+
+- ``pg_verifybackup`` compares the extracted files with the backup's own ``backup_manifest``
+  (PostgreSQL 15's cannot read tar archives, so it runs on the extracted directory, before the
+  server starts: recovery rewrites files). It also parses the WAL the backup needs with
+  pg_waldump; ``-n`` skips that when the WAL is not in the backup (it comes from the archive).
+- ``amcheck``'s ``bt_index_check(index, heapallindexed => true)`` on every valid btree index of
+  every database: index structure, and every heap tuple present in the index. It takes only an
+  AccessShareLock, so indexes are checked in parallel over a few connections.
+- ``pg_checksums --check`` reads every block of the cleanly stopped cluster and verifies its
+  checksum; only meaningful when the source has data checksums enabled.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from tasks.drill import CheckResult
+from tasks.errors import DRError, one_line
+from tasks.postgres import connection
+from tasks.proc import pg_bin, run
+
+log = logging.getLogger(__name__)
+
+MAX_SAMPLES = 20
+_WAL_NAME = re.compile(r"^[0-9A-F]{24}$")
+
+
+def _lines(text: str) -> list[str]:
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def wal_in_backup(pgdata: Path) -> bool:
+    """True when the extracted backup carries WAL segments in pg_wal (pg_basebackup -X fetch/stream)."""
+    wal = pgdata / "pg_wal"
+    return wal.is_dir() and any(_WAL_NAME.match(p.name) for p in wal.iterdir())
+
+
+def verify_backup_dir(pgdata: Path, *, bindir: str = "auto", os_user: str | None = None,
+                      timeout: float = 6 * 3600) -> CheckResult:
+    """pg_verifybackup on an extracted, not yet started data directory."""
+    t0 = time.monotonic()
+    name = "pg_verifybackup"
+    if not (pgdata / "backup_manifest").exists():
+        return CheckResult(name=name, kind=name, category="integrity", status="skipped",
+                           summary="the backup has no backup_manifest (taken without one)")
+    argv = [pg_bin("pg_verifybackup", bindir)]
+    with_wal = wal_in_backup(pgdata)
+    if not with_wal:
+        argv.append("-n")  # WAL comes from the archive at recovery time
+    argv.append(str(pgdata))
+    proc = run(argv, timeout=timeout, os_user=os_user, check=False)
+    out = _lines(proc.stdout) + _lines(proc.stderr)
+    seconds = time.monotonic() - t0
+    if proc.returncode == 0:
+        what = "files and WAL" if with_wal else "files (WAL not in the backup: parsed at recovery)"
+        return CheckResult(name=name, kind=name, category="integrity", status="passed", seconds=seconds,
+                           summary=f"{what} match backup_manifest")
+    errors = [ln for ln in out if "error" in ln.lower()] or out
+    return CheckResult(name=name, kind=name, category="integrity", status="failed", seconds=seconds,
+                       summary=f"pg_verifybackup exited {proc.returncode}: {errors[0] if errors else ''}"[:500],
+                       samples=errors[:MAX_SAMPLES])
+
+
+_INDEX_QUERY = """
+SELECT c.oid::bigint, quote_ident(n.nspname) || '.' || quote_ident(c.relname), pg_relation_size(c.oid)
+FROM pg_index i
+JOIN pg_class c ON c.oid = i.indexrelid
+JOIN pg_am am ON am.oid = c.relam
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE am.amname = 'btree' AND i.indisvalid AND i.indisready AND c.relpersistence <> 't'
+ORDER BY pg_relation_size(c.oid) DESC
+"""
+
+
+def _check_indexes(dsn: str, indexes: list[tuple[int, str, int]], timeout_ms: int) -> list[tuple[str, str]]:
+    """bt_index_check each index on one connection; (index, error) for those that fail."""
+    bad: list[tuple[str, str]] = []
+    if not indexes:
+        return bad
+    with connection(dsn) as conn:
+        conn.execute(f"SET statement_timeout = {int(timeout_ms)}")
+        for oid, qualified, _size in indexes:
+            try:
+                conn.execute("SELECT bt_index_check(%s::oid, true)", (oid,))
+            except psycopg.errors.UndefinedTable:
+                continue  # dropped meanwhile (nothing else writes here, but be exact)
+            except psycopg.Error as exc:
+                message = (exc.diag.message_primary or str(exc)).strip()
+                detail = exc.diag.message_detail
+                bad.append((qualified, message + (f" ({detail})" if detail else "")))
+    return bad
+
+
+def amcheck_database(dsn: str, database: str, *, jobs: int = 2,
+                     timeout_seconds: float = 6 * 3600) -> CheckResult:
+    """Every valid btree index of one database through bt_index_check(heapallindexed)."""
+    t0 = time.monotonic()
+    name = f"amcheck {database}"
+    try:
+        with connection(dsn) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+            rows = conn.execute(_INDEX_QUERY).fetchall()
+        indexes = [(int(r[0]), str(r[1]), int(r[2])) for r in rows]
+        # Largest first, dealt round-robin: each connection gets a similar share of the work.
+        n = max(1, min(jobs, len(indexes)))
+        shares: list[list[tuple[int, str, int]]] = [indexes[i::n] for i in range(n)]
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="amcheck") as pool:
+            results = list(pool.map(lambda share: _check_indexes(dsn, share, int(timeout_seconds * 1000)),
+                                    shares))
+    except (DRError, psycopg.Error) as exc:
+        return CheckResult(name=name, kind="amcheck", category="integrity", status="failed",
+                           database=database, seconds=time.monotonic() - t0,
+                           summary=f"amcheck could not run: {one_line(exc)}")
+    bad = [item for share in results for item in share]
+    total_bytes = sum(size for _, _, size in indexes)
+    seconds = time.monotonic() - t0
+    if bad:
+        first = f"{bad[0][0]}: {bad[0][1]}"
+        return CheckResult(
+            name=name, kind="amcheck", category="integrity", status="failed", database=database,
+            seconds=seconds, samples=[{"index": i, "error": e} for i, e in bad[:MAX_SAMPLES]],
+            summary=f"{len(bad)} of {len(indexes)} btree indexes corrupt; first: {first}"[:500],
+        )
+    return CheckResult(
+        name=name, kind="amcheck", category="integrity", status="passed", database=database,
+        seconds=seconds,
+        summary=f"{len(indexes)} btree indexes ({total_bytes / 2**20:.1f} MiB) verified with heapallindexed",
+    )
+
+
+def checksums_check(pgdata: Path, *, enabled_in_source: bool, bindir: str = "auto",
+                    os_user: str | None = None, timeout: float = 6 * 3600) -> CheckResult:
+    """pg_checksums --check on a cleanly stopped cluster."""
+    name = "pg_checksums"
+    if not enabled_in_source:
+        return CheckResult(name=name, kind=name, category="integrity", status="skipped",
+                           summary="the source cluster has no data checksums")
+    t0 = time.monotonic()
+    proc = run([pg_bin("pg_checksums", bindir), "--check", "-D", str(pgdata)], timeout=timeout,
+               os_user=os_user, check=False)
+    seconds = time.monotonic() - t0
+    out = _lines(proc.stdout) + _lines(proc.stderr)
+    stats = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in _lines(proc.stdout))}
+    if proc.returncode == 0:
+        return CheckResult(name=name, kind=name, category="integrity", status="passed", seconds=seconds,
+                           summary=f"{stats.get('Blocks scanned', '?')} blocks in "
+                                   f"{stats.get('Files scanned', '?')} files, no checksum failure")
+    bad = [ln for ln in out if "checksum verification failed" in ln or "error" in ln.lower()] or out
+    return CheckResult(name=name, kind=name, category="integrity", status="failed", seconds=seconds,
+                       samples=bad[:MAX_SAMPLES],
+                       summary=f"pg_checksums exited {proc.returncode}: "
+                               f"{stats.get('Bad checksums', '?')} bad checksum(s); {bad[0] if bad else ''}"[:500])
+
+
+def failed_check(name: str, kind: str, category: Any, exc: BaseException, seconds: float = 0.0,
+                 database: str | None = None) -> CheckResult:
+    """A check that could not run counts as failed, with the reason."""
+    return CheckResult(name=name, kind=kind, category=category, status="failed", database=database,
+                       seconds=seconds, summary=one_line(exc))
