@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "flows.cli_retention",
     "flows.cli_wal",
     "flows.cli_drill",
+    "flows.cli_failover",
 ]
 
 # Commands PostgreSQL runs once per WAL file may answer before the parser and the config model

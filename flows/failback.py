@@ -1,0 +1,334 @@
+"""Orchestration: the failback flow — back up, rebuild the old primary as a standby, switch over with zero loss, rejoin, DNS back.
+
+The configured ``primary`` is home. After a failover another node is the primary; this flow
+brings the role home with a controlled switchover (clean shutdown, final LSN replayed, promote)
+and re-plans from observation at every start, so it resumes wherever an earlier run stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+
+from flows.failover import (
+    DEFAULT_MAX_LAG_BYTES,
+    FailoverReport,
+    ReconnectFailed,
+    Timeline,
+    TimelineEvent,
+    _finish,
+    approval_gate,
+    check_replica_health,
+    failover_flow,
+    markdown_table,
+    push_dr_metrics,
+    reconnect_apps,
+    resolve_nodes,
+    switch_dns,
+    timeline_markdown,
+    validate_primary,
+)
+from tasks.config import Config, Node, config_path, load_config
+from tasks.dns_switch import DNSChange, check_dns_config, node_dns_value
+from tasks.errors import DRError, one_line
+from tasks.failover import FailbackPlan, NodeState, Refused, plan_failback
+from tasks.hooks import HookResult, ReconnectEvent
+from tasks.topology import (
+    CanaryResult,
+    LagResult,
+    RebuildResult,
+    SwitchoverResult,
+    observe_node,
+    rebuild_as_standby,
+    rejoin_as_standby,
+    switch_over,
+    wait_for_zero_lag,
+)
+
+
+class FailbackReport(BaseModel):
+    cluster: str
+    status: str = "running"
+    home: str
+    from_primary: str | None = None
+    plan: list[str] = []
+    backup_id: str | None = None
+    rebuild: RebuildResult | None = None
+    lag: LagResult | None = None
+    approver: str | None = None
+    approval_note: str | None = None
+    switchover: SwitchoverResult | None = None
+    rejoined: list[str] = []
+    dns: DNSChange | None = None
+    hooks: list[HookResult] = []
+    canary: CanaryResult | None = None
+    total_seconds: float | None = None
+    evidence: list[str] = []
+    notes: list[str] = []
+    timeline: list[TimelineEvent] = []
+    error: str | None = None
+    started_at: datetime | None = None
+
+
+def failback_markdown(r: FailbackReport) -> str:
+    title = {"complete": f"Failback complete: {r.home} is the primary again",
+             "refused": "Failback refused: nothing was switched", "failed": "Failback FAILED"}.get(
+        r.status, f"Failback {r.status}")
+    so = r.switchover
+    rows = [
+        ("status", r.status), ("home (configured primary)", r.home), ("switched over from", r.from_primary or "-"),
+        ("write unavailability (clean shutdown to first write)",
+         f"{so.unavailable_seconds:.2f} s" if so else "-"),
+        ("data loss", f"none: {r.home} replayed past the final checkpoint {so.final_checkpoint_lsn}"
+         if so and so.final_checkpoint_lsn else "-"),
+        ("backup before failback", r.backup_id or "-"),
+        ("rebuild", f"{r.rebuild.method} in {r.rebuild.seconds:.1f} s ({r.rebuild.detail})" if r.rebuild else "-"),
+        ("approved by", f"{r.approver or '-'} ({r.approval_note or '-'})"),
+        ("rejoined as standbys", ", ".join(r.rejoined) or "-"),
+        ("DNS", r.dns.detail if r.dns else "-"),
+        ("validation", f"canary row {r.canary.row_id} at {r.canary.lsn}" if r.canary else "-"),
+        ("total", f"{r.total_seconds:.1f} s" if r.total_seconds is not None else "-"),
+    ]
+    lines = [f"# {title}", "", *markdown_table(rows)]
+    if r.error:
+        lines += ["", "## What failed", f"`{r.error}`"]
+    if r.plan:
+        lines += ["", "## Plan", *[f"1. {p}" for p in r.plan]]
+    if r.hooks:
+        lines += ["", "## Reconnect hooks", "| hook | target | result | s |", "|---|---|---|---:|"]
+        lines += [f"| {h.kind} | {h.target} | {'ok' if h.ok else 'FAILED'}: {h.message} | {h.seconds:.1f} |"
+                  for h in r.hooks]
+    lines += ["", "## Timeline", *timeline_markdown(r.timeline)]
+    lines += ["", "## What we saw", *[f"- {e}" for e in r.evidence]]
+    if r.notes:
+        lines += ["", "## Notes", *[f"- {n}" for n in r.notes]]
+    lines += ["", "## Next",
+              "- Nothing to do." if r.status == "complete" else
+              "- Re-run `gravl-dr failback`: it observes the nodes and resumes where this run stopped."]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ tasks
+
+
+@task(name="assess-home", cache_policy=NO_CACHE)
+def assess_home(cfg: Config) -> NodeState:
+    state = observe_node(cfg.primary, "primary", os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir,
+                         attempts=2)
+    return state
+
+
+@task(name="rebuild-old-primary", cache_policy=NO_CACHE)
+def rebuild_old_primary(cfg: Config, node: Node, source: Node) -> RebuildResult:
+    res = rebuild_as_standby(node, source, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+    return res
+
+
+@task(name="wait-for-zero-lag", cache_policy=NO_CACHE)
+def wait_zero_lag(standby: Node, primary: Node, timeout: float) -> LagResult:
+    return wait_for_zero_lag(standby, primary, timeout=timeout)
+
+
+@task(name="switchover", cache_policy=NO_CACHE)
+def switchover(cfg: Config, old: Node, new: Node, label: str) -> SwitchoverResult:
+    return switch_over(old, new, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir, label=label)
+
+
+@task(name="rejoin-former-primary", cache_policy=NO_CACHE)
+def rejoin_former_primary(cfg: Config, node: Node, primary: Node) -> LagResult:
+    return rejoin_as_standby(node, primary, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+
+
+def _config_for_primary(cfg: Config, source: Path, primary: Node) -> Path:
+    """A copy of the config whose primary is ``primary``: the backup flow backs up the configured
+    primary, and after a failover that is not the node serving writes."""
+    data = cfg.model_dump(mode="json")
+    data["primary"] = primary.model_dump(mode="json")
+    data["replicas"] = [r.model_dump(mode="json") for r in [cfg.primary, *cfg.replicas] if r.name != primary.name]
+    directory = source.parent if os.access(source.parent, os.W_OK) else Path(tempfile.gettempdir())
+    fd, name = tempfile.mkstemp(prefix=".gravl-dr-failback-", suffix=".yaml", dir=directory)
+    with os.fdopen(fd, "w") as fh:
+        yaml.safe_dump(data, fh, sort_keys=False)
+    return Path(name)
+
+
+def backup_current_primary(cfg: Config, config_file: str | None, current: Node) -> str:
+    """The backup flow as a subflow, pointed at the node that is the primary now."""
+    from flows.backup import backup_flow
+
+    tmp = _config_for_primary(cfg, config_path(config_file), current)
+    try:
+        report = backup_flow(config_path=str(tmp), kind="physical", dry_run=False)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return report.backup_id
+
+
+# ------------------------------------------------------------------------------ the flow
+
+
+@flow(name="failback", log_prints=False)
+def failback_flow(
+    config_path: Annotated[str | None, Field(description="gravl-dr config file")] = None,
+    yes: Annotated[bool, Field(description="skip the approval gate")] = False,
+    backup: Annotated[bool, Field(description="back up the current primary first")] = True,
+    approved_by: Annotated[str | None, Field(description="set by the CLI after a terminal approval")] = None,
+    approval_timeout_seconds: Annotated[int, Field(ge=10, le=86400)] = 900,
+    catch_up_timeout_seconds: Annotated[int, Field(ge=5, le=86400)] = 600,
+) -> FailbackReport:
+    """Make the configured primary the primary again, with a zero-data-loss switchover."""
+    tl = Timeline()
+    cfg = load_config(config_path)
+    nodes = resolve_nodes(cfg)
+    check_dns_config(cfg.dns)
+    key = f"failback-report-{cfg.cluster}".replace("_", "-")
+    home = cfg.primary
+    report = FailbackReport(cluster=cfg.cluster, home=home.name, started_at=tl.started)
+    try:
+        home_state = assess_home(cfg)
+        others = check_replica_health(cfg)
+        report.evidence = [home_state.evidence(), *(s.evidence() for s in others)]
+        tl.add("assess", "; ".join(report.evidence))
+        plan: FailbackPlan = plan_failback(home_state, others, backup=backup)
+        report.plan = [f"{s.kind} {s.node}: {s.reason}" for s in plan.steps]
+        report.notes = list(plan.notes)
+        # The node we switch away from: the writable one, or (resuming) the one shut down cleanly.
+        current_name = plan.current or next(
+            (s.name for s in others if not s.reachable and s.local_pgdata and s.control_state == "shut down"), None)
+        current = nodes[current_name] if current_name else None
+        report.from_primary = current_name
+        tl.add("plan", ", ".join(plan.kinds()))
+        dns_error: str | None = None
+        for step in plan.steps:
+            node = nodes[step.node]
+            if step.kind == "backup-current-primary":
+                assert current is not None
+                report.backup_id = backup_current_primary(cfg, config_path, current)
+                tl.add(step.kind, f"backup {report.backup_id} of {current.name}")
+            elif step.kind == "rebuild-old-primary":
+                assert current is not None
+                report.rebuild = rebuild_old_primary(cfg, node, current)
+                tl.add(step.kind, f"{node.name} rebuilt by {report.rebuild.method}: {report.rebuild.detail}")
+            elif step.kind == "wait-for-zero-lag":
+                assert current is not None
+                report.lag = wait_zero_lag(node, current, catch_up_timeout_seconds)
+                tl.add(step.kind, f"{node.name} replayed {report.lag.replay_lsn} = {current.name}'s "
+                       f"{report.lag.primary_lsn}")
+            elif step.kind == "approve":
+                report.approver, report.approval_note = approval_gate(
+                    what=f"switch over from {current_name} to {home.name}", plan_lines=report.plan, yes=yes,
+                    approved_by=approved_by, timeout_seconds=approval_timeout_seconds)
+                tl.add(step.kind, f"approved by {report.approver}")
+            elif step.kind == "switchover":
+                assert current is not None
+                report.switchover = switchover(cfg, current, home, f"failback {tl.started.isoformat()}")
+                so = report.switchover
+                tl.add(step.kind, f"{current.name} shut down cleanly at checkpoint {so.final_checkpoint_lsn}; "
+                       f"{home.name} replayed {so.replayed_lsn} and was promoted (timeline "
+                       f"{so.promote.timeline}); writes were unavailable {so.unavailable_seconds:.2f}s")
+            elif step.kind == "rejoin-former-primary":
+                lag = rejoin_former_primary(cfg, node, home)
+                report.rejoined.append(node.name)
+                tl.add(step.kind, f"{node.name} streams from {home.name}, replayed {lag.replay_lsn}")
+            elif step.kind == "switch-dns":
+                expected = [node_dns_value(n) for n in nodes.values() if n.name != home.name]
+                try:
+                    report.dns = switch_dns(cfg, expected, node_dns_value(home))
+                    tl.add(step.kind, report.dns.detail)
+                except DRError as exc:
+                    dns_error = f"DNS switch failed: {one_line(exc)}"
+                    tl.add(step.kind, dns_error)
+            elif step.kind == "reconnect-apps":
+                if dns_error:
+                    tl.add(step.kind, "skipped: DNS does not point at the primary")
+                    continue
+                event = ReconnectEvent(cluster=cfg.cluster, event="failback", new_primary=home.name,
+                                       old_primary=current_name or "-", host=node_dns_value(home),
+                                       dns_record=cfg.dns.record)
+                report.hooks = reconnect_apps(cfg, event)
+                tl.add(step.kind, f"{sum(h.ok for h in report.hooks)}/{len(report.hooks)} hook(s) ok")
+            elif step.kind == "validate":
+                report.canary = validate_primary(home, f"failback {tl.started.isoformat()}")
+                tl.add(step.kind, f"canary write on {home.name} read back")
+        problems = ([dns_error] if dns_error else []) + [
+            f"reconnect hook {h.kind} {h.target} failed: {h.message}" for h in report.hooks if not h.ok]
+        if problems:
+            raise ReconnectFailed("; ".join(problems) + f" — {home.name} is the primary")
+        report.status = "complete"
+    except Refused as exc:
+        report.status, report.error = "refused", one_line(exc)
+        tl.add("refused", report.error)
+        report.timeline = tl.events
+        _finish(cfg, report, key, "failback", failback_markdown, {})
+        raise
+    except BaseException as exc:
+        report.status, report.error = "failed", one_line(exc)
+        tl.add("failed", report.error)
+        report.timeline, report.total_seconds = tl.events, tl.elapsed()
+        _finish(cfg, report, key, "failback", failback_markdown, {})
+        raise
+    report.total_seconds = tl.elapsed()
+    tl.add("report", f"done in {report.total_seconds:.1f}s")
+    report.timeline = tl.events
+    metrics: dict[str, tuple[float, str]] = {
+        "gravl_failback_duration_seconds": (report.total_seconds, "Last failback: total wall time")}
+    if report.switchover:
+        metrics["gravl_failback_write_unavailable_seconds"] = (
+            report.switchover.unavailable_seconds, "Last failback: clean shutdown to first write")
+    _finish(cfg, report, key, "failback", failback_markdown, metrics)
+    return report
+
+
+# ------------------------------------------------------------------------------ drill
+
+
+class DrillFailoverReport(BaseModel):
+    cluster: str
+    failover: FailoverReport
+    failback: FailbackReport
+
+
+@flow(name="drill-failover", log_prints=False)
+def drill_failover_flow(
+    config_path: Annotated[str | None, Field(description="gravl-dr config file")] = None,
+    yes: Annotated[bool, Field(description="skip both approval gates")] = False,
+    backup: Annotated[bool, Field(description="back up before failing back")] = False,
+    max_lag_bytes: Annotated[int, Field(ge=0)] = DEFAULT_MAX_LAG_BYTES,
+    approved_by: Annotated[str | None, Field(description="set by the CLI after a terminal approval")] = None,
+) -> DrillFailoverReport:
+    """A DR drill: planned failover to a replica (clean stop, no data loss), then failback home."""
+    cfg = load_config(config_path)
+    fo = failover_flow(config_path=config_path, yes=yes, planned=True, max_lag_bytes=max_lag_bytes,
+                       approved_by=approved_by)
+    fb = failback_flow(config_path=config_path, yes=yes, backup=backup, approved_by=approved_by)
+    so = fb.switchover
+    rows = [
+        ("failover", f"{fo.old_primary} -> {fo.new_primary}: RTO {fo.rto_seconds:.2f} s, RPO {fo.rpo_bytes} bytes"
+         if fo.rto_seconds is not None else fo.status),
+        ("failback", f"{fb.from_primary} -> {fb.home}: writes unavailable "
+         f"{so.unavailable_seconds:.2f} s" if so else fb.status),
+        ("failover DNS", fo.dns.detail if fo.dns else "-"), ("failback DNS", fb.dns.detail if fb.dns else "-"),
+    ]
+    md = "\n".join([f"# Failover drill of {cfg.cluster}: passed", "", *markdown_table(rows), "",
+                    "Full reports: artifacts `failover-report-*` and `failback-report-*`."]) + "\n"
+    create_markdown_artifact(markdown=md, key=f"drill-failover-report-{cfg.cluster}".replace("_", "-"),
+                             description=f"failover drill of {cfg.cluster}")
+    push_dr_metrics(cfg, "drill_failover", {
+        "gravl_drill_failover_last_success_timestamp_seconds": (time.time(), "Last passed failover drill"),
+        "gravl_drill_failover_rto_seconds": (fo.rto_seconds or 0.0, "Failover drill: RTO"),
+        "gravl_drill_failover_switchover_unavailable_seconds": (
+            so.unavailable_seconds if so else 0.0, "Failover drill: failback write unavailability"),
+    })
+    return DrillFailoverReport(cluster=cfg.cluster, failover=fo, failback=fb)

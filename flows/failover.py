@@ -1,0 +1,395 @@
+"""Orchestration: the failover flow — assess, check replicas, fence, approve, promote, switch DNS, reconnect, validate, report.
+
+Plan, then apply: the nodes are observed, tasks.failover turns the observation into an ordered
+plan (or a refusal), and each step re-checks its own precondition when it runs, so a re-run after
+an interruption converges. Promotion and DNS switch never retry blindly; the next run re-plans.
+"""
+
+from __future__ import annotations
+
+import getpass
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.input import RunInput
+from pydantic import BaseModel, Field
+
+from flows.common import human_bytes, logger
+from tasks.config import Config, Node, load_config
+from tasks.dns_switch import DNSChange, check_dns_config, node_dns_value, switch_record
+from tasks.errors import ConfigError, DRError, PermanentError, one_line
+from tasks.failover import DEFAULT_MAX_LAG_BYTES, FailoverPlan, NodeState, Refused, plan_failover, rpo_bytes
+from tasks.hooks import HookResult, ReconnectEvent, run_hooks
+from tasks.metrics import push_metrics
+from tasks.topology import (
+    CanaryResult,
+    FenceResult,
+    PromoteResult,
+    canary_write,
+    fence_node,
+    observe_node,
+    promote_node,
+)
+
+
+class ReconnectFailed(PermanentError):
+    """One or more reconnect hooks failed after the database steps succeeded."""
+
+
+# ------------------------------------------------------------------------------ shared pieces
+
+
+class Approval(RunInput):
+    """The form an operator fills in the Prefect UI to let a failover or failback go on."""
+
+    approve: bool = Field(description="Go ahead? Untick to stop here with nothing promoted.")
+    approver: str = Field(min_length=1, max_length=200, description="Your name, for the report.")
+    comment: str = Field(default="", max_length=2000, description="Why (incident number, ...).")
+
+
+class TimelineEvent(BaseModel):
+    at: datetime
+    offset_seconds: float
+    step: str
+    text: str
+
+
+class Timeline:
+    """Timestamps each step against the flow's start: the RTO is read off it."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.started = datetime.now(UTC)
+        self.events: list[TimelineEvent] = []
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def add(self, step: str, text: str) -> float:
+        offset = self.elapsed()
+        self.events.append(TimelineEvent(at=self.started + timedelta(seconds=offset),
+                                         offset_seconds=round(offset, 3), step=step, text=text))
+        logger().info("[%s] %s", step, text)
+        return offset
+
+
+def resolve_nodes(cfg: Config) -> dict[str, Node]:
+    nodes: dict[str, Node] = {}
+    for node in [cfg.primary, *cfg.replicas]:
+        if node.name in nodes:
+            raise ConfigError(f"node name {node.name!r} is used twice (primary and replicas need "
+                              "distinct names)")
+        nodes[node.name] = node
+    return nodes
+
+
+def approval_gate(*, what: str, plan_lines: list[str], yes: bool, approved_by: str | None,
+                  timeout_seconds: int, poll_interval: int = 1) -> tuple[str, str]:
+    """Skip (--yes, or approved on the terminal) or pause the flow for a typed approval form."""
+    if approved_by:
+        return approved_by, "approved before the run"
+    if yes:
+        return f"--yes ({getpass.getuser()})", "approval skipped with --yes"
+    from prefect.flow_runs import pause_flow_run
+
+    description = f"**{what}**\n\n" + "\n".join(f"- {line}" for line in plan_lines)
+    logger().warning("waiting up to %ss for approval in the Prefect UI: %s", timeout_seconds, what)
+    try:
+        answer = pause_flow_run(wait_for_input=Approval.with_initial_data(description=description,
+                                                                          approve=False),
+                                timeout=timeout_seconds, poll_interval=poll_interval)
+    except Exception as exc:
+        if type(exc).__name__ == "FlowPauseTimeout":
+            raise Refused(f"no approval within {timeout_seconds}s: {what} not done") from None
+        raise
+    if not answer.approve:
+        raise Refused(f"{answer.approver} declined: {what} not done"
+                      + (f" ({answer.comment})" if answer.comment else ""))
+    return answer.approver, answer.comment or "approved in the UI"
+
+
+def push_dr_metrics(cfg: Config, job: str, values: dict[str, tuple[float, str]]) -> None:
+    try:
+        push_metrics(cfg.metrics.pushgateway, job, {"cluster": cfg.cluster}, values)
+    except DRError as exc:
+        logger().warning("metrics not pushed: %s", one_line(exc))
+
+
+def markdown_table(rows: list[tuple[str, str]]) -> list[str]:
+    return ["| | |", "|---|---|", *[f"| {k} | {v.replace('|', '/')} |" for k, v in rows]]
+
+
+def timeline_markdown(events: list[TimelineEvent]) -> list[str]:
+    lines = ["| t+ (s) | at (UTC) | step | what happened |", "|---:|---|---|---|"]
+    for e in events:
+        lines.append(f"| {e.offset_seconds:.2f} | {e.at:%H:%M:%S.%f}"[:-3] +
+                     f" | {e.step} | {e.text.replace('|', '/')} |")
+    return lines
+
+
+# ------------------------------------------------------------------------------ tasks
+
+
+@task(name="assess-primary", cache_policy=NO_CACHE)
+def assess_primary(cfg: Config) -> NodeState:
+    state = observe_node(cfg.primary, "primary", os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir,
+                         attempts=3, connect_timeout=3)
+    logger().info("%s", state.evidence())
+    return state
+
+
+@task(name="check-replica-health", cache_policy=NO_CACHE)
+def check_replica_health(cfg: Config) -> list[NodeState]:
+    states = [observe_node(r, "replica", os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir,
+                           attempts=2, connect_timeout=3) for r in cfg.replicas]
+    for s in states:
+        logger().info("%s", s.evidence())
+    return states
+
+
+@task(name="fence-old-primary", cache_policy=NO_CACHE)
+def fence_old_primary(cfg: Config, node: Node, clean: bool) -> FenceResult:
+    state = observe_node(node, "primary", os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+    res = fence_node(node, state, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir, clean=clean)
+    (logger().info if res.fenced else logger().warning)("%s: %s", node.name, res.action)
+    return res
+
+
+@task(name="promote-replica", cache_policy=NO_CACHE)
+def promote_replica(cfg: Config, target: Node, old_primary: Node, force: bool) -> PromoteResult:
+    # Precondition, re-checked now: the old primary must not have come back accepting writes.
+    old = observe_node(old_primary, "primary", os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+    if old.accepts_writes and not force:
+        raise Refused(f"{old_primary.name} accepts writes again: not promoting {target.name} "
+                      "(re-run to fence it, or --force)")
+    res = promote_node(target)
+    if res.already_primary:
+        logger().info("%s is already a primary (timeline %s): nothing to promote", target.name, res.timeline)
+    else:
+        logger().info("promoted %s in %.2fs: timeline %s starts at %s", target.name, res.seconds,
+                      res.timeline, res.promoted_lsn)
+    return res
+
+
+@task(name="switch-dns", cache_policy=NO_CACHE)
+def switch_dns(cfg: Config, expected: list[str], new_value: str) -> DNSChange:
+    change = switch_record(cfg.dns, expected=expected, new_value=new_value)
+    logger().info("%s", change.detail)
+    return change
+
+
+@task(name="reconnect-apps", cache_policy=NO_CACHE)
+def reconnect_apps(cfg: Config, event: ReconnectEvent) -> list[HookResult]:
+    if not cfg.reconnect:
+        logger().info("no reconnect hooks configured")
+    return run_hooks(cfg.reconnect, event)
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def validate_primary(node: Node, label: str) -> CanaryResult:
+    res = canary_write(node, label)
+    logger().info("canary row %s written and read back on %s at %s", res.row_id, node.name, res.lsn)
+    return res
+
+
+# ------------------------------------------------------------------------------ the flow
+
+
+class FailoverReport(BaseModel):
+    cluster: str
+    status: str = "running"  # complete | refused | failed
+    planned: bool = False
+    old_primary: str
+    new_primary: str | None = None
+    already_promoted: bool = False
+    plan: list[str] = []
+    fence: str | None = None
+    approver: str | None = None
+    approval_note: str | None = None
+    reference_lsn: str | None = None
+    promoted_lsn: str | None = None
+    rpo_bytes: int | None = None
+    rto_seconds: float | None = None
+    dns: DNSChange | None = None
+    hooks: list[HookResult] = []
+    canary: CanaryResult | None = None
+    evidence: list[str] = []
+    notes: list[str] = []
+    timeline: list[TimelineEvent] = []
+    error: str | None = None
+    started_at: datetime | None = None
+
+
+def failover_markdown(r: FailoverReport) -> str:
+    title = {"complete": f"Failover complete: {r.new_primary} is the primary",
+             "refused": "Failover refused: nothing was promoted",
+             "failed": "Failover FAILED"}.get(r.status, f"Failover {r.status}")
+    rows = [
+        ("status", r.status), ("old primary", r.old_primary), ("new primary", r.new_primary or "-"),
+        ("RTO (flow start to validated write)", f"{r.rto_seconds:.2f} s" if r.rto_seconds is not None else "-"),
+        ("RPO", f"{r.rpo_bytes} bytes of WAL ({human_bytes(r.rpo_bytes)})" if r.rpo_bytes is not None
+         else "unknown (no WAL position of the old primary)"),
+        ("WAL reference / promoted at", f"{r.reference_lsn or '-'} / {r.promoted_lsn or '-'}"),
+        ("fence", r.fence or "-"), ("approved by", f"{r.approver or '-'} ({r.approval_note or '-'})"),
+        ("DNS", r.dns.detail if r.dns else "-"),
+        ("validation", f"canary row {r.canary.row_id} at {r.canary.lsn}" if r.canary else "-"),
+    ]
+    lines = [f"# {title}", "", *markdown_table(rows)]
+    if r.error:
+        lines += ["", "## What failed", f"`{r.error}`"]
+    if r.plan:
+        lines += ["", "## Plan", *[f"1. {p}" for p in r.plan]]
+    if r.hooks:
+        lines += ["", "## Reconnect hooks", "| hook | target | result | s |", "|---|---|---|---:|"]
+        lines += [f"| {h.kind} | {h.target} | {'ok' if h.ok else 'FAILED'}: {h.message} | {h.seconds:.1f} |"
+                  for h in r.hooks]
+    lines += ["", "## Timeline", *timeline_markdown(r.timeline)]
+    lines += ["", "## What we saw", *[f"- {e}" for e in r.evidence]]
+    if r.notes:
+        lines += ["", "## Notes", *[f"- {n}" for n in r.notes]]
+    lines += ["", "## Next"]
+    if r.status == "complete":
+        lines.append(f"- Repair {r.old_primary}, then run `gravl-dr failback` to make it the primary again.")
+    elif r.status == "refused":
+        lines.append("- Nothing changed. Read the reason above; re-run when the state allows it "
+                     "(`--force` only if you accept the risk it names).")
+    else:
+        lines.append("- Re-run `gravl-dr failover`: finished steps are detected and skipped.")
+        if r.new_primary and r.promoted_lsn:
+            lines.append(f"- {r.new_primary} was promoted and stays the primary; fix what failed above.")
+    return "\n".join(lines) + "\n"
+
+
+def _finish(cfg: Config, report: Any, key: str, job: str,
+            markdown: Callable[[Any], str], metrics: dict[str, tuple[float, str]]) -> None:
+    create_markdown_artifact(markdown=markdown(report), key=key, description=f"{job} of {cfg.cluster}")
+    now = time.time()
+    if report.status == "complete":
+        metrics = {f"gravl_{job}_last_success_timestamp_seconds": (now, f"Time of the last successful {job}"),
+                   **metrics}
+    elif report.status == "failed":
+        metrics = {f"gravl_{job}_last_failure_timestamp_seconds": (now, f"Time of the last failed {job}"),
+                   **metrics}
+    else:
+        metrics = {f"gravl_{job}_last_refusal_timestamp_seconds": (now, f"Time of the last refused {job}")}
+    push_dr_metrics(cfg, job, metrics)
+
+
+def failover_metrics(r: FailoverReport) -> dict[str, tuple[float, str]]:
+    out: dict[str, tuple[float, str]] = {}
+    if r.rto_seconds is not None:
+        out["gravl_failover_rto_seconds"] = (r.rto_seconds, "Last failover: flow start to validated write")
+    if r.rpo_bytes is not None:
+        out["gravl_failover_rpo_bytes"] = (float(r.rpo_bytes), "Last failover: WAL bytes the new primary lacked")
+    return out
+
+
+@flow(name="failover", log_prints=False)
+def failover_flow(
+    config_path: Annotated[str | None, Field(description="gravl-dr config file")] = None,
+    yes: Annotated[bool, Field(description="skip the approval gate")] = False,
+    max_lag_bytes: Annotated[int, Field(ge=0, description="refuse a replica further behind than this")] =
+    DEFAULT_MAX_LAG_BYTES,
+    force: Annotated[bool, Field(description="promote even if the old primary accepts writes or the "
+                                             "replica lags (it is fenced first)")] = False,
+    planned: Annotated[bool, Field(description="the primary is up on purpose (a drill): stop it cleanly, "
+                                               "no data loss")] = False,
+    approved_by: Annotated[str | None, Field(description="set by the CLI after a terminal approval")] = None,
+    approval_timeout_seconds: Annotated[int, Field(ge=10, le=86400)] = 900,
+) -> FailoverReport:
+    """Fail over from the configured primary to the most advanced healthy replica."""
+    tl = Timeline()
+    cfg = load_config(config_path)
+    nodes = resolve_nodes(cfg)
+    check_dns_config(cfg.dns)
+    key = f"failover-report-{cfg.cluster}".replace("_", "-")
+    report = FailoverReport(cluster=cfg.cluster, old_primary=cfg.primary.name, planned=planned,
+                            started_at=tl.started)
+    try:
+        if not cfg.replicas:
+            raise ConfigError("no replicas in the config: nothing to fail over to")
+        primary_state = assess_primary(cfg)
+        tl.add("assess-primary", primary_state.evidence())
+        replica_states = check_replica_health(cfg)
+        tl.add("check-replica-health", "; ".join(s.evidence() for s in replica_states))
+        report.evidence = [primary_state.evidence(), *(s.evidence() for s in replica_states)]
+        plan: FailoverPlan = plan_failover(primary_state, replica_states, max_lag_bytes=max_lag_bytes,
+                                           force=force, planned=planned)
+        report.plan = [f"{s.kind} {s.node}: {s.reason}" for s in plan.steps]
+        report.notes = list(plan.notes)
+        report.new_primary, report.already_promoted = plan.target, plan.already_promoted
+        report.reference_lsn = plan.reference_lsn
+        tl.add("plan", f"target {plan.target}" + (f", {plan.lag_bytes} bytes behind" if plan.lag_bytes
+                                                   is not None else "") + f": {', '.join(plan.kinds())}")
+        target, old = nodes[plan.target], nodes[plan.old_primary]
+        dns_error: str | None = None
+        for step in plan.steps:
+            if step.kind == "approve":
+                report.approver, report.approval_note = approval_gate(
+                    what=f"promote {target.name} in place of {old.name}", plan_lines=report.plan, yes=yes,
+                    approved_by=approved_by, timeout_seconds=approval_timeout_seconds)
+                tl.add("approve", f"approved by {report.approver}")
+            elif step.kind == "fence-old-primary":
+                fence = fence_old_primary(cfg, old, clean=True)
+                report.fence = fence.action
+                tl.add("fence-old-primary", fence.action)
+                if not fence.fenced:
+                    report.notes.append(f"{old.name} could not be fenced: {fence.action}")
+            elif step.kind == "promote-replica":
+                promoted = promote_replica(cfg, target, old, force)
+                report.promoted_lsn = promoted.promoted_lsn
+                tl.add("promote-replica", f"{target.name} promoted, timeline {promoted.timeline} from "
+                       f"{promoted.promoted_lsn}" if not promoted.already_primary
+                       else f"{target.name} already primary")
+            elif step.kind == "switch-dns":
+                try:
+                    report.dns = switch_dns(cfg, [node_dns_value(old)], node_dns_value(target))
+                    tl.add("switch-dns", report.dns.detail)
+                except DRError as exc:
+                    dns_error = f"DNS switch failed: {one_line(exc)}"
+                    tl.add("switch-dns", dns_error)
+            elif step.kind == "reconnect-apps":
+                if dns_error:
+                    tl.add("reconnect-apps", "skipped: DNS does not point at the new primary")
+                    continue
+                event = ReconnectEvent(cluster=cfg.cluster, event="failover", new_primary=target.name,
+                                       old_primary=old.name, host=node_dns_value(target),
+                                       dns_record=cfg.dns.record)
+                report.hooks = reconnect_apps(cfg, event)
+                tl.add("reconnect-apps", f"{sum(h.ok for h in report.hooks)}/{len(report.hooks)} hook(s) ok")
+            elif step.kind == "validate":
+                report.canary = validate_primary(target, f"failover {tl.started.isoformat()}")
+                report.rto_seconds = round(tl.add("validate", f"canary write on {target.name} "
+                                                  f"read back"), 3)
+        if report.promoted_lsn is None and plan.already_promoted:
+            report.promoted_lsn = promote_node(target).promoted_lsn  # read-only: it is a primary
+        report.rpo_bytes = rpo_bytes(report.reference_lsn, report.promoted_lsn)
+        failed_hooks = [h for h in report.hooks if not h.ok]
+        problems = ([dns_error] if dns_error else []) + [
+            f"reconnect hook {h.kind} {h.target} failed: {h.message}" for h in failed_hooks]
+        if problems:
+            raise ReconnectFailed("; ".join(problems) + f" — the promotion of {target.name} stands")
+        report.status = "complete"
+        tl.add("report", f"RTO {report.rto_seconds:.2f}s, RPO {report.rpo_bytes} bytes")
+    except Refused as exc:
+        report.status, report.error = "refused", one_line(exc)
+        tl.add("refused", report.error)
+        report.timeline = tl.events
+        _finish(cfg, report, key, "failover", failover_markdown, {})
+        raise
+    except BaseException as exc:
+        report.status, report.error = "failed", one_line(exc)
+        if report.rpo_bytes is None:
+            report.rpo_bytes = rpo_bytes(report.reference_lsn, report.promoted_lsn)
+        tl.add("failed", report.error)
+        report.timeline = tl.events
+        _finish(cfg, report, key, "failover", failover_markdown, failover_metrics(report))
+        raise
+    report.timeline = tl.events
+    _finish(cfg, report, key, "failover", failover_markdown, failover_metrics(report))
+    return report

@@ -1,0 +1,376 @@
+"""Pure logic: failover and failback planning — observed node states in, an ordered plan of steps out.
+
+Patroni-style plan-then-apply: the planner never touches a server. The flows observe every node,
+ask for a plan, and apply it step by step; each step re-checks its own precondition when it acts,
+so a run interrupted anywhere and started again observes the new state and plans only what is
+left (an already promoted replica is not promoted twice, a fenced primary is not fenced again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from tasks.errors import PreconditionFailed
+
+DEFAULT_MAX_LAG_BYTES = 16 * 1024 * 1024  # refuse to promote a replica further behind than this
+
+# ---------------------------------------------------------------------------------------------
+# LSN arithmetic (an LSN is "hi/lo", two hex numbers: a 64-bit byte position in the WAL stream)
+
+
+def lsn_to_int(lsn: str) -> int:
+    """'16/B374D848' -> byte position; raises ValueError on anything else."""
+    hi, sep, lo = lsn.strip().partition("/")
+    if not sep or not hi or not lo:
+        raise ValueError(f"not an LSN: {lsn!r}")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def int_to_lsn(pos: int) -> str:
+    return f"{pos >> 32:X}/{pos & 0xFFFFFFFF:X}"
+
+
+def lsn_or_none(lsn: str | None) -> int | None:
+    if not lsn:
+        return None
+    try:
+        return lsn_to_int(lsn)
+    except ValueError:
+        return None
+
+
+class Refused(PreconditionFailed):
+    """The planner will not go on: the state makes the operation unsafe or pointless."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Observed state
+
+
+class NodeState(BaseModel):
+    """What one observation of a node found; everything optional that a dead node cannot say."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    configured_role: Literal["primary", "replica"]
+    address: str = ""  # host:port from the DSN, to compare with a standby's upstream
+    reachable: bool = False
+    error: str | None = None
+    in_recovery: bool | None = None
+    read_only: bool | None = None  # default_transaction_read_only (a soft fence)
+    current_lsn: str | None = None  # pg_current_wal_lsn() on a primary
+    receive_lsn: str | None = None  # pg_last_wal_receive_lsn() on a standby
+    replay_lsn: str | None = None  # pg_last_wal_replay_lsn() on a standby
+    replay_lag_seconds: float | None = None
+    replay_paused: bool = False
+    wal_receiver: str | None = None  # pg_stat_wal_receiver.status, None when no receiver runs
+    upstream: str | None = None  # sender_host:sender_port of the WAL receiver
+    timeline: int | None = None
+    system_identifier: str | None = None
+    # Facts from a local data directory (when the config gives pgdata and it is on this host)
+    local_pgdata: bool = False
+    postmaster_running: bool | None = None
+    fenced: bool = False  # our fence marker is in the data directory
+    control_state: str | None = None  # pg_controldata "Database cluster state" when down
+    checkpoint_lsn: str | None = None  # pg_controldata "Latest checkpoint location" when down
+    last_local_lsn: str | None = None  # end of the WAL found in pg_wal when down
+
+    @property
+    def accepts_writes(self) -> bool:
+        return self.reachable and self.in_recovery is False and not self.read_only
+
+    @property
+    def is_standby(self) -> bool:
+        return self.reachable and self.in_recovery is True
+
+    @property
+    def position(self) -> int | None:
+        """How far this node's WAL goes: current LSN on a primary, else the furthest of received
+        and replayed (a promotion replays everything received before it ends recovery)."""
+        if self.in_recovery is False:
+            return lsn_or_none(self.current_lsn)
+        known = [p for p in (lsn_or_none(self.receive_lsn), lsn_or_none(self.replay_lsn)) if p is not None]
+        return max(known) if known else None
+
+    def evidence(self) -> str:
+        """One line an operator can read: what we saw on this node."""
+        if not self.reachable:
+            extra = []
+            if self.local_pgdata:
+                extra.append("postmaster running" if self.postmaster_running else "postmaster not running")
+                if self.control_state:
+                    extra.append(f"control file: {self.control_state}")
+                if self.last_local_lsn:
+                    extra.append(f"WAL on disk ends at {self.last_local_lsn}")
+                if self.fenced:
+                    extra.append("fenced")
+            tail = f" ({', '.join(extra)})" if extra else ""
+            return f"{self.name}: unreachable — {self.error or 'no answer'}{tail}"
+        if self.in_recovery:
+            lag = f", {self.replay_lag_seconds:.1f} s since last replayed commit" \
+                if self.replay_lag_seconds is not None else ""
+            paused = ", replay PAUSED" if self.replay_paused else ""
+            return (f"{self.name}: standby, received {self.receive_lsn or '-'}, replayed "
+                    f"{self.replay_lsn or '-'}, WAL receiver {self.wal_receiver or 'not running'}"
+                    f"{lag}{paused}, timeline {self.timeline}")
+        mode = "read-only (fenced)" if self.read_only else "accepting writes"
+        return f"{self.name}: primary {mode} at {self.current_lsn}, timeline {self.timeline}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans
+
+StepKind = Literal[
+    "fence-old-primary", "approve", "promote-replica", "switch-dns", "reconnect-apps", "validate",
+    "backup-current-primary", "rebuild-old-primary", "wait-for-zero-lag", "switchover",
+    "rejoin-former-primary",
+]
+
+
+class Step(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    kind: StepKind
+    node: str
+    reason: str
+
+
+class FailoverPlan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    old_primary: str
+    target: str
+    already_promoted: bool
+    steps: list[Step]
+    reference_lsn: str | None  # furthest WAL position known anywhere (the RPO reference)
+    target_lsn: str | None
+    lag_bytes: int | None
+    evidence: list[str]
+    notes: list[str] = []
+
+    def kinds(self) -> list[str]:
+        return [s.kind for s in self.steps]
+
+
+def _refuse(message: str, states: Sequence[NodeState]) -> Refused:
+    return Refused(message + " | " + " | ".join(s.evidence() for s in states))
+
+
+def plan_failover(
+    primary: NodeState,
+    replicas: Sequence[NodeState],
+    *,
+    max_lag_bytes: int,
+    force: bool = False,
+    planned: bool = False,
+) -> FailoverPlan:
+    """Decide whether and how to fail over from ``primary`` to one of ``replicas``.
+
+    Refuses (raises Refused) when the old primary accepts writes (unless forced, or ``planned``
+    with a local data directory so it can be stopped cleanly), when no replica is healthy, when
+    the best replica lags more than ``max_lag_bytes`` behind the furthest known WAL position
+    (unless forced), and when more than one node already accepts writes.
+    """
+    everyone = [primary, *replicas]
+    promoted = [r for r in replicas if r.accepts_writes]
+    notes: list[str] = []
+    if len(promoted) > 1:
+        raise _refuse(
+            f"split brain: several replicas accept writes ({', '.join(r.name for r in promoted)}); "
+            "resolve by hand", everyone)
+    if primary.accepts_writes:
+        if planned and not primary.local_pgdata:
+            raise _refuse(f"planned failover needs {primary.name}'s pgdata on this host to stop it cleanly",
+                          everyone)
+        if promoted and not force:
+            raise _refuse(
+                f"split brain: {primary.name} and {promoted[0].name} both accept writes; stop "
+                f"{primary.name} or re-run with --force to fence it", everyone)
+        if not promoted and not (force or planned):
+            raise _refuse(
+                f"refusing to fail over: primary {primary.name} is up and accepting writes at "
+                f"{primary.current_lsn}; stop it first or pass --force", everyone)
+        notes.append(f"{primary.name} was accepting writes: it is fenced before anything is promoted"
+                     + (" (planned: clean shutdown, no data loss)" if planned else " (forced)"))
+
+    if promoted:
+        target = promoted[0]
+        already = True
+        notes.append(f"{target.name} was already promoted: converging (no second promotion)")
+    else:
+        already = False
+        healthy = [r for r in replicas if r.is_standby and _same_system(r, primary)]
+        if not healthy:
+            raise _refuse("no healthy replica to promote", everyone)
+        if planned:
+            streaming = [r for r in healthy if r.wal_receiver == "streaming"]
+            if not streaming:
+                raise _refuse("planned failover needs a replica that is streaming now", everyone)
+            healthy = streaming
+        order = {r.name: i for i, r in enumerate(replicas)}
+        target = max(healthy, key=lambda r: (r.position or -1, -order[r.name]))
+
+    known = [p for p in (lsn_or_none(primary.current_lsn) if primary.in_recovery is False else None,
+                         lsn_or_none(primary.last_local_lsn),
+                         *(r.position for r in replicas if not r.accepts_writes))
+             if p is not None]
+    reference = max(known) if known else None
+    lag = reference - target.position if reference is not None and target.position is not None else None
+    if not already and not planned:
+        if lag is None:
+            notes.append("the replica's lag is unknown (no WAL position anywhere)")
+        elif lag > max_lag_bytes and not force:
+            raise _refuse(
+                f"refusing to promote {target.name}: it is {lag} bytes behind the furthest known WAL "
+                f"position {int_to_lsn(reference or 0)} (limit --max-lag-bytes {max_lag_bytes}); "
+                "pass --force to accept the data loss", everyone)
+        elif lag > max_lag_bytes:
+            notes.append(f"FORCED: promoting {target.name} {lag} bytes behind (limit {max_lag_bytes})")
+    if target.replay_paused and not already:
+        notes.append(f"replay on {target.name} was paused; promotion resumes and finishes it")
+
+    steps: list[Step] = []
+    alive = primary.accepts_writes
+    if alive:
+        # Stopping a live primary is disruptive: ask before it, not after.
+        steps.append(Step(kind="approve", node=target.name,
+                          reason=f"fence {primary.name} (it accepts writes) and promote {target.name}"))
+    if alive or not primary.fenced or primary.postmaster_running:
+        if primary.local_pgdata:
+            how = "stop it and mark its data directory so a restart stays read-only"
+        elif primary.reachable:
+            how = "make it refuse writes (default_transaction_read_only) and end its sessions"
+        else:
+            how = "unreachable and no local data directory: record that it could not be fenced"
+        steps.append(Step(kind="fence-old-primary", node=primary.name, reason=how))
+    if not already:
+        if not alive:
+            steps.append(Step(kind="approve", node=target.name, reason=f"promote {target.name}"))
+        steps.append(Step(kind="promote-replica", node=target.name,
+                          reason=f"most advanced healthy replica at {int_to_lsn(target.position or 0)}"
+                          + (f", {lag} bytes behind" if lag is not None else "")))
+    steps += [
+        Step(kind="switch-dns", node=target.name, reason=f"point the record at {target.name} if it "
+             f"still points at {primary.name}"),
+        Step(kind="reconnect-apps", node=target.name, reason="run the configured reconnect hooks"),
+        Step(kind="validate", node=target.name, reason="canary write and read on the new primary"),
+    ]
+    return FailoverPlan(
+        old_primary=primary.name, target=target.name, already_promoted=already, steps=steps,
+        reference_lsn=int_to_lsn(reference) if reference is not None else None,
+        target_lsn=int_to_lsn(target.position) if target.position is not None else None,
+        lag_bytes=lag, evidence=[s.evidence() for s in everyone], notes=notes,
+    )
+
+
+def _same_system(a: NodeState, b: NodeState) -> bool:
+    return a.system_identifier is None or b.system_identifier is None or \
+        a.system_identifier == b.system_identifier
+
+
+def rpo_bytes(reference_lsn: str | None, promoted_lsn: str | None) -> int | None:
+    """WAL bytes the promoted node never had: known reference minus the promotion point."""
+    ref, got = lsn_or_none(reference_lsn), lsn_or_none(promoted_lsn)
+    if ref is None or got is None:
+        return None
+    return max(0, ref - got)
+
+
+# ---------------------------------------------------------------------------------------------
+# Failback
+
+
+class FailbackPlan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    home: str  # the configured primary, where we go back to
+    current: str | None  # the node that is primary now (None when the switchover already happened)
+    steps: list[Step]
+    evidence: list[str]
+    notes: list[str] = []
+
+    def kinds(self) -> list[str]:
+        return [s.kind for s in self.steps]
+
+
+def plan_failback(home: NodeState, others: Sequence[NodeState], *, backup: bool = True) -> FailbackPlan:
+    """Plan the way back to the configured primary ``home`` from whichever node is primary now.
+
+    A controlled switchover: the current primary is shut down cleanly, ``home`` (a streaming
+    standby by then) replays its last WAL record and is promoted, the former primary rejoins as
+    a standby. Converges from any interrupted point, including a crash between the clean
+    shutdown and the promotion.
+    """
+    everyone = [home, *others]
+    writable = [n for n in everyone if n.accepts_writes]
+    notes: list[str] = []
+    if len(writable) > 1:
+        raise _refuse(f"split brain: {', '.join(n.name for n in writable)} all accept writes; "
+                      "resolve by hand", everyone)
+    steps: list[Step] = []
+    current: NodeState | None = writable[0] if writable else None
+
+    if current is not None and current.name == home.name:
+        notes.append(f"{home.name} is the primary already: converging")
+        current = None
+    elif current is None:
+        # Nobody accepts writes: only safe to go on if this is the tail of our own switchover —
+        # home is a standby and the former primary was shut down cleanly.
+        stopped = [n for n in others if not n.reachable and n.local_pgdata and n.control_state == "shut down"]
+        if not (home.is_standby and stopped):
+            raise _refuse("no node accepts writes: nothing to fail back from (is this a failover?)",
+                          everyone)
+        notes.append(f"{stopped[0].name} is shut down cleanly and {home.name} is a standby: "
+                     "resuming an interrupted switchover")
+        steps += [
+            Step(kind="approve", node=home.name, reason=f"promote {home.name} (resume switchover)"),
+            Step(kind="switchover", node=home.name,
+                 reason=f"{stopped[0].name} is already stopped; check {home.name} replayed its final "
+                 "checkpoint, then promote"),
+        ]
+    else:
+        streaming_from_current = (
+            home.is_standby and home.wal_receiver == "streaming" and home.upstream == current.address
+            and _same_system(home, current)
+        )
+        if backup:
+            steps.append(Step(kind="backup-current-primary", node=current.name,
+                              reason="a fresh physical backup before anything moves"))
+        if not streaming_from_current:
+            if not home.local_pgdata:
+                raise _refuse(f"cannot rebuild {home.name}: its pgdata is not on this host", everyone)
+            steps.append(Step(kind="rebuild-old-primary", node=home.name,
+                              reason=f"make {home.name} a standby of {current.name} (pg_rewind, else "
+                              "re-clone)"))
+        if not current.local_pgdata:
+            raise _refuse(f"cannot switch over: {current.name}'s pgdata is not on this host (a clean "
+                          "shutdown needs pg_ctl)", everyone)
+        steps += [
+            Step(kind="wait-for-zero-lag", node=home.name,
+                 reason=f"{home.name} streams from {current.name} with nothing left to replay"),
+            Step(kind="approve", node=home.name, reason=f"switch over from {current.name} to {home.name}"),
+            Step(kind="switchover", node=home.name,
+                 reason=f"clean shutdown of {current.name}, {home.name} replays the final LSN, promote"),
+        ]
+    for other in others:
+        if current is not None and other.name == current.name:
+            steps.append(Step(kind="rejoin-former-primary", node=other.name,
+                              reason=f"restart {other.name} as a standby of {home.name}"))
+        elif not (other.is_standby and other.upstream == home.address):
+            if other.local_pgdata:
+                steps.append(Step(kind="rejoin-former-primary", node=other.name,
+                                  reason=f"point {other.name} at {home.name}"))
+            else:
+                notes.append(f"{other.name} does not stream from {home.name} and its pgdata is not "
+                             "here: re-point it by hand")
+    steps += [
+        Step(kind="switch-dns", node=home.name, reason=f"point the record back at {home.name}"),
+        Step(kind="reconnect-apps", node=home.name, reason="run the configured reconnect hooks"),
+        Step(kind="validate", node=home.name, reason=f"canary write and read on {home.name}"),
+    ]
+    return FailbackPlan(home=home.name, current=current.name if current else None, steps=steps,
+                        evidence=[s.evidence() for s in everyone], notes=notes)

@@ -1,0 +1,177 @@
+"""Adapter: application reconnect hooks run after a promotion — a command, a webhook, a Kubernetes rollout restart.
+
+Each hook has a timeout and reports its own outcome; a failing hook never raises here, so every
+hook runs and the flow decides (it fails after the database steps are done, never undoing them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from tasks.config import KubernetesHook, ReconnectHook
+from tasks.errors import DRError, one_line
+from tasks.proc import run
+
+log = logging.getLogger(__name__)
+
+
+class ReconnectEvent(BaseModel):
+    """What moved, as told to every hook (env vars for commands, JSON body for webhooks)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    cluster: str
+    event: str  # failover | failback
+    new_primary: str
+    old_primary: str
+    host: str  # the new primary's DNS value / host
+    dns_record: str | None = None
+
+
+class HookResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    kind: str
+    target: str
+    ok: bool
+    seconds: float
+    message: str
+
+
+def describe_hook(hook: ReconnectHook) -> tuple[str, str]:
+    if hook.command:
+        return "command", " ".join(hook.command)
+    if hook.webhook:
+        return "webhook", _redact_url(hook.webhook)
+    assert hook.kubernetes is not None
+    return "kubernetes", f"{hook.kubernetes.namespace}/{','.join(hook.kubernetes.deployments)}"
+
+
+def _redact_url(url: str) -> str:
+    """Webhook URLs may carry a token in the query string: keep scheme, host and path only."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def run_hook(hook: ReconnectHook, event: ReconnectEvent) -> HookResult:
+    kind, target = describe_hook(hook)
+    t0 = time.monotonic()
+    try:
+        if hook.command:
+            message = _run_command(hook.command, event, hook.timeout)
+        elif hook.webhook:
+            message = _call_webhook(hook.webhook, event, hook.timeout)
+        else:
+            assert hook.kubernetes is not None
+            message = rollout_restart(hook.kubernetes, hook.timeout)
+        ok = True
+    except DRError as exc:
+        ok, message = False, one_line(exc)
+    except Exception as exc:  # noqa: BLE001 - a hook's failure is reported, not raised
+        ok, message = False, f"{type(exc).__name__}: {one_line(exc)}"
+    seconds = time.monotonic() - t0
+    (log.info if ok else log.error)("reconnect hook %s %s: %s (%.1fs)", kind, target,
+                                    message if ok else f"FAILED: {message}", seconds)
+    return HookResult(kind=kind, target=target, ok=ok, seconds=seconds, message=message)
+
+
+def run_hooks(hooks: Sequence[ReconnectHook], event: ReconnectEvent) -> list[HookResult]:
+    return [run_hook(h, event) for h in hooks]
+
+
+def _run_command(argv: list[str], event: ReconnectEvent, timeout: float) -> str:
+    env = {
+        "GRAVL_DR_EVENT": event.event, "GRAVL_DR_CLUSTER": event.cluster,
+        "GRAVL_DR_NEW_PRIMARY": event.new_primary, "GRAVL_DR_OLD_PRIMARY": event.old_primary,
+        "GRAVL_DR_NEW_HOST": event.host, "GRAVL_DR_DNS_RECORD": event.dns_record or "",
+    }
+    proc = run(argv, timeout=timeout, env=env)
+    out = proc.stdout.strip().splitlines()
+    return f"exited 0{': ' + out[-1][:200] if out else ''}"
+
+
+class HookFailed(DRError):
+    pass
+
+
+def _call_webhook(url: str, event: ReconnectEvent, timeout: float) -> str:
+    body = json.dumps({**event.model_dump(), "at": datetime.now(UTC).isoformat()}).encode()
+    req = urllib.request.Request(url, data=body, method="POST", headers={
+        "Content-Type": "application/json", "User-Agent": "gravl-dr"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return f"HTTP {resp.status}"
+    except urllib.error.HTTPError as exc:
+        raise HookFailed(f"webhook {_redact_url(url)} answered HTTP {exc.code}") from None
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise HookFailed(f"webhook {_redact_url(url)} unreachable: {reason}") from None
+
+
+def _k8s_apps_api(spec: KubernetesHook) -> Any:
+    from kubernetes import client, config  # type: ignore[import-untyped]
+
+    if spec.kubeconfig or not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        api_client = config.new_client_from_config(config_file=spec.kubeconfig, context=spec.context)
+    else:
+        config.load_incluster_config()
+        api_client = client.ApiClient()
+    return client.AppsV1Api(api_client)
+
+
+def rollout_restart(spec: KubernetesHook, timeout: float) -> str:
+    """What `kubectl rollout restart` does — bump a pod-template annotation — then wait for the rollout."""
+    from kubernetes.client.exceptions import ApiException  # type: ignore[import-untyped]
+
+    api = _k8s_apps_api(spec)
+    deadline = time.monotonic() + timeout
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = {"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": stamp}}}}}
+    patched: dict[str, int] = {}
+    for name in spec.deployments:
+        try:
+            dep = api.patch_namespaced_deployment(name, spec.namespace, body,
+                                                  _request_timeout=max(1.0, deadline - time.monotonic()))
+        except ApiException as exc:
+            raise HookFailed(f"kubernetes: cannot restart deployment {spec.namespace}/{name}: "
+                             f"HTTP {exc.status} {exc.reason}") from None
+        except Exception as exc:  # urllib3 connection errors
+            raise HookFailed(f"kubernetes API unreachable restarting {spec.namespace}/{name}: "
+                             f"{type(exc).__name__}") from None
+        patched[name] = int(dep.metadata.generation or 0)
+    if not spec.wait:
+        return f"restarted {len(patched)} deployment(s) in {spec.namespace}"
+    pending = dict(patched)
+    while pending:
+        for name, generation in list(pending.items()):
+            try:
+                dep = api.read_namespaced_deployment_status(
+                    name, spec.namespace, _request_timeout=max(1.0, deadline - time.monotonic()))
+            except ApiException as exc:
+                raise HookFailed(f"kubernetes: cannot read {spec.namespace}/{name}: HTTP {exc.status}") from None
+            st, want = dep.status, dep.spec.replicas if dep.spec.replicas is not None else 1
+            # The rollout is done when the controller saw our generation and every replica is
+            # updated and available (kubectl rollout status's condition, deployment_util.go).
+            if (st.observed_generation or 0) >= generation and (st.updated_replicas or 0) >= want \
+                    and (st.available_replicas or 0) >= want and (st.replicas or 0) <= want:
+                del pending[name]
+        if pending:
+            if time.monotonic() > deadline:
+                raise HookFailed(f"kubernetes: rollout of {', '.join(sorted(pending))} in {spec.namespace} "
+                                 f"not finished after {timeout:.0f}s")
+            time.sleep(0.5)
+    return f"restarted {len(patched)} deployment(s) in {spec.namespace}; rollout finished"
