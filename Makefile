@@ -10,7 +10,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 $(VENV)/.installed: pyproject.toml
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install -q uv
 	@test -x $(PY) || uv venv -q --python python3 $(VENV)
-	uv pip install -q --python $(PY) -e '.[test]'
+	uv pip install -q --compile-bytecode --python $(PY) -e '.[test]'
 	@touch $@
 
 venv: $(VENV)/.installed

@@ -27,7 +27,7 @@ from tasks.libpq import client_env
 from tasks.models import Manifest
 from tasks.pgcluster import chown_tree
 from tasks.postgres import is_empty_database, safe_dsn
-from tasks.proc import as_user, child_env, pg_bin, run, tail
+from tasks.proc import child_env, pg_bin, run, tail
 from tasks.repository import Repository
 from tasks.streams import decode, threaded, verified
 
@@ -87,9 +87,10 @@ def restore_physical(cfg: Config, repo: Repository, manifest: Manifest, pgdata: 
     pgdata.mkdir(mode=0o700, exist_ok=True)
     pgdata.chmod(0o700)
     chown_tree(pgdata, cfg.postgres.os_user)
-    os_user = cfg.postgres.os_user if os.geteuid() == 0 else None
+    # tar runs as ourselves (root can write where the server user may not traverse); the tree
+    # is handed to postgres.os_user afterwards.
     tar = subprocess.Popen(
-        as_user(["tar", "-x", "-f", "-", "-C", str(pgdata), "--no-same-owner"], os_user),
+        ["tar", "-x", "-f", "-", "-C", str(pgdata), "--no-same-owner", "--no-same-permissions"],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         env=child_env(),
     )
@@ -122,6 +123,7 @@ def restore_physical(cfg: Config, repo: Repository, manifest: Manifest, pgdata: 
     # pg_basebackup's tar leaves the server's own directories with its modes; the server
     # insists on 0700 for the data directory itself.
     pgdata.chmod(0o700)
+    chown_tree(pgdata, cfg.postgres.os_user)
     return RestoreResult(manifest.id, str(pgdata), raw_bytes, time.monotonic() - t0, verify_seconds)
 
 

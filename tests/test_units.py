@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -10,7 +11,7 @@ from tasks.config import parse_config
 from tasks.errors import AlreadyExists, ChecksumMismatch, ConfigError, PreconditionFailed
 from tasks.models import format_lsn, parse_lsn, wal_file_name, wal_name_from_segno, wal_segno
 from tasks.repository import FileRepository
-from tasks.streams import compress, decode, decompress, encode, key_fingerprint, load_key
+from tasks.streams import compress, decode, decompress, encode, key_fingerprint, load_key, verified
 
 BASE = {"primary": {"dsn": "host=127.0.0.1 dbname=x"}, "repository": {"url": "file:///tmp/x"}}
 
@@ -71,9 +72,19 @@ def test_codec_round_trip(codec) -> None:
 
 @pytest.mark.parametrize("codec", ["zstd", "lz4", "gzip"])
 def test_truncated_stream_is_detected(codec) -> None:
-    stored = b"".join(compress(iter([os.urandom(50_000)]), codec))
+    raw = os.urandom(50_000) + bytes(3_000_000)
+    stored = b"".join(compress(iter([raw]), codec))
+    digest = hashlib.sha256(raw).hexdigest()
     with pytest.raises(ChecksumMismatch):
-        b"".join(decompress(iter([stored[: len(stored) // 2]]), codec))
+        b"".join(verified(decompress(iter([stored[: len(stored) // 2]]), codec), digest, len(raw), "x"))
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4", "gzip"])
+def test_decompressed_chunks_stay_bounded(codec) -> None:
+    # 64 MiB of zeros compress to a few KiB: output must still come in bounded chunks
+    stored = b"".join(compress(iter([bytes(4 << 20)] * 16), codec))
+    sizes = [len(c) for c in decompress(iter([stored]), codec)]
+    assert sum(sizes) == 64 << 20 and max(sizes) <= 4 << 20
 
 
 def test_encrypted_pipeline_round_trip_and_wrong_key() -> None:

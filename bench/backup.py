@@ -1,0 +1,142 @@
+"""Benchmark: gravl-dr physical/logical backup and physical restore against the plain pipes.
+
+    python bench/backup.py --scale 100            # pgbench scale 100 is about 1.6 GB
+    python bench/backup.py --scale 20 --scale 100 # memory: peak RSS at two sizes
+
+Measures in the same run: `gravl-dr backup --kind physical` to a file repository (data path =
+wall time minus the same command with --dry-run, which pays the fixed start-up cost), against
+`pg_basebackup -D - -Ft -X fetch | zstd -3 -T2 > file`; the logical backup against
+`pg_dump -Fc > file` and `pg_dump | gzip -6 > file`; the restore against `zstd -d | tar -x`.
+Flow runs go to a local Prefect server started here (as with PREFECT_API_URL in production).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from common import BIN, GRAVL_DR, cleanup, pgbench_cluster, ratio, start_prefect_server, timed
+
+import yaml
+
+
+def bench_scale(scale: int, env: dict[str, str]) -> dict[str, float]:
+    cluster = pgbench_cluster(scale)
+    work = Path(tempfile.mkdtemp(prefix="gravl-bench-work-", dir="/tmp"))
+    res: dict[str, float] = {"scale": scale}
+    try:
+        cfg = work / "gravl-dr.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "cluster": "bench", "primary": {"dsn": cluster.dsn()},
+            "repository": {"url": f"file://{work / 'repo'}", "compression": "zstd"},
+        }))
+        conn = f"-h {cluster.host} -p {cluster.port} -U postgres"
+        size = timed(["psql", *conn.split(), "-d", "bench", "-Atc", "select pg_database_size('bench')"])
+        res["db_mb"] = int(size.stdout.strip()) / 2**20
+
+        def gravl(*args: str):  # noqa: ANN202
+            t = timed([GRAVL_DR, "--config", str(cfg), *args], env=env)
+            if t.returncode != 0:
+                raise SystemExit(f"gravl-dr {' '.join(args)} failed: {t.stderr[-2000:]}")
+            return t
+
+        # physical
+        dry = gravl("backup", "--kind", "physical", "--dry-run")
+        pipe = timed(f"{BIN}/pg_basebackup {conn} -D - -Ft -X fetch -c fast | zstd -q -3 -T2 > {work}/pipe.tar.zst",
+                     shell=True, root_only=False)
+        phys = gravl("backup", "--kind", "physical", "--json")
+        report = json.loads(phys.stdout[phys.stdout.index("{"):])
+        res.update({
+            "fixed_cost_s": dry.seconds, "idle_rss_mb": dry.peak_rss_mb,
+            "physical_wall_s": phys.seconds, "physical_data_path_s": phys.seconds - dry.seconds,
+            "physical_stream_s": report["stream_seconds"], "physical_rss_mb": phys.peak_rss_mb,
+            "physical_raw_mb": report["raw_bytes"] / 2**20, "physical_stored_mb": report["stored_bytes"] / 2**20,
+            "pipe_basebackup_zstd_s": pipe.seconds,
+            "pipe_stored_mb": (work / "pipe.tar.zst").stat().st_size / 2**20,
+        })
+        # logical
+        dryl = gravl("backup", "--kind", "logical", "--dry-run")
+        fc = timed(f"{BIN}/pg_dump {conn} -d bench -Fc -f {work}/dump.pgc", shell=True, root_only=False)
+        gz = timed(f"{BIN}/pg_dump {conn} -d bench | gzip -6 > {work}/dump.sql.gz", shell=True, root_only=False)
+        logi = gravl("backup", "--kind", "logical", "--json")
+        lrep = json.loads(logi.stdout[logi.stdout.index("{"):])
+        res.update({
+            "logical_wall_s": logi.seconds, "logical_data_path_s": logi.seconds - dryl.seconds,
+            "logical_stored_mb": lrep["stored_bytes"] / 2**20, "logical_rss_mb": logi.peak_rss_mb,
+            "pg_dump_fc_s": fc.seconds, "pg_dump_fc_mb": (work / "dump.pgc").stat().st_size / 2**20,
+            "pg_dump_gzip_s": gz.seconds, "pg_dump_gzip_mb": (work / "dump.sql.gz").stat().st_size / 2**20,
+        })
+        # restore (physical): gravl-dr restore vs zstd -d | tar -x of the pipe's file
+        target = work / "restored"
+        rest = gravl("restore", report["backup_id"], "--pgdata", str(target), "--json")
+        rrep = json.loads(rest.stdout[rest.stdout.index("{"):])
+        shutil.rmtree(target)
+        (work / "untar").mkdir()
+        untar = timed(f"zstd -q -d -c {work}/pipe.tar.zst | tar -x -C {work}/untar", shell=True, root_only=False)
+        res.update({
+            "restore_wall_s": rest.seconds, "restore_flow_s": rrep["seconds"],
+            "restore_rss_mb": rest.peak_rss_mb, "pipe_zstd_untar_s": untar.seconds,
+        })
+    finally:
+        cluster.destroy()
+        cleanup(cluster.pgdata.parent, work)
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=int, action="append", help="pgbench scale (repeatable)")
+    parser.add_argument("--ephemeral", action="store_true", help="no Prefect server: ephemeral mode")
+    args = parser.parse_args()
+    scales = args.scale or [20]
+    env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    server = None
+    if not args.ephemeral:
+        server, url, home = start_prefect_server()
+        env["PREFECT_API_URL"] = url
+    try:
+        results = [bench_scale(s, env) for s in scales]
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait()
+            cleanup(home)
+    for r in results:
+        print(f"\n== pgbench scale {r['scale']} ({r['db_mb']:.0f} MB database) ==")
+        print(f"fixed start-up cost (--dry-run):       {r['fixed_cost_s']:.2f} s, idle RSS {r['idle_rss_mb']:.0f} MB")
+        print(f"physical backup data path:             {r['physical_data_path_s']:.2f} s "
+              f"(stream {r['physical_stream_s']:.2f} s, {r['physical_raw_mb'] / max(r['physical_stream_s'], 1e-9):.0f} MB/s) "
+              f"-> {r['physical_stored_mb']:.0f} MB, peak RSS {r['physical_rss_mb']:.0f} MB")
+        print(f"pg_basebackup | zstd -3 -T2:           {r['pipe_basebackup_zstd_s']:.2f} s -> {r['pipe_stored_mb']:.0f} MB")
+        print(f"  ratio data path / pipe:              {ratio(r['physical_data_path_s'], r['pipe_basebackup_zstd_s'])}"
+              "  (target <= 1.10x)")
+        print(f"logical backup data path:              {r['logical_data_path_s']:.2f} s -> {r['logical_stored_mb']:.0f} MB, "
+              f"peak RSS {r['logical_rss_mb']:.0f} MB")
+        print(f"pg_dump -Fc:                           {r['pg_dump_fc_s']:.2f} s -> {r['pg_dump_fc_mb']:.0f} MB")
+        print(f"pg_dump | gzip -6:                     {r['pg_dump_gzip_s']:.2f} s -> {r['pg_dump_gzip_mb']:.0f} MB")
+        print(f"  ratio data path / pg_dump -Fc:       {ratio(r['logical_data_path_s'], r['pg_dump_fc_s'])}"
+              f"  size {ratio(r['logical_stored_mb'], r['pg_dump_fc_mb'])}  (targets <= 1.00x, < 1.00x)")
+        print(f"physical restore (inside the flow):    {r['restore_flow_s']:.2f} s (wall {r['restore_wall_s']:.2f} s), "
+              f"peak RSS {r['restore_rss_mb']:.0f} MB")
+        print(f"zstd -d | tar -x:                      {r['pipe_zstd_untar_s']:.2f} s")
+        print(f"  ratio restore / pipe:                {ratio(r['restore_flow_s'], r['pipe_zstd_untar_s'])}  (target <= 1.10x)")
+        print(f"  memory above idle: backup {r['physical_rss_mb'] - r['idle_rss_mb']:+.0f} MB, "
+              f"restore {r['restore_rss_mb'] - r['idle_rss_mb']:+.0f} MB  (target <= 100 MB)")
+    if len(results) > 1:
+        a, b = results[0], results[-1]
+        print(f"\npeak RSS of physical backup, scale {a['scale']} vs {b['scale']}: "
+              f"{a['physical_rss_mb']:.0f} MB vs {b['physical_rss_mb']:.0f} MB "
+              f"({(b['physical_rss_mb'] / a['physical_rss_mb'] - 1) * 100:+.1f} %, target within 10 %)")
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "backup.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    sys.exit(main())
