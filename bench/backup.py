@@ -20,9 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import BIN, GRAVL_DR, cleanup, pgbench_cluster, ratio, start_prefect_server, timed
-
 import yaml
+from benchlib import BIN, GRAVL_DR, cleanup, pgbench_cluster, ratio, start_prefect_server, timed
 
 
 def bench_scale(scale: int, env: dict[str, str]) -> dict[str, float]:
