@@ -13,10 +13,12 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
 
 from tasks.errors import DRError, one_line
+
+T = TypeVar("T")
 
 # Modules that add sub-commands (each has ``register(subparsers)``), in help order.
 COMMAND_MODULES = [
@@ -62,7 +64,7 @@ def quiet_console_tracebacks() -> None:
                 handler.addFilter(_NoTraceback())
 
 
-def run_flow(flow_fn, **params):  # type: ignore[no-untyped-def]
+def run_flow(flow_fn: Callable[..., T], **params: Any) -> T:
     """Run a flow in-process: against PREFECT_API_URL when set, else Prefect's ephemeral mode."""
     prefect_environment()
     root = logging.getLogger()

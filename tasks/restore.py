@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,9 @@ def check_pgdata_target(pgdata: Path) -> None:
         raise PreconditionFailed(f"parent directory of restore target {pgdata} does not exist")
 
 
-def _object_stream(repo: Repository, manifest: Manifest, key: bytes | None, index: int = 0):
+def _object_stream(
+    repo: Repository, manifest: Manifest, key: bytes | None, index: int = 0
+) -> Iterator[bytes]:
     obj = manifest.objects[index]
     what = f"backup {manifest.id} object {obj.key}"
     stored = verified(

@@ -249,7 +249,9 @@ def decompress(source: Iterable[bytes], codec: str, what: str = "object") -> Ite
 
             reader = _IterReader(source)
             yield from zstandard.ZstdDecompressor().read_to_iter(
-                reader, read_size=1 << 20, write_size=CHUNK
+                reader,  # type: ignore[arg-type]  # duck-typed: only read() is used
+                read_size=1 << 20,
+                write_size=CHUNK,
             )
             if reader.read(1):
                 raise ChecksumMismatch(f"{what}: data after the end of the zstd stream")
