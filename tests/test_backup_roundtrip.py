@@ -50,6 +50,10 @@ def test_physical_backup_round_trip(backend, make_config, file_repo_url, s3_repo
     assert manifest.start_lsn and manifest.stop_lsn and manifest.start_wal and manifest.stop_wal
     assert manifest.row_counts["gravl"]["public.workout_logs"] == 5000
     assert report.stored_bytes == manifest.stored_bytes < manifest.raw_bytes
+    if backend == "s3":  # storage class and SSE reached S3
+        head = repo.client.head_object(Bucket=repo.bucket,
+                                       Key=f"gravl/backups/{manifest.id}/{manifest.objects[0].key}")
+        assert head["StorageClass"] == "STANDARD_IA" and head["ServerSideEncryption"] == "AES256"
     # AND the restored cluster holds exactly the source's data
     _restore_and_compare_physical(cfg_path, pg_primary, pg_dir)
 
@@ -105,3 +109,42 @@ def test_encrypted_backup_round_trip_and_wrong_key(make_config, file_repo_url, f
     assert key not in proc.stderr
     # AND the restore with the key equals the source
     _restore_and_compare_physical(cfg_path, pg_primary, pg_dir)
+
+
+def test_transient_s3_error_is_retried_cleanly(make_config, s3_repo_url, moto_endpoint, monkeypatch) -> None:
+    from botocore.exceptions import ClientError
+
+    from tasks.repository import S3Repository
+
+    # GIVEN an S3 endpoint whose first multipart upload fails at its second part with a 500
+    cfg_path = make_config(s3_repo_url, moto=moto_endpoint, repository={"compression": "none"})
+    real_put_stream = S3Repository.put_stream
+    attempts: list[str] = []
+
+    def flaky_put_stream(self, key, chunks):
+        attempts.append(key)
+        if "/base.tar" in key and len([k for k in attempts if "/base.tar" in k]) == 1:
+            real_upload = self.client.upload_part
+
+            def upload_part(**kwargs):
+                if kwargs["PartNumber"] == 2:
+                    raise ClientError({"Error": {"Code": "InternalError", "Message": "injected"},
+                                       "ResponseMetadata": {"HTTPStatusCode": 500}}, "UploadPart")
+                return real_upload(**kwargs)
+
+            monkeypatch.setattr(self.client, "upload_part", upload_part)
+            try:
+                return real_put_stream(self, key, chunks)
+            finally:
+                monkeypatch.setattr(self.client, "upload_part", real_upload)
+        return real_put_stream(self, key, chunks)
+
+    monkeypatch.setattr(S3Repository, "put_stream", flaky_put_stream)
+    # WHEN the backup flow runs
+    report = backup_flow(config_path=str(cfg_path), kind="physical")
+    # THEN the stream step was retried from the start and exactly one clean backup exists
+    data_attempts = [k for k in attempts if "/base.tar" in k]
+    assert len(data_attempts) == 2 and data_attempts[0] == data_attempts[1]
+    repo = open_repository(load_config(str(cfg_path)).repository)
+    assert [m.id for m in list_backups(repo)] == [report.backup_id]
+    assert repo.list_incomplete() == []
