@@ -38,6 +38,14 @@ def register(sub: Any) -> None:
     p.add_argument("--start", action="store_true", help="start the restored server")
     p.add_argument("--port", type=int, help="port for the restored server (default: a free one)")
     p.add_argument("--jobs", type=int, default=2, help="pg_restore -j (logical)")
+    point = p.add_mutually_exclusive_group()
+    point.add_argument("--target-time", metavar="TS",
+                       help="recover to this time (ISO 8601; UTC unless it has an offset)")
+    point.add_argument("--target-lsn", metavar="LSN", help="recover to this WAL location")
+    point.add_argument("--target-name", metavar="NAME", help="recover to this named restore point")
+    point.add_argument("--target-xid", metavar="XID", help="recover to this transaction id")
+    p.add_argument("--keep-archiving", action="store_true",
+                   help="let the restored server archive its new timeline (default: archive_mode off)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_restore)
 
@@ -123,8 +131,24 @@ def cmd_restore(args: argparse.Namespace) -> int:
     else:
         server_info(args.dsn)  # reachable?
         kind = "logical"
-    manifest = resolve_backup(repo, args.backup, kind=kind if args.backup == "latest" else None,
-                              cluster=cfg.cluster)
+    from tasks.recovery import RecoveryTarget
+
+    target = RecoveryTarget.from_options(time=args.target_time, lsn=args.target_lsn,
+                                         name=args.target_name, xid=args.target_xid)
+    if target.kind != "end" and kind != "physical":
+        raise PreconditionFailed("--target-* needs a physical restore (--pgdata)")
+    if kind == "physical":
+        from tasks.backup import list_backups
+        from tasks.recovery import check_target_for_backup, choose_backup
+
+        now = datetime.now(UTC)
+        manifest = (choose_backup(list_backups(repo, cfg.cluster), target, now)
+                    if args.backup == "latest" else resolve_backup(repo, args.backup, cluster=cfg.cluster))
+        if manifest.kind == "physical":
+            check_target_for_backup(manifest, target, now)
+    else:
+        manifest = resolve_backup(repo, args.backup, kind=kind if args.backup == "latest" else None,
+                                  cluster=cfg.cluster)
     if manifest.kind != kind:
         raise PreconditionFailed(
             f"backup {manifest.id} is {manifest.kind}: use --{'pgdata' if manifest.kind == 'physical' else 'dsn'}"
@@ -135,13 +159,19 @@ def cmd_restore(args: argparse.Namespace) -> int:
     report = run_flow(
         restore_flow, config_path=args.config, backup=manifest.id,
         pgdata=str(Path(args.pgdata).absolute()) if args.pgdata else None, dsn=args.dsn,
-        start=args.start, port=args.port, jobs=args.jobs,
+        start=args.start, port=args.port, jobs=args.jobs, target_time=args.target_time,
+        target_lsn=args.target_lsn, target_name=args.target_name, target_xid=args.target_xid,
+        keep_archiving=args.keep_archiving,
     )
     if args.json:
         print(report.model_dump_json(indent=2))
     else:
         where = f", server running on port {report.port}" if report.started else ""
         print(f"restored {report.backup_id} into {report.target} in {report.seconds:.1f}s{where}")
+        if report.reached_lsn:
+            print(f"recovered to {report.target_point}: reached {report.reached_lsn} on timeline "
+                  f"{report.timeline}, last transaction committed at {report.last_xact_time or '-'}"
+                  f" ({report.stop_message or 'end of WAL'})")
     return 0
 
 

@@ -102,14 +102,23 @@ def fast_path(argv: Sequence[str]) -> int | None:
     if not rest or rest[0] not in ("wal-push", "wal-fetch") or "-h" in rest or "--help" in rest:
         return None
     if rest[0] == "wal-push":
-        if len(rest) < 2:
-            return None
+        rest = rest[1:]
+        parallel = _int_option(rest, "--parallel", DEFAULT_PARALLEL)
+        if parallel is None or len(rest) != 1:
+            return None  # the parser explains the usage
         from tasks.wal import already_archived, config_stamp
 
-        path = Path(rest[1])
+        path = Path(rest[0])
         if path.name and already_archived(path.absolute(), config_stamp(_config_file(config))):
             return 0
-        return None
+        _log_setup(verbose)
+        from tasks.errors import DRError, one_line
+
+        try:
+            return wal_push(config, rest[0], parallel)
+        except DRError as exc:
+            sys.stderr.write(f"gravl-dr: error: {one_line(exc)}\n")
+            return exc.exit_code
     rest = rest[1:]
     prefetch = _int_option(rest, "--prefetch", DEFAULT_PREFETCH)
     if prefetch is None or len(rest) != 2:
@@ -125,22 +134,41 @@ def _log_setup(verbose: bool) -> None:
 
 # ---------------------------------------------------------------- wal-push
 
-def cmd_wal_push(args: argparse.Namespace) -> int:
+def open_wal_repository(config: str | None, pg_wal: Path, stamp: str) -> tuple[Any, Any]:
+    """(repository, WalSettings): from the settings cache when this config version was seen
+    before (file repositories), else from the config."""
+    from tasks.wal import WalSettings, load_settings_cache, save_settings_cache
+
+    cached = load_settings_cache(pg_wal, stamp)
+    if cached is not None:
+        return cached
     from tasks.config import load_config
     from tasks.repository import open_repository
-    from tasks.wal import WalSettings, config_stamp, parse_wal_name, push_with_lookahead
 
-    path = Path(args.path)
+    cfg = load_config(config)
+    repo = open_repository(cfg.repository)
+    settings = WalSettings.from_config(cfg.repository)
+    save_settings_cache(pg_wal, stamp, cfg.repository)
+    return repo, settings
+
+
+def cmd_wal_push(args: argparse.Namespace) -> int:
+    return wal_push(args.config, args.path, args.parallel)
+
+
+def wal_push(config: str | None, path_arg: str, parallel: int) -> int:
+    """archive_command: exit 0 only once the file is durably in the repository."""
+    from tasks.wal import config_stamp, parse_wal_name, push_with_lookahead
+
+    path = Path(path_arg)
     parse_wal_name(path.name)  # validate before anything else
-    if args.parallel < 1 or args.parallel > 32:
+    if parallel < 1 or parallel > 32:
         from tasks.errors import ConfigError
 
         raise ConfigError("--parallel must be between 1 and 32")
-    cfg = load_config(args.config)
-    repo = open_repository(cfg.repository)
-    settings = WalSettings.from_config(cfg.repository)
-    res = push_with_lookahead(repo, path, settings, parallel=args.parallel,
-                              stamp=config_stamp(_config_file(args.config)))
+    stamp = config_stamp(_config_file(config))
+    repo, settings = open_wal_repository(config, path.absolute().parent, stamp)
+    res = push_with_lookahead(repo, path, settings, parallel=parallel, stamp=stamp)
     log.info("%s: %s as %s (%d -> %d bytes, %.0f ms); %d more pushed ahead",
              res.own.name, res.own.outcome, res.own.key, res.own.raw_size, res.own.stored_size,
              res.own.seconds * 1000, len(res.ahead))
@@ -163,13 +191,9 @@ def wal_fetch(config: str | None, name: str, dest: str, prefetch: int) -> int:
         wal = parse_wal_name(name)
         if wal.kind == "segment" and take_prefetched(name, Path(dest).absolute(), stamp):
             return 0
-        from tasks.config import load_config
-        from tasks.repository import open_repository
-        from tasks.wal import WalSettings, repository_reachable
+        from tasks.wal import repository_reachable
 
-        cfg = load_config(config)
-        repo = open_repository(cfg.repository)
-        settings = WalSettings.from_config(cfg.repository)
+        repo, settings = open_wal_repository(config, Path(dest).absolute().parent, stamp)
         try:
             res = fetch_with_prefetch(repo, name, Path(dest), settings, prefetch=max(0, prefetch),
                                       stamp=stamp)

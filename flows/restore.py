@@ -1,8 +1,14 @@
-"""Orchestration: the restore flow — choose a backup, verify it, restore, optionally start."""
+"""Orchestration: the restore flow — choose a backup, verify it, restore, optionally start.
+
+A physical restore recovers to the end of the WAL archive, or to a point in time (a time, an
+LSN, a named restore point or a transaction id): the recovery settings go into the restored
+data directory, and with ``start`` the flow waits for the promotion and reports the point the
+server itself says it reached, failing when that is short of the target."""
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow, task
@@ -12,8 +18,11 @@ from pydantic import BaseModel
 
 from flows.common import NETWORK_RETRIES, human_bytes, load, logger
 from tasks import backup as bsteps
+from tasks import recovery as rec
 from tasks import restore as rsteps
+from tasks import wal as walsteps
 from tasks.config import Config
+from tasks.config import config_path as resolve_config_path
 from tasks.errors import PreconditionFailed, one_line
 from tasks.models import Manifest
 from tasks.pgcluster import LocalCluster, free_port
@@ -30,6 +39,13 @@ class RestoreReport(BaseModel):
     verify_seconds: float
     started: bool = False
     port: int | None = None
+    target_point: str = "end of the archive"
+    archive_used: bool = False
+    reached_lsn: str | None = None
+    last_xact_time: str | None = None
+    timeline: int | None = None
+    stop_message: str | None = None
+    recovery_seconds: float | None = None
 
 
 @task(name="select-backup", cache_policy=NO_CACHE, **NETWORK_RETRIES)
@@ -55,6 +71,73 @@ def restore_logical(cfg: Config, repo: Repository, manifest: Manifest, dsn: str,
     return res
 
 
+@task(name="select-backup-for-target", cache_policy=NO_CACHE, **NETWORK_RETRIES)
+def select_backup_for_target(repo: Repository, ref: str, cluster: str,
+                             target: rec.RecoveryTarget) -> Manifest:
+    now = datetime.now(UTC)
+    if ref == "latest":
+        manifest = rec.choose_backup(bsteps.list_backups(repo, cluster), target, now)
+    else:
+        manifest = bsteps.resolve_backup(repo, ref, cluster=cluster)
+    if manifest.kind == "physical":
+        rec.check_target_for_backup(manifest, target, now)
+    logger().info("restoring backup %s (%s, %s, ended %s at %s) to reach %s", manifest.id,
+                  manifest.kind, human_bytes(manifest.raw_bytes), manifest.stop_time.isoformat(),
+                  manifest.stop_lsn, target.describe())
+    return manifest
+
+
+class ArchiveView(BaseModel):
+    """What the WAL archive holds after a backup: does recovery need restore_command at all,
+    and where does the archive end (the start of its newest segment, per timeline)."""
+
+    has_wal_after_backup: bool
+    newest_segment_start: dict[int, int]
+    newest_segment_name: dict[int, str]
+
+
+@task(name="inspect-wal-archive", cache_policy=NO_CACHE, **NETWORK_RETRIES)
+def inspect_wal_archive(repo: Repository, manifest: Manifest) -> ArchiveView:
+    seg = manifest.wal_segment_size
+    newest: dict[int, int] = {}
+    after = False
+    stop_wal = walsteps.parse_wal_name(manifest.stop_wal, seg) if manifest.stop_wal else None
+    for name in walsteps.list_archive(repo):
+        wal = walsteps.parse_wal_name(name, seg)
+        if wal.kind == "history" and wal.timeline > manifest.timeline:
+            after = True
+        if wal.kind != "segment" or wal.segno is None or wal.timeline < manifest.timeline:
+            continue
+        newest[wal.timeline] = max(newest.get(wal.timeline, 0), wal.segno)
+        if stop_wal is None or wal.timeline > manifest.timeline or (
+            stop_wal.segno is not None and wal.segno >= stop_wal.segno
+        ):
+            after = True
+    view = ArchiveView(
+        has_wal_after_backup=after,
+        newest_segment_start={t: s * seg for t, s in newest.items()},
+        newest_segment_name={t: walsteps.segment_name(t, s, seg) for t, s in newest.items()},
+    )
+    if after:
+        ends = ", ".join(f"timeline {t}: {n}" for t, n in sorted(view.newest_segment_name.items()))
+        logger().info("the WAL archive continues after the backup (newest segment %s)", ends)
+    else:
+        logger().info("the WAL archive holds nothing after backup %s: recovery ends at the "
+                      "backup's end point (%s)", manifest.id, manifest.stop_lsn)
+    return view
+
+
+@task(name="write-recovery-settings", cache_policy=NO_CACHE)
+def write_recovery_settings(cfg: Config, config_file: str, pgdata: str, target: rec.RecoveryTarget,
+                            keep_archiving: bool) -> None:
+    rec.check_server_can_read(config_file, cfg, cfg.postgres.os_user)
+    rec.write_recovery_settings(Path(pgdata), config_path=config_file, target=target,
+                                os_user=cfg.postgres.os_user, keep_archiving=keep_archiving)
+    logger().info("wrote recovery.signal and recovery settings: %s, restore_command %s, "
+                  "timeline latest, then promote%s", target.describe(),
+                  rec.restore_command(config_file), "" if keep_archiving else ", archive_mode off")
+
+
 @task(name="start-restored-server", cache_policy=NO_CACHE)
 def start_restored_server(cfg: Config, pgdata: str, port: int) -> int:
     rsteps.set_port(Path(pgdata), port, cfg.postgres.os_user)
@@ -63,6 +146,22 @@ def start_restored_server(cfg: Config, pgdata: str, port: int) -> int:
     cluster.wait_ready()
     logger().info("restored server is up on 127.0.0.1:%d", port)
     return port
+
+
+@task(name="wait-for-recovery", cache_policy=NO_CACHE)
+def wait_for_recovery(cfg: Config, pgdata: str, port: int, target: rec.RecoveryTarget,
+                      view: ArchiveView, manifest: Manifest, timeout: float) -> rec.RecoveryOutcome:
+    cluster = LocalCluster(Path(pgdata), port, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+    outcome = rec.wait_for_recovery(cluster, target, timeout)
+    parent = rec.read_history_switchpoint(Path(pgdata), outcome.timeline)
+    followed = parent[0] if parent else manifest.timeline
+    end = view.newest_segment_start.get(followed)
+    logger().info("recovery finished in %.1fs: promoted on timeline %d at %s; last replayed "
+                  "transaction committed at %s; server says: %s", outcome.seconds, outcome.timeline,
+                  outcome.reached_lsn, outcome.last_xact_time, outcome.stop_message or "end of WAL")
+    rec.check_outcome(target, outcome, archive_end_lsn=end, backup_stop_lsn=manifest.stop_lsn)
+    rec.clear_prefetch(Path(pgdata))
+    return outcome
 
 
 @flow(name="restore")
@@ -74,42 +173,93 @@ def restore_flow(
     start: bool = False,
     port: int | None = None,
     jobs: int = 2,
+    target_time: str | None = None,
+    target_lsn: str | None = None,
+    target_name: str | None = None,
+    target_xid: str | None = None,
+    keep_archiving: bool = False,
+    recovery_timeout: float = 6 * 3600,
 ) -> RestoreReport:
-    """Restore a physical backup into an empty data directory, or a logical one into an empty database."""
+    """Restore a physical backup into an empty data directory (recovering to the end of the WAL
+    archive or to a target), or a logical one into an empty database."""
     cfg, repo = load(config_path)
     if (pgdata is None) == (dsn is None):
         raise PreconditionFailed("restore needs exactly one of --pgdata (physical) or --dsn (logical)")
+    target = rec.RecoveryTarget.from_options(time=target_time, lsn=target_lsn, name=target_name,
+                                             xid=target_xid)
+    if dsn is not None and target.kind != "end":
+        raise PreconditionFailed("a recovery target needs a physical restore (--pgdata)")
     t0 = time.monotonic()
     kind = "physical" if pgdata else "logical"
-    manifest = select_backup(repo, backup, kind if backup == "latest" else None, cfg.cluster)
+    if pgdata:
+        manifest = select_backup_for_target(repo, backup, cfg.cluster, target)
+    else:
+        manifest = select_backup(repo, backup, kind if backup == "latest" else None, cfg.cluster)
     try:
         if pgdata:
+            view = inspect_wal_archive(repo, manifest)
+            if target.kind != "end" and not view.has_wal_after_backup:
+                raise PreconditionFailed(
+                    f"the WAL archive holds nothing after backup {manifest.id}: cannot reach "
+                    f"{target.describe()}"
+                )
+            if target.kind == "lsn" and target.lsn is not None:
+                end = max(view.newest_segment_start.values(), default=0) + manifest.wal_segment_size
+                if target.lsn > end:
+                    raise PreconditionFailed(
+                        f"target LSN {target.value} is past the end of the archive (its newest "
+                        f"segment ends at {rec.format_lsn(end)})"
+                    )
             res = restore_physical(cfg, repo, manifest, pgdata)
+            use_archive = view.has_wal_after_backup or target.kind != "end"
+            if use_archive:
+                config_file = str(resolve_config_path(config_path).absolute())
+                write_recovery_settings(cfg, config_file, pgdata, target, keep_archiving)
         else:
             assert dsn is not None
             res = restore_logical(cfg, repo, manifest, dsn, jobs)
         report = RestoreReport(backup_id=manifest.id, kind=manifest.kind, target=res.target,
                                raw_bytes=res.raw_bytes, seconds=res.seconds,
-                               verify_seconds=res.verify_seconds)
+                               verify_seconds=res.verify_seconds, target_point=target.describe())
+        if pgdata:
+            report.archive_used = use_archive
         if pgdata and start:
             report.port = start_restored_server(cfg, pgdata, port or free_port())
             report.started = True
+            if use_archive:
+                outcome = wait_for_recovery(cfg, pgdata, report.port, target, view, manifest,
+                                            recovery_timeout)
+                report.reached_lsn = outcome.reached_lsn
+                report.last_xact_time = (outcome.last_xact_time.isoformat()
+                                         if outcome.last_xact_time else None)
+                report.timeline = outcome.timeline
+                report.stop_message = outcome.stop_message
+                report.recovery_seconds = outcome.seconds
         report.seconds = time.monotonic() - t0
     except BaseException as exc:
         create_markdown_artifact(
             key=f"restore-report-{cfg.cluster}".replace("_", "-"),
             markdown=f"# Restore of {manifest.id}: FAILED\n\n`{one_line(exc)}`\n\n"
-            "The target was left empty; nothing was half-restored.\n",
+            "The restore did not complete: do not use the target directory; empty it before "
+            "trying again.\n",
         )
         raise
-    target = report.target if pgdata else safe_dsn(dsn or "")
+    where = report.target if pgdata else safe_dsn(dsn or "")
     create_markdown_artifact(
         key=f"restore-report-{cfg.cluster}".replace("_", "-"),
         markdown=(
             f"# Restore of {manifest.id}: complete\n\n| | |\n|---|---|\n| kind | {manifest.kind} |\n"
-            f"| target | {target} |\n| data | {human_bytes(report.raw_bytes)} |\n"
+            f"| target | {where} |\n| data | {human_bytes(report.raw_bytes)} |\n"
             f"| verify | {report.verify_seconds:.1f} s |\n| total (RTO) | {report.seconds:.1f} s |\n"
             f"| started | {f'port {report.port}' if report.started else 'no'} |\n"
+            + (f"| recovery target | {report.target_point} |\n"
+               f"| WAL archive used | {'yes' if report.archive_used else 'no (nothing after the backup)'} |\n"
+               if pgdata else "")
+            + (f"| reached LSN | {report.reached_lsn} (timeline {report.timeline}) |\n"
+               f"| last replayed transaction | {report.last_xact_time or '-'} |\n"
+               f"| server's record | {report.stop_message or 'end of WAL'} |\n"
+               f"| recovery | {report.recovery_seconds or 0:.1f} s |\n"
+               if report.reached_lsn else "")
         ),
     )
     return report

@@ -11,19 +11,24 @@ waits for the promotion and reads the point reached from the server's own record
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.errors import ConfigError, PreconditionFailed
-from tasks.models import LSN_RE, format_lsn, parse_lsn
+from tasks.errors import ConfigError, NotFound, PreconditionFailed
+from tasks.models import LSN_RE, Manifest, format_lsn, parse_lsn
 from tasks.pgcluster import LocalCluster, chown_tree
+
+if TYPE_CHECKING:
+    from tasks.config import Config
 
 TargetKind = Literal["end", "time", "lsn", "name", "xid", "immediate"]
 
@@ -355,3 +360,116 @@ def _read(path: Path) -> str:
         return path.read_text(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+# ---------------------------------------------------------------- choosing and judging
+
+def choose_backup(manifests: list[Manifest], target: RecoveryTarget, now: datetime | None = None) -> Manifest:
+    """'latest' for a target: the newest physical backup that ended before it (manifests oldest
+    first, as list_backups returns them)."""
+    physical = [m for m in manifests if m.kind == "physical"]
+    if not physical:
+        raise NotFound("no complete physical backup in the repository")
+    when = target.time
+    if when is not None:
+        if now is not None and when > now:
+            raise PreconditionFailed(f"target time {when.isoformat()} is in the future")
+        fit = [m for m in physical if m.stop_time <= when]
+        if not fit:
+            raise PreconditionFailed(
+                f"no backup ended before the target time {when.isoformat()} (the oldest ended "
+                f"{physical[0].stop_time.isoformat()})"
+            )
+        return fit[-1]
+    lsn = target.lsn
+    if lsn is not None:
+        fit = [m for m in physical if m.stop_lsn and parse_lsn(m.stop_lsn) <= lsn]
+        if not fit:
+            raise PreconditionFailed(f"no backup ended before the target LSN {format_lsn(lsn)}")
+        return fit[-1]
+    return physical[-1]
+
+
+def check_target_for_backup(manifest: Manifest, target: RecoveryTarget, now: datetime | None = None) -> None:
+    """A target before the backup's end (its consistent point) cannot be reached from it."""
+    when = target.time
+    if when is not None:
+        if now is not None and when > now:
+            raise PreconditionFailed(f"target time {when.isoformat()} is in the future")
+        if when < manifest.stop_time:
+            raise PreconditionFailed(
+                f"target time {when.isoformat()} is before the end of backup {manifest.id} "
+                f"({manifest.stop_time.isoformat()}): choose an older backup"
+            )
+    lsn = target.lsn
+    if lsn is not None and manifest.stop_lsn and lsn < parse_lsn(manifest.stop_lsn):
+        raise PreconditionFailed(
+            f"target LSN {format_lsn(lsn)} is before the end of backup {manifest.id} "
+            f"({manifest.stop_lsn}): choose an older backup"
+        )
+
+
+def check_outcome(
+    target: RecoveryTarget, outcome: RecoveryOutcome, *, archive_end_lsn: int | None,
+    backup_stop_lsn: str | None,
+) -> None:
+    """Fail unless the server's own record shows recovery reached what was asked."""
+    if not outcome.promoted:
+        raise PreconditionFailed("the restored server was not promoted")
+    reached = parse_lsn(outcome.reached_lsn) if outcome.reached_lsn else None
+    if target.kind in ("time", "lsn", "name", "xid") and outcome.stop_message is None:
+        raise PreconditionFailed(
+            f"recovery ended without reaching {target.describe()} (reached {outcome.reached_lsn}, "
+            f"last transaction at {outcome.last_xact_time})"
+        )
+    if target.kind == "time" and outcome.last_xact_time is not None:
+        when = target.time
+        assert when is not None
+        if outcome.last_xact_time > when:
+            raise PreconditionFailed(
+                f"recovery replayed a transaction committed at {outcome.last_xact_time.isoformat()}, "
+                f"after the target {when.isoformat()}"
+            )
+    if target.kind == "lsn" and reached is not None and target.lsn is not None and reached < target.lsn:
+        raise PreconditionFailed(
+            f"recovery stopped at {outcome.reached_lsn}, before the target LSN {target.value}"
+        )
+    if target.kind == "end":
+        floor = max(archive_end_lsn or 0, parse_lsn(backup_stop_lsn) if backup_stop_lsn else 0)
+        if reached is None or reached < floor:
+            raise PreconditionFailed(
+                f"recovery stopped short at {outcome.reached_lsn}: the archive holds WAL up to "
+                f"{format_lsn(floor)}"
+            )
+
+
+def check_server_can_read(config_file: str, cfg: Config, os_user: str) -> None:
+    """restore_command runs as the server's OS user: it must read the config and the repository
+    (else every wal-fetch would fail and recovery would stop)."""
+    if os.geteuid() != 0 or os_user == "root":
+        return
+    from tasks.proc import run
+
+    program = gravl_dr_executable()
+    probe_run = run([program, "--help"], timeout=60, os_user=os_user, check=False)
+    if probe_run.returncode != 0:
+        raise PreconditionFailed(
+            f"the restored server runs restore_command as {os_user}, who cannot run {program} "
+            f"(is its Python interpreter readable by {os_user}?): "
+            f"{(probe_run.stderr or probe_run.stdout).strip()[-200:]}"
+        )
+    paths = [("config file", config_file)]
+    if cfg.repository.url.startswith("file://"):
+        paths.append(("repository", urlparse(cfg.repository.url).path))
+    for what, path in paths:
+        probe = ["test", "-r", path] if what == "config file" else ["test", "-r", path, "-a", "-x", path]
+        if run(probe, timeout=10, os_user=os_user, check=False).returncode != 0:
+            raise PreconditionFailed(
+                f"the restored server runs restore_command as {os_user}, who cannot read the {what} "
+                f"{path}: grant read access (and search access to its folders)"
+            )
+
+
+def clear_prefetch(pgdata: Path) -> None:
+    """Drop what wal-fetch prefetched and recovery did not use."""
+    shutil.rmtree(pgdata / "pg_wal" / "gravl-dr" / "prefetch", ignore_errors=True)

@@ -730,3 +730,41 @@ def repository_reachable(repo: Repository) -> None:
             )
         return
     repo.check()
+
+
+# ---------------------------------------------------------------- settings cache (no pydantic on the hot path)
+
+def save_settings_cache(pg_wal: Path, stamp: str, repo_cfg: Any) -> None:
+    """Remember what a file-repository push or fetch needs from this config version, so the next
+    calls skip loading the config model (pydantic costs more than the push itself). Holds no
+    secret: only the name of the key's environment variable."""
+    if not str(repo_cfg.url).startswith("file://"):
+        return
+    body = {"config": stamp, "url": repo_cfg.url, "codec": repo_cfg.compression,
+            "level": repo_cfg.compression_level, "key_env": repo_cfg.encryption_key_env}
+    with contextlib.suppress(OSError):
+        _atomic_write(spool_root(pg_wal) / "settings.json", json.dumps(body).encode(), like=pg_wal)
+
+
+def load_settings_cache(pg_wal: Path, stamp: str) -> tuple[Repository, WalSettings] | None:
+    """The file repository and settings saved under this exact config version, or None."""
+    try:
+        body = json.loads((spool_root(pg_wal) / "settings.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(body, dict) or body.get("config") != stamp:
+        return None
+    from urllib.parse import urlparse
+
+    from tasks.repository import FileRepository
+    from tasks.streams import load_key
+
+    url = str(body.get("url", ""))
+    path = urlparse(url).path
+    codec = body.get("codec")
+    if not url.startswith("file://") or not path.startswith("/") or codec not in CODEC_SUFFIX:
+        return None
+    level = body.get("level")
+    settings = WalSettings(codec=str(codec), level=int(level) if isinstance(level, int) else None,
+                           key=load_key(body.get("key_env") or None))
+    return FileRepository(Path(path), url), settings

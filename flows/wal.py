@@ -1,0 +1,152 @@
+"""Orchestration: the WAL shipping flow — is every WAL file the server produced safely archived?
+
+PostgreSQL pushes WAL itself (``archive_command = 'gravl-dr wal-push %p'``); this flow, deployed
+every minute, is the operator's view of it: continuity of the archive from the oldest kept
+backup to the newest segment on every timeline, the archiver's health (``pg_stat_archiver``, and
+the file it last reported archived really is in the repository, intact), and the archive lag
+in bytes and seconds — the RPO exposure right now. With ``archive_timeout = 60s`` on the
+server (recommended), an idle-after-burst server has its last write archived within about a
+minute (tests/test_pitr.py measures it with a short timeout).
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.common import NETWORK_RETRIES, human_bytes, load, logger
+from tasks import walcheck
+from tasks.config import Config
+from tasks.errors import DRError, PreconditionFailed, one_line
+from tasks.metrics import push_metrics
+from tasks.repository import Repository
+from tasks.wal import WalSettings, list_archive
+
+
+@task(name="check-archive-continuity", cache_policy=NO_CACHE, **NETWORK_RETRIES)
+def check_archive_continuity(cfg: Config, repo: Repository) -> walcheck.WalCheckReport:
+    report = walcheck.check_wal(cfg, repo, server=False)
+    for span in report.timelines:
+        logger().info("timeline %d: %d segment(s) %s..%s", span.timeline, span.segments,
+                      span.first or "-", span.last or "-")
+    if report.gaps:
+        for gap in report.gaps:
+            logger().error("gap in the archive: %s", gap.describe())
+    else:
+        logger().info("archive continuous from %s (oldest kept backup %s) to %s",
+                      report.start_wal or "its oldest segment", report.oldest_backup or "-",
+                      report.newest_segment or "-")
+    return report
+
+
+@task(name="check-archiver-health", cache_policy=NO_CACHE, **NETWORK_RETRIES)
+def check_archiver_health(cfg: Config, repo: Repository, report: walcheck.WalCheckReport) -> walcheck.WalCheckReport:
+    from datetime import UTC, datetime
+
+    status = walcheck.read_archiver(cfg.primary.dsn)
+    archive = list_archive(repo)
+    settings = WalSettings.from_config(cfg.repository)
+    checked = report.model_copy(deep=True)
+    checked.archiver = status
+    walcheck.judge_archiver(checked, status, repo, settings, archive, datetime.now(UTC))
+    if status.reachable:
+        logger().info(
+            "archiver: %d archived, %d failed; last archived %s at %s%s; lag %s, %.0f s",
+            status.archived_count, status.failed_count, status.last_archived_wal or "-",
+            status.last_archived_time, " (verified in the repository)" if checked.last_archived_verified else "",
+            human_bytes(checked.lag_bytes or 0), checked.lag_seconds or 0,
+        )
+    for problem in checked.problems[len(report.problems):]:
+        logger().error(problem)
+    return checked
+
+
+@task(name="push-wal-metrics", cache_policy=NO_CACHE)
+def push_wal_metrics(cfg: Config, report: walcheck.WalCheckReport | None, failed: bool) -> None:
+    now = time.time()
+    values: dict[str, tuple[float, str]] = {}
+    if report is not None:
+        a = report.archiver
+        values.update({
+            "gravl_wal_archive_gaps": (float(len(report.gaps)), "Missing segment ranges in the WAL archive"),
+            "gravl_wal_archive_problems": (float(len(report.problems)), "WAL archive problems found"),
+            "gravl_wal_archived_files": (float(report.archived_files), "Files in the WAL archive"),
+        })
+        if report.lag_bytes is not None:
+            values["gravl_wal_archive_lag_bytes"] = (float(report.lag_bytes), "WAL written but not yet archived")
+        if report.lag_seconds is not None:
+            values["gravl_wal_archive_lag_seconds"] = (report.lag_seconds, "Age of unarchived WAL")
+        if a is not None and a.reachable:
+            values["gravl_wal_archiver_failed_count"] = (float(a.failed_count), "pg_stat_archiver.failed_count")
+            values["gravl_wal_archiver_archived_count"] = (float(a.archived_count), "pg_stat_archiver.archived_count")
+            if a.last_archived_time is not None:
+                values["gravl_wal_last_archived_timestamp_seconds"] = (
+                    a.last_archived_time.timestamp(), "When the server last archived a file")
+            if a.ready_count is not None:
+                values["gravl_wal_ready_files"] = (float(a.ready_count), "Files waiting to be archived")
+    if failed or report is None or not report.ok:
+        values["gravl_wal_check_last_failure_timestamp_seconds"] = (now, "Time of the last failed WAL check")
+    else:
+        values["gravl_wal_check_last_success_timestamp_seconds"] = (now, "Time of the last good WAL check")
+    try:
+        push_metrics(cfg.metrics.pushgateway, "wal", {"cluster": cfg.cluster}, values)
+    except DRError as exc:
+        logger().warning("metrics not pushed: %s", one_line(exc))
+
+
+def _markdown(report: walcheck.WalCheckReport, error: str | None = None) -> str:
+    status = "OK" if report.ok and not error else "PROBLEMS"
+    lines = [f"# WAL archive of {report.cluster}: {status}", "", "| | |", "|---|---|",
+             f"| repository | {report.repository} |",
+             f"| oldest kept backup | {report.oldest_backup or '-'} (start {report.start_wal or '-'}) |",
+             f"| newest archived segment | {report.newest_segment or '-'} |",
+             f"| archived files | {report.archived_files} |"]
+    if report.lag_bytes is not None:
+        lines.append(f"| archive lag | {human_bytes(report.lag_bytes)}, {report.lag_seconds or 0:.0f} s |")
+    a = report.archiver
+    if a is not None and a.reachable:
+        lines += [
+            f"| archiver | {a.archived_count} archived, {a.failed_count} failed |",
+            f"| last archived | {a.last_archived_wal or '-'} at {a.last_archived_time or '-'}"
+            f"{' (verified)' if report.last_archived_verified else ''} |",
+            f"| last failure | {a.last_failed_wal or '-'} at {a.last_failed_time or '-'} |",
+            f"| archive_timeout | {a.archive_timeout_s if a.archive_timeout_s is not None else '-'} s |",
+        ]
+    lines += ["", "## Timelines", "", "| timeline | segments | first | last |", "|---|---|---|---|"]
+    lines += [f"| {s.timeline} | {s.segments} | {s.first or '-'} | {s.last or '-'} |" for s in report.timelines]
+    if report.gaps:
+        lines += ["", "## Gaps", *[f"- {g.describe()}" for g in report.gaps], "",
+                  "Recovery cannot pass a gap: take a new backup now (it starts a new continuous "
+                  "range), then find out why the files are missing."]
+    if report.problems or error:
+        lines += ["", "## Problems", *[f"- {p}" for p in report.problems]]
+        if error:
+            lines.append(f"- `{error}`")
+        lines += ["", "Check the server log for archive_command errors and `gravl-dr wal-check`."]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="wal")
+def wal_flow(config_path: str | None = None, check_server: bool = True) -> walcheck.WalCheckReport:
+    """WAL shipping check: archive continuity, archiver health and archive lag, with metrics."""
+    cfg, repo = load(config_path)
+    artifact_key = f"wal-report-{cfg.cluster}".replace("_", "-")
+    report: walcheck.WalCheckReport | None = None
+    try:
+        report = check_archive_continuity(cfg, repo)
+        if check_server:
+            report = check_archiver_health(cfg, repo, report)
+    except BaseException as exc:
+        if report is not None:
+            create_markdown_artifact(key=artifact_key, markdown=_markdown(report, one_line(exc)))
+        push_wal_metrics(cfg, report, failed=True)
+        raise
+    create_markdown_artifact(key=artifact_key, markdown=_markdown(report),
+                             description=f"WAL archive of {cfg.cluster}")
+    push_wal_metrics(cfg, report, failed=not report.ok)
+    if not report.ok:
+        raise PreconditionFailed(report.summary())
+    return report
