@@ -163,7 +163,8 @@ def _past_backup(manifest: Manifest, reached_lsn: str | None) -> bool:
     if not reached_lsn or not manifest.stop_wal:
         return False
     try:
-        reached = parse_lsn(reached_lsn) // manifest.wal_segment_size
+        # the switch point is the first byte of the new timeline: the last replayed byte is before it
+        reached = max(parse_lsn(reached_lsn) - 1, 0) // manifest.wal_segment_size
     except DRError:
         return False
     return reached > wal_segno(manifest.stop_wal, manifest.wal_segment_size)[1]

@@ -333,12 +333,14 @@ def configure_instance(instance: DrillInstance) -> None:
     hba = Path(instance.workdir) / "drill_hba.conf"
     hba.write_text("# gravl-dr drill: loopback only\nhost all all 127.0.0.1/32 trust\n"
                    "host replication all 127.0.0.1/32 trust\n")
+    ident = Path(instance.workdir) / "drill_ident.conf"
+    ident.write_text("# gravl-dr drill: no user name maps\n")
     settings = {
         "port": str(instance.port),
         "listen_addresses": "'127.0.0.1'",
         "unix_socket_directories": "''",
         "hba_file": f"'{hba}'",
-        "ident_file": "''",
+        "ident_file": f"'{ident}'",
         "ssl": "off",
         "archive_mode": "off",
         "primary_conninfo": "''",
@@ -355,7 +357,7 @@ def configure_instance(instance: DrillInstance) -> None:
     block += [f"{k} = {v}" for k, v in settings.items()]
     block.append("# gravl-dr drill instance (end)")
     auto.write_text(text + "\n".join(block) + "\n")
-    for path in (conf, hba, auto):
+    for path in (conf, hba, ident, auto):
         chown_tree(path, instance.os_user)
 
 

@@ -515,12 +515,15 @@ def run_expectations(specs: list[ExpectationSpec], dsn_for: Callable[[str], str]
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
 
-    by_table: dict[tuple[str, str, str], list[ExpectationSpec]] = {}
+    # One validation per table and result format: the run's format overrides the expectations'
+    # own, and only UnexpectedRows (whose rows GX caps) may use COMPLETE.
+    by_table: dict[tuple[str, str, str, str], list[ExpectationSpec]] = {}
     for spec in specs:
-        by_table.setdefault((spec.database, spec.schema_name, spec.table), []).append(spec)
+        fmt = str(spec.kwargs.get("result_format", "SUMMARY"))
+        by_table.setdefault((spec.database, spec.schema_name, spec.table, fmt), []).append(spec)
     sources: dict[str, Any] = {}
     results: list[CheckResult] = []
-    for n, ((database, schema, table), table_specs) in enumerate(by_table.items()):
+    for n, ((database, schema, table, fmt), table_specs) in enumerate(by_table.items()):
         t0 = time.monotonic()
         try:
             if database not in sources:
@@ -537,13 +540,14 @@ def run_expectations(specs: list[ExpectationSpec], dsn_for: Callable[[str], str]
             built = []
             for i, spec in enumerate(table_specs):
                 cls = getattr(expectations, spec.gx_type)
-                kwargs = dict(spec.kwargs)
-                kwargs.setdefault("result_format", "SUMMARY")
+                kwargs = {k: v for k, v in spec.kwargs.items() if k != "result_format"}
                 built.append(cls(**kwargs, meta={"gravl_check": i}))
             suite = context.suites.add(gx.ExpectationSuite(name=f"s{n}", expectations=built))
             validation = context.validation_definitions.add(
                 gx.ValidationDefinition(name=f"v{n}", data=batch, suite=suite))
-            outcome = validation.run()
+            run_format: dict[str, Any] = {"result_format": "COMPLETE" if fmt == "COMPLETE" else "SUMMARY",
+                                          "partial_unexpected_count": MAX_SAMPLES}
+            outcome = validation.run(result_format=run_format)
             seconds = (time.monotonic() - t0) / max(1, len(table_specs))
             seen = set()
             for res in outcome.results:

@@ -1,0 +1,71 @@
+"""Helpers shared by the drill tests: leftovers, corruption, repository surgery."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tasks.drill import DIR_PREFIX, DrillReport
+from tasks.pgcluster import LocalCluster
+from tasks.postgres import connection
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def leftovers(drill_id: str) -> dict[str, list[str]]:
+    """Directories and processes a drill left behind (both lists must be empty)."""
+    dirs = [str(p) for p in Path(tempfile.gettempdir()).glob(f"{DIR_PREFIX}{drill_id}-*")]
+    procs = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"{DIR_PREFIX}{drill_id}-" in text:
+            procs.append(f"{cmdline.parent.name}: {text.strip()}")
+    return {"dirs": dirs, "processes": procs}
+
+
+def assert_no_leftovers(report: DrillReport) -> None:
+    left = leftovers(report.drill_id)
+    assert left == {"dirs": [], "processes": []}, left
+
+
+def check(report: DrillReport, name: str) -> Any:
+    found = [c for c in report.checks if c.name == name]
+    assert found, f"no check {name!r} in {[c.name for c in report.checks]}"
+    return found[0]
+
+
+def failed_names(report: DrillReport) -> list[str]:
+    return [c.name for c in report.checks if c.status == "failed"]
+
+
+def corrupt_index(cluster: LocalCluster, dbname: str, index: str, block: int = 1) -> None:
+    """Overwrite one block of an index with garbage while the server is stopped."""
+    with connection(cluster.dsn(dbname)) as conn:
+        row = conn.execute("SELECT pg_relation_filepath(%s::regclass)", (index,)).fetchone()
+    assert row is not None
+    path = cluster.pgdata / row[0]
+    cluster.stop()
+    with open(path, "r+b") as fh:
+        fh.seek(block * 8192)
+        fh.write(b"\x7f" * 8192)
+    cluster.start()
+
+
+def copy_backup_with_counts(repo_dir: Path, backup_id: str, new_id: str,
+                            counts: dict[str, dict[str, int]]) -> None:
+    """A copy of a backup whose manifest records other row counts (its objects are identical)."""
+    src = repo_dir / "backups" / backup_id
+    dst = repo_dir / "backups" / new_id
+    dst.mkdir(parents=True)
+    for obj in src.iterdir():
+        if obj.name != "manifest.json":
+            (dst / obj.name).write_bytes(obj.read_bytes())
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["id"] = new_id
+    manifest["row_counts"] = counts
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
