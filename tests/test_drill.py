@@ -20,11 +20,11 @@ from drill_helpers import (
     corrupt_index,
     failed_names,
 )
-from gravl_testlib import assert_one_line_error, run_cli, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from flows.backup import backup_flow
 from flows.drill import drill_flow, run_drill
+from gravl_testlib import assert_one_line_error, run_cli, write_config
 from tasks.drill import DrillFailed, DrillReport, before_checks_hook_for_tests
 from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir
 from tasks.postgres import connection
