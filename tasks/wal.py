@@ -291,10 +291,14 @@ def decode_object(
         for chunk in stage:
             d.update(chunk)
             if d.size > header.raw_size:
-                raise ChecksumMismatch(f"{what}: longer than the {header.raw_size} bytes recorded")
+                raise ChecksumMismatch(
+                    f"{what}: checksum mismatch, longer than the {header.raw_size} bytes recorded "
+                    "(stored data is corrupt)")
             yield chunk
         if d.size != header.raw_size:
-            raise ChecksumMismatch(f"{what}: {d.size} bytes, header says {header.raw_size}")
+            raise ChecksumMismatch(
+                f"{what}: checksum mismatch, {d.size} bytes where the header says {header.raw_size} "
+                "(stored data is corrupt)")
         if not hmac.compare_digest(d.hexdigest(), header.digest):
             raise ChecksumMismatch(f"{what}: checksum mismatch (stored data is corrupt)")
 

@@ -20,8 +20,8 @@ import pytest
 from gravl_testlib import GRAVL_DR, assert_one_line_error, run_cli, write_config
 from tasks.backup import (
     build_manifest,
-    publish_manifest,
     preflight,
+    publish_manifest,
     stream_backup,
     verify_objects,
 )
@@ -289,7 +289,7 @@ def test_corrupt_segment_stops_recovery_instead_of_promoting_early(
                          start=True, recovery_timeout=60)
         # THEN recovery stopped (wal-fetch exited > 125) and the server is not up promoted
         log = (restore_dir.parent / "data.log").read_text()
-        assert "checksum mismatch" in log or "cannot decompress" in log, log[-3000:]
+        assert "corrupt" in log or "cannot decompress" in log, log[-3000:]
         assert "exit 255" in log
         assert "database system is ready to accept connections" not in log
         assert "recovery" in str(err.value) or "server" in str(err.value)
