@@ -9,7 +9,9 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 
 $(VENV)/.installed: pyproject.toml
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install -q uv
-	@test -x $(PY) || uv venv -q --python python3 $(VENV)
+	@# The venv's interpreter must be executable by the PostgreSQL server user, which runs
+	@# archive_command/restore_command (gravl-dr wal-push/wal-fetch): prefer the system Python.
+	@test -x $(PY) || uv venv -q --python "$$(bash scripts/pick-python.sh)" $(VENV)
 	uv pip install -q --compile-bytecode --python $(PY) -e '.[test]'
 	@touch $@
 
