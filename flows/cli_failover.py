@@ -11,6 +11,7 @@ import argparse
 import getpass
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from tasks.config import Config, load_config
@@ -52,10 +53,10 @@ def _preflight(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _ask(lines: list[str], question: str) -> str | None:
+def _ask(lines: Callable[[], list[str]], question: str) -> str | None:
     """Terminal approval; None means: let the flow pause for the UI (or skip with --yes)."""
     if sys.stdin.isatty():
-        print("\n".join(lines))
+        print("\n".join(lines()))
         answer = input(f"{question} Type 'yes' to go on: ").strip().lower()
         if answer != "yes":
             raise Refused("not approved on the terminal: nothing changed")
@@ -82,7 +83,7 @@ def _failover_preview(cfg: Config, args: argparse.Namespace) -> list[str]:
 
 def cmd_failover(args: argparse.Namespace) -> int:
     cfg = _preflight(args)
-    approved_by = None if args.yes else _ask(_failover_preview(cfg, args), "Fail over?")
+    approved_by = None if args.yes else _ask(lambda: _failover_preview(cfg, args), "Fail over?")
     from flows.cli import run_flow
     from flows.failover import failover_flow
 
@@ -100,8 +101,8 @@ def cmd_failover(args: argparse.Namespace) -> int:
 
 def cmd_failback(args: argparse.Namespace) -> int:
     cfg = _preflight(args)
-    approved_by = None if args.yes else _ask(
-        [f"Failback: {cfg.primary.name} becomes the primary again (controlled switchover; writes pause "
+    approved_by = None if args.yes else _ask(lambda: [
+        f"Failback: {cfg.primary.name} becomes the primary again (controlled switchover; writes pause "
          "for a few seconds)."], "Fail back?")
     from flows.cli import run_flow
     from flows.failback import failback_flow
@@ -118,8 +119,8 @@ def cmd_failback(args: argparse.Namespace) -> int:
 
 def cmd_drill(args: argparse.Namespace) -> int:
     cfg = _preflight(args)
-    approved_by = None if args.yes else _ask(
-        [f"Drill: {cfg.primary.name} is stopped cleanly, a replica is promoted, then "
+    approved_by = None if args.yes else _ask(lambda: [
+        f"Drill: {cfg.primary.name} is stopped cleanly, a replica is promoted, then "
          f"{cfg.primary.name} is made the primary again."], "Run the drill?")
     from flows.cli import run_flow
     from flows.failback import drill_failover_flow

@@ -22,7 +22,6 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from flows.failover import (
-    DEFAULT_MAX_LAG_BYTES,
     FailoverReport,
     ReconnectFailed,
     Timeline,
@@ -42,7 +41,7 @@ from flows.failover import (
 from tasks.config import Config, Node, config_path, load_config
 from tasks.dns_switch import DNSChange, check_dns_config, node_dns_value
 from tasks.errors import DRError, one_line
-from tasks.failover import FailbackPlan, NodeState, Refused, plan_failback
+from tasks.failover import DEFAULT_MAX_LAG_BYTES, FailbackPlan, NodeState, Refused, plan_failback
 from tasks.hooks import HookResult, ReconnectEvent
 from tasks.topology import (
     CanaryResult,

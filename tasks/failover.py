@@ -62,7 +62,7 @@ class NodeState(BaseModel):
     error: str | None = None
     in_recovery: bool | None = None
     read_only: bool | None = None  # default_transaction_read_only (a soft fence)
-    current_lsn: str | None = None  # pg_current_wal_lsn() on a primary
+    current_lsn: str | None = None  # pg_current_wal_insert_lsn() on a primary
     receive_lsn: str | None = None  # pg_last_wal_receive_lsn() on a standby
     replay_lsn: str | None = None  # pg_last_wal_replay_lsn() on a standby
     replay_lag_seconds: float | None = None
@@ -146,7 +146,7 @@ class FailoverPlan(BaseModel):
     target: str
     already_promoted: bool
     steps: list[Step]
-    reference_lsn: str | None  # furthest WAL position known anywhere (the RPO reference)
+    reference_lsn: str | None  # the old primary's last known WAL position (the RPO reference)
     target_lsn: str | None
     lag_bytes: int | None
     evidence: list[str]
@@ -214,10 +214,13 @@ def plan_failover(
         order = {r.name: i for i, r in enumerate(replicas)}
         target = max(healthy, key=lambda r: (r.position or -1, -order[r.name]))
 
-    known = [p for p in (lsn_or_none(primary.current_lsn) if primary.in_recovery is False else None,
-                         lsn_or_none(primary.last_local_lsn),
-                         *(r.position for r in replicas if not r.accepts_writes))
-             if p is not None]
+    # The RPO reference is what the old primary itself is known to have written: its insert
+    # position when it answers, else the end of the WAL in its local pg_wal. The lag reference
+    # also counts the other replicas (one may have received more than the target).
+    primary_end = lsn_or_none(primary.current_lsn) if primary.in_recovery is False else None
+    if primary_end is None:
+        primary_end = lsn_or_none(primary.last_local_lsn)
+    known = [p for p in (primary_end, *(r.position for r in replicas if not r.accepts_writes)) if p is not None]
     reference = max(known) if known else None
     lag = reference - target.position if reference is not None and target.position is not None else None
     if not already and not planned:
@@ -261,7 +264,7 @@ def plan_failover(
     ]
     return FailoverPlan(
         old_primary=primary.name, target=target.name, already_promoted=already, steps=steps,
-        reference_lsn=int_to_lsn(reference) if reference is not None else None,
+        reference_lsn=int_to_lsn(primary_end) if primary_end is not None else None,
         target_lsn=int_to_lsn(target.position) if target.position is not None else None,
         lag_bytes=lag, evidence=[s.evidence() for s in everyone], notes=notes,
     )

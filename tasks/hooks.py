@@ -123,19 +123,20 @@ def _call_webhook(url: str, event: ReconnectEvent, timeout: float) -> str:
 
 
 def _k8s_apps_api(spec: KubernetesHook) -> Any:
-    from kubernetes import client, config  # type: ignore[import-untyped]
+    from kubernetes import client, config
 
     if spec.kubeconfig or not os.environ.get("KUBERNETES_SERVICE_HOST"):
-        api_client = config.new_client_from_config(config_file=spec.kubeconfig, context=spec.context)
+        api_client = config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=spec.kubeconfig, context=spec.context)
     else:
-        config.load_incluster_config()
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
         api_client = client.ApiClient()
     return client.AppsV1Api(api_client)
 
 
 def rollout_restart(spec: KubernetesHook, timeout: float) -> str:
     """What `kubectl rollout restart` does — bump a pod-template annotation — then wait for the rollout."""
-    from kubernetes.client.exceptions import ApiException  # type: ignore[import-untyped]
+    from kubernetes.client.exceptions import ApiException
 
     api = _k8s_apps_api(spec)
     deadline = time.monotonic() + timeout

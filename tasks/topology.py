@@ -122,7 +122,7 @@ def last_local_wal_lsn(pgdata: Path, *, os_user: str, bindir: str = "auto", trie
 _OBSERVE = """
 SELECT pg_is_in_recovery(),
        current_setting('default_transaction_read_only') = 'on',
-       CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END,
+       CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn()::text END,
        pg_last_wal_receive_lsn()::text,
        pg_last_wal_replay_lsn()::text,
        extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8,
@@ -509,7 +509,7 @@ def wait_for_zero_lag(standby: Node, primary: Node, *, timeout: float = 300,
     while time.monotonic() - t0 < timeout:
         try:
             with connection(primary.dsn, timeout=3) as pconn:
-                prow = pconn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
+                prow = pconn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
             with connection(standby.dsn, timeout=3) as sconn:
                 srow = sconn.execute(
                     "SELECT pg_last_wal_replay_lsn()::text, (SELECT status FROM pg_stat_wal_receiver)"

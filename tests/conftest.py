@@ -34,6 +34,9 @@ from tasks.sample import create_database, load_sample  # noqa: E402
 
 PG_USER = "postgres"
 
+# Fixture plugins kept next to the features that use them.
+pytest_plugins = ["conftest_failover"]
+
 
 def _new_cluster(prefix: str, **initdb: Any) -> LocalCluster:
     base = make_private_dir(prefix, PG_USER)
