@@ -53,6 +53,9 @@ class RecoveryStep(BaseModel):
 
 @task(name="validate-suites", cache_policy=NO_CACHE)
 def validate_suites(cfg: Config, config_file: str | None) -> list[gxsteps.SuiteFile]:
+    """Load Great Expectations and validate the user suites: a bad suite fails before any restore."""
+    seconds = gxsteps.load_gx()
+    logger().info("Great Expectations loaded in %.1fs", seconds)
     suites = gxsteps.load_suites(suites_dir(cfg, config_file))
     if suites:
         gxsteps.validate_suites(suites, datetime.now(UTC))

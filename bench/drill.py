@@ -1,0 +1,158 @@
+"""Benchmark: the restore RTO of a drill on a pgbench database, against a plain copy restore.
+
+    python bench/drill.py                 # pgbench scale 10 (~160 MB)
+    python bench/drill.py --scale 100     # ~1.6 GB: the issue's reference size (takes minutes)
+
+Measures in the same run, from the same source (data checksums on):
+- `gravl-dr drill <id>` of a physical backup in a file repository: restore (fetch, verify,
+  unpack), recovery (start, WAL replay through restore_command, promotion) = the drill's RTO;
+  then each check (pg_verifybackup, amcheck, GX suites, usability, pg_checksums);
+- the plain baseline: `pg_basebackup -D - -Ft -X fetch | zstd -3 -T2 > file`, then
+  `zstd -d | tar -x` into an empty directory and `pg_ctl start -w` until it accepts connections.
+Flow runs go to a local Prefect server started here (as with PREFECT_API_URL in production).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from benchlib import BIN, GRAVL_DR, cleanup, ratio, start_prefect_server, timed
+
+from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir
+
+
+def source_cluster(scale: int) -> LocalCluster:
+    """pgbench at a scale, with data checksums so that pg_checksums is part of the drill."""
+    base = make_private_dir("gravl-bench-drill-src-", "postgres")
+    cluster = LocalCluster(base / "data", free_port(), dbname="bench")
+    cluster.initdb(checksums=True, extra_conf={"max_wal_size": "'4GB'", "checkpoint_timeout": "'30min'"})
+    cluster.start()
+    conn = ["-h", cluster.host, "-p", str(cluster.port), "-U", "postgres"]
+    subprocess.run([f"{BIN}/createdb", *conn, "bench"], check=True)
+    print(f"pgbench -i -s {scale} ...", flush=True)
+    subprocess.run([f"{BIN}/pgbench", "-i", "-q", "-s", str(scale), *conn, "bench"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(["psql", *conn, "-d", "bench", "-qc", "CHECKPOINT"], check=True)
+    return cluster
+
+
+def plain_copy_restore(cluster: LocalCluster, work: Path) -> dict[str, float]:
+    """pg_basebackup | zstd to a file, then zstd -d | tar -x and start: the baseline restore."""
+    conn = f"-h {cluster.host} -p {cluster.port} -U postgres"
+    archive = work / "plain.tar.zst"
+    backup = timed(f"{BIN}/pg_basebackup {conn} -D - -Ft -X fetch -c fast | zstd -q -3 -T2 > {archive}",
+                   shell=True, root_only=False)
+    chown_tree(work, "postgres")
+    target = work / "plain"
+    target.mkdir(mode=0o700)
+    chown_tree(target, "postgres")
+    untar = timed(["runuser", "-u", "postgres", "--", "sh", "-c",
+                   f"zstd -q -d -c {archive} | tar -x -C {target}"], root_only=False)
+    port = free_port()
+    copy = LocalCluster(target, port)
+    t0 = time.monotonic()
+    copy.start(timeout=3600)
+    copy.wait_ready(timeout=3600)
+    started = time.monotonic() - t0
+    copy.destroy()
+    return {"plain_backup_s": backup.seconds, "plain_untar_s": untar.seconds, "plain_start_s": started,
+            "plain_rto_s": untar.seconds + started}
+
+
+def bench_scale(scale: int, env: dict[str, str]) -> dict[str, object]:
+    cluster = source_cluster(scale)
+    work = make_private_dir("gravl-bench-drill-work-", "postgres")
+    res: dict[str, object] = {"scale": scale}
+    try:
+        cfg = work / "gravl-dr.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "cluster": "bench", "primary": {"dsn": cluster.dsn()},
+            "repository": {"url": f"file://{work / 'repo'}", "compression": "zstd"},
+        }))
+        (work / "repo").mkdir()
+        chown_tree(work, "postgres")
+        size = timed(["psql", "-h", cluster.host, "-p", str(cluster.port), "-U", "postgres", "-d", "bench",
+                      "-Atc", "select pg_database_size('bench')"])
+        res["db_mb"] = int(size.stdout.strip()) / 2**20
+
+        def gravl(*args: str) -> str:
+            t = timed([GRAVL_DR, "--config", str(cfg), *args], env=env)
+            if t.returncode != 0:
+                raise SystemExit(f"gravl-dr {' '.join(args)} failed: {t.stderr[-2000:]}")
+            return t.stdout
+
+        out = gravl("backup", "--kind", "physical", "--json")
+        backup_id = json.loads(out[out.index("{"):])["backup_id"]
+        chown_tree(work / "repo", "postgres")
+        t0 = time.monotonic()
+        out = gravl("drill", backup_id, "--json")
+        wall = time.monotonic() - t0
+        report = json.loads(out[out.index("{"):])
+        by_kind: dict[str, float] = {}
+        for check in report["checks"]:
+            if check["category"] == "restore":
+                continue
+            kind = "great-expectations" if check["category"] == "data" else check["kind"]
+            by_kind[kind] = by_kind.get(kind, 0.0) + check["seconds"]
+        res["check_summaries"] = {c["name"]: c["summary"] for c in report["checks"] if c["category"] != "data"}
+        res.update({
+            "drill_passed": report["passed"], "drill_wall_s": wall, "drill_total_s": report["total_seconds"],
+            "drill_restore_s": report["restore_seconds"], "drill_recovery_s": report["recovery_seconds"],
+            "drill_rto_s": report["rto_seconds"], "drill_checks_s": report["checks_seconds"],
+            "checks_by_kind_s": by_kind, "checks": len(report["checks"]),
+        })
+        res.update(plain_copy_restore(cluster, Path(tempfile.mkdtemp(prefix="gravl-bench-plain-", dir="/tmp"))))
+    finally:
+        cluster.destroy()
+        cleanup(cluster.pgdata.parent, work)
+        for p in Path("/tmp").glob("gravl-bench-plain-*"):
+            cleanup(p)
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=int, action="append", help="pgbench scale (repeatable; default 10)")
+    args = parser.parse_args()
+    env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    server, url, home = start_prefect_server()
+    env["PREFECT_API_URL"] = url
+    try:
+        results = [bench_scale(s, env) for s in (args.scale or [10])]
+    finally:
+        server.terminate()
+        server.wait()
+        cleanup(home)
+    for r in results:
+        kinds: dict[str, float] = r["checks_by_kind_s"]  # type: ignore[assignment]
+        print(f"\n== pgbench scale {r['scale']} ({r['db_mb']:.0f} MB database), drill "
+              f"{'PASSED' if r['drill_passed'] else 'FAILED'} with {r['checks']} checks ==")
+        print(f"drill restore (fetch, verify, unpack):  {r['drill_restore_s']:.2f} s")
+        print(f"drill recovery (start, replay, promote): {r['drill_recovery_s']:.2f} s")
+        print(f"drill RTO (restore + recovery):         {r['drill_rto_s']:.2f} s")
+        print(f"plain copy restore (zstd -d | tar -x + start): {r['plain_rto_s']:.2f} s "
+              f"(untar {r['plain_untar_s']:.2f} s, start {r['plain_start_s']:.2f} s)")
+        print(f"  ratio drill RTO / plain:              {ratio(r['drill_rto_s'], r['plain_rto_s'])}")  # type: ignore[arg-type]
+        print(f"drill checks:                           {r['drill_checks_s']:.2f} s "
+              f"({', '.join(f'{k} {v:.2f} s' for k, v in sorted(kinds.items()))})")
+        print(f"  checks / restore:                     {ratio(r['drill_checks_s'], r['drill_restore_s'])}"  # type: ignore[arg-type]
+              "  (target < 1.00x)")
+        for name, summary in r["check_summaries"].items():  # type: ignore[attr-defined]
+            print(f"  {name}: {summary}")
+        print(f"drill total in the flow / CLI wall:     {r['drill_total_s']:.2f} s / {r['drill_wall_s']:.2f} s")
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "drill.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    sys.exit(main())
