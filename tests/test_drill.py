@@ -113,8 +113,8 @@ def test_drill_of_a_good_physical_backup_passes_and_reports_every_check(env: Dri
     names = {c.name for c in report.checks}
     for expected in ["restore", "pg_verifybackup", "recovery", "amcheck gravl", "amcheck postgres",
                      "freshness gravl", "usability gravl", "pg_checksums",
-                     "pk-unique gravl.public.users(id)", "pk-not-null gravl.public.users.id",
-                     "pk-unique gravl.public.muscle_group_recovery(user_id,muscle_group)",
+                     "primary-key gravl.public.users(id)",
+                     "primary-key gravl.public.muscle_group_recovery(user_id,muscle_group)",
                      "fk-orphans gravl.public.workout_swaps(workout_log_id)->public.workout_logs",
                      "suite gravl: gravl.public.muscle_group_recovery recovery_score within 0..100",
                      "suite gravl: gravl.public.workout_logs completed_at never in the future",

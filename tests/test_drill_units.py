@@ -85,9 +85,9 @@ def test_default_plan_covers_counts_keys_references_and_freshness() -> None:
         count_mode="tolerance", tolerance=0.1, reference=REF, max_age_seconds=3600)
     by_name = {s.check: s for s in specs}
     assert by_name["row-count app.public.logs"].kwargs == {"min_value": 90, "max_value": 110}
-    assert by_name["pk-unique app.public.logs(user_id,n)"].gx_type == "ExpectCompoundColumnsToBeUnique"
-    assert {"pk-not-null app.public.logs.user_id", "pk-not-null app.public.logs.n",
-            "pk-unique app.public.users(id)", "pk-not-null app.public.users.id"} <= set(by_name)
+    pk = by_name["primary-key app.public.logs(user_id,n)"].kwargs["unexpected_rows_query"]
+    assert 'GROUP BY x."user_id", x."n" HAVING count(*) > 1 OR x."user_id" IS NULL OR x."n" IS NULL' in pk
+    assert "primary-key app.public.users(id)" in by_name
     fk = by_name["fk-orphans app.public.logs(user_id)->public.users"]
     assert "{batch}" in fk.kwargs["unexpected_rows_query"] and 'p."id" = x."user_id"' in fk.kwargs[
         "unexpected_rows_query"]
