@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,14 +25,24 @@ FETCH_FATAL = 255  # > 125: PostgreSQL aborts recovery (xlogarchive.c, wait_resu
 FETCH_MISSING = 1
 DEFAULT_PARALLEL = 4
 DEFAULT_PREFETCH = 8
+PUSHER_IDLE_EXIT = 10.0  # seconds without a .ready file before the background pusher exits
+PUSHER_WAIT = 120.0  # how long wal-push waits for the pusher before pushing the file itself
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("wal-push", help="archive one WAL file (archive_command = 'gravl-dr wal-push %%p')")
     p.add_argument("path", help="the file, as PostgreSQL passes it (%%p)")
     p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL,
-                   help="also push up to N-1 other .ready files at once (default %(default)s; 1 = off)")
+                   help="push up to N .ready files at once (default %(default)s)")
+    p.add_argument("--sync", action="store_true",
+                   help="no background pusher: push this file (and N-1 .ready ones) in this process")
     p.set_defaults(func=cmd_wal_push)
+
+    p = sub.add_parser("wal-push-daemon", help=argparse.SUPPRESS)
+    p.add_argument("pg_wal")
+    p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL)
+    p.add_argument("--idle", type=float, default=PUSHER_IDLE_EXIT)
+    p.set_defaults(func=cmd_wal_push_daemon)
 
     p = sub.add_parser("wal-fetch", help="fetch one archived WAL file (restore_command = 'gravl-dr wal-fetch %%f %%p')")
     p.add_argument("name", help="the file name (%%f)")
@@ -104,6 +115,8 @@ def fast_path(argv: Sequence[str]) -> int | None:
     if rest[0] == "wal-push":
         rest = rest[1:]
         parallel = _int_option(rest, "--parallel", DEFAULT_PARALLEL)
+        synchronous = "--sync" in rest
+        rest = [r for r in rest if r != "--sync"]
         if parallel is None or len(rest) != 1:
             return None  # the parser explains the usage
         from tasks.wal import already_archived, config_stamp
@@ -115,7 +128,7 @@ def fast_path(argv: Sequence[str]) -> int | None:
         from tasks.errors import DRError, one_line
 
         try:
-            return wal_push(config, rest[0], parallel)
+            return wal_push(config, rest[0], parallel, synchronous=synchronous)
         except DRError as exc:
             sys.stderr.write(f"gravl-dr: error: {one_line(exc)}\n")
             return exc.exit_code
@@ -153,25 +166,84 @@ def open_wal_repository(config: str | None, pg_wal: Path, stamp: str) -> tuple[A
 
 
 def cmd_wal_push(args: argparse.Namespace) -> int:
-    return wal_push(args.config, args.path, args.parallel)
+    return wal_push(args.config, args.path, args.parallel, synchronous=args.sync)
 
 
-def wal_push(config: str | None, path_arg: str, parallel: int) -> int:
+def _spawn_pusher(config: str | None, pg_wal: Path, parallel: int) -> subprocess.Popen[bytes] | None:
+    """Start the background pusher for pg_wal, detached (its own session), logging to the spool."""
+    from tasks.wal import PUSHER_LOG, spool_root
+
+    try:
+        log_file = open(spool_root(pg_wal) / PUSHER_LOG, "ab")
+    except OSError:
+        return None
+    with log_file:
+        try:
+            return subprocess.Popen(
+                [sys.executable, "-P", "-m", "flows.cli", "--config", str(Path(_config_file(config)).absolute()),
+                 "-v", "wal-push-daemon", str(pg_wal), "--parallel", str(parallel)],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
+            )
+        except OSError:
+            return None
+
+
+def wal_push(config: str | None, path_arg: str, parallel: int, *, synchronous: bool = False) -> int:
     """archive_command: exit 0 only once the file is durably in the repository."""
-    from tasks.wal import config_stamp, parse_wal_name, push_with_lookahead
+    from tasks.errors import ConfigError, DRError
+    from tasks.wal import (
+        config_stamp,
+        parse_wal_name,
+        push_with_lookahead,
+        pusher_pid,
+        spool_writable,
+        wait_for_pusher,
+    )
 
     path = Path(path_arg)
     parse_wal_name(path.name)  # validate before anything else
     if parallel < 1 or parallel > 32:
-        from tasks.errors import ConfigError
-
         raise ConfigError("--parallel must be between 1 and 32")
+    if not path.is_file():
+        from tasks.errors import PreconditionFailed
+
+        raise PreconditionFailed(f"WAL file {path} does not exist")
     stamp = config_stamp(_config_file(config))
-    repo, settings = open_wal_repository(config, path.absolute().parent, stamp)
+    pg_wal = path.absolute().parent
+    # The pusher works from archive_status (what PostgreSQL marked .ready); a file pushed by
+    # hand, without its .ready, is pushed here.
+    ready = (pg_wal / "archive_status" / f"{path.name}.ready").exists()
+    if not synchronous and ready and spool_writable(pg_wal):
+        child = None if pusher_pid(pg_wal) is not None else _spawn_pusher(config, pg_wal, parallel)
+        if child is not None or pusher_pid(pg_wal) is not None:
+            def alive() -> bool:
+                if child is not None and child.poll() is None:
+                    return True
+                return pusher_pid(pg_wal) is not None
+
+            outcome = wait_for_pusher(path.absolute(), stamp, timeout=PUSHER_WAIT, alive=alive)
+            if outcome == "ok":
+                return 0
+            if outcome is not None:
+                raise DRError(outcome)
+            log.warning("background pusher gone or slow: pushing %s here", path.name)
+    repo, settings = open_wal_repository(config, pg_wal, stamp)
     res = push_with_lookahead(repo, path, settings, parallel=parallel, stamp=stamp)
     log.info("%s: %s as %s (%d -> %d bytes, %.0f ms); %d more pushed ahead",
              res.own.name, res.own.outcome, res.own.key, res.own.raw_size, res.own.stored_size,
              res.own.seconds * 1000, len(res.ahead))
+    return 0
+
+
+def cmd_wal_push_daemon(args: argparse.Namespace) -> int:
+    from tasks.wal import config_stamp, run_pusher
+
+    pg_wal = Path(args.pg_wal).absolute()
+    stamp = config_stamp(_config_file(args.config))
+    repo, settings = open_wal_repository(args.config, pg_wal, stamp)
+    pushed = run_pusher(repo, settings, pg_wal, stamp, parallel=max(1, min(32, args.parallel)),
+                        idle_exit=args.idle)
+    log.info("background pusher of %s exits after pushing %d file(s)", pg_wal, pushed)
     return 0
 
 

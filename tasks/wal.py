@@ -26,7 +26,7 @@ import re
 import struct
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,24 +375,68 @@ class PushResult:
     seconds: float
 
 
+IN_MEMORY_LIMIT = 64 * 1024 * 1024  # files up to this size are read once, hashed and compressed in memory
+
+
+def _compress_bytes(data: bytes, settings: WalSettings) -> bytes:
+    """One-shot compression of a whole file (single-threaded: the look-ahead already runs
+    several files at once, and zstd's worker threads cost more than they give on 16 MB)."""
+    if settings.codec == "zstd":
+        import zstandard
+
+        out = zstandard.ZstdCompressor(level=settings.level or 3, threads=0).compress(data)
+    elif settings.codec == "lz4":
+        import lz4.frame
+
+        out = lz4.frame.compress(data, compression_level=settings.level or 0)
+    elif settings.codec == "gzip":
+        import zlib
+
+        comp = zlib.compressobj(settings.level or 6, zlib.DEFLATED, 31)
+        out = comp.compress(data) + comp.flush()
+    else:
+        out = data
+    if settings.key is not None:
+        from tasks.streams import encrypt
+
+        out = b"".join(encrypt([out], settings.key))
+    return out
+
+
 def push_file(repo: Repository, path: Path, settings: WalSettings) -> PushResult:
     """Archive one WAL file: durable on success, never overwriting. The same content already
     archived is a success ("duplicate"); different content raises WalConflict."""
     t0 = time.monotonic()
     name = path.name
     parse_wal_name(name)
-    digest, size = file_digest(path, settings.key)
-    existing = find_object(repo, name, settings)
-    if existing is not None:
-        _same_as_stored(repo, existing, name, settings, digest, size)
-        return PushResult(name, existing, "duplicate", size, 0, time.monotonic() - t0)
+    data: bytes | None = None
+    try:
+        if path.stat().st_size <= IN_MEMORY_LIMIT:
+            data = path.read_bytes()
+    except FileNotFoundError:
+        raise PreconditionFailed(f"WAL file {path} does not exist") from None
+    except OSError as exc:
+        raise PreconditionFailed(f"cannot read WAL file {path}: {exc.strerror}") from None
+    if data is not None:
+        d = _RawDigest(settings.key)
+        d.update(data)
+        digest, size = d.hexdigest(), d.size
+    else:
+        digest, size = file_digest(path, settings.key)
+    # Only the configured codec's key is checked: the repository refuses to overwrite it
+    # (AlreadyExists), which costs no extra round trip on S3.
     key = object_key(name, settings.codec, settings.encrypted)
     stored = hashlib.sha256()
     stored_size = 0
 
     def counted() -> Iterator[bytes]:
         nonlocal stored_size
-        for chunk in _encoded(path, name, settings, digest, size):
+        if data is not None:
+            chunks: Iterable[bytes] = (build_header(name, settings, digest, size),
+                                       _compress_bytes(data, settings))
+        else:
+            chunks = _encoded(path, name, settings, digest, size)
+        for chunk in chunks:
             stored.update(chunk)
             stored_size += len(chunk)
             yield chunk
@@ -540,7 +584,8 @@ def prune_spool(pg_wal: Path) -> int:
                 if time.time() - path.stat().st_mtime > 3600:
                     path.unlink()
             continue
-        if entry.endswith(".ok") and not (pg_wal / entry[: -len(".ok")]).exists():
+        base = entry.rsplit(".", 1)[0]
+        if entry.endswith((".ok", ".err")) and not (pg_wal / base).exists():
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed += 1
@@ -569,7 +614,7 @@ def push_with_lookahead(
             others.append(name)
             if len(others) >= parallel - 1:
                 break
-    can_mark = _spool_writable(pg_wal)
+    can_mark = spool_writable(pg_wal)
     with ThreadPoolExecutor(max(1, len(others) + 1), thread_name_prefix="wal-push") as pool:
         own_f = pool.submit(push_file, repo, path, settings)
         ahead_f: dict[str, Future[PushResult]] = {
@@ -593,7 +638,7 @@ def push_with_lookahead(
     return LookaheadResult(own, tuple(ahead), tuple(failed))
 
 
-def _spool_writable(pg_wal: Path) -> bool:
+def spool_writable(pg_wal: Path) -> bool:
     root = spool_root(pg_wal)
     try:
         _ensure_dir(root / "archived", pg_wal)
@@ -772,3 +817,139 @@ def load_settings_cache(pg_wal: Path, stamp: str) -> tuple[Repository, WalSettin
     settings = WalSettings(codec=str(codec), level=int(level) if isinstance(level, int) else None,
                            key=load_key(body.get("key_env") or None))
     return FileRepository(Path(path), url), settings
+
+
+# ---------------------------------------------------------------- the background pusher (async mode)
+#
+# As pgBackRest's archive-async: the first wal-push starts one detached pusher per pg_wal; it
+# keeps its interpreter, config and repository client warm, pushes every .ready file (oldest
+# first, several at once) and marks each one archived (.ok) or failed (.err). wal-push itself
+# only waits for its file's mark, so a call costs an interpreter start, not a boto3 client and a
+# compression. The .ok mark is written only once the object is durable, so a crash of either
+# process loses nothing: an unmarked file is pushed again (identical content is a success).
+
+PUSHER_LOCK = "pusher.lock"
+PUSHER_LOG = "pusher.log"
+
+
+def failure_path(path: Path) -> Path:
+    return spool_root(path.parent) / "archived" / f"{path.name}.err"
+
+
+def mark_failed(path: Path, message: str) -> None:
+    """Record why pushing this exact file failed; the waiting wal-push reports it."""
+    try:
+        body = {"name": path.name, "error": message, **file_stamp(path)}
+    except OSError:
+        return
+    with contextlib.suppress(OSError):
+        _atomic_write(failure_path(path), json.dumps(body).encode(), like=path.parent)
+
+
+def take_failure(path: Path) -> str | None:
+    """The pusher's failure for this very file, removed so that the next attempt retries it."""
+    err = failure_path(path)
+    try:
+        body = json.loads(err.read_bytes())
+        st = path.stat()
+    except (OSError, ValueError):
+        return None
+    with contextlib.suppress(OSError):
+        err.unlink()
+    if isinstance(body, dict) and body.get("ino") == st.st_ino and body.get("mtime_ns") == st.st_mtime_ns:
+        return str(body.get("error") or "push failed")
+    return None
+
+
+def _failed_recently(path: Path) -> bool:
+    return failure_path(path).exists()
+
+
+def pusher_lock(pg_wal: Path) -> int | None:
+    """Take the one-pusher-per-pg_wal lock (released when the process exits); None if held."""
+    import fcntl
+
+    root = spool_root(pg_wal)
+    _ensure_dir(root, pg_wal)
+    fd = os.open(root / PUSHER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def pusher_pid(pg_wal: Path) -> int | None:
+    """The pid of the live pusher of this pg_wal, from its pid file, or None."""
+    try:
+        pid = int((spool_root(pg_wal) / "pusher.pid").read_text().strip())
+        os.kill(pid, 0)
+    except PermissionError:
+        return pid
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def run_pusher(
+    repo: Repository, settings: WalSettings, pg_wal: Path, stamp: str, *, parallel: int,
+    idle_exit: float = 10.0,
+) -> int:
+    """Push every .ready file until none has come for ``idle_exit`` seconds; returns the count."""
+    lock = pusher_lock(pg_wal)
+    if lock is None:
+        return 0  # another pusher serves this pg_wal
+    _atomic_write(spool_root(pg_wal) / "pusher.pid", str(os.getpid()).encode(), like=pg_wal)
+    pushed = 0
+    idle_since = time.monotonic()
+    in_flight: dict[str, Future[PushResult]] = {}
+    try:
+        with ThreadPoolExecutor(max(1, parallel), thread_name_prefix="wal-pusher") as pool:
+            while pg_wal.is_dir():
+                for name, fut in list(in_flight.items()):
+                    if not fut.done():
+                        continue
+                    del in_flight[name]
+                    try:
+                        mark_archived(pg_wal / name, fut.result(), stamp)
+                        pushed += 1
+                    except (DRError, OSError) as exc:
+                        log.warning("push of %s failed: %s", name, exc)
+                        mark_failed(pg_wal / name, str(exc))
+                for name in ready_files(pg_wal):
+                    if len(in_flight) >= parallel:
+                        break
+                    path = pg_wal / name
+                    if name in in_flight or already_archived(path, stamp) or _failed_recently(path):
+                        continue
+                    in_flight[name] = pool.submit(push_file, repo, path, settings)
+                if in_flight:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since > idle_exit:
+                    break
+                time.sleep(0.02 if in_flight else 0.1)
+                with contextlib.suppress(OSError):
+                    if not in_flight:
+                        prune_spool(pg_wal)
+    finally:
+        os.close(lock)
+    return pushed
+
+
+def wait_for_pusher(path: Path, stamp: str, *, timeout: float, alive: Callable[[], bool]) -> str | None:
+    """Wait until the pusher marked ``path`` archived ("ok") or failed (the message); None when
+    the pusher is gone or too slow (the caller then pushes the file itself)."""
+    deadline = time.monotonic() + timeout
+    checks = 0
+    while time.monotonic() < deadline:
+        if already_archived(path, stamp):
+            return "ok"
+        failure = take_failure(path)
+        if failure is not None:
+            return failure
+        checks += 1
+        if checks % 10 == 0 and not alive():
+            return "ok" if already_archived(path, stamp) else None
+        time.sleep(0.01)
+    return None

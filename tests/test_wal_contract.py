@@ -159,7 +159,7 @@ def test_lookahead_pushes_ready_files_so_later_calls_return_at_once(
     # GIVEN five segments waiting as .ready
     paths = [make_wal(pg_wal, seg_name(1, 10 + i), seed=10 + i) for i in range(5)]
     # WHEN PostgreSQL asks for the first one, with a look-ahead of 4
-    proc = push(file_config, paths[0], "--parallel", "4")
+    proc = push(file_config, paths[0], "--parallel", "4", "--sync")
     assert proc.returncode == 0, proc.stderr
     # THEN the next three are stored too, and marked for the next calls
     for path in paths[:4]:
@@ -177,12 +177,55 @@ def test_lookahead_pushes_ready_files_so_later_calls_return_at_once(
     assert took < 1.0, took
 
 
+def wait_marked(pg_wal: Path, names: list[str], timeout: float = 20) -> None:
+    folder = pg_wal / "gravl-dr" / "archived"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all((folder / f"{n}.ok").exists() for n in names):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not marked: {names}; log: {(pg_wal / 'gravl-dr' / 'pusher.log').read_text()}")
+
+
+def test_background_pusher_archives_ready_files_and_exits_when_idle(
+    pg_wal: Path, file_config: Path, file_repo_dir: Path
+) -> None:
+    # GIVEN six segments waiting as .ready
+    paths = [make_wal(pg_wal, seg_name(1, 100 + i), seed=100 + i) for i in range(6)]
+    # WHEN PostgreSQL asks for the first (async mode is the default)
+    proc = push(file_config, paths[0])
+    # THEN it returns once that file is stored, and a detached pusher stores the others
+    assert proc.returncode == 0, proc.stderr
+    assert stored(file_repo_dir, paths[0].name).is_file()
+    wait_marked(pg_wal, [p.name for p in paths])
+    for path in paths:
+        assert stored(file_repo_dir, path.name).is_file()
+    # AND later calls answer from the marks at once
+    for path in paths[1:]:
+        t0 = time.monotonic()
+        assert push(file_config, path).returncode == 0
+        assert time.monotonic() - t0 < 1.0
+    # AND a conflict found by the pusher reaches PostgreSQL as a failure with the reason
+    (pg_wal / paths[5].name).unlink()
+    make_wal(pg_wal, paths[5].name, seed=555)
+    assert_one_line_error(push(file_config, paths[5]), "different content")
+    # AND the pusher exits by itself once nothing is left to do
+    from tasks.wal import pusher_pid
+
+    pid = pusher_pid(pg_wal)
+    deadline = time.monotonic() + 30
+    while pid is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        pid = pusher_pid(pg_wal)
+    assert pid is None
+
+
 def test_a_lookahead_mark_is_not_trusted_for_a_different_file(
     pg_wal: Path, file_config: Path, file_repo_dir: Path
 ) -> None:
     # GIVEN a look-ahead stored segment 21 and marked it
     paths = [make_wal(pg_wal, seg_name(1, 20 + i), seed=20 + i) for i in range(2)]
-    assert push(file_config, paths[0], "--parallel", "2").returncode == 0
+    assert push(file_config, paths[0], "--parallel", "2", "--sync").returncode == 0
     assert (pg_wal / "gravl-dr" / "archived" / f"{paths[1].name}.ok").is_file()
     # WHEN a different file now has that name (another inode, other bytes)
     paths[1].unlink()
@@ -193,7 +236,7 @@ def test_a_lookahead_mark_is_not_trusted_for_a_different_file(
 
 def test_marks_of_recycled_files_are_pruned(pg_wal: Path, file_config: Path) -> None:
     paths = [make_wal(pg_wal, seg_name(1, 30 + i), seed=30 + i) for i in range(3)]
-    assert push(file_config, paths[0], "--parallel", "3").returncode == 0
+    assert push(file_config, paths[0], "--parallel", "3", "--sync").returncode == 0
     # PostgreSQL recycles segment 31 after its .done; the next push prunes the stale mark
     paths[1].unlink()
     later = make_wal(pg_wal, seg_name(1, 39), seed=39, ready=False)
@@ -323,6 +366,6 @@ def test_s3_push_fetch_duplicate_and_conflict(pg_wal: Path, s3_config: Path, tmp
 def test_check_json_of_status_marks_is_plain(pg_wal: Path, file_config: Path) -> None:
     # the marks are small JSON documents an operator can read
     paths = [make_wal(pg_wal, seg_name(1, 90 + i), seed=90 + i) for i in range(2)]
-    assert push(file_config, paths[0], "--parallel", "2").returncode == 0
+    assert push(file_config, paths[0], "--parallel", "2", "--sync").returncode == 0
     body = json.loads((pg_wal / "gravl-dr" / "archived" / f"{paths[1].name}.ok").read_text())
     assert body["name"] == paths[1].name and body["key"].startswith("wal/00000001/")
