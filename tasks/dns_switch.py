@@ -65,17 +65,17 @@ def check_dns_config(conf: DNSConfig) -> None:
     if conf.provider == "none":
         return
     if not conf.record:
-        raise ConfigError(f"conf.record is required for provider {conf.provider}")
+        raise ConfigError(f"dns.record is required for provider {conf.provider}")
     if conf.provider == "route53" and not conf.zone_id:
-        raise ConfigError("conf.zone_id is required for provider route53")
+        raise ConfigError("dns.zone_id is required for provider route53")
     if conf.provider == "rfc2136":
         for key in ("server", "zone", "key_name", "key_env"):
             if not getattr(conf, key):
                 raise ConfigError(f"dns.{key} is required for provider rfc2136")
         if not os.environ.get(conf.key_env or ""):
-            raise ConfigError(f"conf.key_env: environment variable {conf.key_env} is not set (TSIG secret)")
+            raise ConfigError(f"dns.key_env: environment variable {conf.key_env} is not set (TSIG secret)")
         if conf.key_algorithm.lower().rstrip(".") not in ("hmac-sha256", "hmac-sha384", "hmac-sha512"):
-            raise ConfigError(f"conf.key_algorithm {conf.key_algorithm} is not supported (use hmac-sha256)")
+            raise ConfigError(f"dns.key_algorithm {conf.key_algorithm} is not supported (use hmac-sha256)")
 
 
 def read_record(conf: DNSConfig) -> list[str]:
@@ -95,7 +95,7 @@ def switch_record(conf: DNSConfig, *, expected: Sequence[str], new_value: str, t
     t0 = time.monotonic()
     if conf.provider == "none":
         return DNSChange(provider="none", record=None, before=[], value=None, changed=False, seconds=0.0,
-                         detail="conf.provider is none: clients must find the new primary themselves")
+                         detail="dns.provider is none: clients must find the new primary themselves")
     if conf.provider == "route53":
         return _r53_switch(conf, expected, new_value, timeout, poll_interval, t0)
     return _rfc_switch(conf, expected, new_value, timeout, t0)
@@ -231,7 +231,7 @@ def _rfc_switch(conf: DNSConfig, expected: Sequence[str], new_value: str, timeou
     try:
         keyring = dns.tsigkeyring.from_text({conf.key_name or "": secret})
     except Exception as exc:  # binascii.Error and friends: the secret is not base64
-        raise ConfigError(f"conf.key_env: the value of {conf.key_env} is not a base64 TSIG secret") from exc
+        raise ConfigError(f"dns.key_env: the value of {conf.key_env} is not a base64 TSIG secret") from exc
     algorithm = dns.name.from_text(conf.key_algorithm.lower().rstrip(".") + ".")
     update = dns.update.UpdateMessage(_fqdn(conf.zone or ""), keyring=keyring, keyname=dns.name.from_text(conf.key_name or ""),
                                       keyalgorithm=algorithm)

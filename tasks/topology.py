@@ -70,10 +70,54 @@ def postmaster_running(pgdata: Path) -> bool:
     except PermissionError:
         return True
     try:
+        # A zombie (killed, not yet reaped) has an empty command line: not running.
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True
     return b"postgres" in cmdline or b"postmaster" in cmdline
+
+
+def server_processes(pgdata: Path) -> list[int]:
+    """PIDs of processes working in ``pgdata`` (every postgres process chdirs into its data directory).
+
+    After a SIGKILL of the postmaster its children linger until they notice (PostmasterIsAlive),
+    and they still hold the shared memory a single-user or new postmaster refuses to share.
+    """
+    target = str(pgdata.resolve())
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if os.readlink(proc / "cwd") == target:
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def wait_server_gone(pgdata: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while (pids := server_processes(pgdata)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if pids:
+        raise PreconditionFailed(f"processes {pids} still run in {pgdata} {timeout:.0f}s after the "
+                                 "postmaster stopped")
+
+
+def clear_stale_pidfile(pgdata: Path) -> bool:
+    """Remove postmaster.pid left by a killed postmaster.
+
+    PostgreSQL treats the lock file as held while its PID answers kill(pid, 0), which a killed
+    postmaster not yet reaped by PID 1 (a zombie) still does; single-user mode then refuses to
+    start. We only remove it when no process works in the directory any more.
+    """
+    pidfile = pgdata / "postmaster.pid"
+    if not pidfile.exists() or postmaster_running(pgdata) or server_processes(pgdata):
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        pidfile.unlink()
+    return True
 
 
 def controldata(pgdata: Path, *, os_user: str, bindir: str = "auto") -> dict[str, str]:
@@ -450,14 +494,32 @@ def rebuild_as_standby(node: Node, source: Node, *, os_user: str, bindir: str = 
         raise PreconditionFailed(f"cannot rebuild {node.name}: pgdata {node.pgdata!r} is not a data "
                                  "directory on this host")
     ctl = stop_server(pgdata, os_user=os_user, bindir=bindir, mode="fast")
+    wait_server_gone(pgdata)
+    clear_stale_pidfile(pgdata)
     saved = {name: (pgdata / name).read_bytes() for name in LOCAL_CONFIG_FILES if (pgdata / name).exists()}
     # pg_rewind brings a crashed target to a consistent state in single-user mode first, which
     # refuses standby mode: take our fence signal away for the duration.
     for name in ("standby.signal", "recovery.signal"):
         with contextlib.suppress(FileNotFoundError):
             (pgdata / name).unlink()
+    if ctl.get("Database cluster state") not in ("shut down", "shut down in recovery"):
+        # Finish crash recovery first, as pg_rewind would in single-user mode — but before it
+        # decides whether a rewind is needed: PostgreSQL 15's pg_rewind can conclude "no rewind
+        # required" from the pre-crash control file and then let single-user recovery write an
+        # end-of-recovery checkpoint past the fork point, leaving a standby that cannot follow
+        # the new timeline ("forked off current database system timeline before current
+        # recovery point").
+        run([pg_bin("postgres", bindir), "--single", "-F", "-D", str(pgdata), "template1"], input=b"",
+            timeout=timeout, os_user=os_user)
+        ctl = controldata(pgdata, os_user=os_user, bindir=bindir)
     method, detail = "", ""
     if rewind_possible(ctl):
+        # pg_rewind (before PostgreSQL 16) takes the source's timeline from its control file, which
+        # a just-promoted server updates only at its first checkpoint — a spread one, that may
+        # still be running. Without it pg_rewind sees "the same timeline" and says "no rewind
+        # required" wrongly (the pg_rewind docs' note on promoted sources).
+        with connection(source.dsn, timeout=5) as conn:
+            conn.execute("CHECKPOINT")
         env = client_env(source.dsn, dbname="postgres")
         proc = run([pg_bin("pg_rewind", bindir), "--target-pgdata", str(pgdata), "--source-server",
                     "", "--no-sync"], timeout=timeout, os_user=os_user, env=env, check=False)
@@ -466,7 +528,7 @@ def rebuild_as_standby(node: Node, source: Node, *, os_user: str, bindir: str = 
             method = "pg_rewind (no rewind required)" if "no rewind required" in output else "pg_rewind"
             detail = output.splitlines()[-1] if output else ""
         else:
-            detail = f"pg_rewind failed ({' | '.join(output.splitlines()[-3:])}); re-cloned instead"
+            detail = f"pg_rewind failed ({' | '.join(output.splitlines()[-6:])}); re-cloned instead"
             log.warning("pg_rewind of %s failed: %s", node.name, output[-500:])
     else:
         detail = "pg_rewind impossible (needs wal_log_hints=on or data checksums); re-cloned"
