@@ -220,7 +220,8 @@ def plan_failover(
     primary_end = lsn_or_none(primary.current_lsn) if primary.in_recovery is False else None
     if primary_end is None:
         primary_end = lsn_or_none(primary.last_local_lsn)
-    known = [p for p in (primary_end, *(r.position for r in replicas if not r.accepts_writes)) if p is not None]
+    peers = [r.position for r in replicas if not r.accepts_writes and _same_system(r, primary)]
+    known = [p for p in (primary_end, *peers) if p is not None]
     reference = max(known) if known else None
     lag = reference - target.position if reference is not None and target.position is not None else None
     if not already and not planned:
