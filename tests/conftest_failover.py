@@ -240,7 +240,14 @@ zone "{ZONE.rstrip('.')}" {{
                             stderr=subprocess.STDOUT)
     try:
         _wait_tcp(port)
-        yield BindServer(port=port, directory=directory, secret=secret, proc=proc)
+        server = BindServer(port=port, directory=directory, secret=secret, proc=proc)
+        # named listens before its zones are loaded (and answers SERVFAIL until then)
+        deadline = time.monotonic() + 20
+        while server.query() != ["127.0.0.1"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"named did not load the zone: {(directory / 'named.log').read_text()[-500:]}")
+            time.sleep(0.05)
+        yield server
     finally:
         proc.terminate()
         try:
