@@ -928,7 +928,7 @@ def run_pusher(
                     idle_since = time.monotonic()
                 elif time.monotonic() - idle_since > idle_exit:
                     break
-                time.sleep(0.02 if in_flight else 0.1)
+                time.sleep(0.02)
                 with contextlib.suppress(OSError):
                     if not in_flight:
                         prune_spool(pg_wal)
