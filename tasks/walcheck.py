@@ -357,12 +357,12 @@ def check_wal(cfg: Config, repo: Repository, *, server: bool = True, now: dateti
     if server:
         status = read_archiver(cfg.primary.dsn)
         report.archiver = status
-        _judge_archiver(report, status, repo, settings, archive, now)
+        judge_archiver(report, status, repo, settings, archive, now)
     report.seconds = time.monotonic() - t0
     return report
 
 
-def _judge_archiver(
+def judge_archiver(
     report: WalCheckReport, a: ArchiverStatus, repo: Repository, settings: WalSettings,
     archive: dict[str, str], now: datetime,
 ) -> None:
