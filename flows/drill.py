@@ -119,7 +119,8 @@ def restore(cfg: Config, repo: Repository, manifest: Manifest, instance: DrillIn
         from tasks.sample import create_database
 
         create_database(instance.dsn("postgres"), database)
-    res = rsteps.restore_logical(cfg, repo, manifest, instance.dsn(database), jobs=2)
+    # roles are not part of a dump: a throwaway instance has none of production's owners
+    res = rsteps.restore_logical(cfg, repo, manifest, instance.dsn(database), jobs=2, no_owner=True)
     seconds = time.monotonic() - t1
     logger().info("pg_restore of %s into database %s took %.1fs (server set up in %.1fs)", manifest.id,
                   database, seconds, t1 - t0)

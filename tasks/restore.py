@@ -139,7 +139,8 @@ def set_port(pgdata: Path, port: int, os_user: str) -> None:
 
 
 def restore_logical(
-    cfg: Config, repo: Repository, manifest: Manifest, dsn: str, jobs: int = 2
+    cfg: Config, repo: Repository, manifest: Manifest, dsn: str, jobs: int = 2,
+    *, no_owner: bool = False,
 ) -> RestoreResult:
     """Decode and verify the dump into a temporary file, then pg_restore -j into an empty database."""
     if manifest.kind != "logical":
@@ -158,8 +159,9 @@ def restore_logical(
         try:
             run(
                 [pg_bin("pg_restore", cfg.postgres.bindir), "-j", str(max(1, jobs)),
-                 "--exit-on-error", "--no-password", "-d", client_env(dsn).get("PGDATABASE", "postgres"),
-                 str(tmp)],
+                 "--exit-on-error", "--no-password",
+                 *(["--no-owner", "--no-privileges"] if no_owner else []),
+                 "-d", client_env(dsn).get("PGDATABASE", "postgres"), str(tmp)],
                 timeout=24 * 3600, env=client_env(dsn),
             )
         except CommandFailed as exc:
