@@ -187,7 +187,20 @@ def failback_flow(
     approval_timeout_seconds: Annotated[int, Field(ge=10, le=86400)] = 900,
     catch_up_timeout_seconds: Annotated[int, Field(ge=5, le=86400)] = 600,
 ) -> FailbackReport:
-    """Make the configured primary the primary again, with a zero-data-loss switchover."""
+    """Make the configured primary the primary again, with a zero-data-loss switchover.
+
+    The old primary is rebuilt as a standby with pg_rewind when its cluster has
+    wal_log_hints=on or data checksums (pg_rewind's prerequisite), else re-cloned with
+    pg_basebackup. Both nodes' pgdata must be on the host running the flow.
+
+    Args:
+        config_path: gravl-dr config file (default $GRAVL_DR_CONFIG, then ./gravl-dr.yaml).
+        yes: Skip the approval gate.
+        backup: Take a physical backup of the current primary first (the backup flow).
+        approved_by: Who approved before the run (the CLI sets it after a terminal approval).
+        approval_timeout_seconds: How long the approval form waits before nothing is switched.
+        catch_up_timeout_seconds: How long the rebuilt node may take to stream with zero lag.
+    """
     tl = Timeline()
     cfg = load_config(config_path)
     nodes = resolve_nodes(cfg)
@@ -307,7 +320,15 @@ def drill_failover_flow(
     max_lag_bytes: Annotated[int, Field(ge=0)] = DEFAULT_MAX_LAG_BYTES,
     approved_by: Annotated[str | None, Field(description="set by the CLI after a terminal approval")] = None,
 ) -> DrillFailoverReport:
-    """A DR drill: planned failover to a replica (clean stop, no data loss), then failback home."""
+    """A DR drill: planned failover to a replica (clean stop, no data loss), then failback home.
+
+    Args:
+        config_path: gravl-dr config file (default $GRAVL_DR_CONFIG, then ./gravl-dr.yaml).
+        yes: Skip both approval gates.
+        backup: Back up the temporary primary before failing back.
+        max_lag_bytes: Refuse a replica further behind than this.
+        approved_by: Who approved before the run (the CLI sets it after a terminal approval).
+    """
     cfg = load_config(config_path)
     fo = failover_flow(config_path=config_path, yes=yes, planned=True, max_lag_bytes=max_lag_bytes,
                        approved_by=approved_by)

@@ -302,7 +302,17 @@ def failover_flow(
     approved_by: Annotated[str | None, Field(description="set by the CLI after a terminal approval")] = None,
     approval_timeout_seconds: Annotated[int, Field(ge=10, le=86400)] = 900,
 ) -> FailoverReport:
-    """Fail over from the configured primary to the most advanced healthy replica."""
+    """Fail over from the configured primary to the most advanced healthy replica.
+
+    Args:
+        config_path: gravl-dr config file (default $GRAVL_DR_CONFIG, then ./gravl-dr.yaml).
+        yes: Skip the approval gate.
+        max_lag_bytes: Refuse a replica further behind the old primary's last known WAL position.
+        force: Go on although the old primary accepts writes (it is fenced first) or the replica lags.
+        planned: The primary is up on purpose (a drill): stop it cleanly first, no data loss.
+        approved_by: Who approved before the run (the CLI sets it after a terminal approval).
+        approval_timeout_seconds: How long the approval form waits before nothing is promoted.
+    """
     tl = Timeline()
     cfg = load_config(config_path)
     nodes = resolve_nodes(cfg)
