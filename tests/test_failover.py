@@ -256,3 +256,33 @@ def test_cli_rejects_rfc2136_without_tsig_secret(pg_pair: Any, file_repo_url: st
     cfg = _config(tmp_path, pair, file_repo_url, dns=dns)
     proc = run_cli("failover", "--yes", config=cfg)
     assert_one_line_error(proc, "GRAVL_DR_NO_SUCH_SECRET")
+
+
+def test_cli_help_lists_failover_commands() -> None:
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for command in ("failover", "failback", "drill-failover"):
+        assert command in proc.stdout
+
+
+def test_cli_on_a_terminal_shows_the_plan_and_a_no_changes_nothing(
+    pg_pair: Any, file_repo_url: str, tmp_path: Path,
+) -> None:
+    import shlex
+    import subprocess
+
+    from gravl_testlib import GRAVL_DR, REPO_ROOT
+
+    # GIVEN a dead primary and an operator at a terminal (a pty from script(1)) who answers "no"
+    pair: Pair = pg_pair()
+    pair.kill_home()
+    cfg = _config(tmp_path, pair, file_repo_url)
+    command = shlex.join([GRAVL_DR, "--config", cfg, "failover"])
+    proc = subprocess.run(["script", "-qec", command, "/dev/null"], input="no\n", capture_output=True,
+                          text=True, timeout=120, cwd=str(REPO_ROOT))
+
+    # THEN the plan was shown, the answer refused it, and nothing was promoted
+    assert proc.returncode != 0
+    assert "promote-replica standby-1" in proc.stdout and "Fail over? Type 'yes' to go on" in proc.stdout
+    assert "not approved on the terminal: nothing changed" in proc.stdout
+    assert _in_recovery(pair.standby.dsn())
