@@ -25,7 +25,8 @@ FETCH_FATAL = 255  # > 125: PostgreSQL aborts recovery (xlogarchive.c, wait_resu
 FETCH_MISSING = 1
 DEFAULT_PARALLEL = 4
 DEFAULT_PREFETCH = 8
-PUSHER_IDLE_EXIT = 10.0  # seconds without a .ready file before the background pusher exits
+# seconds without a .ready file before the background pusher exits
+PUSHER_IDLE_EXIT = float(os.environ.get("GRAVL_DR_PUSHER_IDLE", "10"))
 PUSHER_WAIT = 120.0  # how long wal-push waits for the pusher before pushing the file itself
 
 

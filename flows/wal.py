@@ -121,6 +121,8 @@ def _markdown(report: walcheck.WalCheckReport, error: str | None = None) -> str:
         lines += ["", "## Gaps", *[f"- {g.describe()}" for g in report.gaps], "",
                   "Recovery cannot pass a gap: take a new backup now (it starts a new continuous "
                   "range), then find out why the files are missing."]
+    if report.warnings:
+        lines += ["", "## Warnings", *[f"- {w}" for w in report.warnings]]
     if report.problems or error:
         lines += ["", "## Problems", *[f"- {p}" for p in report.problems]]
         if error:

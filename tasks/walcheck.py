@@ -252,6 +252,7 @@ class WalCheckReport(BaseModel):
     timelines: list[TimelineSpan] = Field(default_factory=list)
     gaps: list[Gap] = Field(default_factory=list)
     problems: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
     archiver: ArchiverStatus | None = None
     last_archived_verified: bool | None = None
     lag_bytes: int | None = None
@@ -297,6 +298,8 @@ class WalCheckReport(BaseModel):
             lines.append(f"  archive lag: {self.lag_bytes} bytes, {self.lag_seconds or 0:.0f} s")
         for problem in self.problems:
             lines.append(f"  PROBLEM {problem}")
+        for warning in self.warnings:
+            lines.append(f"  WARNING {warning}")
         return "\n".join(lines)
 
 
@@ -371,6 +374,11 @@ def judge_archiver(
         return
     if a.archive_mode == "off":
         report.problems.append("archive_mode is off on the server: nothing is being archived")
+    if not a.archive_timeout_s:
+        report.warnings.append(
+            "archive_timeout is 0: after a burst the last writes wait in an unfinished segment until "
+            "more WAL comes; set archive_timeout = 60s to bound the RPO to about a minute"
+        )
     if a.failing:
         report.problems.append(
             f"archiving is failing: {a.failed_count} failure(s), the last for {a.last_failed_wal} "
