@@ -24,7 +24,7 @@ from tasks import wal as walsteps
 from tasks.config import Config
 from tasks.config import config_path as resolve_config_path
 from tasks.errors import PreconditionFailed, one_line
-from tasks.models import Manifest
+from tasks.models import Manifest, format_lsn
 from tasks.pgcluster import LocalCluster, free_port
 from tasks.postgres import safe_dsn
 from tasks.repository import Repository
@@ -208,7 +208,7 @@ def restore_flow(
                 if target.lsn > end:
                     raise PreconditionFailed(
                         f"target LSN {target.value} is past the end of the archive (its newest "
-                        f"segment ends at {rec.format_lsn(end)})"
+                        f"segment ends at {format_lsn(end)})"
                     )
             res = restore_physical(cfg, repo, manifest, pgdata)
             use_archive = view.has_wal_after_backup or target.kind != "end"
