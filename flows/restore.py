@@ -23,7 +23,7 @@ from tasks import restore as rsteps
 from tasks import wal as walsteps
 from tasks.config import Config
 from tasks.config import config_path as resolve_config_path
-from tasks.errors import PreconditionFailed, one_line
+from tasks.errors import DRError, PreconditionFailed, one_line
 from tasks.models import Manifest, format_lsn
 from tasks.pgcluster import LocalCluster, free_port
 from tasks.postgres import safe_dsn
@@ -139,10 +139,19 @@ def write_recovery_settings(cfg: Config, config_file: str, pgdata: str, target: 
 
 
 @task(name="start-restored-server", cache_policy=NO_CACHE)
-def start_restored_server(cfg: Config, pgdata: str, port: int) -> int:
+def start_restored_server(cfg: Config, pgdata: str, port: int,
+                          target: rec.RecoveryTarget | None = None) -> int:
     rsteps.set_port(Path(pgdata), port, cfg.postgres.os_user)
     cluster = LocalCluster(Path(pgdata), port, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
-    cluster.start(timeout=3600)
+    try:
+        cluster.start(timeout=3600)
+    except DRError:
+        # the server aborted recovery (a corrupt or missing segment, a target past the archive)
+        text = cluster.logfile.read_text(errors="replace") if cluster.logfile.exists() else ""
+        why = rec.explain_failed_recovery(text, target or rec.RecoveryTarget())
+        if why is None:
+            raise
+        raise PreconditionFailed(why) from None
     cluster.wait_ready()
     logger().info("restored server is up on 127.0.0.1:%d", port)
     return port
@@ -224,7 +233,8 @@ def restore_flow(
         if pgdata:
             report.archive_used = use_archive
         if pgdata and start:
-            report.port = start_restored_server(cfg, pgdata, port or free_port())
+            report.port = start_restored_server(cfg, pgdata, port or free_port(),
+                                                target if use_archive else None)
             report.started = True
             if use_archive:
                 outcome = wait_for_recovery(cfg, pgdata, report.port, target, view, manifest,

@@ -283,6 +283,21 @@ def read_recovery_log(text: str) -> LogRecord:
     return rec
 
 
+def explain_failed_recovery(log_text: str, target: RecoveryTarget) -> str | None:
+    """An operator's sentence for a recovery the server aborted, from its log; None if unknown."""
+    rec = read_recovery_log(log_text)
+    if rec.fatal is None:
+        return None
+    reached = (f"replay reached {rec.redo_done_lsn or 'an unknown LSN'}, the last transaction "
+               f"committed at {rec.last_xact_time.isoformat() if rec.last_xact_time else 'an unknown time'}")
+    if "before configured recovery target was reached" in rec.fatal:
+        return (f"{target.describe()} is past the end of the WAL archive ({reached}): choose an "
+                "earlier target, or restore to the end of the archive")
+    if "restore_command" in rec.fatal or "could not restore file" in rec.fatal:
+        return f"recovery stopped: fetching WAL failed ({rec.fatal}); {reached}"
+    return f"recovery stopped: {rec.fatal}"
+
+
 def read_history_switchpoint(pgdata: Path, timeline: int) -> tuple[int, str] | None:
     """(parent timeline, switch LSN) from the last line of ``pg_wal/<timeline>.history``."""
     path = pgdata / "pg_wal" / f"{timeline:08X}.history"
@@ -313,8 +328,8 @@ def wait_for_recovery(cluster: LocalCluster, target: RecoveryTarget, timeout: fl
     lsn_now: str | None = None
     while True:
         if not cluster.is_running():
-            rec = read_recovery_log(_read(cluster.logfile))
-            reason = rec.fatal or cluster.log_tail(4) or "no message"
+            text = _read(cluster.logfile)
+            reason = explain_failed_recovery(text, target) or cluster.log_tail(4) or "no message"
             raise PreconditionFailed(f"restored server stopped during recovery: {reason}")
         try:
             with connection(cluster.dsn("postgres"), timeout=3) as conn:

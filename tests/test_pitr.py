@@ -252,6 +252,16 @@ def test_target_lsn_past_the_archive_is_a_clear_error(
         run_restore(history, restore_dir, target_lsn="FF/0")
 
 
+def test_target_time_past_the_end_of_the_archive_fails_clearly(
+    prefect_harness: None, history: Archiving, restore_dir: Path
+) -> None:
+    # GIVEN a time after every archived commit (nothing in the archive reaches it)
+    target = history.sql("SELECT clock_timestamp()")[0][0]
+    # WHEN restoring to it THEN the server's refusal is explained, not passed off as success
+    with pytest.raises(DRError, match="past the end of the WAL archive"):
+        run_restore(history, restore_dir, target_time=target.isoformat())
+
+
 def test_invalid_target_values_are_rejected(history: Archiving, restore_dir: Path) -> None:
     proc = run_cli("restore", "latest", "--pgdata", str(restore_dir), "--target-time", "yesterday",
                    config=history.config)
@@ -292,7 +302,7 @@ def test_corrupt_segment_stops_recovery_instead_of_promoting_early(
         assert "corrupt" in log or "cannot decompress" in log, log[-3000:]
         assert "exit 255" in log
         assert "database system is ready to accept connections" not in log
-        assert "recovery" in str(err.value) or "server" in str(err.value)
+        assert "recovery stopped: fetching WAL failed" in str(err.value), str(err.value)
     finally:
         shutil.rmtree(copy, ignore_errors=True)
 
