@@ -168,6 +168,12 @@ def run_mode(mode: str, seconds: int, moto: str | None) -> dict[str, Any]:
             "p90_call_ms": round(lat[int(len(lat) * 0.9) - 1], 1) if len(lat) >= 10 else None,
             "wall_per_segment_ms": round(sum(lat) / max(1, len(lat)), 1) if lat else None,
         })
+        if mode.startswith("gravl"):
+            # the background pusher's own time per file (compress, store, mark), from its log
+            plog = cluster.pgdata / "pg_wal" / "gravl-dr" / "pusher.log"
+            push_ms = [float(ln.rsplit(" in ", 1)[1].split()[0]) for ln in
+                       (plog.read_text().splitlines() if plog.exists() else []) if " stored: " in ln]
+            res["pusher_push_median_ms"] = round(statistics.median(push_ms), 1) if push_ms else None
         if mode.startswith("gravl") and mode != "gravl-s3":
             stored = sum(p.stat().st_size for p in (base / "repo" / "wal").rglob("*") if p.is_file())
             res["stored_mb"] = round(stored / 2**20, 1)
@@ -207,7 +213,8 @@ def main() -> None:
         if server is not None:
             server.stop()
     keys = ["wal_generated_mb", "segments_per_s", "lag_segments_at_end", "ready_files_at_end",
-            "median_call_ms", "p90_call_ms", "drain_s", "failed_count", "pgbench_tps"]
+            "median_call_ms", "p90_call_ms", "pusher_push_median_ms", "drain_s", "failed_count",
+            "pgbench_tps"]
     print("\n| mode | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for r in results:

@@ -515,19 +515,24 @@ def _ensure_dir(folder: Path, like: Path) -> None:
                 os.chown(d, st.st_uid, st.st_gid)
 
 
-def _atomic_write(path: Path, data: bytes, like: Path | None = None) -> None:
+def _atomic_write(path: Path, data: bytes, like: Path | None = None, durable: bool = True) -> None:
+    """Write through a temporary name and rename. Marks need no fsync (``durable=False``): one
+    lost or torn in a crash reads as absent, and the file is then pushed again — harmless."""
     like = like or path.parent
     _ensure_dir(path.parent, like)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "xb") as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
         if os.geteuid() == 0:
             st = like.stat()
             with contextlib.suppress(OSError):
                 os.fchown(fh.fileno(), st.st_uid, st.st_gid)
     os.replace(tmp, path)
+    if not durable:
+        return
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -539,7 +544,7 @@ def mark_archived(path: Path, result: PushResult, stamp: str) -> None:
     """Record (after the object is durable) that this exact file is archived."""
     body = {"name": result.name, "key": result.key, "config": stamp, **file_stamp(path)}
     _atomic_write(spool_root(path.parent) / "archived" / f"{result.name}.ok",
-                  json.dumps(body).encode(), like=path.parent)
+                  json.dumps(body).encode(), like=path.parent, durable=False)
 
 
 def already_archived(path: Path, stamp: str) -> bool:
@@ -792,7 +797,8 @@ def save_settings_cache(pg_wal: Path, stamp: str, repo_cfg: Any) -> None:
     body = {"config": stamp, "url": repo_cfg.url, "codec": repo_cfg.compression,
             "level": repo_cfg.compression_level, "key_env": repo_cfg.encryption_key_env}
     with contextlib.suppress(OSError):
-        _atomic_write(spool_root(pg_wal) / "settings.json", json.dumps(body).encode(), like=pg_wal)
+        _atomic_write(spool_root(pg_wal) / "settings.json", json.dumps(body).encode(), like=pg_wal,
+                      durable=False)
 
 
 def load_settings_cache(pg_wal: Path, stamp: str) -> tuple[Repository, WalSettings] | None:
@@ -843,7 +849,7 @@ def mark_failed(path: Path, message: str) -> None:
     except OSError:
         return
     with contextlib.suppress(OSError):
-        _atomic_write(failure_path(path), json.dumps(body).encode(), like=path.parent)
+        _atomic_write(failure_path(path), json.dumps(body).encode(), like=path.parent, durable=False)
 
 
 def take_failure(path: Path) -> str | None:
@@ -900,7 +906,8 @@ def run_pusher(
     lock = pusher_lock(pg_wal)
     if lock is None:
         return 0  # another pusher serves this pg_wal
-    _atomic_write(spool_root(pg_wal) / "pusher.pid", str(os.getpid()).encode(), like=pg_wal)
+    _atomic_write(spool_root(pg_wal) / "pusher.pid", str(os.getpid()).encode(), like=pg_wal,
+                  durable=False)
     pushed = 0
     idle_since = time.monotonic()
     in_flight: dict[str, Future[PushResult]] = {}
@@ -912,8 +919,11 @@ def run_pusher(
                         continue
                     del in_flight[name]
                     try:
-                        mark_archived(pg_wal / name, fut.result(), stamp)
+                        res = fut.result()
+                        mark_archived(pg_wal / name, res, stamp)
                         pushed += 1
+                        log.info("%s %s: %d -> %d bytes in %.0f ms", name, res.outcome, res.raw_size,
+                                 res.stored_size, res.seconds * 1000)
                     except (DRError, OSError) as exc:
                         log.warning("push of %s failed: %s", name, exc)
                         mark_failed(pg_wal / name, str(exc))
