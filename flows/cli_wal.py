@@ -39,7 +39,7 @@ def register(sub: Any) -> None:
                    help="no background pusher: push this file (and N-1 .ready ones) in this process")
     p.set_defaults(func=cmd_wal_push)
 
-    p = sub.add_parser("wal-push-daemon", help=argparse.SUPPRESS)
+    p = sub.add_parser("wal-push-daemon", help="(internal) the background pusher that wal-push starts")
     p.add_argument("pg_wal")
     p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL)
     p.add_argument("--idle", type=float, default=PUSHER_IDLE_EXIT)
