@@ -291,8 +291,11 @@ def explain_failed_recovery(log_text: str, target: RecoveryTarget) -> str | None
     reached = (f"replay reached {rec.redo_done_lsn or 'an unknown LSN'}, the last transaction "
                f"committed at {rec.last_xact_time.isoformat() if rec.last_xact_time else 'an unknown time'}")
     if "before configured recovery target was reached" in rec.fatal:
-        return (f"{target.describe()} is past the end of the WAL archive ({reached}): choose an "
-                "earlier target, or restore to the end of the archive")
+        # PostgreSQL ran out of archived WAL before the target: either the target lies beyond
+        # the archive, or a segment on the way is missing (a gap that wal-check names).
+        return (f"{target.describe()} is past the end of the WAL archive ({reached}; server: "
+                f"{rec.fatal}): run `gravl-dr wal-check` for a gap, choose an earlier target, "
+                "or restore to the end of the archive")
     if "restore_command" in rec.fatal or "could not restore file" in rec.fatal:
         return f"recovery stopped: fetching WAL failed ({rec.fatal}); {reached}"
     return f"recovery stopped: {rec.fatal}"
