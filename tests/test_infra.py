@@ -80,7 +80,7 @@ def emitted_metric_names() -> tuple[set[str], list[re.Pattern[str]]]:
         literals.update(re.findall(r"""(?<![\w])["'](gravl_[a-z0-9_]+)["']""", text))
         for tpl in re.findall(r"""\bf["'](gravl_[a-z0-9_{}]*\{[^"']*)["']""", text):
             parts = re.split(r"\{[^}]*\}", tpl)
-            templates.append(re.compile("[a-z0-9_]+".join(re.escape(p) for p in parts) + "$"))
+            templates.append(re.compile("[a-z]+".join(re.escape(p) for p in parts) + "$"))
     return literals, templates
 
 
