@@ -22,6 +22,8 @@ from tasks import walcheck
 from tasks.config import Config
 from tasks.errors import DRError, PreconditionFailed, one_line
 from tasks.metrics import push_metrics
+from tasks.postgres import PrimaryStatus, safe_dsn
+from tasks.postgres import observe_primary as pg_observe_primary
 from tasks.repository import Repository
 from tasks.wal import WalSettings, list_archive
 
@@ -64,9 +66,38 @@ def check_archiver_health(cfg: Config, repo: Repository, report: walcheck.WalChe
     return checked
 
 
+@task(name="observe-primary", cache_policy=NO_CACHE)
+def observe_primary(cfg: Config) -> PrimaryStatus:
+    status = pg_observe_primary(cfg.primary.dsn)
+    if not status.up:
+        logger().error("primary %s is not reachable: %s", safe_dsn(cfg.primary.dsn), status.error)
+    elif status.in_recovery:
+        logger().warning("the configured primary %s is in recovery (a standby)", safe_dsn(cfg.primary.dsn))
+    for r in status.replicas:
+        logger().info("replica %s: %s, replay lag %s", r.name, r.state, human_bytes(r.replay_lag_bytes))
+    return status
+
+
+def _push_replication(cfg: Config, status: PrimaryStatus | None) -> None:
+    if status is None:
+        return
+    push_metrics(cfg.metrics.pushgateway, "wal", {"cluster": cfg.cluster},
+                 {"gravl_primary_up": (1.0 if status.up and not status.in_recovery else 0.0,
+                                       "1 when the configured primary accepts connections and is not in recovery")})
+    for r in status.replicas:
+        push_metrics(cfg.metrics.pushgateway, "wal", {"cluster": cfg.cluster, "replica": r.name},
+                     {"gravl_replication_lag_bytes": (float(r.replay_lag_bytes),
+                                                      "Bytes of WAL the replica has not replayed yet")})
+
+
 @task(name="push-wal-metrics", cache_policy=NO_CACHE)
-def push_wal_metrics(cfg: Config, report: walcheck.WalCheckReport | None, failed: bool) -> None:
+def push_wal_metrics(cfg: Config, report: walcheck.WalCheckReport | None, failed: bool,
+                     status: PrimaryStatus | None = None) -> None:
     now = time.time()
+    try:
+        _push_replication(cfg, status)
+    except DRError as exc:
+        logger().warning("replication metrics not pushed: %s", one_line(exc))
     values: dict[str, tuple[float, str]] = {}
     if report is not None:
         a = report.archiver
@@ -137,6 +168,7 @@ def wal_flow(config_path: str | None = None, check_server: bool = True) -> walch
     cfg, repo = load(config_path)
     artifact_key = f"wal-report-{cfg.cluster}".replace("_", "-")
     report: walcheck.WalCheckReport | None = None
+    status = observe_primary(cfg) if check_server else None
     try:
         report = check_archive_continuity(cfg, repo)
         if check_server:
@@ -144,11 +176,11 @@ def wal_flow(config_path: str | None = None, check_server: bool = True) -> walch
     except BaseException as exc:
         if report is not None:
             create_markdown_artifact(key=artifact_key, markdown=_markdown(report, one_line(exc)))
-        push_wal_metrics(cfg, report, failed=True)
+        push_wal_metrics(cfg, report, failed=True, status=status)
         raise
     create_markdown_artifact(key=artifact_key, markdown=_markdown(report),
                              description=f"WAL archive of {cfg.cluster}")
-    push_wal_metrics(cfg, report, failed=not report.ok)
+    push_wal_metrics(cfg, report, failed=not report.ok, status=status)
     if not report.ok:
         raise PreconditionFailed(report.summary())
     return report

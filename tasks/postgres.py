@@ -180,3 +180,42 @@ def require_superuser_or_replication(info: ServerInfo, kind: str) -> None:
 def check_version(info: ServerInfo) -> None:
     if info.version_num < 120000:
         raise PreconditionFailed(f"PostgreSQL {info.version_text} is not supported (need 12 or newer)")
+
+
+@dataclass(frozen=True)
+class ReplicaLag:
+    name: str
+    state: str
+    replay_lag_bytes: int
+
+
+@dataclass(frozen=True)
+class PrimaryStatus:
+    """What the monitoring flow saw of the primary: up or not, and its streaming replicas."""
+
+    up: bool
+    in_recovery: bool = False
+    replicas: tuple[ReplicaLag, ...] = ()
+    error: str | None = None
+
+
+def observe_primary(dsn: str, timeout: int = 5) -> PrimaryStatus:
+    """Never raises: an unreachable primary is an observation (up=False), not an error."""
+    try:
+        with connection(dsn, timeout=timeout) as conn:
+            conn.execute("SET statement_timeout = '10s'")
+            rec = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+            rows = conn.execute(
+                """
+                SELECT coalesce(nullif(application_name, ''), client_addr::text, pid::text), state,
+                       coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::bigint
+                FROM pg_stat_replication WHERE NOT pg_is_in_recovery() ORDER BY 1
+                """
+            ).fetchall()
+    except (ServerUnreachable, psycopg.Error) as exc:
+        return PrimaryStatus(up=False, error=str(exc).strip().splitlines()[0] if str(exc).strip() else "error")
+    return PrimaryStatus(
+        up=True,
+        in_recovery=bool(rec[0]) if rec else False,
+        replicas=tuple(ReplicaLag(str(r[0]), str(r[1]), int(r[2])) for r in rows),
+    )

@@ -158,6 +158,7 @@ def test_wal_flow_reports_health_and_pushes_metrics(
     for name in ("gravl_wal_archive_lag_bytes", "gravl_wal_archive_gaps",
                  "gravl_wal_check_last_success_timestamp_seconds", "gravl_wal_archiver_failed_count"):
         assert f'{name}{{cluster="gravl",' in metrics and 'job="wal"' in metrics, name
+    assert 'gravl_primary_up{cluster="gravl",instance="",job="wal"} 1' in metrics
     from prefect.client.orchestration import get_client
 
     async def artifact() -> str:
