@@ -181,6 +181,18 @@ def verified(source: Iterable[bytes], sha256: str, size: int, what: str) -> Iter
         raise ChecksumMismatch(f"{what}: SHA-256 mismatch (stored data is corrupt)")
 
 
+def sized(source: Iterable[bytes], size: int, what: str) -> Iterator[bytes]:
+    """Pass chunks through; raise ChecksumMismatch unless exactly ``size`` bytes came."""
+    total = 0
+    for chunk in source:
+        total += len(chunk)
+        if total > size:
+            raise ChecksumMismatch(f"{what}: larger than the {size} bytes recorded")
+        yield chunk
+    if total != size:
+        raise ChecksumMismatch(f"{what}: {total} bytes, manifest says {size}")
+
+
 # ---------------------------------------------------------------- compression
 
 def compress(source: Iterable[bytes], codec: str, level: int | None = None) -> Iterator[bytes]:
