@@ -33,9 +33,9 @@ from flows.failover import (
     markdown_table,
     push_dr_metrics,
     reconnect_apps,
+    report_sections,
     resolve_nodes,
     switch_dns,
-    timeline_markdown,
     validate_primary,
 )
 from tasks.config import Config, Node, config_path, load_config
@@ -100,18 +100,7 @@ def failback_markdown(r: FailbackReport) -> str:
         ("total", f"{r.total_seconds:.1f} s" if r.total_seconds is not None else "-"),
     ]
     lines = [f"# {title}", "", *markdown_table(rows)]
-    if r.error:
-        lines += ["", "## What failed", f"`{r.error}`"]
-    if r.plan:
-        lines += ["", "## Plan", *[f"1. {p}" for p in r.plan]]
-    if r.hooks:
-        lines += ["", "## Reconnect hooks", "| hook | target | result | s |", "|---|---|---|---:|"]
-        lines += [f"| {h.kind} | {h.target} | {'ok' if h.ok else 'FAILED'}: {h.message} | {h.seconds:.1f} |"
-                  for h in r.hooks]
-    lines += ["", "## Timeline", *timeline_markdown(r.timeline)]
-    lines += ["", "## What we saw", *[f"- {e}" for e in r.evidence]]
-    if r.notes:
-        lines += ["", "## Notes", *[f"- {n}" for n in r.notes]]
+    lines += report_sections(r)
     lines += ["", "## Next",
               "- Nothing to do." if r.status == "complete" else
               "- Re-run `gravl-dr failback`: it observes the nodes and resumes where this run stopped."]

@@ -124,6 +124,24 @@ def markdown_table(rows: list[tuple[str, str]]) -> list[str]:
     return ["| | |", "|---|---|", *[f"| {k} | {v.replace('|', '/')} |" for k, v in rows]]
 
 
+def report_sections(r: Any) -> list[str]:
+    """The sections failover and failback reports share: failure, plan, hooks, timeline, evidence."""
+    lines: list[str] = []
+    if r.error:
+        lines += ["", "## What failed", f"`{r.error}`"]
+    if r.plan:
+        lines += ["", "## Plan", *[f"1. {p}" for p in r.plan]]
+    if r.hooks:
+        lines += ["", "## Reconnect hooks", "| hook | target | result | s |", "|---|---|---|---:|"]
+        lines += [f"| {h.kind} | {h.target} | {'ok' if h.ok else 'FAILED'}: {h.message} | {h.seconds:.1f} |"
+                  for h in r.hooks]
+    lines += ["", "## Timeline", *timeline_markdown(r.timeline)]
+    lines += ["", "## What we saw", *[f"- {e}" for e in r.evidence]]
+    if r.notes:
+        lines += ["", "## Notes", *[f"- {n}" for n in r.notes]]
+    return lines
+
+
 def timeline_markdown(events: list[TimelineEvent]) -> list[str]:
     lines = ["| t+ (s) | at (UTC) | step | what happened |", "|---:|---|---|---|"]
     for e in events:
@@ -240,18 +258,7 @@ def failover_markdown(r: FailoverReport) -> str:
         ("validation", f"canary row {r.canary.row_id} at {r.canary.lsn}" if r.canary else "-"),
     ]
     lines = [f"# {title}", "", *markdown_table(rows)]
-    if r.error:
-        lines += ["", "## What failed", f"`{r.error}`"]
-    if r.plan:
-        lines += ["", "## Plan", *[f"1. {p}" for p in r.plan]]
-    if r.hooks:
-        lines += ["", "## Reconnect hooks", "| hook | target | result | s |", "|---|---|---|---:|"]
-        lines += [f"| {h.kind} | {h.target} | {'ok' if h.ok else 'FAILED'}: {h.message} | {h.seconds:.1f} |"
-                  for h in r.hooks]
-    lines += ["", "## Timeline", *timeline_markdown(r.timeline)]
-    lines += ["", "## What we saw", *[f"- {e}" for e in r.evidence]]
-    if r.notes:
-        lines += ["", "## Notes", *[f"- {n}" for n in r.notes]]
+    lines += report_sections(r)
     lines += ["", "## Next"]
     if r.status == "complete":
         lines.append(f"- Repair {r.old_primary}, then run `gravl-dr failback` to make it the primary again.")

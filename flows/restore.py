@@ -37,6 +37,7 @@ class RestoreReport(BaseModel):
     raw_bytes: int
     seconds: float
     verify_seconds: float
+    data_seconds: float = 0.0
     started: bool = False
     port: int | None = None
     target_point: str = "end of the archive"
@@ -229,7 +230,8 @@ def restore_flow(
             res = restore_logical(cfg, repo, manifest, dsn, jobs)
         report = RestoreReport(backup_id=manifest.id, kind=manifest.kind, target=res.target,
                                raw_bytes=res.raw_bytes, seconds=res.seconds,
-                               verify_seconds=res.verify_seconds, target_point=target.describe())
+                               verify_seconds=res.verify_seconds, data_seconds=res.seconds,
+                               target_point=target.describe())
         if pgdata:
             report.archive_used = use_archive
         if pgdata and start:
