@@ -70,18 +70,23 @@ def bench_scale(scale: int, env: dict[str, str]) -> dict[str, float]:
             "pg_dump_fc_s": fc.seconds, "pg_dump_fc_mb": (work / "dump.pgc").stat().st_size / 2**20,
             "pg_dump_gzip_s": gz.seconds, "pg_dump_gzip_mb": (work / "dump.sql.gz").stat().st_size / 2**20,
         })
-        # restore (physical): gravl-dr restore vs zstd -d | tar -x of the pipe's file
-        target = work / "restored"
-        rest = gravl("restore", report["backup_id"], "--pgdata", str(target), "--json")
-        rrep = json.loads(rest.stdout[rest.stdout.index("{"):])
-        shutil.rmtree(target)
-        (work / "untar").mkdir()
-        untar = timed(f"zstd -q -d -c {work}/pipe.tar.zst | tar -x -C {work}/untar", shell=True, root_only=False)
-        res.update({
-            "restore_wall_s": rest.seconds, "restore_flow_s": rrep["seconds"],
-            "restore_data_s": rrep["data_seconds"],
-            "restore_rss_mb": rest.peak_rss_mb, "pipe_zstd_untar_s": untar.seconds,
-        })
+        # restore (physical): gravl-dr restore vs zstd -d | tar -x of the pipe's file, twice each,
+        # alternating, best of two (page-cache and writeback noise otherwise decides the ratio)
+        best: dict[str, float] = {}
+        for _ in range(2):
+            target = work / "restored"
+            rest = gravl("restore", report["backup_id"], "--pgdata", str(target), "--json")
+            rrep = json.loads(rest.stdout[rest.stdout.index("{"):])
+            shutil.rmtree(target)
+            (work / "untar").mkdir()
+            untar = timed(f"zstd -q -d -c {work}/pipe.tar.zst | tar -x -C {work}/untar", shell=True,
+                          root_only=False)
+            shutil.rmtree(work / "untar")
+            for key, value in (("restore_wall_s", rest.seconds), ("restore_flow_s", rrep["seconds"]),
+                               ("restore_data_s", rrep["data_seconds"]), ("pipe_zstd_untar_s", untar.seconds)):
+                best[key] = min(best.get(key, value), value)
+            best["restore_rss_mb"] = max(best.get("restore_rss_mb", 0.0), rest.peak_rss_mb)
+        res.update(best)
     finally:
         cluster.destroy()
         cleanup(cluster.pgdata.parent, work)

@@ -69,6 +69,7 @@ def timed(argv: list[str] | str, *, shell: bool = False, env: dict[str, str] | N
     """Run a command; wall time and peak RSS (of the process itself, or its whole tree)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
+    os.sync()  # earlier steps' dirty pages must not be written back on this step's clock
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, shell=shell, env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
