@@ -42,6 +42,7 @@ from tasks.errors import (
     PreconditionFailed,
     StorageUnavailable,
 )
+from tasks.streams import CODEC_SUFFIX, ENC_SUFFIX
 
 if TYPE_CHECKING:
     from tasks.repository import Repository
@@ -53,8 +54,6 @@ READ_CHUNK = 4 * 1024 * 1024
 HEADER_MAGIC = struct.pack("<I", 0x184D2A5E)  # a zstd/lz4 skippable frame
 HEADER_FORMAT = "gravl-wal/1"
 MAX_HEADER = 64 * 1024
-CODEC_SUFFIX = {"zstd": ".zst", "lz4": ".lz4", "gzip": ".gz", "none": ""}
-ENC_SUFFIX = ".enc"
 SPOOL_DIR = "gravl-dr"
 
 # XLogFileName, TLHistoryFileName, BackupHistoryFileName and the .partial of a promoted
