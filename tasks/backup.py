@@ -40,6 +40,7 @@ from tasks.models import (
     parse_manifest,
     wal_file_name,
 )
+from tasks.pgcluster import pid_alive
 from tasks.postgres import (
     ServerInfo,
     check_version,
@@ -194,15 +195,7 @@ def lock_is_stale(lock: dict[str, Any]) -> bool:
     if time.time() - started > STALE_LOCK_SECONDS:
         return True
     if lock.get("host") == socket.gethostname():
-        pid = int(lock.get("pid", 0))
-        if pid <= 0:
-            return True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
+        return not pid_alive(int(lock.get("pid", 0)))
     return False
 
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.config import Config
 from tasks.errors import PermanentError, PreconditionFailed
-from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir
+from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir, pid_alive
 from tasks.postgres import connection, dsn_field
 
 log = logging.getLogger(__name__)
@@ -218,16 +218,6 @@ def _work_base(cfg: Config) -> str:
     return cfg.drill.work_dir or tempfile.gettempdir()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def provision_instance(cfg: Config, drill_id: str, flow_run_id: str | None = None) -> DrillInstance:
     """A private directory and a free loopback port for a throwaway server (nothing started yet)."""
     base = _work_base(cfg)
@@ -282,8 +272,10 @@ def sweep_abandoned(base: str, bindir: str = "auto") -> int:
             with contextlib.suppress(OSError):
                 if time.time() - workdir.stat().st_mtime < 3600:
                     continue
-        elif owner.get("host") != host or _pid_alive(int(owner.get("pid", 0))):
+        elif owner.get("host") != host:
             continue
+        elif (pid := int(owner.get("pid", 0))) <= 0 or pid_alive(pid):
+            continue  # a live drill, or an owner file we cannot judge: keep it
         _destroy_dir(workdir, bindir)
         removed += 1
     return removed
@@ -298,11 +290,11 @@ def teardown_instance(instance: DrillInstance) -> dict[str, bool]:
     cluster.destroy()  # immediate stop + SIGKILL of the postmaster if still there
     if pid is not None:
         deadline = time.monotonic() + 10
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
     shutil.rmtree(instance.workdir, ignore_errors=True)
     return {
-        "server_gone": pid is None or not _pid_alive(pid),
+        "server_gone": pid is None or not pid_alive(pid),
         "dir_gone": not Path(instance.workdir).exists(),
     }
 

@@ -26,6 +26,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists (one we may not signal counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def chown_tree(path: Path, os_user: str) -> None:
     """Give a tree to os_user when we are root (the server insists on owning its data)."""
     if os.geteuid() != 0:

@@ -25,7 +25,7 @@ from tasks.config import Node
 from tasks.errors import CommandFailed, DRError, PermanentError, PreconditionFailed, TransientError, one_line
 from tasks.failover import NodeState, lsn_or_none, lsn_to_int
 from tasks.libpq import client_env
-from tasks.pgcluster import chown_tree
+from tasks.pgcluster import chown_tree, pid_alive
 from tasks.postgres import ServerUnreachable, connection, dsn_field, safe_dsn
 from tasks.proc import pg_bin, run
 
@@ -63,12 +63,8 @@ def postmaster_running(pgdata: Path) -> bool:
         pid = int((pgdata / "postmaster.pid").read_text().splitlines()[0])
     except (FileNotFoundError, ValueError, IndexError):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:
         # A zombie (killed, not yet reaped) has an empty command line: not running.
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
