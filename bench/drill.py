@@ -6,7 +6,8 @@
 Measures in the same run, from the same source (data checksums on):
 - `gravl-dr drill <id>` of a physical backup in a file repository: restore (fetch, verify,
   unpack), recovery (start, WAL replay through restore_command, promotion) = the drill's RTO;
-  then each check (pg_verifybackup, amcheck, GX suites, usability, pg_checksums);
+  then each check (pg_verifybackup, amcheck, GX suites, usability, pg_checksums); with the
+  default drill.heapallindexed_max_mb, then again with heapallindexed on every index;
 - the plain baseline: `pg_basebackup -D - -Ft -X fetch | zstd -3 -T2 > file`, then
   `zstd -d | tar -x` into an empty directory and `pg_ctl start -w` until it accepts connections.
 Flow runs go to a local Prefect server started here (as with PREFECT_API_URL in production).
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -67,6 +69,29 @@ def plain_copy_restore(cluster: LocalCluster, work: Path) -> dict[str, float]:
             "plain_rto_s": untar.seconds + started}
 
 
+def drill(gravl: Callable[..., str], backup_id: str, prefix: str) -> dict[str, object]:
+    """One `gravl-dr drill`: its phases, and the checks' time by kind (keys start with prefix)."""
+    t0 = time.monotonic()
+    out = gravl("drill", backup_id, "--json")
+    wall = time.monotonic() - t0
+    report = json.loads(out[out.index("{"):])
+    by_kind: dict[str, float] = {}
+    for check in report["checks"]:
+        if check["category"] == "restore":
+            continue
+        kind = "great-expectations" if check["category"] == "data" else check["kind"]
+        by_kind[kind] = by_kind.get(kind, 0.0) + check["seconds"]
+    res: dict[str, object] = {
+        "check_summaries": {c["name"]: c["summary"] for c in report["checks"] if c["category"] != "data"},
+        "check_seconds": {c["name"]: round(c["seconds"], 2) for c in report["checks"]},
+        "drill_passed": report["passed"], "drill_wall_s": wall, "drill_total_s": report["total_seconds"],
+        "drill_restore_s": report["restore_seconds"], "drill_recovery_s": report["recovery_seconds"],
+        "drill_rto_s": report["rto_seconds"], "drill_checks_s": report["checks_seconds"],
+        "checks_by_kind_s": by_kind, "checks": len(report["checks"]),
+    }
+    return {prefix + k: v for k, v in res.items()}
+
+
 def bench_scale(scale: int, env: dict[str, str]) -> dict[str, object]:
     cluster = source_cluster(scale)
     work = make_private_dir("gravl-bench-drill-work-", "postgres")
@@ -92,23 +117,12 @@ def bench_scale(scale: int, env: dict[str, str]) -> dict[str, object]:
         out = gravl("backup", "--kind", "physical", "--json")
         backup_id = json.loads(out[out.index("{"):])["backup_id"]
         chown_tree(work / "repo", "postgres")
-        t0 = time.monotonic()
-        out = gravl("drill", backup_id, "--json")
-        wall = time.monotonic() - t0
-        report = json.loads(out[out.index("{"):])
-        by_kind: dict[str, float] = {}
-        for check in report["checks"]:
-            if check["category"] == "restore":
-                continue
-            kind = "great-expectations" if check["category"] == "data" else check["kind"]
-            by_kind[kind] = by_kind.get(kind, 0.0) + check["seconds"]
-        res["check_summaries"] = {c["name"]: c["summary"] for c in report["checks"] if c["category"] != "data"}
-        res.update({
-            "drill_passed": report["passed"], "drill_wall_s": wall, "drill_total_s": report["total_seconds"],
-            "drill_restore_s": report["restore_seconds"], "drill_recovery_s": report["recovery_seconds"],
-            "drill_rto_s": report["rto_seconds"], "drill_checks_s": report["checks_seconds"],
-            "checks_by_kind_s": by_kind, "checks": len(report["checks"]),
-        })
+        res.update(drill(gravl, backup_id, ""))
+        # The same drill with amcheck's heapallindexed pass on every index, whatever its table's size.
+        config = yaml.safe_load(cfg.read_text())
+        cfg.write_text(yaml.safe_dump({**config, "drill": {"heapallindexed_max_mb": None}}))
+        res.update(drill(gravl, backup_id, "full_"))
+        cfg.write_text(yaml.safe_dump(config))
         res.update(plain_copy_restore(cluster, Path(tempfile.mkdtemp(prefix="gravl-bench-plain-", dir="/tmp"))))
     finally:
         cluster.destroy()
@@ -148,6 +162,11 @@ def main() -> None:
         for name, summary in r["check_summaries"].items():  # type: ignore[attr-defined]
             print(f"  {name}: {summary}")
         print(f"drill total in the flow / CLI wall:     {r['drill_total_s']:.2f} s / {r['drill_wall_s']:.2f} s")
+        full: dict[str, float] = r["full_checks_by_kind_s"]  # type: ignore[assignment]
+        print(f"same drill, heapallindexed on every index (drill.heapallindexed_max_mb: null): restore "
+              f"{r['full_drill_restore_s']:.2f} s, checks {r['full_drill_checks_s']:.2f} s "
+              f"({', '.join(f'{k} {v:.2f} s' for k, v in sorted(full.items()))}), checks / restore "
+              f"{ratio(r['full_drill_checks_s'], r['full_drill_restore_s'])}")  # type: ignore[arg-type]
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "drill.json").write_text(json.dumps(results, indent=2))

@@ -194,7 +194,8 @@ def run_checks(cfg: Config, manifest: Manifest, instance: DrillInstance, suites:
     databases = dsteps.list_restored_databases(instance)
 
     def amcheck_all() -> list[CheckResult]:
-        return [integrity.amcheck_database(instance.dsn(db), db, jobs=cfg.drill.amcheck_jobs)
+        return [integrity.amcheck_database(instance.dsn(db), db, jobs=cfg.drill.amcheck_jobs,
+                                           heapallindexed_max_mb=cfg.drill.heapallindexed_max_mb)
                 for db in databases]
 
     # amcheck works in server processes and the expectations in others: overlapping them keeps

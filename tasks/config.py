@@ -100,6 +100,12 @@ class DrillConfig(_Strict):
         default=None, description="role the drill connects as to the restored instance (default: the DSN's user)"
     )
     amcheck_jobs: Annotated[int, Field(ge=1, le=32)] = 2
+    heapallindexed_max_mb: Annotated[int, Field(ge=0)] | None = Field(
+        default=1024,
+        description=("amcheck's heapallindexed pass (one core, about 6 s per GiB of heap) runs for the indexes "
+                     "of tables up to this size; larger tables' indexes get the structure check; "
+                     "null: every index"),
+    )
     recovery_timeout_seconds: Annotated[int, Field(ge=10)] = 6 * 3600
 
 
