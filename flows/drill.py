@@ -30,9 +30,10 @@ from tasks.config import Config, config_path
 from tasks.drill import CheckResult, DrillFailed, DrillInstance, DrillReport
 from tasks.errors import DRError, PreconditionFailed, one_line
 from tasks.metrics import push_metrics
-from tasks.models import Manifest, parse_lsn, wal_segno
+from tasks.models import Manifest, parse_lsn, wal_name_from_segno, wal_segno
 from tasks.recovery import RecoveryOutcome, RecoveryTarget, write_recovery_settings
 from tasks.repository import Repository
+from tasks.wal import WalSettings, find_object
 
 
 class RestoreStep(BaseModel):
@@ -48,6 +49,10 @@ class RecoveryStep(BaseModel):
     timeline: int | None
     past_backup: bool
     check: CheckResult
+    # Row counts compared while recovery was paused at the backup's consistent point (None when
+    # they are compared on the promoted instance, or not at all).
+    count_checks: list[CheckResult] | None = None
+    counts_seconds: float = 0.0  # that pause: comparing, stopping, restarting
 
 
 # ---------------------------------------------------------------- steps
@@ -131,10 +136,15 @@ def restore(cfg: Config, repo: Repository, manifest: Manifest, instance: DrillIn
 
 
 @task(name="start-and-wait", cache_policy=NO_CACHE)
-def start_and_wait(cfg: Config, manifest: Manifest, instance: DrillInstance,
-                   target: RecoveryTarget) -> RecoveryStep:
-    """Start the restored server and wait for recovery to reach its target and promote."""
-    from tasks.recovery import wait_for_recovery
+def start_and_wait(cfg: Config, repo: Repository, manifest: Manifest, instance: DrillInstance,
+                   target: RecoveryTarget, config_file: str) -> RecoveryStep:
+    """Start the restored server and wait for recovery to reach its target and promote.
+
+    When the manifest has row counts and recovery goes on past the backup, recovery first
+    pauses at the backup's consistent point, where the counts are compared (read-only), then the
+    server is restarted towards the target: counts taken at backup time apply there, and only
+    there. That pause and restart are not part of the measured recovery time."""
+    from tasks.recovery import wait_for_pause, wait_for_recovery
 
     t0 = time.monotonic()
     if manifest.kind == "logical":
@@ -144,23 +154,90 @@ def start_and_wait(cfg: Config, manifest: Manifest, instance: DrillInstance,
                             timeline=None, past_backup=False, check=check)
     timeout = cfg.drill.recovery_timeout_seconds
     cluster = instance.cluster()
-    try:
-        dsteps.start_instance(instance, timeout=timeout)
-    except DRError as exc:
-        raise PreconditionFailed(f"restored server did not start: {one_line(exc)}") from None
+    count_checks: list[CheckResult] | None = None
+    excluded = 0.0
+    note = ""
+    if manifest.row_counts and replay_may_pass_backup(cfg, repo, manifest, target):
+        consistent = RecoveryTarget(kind="immediate")
+        write_recovery_settings(instance.pgdata, config_path=config_file, target=consistent,
+                                os_user=cfg.postgres.os_user, action="pause")
+        _start(instance, timeout)
+        paused_at = wait_for_pause(cluster, consistent, timeout=timeout)
+        t_pause = time.monotonic()
+        count_checks = counts_at_consistent_point(cfg, manifest, instance, paused_at)
+        failed = sum(1 for c in count_checks if c.failed)
+        logger().info("row counts at the backup's consistent point %s: %d compared, %d failed", paused_at,
+                      len(count_checks), failed)
+        cluster.stop("fast", timeout=int(timeout))
+        # the next start's log must not repeat this pause's "recovery stopping" line
+        cluster.logfile.rename(cluster.logfile.with_name(cluster.logfile.name + ".paused"))
+        write_recovery_settings(instance.pgdata, config_path=config_file, target=target,
+                                os_user=cfg.postgres.os_user)
+        excluded = time.monotonic() - t_pause
+        note = f"; paused at the backup's consistent point {paused_at} to compare row counts ({excluded:.1f} s, not counted)"
+    t_start = time.monotonic()
+    _start(instance, timeout)
     outcome: RecoveryOutcome = wait_for_recovery(cluster, target, timeout=timeout)
-    seconds = time.monotonic() - t0
+    seconds = time.monotonic() - t0 - excluded
     past = _past_backup(manifest, outcome.reached_lsn)
     recovered_to = _recovered_to(manifest, target, outcome, past)
     summary = (f"promoted on timeline {outcome.timeline} at {outcome.reached_lsn or '?'} after replaying to "
                f"{target.describe()}" + (" (WAL from the archive)" if past else " (backup's own WAL)"))
     if outcome.stop_message:
         summary += f"; {outcome.stop_message}"
-    logger().info("recovery: %s in %.1fs", summary, seconds)
+    summary += note
+    logger().info("recovery: %s in %.1fs (last start %.1fs)", summary, seconds, time.monotonic() - t_start)
     check = CheckResult(name="recovery", kind="recovery", category="restore", status="passed",
                         seconds=seconds, summary=summary)
     return RecoveryStep(seconds=seconds, recovered_to=recovered_to, lsn=outcome.reached_lsn,
-                        timeline=outcome.timeline, past_backup=past, check=check)
+                        timeline=outcome.timeline, past_backup=past, check=check, count_checks=count_checks,
+                        counts_seconds=excluded)
+
+
+def replay_may_pass_backup(cfg: Config, repo: Repository, manifest: Manifest, target: RecoveryTarget) -> bool:
+    """Can recovery go on past the backup's consistent point? Always towards a target (it lies
+    past the backup); towards the end of the archive when the archive holds the segment after
+    the backup's last one or the next timeline's history. In doubt, yes."""
+    if target.kind == "immediate":
+        return False
+    if target.kind != "end" or not manifest.stop_wal:
+        return True
+    try:
+        settings = WalSettings.from_config(cfg.repository)
+        tli, segno = wal_segno(manifest.stop_wal, manifest.wal_segment_size)
+        following = [wal_name_from_segno(tli, segno + 1, manifest.wal_segment_size), f"{tli + 1:08X}.history"]
+        return any(find_object(repo, name, settings) is not None for name in following)
+    except DRError as exc:
+        logger().warning("could not look for WAL past the backup (%s): assuming there is some", one_line(exc))
+        return True
+
+
+def _start(instance: DrillInstance, timeout: float) -> None:
+    try:
+        dsteps.start_instance(instance, timeout=timeout)
+    except DRError as exc:
+        raise PreconditionFailed(f"restored server did not start: {one_line(exc)}") from None
+
+
+def counts_at_consistent_point(cfg: Config, manifest: Manifest, instance: DrillInstance,
+                               lsn: str) -> list[CheckResult]:
+    """The manifest's row counts (within drill.row_count_tolerance: a physical backup's counts are
+    taken as it ends) against the instance paused at the backup's consistent point, with GX."""
+    databases = set(dsteps.list_restored_databases(instance))
+    specs: list[gxsteps.ExpectationSpec] = []
+    results: list[CheckResult] = []
+    for db, expected in sorted(manifest.row_counts.items()):
+        if db not in databases:
+            results.append(CheckResult(name=f"row-count {db}", kind="row-count", category="data",
+                                       status="failed", database=db,
+                                       summary="database recorded in the manifest is missing"))
+            continue
+        db_specs, decided = gxsteps.plan_row_counts(
+            db, gxsteps.read_catalog(instance.dsn(db)), expected, "tolerance", cfg.drill.row_count_tolerance,
+            at=f"at the backup's consistent point {lsn}")
+        specs += db_specs
+        results += decided
+    return results + gxsteps.run_expectations(gxsteps.unique_names(specs), instance.dsn)
 
 
 def _past_backup(manifest: Manifest, reached_lsn: str | None) -> bool:
@@ -221,8 +298,14 @@ def _run_data_checks(cfg: Config, manifest: Manifest, instance: DrillInstance,
     appended to ``results``."""
     catalogs = {db: gxsteps.read_catalog(instance.dsn(db)) for db in databases}
     reference = recovery.recovered_to or manifest.stop_time
-    if manifest.kind == "logical":
-        mode: gxsteps.CountMode = "exact"
+    expected_counts: dict[str, dict[str, int]] = manifest.row_counts
+    if recovery.count_checks is not None:
+        results += recovery.count_checks  # compared at the backup's consistent point
+        expected_counts = {}
+        mode: gxsteps.CountMode = "skip"
+        reason = ""
+    elif manifest.kind == "logical":
+        mode = "exact"
         reason = ""
     elif target.kind == "time":
         mode, reason = "skip", f"restored to {target.describe()}: counts recorded at backup time do not apply"
@@ -234,13 +317,13 @@ def _run_data_checks(cfg: Config, manifest: Manifest, instance: DrillInstance,
     specs: list[gxsteps.ExpectationSpec] = []
     for db in databases:
         db_specs, decided = gxsteps.plan_default(
-            db, catalogs[db], expected_counts=manifest.row_counts.get(db), count_mode=mode,
+            db, catalogs[db], expected_counts=expected_counts.get(db), count_mode=mode,
             tolerance=cfg.drill.row_count_tolerance, reference=reference,
             max_age_seconds=cfg.drill.freshness_max_seconds, freshness_columns=cfg.drill.freshness_columns,
             skip_reason=reason)
         specs += db_specs
         results += decided
-    for db in manifest.row_counts:
+    for db in expected_counts:
         if db not in catalogs:
             results.append(CheckResult(name=f"row-count {db}", kind="row-count", category="data",
                                        status="failed", database=db,
@@ -414,7 +497,7 @@ def _run_steps(cfg: Config, repo: Repository, manifest: Manifest, instance: Dril
     report.checks += restored.checks
     report.restore_seconds = restored.seconds
     try:
-        recovery = start_and_wait(cfg, manifest, instance, target)
+        recovery = start_and_wait(cfg, repo, manifest, instance, target, config_file)
     except Exception as exc:  # noqa: BLE001 - a failed step is a failed check
         report.checks.append(integrity.failed_check("recovery", "recovery", "restore", exc))
         return
@@ -430,7 +513,8 @@ def _run_steps(cfg: Config, repo: Repository, manifest: Manifest, instance: Dril
         report.checks.append(usability(manifest, instance))
         report.checks.append(verify_data_checksums(cfg, manifest, instance))
     finally:
-        report.checks_seconds = time.monotonic() - t_checks
+        # with the row counts compared while recovery paused at the backup's consistent point
+        report.checks_seconds = time.monotonic() - t_checks + recovery.counts_seconds
 
 
 def _config_file(explicit: str | None) -> Path:

@@ -342,7 +342,10 @@ def configure_instance(instance: DrillInstance) -> None:
         "log_destination": "'stderr'",
         "synchronous_standby_names": "''",
         "cluster_name": f"'gravl-drill-{instance.drill_id}'",
+        # readable while recovery is paused (row counts at the backup's consistent point)
+        "hot_standby": "on",
     }
+    settings.update(hot_standby_minimums(instance))
     auto = pgdata / "postgresql.auto.conf"
     text = auto.read_text() if auto.exists() else ""
     block = ["", "# gravl-dr drill instance (begin)"]
@@ -351,6 +354,27 @@ def configure_instance(instance: DrillInstance) -> None:
     auto.write_text(text + "\n".join(block) + "\n")
     for path in (conf, hba, ident, auto):
         chown_tree(path, instance.os_user)
+
+
+# A hot standby needs these at least as high as on the source (its pg_control records them);
+# a source configured outside its data directory would otherwise leave the drill with defaults
+# lower than production's, and recovery would pause instead of finishing.
+_HOT_STANDBY_MINIMUMS = {
+    "max_connections": "max_connections setting",
+    "max_worker_processes": "max_worker_processes setting",
+    "max_wal_senders": "max_wal_senders setting",
+    "max_prepared_transactions": "max_prepared_xacts setting",
+    "max_locks_per_transaction": "max_locks_per_xact setting",
+}
+
+
+def hot_standby_minimums(instance: DrillInstance) -> dict[str, str]:
+    """The source's values of the settings a hot standby may not lower, from pg_control."""
+    from tasks.topology import controldata
+
+    control = controldata(instance.pgdata, os_user=instance.os_user, bindir=instance.bindir)
+    return {name: control[key] for name, key in _HOT_STANDBY_MINIMUMS.items()
+            if control.get(key, "").isdigit()}
 
 
 def start_instance(instance: DrillInstance, timeout: float) -> None:

@@ -125,6 +125,37 @@ def row_count_bounds(expected: int, tolerance: float) -> tuple[int, int]:
     return max(0, expected - slack), expected + slack
 
 
+def plan_row_counts(database: str, catalog: Catalog, expected_counts: dict[str, int],
+                    count_mode: Literal["exact", "tolerance"], tolerance: float,
+                    at: str = "") -> tuple[list[ExpectationSpec], list[CheckResult]]:
+    """Row counts of one database against the manifest's (``at``: where they are compared, for
+    the report); a table the manifest lists that is missing fails without a query."""
+    specs: list[ExpectationSpec] = []
+    decided: list[CheckResult] = []
+    present = set(catalog.tables)
+    where = f" {at}" if at else ""
+    for qualified, expected in sorted(expected_counts.items()):
+        schema, table = split_table(qualified)
+        check = f"row-count {database}.{schema}.{table}"
+        if (schema, table) not in present:
+            decided.append(CheckResult(
+                name=check, kind="row-count", category="data", status="failed", database=database,
+                summary=f"table is missing from the restored database{where} (manifest: {expected} rows)"))
+            continue
+        if count_mode == "exact":
+            specs.append(ExpectationSpec(
+                check=check, kind="row-count", database=database, schema_name=schema, table=table,
+                gx_type="ExpectTableRowCountToEqual", kwargs={"value": expected},
+                expect_text=f"manifest: exactly {expected}{where}"))
+        else:
+            low, high = row_count_bounds(expected, tolerance)
+            specs.append(ExpectationSpec(
+                check=check, kind="row-count", database=database, schema_name=schema, table=table,
+                gx_type="ExpectTableRowCountToBeBetween", kwargs={"min_value": low, "max_value": high},
+                expect_text=f"manifest: {expected} ±{tolerance:.1%} ({low}..{high}){where}"))
+    return specs, decided
+
+
 def plan_default(
     database: str,
     catalog: Catalog,
@@ -143,7 +174,6 @@ def plan_default(
     (a table the manifest lists that is missing, row counts that do not apply)."""
     specs: list[ExpectationSpec] = []
     decided: list[CheckResult] = []
-    present = set(catalog.tables)
 
     # Row counts against the manifest.
     if expected_counts:
@@ -152,26 +182,9 @@ def plan_default(
                 name=f"row-count {database}", kind="row-count", category="data", status="skipped",
                 database=database, summary=skip_reason or "row counts do not apply to this restore"))
         else:
-            for qualified, expected in sorted(expected_counts.items()):
-                schema, table = split_table(qualified)
-                check = f"row-count {database}.{schema}.{table}"
-                if (schema, table) not in present:
-                    decided.append(CheckResult(
-                        name=check, kind="row-count", category="data", status="failed", database=database,
-                        summary=f"table is missing from the restored database (manifest: {expected} rows)"))
-                    continue
-                if count_mode == "exact":
-                    specs.append(ExpectationSpec(
-                        check=check, kind="row-count", database=database, schema_name=schema, table=table,
-                        gx_type="ExpectTableRowCountToEqual", kwargs={"value": expected},
-                        expect_text=f"manifest: exactly {expected}"))
-                else:
-                    low, high = row_count_bounds(expected, tolerance)
-                    specs.append(ExpectationSpec(
-                        check=check, kind="row-count", database=database, schema_name=schema, table=table,
-                        gx_type="ExpectTableRowCountToBeBetween",
-                        kwargs={"min_value": low, "max_value": high},
-                        expect_text=f"manifest: {expected} ±{tolerance:.1%} ({low}..{high})"))
+            count_specs, missing = plan_row_counts(database, catalog, expected_counts, count_mode, tolerance)
+            specs += count_specs
+            decided += missing
 
     # Primary keys: unique and not null, in one pass. GX's column-map expectations (unique,
     # not-null) each scan the table several times; a GROUP BY over the key reads it through the

@@ -158,12 +158,15 @@ def restore_command(config_path: str) -> str:
     return f"{_shell_word(gravl_dr_executable())} --config {_shell_word(cfg)} wal-fetch %f %p"
 
 
-def recovery_settings(target: RecoveryTarget, config_path: str, *, keep_archiving: bool = False) -> dict[str, str]:
-    """The postgresql.auto.conf lines for a target (values already quoted)."""
+def recovery_settings(target: RecoveryTarget, config_path: str, *, keep_archiving: bool = False,
+                      action: Literal["promote", "pause"] = "promote") -> dict[str, str]:
+    """The postgresql.auto.conf lines for a target (values already quoted). With ``action``
+    pause the server stays in recovery at the target, readable (hot standby), until restarted
+    with another target or promoted."""
     settings = {
         "restore_command": _quote(restore_command(config_path)),
         "recovery_target_timeline": "'latest'",
-        "recovery_target_action": "'promote'",
+        "recovery_target_action": f"'{action}'",
     }
     if target.kind == "time":
         when = target.time
@@ -192,7 +195,7 @@ def recovery_settings(target: RecoveryTarget, config_path: str, *, keep_archivin
 
 def write_recovery_settings(
     pgdata: Path, *, config_path: str, target: RecoveryTarget, os_user: str,
-    keep_archiving: bool = False,
+    keep_archiving: bool = False, action: Literal["promote", "pause"] = "promote",
 ) -> None:
     """Write recovery.signal and the recovery settings into pgdata/postgresql.auto.conf.
 
@@ -204,8 +207,8 @@ def write_recovery_settings(
     text = auto.read_text() if auto.exists() else ""
     text = _strip_block(text)
     lines = [MARK_BEGIN]
-    lines += [f"{k} = {v}" for k, v in recovery_settings(target, config_path,
-                                                          keep_archiving=keep_archiving).items()]
+    lines += [f"{k} = {v}" for k, v in recovery_settings(target, config_path, keep_archiving=keep_archiving,
+                                                          action=action).items()]
     lines.append(MARK_END)
     if text and not text.endswith("\n"):
         text += "\n"
@@ -371,6 +374,42 @@ def wait_for_recovery(cluster: LocalCluster, target: RecoveryTarget, timeout: fl
         target_reached=rec.stop_message is not None or target.kind == "end",
         seconds=time.monotonic() - t0,
     )
+
+
+def wait_for_pause(cluster: LocalCluster, target: RecoveryTarget, timeout: float) -> str:
+    """Wait until a server recovering with ``recovery_target_action = pause`` has stopped at its
+    target and paused; return the replay LSN there.
+
+    Raises PreconditionFailed when the server stops, ends recovery, pauses without the log
+    saying that it reached the target (e.g. settings lower than the source's), or does not
+    pause within ``timeout`` seconds."""
+    from tasks.postgres import connection
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if not cluster.is_running():
+            text = _read(cluster.logfile)
+            reason = explain_failed_recovery(text, target) or cluster.log_tail(4) or "no message"
+            raise PreconditionFailed(f"restored server stopped during recovery: {reason}")
+        row = None
+        # the server may not accept connections yet
+        with contextlib.suppress(Exception), connection(cluster.dsn("postgres"), timeout=3) as conn:
+            row = conn.execute(
+                "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN"
+                " pg_get_wal_replay_pause_state() END, pg_last_wal_replay_lsn()::text"
+            ).fetchone()
+        if row is not None and not row[0]:
+            raise PreconditionFailed(f"restored server ended recovery instead of pausing at {target.describe()}")
+        if row is not None and row[1] == "paused":
+            stop = read_recovery_log(_read(cluster.logfile)).stop_message
+            if stop is None:
+                raise PreconditionFailed(f"recovery paused before reaching {target.describe()}: "
+                                         f"{cluster.log_tail(3) or 'no message'}")
+            return str(row[2])
+        if time.monotonic() > deadline:
+            raise PreconditionFailed(f"recovery did not reach {target.describe()} within {timeout:.0f}s; "
+                                     f"server log: {cluster.log_tail(3)}")
+        time.sleep(0.2)
 
 
 def _read(path: Path) -> str:

@@ -4,6 +4,7 @@ target needs is missing from the archive."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from drill_helpers import REPO_ROOT, assert_no_leftovers, check, failed_names
+from drill_helpers import REPO_ROOT, assert_no_leftovers, check, copy_backup_with_counts, failed_names
 
 from flows.backup import backup_flow
 from flows.drill import drill_flow
@@ -110,10 +111,44 @@ def test_drill_to_a_target_time_replays_archived_wal_and_passes(history: History
     assert "recovery stopping before" in recovery.summary and "WAL from the archive" in recovery.summary
     assert report.recovered_to == history.target
     assert report.rpo_seconds is not None and report.rpo_seconds > 0
-    # counts recorded at backup time do not describe the target: said, not silently passed
-    assert check(report, "row-count gravl").status == "skipped"
+    # counts recorded at backup time (500 logs) were compared where they apply: recovery paused
+    # at the backup's consistent point; at the target there are 600, outside the 1 % tolerance
+    logs = check(report, "row-count gravl.public.workout_logs")
+    assert logs.status == "passed" and "at the backup's consistent point" in logs.summary
+    assert "500" in logs.summary
+    assert "paused at the backup's consistent point" in recovery.summary
     assert check(report, "freshness gravl").status == "passed"
     assert_no_leftovers(report)
+
+
+def test_drill_to_the_end_of_the_archive_compares_row_counts_at_the_backup_point(history: History) -> None:
+    # GIVEN a copy of the backup whose manifest records 450 workout logs (the backup holds 500;
+    # the archive adds 200 more after it)
+    manifest = json.loads((history.repo_dir / "backups" / history.backup_id / "manifest.json").read_text())
+    counts = {db: dict(tables) for db, tables in manifest["row_counts"].items()}
+    assert counts["gravl"]["public.workout_logs"] == 500
+    good = dict(counts["gravl"])
+    counts["gravl"]["public.workout_logs"] = 450
+    copy_id = "20000101T000000Z-counts"
+    copy_backup_with_counts(history.repo_dir, history.backup_id, copy_id, counts)
+    chown_tree(history.repo_dir, PG_USER)
+    try:
+        # WHEN it is drilled to the end of the archive
+        with pytest.raises(DrillFailed) as failure:
+            drill_flow(config_path=str(history.config), backup=copy_id)
+        # THEN recovery replayed the archive, and only the disagreeing count failed, naming
+        # where it was compared and what the manifest says
+        report = failure.value.report
+        assert "WAL from the archive" in check(report, "recovery").summary
+        assert failed_names(report) == ["row-count gravl.public.workout_logs"]
+        logs = check(report, "row-count gravl.public.workout_logs")
+        assert "observed 500" in logs.summary and "manifest: 450" in logs.summary
+        assert "at the backup's consistent point" in logs.summary
+        others = [c for c in report.checks if c.kind == "row-count" and c.status == "passed"]
+        assert {c.name.removeprefix("row-count gravl.") for c in others} == set(good) - {"public.workout_logs"}
+        assert_no_leftovers(report)
+    finally:
+        shutil.rmtree(history.repo_dir / "backups" / copy_id, ignore_errors=True)
 
 
 def test_drill_fails_naming_recovery_when_a_wal_segment_the_target_needs_is_missing(history: History) -> None:
