@@ -8,6 +8,9 @@ Measures in the same run, from the same source (data checksums on):
   unpack), recovery (start, WAL replay through restore_command, promotion) = the drill's RTO;
   then each check (pg_verifybackup, amcheck, GX suites, usability, pg_checksums); with the
   default drill.heapallindexed_max_mb, then again with heapallindexed on every index;
+- after the backup, pgbench writes for a few seconds and the WAL is archived with wal-push:
+  the drill replays it to the end of the archive, pausing first at the backup's consistent
+  point to compare the manifest's row counts;
 - the plain baseline: `pg_basebackup -D - -Ft -X fetch | zstd -3 -T2 > file`, then
   `zstd -d | tar -x` into an empty directory and `pg_ctl start -w` until it accepts connections.
 Flow runs go to a local Prefect server started here (as with PREFECT_API_URL in production).
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -35,7 +39,10 @@ def source_cluster(scale: int) -> LocalCluster:
     """pgbench at a scale, with data checksums so that pg_checksums is part of the drill."""
     base = make_private_dir("gravl-bench-drill-src-", "postgres")
     cluster = LocalCluster(base / "data", free_port(), dbname="bench")
-    cluster.initdb(checksums=True, extra_conf={"max_wal_size": "'4GB'", "checkpoint_timeout": "'30min'"})
+    # Archiving on from the start (a restart later would be needed); nothing is kept until the
+    # repository exists: the WAL of pgbench -i is not part of the drill.
+    cluster.initdb(checksums=True, extra_conf={"max_wal_size": "'4GB'", "checkpoint_timeout": "'30min'",
+                                               "archive_mode": "on", "archive_command": "'/bin/true'"})
     cluster.start()
     conn = ["-h", cluster.host, "-p", str(cluster.port), "-U", "postgres"]
     subprocess.run([f"{BIN}/createdb", *conn, "bench"], check=True)
@@ -58,6 +65,8 @@ def plain_copy_restore(cluster: LocalCluster, work: Path) -> dict[str, float]:
     chown_tree(target, "postgres")
     untar = timed(["runuser", "-u", "postgres", "--", "sh", "-c",
                    f"zstd -q -d -c {archive} | tar -x -C {target}"], root_only=False)
+    with open(target / "postgresql.auto.conf", "a") as fh:
+        fh.write("archive_mode = off\n")  # the copy must not push into the drill's archive
     port = free_port()
     copy = LocalCluster(target, port)
     t0 = time.monotonic()
@@ -67,6 +76,14 @@ def plain_copy_restore(cluster: LocalCluster, work: Path) -> dict[str, float]:
     copy.destroy()
     return {"plain_backup_s": backup.seconds, "plain_untar_s": untar.seconds, "plain_start_s": started,
             "plain_rto_s": untar.seconds + started}
+
+
+WRITE_SECONDS = 10
+
+
+def wal_mb(repo: Path) -> float:
+    """Archived WAL in the repository (stored, compressed), in MiB."""
+    return sum(p.stat().st_size for p in (repo / "wal").rglob("*") if p.is_file()) / 2**20
 
 
 def drill(gravl: Callable[..., str], backup_id: str, prefix: str) -> dict[str, object]:
@@ -114,8 +131,30 @@ def bench_scale(scale: int, env: dict[str, str]) -> dict[str, object]:
                 raise SystemExit(f"gravl-dr {' '.join(args)} failed: {t.stderr[-2000:]}")
             return t.stdout
 
+        psql = ["psql", "-h", cluster.host, "-p", str(cluster.port), "-U", "postgres", "-d", "bench", "-qAt"]
+        command = f"{GRAVL_DR} --config {cfg} wal-push %p"
+        subprocess.run([*psql, "-c", f"ALTER SYSTEM SET archive_command = '{command}'", "-c",
+                        "SELECT pg_reload_conf()"], check=True, stdout=subprocess.DEVNULL)
         out = gravl("backup", "--kind", "physical", "--json")
         backup_id = json.loads(out[out.index("{"):])["backup_id"]
+        # Writes after the backup, archived: the drill replays them (the weekly drill of an
+        # archiving cluster), after pausing at the backup's consistent point for its row counts.
+        t = timed([f"{BIN}/pgbench", "-h", cluster.host, "-p", str(cluster.port), "-U", "postgres",
+                   "-c", "2", "-j", "2", "-T", str(WRITE_SECONDS), "-n", "bench"])
+        tps = re.search(r"tps = ([0-9.]+)", t.stdout)
+        res["writes_after_backup"] = f"pgbench -c 2 -T {WRITE_SECONDS}: {tps.group(1) if tps else '?'} tps"
+        segment = subprocess.run([*psql, "-c", "SELECT pg_walfile_name(pg_switch_wal())"], check=True,
+                                 capture_output=True, text=True).stdout.strip()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            done = subprocess.run([*psql, "-c", "SELECT last_archived_wal FROM pg_stat_archiver"],
+                                  capture_output=True, text=True).stdout.strip()
+            if done >= segment:
+                break
+            time.sleep(0.5)
+        else:
+            raise SystemExit(f"WAL segment {segment} was not archived within 300 s")
+        res["wal_replayed_mb"] = wal_mb(work / "repo")
         chown_tree(work / "repo", "postgres")
         res.update(drill(gravl, backup_id, ""))
         # The same drill with amcheck's heapallindexed pass on every index, whatever its table's size.
@@ -149,6 +188,8 @@ def main() -> None:
         kinds: dict[str, float] = r["checks_by_kind_s"]  # type: ignore[assignment]
         print(f"\n== pgbench scale {r['scale']} ({r['db_mb']:.0f} MB database), drill "
               f"{'PASSED' if r['drill_passed'] else 'FAILED'} with {r['checks']} checks ==")
+        print(f"archived after the backup: {r['writes_after_backup']} ({r['wal_replayed_mb']:.0f} MiB of "
+              "compressed WAL), replayed by the drill")
         print(f"drill restore (fetch, verify, unpack):  {r['drill_restore_s']:.2f} s")
         print(f"drill recovery (start, replay, promote): {r['drill_recovery_s']:.2f} s")
         print(f"drill RTO (restore + recovery):         {r['drill_rto_s']:.2f} s")
