@@ -225,12 +225,9 @@ def counts_at_consistent_point(cfg: Config, manifest: Manifest, instance: DrillI
     taken as it ends) against the instance paused at the backup's consistent point, with GX."""
     databases = set(dsteps.list_restored_databases(instance))
     specs: list[gxsteps.ExpectationSpec] = []
-    results: list[CheckResult] = []
+    results = gxsteps.missing_databases(manifest.row_counts, databases)
     for db, expected in sorted(manifest.row_counts.items()):
         if db not in databases:
-            results.append(CheckResult(name=f"row-count {db}", kind="row-count", category="data",
-                                       status="failed", database=db,
-                                       summary="database recorded in the manifest is missing"))
             continue
         db_specs, decided = gxsteps.plan_row_counts(
             db, gxsteps.read_catalog(instance.dsn(db)), expected, "tolerance", cfg.drill.row_count_tolerance,
@@ -263,7 +260,7 @@ def _recovered_to(manifest: Manifest, target: RecoveryTarget, outcome: RecoveryO
 
 @task(name="checks", cache_policy=NO_CACHE)
 def run_checks(cfg: Config, manifest: Manifest, instance: DrillInstance, suites: list[gxsteps.SuiteFile],
-               recovery: RecoveryStep, target: RecoveryTarget, started_at: datetime) -> list[CheckResult]:
+               recovery: RecoveryStep, started_at: datetime) -> list[CheckResult]:
     """amcheck on every database, then the default suite and the user suites with GX."""
     if dsteps.run_before_checks_hook_for_tests(instance):
         logger().warning("a test hook ran on the instance before its checks")
@@ -280,7 +277,7 @@ def run_checks(cfg: Config, manifest: Manifest, instance: DrillInstance, suites:
     amcheck_pool = ThreadPoolExecutor(1, thread_name_prefix="amcheck-all")
     amcheck_future = amcheck_pool.submit(amcheck_all)
     try:
-        data = _run_data_checks(cfg, manifest, instance, suites, recovery, target, databases, results,
+        data = _run_data_checks(cfg, manifest, instance, suites, recovery, databases, results,
                                 started_at)
     finally:
         amcheck_results = amcheck_future.result()
@@ -291,7 +288,7 @@ def run_checks(cfg: Config, manifest: Manifest, instance: DrillInstance, suites:
 
 
 def _run_data_checks(cfg: Config, manifest: Manifest, instance: DrillInstance,
-                     suites: list[gxsteps.SuiteFile], recovery: RecoveryStep, target: RecoveryTarget,
+                     suites: list[gxsteps.SuiteFile], recovery: RecoveryStep,
                      databases: list[str], results: list[CheckResult],
                      started_at: datetime) -> list[CheckResult]:
     """The default suite and the user suites through GX; checks decided without a query are
@@ -307,9 +304,8 @@ def _run_data_checks(cfg: Config, manifest: Manifest, instance: DrillInstance,
     elif manifest.kind == "logical":
         mode = "exact"
         reason = ""
-    elif target.kind == "time":
-        mode, reason = "skip", f"restored to {target.describe()}: counts recorded at backup time do not apply"
     elif recovery.past_backup:
+        # the archive received WAL past the backup after the drill looked for it
         mode, reason = "skip", ("WAL from the archive was replayed past the backup: counts recorded at "
                                 "backup time do not apply")
     else:
@@ -323,11 +319,7 @@ def _run_data_checks(cfg: Config, manifest: Manifest, instance: DrillInstance,
             skip_reason=reason)
         specs += db_specs
         results += decided
-    for db in expected_counts:
-        if db not in catalogs:
-            results.append(CheckResult(name=f"row-count {db}", kind="row-count", category="data",
-                                       status="failed", database=db,
-                                       summary="database recorded in the manifest is missing"))
+    results += gxsteps.missing_databases(expected_counts, catalogs)
     for suite in suites:
         suite_specs, decided = gxsteps.plan_suite(suite, catalogs, now=started_at, reference=reference)
         specs += suite_specs
@@ -509,7 +501,7 @@ def _run_steps(cfg: Config, repo: Repository, manifest: Manifest, instance: Dril
     report.rpo_seconds = dsteps.data_age(report.started_at, recovery.recovered_to)
     t_checks = time.monotonic()
     try:
-        report.checks += run_checks(cfg, manifest, instance, suites, recovery, target, report.started_at)
+        report.checks += run_checks(cfg, manifest, instance, suites, recovery, report.started_at)
         report.checks.append(usability(manifest, instance))
         report.checks.append(verify_data_checksums(cfg, manifest, instance))
     finally:

@@ -34,7 +34,7 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -123,6 +123,13 @@ def one_pass_query(query: str) -> str:
 def row_count_bounds(expected: int, tolerance: float) -> tuple[int, int]:
     slack = int(expected * tolerance + 0.999999)
     return max(0, expected - slack), expected + slack
+
+
+def missing_databases(expected: Iterable[str], present: Container[str]) -> list[CheckResult]:
+    """A failed row-count check for each database the manifest records that is not restored."""
+    return [CheckResult(name=f"row-count {db}", kind="row-count", category="data", status="failed",
+                        database=db, summary="database recorded in the manifest is missing")
+            for db in sorted(expected) if db not in present]
 
 
 def plan_row_counts(database: str, catalog: Catalog, expected_counts: dict[str, int],
