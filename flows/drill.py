@@ -31,7 +31,7 @@ from tasks.drill import CheckResult, DrillFailed, DrillInstance, DrillReport
 from tasks.errors import DRError, PreconditionFailed, one_line
 from tasks.metrics import push_metrics
 from tasks.models import Manifest, parse_lsn, wal_name_from_segno, wal_segno
-from tasks.recovery import RecoveryOutcome, RecoveryTarget, write_recovery_settings
+from tasks.recovery import RecoveryOutcome, RecoveryTarget, repository_env, write_recovery_settings
 from tasks.repository import Repository
 from tasks.wal import WalSettings, find_object
 
@@ -161,7 +161,7 @@ def start_and_wait(cfg: Config, repo: Repository, manifest: Manifest, instance: 
         consistent = RecoveryTarget(kind="immediate")
         write_recovery_settings(instance.pgdata, config_path=config_file, target=consistent,
                                 os_user=cfg.postgres.os_user, action="pause")
-        _start(instance, timeout)
+        _start(cfg, instance, timeout)
         paused_at = wait_for_pause(cluster, consistent, timeout=timeout)
         t_pause = time.monotonic()
         count_checks = counts_at_consistent_point(cfg, manifest, instance, paused_at)
@@ -176,7 +176,7 @@ def start_and_wait(cfg: Config, repo: Repository, manifest: Manifest, instance: 
         excluded = time.monotonic() - t_pause
         note = f"; paused at the backup's consistent point {paused_at} to compare row counts ({excluded:.1f} s, not counted)"
     t_start = time.monotonic()
-    _start(instance, timeout)
+    _start(cfg, instance, timeout)
     outcome: RecoveryOutcome = wait_for_recovery(cluster, target, timeout=timeout)
     seconds = time.monotonic() - t0 - excluded
     past = _past_backup(manifest, outcome.reached_lsn)
@@ -212,9 +212,9 @@ def replay_may_pass_backup(cfg: Config, repo: Repository, manifest: Manifest, ta
         return True
 
 
-def _start(instance: DrillInstance, timeout: float) -> None:
+def _start(cfg: Config, instance: DrillInstance, timeout: float) -> None:
     try:
-        dsteps.start_instance(instance, timeout=timeout)
+        dsteps.start_instance(instance, timeout=timeout, env=repository_env(cfg))
     except DRError as exc:
         raise PreconditionFailed(f"restored server did not start: {one_line(exc)}") from None
 

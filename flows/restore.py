@@ -145,7 +145,7 @@ def start_restored_server(cfg: Config, pgdata: str, port: int,
     rsteps.set_port(Path(pgdata), port, cfg.postgres.os_user)
     cluster = LocalCluster(Path(pgdata), port, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
     try:
-        cluster.start(timeout=3600)
+        cluster.start(timeout=3600, env=rec.repository_env(cfg))
     except DRError:
         # the server aborted recovery (a corrupt or missing segment, a target past the archive)
         text = cluster.logfile.read_text(errors="replace") if cluster.logfile.exists() else ""

@@ -18,7 +18,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -377,10 +377,11 @@ def hot_standby_minimums(instance: DrillInstance) -> dict[str, str]:
             if control.get(key, "").isdigit()}
 
 
-def start_instance(instance: DrillInstance, timeout: float) -> None:
-    """Start the server; pg_ctl -w returns once it accepts connections (or failed)."""
+def start_instance(instance: DrillInstance, timeout: float, env: Mapping[str, str] | None = None) -> None:
+    """Start the server; pg_ctl -w returns once it accepts connections (or failed). ``env``:
+    what its restore_command needs (tasks.recovery.repository_env)."""
     cluster = instance.cluster()
-    cluster.start(timeout=int(timeout))
+    cluster.start(timeout=int(timeout), env=env)
 
 
 def wait_promoted(instance: DrillInstance, timeout: float) -> tuple[str | None, datetime | None, int]:

@@ -13,6 +13,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,7 +117,9 @@ class LocalCluster:
             for key, value in settings.items():
                 fh.write(f"{key} = {value}\n")
 
-    def start(self, timeout: int = 60) -> None:
+    def start(self, timeout: int = 60, env: Mapping[str, str] | None = None) -> None:
+        """pg_ctl start -w. ``env``: variables the server passes on to its archive_command and
+        restore_command, on top of the few every child gets (see tasks.proc)."""
         self.logfile.touch(exist_ok=True)
         chown_tree(self.logfile, self.os_user)
         try:
@@ -125,6 +128,7 @@ class LocalCluster:
                  "-t", str(timeout), "-o", f"-p {self.port} -k ''", "start"],
                 timeout=timeout + 15,
                 os_user=self.os_user,
+                env=env,
             )
         except CommandFailed as exc:
             raise CommandFailed(f"{exc} | server log: {self.log_tail()}") from None

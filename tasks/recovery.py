@@ -158,6 +158,26 @@ def restore_command(config_path: str) -> str:
     return f"{_shell_word(gravl_dr_executable())} --config {_shell_word(cfg)} wal-fetch %f %p"
 
 
+# Proxy settings the AWS SDK honours; the AWS_* variables (credentials, region, profile, web
+# identity for IRSA, container credentials, CA bundle, endpoints) are taken by prefix.
+_PROXY_ENV = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "no_proxy")
+
+
+def repository_env(cfg: Config) -> dict[str, str]:
+    """What `gravl-dr wal-fetch` / `wal-push` need in the environment of a server we start
+    (its restore_command and archive_command inherit it): for an S3 repository the AWS SDK's
+    variables, and the variable holding the encryption key. Subprocesses get a short allow-list
+    only (tasks.proc), so without these a restore from S3 or an encrypted archive could not
+    fetch WAL. Values are secrets: passed on, never logged."""
+    env: dict[str, str] = {}
+    if cfg.repository.url.startswith("s3://"):
+        env.update({k: v for k, v in os.environ.items() if k.startswith("AWS_") or k in _PROXY_ENV})
+    key_env = cfg.repository.encryption_key_env
+    if key_env and key_env in os.environ:
+        env[key_env] = os.environ[key_env]
+    return env
+
+
 def recovery_settings(target: RecoveryTarget, config_path: str, *, keep_archiving: bool = False,
                       action: Literal["promote", "pause"] = "promote") -> dict[str, str]:
     """The postgresql.auto.conf lines for a target (values already quoted). With ``action``

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,16 @@ def copy_backup_with_counts(repo_dir: Path, backup_id: str, new_id: str,
     manifest["id"] = new_id
     manifest["row_counts"] = counts
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def switch_and_wait(cluster: LocalCluster, timeout: float = 30) -> str:
+    """Switch to a new WAL segment and wait until the old one is archived; its name."""
+    with connection(cluster.dsn()) as conn:
+        name = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]  # type: ignore[index]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            last = conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0]  # type: ignore[index]
+            if last is not None and last[:24] >= name:
+                return str(name)
+            time.sleep(0.1)
+    raise AssertionError(f"{name} not archived after {timeout}s: {cluster.log_tail()}")

@@ -13,7 +13,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from drill_helpers import REPO_ROOT, assert_no_leftovers, check, copy_backup_with_counts, failed_names
+from drill_helpers import (
+    REPO_ROOT,
+    assert_no_leftovers,
+    check,
+    copy_backup_with_counts,
+    failed_names,
+    switch_and_wait,
+)
 
 from flows.backup import backup_flow
 from flows.drill import drill_flow
@@ -38,18 +45,6 @@ class History:
     backup_id: str
     stop_wal: str
     target: datetime  # after batch "a" committed, before batch "b"
-
-
-def _switch_and_wait(cluster: LocalCluster, timeout: float = 30) -> str:
-    with connection(cluster.dsn()) as conn:
-        name = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]  # type: ignore[index]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            last = conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0]  # type: ignore[index]
-            if last is not None and last[:24] >= name:
-                return str(name)
-            time.sleep(0.1)
-    raise AssertionError(f"{name} not archived after {timeout}s: {cluster.log_tail()}")
 
 
 def _insert_logs(cluster: LocalCluster, n: int) -> None:
@@ -87,9 +82,9 @@ def history(prefect_harness: None) -> Iterator[History]:
         time.sleep(0.5)
         target = datetime.now(UTC)
         time.sleep(0.5)
-        _switch_and_wait(source)
+        switch_and_wait(source)
         _insert_logs(source, 100)  # batch b, after the target
-        _switch_and_wait(source)
+        switch_and_wait(source)
         yield History(base, source, repo_dir, config, report.backup_id, stop_wal, target)
     finally:
         source.destroy()
