@@ -1,4 +1,5 @@
-"""A drill from an encrypted S3 repository (moto over HTTP) replaying archived WAL.
+"""A drill, and a restore with --start, from an encrypted S3 repository (moto over HTTP)
+replaying archived WAL.
 
 The restored server runs `gravl-dr wal-fetch` as its restore_command, as the postgres user: it
 needs the AWS SDK's variables and the encryption key's variable, which subprocesses do not get
@@ -16,6 +17,7 @@ from drill_helpers import assert_no_leftovers, check, failed_names, switch_and_w
 
 from flows.backup import backup_flow
 from flows.drill import drill_flow
+from flows.restore import restore_flow
 from gravl_testlib import write_config
 from tasks.config import Config, load_config
 from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir
@@ -74,6 +76,18 @@ def test_drill_from_encrypted_s3_replays_archived_wal(moto_endpoint: str, s3_buc
         # the key never reaches the report
         assert "5f" * 32 not in report.model_dump_json()
         assert_no_leftovers(report)
+        # AND a restore with --start of the same backup replays the same archive: the rows
+        # written after the backup are there
+        target_dir = base / "restored"
+        restored = restore_flow(config_path=str(config), backup=backup.backup_id, pgdata=str(target_dir),
+                                start=True, recovery_timeout=120)
+        copy = LocalCluster(target_dir, restored.port or 0, dbname="gravl")
+        try:
+            with connection(copy.dsn()) as conn, connection(source.dsn()) as src:
+                query = "SELECT count(*) FROM workout_logs"
+                assert conn.execute(query).fetchone() == src.execute(query).fetchone() == (250,)
+        finally:
+            copy.destroy()
     finally:
         source.destroy()
         shutil.rmtree(base, ignore_errors=True)
