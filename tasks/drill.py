@@ -344,6 +344,8 @@ def configure_instance(instance: DrillInstance) -> None:
         "cluster_name": f"'gravl-drill-{instance.drill_id}'",
         # readable while recovery is paused (row counts at the backup's consistent point)
         "hot_standby": "on",
+        # the source may require huge pages (ALTER SYSTEM); a drill host need not have them
+        "huge_pages": "try",
     }
     settings.update(hot_standby_minimums(instance))
     auto = pgdata / "postgresql.auto.conf"
