@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -65,9 +66,22 @@ def quiet_console_tracebacks() -> None:
                 handler.addFilter(_NoTraceback())
 
 
+class Terminated(SystemExit):
+    """SIGTERM, as an exception: the flow's own clean-up and the interpreter's exit handlers run."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated(128 + signum)
+
+
 def run_flow(flow_fn: Callable[..., T], **params: Any) -> T:
-    """Run a flow in-process: against PREFECT_API_URL when set, else Prefect's ephemeral mode."""
+    """Run a flow in-process: against PREFECT_API_URL when set, else Prefect's ephemeral mode.
+
+    SIGTERM (a supervisor or Kubernetes stopping us) becomes an exception, not a silent death:
+    the flow tears down what it started (a drill's server), and the exit handlers stop
+    Prefect's ephemeral API server, which would otherwise live on as an orphan."""
     prefect_environment()
+    signal.signal(signal.SIGTERM, _on_sigterm)
     root = logging.getLogger()
     for handler in list(root.handlers):  # Prefect prints flow and task logs itself
         root.removeHandler(handler)
@@ -117,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("gravl-dr: interrupted\n")
         return 130
+    except Terminated as exc:
+        sys.stderr.write("gravl-dr: terminated (SIGTERM)\n")
+        return int(exc.code or 143)
     except Exception as exc:  # noqa: BLE001 - the CLI contract: one line, never a traceback
         if os.environ.get("GRAVL_DR_DEBUG"):
             traceback.print_exc()

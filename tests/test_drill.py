@@ -4,8 +4,13 @@ teardown. One drill per test; the backups are made once per module."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import signal
+import subprocess
+import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +24,14 @@ from drill_helpers import (
     copy_backup_with_counts,
     corrupt_index,
     failed_names,
+    leftovers,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
 from flows.backup import backup_flow
 from flows.drill import drill_flow, run_drill
-from gravl_testlib import assert_one_line_error, run_cli, write_config
-from tasks.drill import DrillFailed, DrillReport, before_checks_hook_for_tests
+from gravl_testlib import GRAVL_DR, assert_one_line_error, run_cli, write_config
+from tasks.drill import DIR_PREFIX, OWNER_FILE, DrillFailed, DrillReport, before_checks_hook_for_tests
 from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir
 from tasks.postgres import connection
 from tasks.sample import TABLES, create_database, load_sample
@@ -222,3 +228,38 @@ def test_drill_fails_naming_the_foreign_key_with_orphans(prefect_harness: None) 
         shutil.rmtree(source.pgdata.parent, ignore_errors=True)
         shutil.rmtree(repo_dir, ignore_errors=True)
         shutil.rmtree(conf_dir, ignore_errors=True)
+
+
+def test_a_drill_terminated_mid_run_tears_down_its_instance(env: DrillEnv) -> None:
+    # GIVEN a drill started from the command line, its throwaway server running
+    proc = subprocess.Popen([GRAVL_DR, "--config", str(env.config), "drill", env.physical],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO_ROOT))
+    try:
+        drill_dir = _wait_for_running_instance(proc, timeout=180)
+        # WHEN it is terminated (as a worker cancelling the run, or Kubernetes stopping the pod, does)
+        proc.send_signal(signal.SIGTERM)
+        # (its pipes reach end-of-file only once every process holding them has exited, Prefect's
+        # ephemeral API server included: an orphaned one would keep them open)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    # THEN it exits 143 saying so, its server stopped and its directory removed
+    assert proc.returncode == 143 and "gravl-dr: terminated (SIGTERM)" in err
+    drill_id = drill_dir.name.removeprefix(DIR_PREFIX).rsplit("-", 1)[0]
+    assert leftovers(drill_id) == {"dirs": [], "processes": []}
+
+
+def _wait_for_running_instance(proc: subprocess.Popen[str], timeout: float) -> Path:
+    """The work directory of the drill run by ``proc`` once its server has started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        for workdir in Path(tempfile.gettempdir()).glob(f"{DIR_PREFIX}*"):
+            with contextlib.suppress(OSError, ValueError):
+                owner = json.loads((workdir / OWNER_FILE).read_text())
+                if owner.get("pid") == proc.pid and (workdir / "data" / "postmaster.pid").exists():
+                    return workdir
+        time.sleep(0.2)
+    raise AssertionError(f"no running drill instance of pid {proc.pid} after {timeout:.0f}s")
