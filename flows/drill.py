@@ -2,6 +2,7 @@
 database, and say exactly what is wrong when it does not.
 
 pick-backup -> provision-instance -> restore (+ pg_verifybackup before start) -> start-and-wait
+(pausing at the backup's consistent point for its row counts when replay goes past it)
 -> checks (amcheck, Great Expectations suites) -> usability -> verify-data-checksums (stopped)
 -> report (JSON + markdown, uploaded to drills/<drill-id>/) -> metrics; teardown always runs.
 Any failed check fails the flow (and the CLI exits non-zero).
