@@ -32,7 +32,14 @@ from tasks.drill import CheckResult, DrillFailed, DrillInstance, DrillReport
 from tasks.errors import DRError, PreconditionFailed, one_line
 from tasks.metrics import push_metrics
 from tasks.models import Manifest, parse_lsn, wal_name_from_segno, wal_segno
-from tasks.recovery import RecoveryOutcome, RecoveryTarget, repository_env, write_recovery_settings
+from tasks.recovery import (
+    RecoveryOutcome,
+    RecoveryTarget,
+    repository_env,
+    wait_for_pause,
+    wait_for_recovery,
+    write_recovery_settings,
+)
 from tasks.repository import Repository
 from tasks.wal import WalSettings, find_object
 
@@ -145,8 +152,6 @@ def start_and_wait(cfg: Config, repo: Repository, manifest: Manifest, instance: 
     pauses at the backup's consistent point, where the counts are compared (read-only), then the
     server is restarted towards the target: counts taken at backup time apply there, and only
     there. That pause and restart are not part of the measured recovery time."""
-    from tasks.recovery import wait_for_pause, wait_for_recovery
-
     t0 = time.monotonic()
     if manifest.kind == "logical":
         check = CheckResult(name="recovery", kind="recovery", category="restore", status="skipped",

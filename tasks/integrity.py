@@ -82,7 +82,6 @@ JOIN pg_class c ON c.oid = i.indexrelid
 JOIN pg_am am ON am.oid = c.relam
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE am.amname = 'btree' AND i.indisvalid AND i.indisready AND c.relpersistence <> 't'
-ORDER BY pg_relation_size(c.oid) DESC
 """
 
 

@@ -339,6 +339,14 @@ def read_history_switchpoint(pgdata: Path, timeline: int) -> tuple[int, str] | N
     return int(parts[0]), parts[1].strip()
 
 
+def _raise_if_stopped(cluster: LocalCluster, target: RecoveryTarget) -> None:
+    """PreconditionFailed with the server's own reason when it is no longer running."""
+    if not cluster.is_running():
+        text = _read(cluster.logfile)
+        reason = explain_failed_recovery(text, target) or cluster.log_tail(4) or "no message"
+        raise PreconditionFailed(f"restored server stopped during recovery: {reason}")
+
+
 def wait_for_recovery(cluster: LocalCluster, target: RecoveryTarget, timeout: float) -> RecoveryOutcome:
     """Wait until the restored server has finished recovery and is promoted; return where it stopped.
 
@@ -353,10 +361,7 @@ def wait_for_recovery(cluster: LocalCluster, target: RecoveryTarget, timeout: fl
     tli = 0
     lsn_now: str | None = None
     while True:
-        if not cluster.is_running():
-            text = _read(cluster.logfile)
-            reason = explain_failed_recovery(text, target) or cluster.log_tail(4) or "no message"
-            raise PreconditionFailed(f"restored server stopped during recovery: {reason}")
+        _raise_if_stopped(cluster, target)
         try:
             with connection(cluster.dsn("postgres"), timeout=3) as conn:
                 row = conn.execute(
@@ -407,10 +412,7 @@ def wait_for_pause(cluster: LocalCluster, target: RecoveryTarget, timeout: float
 
     deadline = time.monotonic() + timeout
     while True:
-        if not cluster.is_running():
-            text = _read(cluster.logfile)
-            reason = explain_failed_recovery(text, target) or cluster.log_tail(4) or "no message"
-            raise PreconditionFailed(f"restored server stopped during recovery: {reason}")
+        _raise_if_stopped(cluster, target)
         row = None
         # the server may not accept connections yet
         with contextlib.suppress(Exception), connection(cluster.dsn("postgres"), timeout=3) as conn:
