@@ -81,24 +81,46 @@ def _empty_dir(path: Path) -> None:
                 child.unlink()
 
 
-def restore_physical(cfg: Config, repo: Repository, manifest: Manifest, pgdata: Path) -> RestoreResult:
-    """Extract a physical backup into an empty ``pgdata`` owned by postgres.os_user."""
-    if manifest.kind != "physical":
-        raise PreconditionFailed(f"backup {manifest.id} is logical: restore it with --dsn")
-    pgdata = pgdata.absolute()
-    check_pgdata_target(pgdata)
-    key = key_for_manifest(cfg, manifest)
-    t0 = time.monotonic()
-    verify_objects(repo, manifest)  # stored bytes intact before anything is written
-    verify_seconds = time.monotonic() - t0
-    created = not pgdata.exists()
-    pgdata.mkdir(mode=0o700, exist_ok=True)
-    pgdata.chmod(0o700)
-    chown_tree(pgdata, cfg.postgres.os_user)
-    # tar runs as ourselves (root can write where the server user may not traverse); the tree
-    # is handed to postgres.os_user afterwards.
+def parse_tablespace_map(items: list[str] | tuple[str, ...] | None) -> dict[str, str]:
+    """``OLD=NEW`` pairs (as pg_basebackup -T): both absolute paths."""
+    mapping: dict[str, str] = {}
+    for item in items or ():
+        old, sep, new = item.partition("=")
+        if not sep or not old or not new:
+            raise PreconditionFailed(f"--tablespace-map {item!r}: expected OLD=NEW")
+        if not (old.startswith("/") and new.startswith("/")):
+            raise PreconditionFailed(f"--tablespace-map {item!r}: both directories must be absolute paths")
+        mapping[old.rstrip("/") or "/"] = new.rstrip("/") or "/"
+    return mapping
+
+
+def tablespace_targets(manifest: Manifest, mapping: dict[str, str]) -> dict[str, Path]:
+    """Where each tablespace of a backup goes (oid -> directory): its recorded location unless
+    remapped; every OLD of the map must name a tablespace of the backup."""
+    known = {t.location.rstrip("/"): t for t in manifest.tablespaces}
+    for old in mapping:
+        if old not in known:
+            raise PreconditionFailed(
+                f"--tablespace-map: backup {manifest.id} has no tablespace at {old} "
+                f"(it has: {', '.join(sorted(known)) or 'none'})"
+            )
+    targets = {t.oid: Path(mapping.get(t.location.rstrip("/"), t.location)) for t in manifest.tablespaces}
+    for oid, path in targets.items():
+        name = next(t.name for t in manifest.tablespaces if t.oid == oid)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise PreconditionFailed(
+                f"tablespace {name} would be restored into {path}, which is not empty: "
+                f"relocate it with --tablespace-map {path}=NEW_DIRECTORY"
+            )
+        if not path.exists() and not path.parent.is_dir():
+            raise PreconditionFailed(f"tablespace {name}: parent directory of {path} does not exist")
+    return targets
+
+
+def _extract(repo: Repository, manifest: Manifest, key: bytes | None, index: int, dest: Path) -> int:
+    """Stream one tar object into ``dest`` (tar runs as ourselves; the caller chowns)."""
     tar = subprocess.Popen(
-        ["tar", "-x", "-f", "-", "-C", str(pgdata), "--no-same-owner", "--no-same-permissions"],
+        ["tar", "-x", "-f", "-", "-C", str(dest), "--no-same-owner", "--no-same-permissions"],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         env=child_env(),
     )
@@ -106,9 +128,9 @@ def restore_physical(cfg: Config, repo: Repository, manifest: Manifest, pgdata: 
     try:
         assert tar.stdin is not None
         try:
-            # The stored SHA-256 of every object was verified above and is checked again as the
-            # bytes stream; hashing 1+ GB of decoded data a second time would only slow the RTO.
-            decoded = _object_stream(repo, manifest, key, raw_hash=False)
+            # The stored SHA-256 of every object was verified before and is checked again as
+            # the bytes stream; hashing the decoded data a second time would only slow the RTO.
+            decoded = _object_stream(repo, manifest, key, index, raw_hash=False)
             for chunk in threaded(decoded, depth=4, name="restore"):
                 tar.stdin.write(chunk)
                 raw_bytes += len(chunk)
@@ -124,18 +146,66 @@ def restore_physical(cfg: Config, repo: Repository, manifest: Manifest, pgdata: 
     except BaseException:
         tar.kill()
         tar.wait()
-        _empty_dir(pgdata)
-        if created:
-            shutil.rmtree(pgdata, ignore_errors=True)
         raise
     finally:
         if tar.stderr:
             tar.stderr.close()
+    return raw_bytes
+
+
+def restore_physical(
+    cfg: Config, repo: Repository, manifest: Manifest, pgdata: Path,
+    tablespace_map: dict[str, str] | None = None,
+) -> RestoreResult:
+    """Extract a physical backup into an empty ``pgdata`` owned by postgres.os_user, and each
+    tablespace into its recorded location or where ``tablespace_map`` (OLD -> NEW) sends it."""
+    if manifest.kind != "physical":
+        raise PreconditionFailed(f"backup {manifest.id} is logical: restore it with --dsn")
+    pgdata = pgdata.absolute()
+    check_pgdata_target(pgdata)
+    targets = tablespace_targets(manifest, tablespace_map or {})
+    key = key_for_manifest(cfg, manifest)
+    t0 = time.monotonic()
+    verify_objects(repo, manifest)  # stored bytes intact before anything is written
+    verify_seconds = time.monotonic() - t0
+    created = not pgdata.exists()
+    made: list[tuple[Path, bool]] = [(pgdata, created)]
+    raw_bytes = 0
+    try:
+        pgdata.mkdir(mode=0o700, exist_ok=True)
+        pgdata.chmod(0o700)
+        raw_bytes += _extract(repo, manifest, key, 0, pgdata)
+        index = {o.key: i for i, o in enumerate(manifest.objects)}
+        lines = []
+        for space in manifest.tablespaces:
+            dest = targets[space.oid]
+            made.append((dest, not dest.exists()))
+            dest.mkdir(mode=0o700, exist_ok=True)
+            if space.object is None or space.object not in index:
+                raise PreconditionFailed(f"backup {manifest.id} lacks the archive of tablespace {space.name}")
+            raw_bytes += _extract(repo, manifest, key, index[space.object], dest)
+            chown_tree(dest, cfg.postgres.os_user)
+            lines.append(f"{space.oid} {_escape_map_path(str(dest))}\n")
+        if manifest.tablespaces:
+            # recovery creates pg_tblspc/<oid> -> directory from this file (backup.c, read_tablespace_map)
+            (pgdata / "tablespace_map").write_text("".join(lines))
+    except BaseException:
+        for path, was_created in made:
+            if path.exists():
+                _empty_dir(path)
+                if was_created:
+                    shutil.rmtree(path, ignore_errors=True)
+        raise
     # pg_basebackup's tar leaves the server's own directories with its modes; the server
     # insists on 0700 for the data directory itself.
     pgdata.chmod(0o700)
     chown_tree(pgdata, cfg.postgres.os_user)
     return RestoreResult(manifest.id, str(pgdata), raw_bytes, time.monotonic() - t0, verify_seconds)
+
+
+def _escape_map_path(path: str) -> str:
+    """tablespace_map escapes backslash, newline and carriage return in paths (PostgreSQL 15)."""
+    return path.replace("\\", "\\\\").replace("\n", "\\\n").replace("\r", "\\\r")
 
 
 def set_port(pgdata: Path, port: int, os_user: str) -> None:
