@@ -113,7 +113,8 @@ def restore(cfg: Config, repo: Repository, manifest: Manifest, instance: DrillIn
     Logical: initdb + start a fresh server, create the database, pg_restore."""
     t0 = time.monotonic()
     if manifest.kind == "physical":
-        res = rsteps.restore_physical(cfg, repo, manifest, instance.pgdata)
+        res = rsteps.restore_physical(cfg, repo, manifest, instance.pgdata,
+                                      rsteps.relocate_tablespaces(manifest, Path(instance.workdir)))
         seconds = time.monotonic() - t0
         logger().info("verified and unpacked %s in %.1fs", human_bytes(res.raw_bytes), seconds)
         check = integrity.verify_backup_dir(instance.pgdata, bindir=cfg.postgres.bindir,

@@ -250,11 +250,14 @@ def _physical_readiness(conn: Any, dsn: str, spaces: list[TablespaceEntry]) -> l
     return lines
 
 
+NO_PASSWORDS = ("role passwords will NOT be in the backup: the backup role is not a superuser, and "
+                "password hashes are only readable from pg_authid (roles are dumped without them)")
+
+
 def _logical_readiness(dsn: str, info: ServerInfo, chosen: list[DatabaseEntry]) -> list[str]:
-    if not info.is_superuser:
-        raise PreconditionFailed("a logical backup of the whole cluster needs a superuser: role "
-                                 "password hashes are only readable from pg_authid")
     lines = []
+    if not info.is_superuser:
+        lines.append(NO_PASSWORDS)
     for db in chosen:
         if db.skipped:
             lines.append(f"database {db.name} will NOT be dumped: {db.skipped}")
@@ -331,6 +334,8 @@ def discard_incomplete(repo: Repository, backup_id: str) -> int:
         repo.delete(key)
     with contextlib.suppress(DRError):
         repo.abort_incomplete(backup_prefix(backup_id))
+    if isinstance(repo, FileRepository):
+        repo.prune_empty(backup_prefix(backup_id))
     return len(keys)
 
 
@@ -379,21 +384,22 @@ def _stream_physical(cfg: Config, repo: Repository, pre: Preflight) -> StreamRes
                  bb.timeline)
         while (archive := bb.next_archive()) is not None:
             stem = archive.name
-            if not re.fullmatch(r"(base|\d+)\.tar", stem):
+            if not re.fullmatch(r"(base|\d+)\.tar|backup_manifest", stem):
                 raise PreconditionFailed(f"BASE_BACKUP sent an unexpected archive {stem!r}")
             name = _object_name(stem, pre.codec, pre.encrypted)
             objects.append(_store(cfg, repo, pre, name, bb.chunks()))
-            if stem != "base.tar":
+            if stem.endswith(".tar") and stem != "base.tar":
                 oid = stem.removesuffix(".tar")
                 known = by_oid.get(oid)
                 spaces.append(TablespaceEntry(
                     oid=oid, name=known.name if known else oid,
                     location=archive.tablespace_path or (known.location if known else ""), object=name))
         end = bb.finish()
-    if not objects or not objects[-1].key.startswith("base.tar"):
+    base = [o for o in objects if o.key.startswith("base.tar")]
+    if len(base) != 1:
         raise PreconditionFailed("BASE_BACKUP sent no base archive")
-    # the main archive first: restore and verify read it as the backup's first object
-    objects = [objects[-1], *objects[:-1]]
+    # the main archive first: restore reads it as the backup's first object
+    objects = [*base, *(o for o in objects if o not in base)]
     stop_time = datetime.now(UTC)
     dbnames = [d.name for d in inventory.databases_to_count(dsn)]
     counts = _row_counts_now(cfg, dbnames)
@@ -465,7 +471,7 @@ def _dump_failure(exc: CommandFailed, dsn: str, database: str) -> DRError:
 def _stream_globals(cfg: Config, repo: Repository, pre: Preflight, running: _Running) -> StoredObject:
     dsn = source_dsn(cfg)
     argv = [pg_bin("pg_dumpall", cfg.postgres.bindir), "--globals-only", "--no-password",
-            "-l", pre.info.database]
+            "-l", pre.info.database, *([] if pre.info.is_superuser else ["--no-role-passwords"])]
     proc = popen(argv, env=client_env(dsn))
     running.procs.append(proc)
     source = ProcessSource(proc, "pg_dumpall --globals-only")
@@ -548,6 +554,8 @@ def _stream_logical(cfg: Config, repo: Repository, pre: Preflight) -> StreamResu
             log.warning("database %s was not dumped: %s", db.name, db.skipped)
     notes = inventory.not_carried_over(
         dsn, [d.name for d in pre.databases if not d.skipped], data_directory=pre.info.data_directory)
+    if not pre.info.is_superuser:
+        notes = notes.model_copy(update={"backup_notes": [NO_PASSWORDS]})
     return StreamResult(
         objects=tuple(objects), start_lsn=start_lsn, stop_lsn=start_lsn, timeline=pre.info.timeline,
         start_time=start_time, stop_time=datetime.now(UTC), row_counts=counts,

@@ -9,11 +9,12 @@ replication connection:
    segment from before the backup's start checkpoint until the connection closes, whatever
    ``max_wal_size`` and ``wal_keep_size`` say; the server drops it when the session ends, even
    if we are killed.
-2. ``BASE_BACKUP (... WAL true, TABLESPACE_MAP true, TARGET 'client')`` — PostgreSQL 15's COPY
+2. ``BASE_BACKUP (... WAL true, MANIFEST 'yes', TARGET 'client')`` — PostgreSQL 15's COPY
    sub-protocol (basebackup_copy.c): one CopyOut in which each CopyData starts with a type
    byte: 'n' starts an archive (name, tablespace path), 'd' carries its bytes, 'p' reports
    progress, 'm' starts the backup manifest. User tablespaces come first, the main data
-   directory (``base.tar``, with the WAL the backup needs appended) last.
+   directory (``base.tar``, with the WAL the backup needs appended, and the ``pg_tblspc/<oid>``
+   symlinks a restore re-points) last, then the backup manifest.
 
 Each archive is handed out as an iterator of chunks while the COPY streams: one pass, memory
 bounded by the chunk size. Reads wait on the socket with an inactivity timeout, never forever.
@@ -36,9 +37,13 @@ from tasks.postgres import safe_dsn
 log = logging.getLogger(__name__)
 
 
+MANIFEST_NAME = "backup_manifest"
+
+
 @dataclass(frozen=True)
 class ArchiveHeader:
-    """One archive of the backup: ``base.tar`` or ``<spcoid>.tar`` (with its tablespace path)."""
+    """One archive of the backup: ``base.tar``, ``<spcoid>.tar`` (with its tablespace path), or
+    the server's ``backup_manifest`` (for pg_verifybackup), which comes last."""
 
     name: str
     tablespace_path: str | None
@@ -166,7 +171,7 @@ class BaseBackupStream:
         self._command(f"CREATE_REPLICATION_SLOT {self.slot} TEMPORARY PHYSICAL RESERVE_WAL")
         log.info("reserved WAL with temporary replication slot %s", self.slot)
         options = [f"LABEL {_quote(self.label)}", "CHECKPOINT 'fast'", "WAL true", "WAIT true",
-                   "MANIFEST 'no'", "TABLESPACE_MAP true", "TARGET 'client'", "PROGRESS false"]
+                   "MANIFEST 'yes'", "MANIFEST_CHECKSUMS 'CRC32C'", "TARGET 'client'", "PROGRESS false"]
         if self.max_rate_kb:
             options.append(f"MAX_RATE {int(self.max_rate_kb)}")
         sets = self._command(f"BASE_BACKUP ({', '.join(options)})")
@@ -204,7 +209,8 @@ class BaseBackupStream:
                 self._in_archive = True
                 return ArchiveHeader(name.decode(), path.decode() or None)
             if kind == b"m":
-                raise CommandFailed("BASE_BACKUP sent a manifest although none was asked for")
+                self._in_archive = True
+                return ArchiveHeader(MANIFEST_NAME, None)
             # 'p' progress, or stray data of an archive the caller abandoned
 
     def chunks(self) -> Iterator[bytes]:

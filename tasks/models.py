@@ -85,6 +85,7 @@ class NotCarriedOver(BaseModel):
     replication_slots: list[str] = []
     prepared_transactions: list[str] = Field(default_factory=list, description="gid (database, owner)")
     config_outside_pgdata: list[str] = Field(default_factory=list, description="config files not in PGDATA")
+    backup_notes: list[str] = Field(default_factory=list, description="anything else the backup could not hold")
 
 
 class Manifest(BaseModel):
