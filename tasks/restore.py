@@ -29,7 +29,7 @@ from tasks.errors import ChecksumMismatch, CommandFailed, PreconditionFailed
 from tasks.libpq import client_env
 from tasks.models import Manifest
 from tasks.pgcluster import chown_tree
-from tasks.postgres import is_empty_database, safe_dsn
+from tasks.postgres import is_empty_database, safe_dsn, server_info
 from tasks.proc import child_env, pg_bin, run, tail
 from tasks.repository import Repository
 from tasks.streams import decode, sized, threaded, verified
@@ -255,6 +255,23 @@ def set_port(pgdata: Path, port: int, os_user: str) -> None:
     chown_tree(auto, os_user)
 
 
+# A restored database may carry ALTER DATABASE ... SET default_transaction_read_only = on (a
+# reporting database): pg_restore's own session must still write. Startup options outranks
+# per-database and per-role settings (guc.c: PGC_S_CLIENT > PGC_S_DATABASE_USER).
+# As a superuser, session_replication_role = replica also keeps the source's event triggers
+# (ddl_command_end auditing, say) from firing on the restore's own DDL — pg_restore refreshes
+# materialized views after creating them — so the restored audit tables equal the source's.
+_RESTORE_OPTIONS = "-c default_transaction_read_only=off"
+_SUPERUSER_OPTIONS = "-c session_replication_role=replica"
+
+
+def restore_env(dsn: str, dbname: str | None = None, *, superuser: bool = False) -> dict[str, str]:
+    env = client_env(dsn, dbname=dbname)
+    extra = _RESTORE_OPTIONS + (" " + _SUPERUSER_OPTIONS if superuser else "")
+    env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {extra}".strip()
+    return env
+
+
 def _spool(repo: Repository, manifest: Manifest, key: bytes | None, index: int) -> Path:
     """Decode and verify one dump into a temporary file (pg_restore -j needs a seekable file)."""
     fd, tmp_name = tempfile.mkstemp(prefix="gravl-restore-", suffix=".pgc")
@@ -311,7 +328,7 @@ def restore_logical(
                  "--exit-on-error", "--no-password",
                  *(["--no-owner", "--no-privileges"] if no_owner else []),
                  "-d", client_env(dsn).get("PGDATABASE", "postgres"), str(tmp)],
-                timeout=24 * 3600, env=client_env(dsn),
+                timeout=24 * 3600, env=restore_env(dsn, superuser=server_info(dsn).is_superuser),
             )
         except CommandFailed as exc:
             raise CommandFailed(f"pg_restore into {safe_dsn(dsn)} failed: {exc}") from None
@@ -336,9 +353,17 @@ class ClusterRestoreResult:
 _CREATE_TABLESPACE = re.compile(r"^(CREATE TABLESPACE .* LOCATION )'((?:[^']|'')*)';$")
 
 
-def _map_globals_line(line: str, mapping: dict[str, str]) -> str:
+def _map_globals_line(line: str, mapping: dict[str, str], existing_roles: frozenset[str] = frozenset()) -> str:
     """pg_dumpall writes ``CREATE TABLESPACE name OWNER role LOCATION '/path';`` on one line:
-    point it at the relocated directory."""
+    point it at the relocated directory. ``CREATE ROLE x;`` of a role the target already has
+    (its bootstrap superuser) is dropped: the ALTER ROLE that follows gives it the source's
+    attributes and password."""
+    if line.startswith("CREATE ROLE ") and line.rstrip().endswith(";"):
+        name = line.rstrip()[len("CREATE ROLE "):-1]
+        if name.startswith('"') and name.endswith('"'):
+            name = name[1:-1].replace('""', '"')
+        if name in existing_roles:
+            return ""
     match = _CREATE_TABLESPACE.match(line.rstrip("\n"))
     if not match:
         return line
@@ -347,20 +372,22 @@ def _map_globals_line(line: str, mapping: dict[str, str]) -> str:
     return f"{match.group(1)}'{new.replace(chr(39), chr(39) * 2)}';\n"
 
 
-def _globals_lines(chunks: Iterator[bytes], mapping: dict[str, str]) -> Iterator[bytes]:
+def _globals_lines(chunks: Iterator[bytes], mapping: dict[str, str],
+                   existing_roles: frozenset[str]) -> Iterator[bytes]:
     rest = b""
     for chunk in chunks:
         rest += chunk
         *lines, rest = rest.split(b"\n")
         for raw in lines:
-            yield _map_globals_line(raw.decode() + "\n", mapping).encode()
+            yield _map_globals_line(raw.decode() + "\n", mapping, existing_roles).encode()
     if rest:
-        yield _map_globals_line(rest.decode(), mapping).encode()
+        yield _map_globals_line(rest.decode(), mapping, existing_roles).encode()
 
 
-def check_fresh_cluster(dsn: str, manifest: Manifest) -> None:
+def check_fresh_cluster(dsn: str, manifest: Manifest) -> frozenset[str]:
     """A whole-cluster restore goes into a fresh cluster: none of the backup's databases may
-    exist there (but postgres and template1, and those must hold no tables)."""
+    exist there (but postgres and template1, and those must hold no tables). Returns the roles
+    the target already has."""
     from tasks.postgres import connection, user_tables, with_dbname
 
     with connection(dsn) as conn:
@@ -381,6 +408,7 @@ def check_fresh_cluster(dsn: str, manifest: Manifest) -> None:
     if len(roles) > 1:
         log.info("target cluster already has roles %s: ALTER ROLE brings them to the source's settings",
                  ", ".join(sorted(roles)))
+    return frozenset(roles)
 
 
 def _prepare_tablespace_dirs(manifest: Manifest, mapping: dict[str, str], os_user: str) -> None:
@@ -418,14 +446,14 @@ def restore_cluster(
     for old in mapping:
         if old not in known:
             raise PreconditionFailed(f"--tablespace-map: backup {manifest.id} has no tablespace at {old}")
-    check_fresh_cluster(dsn, manifest)
+    existing_roles = check_fresh_cluster(dsn, manifest)
     key = key_for_manifest(cfg, manifest)
     t0 = time.monotonic()
     verify_objects(repo, manifest)  # every stored byte intact before the target is touched
     verify_seconds = time.monotonic() - t0
     _prepare_tablespace_dirs(manifest, mapping, cfg.postgres.os_user)
     keys = [o.key for o in manifest.objects]
-    env = client_env(dsn, dbname="template1")
+    env = restore_env(dsn, dbname="template1", superuser=True)
     psql = subprocess.Popen(
         [pg_bin("psql", cfg.postgres.bindir), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password",
          "-d", "template1", "-f", "-"],
@@ -435,7 +463,7 @@ def restore_cluster(
         assert psql.stdin is not None
         try:
             stream = _object_stream(repo, manifest, key, keys.index(manifest.globals_object))
-            for line in _globals_lines(stream, mapping):
+            for line in _globals_lines(stream, mapping, existing_roles):
                 psql.stdin.write(line)
         except BrokenPipeError:
             pass
