@@ -29,6 +29,7 @@ import select
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import psycopg
 from psycopg import conninfo, pq
 
 from tasks.errors import CommandFailed, PreconditionFailed, TransientError
@@ -121,7 +122,14 @@ class BaseBackupStream:
             raise TransientError(
                 f"base backup from {safe_dsn(self.dsn)}: no data for {self.timeout:.0f}s; giving up"
             )
-        self.pg.consume_input()
+        try:
+            self.pg.consume_input()
+        except psycopg.OperationalError as exc:
+            raise self._lost(exc) from None
+
+    def _lost(self, exc: Exception) -> CommandFailed:
+        text = " ".join(str(exc).split()) or "connection lost"
+        return CommandFailed(f"BASE_BACKUP on {safe_dsn(self.dsn)} failed: {text}")
 
     def _result(self) -> pq.abc.PGresult | None:
         """The next result, waiting on the socket (never blocking inside libpq)."""
@@ -185,7 +193,10 @@ class BaseBackupStream:
         if self._copy_done:
             return None
         while True:
-            nbytes, data = self.pg.get_copy_data(1)
+            try:
+                nbytes, data = self.pg.get_copy_data(1)
+            except psycopg.OperationalError as exc:
+                raise self._lost(exc) from None
             if nbytes > 0:
                 return bytes(data)
             if nbytes == 0:
