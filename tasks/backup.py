@@ -155,7 +155,7 @@ def preflight(cfg: Config, repo: Repository, kind: str, now: datetime | None = N
     ]
     if info.in_recovery and kind == "physical":
         messages.append("server is a standby: backing up from it")
-    dsn = source_dsn(cfg)
+    dsn = source_dsn(cfg, info.version_num)
     with connection(dsn) as conn:
         row = conn.execute("SELECT sum(pg_database_size(oid))::bigint FROM pg_database").fetchone()
         db_row = row
@@ -203,10 +203,13 @@ def preflight(cfg: Config, repo: Repository, kind: str, now: datetime | None = N
     )
 
 
-def source_dsn(cfg: Config) -> str:
-    """The primary's DSN with lock_timeout and statement_timeout on every statement."""
+def source_dsn(cfg: Config, version_num: int = 0) -> str:
+    """The primary's DSN with lock_timeout and statement_timeout on every statement (and, from
+    PostgreSQL 14, client_connection_check_interval: a session of ours whose client is gone
+    stops waiting for a lock at once instead of at lock_timeout)."""
     return inventory.guarded_dsn(cfg.primary.dsn, cfg.backup.lock_timeout_seconds,
-                                 cfg.backup.statement_timeout_seconds)
+                                 cfg.backup.statement_timeout_seconds,
+                                 check_client=version_num >= 140000)
 
 
 def _physical_readiness(conn: Any, dsn: str, spaces: list[TablespaceEntry]) -> list[str]:
@@ -372,7 +375,7 @@ def _stream_physical(cfg: Config, repo: Repository, pre: Preflight) -> StreamRes
     archive object, WAL reserved by a temporary slot for the whole backup and included."""
     t0 = time.monotonic()
     start_time = datetime.now(UTC)
-    dsn = source_dsn(cfg)
+    dsn = source_dsn(cfg, pre.info.version_num)
     by_oid = {t.oid: t for t in pre.tablespaces}
     objects: list[StoredObject] = []
     spaces: list[TablespaceEntry] = []
@@ -402,7 +405,7 @@ def _stream_physical(cfg: Config, repo: Repository, pre: Preflight) -> StreamRes
     objects = [*base, *(o for o in objects if o not in base)]
     stop_time = datetime.now(UTC)
     dbnames = [d.name for d in inventory.databases_to_count(dsn)]
-    counts = _row_counts_now(cfg, dbnames)
+    counts = _row_counts_now(cfg, pre, dbnames)
     notes = inventory.not_carried_over(dsn, dbnames, data_directory=pre.info.data_directory)
     return StreamResult(
         objects=tuple(objects), start_lsn=end.start_lsn, stop_lsn=end.stop_lsn,
@@ -422,10 +425,10 @@ def _count_rows_or_explain(conn: Any, dsn: str, database: str) -> dict[str, int]
                                  f"statement_timeout: {str(exc).strip().splitlines()[0]}") from None
 
 
-def _row_counts_now(cfg: Config, dbnames: list[str]) -> dict[str, dict[str, int]]:
+def _row_counts_now(cfg: Config, pre: Preflight, dbnames: list[str]) -> dict[str, dict[str, int]]:
     counts = {}
     for db in dbnames:
-        dsn = with_dbname(source_dsn(cfg), db)
+        dsn = with_dbname(source_dsn(cfg, pre.info.version_num), db)
         with connection(dsn) as conn:
             counts[db] = _count_rows_or_explain(conn, dsn, db)
     return counts
@@ -469,7 +472,7 @@ def _dump_failure(exc: CommandFailed, dsn: str, database: str) -> DRError:
 
 
 def _stream_globals(cfg: Config, repo: Repository, pre: Preflight, running: _Running) -> StoredObject:
-    dsn = source_dsn(cfg)
+    dsn = source_dsn(cfg, pre.info.version_num)
     argv = [pg_bin("pg_dumpall", cfg.postgres.bindir), "--globals-only", "--no-password",
             "-l", pre.info.database, *([] if pre.info.is_superuser else ["--no-role-passwords"])]
     proc = popen(argv, env=client_env(dsn))
@@ -485,7 +488,7 @@ def _dump_database(cfg: Config, repo: Repository, pre: Preflight, db: DatabaseEn
                    running: _Running) -> tuple[DatabaseEntry, StoredObject, dict[str, int]]:
     """pg_dump -Fc of one database in an exported snapshot; rows counted in the same snapshot
     on another connection while the dump streams (exact, and no extra wall time)."""
-    dsn = with_dbname(source_dsn(cfg), db.name)
+    dsn = with_dbname(source_dsn(cfg, pre.info.version_num), db.name)
     name = _object_name(f"db-{db.oid}.pgc", pre.codec, pre.encrypted)
     with connection(dsn, autocommit=False) as conn:
         running.conns.append(conn)
@@ -525,7 +528,7 @@ def _stream_logical(cfg: Config, repo: Repository, pre: Preflight) -> StreamResu
     own object), ``backup.jobs`` at a time. Any failure or SIGTERM stops every dump at once."""
     t0 = time.monotonic()
     start_time = datetime.now(UTC)
-    dsn = source_dsn(cfg)
+    dsn = source_dsn(cfg, pre.info.version_num)
     with connection(dsn) as conn:
         lsn_row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
     start_lsn = str(lsn_row[0]) if lsn_row else None

@@ -21,12 +21,14 @@ from tasks.postgres import connection, with_dbname
 log = logging.getLogger(__name__)
 
 
-def guarded_dsn(dsn: str, lock_timeout: float, statement_timeout: float) -> str:
+def guarded_dsn(dsn: str, lock_timeout: float, statement_timeout: float, *, check_client: bool = False) -> str:
     """``dsn`` with lock_timeout and statement_timeout set for the whole session (libpq
     ``options``, so client programs such as pg_dump get them through PGOPTIONS too)."""
     parts = conninfo.conninfo_to_dict(dsn)
     extra = (f"-c lock_timeout={int(lock_timeout * 1000)} "
              f"-c statement_timeout={int(statement_timeout * 1000)}")
+    if check_client:
+        extra += " -c client_connection_check_interval=1000"
     old = str(parts.get("options") or "").strip()
     return conninfo.make_conninfo(dsn, options=f"{old} {extra}".strip())
 
@@ -141,15 +143,23 @@ class Blocker:
 
 
 _BLOCKERS = """
-SELECT coalesce(l.relation::regclass::text, l.locktype), l.mode, l.pid,
+WITH held AS (
+    SELECT * FROM pg_locks
+    WHERE granted AND locktype = 'relation' AND mode = 'AccessExclusiveLock'
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND pid IS DISTINCT FROM pg_backend_pid()
+)
+SELECT coalesce(format('%I.%I', n.nspname, c.relname), h.relation::text), h.mode, h.pid,
        px.gid, px.owner, px.prepared,
        a.usename, a.application_name, a.state, a.xact_start, left(a.query, 80)
-FROM pg_locks l
-LEFT JOIN pg_prepared_xacts px ON l.pid IS NULL AND l.virtualtransaction = '-1/' || px.transaction::text
-LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.granted AND l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'
-  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.pid IS DISTINCT FROM pg_backend_pid()
+FROM held h
+LEFT JOIN pg_class c ON c.oid = h.relation
+LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
+-- a prepared transaction's locks have no pid; its xid lock shares their virtualtransaction
+LEFT JOIN pg_locks x ON h.pid IS NULL AND x.pid IS NULL AND x.locktype = 'transactionid'
+                     AND x.virtualtransaction = h.virtualtransaction
+LEFT JOIN pg_prepared_xacts px ON px.transaction = x.transactionid
+LEFT JOIN pg_stat_activity a ON a.pid = h.pid
 ORDER BY px.prepared NULLS LAST, a.xact_start
 """
 
