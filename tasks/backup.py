@@ -546,7 +546,8 @@ def _stream_logical(cfg: Config, repo: Repository, pre: Preflight) -> StreamResu
             entry, obj, db_counts = fut.result()
             entries[entry.name] = entry
             objects.append(obj)
-            counts[entry.name] = db_counts
+            if not (entry.is_template and not db_counts):  # the drill compares user databases
+                counts[entry.name] = db_counts
     except BaseException:
         running.stop()
         raise
