@@ -36,7 +36,7 @@ from tasks.sample import create_database, load_sample  # noqa: E402
 PG_USER = "postgres"
 
 # Fixture plugins kept next to the features that use them.
-pytest_plugins = ["conftest_failover", "s3fault"]
+pytest_plugins = ["conftest_failover", "s3fault", "conftest_prodshape"]
 
 
 # Two tiers (STYLE.md): a test is `integration` when it asks for any fixture outside this set
