@@ -36,7 +36,7 @@ from tasks.sample import create_database, load_sample  # noqa: E402
 PG_USER = "postgres"
 
 # Fixture plugins kept next to the features that use them.
-pytest_plugins = ["conftest_failover"]
+pytest_plugins = ["conftest_failover", "s3fault"]
 
 
 def _new_cluster(prefix: str, **initdb: Any) -> LocalCluster:
