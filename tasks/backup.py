@@ -56,6 +56,7 @@ from tasks.repository import FileRepository, Repository
 from tasks.streams import (
     CODEC_SUFFIX,
     ENC_SUFFIX,
+    STREAM_ALG,
     ProcessSource,
     consume,
     decode,
@@ -411,7 +412,7 @@ def build_manifest(cfg: Config, pre: Preflight, res: StreamResult) -> Manifest:
         start_lsn=res.start_lsn, stop_lsn=res.stop_lsn, start_wal=start_wal, stop_wal=stop_wal,
         wal_segment_size=seg, start_time=res.start_time, stop_time=res.stop_time,
         database=pre.info.database, codec=pre.codec,
-        encryption="aes-256-gcm" if pre.encrypted else "none", key_fingerprint=pre.key_fingerprint,
+        encryption=STREAM_ALG if pre.encrypted else "none", key_fingerprint=pre.key_fingerprint,
         objects=list(res.objects), row_counts=res.row_counts, row_counts_exact=res.row_counts_exact,
         data_checksums=pre.info.data_checksums,
     )

@@ -54,7 +54,7 @@ class Manifest(BaseModel):
     stop_time: datetime
     database: str | None = None
     codec: str
-    encryption: Literal["none", "aes-256-gcm"] = "none"
+    encryption: Literal["none", "aes-256-gcm", "tink-aes256-gcm-hkdf-1mib"] = "none"
     key_fingerprint: str | None = None
     objects: list[StoredObject]
     row_counts: dict[str, dict[str, int]] = Field(

@@ -199,11 +199,11 @@ def file_digest(path: Path, key: bytes | None) -> tuple[str, int]:
 
 
 def build_header(name: str, settings: WalSettings, digest: str, size: int) -> bytes:
-    from tasks.streams import key_fingerprint
+    from tasks.streams import STREAM_ALG, key_fingerprint
 
     body = {
         "format": HEADER_FORMAT, "name": name, "codec": settings.codec,
-        "encryption": "aes-256-gcm" if settings.key else "none",
+        "encryption": STREAM_ALG if settings.key else "none",
         "raw_size": size, "digest_alg": "hmac-sha256" if settings.key else "sha256",
         "digest": digest,
     }
