@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -16,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tasks.errors import ChecksumMismatch, ConfigError
 
 MANIFEST_VERSION = 1
-BACKUP_ID_RE = re.compile(r"^\d{8}T\d{6}Z-(physical|logical)$")
+# <UTC second>-<kind>-<random suffix>: two backups started in the same second get different ids
+# (ids written before the suffix existed, without it, are still read).
+BACKUP_ID_RE = re.compile(r"^\d{8}T\d{6}Z-(physical|logical)(-[0-9a-f]{6,16})?$")
 LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
 WAL_SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
 
@@ -78,7 +81,9 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         raise ChecksumMismatch(f"{where}: manifest is not valid JSON") from None
-    if not isinstance(doc, dict) or doc.get("version") != MANIFEST_VERSION:
+    if not isinstance(doc, dict):
+        raise ChecksumMismatch(f"{where}: manifest is a JSON {type(doc).__name__}, not an object")
+    if doc.get("version") != MANIFEST_VERSION:
         raise ChecksumMismatch(f"{where}: unsupported manifest version {doc.get('version')!r}")
     try:
         return Manifest.model_validate(doc)
@@ -87,8 +92,10 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
 
 
 def new_backup_id(kind: str, now: datetime | None = None) -> str:
+    """``20261124T020000Z-physical-3f9a1c7d``: time, kind and 32 random bits, so that two runs
+    started in the same second never share an id (nor the objects and uploads under it)."""
     now = now or datetime.now(UTC)
-    return f"{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{kind}"
+    return f"{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{kind}-{secrets.token_hex(4)}"
 
 
 def backup_time(backup_id: str) -> datetime:

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.config import Node
 from tasks.errors import CommandFailed, DRError, PermanentError, PreconditionFailed, TransientError, one_line
-from tasks.failover import NodeState, lsn_or_none, lsn_to_int
+from tasks.failover import NodeState, lsn_or_none, lsn_to_int, server_answered
 from tasks.libpq import client_env
 from tasks.pgcluster import chown_tree, pid_alive
 from tasks.postgres import ServerUnreachable, connection, dsn_field, safe_dsn
@@ -189,6 +189,7 @@ def observe_node(
 ) -> NodeState:
     """Look at one node: over SQL when it answers, else at its local data directory if any."""
     error: str | None = None
+    answered = False
     row = None
     for attempt in range(attempts):
         try:
@@ -198,8 +199,11 @@ def observe_node(
             break
         except ServerUnreachable as exc:
             error = one_line(exc)
+            answered = server_answered(error)
         except psycopg.Error as exc:
+            # Connected, then a statement failed (a timeout, a permission): the server is there.
             error = f"{type(exc).__name__}: {one_line(exc)}"
+            answered = True
         if attempt + 1 < attempts:
             time.sleep(interval)
     pgdata = local_pgdata(node)
@@ -231,7 +235,7 @@ def observe_node(
             extra["last_local_lsn"] = last_local_wal_lsn(pgdata, os_user=os_user, bindir=bindir)
         except DRError as exc:
             log.warning("could not read %s's data directory: %s", node.name, one_line(exc))
-    return NodeState.model_validate({**base, "reachable": False, "error": error, **extra})
+    return NodeState.model_validate({**base, "reachable": False, "error": error, "answered": answered, **extra})
 
 
 # ---------------------------------------------------------------------------------------------
