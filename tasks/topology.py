@@ -270,7 +270,7 @@ def start_server(pgdata: Path, *, os_user: str, bindir: str = "auto", timeout: i
             log_tail = " | ".join(logfile.read_text(errors="replace").strip().splitlines()[-5:])
         except OSError:
             log_tail = ""
-        raise CommandFailed(f"{exc} | server log: {log_tail}") from None
+        raise type(exc)(f"{exc} | server log: {log_tail}") from None
 
 
 def stop_server(pgdata: Path, *, os_user: str, bindir: str = "auto", mode: str = "fast",
