@@ -26,6 +26,7 @@ from tasks.errors import CommandFailed, DRError, PermanentError, PreconditionFai
 from tasks.failover import NodeState, server_answered
 from tasks.libpq import client_env
 from tasks.pgcluster import chown_tree, pid_alive
+from tasks.polling import poll_until
 from tasks.postgres import ServerUnreachable, connection, dsn_field
 from tasks.proc import pg_bin, run
 from tasks.walnames import WAL_SEGMENT_RE, format_lsn, lsn_or_none, lsn_to_int
@@ -94,10 +95,14 @@ def server_processes(pgdata: Path) -> list[int]:
 
 
 def wait_server_gone(pgdata: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while (pids := server_processes(pgdata)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if pids:
+    pids: list[int] = []
+
+    def gone() -> bool:
+        nonlocal pids
+        pids = server_processes(pgdata)
+        return not pids
+
+    if not poll_until(gone, timeout=timeout, interval=0.1):
         raise PreconditionFailed(f"processes {pids} still run in {pgdata} {timeout:.0f}s after the "
                                  "postmaster stopped")
 
@@ -580,7 +585,9 @@ def wait_for_zero_lag(standby: Node, primary: Node, *, timeout: float = 300,
     """Wait until ``standby`` streams from ``primary`` and has replayed its current WAL position."""
     t0 = time.monotonic()
     last = "not checked"
-    while time.monotonic() - t0 < timeout:
+
+    def caught_up() -> LagResult | None:
+        nonlocal last
         try:
             with connection(primary.dsn, timeout=3) as pconn:
                 prow = pconn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
@@ -595,23 +602,30 @@ def wait_for_zero_lag(standby: Node, primary: Node, *, timeout: float = 300,
             last = f"primary at {prow[0]}, {standby.name} replayed {srow[0]}, receiver {srow[1]}"
         except (ServerUnreachable, psycopg.Error) as exc:
             last = one_line(exc)
-        time.sleep(interval)
+        return None
+
+    lag = poll_until(caught_up, timeout=timeout, interval=interval)
+    if lag is not None:
+        return lag
     raise TransientError(f"{standby.name} did not catch up with {primary.name} within {timeout:.0f}s "
                          f"({last})")
 
 
 def wait_replayed(standby: Node, lsn: str, *, timeout: float = 60, interval: float = 0.05) -> str:
     """Wait until ``standby`` has replayed past ``lsn`` (a record starting there is applied)."""
-    t0 = time.monotonic()
     target = lsn_to_int(lsn)
     last = "-"
-    while time.monotonic() - t0 < timeout:
+
+    def replayed() -> str | None:
+        nonlocal last
         with connection(standby.dsn, timeout=3) as conn:
             row = conn.execute("SELECT pg_last_wal_replay_lsn()::text").fetchone()
         last = str(row[0]) if row and row[0] else "-"
-        if row and row[0] and lsn_to_int(row[0]) > target:
-            return str(row[0])
-        time.sleep(interval)
+        return last if last != "-" and lsn_to_int(last) > target else None
+
+    done = poll_until(replayed, timeout=timeout, interval=interval)
+    if done is not None:
+        return done
     raise PermanentError(f"{standby.name} replayed only up to {last}, not past {lsn} within "
                          f"{timeout:.0f}s: promoting it would lose data")
 
