@@ -78,7 +78,9 @@ def publish_manifest(repo: Repository, manifest: Manifest) -> str:
 
 @task(name="release-backup-lock", cache_policy=NO_CACHE)
 def release_backup_lock(repo: Repository, backup_id: str) -> None:
-    steps.release_lock(repo, backup_id)
+    if not steps.release_lock(repo, backup_id):
+        logger().warning("the repository lock of %s is left behind; the next backup takes it "
+                         "over (its backup is over), or run gravl-dr unlock", backup_id)
 
 
 @task(name="discard-incomplete-backup", cache_policy=NO_CACHE)
@@ -174,7 +176,8 @@ def backup_flow(
         report.start_lsn, report.stop_lsn = res.start_lsn, res.stop_lsn
         report.total_seconds = time.monotonic() - t0
     except BaseException as exc:
-        if pre is not None and not dry_run:
+        # Only what this attempt created: a run refused at the lock wrote nothing to clean.
+        if pre is not None and locked and not dry_run:
             try:
                 discard_incomplete_backup(repo, pre.backup_id)
             except Exception as cleanup_exc:  # noqa: BLE001 - report the original error

@@ -94,9 +94,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not backups:
         print(f"no backups in {repo.url}")
         return 0
-    print(f"{'ID':32} {'KIND':8} {'RAW':>12} {'STORED':>12} {'STOP LSN':>14}  STOP TIME")
+    print(f"{'ID':36} {'KIND':8} {'RAW':>12} {'STORED':>12} {'STOP LSN':>14}  STOP TIME")
     for m in backups:
-        print(f"{m.id:32} {m.kind:8} {m.raw_bytes:>12} {m.stored_bytes:>12} {m.stop_lsn or '-':>14}  "
+        print(f"{m.id:36} {m.kind:8} {m.raw_bytes:>12} {m.stored_bytes:>12} {m.stop_lsn or '-':>14}  "
               f"{m.stop_time.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z")
     return 0
 

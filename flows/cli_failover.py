@@ -96,13 +96,22 @@ def cmd_failover(args: argparse.Namespace) -> int:
 
     report = run_flow(failover_flow, config_path=args.config, max_lag_bytes=args.max_lag_bytes,
                       force=args.force, planned=args.planned, approved_by=approved_by)
+    from flows.failover import UNFENCED, UNFENCED_EXIT_CODE
+
     if args.json:
         print(report.model_dump_json(indent=2))
     else:
         rpo = f"{report.rpo_bytes} bytes" if report.rpo_bytes is not None else "unknown"
         dns = f"; DNS {report.dns.detail}" if report.dns and report.dns.record else ""
-        print(f"failover complete: {report.new_primary} is the primary (was {report.old_primary}); "
+        done = "failover complete" if report.status != UNFENCED else "failover complete WITH A WARNING"
+        print(f"{done}: {report.new_primary} is the primary (was {report.old_primary}); "
               f"RTO {report.rto_seconds:.2f}s, RPO {rpo}{dns}")
+    if report.status == UNFENCED:
+        for warning in report.warnings:
+            sys.stderr.write(f"gravl-dr: WARNING: {warning}\n")
+        sys.stderr.write(f"gravl-dr: WARNING: {report.old_primary} is NOT fenced — split-brain risk; "
+                         f"exit status {UNFENCED_EXIT_CODE}\n")
+        return UNFENCED_EXIT_CODE
     return 0
 
 

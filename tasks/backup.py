@@ -28,9 +28,11 @@ from tasks.errors import (
     Locked,
     NotFound,
     PreconditionFailed,
+    one_line,
 )
 from tasks.libpq import client_env
 from tasks.models import (
+    BACKUP_ID_RE,
     Manifest,
     StoredObject,
     backup_time,
@@ -54,6 +56,7 @@ from tasks.repository import FileRepository, Repository
 from tasks.streams import (
     CODEC_SUFFIX,
     ENC_SUFFIX,
+    STREAM_ALG,
     ProcessSource,
     consume,
     decode,
@@ -152,7 +155,7 @@ def preflight(cfg: Config, repo: Repository, kind: str, now: datetime | None = N
             )
         messages.append(f"repository has {free >> 20} MiB free for about {database_bytes >> 20} MiB of data")
     lock = read_lock(repo)
-    if lock is not None and not lock_is_stale(lock):
+    if lock is not None and not lock_is_stale(lock, repo):
         raise Locked(
             f"another backup of this cluster is running ({lock.get('backup_id')} on "
             f"{lock.get('host')} since {lock.get('started')})"
@@ -187,43 +190,92 @@ def read_lock(repo: Repository) -> dict[str, Any] | None:
         return {"corrupt": True}
 
 
-def lock_is_stale(lock: dict[str, Any]) -> bool:
-    """A lock is stale when its holder on this host is gone, or it is older than a day."""
+def lock_is_stale(lock: dict[str, Any], repo: Repository | None = None) -> bool:
+    """A lock is stale when its holder on this host is gone, its backup is already complete
+    (the manifest exists: only the release was lost), or it is older than a day."""
     if lock.get("corrupt"):
         return True
     started = float(lock.get("epoch", 0))
     if time.time() - started > STALE_LOCK_SECONDS:
         return True
-    if lock.get("host") == socket.gethostname():
-        return not pid_alive(int(lock.get("pid", 0)))
+    if lock.get("host") == socket.gethostname() and not pid_alive(int(lock.get("pid", 0))):
+        return True
+    bid = lock.get("backup_id")
+    if repo is not None and isinstance(bid, str) and BACKUP_ID_RE.match(bid):
+        with contextlib.suppress(DRError):
+            if repo.exists(manifest_key(bid)):
+                return True
     return False
 
 
-def acquire_lock(repo: Repository, backup_id: str) -> None:
-    body = json.dumps({
+def put_commit_point(repo: Repository, key: str, data: bytes) -> bool:
+    """Write a commit point put-if-absent. When the name exists already with the very same bytes
+    (a retried write whose first reply was lost), that is success: returns False ("was there").
+    Other bytes under the name raise AlreadyExists."""
+    try:
+        repo.put_bytes(key, data)
+        return True
+    except AlreadyExists:
+        try:
+            existing = repo.get_bytes(key)
+        except NotFound:
+            raise AlreadyExists(f"{key} was reported existing, then vanished; try again") from None
+        if existing == data:
+            log.info("%s was already written with the same content (a lost reply): done", key)
+            return False
+        raise
+
+
+def _lock_body(backup_id: str) -> bytes:
+    return json.dumps({
         "backup_id": backup_id, "host": socket.gethostname(), "pid": os.getpid(),
         "started": datetime.now(UTC).isoformat(timespec="seconds"), "epoch": time.time(),
     }).encode()
+
+
+def acquire_lock(repo: Repository, backup_id: str) -> None:
+    body = _lock_body(backup_id)
     try:
         repo.put_bytes(LOCK_KEY, body)
         return
     except AlreadyExists:
         pass
     lock = read_lock(repo)
-    if lock is not None and not lock_is_stale(lock):
+    if lock is not None and lock.get("backup_id") == backup_id:
+        # our own write, whose reply was lost (the SDK retried it and met If-None-Match)
+        log.info("the backup lock already names %s: it is ours", backup_id)
+        return
+    if lock is not None and not lock_is_stale(lock, repo):
         raise Locked(f"another backup of this cluster is running ({lock.get('backup_id')})")
     log.warning("removing stale backup lock of %s", (lock or {}).get("backup_id"))
     repo.delete(LOCK_KEY)
     try:
         repo.put_bytes(LOCK_KEY, body)
     except AlreadyExists:
+        lock = read_lock(repo)
+        if lock is not None and lock.get("backup_id") == backup_id:
+            return
         raise Locked("another backup took the lock at the same moment") from None
 
 
-def release_lock(repo: Repository, backup_id: str) -> None:
-    lock = read_lock(repo)
-    if lock is not None and lock.get("backup_id") == backup_id:
-        repo.delete(LOCK_KEY)
+def release_lock(repo: Repository, backup_id: str, attempts: int = 4, pause: float = 0.5) -> bool:
+    """Remove the lock if it is ours. Never raises for a repository error: a lock left behind
+    names a backup that is over (complete, or failed with its process gone), which the next run
+    treats as stale; ``gravl-dr unlock`` removes it at once. Returns whether it is gone."""
+    for attempt in range(attempts):
+        try:
+            lock = read_lock(repo)
+            if lock is None or lock.get("backup_id") != backup_id:
+                return True
+            repo.delete(LOCK_KEY)
+            return True
+        except DRError as exc:
+            if attempt + 1 == attempts:
+                log.warning("could not release the backup lock of %s (%s); the next backup "
+                            "takes it over, or run gravl-dr unlock", backup_id, one_line(exc))
+                return False
+            time.sleep(pause * (2 ** attempt))
+    return False
 
 
 # ---------------------------------------------------------------- stream
@@ -360,7 +412,7 @@ def build_manifest(cfg: Config, pre: Preflight, res: StreamResult) -> Manifest:
         start_lsn=res.start_lsn, stop_lsn=res.stop_lsn, start_wal=start_wal, stop_wal=stop_wal,
         wal_segment_size=seg, start_time=res.start_time, stop_time=res.stop_time,
         database=pre.info.database, codec=pre.codec,
-        encryption="aes-256-gcm" if pre.encrypted else "none", key_fingerprint=pre.key_fingerprint,
+        encryption=STREAM_ALG if pre.encrypted else "none", key_fingerprint=pre.key_fingerprint,
         objects=list(res.objects), row_counts=res.row_counts, row_counts_exact=res.row_counts_exact,
         data_checksums=pre.info.data_checksums,
     )
@@ -408,7 +460,7 @@ def key_for_manifest(cfg: Config, manifest: Manifest) -> bytes | None:
 def publish_manifest(repo: Repository, manifest: Manifest) -> str:
     """Write the manifest: from this moment the backup exists."""
     key = manifest_key(manifest.id)
-    repo.put_bytes(key, manifest.to_json())
+    put_commit_point(repo, key, manifest.to_json())
     return key
 
 

@@ -453,7 +453,9 @@ class S3Repository:
             raise self._wrap(exc, f"delete {key}") from None
 
     def abort_incomplete(self, prefix: str) -> int:
-        full_prefix = self._full(prefix) if prefix else self.prefix
+        """Abort the open multipart uploads under the folder ``prefix`` (never a sibling whose
+        name merely starts with it: ``backups/X`` does not reach ``backups/X-2``)."""
+        full_prefix = self._folder(prefix)
         count = 0
         try:
             resp = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=full_prefix)
@@ -464,8 +466,13 @@ class S3Repository:
             raise self._wrap(exc, "listing multipart uploads") from None
         return count
 
+    def _folder(self, prefix: str) -> str:
+        if prefix:
+            return self._full(prefix.rstrip("/")) + "/"
+        return f"{self.prefix}/" if self.prefix else ""
+
     def list_incomplete(self, prefix: str = "") -> list[str]:
-        full_prefix = self._full(prefix) if prefix else self.prefix
+        full_prefix = self._folder(prefix)
         resp = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=full_prefix)
         return [u["Key"] for u in resp.get("Uploads", [])]
 

@@ -23,12 +23,13 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.config import Node
 from tasks.errors import CommandFailed, DRError, PermanentError, PreconditionFailed, TransientError, one_line
-from tasks.failover import NodeState, lsn_or_none, lsn_to_int
+from tasks.failover import NodeState, server_answered
 from tasks.libpq import client_env
 from tasks.pgcluster import chown_tree, pid_alive
 from tasks.polling import Progress
 from tasks.postgres import ServerUnreachable, connection, dsn_field, safe_dsn
 from tasks.proc import pg_bin, run
+from tasks.walnames import WAL_SEGMENT_RE, format_lsn, lsn_or_none, lsn_to_int
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,13 @@ def controldata(pgdata: Path, *, os_user: str, bindir: str = "auto") -> dict[str
     """pg_controldata as a dict ("Database cluster state" -> "shut down", ...)."""
     proc = run([pg_bin("pg_controldata", bindir), "-D", str(pgdata)], timeout=30, os_user=os_user,
                env={"LC_ALL": "C"})
+    return parse_controldata(proc.stdout)
+
+
+def parse_controldata(text: str) -> dict[str, str]:
+    """pg_controldata's "Key:   value" lines (LC_ALL=C) as a dict; a value may hold colons."""
     out: dict[str, str] = {}
-    for line in proc.stdout.splitlines():
+    for line in text.splitlines():
         key, sep, value = line.partition(":")
         if sep:
             out[key.strip()] = value.strip()
@@ -130,7 +136,6 @@ def controldata(pgdata: Path, *, os_user: str, bindir: str = "auto") -> dict[str
 
 
 _WALDUMP_LSN = re.compile(r"len \(rec/tot\):\s*\d+/\s*(\d+), tx:\s*\d+, lsn: ([0-9A-F]+/[0-9A-F]+)")
-_SEGMENT = re.compile(r"^[0-9A-F]{24}$")
 
 
 def last_local_wal_lsn(pgdata: Path, *, os_user: str, bindir: str = "auto", tries: int = 6) -> str | None:
@@ -143,18 +148,25 @@ def last_local_wal_lsn(pgdata: Path, *, os_user: str, bindir: str = "auto", trie
     """
     wal_dir = pgdata / "pg_wal"
     try:
-        names = sorted((p.name for p in wal_dir.iterdir() if _SEGMENT.match(p.name)), reverse=True)
+        names = sorted((p.name for p in wal_dir.iterdir() if WAL_SEGMENT_RE.match(p.name)), reverse=True)
     except OSError:
         return None
     for name in names[:tries]:
         proc = run([pg_bin("pg_waldump", bindir), "-p", str(wal_dir), name], timeout=60, os_user=os_user,
                    check=False, env={"LC_ALL": "C"})
-        found = _WALDUMP_LSN.findall(proc.stdout)
-        if found:
-            total, start = found[-1]
-            end = lsn_to_int(start) + int(total)
-            return f"{end >> 32:X}/{end & 0xFFFFFFFF:X}"
+        end = waldump_end(proc.stdout)
+        if end is not None:
+            return end
     return None
+
+
+def waldump_end(text: str) -> str | None:
+    """End LSN of the last record pg_waldump printed (its start + total length), or None."""
+    found = _WALDUMP_LSN.findall(text)
+    if not found:
+        return None
+    total, start = found[-1]
+    return format_lsn(lsn_to_int(start) + int(total))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +202,7 @@ def observe_node(
 ) -> NodeState:
     """Look at one node: over SQL when it answers, else at its local data directory if any."""
     error: str | None = None
+    answered = False
     row = None
     for attempt in range(attempts):
         try:
@@ -199,8 +212,11 @@ def observe_node(
             break
         except ServerUnreachable as exc:
             error = one_line(exc)
+            answered = server_answered(error)
         except psycopg.Error as exc:
+            # Connected, then a statement failed (a timeout, a permission): the server is there.
             error = f"{type(exc).__name__}: {one_line(exc)}"
+            answered = True
         if attempt + 1 < attempts:
             time.sleep(interval)
     pgdata = local_pgdata(node)
@@ -232,7 +248,7 @@ def observe_node(
             extra["last_local_lsn"] = last_local_wal_lsn(pgdata, os_user=os_user, bindir=bindir)
         except DRError as exc:
             log.warning("could not read %s's data directory: %s", node.name, one_line(exc))
-    return NodeState.model_validate({**base, "reachable": False, "error": error, **extra})
+    return NodeState.model_validate({**base, "reachable": False, "error": error, "answered": answered, **extra})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +390,7 @@ def promote_node(node: Node, *, wait_seconds: int = 60) -> PromoteResult:
                                  "re-run to check whether it completed")
         tli, switch = _timeline_switchpoint(conn)
     if switch is None and before is not None:
-        switch = f"{before >> 32:X}/{before & 0xFFFFFFFF:X}"
+        switch = format_lsn(before)
     return PromoteResult(node=node.name, already_primary=False, promoted_lsn=switch, timeline=tli,
                          seconds=time.monotonic() - t0)
 

@@ -22,7 +22,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import struct
 import time
 import uuid
@@ -35,7 +34,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from tasks.errors import (
     AlreadyExists,
     ChecksumMismatch,
-    ConfigError,
     DRError,
     NotFound,
     PermanentError,
@@ -44,26 +42,24 @@ from tasks.errors import (
 )
 from tasks.streams import CODEC_SUFFIX, ENC_SUFFIX
 
+# WAL names live in tasks.walnames; these stay importable from here (re-exported).
+from tasks.walnames import SEGMENT_SIZE as SEGMENT_SIZE
+from tasks.walnames import WAL_NAME_RE as WAL_NAME_RE
+from tasks.walnames import WalKind as WalKind
+from tasks.walnames import WalName as WalName
+from tasks.walnames import parse_wal_name as parse_wal_name
+from tasks.walnames import segment_name as segment_name
+
 if TYPE_CHECKING:
     from tasks.repository import Repository
 
 log = logging.getLogger(__name__)
 
-SEGMENT_SIZE = 16 * 1024 * 1024
 READ_CHUNK = 4 * 1024 * 1024
 HEADER_MAGIC = struct.pack("<I", 0x184D2A5E)  # a zstd/lz4 skippable frame
 HEADER_FORMAT = "gravl-wal/1"
 MAX_HEADER = 64 * 1024
 SPOOL_DIR = "gravl-dr"
-
-# XLogFileName, TLHistoryFileName, BackupHistoryFileName and the .partial of a promoted
-# timeline's last segment (xlog_internal.h).
-WAL_NAME_RE = re.compile(
-    r"^(?P<tli>[0-9A-F]{8})(?:(?P<seg>[0-9A-F]{16})(?P<suffix>\.partial|\.[0-9A-F]{8}\.backup)?"
-    r"|(?P<history>\.history))$"
-)
-
-WalKind = Literal["segment", "partial", "backup", "history"]
 
 
 class WalConflict(PermanentError):
@@ -72,41 +68,6 @@ class WalConflict(PermanentError):
 
 class WalMissing(NotFound):
     """The archive has no file of that name (PostgreSQL reads this as the end of the archive)."""
-
-
-@dataclass(frozen=True)
-class WalName:
-    name: str
-    kind: WalKind
-    timeline: int
-    segno: int | None  # for segment, partial and backup files
-
-    @property
-    def folder(self) -> str:
-        return f"wal/{self.timeline:08X}"
-
-
-def parse_wal_name(name: str, seg_size: int = SEGMENT_SIZE) -> WalName:
-    """Validate a WAL file name before anything touches the repository."""
-    m = WAL_NAME_RE.match(name)
-    if not m:
-        raise ConfigError(f"not a WAL file name: {name!r}")
-    tli = int(m.group("tli"), 16)
-    if tli == 0:
-        raise ConfigError(f"not a WAL file name (timeline 0): {name!r}")
-    if m.group("history"):
-        return WalName(name, "history", tli, None)
-    seg = m.group("seg")
-    per = 0x100000000 // seg_size
-    segno = int(seg[:8], 16) * per + int(seg[8:], 16)
-    suffix = m.group("suffix") or ""
-    kind: WalKind = "partial" if suffix == ".partial" else ("backup" if suffix else "segment")
-    return WalName(name, kind, tli, segno)
-
-
-def segment_name(timeline: int, segno: int, seg_size: int = SEGMENT_SIZE) -> str:
-    per = 0x100000000 // seg_size
-    return f"{timeline:08X}{segno // per:08X}{segno % per:08X}"
 
 
 def object_key(name: str, codec: str, encrypted: bool) -> str:
@@ -199,11 +160,11 @@ def file_digest(path: Path, key: bytes | None) -> tuple[str, int]:
 
 
 def build_header(name: str, settings: WalSettings, digest: str, size: int) -> bytes:
-    from tasks.streams import key_fingerprint
+    from tasks.streams import STREAM_ALG, key_fingerprint
 
     body = {
         "format": HEADER_FORMAT, "name": name, "codec": settings.codec,
-        "encryption": "aes-256-gcm" if settings.key else "none",
+        "encryption": STREAM_ALG if settings.key else "none",
         "raw_size": size, "digest_alg": "hmac-sha256" if settings.key else "sha256",
         "digest": digest,
     }

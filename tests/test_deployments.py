@@ -157,6 +157,7 @@ def test_serve_schedule_kinds() -> None:
         to_schedule({"timezone": "UTC"})
 
 
+@pytest.mark.integration  # starts a process
 def test_serve_list_needs_no_prefect_server() -> None:
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "deployments" / "serve.py"), "--list"],
                           capture_output=True, text=True, timeout=60)

@@ -258,6 +258,7 @@ def test_cli_rejects_rfc2136_without_tsig_secret(pg_pair: Any, file_repo_url: st
     assert_one_line_error(proc, "GRAVL_DR_NO_SUCH_SECRET")
 
 
+@pytest.mark.integration  # starts a process
 def test_cli_help_lists_failover_commands() -> None:
     proc = run_cli("--help")
     assert proc.returncode == 0

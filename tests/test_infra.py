@@ -38,11 +38,13 @@ def rules() -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------- Prometheus rules
 
+@pytest.mark.integration  # starts a process
 def test_promtool_check_rules() -> None:
     proc = promtool("check", "rules", RULES.name)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.integration  # starts a process
 def test_promtool_unit_tests_pass() -> None:
     proc = promtool("test", "rules", *[p.name for p in RULE_TESTS])
     assert proc.returncode == 0, proc.stdout + proc.stderr

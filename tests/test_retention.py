@@ -337,6 +337,7 @@ def test_cli_expire_dry_run_prints_the_plan_and_deletes_nothing(
     assert repo.list_keys("") == before
 
 
+@pytest.mark.integration  # starts a process
 def test_cli_expire_on_a_missing_repository_is_a_one_line_error(tmp_path: Path) -> None:
     from gravl_testlib import assert_one_line_error
 
