@@ -28,6 +28,8 @@ from gravl_testlib import REPO_ROOT, write_config
 from tasks.pgcluster import chown_tree, free_port
 from tasks.sample import create_database, load_sample
 
+pytestmark = pytest.mark.slow
+
 POOL = "gravl-dr-pool"
 PREFECT = str(Path(sys.executable).parent / "prefect")
 CLUSTER = "gravl"
