@@ -191,7 +191,7 @@ def _spawn_pusher(config: str | None, pg_wal: Path, parallel: int) -> subprocess
 
 def wal_push(config: str | None, path_arg: str, parallel: int, *, synchronous: bool = False) -> int:
     """archive_command: exit 0 only once the file is durably in the repository."""
-    from tasks.errors import ConfigError, DRError
+    from tasks.errors import ConfigError, PermanentError
     from tasks.wal import (
         config_stamp,
         parse_wal_name,
@@ -226,7 +226,7 @@ def wal_push(config: str | None, path_arg: str, parallel: int, *, synchronous: b
             if outcome == "ok":
                 return 0
             if outcome is not None:
-                raise DRError(outcome)
+                raise PermanentError(outcome)
             log.warning("background pusher gone or slow: pushing %s here", path.name)
     repo, settings = open_wal_repository(config, pg_wal, stamp)
     res = push_with_lookahead(repo, path, settings, parallel=parallel, stamp=stamp)

@@ -29,7 +29,6 @@ from tasks.config import Config
 from tasks.errors import NotFound, PermanentError, PreconditionFailed
 from tasks.models import Manifest
 from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir, pid_alive
-from tasks.polling import Progress
 from tasks.postgres import connection, dsn_field
 
 log = logging.getLogger(__name__)
@@ -419,31 +418,6 @@ def start_instance(instance: DrillInstance, timeout: float, env: Mapping[str, st
     what its restore_command needs (tasks.recovery.repository_env)."""
     cluster = instance.cluster()
     cluster.start(timeout=int(timeout), env=env)
-
-
-def wait_promoted(instance: DrillInstance, timeout: float) -> tuple[str | None, datetime | None, int]:
-    """Wait until the server is out of recovery: (current LSN, last replayed commit time, timeline)."""
-    cluster = instance.cluster()
-    deadline = time.monotonic() + timeout
-    progress = Progress("the restored server to finish recovery", timeout, log)
-    last_error = "no answer"
-    while time.monotonic() < deadline:
-        if not cluster.is_running():
-            raise PreconditionFailed(f"restored server stopped: {cluster.log_tail(4)}")
-        try:
-            with connection(instance.dsn(), timeout=3) as conn:
-                row = conn.execute(
-                    "SELECT pg_is_in_recovery(), pg_current_wal_lsn()::text,"
-                    " pg_last_xact_replay_timestamp(), (SELECT timeline_id FROM pg_control_checkpoint())"
-                ).fetchone()
-            if row is not None and not row[0]:
-                return row[1], row[2], int(row[3])
-            last_error = "still in recovery"
-        except Exception as exc:  # noqa: BLE001 - not accepting connections yet
-            last_error = str(exc)
-        progress.tick(last_error)
-        time.sleep(0.2 if progress.elapsed() < 10 else 1.0)
-    raise PreconditionFailed(f"restored server not promoted within {timeout:.0f}s ({last_error})")
 
 
 def create_empty_instance(instance: DrillInstance) -> None:

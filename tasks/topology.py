@@ -27,7 +27,7 @@ from tasks.failover import NodeState, server_answered
 from tasks.libpq import client_env
 from tasks.pgcluster import chown_tree, pid_alive
 from tasks.polling import Progress
-from tasks.postgres import ServerUnreachable, connection, dsn_field, safe_dsn
+from tasks.postgres import ServerUnreachable, connection, dsn_field
 from tasks.proc import pg_bin, run
 from tasks.walnames import WAL_SEGMENT_RE, format_lsn, lsn_or_none, lsn_to_int
 
@@ -271,7 +271,7 @@ def start_server(pgdata: Path, *, os_user: str, bindir: str = "auto", timeout: i
             log_tail = " | ".join(logfile.read_text(errors="replace").strip().splitlines()[-5:])
         except OSError:
             log_tail = ""
-        raise CommandFailed(f"{exc} | server log: {log_tail}") from None
+        raise type(exc)(f"{exc} | server log: {log_tail}") from None
 
 
 def stop_server(pgdata: Path, *, os_user: str, bindir: str = "auto", mode: str = "fast",
@@ -634,10 +634,6 @@ def wait_replayed(standby: Node, lsn: str, *, timeout: float = 60, interval: flo
             time.sleep(interval)
     raise PermanentError(f"{standby.name} replayed only up to {last}, not past {lsn} within "
                          f"{timeout:.0f}s: promoting it would lose data")
-
-
-def describe(node: Node) -> str:
-    return f"{node.name} ({safe_dsn(node.dsn)})"
 
 
 # ---------------------------------------------------------------------------------------------

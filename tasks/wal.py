@@ -70,6 +70,11 @@ class WalMissing(NotFound):
     """The archive has no file of that name (PostgreSQL reads this as the end of the archive)."""
 
 
+class WalVanished(StorageUnavailable):
+    """The archive listed the file, then could not return it (removed meanwhile by a concurrent
+    expire, or a store not yet consistent): not the end of the archive, recovery must stop."""
+
+
 def object_key(name: str, codec: str, encrypted: bool) -> str:
     wal = parse_wal_name(name)
     return f"{wal.folder}/{name}{CODEC_SUFFIX[codec]}{ENC_SUFFIX if encrypted else ''}"
@@ -313,6 +318,22 @@ def find_object(repo: Repository, name: str, settings: WalSettings) -> str | Non
     return None
 
 
+def find_variants(repo: Repository, name: str) -> list[str]:
+    """Every key under which ``name`` is archived, whatever codec or encryption it was pushed
+    with (one listing on S3, a stat per variant on a file repository)."""
+    variants = key_variants(name, "zstd", False)
+    client = getattr(repo, "client", None) if hasattr(repo, "bucket") else None
+    if client is None:
+        return [key for key in variants if repo.exists(key)]
+    full = repo._full(f"{parse_wal_name(name).folder}/{name}")  # type: ignore[attr-defined]
+    try:
+        resp = client.list_objects_v2(Bucket=repo.bucket, Prefix=full, MaxKeys=50)  # type: ignore[attr-defined]
+    except Exception as exc:
+        raise repo._wrap(exc, f"listing {name}") from None  # type: ignore[attr-defined]
+    found = {o["Key"].rsplit("/", 1)[-1] for o in resp.get("Contents", [])}
+    return [key for key in variants if key.rsplit("/", 1)[-1] in found]
+
+
 def list_archive(repo: Repository) -> dict[str, str]:
     """Every archived WAL file: name -> key."""
     found: dict[str, str] = {}
@@ -383,9 +404,15 @@ def push_file(repo: Repository, path: Path, settings: WalSettings) -> PushResult
         digest, size = d.hexdigest(), d.size
     else:
         digest, size = file_digest(path, settings.key)
-    # Only the configured codec's key is checked: the repository refuses to overwrite it
-    # (AlreadyExists), which costs no extra round trip on S3.
     key = object_key(name, settings.codec, settings.encrypted)
+    # The name may be archived under another codec or encryption (pushed before a config
+    # change): compare with every copy, decoded, whatever today's settings. The configured key
+    # itself is also protected by put-if-absent below (a concurrent pusher).
+    existing = find_variants(repo, name)
+    if existing:
+        for other in existing:
+            _same_as_stored(repo, other, name, settings, digest, size)
+        return PushResult(name, existing[0], "duplicate", size, 0, time.monotonic() - t0)
     stored = hashlib.sha256()
     stored_size = 0
 
@@ -433,6 +460,11 @@ def _same_as_stored(
         raise WalConflict(
             f"{name} is already archived but the stored copy is unreadable ({exc}); it was kept, "
             "not overwritten: inspect and remove it by hand"
+        ) from None
+    except PreconditionFailed as exc:
+        raise WalConflict(
+            f"{name} is already archived as {key} and cannot be compared with the local file "
+            f"({exc}); the stored copy was kept, nothing was pushed"
         ) from None
     if d.hexdigest() != digest or d.size != size:
         raise WalConflict(f"{name} is already archived with different content; the stored copy was kept")
@@ -639,7 +671,11 @@ def _write_verified(repo: Repository, key: str, name: str, settings: WalSettings
                 os.fsync(out.fileno())
         os.replace(tmp, dest)
     except NotFound:
-        raise WalMissing(f"{name} is not in the archive") from None
+        # find_object saw it a moment ago: a file that vanished is not the end of the archive
+        raise WalVanished(
+            f"{name} is listed in the archive as {key} but reading it failed with 'not found' "
+            "(removed meanwhile, or the store is not yet consistent)"
+        ) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from tasks.errors import DRError, NotFound, one_line
+from tasks.errors import DRError, NotFound, PermanentError, one_line
 from tasks.wal import WalSettings, decode_object, find_object, list_archive
 from tasks.walnames import LSN_RE, SEGMENT_SIZE, parse_lsn, parse_wal_name, segment_name
 
@@ -406,7 +406,7 @@ def judge_archiver(
 
 # ---------------------------------------------------------------- lag between checks
 
-class WalCheckFailed(DRError):
+class WalCheckFailed(PermanentError):
     """The check ran to the end and found problems; carries the report (the CLI prints it)."""
 
     def __init__(self, report: WalCheckReport) -> None:
