@@ -15,7 +15,7 @@ import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,8 +35,6 @@ from tasks.models import (
     BACKUP_ID_RE,
     Manifest,
     StoredObject,
-    backup_time,
-    format_lsn,
     new_backup_id,
     parse_lsn,
     parse_manifest,
@@ -113,15 +111,6 @@ class VerifyResult:
     bytes_read: int
     seconds: float
     deep: bool
-
-
-@dataclass
-class BackupSummary:
-    manifest: Manifest
-    stream_seconds: float
-    verify_seconds: float
-    total_seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- preflight
@@ -498,12 +487,3 @@ def resolve_backup(
         when = f" ending before {before.isoformat()}" if before else ""
         raise NotFound(f"no complete {what}backup{when} in {repo.url}")
     return candidates[-1]
-
-
-def age_of(manifest: Manifest) -> float:
-    return (datetime.now(UTC) - backup_time(manifest.id)).total_seconds()
-
-
-def format_lsn_safe(value: int | None) -> str:
-    return format_lsn(value) if value is not None else "-"
-

@@ -1,8 +1,10 @@
 """Adapter: moving the database's DNS record to a new primary — Route 53, RFC 2136 (TSIG), or none.
 
-Every switch is a compare-and-swap: the record changes only while it still points at one of the
+Every switch checks first: the record changes only while it still points at one of the
 ``expected`` old values, so a stale or repeated run cannot undo a newer switch. Route 53 has no
-conditional write, so it is read-then-UPSERT (a narrow race remains between the two calls);
+conditional write, so it is read-then-UPSERT — not atomic: a change made by someone else between
+the two calls is overwritten (a DELETE+CREATE batch naming the old value would make it atomic, but
+moto, which the tests run against, does not check a DELETE against the live record);
 RFC 2136 sends the old value as a ``present`` prerequisite (RFC 2136 §2.4.2), which the server
 checks atomically with the update. The TSIG secret is read from the environment variable the
 config names and never logged.

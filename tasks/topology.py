@@ -26,7 +26,7 @@ from tasks.errors import CommandFailed, DRError, PermanentError, PreconditionFai
 from tasks.failover import NodeState, server_answered
 from tasks.libpq import client_env
 from tasks.pgcluster import chown_tree, pid_alive
-from tasks.postgres import ServerUnreachable, connection, dsn_field, safe_dsn
+from tasks.postgres import ServerUnreachable, connection, dsn_field
 from tasks.proc import pg_bin, run
 from tasks.walnames import WAL_SEGMENT_RE, format_lsn, lsn_or_none, lsn_to_int
 
@@ -614,10 +614,6 @@ def wait_replayed(standby: Node, lsn: str, *, timeout: float = 60, interval: flo
         time.sleep(interval)
     raise PermanentError(f"{standby.name} replayed only up to {last}, not past {lsn} within "
                          f"{timeout:.0f}s: promoting it would lose data")
-
-
-def describe(node: Node) -> str:
-    return f"{node.name} ({safe_dsn(node.dsn)})"
 
 
 # ---------------------------------------------------------------------------------------------
