@@ -191,7 +191,7 @@ def _spawn_pusher(config: str | None, pg_wal: Path, parallel: int) -> subprocess
 
 def wal_push(config: str | None, path_arg: str, parallel: int, *, synchronous: bool = False) -> int:
     """archive_command: exit 0 only once the file is durably in the repository."""
-    from tasks.errors import ConfigError, DRError
+    from tasks.errors import ConfigError, PermanentError
     from tasks.wal import (
         config_stamp,
         parse_wal_name,
@@ -226,7 +226,7 @@ def wal_push(config: str | None, path_arg: str, parallel: int, *, synchronous: b
             if outcome == "ok":
                 return 0
             if outcome is not None:
-                raise DRError(outcome)
+                raise PermanentError(outcome)
             log.warning("background pusher gone or slow: pushing %s here", path.name)
     repo, settings = open_wal_repository(config, pg_wal, stamp)
     res = push_with_lookahead(repo, path, settings, parallel=parallel, stamp=stamp)
@@ -291,7 +291,7 @@ def wal_fetch(config: str | None, name: str, dest: str, prefetch: int) -> int:
 
 def cmd_wal_check(args: argparse.Namespace) -> int:
     from tasks.config import load_config
-    from tasks.errors import DRError
+    from tasks.errors import PermanentError
     from tasks.repository import open_repository
     from tasks.walcheck import check_wal
 
@@ -303,5 +303,5 @@ def cmd_wal_check(args: argparse.Namespace) -> int:
     else:
         print(report.text())
     if not report.ok:
-        raise DRError(report.summary())
+        raise PermanentError(report.summary())
     return 0

@@ -15,7 +15,7 @@ import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -37,7 +37,6 @@ from tasks.models import (
     Manifest,
     StoredObject,
     backup_time,
-    format_lsn,
     new_backup_id,
     parse_lsn,
     parse_manifest,
@@ -115,15 +114,6 @@ class VerifyResult:
     bytes_read: int
     seconds: float
     deep: bool
-
-
-@dataclass
-class BackupSummary:
-    manifest: Manifest
-    stream_seconds: float
-    verify_seconds: float
-    total_seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- preflight
@@ -580,12 +570,4 @@ def resolve_backup(
     when = f" ending before {before.isoformat()}" if before else ""
     extra = f" (skipped: {', '.join(skipped)})" if skipped else ""
     raise NotFound(f"no complete {what}backup{when} in {repo.url}{extra}")
-
-
-def age_of(manifest: Manifest) -> float:
-    return (datetime.now(UTC) - backup_time(manifest.id)).total_seconds()
-
-
-def format_lsn_safe(value: int | None) -> str:
-    return format_lsn(value) if value is not None else "-"
 

@@ -386,29 +386,6 @@ def start_instance(instance: DrillInstance, timeout: float, env: Mapping[str, st
     cluster.start(timeout=int(timeout), env=env)
 
 
-def wait_promoted(instance: DrillInstance, timeout: float) -> tuple[str | None, datetime | None, int]:
-    """Wait until the server is out of recovery: (current LSN, last replayed commit time, timeline)."""
-    cluster = instance.cluster()
-    deadline = time.monotonic() + timeout
-    last_error = "no answer"
-    while time.monotonic() < deadline:
-        if not cluster.is_running():
-            raise PreconditionFailed(f"restored server stopped: {cluster.log_tail(4)}")
-        try:
-            with connection(instance.dsn(), timeout=3) as conn:
-                row = conn.execute(
-                    "SELECT pg_is_in_recovery(), pg_current_wal_lsn()::text,"
-                    " pg_last_xact_replay_timestamp(), (SELECT timeline_id FROM pg_control_checkpoint())"
-                ).fetchone()
-            if row is not None and not row[0]:
-                return row[1], row[2], int(row[3])
-            last_error = "still in recovery"
-        except Exception as exc:  # noqa: BLE001 - not accepting connections yet
-            last_error = str(exc)
-        time.sleep(0.2)
-    raise PreconditionFailed(f"restored server not promoted within {timeout:.0f}s ({last_error})")
-
-
 def create_empty_instance(instance: DrillInstance) -> None:
     """initdb + start, for a logical drill (pg_restore needs a server to restore into)."""
     cluster = instance.cluster()

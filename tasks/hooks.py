@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from tasks.config import KubernetesHook, ReconnectHook
-from tasks.errors import DRError, one_line
+from tasks.errors import DRError, PermanentError, one_line
 from tasks.proc import run
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,8 @@ def _run_command(argv: list[str], event: ReconnectEvent, timeout: float) -> str:
     return f"exited 0{': ' + out[-1][:200] if out else ''}"
 
 
-class HookFailed(DRError):
-    pass
+class HookFailed(PermanentError):
+    """A reconnect hook failed; the flow reports it and the operator re-runs it (no blind retry)."""
 
 
 def _call_webhook(url: str, event: ReconnectEvent, timeout: float) -> str:

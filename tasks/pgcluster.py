@@ -131,7 +131,7 @@ class LocalCluster:
                 env=env,
             )
         except CommandFailed as exc:
-            raise CommandFailed(f"{exc} | server log: {self.log_tail()}") from None
+            raise type(exc)(f"{exc} | server log: {self.log_tail()}") from None
 
     def stop(self, mode: str = "fast", timeout: int = 60) -> None:
         if not self.is_running():

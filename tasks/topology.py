@@ -23,11 +23,12 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.config import Node
 from tasks.errors import CommandFailed, DRError, PermanentError, PreconditionFailed, TransientError, one_line
-from tasks.failover import NodeState, lsn_or_none, lsn_to_int, server_answered
+from tasks.failover import NodeState, server_answered
 from tasks.libpq import client_env
 from tasks.pgcluster import chown_tree, pid_alive
-from tasks.postgres import ServerUnreachable, connection, dsn_field, safe_dsn
+from tasks.postgres import ServerUnreachable, connection, dsn_field
 from tasks.proc import pg_bin, run
+from tasks.walnames import WAL_SEGMENT_RE, format_lsn, lsn_or_none, lsn_to_int
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,13 @@ def controldata(pgdata: Path, *, os_user: str, bindir: str = "auto") -> dict[str
     """pg_controldata as a dict ("Database cluster state" -> "shut down", ...)."""
     proc = run([pg_bin("pg_controldata", bindir), "-D", str(pgdata)], timeout=30, os_user=os_user,
                env={"LC_ALL": "C"})
+    return parse_controldata(proc.stdout)
+
+
+def parse_controldata(text: str) -> dict[str, str]:
+    """pg_controldata's "Key:   value" lines (LC_ALL=C) as a dict; a value may hold colons."""
     out: dict[str, str] = {}
-    for line in proc.stdout.splitlines():
+    for line in text.splitlines():
         key, sep, value = line.partition(":")
         if sep:
             out[key.strip()] = value.strip()
@@ -129,7 +135,6 @@ def controldata(pgdata: Path, *, os_user: str, bindir: str = "auto") -> dict[str
 
 
 _WALDUMP_LSN = re.compile(r"len \(rec/tot\):\s*\d+/\s*(\d+), tx:\s*\d+, lsn: ([0-9A-F]+/[0-9A-F]+)")
-_SEGMENT = re.compile(r"^[0-9A-F]{24}$")
 
 
 def last_local_wal_lsn(pgdata: Path, *, os_user: str, bindir: str = "auto", tries: int = 6) -> str | None:
@@ -142,18 +147,25 @@ def last_local_wal_lsn(pgdata: Path, *, os_user: str, bindir: str = "auto", trie
     """
     wal_dir = pgdata / "pg_wal"
     try:
-        names = sorted((p.name for p in wal_dir.iterdir() if _SEGMENT.match(p.name)), reverse=True)
+        names = sorted((p.name for p in wal_dir.iterdir() if WAL_SEGMENT_RE.match(p.name)), reverse=True)
     except OSError:
         return None
     for name in names[:tries]:
         proc = run([pg_bin("pg_waldump", bindir), "-p", str(wal_dir), name], timeout=60, os_user=os_user,
                    check=False, env={"LC_ALL": "C"})
-        found = _WALDUMP_LSN.findall(proc.stdout)
-        if found:
-            total, start = found[-1]
-            end = lsn_to_int(start) + int(total)
-            return f"{end >> 32:X}/{end & 0xFFFFFFFF:X}"
+        end = waldump_end(proc.stdout)
+        if end is not None:
+            return end
     return None
+
+
+def waldump_end(text: str) -> str | None:
+    """End LSN of the last record pg_waldump printed (its start + total length), or None."""
+    found = _WALDUMP_LSN.findall(text)
+    if not found:
+        return None
+    total, start = found[-1]
+    return format_lsn(lsn_to_int(start) + int(total))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +270,7 @@ def start_server(pgdata: Path, *, os_user: str, bindir: str = "auto", timeout: i
             log_tail = " | ".join(logfile.read_text(errors="replace").strip().splitlines()[-5:])
         except OSError:
             log_tail = ""
-        raise CommandFailed(f"{exc} | server log: {log_tail}") from None
+        raise type(exc)(f"{exc} | server log: {log_tail}") from None
 
 
 def stop_server(pgdata: Path, *, os_user: str, bindir: str = "auto", mode: str = "fast",
@@ -377,7 +389,7 @@ def promote_node(node: Node, *, wait_seconds: int = 60) -> PromoteResult:
                                  "re-run to check whether it completed")
         tli, switch = _timeline_switchpoint(conn)
     if switch is None and before is not None:
-        switch = f"{before >> 32:X}/{before & 0xFFFFFFFF:X}"
+        switch = format_lsn(before)
     return PromoteResult(node=node.name, already_primary=False, promoted_lsn=switch, timeline=tli,
                          seconds=time.monotonic() - t0)
 
@@ -602,10 +614,6 @@ def wait_replayed(standby: Node, lsn: str, *, timeout: float = 60, interval: flo
         time.sleep(interval)
     raise PermanentError(f"{standby.name} replayed only up to {last}, not past {lsn} within "
                          f"{timeout:.0f}s: promoting it would lose data")
-
-
-def describe(node: Node) -> str:
-    return f"{node.name} ({safe_dsn(node.dsn)})"
 
 
 # ---------------------------------------------------------------------------------------------

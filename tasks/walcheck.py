@@ -20,16 +20,8 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, Field
 
 from tasks.errors import DRError, NotFound, one_line
-from tasks.models import LSN_RE, parse_lsn
-from tasks.wal import (
-    SEGMENT_SIZE,
-    WalSettings,
-    decode_object,
-    find_object,
-    list_archive,
-    parse_wal_name,
-    segment_name,
-)
+from tasks.wal import WalSettings, decode_object, find_object, list_archive
+from tasks.walnames import LSN_RE, SEGMENT_SIZE, parse_lsn, parse_wal_name, segment_name
 
 if TYPE_CHECKING:
     from tasks.config import Config
