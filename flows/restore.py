@@ -174,6 +174,14 @@ def wait_for_recovery(cfg: Config, pgdata: str, port: int, target: rec.RecoveryT
     return outcome
 
 
+@task(name="stop-restored-server", cache_policy=NO_CACHE)
+def stop_restored_server(cfg: Config, pgdata: str, port: int) -> str:
+    cluster = LocalCluster(Path(pgdata), port, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+    what = rec.stop_after_failed_recovery(cluster)
+    logger().warning("recovery failed: %s", what)
+    return what
+
+
 @flow(name="restore")
 def restore_flow(
     config_path: str | None = None,
@@ -235,12 +243,19 @@ def restore_flow(
         if pgdata:
             report.archive_used = use_archive
         if pgdata and start:
-            report.port = start_restored_server(cfg, pgdata, port or free_port(),
-                                                target if use_archive else None)
-            report.started = True
-            if use_archive:
-                outcome = wait_for_recovery(cfg, pgdata, report.port, target, view, manifest,
-                                            recovery_timeout)
+            report.port = port or free_port()
+            try:
+                start_restored_server(cfg, pgdata, report.port, target if use_archive else None)
+                report.started = True
+                outcome = (wait_for_recovery(cfg, pgdata, report.port, target, view, manifest,
+                                             recovery_timeout) if use_archive else None)
+            except BaseException as exc:
+                # never leave a server up, promoted and writable, short of what was asked
+                stopped = stop_restored_server(cfg, pgdata, report.port)
+                if isinstance(exc, DRError):
+                    raise PreconditionFailed(f"{one_line(exc)}; {stopped}") from exc
+                raise
+            if outcome is not None:
                 report.reached_lsn = outcome.reached_lsn
                 report.last_xact_time = (outcome.last_xact_time.isoformat()
                                          if outcome.last_xact_time else None)

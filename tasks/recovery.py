@@ -401,6 +401,22 @@ def wait_for_recovery(cluster: LocalCluster, target: RecoveryTarget, timeout: fl
     )
 
 
+def stop_after_failed_recovery(cluster: LocalCluster) -> str:
+    """Stop a restored server whose recovery failed or stopped short: it must not stay up,
+    promoted and writable, at a point short of what was asked (a missing segment ends recovery
+    at the gap and PostgreSQL promotes there when no target is set). Returns what was done."""
+    if not cluster.is_running():
+        return "the restored server is not running"
+    cluster.stop(mode="fast", timeout=60)
+    if cluster.is_running():
+        cluster.stop(mode="immediate", timeout=30)
+    if cluster.is_running():
+        return (f"the restored server could NOT be stopped: stop it by hand "
+                f"(pg_ctl -D {cluster.pgdata} stop) before anyone writes to it")
+    return ("the restored server was stopped (do not start it: it holds the database as of the "
+            "point where recovery stopped)")
+
+
 def wait_for_pause(cluster: LocalCluster, target: RecoveryTarget, timeout: float) -> str:
     """Wait until a server recovering with ``recovery_target_action = pause`` has stopped at its
     target and paused; return the replay LSN there.
