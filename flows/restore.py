@@ -79,7 +79,7 @@ def select_backup_for_target(repo: Repository, ref: str, cluster: str,
                              target: rec.RecoveryTarget) -> Manifest:
     now = datetime.now(UTC)
     if ref == "latest":
-        manifest = rec.choose_backup(bsteps.list_backups(repo, cluster), target, now)
+        manifest = rec.choose_backup(bsteps.list_backups(repo, cluster, check=True), target, now)
     else:
         manifest = bsteps.resolve_backup(repo, ref, cluster=cluster)
     if manifest.kind == "physical":

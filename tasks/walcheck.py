@@ -334,6 +334,7 @@ def check_wal(cfg: Config, repo: Repository, *, server: bool = True, now: dateti
     settings = WalSettings.from_config(cfg.repository)
     report = WalCheckReport(cluster=cfg.cluster, repository=repo.url, checked_at=now)
     backups = [m for m in list_backups(repo, cfg.cluster) if m.kind == "physical" and m.start_wal]
+    report.problems += judge_backups(repo, cfg.cluster)
     archive = list_archive(repo)
     report.archived_files = len(archive)
     seg_size = backups[0].wal_segment_size if backups else SEGMENT_SIZE
@@ -355,6 +356,31 @@ def check_wal(cfg: Config, repo: Repository, *, server: bool = True, now: dateti
         judge_archiver(report, status, repo, settings, archive, now)
     report.seconds = time.monotonic() - t0
     return report
+
+
+def judge_backups(repo: Repository, cluster: str) -> list[str]:
+    """What restore would fall back from: the newest physical backups that cannot be restored
+    (manifest unreadable, an object missing or cut), newest first, down to one that can."""
+    from tasks.backup import check_objects, read_catalog
+
+    problems: list[str] = []
+    for e in reversed(read_catalog(repo, cluster)):
+        if e.manifest is None:
+            problems.append(f"backup {e.backup_id} is INVALID: {e.reason}")
+            continue
+        if e.manifest.kind != "physical":
+            continue
+        problem = check_objects(repo, e.manifest)
+        if problem is None:
+            if problems:
+                problems.append(f"the newest restorable physical backup is {e.manifest.id}")
+            return problems
+        problems.append(f"the newest physical backup {e.manifest.id} is BROKEN: {problem}"
+                        if not any("BROKEN" in p for p in problems)
+                        else f"backup {e.manifest.id} is BROKEN: {problem}")
+    if problems:
+        problems.append("no physical backup in the repository can be restored")
+    return problems
 
 
 def judge_archiver(
