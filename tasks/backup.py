@@ -17,13 +17,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from psycopg import sql
 
 from tasks.config import Config
 from tasks.errors import (
     AlreadyExists,
+    ChecksumMismatch,
     DRError,
     Locked,
     NotFound,
@@ -35,6 +36,7 @@ from tasks.models import (
     BACKUP_ID_RE,
     Manifest,
     StoredObject,
+    backup_time,
     new_backup_id,
     parse_lsn,
     parse_manifest,
@@ -67,6 +69,7 @@ from tasks.streams import (
 log = logging.getLogger(__name__)
 
 LOCK_KEY = "locks/backup.lock"
+MANIFEST_NAME = "manifest.json"
 STALE_LOCK_SECONDS = 24 * 3600
 
 
@@ -455,35 +458,116 @@ def publish_manifest(repo: Repository, manifest: Manifest) -> str:
 
 # ---------------------------------------------------------------- catalog
 
-def list_backups(repo: Repository, cluster: str | None = None) -> list[Manifest]:
-    """Complete backups (those with a manifest), oldest first."""
-    manifests = []
+CatalogStatus = Literal["OK", "UNCHECKED", "INVALID", "BROKEN"]
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One backup folder with a manifest: OK / BROKEN after a check, UNCHECKED without one,
+    INVALID when its manifest cannot be read (``manifest`` is then None)."""
+
+    backup_id: str
+    manifest_key: str
+    manifest: Manifest | None
+    status: CatalogStatus
+    reason: str = ""
+
+
+def check_objects(repo: Repository, manifest: Manifest) -> str | None:
+    """The cheap check: every object present with the recorded size (no byte is read).
+    Returns what is wrong, or None. Transient repository errors propagate."""
+    if not manifest.objects:
+        return "the manifest lists no object"
+    for obj in manifest.objects:
+        try:
+            size = repo.size(f"{backup_prefix(manifest.id)}/{obj.key}")
+        except NotFound:
+            return f"object {obj.key} is missing"
+        if size != obj.size:
+            return f"object {obj.key} has {size} bytes, the manifest records {obj.size}"
+    return None
+
+
+def _id_time(backup_id: str) -> datetime:
+    try:
+        return backup_time(backup_id)
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+
+
+def read_catalog(repo: Repository, cluster: str | None = None, *, check: bool = False) -> list[CatalogEntry]:
+    """Every backup folder with a manifest, oldest first. An unreadable manifest is an INVALID
+    entry with the reason (it never stops the listing); with ``check`` every backup gets the
+    cheap object check (OK or BROKEN). Invalid entries are listed whatever ``cluster`` is."""
+    entries: list[CatalogEntry] = []
     for key in repo.list_keys("backups"):
-        if not key.endswith("/manifest.json"):
+        if not key.endswith(f"/{MANIFEST_NAME}") or key.count("/") != 2:
             continue
-        manifest = parse_manifest(repo.get_bytes(key), key)
-        if cluster is None or manifest.cluster == cluster:
-            manifests.append(manifest)
-    return sorted(manifests, key=lambda m: (m.stop_time, m.id))
+        bid = key.split("/")[1]
+        try:
+            manifest = parse_manifest(repo.get_bytes(key), key)
+        except NotFound:
+            continue  # expired between the listing and the read
+        except ChecksumMismatch as exc:
+            entries.append(CatalogEntry(bid, key, None, "INVALID", one_line(exc)))
+            continue
+        if manifest.id != bid:
+            entries.append(CatalogEntry(bid, key, None, "INVALID",
+                                        f"{key}: the manifest names backup {manifest.id}"))
+            continue
+        if cluster is not None and manifest.cluster != cluster:
+            continue
+        status: CatalogStatus = "UNCHECKED"
+        reason = ""
+        if check:
+            problem = check_objects(repo, manifest)
+            status, reason = ("BROKEN", problem) if problem else ("OK", "")
+        entries.append(CatalogEntry(bid, key, manifest, status, reason))
+    return sorted(entries, key=lambda e: (e.manifest.stop_time if e.manifest else _id_time(e.backup_id),
+                                          e.backup_id))
+
+
+def list_backups(repo: Repository, cluster: str | None = None, *, check: bool = False) -> list[Manifest]:
+    """Complete backups (those with a readable manifest), oldest first. Invalid manifests are
+    skipped with a warning; with ``check`` so are broken backups (objects missing or cut)."""
+    manifests = []
+    for e in read_catalog(repo, cluster, check=check):
+        if e.manifest is None or e.status == "BROKEN":
+            log.warning("skipping backup %s: %s (%s)", e.backup_id, e.status, e.reason)
+            continue
+        manifests.append(e.manifest)
+    return manifests
 
 
 def resolve_backup(
     repo: Repository, ref: str, *, kind: str | None = None, before: datetime | None = None,
     cluster: str | None = None,
 ) -> Manifest:
-    """A backup by id, or 'latest' (optionally of a kind, ending before a time)."""
+    """A backup by id, or 'latest' (optionally of a kind, ending before a time): the newest one
+    whose objects are all there with their recorded sizes; broken ones are skipped, saying so."""
     if ref != "latest":
         try:
             data = repo.get_bytes(manifest_key(ref))
         except NotFound:
             raise NotFound(f"backup {ref} not found (no manifest in {repo.url})") from None
         return parse_manifest(data, manifest_key(ref))
-    candidates = [
-        m for m in list_backups(repo, cluster)
-        if (kind is None or m.kind == kind) and (before is None or m.stop_time <= before)
-    ]
-    if not candidates:
-        what = f"{kind} " if kind else ""
-        when = f" ending before {before.isoformat()}" if before else ""
-        raise NotFound(f"no complete {what}backup{when} in {repo.url}")
-    return candidates[-1]
+    skipped: list[str] = []
+    for e in reversed(read_catalog(repo, cluster)):
+        m = e.manifest
+        if m is None:
+            log.warning("skipping backup %s: INVALID (%s)", e.backup_id, e.reason)
+            skipped.append(f"{e.backup_id} INVALID")
+            continue
+        if (kind is not None and m.kind != kind) or (before is not None and m.stop_time > before):
+            continue
+        problem = check_objects(repo, m)
+        if problem:
+            log.warning("skipping backup %s: BROKEN (%s)", m.id, problem)
+            skipped.append(f"{m.id} BROKEN")
+            continue
+        return m
+    what = f"{kind} " if kind else ""
+    when = f" ending before {before.isoformat()}" if before else ""
+    extra = f" (skipped: {', '.join(skipped)})" if skipped else ""
+    raise NotFound(f"no complete {what}backup{when} in {repo.url}{extra}")
+
