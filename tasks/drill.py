@@ -29,6 +29,7 @@ from tasks.config import Config
 from tasks.errors import NotFound, PermanentError, PreconditionFailed
 from tasks.models import Manifest
 from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir, pid_alive
+from tasks.polling import poll_until
 from tasks.postgres import connection, dsn_field
 
 log = logging.getLogger(__name__)
@@ -323,9 +324,7 @@ def teardown_instance(instance: DrillInstance) -> dict[str, bool]:
         cluster.stop(mode="fast", timeout=30)
     cluster.destroy()  # immediate stop + SIGKILL of the postmaster if still there
     if pid is not None:
-        deadline = time.monotonic() + 10
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        poll_until(lambda: not pid_alive(pid), timeout=10, interval=0.05)
     shutil.rmtree(instance.workdir, ignore_errors=True)
     return {
         "server_gone": pid is None or not pid_alive(pid),

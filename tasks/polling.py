@@ -1,4 +1,5 @@
-"""Pure logic: the progress of a long wait, logged at a sane interval — what, how far, the deadline.
+"""Pure logic: waiting — ``poll_until`` (the one polling loop) and the progress of a long wait,
+logged at a sane interval — what, how far, the deadline.
 
 Every wait that can last more than a few seconds (a standby catching up, recovery replaying WAL,
 a rollout, an approval) owns a ``Progress``, calls ``tick(status)`` each time it polls, and the
@@ -13,9 +14,12 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 DEFAULT_EVERY = 15.0
 DEFAULT_FIRST = 5.0
+
+T = TypeVar("T")
 
 
 class Progress:
@@ -57,3 +61,21 @@ class Progress:
         self.lines += 1
         self.log.info("%s", self.message(status))
         return True
+
+
+def poll_until(check: Callable[[], T | None], *, timeout: float, interval: float,
+               clock: Callable[[], float] = time.monotonic,
+               sleep: Callable[[float], None] = time.sleep) -> T | None:
+    """Call ``check`` every ``interval`` seconds until it returns a true value, which is returned,
+    or ``timeout`` seconds have passed: None. ``check`` runs at least once, and once more at the
+    deadline; no sleep reaches past the deadline. Callers keep their own evidence (the last LSN
+    seen, the processes still there) and raise their own error, naming what was awaited."""
+    deadline = clock() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        remaining = deadline - clock()
+        if remaining <= 0:
+            return None
+        sleep(min(interval, remaining))

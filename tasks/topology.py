@@ -26,7 +26,7 @@ from tasks.errors import CommandFailed, DRError, PermanentError, PreconditionFai
 from tasks.failover import NodeState, server_answered
 from tasks.libpq import client_env
 from tasks.pgcluster import chown_tree, pid_alive
-from tasks.polling import Progress
+from tasks.polling import Progress, poll_until
 from tasks.postgres import ServerUnreachable, connection, dsn_field
 from tasks.proc import pg_bin, run
 from tasks.walnames import WAL_SEGMENT_RE, format_lsn, lsn_or_none, lsn_to_int
@@ -95,10 +95,14 @@ def server_processes(pgdata: Path) -> list[int]:
 
 
 def wait_server_gone(pgdata: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while (pids := server_processes(pgdata)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if pids:
+    pids: list[int] = []
+
+    def gone() -> bool:
+        nonlocal pids
+        pids = server_processes(pgdata)
+        return not pids
+
+    if not poll_until(gone, timeout=timeout, interval=0.1):
         raise PreconditionFailed(f"processes {pids} still run in {pgdata} {timeout:.0f}s after the "
                                  "postmaster stopped")
 
