@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -12,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.common import NETWORK_RETRIES, human_bytes, load, logger
+from flows.params import BackupKind, ConfigPath
 from tasks import backup as steps
 from tasks.config import Config
 from tasks.errors import DRError, one_line
@@ -136,11 +136,20 @@ def _markdown(report: BackupReport, repo_url: str, error: str | None = None) -> 
 
 @flow(name="backup", log_prints=False)
 def backup_flow(
-    config_path: str | None = None,
-    kind: Literal["physical", "logical"] = "physical",
+    config_path: ConfigPath = None,
+    kind: BackupKind = "physical",
     dry_run: bool = False,
 ) -> BackupReport:
-    """Take a physical (pg_basebackup) or logical (pg_dump) backup into the repository."""
+    """Take a physical (pg_basebackup) or logical (pg_dump) backup into the repository.
+
+    Args:
+        config_path: The gravl-dr config file; empty: $GRAVL_DR_CONFIG of the worker, then
+            gravl-dr.yaml in its working directory.
+        kind: physical: the whole cluster with pg_basebackup (restores to any point in time with
+            the WAL archive); logical: every database and the roles with pg_dump (restores into
+            any PostgreSQL, no point in time).
+        dry_run: Check the server, the repository and the lock only; store nothing.
+    """
     t0 = time.monotonic()
     cfg, repo = load(config_path)
     artifact_key = f"backup-report-{cfg.cluster}".replace("_", "-")

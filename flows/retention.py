@@ -1,4 +1,8 @@
-"""Orchestration: the retention flow — survey the repository, plan, expire backups, expire WAL."""
+"""Orchestration: the ``expire`` flow (retention) — survey the repository, plan, expire backups, expire WAL.
+
+One name everywhere: flow, CLI command and metrics job ``expire``, deployment ``expire-daily``,
+artifact ``expire-report-<cluster>``, metrics ``gravl_expire_*``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.common import NETWORK_RETRIES, load, logger
+from flows.params import ConfigPath
 from tasks import retention as steps
 from tasks.config import Config
 from tasks.errors import DRError, one_line
@@ -119,13 +124,13 @@ def expire_wal(repo: Repository, plan: steps.RetentionPlan) -> int:
 @task(name="push-retention-metrics", cache_policy=NO_CACHE)
 def push_retention_metrics(cfg: Config, report: RetentionReport) -> None:
     values = {
-        "gravl_retention_last_success_timestamp_seconds": (time.time(), "Time of the last retention run"),
-        "gravl_retention_backups_kept": (float(len(report.kept)), "Backups kept by the last retention run"),
-        "gravl_retention_backups_expired": (float(len(report.expired)),
+        "gravl_expire_last_success_timestamp_seconds": (time.time(), "Time of the last retention run"),
+        "gravl_expire_backups_kept": (float(len(report.kept)), "Backups kept by the last retention run"),
+        "gravl_expire_backups_expired": (float(len(report.expired)),
                                             "Backups expired by the last retention run"),
-        "gravl_retention_wal_expired": (float(report.wal_expired), "WAL files expired by the last retention run"),
-        "gravl_retention_backups_broken": (float(len(report.broken) + len(report.invalid)),
-                                           "Backups found broken or with an unreadable manifest"),
+        "gravl_expire_wal_expired": (float(report.wal_expired), "WAL files expired by the last retention run"),
+        "gravl_expire_backups_broken": (float(len(report.broken) + len(report.invalid)),
+                                        "Backups found broken or with an unreadable manifest"),
     }
     try:
         push_metrics(cfg.metrics.pushgateway, "expire", {"cluster": cfg.cluster}, values)
@@ -172,8 +177,14 @@ def _markdown(report: RetentionReport, cfg: Config, repo_url: str) -> str:
 
 
 @flow(name="expire", log_prints=False)
-def expire_flow(config_path: str | None = None, dry_run: bool = False) -> RetentionReport:
-    """Expire backups and WAL beyond the retention policy (retention.full_days, retention.min_full)."""
+def expire_flow(config_path: ConfigPath = None, dry_run: bool = False) -> RetentionReport:
+    """Expire backups and WAL beyond the retention policy (retention.full_days, retention.min_full).
+
+    Args:
+        config_path: The gravl-dr config file; empty: $GRAVL_DR_CONFIG of the worker, then
+            gravl-dr.yaml in its working directory.
+        dry_run: Report what the policy would expire; delete nothing.
+    """
     t0 = time.monotonic()
     cfg, repo = load(config_path)
     state = verify_backups(cfg, repo, survey_repository(repo))
@@ -190,7 +201,7 @@ def expire_flow(config_path: str | None = None, dry_run: bool = False) -> Retent
         expire_wal(repo, plan)
     report.seconds = time.monotonic() - t0
     create_markdown_artifact(
-        markdown=_markdown(report, cfg, repo.url), key=f"retention-report-{cfg.cluster}".replace("_", "-"),
+        markdown=_markdown(report, cfg, repo.url), key=f"expire-report-{cfg.cluster}".replace("_", "-"),
         description="retention dry run" if dry_run else "retention run",
     )
     if not dry_run:

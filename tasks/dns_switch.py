@@ -30,6 +30,7 @@ from tasks.errors import (
     botocore_transient,
     classify_aws,
 )
+from tasks.polling import Progress
 from tasks.postgres import dsn_field
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,9 @@ def _r53_switch(conf: DNSConfig, expected: Sequence[str], new_value: str, timeou
         change_id = resp["ChangeInfo"]["Id"]
         status = resp["ChangeInfo"]["Status"]
         # boto3's waiter polls every 30 s; we poll fast so propagation does not dominate the RTO.
+        progress = Progress(f"Route 53 change {change_id} for {name} to be INSYNC", timeout, log)
         while status != "INSYNC":
+            progress.tick(f"status {status}")
             if time.monotonic() - t0 > timeout:
                 raise TransientError(f"Route 53 change {change_id} for {name} still {status} after "
                                      f"{timeout:.0f}s (submitted; it will apply)")

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.config import KubernetesHook, ReconnectHook
 from tasks.errors import DRError, PermanentError, one_line
+from tasks.polling import Progress
 from tasks.proc import run
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ def rollout_restart(spec: KubernetesHook, timeout: float) -> str:
     if not spec.wait:
         return f"restarted {len(patched)} deployment(s) in {spec.namespace}"
     pending = dict(patched)
+    progress = Progress(f"the rollout of {', '.join(sorted(patched))} in {spec.namespace}", timeout, log)
     while pending:
         for name, generation in list(pending.items()):
             try:
@@ -174,5 +176,7 @@ def rollout_restart(spec: KubernetesHook, timeout: float) -> str:
             if time.monotonic() > deadline:
                 raise HookFailed(f"kubernetes: rollout of {', '.join(sorted(pending))} in {spec.namespace} "
                                  f"not finished after {timeout:.0f}s")
-            time.sleep(0.5)
+            progress.tick(f"{len(patched) - len(pending)} of {len(patched)} rolled out, waiting for "
+                          f"{', '.join(sorted(pending))}")
+            time.sleep(0.5 if progress.elapsed() < 10 else 2.0)
     return f"restarted {len(patched)} deployment(s) in {spec.namespace}; rollout finished"

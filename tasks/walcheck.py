@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from tasks.errors import DRError, NotFound, one_line
+from tasks.errors import DRError, NotFound, PermanentError, one_line
 from tasks.wal import WalSettings, decode_object, find_object, list_archive
 from tasks.walnames import LSN_RE, SEGMENT_SIZE, parse_lsn, parse_wal_name, segment_name
 
@@ -428,3 +428,53 @@ def judge_archiver(
             report.lag_seconds = 0.0
         elif a.last_archived_time is not None:
             report.lag_seconds = max(0.0, (now - a.last_archived_time).total_seconds())
+
+
+# ---------------------------------------------------------------- lag between checks
+
+class WalCheckFailed(PermanentError):
+    """The check ran to the end and found problems; carries the report (the CLI prints it)."""
+
+    def __init__(self, report: WalCheckReport) -> None:
+        super().__init__(report.summary())
+        self.report = report
+
+
+class LagSample(BaseModel):
+    """The archive lag as the server reports it (pg_stat_archiver), between two full checks."""
+
+    at: datetime
+    reachable: bool
+    lag_bytes: int | None = None
+    lag_seconds: float | None = None
+    last_archived_wal: str | None = None
+    error: str | None = None
+
+
+def server_lag(a: ArchiverStatus, now: datetime) -> LagSample:
+    """WAL written past the end of the last segment the server archived, and for how long.
+
+    Cheaper than the full check (no repository listing): the full check, every few minutes,
+    proves the repository really holds what the server reports archived.
+    """
+    sample = LagSample(at=now, reachable=a.reachable, last_archived_wal=a.last_archived_wal, error=a.error)
+    if not a.reachable or a.in_recovery or not a.current_lsn:
+        return sample
+    current = parse_lsn(a.current_lsn)
+    last = None
+    if a.last_archived_wal:
+        try:
+            last = parse_wal_name(a.last_archived_wal, a.seg_size)
+        except DRError:
+            last = None
+    if last is not None and last.kind == "segment" and last.segno is not None and last.timeline == a.timeline:
+        sample.lag_bytes = max(0, current - (last.segno + 1) * a.seg_size)
+    elif a.last_archived_wal is None:
+        sample.lag_bytes = current
+    else:  # the last file was a .history/.backup/.partial: lag unknown until the next segment
+        return sample
+    if sample.lag_bytes == 0:
+        sample.lag_seconds = 0.0
+    elif a.last_archived_time is not None:
+        sample.lag_seconds = max(0.0, (now - a.last_archived_time).total_seconds())
+    return sample

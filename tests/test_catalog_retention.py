@@ -106,7 +106,7 @@ def test_expire_keeps_the_good_backups_when_the_newest_are_broken(
     assert set(out["verified"]) == {ms[0].id, ms[1].id}
     # AND the Pushgateway holds the count of broken backups
     metrics = pushgateway_metrics(pushgateway)
-    assert any(ln.startswith("gravl_retention_backups_broken{") and ln.endswith(" 2")
+    assert any(ln.startswith("gravl_expire_backups_broken{") and ln.endswith(" 2")
                for ln in metrics.splitlines()), metrics
 
 

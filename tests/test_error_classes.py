@@ -1,6 +1,7 @@
 """Error classification (issue 9 item 13): every error is transient or permanent, exactly one;
 S3 and Route 53 codes are classified by an explicit table; a bug is never "unreachable".
-Plain functions, no services."""
+Plain functions, no services (the unit tier, by conftest's rule), but for two marked tests
+that run a real process."""
 
 from __future__ import annotations
 
@@ -34,8 +35,6 @@ from tasks.errors import (
     command_error,
     is_transient,
 )
-
-pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -207,6 +206,7 @@ def test_subprocess_failures(text: str, timed_out: bool, transient: bool) -> Non
     assert is_transient(err) == transient
 
 
+@pytest.mark.integration  # runs processes
 def test_subprocess_timeout_through_the_one_helper() -> None:
     from tasks.proc import run
 
@@ -226,6 +226,7 @@ def test_table_has_no_code_in_two_kinds() -> None:
             assert len(keys) == len(set(keys)) == len(AWS_CODES)
 
 
+@pytest.mark.integration  # runs pg_basebackup
 def test_pg_basebackup_against_a_closed_port_is_transient(tmp_path: Path) -> None:
     # the real program's real message, through the one subprocess helper
     from tasks.proc import pg_bin, run

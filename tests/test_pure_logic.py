@@ -1,6 +1,6 @@
 """Unit tier: pure decisions and parsers that had no test of their own — backup lock staleness,
 the wal-push/wal-fetch fast-path argument split, the look-ahead spool marks, pg_controldata and
-pg_waldump output, and the markdown tables of the failover/failback reports."""
+pg_waldump output, the markdown tables of the failover/failback reports, and poll_until."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from flows.cli_wal import _int_option, _split
 from flows.failover import TimelineEvent, markdown_table, timeline_markdown
 from tasks.backup import STALE_LOCK_SECONDS, lock_is_stale
+from tasks.polling import poll_until
 from tasks.topology import parse_controldata, waldump_end
 from tasks.wal import PushResult, already_archived, mark_archived, prune_spool, ready_files, spool_root
 
@@ -205,3 +206,44 @@ def test_timeline_markdown_rows_have_offset_clock_to_the_millisecond_and_no_stra
     lines = timeline_markdown([TimelineEvent(at=at, offset_seconds=1.234, step="promote", text="a|b")])
     assert lines[2] == "| 1.23 | 03:04:05.678 | promote | a/b |"
     assert all(line.count("|") == 5 for line in lines)
+
+
+# ---------------------------------------------------------------- poll_until
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_poll_until_returns_the_first_true_answer() -> None:
+    fake, answers = FakeClock(), iter([None, 0, "", "lsn 0/10", "later"])
+    assert poll_until(lambda: next(answers), timeout=10, interval=1, clock=fake.clock,
+                      sleep=fake.sleep) == "lsn 0/10"
+    assert fake.sleeps == [1, 1, 1]
+
+
+def test_poll_until_gives_up_at_the_deadline_after_a_last_check_and_never_sleeps_past_it() -> None:
+    fake, calls = FakeClock(), []
+
+    def never() -> bool:
+        calls.append(fake.now)
+        return False
+
+    assert poll_until(never, timeout=2.5, interval=1, clock=fake.clock, sleep=fake.sleep) is None
+    assert calls == [100.0, 101.0, 102.0, 102.5]  # the last check is at the deadline itself
+    assert fake.sleeps == [1, 1, 0.5]
+
+
+def test_poll_until_checks_once_even_with_no_time_left() -> None:
+    fake = FakeClock()
+    assert poll_until(lambda: True, timeout=0, interval=1, clock=fake.clock, sleep=fake.sleep) is True
+    assert poll_until(lambda: None, timeout=0, interval=1, clock=fake.clock, sleep=fake.sleep) is None
+    assert fake.sleeps == []
