@@ -422,7 +422,7 @@ def _cleanup_hook(flow: Any, flow_run: Any, state: Any) -> None:
 
     try:
         cfg = load_config((flow_run.parameters or {}).get("config_path"))
-        removed = dsteps.teardown_for_flow_run(dsteps._work_base(cfg), str(flow_run.id), cfg.postgres.bindir)
+        removed = dsteps.teardown_for_flow_run(dsteps.work_base(cfg), str(flow_run.id), cfg.postgres.bindir)
     except Exception:  # noqa: BLE001 - a hook must not raise; the next drill sweeps leftovers
         return
     if removed:

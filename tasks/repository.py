@@ -506,6 +506,15 @@ class S3Repository:
             raise self._wrap(exc, f"listing {prefix or '/'}") from None
         return sorted(keys)
 
+    def keys_starting_with(self, start: str, limit: int = 1000) -> list[str]:
+        """Keys that begin with ``start`` (a name, not only a folder): one request, at most
+        ``limit`` keys. A file repository has no such listing; callers stat instead."""
+        try:
+            resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._full(start), MaxKeys=limit)
+        except Exception as exc:
+            raise self._wrap(exc, f"listing {start}") from None
+        return [self._rel(o["Key"]) for o in resp.get("Contents", [])]
+
     def delete(self, key: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
