@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.common import NETWORK_RETRIES, human_bytes, load, logger
+from flows.params import BackupKind, BackupRef, ConfigPath, OptionalTime
 from tasks import backup as bsteps
 from tasks import drill as dsteps
 from tasks import expectations as gxsteps
@@ -31,7 +32,7 @@ from tasks.config import Config, config_path
 from tasks.drill import CheckResult, DrillFailed, DrillInstance, DrillReport
 from tasks.errors import DRError, PreconditionFailed, one_line
 from tasks.metrics import push_metrics
-from tasks.models import Manifest, parse_lsn, wal_name_from_segno, wal_segno
+from tasks.models import Manifest
 from tasks.recovery import (
     RecoveryOutcome,
     RecoveryTarget,
@@ -40,6 +41,7 @@ from tasks.recovery import (
     wait_for_recovery,
     write_recovery_settings,
 )
+from tasks.replay import names_past_backup, past_backup, recovered_to
 from tasks.repository import Repository
 from tasks.wal import WalSettings, find_object
 
@@ -80,21 +82,22 @@ def validate_suites(cfg: Config, config_file: str | None) -> list[gxsteps.SuiteF
 
 
 @task(name="pick-backup", cache_policy=NO_CACHE, **NETWORK_RETRIES)
-def pick_backup(repo: Repository, ref: str, cluster: str, target_time: datetime | None) -> Manifest:
+def pick_backup(repo: Repository, ref: str, cluster: str, target_time: datetime | None,
+                kind: str = "physical") -> tuple[Manifest, str]:
+    if ref == "latest":
+        manifest, why = dsteps.choose_latest_backup(bsteps.list_backups(repo, cluster), kind, target_time)
+    else:
+        manifest, why = bsteps.resolve_backup(repo, ref, cluster=cluster), f"backup {ref} named by the operator"
     if target_time is not None:
-        manifest = bsteps.resolve_backup(repo, ref, kind="physical" if ref == "latest" else None,
-                                         before=target_time if ref == "latest" else None, cluster=cluster)
         if manifest.kind != "physical":
             raise PreconditionFailed(f"backup {manifest.id} is logical: --target-time needs a physical backup")
         if manifest.stop_time > target_time:
             raise PreconditionFailed(
                 f"backup {manifest.id} ended at {manifest.stop_time.isoformat()}, after the target "
                 f"{target_time.isoformat()}: pick an older backup")
-    else:
-        manifest = bsteps.resolve_backup(repo, ref, cluster=cluster)
-    logger().info("drilling backup %s (%s, %s, ended %s)", manifest.id, manifest.kind,
-                  human_bytes(manifest.raw_bytes), manifest.stop_time.isoformat())
-    return manifest
+    logger().info("drilling backup %s (%s, %s, ended %s): %s", manifest.id, manifest.kind,
+                  human_bytes(manifest.raw_bytes), manifest.stop_time.isoformat(), why)
+    return manifest, why
 
 
 @task(name="provision-instance", cache_policy=NO_CACHE)
@@ -200,8 +203,8 @@ def start_and_wait(cfg: Config, repo: Repository, manifest: Manifest, instance: 
     _start(cfg, instance, timeout)
     outcome: RecoveryOutcome = wait_for_recovery(cluster, target, timeout=timeout)
     seconds = time.monotonic() - t0 - excluded
-    past = _past_backup(manifest, outcome.reached_lsn)
-    recovered_to = _recovered_to(manifest, target, outcome, past)
+    past = past_backup(manifest, outcome.reached_lsn)
+    recovered_at = recovered_to(manifest, target, outcome, past)
     summary = (f"promoted on timeline {outcome.timeline} at {outcome.reached_lsn or '?'} after replaying to "
                f"{target.describe()}" + (" (WAL from the archive)" if past else " (backup's own WAL)"))
     if outcome.stop_message:
@@ -210,7 +213,7 @@ def start_and_wait(cfg: Config, repo: Repository, manifest: Manifest, instance: 
     logger().info("recovery: %s in %.1fs (last start %.1fs)", summary, seconds, time.monotonic() - t_start)
     check = CheckResult(name="recovery", kind="recovery", category="restore", status="passed",
                         seconds=seconds, summary=summary)
-    return RecoveryStep(seconds=seconds, recovered_to=recovered_to, lsn=outcome.reached_lsn,
+    return RecoveryStep(seconds=seconds, recovered_to=recovered_at, lsn=outcome.reached_lsn,
                         timeline=outcome.timeline, past_backup=past, check=check, count_checks=count_checks,
                         counts_seconds=excluded)
 
@@ -225,9 +228,7 @@ def replay_may_pass_backup(cfg: Config, repo: Repository, manifest: Manifest, ta
         return True
     try:
         settings = WalSettings.from_config(cfg.repository)
-        tli, segno = wal_segno(manifest.stop_wal, manifest.wal_segment_size)
-        following = [wal_name_from_segno(tli, segno + 1, manifest.wal_segment_size), f"{tli + 1:08X}.history"]
-        return any(find_object(repo, name, settings) is not None for name in following)
+        return any(find_object(repo, name, settings) is not None for name in names_past_backup(manifest))
     except DRError as exc:
         logger().warning("could not look for WAL past the backup (%s): assuming there is some", one_line(exc))
         return True
@@ -256,27 +257,6 @@ def counts_at_consistent_point(cfg: Config, manifest: Manifest, instance: DrillI
         specs += db_specs
         results += decided
     return results + gxsteps.run_expectations(gxsteps.unique_names(specs), instance.dsn)
-
-
-def _past_backup(manifest: Manifest, reached_lsn: str | None) -> bool:
-    """Did recovery replay WAL beyond the segments that came with the backup?"""
-    if not reached_lsn or not manifest.stop_wal:
-        return False
-    try:
-        # the switch point is the first byte of the new timeline: the last replayed byte is before it
-        reached = max(parse_lsn(reached_lsn) - 1, 0) // manifest.wal_segment_size
-    except DRError:
-        return False
-    return reached > wal_segno(manifest.stop_wal, manifest.wal_segment_size)[1]
-
-
-def _recovered_to(manifest: Manifest, target: RecoveryTarget, outcome: RecoveryOutcome,
-                  past: bool) -> datetime:
-    if target.kind == "time" and target.time is not None:
-        return target.time
-    if past and outcome.last_xact_time is not None:
-        return max(manifest.stop_time, outcome.last_xact_time)
-    return manifest.stop_time
 
 
 @task(name="checks", cache_policy=NO_CACHE)
@@ -396,7 +376,9 @@ def upload_report(repo: Repository, report: DrillReport) -> list[str]:
 
 
 @task(name="metrics", cache_policy=NO_CACHE)
-def push_drill_metrics(cfg: Config, report: DrillReport) -> None:
+def push_drill_metrics(cfg: Config, report: DrillReport, kind: str) -> None:
+    """Grouped by cluster and the kind of backup drilled: a logical drill's success must not
+    hide a failed physical one."""
     now = time.time()
     values: dict[str, tuple[float, str]] = {
         "gravl_drill_success": (1.0 if report.passed else 0.0, "1 if the last restore drill passed"),
@@ -411,7 +393,8 @@ def push_drill_metrics(cfg: Config, report: DrillReport) -> None:
     if report.passed:
         values["gravl_drill_last_success_timestamp_seconds"] = (now, "Time of the last passed restore drill")
     try:
-        push_metrics(cfg.metrics.pushgateway, "drill", {"cluster": cfg.cluster}, values)
+        push_metrics(cfg.metrics.pushgateway, "drill", {"cluster": cfg.cluster, "kind": report.backup_kind or kind},
+                     values)
     except DRError as exc:
         logger().warning("metrics not pushed: %s", one_line(exc))
 
@@ -432,7 +415,7 @@ def _cleanup_hook(flow: Any, flow_run: Any, state: Any) -> None:
 
     try:
         cfg = load_config((flow_run.parameters or {}).get("config_path"))
-        removed = dsteps.teardown_for_flow_run(dsteps._work_base(cfg), str(flow_run.id), cfg.postgres.bindir)
+        removed = dsteps.teardown_for_flow_run(dsteps.work_base(cfg), str(flow_run.id), cfg.postgres.bindir)
     except Exception:  # noqa: BLE001 - a hook must not raise; the next drill sweeps leftovers
         return
     if removed:
@@ -445,11 +428,23 @@ def _cleanup_hook(flow: Any, flow_run: Any, state: Any) -> None:
 
 @flow(name="drill", on_cancellation=[_cleanup_hook], on_crashed=[_cleanup_hook])
 def drill_flow(
-    config_path: str | None = None,
-    backup: str = "latest",
-    target_time: datetime | None = None,
+    config_path: ConfigPath = None,
+    backup: BackupRef = "latest",
+    target_time: OptionalTime = None,
+    kind: BackupKind = "physical",
 ) -> DrillReport:
-    """Restore a backup into a throwaway instance, check it thoroughly, report, tear down."""
+    """Restore a backup into a throwaway instance, check it thoroughly, report, tear down.
+
+    Args:
+        config_path: The gravl-dr config file; empty: $GRAVL_DR_CONFIG of the worker, then
+            gravl-dr.yaml in its working directory.
+        backup: The backup to drill: an id as `gravl-dr list` prints it, or latest (the newest
+            backup of the chosen kind).
+        target_time: Recover to this point in time instead of the end of the WAL archive
+            (physical backups only; without a time zone it is UTC).
+        kind: Which kind of backup latest means: physical (restore, WAL replay, page checksums)
+            or logical (the dump restored into a fresh server).
+    """
     started_at = datetime.now(UTC)
     t0 = time.monotonic()
     cfg, repo = load(config_path)
@@ -463,7 +458,7 @@ def drill_flow(
     suites = validate_suites(cfg, config_path)
     instance: DrillInstance | None = None
     try:
-        manifest = pick_backup(repo, backup, cfg.cluster, target_time)
+        manifest, report.selection = pick_backup(repo, backup, cfg.cluster, target_time, kind)
         report.backup_id, report.backup_kind = manifest.id, manifest.kind
         report.backup_stop_time = manifest.stop_time
         if manifest.kind == "logical":
@@ -490,7 +485,7 @@ def drill_flow(
     create_markdown_artifact(markdown=dsteps.render_markdown(report),
                              key=f"drill-report-{cfg.cluster}".replace("_", "-"),
                              description=report.verdict())
-    push_drill_metrics(cfg, report)
+    push_drill_metrics(cfg, report, kind)
     if not report.passed:
         raise DrillFailed(report)
     logger().info("%s; RTO %.1fs, RPO %s", report.verdict(), report.rto_seconds or 0.0,
@@ -535,9 +530,9 @@ def _config_file(explicit: str | None) -> Path:
 
 
 def run_drill(config_path: str | None, backup: str = "latest",
-              target_time: datetime | None = None) -> DrillReport:
+              target_time: datetime | None = None, kind: BackupKind = "physical") -> DrillReport:
     """Run the drill flow and return its report, passed or failed (for the demo and scripts)."""
     try:
-        return drill_flow(config_path=config_path, backup=backup, target_time=target_time)
+        return drill_flow(config_path=config_path, backup=backup, target_time=target_time, kind=kind)
     except DrillFailed as exc:
         return exc.report

@@ -10,23 +10,27 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Annotated
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, WithJsonSchema
 
 from flows.common import NETWORK_RETRIES, human_bytes, load, logger
+from flows.params import BackupRef, ConfigPath, OptionalPort, OptionalText, OptionalTime
 from tasks import backup as bsteps
 from tasks import recovery as rec
 from tasks import restore as rsteps
 from tasks import wal as walsteps
 from tasks.config import Config
 from tasks.config import config_path as resolve_config_path
-from tasks.errors import DRError, PreconditionFailed, one_line
+from tasks.errors import ConfigError, DRError, PreconditionFailed, one_line
+from tasks.libpq import has_password
 from tasks.models import Manifest, format_lsn
 from tasks.pgcluster import LocalCluster, free_port
 from tasks.postgres import safe_dsn
+from tasks.replay import ArchiveView, archive_view
 from tasks.repository import Repository
 
 
@@ -95,7 +99,7 @@ def select_backup_for_target(repo: Repository, ref: str, cluster: str,
                              target: rec.RecoveryTarget) -> Manifest:
     now = datetime.now(UTC)
     if ref == "latest":
-        manifest = rec.choose_backup(bsteps.list_backups(repo, cluster), target, now)
+        manifest = rec.choose_backup(bsteps.list_backups(repo, cluster, check=True), target, now)
     else:
         manifest = bsteps.resolve_backup(repo, ref, cluster=cluster)
     if manifest.kind == "physical":
@@ -106,38 +110,10 @@ def select_backup_for_target(repo: Repository, ref: str, cluster: str,
     return manifest
 
 
-class ArchiveView(BaseModel):
-    """What the WAL archive holds after a backup: does recovery need restore_command at all,
-    and where does the archive end (the start of its newest segment, per timeline)."""
-
-    has_wal_after_backup: bool
-    newest_segment_start: dict[int, int]
-    newest_segment_name: dict[int, str]
-
-
 @task(name="inspect-wal-archive", cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def inspect_wal_archive(repo: Repository, manifest: Manifest) -> ArchiveView:
-    seg = manifest.wal_segment_size
-    newest: dict[int, int] = {}
-    after = False
-    stop_wal = walsteps.parse_wal_name(manifest.stop_wal, seg) if manifest.stop_wal else None
-    for name in walsteps.list_archive(repo):
-        wal = walsteps.parse_wal_name(name, seg)
-        if wal.kind == "history" and wal.timeline > manifest.timeline:
-            after = True
-        if wal.kind != "segment" or wal.segno is None or wal.timeline < manifest.timeline:
-            continue
-        newest[wal.timeline] = max(newest.get(wal.timeline, 0), wal.segno)
-        if stop_wal is None or wal.timeline > manifest.timeline or (
-            stop_wal.segno is not None and wal.segno >= stop_wal.segno
-        ):
-            after = True
-    view = ArchiveView(
-        has_wal_after_backup=after,
-        newest_segment_start={t: s * seg for t, s in newest.items()},
-        newest_segment_name={t: walsteps.segment_name(t, s, seg) for t, s in newest.items()},
-    )
-    if after:
+    view = archive_view(walsteps.list_archive(repo), manifest)
+    if view.has_wal_after_backup:
         ends = ", ".join(f"timeline {t}: {n}" for t, n in sorted(view.newest_segment_name.items()))
         logger().info("the WAL archive continues after the backup (newest segment %s)", ends)
     else:
@@ -192,34 +168,79 @@ def wait_for_recovery(cfg: Config, pgdata: str, port: int, target: rec.RecoveryT
     return outcome
 
 
+@task(name="stop-restored-server", cache_policy=NO_CACHE)
+def stop_restored_server(cfg: Config, pgdata: str, port: int) -> str:
+    cluster = LocalCluster(Path(pgdata), port, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+    what = rec.stop_after_failed_recovery(cluster)
+    logger().warning("recovery failed: %s", what)
+    return what
+
+
+LSN_PATTERN = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"
+
+
 @flow(name="restore")
 def restore_flow(
-    config_path: str | None = None,
-    backup: str = "latest",
-    pgdata: str | None = None,
-    dsn: str | None = None,
+    config_path: ConfigPath = None,
+    backup: BackupRef = "latest",
+    pgdata: OptionalText = None,
+    dsn: OptionalText = None,
     start: bool = False,
-    port: int | None = None,
-    jobs: int = 2,
-    target_time: str | None = None,
-    target_lsn: str | None = None,
-    target_name: str | None = None,
-    target_xid: str | None = None,
+    port: OptionalPort = None,
+    jobs: Annotated[int, Field(ge=1, le=64)] = 2,
+    target_time: OptionalTime = None,
+    target_lsn: Annotated[str | None, WithJsonSchema({"type": "string", "pattern": LSN_PATTERN})] = None,
+    target_name: OptionalText = None,
+    target_xid: Annotated[str | None, WithJsonSchema({"type": "string", "pattern": r"^[0-9]{1,20}$"})] = None,
     keep_archiving: bool = False,
-    recovery_timeout: float = 6 * 3600,
+    recovery_timeout: Annotated[float, Field(gt=0, le=7 * 86400)] = 6 * 3600,
     tablespace_map: list[str] | None = None,
-    database: str | None = None,
+    database: OptionalText = None,
     no_owner: bool = False,
 ) -> RestoreReport:
     """Restore a physical backup into an empty data directory (recovering to the end of the WAL
     archive or to a target), or a logical one: the whole cluster into a fresh cluster, or one
-    database (``database``) into an existing empty database."""
+    database (``database``) into an existing empty database.
+
+    Args:
+        config_path: The gravl-dr config file; empty: $GRAVL_DR_CONFIG of the worker, then
+            gravl-dr.yaml in its working directory.
+        backup: The backup to restore: an id as `gravl-dr list` prints it, or latest (the newest
+            backup that fits: physical for a data directory, logical for a database).
+        pgdata: Physical restore: an empty (or absent) data directory on the worker's host.
+            Give this or dsn, not both.
+        dsn: Logical restore: the empty database to restore into, as a libpq connection string
+            without a password (the worker's .pgpass or PGPASSFILE supplies it).
+        start: Physical restore: start the restored server and wait for its recovery to finish.
+        port: Port for the started server; empty: a free port.
+        jobs: Logical restore: parallel pg_restore jobs.
+        target_time: Point-in-time recovery: stop at this time (without a time zone: UTC).
+            Give at most one target; none: recover to the end of the WAL archive.
+        target_lsn: Point-in-time recovery: stop at this WAL position (e.g. 0/3000060).
+        target_name: Point-in-time recovery: stop at this named restore point
+            (pg_create_restore_point).
+        target_xid: Point-in-time recovery: stop after this transaction id.
+        keep_archiving: Let the restored server archive its own WAL with archive_command
+            (off: archiving is disabled so a copy cannot write into the repository).
+        recovery_timeout: Seconds the started server may take to recover before the run fails.
+        tablespace_map: Physical restore, or a whole-cluster logical one: OLD=NEW directories,
+            restoring the tablespace at OLD into NEW (as pg_basebackup -T).
+        database: Logical restore: only this database of a whole-cluster backup, into the
+            existing empty database of dsn; empty: the whole cluster into the fresh cluster of dsn.
+        no_owner: Logical restore of one database: objects belong to the connecting role, no GRANTs.
+    """
     cfg, repo = load(config_path)
     ts_map = rsteps.parse_tablespace_map(tablespace_map)
     if (pgdata is None) == (dsn is None):
         raise PreconditionFailed("restore needs exactly one of --pgdata (physical) or --dsn (logical)")
-    target = rec.RecoveryTarget.from_options(time=target_time, lsn=target_lsn, name=target_name,
+    target = rec.RecoveryTarget.from_options(time=target_time.isoformat() if target_time else None,
+                                             lsn=target_lsn, name=target_name,
                                              xid=target_xid)
+    if dsn is not None and has_password(dsn):
+        # too late to keep it out of this run's parameters, but never used, logged or stored again
+        raise ConfigError("the dsn parameter carries a password: pass it through PGPASSWORD or a "
+                          ".pgpass file in the environment of the worker (the gravl-dr command "
+                          "does this by itself), never in a flow parameter")
     if dsn is not None and target.kind != "end":
         raise PreconditionFailed("a recovery target needs a physical restore (--pgdata)")
     t0 = time.monotonic()
@@ -270,12 +291,19 @@ def restore_flow(
         if pgdata:
             report.archive_used = use_archive
         if pgdata and start:
-            report.port = start_restored_server(cfg, pgdata, port or free_port(),
-                                                target if use_archive else None)
-            report.started = True
-            if use_archive:
-                outcome = wait_for_recovery(cfg, pgdata, report.port, target, view, manifest,
-                                            recovery_timeout)
+            report.port = port or free_port()
+            try:
+                start_restored_server(cfg, pgdata, report.port, target if use_archive else None)
+                report.started = True
+                outcome = (wait_for_recovery(cfg, pgdata, report.port, target, view, manifest,
+                                             recovery_timeout) if use_archive else None)
+            except BaseException as exc:
+                # never leave a server up, promoted and writable, short of what was asked
+                stopped = stop_restored_server(cfg, pgdata, report.port)
+                if isinstance(exc, DRError):
+                    raise PreconditionFailed(f"{one_line(exc)}; {stopped}") from exc
+                raise
+            if outcome is not None:
                 report.reached_lsn = outcome.reached_lsn
                 report.last_xact_time = (outcome.last_xact_time.isoformat()
                                          if outcome.last_xact_time else None)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import conninfo, pq
 
-from tasks.errors import CommandFailed, PreconditionFailed, TransientError
+from tasks.errors import CommandFailed, PreconditionFailed, TransientError, command_error
 from tasks.postgres import safe_dsn
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class BaseBackupStream:
 
     def _lost(self, exc: Exception) -> CommandFailed:
         text = " ".join(str(exc).split()) or "connection lost"
-        return CommandFailed(f"BASE_BACKUP on {safe_dsn(self.dsn)} failed: {text}")
+        return command_error(f"BASE_BACKUP on {safe_dsn(self.dsn)} failed: {text}")
 
     def _result(self) -> pq.abc.PGresult | None:
         """The next result, waiting on the socket (never blocking inside libpq)."""
@@ -140,7 +140,7 @@ class BaseBackupStream:
     def _fail(self, res: pq.abc.PGresult | None, what: str) -> CommandFailed:
         msg = (res.error_message if res is not None else self.pg.error_message).decode(
             "utf-8", "replace").strip()
-        return CommandFailed(f"{what} on {safe_dsn(self.dsn)} failed: {msg.splitlines()[0] if msg else 'no message'}")
+        return command_error(f"{what} on {safe_dsn(self.dsn)} failed: {msg.splitlines()[0] if msg else 'no message'}")
 
     @staticmethod
     def _rows(res: pq.abc.PGresult) -> list[list[str | None]]:
@@ -184,7 +184,7 @@ class BaseBackupStream:
             options.append(f"MAX_RATE {int(self.max_rate_kb)}")
         sets = self._command(f"BASE_BACKUP ({', '.join(options)})")
         if len(sets) < 2:
-            raise CommandFailed(f"BASE_BACKUP on {safe_dsn(self.dsn)}: unexpected reply")
+            raise command_error(f"BASE_BACKUP on {safe_dsn(self.dsn)}: unexpected reply")
         self.start_lsn, self.timeline = str(sets[0][0][0]), int(sets[0][0][1] or 0)
         self.tablespaces = tuple((str(r[0]), str(r[1])) for r in sets[1] if r[0] is not None)
 
@@ -245,7 +245,7 @@ class BaseBackupStream:
     def finish(self) -> BackupEnd:
         """After the last archive: read the end position and the command's completion."""
         while self.next_archive() is not None:
-            raise CommandFailed("BASE_BACKUP: an archive was left unread")
+            raise command_error("BASE_BACKUP: an archive was left unread")
         res = self._result()
         if res is None or res.status == pq.ExecStatus.FATAL_ERROR:
             raise self._fail(res, "BASE_BACKUP")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tasks.backup import key_for_manifest, verify_objects
 from tasks.config import Config
-from tasks.errors import ChecksumMismatch, CommandFailed, PreconditionFailed
+from tasks.errors import ChecksumMismatch, CommandFailed, PreconditionFailed, command_error
 from tasks.libpq import client_env
 from tasks.models import Manifest
 from tasks.pgcluster import chown_tree
@@ -180,7 +180,7 @@ def _extract(repo: Repository, manifest: Manifest, key: bytes | None, index: int
         code = tar.wait(timeout=600)
         err = tar.stderr.read() if tar.stderr else b""
         if code != 0:
-            raise CommandFailed(f"tar exited {code} extracting {manifest.id}: {tail(err)}")
+            raise command_error(f"tar exited {code} extracting {manifest.id}: {tail(err)}")
     except BaseException:
         tar.kill()
         tar.wait()
@@ -331,7 +331,7 @@ def restore_logical(
                 timeout=24 * 3600, env=restore_env(dsn, superuser=server_info(dsn).is_superuser),
             )
         except CommandFailed as exc:
-            raise CommandFailed(f"pg_restore into {safe_dsn(dsn)} failed: {exc}") from None
+            raise type(exc)(f"pg_restore into {safe_dsn(dsn)} failed: {exc}") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -480,7 +480,7 @@ def restore_cluster(
         if psql.stderr:
             psql.stderr.close()
     if code != 0:
-        raise CommandFailed(f"restoring the globals (roles, tablespaces) into {safe_dsn(dsn)} failed: "
+        raise command_error(f"restoring the globals (roles, tablespaces) into {safe_dsn(dsn)} failed: "
                             f"{tail(err, 2)}")
     log.info("restored globals of %s into %s", manifest.id, safe_dsn(dsn))
 
@@ -492,7 +492,7 @@ def restore_cluster(
             run([pg_bin("pg_restore", cfg.postgres.bindir), "--exit-on-error", "--no-password",
                  *create, "-d", target_db, str(tmp)], timeout=24 * 3600, env=env)
         except CommandFailed as exc:
-            raise CommandFailed(f"pg_restore of database {db_name} into {safe_dsn(dsn)} failed: {exc}") from None
+            raise type(exc)(f"pg_restore of database {db_name} into {safe_dsn(dsn)} failed: {exc}") from None
         finally:
             tmp.unlink(missing_ok=True)
         log.info("restored database %s", db_name)

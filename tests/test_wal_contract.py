@@ -289,6 +289,7 @@ def test_fetch_of_a_corrupt_object_exits_above_125_and_writes_nothing(
     assert not list(tmp_path.glob(".dest*"))
 
 
+@pytest.mark.integration  # starts a process
 def test_fetch_from_an_unreachable_repository_is_not_missing(tmp_path: Path) -> None:
     config = write_config(tmp_path / "gone.yaml", {
         "cluster": "gravl", "primary": {"dsn": "host=127.0.0.1 port=1"},
