@@ -479,12 +479,57 @@ def _stream_physical(cfg: Config, repo: Repository, pre: Preflight) -> StreamRes
     dbnames = [d.name for d in inventory.databases_to_count(dsn)]
     counts = _row_counts_now(cfg, pre, dbnames)
     notes = inventory.not_carried_over(dsn, dbnames, data_directory=pre.info.data_directory)
+    if notes.config_outside_pgdata:
+        config = _config_files(cfg, dsn, notes.config_outside_pgdata)
+        if config is None:
+            notes = notes.model_copy(update={"backup_notes": [
+                "configuration files outside PGDATA could not be read (neither pg_read_file nor "
+                "postgres.config_dir): a restore writes a minimal postgresql.conf and pg_hba.conf"]})
+        else:
+            objects.append(_store(cfg, repo, pre, _object_name(CONFIG_OBJECT, pre.codec, pre.encrypted),
+                                  iter([config])))
     return StreamResult(
         objects=tuple(objects), start_lsn=end.start_lsn, stop_lsn=end.stop_lsn,
         timeline=end.timeline, start_time=start_time, stop_time=stop_time,
         row_counts=counts, row_counts_exact=False, seconds=time.monotonic() - t0,
         tablespaces=tuple(spaces), not_carried_over=notes,
     )
+
+
+CONFIG_OBJECT = "config.tar"
+
+
+def _config_files(cfg: Config, dsn: str, paths: list[str]) -> bytes | None:
+    """The server's configuration files that live outside PGDATA (Debian keeps them in
+    /etc/postgresql/<version>/<cluster>), as a small tar of their base names: read through the
+    server (pg_read_file: superuser or pg_read_server_files), else from postgres.config_dir."""
+    import io
+    import tarfile
+    from pathlib import Path
+
+    contents: dict[str, bytes] = {}
+    for path in paths:
+        data: bytes | None = None
+        try:
+            with connection(dsn) as conn:
+                row = conn.execute("SELECT pg_read_binary_file(%s)", [path]).fetchone()
+                data = bytes(row[0]) if row and row[0] is not None else None
+        except (psycopg.Error, DRError) as exc:
+            log.info("cannot read %s through the server (%s)", path, str(exc).strip().splitlines()[0])
+        if data is None and cfg.postgres.config_dir:
+            local = Path(cfg.postgres.config_dir) / Path(path).name
+            if local.is_file():
+                data = local.read_bytes()
+        if data is None:
+            return None
+        contents[Path(path).name] = data
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in sorted(contents.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o600, int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 def _count_rows_or_explain(conn: Any, dsn: str, database: str) -> dict[str, int]:

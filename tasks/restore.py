@@ -227,6 +227,12 @@ def restore_physical(
             link = pgdata / "pg_tblspc" / space.oid
             link.unlink(missing_ok=True)
             link.symlink_to(dest)
+        config_obj = next((o for o in manifest.objects if o.key.startswith("config.tar")), None)
+        if config_obj is not None and not (pgdata / "postgresql.conf").exists():
+            raw_bytes += _extract(repo, manifest, key, index[config_obj.key], pgdata)
+            adapt_config(pgdata)
+        elif not (pgdata / "postgresql.conf").exists():
+            write_minimal_config(pgdata)
         manifest_obj = next((o for o in manifest.objects if o.key.startswith("backup_manifest")), None)
         if manifest_obj is not None:
             with open(pgdata / "backup_manifest", "wb") as out:
@@ -245,6 +251,39 @@ def restore_physical(
     pgdata.chmod(0o700)
     chown_tree(pgdata, cfg.postgres.os_user)
     return RestoreResult(manifest.id, str(pgdata), raw_bytes, time.monotonic() - t0, verify_seconds)
+
+
+# Settings in a copied postgresql.conf that point at the source's own files and directories
+# (Debian: data_directory and hba_file under /var/lib and /etc/postgresql; conf.d includes).
+_SOURCE_PATHS = ("data_directory", "hba_file", "ident_file", "external_pid_file", "include_dir",
+                 "include", "include_if_exists", "config_file")
+
+
+def adapt_config(pgdata: Path) -> None:
+    """Make the source's postgresql.conf (copied from outside its PGDATA) serve the restored
+    data directory: settings naming the source's paths are commented out, so the server uses
+    the pg_hba.conf / pg_ident.conf next to it and its own data directory."""
+    conf = pgdata / "postgresql.conf"
+    out = []
+    for line in conf.read_text().splitlines():
+        name = line.strip().split("=", 1)[0].split()[0] if line.strip() and not line.lstrip().startswith("#") else ""
+        if name in _SOURCE_PATHS:
+            out.append(f"# {line}  # commented out by gravl-dr restore: a path of the source")
+        else:
+            out.append(line)
+    conf.write_text("\n".join(out) + "\n")
+
+
+def write_minimal_config(pgdata: Path) -> None:
+    """The backup holds no postgresql.conf (the source kept it outside PGDATA and it could not
+    be read): write what a server needs to start, local connections only."""
+    (pgdata / "postgresql.conf").write_text(
+        "# written by gravl-dr restore: the source's configuration was not in the backup\n"
+        "listen_addresses = 'localhost'\n")
+    (pgdata / "pg_hba.conf").write_text(
+        "# written by gravl-dr restore\nlocal all all peer\nhost all all 127.0.0.1/32 scram-sha-256\n"
+        "host all all ::1/128 scram-sha-256\n")
+    (pgdata / "pg_ident.conf").write_text("# written by gravl-dr restore\n")
 
 
 def set_port(pgdata: Path, port: int, os_user: str) -> None:

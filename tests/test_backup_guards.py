@@ -242,3 +242,58 @@ def test_physical_backup_keeps_its_wal_while_the_server_recycles(
             database_digest(busy_cluster.dsn("app"))["public.steady"]
     finally:
         restored.destroy()
+
+
+# ---------------------------------------------------------------- configuration outside PGDATA
+
+def test_restore_start_works_when_the_source_keeps_its_config_outside_pgdata(
+        cluster_factory: Callable[..., LocalCluster], file_repo_url: str, pg_dir: Path) -> None:
+    from tasks.pgcluster import chown_tree
+    from tasks.proc import run
+    from tasks.restore import restore_notes
+
+    # GIVEN a source laid out the Debian way: postgresql.conf, pg_hba.conf and pg_ident.conf in
+    # a config directory, PGDATA holding data only
+    made = cluster_factory()
+    made.stop()
+    conf_dir = made.pgdata.parent / "etc"
+    conf_dir.mkdir()
+    for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf"):
+        (made.pgdata / name).rename(conf_dir / name)
+    with open(conf_dir / "postgresql.conf", "a") as fh:
+        fh.write(f"data_directory = '{made.pgdata}'\nhba_file = '{conf_dir}/pg_hba.conf'\n"
+                 f"ident_file = '{conf_dir}/pg_ident.conf'\ninclude_dir = 'conf.d'\n")
+    (conf_dir / "conf.d").mkdir()
+    chown_tree(conf_dir, "postgres")
+    run([pg_bin("pg_ctl"), "-D", str(conf_dir), "-l", str(made.logfile), "-w", "start"], timeout=60,
+        os_user="postgres")
+    try:
+        with psycopg.connect(made.dsn("postgres"), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE app")
+        with psycopg.connect(made.dsn("app"), autocommit=True) as conn:
+            conn.execute("CREATE TABLE t AS SELECT generate_series(1, 500) AS id")
+        cfg = parse_config(_config(made, file_repo_url))
+        repo = open_repository(cfg.repository)
+        # WHEN it is backed up and restored with the server started
+        manifest = take_backup(cfg, repo, "physical")
+    finally:
+        run([pg_bin("pg_ctl"), "-D", str(conf_dir), "-m", "fast", "-w", "stop"], timeout=60, os_user="postgres",
+            check=False)
+    assert manifest.not_carried_over.config_outside_pgdata == [
+        f"{conf_dir}/postgresql.conf", f"{conf_dir}/pg_hba.conf", f"{conf_dir}/pg_ident.conf"]
+    target = pg_dir / "restored"
+    restore_physical(cfg, repo, manifest, target)
+    # THEN the restored directory has its own configuration, not pointing at the source's paths
+    conf = (target / "postgresql.conf").read_text()
+    assert "\ndata_directory" not in conf and "\nhba_file" not in conf and "\ninclude_dir" not in conf
+    assert (target / "pg_hba.conf").read_text() == (conf_dir / "pg_hba.conf").read_text()
+    port = free_port()
+    set_port(target, port, "postgres")
+    restored = LocalCluster(target, port, dbname="app")
+    try:
+        restored.start()
+        assert database_digest(restored.dsn("app"))["public.t"][0] == 500
+    finally:
+        restored.destroy()
+    # AND the report says where the configuration came from
+    assert any("outside PGDATA" in n for n in restore_notes(manifest))
