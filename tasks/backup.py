@@ -156,6 +156,10 @@ def preflight(cfg: Config, repo: Repository, kind: str, now: datetime | None = N
         found_tablespaces = inventory.tablespaces(conn)
         found_databases = inventory.databases(conn)
         if kind == "physical":
+            if info.version_num < 150000:
+                raise PreconditionFailed(
+                    f"PostgreSQL {info.version_text}: physical backups need PostgreSQL 15 or newer "
+                    "(BASE_BACKUP's COPY sub-protocol); take a logical backup")
             messages += _physical_readiness(conn, dsn, found_tablespaces)
     chosen: list[DatabaseEntry] = []
     if kind == "logical":
