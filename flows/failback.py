@@ -327,6 +327,9 @@ def _apply(cfg: Config, config_file: str | None, plan: FailbackPlan, report: Fai
             tl.add(step.kind, f"{sum(h.ok for h in report.hooks)}/{len(report.hooks)} hook(s) ok")
         elif step.kind == "validate":
             report.canary = validate_primary(home, f"failback {tl.started.isoformat()}")
+            home_dir = local_pgdata(home)
+            if home_dir is not None:
+                finish_rebuild(home_dir)  # it takes writes: a stale rebuild marker must not outlive this
             tl.add(step.kind, f"canary write on {home.name} read back")
     if report.old_data:
         from tasks.topology import dir_size
