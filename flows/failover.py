@@ -7,7 +7,6 @@ an interruption converges. Promotion and DNS switch never retry blindly; the nex
 
 from __future__ import annotations
 
-import getpass
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -21,6 +20,7 @@ from prefect.states import Completed
 from pydantic import BaseModel, Field
 
 from flows.common import human_bytes, logger
+from flows.params import ConfigPath, OptionalText
 from tasks.config import Config, Node, load_config
 from tasks.dns_switch import DNSChange, check_dns_config, node_dns_value, switch_record
 from tasks.errors import ConfigError, DRError, PermanentError, one_line
@@ -89,13 +89,12 @@ def resolve_nodes(cfg: Config) -> dict[str, Node]:
     return nodes
 
 
-def approval_gate(*, what: str, plan_lines: list[str], yes: bool, approved_by: str | None,
+def approval_gate(*, what: str, plan_lines: list[str], approved_by: str | None,
                   timeout_seconds: int, poll_interval: int = 1) -> tuple[str, str]:
-    """Skip (--yes, or approved on the terminal) or pause the flow for a typed approval form."""
+    """Approved before the run (a name in the form, the CLI's --yes or terminal approval), or
+    pause the flow for a typed approval form."""
     if approved_by:
         return approved_by, "approved before the run"
-    if yes:
-        return f"--yes ({getpass.getuser()})", "approval skipped with --yes"
     from prefect.flow_runs import pause_flow_run
 
     description = f"**{what}**\n\n" + "\n".join(f"- {line}" for line in plan_lines)
@@ -318,26 +317,26 @@ def failover_metrics(r: FailoverReport) -> dict[str, tuple[float, str]]:
 
 @flow(name="failover", log_prints=False)
 def failover_flow(
-    config_path: Annotated[str | None, Field(description="gravl-dr config file")] = None,
-    yes: Annotated[bool, Field(description="skip the approval gate")] = False,
+    config_path: ConfigPath = None,
     max_lag_bytes: Annotated[int, Field(ge=0, description="refuse a replica further behind than this")] =
     DEFAULT_MAX_LAG_BYTES,
     force: Annotated[bool, Field(description="promote even if the old primary accepts writes or the "
                                              "replica lags (it is fenced first)")] = False,
     planned: Annotated[bool, Field(description="the primary is up on purpose (a drill): stop it cleanly, "
                                                "no data loss")] = False,
-    approved_by: Annotated[str | None, Field(description="set by the CLI after a terminal approval")] = None,
+    approved_by: OptionalText = None,
     approval_timeout_seconds: Annotated[int, Field(ge=10, le=86400)] = 900,
 ) -> FailoverReport:
     """Fail over from the configured primary to the most advanced healthy replica.
 
     Args:
-        config_path: gravl-dr config file (default $GRAVL_DR_CONFIG, then ./gravl-dr.yaml).
-        yes: Skip the approval gate.
+        config_path: The gravl-dr config file; empty: $GRAVL_DR_CONFIG of the worker, then
+            gravl-dr.yaml in its working directory.
         max_lag_bytes: Refuse a replica further behind the old primary's last known WAL position.
         force: Go on although the old primary accepts writes (it is fenced first) or the replica lags.
         planned: The primary is up on purpose (a drill): stop it cleanly first, no data loss.
-        approved_by: Who approved before the run (the CLI sets it after a terminal approval).
+        approved_by: Who approved this run beforehand (a name or a ticket), recorded in the
+            report. Empty: the run pauses at the approval step and waits for the approval form.
         approval_timeout_seconds: How long the approval form waits before nothing is promoted.
     """
     tl = Timeline()
@@ -368,7 +367,7 @@ def failover_flow(
         for step in plan.steps:
             if step.kind == "approve":
                 report.approver, report.approval_note = approval_gate(
-                    what=f"promote {target.name} in place of {old.name}", plan_lines=report.plan, yes=yes,
+                    what=f"promote {target.name} in place of {old.name}", plan_lines=report.plan,
                     approved_by=approved_by, timeout_seconds=approval_timeout_seconds)
                 tl.add("approve", f"approved by {report.approver}")
             elif step.kind == "fence-old-primary":

@@ -14,33 +14,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from tasks.errors import PreconditionFailed
+from tasks.walnames import format_lsn as int_to_lsn
+from tasks.walnames import lsn_or_none
+from tasks.walnames import lsn_to_int as lsn_to_int  # re-exported: its home was here
 
 DEFAULT_MAX_LAG_BYTES = 16 * 1024 * 1024  # refuse to promote a replica further behind than this
-
-# ---------------------------------------------------------------------------------------------
-# LSN arithmetic (an LSN is "hi/lo", two hex numbers: a 64-bit byte position in the WAL stream)
-
-
-def lsn_to_int(lsn: str) -> int:
-    """'16/B374D848' -> byte position; raises ValueError on anything else."""
-    hi, sep, lo = lsn.strip().partition("/")
-    if not sep or not hi or not lo:
-        raise ValueError(f"not an LSN: {lsn!r}")
-    return (int(hi, 16) << 32) | int(lo, 16)
-
-
-def int_to_lsn(pos: int) -> str:
-    return f"{pos >> 32:X}/{pos & 0xFFFFFFFF:X}"
-
-
-def lsn_or_none(lsn: str | None) -> int | None:
-    if not lsn:
-        return None
-    try:
-        return lsn_to_int(lsn)
-    except ValueError:
-        return None
-
 
 class Refused(PreconditionFailed):
     """The planner will not go on: the state makes the operation unsafe or pointless."""

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from tasks.errors import ChecksumMismatch, CommandFailed, ConfigError, PreconditionFailed
+from tasks.errors import ChecksumMismatch, ConfigError, PreconditionFailed, command_error
 from tasks.proc import tail
 
 CHUNK = 4 * 1024 * 1024
@@ -120,7 +120,7 @@ class ProcessSource:
         finally:
             code = self.finish()
         if code != 0:
-            raise CommandFailed(
+            raise command_error(
                 f"{self.label} exited {code}: {tail(chr(10).join(self.stderr_lines)) or 'no message'}"
             )
 

@@ -42,7 +42,7 @@ def _diverged_failover(pair: Pair, cfg: str) -> int:
                30, "WAL receiver stopped")
     pair.insert(pair.home.dsn(), 3000, "never-replicated")
     pair.kill_home()
-    report = failover_flow(config_path=cfg, yes=True, force=True, max_lag_bytes=1 << 30)
+    report = failover_flow(config_path=cfg, approved_by="test (pre-approved)", force=True, max_lag_bytes=1 << 30)
     assert report.status == "complete", report.error
     return 3000
 
@@ -50,7 +50,7 @@ def _diverged_failover(pair: Pair, cfg: str) -> int:
 def test_failed_pg_rewind_keeps_the_old_data_and_reports_where_and_what(
     prefect_harness: None, pg_pair: Any, file_repo_url: str, tmp_path: Path, pushgateway: str,
 ) -> None:
-    from flows.failback import failback_markdown, failback_flow
+    from flows.failback import failback_flow, failback_markdown
 
     # GIVEN a failover that lost home's last 3000 rows, a home directory with a node-local port in
     # postgresql.auto.conf, and a directory in it that pg_rewind (running as postgres) cannot read
@@ -67,7 +67,7 @@ def test_failed_pg_rewind_keeps_the_old_data_and_reports_where_and_what(
     trap.mkdir(mode=0o000)
 
     # WHEN failing back
-    report = failback_flow(config_path=cfg, yes=True, backup=False)
+    report = failback_flow(config_path=cfg, approved_by="test (pre-approved)", backup=False)
 
     # THEN pg_rewind failed, home was re-cloned, and it is the primary with every row of the new timeline
     assert report.status == "complete", report.error
