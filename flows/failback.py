@@ -25,10 +25,12 @@ from flows.failover import (
     Timeline,
     TimelineEvent,
     _finish,
+    _record,
     approval_gate,
     check_replica_health,
     markdown_table,
     reconnect_apps,
+    record_role_change_task,
     report_sections,
     resolve_nodes,
     switch_dns,
@@ -297,6 +299,8 @@ def _apply(cfg: Config, config_file: str | None, plan: FailbackPlan, report: Fai
             home_dir = local_pgdata(home)
             if home_dir is not None:
                 finish_rebuild(home_dir)
+            _record(report, tl, record_role_change_task(cfg, "failback", home.name, [current.name],
+                                                        so.promote.timeline, so.promote.promoted_lsn))
             tl.add(step.kind, f"{current.name} shut down cleanly at checkpoint {so.final_checkpoint_lsn}; "
                    f"{home.name} replayed {so.replayed_lsn} and was promoted (timeline "
                    f"{so.promote.timeline}); writes were unavailable {so.unavailable_seconds:.2f}s")
@@ -326,6 +330,8 @@ def _apply(cfg: Config, config_file: str | None, plan: FailbackPlan, report: Fai
             home_dir = local_pgdata(home)
             if home_dir is not None:
                 finish_rebuild(home_dir)  # it takes writes: a stale rebuild marker must not outlive this
+            _record(report, tl, record_role_change_task(cfg, "failback", home.name,
+                                                        [n for n in nodes if n != home.name], None, None))
             tl.add(step.kind, f"canary write on {home.name} read back")
     if report.old_data:
         from tasks.topology import dir_size

@@ -21,7 +21,7 @@ import psycopg
 from psycopg import conninfo
 from pydantic import BaseModel, ConfigDict
 
-from tasks.config import Node
+from tasks.config import Config, Node
 from tasks.errors import CommandFailed, DRError, PermanentError, PreconditionFailed, TransientError, one_line
 from tasks.failover import READY_PHASES, REWIND_SAFE_STATES, NodeState, server_answered
 from tasks.libpq import client_env
@@ -29,6 +29,8 @@ from tasks.pgcluster import chown_tree, pid_alive
 from tasks.polling import Progress, poll_until
 from tasks.postgres import ServerUnreachable, connection, dsn_field
 from tasks.proc import pg_bin, run
+from tasks.repository import Repository
+from tasks.roles import PrimaryChoice, choose_primary, role_history
 from tasks.walnames import WAL_SEGMENT_RE, format_lsn, lsn_or_none, lsn_to_int
 
 log = logging.getLogger(__name__)
@@ -195,6 +197,34 @@ SELECT pg_is_in_recovery(),
 """
 
 
+def find_primary(cfg: Config, repo: Repository | None = None) -> tuple[Config, PrimaryChoice]:
+    """Ask every configured node who it is; the config with the node that accepts writes as primary.
+
+    Raises SplitBrain when two nodes are out of recovery. With nobody writable the role history
+    (when ``repo`` is given and readable) names the node, else the configured primary stays.
+    """
+    nodes = [cfg.primary, *cfg.replicas]
+    states = [observe_node(n, "primary" if n is cfg.primary else "replica", os_user=cfg.postgres.os_user,
+                           bindir=cfg.postgres.bindir, connect_timeout=3, local_facts=False) for n in nodes]
+    history = []
+    if repo is not None and not any(s.accepts_writes for s in states):
+        try:
+            history = role_history(repo)
+        except DRError as exc:
+            log.warning("role history unreadable: %s", one_line(exc))
+    choice = choose_primary(states, cfg.primary.name, history)
+    return config_with_primary(cfg, choice.primary), choice
+
+
+def config_with_primary(cfg: Config, name: str) -> Config:
+    """The same config with node ``name`` as its primary and every other node as a replica."""
+    if name == cfg.primary.name:
+        return cfg
+    nodes = [cfg.primary, *cfg.replicas]
+    primary = next(n for n in nodes if n.name == name)
+    return cfg.model_copy(update={"primary": primary, "replicas": [n for n in nodes if n.name != name]})
+
+
 def parse_history(text: str) -> list[tuple[int, str]]:
     """A timeline history file's lines ("1\t0/3000060\tno recovery target specified") as pairs."""
     out = []
@@ -224,8 +254,10 @@ def observe_node(
     attempts: int = 1,
     connect_timeout: int = 3,
     interval: float = 0.25,
+    local_facts: bool = True,
 ) -> NodeState:
-    """Look at one node: over SQL when it answers, else at its local data directory if any."""
+    """Look at one node: over SQL when it answers, else at its local data directory if any
+    (``local_facts=False``: SQL only, for flows that only need to know who the primary is)."""
     error: str | None = None
     answered = False
     row = None
@@ -270,7 +302,7 @@ def observe_node(
             "rewind_capable": bool(row[13]), "history": history,
         })
     extra: dict[str, object] = {}
-    if pgdata is not None and not base.get("postmaster_running"):
+    if pgdata is not None and local_facts and not base.get("postmaster_running"):
         # A dead server's own files say how far its WAL got (the RPO reference) and how it stopped.
         try:
             ctl = controldata(pgdata, os_user=os_user, bindir=bindir)
