@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -145,6 +146,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
         check_pgdata_target(Path(args.pgdata).absolute())
         kind = "physical"
     else:
+        from tasks.libpq import split_password
+
+        # the flow (its parameters live in Prefect's database) gets the DSN without the
+        # password; pg_restore and psycopg in this process get it as PGPASSWORD
+        args.dsn, password = split_password(args.dsn)
+        if password is not None:
+            os.environ["PGPASSWORD"] = password
         server_info(args.dsn)  # reachable?
         kind = "logical"
     from tasks.recovery import RecoveryTarget

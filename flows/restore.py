@@ -25,7 +25,8 @@ from tasks import restore as rsteps
 from tasks import wal as walsteps
 from tasks.config import Config
 from tasks.config import config_path as resolve_config_path
-from tasks.errors import DRError, PreconditionFailed, one_line
+from tasks.errors import ConfigError, DRError, PreconditionFailed, one_line
+from tasks.libpq import has_password
 from tasks.models import Manifest, format_lsn
 from tasks.pgcluster import LocalCluster, free_port
 from tasks.postgres import safe_dsn
@@ -234,6 +235,11 @@ def restore_flow(
     target = rec.RecoveryTarget.from_options(time=target_time.isoformat() if target_time else None,
                                              lsn=target_lsn, name=target_name,
                                              xid=target_xid)
+    if dsn is not None and has_password(dsn):
+        # too late to keep it out of this run's parameters, but never used, logged or stored again
+        raise ConfigError("the dsn parameter carries a password: pass it through PGPASSWORD or a "
+                          ".pgpass file in the environment of the worker (the gravl-dr command "
+                          "does this by itself), never in a flow parameter")
     if dsn is not None and target.kind != "end":
         raise PreconditionFailed("a recovery target needs a physical restore (--pgdata)")
     t0 = time.monotonic()

@@ -334,14 +334,25 @@ def find_variants(repo: Repository, name: str) -> list[str]:
     return [key for key in variants if key.rsplit("/", 1)[-1] in found]
 
 
-def list_archive(repo: Repository) -> dict[str, str]:
-    """Every archived WAL file: name -> key."""
+def list_archive(repo: Repository, keys: list[str] | None = None) -> dict[str, str]:
+    """Every archived WAL file: name -> key (``keys``: a listing of ``wal`` already made)."""
     found: dict[str, str] = {}
-    for key in repo.list_keys("wal"):
+    for key in repo.list_keys("wal") if keys is None else keys:
         name = name_of_key(key)
         if name is not None and name not in found:
             found[name] = key
     return found
+
+
+def duplicate_variants(keys: list[str]) -> dict[str, list[str]]:
+    """Names archived under more than one codec or encryption variant (left by releases before
+    wal-push compared across variants): wal-fetch could return either copy."""
+    by_name: dict[str, list[str]] = {}
+    for key in keys:
+        name = name_of_key(key)
+        if name is not None:
+            by_name.setdefault(name, []).append(key)
+    return {name: found for name, found in by_name.items() if len(found) > 1}
 
 
 # ---------------------------------------------------------------- push

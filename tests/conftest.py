@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import os
 
-# Before anything imports Prefect (STACK.md): no telemetry, patient ephemeral start-up.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,flows")
-os.environ.setdefault("PREFECT_UI_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+from flows.prefect_env import apply_prefect_defaults
+
+# Before anything imports Prefect (STACK.md): the CLI's defaults — no telemetry, patient ephemeral start-up.
+apply_prefect_defaults()
 # moto and boto3: fake credentials, never a real account.
 os.environ["AWS_ACCESS_KEY_ID"] = "testing"
 os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"

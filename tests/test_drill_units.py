@@ -135,6 +135,7 @@ def test_a_suite_for_tables_no_database_has_is_skipped_not_failed() -> None:
     assert specs == [] and [c.status for c in decided] == ["skipped"]
 
 
+@pytest.mark.integration  # loads Great Expectations' expectation classes: seconds of import
 @pytest.mark.parametrize(("content", "message"), [
     ("tables: {public.t: [{type: expect_column_values_to_be_frobbed, column: a}]}", "unknown expectation type"),
     ("tables: {public.t: [{type: expect_column_values_to_be_between, min_value: 1}]}", "invalid"),

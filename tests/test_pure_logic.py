@@ -1,6 +1,6 @@
 """Unit tier: pure decisions and parsers that had no test of their own — backup lock staleness,
 the wal-push/wal-fetch fast-path argument split, the look-ahead spool marks, pg_controldata and
-pg_waldump output, the markdown tables of the failover/failback reports, and poll_until."""
+pg_waldump output, the markdown tables of the failover/failback reports, poll_until and the Prefect defaults."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 
 from flows.cli_wal import _int_option, _split
 from flows.failover import TimelineEvent, markdown_table, timeline_markdown
+from flows.prefect_env import PREFECT_DEFAULTS, apply_prefect_defaults
 from tasks.backup import STALE_LOCK_SECONDS, lock_is_stale
 from tasks.polling import poll_until
 from tasks.topology import parse_controldata, waldump_end
@@ -247,3 +248,14 @@ def test_poll_until_checks_once_even_with_no_time_left() -> None:
     assert poll_until(lambda: True, timeout=0, interval=1, clock=fake.clock, sleep=fake.sleep) is True
     assert poll_until(lambda: None, timeout=0, interval=1, clock=fake.clock, sleep=fake.sleep) is None
     assert fake.sleeps == []
+
+
+# ---------------------------------------------------------------- Prefect environment defaults
+
+def test_prefect_defaults_fill_gaps_and_never_override_the_operator() -> None:
+    env = {"DO_NOT_TRACK": "0", "PATH": "/usr/bin"}
+    apply_prefect_defaults(env)
+    assert env["DO_NOT_TRACK"] == "0" and env["PATH"] == "/usr/bin"
+    assert {k: env[k] for k in PREFECT_DEFAULTS if k != "DO_NOT_TRACK"} == {
+        k: v for k, v in PREFECT_DEFAULTS.items() if k != "DO_NOT_TRACK"}
+    assert env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "tasks,flows"  # our loggers reach the Prefect UI
