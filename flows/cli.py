@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "flows.cli_backup",
     "flows.cli_demo",
     "flows.cli_retention",
+    "flows.cli_lock",
     "flows.cli_wal",
     "flows.cli_drill",
     "flows.cli_failover",
