@@ -153,9 +153,30 @@ def _shell_word(value: str) -> str:
     return "'" + value.replace("'", "'\"'\"'") + "'"
 
 
+def _interpreter(script: str) -> str | None:
+    """The Python of a console script (its ``#!`` line), when it is a plain absolute path."""
+    try:
+        with open(script, "rb") as fh:
+            first = fh.readline(4096).decode(errors="replace").strip()
+    except OSError:
+        return None
+    path = first[2:].strip() if first.startswith("#!") else ""
+    return path if path.startswith("/") and " " not in path and os.access(path, os.X_OK) else None
+
+
 def restore_command(config_path: str) -> str:
+    """``gravl-dr wal-fetch``, started the cheap way: the installation's Python without site
+    (-I -S) runs tasks/walserve.py, which serves a prefetched segment with a rename and hands
+    anything else to the full command (see tasks.walserve)."""
+    from tasks import walserve
+
     cfg = str(Path(config_path).absolute())
-    return f"{_shell_word(gravl_dr_executable())} --config {_shell_word(cfg)} wal-fetch %f %p"
+    program = gravl_dr_executable()
+    python = _interpreter(program)
+    if python is None:
+        return f"{_shell_word(program)} --config {_shell_word(cfg)} wal-fetch %f %p"
+    script = str(Path(walserve.__file__).absolute())
+    return f"{_shell_word(python)} -I -S {_shell_word(script)} --config {_shell_word(cfg)} wal-fetch %f %p"
 
 
 # Proxy settings the AWS SDK honours; the AWS_* variables (credentials, region, profile, web
@@ -549,6 +570,12 @@ def check_server_can_read(config_file: str, cfg: Config, os_user: str) -> None:
             )
 
 
-def clear_prefetch(pgdata: Path) -> None:
-    """Drop what wal-fetch prefetched and recovery did not use."""
+def clear_prefetch(pgdata: Path, timeout: float = 10.0) -> None:
+    """Drop what wal-fetch prefetched and recovery did not use, once the prefetcher is gone
+    (it exits when recovery ends)."""
+    from tasks.wal import prefetcher_pid
+
+    deadline = time.monotonic() + timeout
+    while prefetcher_pid(pgdata / "pg_wal") is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
     shutil.rmtree(pgdata / "pg_wal" / "gravl-dr" / "prefetch", ignore_errors=True)
