@@ -94,9 +94,17 @@ def start_and_wait(pgdata: Path, port: int) -> None:
     wait_promoted(port)
 
 
+KEEP_LOGS: Path | None = None
+
+
 def stop(pgdata: Path) -> None:
     subprocess.run(as_pg(f"{BIN}/pg_ctl", "-D", str(pgdata), "-m", "immediate", "-s", "stop"),
                    capture_output=True)
+    if KEEP_LOGS is not None:  # the server's log (and gravl-dr's prefetcher log) of the last round
+        KEEP_LOGS.mkdir(parents=True, exist_ok=True)
+        for src in (pgdata.parent / f"{pgdata.name}.log", pgdata / "pg_wal" / "gravl-dr" / "prefetcher.log"):
+            if src.exists():
+                shutil.copy(src, KEEP_LOGS / f"{pgdata.name}-{src.name}")
     shutil.rmtree(pgdata, ignore_errors=True)
 
 
@@ -121,7 +129,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per step (default 3)")
     parser.add_argument("--wal-seconds", type=int, default=20, help="pgbench -T after the backup (default 20)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--keep-logs", type=Path, help="copy the restored servers' logs here")
     args = parser.parse_args()
+    global KEEP_LOGS
+    KEEP_LOGS = args.keep_logs
     if subprocess.run(as_pg(GRAVL_DR, "--help"), capture_output=True).returncode:
         raise SystemExit(f"the postgres user cannot run {GRAVL_DR}: use a venv made from /usr/bin/python3")
     cores = os.cpu_count() or 2

@@ -149,7 +149,7 @@ def fast_path(argv: Sequence[str]) -> int | None:
         return FETCH_FATAL
     from tasks import walserve  # a prefetched, checked segment: a rename, nothing else loaded
 
-    if walserve.serve(rest[0], rest[1], walserve.config_stamp(_config_file(config))):
+    if walserve.serve(rest[0], rest[1], walserve.config_stamp(_config_file(config)), wait=walserve.WAIT_SECONDS):
         return 0
     _log_setup(verbose)
     return wal_fetch(config, rest[0], rest[1], prefetch)
@@ -279,14 +279,17 @@ def wal_fetch(config: str | None, name: str, dest: str, prefetch: int) -> int:
         wal = parse_wal_name(name)
         target = Path(dest).absolute()
         repo, settings = open_wal_repository(config, target.parent, stamp)
-        from tasks.wal import fetch_file, note_wanted, repository_reachable, take_prefetched
+        from tasks.wal import fetch_file, note_wanted, prefetch_primed, repository_reachable, take_prefetched
 
         if wal.kind == "segment":
             if take_prefetched(name, target, stamp, settings.key):
                 return 0
             if prefetch > 0:
                 note_wanted(target, name)
-                _ensure_prefetcher(config, target.parent, prefetch)
+        if prefetch > 0 and (wal.kind == "segment" or prefetch_primed(target)):
+            # (restore primes it with the backup's first segment: the prefetcher can start
+            # while recovery still probes for history files)
+            _ensure_prefetcher(config, target.parent, prefetch)
         t0 = time.monotonic()
         try:
             size = fetch_file(repo, name, Path(dest), settings)

@@ -130,10 +130,12 @@ def inspect_wal_archive(repo: Repository, manifest: Manifest) -> ArchiveView:
 
 @task(name="write-recovery-settings", cache_policy=NO_CACHE)
 def write_recovery_settings(cfg: Config, config_file: str, pgdata: str, target: rec.RecoveryTarget,
-                            keep_archiving: bool) -> None:
+                            keep_archiving: bool, start_wal: str | None = None) -> None:
     rec.check_server_can_read(config_file, cfg, cfg.postgres.os_user)
     rec.write_recovery_settings(Path(pgdata), config_path=config_file, target=target,
                                 os_user=cfg.postgres.os_user, keep_archiving=keep_archiving)
+    if start_wal:
+        walsteps.prime_prefetch(Path(pgdata), start_wal)
     logger().info("wrote recovery.signal and recovery settings: %s, restore_command %s, "
                   "timeline latest, then promote%s", target.describe(),
                   rec.restore_command(config_file), "" if keep_archiving else ", archive_mode off")
@@ -224,7 +226,8 @@ def restore_flow(
             use_archive = view.has_wal_after_backup or target.kind != "end"
             if use_archive:
                 config_file = str(resolve_config_path(config_path).absolute())
-                write_recovery_settings(cfg, config_file, pgdata, target, keep_archiving)
+                write_recovery_settings(cfg, config_file, pgdata, target, keep_archiving,
+                                        manifest.start_wal)
         else:
             assert dsn is not None
             res = restore_logical(cfg, repo, manifest, dsn, jobs)

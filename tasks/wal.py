@@ -750,6 +750,19 @@ def note_wanted(dest: Path, name: str) -> None:
         _atomic_write(folder / WANT_FILE, name.encode(), like=folder.parent.parent, durable=False)
 
 
+def prime_prefetch(pgdata: Path, start_wal: str) -> None:
+    """Before a restored server starts: tell the prefetcher to begin at the backup's first
+    segment (``start_wal``), so it fetches ahead while recovery is still starting."""
+    wal = parse_wal_name(start_wal)
+    if wal.kind != "segment" or not wal.segno:
+        return
+    note_wanted(pgdata / "pg_wal" / "RECOVERYXLOG", segment_name(wal.timeline, wal.segno - 1))
+
+
+def prefetch_primed(dest: Path) -> bool:
+    return (prefetch_dir(dest) / WANT_FILE).exists()
+
+
 def prefetcher_pid(pg_wal: Path) -> int | None:
     try:
         pid = int((spool_root(pg_wal) / "prefetcher.pid").read_text().strip())
@@ -800,12 +813,13 @@ def run_prefetcher(
     signal_file = pgdata / "recovery.signal"
     in_recovery = signal_file.exists()
     for entry in os.listdir(folder):  # what an earlier prefetcher left is not trusted
-        if entry != WANT_FILE:
+        if entry not in (WANT_FILE, walserve.WINDOW_FILE):
             with contextlib.suppress(OSError):
                 (folder / entry).unlink()
     fetched = 0
     want: str | None = None
-    timeline, next_segno = 0, -1
+    timeline, next_segno, first_segno = 0, -1, -1
+    window = ""
     ours: set[str] = set()
     in_flight: dict[str, Future[bool]] = {}
     retry_at = 0.0
@@ -828,8 +842,9 @@ def run_prefetcher(
                         wal.timeline != timeline or not wal.segno < next_segno <= wal.segno + depth + 1
                     ):
                         timeline, next_segno, retry_at = wal.timeline, wal.segno + 1, 0.0
+                        first_segno = next_segno
                     for entry in os.listdir(folder):  # what recovery has passed
-                        if entry != WANT_FILE and not entry.startswith(".") and entry[:24] < wanted:
+                        if len(entry) >= 24 and not entry.startswith(".") and entry[:24] < wanted:
                             with contextlib.suppress(OSError):
                                 (folder / entry).unlink()
                 for name, fut in list(in_flight.items()):
@@ -866,10 +881,19 @@ def run_prefetcher(
                             continue
                         in_flight[name] = pool.submit(_prefetch_one, repo, name, settings, folder,
                                                       stamp, pgdata)
+                if timeline:
+                    first = segment_name(timeline, first_segno) if first_segno >= 0 else ""
+                    current = f"{os.getpid()} {first} {segment_name(timeline, max(0, next_segno))}"
+                    if current != window:  # what the fast path may wait for (tasks.walserve)
+                        window = current
+                        _atomic_write(folder / walserve.WINDOW_FILE, window.encode(), like=pg_wal,
+                                      durable=False)
                 if not in_flight and now - active > idle_exit:
                     break
-                time.sleep(0.01)
+                time.sleep(0.005)
     finally:
+        with contextlib.suppress(OSError):
+            (folder / walserve.WINDOW_FILE).unlink()
         os.close(lock)
     return fetched
 

@@ -29,6 +29,8 @@ import struct
 import sys
 
 MARK_SUFFIX = ".ok"
+WINDOW_FILE = "window"  # "<prefetcher pid> <first name> <end name>": what it is fetching
+WAIT_SECONDS = 300.0  # at most, for a segment the prefetcher is fetching
 PREFETCH = os.path.join("gravl-dr", "prefetch")  # under pg_wal, see tasks.wal.spool_root
 XLP_LONG_HEADER = 0x0002
 # XLogLongPageHeaderData: magic, info, tli, pageaddr, rem_len, (pad), sysid, seg_size, blcksz
@@ -155,9 +157,40 @@ def check_prefetched(name: str, dest: str, stamp: str) -> tuple[str, str, int] |
     return path, path + MARK_SUFFIX, st.st_size
 
 
-def serve(name: str, dest: str, stamp: str) -> bool:
-    """Move a prefetched, checked segment into ``dest``; False when it cannot be served."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def in_prefetch_window(name: str, folder: str) -> bool:
+    """True while a live prefetcher is fetching ``name`` (the segment is in its window)."""
+    try:
+        with open(os.path.join(folder, WINDOW_FILE)) as fh:
+            pid, first, end = fh.read(200).split()
+    except (OSError, ValueError):
+        return False
+    if not (len(first) == len(end) == 24 and first[:8] == end[:8] == name[:8] and first <= name < end):
+        return False
+    return pid.isdigit() and _alive(int(pid))
+
+
+def serve(name: str, dest: str, stamp: str, wait: float = 0.0) -> bool:
+    """Move a prefetched, checked segment into ``dest``; False when it cannot be served. With
+    ``wait``, first wait (up to that many seconds) while the prefetcher is still fetching it."""
     found = check_prefetched(name, dest, stamp)
+    if found == "not prefetched" and wait > 0:
+        import time
+
+        folder = prefetch_folder(dest)
+        deadline = time.monotonic() + wait
+        while found == "not prefetched" and in_prefetch_window(name, folder) and time.monotonic() < deadline:
+            time.sleep(0.002)
+            found = check_prefetched(name, dest, stamp)
     if isinstance(found, str):
         return False
     path, mark, _size = found
@@ -199,7 +232,7 @@ def main(argv: list[str]) -> int:
     parsed = parse_argv(argv)
     if parsed is not None:
         config, name, dest = parsed
-        if len(name) == 24 and serve(name, dest, config_stamp(config)):
+        if len(name) == 24 and serve(name, dest, config_stamp(config), wait=WAIT_SECONDS):
             return 0
     # everything else: the full command, with the same arguments
     try:

@@ -371,7 +371,11 @@ def test_s3_push_fetch_duplicate_and_conflict(pg_wal: Path, s3_config: Path, tmp
     proc = fetch(s3_config, paths[0].name, restore_wal / "RECOVERYXLOG")
     assert proc.returncode == 0, proc.stderr
     assert (restore_wal / "RECOVERYXLOG").read_bytes() == paths[0].read_bytes()
-    assert (restore_wal / "gravl-dr" / "prefetch" / paths[2].name).is_file()
+    mark = restore_wal / "gravl-dr" / "prefetch" / f"{paths[2].name}.ok"  # the background prefetcher's
+    deadline = time.monotonic() + 30
+    while not mark.is_file():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
     assert fetch(s3_config, seg_name(1, 99), restore_wal / "X").returncode == 1
     make_wal(pg_wal, paths[2].name, seed=1234, ready=False)
     paths[2].touch()
