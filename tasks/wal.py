@@ -776,19 +776,41 @@ def prefetcher_pid(pg_wal: Path) -> int | None:
 
 def _prefetch_one(repo: Repository, name: str, settings: WalSettings, folder: Path, stamp: str,
                   pgdata: Path) -> bool:
-    """Fetch, verify and mark one segment ahead; False when it is not (yet) archived."""
+    """Fetch, verify and mark one segment ahead; False when it is not (yet) archived (then a
+    fresh "missing" mark lets the fast path answer recovery's request for it at once)."""
     key = find_object(repo, name, settings)
     if key is None:
+        _mark_missing(repo, name, folder, stamp)
         return False
     try:
         _size, header = _write_verified(repo, key, name, settings, folder / name, pgdata)
     except WalMissing:
+        _mark_missing(repo, name, folder, stamp)
         return False
+    with contextlib.suppress(FileNotFoundError):
+        (folder / (name + walserve.MISSING_SUFFIX)).unlink()
     st = (folder / name).stat()
     _atomic_write(folder / (name + walserve.MARK_SUFFIX),
                   walserve.mark_text(stamp, st, header.digest_alg, header.digest).encode(),
                   like=folder.parent.parent, durable=False)
     return True
+
+
+def _probe_history(repo: Repository, name: str, settings: WalSettings, folder: Path, stamp: str) -> bool:
+    if find_object(repo, name, settings) is not None:
+        with contextlib.suppress(FileNotFoundError):
+            (folder / (name + walserve.MISSING_SUFFIX)).unlink()
+        return True
+    _mark_missing(repo, name, folder, stamp)
+    return False
+
+
+def _mark_missing(repo: Repository, name: str, folder: Path, stamp: str) -> None:
+    """Record that ``name`` is not in the archive, once the repository proved reachable (an
+    unmounted repository is not the end of the archive)."""
+    repository_reachable(repo)
+    _atomic_write(folder / (name + walserve.MISSING_SUFFIX), walserve.missing_text(stamp).encode(),
+                  like=folder.parent.parent, durable=False)
 
 
 def run_prefetcher(
@@ -822,7 +844,7 @@ def run_prefetcher(
     window = ""
     ours: set[str] = set()
     in_flight: dict[str, Future[bool]] = {}
-    retry_at = 0.0
+    retry_at = history_at = 0.0
     active = time.monotonic()
     try:
         with ThreadPoolExecutor(max(1, parallel), thread_name_prefix="wal-prefetch") as pool:
@@ -851,6 +873,10 @@ def run_prefetcher(
                     if not fut.done():
                         continue
                     del in_flight[name]
+                    if name.endswith(".history"):
+                        with contextlib.suppress(DRError, OSError):
+                            fut.result()
+                        continue
                     try:
                         if fut.result():
                             fetched += 1
@@ -873,6 +899,13 @@ def run_prefetcher(
                 if taken:
                     ours -= taken
                     active = now
+                if timeline and now >= history_at:
+                    # recovery_target_timeline = latest: PostgreSQL probes for the next timeline's
+                    # history file at the start and at the end of recovery
+                    history_at = now + walserve.MISSING_FRESH / 3
+                    nxt = f"{timeline + 1:08X}.history"
+                    if nxt not in in_flight:
+                        in_flight[nxt] = pool.submit(_probe_history, repo, nxt, settings, folder, stamp)
                 if timeline and now >= retry_at:
                     while len(in_flight) + len(ours) < depth:
                         name = segment_name(timeline, next_segno)
@@ -1047,6 +1080,10 @@ def run_pusher(
                     if not fut.done():
                         continue
                     del in_flight[name]
+                    if name.endswith(".history"):
+                        with contextlib.suppress(DRError, OSError):
+                            fut.result()
+                        continue
                     try:
                         res = fut.result()
                         mark_archived(pg_wal / name, res, stamp)

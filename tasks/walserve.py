@@ -7,7 +7,8 @@ imports nothing but ``os``, ``sys`` and ``struct`` (no site, no package finder) 
 few milliseconds when the background prefetcher (``tasks.wal.run_prefetcher``) already fetched
 and verified the segment. Everything else — not prefetched, a history or partial file, any check
 failing — is handed by ``exec`` to the full ``gravl-dr wal-fetch``, which owns the contract
-(0 fetched, 1 not in the archive, > 125 for anything else); this script never answers 1.
+(0 fetched, 1 not in the archive, > 125 for anything else). This script answers 1 only from a
+live prefetcher's fresh "not in the archive" mark (``known_missing``).
 
 A prefetched segment is served only when all of these hold:
 
@@ -29,6 +30,8 @@ import struct
 import sys
 
 MARK_SUFFIX = ".ok"
+MISSING_SUFFIX = ".missing"
+MISSING_FRESH = 2.0  # seconds a prefetcher's "not in the archive" stays true (it re-checks each second)
 WINDOW_FILE = "window"  # "<prefetcher pid> <first name> <end name>": what it is fetching
 WAIT_SECONDS = 300.0  # at most, for a segment the prefetcher is fetching
 PREFETCH = os.path.join("gravl-dr", "prefetch")  # under pg_wal, see tasks.wal.spool_root
@@ -205,6 +208,34 @@ def serve(name: str, dest: str, stamp: str, wait: float = 0.0) -> bool:
     return True
 
 
+def missing_text(stamp: str) -> str:
+    return f"stamp={stamp}\nboot={boot_id()}\n"
+
+
+def known_missing(name: str, dest: str, stamp: str) -> bool:
+    """True when a live prefetcher found ``name`` absent from this repository within the last
+    MISSING_FRESH seconds (after checking the repository is reachable): recovery may be told
+    "not in the archive" (exit 1) without starting the full command, as pgBackRest's
+    asynchronous archive-get does from its spool."""
+    import time
+
+    folder = prefetch_folder(dest)
+    path = os.path.join(folder, name + MISSING_SUFFIX)
+    try:
+        age = time.time() - os.stat(path).st_mtime
+    except OSError:
+        return False
+    mark = read_mark(path)
+    if mark is None or mark.get("stamp") != stamp or mark.get("boot") != boot_id() or not 0 <= age < MISSING_FRESH:
+        return False
+    try:
+        with open(os.path.join(folder, WINDOW_FILE)) as fh:
+            pid = fh.read(200).split()[0]
+    except (OSError, IndexError):
+        return False
+    return pid.isdigit() and _alive(int(pid))
+
+
 def parse_argv(argv: list[str]) -> tuple[str, str, str] | None:
     """(config, name, dest) of ``[--config CFG] [-v] wal-fetch NAME DEST [--prefetch N]``."""
     config: str | None = None
@@ -232,8 +263,11 @@ def main(argv: list[str]) -> int:
     parsed = parse_argv(argv)
     if parsed is not None:
         config, name, dest = parsed
-        if len(name) == 24 and serve(name, dest, config_stamp(config), wait=WAIT_SECONDS):
+        stamp = config_stamp(config)
+        if len(name) == 24 and serve(name, dest, stamp, wait=WAIT_SECONDS):
             return 0
+        if (len(name) == 24 or name.endswith(".history")) and known_missing(name, dest, stamp):
+            return 1
     # everything else: the full command, with the same arguments
     try:
         os.execv(sys.executable, [sys.executable, "-P", "-m", "flows.cli", *argv])
