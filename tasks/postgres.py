@@ -31,10 +31,6 @@ def dsn_field(dsn: str, name: str, default: str | None = None) -> str | None:
     return str(value) if value is not None else default
 
 
-def with_dbname(dsn: str, dbname: str) -> str:
-    return conninfo.make_conninfo(dsn, dbname=dbname)
-
-
 class ServerUnreachable(TransientError):
     """The server did not accept a connection."""
 
@@ -113,14 +109,6 @@ def server_info(dsn: str) -> ServerInfo:
     )
 
 
-def list_databases(dsn: str) -> list[str]:
-    with connection(dsn) as conn:
-        rows = conn.execute(
-            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1"
-        ).fetchall()
-    return [r[0] for r in rows]
-
-
 def user_tables(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
     rows = conn.execute(
         """
@@ -144,14 +132,6 @@ def count_rows(conn: psycopg.Connection[Any]) -> dict[str, int]:
     return counts
 
 
-def table_rows_ordered(conn: psycopg.Connection[Any], schema: str, table: str) -> list[tuple[Any, ...]]:
-    """Every row of a table as text tuples in a total order: for content comparisons in tests/demo."""
-    query = sql.SQL("SELECT t::text FROM {}.{} AS t ORDER BY 1").format(
-        sql.Identifier(schema), sql.Identifier(table)
-    )
-    return [tuple(r) for r in conn.execute(query).fetchall()]
-
-
 def table_digest(conn: psycopg.Connection[Any], schema: str, table: str) -> tuple[int, str]:
     """(rows, md5 of all rows in order): compares table contents without moving them."""
     query = sql.SQL(
@@ -170,11 +150,6 @@ def database_digest(dsn: str) -> dict[str, tuple[int, str]]:
 def is_empty_database(dsn: str) -> bool:
     with connection(dsn) as conn:
         return not user_tables(conn)
-
-
-def require_superuser_or_replication(info: ServerInfo, kind: str) -> None:
-    if kind == "physical" and not info.is_superuser:
-        log.info("connected role is not a superuser; pg_basebackup needs the REPLICATION attribute")
 
 
 def check_version(info: ServerInfo) -> None:

@@ -28,9 +28,12 @@ from tasks.errors import (
     AlreadyExists,
     ConfigError,
     DRError,
+    InternalError,
     NotFound,
     PreconditionFailed,
     StorageUnavailable,
+    botocore_transient,
+    classify_aws,
 )
 
 if TYPE_CHECKING:
@@ -248,25 +251,36 @@ class S3Repository:
         return full[len(self.prefix) + 1 :] if self.prefix else full
 
     def _wrap(self, exc: Exception, what: str) -> DRError:
+        """An S3 or network failure as a DRError of its class (tasks.errors.classify_aws); any
+        other exception is a bug of ours, permanent, never "repository unreachable"."""
         from botocore.exceptions import BotoCoreError, ClientError
 
+        if isinstance(exc, DRError):
+            return exc
         if isinstance(exc, ClientError):
-            code = exc.response.get("Error", {}).get("Code", "")
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if code in ("NoSuchBucket",):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            kind = classify_aws(code, status)
+            if kind == "no_bucket":
                 return PreconditionFailed(f"bucket {self.bucket} does not exist")
-            if code in ("NoSuchKey", "404", "NotFound"):
+            if kind == "not_found":
                 return NotFound(f"{what}: not found")
-            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                return PreconditionFailed(f"{what}: access denied by the repository ({code})")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            if kind == "denied":
+                return PreconditionFailed(f"{what}: access denied by the repository ({code or status})")
+            if kind == "exists":
                 return AlreadyExists(f"{what}: object already exists in the repository")
-            if status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError"):
+            if kind == "transient":
                 return StorageUnavailable(f"{what}: repository error {code or status}")
             return PreconditionFailed(f"{what}: repository refused ({code or status})")
         if isinstance(exc, BotoCoreError):
+            if botocore_transient(exc):
+                return StorageUnavailable(f"{what}: repository unreachable ({type(exc).__name__})")
+            return ConfigError(f"{what}: {exc}")
+        if isinstance(exc, OSError) or type(exc).__module__.startswith("urllib3"):
+            # sockets, TLS, a connection reset while reading a body
             return StorageUnavailable(f"{what}: repository unreachable ({type(exc).__name__})")
-        return StorageUnavailable(f"{what}: {type(exc).__name__}")
+        log.error("unexpected error during %s", what, exc_info=exc)
+        return InternalError(f"{what}: internal error {type(exc).__name__}: {exc} (a gravl-dr bug)")
 
     def _extra(self) -> dict[str, str]:
         extra: dict[str, str] = {}
@@ -284,9 +298,10 @@ class S3Repository:
         except Exception as exc:
             from botocore.exceptions import ClientError
 
-            if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in (
-                "404", "NoSuchBucket", "NotFound"
-            ):
+            if isinstance(exc, ClientError) and classify_aws(
+                str(exc.response.get("Error", {}).get("Code", "")),
+                int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0),
+            ) in ("not_found", "no_bucket"):
                 raise PreconditionFailed(f"bucket {self.bucket} does not exist") from None
             raise self._wrap(exc, f"bucket {self.bucket}") from None
 
@@ -453,7 +468,9 @@ class S3Repository:
             raise self._wrap(exc, f"delete {key}") from None
 
     def abort_incomplete(self, prefix: str) -> int:
-        full_prefix = self._full(prefix) if prefix else self.prefix
+        """Abort the open multipart uploads under the folder ``prefix`` (never a sibling whose
+        name merely starts with it: ``backups/X`` does not reach ``backups/X-2``)."""
+        full_prefix = self._folder(prefix)
         count = 0
         try:
             resp = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=full_prefix)
@@ -464,8 +481,13 @@ class S3Repository:
             raise self._wrap(exc, "listing multipart uploads") from None
         return count
 
+    def _folder(self, prefix: str) -> str:
+        if prefix:
+            return self._full(prefix.rstrip("/")) + "/"
+        return f"{self.prefix}/" if self.prefix else ""
+
     def list_incomplete(self, prefix: str = "") -> list[str]:
-        full_prefix = self._full(prefix) if prefix else self.prefix
+        full_prefix = self._folder(prefix)
         resp = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=full_prefix)
         return [u["Key"] for u in resp.get("Uploads", [])]
 

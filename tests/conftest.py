@@ -36,7 +36,29 @@ from tasks.sample import create_database, load_sample  # noqa: E402
 PG_USER = "postgres"
 
 # Fixture plugins kept next to the features that use them.
-pytest_plugins = ["conftest_failover"]
+pytest_plugins = ["conftest_failover", "s3fault", "conftest_prodshape"]
+
+
+# Two tiers (STYLE.md): a test is `integration` when it asks for any fixture outside this set
+# (every fixture that starts a server, a cluster, moto or Prefect is outside it), `unit` otherwise.
+# A test that starts something by itself (a CLI subprocess, say) carries `@pytest.mark.integration`.
+UNIT_FIXTURES = frozenset({
+    "tmp_path", "tmp_path_factory", "tmpdir", "tmpdir_factory", "monkeypatch", "capsys", "capfd",
+    "capsysbinary", "capfdbinary", "caplog", "recwarn", "request", "pytestconfig", "cache",
+    "record_property", "record_testsuite_property", "record_xml_attribute", "doctest_namespace",
+    "file_repo_dir", "file_repo_url",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("unit") or item.get_closest_marker("integration"):
+            continue
+        callspec = getattr(item, "callspec", None)
+        params = set(callspec.params) if callspec is not None else set()
+        fixtures = set(getattr(item, "fixturenames", ())) - params
+        tier = "integration" if fixtures - UNIT_FIXTURES else "unit"
+        item.add_marker(getattr(pytest.mark, tier))
 
 
 def _new_cluster(prefix: str, **initdb: Any) -> LocalCluster:

@@ -116,34 +116,24 @@ def test_killed_pg_basebackup_leaves_no_backup_and_next_succeeds(make_config, fi
 
 
 def test_s3_error_mid_upload_aborts_multipart_and_next_succeeds(make_config, s3_repo_url,
-                                                                moto_endpoint, monkeypatch) -> None:
-    # GIVEN an S3 repository with 5 MiB parts and no compression (several parts)
-    cfg = load_config(str(make_config(s3_repo_url, moto=moto_endpoint,
+                                                                s3_fault_proxy) -> None:
+    # GIVEN an S3 repository with 5 MiB parts and no compression (several parts), behind the
+    # fault proxy, which answers every upload of part 3 with a 500 (the SDK's retries too)
+    cfg = load_config(str(make_config(s3_repo_url, moto=s3_fault_proxy.url,
                                       repository={"compression": "none"})))
     repo = open_repository(cfg.repository)
     assert isinstance(repo, S3Repository)
-    from botocore.exceptions import ClientError
-
-    real_upload_part = repo.client.upload_part
-    calls = {"n": 0}
-
-    def failing_upload_part(**kwargs):
-        calls["n"] += 1
-        if kwargs["PartNumber"] == 3:
-            raise ClientError({"Error": {"Code": "InternalError", "Message": "injected"},
-                               "ResponseMetadata": {"HTTPStatusCode": 500}}, "UploadPart")
-        return real_upload_part(**kwargs)
-
-    monkeypatch.setattr(repo.client, "upload_part", failing_upload_part)
-    # WHEN the third part fails with a 500
+    rule = s3_fault_proxy.add("PUT", r"base\.tar", query="partNumber=3", action="error",
+                              status=500, code="InternalError", times=None)
+    # WHEN the third part fails
     with pytest.raises(StorageUnavailable):
         take_backup(cfg, repo)
     # THEN no backup is listed, no object and no multipart upload is left behind
-    assert calls["n"] >= 3
+    assert rule.shots >= 1
     assert steps.list_backups(repo) == []
     assert [k for k in repo.list_keys("backups")] == []
     assert repo.list_incomplete() == []
-    monkeypatch.undo()
+    s3_fault_proxy.clear()
     # AND the next backup succeeds
     manifest = take_backup(cfg, repo)
     assert [m.id for m in steps.list_backups(repo)] == [manifest.id]
