@@ -580,7 +580,12 @@ def check_server_can_read(config_file: str, cfg: Config, os_user: str) -> None:
     from tasks.proc import run
 
     program = gravl_dr_executable()
-    probe_run = run([program, "--help"], timeout=60, os_user=os_user, check=False)
+    python = _interpreter(program)
+    # what restore_command runs: the fast path's script and the modules of the full wal-fetch
+    # (importing them, not building every command's parser: that costs a second of the RTO)
+    probe = ([python, "-P", "-c", "import flows.cli_wal, tasks.wal, tasks.walserve"] if python
+             else [program, "--help"])
+    probe_run = run(probe, timeout=60, os_user=os_user, check=False)
     if probe_run.returncode != 0:
         raise PreconditionFailed(
             f"the restored server runs restore_command as {os_user}, who cannot run {program} "
