@@ -802,6 +802,16 @@ def _probe_history(repo: Repository, name: str, settings: WalSettings, folder: P
     return False
 
 
+def _prune_served(folder: Path, keep: str) -> None:
+    """Drop segments the fast path served, except the newest (``keep``): PostgreSQL asks for the
+    last segment again at the end of recovery."""
+    for entry in os.listdir(folder):
+        if entry.endswith(walserve.SERVED_SUFFIX) and entry[:24] < keep:
+            for stale in (entry, entry[:24]):
+                with contextlib.suppress(OSError):
+                    (folder / stale).unlink()
+
+
 def _mark_missing(repo: Repository, name: str, folder: Path, stamp: str) -> None:
     """Record that ``name`` is not in the archive, once the repository proved reachable (an
     unmounted repository is not the end of the archive)."""
@@ -837,7 +847,7 @@ def run_prefetcher(
                 (folder / entry).unlink()
     fetched = 0
     want: str | None = None
-    timeline, next_segno, first_segno = 0, -1, -1
+    timeline, next_segno = 0, -1
     window = ""
     ours: set[str] = set()
     in_flight: dict[str, Future[bool]] = {}
@@ -861,7 +871,6 @@ def run_prefetcher(
                         wal.timeline != timeline or not wal.segno < next_segno <= wal.segno + depth + 1
                     ):
                         timeline, next_segno, retry_at = wal.timeline, wal.segno + 1, 0.0
-                        first_segno = next_segno
                     for entry in os.listdir(folder):  # what recovery has passed
                         if len(entry) >= 24 and not entry.startswith(".") and entry[:24] < wanted:
                             with contextlib.suppress(OSError):
@@ -892,10 +901,12 @@ def run_prefetcher(
                     if segno is not None and segno < next_segno:
                         next_segno = segno
                     retry_at = now + 1.0
-                taken = {n for n in ours if not (folder / n).exists()}
+                # taken by the fast path: its mark is gone (the file stays as the last served)
+                taken = {n for n in ours if not (folder / (n + walserve.MARK_SUFFIX)).exists()}
                 if taken:
                     ours -= taken
                     active = now
+                    _prune_served(folder, keep=max(taken))
                 if timeline and now >= history_at:
                     # recovery_target_timeline = latest: PostgreSQL probes for the next timeline's
                     # history file at the start and at the end of recovery
@@ -912,8 +923,8 @@ def run_prefetcher(
                         in_flight[name] = pool.submit(_prefetch_one, repo, name, settings, folder,
                                                       stamp, pgdata)
                 if timeline:
-                    first = segment_name(timeline, first_segno) if first_segno >= 0 else ""
-                    current = f"{os.getpid()} {first} {segment_name(timeline, max(0, next_segno))}"
+                    held = sorted({n for n in in_flight if len(n) == 24} | ours)
+                    current = " ".join([str(os.getpid()), *held])
                     if current != window:  # what the fast path may wait for (tasks.walserve)
                         window = current
                         _atomic_write(folder / walserve.WINDOW_FILE, window.encode(), like=pg_wal,

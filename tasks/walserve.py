@@ -31,8 +31,9 @@ import sys
 
 MARK_SUFFIX = ".ok"
 MISSING_SUFFIX = ".missing"
+SERVED_SUFFIX = ".served"  # the mark of the last segment served, kept for a second request
 MISSING_FRESH = 2.0  # seconds a prefetcher's "not in the archive" stays true (it re-checks each second)
-WINDOW_FILE = "window"  # "<prefetcher pid> <first name> <end name>": what it is fetching
+WINDOW_FILE = "window"  # "<prefetcher pid> <name> <name>...": what it is fetching or holds
 WAIT_SECONDS = 300.0  # at most, for a segment the prefetcher is fetching
 PREFETCH = os.path.join("gravl-dr", "prefetch")  # under pg_wal, see tasks.wal.spool_root
 XLP_LONG_HEADER = 0x0002
@@ -133,7 +134,11 @@ def check_prefetched(name: str, dest: str, stamp: str) -> tuple[str, str, int] |
     ``dest``; otherwise why not."""
     folder = prefetch_folder(dest)
     path = os.path.join(folder, name)
-    mark = read_mark(path + MARK_SUFFIX)
+    mark_path = path + MARK_SUFFIX
+    mark = read_mark(mark_path)
+    if mark is None:  # served once already: PostgreSQL may ask for the last segment again
+        mark_path = path + SERVED_SUFFIX
+        mark = read_mark(mark_path)
     if mark is None:
         return "not prefetched"
     if mark.get("stamp") != stamp:
@@ -157,7 +162,7 @@ def check_prefetched(name: str, dest: str, stamp: str) -> tuple[str, str, int] |
     problem = header_problem(head, name, st.st_size, system_identifier(pgdata))
     if problem is not None:
         return problem
-    return path, path + MARK_SUFFIX, st.st_size
+    return path, mark_path, st.st_size
 
 
 def _alive(pid: int) -> bool:
@@ -171,15 +176,13 @@ def _alive(pid: int) -> bool:
 
 
 def in_prefetch_window(name: str, folder: str) -> bool:
-    """True while a live prefetcher is fetching ``name`` (the segment is in its window)."""
+    """True while a live prefetcher is fetching ``name`` or holds it (its window)."""
     try:
         with open(os.path.join(folder, WINDOW_FILE)) as fh:
-            pid, first, end = fh.read(200).split()
+            pid, *held = fh.read(8192).split()
     except (OSError, ValueError):
         return False
-    if not (len(first) == len(end) == 24 and first[:8] == end[:8] == name[:8] and first <= name < end):
-        return False
-    return pid.isdigit() and _alive(int(pid))
+    return name in held and pid.isdigit() and _alive(int(pid))
 
 
 def serve(name: str, dest: str, stamp: str, wait: float = 0.0) -> bool:
@@ -197,14 +200,23 @@ def serve(name: str, dest: str, stamp: str, wait: float = 0.0) -> bool:
     if isinstance(found, str):
         return False
     path, mark, _size = found
+    # a second name for the same file: PostgreSQL only reads what restore_command delivers
+    # (and renames it into pg_wal); the prefetched name stays for a repeated request
+    tmp = f"{dest}.gravl-{os.getpid()}"
     try:
-        os.replace(path, dest)
+        os.link(path, tmp)
+        os.replace(tmp, dest)
     except OSError:
+        try:  # noqa: SIM105 - contextlib would be one more import on every call
+            os.unlink(tmp)
+        except OSError:
+            pass
         return False
-    try:  # noqa: SIM105 - contextlib would be one more import on every call
-        os.unlink(mark)
-    except OSError:
-        pass
+    if mark.endswith(MARK_SUFFIX):
+        try:  # noqa: SIM105
+            os.replace(mark, path + SERVED_SUFFIX)
+        except OSError:
+            pass
     return True
 
 

@@ -99,7 +99,12 @@ def test_a_flow_command_ending_without_teardown_keeps_its_run_logs_and_artifact(
     # GIVEN a Prefect API (the session harness) and a flow command run as a user would
     import prefect
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
     from prefect.client.schemas.sorting import FlowRunSort
 
     cfg = make_config(file_repo_url)
