@@ -30,6 +30,7 @@ from tasks.libpq import has_password
 from tasks.models import Manifest, format_lsn
 from tasks.pgcluster import LocalCluster, free_port
 from tasks.postgres import safe_dsn
+from tasks.replay import ArchiveView, archive_view
 from tasks.repository import Repository
 
 
@@ -91,38 +92,10 @@ def select_backup_for_target(repo: Repository, ref: str, cluster: str,
     return manifest
 
 
-class ArchiveView(BaseModel):
-    """What the WAL archive holds after a backup: does recovery need restore_command at all,
-    and where does the archive end (the start of its newest segment, per timeline)."""
-
-    has_wal_after_backup: bool
-    newest_segment_start: dict[int, int]
-    newest_segment_name: dict[int, str]
-
-
 @task(name="inspect-wal-archive", cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def inspect_wal_archive(repo: Repository, manifest: Manifest) -> ArchiveView:
-    seg = manifest.wal_segment_size
-    newest: dict[int, int] = {}
-    after = False
-    stop_wal = walsteps.parse_wal_name(manifest.stop_wal, seg) if manifest.stop_wal else None
-    for name in walsteps.list_archive(repo):
-        wal = walsteps.parse_wal_name(name, seg)
-        if wal.kind == "history" and wal.timeline > manifest.timeline:
-            after = True
-        if wal.kind != "segment" or wal.segno is None or wal.timeline < manifest.timeline:
-            continue
-        newest[wal.timeline] = max(newest.get(wal.timeline, 0), wal.segno)
-        if stop_wal is None or wal.timeline > manifest.timeline or (
-            stop_wal.segno is not None and wal.segno >= stop_wal.segno
-        ):
-            after = True
-    view = ArchiveView(
-        has_wal_after_backup=after,
-        newest_segment_start={t: s * seg for t, s in newest.items()},
-        newest_segment_name={t: walsteps.segment_name(t, s, seg) for t, s in newest.items()},
-    )
-    if after:
+    view = archive_view(walsteps.list_archive(repo), manifest)
+    if view.has_wal_after_backup:
         ends = ", ".join(f"timeline {t}: {n}" for t, n in sorted(view.newest_segment_name.items()))
         logger().info("the WAL archive continues after the backup (newest segment %s)", ends)
     else:

@@ -270,6 +270,35 @@ def release_lock(repo: Repository, backup_id: str, attempts: int = 4, pause: flo
     return False
 
 
+def describe_lock(lock: dict[str, Any]) -> str:
+    if lock.get("corrupt"):
+        return "an unreadable lock"
+    return (f"the lock of backup {lock.get('backup_id')} (host {lock.get('host')}, pid "
+            f"{lock.get('pid')}, since {lock.get('started')})")
+
+
+def break_lock(repo: Repository, force: bool = False) -> str:
+    """``gravl-dr unlock``: remove the repository lock when its holder is gone. A holder alive on
+    this host is never removed; one on another host (which cannot be checked from here) only with
+    ``force``. Returns what was done, one line."""
+    lock = read_lock(repo)
+    if lock is None:
+        return f"no backup lock is held in {repo.url}"
+    what = describe_lock(lock)
+    here = lock.get("host") == socket.gethostname()
+    if here and not lock.get("corrupt") and pid_alive(int(lock.get("pid", 0))):
+        raise PreconditionFailed(f"{what} belongs to a process that is running on this host; "
+                                 "not removed (stop that backup first)")
+    if not lock_is_stale(lock, repo) and not force:
+        raise PreconditionFailed(f"{what} may belong to a running backup on another host; "
+                                 "run unlock --force once you know it is dead")
+    if read_lock(repo) != lock:
+        raise Locked("the lock changed while it was examined; look again")
+    repo.delete(LOCK_KEY)
+    log.warning("removed %s", what)
+    return f"removed {what}"
+
+
 # ---------------------------------------------------------------- stream
 
 def discard_incomplete(repo: Repository, backup_id: str) -> int:

@@ -67,6 +67,9 @@ class RetentionConfig(_Strict):
     # Before counting a backup toward min_full, expire re-reads it in full ("content"), or only
     # checks that its objects are there with their sizes ("size"). Every backup gets the size check.
     verify: Literal["content", "size"] = "content"
+    # Leftovers of killed or failed runs (open multipart uploads, temporary files, backup folders
+    # without a manifest) are swept by expire once this old; a running backup holds the lock.
+    incomplete_grace_hours: Annotated[float, Field(ge=0)] = 24
 
 
 class DNSConfig(_Strict):

@@ -163,6 +163,13 @@ _REFUSED = ("password authentication failed", "no pg_hba.conf entry", "does not 
             "permission denied", "authentication failed")
 
 
+def login_refused(message: str) -> bool:
+    """True when libpq's message says a server answered and refused this login for good (a
+    wrong password, a pg_hba reject, a missing role or database): retrying cannot help."""
+    low = message.lower()
+    return any(m in low for m in _REFUSED)
+
+
 def command_error(message: str, *, timed_out: bool = False) -> CommandFailed:
     """A subprocess failure in its class: a timeout or an unreachable server is transient,
     anything else (including a refused login) permanent."""

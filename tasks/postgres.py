@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 from psycopg import conninfo, sql
 
-from tasks.errors import PreconditionFailed, TransientError
+from tasks.errors import DRError, PermanentError, PreconditionFailed, TransientError, login_refused
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,17 @@ def dsn_field(dsn: str, name: str, default: str | None = None) -> str | None:
     return str(value) if value is not None else default
 
 
-class ServerUnreachable(TransientError):
-    """The server did not accept a connection."""
+class ServerUnreachable(DRError):
+    """The server did not accept a connection. Catch this; raise one of its two leaves."""
+
+
+class ServerDown(ServerUnreachable, TransientError):
+    """No answer, a refused TCP connection, a timeout, or a server that is starting up or full:
+    a retry may succeed."""
+
+
+class LoginRefused(ServerUnreachable, PermanentError):
+    """The server answered and refused this login (password, pg_hba, role, database)."""
 
 
 def connect(dsn: str, *, timeout: int = 5, autocommit: bool = True, **kw: Any) -> psycopg.Connection[Any]:
@@ -44,7 +53,8 @@ def connect(dsn: str, *, timeout: int = 5, autocommit: bool = True, **kw: Any) -
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "connection failed"
         # never echo the DSN: libpq messages can contain it
         reason = reason.replace(dsn, "<dsn>")
-        raise ServerUnreachable(f"cannot connect to {safe_dsn(dsn)}: {reason}") from None
+        cls = LoginRefused if login_refused(reason) else ServerDown
+        raise cls(f"cannot connect to {safe_dsn(dsn)}: {reason}") from None
 
 
 @contextmanager

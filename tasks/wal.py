@@ -301,18 +301,12 @@ def find_object(repo: Repository, name: str, settings: WalSettings) -> str | Non
     variants = key_variants(name, settings.codec, settings.encrypted)
     if repo.exists(variants[0]):
         return variants[0]
-    client = getattr(repo, "client", None) if hasattr(repo, "bucket") else None
-    if client is None:
+    found = _stored_names(repo, name)
+    if found is None:
         for key in variants[1:]:
             if repo.exists(key):
                 return key
         return None
-    full = repo._full(f"{parse_wal_name(name).folder}/{name}")  # type: ignore[attr-defined]
-    try:
-        resp = client.list_objects_v2(Bucket=repo.bucket, Prefix=full, MaxKeys=50)  # type: ignore[attr-defined]
-    except Exception as exc:
-        raise repo._wrap(exc, f"listing {name}") from None  # type: ignore[attr-defined]
-    found = {o["Key"].rsplit("/", 1)[-1] for o in resp.get("Contents", [])}
     for key in variants[1:]:
         if key.rsplit("/", 1)[-1] in found:
             return key
@@ -323,26 +317,41 @@ def find_variants(repo: Repository, name: str) -> list[str]:
     """Every key under which ``name`` is archived, whatever codec or encryption it was pushed
     with (one listing on S3, a stat per variant on a file repository)."""
     variants = key_variants(name, "zstd", False)
-    client = getattr(repo, "client", None) if hasattr(repo, "bucket") else None
-    if client is None:
+    found = _stored_names(repo, name)
+    if found is None:
         return [key for key in variants if repo.exists(key)]
-    full = repo._full(f"{parse_wal_name(name).folder}/{name}")  # type: ignore[attr-defined]
-    try:
-        resp = client.list_objects_v2(Bucket=repo.bucket, Prefix=full, MaxKeys=50)  # type: ignore[attr-defined]
-    except Exception as exc:
-        raise repo._wrap(exc, f"listing {name}") from None  # type: ignore[attr-defined]
-    found = {o["Key"].rsplit("/", 1)[-1] for o in resp.get("Contents", [])}
     return [key for key in variants if key.rsplit("/", 1)[-1] in found]
 
 
-def list_archive(repo: Repository) -> dict[str, str]:
-    """Every archived WAL file: name -> key."""
+def _stored_names(repo: Repository, name: str) -> set[str] | None:
+    """Base names of the objects whose key starts with ``name``'s, from one listing where the
+    repository can list by a name prefix (S3); None where it cannot (a file repository)."""
+    lister = getattr(repo, "keys_starting_with", None)
+    if lister is None:
+        return None
+    keys: list[str] = lister(f"{parse_wal_name(name).folder}/{name}", 50)
+    return {key.rsplit("/", 1)[-1] for key in keys}
+
+
+def list_archive(repo: Repository, keys: list[str] | None = None) -> dict[str, str]:
+    """Every archived WAL file: name -> key (``keys``: a listing of ``wal`` already made)."""
     found: dict[str, str] = {}
-    for key in repo.list_keys("wal"):
+    for key in repo.list_keys("wal") if keys is None else keys:
         name = name_of_key(key)
         if name is not None and name not in found:
             found[name] = key
     return found
+
+
+def duplicate_variants(keys: list[str]) -> dict[str, list[str]]:
+    """Names archived under more than one codec or encryption variant (left by releases before
+    wal-push compared across variants): wal-fetch could return either copy."""
+    by_name: dict[str, list[str]] = {}
+    for key in keys:
+        name = name_of_key(key)
+        if name is not None:
+            by_name.setdefault(name, []).append(key)
+    return {name: found for name, found in by_name.items() if len(found) > 1}
 
 
 # ---------------------------------------------------------------- push

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, Field
 
 from tasks.errors import DRError, NotFound, PermanentError, one_line
-from tasks.wal import WalSettings, decode_object, find_object, list_archive
+from tasks.wal import WalSettings, decode_object, duplicate_variants, find_object, list_archive
 from tasks.walnames import LSN_RE, SEGMENT_SIZE, parse_lsn, parse_wal_name, segment_name
 
 if TYPE_CHECKING:
@@ -335,8 +335,13 @@ def check_wal(cfg: Config, repo: Repository, *, server: bool = True, now: dateti
     report = WalCheckReport(cluster=cfg.cluster, repository=repo.url, checked_at=now)
     backups = [m for m in list_backups(repo, cfg.cluster) if m.kind == "physical" and m.start_wal]
     report.problems += judge_backups(repo, cfg.cluster)
-    archive = list_archive(repo)
+    keys = repo.list_keys("wal")
+    archive = list_archive(repo, keys)
     report.archived_files = len(archive)
+    for name, variants in sorted(duplicate_variants(keys).items()):
+        report.problems.append(
+            f"{name} is archived {len(variants)} times ({', '.join(k.rsplit('/', 1)[-1] for k in variants)}): "
+            "wal-fetch may return either; keep the copy PostgreSQL wrote and remove the others by hand")
     seg_size = backups[0].wal_segment_size if backups else SEGMENT_SIZE
     if backups:
         report.oldest_backup, report.start_wal = backups[0].id, backups[0].start_wal

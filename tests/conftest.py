@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import os
 
-# Before anything imports Prefect (STACK.md): no telemetry, patient ephemeral start-up.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,flows")
-os.environ.setdefault("PREFECT_UI_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+from flows.prefect_env import apply_prefect_defaults
+
+# Before anything imports Prefect (STACK.md): the CLI's defaults — no telemetry, patient ephemeral start-up.
+apply_prefect_defaults()
 # moto and boto3: fake credentials, never a real account.
 os.environ["AWS_ACCESS_KEY_ID"] = "testing"
 os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
@@ -19,10 +16,8 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ["AWS_DEFAULT_REGION"] = "eu-north-1"
 
 import shutil  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -30,6 +25,7 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
+from gravl_testlib import wait_port  # noqa: E402
 from tasks.pgcluster import LocalCluster, free_port, make_private_dir  # noqa: E402
 from tasks.sample import create_database, load_sample  # noqa: E402
 
@@ -154,16 +150,6 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
-def _wait_port(host: str, port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex((host, port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {host}:{port}")
-
-
 @pytest.fixture(scope="session")
 def pushgateway() -> Iterator[str]:
     """A real Pushgateway (Debian's prometheus-pushgateway) on a loopback port."""
@@ -174,7 +160,7 @@ def pushgateway() -> Iterator[str]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_port("127.0.0.1", port)
+        wait_port("127.0.0.1", port, "the Pushgateway")
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

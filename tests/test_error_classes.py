@@ -54,7 +54,9 @@ def _subclasses(cls: type) -> set[type]:
 
 def test_every_error_class_is_transient_or_permanent_exactly_one() -> None:
     _all_modules()
-    abstract = {TransientError, PermanentError, CommandFailed}
+    from tasks.postgres import ServerUnreachable
+
+    abstract = {TransientError, PermanentError, CommandFailed, ServerUnreachable}
     for cls in _subclasses(DRError) - abstract:
         if not cls.__module__.startswith(("tasks.", "flows.")):
             continue
@@ -70,7 +72,7 @@ def test_no_code_raises_an_unclassified_error() -> None:
             if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
                 func = node.exc.func
                 name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
-                if name in ("DRError", "CommandFailed"):
+                if name in ("DRError", "CommandFailed", "ServerUnreachable"):
                     offenders.append(f"{path.name}:{node.lineno}")
     assert offenders == []
 
@@ -236,3 +238,15 @@ def test_pg_basebackup_against_a_closed_port_is_transient(tmp_path: Path) -> Non
              str(tmp_path / "x"), "-Ft"], timeout=30)
     assert is_transient(info.value), str(info.value)
 
+
+
+@pytest.mark.integration  # talks to the session PostgreSQL
+def test_a_refused_login_is_permanent_and_no_server_is_transient(pg_primary) -> None:
+    from tasks.postgres import LoginRefused, ServerDown, ServerUnreachable, connect
+
+    with pytest.raises(ServerDown) as down:
+        connect("host=127.0.0.1 port=1 user=postgres", timeout=2)
+    assert is_transient(down.value)
+    with pytest.raises(LoginRefused) as refused:
+        connect(f"host=127.0.0.1 port={pg_primary.port} user=postgres dbname=no_such_db", timeout=5)
+    assert not is_transient(refused.value) and isinstance(refused.value, ServerUnreachable)

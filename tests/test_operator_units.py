@@ -166,3 +166,15 @@ def test_the_readme_lists_every_metric_the_flows_push() -> None:
     documented = set(re.findall(r"`(gravl_[a-z_]+)`", readme))
     assert pushed - documented == set(), "pushed but not in the README's metrics table"
     assert documented - pushed - {"gravl_dr"} == set(), "in the README but pushed by no flow"
+
+
+def test_every_artifact_key_is_flow_report_cluster() -> None:
+    import importlib
+    import re
+
+    from gravl_testlib import REPO_ROOT
+
+    flows = {getattr(importlib.import_module(m), n).name for m, n in FLOWS}
+    for path in (REPO_ROOT / "flows").glob("*.py"):
+        for prefix in re.findall(r'f?"([a-z-]+)-report-', path.read_text()):
+            assert prefix in flows, f"{path.name}: artifact {prefix}-report-… is not <flow>-report-<cluster>"

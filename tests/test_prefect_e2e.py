@@ -37,6 +37,7 @@ CLUSTER = "gravl"
 
 @dataclass
 class Stack:
+    ui: str
     api: str
     home: Path
     worker_log: Path
@@ -95,7 +96,7 @@ def stack(pushgateway: str) -> Iterator[Stack]:
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     server_env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                      DO_NOT_TRACK="1", PREFECT_UI_ENABLED="false",
+                      DO_NOT_TRACK="1", PREFECT_UI_ENABLED="true", PREFECT_UI_API_URL=api,
                       # no scheduled runs: the test starts every run itself
                       PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")
     server_env.pop("PREFECT_API_URL", None)
@@ -107,7 +108,7 @@ def stack(pushgateway: str) -> Iterator[Stack]:
     worker: subprocess.Popen[bytes] | None = None
     try:
         _wait_healthy(api, server, server_log)
-        st = Stack(api=api, home=home, worker_log=worker_log, arch=arch, pushgateway=pushgateway)
+        st = Stack(ui=f"http://127.0.0.1:{port}", api=api, home=home, worker_log=worker_log, arch=arch, pushgateway=pushgateway)
         # GIVEN the pool and the deployments, deployed from the checkout as its header says
         pool = _prefect(st.env(), "work-pool", "create", POOL, "--type", "process")
         assert pool.returncode == 0, pool.stdout + pool.stderr
@@ -205,6 +206,24 @@ def test_deployed_flows_run_on_a_process_worker_and_report(stack: Stack) -> None
     assert 'gravl_wal_lag_sample_timestamp_seconds{cluster="gravl",instance="",job="wal-check"}' in metrics
     for job in ("backup", "wal-check", "drill", "expire"):
         assert f'job="{job}"' in metrics, job
+
+
+def test_the_ui_shows_every_form_with_help_and_renders_the_backup_report(stack: Stack) -> None:
+    # GIVEN the deployments and a backup run's report (the test above; a run of its own if alone)
+    with _client(stack.api) as client:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        have = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"backup-report-{CLUSTER}"])))
+    if not have:
+        run = _run(stack, "backup/backup-nightly")
+        assert _wait(stack, [run.id])[run.id].state.is_completed()
+    # WHEN the documented browser check opens every run form and the report in headless chromium
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "ui_check.py"), "--ui", stack.ui],
+                          capture_output=True, text=True, timeout=900)
+    # THEN every parameter shows with its description, and the markdown report is rendered
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert proc.stdout.count(": OK") >= 11, proc.stdout
+    assert f"artifact backup-report-{CLUSTER}: OK" in proc.stdout
 
 
 def _snapshot(st: Stack) -> dict[str, Any]:

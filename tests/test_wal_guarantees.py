@@ -128,6 +128,27 @@ def test_s3_different_content_after_a_codec_change_is_refused(
     assert [k for k in keys if name in k] == [f"gravl/wal/00000001/{name}.zst"]
 
 
+def test_wal_check_reports_a_name_archived_twice_by_an_older_release(
+    pg_wal: Path, tmp_path: Path, file_repo_dir: Path
+) -> None:
+    # GIVEN a repository where an older release stored a name under two codecs
+    from test_wal_contract import run_cli
+
+    (file_repo_dir / "backups").mkdir()
+    config = _config(tmp_path / "c.yaml", f"file://{file_repo_dir}")
+    name = seg_name(1, 12)
+    assert push(config, make_wal(pg_wal, name, seed=12, ready=False)).returncode == 0
+    folder = file_repo_dir / "wal" / "00000001"
+    (folder / f"{name}.gz").write_bytes((folder / f"{name}.zst").read_bytes())
+    # WHEN the archive is checked THEN it says so, naming both copies
+    proc = run_cli("wal-check", "--no-server", "--json", config=config)
+    assert proc.returncode != 0
+    import json
+
+    problems = json.loads(proc.stdout)["problems"]
+    assert any(name in p and f"{name}.gz" in p and f"{name}.zst" in p for p in problems), problems
+
+
 # ---------------------------------------------------------------- item 5: wal-fetch exit codes
 
 def test_fetch_of_a_listed_object_that_then_404s_stops_recovery(
