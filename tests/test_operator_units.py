@@ -120,6 +120,7 @@ FLOWS = [
     ("flows.retention", "expire_flow"), ("flows.restore", "restore_flow"), ("flows.verify", "verify_flow"),
     ("flows.failover", "failover_flow"), ("flows.failback", "failback_flow"),
     ("flows.drill_failover", "drill_failover_flow"), ("flows.demo", "demo_flow"),
+    ("flows.unlock", "unlock_flow"),
 ]
 
 
