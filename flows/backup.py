@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows.common import NETWORK_RETRIES, human_bytes, load, logger
+from flows.common import NETWORK_RETRIES, follow_primary, human_bytes, load, logger
 from flows.params import BackupKind, ConfigPath
 from tasks import backup as steps
 from tasks.config import Config
@@ -159,6 +159,7 @@ def backup_flow(
     t0 = time.monotonic()
     cfg, repo = load(config_path)
     artifact_key = f"backup-report-{cfg.cluster}".replace("_", "-")
+    cfg = follow_primary(cfg, repo, "backup", artifact_key)
     pre = None
     report = None
     locked = False

@@ -166,3 +166,53 @@ def test_stale_lock_of_dead_process_is_taken_over(make_config, file_repo_url) ->
         "pid": 2**22 + 12345, "epoch": time.time()}).encode())
     steps.acquire_lock(repo, "20260102T000000Z-physical")
     assert steps.read_lock(repo)["backup_id"] == "20260102T000000Z-physical"
+
+
+SLOW_RESTORE = """
+import sys, time
+from pathlib import Path
+from tasks.config import load_config
+from tasks.repository import FileRepository
+from tasks.restore import restore_physical
+from tasks.backup import resolve_backup
+
+class SlowRepository(FileRepository):  # a slow disk: the restore is still streaming when killed
+    def iter_object(self, key, chunk_size=1 << 16):
+        for chunk in super().iter_object(key, 1 << 16):
+            time.sleep(0.02)
+            yield chunk
+
+cfg = load_config(sys.argv[1])
+repo = SlowRepository(Path(sys.argv[2]), "file://" + sys.argv[2])
+restore_physical(cfg, repo, resolve_backup(repo, "latest", cluster=cfg.cluster), Path(sys.argv[3]))
+"""
+
+
+def test_a_restore_killed_mid_stream_leaves_no_startable_data_directory(
+    make_config, file_repo_url, file_repo_dir, pg_dir
+) -> None:
+    import subprocess
+    import sys
+
+    # GIVEN a good physical backup, restored from a slow repository (one pass: verify while extracting)
+    cfg_path = make_config(file_repo_url)
+    cfg = load_config(str(cfg_path))
+    take_backup(cfg, open_repository(cfg.repository))
+    target = pg_dir / "restored"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_RESTORE, str(cfg_path), str(file_repo_dir), str(target)],
+                            stderr=subprocess.PIPE)
+    # WHEN the restore is killed with -9 once files are being extracted, pg_control among them
+    deadline = time.monotonic() + 120
+    while not (target / "global" / "pg_control.gravl-unverified").exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # THEN the half-extracted directory has no pg_control: no server can start on unverified data
+    assert (target / "PG_VERSION").exists()
+    assert not (target / "global" / "pg_control").exists()
+    from tasks.pgcluster import LocalCluster
+
+    with pytest.raises(CommandFailed):
+        LocalCluster(target, 1).start(timeout=10)
