@@ -81,6 +81,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         print(report.model_dump_json(indent=2))
     elif args.dry_run:
         print(f"dry run OK: backup {report.backup_id} could be taken; nothing was written")
+        for line in report.messages:
+            print(f"  {line}")
     else:
         ratio = report.raw_bytes / report.stored_bytes if report.stored_bytes else 0
         print(f"backup {report.backup_id} complete: {report.raw_bytes} raw bytes, "
