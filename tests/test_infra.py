@@ -249,6 +249,7 @@ BOTO_ACTIONS = {
     "upload_part": "s3:PutObject",
     "complete_multipart_upload": "s3:PutObject",
     "abort_multipart_upload": "s3:AbortMultipartUpload",
+    "list_parts": "s3:ListMultipartUploadParts",  # expire: the size of an abandoned upload
     "delete_object": "s3:DeleteObject",
     "change_resource_record_sets": "route53:ChangeResourceRecordSets",
     "list_resource_record_sets": "route53:ListResourceRecordSets",
