@@ -75,7 +75,7 @@ def _unfenceable_failover(pair: Pair, tmp_path: Path, repo: str, **extra: Any) -
     pair.insert(pair.home.dsn(), 100, "before")
     pair.wait_replayed(pair.home, pair.standby)
     pair.kill_home()
-    state = failover_flow(config_path=orchestrator, approved_by="test (pre-approved)", return_state=True)
+    state = failover_flow(config_path=orchestrator, approved_by="test", auto_approve=True, return_state=True)
     assert state.name == "CompletedUnfenced"
     return orchestrator, home_cfg
 
