@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "flows.cli_wal",
     "flows.cli_drill",
     "flows.cli_failover",
+    "flows.cli_guard",
 ]
 
 # Commands PostgreSQL runs once per WAL file may answer before the parser and the config model

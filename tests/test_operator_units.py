@@ -124,6 +124,21 @@ FLOWS = [
 ]
 
 
+def test_the_list_above_holds_every_flow_in_flows() -> None:
+    import importlib
+
+    from prefect.flows import Flow
+
+    from gravl_testlib import REPO_ROOT
+
+    found = set()
+    for path in sorted((REPO_ROOT / "flows").glob("*.py")):
+        module = importlib.import_module(f"flows.{path.stem}")
+        found |= {(module.__name__, name) for name, obj in vars(module).items()
+                  if isinstance(obj, Flow) and obj.__module__ == module.__name__}
+    assert found == set(FLOWS), found ^ set(FLOWS)
+
+
 @pytest.mark.parametrize(("module", "name"), FLOWS)
 def test_every_parameter_has_a_description_and_a_plain_type(module: str, name: str) -> None:
     import importlib
