@@ -106,6 +106,7 @@ def stop(pgdata: Path) -> None:
             if src.exists():
                 shutil.copy(src, KEEP_LOGS / f"{pgdata.name}-{src.name}")
     shutil.rmtree(pgdata, ignore_errors=True)
+    (pgdata.parent / f"{pgdata.name}.log").unlink(missing_ok=True)  # each round counts its own
 
 
 def empty_dir(path: Path) -> None:

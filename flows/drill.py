@@ -116,7 +116,8 @@ def restore(cfg: Config, repo: Repository, manifest: Manifest, instance: DrillIn
     Logical: initdb + start a fresh server, create the database, pg_restore."""
     t0 = time.monotonic()
     if manifest.kind == "physical":
-        res = rsteps.restore_physical(cfg, repo, manifest, instance.pgdata)
+        res = rsteps.restore_physical(cfg, repo, manifest, instance.pgdata,
+                                      rsteps.relocate_tablespaces(manifest, Path(instance.workdir)))
         seconds = time.monotonic() - t0
         logger().info("verified and unpacked %s in %.1fs", human_bytes(res.raw_bytes), seconds)
         check = integrity.verify_backup_dir(instance.pgdata, bindir=cfg.postgres.bindir,
@@ -130,8 +131,22 @@ def restore(cfg: Config, repo: Repository, manifest: Manifest, instance: DrillIn
                                seconds=seconds, summary=f"{human_bytes(res.raw_bytes)} verified and unpacked")
         return RestoreStep(seconds=seconds, raw_bytes=res.raw_bytes, checks=[restored, check])
     dsteps.create_empty_instance(instance)
-    database = manifest.database or "postgres"
     t1 = time.monotonic()
+    if manifest.databases and manifest.globals_object:
+        # a whole-cluster logical backup: roles, tablespaces (moved under the instance's
+        # directory) and every database, as a real restore would bring them back
+        cres = rsteps.restore_cluster(cfg, repo, manifest, instance.dsn("postgres"), jobs=2,
+                                      tablespace_map=rsteps.relocate_tablespaces(manifest, Path(instance.workdir)))
+        seconds = time.monotonic() - t1
+        logger().info("restored globals and %d database(s) of %s in %.1fs (server set up in %.1fs)",
+                      len(cres.databases), manifest.id, seconds, t1 - t0)
+        for line in cres.skipped:
+            logger().warning("not in the backup: %s", line)
+        restored = CheckResult(name="restore", kind="restore", category="restore", status="passed",
+                               seconds=seconds,
+                               summary=f"globals and {len(cres.databases)} database(s) into a fresh instance")
+        return RestoreStep(seconds=seconds, raw_bytes=cres.raw_bytes, checks=[restored])
+    database = manifest.database or "postgres"
     if database != "postgres":
         from tasks.sample import create_database
 
