@@ -170,7 +170,7 @@ def _interpreter(script: str) -> str | None:
 
 def restore_command(config_path: str) -> str:
     """``gravl-dr wal-fetch``, started the cheap way: the installation's Python without site
-    (-I -S) runs tasks/walserve.py, which serves a prefetched segment with a rename and hands
+    (-I -S) runs tasks/walserve.py, which serves a prefetched segment with a hard link and hands
     anything else to the full command (see tasks.walserve)."""
     from tasks import walserve
 
