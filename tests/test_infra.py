@@ -242,6 +242,7 @@ BOTO_ACTIONS = {
     "list_objects_v2": "s3:ListBucket",
     "get_paginator": None,  # resolved by the paginated operation's name
     "list_multipart_uploads": "s3:ListBucketMultipartUploads",
+    "list_parts": "s3:ListMultipartUploadParts",  # sizing an abandoned upload before expire aborts it
     "get_object": "s3:GetObject",
     "head_object": "s3:GetObject",
     "put_object": "s3:PutObject",
@@ -249,7 +250,6 @@ BOTO_ACTIONS = {
     "upload_part": "s3:PutObject",
     "complete_multipart_upload": "s3:PutObject",
     "abort_multipart_upload": "s3:AbortMultipartUpload",
-    "list_parts": "s3:ListMultipartUploadParts",  # expire: the size of an abandoned upload
     "delete_object": "s3:DeleteObject",
     "change_resource_record_sets": "route53:ChangeResourceRecordSets",
     "list_resource_record_sets": "route53:ListResourceRecordSets",
