@@ -33,6 +33,12 @@ def cmd_expire(args: argparse.Namespace) -> int:
               f"kept {len(report.kept)} backup(s) and {report.wal_kept} WAL file(s)")
         for backup_id in report.expired:
             print(f"  {backup_id}")
+        if report.leftovers:
+            verb = "would free" if args.dry_run else "freed"
+            print(f"{verb} {report.leftover_bytes} byte(s) in {len(report.leftovers)} leftover(s) "
+                  "of killed or failed runs:")
+            for item in report.leftovers:
+                print(f"  {item}")
         for note in report.notes:
             print(f"  note: {note}")
     bad = {**report.broken, **report.invalid}

@@ -177,7 +177,7 @@ def demo_flow(
                             logical_backup=logi.backup_id,
                             physical_restore_seconds=restored.seconds,
                             logical_restore_seconds=restored_l.seconds, lines=lines)
-        create_markdown_artifact(key="demo-report", markdown=f"# gravl-dr demo: {'OK' if report.ok else 'FAILED'}\n\n" +
+        create_markdown_artifact(key="demo-report-gravl-demo", markdown=f"# gravl-dr demo: {'OK' if report.ok else 'FAILED'}\n\n" +
                                  "\n".join(f"- {ln}" for ln in lines) + "\n")
         return report
     finally:

@@ -7,7 +7,7 @@ artifact ``expire-report-<cluster>``, metrics ``gravl_expire_*``.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -32,6 +32,8 @@ class RetentionReport(BaseModel):
     wal_kept: int = 0
     wal_kept_from: list[str] = []
     notes: list[str] = []
+    leftovers: list[str] = []
+    leftover_bytes: int = 0
     broken: dict[str, str] = {}
     invalid: dict[str, str] = {}
     verified: list[str] = []
@@ -62,7 +64,8 @@ def verify_backups(cfg: Config, repo: Repository, state: steps.RepositoryState) 
 @task(name="plan-retention", cache_policy=NO_CACHE)
 def plan_retention(cfg: Config, state: steps.RepositoryState) -> steps.RetentionPlan:
     pol = cfg.retention
-    plan = steps.plan_retention(state, pol, datetime.now(UTC), cfg.cluster)
+    plan = steps.plan_retention(state, pol, datetime.now(UTC), cfg.cluster,
+                                orphan_grace=timedelta(hours=pol.incomplete_grace_hours))
     log = logger()
     log.info("policy: keep the newest %d backup(s) of each kind and all that ended within %d days",
              pol.min_full, pol.full_days)
@@ -90,6 +93,22 @@ def expire_backups(repo: Repository, plan: steps.RetentionPlan) -> int:
         deleted += n
         log.info("removed %d object(s) of unlisted (incomplete) backups", n)
     return deleted
+
+
+@task(name="sweep-leftovers", cache_policy=NO_CACHE, **NETWORK_RETRIES)
+def sweep_leftovers(cfg: Config, repo: Repository, state: steps.RepositoryState,
+                    dry_run: bool) -> tuple[list[str], int]:
+    """Open multipart uploads and temporary files of killed runs, older than the grace period."""
+    grace = timedelta(hours=cfg.retention.incomplete_grace_hours)
+    items = steps.find_leftovers(repo, grace, state.locked_backup_id)
+    size = sum(i.size for i in items)
+    log = logger()
+    for item in items:
+        log.info("%s leftover %s", "would sweep" if dry_run else "sweeping", item.describe())
+    if items and not dry_run:
+        size = steps.sweep_leftovers(repo, items)
+        log.info("freed %d byte(s) in %d leftover(s) of killed or failed runs", size, len(items))
+    return [i.describe() for i in items], size
 
 
 @task(name="expire-wal", cache_policy=NO_CACHE, **NETWORK_RETRIES)
@@ -132,6 +151,7 @@ def _markdown(report: RetentionReport, cfg: Config, repo_url: str) -> str:
         f"| backups kept | {len(report.kept)} |",
         f"| backups {'to expire' if report.dry_run else 'expired'} | {len(report.expired)} |",
         f"| orphaned objects | {report.orphan_objects} |",
+        f"| leftovers of killed runs | {len(report.leftovers)} ({report.leftover_bytes} bytes) |",
         f"| WAL files {'to expire' if report.dry_run else 'expired'} | {report.wal_expired} |",
         f"| WAL files kept | {report.wal_kept} |",
         f"| WAL kept from | {', '.join(report.wal_kept_from) or 'everything'} |",
@@ -148,6 +168,9 @@ def _markdown(report: RetentionReport, cfg: Config, repo_url: str) -> str:
         lines += ["", "## Re-read in full before counting", *[f"- `{b}`" for b in report.verified]]
     if report.expired:
         lines += ["", "## Expired backups", *[f"- `{b}`" for b in report.expired]]
+    if report.leftovers:
+        lines += ["", "## Leftovers swept" if not report.dry_run else "## Leftovers to sweep",
+                  *[f"- {x}" for x in report.leftovers]]
     if report.notes:
         lines += ["", "## Notes", *[f"- {n}" for n in report.notes]]
     return "\n".join(lines) + "\n"
@@ -172,6 +195,7 @@ def expire_flow(config_path: ConfigPath = None, dry_run: bool = False) -> Retent
         wal_kept_from=[f"{n.timeline:08X}{n.position} ({n.backup_id})" for n in plan.wal_needs],
         notes=plan.notes, broken=state.broken, invalid=state.invalid, verified=state.verified,
     )
+    report.leftovers, report.leftover_bytes = sweep_leftovers(cfg, repo, state, dry_run)
     if not dry_run:
         expire_backups(repo, plan)
         expire_wal(repo, plan)

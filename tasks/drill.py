@@ -249,13 +249,13 @@ class DrillInstance(BaseModel):
         return self.cluster().dsn(dbname)
 
 
-def _work_base(cfg: Config) -> str:
+def work_base(cfg: Config) -> str:
     return cfg.drill.work_dir or tempfile.gettempdir()
 
 
 def provision_instance(cfg: Config, drill_id: str, flow_run_id: str | None = None) -> DrillInstance:
     """A private directory and a free loopback port for a throwaway server (nothing started yet)."""
-    base = _work_base(cfg)
+    base = work_base(cfg)
     swept = sweep_abandoned(base, cfg.postgres.bindir)
     if swept:
         log.warning("removed %d abandoned drill instance(s) of killed drills", swept)

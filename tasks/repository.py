@@ -52,6 +52,20 @@ class PutResult:
     sha256: str
 
 
+@dataclass(frozen=True)
+class Incomplete:
+    """What a killed or failed writer left: an open multipart upload or a temporary file."""
+
+    key: str
+    kind: str  # "multipart upload" or "temporary file"
+    size: int
+    age_seconds: float
+    upload_id: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.key} ({self.size} bytes, {self.age_seconds / 3600:.1f} h old)"
+
+
 class Repository(Protocol):
     url: str
 
@@ -64,6 +78,8 @@ class Repository(Protocol):
     def list_keys(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
     def abort_incomplete(self, prefix: str) -> int: ...
+    def find_incomplete(self, older_than: float) -> list[Incomplete]: ...
+    def remove_incomplete(self, item: Incomplete) -> None: ...
     def check(self, write: bool = False) -> None: ...
 
 
@@ -184,6 +200,17 @@ class FileRepository:
                 break
             parent = parent.parent
 
+    def prune_empty(self, prefix: str) -> None:
+        """Remove ``prefix`` and its parents up to the root while they are empty directories
+        (a failed write leaves its folder behind: backups/<id>/ must not look like a backup)."""
+        path = self._path(prefix)
+        while path != self.root and path.is_dir():
+            try:
+                path.rmdir()
+            except OSError:
+                break
+            path = path.parent
+
     def abort_incomplete(self, prefix: str) -> int:
         """Remove temporary files older than an hour left by a killed writer."""
         base = self.root / prefix if prefix else self.root
@@ -199,6 +226,35 @@ class FileRepository:
                             path.unlink()
                             removed += 1
         return removed
+
+
+    def find_incomplete(self, older_than: float) -> list[Incomplete]:
+        """Temporary files (a writer killed before linking its file into place) not modified
+        for ``older_than`` seconds."""
+        found: list[Incomplete] = []
+        if not self.root.exists():
+            return found
+        now = time.time()
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if not name.startswith(_TMP_MARK):
+                    continue
+                path = Path(dirpath, name)
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                if now - st.st_mtime >= older_than:
+                    found.append(Incomplete(str(path.relative_to(self.root)), "temporary file",
+                                            st.st_size, now - st.st_mtime))
+        return sorted(found, key=lambda i: i.key)
+
+    def remove_incomplete(self, item: Incomplete) -> None:
+        path = self.root / item.key
+        if not path.name.startswith(_TMP_MARK):
+            raise PreconditionFailed(f"{item.key} is not a temporary file; not removed")
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -461,6 +517,15 @@ class S3Repository:
             raise self._wrap(exc, f"listing {prefix or '/'}") from None
         return sorted(keys)
 
+    def keys_starting_with(self, start: str, limit: int = 1000) -> list[str]:
+        """Keys that begin with ``start`` (a name, not only a folder): one request, at most
+        ``limit`` keys. A file repository has no such listing; callers stat instead."""
+        try:
+            resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._full(start), MaxKeys=limit)
+        except Exception as exc:
+            raise self._wrap(exc, f"listing {start}") from None
+        return [self._rel(o["Key"]) for o in resp.get("Contents", [])]
+
     def delete(self, key: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
@@ -480,6 +545,47 @@ class S3Repository:
         except Exception as exc:
             raise self._wrap(exc, "listing multipart uploads") from None
         return count
+
+    def find_incomplete(self, older_than: float) -> list[Incomplete]:
+        """Multipart uploads under the repository's prefix started ``older_than`` seconds ago or
+        more and never completed nor aborted (their parts are billed, and invisible in listings)."""
+        from datetime import UTC, datetime
+
+        found: list[Incomplete] = []
+        now = datetime.now(UTC)
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._folder("")}
+        try:
+            while True:
+                resp = self.client.list_multipart_uploads(**kwargs)
+                for up in resp.get("Uploads", []):
+                    age = (now - up["Initiated"]).total_seconds()
+                    if age < older_than:
+                        continue
+                    size = 0
+                    parts = self.client.get_paginator("list_parts").paginate(
+                        Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                    for page in parts:
+                        size += sum(int(p["Size"]) for p in page.get("Parts", []))
+                    found.append(Incomplete(self._rel(up["Key"]), "multipart upload", size, age,
+                                            up["UploadId"]))
+                if not resp.get("IsTruncated"):
+                    break
+                kwargs["KeyMarker"] = resp.get("NextKeyMarker")
+                kwargs["UploadIdMarker"] = resp.get("NextUploadIdMarker")
+        except Exception as exc:
+            raise self._wrap(exc, "listing multipart uploads") from None
+        return sorted(found, key=lambda i: i.key)
+
+    def remove_incomplete(self, item: Incomplete) -> None:
+        if item.upload_id is None:
+            raise PreconditionFailed(f"{item.key} is not a multipart upload; not removed")
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._full(item.key),
+                                               UploadId=item.upload_id)
+        except Exception as exc:
+            err = self._wrap(exc, f"abort upload of {item.key}")
+            if not isinstance(err, NotFound):
+                raise err from None
 
     def _folder(self, prefix: str) -> str:
         if prefix:

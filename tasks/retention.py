@@ -19,7 +19,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from tasks.config import RetentionConfig
 from tasks.errors import NotFound, one_line
 from tasks.models import BACKUP_ID_RE, Manifest, backup_time
-from tasks.repository import Repository
+from tasks.repository import Incomplete, Repository
 
 log = logging.getLogger(__name__)
 
@@ -299,14 +299,16 @@ def plan_retention(
 def read_state(repo: Repository) -> RepositoryState:
     """List backups and WAL and read every manifest; an unreadable one is recorded as INVALID
     (its folder is left alone) and the others are still read."""
-    from tasks.backup import read_catalog, read_lock
+    from tasks.backup import lock_is_stale, read_catalog, read_lock
 
     backup_keys = repo.list_keys(BACKUPS_PREFIX)
     catalog = read_catalog(repo)
     manifests = [e.manifest for e in catalog if e.manifest is not None]
     invalid = {e.backup_id: e.reason for e in catalog if e.manifest is None}
     lock = read_lock(repo)
-    locked = str(lock["backup_id"]) if lock and lock.get("backup_id") else None
+    # A lock protects the folder of a running backup; a stale one (its holder is gone) does not.
+    live = lock is not None and not lock_is_stale(lock, repo)
+    locked = str(lock["backup_id"]) if lock and live and lock.get("backup_id") else None
     return RepositoryState(manifests=manifests, backup_keys=backup_keys,
                            wal_keys=repo.list_keys(WAL_PREFIX), locked_backup_id=locked,
                            invalid=invalid)
@@ -355,6 +357,34 @@ def verify_backups(repo: Repository, state: RepositoryState, policy: RetentionCo
                 except (ChecksumMismatch, NotFound) as exc:
                     broken[m.id] = one_line(exc)
     return state.model_copy(update={"broken": broken, "verified": verified})
+
+
+def find_leftovers(repo: Repository, grace: timedelta, locked_backup_id: str | None) -> list[Incomplete]:
+    """Open multipart uploads and temporary files at least ``grace`` old, except those of the
+    backup holding a live lock."""
+    items = repo.find_incomplete(grace.total_seconds())
+    if locked_backup_id:
+        mine = f"{BACKUPS_PREFIX}/{locked_backup_id}/"
+        items = [i for i in items if not i.key.startswith(mine)]
+    # A backup's id says when it started: an upload of a backup younger than the grace period is
+    # left alone whatever the store reports as its start (some S3-compatible stores get it wrong).
+    now = datetime.now(UTC)
+    out = []
+    for item in items:
+        bid = _backup_id_of(item.key)
+        if bid is not None and BACKUP_ID_RE.match(bid) and now - backup_time(bid) < grace:
+            continue
+        out.append(item)
+    return out
+
+
+def sweep_leftovers(repo: Repository, items: Sequence[Incomplete]) -> int:
+    """Abort / remove them; returns the bytes freed."""
+    freed = 0
+    for item in items:
+        repo.remove_incomplete(item)
+        freed += item.size
+    return freed
 
 
 def _delete_all(repo: Repository, keys: Iterable[str], workers: int = 8) -> int:
