@@ -198,7 +198,7 @@ def restore_flow(
     target_xid: Annotated[str | None, WithJsonSchema({"type": "string", "pattern": r"^[0-9]{1,20}$"})] = None,
     keep_archiving: bool = False,
     recovery_timeout: Annotated[float, Field(gt=0, le=7 * 86400)] = 6 * 3600,
-    tablespace_map: list[str] | None = None,
+    tablespace_map: OptionalText = None,
     database: OptionalText = None,
     no_owner: bool = False,
 ) -> RestoreReport:
@@ -227,8 +227,8 @@ def restore_flow(
         keep_archiving: Let the restored server archive its own WAL with archive_command
             (off: archiving is disabled so a copy cannot write into the repository).
         recovery_timeout: Seconds the started server may take to recover before the run fails.
-        tablespace_map: Physical restore, or a whole-cluster logical one: OLD=NEW directories,
-            restoring the tablespace at OLD into NEW (as pg_basebackup -T).
+        tablespace_map: Physical restore, or a whole-cluster logical one: OLD=NEW, restoring the
+            tablespace at directory OLD into NEW (as pg_basebackup -T); several: one per line.
         database: Logical restore: only this database of a whole-cluster backup, into the
             existing empty database of dsn; empty: the whole cluster into the fresh cluster of dsn.
         no_owner: Logical restore of one database: objects belong to the connecting role, no GRANTs.
