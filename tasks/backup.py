@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from psycopg import sql
-
 from tasks.config import Config
+from tasks.counts import ClusterFacts, read_cluster_facts, switch_wal
 from tasks.errors import (
     AlreadyExists,
     DRError,
@@ -45,7 +44,6 @@ from tasks.postgres import (
     ServerInfo,
     check_version,
     connection,
-    count_rows,
     safe_dsn,
     server_info,
 )
@@ -101,6 +99,7 @@ class StreamResult:
     row_counts: dict[str, dict[str, int]]
     row_counts_exact: bool
     seconds: float
+    facts: ClusterFacts | None = None
 
 
 @dataclass(frozen=True)
@@ -290,28 +289,16 @@ def _stream_physical(cfg: Config, repo: Repository, pre: Preflight) -> StreamRes
     if not start or not end:
         raise PreconditionFailed("pg_basebackup did not report its WAL start and end points")
     stop_time = datetime.now(UTC)
-    counts = _row_counts_now(cfg)
+    # Every database's counts in one snapshot, with the LSN they hold at: the drill pauses its
+    # recovery there and compares them exactly. Then switch WAL so that LSN reaches the archive.
+    facts = read_cluster_facts(cfg.primary.dsn)
+    switch_wal(cfg.primary.dsn)
     return StreamResult(
         objects=(obj,), start_lsn=start.group(1), stop_lsn=end.group(1),
         timeline=int(start.group(2)), start_time=start_time, stop_time=stop_time,
-        row_counts=counts, row_counts_exact=False, seconds=time.monotonic() - t0,
+        row_counts={db: f.rows for db, f in facts.databases.items()}, row_counts_exact=True,
+        seconds=time.monotonic() - t0, facts=facts,
     )
-
-
-def _row_counts_now(cfg: Config) -> dict[str, dict[str, int]]:
-    with connection(cfg.primary.dsn) as conn:
-        db = conn.info.dbname
-        return {db: count_rows(conn)}
-
-
-def _count_in_snapshot(dsn: str, snapshot: str) -> dict[str, int]:
-    """Exact row counts in an exported snapshot (so they match what pg_dump saw)."""
-    with connection(dsn, autocommit=False) as conn:
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-        counts = count_rows(conn)
-        conn.rollback()
-    return counts
 
 
 def _stream_logical(cfg: Config, repo: Repository, pre: Preflight) -> StreamResult:
@@ -326,7 +313,8 @@ def _stream_logical(cfg: Config, repo: Repository, pre: Preflight) -> StreamResu
         snapshot, start_lsn = str(snap_row[0]), str(snap_row[1])
         dbname = conn.info.dbname
         with ThreadPoolExecutor(1, thread_name_prefix="row-counts") as pool:
-            counting = pool.submit(_count_in_snapshot, cfg.primary.dsn, snapshot)
+            counting = pool.submit(read_cluster_facts, cfg.primary.dsn, snapshot_id=snapshot, lsn=start_lsn,
+                                   only=[str(dbname)])
             argv = [pg_bin("pg_dump", cfg.postgres.bindir), "-Fc", "-Z", "0", "--no-password",
                     f"--snapshot={snapshot}"]
             proc = popen(argv, env=client_env(cfg.primary.dsn))
@@ -336,12 +324,13 @@ def _stream_logical(cfg: Config, repo: Repository, pre: Preflight) -> StreamResu
                 obj = _store(cfg, repo, pre, _object_name("dump.pgc", pre.codec, pre.encrypted), source)
             finally:
                 source.finish()
-            counts = {dbname: counting.result()}
+            facts = counting.result()
         conn.rollback()
     return StreamResult(
         objects=(obj,), start_lsn=start_lsn, stop_lsn=start_lsn, timeline=pre.info.timeline,
-        start_time=start_time, stop_time=datetime.now(UTC), row_counts=counts,
-        row_counts_exact=True, seconds=time.monotonic() - t0,
+        start_time=start_time, stop_time=datetime.now(UTC),
+        row_counts={db: f.rows for db, f in facts.databases.items()},
+        row_counts_exact=True, seconds=time.monotonic() - t0, facts=facts,
     )
 
 
@@ -362,8 +351,24 @@ def build_manifest(cfg: Config, pre: Preflight, res: StreamResult) -> Manifest:
         database=pre.info.database, codec=pre.codec,
         encryption="aes-256-gcm" if pre.encrypted else "none", key_fingerprint=pre.key_fingerprint,
         objects=list(res.objects), row_counts=res.row_counts, row_counts_exact=res.row_counts_exact,
-        data_checksums=pre.info.data_checksums,
+        data_checksums=pre.info.data_checksums, **_facts_fields(res.facts),
     )
+
+
+def _facts_fields(facts: ClusterFacts | None) -> dict[str, Any]:
+    """The manifest's record of the counts' snapshot: LSN, newest timestamps, unlogged tables and
+    what could not be counted (a whole database under '*')."""
+    if facts is None:
+        return {}
+    not_counted = {db: dict(f.not_counted) for db, f in facts.databases.items() if f.not_counted}
+    for db, reason in facts.not_counted.items():
+        not_counted.setdefault(db, {})["*"] = reason
+    return {
+        "row_counts_lsn": facts.lsn, "row_counts_snapshot": facts.snapshot,
+        "newest_timestamps": {db: dict(f.newest) for db, f in facts.databases.items() if f.newest},
+        "unlogged_tables": {db: list(f.unlogged) for db, f in facts.databases.items() if f.unlogged},
+        "not_counted": not_counted, "cluster_databases": list(facts.all_databases),
+    }
 
 
 # ---------------------------------------------------------------- verify and publish

@@ -58,6 +58,15 @@ class Manifest(BaseModel):
         default_factory=dict, description="database -> schema.table -> rows at backup time"
     )
     row_counts_exact: bool = False
+    row_counts_lsn: str | None = Field(
+        default=None, description="WAL position at which the row counts (and newest timestamps) hold exactly")
+    row_counts_snapshot: str | None = Field(default=None, description="pg_current_snapshot() of the counts")
+    newest_timestamps: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="database -> schema.table -> newest timestamp, epoch seconds (numeric)")
+    unlogged_tables: dict[str, list[str]] = Field(default_factory=dict, description="database -> unlogged tables")
+    not_counted: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="database -> schema.table (or '*': the whole database) -> why not")
+    cluster_databases: list[str] = Field(default_factory=list, description="every database of the cluster")
     data_checksums: bool = False
     tool_version: str = "0.1.0"
 

@@ -1,0 +1,187 @@
+"""Adapter: the per-table facts a backup records for its drill — exact row counts and the newest
+timestamp of every user table of every database, read in ONE snapshot whose WAL position is
+recorded with them, plus which tables are unlogged and what could not be counted, and why.
+
+- One snapshot for the whole cluster: it is exported on a connection to the DSN's database and
+  imported (REPEATABLE READ) in every other database; snapshots are cluster-wide, and only a
+  SERIALIZABLE import is restricted to the exporting database (snapmgr.c, ImportSnapshot).
+- The LSN is read right after the snapshot is taken (``pg_current_wal_insert_lsn()``): every
+  transaction the snapshot sees has its commit record before it. The snapshot itself is recorded
+  too (``pg_current_snapshot()``), so a drill paused at that LSN can prove that no transaction
+  invisible to the counts had committed there (``pg_visible_in_snapshot``/``pg_xact_status``).
+- Counting runs with ``row_security = off``: when row-level security would hide rows from the
+  counting role, PostgreSQL raises an error instead of silently filtering, and the table is
+  recorded as not counted, with the reason, instead of with a wrong number.
+- The newest timestamp is ``greatest(extract(epoch FROM max(col)))`` over the table's timestamp
+  columns, as numeric text: independent of TimeZone and DateStyle, exact to the microsecond.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.errors import DRError, one_line
+from tasks.postgres import connection, with_dbname
+
+log = logging.getLogger(__name__)
+
+TIME_TYPES = ("timestamp with time zone", "timestamp without time zone")
+_TABLES = """
+SELECT n.nspname, c.relname, c.relpersistence = 'u',
+       coalesce((SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
+                 WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                   AND format_type(a.atttypid, NULL) IN ('timestamp with time zone',
+                                                         'timestamp without time zone')), '{}')
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
+ORDER BY 1, 2
+"""
+
+
+class DatabaseFacts(BaseModel):
+    """What one database held in the recorded snapshot."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rows: dict[str, int] = Field(default_factory=dict, description="schema.table -> rows")
+    newest: dict[str, str] = Field(default_factory=dict,
+                                   description="schema.table -> newest timestamp as epoch seconds (numeric text)")
+    unlogged: list[str] = Field(default_factory=list)
+    not_counted: dict[str, str] = Field(default_factory=dict, description="schema.table -> why not")
+
+
+class ClusterFacts(BaseModel):
+    """Facts of every database, read in one snapshot at ``lsn``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    lsn: str | None = None
+    snapshot: str | None = None
+    databases: dict[str, DatabaseFacts] = Field(default_factory=dict)
+    not_counted: dict[str, str] = Field(default_factory=dict, description="database -> why not")
+    all_databases: list[str] = Field(default_factory=list, description="every non-template database")
+
+
+def newest_expression(columns: Iterable[str], alias: str = "") -> sql.Composable:
+    """greatest(extract(epoch FROM max(c)), ...) over the given columns (NULL when none has a value)."""
+    prefix = sql.SQL(f"{alias}.") if alias else sql.SQL("")
+    parts = [sql.SQL("extract(epoch FROM max({}{}))").format(prefix, sql.Identifier(c)) for c in columns]
+    return sql.SQL("greatest({})").format(sql.SQL(", ").join(parts))
+
+
+def database_facts(conn: psycopg.Connection[Any]) -> DatabaseFacts:
+    """Facts of the connection's database, in its current transaction (the caller sets the
+    snapshot). Each table is read under a savepoint: one refused table does not end the others."""
+    conn.execute("SET LOCAL row_security = off")
+    rows: dict[str, int] = {}
+    newest: dict[str, str] = {}
+    unlogged: list[str] = []
+    not_counted: dict[str, str] = {}
+    for schema, table, is_unlogged, time_cols in conn.execute(_TABLES).fetchall():
+        name = f"{schema}.{table}"
+        if is_unlogged:
+            unlogged.append(name)
+        target = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+        if time_cols:
+            query = sql.SQL("SELECT count(*), ({})::text FROM {}").format(newest_expression(time_cols), target)
+        else:
+            query = sql.SQL("SELECT count(*), NULL FROM {}").format(target)
+        conn.execute("SAVEPOINT gravl_count")
+        try:
+            row = conn.execute(query).fetchone()
+        except psycopg.errors.InsufficientPrivilege as exc:
+            conn.execute("ROLLBACK TO SAVEPOINT gravl_count")
+            message = (exc.diag.message_primary or str(exc)).strip()
+            if "row-level security" in message:
+                reason = ("row-level security would hide rows from the backup role: grant it BYPASSRLS "
+                          "(infra/postgres/roles.sql) or back up as a superuser")
+            else:
+                reason = f"the backup role cannot read it: {message}"
+            not_counted[name] = reason
+            log.warning("not counting %s: %s", name, reason)
+            continue
+        conn.execute("RELEASE SAVEPOINT gravl_count")
+        assert row is not None
+        rows[name] = int(row[0])
+        if row[1] is not None:
+            newest[name] = str(row[1])
+    return DatabaseFacts(rows=rows, newest=newest, unlogged=unlogged, not_counted=not_counted)
+
+
+def _facts_in_snapshot(dsn: str, snapshot_id: str | None) -> DatabaseFacts:
+    with connection(dsn, autocommit=False) as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        if snapshot_id is not None:
+            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
+        conn.execute("SET LOCAL statement_timeout = 0")  # a count of a big table takes what it takes
+        conn.execute("SET LOCAL lock_timeout = '60s'")
+        facts = database_facts(conn)
+        conn.rollback()
+    return facts
+
+
+def read_cluster_facts(dsn: str, *, snapshot_id: str | None = None, lsn: str | None = None,
+                       only: list[str] | None = None) -> ClusterFacts:
+    """Facts of every database (or ``only`` these) in one snapshot.
+
+    With ``snapshot_id`` (an exported snapshot the caller keeps open, e.g. pg_dump's) and its
+    ``lsn``, that snapshot is used; otherwise one is exported here and its LSN read."""
+    with connection(dsn, autocommit=False) as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        if snapshot_id is not None:
+            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
+            row = conn.execute("SELECT NULL, pg_current_snapshot()::text").fetchone()
+            assert row is not None
+            exported, snap_text = snapshot_id, str(row[1])
+        else:
+            row = conn.execute("SELECT pg_export_snapshot(), pg_current_snapshot()::text").fetchone()
+            assert row is not None
+            exported, snap_text = str(row[0]), str(row[1])
+            # read after the snapshot was taken: every commit it sees lies before this LSN
+            lsn_row = conn.execute("SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
+                                   "ELSE pg_current_wal_insert_lsn() END::text").fetchone()
+            assert lsn_row is not None
+            lsn = str(lsn_row[0])
+        here = str(conn.info.dbname)
+        dbs = conn.execute("SELECT datname, datallowconn FROM pg_database WHERE NOT datistemplate "
+                           "ORDER BY 1").fetchall()
+        databases: dict[str, DatabaseFacts] = {}
+        not_counted: dict[str, str] = {}
+        all_databases = [str(r[0]) for r in dbs]
+        for name, allowed in dbs:
+            if only is not None and name not in only:
+                continue
+            if not allowed:
+                not_counted[name] = ("datallowconn = false: nobody may connect to it, so its rows could not be "
+                                     "counted at backup time")
+                continue
+            try:
+                databases[name] = _facts_in_snapshot(with_dbname(dsn, name), exported)
+            except (DRError, psycopg.Error) as exc:
+                not_counted[name] = f"could not be counted: {one_line(exc)}"
+                log.warning("database %s not counted: %s", name, not_counted[name])
+        conn.rollback()
+    log.info("row counts of %d database(s) read in snapshot at %s (database %s)", len(databases), lsn, here)
+    return ClusterFacts(lsn=lsn, snapshot=snap_text, databases=databases, not_counted=not_counted,
+                        all_databases=all_databases)
+
+
+def switch_wal(dsn: str) -> str | None:
+    """pg_switch_wal(), so the segment holding the counts' LSN is archived soon; None when not
+    allowed or on a standby (the drill then says it cannot reach the counts' LSN)."""
+    try:
+        with connection(dsn) as conn:
+            row = conn.execute("SELECT pg_switch_wal()::text").fetchone()
+        return str(row[0]) if row else None
+    except (DRError, psycopg.Error) as exc:
+        log.warning("pg_switch_wal() not done (%s): the WAL of the row counts is archived when its segment fills",
+                    one_line(exc))
+        return None
