@@ -177,6 +177,8 @@ def start_and_wait(cfg: Config, repo: Repository, manifest: Manifest, instance: 
                             timeline=None, past_backup=False, check=check, instance=instance, point=point)
     timeout = cfg.drill.recovery_timeout_seconds
     cluster = instance.cluster()
+    if dsteps.run_before_start_hook_for_tests(instance):
+        logger().warning("a test hook ran on the restored data directory before it started")
     count_checks: list[CheckResult] | None = None
     excluded = 0.0
     note = ""
@@ -284,18 +286,24 @@ def counts_at_pause(cfg: Config, manifest: Manifest, instance: DrillInstance, ls
     (read-only; unlogged tables cannot be read during recovery: they are checked after promotion)."""
     mode: Literal["exact", "tolerance"] = "exact" if point.mode == "exact" else "tolerance"
     where = f"at {lsn}" if point.where == "lsn" else f"at the backup's consistent point {lsn}"
-    results: list[CheckResult] = []
-    if mode == "exact" and manifest.row_counts_snapshot:
-        inflight = dsteps.inflight_commits(instance, manifest.row_counts_snapshot)
-        if inflight:
-            mode = "tolerance"
-            where += (f" (not exact: {len(inflight)} transaction(s) in flight when the counts were read had "
-                      f"committed there, e.g. xid {inflight[0]}; within drill.row_count_tolerance)")
-    return results + _recorded_fact_checks(cfg, manifest, instance, mode, where, skip_unlogged=True)
+    per_db: dict[str, tuple[Literal["exact", "tolerance"], str]] = {}
+    if mode == "exact":
+        seen: dict[str, list[int] | None] = {}
+        for db, snapshot in manifest.row_counts_snapshots.items():
+            if snapshot not in seen:
+                seen[snapshot] = dsteps.inflight_commits(instance, snapshot)
+            inflight = seen[snapshot]
+            if inflight:
+                per_db[db] = ("tolerance", f"{where} (not exact: {len(inflight)} transaction(s) the counts' "
+                                           f"snapshot did not see had committed there, e.g. xid {inflight[0]}; "
+                                           "within drill.row_count_tolerance)")
+    return _recorded_fact_checks(cfg, manifest, instance, mode, where, skip_unlogged=True, per_db=per_db)
 
 
 def _recorded_fact_checks(cfg: Config, manifest: Manifest, instance: DrillInstance,
-                          mode: Literal["exact", "tolerance"], where: str, *, skip_unlogged: bool) -> list[CheckResult]:
+                          mode: Literal["exact", "tolerance"], where: str, *, skip_unlogged: bool,
+                          per_db: dict[str, tuple[Literal["exact", "tolerance"], str]] | None = None,
+                          ) -> list[CheckResult]:
     databases = set(dsteps.list_restored_databases(instance))
     specs: list[gxsteps.ExpectationSpec] = []
     results = gxsteps.missing_databases(manifest.row_counts, databases)
@@ -303,10 +311,12 @@ def _recorded_fact_checks(cfg: Config, manifest: Manifest, instance: DrillInstan
         if db not in databases:
             continue
         skip = manifest.unlogged_tables.get(db, []) if skip_unlogged else []
+        db_mode, db_where = (per_db or {}).get(db, (mode, where))
         db_specs, decided = gxsteps.plan_recorded_facts(
             db, gxsteps.read_catalog(instance.dsn(db)), counts=expected,
-            newest=manifest.newest_timestamps.get(db, {}), skip_tables=set(skip), count_mode=mode,
-            tolerance=cfg.drill.row_count_tolerance, max_age_seconds=cfg.drill.freshness_max_seconds, at=where)
+            newest=manifest.newest_timestamps.get(db, {}), skip_tables=set(skip), count_mode=db_mode,
+            tolerance=cfg.drill.row_count_tolerance, max_age_seconds=cfg.drill.freshness_max_seconds,
+            at=db_where)
         specs += db_specs
         results += decided
     for db, tables in sorted(manifest.not_counted.items()):

@@ -364,7 +364,7 @@ def _facts_fields(facts: ClusterFacts | None) -> dict[str, Any]:
     for db, reason in facts.not_counted.items():
         not_counted.setdefault(db, {})["*"] = reason
     return {
-        "row_counts_lsn": facts.lsn, "row_counts_snapshot": facts.snapshot,
+        "row_counts_lsn": facts.lsn, "row_counts_snapshots": dict(facts.snapshots),
         "newest_timestamps": {db: dict(f.newest) for db, f in facts.databases.items() if f.newest},
         "unlogged_tables": {db: list(f.unlogged) for db, f in facts.databases.items() if f.unlogged},
         "not_counted": not_counted, "cluster_databases": list(facts.all_databases),

@@ -2,12 +2,11 @@
 timestamp of every user table of every database, read in ONE snapshot whose WAL position is
 recorded with them, plus which tables are unlogged and what could not be counted, and why.
 
-- One snapshot for the whole cluster: it is exported on a connection to the DSN's database and
-  imported (REPEATABLE READ) in every other database; snapshots are cluster-wide, and only a
-  SERIALIZABLE import is restricted to the exporting database (snapmgr.c, ImportSnapshot).
-- The LSN is read right after the snapshot is taken (``pg_current_wal_insert_lsn()``): every
-  transaction the snapshot sees has its commit record before it. The snapshot itself is recorded
-  too (``pg_current_snapshot()``), so a drill paused at that LSN can prove that no transaction
+- One snapshot per database (PostgreSQL refuses to import a snapshot into another database),
+  taken back to back and retaken until they are identical (see ``read_cluster_facts``).
+- The LSN is read right after the snapshots are taken (``pg_current_wal_insert_lsn()``): every
+  transaction they see has its commit record before it. The snapshots are recorded too
+  (``pg_current_snapshot()``), so a drill paused at that LSN can prove that no transaction
   invisible to the counts had committed there (``pg_visible_in_snapshot``/``pg_xact_status``).
 - Counting runs with ``row_security = off``: when row-level security would hide rows from the
   counting role, PostgreSQL raises an error instead of silently filtering, and the table is
@@ -27,7 +26,7 @@ from psycopg import sql
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.errors import DRError, one_line
-from tasks.postgres import connection, with_dbname
+from tasks.postgres import connect, connection, with_dbname
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ class ClusterFacts(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     lsn: str | None = None
-    snapshot: str | None = None
+    snapshots: dict[str, str] = Field(default_factory=dict, description="database -> pg_current_snapshot()")
     databases: dict[str, DatabaseFacts] = Field(default_factory=dict)
     not_counted: dict[str, str] = Field(default_factory=dict, description="database -> why not")
     all_databases: list[str] = Field(default_factory=list, description="every non-template database")
@@ -116,62 +115,90 @@ def database_facts(conn: psycopg.Connection[Any]) -> DatabaseFacts:
     return DatabaseFacts(rows=rows, newest=newest, unlogged=unlogged, not_counted=not_counted)
 
 
-def _facts_in_snapshot(dsn: str, snapshot_id: str | None) -> DatabaseFacts:
-    with connection(dsn, autocommit=False) as conn:
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        if snapshot_id is not None:
-            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
-        conn.execute("SET LOCAL statement_timeout = 0")  # a count of a big table takes what it takes
-        conn.execute("SET LOCAL lock_timeout = '60s'")
-        facts = database_facts(conn)
-        conn.rollback()
-    return facts
+def _begin(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+
+
+def _count(conn: psycopg.Connection[Any]) -> DatabaseFacts:
+    conn.execute("SET LOCAL statement_timeout = 0")  # a count of a big table takes what it takes
+    conn.execute("SET LOCAL lock_timeout = '60s'")
+    return database_facts(conn)
+
+
+SNAPSHOT_ATTEMPTS = 20
 
 
 def read_cluster_facts(dsn: str, *, snapshot_id: str | None = None, lsn: str | None = None,
                        only: list[str] | None = None) -> ClusterFacts:
-    """Facts of every database (or ``only`` these) in one snapshot.
+    """Facts of every database (or ``only`` these), each read in a REPEATABLE READ snapshot.
 
-    With ``snapshot_id`` (an exported snapshot the caller keeps open, e.g. pg_dump's) and its
-    ``lsn``, that snapshot is used; otherwise one is exported here and its LSN read."""
-    with connection(dsn, autocommit=False) as conn:
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        if snapshot_id is not None:
-            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
-            row = conn.execute("SELECT NULL, pg_current_snapshot()::text").fetchone()
-            assert row is not None
-            exported, snap_text = snapshot_id, str(row[1])
-        else:
-            row = conn.execute("SELECT pg_export_snapshot(), pg_current_snapshot()::text").fetchone()
-            assert row is not None
-            exported, snap_text = str(row[0]), str(row[1])
-            # read after the snapshot was taken: every commit it sees lies before this LSN
-            lsn_row = conn.execute("SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
-                                   "ELSE pg_current_wal_insert_lsn() END::text").fetchone()
-            assert lsn_row is not None
-            lsn = str(lsn_row[0])
+    With ``snapshot_id`` (an exported snapshot the caller keeps open, e.g. pg_dump's; one
+    database) and its ``lsn``, that snapshot is used. Otherwise a transaction is opened in every
+    database, their snapshots taken back to back and the LSN read after the last one; PostgreSQL
+    cannot share one snapshot across databases, so this repeats (up to SNAPSHOT_ATTEMPTS times)
+    until all the snapshots are identical — no transaction began or ended in between — which
+    makes them one snapshot in effect. Each database's snapshot is recorded either way, and the
+    drill proves per database that no transaction it did not see had committed at the LSN."""
+    with connection(dsn) as conn:
         here = str(conn.info.dbname)
         dbs = conn.execute("SELECT datname, datallowconn FROM pg_database WHERE NOT datistemplate "
-                           "ORDER BY 1").fetchall()
-        databases: dict[str, DatabaseFacts] = {}
-        not_counted: dict[str, str] = {}
-        all_databases = [str(r[0]) for r in dbs]
-        for name, allowed in dbs:
-            if only is not None and name not in only:
-                continue
-            if not allowed:
-                not_counted[name] = ("datallowconn = false: nobody may connect to it, so its rows could not be "
-                                     "counted at backup time")
-                continue
+                           "ORDER BY datname = current_database(), 1").fetchall()
+    all_databases = sorted(str(r[0]) for r in dbs)
+    not_counted: dict[str, str] = {}
+    wanted: list[str] = []
+    for name, allowed in dbs:
+        if only is not None and name not in only:
+            continue
+        if not allowed:
+            not_counted[name] = ("datallowconn = false: nobody may connect to it, so its rows could not be "
+                                 "counted at backup time")
+            continue
+        wanted.append(str(name))
+    conns: dict[str, psycopg.Connection[Any]] = {}
+    try:
+        for name in wanted:  # the DSN's own database last: its snapshot is the one nearest the LSN
             try:
-                databases[name] = _facts_in_snapshot(with_dbname(dsn, name), exported)
+                conns[name] = connect(with_dbname(dsn, name), autocommit=False)
             except (DRError, psycopg.Error) as exc:
                 not_counted[name] = f"could not be counted: {one_line(exc)}"
                 log.warning("database %s not counted: %s", name, not_counted[name])
-        conn.rollback()
-    log.info("row counts of %d database(s) read in snapshot at %s (database %s)", len(databases), lsn, here)
-    return ClusterFacts(lsn=lsn, snapshot=snap_text, databases=databases, not_counted=not_counted,
-                        all_databases=all_databases)
+        snapshots: dict[str, str] = {}
+        for attempt in range(1, SNAPSHOT_ATTEMPTS + 1):
+            snapshots = {}
+            for name, conn in conns.items():
+                _begin(conn)
+                if snapshot_id is not None:
+                    conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
+                row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
+                assert row is not None
+                snapshots[name] = str(row[0])
+            if snapshot_id is None and conns:
+                # read after every snapshot was taken: each commit they see lies before this LSN
+                main = conns[next(reversed(conns))]
+                lsn_row = main.execute("SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
+                                       "ELSE pg_current_wal_insert_lsn() END::text").fetchone()
+                assert lsn_row is not None
+                lsn = str(lsn_row[0])
+            if len(set(snapshots.values())) <= 1 or attempt == SNAPSHOT_ATTEMPTS:
+                break
+            for conn in conns.values():
+                conn.rollback()
+        if len(set(snapshots.values())) > 1:
+            log.info("databases counted in %d different snapshots (writes never paused): the drill checks "
+                     "each against the LSN", len(set(snapshots.values())))
+        databases: dict[str, DatabaseFacts] = {}
+        for name, conn in conns.items():
+            try:
+                databases[name] = _count(conn)
+            except (DRError, psycopg.Error) as exc:
+                not_counted[name] = f"could not be counted: {one_line(exc)}"
+                log.warning("database %s not counted: %s", name, not_counted[name])
+    finally:
+        for conn in conns.values():
+            conn.close()
+    log.info("row counts of %d database(s) read in snapshot(s) at %s (database %s)", len(databases), lsn, here)
+    return ClusterFacts(lsn=lsn, snapshots={db: snapshots[db] for db in databases}, databases=databases,
+                        not_counted=not_counted, all_databases=all_databases)
 
 
 def switch_wal(dsn: str) -> str | None:

@@ -549,6 +549,32 @@ def before_checks_hook_for_tests(hook: Callable[[LocalCluster], None]) -> Iterat
         _BEFORE_CHECKS_HOOK_FOR_TESTS = previous
 
 
+_BEFORE_START_HOOK_FOR_TESTS: Callable[[Path], None] | None = None
+
+
+@contextlib.contextmanager
+def before_start_hook_for_tests(hook: Callable[[Path], None]) -> Iterator[None]:
+    """Tests only: call ``hook(pgdata)`` on a restored, verified data directory before the server
+    first starts (e.g. to lose a table's file as a broken backup would). Same rules as
+    ``before_checks_hook_for_tests``: nothing outside this process can set it."""
+    global _BEFORE_START_HOOK_FOR_TESTS
+    previous = _BEFORE_START_HOOK_FOR_TESTS
+    _BEFORE_START_HOOK_FOR_TESTS = hook
+    try:
+        yield
+    finally:
+        _BEFORE_START_HOOK_FOR_TESTS = previous
+
+
+def run_before_start_hook_for_tests(instance: DrillInstance) -> bool:
+    hook = _BEFORE_START_HOOK_FOR_TESTS
+    if hook is None:
+        return False
+    log.warning("running a test hook on drill instance %s before it starts", instance.drill_id)
+    hook(instance.pgdata)
+    return True
+
+
 def run_before_checks_hook_for_tests(instance: DrillInstance) -> bool:
     hook = _BEFORE_CHECKS_HOOK_FOR_TESTS
     if hook is None:

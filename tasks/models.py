@@ -60,7 +60,8 @@ class Manifest(BaseModel):
     row_counts_exact: bool = False
     row_counts_lsn: str | None = Field(
         default=None, description="WAL position at which the row counts (and newest timestamps) hold exactly")
-    row_counts_snapshot: str | None = Field(default=None, description="pg_current_snapshot() of the counts")
+    row_counts_snapshots: dict[str, str] = Field(
+        default_factory=dict, description="database -> pg_current_snapshot() its counts were read in")
     newest_timestamps: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="database -> schema.table -> newest timestamp, epoch seconds (numeric)")
     unlogged_tables: dict[str, list[str]] = Field(default_factory=dict, description="database -> unlogged tables")

@@ -4,16 +4,20 @@ pgbench writes, and a failed drill naming the object for each injected fault."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
+from drill_helpers import check, copy_backup_with_counts, corrupt_index, failed_names
 from prodshape import ProdCluster
 
 from flows.backup import backup_flow
 from flows.drill import run_drill
-from tasks.drill import DrillReport
+from tasks.drill import DrillReport, before_checks_hook_for_tests, before_start_hook_for_tests
+from tasks.pgcluster import LocalCluster
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -75,3 +79,109 @@ def test_default_suite_quotes_every_identifier(prod_cluster: ProdCluster) -> Non
     assert {"primary-key shop.public.User(id)", "primary-key legacy.public.Kunden(id)",
             "fk-orphans shop.Sales.Order Items(orderId)->Sales.Order"} <= names
     assert [(r.name, r.summary) for r in results if r.failed] == []
+
+
+# ---------------------------------------------------------------- what a green drill has proven
+
+
+def test_physical_drill_compares_every_database_exactly_at_the_counts_lsn(backups: Backups) -> None:
+    # WHEN the physical backup taken as gravl_dr while pgbench wrote is drilled
+    report = run_drill(str(backups.config_lp), backup=backups.physical_lp)
+    assert report.passed, _summary(report)
+    # THEN the counts were compared exactly, paused at the LSN the backup read them at
+    assert "paused at LSN" in check(report, "recovery").summary
+    ticks = check(report, "row-count shop.public.ticks")
+    assert ticks.status == "passed" and "exactly" in ticks.summary, ticks.summary
+    # the RLS table counted in full by the documented role (BYPASSRLS), not 0 = 0
+    secrets = check(report, "row-count shop.public.secrets")
+    assert "observed 500" in secrets.summary, secrets.summary
+    # every counted database, including the LATIN1, read-only and history-only ones
+    for name in ("row-count legacy.public.Kunden", "row-count reports.public.daily_sales",
+                 "row-count archive.public.orders_2019", "freshness archive.public.orders_2019",
+                 "amcheck reports", "amcheck legacy", "amcheck frozen", "primary-key frozen.public.snapshots(id)"):
+        assert check(report, name).status == "passed", name
+    # the unlogged table is expected empty, and the report says why
+    cache = check(report, "row-count shop.public.session_cache")
+    assert cache.status == "passed" and "unlogged" in cache.summary and "100 rows" in cache.summary
+    # a database the source refuses connections to: checked, and its missing counts explained
+    frozen = check(report, "row-count frozen")
+    assert frozen.status == "skipped" and "datallowconn" in frozen.summary
+    coverage = {c.database: c for c in report.databases}
+    assert set(coverage) >= {"shop", "legacy", "reports", "frozen", "archive", "postgres"}
+    assert any("connections allowed" in n for n in coverage["frozen"].not_checked)
+    assert any(c.startswith("amcheck") for c in coverage["frozen"].checked)
+    # the drill's own setup fired no event trigger: audit.ddl_log compared exactly, and unchanged
+    assert check(report, "row-count shop.audit.ddl_log").status == "passed"
+
+
+def test_logical_drill_says_exactly_what_it_skipped(backups: Backups) -> None:
+    report = run_drill(str(backups.config_su), backup=backups.logical_su)
+    assert report.passed, _summary(report)
+    coverage = {c.database: c for c in report.databases}
+    for other in ("legacy", "reports", "frozen", "archive"):
+        assert any("not in this backup" in n for n in coverage[other].not_checked), other
+    notes = " ".join(coverage["shop"].not_checked)
+    assert "roles" in notes and "app_user" in notes  # the policy TO app_user, skipped and named
+
+
+# ---------------------------------------------------------------- faults: a red drill names the object
+
+
+def test_drill_fails_naming_an_fk_orphan(backups: Backups) -> None:
+    def orphan(cluster: LocalCluster) -> None:
+        with psycopg.connect(cluster.dsn("shop"), autocommit=True,
+                             options="-c session_replication_role=replica") as conn:
+            conn.execute('DELETE FROM "Sales"."Order" WHERE id = 1001')  # its lines stay
+
+    with before_checks_hook_for_tests(orphan):
+        report = run_drill(str(backups.config_su), backup=backups.physical_su)
+    assert not report.passed
+    assert failed_names(report) == ["fk-orphans shop.Sales.Order Items(orderId)->Sales.Order"], _summary(report)
+
+
+def test_drill_fails_naming_a_corrupted_index(backups: Backups) -> None:
+    def corrupt(cluster: LocalCluster) -> None:
+        corrupt_index(cluster, "shop", '"Sales"."Order_pkey"')
+
+    with before_checks_hook_for_tests(corrupt):
+        report = run_drill(str(backups.config_su), backup=backups.physical_su)
+    assert not report.passed
+    amcheck = check(report, "amcheck shop")
+    assert amcheck.failed and '"Sales"."Order_pkey"' in amcheck.summary and "corrupt" in amcheck.summary
+
+
+def test_drill_fails_naming_a_table_with_missing_rows_in_a_second_database(backups: Backups) -> None:
+    # GIVEN a backup whose source had 5 more rows in legacy.public.bestellungen than the copy holds
+    manifest = json.loads((backups.prod.repo_dir / "backups" / backups.physical_lp / "manifest.json").read_text())
+    counts = manifest["row_counts"]
+    counts["legacy"]["public.bestellungen"] += 5
+    copy_backup_with_counts(backups.prod.repo_dir, backups.physical_lp,
+                            backups.physical_lp.replace("physical", "physical-missing"), counts)
+    report = run_drill(str(backups.config_lp), backup=backups.physical_lp.replace("physical", "physical-missing"))
+    assert failed_names(report) == ["row-count legacy.public.bestellungen"], _summary(report)
+
+
+def test_physical_drill_fails_naming_a_table_emptied_after_its_count(backups: Backups) -> None:
+    # GIVEN the restored copy lost public.reservations' heap (a backup broken in a way
+    # pg_verifybackup cannot see once it has run): emptied after its rows were counted
+    path = backups.prod.sql("SELECT pg_relation_filepath('public.reservations')")[0][0]
+
+    def lose_table(pgdata: Path) -> None:
+        with open(pgdata / path, "r+b") as fh:
+            fh.truncate(0)
+
+    with before_start_hook_for_tests(lose_table):
+        report = run_drill(str(backups.config_su), backup=backups.physical_su)
+    assert not report.passed
+    assert "row-count shop.public.reservations" in failed_names(report), _summary(report)
+    assert "observed 0" in check(report, "row-count shop.public.reservations").summary
+
+
+def test_logical_drill_fails_naming_a_table_emptied_after_its_count(backups: Backups) -> None:
+    def empty(cluster: LocalCluster) -> None:
+        with psycopg.connect(cluster.dsn("shop"), autocommit=True) as conn:
+            conn.execute('TRUNCATE "Sales"."Order Items"')
+
+    with before_checks_hook_for_tests(empty):
+        report = run_drill(str(backups.config_lp), backup=backups.logical_lp)
+    assert failed_names(report) == ["row-count shop.Sales.Order Items"], _summary(report)
