@@ -185,3 +185,24 @@ def test_logical_drill_fails_naming_a_table_emptied_after_its_count(backups: Bac
     with before_checks_hook_for_tests(empty):
         report = run_drill(str(backups.config_lp), backup=backups.logical_lp)
     assert failed_names(report) == ["row-count shop.Sales.Order Items"], _summary(report)
+
+
+def test_a_count_under_row_level_security_is_never_recorded_silently(prod_cluster: ProdCluster) -> None:
+    from tasks.counts import read_cluster_facts
+
+    # GIVEN a reader without BYPASSRLS (analyst) and the documented backup role (gravl_dr)
+    hidden = read_cluster_facts(prod_cluster.dsn("shop", "analyst"), only=["shop"])
+    documented = read_cluster_facts(prod_cluster.dsn("shop", "gravl_dr"))
+    # THEN the RLS table is not counted as 0 for the first: it is recorded as not counted, with why
+    shop = hidden.databases["shop"]
+    assert "public.secrets" not in shop.rows
+    assert "row-level security" in shop.not_counted["public.secrets"] and "BYPASSRLS" in shop.not_counted[
+        "public.secrets"]
+    # AND the documented role counts everything, in every database but the one nobody may enter
+    assert documented.databases["shop"].rows["public.secrets"] == 500
+    assert documented.databases["shop"].not_counted == {}
+    assert set(documented.databases) == {"shop", "legacy", "reports", "archive", "postgres"}
+    assert "datallowconn" in documented.not_counted["frozen"]
+    assert documented.databases["shop"].unlogged == ["public.session_cache"]
+    assert documented.lsn and len(set(documented.snapshots.values())) == 1  # a quiet cluster: one snapshot
+    assert float(documented.databases["archive"].newest["public.orders_2019"]) == 1577833200.0
