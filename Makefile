@@ -1,11 +1,12 @@
-# gravl-dr: `make demo` runs the main job on embedded defaults; `make test` runs the whole suite.
+# gravl-dr: `make demo` runs the main job on embedded defaults; `make test` runs the whole suite;
+# `make unit` runs the pure tier in seconds.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 
-.PHONY: demo test lint typecheck pytest venv system system-test bench clean
+.PHONY: demo test unit lint typecheck pytest venv system system-test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install -q uv
@@ -31,6 +32,10 @@ lint: venv
 
 typecheck: venv
 	$(VENV)/bin/mypy flows tasks deployments
+
+# The pure tier: no server, no CLI process; seconds, not minutes (the tiers are set in tests/conftest.py).
+unit: venv
+	$(VENV)/bin/pytest -q -m unit tests
 
 pytest: system-test venv
 	$(VENV)/bin/pytest -q tests

@@ -6,6 +6,10 @@ the served deployments cannot drift from the deployed ones. Flow runs execute in
 of this one and inherit its environment: point ``GRAVL_DR_CONFIG`` at the config (else
 ``./gravl-dr.yaml`` in the repository root is used). prefect.yaml's work-pool section (pull
 steps, job variables) applies to workers only.
+
+Serving never touches deployments a worker runs: ``prefect serve`` would overwrite a deployment
+of the same name (dropping its pull step and job variables) and pause it when it stops, so this
+script refuses to start, naming them, when any of its deployments exists on a work pool.
 """
 
 from __future__ import annotations
@@ -108,6 +112,23 @@ def build_deployments(specs: Sequence[DeploymentSpec]) -> list[RunnerDeployment]
     return deployments
 
 
+def deployed_on_work_pools(deployments: Sequence[RunnerDeployment]) -> list[str]:
+    """Those of ``deployments`` that the Prefect API already holds on a work pool, as text."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    found = []
+    with get_client(sync_client=True) as client:
+        for d in deployments:
+            try:
+                existing = client.read_deployment_by_name(f"{d.flow_name}/{d.name}")
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                found.append(f"{d.flow_name}/{d.name} (work pool {existing.work_pool_name})")
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--only", nargs="+", metavar="NAME", help="serve only these deployments")
@@ -129,7 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.chdir(args.file.resolve().parent)
     from prefect import serve
 
-    serve(*build_deployments(specs))
+    deployments = build_deployments(specs)
+    clash = deployed_on_work_pools(deployments)
+    if clash:
+        sys.stderr.write(
+            f"serve.py: error: refusing to serve {len(clash)} deployment(s) a worker already runs: "
+            f"{', '.join(clash)}. Serving would replace them (pull step, job variables) and pause "
+            "them on exit. Run a worker for them instead, or serve others with --only NAME.\n")
+        return 2
+    serve(*deployments)
     return 0
 
 

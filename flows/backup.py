@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -12,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.common import NETWORK_RETRIES, human_bytes, load, logger
+from flows.params import BackupKind, ConfigPath
 from tasks import backup as steps
 from tasks.config import Config
 from tasks.errors import DRError, one_line
@@ -78,7 +78,9 @@ def publish_manifest(repo: Repository, manifest: Manifest) -> str:
 
 @task(name="release-backup-lock", cache_policy=NO_CACHE)
 def release_backup_lock(repo: Repository, backup_id: str) -> None:
-    steps.release_lock(repo, backup_id)
+    if not steps.release_lock(repo, backup_id):
+        logger().warning("the repository lock of %s is left behind; the next backup takes it "
+                         "over (its backup is over), or run gravl-dr unlock", backup_id)
 
 
 @task(name="discard-incomplete-backup", cache_policy=NO_CACHE)
@@ -134,11 +136,20 @@ def _markdown(report: BackupReport, repo_url: str, error: str | None = None) -> 
 
 @flow(name="backup", log_prints=False)
 def backup_flow(
-    config_path: str | None = None,
-    kind: Literal["physical", "logical"] = "physical",
+    config_path: ConfigPath = None,
+    kind: BackupKind = "physical",
     dry_run: bool = False,
 ) -> BackupReport:
-    """Take a physical (pg_basebackup) or logical (pg_dump) backup into the repository."""
+    """Take a physical (pg_basebackup) or logical (pg_dump) backup into the repository.
+
+    Args:
+        config_path: The gravl-dr config file; empty: $GRAVL_DR_CONFIG of the worker, then
+            gravl-dr.yaml in its working directory.
+        kind: physical: the whole cluster with pg_basebackup (restores to any point in time with
+            the WAL archive); logical: every database and the roles with pg_dump (restores into
+            any PostgreSQL, no point in time).
+        dry_run: Check the server, the repository and the lock only; store nothing.
+    """
     t0 = time.monotonic()
     cfg, repo = load(config_path)
     artifact_key = f"backup-report-{cfg.cluster}".replace("_", "-")
@@ -165,7 +176,8 @@ def backup_flow(
         report.start_lsn, report.stop_lsn = res.start_lsn, res.stop_lsn
         report.total_seconds = time.monotonic() - t0
     except BaseException as exc:
-        if pre is not None and not dry_run:
+        # Only what this attempt created: a run refused at the lock wrote nothing to clean.
+        if pre is not None and locked and not dry_run:
             try:
                 discard_incomplete_backup(repo, pre.backup_id)
             except Exception as cleanup_exc:  # noqa: BLE001 - report the original error

@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
+from flows.prefect_env import apply_prefect_defaults
 from tasks.errors import DRError, one_line
 
 T = TypeVar("T")
@@ -26,6 +27,7 @@ COMMAND_MODULES = [
     "flows.cli_backup",
     "flows.cli_demo",
     "flows.cli_retention",
+    "flows.cli_lock",
     "flows.cli_wal",
     "flows.cli_drill",
     "flows.cli_failover",
@@ -40,12 +42,7 @@ log = logging.getLogger("gravl_dr")
 
 def prefect_environment() -> None:
     """Settings for flows run from the CLI; set before Prefect is imported (see STACK.md)."""
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,flows")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    os.environ.setdefault("PREFECT_UI_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    apply_prefect_defaults()
 
 
 class _NoTraceback(logging.Filter):

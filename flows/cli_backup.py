@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -82,22 +83,38 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from tasks.backup import list_backups
+    """Every backup with a manifest; OK when its objects are all there with their recorded sizes,
+    BROKEN when one is missing or cut, INVALID when the manifest cannot be read."""
+    from tasks.backup import read_catalog
 
     cfg, repo = _repo(args)
     repo.check()
-    backups = list_backups(repo, cfg.cluster)
+    entries = read_catalog(repo, cfg.cluster, check=True)
     if args.json:
-        json.dump([json.loads(m.model_dump_json()) for m in backups], sys.stdout, indent=2)
+        out: list[dict[str, Any]] = []
+        for e in entries:
+            doc: dict[str, Any] = json.loads(e.manifest.model_dump_json()) if e.manifest else {"id": e.backup_id}
+            doc.update(status=e.status, reason=e.reason or None)
+            out.append(doc)
+        json.dump(out, sys.stdout, indent=2)
         print()
         return 0
-    if not backups:
+    if not entries:
         print(f"no backups in {repo.url}")
         return 0
-    print(f"{'ID':32} {'KIND':8} {'RAW':>12} {'STORED':>12} {'STOP LSN':>14}  STOP TIME")
-    for m in backups:
-        print(f"{m.id:32} {m.kind:8} {m.raw_bytes:>12} {m.stored_bytes:>12} {m.stop_lsn or '-':>14}  "
-              f"{m.stop_time.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z")
+    print(f"{'ID':36} {'KIND':8} {'STATUS':8} {'RAW':>12} {'STORED':>12} {'STOP LSN':>14}  STOP TIME")
+    for e in entries:
+        m = e.manifest
+        if m is None:
+            print(f"{e.backup_id:36} {'-':8} {e.status:8} {e.reason}")
+            continue
+        line = (f"{m.id:36} {m.kind:8} {e.status:8} {m.raw_bytes:>12} {m.stored_bytes:>12} "
+                f"{m.stop_lsn or '-':>14}  {m.stop_time.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z")
+        print(line + (f"  ({e.reason})" if e.reason else ""))
+    bad = [e for e in entries if e.status in ("BROKEN", "INVALID")]
+    if bad:
+        print(f"warning: {len(bad)} backup(s) cannot be restored: "
+              + ", ".join(f"{e.backup_id} {e.status}" for e in bad), file=sys.stderr)
     return 0
 
 
@@ -129,6 +146,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
         check_pgdata_target(Path(args.pgdata).absolute())
         kind = "physical"
     else:
+        from tasks.libpq import split_password
+
+        # the flow (its parameters live in Prefect's database) gets the DSN without the
+        # password; pg_restore and psycopg in this process get it as PGPASSWORD
+        args.dsn, password = split_password(args.dsn)
+        if password is not None:
+            os.environ["PGPASSWORD"] = password
         server_info(args.dsn)  # reachable?
         kind = "logical"
     from tasks.recovery import RecoveryTarget
@@ -142,7 +166,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         from tasks.recovery import check_target_for_backup, choose_backup
 
         now = datetime.now(UTC)
-        manifest = (choose_backup(list_backups(repo, cfg.cluster), target, now)
+        manifest = (choose_backup(list_backups(repo, cfg.cluster, check=True), target, now)
                     if args.backup == "latest" else resolve_backup(repo, args.backup, cluster=cfg.cluster))
         if manifest.kind == "physical":
             check_target_for_backup(manifest, target, now)

@@ -81,33 +81,49 @@ def _failover_preview(cfg: Config, args: argparse.Namespace) -> list[str]:
             *[f"  note: {n}" for n in plan.notes]]
 
 
+def _skipped() -> str:
+    """--yes: recorded as the approver, so the flow does not pause for the approval form."""
+    import getpass
+
+    return f"--yes ({getpass.getuser()})"
+
+
 def cmd_failover(args: argparse.Namespace) -> int:
     cfg = _preflight(args)
-    approved_by = None if args.yes else _ask(lambda: _failover_preview(cfg, args), "Fail over?")
+    approved_by = _skipped() if args.yes else _ask(lambda: _failover_preview(cfg, args), "Fail over?")
     from flows.cli import run_flow
     from flows.failover import failover_flow
 
-    report = run_flow(failover_flow, config_path=args.config, yes=args.yes, max_lag_bytes=args.max_lag_bytes,
+    report = run_flow(failover_flow, config_path=args.config, max_lag_bytes=args.max_lag_bytes,
                       force=args.force, planned=args.planned, approved_by=approved_by)
+    from flows.failover import UNFENCED, UNFENCED_EXIT_CODE
+
     if args.json:
         print(report.model_dump_json(indent=2))
     else:
         rpo = f"{report.rpo_bytes} bytes" if report.rpo_bytes is not None else "unknown"
         dns = f"; DNS {report.dns.detail}" if report.dns and report.dns.record else ""
-        print(f"failover complete: {report.new_primary} is the primary (was {report.old_primary}); "
+        done = "failover complete" if report.status != UNFENCED else "failover complete WITH A WARNING"
+        print(f"{done}: {report.new_primary} is the primary (was {report.old_primary}); "
               f"RTO {report.rto_seconds:.2f}s, RPO {rpo}{dns}")
+    if report.status == UNFENCED:
+        for warning in report.warnings:
+            sys.stderr.write(f"gravl-dr: WARNING: {warning}\n")
+        sys.stderr.write(f"gravl-dr: WARNING: {report.old_primary} is NOT fenced — split-brain risk; "
+                         f"exit status {UNFENCED_EXIT_CODE}\n")
+        return UNFENCED_EXIT_CODE
     return 0
 
 
 def cmd_failback(args: argparse.Namespace) -> int:
     cfg = _preflight(args)
-    approved_by = None if args.yes else _ask(lambda: [
+    approved_by = _skipped() if args.yes else _ask(lambda: [
         f"Failback: {cfg.primary.name} becomes the primary again (controlled switchover; writes pause "
          "for a few seconds)."], "Fail back?")
     from flows.cli import run_flow
     from flows.failback import failback_flow
 
-    report = run_flow(failback_flow, config_path=args.config, yes=args.yes, backup=not args.no_backup,
+    report = run_flow(failback_flow, config_path=args.config, backup=not args.no_backup,
                       approved_by=approved_by)
     if args.json:
         print(report.model_dump_json(indent=2))
@@ -119,13 +135,13 @@ def cmd_failback(args: argparse.Namespace) -> int:
 
 def cmd_drill(args: argparse.Namespace) -> int:
     cfg = _preflight(args)
-    approved_by = None if args.yes else _ask(lambda: [
+    approved_by = _skipped() if args.yes else _ask(lambda: [
         f"Drill: {cfg.primary.name} is stopped cleanly, a replica is promoted, then "
          f"{cfg.primary.name} is made the primary again."], "Run the drill?")
     from flows.cli import run_flow
-    from flows.failback import drill_failover_flow
+    from flows.drill_failover import drill_failover_flow
 
-    report = run_flow(drill_failover_flow, config_path=args.config, yes=args.yes, backup=args.backup,
+    report = run_flow(drill_failover_flow, config_path=args.config, backup=args.backup,
                       approved_by=approved_by)
     if args.json:
         print(report.model_dump_json(indent=2))

@@ -52,7 +52,7 @@ def register(sub: Any) -> None:
                    help="fetch the next N segments in parallel (default %(default)s; 0 = off)")
     p.set_defaults(func=cmd_wal_fetch_args)
 
-    p = sub.add_parser("wal-check", help="check the WAL archive's continuity and the archiver's health")
+    p = sub.add_parser("wal-check", help="check the WAL archive's continuity, the archiver's health and lag (a flow run)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-server", action="store_true", help="check the repository only")
     p.set_defaults(func=cmd_wal_check)
@@ -191,7 +191,7 @@ def _spawn_pusher(config: str | None, pg_wal: Path, parallel: int) -> subprocess
 
 def wal_push(config: str | None, path_arg: str, parallel: int, *, synchronous: bool = False) -> int:
     """archive_command: exit 0 only once the file is durably in the repository."""
-    from tasks.errors import ConfigError, DRError
+    from tasks.errors import ConfigError, PermanentError
     from tasks.wal import (
         config_stamp,
         parse_wal_name,
@@ -226,7 +226,7 @@ def wal_push(config: str | None, path_arg: str, parallel: int, *, synchronous: b
             if outcome == "ok":
                 return 0
             if outcome is not None:
-                raise DRError(outcome)
+                raise PermanentError(outcome)
             log.warning("background pusher gone or slow: pushing %s here", path.name)
     repo, settings = open_wal_repository(config, pg_wal, stamp)
     res = push_with_lookahead(repo, path, settings, parallel=parallel, stamp=stamp)
@@ -290,18 +290,24 @@ def wal_fetch(config: str | None, name: str, dest: str, prefetch: int) -> int:
 # ---------------------------------------------------------------- wal-check
 
 def cmd_wal_check(args: argparse.Namespace) -> int:
+    """Run the wal-check flow (its artifact and metrics, as the deployment does) and print its report."""
     from tasks.config import load_config
-    from tasks.errors import DRError
     from tasks.repository import open_repository
-    from tasks.walcheck import check_wal
+    from tasks.walcheck import WalCheckFailed
 
     cfg = load_config(args.config)
-    repo = open_repository(cfg.repository)
-    report = check_wal(cfg, repo, server=not args.no_server)
+    open_repository(cfg.repository).check()  # fail fast, before Prefect starts
+    from flows.cli import run_flow
+    from flows.wal import wal_check_flow
+
+    try:
+        report = run_flow(wal_check_flow, config_path=args.config, check_server=not args.no_server)
+    except WalCheckFailed as exc:
+        report = exc.report
     if args.json:
         print(report.model_dump_json(indent=2))
     else:
         print(report.text())
     if not report.ok:
-        raise DRError(report.summary())
+        raise WalCheckFailed(report)
     return 0

@@ -14,11 +14,12 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from flows.backup import backup_flow
 from flows.common import human_bytes, logger
@@ -124,8 +125,18 @@ SUITES_DIR = Path(__file__).resolve().parent.parent / "expectations"
 
 
 @flow(name="demo")
-def demo_flow(users: int = 500, logs: int = 20000, keep: bool = False) -> DemoReport:
-    """Back up a throwaway Gravl database, restore it twice, prove the copies are identical."""
+def demo_flow(
+    users: Annotated[int, Field(ge=1, le=1_000_000)] = 500,
+    logs: Annotated[int, Field(ge=0, le=100_000_000)] = 20000,
+    keep: bool = False,
+) -> DemoReport:
+    """Back up a throwaway Gravl database, restore it twice, prove the copies are identical.
+
+    Args:
+        users: Users in the generated sample database.
+        logs: Workout logs in the generated sample database (its size).
+        keep: Keep the throwaway clusters and repository afterwards (their directory is logged).
+    """
     base = make_private_dir("gravl-dr-demo-", "postgres")
     clusters: list[LocalCluster] = []
     try:
@@ -166,7 +177,7 @@ def demo_flow(users: int = 500, logs: int = 20000, keep: bool = False) -> DemoRe
                             logical_backup=logi.backup_id,
                             physical_restore_seconds=restored.seconds,
                             logical_restore_seconds=restored_l.seconds, lines=lines)
-        create_markdown_artifact(key="demo-report", markdown=f"# gravl-dr demo: {'OK' if report.ok else 'FAILED'}\n\n" +
+        create_markdown_artifact(key="demo-report-gravl-demo", markdown=f"# gravl-dr demo: {'OK' if report.ok else 'FAILED'}\n\n" +
                                  "\n".join(f"- {ln}" for ln in lines) + "\n")
         return report
     finally:

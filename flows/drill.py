@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.common import NETWORK_RETRIES, human_bytes, load, logger
+from flows.params import BackupKind, BackupRef, ConfigPath, OptionalTime
 from tasks import backup as bsteps
 from tasks import drill as dsteps
 from tasks import expectations as gxsteps
@@ -84,21 +85,22 @@ def validate_suites(cfg: Config, config_file: str | None) -> list[gxsteps.SuiteF
 
 
 @task(name="pick-backup", cache_policy=NO_CACHE, **NETWORK_RETRIES)
-def pick_backup(repo: Repository, ref: str, cluster: str, target_time: datetime | None) -> Manifest:
+def pick_backup(repo: Repository, ref: str, cluster: str, target_time: datetime | None,
+                kind: str = "physical") -> tuple[Manifest, str]:
+    if ref == "latest":
+        manifest, why = dsteps.choose_latest_backup(bsteps.list_backups(repo, cluster), kind, target_time)
+    else:
+        manifest, why = bsteps.resolve_backup(repo, ref, cluster=cluster), f"backup {ref} named by the operator"
     if target_time is not None:
-        manifest = bsteps.resolve_backup(repo, ref, kind="physical" if ref == "latest" else None,
-                                         before=target_time if ref == "latest" else None, cluster=cluster)
         if manifest.kind != "physical":
             raise PreconditionFailed(f"backup {manifest.id} is logical: --target-time needs a physical backup")
         if manifest.stop_time > target_time:
             raise PreconditionFailed(
                 f"backup {manifest.id} ended at {manifest.stop_time.isoformat()}, after the target "
                 f"{target_time.isoformat()}: pick an older backup")
-    else:
-        manifest = bsteps.resolve_backup(repo, ref, cluster=cluster)
-    logger().info("drilling backup %s (%s, %s, ended %s)", manifest.id, manifest.kind,
-                  human_bytes(manifest.raw_bytes), manifest.stop_time.isoformat())
-    return manifest
+    logger().info("drilling backup %s (%s, %s, ended %s): %s", manifest.id, manifest.kind,
+                  human_bytes(manifest.raw_bytes), manifest.stop_time.isoformat(), why)
+    return manifest, why
 
 
 @task(name="provision-instance", cache_policy=NO_CACHE)
@@ -484,7 +486,9 @@ def upload_report(repo: Repository, report: DrillReport) -> list[str]:
 
 
 @task(name="metrics", cache_policy=NO_CACHE)
-def push_drill_metrics(cfg: Config, report: DrillReport) -> None:
+def push_drill_metrics(cfg: Config, report: DrillReport, kind: str) -> None:
+    """Grouped by cluster and the kind of backup drilled: a logical drill's success must not
+    hide a failed physical one."""
     now = time.time()
     values: dict[str, tuple[float, str]] = {
         "gravl_drill_success": (1.0 if report.passed else 0.0, "1 if the last restore drill passed"),
@@ -499,7 +503,8 @@ def push_drill_metrics(cfg: Config, report: DrillReport) -> None:
     if report.passed:
         values["gravl_drill_last_success_timestamp_seconds"] = (now, "Time of the last passed restore drill")
     try:
-        push_metrics(cfg.metrics.pushgateway, "drill", {"cluster": cfg.cluster}, values)
+        push_metrics(cfg.metrics.pushgateway, "drill", {"cluster": cfg.cluster, "kind": report.backup_kind or kind},
+                     values)
     except DRError as exc:
         logger().warning("metrics not pushed: %s", one_line(exc))
 
@@ -520,7 +525,7 @@ def _cleanup_hook(flow: Any, flow_run: Any, state: Any) -> None:
 
     try:
         cfg = load_config((flow_run.parameters or {}).get("config_path"))
-        removed = dsteps.teardown_for_flow_run(dsteps._work_base(cfg), str(flow_run.id), cfg.postgres.bindir)
+        removed = dsteps.teardown_for_flow_run(dsteps.work_base(cfg), str(flow_run.id), cfg.postgres.bindir)
     except Exception:  # noqa: BLE001 - a hook must not raise; the next drill sweeps leftovers
         return
     if removed:
@@ -533,11 +538,23 @@ def _cleanup_hook(flow: Any, flow_run: Any, state: Any) -> None:
 
 @flow(name="drill", on_cancellation=[_cleanup_hook], on_crashed=[_cleanup_hook])
 def drill_flow(
-    config_path: str | None = None,
-    backup: str = "latest",
-    target_time: datetime | None = None,
+    config_path: ConfigPath = None,
+    backup: BackupRef = "latest",
+    target_time: OptionalTime = None,
+    kind: BackupKind = "physical",
 ) -> DrillReport:
-    """Restore a backup into a throwaway instance, check it thoroughly, report, tear down."""
+    """Restore a backup into a throwaway instance, check it thoroughly, report, tear down.
+
+    Args:
+        config_path: The gravl-dr config file; empty: $GRAVL_DR_CONFIG of the worker, then
+            gravl-dr.yaml in its working directory.
+        backup: The backup to drill: an id as `gravl-dr list` prints it, or latest (the newest
+            backup of the chosen kind).
+        target_time: Recover to this point in time instead of the end of the WAL archive
+            (physical backups only; without a time zone it is UTC).
+        kind: Which kind of backup latest means: physical (restore, WAL replay, page checksums)
+            or logical (the dump restored into a fresh server).
+    """
     started_at = datetime.now(UTC)
     t0 = time.monotonic()
     cfg, repo = load(config_path)
@@ -551,7 +568,7 @@ def drill_flow(
     suites = validate_suites(cfg, config_path)
     instance: DrillInstance | None = None
     try:
-        manifest = pick_backup(repo, backup, cfg.cluster, target_time)
+        manifest, report.selection = pick_backup(repo, backup, cfg.cluster, target_time, kind)
         report.backup_id, report.backup_kind = manifest.id, manifest.kind
         report.backup_stop_time = manifest.stop_time
         if manifest.kind == "logical":
@@ -578,7 +595,7 @@ def drill_flow(
     create_markdown_artifact(markdown=dsteps.render_markdown(report),
                              key=f"drill-report-{cfg.cluster}".replace("_", "-"),
                              description=report.verdict())
-    push_drill_metrics(cfg, report)
+    push_drill_metrics(cfg, report, kind)
     if not report.passed:
         raise DrillFailed(report)
     logger().info("%s; RTO %.1fs, RPO %s", report.verdict(), report.rto_seconds or 0.0,
@@ -628,9 +645,9 @@ def _config_file(explicit: str | None) -> Path:
 
 
 def run_drill(config_path: str | None, backup: str = "latest",
-              target_time: datetime | None = None) -> DrillReport:
+              target_time: datetime | None = None, kind: BackupKind = "physical") -> DrillReport:
     """Run the drill flow and return its report, passed or failed (for the demo and scripts)."""
     try:
-        return drill_flow(config_path=config_path, backup=backup, target_time=target_time)
+        return drill_flow(config_path=config_path, backup=backup, target_time=target_time, kind=kind)
     except DrillFailed as exc:
         return exc.report

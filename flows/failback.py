@@ -10,38 +10,34 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
 import yaml
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from flows.failover import (
-    FailoverReport,
     ReconnectFailed,
     Timeline,
     TimelineEvent,
     _finish,
     approval_gate,
     check_replica_health,
-    failover_flow,
     markdown_table,
-    push_dr_metrics,
     reconnect_apps,
     report_sections,
     resolve_nodes,
     switch_dns,
     validate_primary,
 )
+from flows.params import ConfigPath, OptionalText
 from tasks.config import Config, Node, config_path, load_config
 from tasks.dns_switch import DNSChange, check_dns_config, node_dns_value
 from tasks.errors import DRError, one_line
-from tasks.failover import DEFAULT_MAX_LAG_BYTES, FailbackPlan, NodeState, Refused, plan_failback
+from tasks.failover import FailbackPlan, NodeState, Refused, plan_failback
 from tasks.hooks import HookResult, ReconnectEvent
 from tasks.topology import (
     CanaryResult,
@@ -169,10 +165,9 @@ def backup_current_primary(cfg: Config, config_file: str | None, current: Node) 
 
 @flow(name="failback", log_prints=False)
 def failback_flow(
-    config_path: Annotated[str | None, Field(description="gravl-dr config file")] = None,
-    yes: Annotated[bool, Field(description="skip the approval gate")] = False,
+    config_path: ConfigPath = None,
     backup: Annotated[bool, Field(description="back up the current primary first")] = True,
-    approved_by: Annotated[str | None, Field(description="set by the CLI after a terminal approval")] = None,
+    approved_by: OptionalText = None,
     approval_timeout_seconds: Annotated[int, Field(ge=10, le=86400)] = 900,
     catch_up_timeout_seconds: Annotated[int, Field(ge=5, le=86400)] = 600,
 ) -> FailbackReport:
@@ -183,10 +178,11 @@ def failback_flow(
     pg_basebackup. Both nodes' pgdata must be on the host running the flow.
 
     Args:
-        config_path: gravl-dr config file (default $GRAVL_DR_CONFIG, then ./gravl-dr.yaml).
-        yes: Skip the approval gate.
+        config_path: The gravl-dr config file; empty: $GRAVL_DR_CONFIG of the worker, then
+            gravl-dr.yaml in its working directory.
         backup: Take a physical backup of the current primary first (the backup flow).
-        approved_by: Who approved before the run (the CLI sets it after a terminal approval).
+        approved_by: Who approved this run beforehand (a name or a ticket), recorded in the
+            report. Empty: the run pauses at the approval step and waits for the approval form.
         approval_timeout_seconds: How long the approval form waits before nothing is switched.
         catch_up_timeout_seconds: How long the rebuilt node may take to stream with zero lag.
     """
@@ -229,7 +225,7 @@ def failback_flow(
                        f"{report.lag.primary_lsn}")
             elif step.kind == "approve":
                 report.approver, report.approval_note = approval_gate(
-                    what=f"switch over from {current_name} to {home.name}", plan_lines=report.plan, yes=yes,
+                    what=f"switch over from {current_name} to {home.name}", plan_lines=report.plan,
                     approved_by=approved_by, timeout_seconds=approval_timeout_seconds)
                 tl.add(step.kind, f"approved by {report.approver}")
             elif step.kind == "switchover":
@@ -290,54 +286,3 @@ def failback_flow(
             report.switchover.unavailable_seconds, "Last failback: clean shutdown to first write")
     _finish(cfg, report, key, "failback", failback_markdown, metrics)
     return report
-
-
-# ------------------------------------------------------------------------------ drill
-
-
-class DrillFailoverReport(BaseModel):
-    cluster: str
-    failover: FailoverReport
-    failback: FailbackReport
-
-
-@flow(name="drill-failover", log_prints=False)
-def drill_failover_flow(
-    config_path: Annotated[str | None, Field(description="gravl-dr config file")] = None,
-    yes: Annotated[bool, Field(description="skip both approval gates")] = False,
-    backup: Annotated[bool, Field(description="back up before failing back")] = False,
-    max_lag_bytes: Annotated[int, Field(ge=0)] = DEFAULT_MAX_LAG_BYTES,
-    approved_by: Annotated[str | None, Field(description="set by the CLI after a terminal approval")] = None,
-) -> DrillFailoverReport:
-    """A DR drill: planned failover to a replica (clean stop, no data loss), then failback home.
-
-    Args:
-        config_path: gravl-dr config file (default $GRAVL_DR_CONFIG, then ./gravl-dr.yaml).
-        yes: Skip both approval gates.
-        backup: Back up the temporary primary before failing back.
-        max_lag_bytes: Refuse a replica further behind than this.
-        approved_by: Who approved before the run (the CLI sets it after a terminal approval).
-    """
-    cfg = load_config(config_path)
-    fo = failover_flow(config_path=config_path, yes=yes, planned=True, max_lag_bytes=max_lag_bytes,
-                       approved_by=approved_by)
-    fb = failback_flow(config_path=config_path, yes=yes, backup=backup, approved_by=approved_by)
-    so = fb.switchover
-    rows = [
-        ("failover", f"{fo.old_primary} -> {fo.new_primary}: RTO {fo.rto_seconds:.2f} s, RPO {fo.rpo_bytes} bytes"
-         if fo.rto_seconds is not None else fo.status),
-        ("failback", f"{fb.from_primary} -> {fb.home}: writes unavailable "
-         f"{so.unavailable_seconds:.2f} s" if so else fb.status),
-        ("failover DNS", fo.dns.detail if fo.dns else "-"), ("failback DNS", fb.dns.detail if fb.dns else "-"),
-    ]
-    md = "\n".join([f"# Failover drill of {cfg.cluster}: passed", "", *markdown_table(rows), "",
-                    "Full reports: artifacts `failover-report-*` and `failback-report-*`."]) + "\n"
-    create_markdown_artifact(markdown=md, key=f"drill-failover-report-{cfg.cluster}".replace("_", "-"),
-                             description=f"failover drill of {cfg.cluster}")
-    push_dr_metrics(cfg, "drill_failover", {
-        "gravl_drill_failover_last_success_timestamp_seconds": (time.time(), "Last passed failover drill"),
-        "gravl_drill_failover_rto_seconds": (fo.rto_seconds or 0.0, "Failover drill: RTO"),
-        "gravl_drill_failover_switchover_unavailable_seconds": (
-            so.unavailable_seconds if so else 0.0, "Failover drill: failback write unavailability"),
-    })
-    return DrillFailoverReport(cluster=cfg.cluster, failover=fo, failback=fb)

@@ -7,7 +7,6 @@ an interruption converges. Promotion and DNS switch never retry blindly; the nex
 
 from __future__ import annotations
 
-import getpass
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -17,9 +16,11 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.input import RunInput
+from prefect.states import Completed
 from pydantic import BaseModel, Field
 
 from flows.common import human_bytes, logger
+from flows.params import ConfigPath, OptionalText
 from tasks.config import Config, Node, load_config
 from tasks.dns_switch import DNSChange, check_dns_config, node_dns_value, switch_record
 from tasks.errors import ConfigError, DRError, PermanentError, one_line
@@ -88,13 +89,12 @@ def resolve_nodes(cfg: Config) -> dict[str, Node]:
     return nodes
 
 
-def approval_gate(*, what: str, plan_lines: list[str], yes: bool, approved_by: str | None,
+def approval_gate(*, what: str, plan_lines: list[str], approved_by: str | None,
                   timeout_seconds: int, poll_interval: int = 1) -> tuple[str, str]:
-    """Skip (--yes, or approved on the terminal) or pause the flow for a typed approval form."""
+    """Approved before the run (a name in the form, the CLI's --yes or terminal approval), or
+    pause the flow for a typed approval form."""
     if approved_by:
         return approved_by, "approved before the run"
-    if yes:
-        return f"--yes ({getpass.getuser()})", "approval skipped with --yes"
     from prefect.flow_runs import pause_flow_run
 
     description = f"**{what}**\n\n" + "\n".join(f"- {line}" for line in plan_lines)
@@ -185,6 +185,9 @@ def promote_replica(cfg: Config, target: Node, old_primary: Node, force: bool) -
     if old.accepts_writes and not force:
         raise Refused(f"{old_primary.name} accepts writes again: not promoting {target.name} "
                       "(re-run to fence it, or --force)")
+    if old.alive_but_refusing and not force:
+        raise Refused(f"{old_primary.name} is alive (it answered: {old.error}): not promoting "
+                      f"{target.name} (--force to accept the split-brain risk)")
     res = promote_node(target)
     if res.already_primary:
         logger().info("%s is already a primary (timeline %s): nothing to promote", target.name, res.timeline)
@@ -218,15 +221,21 @@ def validate_primary(node: Node, label: str) -> CanaryResult:
 # ------------------------------------------------------------------------------ the flow
 
 
+UNFENCED = "complete-unfenced"  # promoted and validated, but the old primary could NOT be fenced
+UNFENCED_EXIT_CODE = 3  # the CLI's exit status for it: a success nobody may read as a clean one
+
+
 class FailoverReport(BaseModel):
     cluster: str
-    status: str = "running"  # complete | refused | failed
+    status: str = "running"  # complete | complete-unfenced | refused | failed
     planned: bool = False
     old_primary: str
     new_primary: str | None = None
     already_promoted: bool = False
     plan: list[str] = []
     fence: str | None = None
+    fenced: bool | None = None  # None: no fence step was needed (the old primary was down and fenced)
+    warnings: list[str] = []
     approver: str | None = None
     approval_note: str | None = None
     reference_lsn: str | None = None
@@ -245,6 +254,8 @@ class FailoverReport(BaseModel):
 
 def failover_markdown(r: FailoverReport) -> str:
     title = {"complete": f"Failover complete: {r.new_primary} is the primary",
+             UNFENCED: f"Failover complete, but {r.old_primary} is NOT fenced: {r.new_primary} is the "
+                       "primary — split-brain risk",
              "refused": "Failover refused: nothing was promoted",
              "failed": "Failover FAILED"}.get(r.status, f"Failover {r.status}")
     rows = [
@@ -258,9 +269,14 @@ def failover_markdown(r: FailoverReport) -> str:
         ("validation", f"canary row {r.canary.row_id} at {r.canary.lsn}" if r.canary else "-"),
     ]
     lines = [f"# {title}", "", *markdown_table(rows)]
+    if r.warnings:
+        lines += ["", "## WARNING", *[f"- **{w}**" for w in r.warnings]]
     lines += report_sections(r)
     lines += ["", "## Next"]
-    if r.status == "complete":
+    if r.status == UNFENCED:
+        lines.append(f"- Make sure {r.old_primary} cannot come back as a primary: power it off or cut it "
+                     "from the network, or run `gravl-dr guard` before PostgreSQL starts on its host.")
+    if r.status in ("complete", UNFENCED):
         lines.append(f"- Repair {r.old_primary}, then run `gravl-dr failback` to make it the primary again.")
     elif r.status == "refused":
         lines.append("- Nothing changed. Read the reason above; re-run when the state allows it "
@@ -276,7 +292,7 @@ def _finish(cfg: Config, report: Any, key: str, job: str,
             markdown: Callable[[Any], str], metrics: dict[str, tuple[float, str]]) -> None:
     create_markdown_artifact(markdown=markdown(report), key=key, description=f"{job} of {cfg.cluster}")
     now = time.time()
-    if report.status == "complete":
+    if report.status in ("complete", UNFENCED):
         metrics = {f"gravl_{job}_last_success_timestamp_seconds": (now, f"Time of the last successful {job}"),
                    **metrics}
     elif report.status == "failed":
@@ -293,31 +309,34 @@ def failover_metrics(r: FailoverReport) -> dict[str, tuple[float, str]]:
         out["gravl_failover_rto_seconds"] = (r.rto_seconds, "Last failover: flow start to validated write")
     if r.rpo_bytes is not None:
         out["gravl_failover_rpo_bytes"] = (float(r.rpo_bytes), "Last failover: WAL bytes the new primary lacked")
+    if r.fenced is not None:
+        out["gravl_failover_old_primary_unfenced"] = (
+            0.0 if r.fenced else 1.0, "1 when the last failover could not fence the old primary (split-brain risk)")
     return out
 
 
 @flow(name="failover", log_prints=False)
 def failover_flow(
-    config_path: Annotated[str | None, Field(description="gravl-dr config file")] = None,
-    yes: Annotated[bool, Field(description="skip the approval gate")] = False,
+    config_path: ConfigPath = None,
     max_lag_bytes: Annotated[int, Field(ge=0, description="refuse a replica further behind than this")] =
     DEFAULT_MAX_LAG_BYTES,
     force: Annotated[bool, Field(description="promote even if the old primary accepts writes or the "
                                              "replica lags (it is fenced first)")] = False,
     planned: Annotated[bool, Field(description="the primary is up on purpose (a drill): stop it cleanly, "
                                                "no data loss")] = False,
-    approved_by: Annotated[str | None, Field(description="set by the CLI after a terminal approval")] = None,
+    approved_by: OptionalText = None,
     approval_timeout_seconds: Annotated[int, Field(ge=10, le=86400)] = 900,
 ) -> FailoverReport:
     """Fail over from the configured primary to the most advanced healthy replica.
 
     Args:
-        config_path: gravl-dr config file (default $GRAVL_DR_CONFIG, then ./gravl-dr.yaml).
-        yes: Skip the approval gate.
+        config_path: The gravl-dr config file; empty: $GRAVL_DR_CONFIG of the worker, then
+            gravl-dr.yaml in its working directory.
         max_lag_bytes: Refuse a replica further behind the old primary's last known WAL position.
         force: Go on although the old primary accepts writes (it is fenced first) or the replica lags.
         planned: The primary is up on purpose (a drill): stop it cleanly first, no data loss.
-        approved_by: Who approved before the run (the CLI sets it after a terminal approval).
+        approved_by: Who approved this run beforehand (a name or a ticket), recorded in the
+            report. Empty: the run pauses at the approval step and waits for the approval form.
         approval_timeout_seconds: How long the approval form waits before nothing is promoted.
     """
     tl = Timeline()
@@ -348,15 +367,15 @@ def failover_flow(
         for step in plan.steps:
             if step.kind == "approve":
                 report.approver, report.approval_note = approval_gate(
-                    what=f"promote {target.name} in place of {old.name}", plan_lines=report.plan, yes=yes,
+                    what=f"promote {target.name} in place of {old.name}", plan_lines=report.plan,
                     approved_by=approved_by, timeout_seconds=approval_timeout_seconds)
                 tl.add("approve", f"approved by {report.approver}")
             elif step.kind == "fence-old-primary":
                 fence = fence_old_primary(cfg, old, clean=True)
-                report.fence = fence.action
+                report.fence, report.fenced = fence.action, fence.fenced
                 tl.add("fence-old-primary", fence.action)
                 if not fence.fenced:
-                    report.notes.append(f"{old.name} could not be fenced: {fence.action}")
+                    report.warnings.append(f"{old.name} could not be fenced: {fence.action}")
             elif step.kind == "promote-replica":
                 promoted = promote_replica(cfg, target, old, force)
                 report.promoted_lsn = promoted.promoted_lsn
@@ -391,8 +410,9 @@ def failover_flow(
             f"reconnect hook {h.kind} {h.target} failed: {h.message}" for h in failed_hooks]
         if problems:
             raise ReconnectFailed("; ".join(problems) + f" — the promotion of {target.name} stands")
-        report.status = "complete"
-        tl.add("report", f"RTO {report.rto_seconds:.2f}s, RPO {report.rpo_bytes} bytes")
+        report.status = UNFENCED if report.fenced is False else "complete"
+        tl.add("report", f"RTO {report.rto_seconds:.2f}s, RPO {report.rpo_bytes} bytes"
+               + (f"; WARNING: {old.name} NOT fenced" if report.fenced is False else ""))
     except Refused as exc:
         report.status, report.error = "refused", one_line(exc)
         tl.add("refused", report.error)
@@ -409,4 +429,9 @@ def failover_flow(
         raise
     report.timeline = tl.events
     _finish(cfg, report, key, "failover", failover_markdown, failover_metrics(report))
+    if report.status == UNFENCED:
+        # A COMPLETED state of its own name: the UI and the API show the warning, not a plain success.
+        return Completed(name="CompletedUnfenced",  # type: ignore[return-value]
+                         message=f"{report.new_primary} promoted, but {report.old_primary} is NOT fenced",
+                         data=report)
     return report

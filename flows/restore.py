@@ -10,20 +10,23 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Annotated
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, WithJsonSchema
 
 from flows.common import NETWORK_RETRIES, human_bytes, load, logger
+from flows.params import BackupRef, ConfigPath, OptionalPort, OptionalText, OptionalTime
 from tasks import backup as bsteps
 from tasks import recovery as rec
 from tasks import restore as rsteps
 from tasks import wal as walsteps
 from tasks.config import Config
 from tasks.config import config_path as resolve_config_path
-from tasks.errors import DRError, PreconditionFailed, one_line
+from tasks.errors import ConfigError, DRError, PreconditionFailed, one_line
+from tasks.libpq import has_password
 from tasks.models import Manifest, format_lsn
 from tasks.pgcluster import LocalCluster, free_port
 from tasks.postgres import safe_dsn
@@ -77,7 +80,7 @@ def select_backup_for_target(repo: Repository, ref: str, cluster: str,
                              target: rec.RecoveryTarget) -> Manifest:
     now = datetime.now(UTC)
     if ref == "latest":
-        manifest = rec.choose_backup(bsteps.list_backups(repo, cluster), target, now)
+        manifest = rec.choose_backup(bsteps.list_backups(repo, cluster, check=True), target, now)
     else:
         manifest = bsteps.resolve_backup(repo, ref, cluster=cluster)
     if manifest.kind == "physical":
@@ -174,29 +177,69 @@ def wait_for_recovery(cfg: Config, pgdata: str, port: int, target: rec.RecoveryT
     return outcome
 
 
+@task(name="stop-restored-server", cache_policy=NO_CACHE)
+def stop_restored_server(cfg: Config, pgdata: str, port: int) -> str:
+    cluster = LocalCluster(Path(pgdata), port, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+    what = rec.stop_after_failed_recovery(cluster)
+    logger().warning("recovery failed: %s", what)
+    return what
+
+
+LSN_PATTERN = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"
+
+
 @flow(name="restore")
 def restore_flow(
-    config_path: str | None = None,
-    backup: str = "latest",
-    pgdata: str | None = None,
-    dsn: str | None = None,
+    config_path: ConfigPath = None,
+    backup: BackupRef = "latest",
+    pgdata: OptionalText = None,
+    dsn: OptionalText = None,
     start: bool = False,
-    port: int | None = None,
-    jobs: int = 2,
-    target_time: str | None = None,
-    target_lsn: str | None = None,
-    target_name: str | None = None,
-    target_xid: str | None = None,
+    port: OptionalPort = None,
+    jobs: Annotated[int, Field(ge=1, le=64)] = 2,
+    target_time: OptionalTime = None,
+    target_lsn: Annotated[str | None, WithJsonSchema({"type": "string", "pattern": LSN_PATTERN})] = None,
+    target_name: OptionalText = None,
+    target_xid: Annotated[str | None, WithJsonSchema({"type": "string", "pattern": r"^[0-9]{1,20}$"})] = None,
     keep_archiving: bool = False,
-    recovery_timeout: float = 6 * 3600,
+    recovery_timeout: Annotated[float, Field(gt=0, le=7 * 86400)] = 6 * 3600,
 ) -> RestoreReport:
     """Restore a physical backup into an empty data directory (recovering to the end of the WAL
-    archive or to a target), or a logical one into an empty database."""
+    archive or to a target), or a logical one into an empty database.
+
+    Args:
+        config_path: The gravl-dr config file; empty: $GRAVL_DR_CONFIG of the worker, then
+            gravl-dr.yaml in its working directory.
+        backup: The backup to restore: an id as `gravl-dr list` prints it, or latest (the newest
+            backup that fits: physical for a data directory, logical for a database).
+        pgdata: Physical restore: an empty (or absent) data directory on the worker's host.
+            Give this or dsn, not both.
+        dsn: Logical restore: the empty database to restore into, as a libpq connection string
+            without a password (the worker's .pgpass or PGPASSFILE supplies it).
+        start: Physical restore: start the restored server and wait for its recovery to finish.
+        port: Port for the started server; empty: a free port.
+        jobs: Logical restore: parallel pg_restore jobs.
+        target_time: Point-in-time recovery: stop at this time (without a time zone: UTC).
+            Give at most one target; none: recover to the end of the WAL archive.
+        target_lsn: Point-in-time recovery: stop at this WAL position (e.g. 0/3000060).
+        target_name: Point-in-time recovery: stop at this named restore point
+            (pg_create_restore_point).
+        target_xid: Point-in-time recovery: stop after this transaction id.
+        keep_archiving: Let the restored server archive its own WAL with archive_command
+            (off: archiving is disabled so a copy cannot write into the repository).
+        recovery_timeout: Seconds the started server may take to recover before the run fails.
+    """
     cfg, repo = load(config_path)
     if (pgdata is None) == (dsn is None):
         raise PreconditionFailed("restore needs exactly one of --pgdata (physical) or --dsn (logical)")
-    target = rec.RecoveryTarget.from_options(time=target_time, lsn=target_lsn, name=target_name,
+    target = rec.RecoveryTarget.from_options(time=target_time.isoformat() if target_time else None,
+                                             lsn=target_lsn, name=target_name,
                                              xid=target_xid)
+    if dsn is not None and has_password(dsn):
+        # too late to keep it out of this run's parameters, but never used, logged or stored again
+        raise ConfigError("the dsn parameter carries a password: pass it through PGPASSWORD or a "
+                          ".pgpass file in the environment of the worker (the gravl-dr command "
+                          "does this by itself), never in a flow parameter")
     if dsn is not None and target.kind != "end":
         raise PreconditionFailed("a recovery target needs a physical restore (--pgdata)")
     t0 = time.monotonic()
@@ -235,12 +278,19 @@ def restore_flow(
         if pgdata:
             report.archive_used = use_archive
         if pgdata and start:
-            report.port = start_restored_server(cfg, pgdata, port or free_port(),
-                                                target if use_archive else None)
-            report.started = True
-            if use_archive:
-                outcome = wait_for_recovery(cfg, pgdata, report.port, target, view, manifest,
-                                            recovery_timeout)
+            report.port = port or free_port()
+            try:
+                start_restored_server(cfg, pgdata, report.port, target if use_archive else None)
+                report.started = True
+                outcome = (wait_for_recovery(cfg, pgdata, report.port, target, view, manifest,
+                                             recovery_timeout) if use_archive else None)
+            except BaseException as exc:
+                # never leave a server up, promoted and writable, short of what was asked
+                stopped = stop_restored_server(cfg, pgdata, report.port)
+                if isinstance(exc, DRError):
+                    raise PreconditionFailed(f"{one_line(exc)}; {stopped}") from exc
+                raise
+            if outcome is not None:
                 report.reached_lsn = outcome.reached_lsn
                 report.last_xact_time = (outcome.last_xact_time.isoformat()
                                          if outcome.last_xact_time else None)

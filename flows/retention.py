@@ -1,9 +1,13 @@
-"""Orchestration: the retention flow — survey the repository, plan, expire backups, expire WAL."""
+"""Orchestration: the ``expire`` flow (retention) — survey the repository, plan, expire backups, expire WAL.
+
+One name everywhere: flow, CLI command and metrics job ``expire``, deployment ``expire-daily``,
+artifact ``expire-report-<cluster>``, metrics ``gravl_expire_*``.
+"""
 
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -11,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.common import NETWORK_RETRIES, load, logger
+from flows.params import ConfigPath
 from tasks import retention as steps
 from tasks.config import Config
 from tasks.errors import DRError, one_line
@@ -27,6 +32,11 @@ class RetentionReport(BaseModel):
     wal_kept: int = 0
     wal_kept_from: list[str] = []
     notes: list[str] = []
+    leftovers: list[str] = []
+    leftover_bytes: int = 0
+    broken: dict[str, str] = {}
+    invalid: dict[str, str] = {}
+    verified: list[str] = []
     seconds: float = 0.0
 
 
@@ -38,10 +48,24 @@ def survey_repository(repo: Repository) -> steps.RepositoryState:
     return state
 
 
+@task(name="verify-backups", cache_policy=NO_CACHE, **NETWORK_RETRIES)
+def verify_backups(cfg: Config, repo: Repository, state: steps.RepositoryState) -> steps.RepositoryState:
+    checked = steps.verify_backups(repo, state, cfg.retention, cfg.cluster)
+    log = logger()
+    for bid in checked.verified:
+        log.info("backup %s re-read in full: sizes and SHA-256 match", bid)
+    for bid, why in sorted(checked.broken.items()):
+        log.error("backup %s is BROKEN: %s; it does not count toward min_full", bid, why)
+    for bid, why in sorted(checked.invalid.items()):
+        log.error("backup %s is INVALID: %s; its folder is left alone", bid, why)
+    return checked
+
+
 @task(name="plan-retention", cache_policy=NO_CACHE)
 def plan_retention(cfg: Config, state: steps.RepositoryState) -> steps.RetentionPlan:
     pol = cfg.retention
-    plan = steps.plan_retention(state, pol, datetime.now(UTC), cfg.cluster)
+    plan = steps.plan_retention(state, pol, datetime.now(UTC), cfg.cluster,
+                                orphan_grace=timedelta(hours=pol.incomplete_grace_hours))
     log = logger()
     log.info("policy: keep the newest %d backup(s) of each kind and all that ended within %d days",
              pol.min_full, pol.full_days)
@@ -71,6 +95,22 @@ def expire_backups(repo: Repository, plan: steps.RetentionPlan) -> int:
     return deleted
 
 
+@task(name="sweep-leftovers", cache_policy=NO_CACHE, **NETWORK_RETRIES)
+def sweep_leftovers(cfg: Config, repo: Repository, state: steps.RepositoryState,
+                    dry_run: bool) -> tuple[list[str], int]:
+    """Open multipart uploads and temporary files of killed runs, older than the grace period."""
+    grace = timedelta(hours=cfg.retention.incomplete_grace_hours)
+    items = steps.find_leftovers(repo, grace, state.locked_backup_id)
+    size = sum(i.size for i in items)
+    log = logger()
+    for item in items:
+        log.info("%s leftover %s", "would sweep" if dry_run else "sweeping", item.describe())
+    if items and not dry_run:
+        size = steps.sweep_leftovers(repo, items)
+        log.info("freed %d byte(s) in %d leftover(s) of killed or failed runs", size, len(items))
+    return [i.describe() for i in items], size
+
+
 @task(name="expire-wal", cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def expire_wal(repo: Repository, plan: steps.RetentionPlan) -> int:
     if not plan.expire_wal:
@@ -84,11 +124,13 @@ def expire_wal(repo: Repository, plan: steps.RetentionPlan) -> int:
 @task(name="push-retention-metrics", cache_policy=NO_CACHE)
 def push_retention_metrics(cfg: Config, report: RetentionReport) -> None:
     values = {
-        "gravl_retention_last_success_timestamp_seconds": (time.time(), "Time of the last retention run"),
-        "gravl_retention_backups_kept": (float(len(report.kept)), "Backups kept by the last retention run"),
-        "gravl_retention_backups_expired": (float(len(report.expired)),
+        "gravl_expire_last_success_timestamp_seconds": (time.time(), "Time of the last retention run"),
+        "gravl_expire_backups_kept": (float(len(report.kept)), "Backups kept by the last retention run"),
+        "gravl_expire_backups_expired": (float(len(report.expired)),
                                             "Backups expired by the last retention run"),
-        "gravl_retention_wal_expired": (float(report.wal_expired), "WAL files expired by the last retention run"),
+        "gravl_expire_wal_expired": (float(report.wal_expired), "WAL files expired by the last retention run"),
+        "gravl_expire_backups_broken": (float(len(report.broken) + len(report.invalid)),
+                                        "Backups found broken or with an unreadable manifest"),
     }
     try:
         push_metrics(cfg.metrics.pushgateway, "expire", {"cluster": cfg.cluster}, values)
@@ -109,37 +151,57 @@ def _markdown(report: RetentionReport, cfg: Config, repo_url: str) -> str:
         f"| backups kept | {len(report.kept)} |",
         f"| backups {'to expire' if report.dry_run else 'expired'} | {len(report.expired)} |",
         f"| orphaned objects | {report.orphan_objects} |",
+        f"| leftovers of killed runs | {len(report.leftovers)} ({report.leftover_bytes} bytes) |",
         f"| WAL files {'to expire' if report.dry_run else 'expired'} | {report.wal_expired} |",
         f"| WAL files kept | {report.wal_kept} |",
         f"| WAL kept from | {', '.join(report.wal_kept_from) or 'everything'} |",
         f"| took | {report.seconds:.1f} s |",
     ]
+    bad = {**report.broken, **report.invalid}
+    if bad:
+        lines[0:1] = [lines[0], "",
+                      f"**{len(bad)} backup(s) cannot be restored; they are not counted toward "
+                      "min_full. Look at them now.**"]
+        lines += ["", "## Broken or invalid backups",
+                  *[f"- `{b}`: {why}" for b, why in sorted(bad.items())]]
+    if report.verified:
+        lines += ["", "## Re-read in full before counting", *[f"- `{b}`" for b in report.verified]]
     if report.expired:
         lines += ["", "## Expired backups", *[f"- `{b}`" for b in report.expired]]
+    if report.leftovers:
+        lines += ["", "## Leftovers swept" if not report.dry_run else "## Leftovers to sweep",
+                  *[f"- {x}" for x in report.leftovers]]
     if report.notes:
         lines += ["", "## Notes", *[f"- {n}" for n in report.notes]]
     return "\n".join(lines) + "\n"
 
 
 @flow(name="expire", log_prints=False)
-def expire_flow(config_path: str | None = None, dry_run: bool = False) -> RetentionReport:
-    """Expire backups and WAL beyond the retention policy (retention.full_days, retention.min_full)."""
+def expire_flow(config_path: ConfigPath = None, dry_run: bool = False) -> RetentionReport:
+    """Expire backups and WAL beyond the retention policy (retention.full_days, retention.min_full).
+
+    Args:
+        config_path: The gravl-dr config file; empty: $GRAVL_DR_CONFIG of the worker, then
+            gravl-dr.yaml in its working directory.
+        dry_run: Report what the policy would expire; delete nothing.
+    """
     t0 = time.monotonic()
     cfg, repo = load(config_path)
-    state = survey_repository(repo)
+    state = verify_backups(cfg, repo, survey_repository(repo))
     plan = plan_retention(cfg, state)
     report = RetentionReport(
         dry_run=dry_run, kept=plan.kept, expired=[b.backup_id for b in plan.expire],
         orphan_objects=len(plan.orphan_keys), wal_expired=len(plan.expire_wal), wal_kept=plan.kept_wal,
         wal_kept_from=[f"{n.timeline:08X}{n.position} ({n.backup_id})" for n in plan.wal_needs],
-        notes=plan.notes,
+        notes=plan.notes, broken=state.broken, invalid=state.invalid, verified=state.verified,
     )
+    report.leftovers, report.leftover_bytes = sweep_leftovers(cfg, repo, state, dry_run)
     if not dry_run:
         expire_backups(repo, plan)
         expire_wal(repo, plan)
     report.seconds = time.monotonic() - t0
     create_markdown_artifact(
-        markdown=_markdown(report, cfg, repo.url), key=f"retention-report-{cfg.cluster}".replace("_", "-"),
+        markdown=_markdown(report, cfg, repo.url), key=f"expire-report-{cfg.cluster}".replace("_", "-"),
         description="retention dry run" if dry_run else "retention run",
     )
     if not dry_run:

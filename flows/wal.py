@@ -1,31 +1,42 @@
-"""Orchestration: the WAL shipping flow — is every WAL file the server produced safely archived?
+"""Orchestration: the ``wal-check`` flow — is every WAL file the server produced safely archived?
 
-PostgreSQL pushes WAL itself (``archive_command = 'gravl-dr wal-push %p'``); this flow, deployed
-every minute, is the operator's view of it: continuity of the archive from the oldest kept
-backup to the newest segment on every timeline, the archiver's health (``pg_stat_archiver``, and
-the file it last reported archived really is in the repository, intact), and the archive lag
-in bytes and seconds — the RPO exposure right now. With ``archive_timeout = 60s`` on the
-server (recommended), an idle-after-burst server has its last write archived within about a
-minute (tests/test_pitr.py measures it with a short timeout).
+PostgreSQL pushes WAL itself (``archive_command = 'gravl-dr wal-push %p'``); this flow is the
+operator's view of it: continuity of the archive from the oldest kept backup to the newest
+segment on every timeline, the archiver's health (``pg_stat_archiver``, and the file it last
+reported archived really is in the repository, intact), and the archive lag in bytes and
+seconds — the RPO exposure right now. One name everywhere: flow, CLI command (``gravl-dr
+wal-check``) and metrics job ``wal-check``, artifact ``wal-check-report-<cluster>``.
+
+Deployed every 10 minutes (``wal-check-10min``) with ``watch_minutes``: between two full checks
+the run keeps measuring the lag once a minute from ``pg_stat_archiver`` (one query, no repository
+listing) and pushes it, so the RPO gauge stays fresh without 1440 flow runs a day. With
+``archive_timeout = 60s`` on the server (recommended), an idle-after-burst server has its last
+write archived within about a minute (tests/test_pitr.py measures it with a short timeout).
 """
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from pydantic import Field
 
 from flows.common import NETWORK_RETRIES, human_bytes, load, logger
+from flows.params import ConfigPath
 from tasks import walcheck
 from tasks.config import Config
-from tasks.errors import DRError, PreconditionFailed, one_line
+from tasks.errors import DRError, one_line
 from tasks.metrics import push_metrics
 from tasks.postgres import PrimaryStatus, safe_dsn
 from tasks.postgres import observe_primary as pg_observe_primary
 from tasks.repository import Repository
 from tasks.wal import WalSettings, list_archive
+
+JOB = "wal-check"  # the flow's name: the Pushgateway job of its metrics
 
 
 @task(name="check-archive-continuity", cache_policy=NO_CACHE, **NETWORK_RETRIES)
@@ -46,8 +57,6 @@ def check_archive_continuity(cfg: Config, repo: Repository) -> walcheck.WalCheck
 
 @task(name="check-archiver-health", cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def check_archiver_health(cfg: Config, repo: Repository, report: walcheck.WalCheckReport) -> walcheck.WalCheckReport:
-    from datetime import UTC, datetime
-
     status = walcheck.read_archiver(cfg.primary.dsn)
     archive = list_archive(repo)
     settings = WalSettings.from_config(cfg.repository)
@@ -81,11 +90,11 @@ def observe_primary(cfg: Config) -> PrimaryStatus:
 def _push_replication(cfg: Config, status: PrimaryStatus | None) -> None:
     if status is None:
         return
-    push_metrics(cfg.metrics.pushgateway, "wal", {"cluster": cfg.cluster},
+    push_metrics(cfg.metrics.pushgateway, JOB, {"cluster": cfg.cluster},
                  {"gravl_primary_up": (1.0 if status.up and not status.in_recovery else 0.0,
                                        "1 when the configured primary accepts connections and is not in recovery")})
     for r in status.replicas:
-        push_metrics(cfg.metrics.pushgateway, "wal", {"cluster": cfg.cluster, "replica": r.name},
+        push_metrics(cfg.metrics.pushgateway, JOB, {"cluster": cfg.cluster, "replica": r.name},
                      {"gravl_replication_lag_bytes": (float(r.replay_lag_bytes),
                                                       "Bytes of WAL the replica has not replayed yet")})
 
@@ -123,7 +132,7 @@ def push_wal_metrics(cfg: Config, report: walcheck.WalCheckReport | None, failed
     else:
         values["gravl_wal_check_last_success_timestamp_seconds"] = (now, "Time of the last good WAL check")
     try:
-        push_metrics(cfg.metrics.pushgateway, "wal", {"cluster": cfg.cluster}, values)
+        push_metrics(cfg.metrics.pushgateway, JOB, {"cluster": cfg.cluster}, values)
     except DRError as exc:
         logger().warning("metrics not pushed: %s", one_line(exc))
 
@@ -162,11 +171,63 @@ def _markdown(report: walcheck.WalCheckReport, error: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-@flow(name="wal")
-def wal_flow(config_path: str | None = None, check_server: bool = True) -> walcheck.WalCheckReport:
-    """WAL shipping check: archive continuity, archiver health and archive lag, with metrics."""
+@task(name="watch-archive-lag", cache_policy=NO_CACHE)
+def watch_archive_lag(cfg: Config, minutes: int, every_seconds: int) -> list[walcheck.LagSample]:
+    """Sample the server's archive lag every ``every_seconds`` for ``minutes``, pushing each sample."""
+    log = logger()
+    deadline = time.monotonic() + minutes * 60
+    until = datetime.now(UTC) + timedelta(minutes=minutes)
+    expected = max(1, (minutes * 60) // every_seconds)
+    log.info("watching the archive lag every %d s until %s (%d sample(s))", every_seconds,
+             until.strftime("%H:%M:%S UTC"), expected)
+    samples: list[walcheck.LagSample] = []
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(every_seconds, left))
+        sample = walcheck.server_lag(walcheck.read_archiver(cfg.primary.dsn), datetime.now(UTC))
+        samples.append(sample)
+        if not sample.reachable:
+            log.warning("lag sample %d/%d: primary unreachable (%s); watching until %s", len(samples),
+                        expected, sample.error, until.strftime("%H:%M:%S UTC"))
+        else:
+            log.info("lag sample %d/%d: %s, %s behind (last archived %s); watching until %s",
+                     len(samples), expected,
+                     human_bytes(sample.lag_bytes) if sample.lag_bytes is not None else "unknown",
+                     f"{sample.lag_seconds:.0f} s" if sample.lag_seconds is not None else "unknown",
+                     sample.last_archived_wal or "-", until.strftime("%H:%M:%S UTC"))
+        values: dict[str, tuple[float, str]] = {
+            "gravl_wal_lag_sample_timestamp_seconds": (sample.at.timestamp(), "When the archive lag was last sampled"),
+        }
+        if sample.lag_bytes is not None:
+            values["gravl_wal_archive_lag_bytes"] = (float(sample.lag_bytes), "WAL written but not yet archived")
+        if sample.lag_seconds is not None:
+            values["gravl_wal_archive_lag_seconds"] = (sample.lag_seconds, "Age of unarchived WAL")
+        try:
+            push_metrics(cfg.metrics.pushgateway, JOB, {"cluster": cfg.cluster}, values)
+        except DRError as exc:
+            log.warning("lag sample not pushed: %s", one_line(exc))
+    return samples
+
+
+@flow(name="wal-check")
+def wal_check_flow(
+    config_path: ConfigPath = None,
+    check_server: bool = True,
+    watch_minutes: Annotated[int, Field(ge=0, le=60)] = 0,
+    sample_every_seconds: Annotated[int, Field(ge=10, le=600)] = 60,
+) -> walcheck.WalCheckReport:
+    """WAL archive check: continuity, archiver health and archive lag, with metrics and a report.
+
+    Args:
+        config_path: The gravl-dr config file; empty: $GRAVL_DR_CONFIG of the worker, then
+            gravl-dr.yaml in its working directory.
+        check_server: Also ask the primary (pg_stat_archiver): archiver failures and the archive
+            lag. Off: check the repository's continuity only.
+        watch_minutes: After the check, keep measuring the archive lag for this many minutes
+            (0: do not watch). The 10-minute deployment watches 9 minutes between checks.
+        sample_every_seconds: How often the watch measures and pushes the archive lag.
+    """
     cfg, repo = load(config_path)
-    artifact_key = f"wal-report-{cfg.cluster}".replace("_", "-")
+    artifact_key = f"wal-check-report-{cfg.cluster}".replace("_", "-")
     report: walcheck.WalCheckReport | None = None
     status = observe_primary(cfg) if check_server else None
     try:
@@ -182,5 +243,7 @@ def wal_flow(config_path: str | None = None, check_server: bool = True) -> walch
                              description=f"WAL archive of {cfg.cluster}")
     push_wal_metrics(cfg, report, failed=not report.ok, status=status)
     if not report.ok:
-        raise PreconditionFailed(report.summary())
+        raise walcheck.WalCheckFailed(report)
+    if watch_minutes and check_server:
+        watch_archive_lag(cfg, watch_minutes, sample_every_seconds)
     return report

@@ -13,6 +13,7 @@ if [ "${1:-}" = "test" ]; then
   have named || need+=(bind9)
   have nsupdate || need+=(bind9-dnsutils)
   have pgbackrest || need+=(pgbackrest)
+  have chromium || need+=(chromium)   # scripts/ui_check.py: the Prefect UI in a headless browser
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then

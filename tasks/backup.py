@@ -15,25 +15,27 @@ import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from tasks.config import Config
 from tasks.counts import ClusterFacts, read_cluster_facts, switch_wal
 from tasks.errors import (
     AlreadyExists,
+    ChecksumMismatch,
     DRError,
     Locked,
     NotFound,
     PreconditionFailed,
+    one_line,
 )
 from tasks.libpq import client_env
 from tasks.models import (
+    BACKUP_ID_RE,
     Manifest,
     StoredObject,
     backup_time,
-    format_lsn,
     new_backup_id,
     parse_lsn,
     parse_manifest,
@@ -52,6 +54,7 @@ from tasks.repository import FileRepository, Repository
 from tasks.streams import (
     CODEC_SUFFIX,
     ENC_SUFFIX,
+    STREAM_ALG,
     ProcessSource,
     consume,
     decode,
@@ -64,6 +67,7 @@ from tasks.streams import (
 log = logging.getLogger(__name__)
 
 LOCK_KEY = "locks/backup.lock"
+MANIFEST_NAME = "manifest.json"
 STALE_LOCK_SECONDS = 24 * 3600
 
 
@@ -111,15 +115,6 @@ class VerifyResult:
     deep: bool
 
 
-@dataclass
-class BackupSummary:
-    manifest: Manifest
-    stream_seconds: float
-    verify_seconds: float
-    total_seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 # ---------------------------------------------------------------- preflight
 
 def preflight(cfg: Config, repo: Repository, kind: str, now: datetime | None = None) -> Preflight:
@@ -151,7 +146,7 @@ def preflight(cfg: Config, repo: Repository, kind: str, now: datetime | None = N
             )
         messages.append(f"repository has {free >> 20} MiB free for about {database_bytes >> 20} MiB of data")
     lock = read_lock(repo)
-    if lock is not None and not lock_is_stale(lock):
+    if lock is not None and not lock_is_stale(lock, repo):
         raise Locked(
             f"another backup of this cluster is running ({lock.get('backup_id')} on "
             f"{lock.get('host')} since {lock.get('started')})"
@@ -186,43 +181,121 @@ def read_lock(repo: Repository) -> dict[str, Any] | None:
         return {"corrupt": True}
 
 
-def lock_is_stale(lock: dict[str, Any]) -> bool:
-    """A lock is stale when its holder on this host is gone, or it is older than a day."""
+def lock_is_stale(lock: dict[str, Any], repo: Repository | None = None) -> bool:
+    """A lock is stale when its holder on this host is gone, its backup is already complete
+    (the manifest exists: only the release was lost), or it is older than a day."""
     if lock.get("corrupt"):
         return True
     started = float(lock.get("epoch", 0))
     if time.time() - started > STALE_LOCK_SECONDS:
         return True
-    if lock.get("host") == socket.gethostname():
-        return not pid_alive(int(lock.get("pid", 0)))
+    if lock.get("host") == socket.gethostname() and not pid_alive(int(lock.get("pid", 0))):
+        return True
+    bid = lock.get("backup_id")
+    if repo is not None and isinstance(bid, str) and BACKUP_ID_RE.match(bid):
+        with contextlib.suppress(DRError):
+            if repo.exists(manifest_key(bid)):
+                return True
     return False
 
 
-def acquire_lock(repo: Repository, backup_id: str) -> None:
-    body = json.dumps({
+def put_commit_point(repo: Repository, key: str, data: bytes) -> bool:
+    """Write a commit point put-if-absent. When the name exists already with the very same bytes
+    (a retried write whose first reply was lost), that is success: returns False ("was there").
+    Other bytes under the name raise AlreadyExists."""
+    try:
+        repo.put_bytes(key, data)
+        return True
+    except AlreadyExists:
+        try:
+            existing = repo.get_bytes(key)
+        except NotFound:
+            raise AlreadyExists(f"{key} was reported existing, then vanished; try again") from None
+        if existing == data:
+            log.info("%s was already written with the same content (a lost reply): done", key)
+            return False
+        raise
+
+
+def _lock_body(backup_id: str) -> bytes:
+    return json.dumps({
         "backup_id": backup_id, "host": socket.gethostname(), "pid": os.getpid(),
         "started": datetime.now(UTC).isoformat(timespec="seconds"), "epoch": time.time(),
     }).encode()
+
+
+def acquire_lock(repo: Repository, backup_id: str) -> None:
+    body = _lock_body(backup_id)
     try:
         repo.put_bytes(LOCK_KEY, body)
         return
     except AlreadyExists:
         pass
     lock = read_lock(repo)
-    if lock is not None and not lock_is_stale(lock):
+    if lock is not None and lock.get("backup_id") == backup_id:
+        # our own write, whose reply was lost (the SDK retried it and met If-None-Match)
+        log.info("the backup lock already names %s: it is ours", backup_id)
+        return
+    if lock is not None and not lock_is_stale(lock, repo):
         raise Locked(f"another backup of this cluster is running ({lock.get('backup_id')})")
     log.warning("removing stale backup lock of %s", (lock or {}).get("backup_id"))
     repo.delete(LOCK_KEY)
     try:
         repo.put_bytes(LOCK_KEY, body)
     except AlreadyExists:
+        lock = read_lock(repo)
+        if lock is not None and lock.get("backup_id") == backup_id:
+            return
         raise Locked("another backup took the lock at the same moment") from None
 
 
-def release_lock(repo: Repository, backup_id: str) -> None:
+def release_lock(repo: Repository, backup_id: str, attempts: int = 4, pause: float = 0.5) -> bool:
+    """Remove the lock if it is ours. Never raises for a repository error: a lock left behind
+    names a backup that is over (complete, or failed with its process gone), which the next run
+    treats as stale; ``gravl-dr unlock`` removes it at once. Returns whether it is gone."""
+    for attempt in range(attempts):
+        try:
+            lock = read_lock(repo)
+            if lock is None or lock.get("backup_id") != backup_id:
+                return True
+            repo.delete(LOCK_KEY)
+            return True
+        except DRError as exc:
+            if attempt + 1 == attempts:
+                log.warning("could not release the backup lock of %s (%s); the next backup "
+                            "takes it over, or run gravl-dr unlock", backup_id, one_line(exc))
+                return False
+            time.sleep(pause * (2 ** attempt))
+    return False
+
+
+def describe_lock(lock: dict[str, Any]) -> str:
+    if lock.get("corrupt"):
+        return "an unreadable lock"
+    return (f"the lock of backup {lock.get('backup_id')} (host {lock.get('host')}, pid "
+            f"{lock.get('pid')}, since {lock.get('started')})")
+
+
+def break_lock(repo: Repository, force: bool = False) -> str:
+    """``gravl-dr unlock``: remove the repository lock when its holder is gone. A holder alive on
+    this host is never removed; one on another host (which cannot be checked from here) only with
+    ``force``. Returns what was done, one line."""
     lock = read_lock(repo)
-    if lock is not None and lock.get("backup_id") == backup_id:
-        repo.delete(LOCK_KEY)
+    if lock is None:
+        return f"no backup lock is held in {repo.url}"
+    what = describe_lock(lock)
+    here = lock.get("host") == socket.gethostname()
+    if here and not lock.get("corrupt") and pid_alive(int(lock.get("pid", 0))):
+        raise PreconditionFailed(f"{what} belongs to a process that is running on this host; "
+                                 "not removed (stop that backup first)")
+    if not lock_is_stale(lock, repo) and not force:
+        raise PreconditionFailed(f"{what} may belong to a running backup on another host; "
+                                 "run unlock --force once you know it is dead")
+    if read_lock(repo) != lock:
+        raise Locked("the lock changed while it was examined; look again")
+    repo.delete(LOCK_KEY)
+    log.warning("removed %s", what)
+    return f"removed {what}"
 
 
 # ---------------------------------------------------------------- stream
@@ -349,7 +422,7 @@ def build_manifest(cfg: Config, pre: Preflight, res: StreamResult) -> Manifest:
         start_lsn=res.start_lsn, stop_lsn=res.stop_lsn, start_wal=start_wal, stop_wal=stop_wal,
         wal_segment_size=seg, start_time=res.start_time, stop_time=res.stop_time,
         database=pre.info.database, codec=pre.codec,
-        encryption="aes-256-gcm" if pre.encrypted else "none", key_fingerprint=pre.key_fingerprint,
+        encryption=STREAM_ALG if pre.encrypted else "none", key_fingerprint=pre.key_fingerprint,
         objects=list(res.objects), row_counts=res.row_counts, row_counts_exact=res.row_counts_exact,
         data_checksums=pre.info.data_checksums, **_facts_fields(res.facts),
     )
@@ -413,50 +486,122 @@ def key_for_manifest(cfg: Config, manifest: Manifest) -> bytes | None:
 def publish_manifest(repo: Repository, manifest: Manifest) -> str:
     """Write the manifest: from this moment the backup exists."""
     key = manifest_key(manifest.id)
-    repo.put_bytes(key, manifest.to_json())
+    put_commit_point(repo, key, manifest.to_json())
     return key
 
 
 # ---------------------------------------------------------------- catalog
 
-def list_backups(repo: Repository, cluster: str | None = None) -> list[Manifest]:
-    """Complete backups (those with a manifest), oldest first."""
-    manifests = []
+CatalogStatus = Literal["OK", "UNCHECKED", "INVALID", "BROKEN"]
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One backup folder with a manifest: OK / BROKEN after a check, UNCHECKED without one,
+    INVALID when its manifest cannot be read (``manifest`` is then None)."""
+
+    backup_id: str
+    manifest_key: str
+    manifest: Manifest | None
+    status: CatalogStatus
+    reason: str = ""
+
+
+def check_objects(repo: Repository, manifest: Manifest) -> str | None:
+    """The cheap check: every object present with the recorded size (no byte is read).
+    Returns what is wrong, or None. Transient repository errors propagate."""
+    if not manifest.objects:
+        return "the manifest lists no object"
+    for obj in manifest.objects:
+        try:
+            size = repo.size(f"{backup_prefix(manifest.id)}/{obj.key}")
+        except NotFound:
+            return f"object {obj.key} is missing"
+        if size != obj.size:
+            return f"object {obj.key} has {size} bytes, the manifest records {obj.size}"
+    return None
+
+
+def _id_time(backup_id: str) -> datetime:
+    try:
+        return backup_time(backup_id)
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+
+
+def read_catalog(repo: Repository, cluster: str | None = None, *, check: bool = False) -> list[CatalogEntry]:
+    """Every backup folder with a manifest, oldest first. An unreadable manifest is an INVALID
+    entry with the reason (it never stops the listing); with ``check`` every backup gets the
+    cheap object check (OK or BROKEN). Invalid entries are listed whatever ``cluster`` is."""
+    entries: list[CatalogEntry] = []
     for key in repo.list_keys("backups"):
-        if not key.endswith("/manifest.json"):
+        if not key.endswith(f"/{MANIFEST_NAME}") or key.count("/") != 2:
             continue
-        manifest = parse_manifest(repo.get_bytes(key), key)
-        if cluster is None or manifest.cluster == cluster:
-            manifests.append(manifest)
-    return sorted(manifests, key=lambda m: (m.stop_time, m.id))
+        bid = key.split("/")[1]
+        try:
+            manifest = parse_manifest(repo.get_bytes(key), key)
+        except NotFound:
+            continue  # expired between the listing and the read
+        except ChecksumMismatch as exc:
+            entries.append(CatalogEntry(bid, key, None, "INVALID", one_line(exc)))
+            continue
+        if manifest.id != bid:
+            entries.append(CatalogEntry(bid, key, None, "INVALID",
+                                        f"{key}: the manifest names backup {manifest.id}"))
+            continue
+        if cluster is not None and manifest.cluster != cluster:
+            continue
+        status: CatalogStatus = "UNCHECKED"
+        reason = ""
+        if check:
+            problem = check_objects(repo, manifest)
+            status, reason = ("BROKEN", problem) if problem else ("OK", "")
+        entries.append(CatalogEntry(bid, key, manifest, status, reason))
+    return sorted(entries, key=lambda e: (e.manifest.stop_time if e.manifest else _id_time(e.backup_id),
+                                          e.backup_id))
+
+
+def list_backups(repo: Repository, cluster: str | None = None, *, check: bool = False) -> list[Manifest]:
+    """Complete backups (those with a readable manifest), oldest first. Invalid manifests are
+    skipped with a warning; with ``check`` so are broken backups (objects missing or cut)."""
+    manifests = []
+    for e in read_catalog(repo, cluster, check=check):
+        if e.manifest is None or e.status == "BROKEN":
+            log.warning("skipping backup %s: %s (%s)", e.backup_id, e.status, e.reason)
+            continue
+        manifests.append(e.manifest)
+    return manifests
 
 
 def resolve_backup(
     repo: Repository, ref: str, *, kind: str | None = None, before: datetime | None = None,
     cluster: str | None = None,
 ) -> Manifest:
-    """A backup by id, or 'latest' (optionally of a kind, ending before a time)."""
+    """A backup by id, or 'latest' (optionally of a kind, ending before a time): the newest one
+    whose objects are all there with their recorded sizes; broken ones are skipped, saying so."""
     if ref != "latest":
         try:
             data = repo.get_bytes(manifest_key(ref))
         except NotFound:
             raise NotFound(f"backup {ref} not found (no manifest in {repo.url})") from None
         return parse_manifest(data, manifest_key(ref))
-    candidates = [
-        m for m in list_backups(repo, cluster)
-        if (kind is None or m.kind == kind) and (before is None or m.stop_time <= before)
-    ]
-    if not candidates:
-        what = f"{kind} " if kind else ""
-        when = f" ending before {before.isoformat()}" if before else ""
-        raise NotFound(f"no complete {what}backup{when} in {repo.url}")
-    return candidates[-1]
-
-
-def age_of(manifest: Manifest) -> float:
-    return (datetime.now(UTC) - backup_time(manifest.id)).total_seconds()
-
-
-def format_lsn_safe(value: int | None) -> str:
-    return format_lsn(value) if value is not None else "-"
+    skipped: list[str] = []
+    for e in reversed(read_catalog(repo, cluster)):
+        m = e.manifest
+        if m is None:
+            log.warning("skipping backup %s: INVALID (%s)", e.backup_id, e.reason)
+            skipped.append(f"{e.backup_id} INVALID")
+            continue
+        if (kind is not None and m.kind != kind) or (before is not None and m.stop_time > before):
+            continue
+        problem = check_objects(repo, m)
+        if problem:
+            log.warning("skipping backup %s: BROKEN (%s)", m.id, problem)
+            skipped.append(f"{m.id} BROKEN")
+            continue
+        return m
+    what = f"{kind} " if kind else ""
+    when = f" ending before {before.isoformat()}" if before else ""
+    extra = f" (skipped: {', '.join(skipped)})" if skipped else ""
+    raise NotFound(f"no complete {what}backup{when} in {repo.url}{extra}")
 

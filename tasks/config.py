@@ -64,6 +64,12 @@ class RepositoryConfig(_Strict):
 class RetentionConfig(_Strict):
     full_days: Annotated[int, Field(ge=0)] = 30
     min_full: Annotated[int, Field(ge=1)] = 2
+    # Before counting a backup toward min_full, expire re-reads it in full ("content"), or only
+    # checks that its objects are there with their sizes ("size"). Every backup gets the size check.
+    verify: Literal["content", "size"] = "content"
+    # Leftovers of killed or failed runs (open multipart uploads, temporary files, backup folders
+    # without a manifest) are swept by expire once this old; a running backup holds the lock.
+    incomplete_grace_hours: Annotated[float, Field(ge=0)] = 24
 
 
 class DNSConfig(_Strict):

@@ -1,8 +1,10 @@
 """Adapter: moving the database's DNS record to a new primary — Route 53, RFC 2136 (TSIG), or none.
 
-Every switch is a compare-and-swap: the record changes only while it still points at one of the
+Every switch checks first: the record changes only while it still points at one of the
 ``expected`` old values, so a stale or repeated run cannot undo a newer switch. Route 53 has no
-conditional write, so it is read-then-UPSERT (a narrow race remains between the two calls);
+conditional write, so it is read-then-UPSERT — not atomic: a change made by someone else between
+the two calls is overwritten (a DELETE+CREATE batch naming the old value would make it atomic, but
+moto, which the tests run against, does not check a DELETE against the live record);
 RFC 2136 sends the old value as a ``present`` prerequisite (RFC 2136 §2.4.2), which the server
 checks atomically with the update. The TSIG secret is read from the environment variable the
 config names and never logged.
@@ -15,11 +17,20 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from tasks.config import DNSConfig, Node
-from tasks.errors import ConfigError, PermanentError, PreconditionFailed, TransientError
+from tasks.errors import (
+    ConfigError,
+    PermanentError,
+    PreconditionFailed,
+    TransientError,
+    botocore_transient,
+    classify_aws,
+)
+from tasks.polling import Progress
 from tasks.postgres import dsn_field
 
 log = logging.getLogger(__name__)
@@ -129,6 +140,13 @@ def _r53_client(conf: DNSConfig):  # type: ignore[no-untyped-def]
     )
 
 
+def _r53_kind(exc: Any) -> tuple[str, bool]:
+    """(code, transient?) of a Route 53 ClientError, by the shared table."""
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return code or str(status), classify_aws(code, status) == "transient"
+
+
 def _r53_read(conf: DNSConfig) -> tuple[list[str], str | None]:
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -138,12 +156,14 @@ def _r53_read(conf: DNSConfig) -> tuple[list[str], str | None]:
         resp = client.list_resource_record_sets(HostedZoneId=conf.zone_id or "", StartRecordName=name,
                                                 MaxItems="10")
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("NoSuchHostedZone", "AccessDenied", "InvalidInput"):
-            raise PermanentError(f"Route 53 zone {conf.zone_id}: {code}") from exc
-        raise TransientError(f"Route 53 unavailable: {code or exc}") from exc
+        code, transient = _r53_kind(exc)
+        if transient:
+            raise TransientError(f"Route 53 unavailable: {code}") from exc
+        raise PermanentError(f"Route 53 zone {conf.zone_id}: {code}") from exc
     except BotoCoreError as exc:
-        raise TransientError(f"Route 53 unreachable: {exc}") from exc
+        if botocore_transient(exc):
+            raise TransientError(f"Route 53 unreachable: {exc}") from exc
+        raise PermanentError(f"Route 53 client: {exc}") from exc
     for rrset in resp.get("ResourceRecordSets", []):
         if _norm(rrset["Name"]) == _norm(name) and rrset["Type"] in ("A", "AAAA", "CNAME"):
             return [r["Value"] for r in rrset.get("ResourceRecords", [])], rrset["Type"]
@@ -172,17 +192,23 @@ def _r53_switch(conf: DNSConfig, expected: Sequence[str], new_value: str, timeou
         change_id = resp["ChangeInfo"]["Id"]
         status = resp["ChangeInfo"]["Status"]
         # boto3's waiter polls every 30 s; we poll fast so propagation does not dominate the RTO.
+        progress = Progress(f"Route 53 change {change_id} for {name} to be INSYNC", timeout, log)
         while status != "INSYNC":
+            progress.tick(f"status {status}")
             if time.monotonic() - t0 > timeout:
                 raise TransientError(f"Route 53 change {change_id} for {name} still {status} after "
                                      f"{timeout:.0f}s (submitted; it will apply)")
             time.sleep(poll_interval)
             status = client.get_change(Id=change_id)["ChangeInfo"]["Status"]
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
+        code, transient = _r53_kind(exc)
+        if transient:  # throttled or PriorRequestNotComplete: the flow may try again
+            raise TransientError(f"Route 53 could not take the change of {name} now: {code}") from exc
         raise PermanentError(f"Route 53 refused the change of {name}: {code}") from exc
     except BotoCoreError as exc:
-        raise TransientError(f"Route 53 unreachable while switching {name}: {exc}") from exc
+        if botocore_transient(exc):
+            raise TransientError(f"Route 53 unreachable while switching {name}: {exc}") from exc
+        raise PermanentError(f"Route 53 client: {exc}") from exc
     return DNSChange(provider="route53", record=name, before=current, value=new_value, changed=True,
                      seconds=time.monotonic() - t0,
                      detail=f"{name} {', '.join(current)} -> {new_value} (UPSERT, {change_id} INSYNC)")

@@ -26,8 +26,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.config import Config
-from tasks.errors import PermanentError, PreconditionFailed
+from tasks.errors import NotFound, PermanentError, PreconditionFailed
+from tasks.models import Manifest
 from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir, pid_alive
+from tasks.polling import poll_until
 from tasks.postgres import connection, dsn_field
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ class DrillReport(BaseModel):
     backup_id: str | None = None
     backup_kind: str | None = None
     backup_stop_time: datetime | None = None
+    selection: str | None = Field(default=None, description="which backup was drilled, and why")
     target: str = "-"
     started_at: datetime
     finished_at: datetime | None = None
@@ -139,6 +142,37 @@ def _md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def choose_latest_backup(
+    backups: list[Manifest], kind: str, target_time: datetime | None,
+) -> tuple[Manifest, str]:
+    """The backup a drill of ``latest`` restores, and why, in words for the report.
+
+    ``latest`` means the newest complete backup of ``kind`` (physical by default: a logical dump
+    taken ad hoc must not silently turn the weekly drill into one without WAL replay or page
+    checksums); with a target time, the newest physical backup that ended before it.
+    ``backups`` is oldest first (tasks.backup.list_backups).
+    """
+    if target_time is not None:
+        fits = [m for m in backups if m.kind == "physical" and m.stop_time <= target_time]
+        if not fits:
+            raise NotFound(f"no complete physical backup ending before {target_time.isoformat()}")
+        return fits[-1], (f"the newest physical backup that ended before the target time "
+                          f"{target_time.isoformat()}")
+    of_kind = [m for m in backups if m.kind == kind]
+    if not of_kind:
+        others = sorted({m.kind for m in backups})
+        hint = f" (the repository holds {', '.join(others)} backups: set kind)" if others else ""
+        raise NotFound(f"no complete {kind} backup to drill{hint}")
+    chosen = of_kind[-1]
+    why = f"the newest {kind} backup (latest, kind={kind})"
+    newer = [m for m in backups if m.kind != kind and m.stop_time > chosen.stop_time]
+    if newer:
+        n = newer[-1]
+        why += (f"; the newer {n.kind} backup {n.id} was not drilled: run the drill with "
+                f"kind={n.kind} to drill it")
+    return chosen, why
+
+
 def render_markdown(report: DrillReport) -> str:
     """The report an on-call operator reads in the Prefect UI or the repository."""
     status = "PASSED" if report.passed else "FAILED"
@@ -148,6 +182,7 @@ def render_markdown(report: DrillReport) -> str:
         "| | |", "|---|---|",
         f"| cluster | {report.cluster} |",
         f"| backup | {report.backup_id or '-'} ({report.backup_kind or '-'}) |",
+        *([f"| why this backup | {_md(report.selection)} |"] if report.selection else []),
         f"| target | {_md(report.target)} |",
         f"| restore (fetch, verify, unpack) | {_fmt_seconds(report.restore_seconds)} |",
         f"| recovery (start, replay, promote) | {_fmt_seconds(report.recovery_seconds)} |",
@@ -244,14 +279,14 @@ DRILL_OPTIONS = "-c session_replication_role=replica -c default_transaction_read
 LOGICAL_SUPERUSER = "gravl_drill"
 
 
-def _work_base(cfg: Config) -> str:
+def work_base(cfg: Config) -> str:
     return cfg.drill.work_dir or tempfile.gettempdir()
 
 
 def provision_instance(cfg: Config, drill_id: str, flow_run_id: str | None = None,
                        kind: str = "physical") -> DrillInstance:
     """A private directory and a free loopback port for a throwaway server (nothing started yet)."""
-    base = _work_base(cfg)
+    base = work_base(cfg)
     swept = sweep_abandoned(base, cfg.postgres.bindir)
     if swept:
         log.warning("removed %d abandoned drill instance(s) of killed drills", swept)
@@ -323,9 +358,7 @@ def teardown_instance(instance: DrillInstance) -> dict[str, bool]:
         cluster.stop(mode="fast", timeout=30)
     cluster.destroy()  # immediate stop + SIGKILL of the postmaster if still there
     if pid is not None:
-        deadline = time.monotonic() + 10
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        poll_until(lambda: not pid_alive(pid), timeout=10, interval=0.05)
     shutil.rmtree(instance.workdir, ignore_errors=True)
     return {
         "server_gone": pid is None or not pid_alive(pid),
@@ -418,29 +451,6 @@ def start_instance(instance: DrillInstance, timeout: float, env: Mapping[str, st
     what its restore_command needs (tasks.recovery.repository_env)."""
     cluster = instance.cluster()
     cluster.start(timeout=int(timeout), env=env)
-
-
-def wait_promoted(instance: DrillInstance, timeout: float) -> tuple[str | None, datetime | None, int]:
-    """Wait until the server is out of recovery: (current LSN, last replayed commit time, timeline)."""
-    cluster = instance.cluster()
-    deadline = time.monotonic() + timeout
-    last_error = "no answer"
-    while time.monotonic() < deadline:
-        if not cluster.is_running():
-            raise PreconditionFailed(f"restored server stopped: {cluster.log_tail(4)}")
-        try:
-            with connection(instance.dsn(), timeout=3) as conn:
-                row = conn.execute(
-                    "SELECT pg_is_in_recovery(), pg_current_wal_lsn()::text,"
-                    " pg_last_xact_replay_timestamp(), (SELECT timeline_id FROM pg_control_checkpoint())"
-                ).fetchone()
-            if row is not None and not row[0]:
-                return row[1], row[2], int(row[3])
-            last_error = "still in recovery"
-        except Exception as exc:  # noqa: BLE001 - not accepting connections yet
-            last_error = str(exc)
-        time.sleep(0.2)
-    raise PreconditionFailed(f"restored server not promoted within {timeout:.0f}s ({last_error})")
 
 
 def resolve_superuser(instance: DrillInstance) -> DrillInstance:

@@ -6,7 +6,7 @@ permanent ones (checksum mismatch, failed precondition, bad input) never are.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 
 class DRError(Exception):
@@ -46,7 +46,16 @@ class ChecksumMismatch(PermanentError):
 
 
 class CommandFailed(DRError):
-    """A subprocess exited non-zero; carries the tail of its stderr."""
+    """A subprocess failed; carries the tail of its stderr. Never raised itself: ``command_error``
+    picks one of its two leaves below, so every failure is transient or permanent."""
+
+
+class CommandRejected(CommandFailed, PermanentError):
+    """A subprocess exited non-zero for a reason retrying cannot fix (bad input, a refusal)."""
+
+
+class CommandInterrupted(CommandFailed, TransientError):
+    """A subprocess timed out or could not reach its server: a retry may succeed."""
 
 
 class StorageUnavailable(TransientError):
@@ -55,6 +64,121 @@ class StorageUnavailable(TransientError):
 
 class Locked(TransientError):
     """Another run holds the cluster's repository lock."""
+
+
+class InternalError(PermanentError):
+    """A bug in gravl-dr (an unexpected Python exception), not a fault of the outside world."""
+
+
+# ---------------------------------------------------------------- classification tables
+#
+# Every error belongs to exactly one class. A table names each S3 / Route 53 error code we know;
+# an unknown code falls back on its HTTP status (5xx, 429 and 408 transient; other 4xx
+# permanent). Codes: the S3 API reference "Error responses" list and the Route 53 API reference
+# "Common errors" list.
+
+AwsKind = Literal["transient", "not_found", "exists", "denied", "no_bucket", "refused"]
+
+AWS_CODES: dict[str, AwsKind] = {
+    # throttling, timeouts, server trouble, credentials that expire and refresh (instance roles)
+    "SlowDown": "transient", "RequestTimeout": "transient", "InternalError": "transient",
+    "ServiceUnavailable": "transient", "Throttling": "transient", "ThrottlingException": "transient",
+    "TooManyRequests": "transient", "TooManyRequestsException": "transient",
+    "RequestLimitExceeded": "transient", "ExpiredToken": "transient",
+    "ExpiredTokenException": "transient", "RequestExpired": "transient",
+    "RequestTimeTooSkewed": "transient", "OperationAborted": "transient",
+    "ConditionalRequestConflict": "transient",  # S3 409: a concurrent write; retry decides
+    "BadDigest": "transient", "XAmzContentSHA256Mismatch": "transient",  # corrupted in transit
+    "PriorRequestNotComplete": "transient",  # Route 53: one change at a time per zone
+    "ServiceUnavailableException": "transient", "InternalFailure": "transient",
+    "503": "transient", "500": "transient",
+    # absent
+    "NoSuchKey": "not_found", "404": "not_found", "NotFound": "not_found",
+    "NoSuchUpload": "not_found",
+    "NoSuchBucket": "no_bucket", "NoSuchHostedZone": "no_bucket",
+    # put-if-absent lost: the object exists
+    "PreconditionFailed": "exists", "412": "exists",
+    # credentials and permissions that retrying cannot fix
+    "AccessDenied": "denied", "AccessDeniedException": "denied", "403": "denied",
+    "InvalidAccessKeyId": "denied", "SignatureDoesNotMatch": "denied",
+    "InvalidClientTokenId": "denied", "UnrecognizedClientException": "denied",
+    "AllAccessDisabled": "denied", "AccountProblem": "denied", "InvalidToken": "denied",
+    "KMS.AccessDeniedException": "denied", "KMS.DisabledException": "denied",
+    "KMS.NotFoundException": "denied",
+    # requests the service will never accept as sent
+    "InvalidRequest": "refused", "InvalidArgument": "refused", "InvalidBucketName": "refused",
+    "EntityTooLarge": "refused", "EntityTooSmall": "refused", "InvalidPart": "refused",
+    "InvalidPartOrder": "refused", "InvalidObjectState": "refused", "InvalidStorageClass": "refused",
+    "MalformedXML": "refused", "MethodNotAllowed": "refused", "MissingContentLength": "refused",
+    "NotImplemented": "refused", "InvalidRange": "refused", "KeyTooLongError": "refused",
+    "InvalidInput": "refused", "InvalidChangeBatch": "refused", "InvalidDomainName": "refused",
+    "ValidationError": "refused",
+}
+
+
+def classify_aws(code: str, status: int) -> AwsKind:
+    """The kind of an S3 or Route 53 error from its code, else from its HTTP status."""
+    kind = AWS_CODES.get(code)
+    if kind is not None:
+        return kind
+    if status >= 500 or status in (408, 429):
+        return "transient"
+    if status == 404:
+        return "not_found"
+    if status == 412:
+        return "exists"
+    if status in (401, 403):
+        return "denied"
+    return "refused"
+
+
+# botocore's own (client-side) errors that retrying cannot fix; every other BotoCoreError is
+# about the connection (refused, reset, timed out, a proxy, a checksum of a reply) and transient.
+BOTOCORE_PERMANENT = frozenset({
+    "NoCredentialsError", "PartialCredentialsError", "NoRegionError", "ParamValidationError",
+    "UnknownServiceError", "ProfileNotFound", "InvalidRegionError", "InvalidS3AddressingStyleError",
+    "UnknownSignatureVersionError", "ConfigNotFound", "InvalidConfigError", "DataNotFoundError",
+    "UnknownCredentialError", "InvalidEndpointConfigurationError", "MissingParametersError",
+    "ValidationError", "UnsupportedSignatureVersionError",
+})
+
+
+def botocore_transient(exc: BaseException) -> bool:
+    """For a botocore exception that is not a service reply (a BotoCoreError): is it transient?"""
+    return not any(cls.__name__ in BOTOCORE_PERMANENT for cls in type(exc).__mro__)
+
+
+# pg_basebackup, pg_dump, pg_restore, psql, pg_ctl: stderr that says the server could not be
+# reached (libpq's fe-connect.c messages) rather than that it refused what we asked.
+_UNREACHABLE = (
+    "could not connect to server", "connection to server at", "connection refused",
+    "could not translate host name", "timeout expired", "server closed the connection unexpectedly",
+    "the database system is starting up", "the database system is shutting down",
+    "the database system is in recovery mode", "no route to host", "network is unreachable",
+    "could not receive data from server", "ssl syscall error", "connection timed out",
+    "sorry, too many clients already", "remaining connection slots are reserved",
+)
+# ... except when libpq got an answer that says no to us (a login refused is not transient)
+_REFUSED = ("password authentication failed", "no pg_hba.conf entry", "does not exist",
+            "permission denied", "authentication failed")
+
+
+def login_refused(message: str) -> bool:
+    """True when libpq's message says a server answered and refused this login for good (a
+    wrong password, a pg_hba reject, a missing role or database): retrying cannot help."""
+    low = message.lower()
+    return any(m in low for m in _REFUSED)
+
+
+def command_error(message: str, *, timed_out: bool = False) -> CommandFailed:
+    """A subprocess failure in its class: a timeout or an unreachable server is transient,
+    anything else (including a refused login) permanent."""
+    low = message.lower()
+    if timed_out:
+        return CommandInterrupted(message)
+    if any(m in low for m in _UNREACHABLE) and not any(m in low for m in _REFUSED):
+        return CommandInterrupted(message)
+    return CommandRejected(message)
 
 
 def is_transient(exc: BaseException | None) -> bool:

@@ -53,7 +53,6 @@ MAX_SAMPLES = 20
 CountMode = Literal["exact", "tolerance", "skip"]
 _TOKEN_RE = re.compile(r"^\$(now|reference)(?:\s*([+-])\s*(\d+)\s*([smhd]?))?$")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_TIME_TYPES = ("timestamp with time zone", "timestamp without time zone")
 
 
 # ---------------------------------------------------------------- specs (pure)

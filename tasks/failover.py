@@ -14,36 +14,38 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from tasks.errors import PreconditionFailed
+from tasks.walnames import format_lsn as int_to_lsn
+from tasks.walnames import lsn_or_none
+from tasks.walnames import lsn_to_int as lsn_to_int  # re-exported: its home was here
 
 DEFAULT_MAX_LAG_BYTES = 16 * 1024 * 1024  # refuse to promote a replica further behind than this
 
-# ---------------------------------------------------------------------------------------------
-# LSN arithmetic (an LSN is "hi/lo", two hex numbers: a 64-bit byte position in the WAL stream)
-
-
-def lsn_to_int(lsn: str) -> int:
-    """'16/B374D848' -> byte position; raises ValueError on anything else."""
-    hi, sep, lo = lsn.strip().partition("/")
-    if not sep or not hi or not lo:
-        raise ValueError(f"not an LSN: {lsn!r}")
-    return (int(hi, 16) << 32) | int(lo, 16)
-
-
-def int_to_lsn(pos: int) -> str:
-    return f"{pos >> 32:X}/{pos & 0xFFFFFFFF:X}"
-
-
-def lsn_or_none(lsn: str | None) -> int | None:
-    if not lsn:
-        return None
-    try:
-        return lsn_to_int(lsn)
-    except ValueError:
-        return None
-
-
 class Refused(PreconditionFailed):
     """The planner will not go on: the state makes the operation unsafe or pointless."""
+
+
+# What libpq says when nothing answered at all: no server process behind the address, or no
+# reply within the timeout. Everything else a failed connection reports came from a running
+# server (a FATAL from the postmaster or a backend: pg_hba reject, wrong password, too many
+# clients, "the database system is starting up"), and a server that answers is alive.
+_NO_ANSWER = (
+    "connection refused", "timeout expired", "timed out", "no route to host", "network is unreachable",
+    "could not translate host name", "name or service not known", "no such file or directory",
+    "is the server running", "host is down", "connection reset by peer",
+)
+
+
+def server_answered(message: str) -> bool:
+    """True when a failed connection's message proves a server answered (it is alive, not down).
+
+    libpq prefixes the server's own error with its severity ("FATAL:  sorry, too many clients
+    already"); a message without one is libpq's own (refused TCP, timeout, DNS failure).
+    """
+    text = message.lower()
+    if any(marker in text for marker in _NO_ANSWER):
+        return False
+    # "server closed the connection unexpectedly" and the like, without a FATAL: it died under us.
+    return "fatal:" in text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,6 +62,7 @@ class NodeState(BaseModel):
     address: str = ""  # host:port from the DSN, to compare with a standby's upstream
     reachable: bool = False
     error: str | None = None
+    answered: bool = False  # unreachable for us, but a server answered (refused our login): ALIVE
     in_recovery: bool | None = None
     read_only: bool | None = None  # default_transaction_read_only (a soft fence)
     current_lsn: str | None = None  # pg_current_wal_insert_lsn() on a primary
@@ -82,6 +85,11 @@ class NodeState(BaseModel):
     @property
     def accepts_writes(self) -> bool:
         return self.reachable and self.in_recovery is False and not self.read_only
+
+    @property
+    def alive_but_refusing(self) -> bool:
+        """A server answered and refused gravl-dr (pg_hba, password, too many clients, starting up)."""
+        return not self.reachable and self.answered
 
     @property
     def is_standby(self) -> bool:
@@ -109,6 +117,8 @@ class NodeState(BaseModel):
                 if self.fenced:
                     extra.append("fenced")
             tail = f" ({', '.join(extra)})" if extra else ""
+            if self.answered:
+                return f"{self.name}: ALIVE but refused gravl-dr — {self.error}{tail}"
             return f"{self.name}: unreachable — {self.error or 'no answer'}{tail}"
         if self.in_recovery:
             lag = f", {self.replay_lag_seconds:.1f} s since last replayed commit" \
@@ -196,6 +206,16 @@ def plan_failover(
                 f"{primary.current_lsn}; stop it first or pass --force", everyone)
         notes.append(f"{primary.name} was accepting writes: it is fenced before anything is promoted"
                      + (" (planned: clean shutdown, no data loss)" if planned else " (forced)"))
+    elif primary.alive_but_refusing:
+        # Not down: it answered. Promoting now would leave two primaries that both take writes.
+        if not force:
+            raise _refuse(
+                f"refusing to fail over: primary {primary.name} is alive — it answered but refused "
+                f"gravl-dr's login ({primary.error}); fix the login (pg_hba, password, connection "
+                "slots) or pass --force to fence it and promote anyway", everyone)
+        notes.append(f"FORCED: {primary.name} is alive but refused our login; it is fenced before anything "
+                     "is promoted" + ("" if primary.local_pgdata else
+                                      " — without its data directory here it may NOT be fenceable"))
 
     if promoted:
         target = promoted[0]
@@ -238,7 +258,7 @@ def plan_failover(
         notes.append(f"replay on {target.name} was paused; promotion resumes and finishes it")
 
     steps: list[Step] = []
-    alive = primary.accepts_writes
+    alive = primary.accepts_writes or primary.alive_but_refusing
     if alive:
         # Stopping a live primary is disruptive: ask before it, not after.
         steps.append(Step(kind="approve", node=target.name,

@@ -19,7 +19,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from tasks.config import KubernetesHook, ReconnectHook
-from tasks.errors import DRError, one_line
+from tasks.errors import DRError, PermanentError, one_line
+from tasks.polling import Progress
 from tasks.proc import run
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,8 @@ def _run_command(argv: list[str], event: ReconnectEvent, timeout: float) -> str:
     return f"exited 0{': ' + out[-1][:200] if out else ''}"
 
 
-class HookFailed(DRError):
-    pass
+class HookFailed(PermanentError):
+    """A reconnect hook failed; the flow reports it and the operator re-runs it (no blind retry)."""
 
 
 def _call_webhook(url: str, event: ReconnectEvent, timeout: float) -> str:
@@ -157,6 +158,7 @@ def rollout_restart(spec: KubernetesHook, timeout: float) -> str:
     if not spec.wait:
         return f"restarted {len(patched)} deployment(s) in {spec.namespace}"
     pending = dict(patched)
+    progress = Progress(f"the rollout of {', '.join(sorted(patched))} in {spec.namespace}", timeout, log)
     while pending:
         for name, generation in list(pending.items()):
             try:
@@ -174,5 +176,7 @@ def rollout_restart(spec: KubernetesHook, timeout: float) -> str:
             if time.monotonic() > deadline:
                 raise HookFailed(f"kubernetes: rollout of {', '.join(sorted(pending))} in {spec.namespace} "
                                  f"not finished after {timeout:.0f}s")
-            time.sleep(0.5)
+            progress.tick(f"{len(patched) - len(pending)} of {len(patched)} rolled out, waiting for "
+                          f"{', '.join(sorted(pending))}")
+            time.sleep(0.5 if progress.elapsed() < 10 else 2.0)
     return f"restarted {len(patched)} deployment(s) in {spec.namespace}; rollout finished"

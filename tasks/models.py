@@ -1,24 +1,32 @@
-"""Pure logic: the manifest, backup ids and LSN / WAL-file-name arithmetic.
-
-WAL file names follow PostgreSQL's XLogFileName (xlog_internal.h): 8 hex digits of timeline,
-then the segment number split into "log" (segno / segments-per-4GB) and "seg" parts.
-"""
+"""Pure logic: the manifest and backup ids (LSN and WAL-name arithmetic: tasks.walnames)."""
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
 from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks import walnames
 from tasks.errors import ChecksumMismatch, ConfigError
 
 MANIFEST_VERSION = 1
-BACKUP_ID_RE = re.compile(r"^\d{8}T\d{6}Z-(physical|logical)$")
-LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
-WAL_SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
+# <UTC second>-<kind>-<random suffix>: two backups started in the same second get different ids
+# (ids written before the suffix existed, without it, are still read).
+BACKUP_ID_RE = re.compile(r"^\d{8}T\d{6}Z-(physical|logical)(-[0-9a-f]{6,16})?$")
+
+# LSN and WAL-name arithmetic live in tasks.walnames; these names stay importable from here.
+LSN_RE = walnames.LSN_RE
+WAL_SEGMENT_RE = walnames.WAL_SEGMENT_RE
+parse_lsn = walnames.parse_lsn
+format_lsn = walnames.format_lsn
+segments_per_id = walnames.segments_per_id
+wal_file_name = walnames.wal_file_name
+wal_segno = walnames.wal_segno
+wal_name_from_segno = walnames.segment_name
 
 
 class StoredObject(BaseModel):
@@ -51,7 +59,7 @@ class Manifest(BaseModel):
     stop_time: datetime
     database: str | None = None
     codec: str
-    encryption: Literal["none", "aes-256-gcm"] = "none"
+    encryption: Literal["none", "aes-256-gcm", "tink-aes256-gcm-hkdf-1mib"] = "none"
     key_fingerprint: str | None = None
     objects: list[StoredObject]
     row_counts: dict[str, dict[str, int]] = Field(
@@ -88,7 +96,9 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         raise ChecksumMismatch(f"{where}: manifest is not valid JSON") from None
-    if not isinstance(doc, dict) or doc.get("version") != MANIFEST_VERSION:
+    if not isinstance(doc, dict):
+        raise ChecksumMismatch(f"{where}: manifest is a JSON {type(doc).__name__}, not an object")
+    if doc.get("version") != MANIFEST_VERSION:
         raise ChecksumMismatch(f"{where}: unsupported manifest version {doc.get('version')!r}")
     try:
         return Manifest.model_validate(doc)
@@ -97,8 +107,10 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
 
 
 def new_backup_id(kind: str, now: datetime | None = None) -> str:
+    """``20261124T020000Z-physical-3f9a1c7d``: time, kind and 32 random bits, so that two runs
+    started in the same second never share an id (nor the objects and uploads under it)."""
     now = now or datetime.now(UTC)
-    return f"{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{kind}"
+    return f"{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{kind}-{secrets.token_hex(4)}"
 
 
 def backup_time(backup_id: str) -> datetime:
@@ -109,42 +121,3 @@ def check_backup_ref(ref: str) -> str:
     if ref != "latest" and not BACKUP_ID_RE.match(ref):
         raise ConfigError(f"invalid backup id {ref!r} (expected e.g. 20261124T020000Z-physical or 'latest')")
     return ref
-
-
-# ---------------------------------------------------------------- LSN and WAL names
-
-def parse_lsn(text: str) -> int:
-    if not LSN_RE.match(text.strip()):
-        raise ConfigError(f"invalid LSN {text!r} (expected e.g. 0/3000028)")
-    hi, lo = text.strip().split("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
-
-
-def format_lsn(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
-
-
-def segments_per_id(seg_size: int) -> int:
-    return 0x100000000 // seg_size
-
-
-def wal_file_name(timeline: int, lsn: int, seg_size: int = 16 * 1024 * 1024) -> str:
-    """XLogFileName for the segment containing ``lsn``."""
-    segno = lsn // seg_size
-    per = segments_per_id(seg_size)
-    return f"{timeline:08X}{segno // per:08X}{segno % per:08X}"
-
-
-def wal_segno(name: str, seg_size: int = 16 * 1024 * 1024) -> tuple[int, int]:
-    """(timeline, segment number) of a WAL segment file name."""
-    if not WAL_SEGMENT_RE.match(name[:24]):
-        raise ConfigError(f"not a WAL segment name: {name!r}")
-    tli = int(name[:8], 16)
-    log_id = int(name[8:16], 16)
-    seg = int(name[16:24], 16)
-    return tli, log_id * segments_per_id(seg_size) + seg
-
-
-def wal_name_from_segno(timeline: int, segno: int, seg_size: int = 16 * 1024 * 1024) -> str:
-    per = segments_per_id(seg_size)
-    return f"{timeline:08X}{segno // per:08X}{segno % per:08X}"

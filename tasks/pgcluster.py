@@ -12,12 +12,12 @@ import pwd
 import shutil
 import socket
 import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.errors import CommandFailed, PreconditionFailed
+from tasks.polling import poll_until
 from tasks.proc import pg_bin, run
 
 
@@ -131,7 +131,7 @@ class LocalCluster:
                 env=env,
             )
         except CommandFailed as exc:
-            raise CommandFailed(f"{exc} | server log: {self.log_tail()}") from None
+            raise type(exc)(f"{exc} | server log: {self.log_tail()}") from None
 
     def stop(self, mode: str = "fast", timeout: int = 60) -> None:
         if not self.is_running():
@@ -160,13 +160,13 @@ class LocalCluster:
         return " | ".join(kept)
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             proc = run([self.bin("pg_isready"), "-h", self.host, "-p", str(self.port)],
                        timeout=10, check=False)
-            if proc.returncode == 0:
-                return
-            time.sleep(0.1)
+            return proc.returncode == 0
+
+        if poll_until(ready, timeout=timeout, interval=0.1):
+            return
         raise PreconditionFailed(f"server on port {self.port} not ready after {timeout:.0f}s")
 
     def destroy(self) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 from psycopg import conninfo, sql
 
-from tasks.errors import PreconditionFailed, TransientError
+from tasks.errors import DRError, PermanentError, PreconditionFailed, TransientError, login_refused
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,17 @@ def dsn_field(dsn: str, name: str, default: str | None = None) -> str | None:
     return str(value) if value is not None else default
 
 
-def with_dbname(dsn: str, dbname: str) -> str:
-    return conninfo.make_conninfo(dsn, dbname=dbname)
+class ServerUnreachable(DRError):
+    """The server did not accept a connection. Catch this; raise one of its two leaves."""
 
 
-class ServerUnreachable(TransientError):
-    """The server did not accept a connection."""
+class ServerDown(ServerUnreachable, TransientError):
+    """No answer, a refused TCP connection, a timeout, or a server that is starting up or full:
+    a retry may succeed."""
+
+
+class LoginRefused(ServerUnreachable, PermanentError):
+    """The server answered and refused this login (password, pg_hba, role, database)."""
 
 
 def connect(dsn: str, *, timeout: int = 5, autocommit: bool = True, **kw: Any) -> psycopg.Connection[Any]:
@@ -48,7 +53,8 @@ def connect(dsn: str, *, timeout: int = 5, autocommit: bool = True, **kw: Any) -
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "connection failed"
         # never echo the DSN: libpq messages can contain it
         reason = reason.replace(dsn, "<dsn>")
-        raise ServerUnreachable(f"cannot connect to {safe_dsn(dsn)}: {reason}") from None
+        cls = LoginRefused if login_refused(reason) else ServerDown
+        raise cls(f"cannot connect to {safe_dsn(dsn)}: {reason}") from None
 
 
 @contextmanager
@@ -113,14 +119,6 @@ def server_info(dsn: str) -> ServerInfo:
     )
 
 
-def list_databases(dsn: str) -> list[str]:
-    with connection(dsn) as conn:
-        rows = conn.execute(
-            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1"
-        ).fetchall()
-    return [r[0] for r in rows]
-
-
 def user_tables(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
     rows = conn.execute(
         """
@@ -144,14 +142,6 @@ def count_rows(conn: psycopg.Connection[Any]) -> dict[str, int]:
     return counts
 
 
-def table_rows_ordered(conn: psycopg.Connection[Any], schema: str, table: str) -> list[tuple[Any, ...]]:
-    """Every row of a table as text tuples in a total order: for content comparisons in tests/demo."""
-    query = sql.SQL("SELECT t::text FROM {}.{} AS t ORDER BY 1").format(
-        sql.Identifier(schema), sql.Identifier(table)
-    )
-    return [tuple(r) for r in conn.execute(query).fetchall()]
-
-
 def table_digest(conn: psycopg.Connection[Any], schema: str, table: str) -> tuple[int, str]:
     """(rows, md5 of all rows in order): compares table contents without moving them."""
     query = sql.SQL(
@@ -170,11 +160,6 @@ def database_digest(dsn: str) -> dict[str, tuple[int, str]]:
 def is_empty_database(dsn: str) -> bool:
     with connection(dsn) as conn:
         return not user_tables(conn)
-
-
-def require_superuser_or_replication(info: ServerInfo, kind: str) -> None:
-    if kind == "physical" and not info.is_superuser:
-        log.info("connected role is not a superuser; pg_basebackup needs the REPLICATION attribute")
 
 
 def check_version(info: ServerInfo) -> None:

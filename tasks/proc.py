@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from tasks.errors import CommandFailed, PreconditionFailed
+from tasks.errors import PreconditionFailed, command_error
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ def run(
     input: bytes | None = None,
     check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    """Run argv to completion; raise CommandFailed with stderr's tail on a non-zero exit."""
+    """Run argv to completion; raise CommandFailed (its transient or permanent leaf) with
+    stderr's tail on a non-zero exit or a timeout."""
     full = as_user(argv, os_user)
     try:
         proc = subprocess.run(
@@ -74,12 +75,12 @@ def run(
             check=False,
         )
     except subprocess.TimeoutExpired as exc:
-        raise CommandFailed(f"{Path(argv[0]).name} timed out after {timeout:.0f}s") from exc
+        raise command_error(f"{Path(argv[0]).name} timed out after {timeout:.0f}s", timed_out=True) from exc
     except FileNotFoundError as exc:
         raise PreconditionFailed(f"program not found: {argv[0]}") from exc
     if check and proc.returncode != 0:
         log.warning("%s exited %s: %s", Path(argv[0]).name, proc.returncode, tail(proc.stderr, 20))
-        raise CommandFailed(
+        raise command_error(
             f"{Path(argv[0]).name} exited {proc.returncode}: {tail(proc.stderr) or tail(proc.stdout)}"
         )
     return proc

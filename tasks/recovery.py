@@ -11,6 +11,7 @@ waits for the promotion and reads the point reached from the server's own record
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -26,9 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tasks.errors import ConfigError, NotFound, PreconditionFailed
 from tasks.models import LSN_RE, Manifest, format_lsn, parse_lsn
 from tasks.pgcluster import LocalCluster, chown_tree
+from tasks.polling import Progress
 
 if TYPE_CHECKING:
     from tasks.config import Config
+
+log = logging.getLogger(__name__)
 
 TargetKind = Literal["end", "time", "lsn", "name", "xid", "immediate"]
 
@@ -356,6 +360,8 @@ def wait_for_recovery(cluster: LocalCluster, target: RecoveryTarget, timeout: fl
 
     t0 = time.monotonic()
     deadline = t0 + timeout
+    progress = Progress(f"recovery to {target.describe()}", timeout, log)
+    status = "server starting"
     promoted = False
     last_xact: datetime | None = None
     tli = 0
@@ -378,6 +384,9 @@ def wait_for_recovery(cluster: LocalCluster, target: RecoveryTarget, timeout: fl
                 tli = int(row[2][:8], 16)
                 lsn_now = row[3]
                 break
+            status = (f"replayed up to {row[3] or '-'}"
+                      f", last transaction at {row[1].astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC" if row[1] else
+                      f"replayed up to {row[3] or '-'}")
         except Exception as exc:  # noqa: BLE001 - the server may not accept connections yet
             if time.monotonic() > deadline:
                 raise PreconditionFailed(
@@ -387,7 +396,9 @@ def wait_for_recovery(cluster: LocalCluster, target: RecoveryTarget, timeout: fl
             raise PreconditionFailed(
                 f"recovery did not finish within {timeout:.0f}s; server log: {cluster.log_tail(3)}"
             )
-        time.sleep(0.2)
+        progress.tick(status)
+        # quick at first (most drills finish in seconds), then once a second: one connection each
+        time.sleep(0.2 if progress.elapsed() < 10 else 1.0)
     rec = read_recovery_log(_read(cluster.logfile))
     switch = read_history_switchpoint(cluster.pgdata, tli) if tli > 1 else None
     reached = switch[1] if switch else (rec.redo_done_lsn or lsn_now)
@@ -401,6 +412,22 @@ def wait_for_recovery(cluster: LocalCluster, target: RecoveryTarget, timeout: fl
     )
 
 
+def stop_after_failed_recovery(cluster: LocalCluster) -> str:
+    """Stop a restored server whose recovery failed or stopped short: it must not stay up,
+    promoted and writable, at a point short of what was asked (a missing segment ends recovery
+    at the gap and PostgreSQL promotes there when no target is set). Returns what was done."""
+    if not cluster.is_running():
+        return "the restored server is not running"
+    cluster.stop(mode="fast", timeout=60)
+    if cluster.is_running():
+        cluster.stop(mode="immediate", timeout=30)
+    if cluster.is_running():
+        return (f"the restored server could NOT be stopped: stop it by hand "
+                f"(pg_ctl -D {cluster.pgdata} stop) before anyone writes to it")
+    return ("the restored server was stopped (do not start it: it holds the database as of the "
+            "point where recovery stopped)")
+
+
 def wait_for_pause(cluster: LocalCluster, target: RecoveryTarget, timeout: float) -> str:
     """Wait until a server recovering with ``recovery_target_action = pause`` has stopped at its
     target and paused; return the replay LSN there.
@@ -411,6 +438,7 @@ def wait_for_pause(cluster: LocalCluster, target: RecoveryTarget, timeout: float
     from tasks.postgres import connection
 
     deadline = time.monotonic() + timeout
+    progress = Progress(f"recovery to pause at {target.describe()}", timeout, log)
     while True:
         _raise_if_stopped(cluster, target)
         row = None
@@ -431,7 +459,8 @@ def wait_for_pause(cluster: LocalCluster, target: RecoveryTarget, timeout: float
         if time.monotonic() > deadline:
             raise PreconditionFailed(f"recovery did not reach {target.describe()} within {timeout:.0f}s; "
                                      f"server log: {cluster.log_tail(3)}")
-        time.sleep(0.2)
+        progress.tick(f"replayed up to {row[2] or '-'}" if row is not None else "server starting")
+        time.sleep(0.2 if progress.elapsed() < 10 else 1.0)
 
 
 def _read(path: Path) -> str:

@@ -28,9 +28,12 @@ from tasks.errors import (
     AlreadyExists,
     ConfigError,
     DRError,
+    InternalError,
     NotFound,
     PreconditionFailed,
     StorageUnavailable,
+    botocore_transient,
+    classify_aws,
 )
 
 if TYPE_CHECKING:
@@ -49,6 +52,20 @@ class PutResult:
     sha256: str
 
 
+@dataclass(frozen=True)
+class Incomplete:
+    """What a killed or failed writer left: an open multipart upload or a temporary file."""
+
+    key: str
+    kind: str  # "multipart upload" or "temporary file"
+    size: int
+    age_seconds: float
+    upload_id: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.key} ({self.size} bytes, {self.age_seconds / 3600:.1f} h old)"
+
+
 class Repository(Protocol):
     url: str
 
@@ -61,6 +78,8 @@ class Repository(Protocol):
     def list_keys(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
     def abort_incomplete(self, prefix: str) -> int: ...
+    def find_incomplete(self, older_than: float) -> list[Incomplete]: ...
+    def remove_incomplete(self, item: Incomplete) -> None: ...
     def check(self, write: bool = False) -> None: ...
 
 
@@ -198,6 +217,35 @@ class FileRepository:
         return removed
 
 
+    def find_incomplete(self, older_than: float) -> list[Incomplete]:
+        """Temporary files (a writer killed before linking its file into place) not modified
+        for ``older_than`` seconds."""
+        found: list[Incomplete] = []
+        if not self.root.exists():
+            return found
+        now = time.time()
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if not name.startswith(_TMP_MARK):
+                    continue
+                path = Path(dirpath, name)
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                if now - st.st_mtime >= older_than:
+                    found.append(Incomplete(str(path.relative_to(self.root)), "temporary file",
+                                            st.st_size, now - st.st_mtime))
+        return sorted(found, key=lambda i: i.key)
+
+    def remove_incomplete(self, item: Incomplete) -> None:
+        path = self.root / item.key
+        if not path.name.startswith(_TMP_MARK):
+            raise PreconditionFailed(f"{item.key} is not a temporary file; not removed")
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -248,25 +296,36 @@ class S3Repository:
         return full[len(self.prefix) + 1 :] if self.prefix else full
 
     def _wrap(self, exc: Exception, what: str) -> DRError:
+        """An S3 or network failure as a DRError of its class (tasks.errors.classify_aws); any
+        other exception is a bug of ours, permanent, never "repository unreachable"."""
         from botocore.exceptions import BotoCoreError, ClientError
 
+        if isinstance(exc, DRError):
+            return exc
         if isinstance(exc, ClientError):
-            code = exc.response.get("Error", {}).get("Code", "")
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if code in ("NoSuchBucket",):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            kind = classify_aws(code, status)
+            if kind == "no_bucket":
                 return PreconditionFailed(f"bucket {self.bucket} does not exist")
-            if code in ("NoSuchKey", "404", "NotFound"):
+            if kind == "not_found":
                 return NotFound(f"{what}: not found")
-            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                return PreconditionFailed(f"{what}: access denied by the repository ({code})")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            if kind == "denied":
+                return PreconditionFailed(f"{what}: access denied by the repository ({code or status})")
+            if kind == "exists":
                 return AlreadyExists(f"{what}: object already exists in the repository")
-            if status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError"):
+            if kind == "transient":
                 return StorageUnavailable(f"{what}: repository error {code or status}")
             return PreconditionFailed(f"{what}: repository refused ({code or status})")
         if isinstance(exc, BotoCoreError):
+            if botocore_transient(exc):
+                return StorageUnavailable(f"{what}: repository unreachable ({type(exc).__name__})")
+            return ConfigError(f"{what}: {exc}")
+        if isinstance(exc, OSError) or type(exc).__module__.startswith("urllib3"):
+            # sockets, TLS, a connection reset while reading a body
             return StorageUnavailable(f"{what}: repository unreachable ({type(exc).__name__})")
-        return StorageUnavailable(f"{what}: {type(exc).__name__}")
+        log.error("unexpected error during %s", what, exc_info=exc)
+        return InternalError(f"{what}: internal error {type(exc).__name__}: {exc} (a gravl-dr bug)")
 
     def _extra(self) -> dict[str, str]:
         extra: dict[str, str] = {}
@@ -284,9 +343,10 @@ class S3Repository:
         except Exception as exc:
             from botocore.exceptions import ClientError
 
-            if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in (
-                "404", "NoSuchBucket", "NotFound"
-            ):
+            if isinstance(exc, ClientError) and classify_aws(
+                str(exc.response.get("Error", {}).get("Code", "")),
+                int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0),
+            ) in ("not_found", "no_bucket"):
                 raise PreconditionFailed(f"bucket {self.bucket} does not exist") from None
             raise self._wrap(exc, f"bucket {self.bucket}") from None
 
@@ -446,6 +506,15 @@ class S3Repository:
             raise self._wrap(exc, f"listing {prefix or '/'}") from None
         return sorted(keys)
 
+    def keys_starting_with(self, start: str, limit: int = 1000) -> list[str]:
+        """Keys that begin with ``start`` (a name, not only a folder): one request, at most
+        ``limit`` keys. A file repository has no such listing; callers stat instead."""
+        try:
+            resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._full(start), MaxKeys=limit)
+        except Exception as exc:
+            raise self._wrap(exc, f"listing {start}") from None
+        return [self._rel(o["Key"]) for o in resp.get("Contents", [])]
+
     def delete(self, key: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
@@ -453,7 +522,9 @@ class S3Repository:
             raise self._wrap(exc, f"delete {key}") from None
 
     def abort_incomplete(self, prefix: str) -> int:
-        full_prefix = self._full(prefix) if prefix else self.prefix
+        """Abort the open multipart uploads under the folder ``prefix`` (never a sibling whose
+        name merely starts with it: ``backups/X`` does not reach ``backups/X-2``)."""
+        full_prefix = self._folder(prefix)
         count = 0
         try:
             resp = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=full_prefix)
@@ -464,8 +535,54 @@ class S3Repository:
             raise self._wrap(exc, "listing multipart uploads") from None
         return count
 
+    def find_incomplete(self, older_than: float) -> list[Incomplete]:
+        """Multipart uploads under the repository's prefix started ``older_than`` seconds ago or
+        more and never completed nor aborted (their parts are billed, and invisible in listings)."""
+        from datetime import UTC, datetime
+
+        found: list[Incomplete] = []
+        now = datetime.now(UTC)
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._folder("")}
+        try:
+            while True:
+                resp = self.client.list_multipart_uploads(**kwargs)
+                for up in resp.get("Uploads", []):
+                    age = (now - up["Initiated"]).total_seconds()
+                    if age < older_than:
+                        continue
+                    size = 0
+                    parts = self.client.get_paginator("list_parts").paginate(
+                        Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                    for page in parts:
+                        size += sum(int(p["Size"]) for p in page.get("Parts", []))
+                    found.append(Incomplete(self._rel(up["Key"]), "multipart upload", size, age,
+                                            up["UploadId"]))
+                if not resp.get("IsTruncated"):
+                    break
+                kwargs["KeyMarker"] = resp.get("NextKeyMarker")
+                kwargs["UploadIdMarker"] = resp.get("NextUploadIdMarker")
+        except Exception as exc:
+            raise self._wrap(exc, "listing multipart uploads") from None
+        return sorted(found, key=lambda i: i.key)
+
+    def remove_incomplete(self, item: Incomplete) -> None:
+        if item.upload_id is None:
+            raise PreconditionFailed(f"{item.key} is not a multipart upload; not removed")
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._full(item.key),
+                                               UploadId=item.upload_id)
+        except Exception as exc:
+            err = self._wrap(exc, f"abort upload of {item.key}")
+            if not isinstance(err, NotFound):
+                raise err from None
+
+    def _folder(self, prefix: str) -> str:
+        if prefix:
+            return self._full(prefix.rstrip("/")) + "/"
+        return f"{self.prefix}/" if self.prefix else ""
+
     def list_incomplete(self, prefix: str = "") -> list[str]:
-        full_prefix = self._full(prefix) if prefix else self.prefix
+        full_prefix = self._folder(prefix)
         resp = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=full_prefix)
         return [u["Key"] for u in resp.get("Uploads", [])]
 

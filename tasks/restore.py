@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tasks.backup import key_for_manifest, verify_objects
 from tasks.config import Config
-from tasks.errors import ChecksumMismatch, CommandFailed, DRError, PreconditionFailed
+from tasks.errors import ChecksumMismatch, CommandFailed, DRError, PreconditionFailed, command_error
 from tasks.libpq import client_env
 from tasks.models import Manifest
 from tasks.pgcluster import chown_tree
@@ -139,7 +139,7 @@ def restore_physical(cfg: Config, repo: Repository, manifest: Manifest, pgdata: 
         code = tar.wait(timeout=600)
         err = tar.stderr.read() if tar.stderr else b""
         if code != 0:
-            raise CommandFailed(f"tar exited {code} extracting {manifest.id}: {tail(err)}")
+            raise command_error(f"tar exited {code} extracting {manifest.id}: {tail(err)}")
     except BaseException:
         tar.kill()
         tar.wait()
@@ -208,7 +208,7 @@ def restore_logical(
                 timeout=24 * 3600, env=client_env(dsn),
             )
         except CommandFailed as exc:
-            raise CommandFailed(f"pg_restore into {safe_dsn(dsn)} failed: {exc}") from None
+            raise type(exc)(f"pg_restore into {safe_dsn(dsn)} failed: {exc}") from None
     except DRError:
         raise
     finally:

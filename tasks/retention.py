@@ -17,17 +17,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from tasks.config import RetentionConfig
-from tasks.errors import NotFound
-from tasks.models import BACKUP_ID_RE, Manifest, backup_time, parse_manifest
-from tasks.repository import Repository
+from tasks.errors import NotFound, one_line
+from tasks.models import BACKUP_ID_RE, Manifest, backup_time
+from tasks.repository import Incomplete, Repository
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +135,17 @@ class RetentionPlan(_Frozen):
 
 
 class RepositoryState(_Frozen):
-    """What retention reads from the repository before deciding anything."""
+    """What retention reads from the repository before deciding anything. ``invalid`` maps the
+    id of a folder whose manifest cannot be read to why; ``broken`` maps a backup whose objects
+    failed a check to what is wrong; ``verified`` lists those whose content was re-read."""
 
     manifests: list[Manifest]
     backup_keys: list[str]
     wal_keys: list[str]
     locked_backup_id: str | None = None
+    invalid: dict[str, str] = {}
+    broken: dict[str, str] = {}
+    verified: list[str] = []
 
 
 def _backup_id_of(key: str) -> str | None:
@@ -151,12 +156,16 @@ def _backup_id_of(key: str) -> str | None:
 
 
 def decide_backups(
-    manifests: Sequence[Manifest], policy: RetentionConfig, now: datetime, cluster: str
+    manifests: Sequence[Manifest], policy: RetentionConfig, now: datetime, cluster: str,
+    broken: Mapping[str, str] | None = None,
 ) -> list[BackupDecision]:
-    """Keep the newest ``min_full`` of each kind and all that ended within ``full_days``.
+    """Keep the newest ``min_full`` good backups of each kind and all that ended within
+    ``full_days``. A broken backup never counts toward ``min_full``: it is kept (for inspection)
+    until ``min_full`` newer good backups of its kind exist and it is older than ``full_days``.
 
     Backups of other clusters sharing the repository are never expired here.
     """
+    broken = broken or {}
     cutoff = now - timedelta(days=policy.full_days)
     decisions: list[BackupDecision] = []
     newest_first = sorted(manifests, key=lambda m: (m.stop_time, m.id), reverse=True)
@@ -169,9 +178,21 @@ def decide_backups(
             ))
             continue
         n = rank.get(m.kind, 0)
+        if m.id in broken:
+            if n < policy.min_full or m.stop_time >= cutoff:
+                keep, reason = True, (f"BROKEN ({broken[m.id]}): not counted toward min_full, "
+                                      "kept for inspection")
+            else:
+                keep, reason = False, (f"BROKEN ({broken[m.id]}), ended {(now - m.stop_time).days} "
+                                       f"days ago, and {n} newer good {m.kind} backups are kept")
+            decisions.append(BackupDecision(
+                backup_id=m.id, kind=m.kind, cluster=m.cluster, stop_time=m.stop_time, keep=keep,
+                reason=reason,
+            ))
+            continue
         rank[m.kind] = n + 1
         if n < policy.min_full:
-            keep, reason = True, f"one of the newest {policy.min_full} {m.kind} backups"
+            keep, reason = True, f"one of the newest {policy.min_full} good {m.kind} backups"
         elif m.stop_time >= cutoff:
             keep, reason = True, f"ended within {policy.full_days} days"
         else:
@@ -195,9 +216,11 @@ def plan_retention(
 ) -> RetentionPlan:
     """Decide what to delete. Pure: the same state, policy and time give the same plan."""
     notes: list[str] = []
-    decisions = decide_backups(state.manifests, policy, now, cluster)
+    decisions = decide_backups(state.manifests, policy, now, cluster, state.broken)
     kept_ids = {d.backup_id for d in decisions if d.keep}
     by_id = {m.id: m for m in state.manifests}
+    notes += [f"BROKEN backup {b}: {why}" for b, why in sorted(state.broken.items())]
+    notes += [f"INVALID backup {b}: {why} (left alone)" for b, why in sorted(state.invalid.items())]
 
     keys_by_backup: dict[str, list[str]] = {}
     for key in state.backup_keys:
@@ -205,8 +228,8 @@ def plan_retention(
         if bid is not None:
             keys_by_backup.setdefault(bid, []).append(key)
 
-    if not kept_ids:
-        notes.append("no complete backup in the repository: nothing is deleted")
+    if not kept_ids - set(state.broken):
+        notes.append("no complete backup that verifies in the repository: nothing is deleted")
         return RetentionPlan(decisions=decisions, expire=[], orphan_keys=[], expire_wal=[],
                              kept_wal=len(state.wal_keys), wal_needs=[], notes=notes)
 
@@ -222,7 +245,7 @@ def plan_retention(
     # went. Leave young ones alone (a backup may be writing them) and the one holding the lock.
     orphan_keys: list[str] = []
     for bid, keys in sorted(keys_by_backup.items()):
-        if bid in by_id:
+        if bid in by_id or bid in state.invalid:
             continue
         if not BACKUP_ID_RE.match(bid):
             notes.append(f"left alone: backups/{bid}/ is not named like a backup")
@@ -274,19 +297,94 @@ def plan_retention(
 # ---------------------------------------------------------------- the repository side
 
 def read_state(repo: Repository) -> RepositoryState:
-    """List backups and WAL and read every manifest; an unreadable manifest stops retention."""
-    from tasks.backup import read_lock
+    """List backups and WAL and read every manifest; an unreadable one is recorded as INVALID
+    (its folder is left alone) and the others are still read."""
+    from tasks.backup import lock_is_stale, read_catalog, read_lock
 
     backup_keys = repo.list_keys(BACKUPS_PREFIX)
-    manifests = [
-        parse_manifest(repo.get_bytes(key), key)
-        for key in backup_keys
-        if key.endswith(f"/{MANIFEST_NAME}") and key.count("/") == 2
-    ]
+    catalog = read_catalog(repo)
+    manifests = [e.manifest for e in catalog if e.manifest is not None]
+    invalid = {e.backup_id: e.reason for e in catalog if e.manifest is None}
     lock = read_lock(repo)
-    locked = str(lock["backup_id"]) if lock and lock.get("backup_id") else None
+    # A lock protects the folder of a running backup; a stale one (its holder is gone) does not.
+    live = lock is not None and not lock_is_stale(lock, repo)
+    locked = str(lock["backup_id"]) if lock and live and lock.get("backup_id") else None
     return RepositoryState(manifests=manifests, backup_keys=backup_keys,
-                           wal_keys=repo.list_keys(WAL_PREFIX), locked_backup_id=locked)
+                           wal_keys=repo.list_keys(WAL_PREFIX), locked_backup_id=locked,
+                           invalid=invalid)
+
+
+def relied_on(state: RepositoryState, policy: RetentionConfig, cluster: str,
+              broken: Mapping[str, str]) -> list[Manifest]:
+    """The backups retention counts toward ``min_full``: the newest good ones of each kind."""
+    newest_first = sorted(state.manifests, key=lambda m: (m.stop_time, m.id), reverse=True)
+    rank: dict[str, int] = {}
+    out = []
+    for m in newest_first:
+        if m.cluster != cluster or m.id in broken:
+            continue
+        rank[m.kind] = rank.get(m.kind, 0) + 1
+        if rank[m.kind] <= policy.min_full:
+            out.append(m)
+    return out
+
+
+def verify_backups(repo: Repository, state: RepositoryState, policy: RetentionConfig,
+                   cluster: str) -> RepositoryState:
+    """Check before trusting: every backup of the cluster gets the cheap check (each object
+    present with its recorded size); with ``retention.verify: content`` the backups counted
+    toward ``min_full`` are also re-read in full (size and SHA-256 of the stored bytes), and a
+    failing one is replaced by the next older one, which is checked in turn. Repository errors
+    that may pass (timeouts, 5xx) propagate: retention then deletes nothing."""
+    from tasks.backup import check_objects, verify_objects
+    from tasks.errors import ChecksumMismatch
+
+    broken: dict[str, str] = {}
+    for m in state.manifests:
+        problem = check_objects(repo, m) if m.cluster == cluster else None
+        if problem is not None:
+            broken[m.id] = problem
+    verified: list[str] = []
+    if policy.verify == "content":
+        while True:
+            todo = [m for m in relied_on(state, policy, cluster, broken) if m.id not in verified]
+            if not todo:
+                break
+            for m in todo:
+                try:
+                    verify_objects(repo, m)
+                    verified.append(m.id)
+                except (ChecksumMismatch, NotFound) as exc:
+                    broken[m.id] = one_line(exc)
+    return state.model_copy(update={"broken": broken, "verified": verified})
+
+
+def find_leftovers(repo: Repository, grace: timedelta, locked_backup_id: str | None) -> list[Incomplete]:
+    """Open multipart uploads and temporary files at least ``grace`` old, except those of the
+    backup holding a live lock."""
+    items = repo.find_incomplete(grace.total_seconds())
+    if locked_backup_id:
+        mine = f"{BACKUPS_PREFIX}/{locked_backup_id}/"
+        items = [i for i in items if not i.key.startswith(mine)]
+    # A backup's id says when it started: an upload of a backup younger than the grace period is
+    # left alone whatever the store reports as its start (some S3-compatible stores get it wrong).
+    now = datetime.now(UTC)
+    out = []
+    for item in items:
+        bid = _backup_id_of(item.key)
+        if bid is not None and BACKUP_ID_RE.match(bid) and now - backup_time(bid) < grace:
+            continue
+        out.append(item)
+    return out
+
+
+def sweep_leftovers(repo: Repository, items: Sequence[Incomplete]) -> int:
+    """Abort / remove them; returns the bytes freed."""
+    freed = 0
+    for item in items:
+        repo.remove_incomplete(item)
+        freed += item.size
+    return freed
 
 
 def _delete_all(repo: Repository, keys: Iterable[str], workers: int = 8) -> int:

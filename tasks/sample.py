@@ -70,8 +70,6 @@ CREATE TABLE custom_workout_exercises (
 );
 """
 
-MUSCLES = ["chest", "back", "legs", "shoulders", "arms", "core"]
-
 DATA = """
 SELECT setseed(0.42);
 INSERT INTO users (email, display_name, created_at, experience_level)

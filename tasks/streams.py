@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
 import os
 import queue
 import subprocess
@@ -17,9 +18,9 @@ import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
-from tasks.errors import ChecksumMismatch, CommandFailed, ConfigError, PreconditionFailed
+from tasks.errors import ChecksumMismatch, ConfigError, PreconditionFailed, command_error
 from tasks.proc import tail
 
 CHUNK = 4 * 1024 * 1024
@@ -119,7 +120,7 @@ class ProcessSource:
         finally:
             code = self.finish()
         if code != 0:
-            raise CommandFailed(
+            raise command_error(
                 f"{self.label} exited {code}: {tail(chr(10).join(self.stderr_lines)) or 'no message'}"
             )
 
@@ -311,7 +312,7 @@ def decompress(source: Iterable[bytes], codec: str, what: str = "object") -> Ite
         raise
 
 
-# ---------------------------------------------------------------- encryption (AES-256-GCM)
+# ---------------------------------------------------------------- encryption (streaming AEAD)
 
 def load_key(env_name: str | None) -> bytes | None:
     """The client-side key from the environment variable the config names (64 hex or base64)."""
@@ -344,31 +345,177 @@ def key_fingerprint(key: bytes) -> str:
     return hashlib.sha256(b"gravl-dr key id:" + key).hexdigest()[:16]
 
 
-def encrypt(source: Iterable[bytes], key: bytes) -> Iterator[bytes]:
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+# Format v2 (written since issue 9): ENC_MAGIC_V2, then Tink's streaming AEAD
+# AES256_GCM_HKDF with 1 MiB ciphertext segments (Hoang-Reyhanitabar-Rogaway-Vizar STREAM: a
+# random salt derives a per-object key by HKDF; every segment is its own AES-GCM message whose
+# nonce holds the segment number and a last-segment flag). Each segment is authenticated before
+# its plaintext is released, so truncation, reordering, a dropped last segment or a wrong key
+# fail before any unverified byte is used, and an object can hold 2**32 segments (~4 PiB), not
+# the ~64 GiB one GCM nonce covers. Format v1 (ENC_MAGIC, one AES-GCM stream per object) is
+# still read, for backups and WAL written before.
+ENC_MAGIC_V2 = b"GRVLENC2"
+STREAM_ALG: Final = "tink-aes256-gcm-hkdf-1mib"  # manifest and WAL header name of format v2
+LEGACY_ALG = "aes-256-gcm"  # format v1
+SEGMENT_SIZE = 1 << 20  # ciphertext segment size of format v2 (fixed: it is not in the header)
+_AAD = b"gravl-dr encrypted object v2"
+_GCM_MAX_PLAINTEXT = (2**32 - 2) * 16  # NIST SP 800-38D: per GCM invocation (one nonce)
 
-    nonce = os.urandom(_NONCE)
-    enc = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
-    yield ENC_MAGIC + nonce
-    for chunk in source:
-        out = enc.update(chunk)
-        if out:
-            yield out
-    yield enc.finalize() + enc.tag
+
+def _stream_aead(key: bytes, segment_size: int = SEGMENT_SIZE) -> Any:
+    """Tink's StreamingAead for our 32-byte key. The key Tink sees is derived by HKDF, so the
+    master key is never used directly by two algorithms (WAL headers HMAC with it)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    from tink import cleartext_keyset_handle, streaming_aead
+    from tink.proto import aes_gcm_hkdf_streaming_pb2 as pb
+    from tink.proto import common_pb2, tink_pb2
+
+    streaming_aead.register()
+    ikm = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+               info=b"gravl-dr streaming aead key v2").derive(key)
+    params = pb.AesGcmHkdfStreamingParams(
+        ciphertext_segment_size=segment_size, derived_key_size=32, hkdf_hash_type=common_pb2.SHA256
+    )
+    key_proto = pb.AesGcmHkdfStreamingKey(version=0, params=params, key_value=ikm)
+    keyset = tink_pb2.Keyset(primary_key_id=1, key=[tink_pb2.Keyset.Key(
+        key_data=tink_pb2.KeyData(
+            type_url="type.googleapis.com/google.crypto.tink.AesGcmHkdfStreamingKey",
+            value=key_proto.SerializeToString(), key_material_type=tink_pb2.KeyData.SYMMETRIC),
+        status=tink_pb2.ENABLED, key_id=1, output_prefix_type=tink_pb2.RAW)])
+    return cleartext_keyset_handle.from_keyset(keyset).primitive(streaming_aead.StreamingAead)
+
+
+def segment_count(plain_size: int, segment_size: int = SEGMENT_SIZE) -> int:
+    """How many segments (GCM messages, nonces) format v2 uses for ``plain_size`` bytes:
+    Tink's first segment also carries the header (1 + 32 salt + 7 nonce-prefix bytes)."""
+    first = segment_size - 16 - 40
+    rest = segment_size - 16
+    if plain_size <= first:
+        return 1
+    return 1 + -(-(plain_size - first) // rest)
+
+
+def max_object_size(segment_size: int = SEGMENT_SIZE) -> int:
+    """The largest plaintext one format-v2 object can hold (segment numbers are 32 bits)."""
+    return (segment_size - 16 - 40) + (2**32 - 2) * (segment_size - 16)
+
+
+class _Collect(io.RawIOBase):
+    """Where Tink's encrypting stream writes: ciphertext parts, taken by ``encrypt``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.parts.append(bytes(b))
+        return len(b)
+
+    def take(self) -> bytes:
+        out = b"".join(self.parts)
+        self.parts.clear()
+        return out
+
+
+class ChunkReader(io.RawIOBase):
+    """A readable raw file over an iterator of byte chunks (what Tink's decrypting stream reads)."""
+
+    def __init__(self, source: Iterable[bytes], head: bytes = b"") -> None:
+        super().__init__()
+        self._it = iter(source)
+        self._buf = memoryview(head)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            nxt = next(self._it, None)
+            if nxt is None:
+                return 0
+            self._buf = memoryview(nxt)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def encrypt(source: Iterable[bytes], key: bytes) -> Iterator[bytes]:
+    """Encrypt a stream in format v2 (segmented streaming AEAD); output comes as it is made."""
+    from tink import TinkError
+
+    sink = _Collect()
+    yield ENC_MAGIC_V2
+    try:
+        enc = _stream_aead(key).new_encrypting_stream(sink, _AAD)
+        for chunk in source:
+            view = memoryview(chunk)
+            while view:
+                view = view[enc.write(view):]
+            out = sink.take()
+            if out:
+                yield out
+        enc.close()  # writes the last segment, flagged as last
+    except TinkError as exc:
+        raise ChecksumMismatch(f"encryption failed: {exc}") from None
+    yield sink.take()
+
+
+def encryption_format(head: bytes) -> str | None:
+    """``STREAM_ALG`` or ``LEGACY_ALG`` from an object's first bytes, None if neither."""
+    if head.startswith(ENC_MAGIC_V2):
+        return STREAM_ALG
+    if head.startswith(ENC_MAGIC):
+        return LEGACY_ALG
+    return None
 
 
 def decrypt(source: Iterable[bytes], key: bytes, what: str = "object") -> Iterator[bytes]:
-    """Decrypt as a stream; the GCM tag is only checked at the end, so callers verify the stored
+    """Decrypt as a stream. Format v2: every chunk yielded has been authenticated (its segment's
+    tag checked) and the end of the object is authenticated too; a wrong key, a corrupt,
+    truncated or reordered object raises ChecksumMismatch before any bad byte is yielded.
+    Format v1 (legacy): the GCM tag is only checked at the end, so callers verify the stored
     SHA-256 of the whole object before trusting any plaintext."""
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
     head = b""
     it = iter(source)
     for chunk in it:
         head += chunk
         if len(head) >= len(ENC_MAGIC) + _NONCE:
             break
+    if head.startswith(ENC_MAGIC_V2):
+        yield from _decrypt_v2(head[len(ENC_MAGIC_V2):], it, key, what)
+        return
+    yield from _decrypt_v1(head, it, key, what)
+
+
+def _decrypt_v2(head: bytes, it: Iterator[bytes], key: bytes, what: str) -> Iterator[bytes]:
+    from tink import TinkError
+
+    try:
+        dec = _stream_aead(key).new_decrypting_stream(ChunkReader(it, head), _AAD)
+        while True:
+            out = dec.read(SEGMENT_SIZE)  # a segment at a time: released as soon as it is verified
+            if not out:
+                return
+            yield out
+    except TinkError as exc:
+        text = str(exc)
+        if "No matching key" in text:
+            raise ChecksumMismatch(
+                f"{what}: authentication failed at its first segment (wrong key or corrupt data)"
+            ) from None
+        raise ChecksumMismatch(
+            f"{what}: authentication failed (the encrypted object is corrupt, truncated or reordered)"
+        ) from None
+
+
+def _decrypt_v1(head: bytes, it: Iterator[bytes], key: bytes, what: str) -> Iterator[bytes]:
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
     if not head.startswith(ENC_MAGIC) or len(head) < len(ENC_MAGIC) + _NONCE:
         raise ChecksumMismatch(f"{what}: not a gravl-dr encrypted object")
     nonce = head[len(ENC_MAGIC) : len(ENC_MAGIC) + _NONCE]
@@ -392,6 +539,21 @@ def decrypt(source: Iterable[bytes], key: bytes, what: str = "object") -> Iterat
         yield dec.finalize_with_tag(pending)
     except InvalidTag:
         raise ChecksumMismatch(f"{what}: authentication failed (wrong key or corrupt data)") from None
+
+
+def encrypt_v1(source: Iterable[bytes], key: bytes) -> Iterator[bytes]:
+    """Format v1 (one AES-GCM stream per object). Not written any more; kept so tests can make
+    the objects that earlier versions wrote and prove they are still read."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    nonce = os.urandom(_NONCE)
+    enc = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+    yield ENC_MAGIC + nonce
+    for chunk in source:
+        out = enc.update(chunk)
+        if out:
+            yield out
+    yield enc.finalize() + enc.tag
 
 
 # ---------------------------------------------------------------- pipelines

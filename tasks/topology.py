@@ -23,11 +23,13 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.config import Node
 from tasks.errors import CommandFailed, DRError, PermanentError, PreconditionFailed, TransientError, one_line
-from tasks.failover import NodeState, lsn_or_none, lsn_to_int
+from tasks.failover import NodeState, server_answered
 from tasks.libpq import client_env
 from tasks.pgcluster import chown_tree, pid_alive
-from tasks.postgres import ServerUnreachable, connection, dsn_field, safe_dsn
+from tasks.polling import Progress, poll_until
+from tasks.postgres import ServerUnreachable, connection, dsn_field
 from tasks.proc import pg_bin, run
+from tasks.walnames import WAL_SEGMENT_RE, format_lsn, lsn_or_none, lsn_to_int
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +95,14 @@ def server_processes(pgdata: Path) -> list[int]:
 
 
 def wait_server_gone(pgdata: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while (pids := server_processes(pgdata)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if pids:
+    pids: list[int] = []
+
+    def gone() -> bool:
+        nonlocal pids
+        pids = server_processes(pgdata)
+        return not pids
+
+    if not poll_until(gone, timeout=timeout, interval=0.1):
         raise PreconditionFailed(f"processes {pids} still run in {pgdata} {timeout:.0f}s after the "
                                  "postmaster stopped")
 
@@ -120,8 +126,13 @@ def controldata(pgdata: Path, *, os_user: str, bindir: str = "auto") -> dict[str
     """pg_controldata as a dict ("Database cluster state" -> "shut down", ...)."""
     proc = run([pg_bin("pg_controldata", bindir), "-D", str(pgdata)], timeout=30, os_user=os_user,
                env={"LC_ALL": "C"})
+    return parse_controldata(proc.stdout)
+
+
+def parse_controldata(text: str) -> dict[str, str]:
+    """pg_controldata's "Key:   value" lines (LC_ALL=C) as a dict; a value may hold colons."""
     out: dict[str, str] = {}
-    for line in proc.stdout.splitlines():
+    for line in text.splitlines():
         key, sep, value = line.partition(":")
         if sep:
             out[key.strip()] = value.strip()
@@ -129,7 +140,6 @@ def controldata(pgdata: Path, *, os_user: str, bindir: str = "auto") -> dict[str
 
 
 _WALDUMP_LSN = re.compile(r"len \(rec/tot\):\s*\d+/\s*(\d+), tx:\s*\d+, lsn: ([0-9A-F]+/[0-9A-F]+)")
-_SEGMENT = re.compile(r"^[0-9A-F]{24}$")
 
 
 def last_local_wal_lsn(pgdata: Path, *, os_user: str, bindir: str = "auto", tries: int = 6) -> str | None:
@@ -142,18 +152,25 @@ def last_local_wal_lsn(pgdata: Path, *, os_user: str, bindir: str = "auto", trie
     """
     wal_dir = pgdata / "pg_wal"
     try:
-        names = sorted((p.name for p in wal_dir.iterdir() if _SEGMENT.match(p.name)), reverse=True)
+        names = sorted((p.name for p in wal_dir.iterdir() if WAL_SEGMENT_RE.match(p.name)), reverse=True)
     except OSError:
         return None
     for name in names[:tries]:
         proc = run([pg_bin("pg_waldump", bindir), "-p", str(wal_dir), name], timeout=60, os_user=os_user,
                    check=False, env={"LC_ALL": "C"})
-        found = _WALDUMP_LSN.findall(proc.stdout)
-        if found:
-            total, start = found[-1]
-            end = lsn_to_int(start) + int(total)
-            return f"{end >> 32:X}/{end & 0xFFFFFFFF:X}"
+        end = waldump_end(proc.stdout)
+        if end is not None:
+            return end
     return None
+
+
+def waldump_end(text: str) -> str | None:
+    """End LSN of the last record pg_waldump printed (its start + total length), or None."""
+    found = _WALDUMP_LSN.findall(text)
+    if not found:
+        return None
+    total, start = found[-1]
+    return format_lsn(lsn_to_int(start) + int(total))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,6 +206,7 @@ def observe_node(
 ) -> NodeState:
     """Look at one node: over SQL when it answers, else at its local data directory if any."""
     error: str | None = None
+    answered = False
     row = None
     for attempt in range(attempts):
         try:
@@ -198,8 +216,11 @@ def observe_node(
             break
         except ServerUnreachable as exc:
             error = one_line(exc)
+            answered = server_answered(error)
         except psycopg.Error as exc:
+            # Connected, then a statement failed (a timeout, a permission): the server is there.
             error = f"{type(exc).__name__}: {one_line(exc)}"
+            answered = True
         if attempt + 1 < attempts:
             time.sleep(interval)
     pgdata = local_pgdata(node)
@@ -231,7 +252,7 @@ def observe_node(
             extra["last_local_lsn"] = last_local_wal_lsn(pgdata, os_user=os_user, bindir=bindir)
         except DRError as exc:
             log.warning("could not read %s's data directory: %s", node.name, one_line(exc))
-    return NodeState.model_validate({**base, "reachable": False, "error": error, **extra})
+    return NodeState.model_validate({**base, "reachable": False, "error": error, "answered": answered, **extra})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +275,7 @@ def start_server(pgdata: Path, *, os_user: str, bindir: str = "auto", timeout: i
             log_tail = " | ".join(logfile.read_text(errors="replace").strip().splitlines()[-5:])
         except OSError:
             log_tail = ""
-        raise CommandFailed(f"{exc} | server log: {log_tail}") from None
+        raise type(exc)(f"{exc} | server log: {log_tail}") from None
 
 
 def stop_server(pgdata: Path, *, os_user: str, bindir: str = "auto", mode: str = "fast",
@@ -373,7 +394,7 @@ def promote_node(node: Node, *, wait_seconds: int = 60) -> PromoteResult:
                                  "re-run to check whether it completed")
         tli, switch = _timeline_switchpoint(conn)
     if switch is None and before is not None:
-        switch = f"{before >> 32:X}/{before & 0xFFFFFFFF:X}"
+        switch = format_lsn(before)
     return PromoteResult(node=node.name, already_primary=False, promoted_lsn=switch, timeline=tli,
                          seconds=time.monotonic() - t0)
 
@@ -560,48 +581,63 @@ class LagResult(Frozen):
 
 
 def wait_for_zero_lag(standby: Node, primary: Node, *, timeout: float = 300,
-                      interval: float = 0.1) -> LagResult:
-    """Wait until ``standby`` streams from ``primary`` and has replayed its current WAL position."""
-    t0 = time.monotonic()
+                      interval: float = 0.5) -> LagResult:
+    """Wait until ``standby`` streams from ``primary`` and has replayed its current WAL position.
+
+    One connection to each node for the whole wait (reopened only after an error), a poll every
+    ``interval`` seconds, and a progress line (positions, bytes behind, deadline) every 15 s.
+    """
+    progress = Progress(f"{standby.name} to catch up with {primary.name}", timeout, log)
     last = "not checked"
-    while time.monotonic() - t0 < timeout:
-        try:
-            with connection(primary.dsn, timeout=3) as pconn:
+    with contextlib.ExitStack() as conns:
+        pconn: psycopg.Connection[Any] | None = None
+        sconn: psycopg.Connection[Any] | None = None
+        while True:
+            try:
+                if pconn is None or pconn.closed:
+                    pconn = conns.enter_context(connection(primary.dsn, timeout=3, autocommit=True))
+                if sconn is None or sconn.closed:
+                    sconn = conns.enter_context(connection(standby.dsn, timeout=3, autocommit=True))
                 prow = pconn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
-            with connection(standby.dsn, timeout=3) as sconn:
                 srow = sconn.execute(
                     "SELECT pg_last_wal_replay_lsn()::text, (SELECT status FROM pg_stat_wal_receiver)"
                 ).fetchone()
-            assert prow is not None and srow is not None
-            if srow[1] == "streaming" and srow[0] and lsn_to_int(srow[0]) >= lsn_to_int(prow[0]):
-                return LagResult(standby=standby.name, primary_lsn=prow[0], replay_lsn=srow[0],
-                                 seconds=time.monotonic() - t0)
-            last = f"primary at {prow[0]}, {standby.name} replayed {srow[0]}, receiver {srow[1]}"
-        except (ServerUnreachable, psycopg.Error) as exc:
-            last = one_line(exc)
-        time.sleep(interval)
+                assert prow is not None and srow is not None
+                if srow[1] == "streaming" and srow[0] and lsn_to_int(srow[0]) >= lsn_to_int(prow[0]):
+                    return LagResult(standby=standby.name, primary_lsn=prow[0], replay_lsn=srow[0],
+                                     seconds=progress.elapsed())
+                behind = f", {lsn_to_int(prow[0]) - lsn_to_int(srow[0])} bytes behind" if srow[0] else ""
+                last = (f"{primary.name} at {prow[0]}, {standby.name} replayed {srow[0] or '-'}{behind}, "
+                        f"receiver {srow[1] or 'not running'}")
+            except (ServerUnreachable, psycopg.Error) as exc:
+                last = one_line(exc)
+                for conn in (pconn, sconn):
+                    if conn is not None:
+                        conn.close()
+                pconn = sconn = None
+            if progress.expired():
+                break
+            progress.tick(last)
+            time.sleep(min(interval, max(0.0, progress.left())))
     raise TransientError(f"{standby.name} did not catch up with {primary.name} within {timeout:.0f}s "
                          f"({last})")
 
 
 def wait_replayed(standby: Node, lsn: str, *, timeout: float = 60, interval: float = 0.05) -> str:
     """Wait until ``standby`` has replayed past ``lsn`` (a record starting there is applied)."""
-    t0 = time.monotonic()
+    progress = Progress(f"{standby.name} to replay past {lsn}", timeout, log)
     target = lsn_to_int(lsn)
     last = "-"
-    while time.monotonic() - t0 < timeout:
-        with connection(standby.dsn, timeout=3) as conn:
+    with connection(standby.dsn, timeout=3, autocommit=True) as conn:
+        while not progress.expired():
             row = conn.execute("SELECT pg_last_wal_replay_lsn()::text").fetchone()
-        last = str(row[0]) if row and row[0] else "-"
-        if row and row[0] and lsn_to_int(row[0]) > target:
-            return str(row[0])
-        time.sleep(interval)
+            last = str(row[0]) if row and row[0] else "-"
+            if row and row[0] and lsn_to_int(row[0]) > target:
+                return str(row[0])
+            progress.tick(f"replayed up to {last}")
+            time.sleep(interval)
     raise PermanentError(f"{standby.name} replayed only up to {last}, not past {lsn} within "
                          f"{timeout:.0f}s: promoting it would lose data")
-
-
-def describe(node: Node) -> str:
-    return f"{node.name} ({safe_dsn(node.dsn)})"
 
 
 # ---------------------------------------------------------------------------------------------

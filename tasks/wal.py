@@ -22,7 +22,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import struct
 import time
 import uuid
@@ -35,7 +34,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from tasks.errors import (
     AlreadyExists,
     ChecksumMismatch,
-    ConfigError,
     DRError,
     NotFound,
     PermanentError,
@@ -44,26 +42,24 @@ from tasks.errors import (
 )
 from tasks.streams import CODEC_SUFFIX, ENC_SUFFIX
 
+# WAL names live in tasks.walnames; these stay importable from here (re-exported).
+from tasks.walnames import SEGMENT_SIZE as SEGMENT_SIZE
+from tasks.walnames import WAL_NAME_RE as WAL_NAME_RE
+from tasks.walnames import WalKind as WalKind
+from tasks.walnames import WalName as WalName
+from tasks.walnames import parse_wal_name as parse_wal_name
+from tasks.walnames import segment_name as segment_name
+
 if TYPE_CHECKING:
     from tasks.repository import Repository
 
 log = logging.getLogger(__name__)
 
-SEGMENT_SIZE = 16 * 1024 * 1024
 READ_CHUNK = 4 * 1024 * 1024
 HEADER_MAGIC = struct.pack("<I", 0x184D2A5E)  # a zstd/lz4 skippable frame
 HEADER_FORMAT = "gravl-wal/1"
 MAX_HEADER = 64 * 1024
 SPOOL_DIR = "gravl-dr"
-
-# XLogFileName, TLHistoryFileName, BackupHistoryFileName and the .partial of a promoted
-# timeline's last segment (xlog_internal.h).
-WAL_NAME_RE = re.compile(
-    r"^(?P<tli>[0-9A-F]{8})(?:(?P<seg>[0-9A-F]{16})(?P<suffix>\.partial|\.[0-9A-F]{8}\.backup)?"
-    r"|(?P<history>\.history))$"
-)
-
-WalKind = Literal["segment", "partial", "backup", "history"]
 
 
 class WalConflict(PermanentError):
@@ -74,39 +70,9 @@ class WalMissing(NotFound):
     """The archive has no file of that name (PostgreSQL reads this as the end of the archive)."""
 
 
-@dataclass(frozen=True)
-class WalName:
-    name: str
-    kind: WalKind
-    timeline: int
-    segno: int | None  # for segment, partial and backup files
-
-    @property
-    def folder(self) -> str:
-        return f"wal/{self.timeline:08X}"
-
-
-def parse_wal_name(name: str, seg_size: int = SEGMENT_SIZE) -> WalName:
-    """Validate a WAL file name before anything touches the repository."""
-    m = WAL_NAME_RE.match(name)
-    if not m:
-        raise ConfigError(f"not a WAL file name: {name!r}")
-    tli = int(m.group("tli"), 16)
-    if tli == 0:
-        raise ConfigError(f"not a WAL file name (timeline 0): {name!r}")
-    if m.group("history"):
-        return WalName(name, "history", tli, None)
-    seg = m.group("seg")
-    per = 0x100000000 // seg_size
-    segno = int(seg[:8], 16) * per + int(seg[8:], 16)
-    suffix = m.group("suffix") or ""
-    kind: WalKind = "partial" if suffix == ".partial" else ("backup" if suffix else "segment")
-    return WalName(name, kind, tli, segno)
-
-
-def segment_name(timeline: int, segno: int, seg_size: int = SEGMENT_SIZE) -> str:
-    per = 0x100000000 // seg_size
-    return f"{timeline:08X}{segno // per:08X}{segno % per:08X}"
+class WalVanished(StorageUnavailable):
+    """The archive listed the file, then could not return it (removed meanwhile by a concurrent
+    expire, or a store not yet consistent): not the end of the archive, recovery must stop."""
 
 
 def object_key(name: str, codec: str, encrypted: bool) -> str:
@@ -199,11 +165,11 @@ def file_digest(path: Path, key: bytes | None) -> tuple[str, int]:
 
 
 def build_header(name: str, settings: WalSettings, digest: str, size: int) -> bytes:
-    from tasks.streams import key_fingerprint
+    from tasks.streams import STREAM_ALG, key_fingerprint
 
     body = {
         "format": HEADER_FORMAT, "name": name, "codec": settings.codec,
-        "encryption": "aes-256-gcm" if settings.key else "none",
+        "encryption": STREAM_ALG if settings.key else "none",
         "raw_size": size, "digest_alg": "hmac-sha256" if settings.key else "sha256",
         "digest": digest,
     }
@@ -334,32 +300,57 @@ def find_object(repo: Repository, name: str, settings: WalSettings) -> str | Non
     variants = key_variants(name, settings.codec, settings.encrypted)
     if repo.exists(variants[0]):
         return variants[0]
-    client = getattr(repo, "client", None) if hasattr(repo, "bucket") else None
-    if client is None:
+    found = _stored_names(repo, name)
+    if found is None:
         for key in variants[1:]:
             if repo.exists(key):
                 return key
         return None
-    full = repo._full(f"{parse_wal_name(name).folder}/{name}")  # type: ignore[attr-defined]
-    try:
-        resp = client.list_objects_v2(Bucket=repo.bucket, Prefix=full, MaxKeys=50)  # type: ignore[attr-defined]
-    except Exception as exc:
-        raise repo._wrap(exc, f"listing {name}") from None  # type: ignore[attr-defined]
-    found = {o["Key"].rsplit("/", 1)[-1] for o in resp.get("Contents", [])}
     for key in variants[1:]:
         if key.rsplit("/", 1)[-1] in found:
             return key
     return None
 
 
-def list_archive(repo: Repository) -> dict[str, str]:
-    """Every archived WAL file: name -> key."""
+def find_variants(repo: Repository, name: str) -> list[str]:
+    """Every key under which ``name`` is archived, whatever codec or encryption it was pushed
+    with (one listing on S3, a stat per variant on a file repository)."""
+    variants = key_variants(name, "zstd", False)
+    found = _stored_names(repo, name)
+    if found is None:
+        return [key for key in variants if repo.exists(key)]
+    return [key for key in variants if key.rsplit("/", 1)[-1] in found]
+
+
+def _stored_names(repo: Repository, name: str) -> set[str] | None:
+    """Base names of the objects whose key starts with ``name``'s, from one listing where the
+    repository can list by a name prefix (S3); None where it cannot (a file repository)."""
+    lister = getattr(repo, "keys_starting_with", None)
+    if lister is None:
+        return None
+    keys: list[str] = lister(f"{parse_wal_name(name).folder}/{name}", 50)
+    return {key.rsplit("/", 1)[-1] for key in keys}
+
+
+def list_archive(repo: Repository, keys: list[str] | None = None) -> dict[str, str]:
+    """Every archived WAL file: name -> key (``keys``: a listing of ``wal`` already made)."""
     found: dict[str, str] = {}
-    for key in repo.list_keys("wal"):
+    for key in repo.list_keys("wal") if keys is None else keys:
         name = name_of_key(key)
         if name is not None and name not in found:
             found[name] = key
     return found
+
+
+def duplicate_variants(keys: list[str]) -> dict[str, list[str]]:
+    """Names archived under more than one codec or encryption variant (left by releases before
+    wal-push compared across variants): wal-fetch could return either copy."""
+    by_name: dict[str, list[str]] = {}
+    for key in keys:
+        name = name_of_key(key)
+        if name is not None:
+            by_name.setdefault(name, []).append(key)
+    return {name: found for name, found in by_name.items() if len(found) > 1}
 
 
 # ---------------------------------------------------------------- push
@@ -422,9 +413,15 @@ def push_file(repo: Repository, path: Path, settings: WalSettings) -> PushResult
         digest, size = d.hexdigest(), d.size
     else:
         digest, size = file_digest(path, settings.key)
-    # Only the configured codec's key is checked: the repository refuses to overwrite it
-    # (AlreadyExists), which costs no extra round trip on S3.
     key = object_key(name, settings.codec, settings.encrypted)
+    # The name may be archived under another codec or encryption (pushed before a config
+    # change): compare with every copy, decoded, whatever today's settings. The configured key
+    # itself is also protected by put-if-absent below (a concurrent pusher).
+    existing = find_variants(repo, name)
+    if existing:
+        for other in existing:
+            _same_as_stored(repo, other, name, settings, digest, size)
+        return PushResult(name, existing[0], "duplicate", size, 0, time.monotonic() - t0)
     stored = hashlib.sha256()
     stored_size = 0
 
@@ -472,6 +469,11 @@ def _same_as_stored(
         raise WalConflict(
             f"{name} is already archived but the stored copy is unreadable ({exc}); it was kept, "
             "not overwritten: inspect and remove it by hand"
+        ) from None
+    except PreconditionFailed as exc:
+        raise WalConflict(
+            f"{name} is already archived as {key} and cannot be compared with the local file "
+            f"({exc}); the stored copy was kept, nothing was pushed"
         ) from None
     if d.hexdigest() != digest or d.size != size:
         raise WalConflict(f"{name} is already archived with different content; the stored copy was kept")
@@ -678,7 +680,11 @@ def _write_verified(repo: Repository, key: str, name: str, settings: WalSettings
                 os.fsync(out.fileno())
         os.replace(tmp, dest)
     except NotFound:
-        raise WalMissing(f"{name} is not in the archive") from None
+        # find_object saw it a moment ago: a file that vanished is not the end of the archive
+        raise WalVanished(
+            f"{name} is listed in the archive as {key} but reading it failed with 'not found' "
+            "(removed meanwhile, or the store is not yet consistent)"
+        ) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

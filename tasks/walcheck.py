@@ -19,17 +19,9 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from tasks.errors import DRError, NotFound, one_line
-from tasks.models import LSN_RE, parse_lsn
-from tasks.wal import (
-    SEGMENT_SIZE,
-    WalSettings,
-    decode_object,
-    find_object,
-    list_archive,
-    parse_wal_name,
-    segment_name,
-)
+from tasks.errors import DRError, NotFound, PermanentError, one_line
+from tasks.wal import WalSettings, decode_object, duplicate_variants, find_object, list_archive
+from tasks.walnames import LSN_RE, SEGMENT_SIZE, parse_lsn, parse_wal_name, segment_name
 
 if TYPE_CHECKING:
     from tasks.config import Config
@@ -342,8 +334,14 @@ def check_wal(cfg: Config, repo: Repository, *, server: bool = True, now: dateti
     settings = WalSettings.from_config(cfg.repository)
     report = WalCheckReport(cluster=cfg.cluster, repository=repo.url, checked_at=now)
     backups = [m for m in list_backups(repo, cfg.cluster) if m.kind == "physical" and m.start_wal]
-    archive = list_archive(repo)
+    report.problems += judge_backups(repo, cfg.cluster)
+    keys = repo.list_keys("wal")
+    archive = list_archive(repo, keys)
     report.archived_files = len(archive)
+    for name, variants in sorted(duplicate_variants(keys).items()):
+        report.problems.append(
+            f"{name} is archived {len(variants)} times ({', '.join(k.rsplit('/', 1)[-1] for k in variants)}): "
+            "wal-fetch may return either; keep the copy PostgreSQL wrote and remove the others by hand")
     seg_size = backups[0].wal_segment_size if backups else SEGMENT_SIZE
     if backups:
         report.oldest_backup, report.start_wal = backups[0].id, backups[0].start_wal
@@ -363,6 +361,31 @@ def check_wal(cfg: Config, repo: Repository, *, server: bool = True, now: dateti
         judge_archiver(report, status, repo, settings, archive, now)
     report.seconds = time.monotonic() - t0
     return report
+
+
+def judge_backups(repo: Repository, cluster: str) -> list[str]:
+    """What restore would fall back from: the newest physical backups that cannot be restored
+    (manifest unreadable, an object missing or cut), newest first, down to one that can."""
+    from tasks.backup import check_objects, read_catalog
+
+    problems: list[str] = []
+    for e in reversed(read_catalog(repo, cluster)):
+        if e.manifest is None:
+            problems.append(f"backup {e.backup_id} is INVALID: {e.reason}")
+            continue
+        if e.manifest.kind != "physical":
+            continue
+        problem = check_objects(repo, e.manifest)
+        if problem is None:
+            if problems:
+                problems.append(f"the newest restorable physical backup is {e.manifest.id}")
+            return problems
+        problems.append(f"the newest physical backup {e.manifest.id} is BROKEN: {problem}"
+                        if not any("BROKEN" in p for p in problems)
+                        else f"backup {e.manifest.id} is BROKEN: {problem}")
+    if problems:
+        problems.append("no physical backup in the repository can be restored")
+    return problems
 
 
 def judge_archiver(
@@ -410,3 +433,53 @@ def judge_archiver(
             report.lag_seconds = 0.0
         elif a.last_archived_time is not None:
             report.lag_seconds = max(0.0, (now - a.last_archived_time).total_seconds())
+
+
+# ---------------------------------------------------------------- lag between checks
+
+class WalCheckFailed(PermanentError):
+    """The check ran to the end and found problems; carries the report (the CLI prints it)."""
+
+    def __init__(self, report: WalCheckReport) -> None:
+        super().__init__(report.summary())
+        self.report = report
+
+
+class LagSample(BaseModel):
+    """The archive lag as the server reports it (pg_stat_archiver), between two full checks."""
+
+    at: datetime
+    reachable: bool
+    lag_bytes: int | None = None
+    lag_seconds: float | None = None
+    last_archived_wal: str | None = None
+    error: str | None = None
+
+
+def server_lag(a: ArchiverStatus, now: datetime) -> LagSample:
+    """WAL written past the end of the last segment the server archived, and for how long.
+
+    Cheaper than the full check (no repository listing): the full check, every few minutes,
+    proves the repository really holds what the server reports archived.
+    """
+    sample = LagSample(at=now, reachable=a.reachable, last_archived_wal=a.last_archived_wal, error=a.error)
+    if not a.reachable or a.in_recovery or not a.current_lsn:
+        return sample
+    current = parse_lsn(a.current_lsn)
+    last = None
+    if a.last_archived_wal:
+        try:
+            last = parse_wal_name(a.last_archived_wal, a.seg_size)
+        except DRError:
+            last = None
+    if last is not None and last.kind == "segment" and last.segno is not None and last.timeline == a.timeline:
+        sample.lag_bytes = max(0, current - (last.segno + 1) * a.seg_size)
+    elif a.last_archived_wal is None:
+        sample.lag_bytes = current
+    else:  # the last file was a .history/.backup/.partial: lag unknown until the next segment
+        return sample
+    if sample.lag_bytes == 0:
+        sample.lag_seconds = 0.0
+    elif a.last_archived_time is not None:
+        sample.lag_seconds = max(0.0, (now - a.last_archived_time).total_seconds())
+    return sample

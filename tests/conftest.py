@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import os
 
-# Before anything imports Prefect (STACK.md): no telemetry, patient ephemeral start-up.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,flows")
-os.environ.setdefault("PREFECT_UI_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+from flows.prefect_env import apply_prefect_defaults
+
+# Before anything imports Prefect (STACK.md): the CLI's defaults — no telemetry, patient ephemeral start-up.
+apply_prefect_defaults()
 # moto and boto3: fake credentials, never a real account.
 os.environ["AWS_ACCESS_KEY_ID"] = "testing"
 os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
@@ -37,6 +34,28 @@ PG_USER = "postgres"
 
 # Fixture plugins kept next to the features that use them.
 pytest_plugins = ["conftest_failover", "s3fault", "conftest_prodshape"]
+
+
+# Two tiers (STYLE.md): a test is `integration` when it asks for any fixture outside this set
+# (every fixture that starts a server, a cluster, moto or Prefect is outside it), `unit` otherwise.
+# A test that starts something by itself (a CLI subprocess, say) carries `@pytest.mark.integration`.
+UNIT_FIXTURES = frozenset({
+    "tmp_path", "tmp_path_factory", "tmpdir", "tmpdir_factory", "monkeypatch", "capsys", "capfd",
+    "capsysbinary", "capfdbinary", "caplog", "recwarn", "request", "pytestconfig", "cache",
+    "record_property", "record_testsuite_property", "record_xml_attribute", "doctest_namespace",
+    "file_repo_dir", "file_repo_url",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("unit") or item.get_closest_marker("integration"):
+            continue
+        callspec = getattr(item, "callspec", None)
+        params = set(callspec.params) if callspec is not None else set()
+        fixtures = set(getattr(item, "fixturenames", ())) - params
+        tier = "integration" if fixtures - UNIT_FIXTURES else "unit"
+        item.add_marker(getattr(pytest.mark, tier))
 
 
 def _new_cluster(prefix: str, **initdb: Any) -> LocalCluster:

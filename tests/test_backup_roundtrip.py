@@ -98,7 +98,7 @@ def test_encrypted_backup_round_trip_and_wrong_key(make_config, file_repo_url, f
     manifest = take_backup(cfg, repo, "physical")
     # THEN the stored object is not readable without the key, and the key is nowhere in the repo
     stored = next(p for p in file_repo_dir.rglob("base.tar*"))
-    assert stored.name.endswith(".zst.enc") and manifest.encryption == "aes-256-gcm"
+    assert stored.name.endswith(".zst.enc") and manifest.encryption == "tink-aes256-gcm-hkdf-1mib"
     for path in file_repo_dir.rglob("*"):
         if path.is_file():
             assert key.encode() not in path.read_bytes()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from gravl_testlib import assert_one_line_error, run_cli, write_config
 from tasks.pgcluster import free_port
 
@@ -21,6 +23,7 @@ def test_wrong_type_names_the_key(tmp_path: Path, file_repo_url: str, pg_primary
     assert_one_line_error(run_cli("list", config=cfg), "retention.min_full")
 
 
+@pytest.mark.integration  # starts a process
 def test_missing_config_file(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("list", config=tmp_path / "nope.yaml"), "config file not found")
 
@@ -33,6 +36,7 @@ def test_config_from_environment_variable(tmp_path: Path, file_repo_url: str, pg
     assert "no backups" in proc.stdout
 
 
+@pytest.mark.integration  # starts a process
 def test_unreachable_server(tmp_path: Path, file_repo_url: str) -> None:
     cfg = write_config(tmp_path / "c.yaml", {
         "primary": {"dsn": f"host=127.0.0.1 port={free_port()} user=postgres dbname=gravl"},

@@ -17,17 +17,22 @@ from deployments.serve import PREFECT_YAML, build_deployments, read_specs, to_sc
 from gravl_testlib import REPO_ROOT
 
 POOL = "gravl-dr-pool"
-CONFIG_IN_POD = "/etc/gravl-dr/gravl-dr.yaml"
 
-# The documented deployments (DESIGN.md "Schedules"): name -> entrypoint, flow name, schedule.
-EXPECTED: dict[str, tuple[str, str, tuple[str, str] | None]] = {
-    "backup-nightly": ("flows/backup.py:backup_flow", "backup", ("0 2 * * *", "UTC")),
-    "wal-shipping": ("flows/wal.py:wal_flow", "wal", ("* * * * *", "UTC")),
-    "restore-drill-weekly": ("flows/drill.py:drill_flow", "drill", ("0 3 * * 0", "UTC")),
-    "retention-daily": ("flows/retention.py:expire_flow", "expire", ("30 4 * * *", "UTC")),
-    "failover": ("flows/failover.py:failover_flow", "failover", None),
-    "failback": ("flows/failback.py:failback_flow", "failback", None),
+# The documented deployments (README "What it does"): name -> entrypoint, flow name, schedules.
+# Names: deployment = <flow>-<schedule>; flow = CLI command = metrics job.
+EXPECTED: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
+    "backup-nightly": ("flows/backup.py:backup_flow", "backup", [("0 2 * * *", "UTC")]),
+    "backup-weekly": ("flows/backup.py:backup_flow", "backup", [("0 1 * * 6", "UTC")]),
+    "wal-check-10min": ("flows/wal.py:wal_check_flow", "wal-check", [("*/10 * * * *", "UTC")]),
+    "drill-weekly": ("flows/drill.py:drill_flow", "drill", [("0 3 * * 0", "UTC"), ("0 5 * * 0", "UTC")]),
+    "expire-daily": ("flows/retention.py:expire_flow", "expire", [("30 4 * * *", "UTC")]),
+    "verify-manual": ("flows/verify.py:verify_flow", "verify", []),
+    "restore-manual": ("flows/restore.py:restore_flow", "restore", []),
+    "failover-manual": ("flows/failover.py:failover_flow", "failover", []),
+    "failback-manual": ("flows/failback.py:failback_flow", "failback", []),
+    "drill-failover-manual": ("flows/drill_failover.py:drill_failover_flow", "drill-failover", []),
 }
+SCHEDULE_WORDS = {"nightly", "weekly", "daily", "10min", "manual"}
 
 
 def raw() -> dict[str, Any]:
@@ -67,16 +72,23 @@ def test_the_documented_deployments_with_their_schedules() -> None:
 
     deps = deployments()
     assert set(deps) == set(EXPECTED)
-    for name, (entrypoint, _flow_name, schedule) in EXPECTED.items():
+    for name, (entrypoint, flow_name, schedules) in EXPECTED.items():
         dep = deps[name]
         assert dep["entrypoint"] == entrypoint, name
+        # one vocabulary: <flow>-<schedule>
+        assert name.startswith(f"{flow_name}-") and name.removeprefix(f"{flow_name}-") in SCHEDULE_WORDS, name
         scheds = dep.get("schedules") or []
-        if schedule is None:
-            assert scheds == [], f"{name} is manual and must have no schedule"
-            continue
-        assert [(s["cron"], s["timezone"]) for s in scheds] == [schedule], name
-        CronSchedule(cron=schedule[0], timezone=schedule[1])  # Prefect's own cron/timezone validation
+        assert [(s["cron"], s["timezone"]) for s in scheds] == schedules, name
+        assert ("manual" in dep["tags"]) == (not schedules), name
+        for cron, tz in schedules:
+            CronSchedule(cron=cron, timezone=tz)  # Prefect's own cron/timezone validation
     assert deps["backup-nightly"]["parameters"]["kind"] == "physical"
+    assert deps["backup-weekly"]["parameters"]["kind"] == "logical"
+    # the drill's latest is the newest physical backup; the second weekly drill takes the logical one
+    assert deps["drill-weekly"]["parameters"]["kind"] == "physical"
+    assert deps["drill-weekly"]["schedules"][1]["parameters"] == {"kind": "logical"}
+    # not 1440 runs a day: a check every 10 minutes that watches the lag in between
+    assert deps["wal-check-10min"]["parameters"]["watch_minutes"] == 9
 
 
 @pytest.mark.parametrize("cron", ["61 2 * * *", "0 2 * * mon-xyz", "every night"])
@@ -87,17 +99,22 @@ def test_a_bad_cron_would_be_caught(cron: str) -> None:
         CronSchedule(cron=cron, timezone="UTC")
 
 
-def test_every_deployment_runs_on_the_one_process_pool_with_config_from_the_environment() -> None:
+def test_every_deployment_runs_on_the_one_process_pool_with_no_path_of_the_image() -> None:
+    # GIVEN the file as shipped: nothing in it is true only inside the container image
+    text = PREFECT_YAML.read_text()
+    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "/opt/" not in body and "/etc/" not in body, "a process worker on a plain host has no such path"
+    # no pull step: `prefect deploy` records the directory it runs in (the checkout) instead
+    assert raw()["pull"] is None
     for name, dep in deployments().items():
         pool = dep["work_pool"]
         assert pool["name"] == POOL, name
-        assert pool["job_variables"]["env"]["GRAVL_DR_CONFIG"] == CONFIG_IN_POD, name
+        assert "GRAVL_DR_CONFIG" not in pool["job_variables"]["env"], name  # the worker's environment
         # config_path stays null so the flow reads $GRAVL_DR_CONFIG; nothing secret is a parameter
         assert dep.get("parameters", {}).get("config_path") is None, name
         for key in dep.get("parameters", {}):
             assert not any(word in key.lower() for word in ("password", "secret", "token", "key")), (name, key)
         assert dep.get("concurrency_limit") == 1, f"{name}: overlapping runs must not pile up"
-    assert raw()["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/gravl-dr"}}]
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -125,8 +142,8 @@ def test_serve_builds_the_same_deployments_as_prefect_yaml(monkeypatch: pytest.M
         d = built[name]
         assert d.entrypoint == dep["entrypoint"], name
         assert d.parameters == (dep.get("parameters") or {}), name
-        assert [(s.schedule.cron, s.schedule.timezone) for s in d.schedules or []] == [  # type: ignore[union-attr]
-            (s["cron"], s["timezone"]) for s in dep.get("schedules") or []
+        assert [(s.schedule.cron, s.schedule.timezone, s.parameters) for s in d.schedules or []] == [  # type: ignore[union-attr]
+            (s["cron"], s["timezone"], s.get("parameters") or {}) for s in dep.get("schedules") or []
         ], name
         assert d.concurrency_limit == dep.get("concurrency_limit"), name
 
@@ -140,12 +157,13 @@ def test_serve_schedule_kinds() -> None:
         to_schedule({"timezone": "UTC"})
 
 
+@pytest.mark.integration  # starts a process
 def test_serve_list_needs_no_prefect_server() -> None:
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "deployments" / "serve.py"), "--list"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "backup-nightly" in proc.stdout and "0 2 * * *" in proc.stdout
-    assert "failover" in proc.stdout and "manual" in proc.stdout
+    assert "failover-manual" in proc.stdout and "manual" in proc.stdout
 
 
 def _prefect(*args: str, api: str, home: str) -> subprocess.CompletedProcess[str]:
@@ -165,20 +183,21 @@ def test_prefect_deploy_all_registers_every_deployment(prefect_harness: None) ->
         assert pool.returncode == 0, pool.stdout + pool.stderr
         # WHEN
         proc = _prefect("deploy", "--all", api=api, home=home)
-    # THEN every deployment is registered as written
+    # THEN every deployment is registered as written, working in the checkout it was deployed from
     created = []
     try:
         with get_client(sync_client=True) as client:
-            for name, (_entry, flow_name, schedule) in EXPECTED.items():
+            for name, (_entry, flow_name, schedules) in EXPECTED.items():
                 try:
                     dep = client.read_deployment_by_name(f"{flow_name}/{name}")
                 except Exception:  # noqa: BLE001 - reported below with deploy's own output
                     continue
                 created.append(dep.id)
                 assert dep.work_pool_name == POOL
-                assert dep.job_variables["env"]["GRAVL_DR_CONFIG"] == CONFIG_IN_POD
+                assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
+                    "directory": str(REPO_ROOT.resolve())}}], name
                 got = [(s.schedule.cron, s.schedule.timezone) for s in dep.schedules]  # type: ignore[union-attr]
-                assert got == ([schedule] if schedule else []), name
+                assert sorted(got) == sorted(schedules), name
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
             assert len(created) == len(EXPECTED)
     finally:

@@ -115,6 +115,7 @@ def test_identifiers_are_quoted_and_braces_escaped_in_generated_queries() -> Non
     assert "FROM (SELECT * FROM {batch}) AS x" in query and 'FROM "s"."we""ird{{x}}" AS x' in query
 
 
+@pytest.mark.integration  # loads Great Expectations' expectation classes: seconds of import
 def test_shipped_gravl_suite_is_valid_and_applies_to_a_gravl_database() -> None:
     suites = load_suites(REPO_ROOT / "expectations")
     validate_suites(suites, NOW)
@@ -134,6 +135,7 @@ def test_a_suite_for_tables_no_database_has_is_skipped_not_failed() -> None:
     assert specs == [] and [c.status for c in decided] == ["skipped"]
 
 
+@pytest.mark.integration  # loads Great Expectations' expectation classes: seconds of import
 @pytest.mark.parametrize(("content", "message"), [
     ("tables: {public.t: [{type: expect_column_values_to_be_frobbed, column: a}]}", "unknown expectation type"),
     ("tables: {public.t: [{type: expect_column_values_to_be_between, min_value: 1}]}", "invalid"),
@@ -166,6 +168,7 @@ def test_markdown_report_names_failing_checks_and_their_samples() -> None:
     assert report.verdict() == "drill 20261124T030000Z-abcd FAILED: amcheck gravl"
 
 
+@pytest.mark.integration  # starts a process
 def test_an_instance_whose_drill_was_killed_is_swept_by_the_next_drill() -> None:
     # GIVEN a running drill instance whose owning process is gone (killed with SIGKILL)
     base = make_private_dir("gravl-test-drill-sweep-", "postgres")

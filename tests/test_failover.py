@@ -38,7 +38,7 @@ def test_sigkill_primary_then_failover_promotes_replica_and_switches_route53(
     cfg = _config(tmp_path, pair, file_repo_url, dns=route53_dns, metrics={"pushgateway": pushgateway})
 
     # WHEN the failover flow runs without asking
-    report = failover_flow(config_path=cfg, yes=True)
+    report = failover_flow(config_path=cfg, approved_by="test (pre-approved)")
 
     # THEN the replica is read-write with every row, the DNS record points at it, RPO is zero
     assert report.status == "complete" and report.new_primary == "standby-1"
@@ -71,7 +71,7 @@ def test_failover_switches_bind_record_with_tsig(
     assert bind_server.query() == ["127.0.0.1"]
 
     # WHEN
-    report = failover_flow(config_path=cfg, yes=True)
+    report = failover_flow(config_path=cfg, approved_by="test (pre-approved)")
 
     # THEN the record was moved with a signed RFC 2136 update, and the secret is nowhere in the report
     assert bind_server.query() == ["127.0.0.2"]
@@ -91,7 +91,7 @@ def test_failover_refused_while_primary_accepts_writes(
 
     # WHEN / THEN failover refuses and changes nothing
     with pytest.raises(PreconditionFailed, match="up and accepting writes"):
-        failover_flow(config_path=cfg, yes=True)
+        failover_flow(config_path=cfg, approved_by="test (pre-approved)")
     assert _in_recovery(pair.standby.dsn())
     assert not _in_recovery(pair.home.dsn())
     assert route53_values(route53_dns) == ["127.0.0.1"]
@@ -116,7 +116,7 @@ def test_failover_refused_when_replica_lags_beyond_limit(
 
     # WHEN / THEN a 64 KiB limit refuses the promotion, naming the lag
     with pytest.raises(PreconditionFailed, match=r"bytes behind .*max-lag-bytes 65536"):
-        failover_flow(config_path=cfg, yes=True, max_lag_bytes=65536)
+        failover_flow(config_path=cfg, approved_by="test (pre-approved)", max_lag_bytes=65536)
     assert _in_recovery(pair.standby.dsn())
     assert not (pair.home.pgdata / "standby.signal").exists()  # refused before any side effect
 
@@ -132,12 +132,12 @@ def test_second_failover_run_is_idempotent(
     pair.wait_replayed(pair.home, pair.standby)
     pair.kill_home()
     cfg = _config(tmp_path, pair, file_repo_url, dns=route53_dns)
-    first = failover_flow(config_path=cfg, yes=True)
+    first = failover_flow(config_path=cfg, approved_by="test (pre-approved)")
     timeline = sql(pair.standby.dsn(), "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")[0][0]
     sql(pair.standby.dsn(), "INSERT INTO items (tag, n) VALUES ('between', 1)")
 
     # WHEN it runs again
-    second = failover_flow(config_path=cfg, yes=True)
+    second = failover_flow(config_path=cfg, approved_by="test (pre-approved)")
 
     # THEN nothing is promoted or fenced twice, DNS is left alone, data is untouched
     assert first.status == second.status == "complete"
@@ -164,7 +164,7 @@ def test_failing_reconnect_hook_fails_flow_while_promotion_stands(
 
     # WHEN / THEN the flow fails with a clear message...
     with pytest.raises(ReconnectFailed) as err:
-        failover_flow(config_path=cfg, yes=True)
+        failover_flow(config_path=cfg, approved_by="test (pre-approved)")
     message = str(err.value)
     assert "exited 3" in message and "api did not restart" in message
     assert "promotion of standby-1 stands" in message
@@ -258,6 +258,7 @@ def test_cli_rejects_rfc2136_without_tsig_secret(pg_pair: Any, file_repo_url: st
     assert_one_line_error(proc, "GRAVL_DR_NO_SUCH_SECRET")
 
 
+@pytest.mark.integration  # starts a process
 def test_cli_help_lists_failover_commands() -> None:
     proc = run_cli("--help")
     assert proc.returncode == 0

@@ -38,11 +38,13 @@ def rules() -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------- Prometheus rules
 
+@pytest.mark.integration  # starts a process
 def test_promtool_check_rules() -> None:
     proc = promtool("check", "rules", RULES.name)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.integration  # starts a process
 def test_promtool_unit_tests_pass() -> None:
     proc = promtool("test", "rules", *[p.name for p in RULE_TESTS])
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -166,10 +168,14 @@ def test_kubernetes_holds_no_secret_values() -> None:
 def test_worker_matches_prefect_yaml_and_the_configmap_is_a_valid_config() -> None:
     docs = k8s_docs()
     prefect_yaml = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
-    pool = {d["work_pool"]["name"] for d in prefect_yaml["deployments"]}
-    config_path = {d["work_pool"]["job_variables"]["env"]["GRAVL_DR_CONFIG"] for d in prefect_yaml["deployments"]}
     worker = docs[("Deployment", "gravl-dr-worker")]["spec"]["template"]["spec"]
     container = worker["containers"][0]
+    pool = {d["work_pool"]["name"] for d in prefect_yaml["deployments"]}
+    # the Kubernetes-only values live in the pool's base job template, not in prefect.yaml
+    template = json.loads((K8S / "process-pool-template.json").read_text())
+    defaults = template["variables"]["properties"]
+    config_path = {defaults["env"]["default"]["GRAVL_DR_CONFIG"]}
+    assert defaults["working_dir"]["default"] == container["workingDir"]
     # same pool, and the config mounted where the job variables point
     assert pool == {container["command"][container["command"].index("--pool") + 1]}
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
@@ -177,6 +183,9 @@ def test_worker_matches_prefect_yaml_and_the_configmap_is_a_valid_config() -> No
     assert worker["securityContext"]["runAsNonRoot"] is True  # PostgreSQL refuses root
     job = docs[("Job", "gravl-dr-deploy")]["spec"]["template"]["spec"]["containers"][0]
     assert f"work-pool create {pool.pop()} --type process" in job["args"][0]
+    assert "--base-job-template /etc/gravl-dr-pool/process-pool-template.json" in job["args"][0]
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert kust["configMapGenerator"] == [{"name": "gravl-dr-pool-template", "files": ["process-pool-template.json"]}]
     assert "deploy --all" in job["args"][0]
     # the embedded gravl-dr.yaml is accepted by the real config model
     cfg = parse_config(yaml.safe_load(docs[("ConfigMap", "gravl-dr-config")]["data"]["gravl-dr.yaml"]))

@@ -307,6 +307,37 @@ def test_corrupt_segment_stops_recovery_instead_of_promoting_early(
         shutil.rmtree(copy, ignore_errors=True)
 
 
+def test_missing_segment_leaves_no_promoted_server_running(
+    prefect_harness: None, history: Archiving, restore_dir: Path
+) -> None:
+    # GIVEN a copy of the archive with a segment after the backup deleted (a gap: wal-fetch
+    # truly answers "not archived", so PostgreSQL ends recovery there and promotes)
+    copy = make_private_dir("gravl-test-pitr-gap-restore-", PG_USER)
+    try:
+        shutil.copytree(history.repo_dir, copy / "repo")
+        config = write_config(copy / "gravl-dr.yaml", {
+            "cluster": "gravl", "primary": {"dsn": history.cluster.dsn("postgres")},
+            "repository": {"url": f"file://{copy / 'repo'}"},
+        })
+        chown_tree(copy, PG_USER)
+        backup: Manifest = history.marks["backup"]
+        after = sorted(p for p in (copy / "repo" / "wal" / "00000001").iterdir()
+                       if p.name[:24] > (backup.stop_wal or "") and len(p.name) == 28)
+        after[1].unlink()
+        from flows.restore import restore_flow
+
+        # WHEN restoring to the end of the archive and starting the server
+        with pytest.raises(DRError) as err:
+            restore_flow(config_path=str(config), backup="latest", pgdata=str(restore_dir),
+                         start=True, recovery_timeout=60)
+        # THEN the failure says it stopped short, and the server is not left up and writable
+        assert "stopped short" in str(err.value), str(err.value)
+        assert not LocalCluster(restore_dir, 1).is_running()
+        assert "restored server was stopped" in str(err.value), str(err.value)
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- wal-check
 
 def test_wal_check_passes_on_a_healthy_archive(history: Archiving) -> None:

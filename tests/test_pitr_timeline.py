@@ -142,7 +142,7 @@ def test_rpo_after_a_burst_and_idle_is_within_archive_timeout(busy: Archiving) -
 def test_wal_flow_reports_health_and_pushes_metrics(
     prefect_harness: None, busy: Archiving, pushgateway: str, tmp_path: Path
 ) -> None:
-    from flows.wal import wal_flow
+    from flows.wal import wal_check_flow
     from gravl_testlib import write_config
     from tasks.config import load_config
 
@@ -151,20 +151,20 @@ def test_wal_flow_reports_health_and_pushes_metrics(
     config = write_config(tmp_path / "wal.yaml", cfg)
     insert(busy.cluster.dsn("postgres"), "flow")
     switch_and_wait(busy)
-    report = wal_flow(config_path=str(config))
+    report = wal_check_flow(config_path=str(config))
     assert report.ok and report.archiver is not None and report.archiver.reachable
     assert report.last_archived_verified is True
     metrics = pushgateway_metrics(pushgateway)
     for name in ("gravl_wal_archive_lag_bytes", "gravl_wal_archive_gaps",
                  "gravl_wal_check_last_success_timestamp_seconds", "gravl_wal_archiver_failed_count"):
-        assert f'{name}{{cluster="gravl",' in metrics and 'job="wal"' in metrics, name
-    assert 'gravl_primary_up{cluster="gravl",instance="",job="wal"} 1' in metrics
+        assert f'{name}{{cluster="gravl",' in metrics and 'job="wal-check"' in metrics, name
+    assert 'gravl_primary_up{cluster="gravl",instance="",job="wal-check"} 1' in metrics
     from prefect.client.orchestration import get_client
 
     async def artifact() -> str:
         async with get_client() as client:
             found = await client.read_latest_artifacts()
-            return next(a.data for a in found if a.key == "wal-report-gravl")
+            return next(a.data for a in found if a.key == "wal-check-report-gravl")
 
     import asyncio
 

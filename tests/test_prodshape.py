@@ -69,6 +69,7 @@ def test_writes_commit_while_running(prod_cluster: ProdCluster) -> None:
     assert after - before >= 20 and load.transactions == after - before
 
 
+@pytest.mark.integration  # starts a cluster
 @pytest.mark.parametrize("tablespace", [True])
 def test_builder_options_tablespace_and_password_auth(tablespace: bool) -> None:
     prod = build_prod_cluster(tablespace=tablespace, password_auth=True, archive=False)

@@ -26,7 +26,7 @@ def test_replica_lag_and_primary_up_reach_the_pushgateway(pg_pair, pushgateway, 
     [replica] = status.replicas
     assert replica.name == "standby-1" and replica.replay_lag_bytes > 100_000
     metrics = pushgateway_metrics(pushgateway)
-    assert 'gravl_primary_up{cluster="gravl",instance="",job="wal"} 1' in metrics
+    assert 'gravl_primary_up{cluster="gravl",instance="",job="wal-check"} 1' in metrics
     lag_lines = [ln for ln in metrics.splitlines() if ln.startswith("gravl_replication_lag_bytes{")]
     assert lag_lines and 'replica="standby-1"' in lag_lines[0]
     assert float(lag_lines[0].rsplit(" ", 1)[1]) == replica.replay_lag_bytes
@@ -39,4 +39,4 @@ def test_unreachable_primary_is_observed_as_down(pushgateway, make_config, file_
     cfg = load_config(str(make_config(file_repo_url, cluster="down",
                                       metrics={"pushgateway": pushgateway})))
     _push_replication(cfg, status)
-    assert 'gravl_primary_up{cluster="down",instance="",job="wal"} 0' in pushgateway_metrics(pushgateway)
+    assert 'gravl_primary_up{cluster="down",instance="",job="wal-check"} 0' in pushgateway_metrics(pushgateway)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -217,6 +218,9 @@ def _populate(repo: Repository, now: datetime) -> dict[str, Any]:
         m = manifest(0, start=start).model_copy(update={
             "id": new_backup_id("physical", stop - timedelta(minutes=5)),
             "start_time": stop - timedelta(minutes=5), "stop_time": stop,
+            # what is really stored: expire re-reads the backups it counts on
+            "objects": [StoredObject(key="base.tar.zst", size=10, sha256=hashlib.sha256(b"x" * 10).hexdigest(),
+                                     raw_size=20, raw_sha256="1" * 64)],
         })
         repo.put_bytes(f"backups/{m.id}/base.tar.zst", b"x" * 10)
         repo.put_bytes(f"backups/{m.id}/manifest.json", m.to_json())
@@ -337,6 +341,7 @@ def test_cli_expire_dry_run_prints_the_plan_and_deletes_nothing(
     assert repo.list_keys("") == before
 
 
+@pytest.mark.integration  # starts a process
 def test_cli_expire_on_a_missing_repository_is_a_one_line_error(tmp_path: Path) -> None:
     from gravl_testlib import assert_one_line_error
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import flows
 import tasks
 from gravl_testlib import REPO_ROOT, run_cli
@@ -15,6 +17,7 @@ def test_packages_are_this_repos() -> None:
     assert Path(flows.__file__).resolve().parent == REPO_ROOT / "flows"
 
 
+@pytest.mark.integration  # starts a process
 def test_cli_help_lists_commands() -> None:
     proc = run_cli("--help")
     assert proc.returncode == 0

@@ -289,6 +289,7 @@ def test_fetch_of_a_corrupt_object_exits_above_125_and_writes_nothing(
     assert not list(tmp_path.glob(".dest*"))
 
 
+@pytest.mark.integration  # starts a process
 def test_fetch_from_an_unreachable_repository_is_not_missing(tmp_path: Path) -> None:
     config = write_config(tmp_path / "gone.yaml", {
         "cluster": "gravl", "primary": {"dsn": "host=127.0.0.1 port=1"},
@@ -340,7 +341,7 @@ def test_encrypted_round_trip_and_no_key_stops_recovery(
     assert push(config, path, env=env).returncode == 0
     obj = file_repo_dir / "wal" / "00000001" / f"{path.name}.zst.enc"
     header, _ = split_header([obj.read_bytes()], "t")
-    assert header.digest_alg == "hmac-sha256" and header.encryption == "aes-256-gcm"
+    assert header.digest_alg == "hmac-sha256" and header.encryption == "tink-aes256-gcm-hkdf-1mib"
     proc = fetch(config, path.name, tmp_path / "dest", env=env)
     assert proc.returncode == 0 and (tmp_path / "dest").read_bytes() == path.read_bytes()
     proc = fetch(config, path.name, tmp_path / "dest2", env={"GRAVL_DR_TEST_KEY": "22" * 32})

@@ -1,0 +1,71 @@
+"""Orchestration: the ``drill-failover`` flow — a DR drill: planned failover, then failback home.
+
+One name everywhere: flow, CLI command and metrics job ``drill-failover``, deployment
+``drill-failover-manual``, artifact ``drill-failover-report-<cluster>``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel, Field
+
+from flows.failback import FailbackReport, failback_flow
+from flows.failover import FailoverReport, failover_flow, markdown_table, push_dr_metrics
+from flows.params import ConfigPath, OptionalText
+from tasks.config import load_config
+from tasks.failover import DEFAULT_MAX_LAG_BYTES
+
+JOB = "drill-failover"
+
+
+class DrillFailoverReport(BaseModel):
+    cluster: str
+    failover: FailoverReport
+    failback: FailbackReport
+
+
+@flow(name="drill-failover", log_prints=False)
+def drill_failover_flow(
+    config_path: ConfigPath = None,
+    backup: bool = False,
+    max_lag_bytes: Annotated[int, Field(ge=0, le=2**40)] = DEFAULT_MAX_LAG_BYTES,
+    approved_by: OptionalText = None,
+) -> DrillFailoverReport:
+    """A DR drill: planned failover to a replica (clean stop, no data loss), then failback home.
+
+    Args:
+        config_path: The gravl-dr config file; empty: $GRAVL_DR_CONFIG of the worker, then
+            gravl-dr.yaml in its working directory.
+        backup: Back up the temporary primary before failing back.
+        max_lag_bytes: Refuse a replica further behind than this many bytes of WAL.
+        approved_by: Who approved this drill beforehand (a name or a ticket), recorded in the
+            reports. Empty: the run pauses twice (before failover and before failback) for the
+            approval form.
+    """
+    cfg = load_config(config_path)
+    fo = failover_flow(config_path=config_path, planned=True, max_lag_bytes=max_lag_bytes,
+                       approved_by=approved_by)
+    fb = failback_flow(config_path=config_path, backup=backup, approved_by=approved_by)
+    so = fb.switchover
+    rows = [
+        ("failover", f"{fo.old_primary} -> {fo.new_primary}: RTO {fo.rto_seconds:.2f} s, RPO {fo.rpo_bytes} bytes"
+         if fo.rto_seconds is not None else fo.status),
+        ("failback", f"{fb.from_primary} -> {fb.home}: writes unavailable "
+         f"{so.unavailable_seconds:.2f} s" if so else fb.status),
+        ("failover DNS", fo.dns.detail if fo.dns else "-"), ("failback DNS", fb.dns.detail if fb.dns else "-"),
+    ]
+    md = "\n".join([f"# Failover drill of {cfg.cluster}: passed", "", *markdown_table(rows), "",
+                    "Full reports: artifacts `failover-report-*` and `failback-report-*`."]) + "\n"
+    create_markdown_artifact(markdown=md, key=f"drill-failover-report-{cfg.cluster}".replace("_", "-"),
+                             description=f"failover drill of {cfg.cluster}")
+    push_dr_metrics(cfg, JOB, {
+        "gravl_drill_failover_last_success_timestamp_seconds": (time.time(), "Last passed failover drill"),
+        "gravl_drill_failover_rto_seconds": (fo.rto_seconds or 0.0, "Failover drill: RTO"),
+        "gravl_drill_failover_switchover_unavailable_seconds": (
+            so.unavailable_seconds if so else 0.0, "Failover drill: failback write unavailability"),
+    })
+    return DrillFailoverReport(cluster=cfg.cluster, failover=fo, failback=fb)
