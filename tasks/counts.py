@@ -22,11 +22,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg import conninfo, sql
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.errors import DRError, one_line
-from tasks.postgres import connect, connection, with_dbname
+from tasks.postgres import connect, connection
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def read_cluster_facts(dsn: str, *, snapshot_id: str | None = None, lsn: str | N
     try:
         for name in wanted:  # the DSN's own database last: its snapshot is the one nearest the LSN
             try:
-                conns[name] = connect(with_dbname(dsn, name), autocommit=False)
+                conns[name] = connect(conninfo.make_conninfo(dsn, dbname=name), autocommit=False)
             except (DRError, psycopg.Error) as exc:
                 not_counted[name] = f"could not be counted: {one_line(exc)}"
                 log.warning("database %s not counted: %s", name, not_counted[name])
