@@ -190,8 +190,9 @@ def start_and_wait(cfg: Config, repo: Repository, manifest: Manifest, instance: 
     if point.where in ("lsn", "consistent"):
         pause = (RecoveryTarget(kind="lsn", value=manifest.row_counts_lsn) if point.where == "lsn"
                  else RecoveryTarget(kind="immediate"))
+        # the counts saw exactly the commits before their LSN: replay what lies before it, no more
         write_recovery_settings(instance.pgdata, config_path=config_file, target=pause,
-                                os_user=cfg.postgres.os_user, action="pause")
+                                os_user=cfg.postgres.os_user, action="pause", inclusive=False)
         _start(cfg, instance, timeout)
         paused_at = wait_for_pause(cluster, pause, timeout=timeout)
         t_pause = time.monotonic()
