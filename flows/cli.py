@@ -8,6 +8,7 @@ commands from its own ``flows/cli_*.py`` module; every error ends as one line an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -31,6 +32,7 @@ COMMAND_MODULES = [
     "flows.cli_wal",
     "flows.cli_drill",
     "flows.cli_failover",
+    "flows.cli_guard",
 ]
 
 # Commands PostgreSQL runs once per WAL file may answer before the parser and the config model
@@ -106,6 +108,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    if argv is None and "prefect" in sys.modules:
+        _exit_without_teardown(code)
+    return code
+
+
+def _exit_without_teardown(code: int) -> NoReturn:
+    """End a flow command as the interpreter would — other threads joined, every exit handler run
+    (Prefect flushes its logs and events to the API, stops an ephemeral server) — but skip the
+    teardown of the thousands of modules Prefect, pydantic and friends loaded: freeing them
+    took longer than the flow run's own bookkeeping (seconds on a busy machine), on every
+    command, after the work was done."""
+    import atexit
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     fast = next((FAST_PATHS[w] for w in words if w in FAST_PATHS), None)
     if fast is not None:

@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ DEFAULT_PARALLEL = 4
 DEFAULT_PREFETCH = 8
 # seconds without a .ready file before the background pusher exits
 PUSHER_IDLE_EXIT = float(os.environ.get("GRAVL_DR_PUSHER_IDLE", "10"))
-PUSHER_WAIT = 120.0  # how long wal-push waits for the pusher before pushing the file itself
+PUSHER_WAIT = 120.0
+# seconds without a request or a prefetched file taken before the background prefetcher exits
+PREFETCHER_IDLE_EXIT = float(os.environ.get("GRAVL_DR_PREFETCHER_IDLE", "30"))  # how long wal-push waits for the pusher before pushing the file itself
 
 
 def register(sub: Any) -> None:
@@ -51,6 +54,12 @@ def register(sub: Any) -> None:
     p.add_argument("--prefetch", type=int, default=DEFAULT_PREFETCH,
                    help="fetch the next N segments in parallel (default %(default)s; 0 = off)")
     p.set_defaults(func=cmd_wal_fetch_args)
+
+    p = sub.add_parser("wal-fetch-daemon", help="(internal) the background prefetcher that wal-fetch starts")
+    p.add_argument("pg_wal")
+    p.add_argument("--depth", type=int, default=DEFAULT_PREFETCH)
+    p.add_argument("--idle", type=float, default=PREFETCHER_IDLE_EXIT)
+    p.set_defaults(func=cmd_wal_fetch_daemon)
 
     p = sub.add_parser("wal-check", help="check the WAL archive's continuity, the archiver's health and lag (a flow run)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -138,6 +147,10 @@ def fast_path(argv: Sequence[str]) -> int | None:
     if prefetch is None or len(rest) != 2:
         sys.stderr.write("gravl-dr: error: usage: wal-fetch NAME DEST [--prefetch N]\n")
         return FETCH_FATAL
+    from tasks import walserve  # a prefetched, checked segment: a rename, nothing else loaded
+
+    if walserve.serve(rest[0], rest[1], walserve.config_stamp(_config_file(config)), wait=walserve.WAIT_SECONDS):
+        return 0
     _log_setup(verbose)
     return wal_fetch(config, rest[0], rest[1], prefetch)
 
@@ -255,27 +268,36 @@ def cmd_wal_fetch_args(args: argparse.Namespace) -> int:
 
 
 def wal_fetch(config: str | None, name: str, dest: str, prefetch: int) -> int:
-    """PostgreSQL's restore_command contract as exit codes (see the module docstring)."""
+    """PostgreSQL's restore_command contract as exit codes (see the module docstring). A segment
+    the prefetcher holds is served from there; otherwise it is fetched here, and the background
+    prefetcher is told (or started) to fetch the next ones while recovery replays this one."""
     from tasks.errors import one_line
-    from tasks.wal import WalMissing, config_stamp, fetch_with_prefetch, parse_wal_name, take_prefetched
+    from tasks.wal import WalMissing, config_stamp, parse_wal_name
 
     stamp = config_stamp(_config_file(config))
     try:
         wal = parse_wal_name(name)
-        if wal.kind == "segment" and take_prefetched(name, Path(dest).absolute(), stamp):
-            return 0
-        from tasks.wal import repository_reachable
+        target = Path(dest).absolute()
+        repo, settings = open_wal_repository(config, target.parent, stamp)
+        from tasks.wal import fetch_file, note_wanted, prefetch_primed, repository_reachable, take_prefetched
 
-        repo, settings = open_wal_repository(config, Path(dest).absolute().parent, stamp)
+        if wal.kind == "segment":
+            if take_prefetched(name, target, stamp, settings.key):
+                return 0
+            if prefetch > 0:
+                note_wanted(target, name)
+        if prefetch > 0 and (wal.kind == "segment" or prefetch_primed(target)):
+            # (restore primes it with the backup's first segment: the prefetcher can start
+            # while recovery still probes for history files)
+            _ensure_prefetcher(config, target.parent, prefetch)
+        t0 = time.monotonic()
         try:
-            res = fetch_with_prefetch(repo, name, Path(dest), settings, prefetch=max(0, prefetch),
-                                      stamp=stamp)
+            size = fetch_file(repo, name, Path(dest), settings)
         except WalMissing:
             repository_reachable(repo)  # a vanished repository is not "the end of the archive"
             log.info("%s is not in the archive", name)
             return FETCH_MISSING
-        log.info("%s fetched (%d bytes, %.0f ms, %d prefetched)", name, res.raw_size,
-                 res.seconds * 1000, res.prefetched)
+        log.info("%s fetched (%d bytes, %.0f ms)", name, size, (time.monotonic() - t0) * 1000)
         return 0
     except KeyboardInterrupt:
         return FETCH_FATAL
@@ -285,6 +307,40 @@ def wal_fetch(config: str | None, name: str, dest: str, prefetch: int) -> int:
             "rather than end early)\n"
         )
         return FETCH_FATAL
+
+
+def _ensure_prefetcher(config: str | None, pg_wal: Path, depth: int) -> None:
+    """Start the background prefetcher of pg_wal unless one runs (detached, logging to the spool)."""
+    from tasks.wal import PREFETCHER_LOG, prefetcher_pid, spool_root, spool_writable
+
+    if prefetcher_pid(pg_wal) is not None or not spool_writable(pg_wal):
+        return
+    try:
+        log_file = open(spool_root(pg_wal) / PREFETCHER_LOG, "ab")
+    except OSError:
+        return
+    with log_file:
+        try:
+            subprocess.Popen(
+                [sys.executable, "-P", "-m", "flows.cli", "--config", str(Path(_config_file(config)).absolute()),
+                 "-v", "wal-fetch-daemon", str(pg_wal), "--depth", str(depth)],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
+            )
+        except OSError as exc:
+            log.warning("cannot start the WAL prefetcher: %s", exc)
+
+
+def cmd_wal_fetch_daemon(args: argparse.Namespace) -> int:
+    from tasks.wal import config_stamp, run_prefetcher
+
+    pg_wal = Path(args.pg_wal).absolute()
+    stamp = config_stamp(_config_file(args.config))
+    repo, settings = open_wal_repository(args.config, pg_wal, stamp)
+    depth = max(1, min(64, args.depth))
+    got = run_prefetcher(repo, settings, pg_wal, stamp, depth=depth,
+                         parallel=max(1, min(depth, os.cpu_count() or 2)), idle_exit=args.idle)
+    log.info("WAL prefetcher of %s exits after prefetching %d segment(s)", pg_wal, got)
+    return 0
 
 
 # ---------------------------------------------------------------- wal-check

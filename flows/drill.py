@@ -42,6 +42,7 @@ from tasks.recovery import (
     wait_for_recovery,
     write_recovery_settings,
 )
+from tasks.replay import names_past_backup, past_backup, recovered_to
 from tasks.repository import Repository
 from tasks.wal import WalSettings, find_object
 
@@ -119,7 +120,8 @@ def restore(cfg: Config, repo: Repository, manifest: Manifest, instance: DrillIn
     Logical: initdb + start a fresh server, create the database, pg_restore."""
     t0 = time.monotonic()
     if manifest.kind == "physical":
-        res = rsteps.restore_physical(cfg, repo, manifest, instance.pgdata)
+        res = rsteps.restore_physical(cfg, repo, manifest, instance.pgdata,
+                                      rsteps.relocate_tablespaces(manifest, Path(instance.workdir)))
         seconds = time.monotonic() - t0
         logger().info("verified and unpacked %s in %.1fs", human_bytes(res.raw_bytes), seconds)
         check = integrity.verify_backup_dir(instance.pgdata, bindir=cfg.postgres.bindir,
@@ -133,8 +135,24 @@ def restore(cfg: Config, repo: Repository, manifest: Manifest, instance: DrillIn
                                seconds=seconds, summary=f"{human_bytes(res.raw_bytes)} verified and unpacked")
         return RestoreStep(seconds=seconds, raw_bytes=res.raw_bytes, checks=[restored, check])
     dsteps.create_empty_instance(instance)
-    database = manifest.database or "postgres"
     t1 = time.monotonic()
+    if manifest.databases and manifest.globals_object:
+        # a whole-cluster logical backup: roles, tablespaces (moved under the instance's
+        # directory) and every database, as a real restore would bring them back
+        cres = rsteps.restore_cluster(cfg, repo, manifest, instance.dsn("postgres"), jobs=2,
+                                      tablespace_map=rsteps.relocate_tablespaces(manifest, Path(instance.workdir)))
+        seconds = time.monotonic() - t1
+        logger().info("restored globals and %d database(s) of %s in %.1fs (server set up in %.1fs)",
+                      len(cres.databases), manifest.id, seconds, t1 - t0)
+        for line in cres.skipped:
+            logger().warning("not in the backup: %s", line)
+        restored = CheckResult(name="restore", kind="restore", category="restore", status="passed",
+                               seconds=seconds,
+                               summary=f"globals and {len(cres.databases)} database(s) into a fresh instance")
+        skipped = {d.name: [f"not in this backup, not restored or checked: {d.skipped}"]
+                   for d in manifest.databases if d.skipped}
+        return RestoreStep(seconds=seconds, raw_bytes=cres.raw_bytes, checks=[restored], notes=skipped)
+    database = manifest.database or "postgres"
     if database != "postgres":
         from tasks.sample import create_database
 
@@ -213,8 +231,8 @@ def start_and_wait(cfg: Config, repo: Repository, manifest: Manifest, instance: 
     outcome: RecoveryOutcome = wait_for_recovery(cluster, target, timeout=timeout)
     instance = dsteps.resolve_superuser(instance)
     seconds = time.monotonic() - t0 - excluded
-    past = _past_backup(manifest, outcome.reached_lsn)
-    recovered_to = _recovered_to(manifest, target, outcome, past)
+    past = past_backup(manifest, outcome.reached_lsn)
+    recovered_at = recovered_to(manifest, target, outcome, past)
     summary = (f"promoted on timeline {outcome.timeline} at {outcome.reached_lsn or '?'} after replaying to "
                f"{target.describe()}" + (" (WAL from the archive)" if past else " (backup's own WAL)"))
     if outcome.stop_message:
@@ -223,7 +241,7 @@ def start_and_wait(cfg: Config, repo: Repository, manifest: Manifest, instance: 
     logger().info("recovery: %s in %.1fs (last start %.1fs)", summary, seconds, time.monotonic() - t_start)
     check = CheckResult(name="recovery", kind="recovery", category="restore", status="passed",
                         seconds=seconds, summary=summary)
-    return RecoveryStep(seconds=seconds, recovered_to=recovered_to, lsn=outcome.reached_lsn,
+    return RecoveryStep(seconds=seconds, recovered_to=recovered_at, lsn=outcome.reached_lsn,
                         timeline=outcome.timeline, past_backup=past, check=check, count_checks=count_checks,
                         counts_seconds=excluded, instance=instance, point=point)
 
@@ -268,9 +286,7 @@ def replay_may_pass_backup(cfg: Config, repo: Repository, manifest: Manifest, ta
         return True
     try:
         settings = WalSettings.from_config(cfg.repository)
-        tli, segno = wal_segno(manifest.stop_wal, manifest.wal_segment_size)
-        following = [wal_name_from_segno(tli, segno + 1, manifest.wal_segment_size), f"{tli + 1:08X}.history"]
-        return any(find_object(repo, name, settings) is not None for name in following)
+        return any(find_object(repo, name, settings) is not None for name in names_past_backup(manifest))
     except DRError as exc:
         logger().warning("could not look for WAL past the backup (%s): assuming there is some", one_line(exc))
         return True
@@ -328,27 +344,6 @@ def _recorded_fact_checks(cfg: Config, manifest: Manifest, instance: DrillInstan
             results.append(CheckResult(name=name, kind="row-count", category="data", status="skipped",
                                        database=db, summary=f"not recorded at backup: {reason}"))
     return results + gxsteps.run_expectations(gxsteps.unique_names(specs), instance.dsn)
-
-
-def _past_backup(manifest: Manifest, reached_lsn: str | None) -> bool:
-    """Did recovery replay WAL beyond the segments that came with the backup?"""
-    if not reached_lsn or not manifest.stop_wal:
-        return False
-    try:
-        # the switch point is the first byte of the new timeline: the last replayed byte is before it
-        reached = max(parse_lsn(reached_lsn) - 1, 0) // manifest.wal_segment_size
-    except DRError:
-        return False
-    return reached > wal_segno(manifest.stop_wal, manifest.wal_segment_size)[1]
-
-
-def _recovered_to(manifest: Manifest, target: RecoveryTarget, outcome: RecoveryOutcome,
-                  past: bool) -> datetime:
-    if target.kind == "time" and target.time is not None:
-        return target.time
-    if past and outcome.last_xact_time is not None:
-        return max(manifest.stop_time, outcome.last_xact_time)
-    return manifest.stop_time
 
 
 @task(name="checks", cache_policy=NO_CACHE)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -218,6 +218,38 @@ def validate_primary(node: Node, label: str) -> CanaryResult:
     return res
 
 
+@task(name="record-role-change", cache_policy=NO_CACHE)
+def record_role_change_task(cfg: Config, event: Literal["failover", "failback"], primary: str,
+                            demoted: list[str], timeline: int | None, lsn: str | None) -> str:
+    """Append the change to the repository's role history (what `gravl-dr guard` and every flow read).
+
+    Never fails the run: the promotion stands whether or not the repository answers.
+    """
+    from tasks.repository import open_repository
+    from tasks.roles import RoleEvent, now, record_role_change, role_history
+
+    try:
+        repo = open_repository(cfg.repository)
+        history = role_history(repo)
+        last = history[-1] if history else None
+        if last is None and primary == cfg.primary.name:
+            return f"{primary} is the configured primary and no role change was ever recorded: nothing to record"
+        if last and last.primary == primary and set(demoted) <= set(last.demoted):
+            return f"role history already says {primary} is the primary ({last.event} of {last.at:%H:%M:%S})"
+        key = record_role_change(repo, RoleEvent(at=now(), event=event, primary=primary, demoted=demoted,
+                                                 timeline=timeline, lsn=lsn))
+    except DRError as exc:
+        logger().warning("role change NOT recorded: %s", one_line(exc))
+        return f"NOT recorded ({one_line(exc)}): `gravl-dr guard` cannot know {', '.join(demoted)} was demoted"
+    return f"recorded {key}: {primary} primary, {', '.join(demoted)} demoted"
+
+
+def _record(report: Any, tl: Timeline, outcome: str) -> None:
+    tl.add("record-role-change", outcome)
+    if outcome.startswith("NOT"):
+        report.notes.append(f"role history: {outcome}")
+
+
 # ------------------------------------------------------------------------------ the flow
 
 
@@ -382,6 +414,8 @@ def failover_flow(
                 tl.add("promote-replica", f"{target.name} promoted, timeline {promoted.timeline} from "
                        f"{promoted.promoted_lsn}" if not promoted.already_primary
                        else f"{target.name} already primary")
+                _record(report, tl, record_role_change_task(cfg, "failover", target.name, [old.name],
+                                                            promoted.timeline, promoted.promoted_lsn))
             elif step.kind == "switch-dns":
                 try:
                     report.dns = switch_dns(cfg, [node_dns_value(old)], node_dns_value(target))
@@ -402,8 +436,11 @@ def failover_flow(
                 report.canary = validate_primary(target, f"failover {tl.started.isoformat()}")
                 report.rto_seconds = round(tl.add("validate", f"canary write on {target.name} "
                                                   f"read back"), 3)
-        if report.promoted_lsn is None and plan.already_promoted:
-            report.promoted_lsn = promote_node(target).promoted_lsn  # read-only: it is a primary
+        if plan.already_promoted:
+            already = promote_node(target)  # read-only: it is a primary
+            report.promoted_lsn = report.promoted_lsn or already.promoted_lsn
+            _record(report, tl, record_role_change_task(cfg, "failover", target.name, [old.name],
+                                                        already.timeline, already.promoted_lsn))
         report.rpo_bytes = rpo_bytes(report.reference_lsn, report.promoted_lsn)
         failed_hooks = [h for h in report.hooks if not h.ok]
         problems = ([dns_error] if dns_error else []) + [

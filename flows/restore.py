@@ -30,6 +30,7 @@ from tasks.libpq import has_password
 from tasks.models import Manifest, format_lsn
 from tasks.pgcluster import LocalCluster, free_port
 from tasks.postgres import safe_dsn
+from tasks.replay import ArchiveView, archive_view
 from tasks.repository import Repository
 
 
@@ -50,6 +51,8 @@ class RestoreReport(BaseModel):
     timeline: int | None = None
     stop_message: str | None = None
     recovery_seconds: float | None = None
+    databases: list[str] = []
+    not_carried_over: list[str] = []
 
 
 @task(name="select-backup", cache_policy=NO_CACHE, **NETWORK_RETRIES)
@@ -61,17 +64,33 @@ def select_backup(repo: Repository, ref: str, kind: str | None, cluster: str) ->
 
 
 @task(name="restore-physical", cache_policy=NO_CACHE)
-def restore_physical(cfg: Config, repo: Repository, manifest: Manifest, pgdata: str) -> rsteps.RestoreResult:
-    res = rsteps.restore_physical(cfg, repo, manifest, Path(pgdata))
+def restore_physical(cfg: Config, repo: Repository, manifest: Manifest, pgdata: str,
+                     tablespace_map: dict[str, str]) -> rsteps.RestoreResult:
+    res = rsteps.restore_physical(cfg, repo, manifest, Path(pgdata), tablespace_map)
     logger().info("verified and extracted %s into %s in %.1fs", human_bytes(res.raw_bytes),
                   res.target, res.seconds)
+    for space in manifest.tablespaces:
+        where = tablespace_map.get(space.location.rstrip("/"), space.location)
+        logger().info("tablespace %s restored into %s", space.name, where)
     return res
 
 
 @task(name="restore-logical", cache_policy=NO_CACHE)
-def restore_logical(cfg: Config, repo: Repository, manifest: Manifest, dsn: str, jobs: int) -> rsteps.RestoreResult:
-    res = rsteps.restore_logical(cfg, repo, manifest, dsn, jobs)
+def restore_logical(cfg: Config, repo: Repository, manifest: Manifest, dsn: str, jobs: int,
+                    database: str | None, no_owner: bool) -> rsteps.RestoreResult:
+    res = rsteps.restore_logical(cfg, repo, manifest, dsn, jobs, no_owner=no_owner, database=database)
     logger().info("restored %s into %s in %.1fs", manifest.id, res.target, res.seconds)
+    return res
+
+
+@task(name="restore-cluster", cache_policy=NO_CACHE)
+def restore_cluster(cfg: Config, repo: Repository, manifest: Manifest, dsn: str, jobs: int,
+                    tablespace_map: dict[str, str]) -> rsteps.ClusterRestoreResult:
+    res = rsteps.restore_cluster(cfg, repo, manifest, dsn, jobs, tablespace_map=tablespace_map)
+    logger().info("restored the globals and %d database(s) of %s into %s in %.1fs: %s",
+                  len(res.databases), manifest.id, res.target, res.seconds, ", ".join(res.databases))
+    for line in res.skipped:
+        logger().warning("not in the backup: %s", line)
     return res
 
 
@@ -91,38 +110,10 @@ def select_backup_for_target(repo: Repository, ref: str, cluster: str,
     return manifest
 
 
-class ArchiveView(BaseModel):
-    """What the WAL archive holds after a backup: does recovery need restore_command at all,
-    and where does the archive end (the start of its newest segment, per timeline)."""
-
-    has_wal_after_backup: bool
-    newest_segment_start: dict[int, int]
-    newest_segment_name: dict[int, str]
-
-
 @task(name="inspect-wal-archive", cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def inspect_wal_archive(repo: Repository, manifest: Manifest) -> ArchiveView:
-    seg = manifest.wal_segment_size
-    newest: dict[int, int] = {}
-    after = False
-    stop_wal = walsteps.parse_wal_name(manifest.stop_wal, seg) if manifest.stop_wal else None
-    for name in walsteps.list_archive(repo):
-        wal = walsteps.parse_wal_name(name, seg)
-        if wal.kind == "history" and wal.timeline > manifest.timeline:
-            after = True
-        if wal.kind != "segment" or wal.segno is None or wal.timeline < manifest.timeline:
-            continue
-        newest[wal.timeline] = max(newest.get(wal.timeline, 0), wal.segno)
-        if stop_wal is None or wal.timeline > manifest.timeline or (
-            stop_wal.segno is not None and wal.segno >= stop_wal.segno
-        ):
-            after = True
-    view = ArchiveView(
-        has_wal_after_backup=after,
-        newest_segment_start={t: s * seg for t, s in newest.items()},
-        newest_segment_name={t: walsteps.segment_name(t, s, seg) for t, s in newest.items()},
-    )
-    if after:
+    view = archive_view(walsteps.list_archive(repo), manifest)
+    if view.has_wal_after_backup:
         ends = ", ".join(f"timeline {t}: {n}" for t, n in sorted(view.newest_segment_name.items()))
         logger().info("the WAL archive continues after the backup (newest segment %s)", ends)
     else:
@@ -133,10 +124,12 @@ def inspect_wal_archive(repo: Repository, manifest: Manifest) -> ArchiveView:
 
 @task(name="write-recovery-settings", cache_policy=NO_CACHE)
 def write_recovery_settings(cfg: Config, config_file: str, pgdata: str, target: rec.RecoveryTarget,
-                            keep_archiving: bool) -> None:
+                            keep_archiving: bool, start_wal: str | None = None) -> None:
     rec.check_server_can_read(config_file, cfg, cfg.postgres.os_user)
     rec.write_recovery_settings(Path(pgdata), config_path=config_file, target=target,
                                 os_user=cfg.postgres.os_user, keep_archiving=keep_archiving)
+    if start_wal:
+        walsteps.prime_prefetch(Path(pgdata), start_wal)
     logger().info("wrote recovery.signal and recovery settings: %s, restore_command %s, "
                   "timeline latest, then promote%s", target.describe(),
                   rec.restore_command(config_file), "" if keep_archiving else ", archive_mode off")
@@ -203,9 +196,13 @@ def restore_flow(
     target_xid: Annotated[str | None, WithJsonSchema({"type": "string", "pattern": r"^[0-9]{1,20}$"})] = None,
     keep_archiving: bool = False,
     recovery_timeout: Annotated[float, Field(gt=0, le=7 * 86400)] = 6 * 3600,
+    tablespace_map: list[str] | None = None,
+    database: OptionalText = None,
+    no_owner: bool = False,
 ) -> RestoreReport:
     """Restore a physical backup into an empty data directory (recovering to the end of the WAL
-    archive or to a target), or a logical one into an empty database.
+    archive or to a target), or a logical one: the whole cluster into a fresh cluster, or one
+    database (``database``) into an existing empty database.
 
     Args:
         config_path: The gravl-dr config file; empty: $GRAVL_DR_CONFIG of the worker, then
@@ -228,8 +225,14 @@ def restore_flow(
         keep_archiving: Let the restored server archive its own WAL with archive_command
             (off: archiving is disabled so a copy cannot write into the repository).
         recovery_timeout: Seconds the started server may take to recover before the run fails.
+        tablespace_map: Physical restore, or a whole-cluster logical one: OLD=NEW directories,
+            restoring the tablespace at OLD into NEW (as pg_basebackup -T).
+        database: Logical restore: only this database of a whole-cluster backup, into the
+            existing empty database of dsn; empty: the whole cluster into the fresh cluster of dsn.
+        no_owner: Logical restore of one database: objects belong to the connecting role, no GRANTs.
     """
     cfg, repo = load(config_path)
+    ts_map = rsteps.parse_tablespace_map(tablespace_map)
     if (pgdata is None) == (dsn is None):
         raise PreconditionFailed("restore needs exactly one of --pgdata (physical) or --dsn (logical)")
     target = rec.RecoveryTarget.from_options(time=target_time.isoformat() if target_time else None,
@@ -263,18 +266,31 @@ def restore_flow(
                         f"target LSN {target.value} is past the end of the archive (its newest "
                         f"segment ends at {format_lsn(end)})"
                     )
-            res = restore_physical(cfg, repo, manifest, pgdata)
+            res = restore_physical(cfg, repo, manifest, pgdata, ts_map)
             use_archive = view.has_wal_after_backup or target.kind != "end"
             if use_archive:
                 config_file = str(resolve_config_path(config_path).absolute())
-                write_recovery_settings(cfg, config_file, pgdata, target, keep_archiving)
+                write_recovery_settings(cfg, config_file, pgdata, target, keep_archiving,
+                                        manifest.start_wal)
         else:
             assert dsn is not None
-            res = restore_logical(cfg, repo, manifest, dsn, jobs)
+            whole = bool(manifest.databases) and database is None
+            if whole:
+                cres = restore_cluster(cfg, repo, manifest, dsn, jobs, ts_map)
+                res = rsteps.RestoreResult(cres.backup_id, cres.target, cres.raw_bytes, cres.seconds,
+                                           cres.verify_seconds)
+            else:
+                res = restore_logical(cfg, repo, manifest, dsn, jobs, database, no_owner)
         report = RestoreReport(backup_id=manifest.id, kind=manifest.kind, target=res.target,
                                raw_bytes=res.raw_bytes, seconds=res.seconds,
                                verify_seconds=res.verify_seconds, data_seconds=res.seconds,
                                target_point=target.describe())
+        report.not_carried_over = rsteps.restore_notes(manifest)
+        if dsn is not None:
+            report.databases = ([d.name for d in manifest.databases if d.object] if whole
+                                else [database or manifest.database or "?"])
+        for note in report.not_carried_over:
+            logger().warning("%s", note)
         if pgdata:
             report.archive_used = use_archive
         if pgdata and start:
@@ -312,7 +328,7 @@ def restore_flow(
         markdown=(
             f"# Restore of {manifest.id}: complete\n\n| | |\n|---|---|\n| kind | {manifest.kind} |\n"
             f"| target | {where} |\n| data | {human_bytes(report.raw_bytes)} |\n"
-            f"| verify | {report.verify_seconds:.1f} s |\n| total (RTO) | {report.seconds:.1f} s |\n"
+            f"| verification | while reading, one pass |\n| total (RTO) | {report.seconds:.1f} s |\n"
             f"| started | {f'port {report.port}' if report.started else 'no'} |\n"
             + (f"| recovery target | {report.target_point} |\n"
                f"| WAL archive used | {'yes' if report.archive_used else 'no (nothing after the backup)'} |\n"
@@ -322,6 +338,9 @@ def restore_flow(
                f"| server's record | {report.stop_message or 'end of WAL'} |\n"
                f"| recovery | {report.recovery_seconds or 0:.1f} s |\n"
                if report.reached_lsn else "")
+            + (f"| databases | {', '.join(report.databases)} |\n" if report.databases else "")
+            + ("\n## What PostgreSQL did not carry over\n\n" + "".join(f"- {n}\n" for n in report.not_carried_over)
+               if report.not_carried_over else "")
         ),
     )
     return report

@@ -18,14 +18,14 @@ recorded with them, plus which tables are unlogged and what could not be counted
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import psycopg
 from psycopg import conninfo, sql
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.errors import DRError, one_line
+from tasks.errors import DRError, PreconditionFailed, one_line
 from tasks.postgres import connect, connection
 
 log = logging.getLogger(__name__)
@@ -120,8 +120,7 @@ def _begin(conn: psycopg.Connection[Any]) -> None:
 
 
 def _count(conn: psycopg.Connection[Any]) -> DatabaseFacts:
-    conn.execute("SET LOCAL statement_timeout = 0")  # a count of a big table takes what it takes
-    conn.execute("SET LOCAL lock_timeout = '60s'")
+    conn.execute("SET LOCAL lock_timeout = '30s'")  # never wait forever behind a user's lock
     return database_facts(conn)
 
 
@@ -129,7 +128,8 @@ SNAPSHOT_ATTEMPTS = 20
 
 
 def read_cluster_facts(dsn: str, *, snapshot_id: str | None = None, lsn: str | None = None,
-                       only: list[str] | None = None) -> ClusterFacts:
+                       only: list[str] | None = None,
+                       explain_lock: Callable[[str], str] | None = None) -> ClusterFacts:
     """Facts of every database (or ``only`` these), each read in a REPEATABLE READ snapshot.
 
     With ``snapshot_id`` (an exported snapshot the caller keeps open, e.g. pg_dump's; one
@@ -190,6 +190,10 @@ def read_cluster_facts(dsn: str, *, snapshot_id: str | None = None, lsn: str | N
         for name, conn in conns.items():
             try:
                 databases[name] = _count(conn)
+            except psycopg.errors.LockNotAvailable:
+                # a backup that meets a lock says whose (tasks.inventory), never waits forever
+                raise PreconditionFailed(explain_lock(name) if explain_lock else
+                                         f"counting rows in database {name} waited too long for a lock") from None
             except (DRError, psycopg.Error) as exc:
                 not_counted[name] = f"could not be counted: {one_line(exc)}"
                 log.warning("database %s not counted: %s", name, not_counted[name])

@@ -157,9 +157,30 @@ def _shell_word(value: str) -> str:
     return "'" + value.replace("'", "'\"'\"'") + "'"
 
 
+def _interpreter(script: str) -> str | None:
+    """The Python of a console script (its ``#!`` line), when it is a plain absolute path."""
+    try:
+        with open(script, "rb") as fh:
+            first = fh.readline(4096).decode(errors="replace").strip()
+    except OSError:
+        return None
+    path = first[2:].strip() if first.startswith("#!") else ""
+    return path if path.startswith("/") and " " not in path and os.access(path, os.X_OK) else None
+
+
 def restore_command(config_path: str) -> str:
+    """``gravl-dr wal-fetch``, started the cheap way: the installation's Python without site
+    (-I -S) runs tasks/walserve.py, which serves a prefetched segment with a rename and hands
+    anything else to the full command (see tasks.walserve)."""
+    from tasks import walserve
+
     cfg = str(Path(config_path).absolute())
-    return f"{_shell_word(gravl_dr_executable())} --config {_shell_word(cfg)} wal-fetch %f %p"
+    program = gravl_dr_executable()
+    python = _interpreter(program)
+    if python is None:
+        return f"{_shell_word(program)} --config {_shell_word(cfg)} wal-fetch %f %p"
+    script = str(Path(walserve.__file__).absolute())
+    return f"{_shell_word(python)} -I -S {_shell_word(script)} --config {_shell_word(cfg)} wal-fetch %f %p"
 
 
 # Proxy settings the AWS SDK honours; the AWS_* variables (credentials, region, profile, web
@@ -399,8 +420,9 @@ def wait_for_recovery(cluster: LocalCluster, target: RecoveryTarget, timeout: fl
                 f"recovery did not finish within {timeout:.0f}s; server log: {cluster.log_tail(3)}"
             )
         progress.tick(status)
-        # quick at first (most drills finish in seconds), then once a second: one connection each
-        time.sleep(0.2 if progress.elapsed() < 10 else 1.0)
+        # quick at first (most restores and drills finish within a minute; the wait is part of
+        # the measured RTO), then twice a second: one connection each
+        time.sleep(0.1 if progress.elapsed() < 60 else 0.5)
     rec = read_recovery_log(_read(cluster.logfile))
     switch = read_history_switchpoint(cluster.pgdata, tli) if tli > 1 else None
     reached = switch[1] if switch else (rec.redo_done_lsn or lsn_now)
@@ -561,7 +583,12 @@ def check_server_can_read(config_file: str, cfg: Config, os_user: str) -> None:
     from tasks.proc import run
 
     program = gravl_dr_executable()
-    probe_run = run([program, "--help"], timeout=60, os_user=os_user, check=False)
+    python = _interpreter(program)
+    # what restore_command runs: the fast path's script and the modules of the full wal-fetch
+    # (importing them, not building every command's parser: that costs a second of the RTO)
+    probe = ([python, "-P", "-c", "import flows.cli_wal, tasks.wal, tasks.walserve"] if python
+             else [program, "--help"])
+    probe_run = run(probe, timeout=60, os_user=os_user, check=False)
     if probe_run.returncode != 0:
         raise PreconditionFailed(
             f"the restored server runs restore_command as {os_user}, who cannot run {program} "
@@ -580,6 +607,12 @@ def check_server_can_read(config_file: str, cfg: Config, os_user: str) -> None:
             )
 
 
-def clear_prefetch(pgdata: Path) -> None:
-    """Drop what wal-fetch prefetched and recovery did not use."""
+def clear_prefetch(pgdata: Path, timeout: float = 10.0) -> None:
+    """Drop what wal-fetch prefetched and recovery did not use, once the prefetcher is gone
+    (it exits when recovery ends)."""
+    from tasks.wal import prefetcher_pid
+
+    deadline = time.monotonic() + timeout
+    while prefetcher_pid(pgdata / "pg_wal") is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
     shutil.rmtree(pgdata / "pg_wal" / "gravl-dr" / "prefetch", ignore_errors=True)

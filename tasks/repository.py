@@ -200,6 +200,17 @@ class FileRepository:
                 break
             parent = parent.parent
 
+    def prune_empty(self, prefix: str) -> None:
+        """Remove ``prefix`` and its parents up to the root while they are empty directories
+        (a failed write leaves its folder behind: backups/<id>/ must not look like a backup)."""
+        path = self._path(prefix)
+        while path != self.root and path.is_dir():
+            try:
+                path.rmdir()
+            except OSError:
+                break
+            path = path.parent
+
     def abort_incomplete(self, prefix: str) -> int:
         """Remove temporary files older than an hour left by a killed writer."""
         base = self.root / prefix if prefix else self.root

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from tasks import walserve
 from tasks.errors import (
     AlreadyExists,
     ChecksumMismatch,
@@ -483,12 +484,7 @@ def _same_as_stored(
 
 def config_stamp(config_path: str | Path) -> str:
     """Identifies a config file's version: spool state is only trusted under the same one."""
-    p = Path(config_path).absolute()
-    try:
-        st = p.stat()
-    except OSError:
-        return f"{p}:missing"
-    return f"{p}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    return walserve.config_stamp(str(config_path))
 
 
 def file_stamp(path: Path) -> dict[str, int]:
@@ -655,29 +651,25 @@ def spool_writable(pg_wal: Path) -> bool:
 
 # ---------------------------------------------------------------- fetch
 
-@dataclass(frozen=True)
-class FetchResult:
-    name: str
-    source: Literal["repository", "prefetch"]
-    raw_size: int
-    prefetched: int
-    seconds: float
-
-
 def _write_verified(repo: Repository, key: str, name: str, settings: WalSettings, dest: Path,
-                    sync: bool) -> int:
-    """Stream the object into ``dest`` through a temporary name; rename only once verified."""
+                    pgdata: Path | None = None) -> tuple[int, WalHeader]:
+    """Stream the object into ``dest`` through a temporary name; rename only once verified
+    (and, for a segment fetched for a data directory, once its first page says it belongs to
+    that cluster at that address: PostgreSQL would take a foreign segment for the end of WAL)."""
     tmp = dest.with_name(f".{dest.name}.gravl-{uuid.uuid4().hex[:8]}")
     size = 0
     try:
-        _header, raw = decode_object(repo.iter_object(key), settings, f"archived {name}")
+        header, raw = decode_object(repo.iter_object(key), settings, f"archived {name}")
         with open(tmp, "xb") as out:
             for chunk in raw:
                 out.write(chunk)
                 size += len(chunk)
-            if sync:
-                out.flush()
-                os.fsync(out.fileno())
+        if pgdata is not None and (pgdata / "global" / "pg_control").exists():
+            with open(tmp, "rb") as fh:
+                head = fh.read(walserve.LONG_HEADER.size)
+            problem = walserve.header_problem(head, name, size, walserve.system_identifier(str(pgdata)))
+            if problem is not None:
+                raise PermanentError(f"archived {name} does not belong to this cluster: {problem}")
         os.replace(tmp, dest)
     except NotFound:
         # find_object saw it a moment ago: a file that vanished is not the end of the archive
@@ -688,90 +680,272 @@ def _write_verified(repo: Repository, key: str, name: str, settings: WalSettings
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    return size
+    return size, header
+
+
+def _pgdata_of(dest: Path) -> Path:
+    """The data directory of a restore_command destination (%p is pg_wal/RECOVERYXLOG)."""
+    return dest.absolute().parent.parent
 
 
 def fetch_file(repo: Repository, name: str, dest: Path, settings: WalSettings) -> int:
     """Fetch one archived file to ``dest``, verified. WalMissing when it is not archived."""
-    parse_wal_name(name)
+    wal = parse_wal_name(name)
     key = find_object(repo, name, settings)
     if key is None:
         raise WalMissing(f"{name} is not in the archive")
-    return _write_verified(repo, key, name, settings, dest, sync=False)
+    pgdata = _pgdata_of(dest) if wal.kind == "segment" else None
+    return _write_verified(repo, key, name, settings, dest, pgdata)[0]
 
 
 def prefetch_dir(dest: Path) -> Path:
-    return spool_root(dest.absolute().parent) / "prefetch"
+    return Path(walserve.prefetch_folder(str(dest)))
 
 
-def take_prefetched(name: str, dest: Path, stamp: str) -> bool:
-    """Move a prefetched (already verified) file into place; False when there is none."""
+def take_prefetched(name: str, dest: Path, stamp: str, key: bytes | None) -> bool:
+    """Move a prefetched segment into place when it passes the fast path's checks (see
+    tasks.walserve) or, with no data directory to compare its header with, when its digest
+    still matches the one verified at prefetch time. False when there is none to serve; a
+    prefetched file that fails the checks is removed (the caller fetches from the repository)."""
+    dest = dest.absolute()
+    if walserve.serve(name, str(dest), stamp):
+        return True
+    found = walserve.check_prefetched(name, str(dest), stamp)
     folder = prefetch_dir(dest)
+    if found == "no pg_control to compare the system identifier with":
+        mark = walserve.read_mark(str(folder / (name + walserve.MARK_SUFFIX))) or {}
+        alg = mark.get("alg")
+        if alg in ("sha256", "hmac-sha256") and not (alg == "hmac-sha256" and key is None):
+            try:
+                digest, _size = file_digest(folder / name, key if alg == "hmac-sha256" else None)
+            except DRError:
+                return False
+            if digest == mark.get("digest"):
+                os.replace(folder / name, dest)
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / (name + walserve.MARK_SUFFIX)).unlink()
+                return True
+    if found != "not prefetched":
+        log.warning("prefetched %s not served (%s): fetching it from the repository", name, found)
+        for stale in (folder / name, folder / (name + walserve.MARK_SUFFIX)):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    return False
+
+
+# ---------------------------------------------------------------- the background prefetcher
+#
+# As pgBackRest's asynchronous archive-get: the first wal-fetch that has to go to the repository
+# starts one detached prefetcher per pg_wal. It keeps ``depth`` verified segments ahead of the
+# one recovery last asked for in pg_wal/gravl-dr/prefetch/, so PostgreSQL's next calls are
+# answered by tasks.walserve with a rename while the prefetcher fetches, decompresses and
+# verifies on the other cores, overlapping with replay. It learns where recovery is from the
+# ``want`` file (written by wal-fetch when it has to fetch a file itself) and from the files the
+# fast path takes away; it exits when recovery ends (recovery.signal, once seen, is gone) or
+# after ``idle_exit`` seconds without either.
+
+PREFETCHER_LOCK = "prefetcher.lock"
+PREFETCHER_LOG = "prefetcher.log"
+WANT_FILE = "want"
+
+
+def note_wanted(dest: Path, name: str) -> None:
+    """Tell the prefetcher which segment recovery asked for (it prefetches from the next)."""
+    folder = prefetch_dir(dest)
+    with contextlib.suppress(OSError):
+        _atomic_write(folder / WANT_FILE, name.encode(), like=folder.parent.parent, durable=False)
+
+
+def prime_prefetch(pgdata: Path, start_wal: str) -> None:
+    """Before a restored server starts: tell the prefetcher to begin at the backup's first
+    segment (``start_wal``), so it fetches ahead while recovery is still starting."""
+    wal = parse_wal_name(start_wal)
+    if wal.kind != "segment" or not wal.segno:
+        return
+    note_wanted(pgdata / "pg_wal" / "RECOVERYXLOG", segment_name(wal.timeline, wal.segno - 1))
+
+
+def prefetch_primed(dest: Path) -> bool:
+    return (prefetch_dir(dest) / WANT_FILE).exists()
+
+
+def prefetcher_pid(pg_wal: Path) -> int | None:
     try:
-        if (folder / "config").read_text() != stamp:
-            return False
-        os.replace(folder / name, dest)
-    except (FileNotFoundError, NotADirectoryError):
+        pid = int((spool_root(pg_wal) / "prefetcher.pid").read_text().strip())
+        os.kill(pid, 0)
+    except PermissionError:
+        return pid
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def _prefetch_one(repo: Repository, name: str, settings: WalSettings, folder: Path, stamp: str,
+                  pgdata: Path) -> bool:
+    """Fetch, verify and mark one segment ahead; False when it is not (yet) archived (then a
+    fresh "missing" mark lets the fast path answer recovery's request for it at once)."""
+    key = find_object(repo, name, settings)
+    if key is None:
+        _mark_missing(repo, name, folder, stamp)
         return False
+    try:
+        _size, header = _write_verified(repo, key, name, settings, folder / name, pgdata)
+    except WalMissing:
+        _mark_missing(repo, name, folder, stamp)
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        (folder / (name + walserve.MISSING_SUFFIX)).unlink()
+    st = (folder / name).stat()
+    _atomic_write(folder / (name + walserve.MARK_SUFFIX),
+                  walserve.mark_text(stamp, st, header.digest_alg, header.digest).encode(),
+                  like=folder.parent.parent, durable=False)
     return True
 
 
-def _reset_prefetch(folder: Path, stamp: str, below: str | None) -> None:
-    """Start a prefetch folder for this configuration; drop files recovery has passed."""
-    _ensure_dir(folder, folder.parent.parent)
-    stamp_file = folder / "config"
-    current = stamp_file.read_text() if stamp_file.exists() else None
-    for entry in os.listdir(folder):
-        if entry == "config":
-            continue
-        stale = current != stamp or entry.startswith(".") or (below is not None and entry < below)
-        if stale:
-            with contextlib.suppress(FileNotFoundError):
-                (folder / entry).unlink()
-    if current != stamp:
-        _atomic_write(stamp_file, stamp.encode(), like=folder.parent.parent)
-
-
-def fetch_with_prefetch(
-    repo: Repository, name: str, dest: Path, settings: WalSettings, *, prefetch: int, stamp: str
-) -> FetchResult:
-    """Fetch ``name`` to ``dest`` and, in parallel, the next ``prefetch`` segments of its
-    timeline into the prefetch folder, so the next calls are a rename."""
-    t0 = time.monotonic()
-    wal = parse_wal_name(name)
-    dest = dest.absolute()
-    if wal.kind == "segment" and take_prefetched(name, dest, stamp):
-        return FetchResult(name, "prefetch", dest.stat().st_size, 0, time.monotonic() - t0)
-    nexts: list[str] = []
-    folder = prefetch_dir(dest)
-    if wal.kind == "segment" and prefetch > 0 and wal.segno is not None:
-        try:
-            _reset_prefetch(folder, stamp, below=name)
-            nexts = [segment_name(wal.timeline, wal.segno + i) for i in range(1, prefetch + 1)]
-            nexts = [n for n in nexts if not (folder / n).exists()]
-        except OSError as exc:
-            log.warning("prefetch disabled: %s", exc)
-            nexts = []
-
-    def ahead(n: str) -> bool:
-        key = find_object(repo, n, settings)
-        if key is None:
-            return False
-        _write_verified(repo, key, n, settings, folder / n, sync=True)
+def _probe_history(repo: Repository, name: str, settings: WalSettings, folder: Path, stamp: str) -> bool:
+    if find_object(repo, name, settings) is not None:
+        with contextlib.suppress(FileNotFoundError):
+            (folder / (name + walserve.MISSING_SUFFIX)).unlink()
         return True
+    _mark_missing(repo, name, folder, stamp)
+    return False
 
-    with ThreadPoolExecutor(max(1, len(nexts) + 1), thread_name_prefix="wal-fetch") as pool:
-        own = pool.submit(fetch_file, repo, name, dest, settings)
-        futures = [pool.submit(ahead, n) for n in nexts]
-        got = 0
-        for fut in futures:
-            try:
-                got += 1 if fut.result() else 0
-            except (DRError, OSError) as exc:
-                # a bad segment ahead is reported when recovery asks for it
-                log.info("prefetch failed: %s", exc)
-        size = own.result()
-    return FetchResult(name, "repository", size, got, time.monotonic() - t0)
+
+def _prune_served(folder: Path, keep: str) -> None:
+    """Drop segments the fast path served, except the newest (``keep``): PostgreSQL asks for the
+    last segment again at the end of recovery."""
+    for entry in os.listdir(folder):
+        if entry.endswith(walserve.SERVED_SUFFIX) and entry[:24] < keep:
+            for stale in (entry, entry[:24]):
+                with contextlib.suppress(OSError):
+                    (folder / stale).unlink()
+
+
+def _mark_missing(repo: Repository, name: str, folder: Path, stamp: str) -> None:
+    """Record that ``name`` is not in the archive, once the repository proved reachable (an
+    unmounted repository is not the end of the archive)."""
+    repository_reachable(repo)
+    _atomic_write(folder / (name + walserve.MISSING_SUFFIX), walserve.missing_text(stamp).encode(),
+                  like=folder.parent.parent, durable=False)
+
+
+def run_prefetcher(
+    repo: Repository, settings: WalSettings, pg_wal: Path, stamp: str, *, depth: int, parallel: int,
+    idle_exit: float = 30.0,
+) -> int:
+    """Keep ``depth`` segments prefetched ahead of recovery until it ends; returns the count."""
+    import fcntl
+
+    root = spool_root(pg_wal)
+    _ensure_dir(root, pg_wal)
+    lock = os.open(root / PREFETCHER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(lock)
+        return 0  # another prefetcher serves this pg_wal
+    _atomic_write(root / "prefetcher.pid", str(os.getpid()).encode(), like=pg_wal, durable=False)
+    folder = root / "prefetch"
+    _ensure_dir(folder, pg_wal)
+    pgdata = pg_wal.absolute().parent
+    signal_file = pgdata / "recovery.signal"
+    in_recovery = signal_file.exists()
+    for entry in os.listdir(folder):  # what an earlier prefetcher left is not trusted
+        if entry not in (WANT_FILE, walserve.WINDOW_FILE):
+            with contextlib.suppress(OSError):
+                (folder / entry).unlink()
+    fetched = 0
+    want: str | None = None
+    timeline, next_segno = 0, -1
+    window = ""
+    ours: set[str] = set()
+    in_flight: dict[str, Future[bool]] = {}
+    retry_at = history_at = 0.0
+    active = time.monotonic()
+    try:
+        with ThreadPoolExecutor(max(1, parallel), thread_name_prefix="wal-prefetch") as pool:
+            while pg_wal.is_dir():
+                now = time.monotonic()
+                if in_recovery and not signal_file.exists() and not in_flight:
+                    break  # recovery ended: the server promoted
+                in_recovery = in_recovery or signal_file.exists()
+                try:
+                    wanted = (folder / WANT_FILE).read_text().strip()
+                except OSError:
+                    wanted = None
+                if wanted and wanted != want:
+                    want, active = wanted, now
+                    wal = parse_wal_name(wanted)
+                    if wal.kind == "segment" and wal.segno is not None and (
+                        wal.timeline != timeline or not wal.segno < next_segno <= wal.segno + depth + 1
+                    ):
+                        timeline, next_segno, retry_at = wal.timeline, wal.segno + 1, 0.0
+                    for entry in os.listdir(folder):  # what recovery has passed
+                        if len(entry) >= 24 and not entry.startswith(".") and entry[:24] < wanted:
+                            with contextlib.suppress(OSError):
+                                (folder / entry).unlink()
+                for name, fut in list(in_flight.items()):
+                    if not fut.done():
+                        continue
+                    del in_flight[name]
+                    if name.endswith(".history"):
+                        with contextlib.suppress(DRError, OSError):
+                            fut.result()
+                        continue
+                    try:
+                        if fut.result():
+                            fetched += 1
+                            if want is not None and name <= want:  # recovery got it already
+                                for stale in (name, name + walserve.MARK_SUFFIX):
+                                    with contextlib.suppress(OSError):
+                                        (folder / stale).unlink()
+                            else:
+                                ours.add(name)
+                            continue
+                    except (DRError, OSError) as exc:
+                        log.warning("prefetch of %s failed: %s", name, exc)
+                    # not archived yet, or failed (wal-fetch reports it when recovery asks):
+                    # resume from there a little later
+                    segno = parse_wal_name(name).segno
+                    if segno is not None and segno < next_segno:
+                        next_segno = segno
+                    retry_at = now + 1.0
+                # taken by the fast path: its mark is gone (the file stays as the last served)
+                taken = {n for n in ours if not (folder / (n + walserve.MARK_SUFFIX)).exists()}
+                if taken:
+                    ours -= taken
+                    active = now
+                    _prune_served(folder, keep=max(taken))
+                if timeline and now >= history_at:
+                    # recovery_target_timeline = latest: PostgreSQL probes for the next timeline's
+                    # history file at the start and at the end of recovery
+                    history_at = now + walserve.MISSING_FRESH / 3
+                    nxt = f"{timeline + 1:08X}.history"
+                    if nxt not in in_flight:
+                        in_flight[nxt] = pool.submit(_probe_history, repo, nxt, settings, folder, stamp)
+                if timeline and now >= retry_at:
+                    while len(in_flight) + len(ours) < depth:
+                        name = segment_name(timeline, next_segno)
+                        next_segno += 1
+                        if name in in_flight or (folder / name).exists():
+                            continue
+                        in_flight[name] = pool.submit(_prefetch_one, repo, name, settings, folder,
+                                                      stamp, pgdata)
+                if timeline:
+                    held = sorted({n for n in in_flight if len(n) == 24} | ours)
+                    current = " ".join([str(os.getpid()), *held])
+                    if current != window:  # what the fast path may wait for (tasks.walserve)
+                        window = current
+                        _atomic_write(folder / walserve.WINDOW_FILE, window.encode(), like=pg_wal,
+                                      durable=False)
+                if not in_flight and now - active > idle_exit:
+                    break
+                time.sleep(0.005)
+    finally:
+        with contextlib.suppress(OSError):
+            (folder / walserve.WINDOW_FILE).unlink()
+        os.close(lock)
+    return fetched
 
 
 def repository_reachable(repo: Repository) -> None:
@@ -923,6 +1097,10 @@ def run_pusher(
                     if not fut.done():
                         continue
                     del in_flight[name]
+                    if name.endswith(".history"):
+                        with contextlib.suppress(DRError, OSError):
+                            fut.result()
+                        continue
                     try:
                         res = fut.result()
                         mark_archived(pg_wal / name, res, stamp)

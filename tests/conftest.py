@@ -16,10 +16,8 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ["AWS_DEFAULT_REGION"] = "eu-north-1"
 
 import shutil  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -27,6 +25,7 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
+from gravl_testlib import wait_port  # noqa: E402
 from tasks.pgcluster import LocalCluster, free_port, make_private_dir  # noqa: E402
 from tasks.sample import create_database, load_sample  # noqa: E402
 
@@ -151,16 +150,6 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
-def _wait_port(host: str, port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex((host, port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {host}:{port}")
-
-
 @pytest.fixture(scope="session")
 def pushgateway() -> Iterator[str]:
     """A real Pushgateway (Debian's prometheus-pushgateway) on a loopback port."""
@@ -171,7 +160,7 @@ def pushgateway() -> Iterator[str]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_port("127.0.0.1", port)
+        wait_port("127.0.0.1", port, "the Pushgateway")
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

@@ -7,10 +7,8 @@ import base64
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,8 +18,10 @@ from typing import Any
 import psycopg
 import pytest
 
+from gravl_testlib import wait_port
 from tasks.config import Node
 from tasks.pgcluster import LocalCluster, free_port, make_private_dir
+from tasks.polling import poll_until
 from tasks.topology import clone_standby, configure_standby
 
 PG_USER = "postgres"
@@ -39,15 +39,14 @@ def sql(dsn: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def holds() -> bool:
         try:
-            if check():
-                return
-        except psycopg.Error:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+            return check()
+        except psycopg.Error:  # not up yet, or in recovery: ask again
+            return False
+
+    if not poll_until(holds, timeout=timeout, interval=0.05):
+        raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass
@@ -190,16 +189,6 @@ class BindServer:
         assert resp.rcode() == 0, resp
 
 
-def _wait_tcp(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"named did not listen on {port}")
-
-
 @pytest.fixture(scope="session")
 def bind_server() -> Iterator[BindServer]:
     """BIND 9 (`named -g`) on a loopback port: zone gravl.internal., updates allowed with a TSIG key."""
@@ -239,14 +228,11 @@ zone "{ZONE.rstrip('.')}" {{
     proc = subprocess.Popen([named, "-g", "-c", str(directory / "named.conf")], stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-        _wait_tcp(port)
+        wait_port("127.0.0.1", port, "named")
         server = BindServer(port=port, directory=directory, secret=secret, proc=proc)
         # named listens before its zones are loaded (and answers SERVFAIL until then)
-        deadline = time.monotonic() + 20
-        while server.query() != ["127.0.0.1"]:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"named did not load the zone: {(directory / 'named.log').read_text()[-500:]}")
-            time.sleep(0.05)
+        if not poll_until(lambda: server.query() == ["127.0.0.1"], timeout=20, interval=0.05):
+            raise RuntimeError(f"named did not load the zone: {(directory / 'named.log').read_text()[-500:]}")
         yield server
     finally:
         proc.terminate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,21 @@ from typing import Any
 
 import yaml
 
+from tasks.polling import poll_until
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GRAVL_DR = str(Path(sys.executable).parent / "gravl-dr")
+
+
+def listening(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_port(host: str, port: int, what: str, timeout: float = 20) -> None:
+    """Wait until something accepts TCP connections on host:port."""
+    if not poll_until(lambda: listening(host, port), timeout=timeout, interval=0.05):
+        raise RuntimeError(f"{what} did not listen on {host}:{port} within {timeout:.0f}s")
 
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:

@@ -68,27 +68,27 @@ class SlowFileRepository(FileRepository):
         return super().put_stream(key, slow())
 
 
-def _kill_child_named(name: str, timeout: float = 20) -> int:
+def _terminate_walsender(dsn: str, timeout: float = 20) -> int:
+    """pg_terminate_backend() the WAL sender streaming gravl-dr's base backup (the server side
+    of the stream dies; kill -9 of a backend would crash-restart the shared test cluster)."""
+    import psycopg
+
     deadline = time.monotonic() + timeout
-    me = os.getpid()
-    while time.monotonic() < deadline:
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if cmd.endswith(name.encode()) and ppid == me:
-                os.kill(int(pid), signal.SIGKILL)
-                return int(pid)
-        time.sleep(0.01)
-    raise AssertionError(f"no {name} child appeared")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender' "
+                "AND application_name = 'gravl-dr' AND wait_event IS DISTINCT FROM 'WalSenderMain'").fetchone()
+            if row and conn.execute("SELECT count(*) FROM pg_replication_slots WHERE active_pid = %s",
+                                    row).fetchone() == (1,):
+                conn.execute("SELECT pg_terminate_backend(%s)", row)
+                return int(row[0])
+            time.sleep(0.01)
+    raise AssertionError("no gravl-dr base backup appeared")
 
 
-def test_killed_pg_basebackup_leaves_no_backup_and_next_succeeds(make_config, file_repo_url,
-                                                                 file_repo_dir) -> None:
+def test_killed_base_backup_leaves_no_backup_and_next_succeeds(make_config, file_repo_url,
+                                                               file_repo_dir, pg_primary) -> None:
     # GIVEN a backup streaming into a slow repository (compression off: many chunks)
     cfg = load_config(str(make_config(file_repo_url, repository={"compression": "none"})))
     repo = SlowFileRepository(file_repo_dir, file_repo_url)
@@ -102,14 +102,20 @@ def test_killed_pg_basebackup_leaves_no_backup_and_next_succeeds(make_config, fi
 
     thread = threading.Thread(target=run)
     thread.start()
-    # WHEN pg_basebackup is SIGKILLed mid-stream
-    _kill_child_named("pg_basebackup")
+    # WHEN the server process streaming it is terminated mid-stream
+    _terminate_walsender(pg_primary.dsn("postgres"))
     thread.join(60)
-    # THEN the backup failed naming pg_basebackup, nothing is listed, no partial file remains
+    # THEN the backup failed naming BASE_BACKUP, nothing is listed, no partial file or empty
+    # folder remains, and the temporary replication slot went with the connection
     assert len(errors) == 1 and isinstance(errors[0], CommandFailed), errors
-    assert "pg_basebackup" in str(errors[0])
+    assert "BASE_BACKUP" in str(errors[0])
     assert steps.list_backups(repo) == []
-    assert [p for p in file_repo_dir.rglob("*") if p.is_file()] == []
+    assert [p for p in file_repo_dir.rglob("*") if p.name != "locks"] == []
+    import psycopg
+
+    with psycopg.connect(pg_primary.dsn("postgres")) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'gravl_dr_%'"
+                            ).fetchone() == (0,)
     # AND the next backup succeeds
     manifest = take_backup(cfg, open_repository(cfg.repository))
     assert [m.id for m in steps.list_backups(repo)] == [manifest.id]
@@ -162,3 +168,53 @@ def test_stale_lock_of_dead_process_is_taken_over(make_config, file_repo_url) ->
         "pid": 2**22 + 12345, "epoch": time.time()}).encode())
     steps.acquire_lock(repo, "20260102T000000Z-physical")
     assert steps.read_lock(repo)["backup_id"] == "20260102T000000Z-physical"
+
+
+SLOW_RESTORE = """
+import sys, time
+from pathlib import Path
+from tasks.config import load_config
+from tasks.repository import FileRepository
+from tasks.restore import restore_physical
+from tasks.backup import resolve_backup
+
+class SlowRepository(FileRepository):  # a slow disk: the restore is still streaming when killed
+    def iter_object(self, key, chunk_size=1 << 16):
+        for chunk in super().iter_object(key, 1 << 16):
+            time.sleep(0.02)
+            yield chunk
+
+cfg = load_config(sys.argv[1])
+repo = SlowRepository(Path(sys.argv[2]), "file://" + sys.argv[2])
+restore_physical(cfg, repo, resolve_backup(repo, "latest", cluster=cfg.cluster), Path(sys.argv[3]))
+"""
+
+
+def test_a_restore_killed_mid_stream_leaves_no_startable_data_directory(
+    make_config, file_repo_url, file_repo_dir, pg_dir
+) -> None:
+    import subprocess
+    import sys
+
+    # GIVEN a good physical backup, restored from a slow repository (one pass: verify while extracting)
+    cfg_path = make_config(file_repo_url)
+    cfg = load_config(str(cfg_path))
+    take_backup(cfg, open_repository(cfg.repository))
+    target = pg_dir / "restored"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_RESTORE, str(cfg_path), str(file_repo_dir), str(target)],
+                            stderr=subprocess.PIPE)
+    # WHEN the restore is killed with -9 once files are being extracted, pg_control among them
+    deadline = time.monotonic() + 120
+    while not (target / "global" / "pg_control.gravl-unverified").exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # THEN the half-extracted directory has no pg_control: no server can start on unverified data
+    assert (target / "PG_VERSION").exists()
+    assert not (target / "global" / "pg_control").exists()
+    from tasks.pgcluster import LocalCluster
+
+    with pytest.raises(CommandFailed):
+        LocalCluster(target, 1).start(timeout=10)

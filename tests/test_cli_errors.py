@@ -91,3 +91,33 @@ def test_list_does_not_import_prefect_or_boto3(make_config, file_repo_url: str) 
     assert proc.returncode == 0, proc.stderr
     imported = {ln.split("|")[-1].strip() for ln in proc.stderr.splitlines() if "import time" in ln}
     assert "prefect" not in imported and "boto3" not in imported
+
+
+def test_a_flow_command_ending_without_teardown_keeps_its_run_logs_and_artifact(
+    prefect_harness: None, make_config, file_repo_url: str
+) -> None:
+    # GIVEN a Prefect API (the session harness) and a flow command run as a user would
+    import prefect
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    cfg = make_config(file_repo_url)
+    api = str(prefect.settings.PREFECT_API_URL.value())
+    # WHEN it ends (the CLI skips the interpreter's module teardown after the exit handlers)
+    proc = run_cli("backup", "--dry-run", config=cfg, env={"PREFECT_API_URL": api})
+    assert proc.returncode == 0, proc.stderr
+    # THEN Prefect recorded the run as completed, with its last log line and its artifact
+    with get_client(sync_client=True) as client:
+        [run] = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+    assert run.state is not None and run.state.is_completed(), run.state
+    assert any("Finished in state Completed" in str(log.message) for log in logs)
+    assert [a.key for a in artifacts] == ["backup-report-gravl"]

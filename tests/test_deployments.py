@@ -27,6 +27,7 @@ EXPECTED: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "drill-weekly": ("flows/drill.py:drill_flow", "drill", [("0 3 * * 0", "UTC"), ("0 5 * * 0", "UTC")]),
     "expire-daily": ("flows/retention.py:expire_flow", "expire", [("30 4 * * *", "UTC")]),
     "verify-manual": ("flows/verify.py:verify_flow", "verify", []),
+    "unlock-manual": ("flows/unlock.py:unlock_flow", "unlock", []),
     "restore-manual": ("flows/restore.py:restore_flow", "restore", []),
     "failover-manual": ("flows/failover.py:failover_flow", "failover", []),
     "failback-manual": ("flows/failback.py:failback_flow", "failback", []),

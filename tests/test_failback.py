@@ -58,7 +58,7 @@ def test_failback_after_writes_in_failover_window_rewinds_and_loses_nothing(
     assert pair.rows(pair.home.dsn()) == expected
     assert route53_values(route53_dns) == ["127.0.0.1"]
     assert report.rebuild is not None and report.rebuild.method.startswith("pg_rewind"), report.rebuild
-    assert report.backup_id and report.backup_id.endswith("-physical")
+    assert report.backup_id and "-physical-" in report.backup_id  # <UTC second>-<kind>-<suffix>
     so = report.switchover
     assert so is not None and so.final_checkpoint_lsn and so.replayed_lsn and so.unavailable_seconds < 15
     # the former primary rejoined and replays what home writes now
@@ -87,7 +87,10 @@ def test_failback_without_wal_log_hints_reclones_and_moves_bind_record_back(
 
     # THEN it was re-cloned with pg_basebackup, keeping its own address, and the record is back
     assert report.rebuild is not None and report.rebuild.method == "pg_basebackup re-clone"
-    assert "wal_log_hints" in report.rebuild.detail
+    assert any(p.startswith("reclone-old-primary") and "wal_log_hints" in p for p in report.plan), report.plan
+    # the old data directory was moved aside and kept, not deleted
+    assert len(report.old_data) == 1 and Path(report.old_data[0], "PG_VERSION").is_file(), report.old_data
+    assert report.old_data_bytes and report.old_data_bytes > 1_000_000
     assert not _in_recovery(pair.home.dsn())
     assert sql(pair.home.dsn(), "SHOW listen_addresses") == [("127.0.0.1",)]
     assert len(pair.rows(pair.home.dsn())) == 350

@@ -242,6 +242,7 @@ BOTO_ACTIONS = {
     "list_objects_v2": "s3:ListBucket",
     "get_paginator": None,  # resolved by the paginated operation's name
     "list_multipart_uploads": "s3:ListBucketMultipartUploads",
+    "list_parts": "s3:ListMultipartUploadParts",  # sizing an abandoned upload before expire aborts it
     "get_object": "s3:GetObject",
     "head_object": "s3:GetObject",
     "put_object": "s3:PutObject",

@@ -120,7 +120,23 @@ FLOWS = [
     ("flows.retention", "expire_flow"), ("flows.restore", "restore_flow"), ("flows.verify", "verify_flow"),
     ("flows.failover", "failover_flow"), ("flows.failback", "failback_flow"),
     ("flows.drill_failover", "drill_failover_flow"), ("flows.demo", "demo_flow"),
+    ("flows.unlock", "unlock_flow"),
 ]
+
+
+def test_the_list_above_holds_every_flow_in_flows() -> None:
+    import importlib
+
+    from prefect.flows import Flow
+
+    from gravl_testlib import REPO_ROOT
+
+    found = set()
+    for path in sorted((REPO_ROOT / "flows").glob("*.py")):
+        module = importlib.import_module(f"flows.{path.stem}")
+        found |= {(module.__name__, name) for name, obj in vars(module).items()
+                  if isinstance(obj, Flow) and obj.__module__ == module.__name__}
+    assert found == set(FLOWS), found ^ set(FLOWS)
 
 
 @pytest.mark.parametrize(("module", "name"), FLOWS)

@@ -17,6 +17,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -189,9 +190,14 @@ def test_deployed_flows_run_on_a_process_worker_and_report(stack: Stack) -> None
     drill = _run(stack, "drill/drill-weekly")
     verify = _run(stack, "verify/verify-manual")
     expire = _run(stack, "expire/expire-daily")
-    runs = _wait(stack, [wal.id, drill.id, verify.id, expire.id])
+    unlock = _run(stack, "unlock/unlock-manual")
+    # AND a point-in-time restore into a directory, from the form's typed parameters
+    target = stack.arch.base / "restored"
+    restore = _run(stack, "restore/restore-manual", {
+        "pgdata": str(target), "target_time": datetime.now(UTC).isoformat()})
+    runs = _wait(stack, [wal.id, drill.id, verify.id, expire.id, unlock.id, restore.id])
     # THEN each completed on the worker, from the checkout, with its report artifact
-    for run in (wal, drill, verify, expire):
+    for run in (wal, drill, verify, expire, unlock, restore):
         assert runs[run.id].state.is_completed(), _failed_logs(stack, runs[run.id])
     assert "backup" in _artifact(stack, f"backup-report-{CLUSTER}", backup.id).lower()
     assert "WAL archive of gravl: OK" in _artifact(stack, f"wal-check-report-{CLUSTER}", wal.id)
@@ -199,6 +205,10 @@ def test_deployed_flows_run_on_a_process_worker_and_report(stack: Stack) -> None
     assert "PASSED" in drilled and "the newest physical backup" in drilled, drilled
     assert ": OK" in _artifact(stack, f"verify-report-{CLUSTER}", verify.id)
     assert "Retention" in _artifact(stack, f"expire-report-{CLUSTER}", expire.id)
+    assert "nothing to do" in _artifact(stack, f"unlock-report-{CLUSTER}", unlock.id)
+    restored = _artifact(stack, f"restore-report-{CLUSTER}", restore.id)
+    assert "complete" in restored and "recovery target" in restored, restored
+    assert (target / "recovery.signal").is_file() and (target / "PG_VERSION").is_file()
     # AND the watch measured the lag between checks, in the run's logs and at the Pushgateway
     logs = _failed_logs(stack, runs[wal.id])
     assert "lag sample 3/3" in logs, logs
@@ -222,7 +232,7 @@ def test_the_ui_shows_every_form_with_help_and_renders_the_backup_report(stack: 
                           capture_output=True, text=True, timeout=900)
     # THEN every parameter shows with its description, and the markdown report is rendered
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
-    assert proc.stdout.count(": OK") >= 11, proc.stdout
+    assert proc.stdout.count(": OK") >= 12, proc.stdout
     assert f"artifact backup-report-{CLUSTER}: OK" in proc.stdout
 
 
@@ -242,7 +252,7 @@ def _snapshot(st: Stack) -> dict[str, Any]:
 def test_serve_next_to_the_deployments_changes_none_of_them(stack: Stack) -> None:
     # GIVEN the deployed deployments
     before = _snapshot(stack)
-    assert len(before) >= 10 and all(v["work_pool"] == POOL for v in before.values())
+    assert len(before) >= 11 and all(v["work_pool"] == POOL for v in before.values())
     # WHEN an operator starts serve.py against the same server
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "deployments" / "serve.py")], env=stack.env(),
                           cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=180)

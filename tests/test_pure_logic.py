@@ -1,6 +1,6 @@
 """Unit tier: pure decisions and parsers that had no test of their own — backup lock staleness,
 the wal-push/wal-fetch fast-path argument split, the look-ahead spool marks, pg_controldata and
-pg_waldump output, the markdown tables of the failover/failback reports, poll_until and the Prefect defaults."""
+pg_waldump output, the backup report and the markdown tables of the failover/failback reports, poll_until and the Prefect defaults."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from flows.backup import BackupReport
+from flows.backup import _markdown as backup_markdown
 from flows.cli_wal import _int_option, _split
 from flows.failover import TimelineEvent, markdown_table, timeline_markdown
 from flows.prefect_env import PREFECT_DEFAULTS, apply_prefect_defaults
@@ -259,3 +261,25 @@ def test_prefect_defaults_fill_gaps_and_never_override_the_operator() -> None:
     assert {k: env[k] for k in PREFECT_DEFAULTS if k != "DO_NOT_TRACK"} == {
         k: v for k, v in PREFECT_DEFAULTS.items() if k != "DO_NOT_TRACK"}
     assert env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "tasks,flows"  # our loggers reach the Prefect UI
+
+
+# ---------------------------------------------------------------- the backup report
+
+def test_backup_report_states_sizes_ratio_and_throughput() -> None:
+    report = BackupReport(backup_id="20261129T020000Z-physical", kind="physical", dry_run=False,
+                          raw_bytes=400 * 2**20, stored_bytes=100 * 2**20, stream_seconds=4.0,
+                          verify_seconds=1.5, total_seconds=6.0, start_lsn="0/2000028", stop_lsn="0/2000100",
+                          messages=["data checksums on"])
+    text = backup_markdown(report, "s3://bucket/gravl")
+    assert text.startswith("# Backup 20261129T020000Z-physical: complete\n")
+    assert "| stored size | 100.0 MiB (ratio 4.00) |" in text and "| stream | 4.0 s (100 MiB/s) |" in text
+    assert "| WAL | 0/2000028 .. 0/2000100 |" in text and "- data checksums on" in text
+    assert "What failed" not in text
+
+
+def test_backup_report_of_a_failure_or_a_dry_run_never_divides_by_zero() -> None:
+    empty = BackupReport(backup_id="20261129T020000Z-logical", kind="logical", dry_run=True)
+    assert ": dry run: nothing written" in backup_markdown(empty, "file:///r").splitlines()[0]
+    failed = backup_markdown(empty, "file:///r", error="pg_dump: connection refused")
+    assert "FAILED" in failed.splitlines()[0] and "(ratio 0.00)" in failed and "| WAL | - .. - |" in failed
+    assert "## What failed\n`pg_dump: connection refused`" in failed and "Nothing of this attempt is listed" in failed

@@ -319,13 +319,25 @@ def test_fetch_prefetches_the_next_segments(pg_wal: Path, file_config: Path, tmp
     # WHEN recovery asks for the first
     proc = fetch(file_config, paths[0].name, restore_wal / "RECOVERYXLOG", "--prefetch", "4")
     assert proc.returncode == 0, proc.stderr
-    # THEN the next three wait, verified, in the prefetch folder; asking for one moves it into place
+    # THEN the background prefetcher fetches the next three, verified and marked, into the
+    # prefetch folder; asking for one moves it into place
     folder = restore_wal / "gravl-dr" / "prefetch"
-    assert sorted(p.name for p in folder.iterdir() if p.name != "config") == [p.name for p in paths[1:]]
+    wanted = sorted(p.name for p in paths[1:])
+    deadline = time.monotonic() + 30
+    while sorted(p.name for p in folder.iterdir() if p.name.endswith(".ok")) != [f"{n}.ok" for n in wanted]:
+        assert time.monotonic() < deadline, sorted(p.name for p in folder.iterdir())
+        time.sleep(0.1)
+    assert sorted(p.name for p in folder.iterdir() if len(p.name) == 24 and "." not in p.name) == wanted
     proc = fetch(file_config, paths[1].name, restore_wal / "RECOVERYXLOG")
     assert proc.returncode == 0
     assert (restore_wal / "RECOVERYXLOG").read_bytes() == paths[1].read_bytes()
     assert not (folder / paths[1].name).exists()
+    # a prefetched file changed after its verification is not served (its mark names the
+    # verified file): the repository's copy is fetched instead
+    (folder / paths[2].name).write_bytes(b"x" * SEG)
+    proc = fetch(file_config, paths[2].name, restore_wal / "RECOVERYXLOG")
+    assert proc.returncode == 0, proc.stderr
+    assert (restore_wal / "RECOVERYXLOG").read_bytes() == paths[2].read_bytes()
 
 
 def test_encrypted_round_trip_and_no_key_stops_recovery(
@@ -360,7 +372,11 @@ def test_s3_push_fetch_duplicate_and_conflict(pg_wal: Path, s3_config: Path, tmp
     proc = fetch(s3_config, paths[0].name, restore_wal / "RECOVERYXLOG")
     assert proc.returncode == 0, proc.stderr
     assert (restore_wal / "RECOVERYXLOG").read_bytes() == paths[0].read_bytes()
-    assert (restore_wal / "gravl-dr" / "prefetch" / paths[2].name).is_file()
+    mark = restore_wal / "gravl-dr" / "prefetch" / f"{paths[2].name}.ok"  # the background prefetcher's
+    deadline = time.monotonic() + 30
+    while not mark.is_file():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
     assert fetch(s3_config, seg_name(1, 99), restore_wal / "X").returncode == 1
     make_wal(pg_wal, paths[2].name, seed=1234, ready=False)
     paths[2].touch()

@@ -1,0 +1,292 @@
+"""Adapter: serving a prefetched WAL segment to restore_command, with the standard library's core only.
+
+PostgreSQL's startup process runs restore_command once per 16 MB segment and waits for it, so
+the fixed cost of each call is paid once per segment of replay. Restore writes
+``restore_command = 'python -I -S …/walserve.py --config CFG wal-fetch %f %p'``: this script
+imports nothing but ``os``, ``sys`` and ``struct`` (no site, no package finder) and answers in a
+few milliseconds when the background prefetcher (``tasks.wal.run_prefetcher``) already fetched
+and verified the segment. Everything else — not prefetched, a history or partial file, any check
+failing — is handed by ``exec`` to the full ``gravl-dr wal-fetch``, which owns the contract
+(0 fetched, 1 not in the archive, > 125 for anything else). This script answers 1 only from a
+live prefetcher's fresh "not in the archive" mark (``known_missing``).
+
+A prefetched segment is served only when all of these hold:
+
+- its mark ``<name>.ok``, written by the prefetcher once the archived object's SHA-256 matched,
+  names this configuration file's version (hence this repository), this boot (prefetched files
+  are not fsynced: a crash may have torn one) and the file's inode, size and mtime (the very
+  file that was verified, not one put there since);
+- the segment's first page is a long page header (xlog_internal.h, XLogLongPageHeaderData) that
+  says: this data directory's system identifier (the first field of global/pg_control), the
+  address of this segment's first byte, a timeline not above the one in the name (a segment's
+  first pages may predate the switch to its timeline, never follow it), and a segment size equal
+  to the file's size.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+
+MARK_SUFFIX = ".ok"
+MISSING_SUFFIX = ".missing"
+SERVED_SUFFIX = ".served"  # the mark of the last segment served, kept for a second request
+MISSING_FRESH = 2.0  # seconds a prefetcher's "not in the archive" stays true (it re-checks each second)
+WINDOW_FILE = "window"  # "<prefetcher pid> <name> <name>...": what it is fetching or holds
+WAIT_SECONDS = 300.0  # at most, for a segment the prefetcher is fetching
+PREFETCH = os.path.join("gravl-dr", "prefetch")  # under pg_wal, see tasks.wal.spool_root
+XLP_LONG_HEADER = 0x0002
+# XLogLongPageHeaderData: magic, info, tli, pageaddr, rem_len, (pad), sysid, seg_size, blcksz
+LONG_HEADER = struct.Struct("<HHIQI4xQII")
+HEX = frozenset("0123456789ABCDEF")
+
+
+def config_stamp(config_path: str) -> str:
+    """Identifies a config file's version: prefetched state is only trusted under the same one."""
+    p = os.path.abspath(config_path)
+    try:
+        st = os.stat(p)
+    except OSError:
+        return f"{p}:missing"
+    return f"{p}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def prefetch_folder(dest: str) -> str:
+    """Where segments are prefetched for a restore_command writing to ``dest`` (%p, in pg_wal)."""
+    return os.path.join(os.path.dirname(os.path.abspath(dest)), PREFETCH)
+
+
+def mark_text(stamp: str, st: os.stat_result, alg: str, digest: str) -> str:
+    """The mark of a verified prefetched file; ``alg``/``digest`` are the archived header's."""
+    return (f"stamp={stamp}\nboot={boot_id()}\nino={st.st_ino}\nsize={st.st_size}\n"
+            f"mtime_ns={st.st_mtime_ns}\nalg={alg}\ndigest={digest}\n")
+
+
+def read_mark(path: str) -> dict[str, str] | None:
+    try:
+        with open(path) as fh:
+            text = fh.read(4096)
+    except OSError:
+        return None
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key] = value
+    return out
+
+
+def segment_address(name: str, seg_size: int) -> tuple[int, int] | None:
+    """(timeline, address of the first byte) of a segment name, or None if it is not one."""
+    if len(name) != 24 or not HEX.issuperset(name) or seg_size <= 0:
+        return None
+    tli, log, seg = int(name[:8], 16), int(name[8:16], 16), int(name[16:], 16)
+    per_log = 0x100000000 // seg_size
+    if seg >= per_log:
+        return None
+    return tli, (log * per_log + seg) * seg_size
+
+
+def system_identifier(pgdata: str) -> int | None:
+    """ControlFileData.system_identifier, the first 8 bytes of global/pg_control."""
+    try:
+        with open(os.path.join(pgdata, "global", "pg_control"), "rb") as fh:
+            raw = fh.read(8)
+    except OSError:
+        return None
+    return struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
+
+
+def header_problem(head: bytes, name: str, size: int, sysid: int | None) -> str | None:
+    """Why a segment's first page does not belong here (None when it does)."""
+    if len(head) < LONG_HEADER.size:
+        return "shorter than a page header"
+    _magic, info, tli, pageaddr, _rem, file_sysid, seg_size, _blcksz = LONG_HEADER.unpack_from(head)
+    if not info & XLP_LONG_HEADER:
+        return "first page has no long header"
+    if sysid is None:
+        return "no pg_control to compare the system identifier with"
+    if file_sysid != sysid:
+        return f"system identifier {file_sysid}, this data directory's is {sysid}"
+    if seg_size != size:
+        return f"segment size {seg_size} in the header, {size} bytes on disk"
+    where = segment_address(name, seg_size)
+    if where is None:
+        return "not a segment name"
+    if pageaddr != where[1]:
+        return f"page address {pageaddr:X}, the name says {where[1]:X}"
+    if tli > where[0]:
+        return f"timeline {tli} in the header, the name says {where[0]}"
+    return None
+
+
+def check_prefetched(name: str, dest: str, stamp: str) -> tuple[str, str, int] | str:
+    """(path, its mark's path, its size) when the prefetched ``name`` may be served into
+    ``dest``; otherwise why not."""
+    folder = prefetch_folder(dest)
+    path = os.path.join(folder, name)
+    mark_path = path + MARK_SUFFIX
+    mark = read_mark(mark_path)
+    if mark is None:  # served once already: PostgreSQL may ask for the last segment again
+        mark_path = path + SERVED_SUFFIX
+        mark = read_mark(mark_path)
+    if mark is None:
+        return "not prefetched"
+    if mark.get("stamp") != stamp:
+        return "prefetched under another configuration"
+    if mark.get("boot") != boot_id():
+        return "prefetched before a reboot"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return "not prefetched"
+    try:
+        st = os.fstat(fd)
+        if (str(st.st_ino), str(st.st_size), str(st.st_mtime_ns)) != (
+            mark.get("ino"), mark.get("size"), mark.get("mtime_ns")
+        ):
+            return "not the file that was verified"
+        head = os.read(fd, LONG_HEADER.size)
+    finally:
+        os.close(fd)
+    pgdata = os.path.dirname(os.path.dirname(os.path.abspath(dest)))
+    problem = header_problem(head, name, st.st_size, system_identifier(pgdata))
+    if problem is not None:
+        return problem
+    return path, mark_path, st.st_size
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def in_prefetch_window(name: str, folder: str) -> bool:
+    """True while a live prefetcher is fetching ``name`` or holds it (its window)."""
+    try:
+        with open(os.path.join(folder, WINDOW_FILE)) as fh:
+            pid, *held = fh.read(8192).split()
+    except (OSError, ValueError):
+        return False
+    return name in held and pid.isdigit() and _alive(int(pid))
+
+
+def serve(name: str, dest: str, stamp: str, wait: float = 0.0) -> bool:
+    """Move a prefetched, checked segment into ``dest``; False when it cannot be served. With
+    ``wait``, first wait (up to that many seconds) while the prefetcher is still fetching it."""
+    found = check_prefetched(name, dest, stamp)
+    if found == "not prefetched" and wait > 0:
+        import time
+
+        folder = prefetch_folder(dest)
+        deadline = time.monotonic() + wait
+        while found == "not prefetched" and in_prefetch_window(name, folder) and time.monotonic() < deadline:
+            time.sleep(0.002)
+            found = check_prefetched(name, dest, stamp)
+    if isinstance(found, str):
+        return False
+    path, mark, _size = found
+    # a second name for the same file: PostgreSQL only reads what restore_command delivers
+    # (and renames it into pg_wal); the prefetched name stays for a repeated request
+    tmp = f"{dest}.gravl-{os.getpid()}"
+    try:
+        os.link(path, tmp)
+        os.replace(tmp, dest)
+    except OSError:
+        try:  # noqa: SIM105 - contextlib would be one more import on every call
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return False
+    if mark.endswith(MARK_SUFFIX):
+        try:  # noqa: SIM105
+            os.replace(mark, path + SERVED_SUFFIX)
+        except OSError:
+            pass
+    return True
+
+
+def missing_text(stamp: str) -> str:
+    return f"stamp={stamp}\nboot={boot_id()}\n"
+
+
+def known_missing(name: str, dest: str, stamp: str) -> bool:
+    """True when a live prefetcher found ``name`` absent from this repository within the last
+    MISSING_FRESH seconds (after checking the repository is reachable): recovery may be told
+    "not in the archive" (exit 1) without starting the full command, as pgBackRest's
+    asynchronous archive-get does from its spool."""
+    import time
+
+    folder = prefetch_folder(dest)
+    path = os.path.join(folder, name + MISSING_SUFFIX)
+    try:
+        age = time.time() - os.stat(path).st_mtime
+    except OSError:
+        return False
+    mark = read_mark(path)
+    if mark is None or mark.get("stamp") != stamp or mark.get("boot") != boot_id() or not 0 <= age < MISSING_FRESH:
+        return False
+    try:
+        with open(os.path.join(folder, WINDOW_FILE)) as fh:
+            pid = fh.read(200).split()[0]
+    except (OSError, IndexError):
+        return False
+    return pid.isdigit() and _alive(int(pid))
+
+
+def parse_argv(argv: list[str]) -> tuple[str, str, str] | None:
+    """(config, name, dest) of ``[--config CFG] [-v] wal-fetch NAME DEST [--prefetch N]``."""
+    config: str | None = None
+    i = 0
+    while i < len(argv) and argv[i] != "wal-fetch":
+        a = argv[i]
+        if a == "--config" and i + 1 < len(argv):
+            config, i = argv[i + 1], i + 2
+        elif a.startswith("--config="):
+            config, i = a.split("=", 1)[1], i + 1
+        elif a in ("-v", "--verbose"):
+            i += 1
+        else:
+            return None
+    rest = argv[i + 1:]
+    if i >= len(argv) or len(rest) not in (2, 4):
+        return None
+    if len(rest) == 4 and (rest[2] != "--prefetch" or not rest[3].isdigit()):
+        return None
+    config = config or os.environ.get("GRAVL_DR_CONFIG") or "gravl-dr.yaml"
+    return config, rest[0], rest[1]
+
+
+def main(argv: list[str]) -> int:
+    parsed = parse_argv(argv)
+    if parsed is not None:
+        config, name, dest = parsed
+        stamp = config_stamp(config)
+        if len(name) == 24 and serve(name, dest, stamp, wait=WAIT_SECONDS):
+            return 0
+        if (len(name) == 24 or name.endswith(".history")) and known_missing(name, dest, stamp):
+            return 1
+    # everything else: the full command, with the same arguments
+    try:
+        os.execv(sys.executable, [sys.executable, "-P", "-m", "flows.cli", *argv])
+    except OSError as exc:
+        sys.stderr.write(f"gravl-dr: error: wal-fetch: cannot run gravl-dr: {exc} (exit 255: recovery stops)\n")
+    return 255
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
