@@ -648,6 +648,8 @@ def _stream_logical(cfg: Config, repo: Repository, pre: Preflight) -> StreamResu
     dsn = source_dsn(cfg, pre.info.version_num)
     with connection(dsn) as conn:
         lsn_row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        cluster_dbs = [str(r[0]) for r in conn.execute(
+            "SELECT datname FROM pg_database WHERE NOT datistemplate ORDER BY 1").fetchall()]
     start_lsn = str(lsn_row[0]) if lsn_row else None
     running = _Running()
     entries: dict[str, DatabaseEntry] = {d.name: d for d in pre.databases}
@@ -688,9 +690,13 @@ def _stream_logical(cfg: Config, repo: Repository, pre: Preflight) -> StreamResu
         databases=tuple(entries[d.name] for d in pre.databases), globals_object=globals_obj.key,
         not_carried_over=notes,
         facts=ClusterFacts(lsn=start_lsn, snapshots=snapshots, databases=facts,
-                           not_counted={d.name: f"not in this backup: {d.skipped}" for d in pre.databases
-                                        if d.skipped},
-                           all_databases=[d.name for d in pre.databases]),
+                           not_counted={
+                               **{db: "not in this backup (backup.databases does not name it)" for db in cluster_dbs
+                                  if db not in entries},
+                               **{d.name: f"not in this backup: {d.skipped}" for d in pre.databases if d.skipped},
+                               **{d.name: "dumped, not counted (a template database)" for d in pre.databases
+                                  if not d.skipped and d.name not in facts}},
+                           all_databases=sorted({*cluster_dbs, *(d.name for d in pre.databases)})),
     )
 
 

@@ -124,7 +124,14 @@ def _count(conn: psycopg.Connection[Any]) -> DatabaseFacts:
     return database_facts(conn)
 
 
-SNAPSHOT_ATTEMPTS = 20
+SNAPSHOT_ATTEMPTS = 50
+
+
+def _wal_position(conn: psycopg.Connection[Any]) -> str:
+    row = conn.execute("SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
+                       "ELSE pg_current_wal_insert_lsn() END::text").fetchone()
+    assert row is not None
+    return str(row[0])
 
 
 def read_cluster_facts(dsn: str, *, snapshot_id: str | None = None, lsn: str | None = None,
@@ -134,10 +141,11 @@ def read_cluster_facts(dsn: str, *, snapshot_id: str | None = None, lsn: str | N
 
     With ``snapshot_id`` (an exported snapshot the caller keeps open, e.g. pg_dump's; one
     database) and its ``lsn``, that snapshot is used. Otherwise a transaction is opened in every
-    database, their snapshots taken back to back and the LSN read after the last one; PostgreSQL
-    cannot share one snapshot across databases, so this repeats (up to SNAPSHOT_ATTEMPTS times)
-    until all the snapshots are identical — no transaction began or ended in between — which
-    makes them one snapshot in effect. Each database's snapshot is recorded either way, and the
+    database, their snapshots taken back to back and the WAL insert position read before and
+    after them; PostgreSQL cannot share one snapshot across databases, and a commit between the
+    snapshots and the LSN would be replayed but not counted, so this repeats (up to
+    SNAPSHOT_ATTEMPTS times) until all the snapshots are identical and no WAL was written
+    meanwhile — one snapshot, exactly at that LSN. Each database's snapshot is recorded either way, and the
     drill proves per database that no transaction it did not see had committed at the LSN."""
     with connection(dsn) as conn:
         here = str(conn.info.dbname)
@@ -155,6 +163,7 @@ def read_cluster_facts(dsn: str, *, snapshot_id: str | None = None, lsn: str | N
             continue
         wanted.append(str(name))
     conns: dict[str, psycopg.Connection[Any]] = {}
+    conns_to_close: list[psycopg.Connection[Any]] = []
     try:
         for name in wanted:  # the DSN's own database last: its snapshot is the one nearest the LSN
             try:
@@ -163,7 +172,10 @@ def read_cluster_facts(dsn: str, *, snapshot_id: str | None = None, lsn: str | N
                 not_counted[name] = f"could not be counted: {one_line(exc)}"
                 log.warning("database %s not counted: %s", name, not_counted[name])
         snapshots: dict[str, str] = {}
+        probe = connect(dsn) if snapshot_id is None and conns else None
+        conns_to_close = [probe] if probe is not None else []
         for attempt in range(1, SNAPSHOT_ATTEMPTS + 1):
+            before = _wal_position(probe) if probe is not None else None
             snapshots = {}
             for name, conn in conns.items():
                 _begin(conn)
@@ -172,14 +184,11 @@ def read_cluster_facts(dsn: str, *, snapshot_id: str | None = None, lsn: str | N
                 row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
                 assert row is not None
                 snapshots[name] = str(row[0])
-            if snapshot_id is None and conns:
-                # read after every snapshot was taken: each commit they see lies before this LSN
-                main = conns[next(reversed(conns))]
-                lsn_row = main.execute("SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
-                                       "ELSE pg_current_wal_insert_lsn() END::text").fetchone()
-                assert lsn_row is not None
-                lsn = str(lsn_row[0])
-            if len(set(snapshots.values())) <= 1 or attempt == SNAPSHOT_ATTEMPTS:
+            if probe is not None:
+                # read after every snapshot was taken: each commit they see lies before this LSN;
+                # with no WAL written since ``before`` either, none they miss does
+                lsn = _wal_position(probe)
+            if (len(set(snapshots.values())) <= 1 and before == lsn) or attempt == SNAPSHOT_ATTEMPTS:
                 break
             for conn in conns.values():
                 conn.rollback()
@@ -198,7 +207,7 @@ def read_cluster_facts(dsn: str, *, snapshot_id: str | None = None, lsn: str | N
                 not_counted[name] = f"could not be counted: {one_line(exc)}"
                 log.warning("database %s not counted: %s", name, not_counted[name])
     finally:
-        for conn in conns.values():
+        for conn in [*conns.values(), *conns_to_close]:
             conn.close()
     log.info("row counts of %d database(s) read in snapshot(s) at %s (database %s)", len(databases), lsn, here)
     return ClusterFacts(lsn=lsn, snapshots={db: snapshots[db] for db in databases}, databases=databases,
