@@ -98,7 +98,8 @@ def cmd_failover(args: argparse.Namespace) -> int:
     from flows.failover import failover_flow
 
     report = run_flow(failover_flow, config_path=args.config, max_lag_bytes=args.max_lag_bytes,
-                      force=args.force, planned=args.planned, approved_by=approved_by)
+                      force=args.force, planned=args.planned, approved_by=approved_by,
+                      auto_approve=approved_by is not None)
     from flows.failover import UNFENCED, UNFENCED_EXIT_CODE
 
     if args.json:
@@ -127,7 +128,8 @@ def cmd_failback(args: argparse.Namespace) -> int:
     from flows.failback import failback_flow
 
     report = run_flow(failback_flow, config_path=args.config, backup=not args.no_backup,
-                      approved_by=approved_by, discard_old_data=args.discard_old_data)
+                      approved_by=approved_by, auto_approve=approved_by is not None,
+                      discard_old_data=args.discard_old_data)
     if args.json:
         print(report.model_dump_json(indent=2))
     else:
@@ -148,7 +150,7 @@ def cmd_drill(args: argparse.Namespace) -> int:
     from flows.drill_failover import drill_failover_flow
 
     report = run_flow(drill_failover_flow, config_path=args.config, backup=args.backup,
-                      approved_by=approved_by)
+                      approved_by=approved_by, auto_approve=approved_by is not None)
     if args.json:
         print(report.model_dump_json(indent=2))
     else:

@@ -27,12 +27,14 @@ from flows.failover import (
     _finish,
     _record,
     approval_gate,
+    approval_text,
     check_replica_health,
     markdown_table,
     reconnect_apps,
     record_role_change_task,
     report_sections,
     resolve_nodes,
+    set_approval,
     switch_dns,
     validate_primary,
 )
@@ -84,6 +86,8 @@ class FailbackReport(BaseModel):
     lag: LagResult | None = None
     approver: str | None = None
     approval_note: str | None = None
+    approved_at: datetime | None = None
+    auto_approved: bool = False
     switchover: SwitchoverResult | None = None
     rejoined: list[str] = []
     dns: DNSChange | None = None
@@ -110,7 +114,7 @@ def failback_markdown(r: FailbackReport) -> str:
          if so and so.final_checkpoint_lsn else "-"),
         ("backup before failback", r.backup_id or "-"),
         ("rebuild", f"{r.rebuild.method} in {r.rebuild.seconds:.1f} s ({r.rebuild.detail})" if r.rebuild else "-"),
-        ("approved by", f"{r.approver or '-'} ({r.approval_note or '-'})"),
+        ("approved by", approval_text(r)),
         ("rejoined as standbys", ", ".join(r.rejoined) or "-"),
         ("DNS", r.dns.detail if r.dns else "-"),
         ("validation", f"canary row {r.canary.row_id} at {r.canary.lsn}" if r.canary else "-"),
@@ -246,7 +250,7 @@ def backup_current_primary(cfg: Config, config_file: str | None, current: Node) 
 
 def _apply(cfg: Config, config_file: str | None, plan: FailbackPlan, report: FailbackReport, tl: Timeline,
            nodes: dict[str, Node], home: Node, current: Node | None, current_name: str | None, *,
-           approved_by: str | None, approval_timeout_seconds: int, catch_up_timeout_seconds: int) -> str | None:
+           approved_by: str | None, auto_approve: bool, approval_timeout_seconds: int, catch_up_timeout_seconds: int) -> str | None:
     """Apply the plan step by step; each step re-checks its own precondition. Returns a DNS error, if any."""
     dns_error: str | None = None
     for step in plan.steps:
@@ -288,10 +292,10 @@ def _apply(cfg: Config, config_file: str | None, plan: FailbackPlan, report: Fai
             tl.add(step.kind, f"{node.name} replayed {report.lag.replay_lsn} = {current.name}'s "
                    f"{report.lag.primary_lsn}")
         elif step.kind == "approve":
-            report.approver, report.approval_note = approval_gate(
+            set_approval(report, approval_gate(
                 what=f"switch over from {current_name} to {home.name}", plan_lines=report.plan,
-                approved_by=approved_by, timeout_seconds=approval_timeout_seconds)
-            tl.add(step.kind, f"approved by {report.approver}")
+                approved_by=approved_by, auto_approve=auto_approve, timeout_seconds=approval_timeout_seconds))
+            tl.add(step.kind, f"approved by {report.approver}" + (" (auto_approve)" if auto_approve else ""))
         elif step.kind == "switchover":
             assert current is not None
             report.switchover = switchover(cfg, current, home, f"failback {tl.started.isoformat()}")
@@ -345,6 +349,8 @@ def failback_flow(
     config_path: ConfigPath = None,
     backup: Annotated[bool, Field(description="back up the current primary first")] = True,
     approved_by: OptionalText = None,
+    auto_approve: Annotated[bool, Field(description="skip the approval form (shown in the report); "
+                                                    "a name in approved_by alone never does")] = False,
     approval_timeout_seconds: Annotated[int, Field(ge=10, le=86400)] = 900,
     catch_up_timeout_seconds: Annotated[int, Field(ge=5, le=86400)] = 600,
     discard_old_data: Annotated[bool, Field(description="delete the old primary's kept data directory / WAL "
@@ -360,8 +366,10 @@ def failback_flow(
         config_path: The gravl-dr config file; empty: $GRAVL_DR_CONFIG of the worker, then
             gravl-dr.yaml in its working directory.
         backup: Take a physical backup of the current primary first (the backup flow).
-        approved_by: Who approved this run beforehand (a name or a ticket), recorded in the
-            report. Empty: the run pauses at the approval step and waits for the approval form.
+        approved_by: Who approves (a name or a ticket): pre-fills the approval form's approver;
+            it does not skip the form.
+        auto_approve: Skip the approval form; the report says so (the CLI sets it after --yes or
+            an approval typed on the terminal).
         approval_timeout_seconds: How long the approval form waits before nothing is switched.
         catch_up_timeout_seconds: How long the rebuilt node may take to stream with zero lag.
         discard_old_data: Delete what is kept of the old primary's data once it is rebuilt.
@@ -396,7 +404,7 @@ def failback_flow(
             tl.add("plan", ", ".join(plan.kinds()))
             try:
                 dns_error = _apply(cfg, config_path, plan, report, tl, nodes, home, current, current_name,
-                                   approved_by=approved_by,
+                                   approved_by=approved_by, auto_approve=auto_approve,
                                    approval_timeout_seconds=approval_timeout_seconds,
                                    catch_up_timeout_seconds=catch_up_timeout_seconds)
                 break

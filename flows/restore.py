@@ -137,9 +137,11 @@ def write_recovery_settings(cfg: Config, config_file: str, pgdata: str, target: 
 
 @task(name="start-restored-server", cache_policy=NO_CACHE)
 def start_restored_server(cfg: Config, pgdata: str, port: int,
-                          target: rec.RecoveryTarget | None = None) -> int:
+                          target: rec.RecoveryTarget | None = None, config_file: str | None = None) -> int:
     rsteps.set_port(Path(pgdata), port, cfg.postgres.os_user)
     cluster = LocalCluster(Path(pgdata), port, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+    if config_file is not None:
+        rec.start_prefetcher(Path(pgdata), config_file, cfg.postgres.os_user, rec.repository_env(cfg))
     try:
         cluster.start(timeout=3600, env=rec.repository_env(cfg))
     except DRError:
@@ -296,7 +298,8 @@ def restore_flow(
         if pgdata and start:
             report.port = port or free_port()
             try:
-                start_restored_server(cfg, pgdata, report.port, target if use_archive else None)
+                start_restored_server(cfg, pgdata, report.port, target if use_archive else None,
+                                      config_file if use_archive else None)
                 report.started = True
                 outcome = (wait_for_recovery(cfg, pgdata, report.port, target, view, manifest,
                                              recovery_timeout) if use_archive else None)

@@ -170,7 +170,7 @@ def _interpreter(script: str) -> str | None:
 
 def restore_command(config_path: str) -> str:
     """``gravl-dr wal-fetch``, started the cheap way: the installation's Python without site
-    (-I -S) runs tasks/walserve.py, which serves a prefetched segment with a rename and hands
+    (-I -S) runs tasks/walserve.py, which serves a prefetched segment with a hard link and hands
     anything else to the full command (see tasks.walserve)."""
     from tasks import walserve
 
@@ -573,6 +573,28 @@ def check_outcome(
                 f"recovery stopped short at {outcome.reached_lsn}: the archive holds WAL up to "
                 f"{format_lsn(floor)}"
             )
+
+
+def start_prefetcher(pgdata: Path, config_path: str, os_user: str, env: dict[str, str]) -> None:
+    """Start the WAL prefetcher of a restored data directory just before its server starts, as
+    the server's user and with its environment: by the time PostgreSQL first runs
+    restore_command (a probe for the next timeline's history file), the answers are ready."""
+    from tasks import wal as walsteps
+    from tasks.proc import spawn_detached
+
+    pg_wal = pgdata / "pg_wal"
+    if not walsteps.prefetch_primed(pg_wal / "RECOVERYXLOG") or walsteps.prefetcher_pid(pg_wal):
+        return
+    program = gravl_dr_executable()
+    python = _interpreter(program) or sys.executable
+    log_path = walsteps.spool_root(pg_wal) / walsteps.PREFETCHER_LOG
+    log_path.touch(exist_ok=True)
+    chown_tree(log_path, os_user)
+    try:
+        spawn_detached([python, "-P", "-m", "flows.cli", "--config", str(Path(config_path).absolute()), "-v",
+                        "wal-fetch-daemon", str(pg_wal)], log=log_path, env=env, os_user=os_user)
+    except (OSError, PreconditionFailed) as exc:  # wal-fetch starts it itself then
+        log.warning("could not start the WAL prefetcher early: %s", exc)
 
 
 def check_server_can_read(config_file: str, cfg: Config, os_user: str) -> None:

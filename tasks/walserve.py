@@ -5,7 +5,10 @@ the fixed cost of each call is paid once per segment of replay. Restore writes
 ``restore_command = 'python -I -S …/walserve.py --config CFG wal-fetch %f %p'``: this script
 imports nothing but ``os``, ``sys`` and ``struct`` (no site, no package finder) and answers in a
 few milliseconds when the background prefetcher (``tasks.wal.run_prefetcher``) already fetched
-and verified the segment. Everything else — not prefetched, a history or partial file, any check
+and verified the segment, or waits while the prefetcher is still fetching it (it lists what it
+fetches or holds in ``window``). The segment is handed over as a hard link; the prefetched name
+stays (its mark renamed ``.served``) for PostgreSQL's second request for the last segment at the
+end of recovery, and the prefetcher drops older served ones. Everything else — not prefetched, a history or partial file, any check
 failing — is handed by ``exec`` to the full ``gravl-dr wal-fetch``, which owns the contract
 (0 fetched, 1 not in the archive, > 125 for anything else). This script answers 1 only from a
 live prefetcher's fresh "not in the archive" mark (``known_missing``).

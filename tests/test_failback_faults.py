@@ -42,7 +42,7 @@ def _diverged_failover(pair: Pair, cfg: str) -> int:
                30, "WAL receiver stopped")
     pair.insert(pair.home.dsn(), 3000, "never-replicated")
     pair.kill_home()
-    report = failover_flow(config_path=cfg, approved_by="test (pre-approved)", force=True, max_lag_bytes=1 << 30)
+    report = failover_flow(config_path=cfg, approved_by="test", auto_approve=True, force=True, max_lag_bytes=1 << 30)
     assert report.status == "complete", report.error
     return 3000
 
@@ -67,7 +67,7 @@ def test_failed_pg_rewind_keeps_the_old_data_and_reports_where_and_what(
     trap.mkdir(mode=0o000)
 
     # WHEN failing back
-    report = failback_flow(config_path=cfg, approved_by="test (pre-approved)", backup=False)
+    report = failback_flow(config_path=cfg, approved_by="test", auto_approve=True, backup=False)
 
     # THEN pg_rewind failed, home was re-cloned, and it is the primary with every row of the new timeline
     assert report.status == "complete", report.error

@@ -75,7 +75,7 @@ def _unfenceable_failover(pair: Pair, tmp_path: Path, repo: str, **extra: Any) -
     pair.insert(pair.home.dsn(), 100, "before")
     pair.wait_replayed(pair.home, pair.standby)
     pair.kill_home()
-    state = failover_flow(config_path=orchestrator, approved_by="test (pre-approved)", return_state=True)
+    state = failover_flow(config_path=orchestrator, approved_by="test", auto_approve=True, return_state=True)
     assert state.name == "CompletedUnfenced"
     return orchestrator, home_cfg
 
@@ -170,3 +170,22 @@ def test_split_brain_fails_backup_and_wal_check_with_an_alarm(
             return "\n".join(str(a.data) for a in found if a.key == "backup-report-gravl")
 
     assert "SPLIT BRAIN" in asyncio.run(artifact())
+
+
+def test_wal_check_warns_when_the_node_it_asks_is_in_recovery(tmp_path: Path) -> None:
+    from tasks.config import RepositoryConfig
+    from tasks.repository import open_repository
+    from tasks.wal import WalSettings
+    from tasks.walcheck import ArchiverStatus, WalCheckReport, judge_archiver
+
+    # GIVEN the archiver status of a standby (a stuck former primary: nothing archived)
+    repo_cfg = RepositoryConfig(url=f"file://{tmp_path}")
+    status = ArchiverStatus(reachable=True, archive_mode="on", archive_timeout_s=60, in_recovery=True,
+                            timeline=1, current_lsn=None, archived_count=0)
+    report = WalCheckReport(cluster="gravl", repository=repo_cfg.url, checked_at=T0)
+
+    # WHEN judged
+    judge_archiver(report, status, open_repository(repo_cfg), WalSettings.from_config(repo_cfg), {}, T0)
+
+    # THEN the report warns that it asked a standby
+    assert any("in recovery" in w for w in report.warnings), report.warnings
