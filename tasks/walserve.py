@@ -191,6 +191,8 @@ def in_prefetch_window(name: str, folder: str) -> bool:
 def serve(name: str, dest: str, stamp: str, wait: float = 0.0) -> bool:
     """Move a prefetched, checked segment into ``dest``; False when it cannot be served. With
     ``wait``, first wait (up to that many seconds) while the prefetcher is still fetching it."""
+    if len(name) != 24 or not HEX.issuperset(name):  # segments only, and never a path
+        return False
     found = check_prefetched(name, dest, stamp)
     if found == "not prefetched" and wait > 0:
         import time
