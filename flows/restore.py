@@ -151,7 +151,10 @@ def start_restored_server(cfg: Config, pgdata: str, port: int,
         if why is None:
             raise
         raise PreconditionFailed(why) from None
-    cluster.wait_ready()
+    if target is None:
+        cluster.wait_ready()
+    # else pg_ctl -w saw it accept connections; wait-for-recovery follows it from there (and
+    # explains a server that stops: a fast recovery can end, short of a target, within a second)
     logger().info("restored server is up on 127.0.0.1:%d", port)
     return port
 

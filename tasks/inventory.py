@@ -110,7 +110,7 @@ def not_carried_over(dsn: str, dbnames: list[str], *, data_directory: str | None
     for db in dbnames:
         with connection(with_dbname(dsn, db)) as conn:
             rows = conn.execute(
-                "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c "
+                "SELECT n.nspname || '.' || c.relname FROM pg_class c "
                 "JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "WHERE c.relpersistence = 'u' AND c.relkind IN ('r', 'p') ORDER BY 1"
             ).fetchall()

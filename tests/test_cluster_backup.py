@@ -62,6 +62,7 @@ def test_logical_backup_records_every_database_and_reports_the_one_it_cannot_dum
     assert manifest.row_counts["shop"]["public.attachments"] == 50
     assert manifest.tablespaces[0].name == "app_space"
     assert manifest.not_carried_over.unlogged_tables == {"shop": ["public.session_cache"]}
+    assert manifest.row_counts["shop"]["public.session_cache"] == 100  # pg_dump keeps unlogged data
 
 
 def test_whole_cluster_logical_restore_into_a_fresh_cluster_compares_equal(
@@ -124,6 +125,9 @@ def test_physical_backup_with_a_tablespace_restores_relocated(
     [space] = manifest.tablespaces
     assert space.name == "app_space" and space.location == str(prod_cluster.tablespace_dir)
     assert space.object in {o.key for o in manifest.objects} and space.object.startswith(f"{space.oid}.tar")
+    # an unlogged table restores empty: that is what the drill is told to expect
+    assert manifest.row_counts["shop"]["public.session_cache"] == 0
+    assert manifest.row_counts["shop"]["public.attachments"] == 50
     # AND a restore with --tablespace-map puts it elsewhere and the server starts with all data
     new_space = pg_dir / "moved-space"
     restored = restore_flow(config_path=str(cfg_path), backup=report.backup_id, pgdata=str(pg_dir / "data"),
