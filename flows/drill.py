@@ -2,8 +2,10 @@
 database, and say exactly what is wrong when it does not.
 
 pick-backup -> provision-instance -> restore (+ pg_verifybackup before start) -> start-and-wait
-(pausing at the backup's consistent point for its row counts when replay goes past it)
--> checks (amcheck, Great Expectations suites) -> usability -> verify-data-checksums (stopped)
+(pausing just before the LSN the backup read its row counts and newest timestamps at, to compare
+them exactly as the instance's own superuser; the documented fallback says why when it cannot)
+-> open-databases (datallowconn = false ones too) -> checks (amcheck, Great Expectations suites)
+-> usability -> verify-data-checksums (stopped)
 -> report (JSON + markdown, uploaded to drills/<drill-id>/) -> metrics; teardown always runs.
 Any failed check fails the flow (and the CLI exits non-zero).
 """
