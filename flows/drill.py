@@ -226,8 +226,8 @@ def start_and_wait(cfg: Config, repo: Repository, manifest: Manifest, instance: 
         write_recovery_settings(instance.pgdata, config_path=config_file, target=target,
                                 os_user=cfg.postgres.os_user)
         excluded = time.monotonic() - t_pause
-        note = (f"; paused {point.describe(manifest.row_counts_lsn)} ({paused_at}) to compare row counts "
-                f"({excluded:.1f} s, not counted)")
+        note = (f"; paused {point.describe(manifest.row_counts_lsn)} (replayed up to {paused_at}) to compare "
+                f"row counts ({excluded:.1f} s, not counted)")
     t_start = time.monotonic()
     _start(cfg, instance, timeout)
     outcome: RecoveryOutcome = wait_for_recovery(cluster, target, timeout=timeout)

@@ -607,7 +607,7 @@ class CountPoint(BaseModel):
 
     def describe(self, lsn: str | None) -> str:
         if self.where == "lsn":
-            return f"at LSN {lsn}, where the backup read them"
+            return f"just before LSN {lsn}, where the backup read them"
         if self.where == "consistent":
             return "at the backup's consistent point"
         return "on the promoted copy"

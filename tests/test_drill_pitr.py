@@ -140,7 +140,7 @@ def test_drill_to_the_end_of_the_archive_compares_row_counts_at_the_counts_lsn(h
         logs = check(report, "row-count gravl.public.workout_logs")
         assert "observed 500" in logs.summary and "manifest: exactly 450" in logs.summary
         # exactly, with recovery paused at the LSN the backup read its counts at
-        assert "exactly 450 at " in logs.summary and "paused at LSN" in check(report, "recovery").summary
+        assert "exactly 450 at " in logs.summary and "paused just before LSN" in check(report, "recovery").summary
         others = [c for c in report.checks if c.kind == "row-count" and c.status == "passed"]
         assert {c.name.removeprefix("row-count gravl.") for c in others} == set(good) - {"public.workout_logs"}
         assert_no_leftovers(report)

@@ -89,7 +89,7 @@ def test_physical_drill_compares_every_database_exactly_at_the_counts_lsn(backup
     report = run_drill(str(backups.config_lp), backup=backups.physical_lp)
     assert report.passed, _summary(report)
     # THEN the counts were compared exactly, paused at the LSN the backup read them at
-    assert "paused at LSN" in check(report, "recovery").summary
+    assert "paused just before LSN" in check(report, "recovery").summary
     ticks = check(report, "row-count shop.public.ticks")
     assert ticks.status == "passed" and "exactly" in ticks.summary, ticks.summary
     # the RLS table counted in full by the documented role (BYPASSRLS), not 0 = 0
