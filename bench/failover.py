@@ -149,7 +149,7 @@ def one_run(moto: str, rows: int, workdir: Path) -> dict[str, float]:
         assert pid
         t_kill = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        fo = failover_flow(config_path=str(cfg), approved_by="bench (pre-approved)")
+        fo = failover_flow(config_path=str(cfg), approved_by="bench", auto_approve=True)
         kill_to_return = time.monotonic() - t_kill
         lost_rows = rows - sql(sb.dsn(), "SELECT count(*) FROM items WHERE tag = 'before'")[0][0]
 
@@ -158,7 +158,7 @@ def one_run(moto: str, rows: int, workdir: Path) -> dict[str, float]:
         writer.start()
         time.sleep(0.3)
         t0 = time.monotonic()
-        fb = failback_flow(config_path=str(cfg), approved_by="bench (pre-approved)", backup=False)
+        fb = failback_flow(config_path=str(cfg), approved_by="bench", auto_approve=True, backup=False)
         t1 = time.monotonic()
         time.sleep(0.3)
         writer.stop.set()

@@ -106,6 +106,7 @@ def stop(pgdata: Path) -> None:
             if src.exists():
                 shutil.copy(src, KEEP_LOGS / f"{pgdata.name}-{src.name}")
     shutil.rmtree(pgdata, ignore_errors=True)
+    (pgdata.parent / f"{pgdata.name}.log").unlink(missing_ok=True)  # each round counts its own
 
 
 def empty_dir(path: Path) -> None:
@@ -291,11 +292,11 @@ def main() -> None:
         gr, pr = med.get(f"{key}_gravl_rss_mb"), med.get(f"{key}_pgbr_rss_mb")
         print(f"| {label} | {p:.2f} s | {g:.2f} s | {g / p:.2f}x | "
               f"{f'{pr:.0f} MB' if pr else '-'} | {f'{gr:.0f} MB' if gr else '-'} |")
-    segs = med.get("replay_gravl_segments") or 0
-    if segs:
-        print(f"\nsegments replayed: {segs:.0f}; per segment: pgBackRest "
-              f"{med['replay_pgbr_s'] / segs * 1000:.0f} ms, gravl-dr {med['replay_gravl_s'] / segs * 1000:.0f} ms "
-              f"({segs / med['replay_pgbr_s']:.1f} vs {segs / med['replay_gravl_s']:.1f} segments/s)")
+    gs, ps = med.get("replay_gravl_segments") or 0, med.get("replay_pgbr_segments") or 0
+    if gs and ps:  # each tool replays from its own (latest) backup: the counts may differ by one or two
+        print(f"\nsegments replayed: pgBackRest {ps:.0f}, gravl-dr {gs:.0f}; per segment: pgBackRest "
+              f"{med['replay_pgbr_s'] / ps * 1000:.0f} ms, gravl-dr {med['replay_gravl_s'] / gs * 1000:.0f} ms "
+              f"({ps / med['replay_pgbr_s']:.2f} vs {gs / med['replay_gravl_s']:.2f} segments/s)")
     print(f"fixed cost: backup --dry-run {med['fixed_backup_dry_run_s']:.2f} s (idle RSS "
           f"{med['idle_rss_mb']:.0f} MB); restore of a tiny backup {med['fixed_restore_tiny_s']:.2f} s")
     if args.json:

@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows.common import NETWORK_RETRIES, human_bytes, load, logger
+from flows.common import NETWORK_RETRIES, follow_primary, human_bytes, load, logger
 from flows.params import BackupKind, ConfigPath
 from tasks import backup as steps
 from tasks.config import Config
@@ -32,6 +32,8 @@ class BackupReport(BaseModel):
     start_lsn: str | None = None
     stop_lsn: str | None = None
     messages: list[str] = []
+    databases: list[str] = []
+    warnings: list[str] = []
 
 
 @task(name="preflight", cache_policy=NO_CACHE, **NETWORK_RETRIES)
@@ -126,6 +128,10 @@ def _markdown(report: BackupReport, repo_url: str, error: str | None = None) -> 
         f"| total | {report.total_seconds:.1f} s |",
         f"| WAL | {report.start_lsn or '-'} .. {report.stop_lsn or '-'} |",
     ]
+    if report.databases:
+        lines.insert(6, f"| databases | {', '.join(report.databases)} |")
+    if report.warnings:
+        lines += ["", "## Not in this backup", *[f"- {m}" for m in report.warnings]]
     if report.messages:
         lines += ["", "## Checks", *[f"- {m}" for m in report.messages]]
     if error:
@@ -153,6 +159,7 @@ def backup_flow(
     t0 = time.monotonic()
     cfg, repo = load(config_path)
     artifact_key = f"backup-report-{cfg.cluster}".replace("_", "-")
+    cfg = follow_primary(cfg, repo, "backup", artifact_key)
     pre = None
     report = None
     locked = False
@@ -174,6 +181,12 @@ def backup_flow(
         report.raw_bytes, report.stored_bytes = manifest.raw_bytes, manifest.stored_bytes
         report.stream_seconds, report.verify_seconds = res.seconds, ver.seconds
         report.start_lsn, report.stop_lsn = res.start_lsn, res.stop_lsn
+        report.databases = [d.name for d in manifest.databases if d.object]
+        report.warnings = [f"database {d.name} NOT in the backup: {d.skipped}"
+                           for d in manifest.databases if d.skipped]
+        report.warnings += manifest.not_carried_over.backup_notes
+        for line in report.warnings:
+            logger().warning("%s", line)
         report.total_seconds = time.monotonic() - t0
     except BaseException as exc:
         # Only what this attempt created: a run refused at the lock wrote nothing to clean.

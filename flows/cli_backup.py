@@ -45,6 +45,12 @@ def register(sub: Any) -> None:
     point.add_argument("--target-lsn", metavar="LSN", help="recover to this WAL location")
     point.add_argument("--target-name", metavar="NAME", help="recover to this named restore point")
     point.add_argument("--target-xid", metavar="XID", help="recover to this transaction id")
+    p.add_argument("--tablespace-map", action="append", metavar="OLD=NEW", default=[],
+                   help="restore the tablespace at OLD into NEW (repeatable; as pg_basebackup -T)")
+    p.add_argument("--database", metavar="NAME",
+                   help="logical: restore only this database into the existing empty database of --dsn")
+    p.add_argument("--no-owner", action="store_true",
+                   help="logical --database: objects belong to the connecting role, no GRANTs")
     p.add_argument("--keep-archiving", action="store_true",
                    help="let the restored server archive its new timeline (default: archive_mode off)")
     p.add_argument("--json", action="store_true")
@@ -75,10 +81,16 @@ def cmd_backup(args: argparse.Namespace) -> int:
         print(report.model_dump_json(indent=2))
     elif args.dry_run:
         print(f"dry run OK: backup {report.backup_id} could be taken; nothing was written")
+        for line in report.messages:
+            print(f"  {line}")
     else:
         ratio = report.raw_bytes / report.stored_bytes if report.stored_bytes else 0
         print(f"backup {report.backup_id} complete: {report.raw_bytes} raw bytes, "
               f"{report.stored_bytes} stored (ratio {ratio:.2f}) in {report.total_seconds:.1f}s")
+        if report.databases:
+            print(f"databases: {', '.join(report.databases)}")
+        for line in report.warnings:
+            print(f"warning: {line}")
     return 0
 
 
@@ -161,6 +173,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
                                          name=args.target_name, xid=args.target_xid)
     if target.kind != "end" and kind != "physical":
         raise PreconditionFailed("--target-* needs a physical restore (--pgdata)")
+    if (args.database or args.no_owner) and kind != "logical":
+        raise PreconditionFailed("--database and --no-owner need a logical restore (--dsn)")
+    if args.no_owner and not args.database:
+        raise PreconditionFailed("--no-owner goes with --database (a whole-cluster restore keeps owners)")
+    from tasks.restore import parse_tablespace_map
+
+    parse_tablespace_map(args.tablespace_map)
     if kind == "physical":
         from tasks.backup import list_backups
         from tasks.recovery import check_target_for_backup, choose_backup
@@ -185,7 +204,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         pgdata=str(Path(args.pgdata).absolute()) if args.pgdata else None, dsn=args.dsn,
         start=args.start, port=args.port, jobs=args.jobs, target_time=args.target_time,
         target_lsn=args.target_lsn, target_name=args.target_name, target_xid=args.target_xid,
-        keep_archiving=args.keep_archiving,
+        keep_archiving=args.keep_archiving, tablespace_map=args.tablespace_map or None,
+        database=args.database, no_owner=args.no_owner,
     )
     if args.json:
         print(report.model_dump_json(indent=2))
@@ -196,6 +216,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
             print(f"recovered to {report.target_point}: reached {report.reached_lsn} on timeline "
                   f"{report.timeline}, last transaction committed at {report.last_xact_time or '-'}"
                   f" ({report.stop_message or 'end of WAL'})")
+        if report.databases:
+            print(f"databases: {', '.join(report.databases)}")
+        for note in report.not_carried_over:
+            print(f"note: {note}")
     return 0
 
 

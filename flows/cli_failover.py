@@ -34,6 +34,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("failback", help="make the configured primary the primary again (a flow run)")
     p.add_argument("--yes", action="store_true", help="do not ask for approval")
     p.add_argument("--no-backup", action="store_true", help="skip the backup of the current primary")
+    p.add_argument("--discard-old-data", action="store_true",
+                   help="delete the old primary's data directory / un-replicated WAL once it is rebuilt "
+                        "(default: keep it next to its pgdata and report where)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_failback)
 
@@ -95,7 +98,8 @@ def cmd_failover(args: argparse.Namespace) -> int:
     from flows.failover import failover_flow
 
     report = run_flow(failover_flow, config_path=args.config, max_lag_bytes=args.max_lag_bytes,
-                      force=args.force, planned=args.planned, approved_by=approved_by)
+                      force=args.force, planned=args.planned, approved_by=approved_by,
+                      auto_approve=approved_by is not None)
     from flows.failover import UNFENCED, UNFENCED_EXIT_CODE
 
     if args.json:
@@ -124,12 +128,16 @@ def cmd_failback(args: argparse.Namespace) -> int:
     from flows.failback import failback_flow
 
     report = run_flow(failback_flow, config_path=args.config, backup=not args.no_backup,
-                      approved_by=approved_by)
+                      approved_by=approved_by, auto_approve=approved_by is not None,
+                      discard_old_data=args.discard_old_data)
     if args.json:
         print(report.model_dump_json(indent=2))
     else:
         window = f"; writes unavailable {report.switchover.unavailable_seconds:.2f}s" if report.switchover else ""
         print(f"failback complete: {report.home} is the primary again{window}")
+        if report.old_data:
+            print(f"kept (un-replicated data of {report.home}, LSN {report.fork_lsn}..{report.end_lsn} on timeline "
+                  f"{report.diverged_timeline}): {', '.join(report.old_data)}")
     return 0
 
 
@@ -142,7 +150,7 @@ def cmd_drill(args: argparse.Namespace) -> int:
     from flows.drill_failover import drill_failover_flow
 
     report = run_flow(drill_failover_flow, config_path=args.config, backup=args.backup,
-                      approved_by=approved_by)
+                      approved_by=approved_by, auto_approve=approved_by is not None)
     if args.json:
         print(report.model_dump_json(indent=2))
     else:

@@ -147,7 +147,7 @@ def fast_path(argv: Sequence[str]) -> int | None:
     if prefetch is None or len(rest) != 2:
         sys.stderr.write("gravl-dr: error: usage: wal-fetch NAME DEST [--prefetch N]\n")
         return FETCH_FATAL
-    from tasks import walserve  # a prefetched, checked segment: a rename, nothing else loaded
+    from tasks import walserve  # a prefetched, checked segment: a hard link, nothing else loaded
 
     if walserve.serve(rest[0], rest[1], walserve.config_stamp(_config_file(config)), wait=walserve.WAIT_SECONDS):
         return 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import get_run_logger
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from tasks.config import Config, load_config
 from tasks.errors import retry_transient
@@ -33,3 +34,44 @@ def human_bytes(n: float) -> str:
 
 def logger() -> Any:
     return get_run_logger()
+
+
+@task(name="find-primary", cache_policy=NO_CACHE)
+def follow_primary(cfg: Config, repo: Repository | None, job: str, artifact_key: str) -> Config:
+    """The config pointed at the node that is the primary now (after a failover, not the configured one).
+
+    Two nodes out of recovery is a split-brain alarm: a report under the flow's own artifact key,
+    ``gravl_split_brain 1`` for the flow's job, and the flow fails. Nothing is backed up or
+    checked against whichever node answered first.
+    """
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.errors import DRError, one_line
+    from tasks.metrics import push_metrics
+    from tasks.roles import SplitBrain
+    from tasks.topology import find_primary
+
+    def alarm(value: float) -> None:
+        try:
+            push_metrics(cfg.metrics.pushgateway, job, {"cluster": cfg.cluster},
+                         {"gravl_split_brain": (value, "1 when more than one node runs as a primary")})
+        except DRError as exc:
+            logger().warning("metrics not pushed: %s", one_line(exc))
+
+    try:
+        followed, choice = find_primary(cfg, repo)
+    except SplitBrain as exc:
+        alarm(1.0)
+        create_markdown_artifact(key=artifact_key, description=f"{job} of {cfg.cluster}: SPLIT BRAIN",
+                                 markdown=f"# {job}: SPLIT BRAIN — nothing done\n\n`{one_line(exc)}`\n\n"
+                                 "Fence one of the nodes (stop it), then re-run.\n")
+        logger().error("%s", one_line(exc))
+        raise
+    alarm(0.0)
+    if choice.moved:
+        logger().warning("the primary is %s, not the configured %s (%s): %s acts on %s", choice.primary,
+                         choice.configured, choice.reason, job, choice.primary)
+    if choice.in_recovery:
+        logger().warning("%s is in recovery (a standby): nobody accepts writes", choice.primary)
+    return followed
+

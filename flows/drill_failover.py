@@ -34,6 +34,7 @@ def drill_failover_flow(
     backup: bool = False,
     max_lag_bytes: Annotated[int, Field(ge=0, le=2**40)] = DEFAULT_MAX_LAG_BYTES,
     approved_by: OptionalText = None,
+    auto_approve: Annotated[bool, Field(description="skip both approval forms (shown in the reports)")] = False,
 ) -> DrillFailoverReport:
     """A DR drill: planned failover to a replica (clean stop, no data loss), then failback home.
 
@@ -42,14 +43,15 @@ def drill_failover_flow(
             gravl-dr.yaml in its working directory.
         backup: Back up the temporary primary before failing back.
         max_lag_bytes: Refuse a replica further behind than this many bytes of WAL.
-        approved_by: Who approved this drill beforehand (a name or a ticket), recorded in the
-            reports. Empty: the run pauses twice (before failover and before failback) for the
-            approval form.
+        approved_by: Who approves (a name or a ticket): pre-fills the approval forms' approver.
+        auto_approve: Skip both approval forms (before failover and before failback); the
+            reports say so. Without it the run pauses twice for the approval form.
     """
     cfg = load_config(config_path)
     fo = failover_flow(config_path=config_path, planned=True, max_lag_bytes=max_lag_bytes,
-                       approved_by=approved_by)
-    fb = failback_flow(config_path=config_path, backup=backup, approved_by=approved_by)
+                       approved_by=approved_by, auto_approve=auto_approve)
+    fb = failback_flow(config_path=config_path, backup=backup, approved_by=approved_by,
+                       auto_approve=auto_approve)
     so = fb.switchover
     rows = [
         ("failover", f"{fo.old_primary} -> {fo.new_primary}: RTO {fo.rto_seconds:.2f} s, RPO {fo.rpo_bytes} bytes"

@@ -19,17 +19,22 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
+from flows.common import human_bytes
 from flows.failover import (
     ReconnectFailed,
     Timeline,
     TimelineEvent,
     _finish,
+    _record,
     approval_gate,
+    approval_text,
     check_replica_health,
     markdown_table,
     reconnect_apps,
+    record_role_change_task,
     report_sections,
     resolve_nodes,
+    set_approval,
     switch_dns,
     validate_primary,
 )
@@ -43,10 +48,19 @@ from tasks.topology import (
     CanaryResult,
     LagResult,
     RebuildResult,
+    RewindFailed,
     SwitchoverResult,
+    discard_old_data,
+    finish_rebuild,
+    keep_old_wal,
+    local_pgdata,
     observe_node,
-    rebuild_as_standby,
+    reclone_node,
     rejoin_as_standby,
+    rewind_node,
+    save_local_settings,
+    start_as_standby,
+    stop_for_rebuild,
     switch_over,
     wait_for_zero_lag,
 )
@@ -60,9 +74,20 @@ class FailbackReport(BaseModel):
     plan: list[str] = []
     backup_id: str | None = None
     rebuild: RebuildResult | None = None
+    rebuild_steps: list[RebuildResult] = []
+    rewind_failed: str | None = None
+    diverged_timeline: int | None = None
+    fork_lsn: str | None = None  # where the current primary's timeline left home's
+    end_lsn: str | None = None  # how far home's own WAL went
+    rpo_bytes: int | None = None  # what home wrote that never reached the node promoted in its place
+    old_data: list[str] = []  # kept next to home's pgdata: the old data directory and/or its WAL
+    old_data_bytes: int | None = None
+    discarded: list[str] = []
     lag: LagResult | None = None
     approver: str | None = None
     approval_note: str | None = None
+    approved_at: datetime | None = None
+    auto_approved: bool = False
     switchover: SwitchoverResult | None = None
     rejoined: list[str] = []
     dns: DNSChange | None = None
@@ -89,18 +114,47 @@ def failback_markdown(r: FailbackReport) -> str:
          if so and so.final_checkpoint_lsn else "-"),
         ("backup before failback", r.backup_id or "-"),
         ("rebuild", f"{r.rebuild.method} in {r.rebuild.seconds:.1f} s ({r.rebuild.detail})" if r.rebuild else "-"),
-        ("approved by", f"{r.approver or '-'} ({r.approval_note or '-'})"),
+        ("approved by", approval_text(r)),
         ("rejoined as standbys", ", ".join(r.rejoined) or "-"),
         ("DNS", r.dns.detail if r.dns else "-"),
         ("validation", f"canary row {r.canary.row_id} at {r.canary.lsn}" if r.canary else "-"),
         ("total", f"{r.total_seconds:.1f} s" if r.total_seconds is not None else "-"),
     ]
     lines = [f"# {title}", "", *markdown_table(rows)]
+    lines += old_data_section(r)
     lines += report_sections(r)
     lines += ["", "## Next",
               "- Nothing to do." if r.status == "complete" else
               "- Re-run `gravl-dr failback`: it observes the nodes and resumes where this run stopped."]
     return "\n".join(lines) + "\n"
+
+
+def old_data_section(r: FailbackReport) -> list[str]:
+    """Where the data only the old primary had is, and how to get the transactions out of it."""
+    if r.rpo_bytes is None and not r.old_data and not r.discarded:
+        return []
+    lines = ["", "## Data that never reached the new primary",
+             f"- {r.home} wrote {r.rpo_bytes if r.rpo_bytes is not None else 'an unknown number of'} bytes of WAL "
+             f"that were not replicated: timeline {r.diverged_timeline or '?'}, LSN {r.fork_lsn or '?'} to "
+             f"{r.end_lsn or '?'}."]
+    if r.rewind_failed:
+        lines.append(f"- pg_rewind failed ({r.rewind_failed}); {r.home} was re-cloned instead.")
+    for path in r.old_data:
+        lines.append(f"- Kept: `{path}`" + (f" ({human_bytes(r.old_data_bytes)} in all)"
+                                             if r.old_data_bytes is not None else ""))
+    for path in r.discarded:
+        lines.append(f"- Deleted as asked (--discard-old-data): `{path}`")
+    if r.old_data and r.rpo_bytes:
+        lines += [
+            "- To see the transactions: `pg_waldump -p <kept>/pg_wal --timeline "
+            f"{r.diverged_timeline or 1} --start {r.fork_lsn} --end {r.end_lsn}` (xids, relations, commits).",
+            "- To get the rows back: copy a kept data directory (or restore the last backup taken before "
+            "the failover and put the kept WAL in its pg_wal), start the copy on a spare port with no "
+            f"archive_command and `recovery_target_timeline = '{r.diverged_timeline or 1}'`, read the rows "
+            "committed after the fork point and re-apply them to the primary. Delete the kept copy "
+            "afterwards.",
+        ]
+    return lines
 
 
 # ------------------------------------------------------------------------------ tasks
@@ -113,10 +167,41 @@ def assess_home(cfg: Config) -> NodeState:
     return state
 
 
-@task(name="rebuild-old-primary", cache_policy=NO_CACHE)
-def rebuild_old_primary(cfg: Config, node: Node, source: Node) -> RebuildResult:
-    res = rebuild_as_standby(node, source, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
-    return res
+@task(name="stop-old-primary", cache_policy=NO_CACHE)
+def stop_old_primary(cfg: Config, node: Node) -> str:
+    return stop_for_rebuild(node, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+
+
+@task(name="save-local-settings", cache_policy=NO_CACHE)
+def save_settings(cfg: Config, node: Node) -> str:
+    return save_local_settings(node, os_user=cfg.postgres.os_user)
+
+
+@task(name="keep-old-wal", cache_policy=NO_CACHE)
+def keep_wal(cfg: Config, node: Node, timeline: int, fork_lsn: str, end_lsn: str) -> tuple[str, int]:
+    path, size = keep_old_wal(node, timeline=timeline, fork_lsn=fork_lsn, end_lsn=end_lsn,
+                              os_user=cfg.postgres.os_user)
+    return str(path), size
+
+
+@task(name="rewind-old-primary", cache_policy=NO_CACHE)
+def rewind_old_primary(cfg: Config, node: Node, source: Node) -> RebuildResult:
+    return rewind_node(node, source, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+
+
+@task(name="reclone-old-primary", cache_policy=NO_CACHE)
+def reclone_old_primary(cfg: Config, node: Node, source: Node) -> RebuildResult:
+    return reclone_node(node, source, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+
+
+@task(name="start-as-standby", cache_policy=NO_CACHE)
+def start_standby(cfg: Config, node: Node, source: Node) -> RebuildResult:
+    return start_as_standby(node, source, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+
+
+@task(name="discard-old-data", cache_policy=NO_CACHE)
+def discard_old(node: Node) -> tuple[list[str], int]:
+    return discard_old_data(node)
 
 
 @task(name="wait-for-zero-lag", cache_policy=NO_CACHE)
@@ -163,13 +248,113 @@ def backup_current_primary(cfg: Config, config_file: str | None, current: Node) 
 # ------------------------------------------------------------------------------ the flow
 
 
+def _apply(cfg: Config, config_file: str | None, plan: FailbackPlan, report: FailbackReport, tl: Timeline,
+           nodes: dict[str, Node], home: Node, current: Node | None, current_name: str | None, *,
+           approved_by: str | None, auto_approve: bool, approval_timeout_seconds: int, catch_up_timeout_seconds: int) -> str | None:
+    """Apply the plan step by step; each step re-checks its own precondition. Returns a DNS error, if any."""
+    dns_error: str | None = None
+    for step in plan.steps:
+        node = nodes[step.node]
+        if step.kind == "backup-current-primary":
+            assert current is not None
+            report.backup_id = backup_current_primary(cfg, config_file, current)
+            tl.add(step.kind, f"backup {report.backup_id} of {current.name}")
+        elif step.kind == "stop-old-primary":
+            tl.add(step.kind, f"{node.name}: {stop_old_primary(cfg, node)}")
+        elif step.kind == "save-local-settings":
+            tl.add(step.kind, save_settings(cfg, node))
+        elif step.kind == "keep-old-wal":
+            assert plan.diverged_timeline is not None and plan.fork_lsn and plan.end_lsn
+            path, size = keep_wal(cfg, node, plan.diverged_timeline, plan.fork_lsn, plan.end_lsn)
+            if path not in report.old_data:
+                report.old_data.append(path)
+            tl.add(step.kind, f"WAL {plan.fork_lsn}..{plan.end_lsn} of timeline {plan.diverged_timeline} "
+                   f"kept in {path} ({size} bytes)")
+        elif step.kind in ("rewind-old-primary", "reclone-old-primary", "start-as-standby"):
+            assert current is not None
+            fn = {"rewind-old-primary": rewind_old_primary, "reclone-old-primary": reclone_old_primary,
+                  "start-as-standby": start_standby}[step.kind]
+            res = fn(cfg, node, current)
+            report.rebuild_steps.append(res)
+            if step.kind != "start-as-standby":
+                report.rebuild = res
+            if res.old_data and res.old_data not in report.old_data:
+                report.old_data.append(res.old_data)
+            tl.add(step.kind, f"{node.name}: {res.method} in {res.seconds:.1f}s ({res.detail})")
+        elif step.kind == "discard-old-data":
+            removed, freed = discard_old(node)
+            report.discarded += removed
+            report.old_data = [p for p in report.old_data if p not in removed]
+            tl.add(step.kind, f"deleted {len(removed)} kept director(ies), {freed} bytes")
+        elif step.kind == "wait-for-zero-lag":
+            assert current is not None
+            report.lag = wait_zero_lag(node, current, catch_up_timeout_seconds)
+            tl.add(step.kind, f"{node.name} replayed {report.lag.replay_lsn} = {current.name}'s "
+                   f"{report.lag.primary_lsn}")
+        elif step.kind == "approve":
+            set_approval(report, approval_gate(
+                what=f"switch over from {current_name} to {home.name}", plan_lines=report.plan,
+                approved_by=approved_by, auto_approve=auto_approve, timeout_seconds=approval_timeout_seconds))
+            tl.add(step.kind, f"approved by {report.approver}" + (" (auto_approve)" if auto_approve else ""))
+        elif step.kind == "switchover":
+            assert current is not None
+            report.switchover = switchover(cfg, current, home, f"failback {tl.started.isoformat()}")
+            so = report.switchover
+            home_dir = local_pgdata(home)
+            if home_dir is not None:
+                finish_rebuild(home_dir)
+            _record(report, tl, record_role_change_task(cfg, "failback", home.name, [current.name],
+                                                        so.promote.timeline, so.promote.promoted_lsn))
+            tl.add(step.kind, f"{current.name} shut down cleanly at checkpoint {so.final_checkpoint_lsn}; "
+                   f"{home.name} replayed {so.replayed_lsn} and was promoted (timeline "
+                   f"{so.promote.timeline}); writes were unavailable {so.unavailable_seconds:.2f}s")
+        elif step.kind == "rejoin-former-primary":
+            lag = rejoin_former_primary(cfg, node, home)
+            report.rejoined.append(node.name)
+            tl.add(step.kind, f"{node.name} streams from {home.name}, replayed {lag.replay_lsn}")
+        elif step.kind == "switch-dns":
+            expected = [node_dns_value(n) for n in nodes.values() if n.name != home.name]
+            try:
+                report.dns = switch_dns(cfg, expected, node_dns_value(home))
+                tl.add(step.kind, report.dns.detail)
+            except DRError as exc:
+                dns_error = f"DNS switch failed: {one_line(exc)}"
+                tl.add(step.kind, dns_error)
+        elif step.kind == "reconnect-apps":
+            if dns_error:
+                tl.add(step.kind, "skipped: DNS does not point at the primary")
+                continue
+            event = ReconnectEvent(cluster=cfg.cluster, event="failback", new_primary=home.name,
+                                   old_primary=current_name or "-", host=node_dns_value(home),
+                                   dns_record=cfg.dns.record)
+            report.hooks = reconnect_apps(cfg, event)
+            tl.add(step.kind, f"{sum(h.ok for h in report.hooks)}/{len(report.hooks)} hook(s) ok")
+        elif step.kind == "validate":
+            report.canary = validate_primary(home, f"failback {tl.started.isoformat()}")
+            home_dir = local_pgdata(home)
+            if home_dir is not None:
+                finish_rebuild(home_dir)  # it takes writes: a stale rebuild marker must not outlive this
+            _record(report, tl, record_role_change_task(cfg, "failback", home.name,
+                                                        [n for n in nodes if n != home.name], None, None))
+            tl.add(step.kind, f"canary write on {home.name} read back")
+    if report.old_data:
+        from tasks.topology import dir_size
+
+        report.old_data_bytes = sum(dir_size(Path(p)) for p in report.old_data if Path(p).exists())
+    return dns_error
+
+
 @flow(name="failback", log_prints=False)
 def failback_flow(
     config_path: ConfigPath = None,
     backup: Annotated[bool, Field(description="back up the current primary first")] = True,
     approved_by: OptionalText = None,
+    auto_approve: Annotated[bool, Field(description="skip the approval form (shown in the report); "
+                                                    "a name in approved_by alone never does")] = False,
     approval_timeout_seconds: Annotated[int, Field(ge=10, le=86400)] = 900,
     catch_up_timeout_seconds: Annotated[int, Field(ge=5, le=86400)] = 600,
+    discard_old_data: Annotated[bool, Field(description="delete the old primary's kept data directory / WAL "
+                                                        "once it is rebuilt (default: keep it)")] = False,
 ) -> FailbackReport:
     """Make the configured primary the primary again, with a zero-data-loss switchover.
 
@@ -181,10 +366,13 @@ def failback_flow(
         config_path: The gravl-dr config file; empty: $GRAVL_DR_CONFIG of the worker, then
             gravl-dr.yaml in its working directory.
         backup: Take a physical backup of the current primary first (the backup flow).
-        approved_by: Who approved this run beforehand (a name or a ticket), recorded in the
-            report. Empty: the run pauses at the approval step and waits for the approval form.
+        approved_by: Who approves (a name or a ticket): pre-fills the approval form's approver;
+            it does not skip the form.
+        auto_approve: Skip the approval form; the report says so (the CLI sets it after --yes or
+            an approval typed on the terminal).
         approval_timeout_seconds: How long the approval form waits before nothing is switched.
         catch_up_timeout_seconds: How long the rebuilt node may take to stream with zero lag.
+        discard_old_data: Delete what is kept of the old primary's data once it is rebuilt.
     """
     tl = Timeline()
     cfg = load_config(config_path)
@@ -194,71 +382,38 @@ def failback_flow(
     home = cfg.primary
     report = FailbackReport(cluster=cfg.cluster, home=home.name, started_at=tl.started)
     try:
-        home_state = assess_home(cfg)
-        others = check_replica_health(cfg)
-        report.evidence = [home_state.evidence(), *(s.evidence() for s in others)]
-        tl.add("assess", "; ".join(report.evidence))
-        plan: FailbackPlan = plan_failback(home_state, others, backup=backup)
-        report.plan = [f"{s.kind} {s.node}: {s.reason}" for s in plan.steps]
-        report.notes = list(plan.notes)
-        # The node we switch away from: the writable one, or (resuming) the one shut down cleanly.
-        current_name = plan.current or next(
-            (s.name for s in others if not s.reachable and s.local_pgdata and s.control_state == "shut down"), None)
-        current = nodes[current_name] if current_name else None
-        report.from_primary = current_name
-        tl.add("plan", ", ".join(plan.kinds()))
-        dns_error: str | None = None
-        for step in plan.steps:
-            node = nodes[step.node]
-            if step.kind == "backup-current-primary":
-                assert current is not None
-                report.backup_id = backup_current_primary(cfg, config_path, current)
-                tl.add(step.kind, f"backup {report.backup_id} of {current.name}")
-            elif step.kind == "rebuild-old-primary":
-                assert current is not None
-                report.rebuild = rebuild_old_primary(cfg, node, current)
-                tl.add(step.kind, f"{node.name} rebuilt by {report.rebuild.method}: {report.rebuild.detail}")
-            elif step.kind == "wait-for-zero-lag":
-                assert current is not None
-                report.lag = wait_zero_lag(node, current, catch_up_timeout_seconds)
-                tl.add(step.kind, f"{node.name} replayed {report.lag.replay_lsn} = {current.name}'s "
-                       f"{report.lag.primary_lsn}")
-            elif step.kind == "approve":
-                report.approver, report.approval_note = approval_gate(
-                    what=f"switch over from {current_name} to {home.name}", plan_lines=report.plan,
-                    approved_by=approved_by, timeout_seconds=approval_timeout_seconds)
-                tl.add(step.kind, f"approved by {report.approver}")
-            elif step.kind == "switchover":
-                assert current is not None
-                report.switchover = switchover(cfg, current, home, f"failback {tl.started.isoformat()}")
-                so = report.switchover
-                tl.add(step.kind, f"{current.name} shut down cleanly at checkpoint {so.final_checkpoint_lsn}; "
-                       f"{home.name} replayed {so.replayed_lsn} and was promoted (timeline "
-                       f"{so.promote.timeline}); writes were unavailable {so.unavailable_seconds:.2f}s")
-            elif step.kind == "rejoin-former-primary":
-                lag = rejoin_former_primary(cfg, node, home)
-                report.rejoined.append(node.name)
-                tl.add(step.kind, f"{node.name} streams from {home.name}, replayed {lag.replay_lsn}")
-            elif step.kind == "switch-dns":
-                expected = [node_dns_value(n) for n in nodes.values() if n.name != home.name]
-                try:
-                    report.dns = switch_dns(cfg, expected, node_dns_value(home))
-                    tl.add(step.kind, report.dns.detail)
-                except DRError as exc:
-                    dns_error = f"DNS switch failed: {one_line(exc)}"
-                    tl.add(step.kind, dns_error)
-            elif step.kind == "reconnect-apps":
-                if dns_error:
-                    tl.add(step.kind, "skipped: DNS does not point at the primary")
-                    continue
-                event = ReconnectEvent(cluster=cfg.cluster, event="failback", new_primary=home.name,
-                                       old_primary=current_name or "-", host=node_dns_value(home),
-                                       dns_record=cfg.dns.record)
-                report.hooks = reconnect_apps(cfg, event)
-                tl.add(step.kind, f"{sum(h.ok for h in report.hooks)}/{len(report.hooks)} hook(s) ok")
-            elif step.kind == "validate":
-                report.canary = validate_primary(home, f"failback {tl.started.isoformat()}")
-                tl.add(step.kind, f"canary write on {home.name} read back")
+        for attempt in range(2):  # a failed pg_rewind leaves its marker: the second plan re-clones
+            home_state = assess_home(cfg)
+            others = check_replica_health(cfg)
+            report.evidence = [home_state.evidence(), *(s.evidence() for s in others)]
+            tl.add("assess", "; ".join(report.evidence))
+            plan: FailbackPlan = plan_failback(home_state, others, backup=backup and attempt == 0,
+                                               discard_old_data=discard_old_data)
+            report.plan = [f"{s.kind} {s.node}: {s.reason}" for s in plan.steps]
+            report.notes += [n for n in plan.notes if n not in report.notes]
+            if plan.rpo_bytes is not None or report.rpo_bytes is None:
+                report.diverged_timeline, report.fork_lsn = plan.diverged_timeline, plan.fork_lsn
+                report.end_lsn, report.rpo_bytes = plan.end_lsn, plan.rpo_bytes
+            report.old_data = list(home_state.kept_old_data)
+            # The node we switch away from: the writable one, or (resuming) the one shut down cleanly.
+            current_name = plan.current or next(
+                (s.name for s in others if not s.reachable and s.local_pgdata and s.control_state == "shut down"),
+                None)
+            current = nodes[current_name] if current_name else None
+            report.from_primary = current_name
+            tl.add("plan", ", ".join(plan.kinds()))
+            try:
+                dns_error = _apply(cfg, config_path, plan, report, tl, nodes, home, current, current_name,
+                                   approved_by=approved_by, auto_approve=auto_approve,
+                                   approval_timeout_seconds=approval_timeout_seconds,
+                                   catch_up_timeout_seconds=catch_up_timeout_seconds)
+                break
+            except RewindFailed as exc:
+                report.rewind_failed = one_line(exc)
+                tl.add("rewind-old-primary", f"{report.rewind_failed}: re-planning (the data directory is "
+                       "kept and re-cloned)")
+                if attempt:
+                    raise
         problems = ([dns_error] if dns_error else []) + [
             f"reconnect hook {h.kind} {h.target} failed: {h.message}" for h in report.hooks if not h.ok]
         if problems:
@@ -280,7 +435,12 @@ def failback_flow(
     tl.add("report", f"done in {report.total_seconds:.1f}s")
     report.timeline = tl.events
     metrics: dict[str, tuple[float, str]] = {
-        "gravl_failback_duration_seconds": (report.total_seconds, "Last failback: total wall time")}
+        "gravl_failback_duration_seconds": (report.total_seconds, "Last failback: total wall time"),
+        "gravl_failback_old_data_bytes": (float(report.old_data_bytes or 0), "Bytes of the old primary's data "
+                                          "kept next to its data directory (delete them once read)")}
+    if report.rpo_bytes is not None:
+        metrics["gravl_failback_unreplicated_bytes"] = (
+            float(report.rpo_bytes), "Last failback: WAL bytes the old primary wrote that never reached the new one")
     if report.switchover:
         metrics["gravl_failback_write_unavailable_seconds"] = (
             report.switchover.unavailable_seconds, "Last failback: clean shutdown to first write")

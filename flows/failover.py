@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -89,28 +89,67 @@ def resolve_nodes(cfg: Config) -> dict[str, Node]:
     return nodes
 
 
-def approval_gate(*, what: str, plan_lines: list[str], approved_by: str | None,
-                  timeout_seconds: int, poll_interval: int = 1) -> tuple[str, str]:
-    """Approved before the run (a name in the form, the CLI's --yes or terminal approval), or
-    pause the flow for a typed approval form."""
-    if approved_by:
-        return approved_by, "approved before the run"
+class ApprovalRecord(BaseModel):
+    """Who let the run go on, when, and how (the form, or an explicit auto_approve)."""
+
+    approver: str
+    at: datetime
+    how: str  # "approval form" | "auto_approve"
+    note: str
+
+
+@task(name="approve", cache_policy=NO_CACHE)
+def approve(what: str, approver: str, how: str, note: str, approved: bool) -> ApprovalRecord:
+    """The approval gate as a step of the run: it records the decision, or stops the run here."""
+    if not approved:
+        raise Refused(f"{note}: {what} not done")
+    record = ApprovalRecord(approver=approver, at=datetime.now(UTC), how=how, note=note)
+    logger().info("%s: approved by %s at %s (%s: %s)", what, approver, f"{record.at:%H:%M:%S} UTC", how, note)
+    return record
+
+
+def approval_gate(*, what: str, plan_lines: list[str], approved_by: str | None, auto_approve: bool,
+                  timeout_seconds: int, poll_interval: int = 1) -> ApprovalRecord:
+    """Pause for the typed approval form, unless ``auto_approve`` (explicit, shown in the report).
+
+    A name in ``approved_by`` alone never skips the gate: it only pre-fills the form's approver.
+    The pause itself is the flow's (Prefect pauses flow runs, not task runs); the decision is the
+    ``approve`` task, visible in the run with who, when and how.
+    """
+    if auto_approve:
+        return approve(what, approved_by or "auto_approve", "auto_approve",
+                       "auto_approve=true: the approval form was skipped", True)
     from prefect.flow_runs import pause_flow_run
 
     description = f"**{what}**\n\n" + "\n".join(f"- {line}" for line in plan_lines)
     logger().warning("waiting up to %ss for approval in the Prefect UI: %s", timeout_seconds, what)
+    initial: dict[str, Any] = {"description": description, "approve": False}
+    if approved_by:
+        initial["approver"] = approved_by
     try:
-        answer = pause_flow_run(wait_for_input=Approval.with_initial_data(description=description,
-                                                                          approve=False),
+        answer = pause_flow_run(wait_for_input=Approval.with_initial_data(**initial),
                                 timeout=timeout_seconds, poll_interval=poll_interval)
     except Exception as exc:
         if type(exc).__name__ == "FlowPauseTimeout":
-            raise Refused(f"no approval within {timeout_seconds}s: {what} not done") from None
+            return approve(what, "-", "approval form", f"no approval within {timeout_seconds}s", False)
         raise
     if not answer.approve:
-        raise Refused(f"{answer.approver} declined: {what} not done"
-                      + (f" ({answer.comment})" if answer.comment else ""))
-    return answer.approver, answer.comment or "approved in the UI"
+        return approve(what, answer.approver, "approval form", f"{answer.approver} declined"
+                       + (f" ({answer.comment})" if answer.comment else ""), False)
+    return approve(what, answer.approver, "approval form", answer.comment or "approved in the UI", True)
+
+
+def set_approval(report: Any, record: ApprovalRecord) -> None:
+    report.approver, report.approval_note = record.approver, record.note
+    report.approved_at, report.auto_approved = record.at, record.how == "auto_approve"
+
+
+def approval_text(r: Any) -> str:
+    if not r.approver:
+        return "-"
+    when = f" at {r.approved_at:%Y-%m-%d %H:%M:%S} UTC" if r.approved_at else ""
+    return f"{r.approver}{when} — " + ("**auto_approve** (form skipped)" if r.auto_approved else "approval form") \
+        + f" ({r.approval_note or '-'})"
 
 
 def push_dr_metrics(cfg: Config, job: str, values: dict[str, tuple[float, str]]) -> None:
@@ -218,6 +257,38 @@ def validate_primary(node: Node, label: str) -> CanaryResult:
     return res
 
 
+@task(name="record-role-change", cache_policy=NO_CACHE)
+def record_role_change_task(cfg: Config, event: Literal["failover", "failback"], primary: str,
+                            demoted: list[str], timeline: int | None, lsn: str | None) -> str:
+    """Append the change to the repository's role history (what `gravl-dr guard` and every flow read).
+
+    Never fails the run: the promotion stands whether or not the repository answers.
+    """
+    from tasks.repository import open_repository
+    from tasks.roles import RoleEvent, now, record_role_change, role_history
+
+    try:
+        repo = open_repository(cfg.repository)
+        history = role_history(repo)
+        last = history[-1] if history else None
+        if last is None and primary == cfg.primary.name:
+            return f"{primary} is the configured primary and no role change was ever recorded: nothing to record"
+        if last and last.primary == primary and set(demoted) <= set(last.demoted):
+            return f"role history already says {primary} is the primary ({last.event} of {last.at:%H:%M:%S})"
+        key = record_role_change(repo, RoleEvent(at=now(), event=event, primary=primary, demoted=demoted,
+                                                 timeline=timeline, lsn=lsn))
+    except DRError as exc:
+        logger().warning("role change NOT recorded: %s", one_line(exc))
+        return f"NOT recorded ({one_line(exc)}): `gravl-dr guard` cannot know {', '.join(demoted)} was demoted"
+    return f"recorded {key}: {primary} primary, {', '.join(demoted)} demoted"
+
+
+def _record(report: Any, tl: Timeline, outcome: str) -> None:
+    tl.add("record-role-change", outcome)
+    if outcome.startswith("NOT"):
+        report.notes.append(f"role history: {outcome}")
+
+
 # ------------------------------------------------------------------------------ the flow
 
 
@@ -238,6 +309,8 @@ class FailoverReport(BaseModel):
     warnings: list[str] = []
     approver: str | None = None
     approval_note: str | None = None
+    approved_at: datetime | None = None
+    auto_approved: bool = False
     reference_lsn: str | None = None
     promoted_lsn: str | None = None
     rpo_bytes: int | None = None
@@ -264,7 +337,7 @@ def failover_markdown(r: FailoverReport) -> str:
         ("RPO", f"{r.rpo_bytes} bytes of WAL ({human_bytes(r.rpo_bytes)})" if r.rpo_bytes is not None
          else "unknown (no WAL position of the old primary)"),
         ("WAL reference / promoted at", f"{r.reference_lsn or '-'} / {r.promoted_lsn or '-'}"),
-        ("fence", r.fence or "-"), ("approved by", f"{r.approver or '-'} ({r.approval_note or '-'})"),
+        ("fence", r.fence or "-"), ("approved by", approval_text(r)),
         ("DNS", r.dns.detail if r.dns else "-"),
         ("validation", f"canary row {r.canary.row_id} at {r.canary.lsn}" if r.canary else "-"),
     ]
@@ -325,6 +398,8 @@ def failover_flow(
     planned: Annotated[bool, Field(description="the primary is up on purpose (a drill): stop it cleanly, "
                                                "no data loss")] = False,
     approved_by: OptionalText = None,
+    auto_approve: Annotated[bool, Field(description="skip the approval form (shown in the report); "
+                                                    "a name in approved_by alone never does")] = False,
     approval_timeout_seconds: Annotated[int, Field(ge=10, le=86400)] = 900,
 ) -> FailoverReport:
     """Fail over from the configured primary to the most advanced healthy replica.
@@ -335,8 +410,10 @@ def failover_flow(
         max_lag_bytes: Refuse a replica further behind the old primary's last known WAL position.
         force: Go on although the old primary accepts writes (it is fenced first) or the replica lags.
         planned: The primary is up on purpose (a drill): stop it cleanly first, no data loss.
-        approved_by: Who approved this run beforehand (a name or a ticket), recorded in the
-            report. Empty: the run pauses at the approval step and waits for the approval form.
+        approved_by: Who approves (a name or a ticket): pre-fills the approval form's approver;
+            it does not skip the form.
+        auto_approve: Skip the approval form; the report says so (the CLI sets it after --yes or
+            an approval typed on the terminal).
         approval_timeout_seconds: How long the approval form waits before nothing is promoted.
     """
     tl = Timeline()
@@ -366,10 +443,11 @@ def failover_flow(
         dns_error: str | None = None
         for step in plan.steps:
             if step.kind == "approve":
-                report.approver, report.approval_note = approval_gate(
+                set_approval(report, approval_gate(
                     what=f"promote {target.name} in place of {old.name}", plan_lines=report.plan,
-                    approved_by=approved_by, timeout_seconds=approval_timeout_seconds)
-                tl.add("approve", f"approved by {report.approver}")
+                    approved_by=approved_by, auto_approve=auto_approve,
+                    timeout_seconds=approval_timeout_seconds))
+                tl.add("approve", f"approved by {report.approver}" + (" (auto_approve)" if auto_approve else ""))
             elif step.kind == "fence-old-primary":
                 fence = fence_old_primary(cfg, old, clean=True)
                 report.fence, report.fenced = fence.action, fence.fenced
@@ -382,6 +460,8 @@ def failover_flow(
                 tl.add("promote-replica", f"{target.name} promoted, timeline {promoted.timeline} from "
                        f"{promoted.promoted_lsn}" if not promoted.already_primary
                        else f"{target.name} already primary")
+                _record(report, tl, record_role_change_task(cfg, "failover", target.name, [old.name],
+                                                            promoted.timeline, promoted.promoted_lsn))
             elif step.kind == "switch-dns":
                 try:
                     report.dns = switch_dns(cfg, [node_dns_value(old)], node_dns_value(target))
@@ -402,8 +482,11 @@ def failover_flow(
                 report.canary = validate_primary(target, f"failover {tl.started.isoformat()}")
                 report.rto_seconds = round(tl.add("validate", f"canary write on {target.name} "
                                                   f"read back"), 3)
-        if report.promoted_lsn is None and plan.already_promoted:
-            report.promoted_lsn = promote_node(target).promoted_lsn  # read-only: it is a primary
+        if plan.already_promoted:
+            already = promote_node(target)  # read-only: it is a primary
+            report.promoted_lsn = report.promoted_lsn or already.promoted_lsn
+            _record(report, tl, record_role_change_task(cfg, "failover", target.name, [old.name],
+                                                        already.timeline, already.promoted_lsn))
         report.rpo_bytes = rpo_bytes(report.reference_lsn, report.promoted_lsn)
         failed_hooks = [h for h in report.hooks if not h.ok]
         problems = ([dns_error] if dns_error else []) + [

@@ -51,6 +51,8 @@ class RestoreReport(BaseModel):
     timeline: int | None = None
     stop_message: str | None = None
     recovery_seconds: float | None = None
+    databases: list[str] = []
+    not_carried_over: list[str] = []
 
 
 @task(name="select-backup", cache_policy=NO_CACHE, **NETWORK_RETRIES)
@@ -62,17 +64,33 @@ def select_backup(repo: Repository, ref: str, kind: str | None, cluster: str) ->
 
 
 @task(name="restore-physical", cache_policy=NO_CACHE)
-def restore_physical(cfg: Config, repo: Repository, manifest: Manifest, pgdata: str) -> rsteps.RestoreResult:
-    res = rsteps.restore_physical(cfg, repo, manifest, Path(pgdata))
+def restore_physical(cfg: Config, repo: Repository, manifest: Manifest, pgdata: str,
+                     tablespace_map: dict[str, str]) -> rsteps.RestoreResult:
+    res = rsteps.restore_physical(cfg, repo, manifest, Path(pgdata), tablespace_map)
     logger().info("verified and extracted %s into %s in %.1fs", human_bytes(res.raw_bytes),
                   res.target, res.seconds)
+    for space in manifest.tablespaces:
+        where = tablespace_map.get(space.location.rstrip("/"), space.location)
+        logger().info("tablespace %s restored into %s", space.name, where)
     return res
 
 
 @task(name="restore-logical", cache_policy=NO_CACHE)
-def restore_logical(cfg: Config, repo: Repository, manifest: Manifest, dsn: str, jobs: int) -> rsteps.RestoreResult:
-    res = rsteps.restore_logical(cfg, repo, manifest, dsn, jobs)
+def restore_logical(cfg: Config, repo: Repository, manifest: Manifest, dsn: str, jobs: int,
+                    database: str | None, no_owner: bool) -> rsteps.RestoreResult:
+    res = rsteps.restore_logical(cfg, repo, manifest, dsn, jobs, no_owner=no_owner, database=database)
     logger().info("restored %s into %s in %.1fs", manifest.id, res.target, res.seconds)
+    return res
+
+
+@task(name="restore-cluster", cache_policy=NO_CACHE)
+def restore_cluster(cfg: Config, repo: Repository, manifest: Manifest, dsn: str, jobs: int,
+                    tablespace_map: dict[str, str]) -> rsteps.ClusterRestoreResult:
+    res = rsteps.restore_cluster(cfg, repo, manifest, dsn, jobs, tablespace_map=tablespace_map)
+    logger().info("restored the globals and %d database(s) of %s into %s in %.1fs: %s",
+                  len(res.databases), manifest.id, res.target, res.seconds, ", ".join(res.databases))
+    for line in res.skipped:
+        logger().warning("not in the backup: %s", line)
     return res
 
 
@@ -119,9 +137,11 @@ def write_recovery_settings(cfg: Config, config_file: str, pgdata: str, target: 
 
 @task(name="start-restored-server", cache_policy=NO_CACHE)
 def start_restored_server(cfg: Config, pgdata: str, port: int,
-                          target: rec.RecoveryTarget | None = None) -> int:
+                          target: rec.RecoveryTarget | None = None, config_file: str | None = None) -> int:
     rsteps.set_port(Path(pgdata), port, cfg.postgres.os_user)
     cluster = LocalCluster(Path(pgdata), port, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+    if config_file is not None:
+        rec.start_prefetcher(Path(pgdata), config_file, cfg.postgres.os_user, rec.repository_env(cfg))
     try:
         cluster.start(timeout=3600, env=rec.repository_env(cfg))
     except DRError:
@@ -131,7 +151,10 @@ def start_restored_server(cfg: Config, pgdata: str, port: int,
         if why is None:
             raise
         raise PreconditionFailed(why) from None
-    cluster.wait_ready()
+    if target is None:
+        cluster.wait_ready()
+    # else pg_ctl -w saw it accept connections; wait-for-recovery follows it from there (and
+    # explains a server that stops: a fast recovery can end, short of a target, within a second)
     logger().info("restored server is up on 127.0.0.1:%d", port)
     return port
 
@@ -178,9 +201,13 @@ def restore_flow(
     target_xid: Annotated[str | None, WithJsonSchema({"type": "string", "pattern": r"^[0-9]{1,20}$"})] = None,
     keep_archiving: bool = False,
     recovery_timeout: Annotated[float, Field(gt=0, le=7 * 86400)] = 6 * 3600,
+    tablespace_map: list[str] | None = None,
+    database: OptionalText = None,
+    no_owner: bool = False,
 ) -> RestoreReport:
     """Restore a physical backup into an empty data directory (recovering to the end of the WAL
-    archive or to a target), or a logical one into an empty database.
+    archive or to a target), or a logical one: the whole cluster into a fresh cluster, or one
+    database (``database``) into an existing empty database.
 
     Args:
         config_path: The gravl-dr config file; empty: $GRAVL_DR_CONFIG of the worker, then
@@ -203,8 +230,14 @@ def restore_flow(
         keep_archiving: Let the restored server archive its own WAL with archive_command
             (off: archiving is disabled so a copy cannot write into the repository).
         recovery_timeout: Seconds the started server may take to recover before the run fails.
+        tablespace_map: Physical restore, or a whole-cluster logical one: OLD=NEW directories,
+            restoring the tablespace at OLD into NEW (as pg_basebackup -T).
+        database: Logical restore: only this database of a whole-cluster backup, into the
+            existing empty database of dsn; empty: the whole cluster into the fresh cluster of dsn.
+        no_owner: Logical restore of one database: objects belong to the connecting role, no GRANTs.
     """
     cfg, repo = load(config_path)
+    ts_map = rsteps.parse_tablespace_map(tablespace_map)
     if (pgdata is None) == (dsn is None):
         raise PreconditionFailed("restore needs exactly one of --pgdata (physical) or --dsn (logical)")
     target = rec.RecoveryTarget.from_options(time=target_time.isoformat() if target_time else None,
@@ -238,7 +271,7 @@ def restore_flow(
                         f"target LSN {target.value} is past the end of the archive (its newest "
                         f"segment ends at {format_lsn(end)})"
                     )
-            res = restore_physical(cfg, repo, manifest, pgdata)
+            res = restore_physical(cfg, repo, manifest, pgdata, ts_map)
             use_archive = view.has_wal_after_backup or target.kind != "end"
             if use_archive:
                 config_file = str(resolve_config_path(config_path).absolute())
@@ -246,17 +279,30 @@ def restore_flow(
                                         manifest.start_wal)
         else:
             assert dsn is not None
-            res = restore_logical(cfg, repo, manifest, dsn, jobs)
+            whole = bool(manifest.databases) and database is None
+            if whole:
+                cres = restore_cluster(cfg, repo, manifest, dsn, jobs, ts_map)
+                res = rsteps.RestoreResult(cres.backup_id, cres.target, cres.raw_bytes, cres.seconds,
+                                           cres.verify_seconds)
+            else:
+                res = restore_logical(cfg, repo, manifest, dsn, jobs, database, no_owner)
         report = RestoreReport(backup_id=manifest.id, kind=manifest.kind, target=res.target,
                                raw_bytes=res.raw_bytes, seconds=res.seconds,
                                verify_seconds=res.verify_seconds, data_seconds=res.seconds,
                                target_point=target.describe())
+        report.not_carried_over = rsteps.restore_notes(manifest)
+        if dsn is not None:
+            report.databases = ([d.name for d in manifest.databases if d.object] if whole
+                                else [database or manifest.database or "?"])
+        for note in report.not_carried_over:
+            logger().warning("%s", note)
         if pgdata:
             report.archive_used = use_archive
         if pgdata and start:
             report.port = port or free_port()
             try:
-                start_restored_server(cfg, pgdata, report.port, target if use_archive else None)
+                start_restored_server(cfg, pgdata, report.port, target if use_archive else None,
+                                      config_file if use_archive else None)
                 report.started = True
                 outcome = (wait_for_recovery(cfg, pgdata, report.port, target, view, manifest,
                                              recovery_timeout) if use_archive else None)
@@ -298,6 +344,9 @@ def restore_flow(
                f"| server's record | {report.stop_message or 'end of WAL'} |\n"
                f"| recovery | {report.recovery_seconds or 0:.1f} s |\n"
                if report.reached_lsn else "")
+            + (f"| databases | {', '.join(report.databases)} |\n" if report.databases else "")
+            + ("\n## What PostgreSQL did not carry over\n\n" + "".join(f"- {n}\n" for n in report.not_carried_over)
+               if report.not_carried_over else "")
         ),
     )
     return report

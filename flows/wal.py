@@ -25,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from flows.common import NETWORK_RETRIES, human_bytes, load, logger
+from flows.common import NETWORK_RETRIES, follow_primary, human_bytes, load, logger
 from flows.params import ConfigPath
 from tasks import walcheck
 from tasks.config import Config
@@ -228,6 +228,7 @@ def wal_check_flow(
     """
     cfg, repo = load(config_path)
     artifact_key = f"wal-check-report-{cfg.cluster}".replace("_", "-")
+    cfg = follow_primary(cfg, repo, JOB, artifact_key)
     report: walcheck.WalCheckReport | None = None
     status = observe_primary(cfg) if check_server else None
     try:

@@ -13,18 +13,26 @@ import logging
 import os
 import re
 import socket
+import subprocess
+import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import psycopg
 from psycopg import sql
 
+from tasks import inventory
+from tasks.basebackup import BaseBackupStream, slot_name
 from tasks.config import Config
+from tasks.counts import ClusterFacts, DatabaseFacts, database_facts, read_cluster_facts, switch_wal
 from tasks.errors import (
     AlreadyExists,
     ChecksumMismatch,
+    CommandFailed,
     DRError,
     Locked,
     NotFound,
@@ -34,8 +42,11 @@ from tasks.errors import (
 from tasks.libpq import client_env
 from tasks.models import (
     BACKUP_ID_RE,
+    DatabaseEntry,
     Manifest,
+    NotCarriedOver,
     StoredObject,
+    TablespaceEntry,
     backup_time,
     new_backup_id,
     parse_lsn,
@@ -47,9 +58,9 @@ from tasks.postgres import (
     ServerInfo,
     check_version,
     connection,
-    count_rows,
     safe_dsn,
     server_info,
+    with_dbname,
 )
 from tasks.proc import pg_bin, popen
 from tasks.repository import FileRepository, Repository
@@ -92,6 +103,8 @@ class Preflight:
     database_bytes: int
     free_bytes: int | None
     messages: tuple[str, ...] = ()
+    tablespaces: tuple[TablespaceEntry, ...] = ()
+    databases: tuple[DatabaseEntry, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,11 @@ class StreamResult:
     row_counts: dict[str, dict[str, int]]
     row_counts_exact: bool
     seconds: float
+    tablespaces: tuple[TablespaceEntry, ...] = ()
+    databases: tuple[DatabaseEntry, ...] = ()
+    globals_object: str | None = None
+    not_carried_over: NotCarriedOver = NotCarriedOver()
+    facts: ClusterFacts | None = None
 
 
 @dataclass(frozen=True)
@@ -132,10 +150,24 @@ def preflight(cfg: Config, repo: Repository, kind: str, now: datetime | None = N
     ]
     if info.in_recovery and kind == "physical":
         messages.append("server is a standby: backing up from it")
-    with connection(cfg.primary.dsn) as conn:
+    dsn = source_dsn(cfg, info.version_num)
+    with connection(dsn) as conn:
         row = conn.execute("SELECT sum(pg_database_size(oid))::bigint FROM pg_database").fetchone()
-        db_row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
-    database_bytes = int((row[0] if kind == "physical" else db_row[0]) or 0) if row and db_row else 0
+        db_row = row
+        found_tablespaces = inventory.tablespaces(conn)
+        found_databases = inventory.databases(conn)
+        if kind == "physical":
+            if info.version_num < 150000:
+                raise PreconditionFailed(
+                    f"PostgreSQL {info.version_text}: physical backups need PostgreSQL 15 or newer "
+                    "(BASE_BACKUP's COPY sub-protocol); take a logical backup")
+            messages += _physical_readiness(conn, dsn, found_tablespaces)
+    chosen: list[DatabaseEntry] = []
+    if kind == "logical":
+        chosen = inventory.select_databases(found_databases, cfg.backup.databases)
+        messages += _logical_readiness(dsn, info, chosen)
+    database_bytes = int(row[0] or 0) if row else 0
+    del db_row
     free: int | None = None
     if isinstance(repo, FileRepository):
         free = repo.free_bytes()
@@ -165,7 +197,79 @@ def preflight(cfg: Config, repo: Repository, kind: str, now: datetime | None = N
         database_bytes=database_bytes,
         free_bytes=free,
         messages=tuple(messages),
+        tablespaces=tuple(found_tablespaces),
+        databases=tuple(chosen),
     )
+
+
+def source_dsn(cfg: Config, version_num: int = 0) -> str:
+    """The primary's DSN with lock_timeout and statement_timeout on every statement (and, from
+    PostgreSQL 14, client_connection_check_interval: a session of ours whose client is gone
+    stops waiting for a lock at once instead of at lock_timeout)."""
+    return inventory.guarded_dsn(cfg.primary.dsn, cfg.backup.lock_timeout_seconds,
+                                 cfg.backup.statement_timeout_seconds,
+                                 check_client=version_num >= 140000)
+
+
+def _physical_readiness(conn: Any, dsn: str, spaces: list[TablespaceEntry]) -> list[str]:
+    """What makes BASE_BACKUP fail, found before the server is asked for a checkpoint:
+    wal_level, a free WAL sender and replication slot, the REPLICATION privilege, pg_hba."""
+    row = conn.execute(
+        """
+        SELECT current_setting('wal_level'), current_setting('max_wal_senders')::int,
+               (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender')::int,
+               current_setting('max_replication_slots')::int,
+               (SELECT count(*) FROM pg_replication_slots)::int,
+               (SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user),
+               current_user
+        """
+    ).fetchone()
+    wal_level, senders, used_senders, slots, used_slots, may_replicate, user = row
+    if wal_level == "minimal":
+        raise PreconditionFailed("wal_level is minimal: a physical backup needs wal_level = replica "
+                                 "(or logical); change it and restart the server")
+    if used_senders >= senders:
+        raise PreconditionFailed(f"max_wal_senders = {senders} and {used_senders} in use: a physical "
+                                 "backup needs one free WAL sender")
+    if used_slots >= slots:
+        raise PreconditionFailed(f"max_replication_slots = {slots} and {used_slots} in use: a physical "
+                                 "backup reserves its WAL with a temporary slot and needs one free")
+    if not may_replicate:
+        raise PreconditionFailed(f"role {user} has neither SUPERUSER nor REPLICATION: a physical backup "
+                                 "needs the REPLICATION attribute")
+    for space in spaces:
+        if not space.location:
+            raise PreconditionFailed(f"tablespace {space.name} has no location (an in-place tablespace): "
+                                     "not supported by a physical backup")
+    # pg_hba.conf is only known by trying: IDENTIFY_SYSTEM changes nothing on the server
+    with BaseBackupStream(dsn, label="preflight", slot="unused") as probe:
+        probe.identify()
+    lines = [f"wal_level {wal_level}, WAL senders {used_senders}/{senders} in use, replication slots "
+             f"{used_slots}/{slots}; replication connection as {user} accepted"]
+    if spaces:
+        lines.append("tablespaces, each its own archive: " + ", ".join(
+            f"{t.name} ({t.location})" for t in spaces))
+    return lines
+
+
+NO_PASSWORDS = ("role passwords will NOT be in the backup: the backup role is not a superuser, and "
+                "password hashes are only readable from pg_authid (roles are dumped without them)")
+
+
+def _logical_readiness(dsn: str, info: ServerInfo, chosen: list[DatabaseEntry]) -> list[str]:
+    lines = []
+    if not info.is_superuser:
+        lines.append(NO_PASSWORDS)
+    for db in chosen:
+        if db.skipped:
+            lines.append(f"database {db.name} will NOT be dumped: {db.skipped}")
+            continue
+        with connection(with_dbname(dsn, db.name)):
+            pass
+    dumped = [d.name for d in chosen if not d.skipped]
+    lines.append(f"globals (roles, memberships, role settings, tablespaces) and {len(dumped)} "
+                 f"database(s): {', '.join(dumped)}")
+    return lines
 
 
 # ---------------------------------------------------------------- lock
@@ -310,11 +414,9 @@ def discard_incomplete(repo: Repository, backup_id: str) -> int:
         repo.delete(key)
     with contextlib.suppress(DRError):
         repo.abort_incomplete(backup_prefix(backup_id))
+    if isinstance(repo, FileRepository):
+        repo.prune_empty(backup_prefix(backup_id))
     return len(keys)
-
-
-_START_RE = re.compile(r"write-ahead log start point: ([0-9A-F]+/[0-9A-F]+) on timeline (\d+)")
-_END_RE = re.compile(r"write-ahead log end point: ([0-9A-F]+/[0-9A-F]+)")
 
 
 def _object_name(base: str, codec: str, encrypted: bool) -> str:
@@ -322,7 +424,7 @@ def _object_name(base: str, codec: str, encrypted: bool) -> str:
 
 
 def _store(
-    cfg: Config, repo: Repository, pre: Preflight, name: str, source: ProcessSource
+    cfg: Config, repo: Repository, pre: Preflight, name: str, source: Iterable[bytes]
 ) -> StoredObject:
     key = load_key(cfg.repository.encryption_key_env)
     stream, result = encode(source, pre.codec, key, cfg.repository.compression_level)
@@ -336,7 +438,7 @@ def _store(
 
 
 def stream_backup(cfg: Config, repo: Repository, pre: Preflight) -> StreamResult:
-    """Run the backup program and stream its output into the repository in one pass."""
+    """Run the backup and stream every object into the repository in one pass."""
     removed = discard_incomplete(repo, pre.backup_id)
     if removed:
         log.info("removed %d object(s) of an earlier failed attempt of %s", removed, pre.backup_id)
@@ -346,75 +448,261 @@ def stream_backup(cfg: Config, repo: Repository, pre: Preflight) -> StreamResult
 
 
 def _stream_physical(cfg: Config, repo: Repository, pre: Preflight) -> StreamResult:
+    """BASE_BACKUP over the replication protocol (tasks.basebackup): every tablespace its own
+    archive object, WAL reserved by a temporary slot for the whole backup and included."""
     t0 = time.monotonic()
     start_time = datetime.now(UTC)
-    argv = [pg_bin("pg_basebackup", cfg.postgres.bindir), "-D", "-", "-Ft", "-X", "fetch",
-            "-c", "fast", "-v", "--no-password"]
-    proc = popen(argv, env=client_env(cfg.primary.dsn))
-    source = ProcessSource(proc, "pg_basebackup")
-    log.info("streaming pg_basebackup of %s as tar (WAL included)", safe_dsn(cfg.primary.dsn))
-    try:
-        obj = _store(cfg, repo, pre, _object_name("base.tar", pre.codec, pre.encrypted), source)
-    finally:
-        source.finish()
-    stderr = source.stderr_text()
-    start = _START_RE.search(stderr)
-    end = _END_RE.search(stderr)
-    if not start or not end:
-        raise PreconditionFailed("pg_basebackup did not report its WAL start and end points")
+    dsn = source_dsn(cfg, pre.info.version_num)
+    by_oid = {t.oid: t for t in pre.tablespaces}
+    objects: list[StoredObject] = []
+    spaces: list[TablespaceEntry] = []
+    with BaseBackupStream(dsn, label=f"gravl-dr {pre.backup_id}", slot=slot_name(pre.backup_id),
+                          inactivity_timeout=cfg.backup.inactivity_timeout_seconds,
+                          max_rate_kb=cfg.backup.max_rate_kb) as bb:
+        bb.start()
+        log.info("base backup of %s started at %s on timeline %d", safe_dsn(dsn), bb.start_lsn,
+                 bb.timeline)
+        while (archive := bb.next_archive()) is not None:
+            stem = archive.name
+            if not re.fullmatch(r"(base|\d+)\.tar|backup_manifest", stem):
+                raise PreconditionFailed(f"BASE_BACKUP sent an unexpected archive {stem!r}")
+            name = _object_name(stem, pre.codec, pre.encrypted)
+            objects.append(_store(cfg, repo, pre, name, bb.chunks()))
+            if stem.endswith(".tar") and stem != "base.tar":
+                oid = stem.removesuffix(".tar")
+                known = by_oid.get(oid)
+                spaces.append(TablespaceEntry(
+                    oid=oid, name=known.name if known else oid,
+                    location=archive.tablespace_path or (known.location if known else ""), object=name))
+        end = bb.finish()
+    base = [o for o in objects if o.key.startswith("base.tar")]
+    if len(base) != 1:
+        raise PreconditionFailed("BASE_BACKUP sent no base archive")
+    # the main archive first: restore reads it as the backup's first object
+    objects = [*base, *(o for o in objects if o not in base)]
     stop_time = datetime.now(UTC)
-    counts = _row_counts_now(cfg)
+    dbnames = [d.name for d in inventory.databases_to_count(dsn)]
+    # Every database's counts and newest timestamps, with the LSN they hold at: the drill pauses
+    # its recovery just before it and compares them exactly. Then switch WAL so that the LSN
+    # reaches the archive.
+    facts = read_cluster_facts(dsn, explain_lock=lambda db: inventory.describe_lock_wait(
+        with_dbname(dsn, db), db, "counting rows"))
+    switch_wal(dsn)
+    counts = {db: f.rows for db, f in facts.databases.items()}
+    notes = inventory.not_carried_over(dsn, dbnames, data_directory=pre.info.data_directory)
+    # what the backup holds of an unlogged table is its init fork: it restores empty (by design,
+    # said in the restore report), so that is the count the drill must expect
+    for db, tables in notes.unlogged_tables.items():
+        for table in tables:  # "schema.table", as count_rows names them
+            if table in counts.get(db, {}):
+                counts[db][table] = 0
+    if notes.config_outside_pgdata:
+        config = _config_files(cfg, dsn, notes.config_outside_pgdata)
+        if config is None:
+            notes = notes.model_copy(update={"backup_notes": [
+                "configuration files outside PGDATA could not be read (neither pg_read_file nor "
+                "postgres.config_dir): a restore writes a minimal postgresql.conf and pg_hba.conf"]})
+        else:
+            objects.append(_store(cfg, repo, pre, _object_name(CONFIG_OBJECT, pre.codec, pre.encrypted),
+                                  iter([config])))
     return StreamResult(
-        objects=(obj,), start_lsn=start.group(1), stop_lsn=end.group(1),
-        timeline=int(start.group(2)), start_time=start_time, stop_time=stop_time,
-        row_counts=counts, row_counts_exact=False, seconds=time.monotonic() - t0,
+        objects=tuple(objects), start_lsn=end.start_lsn, stop_lsn=end.stop_lsn,
+        timeline=end.timeline, start_time=start_time, stop_time=stop_time,
+        row_counts=counts, row_counts_exact=True, seconds=time.monotonic() - t0,
+        tablespaces=tuple(spaces), not_carried_over=notes, facts=facts,
     )
 
 
-def _row_counts_now(cfg: Config) -> dict[str, dict[str, int]]:
-    with connection(cfg.primary.dsn) as conn:
-        db = conn.info.dbname
-        return {db: count_rows(conn)}
+CONFIG_OBJECT = "config.tar"
 
 
-def _count_in_snapshot(dsn: str, snapshot: str) -> dict[str, int]:
-    """Exact row counts in an exported snapshot (so they match what pg_dump saw)."""
+def _config_files(cfg: Config, dsn: str, paths: list[str]) -> bytes | None:
+    """The server's configuration files that live outside PGDATA (Debian keeps them in
+    /etc/postgresql/<version>/<cluster>), as a small tar of their base names: read through the
+    server (pg_read_file: superuser or pg_read_server_files), else from postgres.config_dir."""
+    import io
+    import tarfile
+    from pathlib import Path
+
+    contents: dict[str, bytes] = {}
+    for path in paths:
+        data: bytes | None = None
+        try:
+            with connection(dsn) as conn:
+                row = conn.execute("SELECT pg_read_binary_file(%s)", [path]).fetchone()
+                data = bytes(row[0]) if row and row[0] is not None else None
+        except (psycopg.Error, DRError) as exc:
+            log.info("cannot read %s through the server (%s)", path, str(exc).strip().splitlines()[0])
+        if data is None and cfg.postgres.config_dir:
+            local = Path(cfg.postgres.config_dir) / Path(path).name
+            if local.is_file():
+                data = local.read_bytes()
+        if data is None:
+            return None
+        contents[Path(path).name] = data
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in sorted(contents.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o600, int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _count_in_snapshot(dsn: str, snapshot: str, database: str, conns: list[Any]) -> tuple[DatabaseFacts, str]:
+    """Exact row counts and newest timestamps in an exported snapshot (so they match what
+    pg_dump saw), and that snapshot as pg_current_snapshot() text."""
     with connection(dsn, autocommit=False) as conn:
+        conns.append(conn)
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-        counts = count_rows(conn)
+        row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
+        try:
+            facts = database_facts(conn)
+        except psycopg.errors.LockNotAvailable:
+            raise PreconditionFailed(inventory.describe_lock_wait(dsn, database, "counting rows")) from None
+        except psycopg.errors.QueryCanceled as exc:
+            raise PreconditionFailed(f"counting rows in database {database} took longer than "
+                                     f"statement_timeout: {str(exc).strip().splitlines()[0]}") from None
         conn.rollback()
-    return counts
+    return facts, str(row[0]) if row else ""
+
+
+@dataclass
+class _Running:
+    """What a logical backup has started, so that an error or SIGTERM stops all of it at once."""
+
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    conns: list[Any] = field(default_factory=list)
+    stopped: threading.Event = field(default_factory=threading.Event)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        for proc in list(self.procs):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+        for conn in list(self.conns):
+            with contextlib.suppress(Exception):
+                conn.cancel_safe(timeout=2)
+
+
+def _dump_failure(exc: CommandFailed, dsn: str, database: str) -> DRError:
+    text = str(exc)
+    if "lock" in text.lower() or "statement timeout" in text.lower():
+        return PreconditionFailed(inventory.describe_lock_wait(dsn, database, "pg_dump"))
+    return exc
+
+
+def _stream_globals(cfg: Config, repo: Repository, pre: Preflight, running: _Running) -> StoredObject:
+    dsn = source_dsn(cfg, pre.info.version_num)
+    argv = [pg_bin("pg_dumpall", cfg.postgres.bindir), "--globals-only", "--no-password",
+            "-l", pre.info.database, *([] if pre.info.is_superuser else ["--no-role-passwords"])]
+    proc = popen(argv, env=client_env(dsn))
+    running.procs.append(proc)
+    source = ProcessSource(proc, "pg_dumpall --globals-only")
+    try:
+        return _store(cfg, repo, pre, _object_name("globals.sql", pre.codec, pre.encrypted), source)
+    finally:
+        source.finish()
+
+
+def _dump_database(cfg: Config, repo: Repository, pre: Preflight, db: DatabaseEntry,
+                   running: _Running) -> tuple[DatabaseEntry, StoredObject, tuple[DatabaseFacts, str]]:
+    """pg_dump -Fc of one database in an exported snapshot; rows counted in the same snapshot
+    on another connection while the dump streams (exact, and no extra wall time)."""
+    dsn = with_dbname(source_dsn(cfg, pre.info.version_num), db.name)
+    name = _object_name(f"db-{db.oid}.pgc", pre.codec, pre.encrypted)
+    with connection(dsn, autocommit=False) as conn:
+        running.conns.append(conn)
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        snap_row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+        assert snap_row is not None
+        snapshot = str(snap_row[0])
+        with ThreadPoolExecutor(1, thread_name_prefix="row-counts") as pool:
+            counting = pool.submit(_count_in_snapshot, dsn, snapshot, db.name, running.conns)
+            lock_ms = int(cfg.backup.lock_timeout_seconds * 1000)
+            argv = [pg_bin("pg_dump", cfg.postgres.bindir), "-Fc", "-Z", "0", "--no-password",
+                    f"--snapshot={snapshot}", f"--lock-wait-timeout={lock_ms}"]
+            try:
+                if running.stopped.is_set():
+                    raise PreconditionFailed("backup stopped")
+                proc = popen(argv, env=client_env(dsn))
+                running.procs.append(proc)
+                source = ProcessSource(proc, f"pg_dump of {db.name}")
+                log.info("streaming pg_dump -Fc of database %s in snapshot %s", db.name, snapshot)
+                try:
+                    obj = _store(cfg, repo, pre, name, source)
+                finally:
+                    source.finish()
+            except CommandFailed as exc:
+                running.stop()
+                raise _dump_failure(exc, dsn, db.name) from None
+            except BaseException:
+                running.stop()
+                raise
+            counts = counting.result()
+        conn.rollback()
+    return db.model_copy(update={"object": name}), obj, counts
 
 
 def _stream_logical(cfg: Config, repo: Repository, pre: Preflight) -> StreamResult:
-    """pg_dump -Fc in an exported snapshot; rows are counted in the same snapshot, on another
-    connection while the dump streams, so the counts are exact and cost no extra wall time."""
+    """Globals (pg_dumpall --globals-only), then every chosen database (pg_dump -Fc each, its
+    own object), ``backup.jobs`` at a time. Any failure or SIGTERM stops every dump at once."""
     t0 = time.monotonic()
     start_time = datetime.now(UTC)
-    with connection(cfg.primary.dsn, autocommit=False) as conn:
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        snap_row = conn.execute("SELECT pg_export_snapshot(), pg_current_wal_lsn()::text").fetchone()
-        assert snap_row is not None
-        snapshot, start_lsn = str(snap_row[0]), str(snap_row[1])
-        dbname = conn.info.dbname
-        with ThreadPoolExecutor(1, thread_name_prefix="row-counts") as pool:
-            counting = pool.submit(_count_in_snapshot, cfg.primary.dsn, snapshot)
-            argv = [pg_bin("pg_dump", cfg.postgres.bindir), "-Fc", "-Z", "0", "--no-password",
-                    f"--snapshot={snapshot}"]
-            proc = popen(argv, env=client_env(cfg.primary.dsn))
-            source = ProcessSource(proc, "pg_dump")
-            log.info("streaming pg_dump -Fc of %s in snapshot %s", safe_dsn(cfg.primary.dsn), snapshot)
-            try:
-                obj = _store(cfg, repo, pre, _object_name("dump.pgc", pre.codec, pre.encrypted), source)
-            finally:
-                source.finish()
-            counts = {dbname: counting.result()}
-        conn.rollback()
+    dsn = source_dsn(cfg, pre.info.version_num)
+    with connection(dsn) as conn:
+        lsn_row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        cluster_dbs = [str(r[0]) for r in conn.execute(
+            "SELECT datname FROM pg_database WHERE NOT datistemplate ORDER BY 1").fetchall()]
+    start_lsn = str(lsn_row[0]) if lsn_row else None
+    running = _Running()
+    entries: dict[str, DatabaseEntry] = {d.name: d for d in pre.databases}
+    objects: list[StoredObject] = []
+    counts: dict[str, dict[str, int]] = {}
+    facts: dict[str, DatabaseFacts] = {}
+    snapshots: dict[str, str] = {}
+    pool = ThreadPoolExecutor(cfg.backup.jobs, thread_name_prefix="pg-dump")
+    try:
+        globals_obj = _stream_globals(cfg, repo, pre, running)
+        objects.append(globals_obj)
+        futures = [pool.submit(_dump_database, cfg, repo, pre, d, running)
+                   for d in pre.databases if not d.skipped]
+        for fut in futures:
+            entry, obj, (db_facts, db_snapshot) = fut.result()
+            entries[entry.name] = entry
+            objects.append(obj)
+            if not (entry.is_template and not db_facts.rows):  # the drill compares user databases
+                counts[entry.name] = db_facts.rows
+                facts[entry.name] = db_facts
+                snapshots[entry.name] = db_snapshot
+    except BaseException:
+        running.stop()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    for db in pre.databases:
+        if db.skipped:
+            log.warning("database %s was not dumped: %s", db.name, db.skipped)
+    notes = inventory.not_carried_over(
+        dsn, [d.name for d in pre.databases if not d.skipped], data_directory=pre.info.data_directory)
+    if not pre.info.is_superuser:
+        notes = notes.model_copy(update={"backup_notes": [NO_PASSWORDS]})
     return StreamResult(
-        objects=(obj,), start_lsn=start_lsn, stop_lsn=start_lsn, timeline=pre.info.timeline,
+        objects=tuple(objects), start_lsn=start_lsn, stop_lsn=start_lsn, timeline=pre.info.timeline,
         start_time=start_time, stop_time=datetime.now(UTC), row_counts=counts,
-        row_counts_exact=True, seconds=time.monotonic() - t0,
+        row_counts_exact=True, seconds=time.monotonic() - t0, tablespaces=pre.tablespaces,
+        databases=tuple(entries[d.name] for d in pre.databases), globals_object=globals_obj.key,
+        not_carried_over=notes,
+        facts=ClusterFacts(lsn=start_lsn, snapshots=snapshots, databases=facts,
+                           not_counted={
+                               **{db: "not in this backup (backup.databases does not name it)" for db in cluster_dbs
+                                  if db not in entries},
+                               **{d.name: f"not in this backup: {d.skipped}" for d in pre.databases if d.skipped},
+                               **{d.name: "dumped, not counted (a template database)" for d in pre.databases
+                                  if not d.skipped and d.name not in facts}},
+                           all_databases=sorted({*cluster_dbs, *(d.name for d in pre.databases)})),
     )
 
 
@@ -435,8 +723,26 @@ def build_manifest(cfg: Config, pre: Preflight, res: StreamResult) -> Manifest:
         database=pre.info.database, codec=pre.codec,
         encryption=STREAM_ALG if pre.encrypted else "none", key_fingerprint=pre.key_fingerprint,
         objects=list(res.objects), row_counts=res.row_counts, row_counts_exact=res.row_counts_exact,
-        data_checksums=pre.info.data_checksums,
+        data_checksums=pre.info.data_checksums, tablespaces=list(res.tablespaces),
+        databases=list(res.databases), globals_object=res.globals_object,
+        not_carried_over=res.not_carried_over, **_facts_fields(res.facts),
     )
+
+
+def _facts_fields(facts: ClusterFacts | None) -> dict[str, Any]:
+    """The manifest's record of the counts' snapshot: LSN, newest timestamps, unlogged tables and
+    what could not be counted (a whole database under '*')."""
+    if facts is None:
+        return {}
+    not_counted = {db: dict(f.not_counted) for db, f in facts.databases.items() if f.not_counted}
+    for db, reason in facts.not_counted.items():
+        not_counted.setdefault(db, {})["*"] = reason
+    return {
+        "row_counts_lsn": facts.lsn, "row_counts_snapshots": dict(facts.snapshots),
+        "newest_timestamps": {db: dict(f.newest) for db, f in facts.databases.items() if f.newest},
+        "unlogged_tables": {db: list(f.unlogged) for db, f in facts.databases.items() if f.unlogged},
+        "not_counted": not_counted, "cluster_databases": list(facts.all_databases),
+    }
 
 
 # ---------------------------------------------------------------- verify and publish

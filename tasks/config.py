@@ -95,8 +95,12 @@ class DrillConfig(_Strict):
     suites_dir: str | None = Field(
         default=None, description="directory of user expectation suites (*.yaml); relative to the config file"
     )
-    row_count_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.01
-    freshness_max_seconds: Annotated[int, Field(ge=0)] = 86400
+    row_count_tolerance: Annotated[float, Field(
+        ge=0, le=1, description="only where counts cannot be compared exactly at the LSN they were read at")] = 0.01
+    freshness_max_seconds: Annotated[int, Field(
+        ge=0, description=("where not compared exactly: how much older than the source's newest timestamp "
+                           "the copy's may be (backups without recorded timestamps: age before the recovered "
+                           "point)"))] = 86400
     freshness_columns: list[str] | None = Field(
         default=None,
         description="schema.table.column timestamps whose newest value must be recent; default: all",
@@ -140,6 +144,39 @@ class ReconnectHook(_Strict):
 class PostgresConfig(_Strict):
     bindir: str = "auto"
     os_user: str = "postgres"
+    config_dir: str | None = Field(
+        default=None,
+        description=("where the source keeps postgresql.conf / pg_hba.conf when they are outside PGDATA "
+                     "(Debian: /etc/postgresql/<version>/<cluster>); a restored server gets its own copy"),
+    )
+
+
+class BackupConfig(_Strict):
+    databases: Literal["all"] | list[str] = Field(
+        default="all", description="databases a logical backup dumps: all (every connectable one) or names"
+    )
+    lock_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=30, description="lock_timeout of every statement on the source, and pg_dump --lock-wait-timeout"
+    )
+    statement_timeout_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=6 * 3600, description="statement_timeout of gravl-dr's own queries on the source (row counts)"
+    )
+    inactivity_timeout_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=600, description="a backup stream that sends nothing for this long is aborted"
+    )
+    max_rate_kb: Annotated[int, Field(ge=32, le=1048576)] | None = Field(
+        default=None, description="physical backups: server-side rate limit in kB/s (BASE_BACKUP MAX_RATE)"
+    )
+    jobs: Annotated[int, Field(ge=1, le=32)] = Field(
+        default=2, description="logical backups: databases dumped at the same time"
+    )
+
+    @field_validator("databases")
+    @classmethod
+    def _names(cls, value: Literal["all"] | list[str]) -> Literal["all"] | list[str]:
+        if isinstance(value, list) and (not value or any(not n for n in value)):
+            raise ValueError("a list of database names, or 'all'")
+        return value
 
 
 class Config(_Strict):
@@ -153,6 +190,7 @@ class Config(_Strict):
     drill: DrillConfig = DrillConfig()
     reconnect: list[ReconnectHook] = []
     postgres: PostgresConfig = PostgresConfig()
+    backup: BackupConfig = BackupConfig()
 
 
 def _describe(err: ValidationError) -> str:

@@ -81,10 +81,18 @@ class NodeState(BaseModel):
     control_state: str | None = None  # pg_controldata "Database cluster state" when down
     checkpoint_lsn: str | None = None  # pg_controldata "Latest checkpoint location" when down
     last_local_lsn: str | None = None  # end of the WAL found in pg_wal when down
+    rewind_capable: bool | None = None  # wal_log_hints=on or data checksums (pg_rewind's prerequisite)
+    rebuild_phase: str | None = None  # tasks.topology's marker: rewinding, rewind-failed, rewound, cloned...
+    kept_old_data: list[str] = []  # old data directories / WAL kept next to pgdata by earlier rebuilds
+    history: list[tuple[int, str]] = []  # a primary's timeline history: (timeline, where it ended)
 
     @property
     def accepts_writes(self) -> bool:
         return self.reachable and self.in_recovery is False and not self.read_only
+
+    def fork_lsn(self, timeline: int | None) -> str | None:
+        """Where ``timeline`` ended in this node's history (its switch point), or None."""
+        return next((lsn for tli, lsn in self.history if tli == timeline), None)
 
     @property
     def alive_but_refusing(self) -> bool:
@@ -137,8 +145,16 @@ class NodeState(BaseModel):
 StepKind = Literal[
     "fence-old-primary", "approve", "promote-replica", "switch-dns", "reconnect-apps", "validate",
     "backup-current-primary", "rebuild-old-primary", "wait-for-zero-lag", "switchover",
-    "rejoin-former-primary",
+    "rejoin-former-primary", "stop-old-primary", "save-local-settings", "keep-old-wal",
+    "rewind-old-primary", "reclone-old-primary", "start-as-standby", "discard-old-data",
 ]
+
+# Rebuild bookkeeping shared with tasks.topology (the marker in the data directory).
+READY_PHASES = ("rewound", "cloned")
+# pg_rewind may be given a cleanly stopped directory or a crashed primary (it runs crash recovery
+# itself, on the target's own diverged timeline). A crashed standby may already hold another
+# timeline's data: it is re-cloned, never recovered on its own.
+REWIND_SAFE_STATES = ("shut down", "shut down in recovery", "in production")
 
 
 class Step(BaseModel):
@@ -316,12 +332,18 @@ class FailbackPlan(BaseModel):
     steps: list[Step]
     evidence: list[str]
     notes: list[str] = []
+    # What home wrote that the current primary never received: timeline, fork point, end, bytes.
+    diverged_timeline: int | None = None
+    fork_lsn: str | None = None
+    end_lsn: str | None = None
+    rpo_bytes: int | None = None
 
     def kinds(self) -> list[str]:
         return [s.kind for s in self.steps]
 
 
-def plan_failback(home: NodeState, others: Sequence[NodeState], *, backup: bool = True) -> FailbackPlan:
+def plan_failback(home: NodeState, others: Sequence[NodeState], *, backup: bool = True,
+                  discard_old_data: bool = False) -> FailbackPlan:
     """Plan the way back to the configured primary ``home`` from whichever node is primary now.
 
     A controlled switchover: the current primary is shut down cleanly, ``home`` (a streaming
@@ -337,6 +359,7 @@ def plan_failback(home: NodeState, others: Sequence[NodeState], *, backup: bool 
                       "resolve by hand", everyone)
     steps: list[Step] = []
     current: NodeState | None = writable[0] if writable else None
+    divergence: tuple[int | None, str | None, str | None, int | None] = (None, None, None, None)
 
     if current is not None and current.name == home.name:
         notes.append(f"{home.name} is the primary already: converging")
@@ -365,11 +388,16 @@ def plan_failback(home: NodeState, others: Sequence[NodeState], *, backup: bool 
             steps.append(Step(kind="backup-current-primary", node=current.name,
                               reason="a fresh physical backup before anything moves"))
         if not streaming_from_current:
+            if home.alive_but_refusing:
+                raise _refuse(f"{home.name} answers but refuses gravl-dr's login: its state cannot be "
+                              "checked, nothing is rebuilt", everyone)
             if not home.local_pgdata:
                 raise _refuse(f"cannot rebuild {home.name}: its pgdata is not on this host", everyone)
-            steps.append(Step(kind="rebuild-old-primary", node=home.name,
-                              reason=f"make {home.name} a standby of {current.name} (pg_rewind, else "
-                              "re-clone)"))
+            divergence = _divergence(home, current)
+            rebuild, rebuild_notes = _rebuild_steps(home, current, discard_old_data=discard_old_data,
+                                                    rpo=divergence[3])
+            steps += rebuild
+            notes += rebuild_notes
         if not current.local_pgdata:
             raise _refuse(f"cannot switch over: {current.name}'s pgdata is not on this host (a clean "
                           "shutdown needs pg_ctl)", everyone)
@@ -396,5 +424,83 @@ def plan_failback(home: NodeState, others: Sequence[NodeState], *, backup: bool 
         Step(kind="reconnect-apps", node=home.name, reason="run the configured reconnect hooks"),
         Step(kind="validate", node=home.name, reason=f"canary write and read on {home.name}"),
     ]
+    tli, fork, end, rpo = divergence
     return FailbackPlan(home=home.name, current=current.name if current else None, steps=steps,
-                        evidence=[s.evidence() for s in everyone], notes=notes)
+                        evidence=[s.evidence() for s in everyone], notes=notes, diverged_timeline=tli,
+                        fork_lsn=fork, end_lsn=end, rpo_bytes=rpo)
+
+
+def _divergence(home: NodeState, current: NodeState) -> tuple[int | None, str | None, str | None, int | None]:
+    """Home's timeline, where the current primary's history left it, how far home's WAL goes, and the gap.
+
+    The gap is what home committed that never reached the node promoted in its place.
+    """
+    tli = home.timeline
+    fork = current.fork_lsn(tli)
+    end_pos = lsn_or_none(home.last_local_lsn) if not home.reachable else home.position
+    end = int_to_lsn(end_pos) if end_pos is not None else None
+    fork_pos = lsn_or_none(fork)
+    if fork_pos is None or end_pos is None:
+        return tli, fork, end, None
+    return tli, fork, end, max(0, end_pos - fork_pos)
+
+
+def _rebuild_steps(home: NodeState, current: NodeState, *, discard_old_data: bool,
+                   rpo: int | None) -> tuple[list[Step], list[str]]:
+    """How home becomes a standby of ``current``: rewind or re-clone, keep or discard — decided here.
+
+    Every choice is read off what is on disk now (the rebuild marker, the control file), so a run
+    killed anywhere is resumed: a rewound or re-cloned directory is only ever started as a
+    standby, an interrupted or failed pg_rewind is never trusted (re-cloned), and nothing
+    holding data only home has is deleted unless the operator asked for it.
+    """
+    steps: list[Step] = []
+    notes: list[str] = []
+    n, cur = home.name, current.name
+    running = home.reachable or bool(home.postmaster_running)
+    phase = home.rebuild_phase
+    if running:
+        steps.append(Step(kind="stop-old-primary", node=n, reason=f"{n} runs as a standby that does not "
+                          f"stream from {cur}: stop it cleanly so its files can be rebuilt"))
+    method: str
+    if phase in READY_PHASES and running and home.timeline == current.timeline:
+        return [], [f"{n} was {phase} and runs on {cur}'s timeline {current.timeline}: waiting for it"]
+    if phase in READY_PHASES and not running:
+        method, why = "start", f"{n} was already {phase}: start it as a standby"
+    elif phase in READY_PHASES:
+        method, why = "reclone", f"{n} was {phase} but does not follow {cur}'s timeline"
+    elif phase in ("rewinding", "rewind-failed"):
+        method, why = "reclone", f"pg_rewind of {n} was {'interrupted' if phase == 'rewinding' else 'failed'}: " \
+            "its data directory is not trusted"
+    elif phase == "moved-aside":
+        method, why = "reclone", f"a re-clone of {n} was interrupted: finish it"
+    elif phase is not None:
+        method, why = "reclone", f"unknown rebuild phase {phase!r}"
+    elif home.rewind_capable is False:
+        method, why = "reclone", "pg_rewind impossible (needs wal_log_hints=on or data checksums)"
+    elif not running and home.control_state not in REWIND_SAFE_STATES:
+        method, why = "reclone", f"control file says {home.control_state or 'nothing readable'}: not safe to rewind"
+    else:
+        method, why = "rewind", f"control file {home.control_state or 'of a standby stopped cleanly'}"
+    if phase is None:
+        steps.append(Step(kind="save-local-settings", node=n, reason="keep its own postgresql.conf, "
+                          "postgresql.auto.conf (port, listen_addresses, ...), pg_hba.conf, pg_ident.conf"))
+    if method == "rewind":
+        if rpo and not discard_old_data:
+            steps.append(Step(kind="keep-old-wal", node=n, reason=f"{rpo} bytes of WAL never reached {cur}: "
+                              "copy those segments aside before pg_rewind replaces them"))
+        elif rpo:
+            notes.append(f"--discard-old-data: the {rpo} bytes {n} wrote that never reached {cur} are dropped")
+        steps.append(Step(kind="rewind-old-primary", node=n, reason=f"pg_rewind onto {cur}'s timeline ({why}); "
+                          "if it fails, the next plan re-clones"))
+    elif method == "reclone":
+        keep = "delete it afterwards (--discard-old-data)" if discard_old_data else "keep it"
+        steps.append(Step(kind="reclone-old-primary", node=n, reason=f"{why}: move the old data directory "
+                          f"aside ({keep}) and pg_basebackup a fresh copy of {cur}"))
+    steps.append(Step(kind="start-as-standby", node=n, reason=f"restore its own settings, standby.signal and "
+                      f"primary_conninfo to {cur}, start: it replays, never writes WAL of its own"))
+    if discard_old_data and (home.kept_old_data or method == "reclone"):
+        steps.append(Step(kind="discard-old-data", node=n, reason="the operator asked (--discard-old-data)"))
+    elif home.kept_old_data:
+        notes.append(f"kept from earlier: {', '.join(home.kept_old_data)}")
+    return steps, notes

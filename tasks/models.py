@@ -39,6 +39,63 @@ class StoredObject(BaseModel):
     raw_sha256: str
 
 
+class TablespaceEntry(BaseModel):
+    """A user tablespace: in a physical backup its own archive object; in a logical one part of
+    the globals (restore creates it at ``location``, or where --tablespace-map says)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    oid: str
+    name: str
+    location: str
+    object: str | None = Field(default=None, description="key of its archive (physical backups)")
+
+
+class DatabaseSetting(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: str | None = Field(default=None, description="ALTER ROLE ... IN DATABASE when set, else ALTER DATABASE")
+    name: str
+    value: str
+
+
+class DatabaseEntry(BaseModel):
+    """A database of the source cluster and its database-level properties (pg_database)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    oid: str
+    owner: str
+    encoding: str
+    collate: str
+    ctype: str
+    locale_provider: str = "libc"
+    icu_locale: str | None = None
+    tablespace: str = "pg_default"
+    connection_limit: int = -1
+    is_template: bool = False
+    allow_connections: bool = True
+    acl: str | None = None
+    comment: str | None = None
+    settings: list[DatabaseSetting] = []
+    object: str | None = Field(default=None, description="key of its pg_dump -Fc archive; None when not dumped")
+    skipped: str | None = Field(default=None, description="why it was not dumped")
+
+
+class NotCarriedOver(BaseModel):
+    """What the source held at backup time that PostgreSQL does not bring back (or brings back
+    with a catch): the restore report says so."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    unlogged_tables: dict[str, list[str]] = Field(default_factory=dict, description="database -> tables")
+    replication_slots: list[str] = []
+    prepared_transactions: list[str] = Field(default_factory=list, description="gid (database, owner)")
+    config_outside_pgdata: list[str] = Field(default_factory=list, description="config files not in PGDATA")
+    backup_notes: list[str] = Field(default_factory=list, description="anything else the backup could not hold")
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -66,8 +123,24 @@ class Manifest(BaseModel):
         default_factory=dict, description="database -> schema.table -> rows at backup time"
     )
     row_counts_exact: bool = False
+    row_counts_lsn: str | None = Field(
+        default=None, description="WAL position at which the row counts (and newest timestamps) hold exactly")
+    row_counts_snapshots: dict[str, str] = Field(
+        default_factory=dict, description="database -> pg_current_snapshot() its counts were read in")
+    newest_timestamps: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="database -> schema.table -> newest timestamp, epoch seconds (numeric)")
+    unlogged_tables: dict[str, list[str]] = Field(default_factory=dict, description="database -> unlogged tables")
+    not_counted: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="database -> schema.table (or '*': the whole database) -> why not")
+    cluster_databases: list[str] = Field(default_factory=list, description="every database of the cluster")
     data_checksums: bool = False
     tool_version: str = "0.1.0"
+    tablespaces: list[TablespaceEntry] = []
+    databases: list[DatabaseEntry] = Field(
+        default_factory=list, description="logical: every database of the source, dumped or not (and why)"
+    )
+    globals_object: str | None = Field(default=None, description="logical: roles and tablespaces (SQL)")
+    not_carried_over: NotCarriedOver = NotCarriedOver()
 
     def to_json(self) -> bytes:
         return self.model_dump_json(indent=2).encode() + b"\n"

@@ -31,6 +31,11 @@ def dsn_field(dsn: str, name: str, default: str | None = None) -> str | None:
     return str(value) if value is not None else default
 
 
+def with_dbname(dsn: str, dbname: str) -> str:
+    """The same DSN for another database of the cluster."""
+    return conninfo.make_conninfo(dsn, dbname=dbname)
+
+
 class ServerUnreachable(DRError):
     """The server did not accept a connection. Catch this; raise one of its two leaves."""
 

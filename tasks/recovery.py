@@ -170,7 +170,7 @@ def _interpreter(script: str) -> str | None:
 
 def restore_command(config_path: str) -> str:
     """``gravl-dr wal-fetch``, started the cheap way: the installation's Python without site
-    (-I -S) runs tasks/walserve.py, which serves a prefetched segment with a rename and hands
+    (-I -S) runs tasks/walserve.py, which serves a prefetched segment with a hard link and hands
     anything else to the full command (see tasks.walserve)."""
     from tasks import walserve
 
@@ -204,7 +204,7 @@ def repository_env(cfg: Config) -> dict[str, str]:
 
 
 def recovery_settings(target: RecoveryTarget, config_path: str, *, keep_archiving: bool = False,
-                      action: Literal["promote", "pause"] = "promote") -> dict[str, str]:
+                      action: Literal["promote", "pause"] = "promote", inclusive: bool = True) -> dict[str, str]:
     """The postgresql.auto.conf lines for a target (values already quoted). With ``action``
     pause the server stays in recovery at the target, readable (hot standby), until restarted
     with another target or promoted."""
@@ -221,7 +221,9 @@ def recovery_settings(target: RecoveryTarget, config_path: str, *, keep_archivin
     elif target.kind == "lsn":
         assert target.lsn is not None
         settings["recovery_target_lsn"] = _quote(format_lsn(target.lsn))
-        settings["recovery_target_inclusive"] = "on"
+        # off: stop before the first record at or after the LSN, so exactly the records before it
+        # are replayed (xlogrecovery.c, recoveryStopsBefore)
+        settings["recovery_target_inclusive"] = "on" if inclusive else "off"
     elif target.kind == "name":
         assert target.value is not None
         settings["recovery_target_name"] = _quote(target.value)
@@ -240,7 +242,7 @@ def recovery_settings(target: RecoveryTarget, config_path: str, *, keep_archivin
 
 def write_recovery_settings(
     pgdata: Path, *, config_path: str, target: RecoveryTarget, os_user: str,
-    keep_archiving: bool = False, action: Literal["promote", "pause"] = "promote",
+    keep_archiving: bool = False, action: Literal["promote", "pause"] = "promote", inclusive: bool = True,
 ) -> None:
     """Write recovery.signal and the recovery settings into pgdata/postgresql.auto.conf.
 
@@ -253,7 +255,7 @@ def write_recovery_settings(
     text = _strip_block(text)
     lines = [MARK_BEGIN]
     lines += [f"{k} = {v}" for k, v in recovery_settings(target, config_path, keep_archiving=keep_archiving,
-                                                          action=action).items()]
+                                                          action=action, inclusive=inclusive).items()]
     lines.append(MARK_END)
     if text and not text.endswith("\n"):
         text += "\n"
@@ -571,6 +573,28 @@ def check_outcome(
                 f"recovery stopped short at {outcome.reached_lsn}: the archive holds WAL up to "
                 f"{format_lsn(floor)}"
             )
+
+
+def start_prefetcher(pgdata: Path, config_path: str, os_user: str, env: dict[str, str]) -> None:
+    """Start the WAL prefetcher of a restored data directory just before its server starts, as
+    the server's user and with its environment: by the time PostgreSQL first runs
+    restore_command (a probe for the next timeline's history file), the answers are ready."""
+    from tasks import wal as walsteps
+    from tasks.proc import spawn_detached
+
+    pg_wal = pgdata / "pg_wal"
+    if not walsteps.prefetch_primed(pg_wal / "RECOVERYXLOG") or walsteps.prefetcher_pid(pg_wal):
+        return
+    program = gravl_dr_executable()
+    python = _interpreter(program) or sys.executable
+    log_path = walsteps.spool_root(pg_wal) / walsteps.PREFETCHER_LOG
+    log_path.touch(exist_ok=True)
+    chown_tree(log_path, os_user)
+    try:
+        spawn_detached([python, "-P", "-m", "flows.cli", "--config", str(Path(config_path).absolute()), "-v",
+                        "wal-fetch-daemon", str(pg_wal)], log=log_path, env=env, os_user=os_user)
+    except (OSError, PreconditionFailed) as exc:  # wal-fetch starts it itself then
+        log.warning("could not start the WAL prefetcher early: %s", exc)
 
 
 def check_server_can_read(config_file: str, cfg: Config, os_user: str) -> None:

@@ -200,6 +200,17 @@ class FileRepository:
                 break
             parent = parent.parent
 
+    def prune_empty(self, prefix: str) -> None:
+        """Remove ``prefix`` and its parents up to the root while they are empty directories
+        (a failed write leaves its folder behind: backups/<id>/ must not look like a backup)."""
+        path = self._path(prefix)
+        while path != self.root and path.is_dir():
+            try:
+                path.rmdir()
+            except OSError:
+                break
+            path = path.parent
+
     def abort_incomplete(self, prefix: str) -> int:
         """Remove temporary files older than an hour left by a killed writer."""
         base = self.root / prefix if prefix else self.root
@@ -448,7 +459,7 @@ class S3Repository:
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
             log.info("aborted incomplete multipart upload of %s", full)
-        except Exception:  # noqa: BLE001 - best effort; abort_incomplete() sweeps later
+        except Exception:  # best effort; abort_incomplete() sweeps later
             log.warning("could not abort multipart upload of %s; it will be swept later", full)
 
     def put_bytes(self, key: str, data: bytes) -> PutResult:

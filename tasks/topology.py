@@ -21,21 +21,23 @@ import psycopg
 from psycopg import conninfo
 from pydantic import BaseModel, ConfigDict
 
-from tasks.config import Node
+from tasks.config import Config, Node
 from tasks.errors import CommandFailed, DRError, PermanentError, PreconditionFailed, TransientError, one_line
-from tasks.failover import NodeState, server_answered
+from tasks.failover import READY_PHASES, REWIND_SAFE_STATES, NodeState, server_answered
 from tasks.libpq import client_env
 from tasks.pgcluster import chown_tree, pid_alive
 from tasks.polling import Progress, poll_until
 from tasks.postgres import ServerUnreachable, connection, dsn_field
 from tasks.proc import pg_bin, run
+from tasks.repository import Repository
+from tasks.roles import PrimaryChoice, choose_primary, role_history
 from tasks.walnames import WAL_SEGMENT_RE, format_lsn, lsn_or_none, lsn_to_int
 
 log = logging.getLogger(__name__)
 
 FENCE_MARKER = "gravl-dr.fenced"
 # Node-local configuration that pg_rewind and pg_basebackup would overwrite with the source's.
-LOCAL_CONFIG_FILES = ("postgresql.conf", "pg_hba.conf", "pg_ident.conf")
+LOCAL_CONFIG_FILES = ("postgresql.conf", "pg_hba.conf", "pg_ident.conf", "postgresql.auto.conf")
 
 
 class Frozen(BaseModel):
@@ -190,8 +192,57 @@ SELECT pg_is_in_recovery(),
        CASE WHEN pg_is_in_recovery() THEN NULL
             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,
        (SELECT timeline_id FROM pg_control_checkpoint()),
-       (SELECT system_identifier::text FROM pg_control_system())
+       (SELECT system_identifier::text FROM pg_control_system()),
+       current_setting('wal_log_hints') = 'on' OR current_setting('data_checksums') = 'on'
 """
+
+
+def find_primary(cfg: Config, repo: Repository | None = None) -> tuple[Config, PrimaryChoice]:
+    """Ask every configured node who it is; the config with the node that accepts writes as primary.
+
+    Raises SplitBrain when two nodes are out of recovery. With nobody writable the role history
+    (when ``repo`` is given and readable) names the node, else the configured primary stays.
+    """
+    nodes = [cfg.primary, *cfg.replicas]
+    states = [observe_node(n, "primary" if n is cfg.primary else "replica", os_user=cfg.postgres.os_user,
+                           bindir=cfg.postgres.bindir, connect_timeout=3, local_facts=False) for n in nodes]
+    history = []
+    if repo is not None and not any(s.accepts_writes for s in states):
+        try:
+            history = role_history(repo)
+        except DRError as exc:
+            log.warning("role history unreadable: %s", one_line(exc))
+    choice = choose_primary(states, cfg.primary.name, history)
+    return config_with_primary(cfg, choice.primary), choice
+
+
+def config_with_primary(cfg: Config, name: str) -> Config:
+    """The same config with node ``name`` as its primary and every other node as a replica."""
+    if name == cfg.primary.name:
+        return cfg
+    nodes = [cfg.primary, *cfg.replicas]
+    primary = next(n for n in nodes if n.name == name)
+    return cfg.model_copy(update={"primary": primary, "replicas": [n for n in nodes if n.name != name]})
+
+
+def parse_history(text: str) -> list[tuple[int, str]]:
+    """A timeline history file's lines ("1\t0/3000060\tno recovery target specified") as pairs."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit() and lsn_or_none(parts[1]) is not None:
+            out.append((int(parts[0]), parts[1]))
+    return out
+
+
+def _read_history(conn: psycopg.Connection[Any], timeline: int) -> list[tuple[int, str]]:
+    if timeline <= 1:
+        return []
+    try:
+        row = conn.execute("SELECT pg_read_file(%s)", (f"pg_wal/{timeline:08X}.history",)).fetchone()
+    except psycopg.Error:
+        return []
+    return parse_history(str(row[0])) if row and row[0] else []
 
 
 def observe_node(
@@ -203,16 +254,20 @@ def observe_node(
     attempts: int = 1,
     connect_timeout: int = 3,
     interval: float = 0.25,
+    local_facts: bool = True,
 ) -> NodeState:
-    """Look at one node: over SQL when it answers, else at its local data directory if any."""
+    """Look at one node: over SQL when it answers, else at its local data directory if any
+    (``local_facts=False``: SQL only, for flows that only need to know who the primary is)."""
     error: str | None = None
     answered = False
     row = None
+    history: list[tuple[int, str]] = []
     for attempt in range(attempts):
         try:
             with connection(node.dsn, timeout=connect_timeout) as conn:
                 conn.execute("SET statement_timeout = '10s'")
                 row = conn.execute(_OBSERVE).fetchone()
+                history = _read_history(conn, int(row[10] or 1)) if row and not row[0] else []
             break
         except ServerUnreachable as exc:
             error = one_line(exc)
@@ -229,6 +284,12 @@ def observe_node(
     if pgdata is not None:
         base["fenced"] = (pgdata / FENCE_MARKER).exists()
         base["postmaster_running"] = postmaster_running(pgdata)
+    if node.pgdata and Path(node.pgdata).parent.is_dir():
+        configured = Path(node.pgdata)
+        base["rebuild_phase"] = rebuild_phase(configured)
+        base["kept_old_data"] = [str(d) for d in old_data_dirs(configured)]
+        if base["rebuild_phase"] == "moved-aside":
+            base["local_pgdata"] = True  # an interrupted re-clone: the directory is ours to finish
     if row is not None:
         in_recovery = bool(row[0])
         timeline = row[10] if not in_recovery else (row[9] or row[11])
@@ -238,9 +299,10 @@ def observe_node(
             "replay_lag_seconds": float(row[5]) if row[5] is not None else None,
             "replay_paused": bool(row[6]), "wal_receiver": row[7], "upstream": row[8],
             "timeline": int(timeline) if timeline is not None else None, "system_identifier": row[12],
+            "rewind_capable": bool(row[13]), "history": history,
         })
     extra: dict[str, object] = {}
-    if pgdata is not None and not base.get("postmaster_running"):
+    if pgdata is not None and local_facts and not base.get("postmaster_running"):
         # A dead server's own files say how far its WAL got (the RPO reference) and how it stopped.
         try:
             ctl = controldata(pgdata, os_user=os_user, bindir=bindir)
@@ -250,6 +312,7 @@ def observe_node(
             tli = ctl.get("Latest checkpoint's TimeLineID")
             extra["timeline"] = int(tli) if tli and tli.isdigit() else None
             extra["last_local_lsn"] = last_local_wal_lsn(pgdata, os_user=os_user, bindir=bindir)
+            extra["rewind_capable"] = rewind_possible(ctl)
         except DRError as exc:
             log.warning("could not read %s's data directory: %s", node.name, one_line(exc))
     return NodeState.model_validate({**base, "reachable": False, "error": error, "answered": answered, **extra})
@@ -488,9 +551,11 @@ def clone_standby(source: Node, pgdata: Path, *, os_user: str, bindir: str = "au
 
 class RebuildResult(Frozen):
     node: str
-    method: str  # "pg_rewind", "pg_rewind (no rewind required)", "pg_basebackup re-clone"
+    method: str  # "pg_rewind", "pg_rewind (no rewind required)", "pg_basebackup re-clone", "started as standby"
     seconds: float
     detail: str
+    old_data: str | None = None  # where the old data directory (or its divergent WAL) was kept
+    old_data_bytes: int | None = None
 
 
 def rewind_possible(ctl: dict[str, str]) -> bool:
@@ -498,79 +563,291 @@ def rewind_possible(ctl: dict[str, str]) -> bool:
     return ctl.get("wal_log_hints setting") == "on" or ctl.get("Data page checksum version", "0") != "0"
 
 
-def rebuild_as_standby(node: Node, source: Node, *, os_user: str, bindir: str = "auto",
-                       allow_reclone: bool = True, timeout: int = 3600) -> RebuildResult:
-    """Turn ``node`` (a former primary) into a standby of ``source``: pg_rewind, else re-clone.
+# A rebuild's progress, recorded in the node's own data directory (and next to it) so that a run
+# killed at any point is resumed from what is on disk, never from a guess:
+#   <pgdata>/gravl-dr.rebuild        {"phase": "rewinding" | "rewind-failed" | "rewound" | "cloned"}
+#   <pgdata>.gravl-dr-local-conf/    the node's own configuration files, saved before anything
+#                                    overwrites them (pg_rewind and pg_basebackup copy the source's)
+#   <pgdata>.gravl-dr-cloning        a re-clone in progress (only the source's data: safe to delete)
+#   <pgdata>.gravl-dr-old-<stamp>/   the old data directory, or its un-replicated WAL, kept
+REBUILD_MARKER = "gravl-dr.rebuild"
 
-    pg_rewind and pg_basebackup copy the source's configuration files; the node's own
-    postgresql.conf, pg_hba.conf and pg_ident.conf are kept and restored afterwards.
-    """
-    t0 = time.monotonic()
-    pgdata = local_pgdata(node)
-    if pgdata is None:
-        raise PreconditionFailed(f"cannot rebuild {node.name}: pgdata {node.pgdata!r} is not a data "
-                                 "directory on this host")
+
+def rebuild_phase(pgdata: Path) -> str | None:
+    """The phase recorded in the data directory; "moved-aside" when only the kept old copy is left."""
+    try:
+        return str(json.loads((pgdata / REBUILD_MARKER).read_text())["phase"])
+    except FileNotFoundError:
+        pass
+    except (ValueError, KeyError, TypeError):
+        return "rewinding"  # unreadable marker: assume the worst (an interrupted rewind)
+    if not (pgdata / "PG_VERSION").exists() and (old_data_dirs(pgdata) or cloning_dir(pgdata).exists()):
+        return "moved-aside"
+    return None
+
+
+def _set_phase(pgdata: Path, phase: str, os_user: str, **extra: str) -> None:
+    tmp = pgdata / (REBUILD_MARKER + ".tmp")
+    tmp.write_text(json.dumps({"phase": phase, "at": datetime.now(UTC).isoformat(), **extra}) + "\n")
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    tmp.replace(pgdata / REBUILD_MARKER)
+    chown_tree(pgdata / REBUILD_MARKER, os_user)
+
+
+def local_conf_dir(pgdata: Path) -> Path:
+    return pgdata.with_name(pgdata.name + ".gravl-dr-local-conf")
+
+
+def cloning_dir(pgdata: Path) -> Path:
+    return pgdata.with_name(pgdata.name + ".gravl-dr-cloning")
+
+
+def old_data_dirs(pgdata: Path) -> list[Path]:
+    return sorted(p for p in pgdata.parent.glob(pgdata.name + ".gravl-dr-old-*") if p.is_dir())
+
+
+def dir_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def stop_for_rebuild(node: Node, *, os_user: str, bindir: str = "auto") -> str:
+    """Stop the node (a standby by now) so its files can be rebuilt; refuse if it accepts writes."""
+    pgdata = node_pgdata(node)
+    with contextlib.suppress(ServerUnreachable), connection(node.dsn, timeout=3) as conn:
+        row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+        if row and not row[0]:
+            raise PreconditionFailed(f"{node.name} accepts writes: not stopping a primary to rebuild it")
+    if not (pgdata / "PG_VERSION").exists():
+        return "no data directory in place (a re-clone is under way)"
     ctl = stop_server(pgdata, os_user=os_user, bindir=bindir, mode="fast")
     wait_server_gone(pgdata)
     clear_stale_pidfile(pgdata)
-    saved = {name: (pgdata / name).read_bytes() for name in LOCAL_CONFIG_FILES if (pgdata / name).exists()}
-    # pg_rewind brings a crashed target to a consistent state in single-user mode first, which
-    # refuses standby mode: take our fence signal away for the duration.
-    for name in ("standby.signal", "recovery.signal"):
+    return f"stopped; control file: {ctl.get('Database cluster state')}"
+
+
+def node_pgdata(node: Node) -> Path:
+    if not node.pgdata:
+        raise PreconditionFailed(f"{node.name} has no pgdata in this config: its files are not on this host")
+    return Path(node.pgdata)
+
+
+def save_local_settings(node: Node, *, os_user: str) -> str:
+    """Copy the node's own configuration files next to its data directory, once.
+
+    Taken before the first rewind or re-clone and never overwritten afterwards: after an
+    interrupted pg_rewind the files in the data directory may already be the source's.
+    """
+    pgdata = node_pgdata(node)
+    saved = local_conf_dir(pgdata)
+    if saved.is_dir():
+        return f"already saved in {saved}"
+    if rebuild_phase(pgdata) is not None:
+        raise PreconditionFailed(f"{node.name}'s own configuration was not saved before its rebuild "
+                                 f"began ({saved} is missing): restore its settings by hand")
+    tmp = saved.with_name(saved.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(mode=0o700)
+    names = [n for n in LOCAL_CONFIG_FILES if (pgdata / n).is_file()]
+    for name in names:
+        shutil.copy2(pgdata / name, tmp / name)
+    tmp.rename(saved)
+    chown_tree(saved, os_user)
+    return f"{', '.join(names)} saved in {saved}"
+
+
+def restore_local_settings(pgdata: Path, *, os_user: str) -> list[str]:
+    saved = local_conf_dir(pgdata)
+    restored = []
+    if saved.is_dir():
+        for src in sorted(saved.iterdir()):
+            shutil.copy2(src, pgdata / src.name)
+            chown_tree(pgdata / src.name, os_user)
+            restored.append(src.name)
+    return restored
+
+
+def keep_old_wal(node: Node, *, timeline: int, fork_lsn: str, end_lsn: str, os_user: str,
+                 seg_size: int = 16 * 1024 * 1024) -> tuple[Path, int]:
+    """Copy the WAL segments that hold what the new primary never received, before pg_rewind.
+
+    pg_rewind replaces the target's WAL after the fork point with the source's, so these
+    segments (timeline ``timeline``, ``fork_lsn`` to ``end_lsn``) are the only copy left of the
+    un-replicated transactions. Returns the folder and its size in bytes.
+    """
+    from tasks.wal import segment_name
+
+    pgdata = node_pgdata(node)
+    existing = [d for d in old_data_dirs(pgdata) if (d / "gravl-dr-old.json").exists()
+                and json.loads((d / "gravl-dr-old.json").read_text()).get("fork_lsn") == fork_lsn]
+    if existing:
+        return existing[-1], dir_size(existing[-1])
+    aside = pgdata.with_name(f"{pgdata.name}.gravl-dr-old-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
+    tmp = aside.with_name(aside.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "pg_wal").mkdir(parents=True)
+    first, last = lsn_to_int(fork_lsn) // seg_size, lsn_to_int(end_lsn) // seg_size
+    for segno in range(first, last + 1):
+        name = segment_name(timeline, segno, seg_size)
+        if (pgdata / "pg_wal" / name).is_file():
+            shutil.copy2(pgdata / "pg_wal" / name, tmp / "pg_wal" / name)
+    for hist in (pgdata / "pg_wal").glob("*.history"):
+        shutil.copy2(hist, tmp / "pg_wal" / hist.name)
+    (tmp / "gravl-dr-old.json").write_text(json.dumps({
+        "node": node.name, "timeline": timeline, "fork_lsn": fork_lsn, "end_lsn": end_lsn,
+        "kept_at": datetime.now(UTC).isoformat(), "what": "WAL segments of the un-replicated transactions"}) + "\n")
+    tmp.rename(aside)
+    chown_tree(aside, os_user)
+    return aside, dir_size(aside)
+
+
+class RewindFailed(PermanentError):
+    """pg_rewind failed: the target directory is not usable; the plan re-clones it."""
+
+
+def rewind_node(node: Node, source: Node, *, os_user: str, bindir: str = "auto",
+                timeout: int = 3600) -> RebuildResult:
+    """pg_rewind the stopped ``node`` onto ``source``'s timeline; the marker brackets the run.
+
+    PostgreSQL 13+ pg_rewind brings a crashed target to a consistent state itself (single-user
+    recovery on the target's own, diverged timeline, before it computes what to copy), so we
+    never start the old primary ourselves. A run killed in the middle leaves the marker at
+    "rewinding": the next plan re-clones instead of trusting a half-rewritten directory.
+    """
+    t0 = time.monotonic()
+    pgdata = node_pgdata(node)
+    if postmaster_running(pgdata) or server_processes(pgdata):
+        raise PreconditionFailed(f"{node.name} is running: stop it before pg_rewind")
+    phase = rebuild_phase(pgdata)
+    if phase is not None:
+        raise PreconditionFailed(f"{node.name}'s data directory is in rebuild phase {phase!r}: not rewinding")
+    if not local_conf_dir(pgdata).is_dir():
+        raise PreconditionFailed(f"{node.name}'s own settings are not saved: not rewinding")
+    for name in ("standby.signal", "recovery.signal"):  # pg_rewind's single-user recovery refuses them
         with contextlib.suppress(FileNotFoundError):
             (pgdata / name).unlink()
-    if ctl.get("Database cluster state") not in ("shut down", "shut down in recovery"):
-        # Finish crash recovery first, as pg_rewind would in single-user mode — but before it
-        # decides whether a rewind is needed: PostgreSQL 15's pg_rewind can conclude "no rewind
-        # required" from the pre-crash control file and then let single-user recovery write an
-        # end-of-recovery checkpoint past the fork point, leaving a standby that cannot follow
-        # the new timeline ("forked off current database system timeline before current
-        # recovery point").
-        run([pg_bin("postgres", bindir), "--single", "-F", "-D", str(pgdata), "template1"], input=b"",
-            timeout=timeout, os_user=os_user)
-        ctl = controldata(pgdata, os_user=os_user, bindir=bindir)
-    method, detail = "", ""
-    if rewind_possible(ctl):
-        # pg_rewind (before PostgreSQL 16) takes the source's timeline from its control file, which
-        # a just-promoted server updates only at its first checkpoint — a spread one, that may
-        # still be running. Without it pg_rewind sees "the same timeline" and says "no rewind
-        # required" wrongly (the pg_rewind docs' note on promoted sources).
-        with connection(source.dsn, timeout=5) as conn:
-            conn.execute("CHECKPOINT")
-        env = client_env(source.dsn, dbname="postgres")
-        proc = run([pg_bin("pg_rewind", bindir), "--target-pgdata", str(pgdata), "--source-server",
-                    "", "--no-sync"], timeout=timeout, os_user=os_user, env=env, check=False)
-        output = (proc.stdout + proc.stderr).strip()
-        if proc.returncode == 0:
-            method = "pg_rewind (no rewind required)" if "no rewind required" in output else "pg_rewind"
-            detail = output.splitlines()[-1] if output else ""
-        else:
-            detail = f"pg_rewind failed ({' | '.join(output.splitlines()[-6:])}); re-cloned instead"
-            log.warning("pg_rewind of %s failed: %s", node.name, output[-500:])
-    else:
-        detail = "pg_rewind impossible (needs wal_log_hints=on or data checksums); re-cloned"
-    if not method:
-        if not allow_reclone:
-            raise PreconditionFailed(f"cannot rebuild {node.name}: {detail}")
-        aside = pgdata.with_name(f"{pgdata.name}.gravl-dr-old-{int(time.time())}")
+    # pg_rewind (before PostgreSQL 16) takes the source's timeline from its control file, which a
+    # just-promoted server updates only at its first checkpoint. Without one it sees "the same
+    # timeline" and wrongly says "no rewind required" (the pg_rewind docs' note on promoted sources).
+    with connection(source.dsn, timeout=5) as conn:
+        conn.execute("CHECKPOINT")
+    _set_phase(pgdata, "rewinding", os_user, source=source.name)
+    env = client_env(source.dsn, dbname="postgres")
+    proc = run([pg_bin("pg_rewind", bindir), "--target-pgdata", str(pgdata), "--source-server", "",
+                "--no-sync"], timeout=timeout, os_user=os_user, env=env, check=False)
+    output = (proc.stdout + proc.stderr).strip()
+    if proc.returncode != 0:
+        _set_phase(pgdata, "rewind-failed", os_user, source=source.name)
+        raise RewindFailed(f"pg_rewind of {node.name} failed: {' | '.join(output.splitlines()[-6:])}")
+    _set_phase(pgdata, "rewound", os_user, source=source.name)
+    method = "pg_rewind (no rewind required)" if "no rewind required" in output else "pg_rewind"
+    return RebuildResult(node=node.name, method=method, seconds=time.monotonic() - t0,
+                         detail=output.splitlines()[-1] if output else "")
+
+
+def reclone_node(node: Node, source: Node, *, os_user: str, bindir: str = "auto",
+                 timeout: int = 3600) -> RebuildResult:
+    """Move the old data directory aside (kept) and pg_basebackup a fresh copy of ``source``.
+
+    Resumable: a re-clone already in place is left alone, a half-made one (only the source's
+    data) is started again, and the old directory is moved aside exactly once.
+    """
+    t0 = time.monotonic()
+    pgdata = node_pgdata(node)
+    if rebuild_phase(pgdata) == "cloned":
+        return RebuildResult(node=node.name, method="pg_basebackup re-clone", seconds=0.0,
+                             detail="already re-cloned", old_data=_newest_old(pgdata))
+    if (pgdata / "PG_VERSION").exists() or (pgdata.exists() and any(pgdata.iterdir())):
+        if postmaster_running(pgdata) or server_processes(pgdata):
+            raise PreconditionFailed(f"{node.name} is running: stop it before re-cloning")
+        aside = pgdata.with_name(f"{pgdata.name}.gravl-dr-old-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-datadir")
         pgdata.rename(aside)
-        try:
-            clone_standby(source, pgdata, os_user=os_user, bindir=bindir, timeout=timeout)
-        except BaseException:
-            shutil.rmtree(pgdata, ignore_errors=True)
-            aside.rename(pgdata)
-            raise
-        shutil.rmtree(aside, ignore_errors=True)
-        method = "pg_basebackup re-clone"
-    for name, content in saved.items():
-        (pgdata / name).write_bytes(content)
-        chown_tree(pgdata / name, os_user)
-    for leftover in ("backup_label.old", "postmaster.pid", FENCE_MARKER):
+    elif pgdata.exists():
+        pgdata.rmdir()
+    work = cloning_dir(pgdata)
+    shutil.rmtree(work, ignore_errors=True)  # an interrupted clone: nothing but the source's data
+    clone_standby(source, work, os_user=os_user, bindir=bindir, timeout=timeout)
+    _set_phase(work, "cloned", os_user, source=source.name)
+    work.rename(pgdata)
+    old = _newest_old(pgdata)
+    return RebuildResult(node=node.name, method="pg_basebackup re-clone", seconds=time.monotonic() - t0,
+                         detail=f"fresh copy of {source.name}", old_data=old,
+                         old_data_bytes=dir_size(Path(old)) if old else None)
+
+
+def _newest_old(pgdata: Path) -> str | None:
+    dirs = old_data_dirs(pgdata)
+    return str(dirs[-1]) if dirs else None
+
+
+def start_as_standby(node: Node, source: Node, *, os_user: str, bindir: str = "auto") -> RebuildResult:
+    """Restore the node's own settings, point it at ``source`` with standby.signal, start it.
+
+    Only a rewound or re-cloned directory is started, and only in standby mode: it replays the
+    new primary's timeline and never writes WAL of its own.
+    """
+    t0 = time.monotonic()
+    pgdata = node_pgdata(node)
+    phase = rebuild_phase(pgdata)
+    if phase not in READY_PHASES:
+        raise PreconditionFailed(f"{node.name} is in rebuild phase {phase!r}: only a rewound or re-cloned "
+                                 "data directory is started")
+    if postmaster_running(pgdata):
+        return RebuildResult(node=node.name, method="started as standby", seconds=0.0, detail="already running")
+    clear_stale_pidfile(pgdata)
+    restored = restore_local_settings(pgdata, os_user=os_user)
+    for leftover in ("backup_label.old", FENCE_MARKER):
         with contextlib.suppress(FileNotFoundError):
             (pgdata / leftover).unlink()
     configure_standby(pgdata, source, node.name, os_user=os_user)
     start_server(pgdata, os_user=os_user, bindir=bindir)
-    return RebuildResult(node=node.name, method=method, seconds=time.monotonic() - t0, detail=detail)
+    return RebuildResult(node=node.name, method="started as standby", seconds=time.monotonic() - t0,
+                         detail=f"own settings restored ({', '.join(restored) or 'none saved'}), "
+                         f"standby of {source.name}")
+
+
+def finish_rebuild(pgdata: Path) -> None:
+    """After the node was promoted home: the rebuild is over, its bookkeeping goes."""
+    with contextlib.suppress(FileNotFoundError):
+        (pgdata / REBUILD_MARKER).unlink()
+    shutil.rmtree(local_conf_dir(pgdata), ignore_errors=True)
+
+
+def discard_old_data(node: Node) -> tuple[list[str], int]:
+    """Delete the kept old data of ``node`` (only when the operator asked: --discard-old-data)."""
+    pgdata = node_pgdata(node)
+    dirs = old_data_dirs(pgdata)
+    freed = sum(dir_size(d) for d in dirs)
+    for d in dirs:
+        shutil.rmtree(d)
+    return [str(d) for d in dirs], freed
+
+
+def rebuild_as_standby(node: Node, source: Node, *, os_user: str, bindir: str = "auto",
+                       allow_reclone: bool = True, timeout: int = 3600) -> RebuildResult:
+    """Every rebuild step in one call (tests, benches): stop, save settings, rewind else re-clone, start."""
+    pgdata = node_pgdata(node)
+    stop_for_rebuild(node, os_user=os_user, bindir=bindir)
+    phase = rebuild_phase(pgdata)
+    result: RebuildResult | None = None
+    if phase is None:
+        save_local_settings(node, os_user=os_user)
+        ctl = controldata(pgdata, os_user=os_user, bindir=bindir)
+        if rewind_possible(ctl) and ctl.get("Database cluster state") in REWIND_SAFE_STATES:
+            with contextlib.suppress(RewindFailed):
+                result = rewind_node(node, source, os_user=os_user, bindir=bindir, timeout=timeout)
+        phase = rebuild_phase(pgdata)
+    if phase not in READY_PHASES:
+        if not allow_reclone:
+            raise PreconditionFailed(f"cannot rebuild {node.name} without a re-clone")
+        result = reclone_node(node, source, os_user=os_user, bindir=bindir, timeout=timeout)
+    started = start_as_standby(node, source, os_user=os_user, bindir=bindir)
+    return result or started
 
 
 class LagResult(Frozen):

@@ -395,6 +395,13 @@ def judge_archiver(
     if not a.reachable:
         report.problems.append(f"archiver state unknown: {a.error}")
         return
+    if a.in_recovery:
+        # A standby's pg_stat_archiver says nothing about the primary's archiving ("0 archived"
+        # on a stuck former primary is not an OK): say which node was asked.
+        report.warnings.append(
+            "the node checked is in recovery (a standby): its archiver counts are not the primary's "
+            "and the archive lag is not measured — point the check at the primary (failover moved it?)"
+        )
     if a.archive_mode == "off":
         report.problems.append("archive_mode is off on the server: nothing is being archived")
     if not a.archive_timeout_s:

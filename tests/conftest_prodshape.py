@@ -9,7 +9,7 @@ from prodshape import ProdCluster, build_prod_cluster
 
 # A physical backup of a cluster with a user tablespace needs whole-cluster tablespace support in
 # the backup path; switch this on once that has landed.
-PROD_TABLESPACE = False
+PROD_TABLESPACE = True
 
 
 @pytest.fixture(scope="session")

@@ -68,27 +68,27 @@ class SlowFileRepository(FileRepository):
         return super().put_stream(key, slow())
 
 
-def _kill_child_named(name: str, timeout: float = 20) -> int:
+def _terminate_walsender(dsn: str, timeout: float = 20) -> int:
+    """pg_terminate_backend() the WAL sender streaming gravl-dr's base backup (the server side
+    of the stream dies; kill -9 of a backend would crash-restart the shared test cluster)."""
+    import psycopg
+
     deadline = time.monotonic() + timeout
-    me = os.getpid()
-    while time.monotonic() < deadline:
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if cmd.endswith(name.encode()) and ppid == me:
-                os.kill(int(pid), signal.SIGKILL)
-                return int(pid)
-        time.sleep(0.01)
-    raise AssertionError(f"no {name} child appeared")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender' "
+                "AND application_name = 'gravl-dr' AND wait_event IS DISTINCT FROM 'WalSenderMain'").fetchone()
+            if row and conn.execute("SELECT count(*) FROM pg_replication_slots WHERE active_pid = %s",
+                                    row).fetchone() == (1,):
+                conn.execute("SELECT pg_terminate_backend(%s)", row)
+                return int(row[0])
+            time.sleep(0.01)
+    raise AssertionError("no gravl-dr base backup appeared")
 
 
-def test_killed_pg_basebackup_leaves_no_backup_and_next_succeeds(make_config, file_repo_url,
-                                                                 file_repo_dir) -> None:
+def test_killed_base_backup_leaves_no_backup_and_next_succeeds(make_config, file_repo_url,
+                                                               file_repo_dir, pg_primary) -> None:
     # GIVEN a backup streaming into a slow repository (compression off: many chunks)
     cfg = load_config(str(make_config(file_repo_url, repository={"compression": "none"})))
     repo = SlowFileRepository(file_repo_dir, file_repo_url)
@@ -102,14 +102,20 @@ def test_killed_pg_basebackup_leaves_no_backup_and_next_succeeds(make_config, fi
 
     thread = threading.Thread(target=run)
     thread.start()
-    # WHEN pg_basebackup is SIGKILLed mid-stream
-    _kill_child_named("pg_basebackup")
+    # WHEN the server process streaming it is terminated mid-stream
+    _terminate_walsender(pg_primary.dsn("postgres"))
     thread.join(60)
-    # THEN the backup failed naming pg_basebackup, nothing is listed, no partial file remains
+    # THEN the backup failed naming BASE_BACKUP, nothing is listed, no partial file or empty
+    # folder remains, and the temporary replication slot went with the connection
     assert len(errors) == 1 and isinstance(errors[0], CommandFailed), errors
-    assert "pg_basebackup" in str(errors[0])
+    assert "BASE_BACKUP" in str(errors[0])
     assert steps.list_backups(repo) == []
-    assert [p for p in file_repo_dir.rglob("*") if p.is_file()] == []
+    assert [p for p in file_repo_dir.rglob("*") if p.name != "locks"] == []
+    import psycopg
+
+    with psycopg.connect(pg_primary.dsn("postgres")) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'gravl_dr_%'"
+                            ).fetchone() == (0,)
     # AND the next backup succeeds
     manifest = take_backup(cfg, open_repository(cfg.repository))
     assert [m.id for m in steps.list_backups(repo)] == [manifest.id]
@@ -212,3 +218,27 @@ def test_a_restore_killed_mid_stream_leaves_no_startable_data_directory(
 
     with pytest.raises(CommandFailed):
         LocalCluster(target, 1).start(timeout=10)
+
+
+def test_a_physical_restore_reads_each_stored_byte_once(make_config, file_repo_url, file_repo_dir, pg_dir) -> None:
+    # GIVEN a good physical backup, and the repository seen through a byte counter (from S3,
+    # every byte read is a byte downloaded)
+    cfg_path = make_config(file_repo_url)
+    cfg = load_config(str(cfg_path))
+    manifest = take_backup(cfg, open_repository(cfg.repository))
+    read: dict[str, int] = {}
+
+    class CountingRepository(FileRepository):
+        def iter_object(self, key, chunk_size=4 << 20):
+            for chunk in super().iter_object(key, chunk_size):
+                read[key] = read.get(key, 0) + len(chunk)
+                yield chunk
+
+    repo = CountingRepository(file_repo_dir, file_repo_url)
+    # WHEN it is restored
+    restore_physical(cfg, repo, manifest, pg_dir / "restored")
+    # THEN each object was read exactly once, and the directory is complete and valid
+    for obj in manifest.objects:
+        assert read.get(f"backups/{manifest.id}/{obj.key}") == obj.size, (obj.key, read)
+    assert (pg_dir / "restored" / "global" / "pg_control").exists()
+    assert not (pg_dir / "restored" / "global" / "pg_control.gravl-unverified").exists()

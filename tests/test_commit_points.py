@@ -42,7 +42,6 @@ def test_refused_run_in_the_same_second_never_touches_the_winners_upload(
     now = datetime.now(UTC)
     pre_a = steps.preflight(cfg, repo, "physical", now=now)
     pre_b = steps.preflight(cfg, repo, "physical", now=now)
-    assert pre_a.backup_id != pre_b.backup_id
     s3_fault_proxy.add("PUT", r"base\.tar", query="partNumber", action="delay", delay=0.4, times=None)
     steps.acquire_lock(repo, pre_a.backup_id)
     result: dict[str, object] = {}
@@ -73,15 +72,17 @@ def test_refused_run_in_the_same_second_never_touches_the_winners_upload(
     # THEN the first run's upload survived and its backup is complete and listed
     assert "error" not in result, result.get("error")
     assert [m.id for m in steps.list_backups(repo)] == [pre_a.backup_id]
+    assert pre_a.backup_id != pre_b.backup_id
 
 
 @pytest.mark.usefixtures("prefect_harness")
+@pytest.mark.parametrize("fault", ["lost_reply", "after_error"])
 def test_lost_reply_to_manifest_put_is_success(make_config, s3_repo_url,
-                                               s3_fault_proxy: S3FaultProxy) -> None:
-    # GIVEN the proxy forwards the manifest PUT, then drops the reply (the SDK retries, and the
-    # retry meets If-None-Match: the object is there)
+                                               s3_fault_proxy: S3FaultProxy, fault: str) -> None:
+    # GIVEN the proxy forwards the manifest PUT, then drops the reply or answers 500 instead (the
+    # SDK retries, and the retry meets If-None-Match: the object is there)
     path, _cfg, repo = _s3(make_config, s3_repo_url, s3_fault_proxy)
-    rule = s3_fault_proxy.add("PUT", r"manifest\.json$", action="lost_reply")
+    rule = s3_fault_proxy.add("PUT", r"manifest\.json$", action=fault, status=500, code="InternalError")
     # WHEN a backup runs THEN it completes, and is listed
     report = backup_flow(config_path=str(path), kind="logical")
     assert rule.shots == 1

@@ -77,7 +77,7 @@ def test_password_in_dsn_reaches_neither_prefect_nor_logs_and_the_restore_works(
         connection(no_password).__enter__()
     # WHEN the operator restores with the password in --dsn (the CLI, against Prefect's API)
     api = str(prefect.settings.PREFECT_API_URL.value())
-    proc = run_cli("restore", manifest.id, "--dsn", dsn, config=cfg_path,
+    proc = run_cli("restore", manifest.id, "--dsn", dsn, "--database", "gravl", config=cfg_path,
                    env={"PREFECT_API_URL": api, "PGPASSWORD": ""})
     # THEN the restore worked ...
     assert proc.returncode == 0, proc.stderr

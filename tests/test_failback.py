@@ -32,7 +32,7 @@ def _failed_over(pair: Pair, cfg: str) -> None:
     pair.insert(pair.home.dsn(), 300, "before-failover")
     pair.wait_replayed(pair.home, pair.standby)
     pair.kill_home()
-    assert failover_flow(config_path=cfg, approved_by="test (pre-approved)").status == "complete"
+    assert failover_flow(config_path=cfg, approved_by="test", auto_approve=True).status == "complete"
 
 
 def test_failback_after_writes_in_failover_window_rewinds_and_loses_nothing(
@@ -49,7 +49,7 @@ def test_failback_after_writes_in_failover_window_rewinds_and_loses_nothing(
     assert len(expected) == 500
 
     # WHEN failing back
-    report = failback_flow(config_path=cfg, approved_by="test (pre-approved)", backup=True)
+    report = failback_flow(config_path=cfg, approved_by="test", auto_approve=True, backup=True)
 
     # THEN home is the primary again, standby-1 streams from it, no row lost, DNS points back
     assert report.status == "complete", report.error
@@ -83,11 +83,14 @@ def test_failback_without_wal_log_hints_reclones_and_moves_bind_record_back(
     pair.insert(pair.standby.dsn(), 50, "during-failover")
 
     # WHEN
-    report = failback_flow(config_path=cfg, approved_by="test (pre-approved)", backup=False)
+    report = failback_flow(config_path=cfg, approved_by="test", auto_approve=True, backup=False)
 
     # THEN it was re-cloned with pg_basebackup, keeping its own address, and the record is back
     assert report.rebuild is not None and report.rebuild.method == "pg_basebackup re-clone"
-    assert "wal_log_hints" in report.rebuild.detail
+    assert any(p.startswith("reclone-old-primary") and "wal_log_hints" in p for p in report.plan), report.plan
+    # the old data directory was moved aside and kept, not deleted
+    assert len(report.old_data) == 1 and Path(report.old_data[0], "PG_VERSION").is_file(), report.old_data
+    assert report.old_data_bytes and report.old_data_bytes > 1_000_000
     assert not _in_recovery(pair.home.dsn())
     assert sql(pair.home.dsn(), "SHOW listen_addresses") == [("127.0.0.1",)]
     assert len(pair.rows(pair.home.dsn())) == 350
@@ -117,7 +120,7 @@ def test_failback_resumes_after_a_crash_between_clean_shutdown_and_promotion(
     assert _in_recovery(pair.home.dsn())  # nobody accepts writes now
 
     # WHEN failback runs again
-    report = failback_flow(config_path=cfg, approved_by="test (pre-approved)", backup=False)
+    report = failback_flow(config_path=cfg, approved_by="test", auto_approve=True, backup=False)
 
     # THEN it finishes the switchover: home primary with every row, standby-1 rejoined
     assert report.status == "complete"
@@ -138,7 +141,7 @@ def test_failback_when_already_home_converges_without_a_switchover(
     lsn_before = sql(pair.home.dsn(), "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")
 
     # WHEN failback runs
-    report = failback_flow(config_path=cfg, approved_by="test (pre-approved)")
+    report = failback_flow(config_path=cfg, approved_by="test", auto_approve=True)
 
     # THEN only the idempotent steps ran: no backup, no rebuild, no switchover
     assert report.status == "complete"

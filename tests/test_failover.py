@@ -38,7 +38,7 @@ def test_sigkill_primary_then_failover_promotes_replica_and_switches_route53(
     cfg = _config(tmp_path, pair, file_repo_url, dns=route53_dns, metrics={"pushgateway": pushgateway})
 
     # WHEN the failover flow runs without asking
-    report = failover_flow(config_path=cfg, approved_by="test (pre-approved)")
+    report = failover_flow(config_path=cfg, approved_by="test", auto_approve=True)
 
     # THEN the replica is read-write with every row, the DNS record points at it, RPO is zero
     assert report.status == "complete" and report.new_primary == "standby-1"
@@ -71,7 +71,7 @@ def test_failover_switches_bind_record_with_tsig(
     assert bind_server.query() == ["127.0.0.1"]
 
     # WHEN
-    report = failover_flow(config_path=cfg, approved_by="test (pre-approved)")
+    report = failover_flow(config_path=cfg, approved_by="test", auto_approve=True)
 
     # THEN the record was moved with a signed RFC 2136 update, and the secret is nowhere in the report
     assert bind_server.query() == ["127.0.0.2"]
@@ -91,7 +91,7 @@ def test_failover_refused_while_primary_accepts_writes(
 
     # WHEN / THEN failover refuses and changes nothing
     with pytest.raises(PreconditionFailed, match="up and accepting writes"):
-        failover_flow(config_path=cfg, approved_by="test (pre-approved)")
+        failover_flow(config_path=cfg, approved_by="test", auto_approve=True)
     assert _in_recovery(pair.standby.dsn())
     assert not _in_recovery(pair.home.dsn())
     assert route53_values(route53_dns) == ["127.0.0.1"]
@@ -116,7 +116,7 @@ def test_failover_refused_when_replica_lags_beyond_limit(
 
     # WHEN / THEN a 64 KiB limit refuses the promotion, naming the lag
     with pytest.raises(PreconditionFailed, match=r"bytes behind .*max-lag-bytes 65536"):
-        failover_flow(config_path=cfg, approved_by="test (pre-approved)", max_lag_bytes=65536)
+        failover_flow(config_path=cfg, approved_by="test", auto_approve=True, max_lag_bytes=65536)
     assert _in_recovery(pair.standby.dsn())
     assert not (pair.home.pgdata / "standby.signal").exists()  # refused before any side effect
 
@@ -132,12 +132,12 @@ def test_second_failover_run_is_idempotent(
     pair.wait_replayed(pair.home, pair.standby)
     pair.kill_home()
     cfg = _config(tmp_path, pair, file_repo_url, dns=route53_dns)
-    first = failover_flow(config_path=cfg, approved_by="test (pre-approved)")
+    first = failover_flow(config_path=cfg, approved_by="test", auto_approve=True)
     timeline = sql(pair.standby.dsn(), "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")[0][0]
     sql(pair.standby.dsn(), "INSERT INTO items (tag, n) VALUES ('between', 1)")
 
     # WHEN it runs again
-    second = failover_flow(config_path=cfg, approved_by="test (pre-approved)")
+    second = failover_flow(config_path=cfg, approved_by="test", auto_approve=True)
 
     # THEN nothing is promoted or fenced twice, DNS is left alone, data is untouched
     assert first.status == second.status == "complete"
@@ -164,7 +164,7 @@ def test_failing_reconnect_hook_fails_flow_while_promotion_stands(
 
     # WHEN / THEN the flow fails with a clear message...
     with pytest.raises(ReconnectFailed) as err:
-        failover_flow(config_path=cfg, approved_by="test (pre-approved)")
+        failover_flow(config_path=cfg, approved_by="test", auto_approve=True)
     message = str(err.value)
     assert "exited 3" in message and "api did not restart" in message
     assert "promotion of standby-1 stands" in message
@@ -235,6 +235,57 @@ def test_declined_approval_promotes_nothing(
         failover_flow(config_path=cfg, approval_timeout_seconds=60)
     resumer.join(timeout=60)
     assert _in_recovery(pair.standby.dsn())
+
+
+def test_prefilled_approved_by_does_not_skip_the_gate_and_the_approval_is_a_visible_step(
+    prefect_harness: None, pg_pair: Any, file_repo_url: str, tmp_path: Path,
+) -> None:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.failover import failover_flow, failover_markdown
+
+    # GIVEN a dead primary and a run started with approved_by filled in (no auto_approve)
+    pair: Pair = pg_pair()
+    pair.kill_home()
+    cfg = _config(tmp_path, pair, file_repo_url)
+    found: list[str] = []
+    resumer = threading.Thread(target=_resume_when_paused, args=(
+        {"approve": True, "approver": "carol", "comment": "INC-7"}, found))
+    resumer.start()
+
+    # WHEN it runs
+    state = failover_flow(config_path=cfg, approved_by="mallory", approval_timeout_seconds=60, return_state=True)
+    resumer.join(timeout=60)
+
+    # THEN it still paused for the form; the approve task recorded who and when
+    report = state.result()
+    assert found, "a pre-filled approved_by skipped the approval gate"
+    assert report.approver == "carol" and report.approved_at is not None and not report.auto_approved
+    assert "carol at " in failover_markdown(report)
+
+    async def task_names() -> list[str]:
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            return [r.name for r in runs]
+
+    assert any(name.startswith("approve-") for name in asyncio.run(task_names()))
+
+
+def test_auto_approve_skips_the_form_and_says_so_in_the_report(
+    prefect_harness: None, pg_pair: Any, file_repo_url: str, tmp_path: Path,
+) -> None:
+    from flows.failover import failover_flow, failover_markdown
+
+    pair: Pair = pg_pair()
+    pair.kill_home()
+    cfg = _config(tmp_path, pair, file_repo_url)
+    report = failover_flow(config_path=cfg, approved_by="dave", auto_approve=True)
+    assert report.status == "complete" and report.auto_approved and report.approver == "dave"
+    assert "**auto_approve**" in failover_markdown(report)
 
 
 def test_cli_failover_without_terminal_or_yes_asks_for_approval(

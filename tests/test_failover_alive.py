@@ -65,7 +65,7 @@ def test_failover_refuses_when_the_primary_rejects_our_login(
 
     # WHEN failover runs with --yes
     with pytest.raises(PreconditionFailed, match=r"alive .*pg_hba.conf rejects"):
-        failover_flow(config_path=cfg, approved_by="test (pre-approved)")
+        failover_flow(config_path=cfg, approved_by="test", auto_approve=True)
 
     # THEN nothing was promoted, nothing was fenced: one primary
     assert _in_recovery(pair.standby.dsn())
@@ -83,7 +83,7 @@ def test_forced_failover_of_a_refusing_primary_fences_it_first(
     _reject_gravl_dr(pair)
 
     # WHEN the operator forces it
-    report = failover_flow(config_path=cfg, approved_by="test (pre-approved)", force=True)
+    report = failover_flow(config_path=cfg, approved_by="test", auto_approve=True, force=True)
 
     # THEN the old primary was stopped (fenced) before the promotion: never two primaries
     assert report.status == "complete" and report.fenced is True, report
@@ -116,7 +116,7 @@ def test_failover_refuses_when_every_connection_slot_of_the_primary_is_taken(
 
         # WHEN failover runs
         with pytest.raises(PreconditionFailed, match=r"alive .*too many clients"):
-            failover_flow(config_path=cfg, approved_by="test (pre-approved)")
+            failover_flow(config_path=cfg, approved_by="test", auto_approve=True)
 
         # THEN the replica stays a replica; the sessions on the primary still write
         assert _in_recovery(pair.standby.dsn())
@@ -143,7 +143,7 @@ def test_failover_that_cannot_fence_says_so_in_state_report_and_exit_code(
     cfg = str(write_config(tmp_path / "gravl-dr.yaml", data))
 
     # WHEN the flow runs
-    state = failover_flow(config_path=cfg, approved_by="test (pre-approved)", return_state=True)
+    state = failover_flow(config_path=cfg, approved_by="test", auto_approve=True, return_state=True)
 
     # THEN the run ends in a state of its own, the report leads with the warning, a metric says it
     report = state.result()

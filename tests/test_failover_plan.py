@@ -171,10 +171,68 @@ def home_standby(upstream: str = "standby-1:5432", **kw: Any) -> NodeState:
 
 
 def test_failback_full_plan_after_a_failover() -> None:
-    plan = plan_failback(dead_primary(fenced=True), [promoted()])
+    plan = plan_failback(dead_primary(fenced=True, rewind_capable=True, timeline=1),
+                         [promoted(history=[(1, "0/4000000")])])
     assert plan.current == "standby-1"
-    assert plan.kinds() == ["backup-current-primary", "rebuild-old-primary", "wait-for-zero-lag", "approve",
-                            "switchover", "rejoin-former-primary", "switch-dns", "reconnect-apps", "validate"]
+    assert plan.kinds() == ["backup-current-primary", "save-local-settings", "keep-old-wal", "rewind-old-primary",
+                            "start-as-standby", "wait-for-zero-lag", "approve", "switchover",
+                            "rejoin-former-primary", "switch-dns", "reconnect-apps", "validate"]
+    assert (plan.diverged_timeline, plan.fork_lsn, plan.end_lsn) == (1, "0/4000000", "0/5000000")
+    assert plan.rpo_bytes == 0x1000000
+
+
+def _rebuild(**home: Any) -> list[str]:
+    fields: dict[str, Any] = {"fenced": True, "rewind_capable": True, "timeline": 1}
+    fields.update(home)
+    plan = plan_failback(dead_primary(**fields), [promoted(history=[(1, "0/5000000")])], backup=False)
+    return plan.kinds()[:plan.kinds().index("wait-for-zero-lag")]
+
+
+@pytest.mark.parametrize(("home", "steps"), [
+    # nothing un-replicated: nothing to keep, rewind
+    ({}, ["save-local-settings", "rewind-old-primary", "start-as-standby"]),
+    # cleanly stopped standby (the guard kept it in standby mode, then it was stopped)
+    ({"control_state": "shut down in recovery"}, ["save-local-settings", "rewind-old-primary", "start-as-standby"]),
+    # pg_rewind impossible
+    ({"rewind_capable": False}, ["save-local-settings", "reclone-old-primary", "start-as-standby"]),
+    # a crashed standby may hold another timeline's data: never recovered on its own
+    ({"control_state": "in archive recovery"}, ["save-local-settings", "reclone-old-primary", "start-as-standby"]),
+    # killed during pg_rewind, or pg_rewind failed: re-clone, settings were saved already
+    ({"rebuild_phase": "rewinding"}, ["reclone-old-primary", "start-as-standby"]),
+    ({"rebuild_phase": "rewind-failed"}, ["reclone-old-primary", "start-as-standby"]),
+    # killed after the rewind or the clone: only ever started as a standby
+    ({"rebuild_phase": "rewound", "control_state": "in archive recovery"}, ["start-as-standby"]),
+    ({"rebuild_phase": "cloned"}, ["start-as-standby"]),
+    # killed between moving the old directory aside and the end of the clone
+    ({"rebuild_phase": "moved-aside", "control_state": None}, ["reclone-old-primary", "start-as-standby"]),
+    # still running (a stuck standby on the old timeline): stop it first
+    ({"postmaster_running": True, "control_state": None},
+     ["stop-old-primary", "save-local-settings", "rewind-old-primary", "start-as-standby"]),
+])
+def test_failback_rebuild_is_read_off_the_disk_and_resumes_anywhere(home: dict[str, Any], steps: list[str]) -> None:
+    assert _rebuild(**home) == steps
+
+
+def test_failback_keep_and_discard_are_plan_steps() -> None:
+    keep = _rebuild(last_local_lsn="0/5100000")
+    assert keep == ["save-local-settings", "keep-old-wal", "rewind-old-primary", "start-as-standby"]
+    discard = plan_failback(dead_primary(fenced=True, rewind_capable=False, timeline=1),
+                            [promoted(history=[(1, "0/5000000")])], backup=False, discard_old_data=True)
+    assert discard.kinds()[:4] == ["save-local-settings", "reclone-old-primary", "start-as-standby",
+                                   "discard-old-data"]
+    assert "discard" in discard.steps[1].reason
+
+
+def test_failback_never_starts_a_directory_that_was_not_rebuilt() -> None:
+    # GIVEN every phase and control state an interrupted failback can leave
+    for phase in (None, "rewinding", "rewind-failed", "rewound", "cloned", "moved-aside"):
+        for state in ("shut down", "in production", "in archive recovery", "in crash recovery", None):
+            kinds = _rebuild(rebuild_phase=phase, control_state=state)
+            # THEN start-as-standby always comes after a rewind or a re-clone, unless the disk says
+            # one finished already
+            assert kinds[-1] == "start-as-standby"
+            if phase not in ("rewound", "cloned"):
+                assert {"rewind-old-primary", "reclone-old-primary"} & set(kinds), (phase, state, kinds)
 
 
 def test_failback_skips_rebuild_when_home_already_streams_from_the_current_primary() -> None:
@@ -199,6 +257,8 @@ def test_failback_when_home_is_primary_only_converges() -> None:
     (live_primary(), [promoted()], "split brain"),
     (dead_primary(), [standby()], "nothing to fail back from"),
     (dead_primary(local_pgdata=False), [promoted()], "not on this host"),
+    (dead_primary(reachable=False, answered=True, error="FATAL:  sorry, too many clients already"),
+     [promoted()], "refuses gravl-dr's login"),
 ])
 def test_failback_refusals(home: NodeState, others: list[NodeState], message: str) -> None:
     with pytest.raises(Refused, match=message):

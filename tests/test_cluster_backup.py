@@ -1,0 +1,165 @@
+"""Backups that hold the whole cluster (issue 11), on the production-shaped cluster: every
+database, roles with their password hashes, tablespaces, database settings and ACLs."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+from cluster_compare import database_state, globals_state
+from prodshape import NO_CONNECT_DB, ProdCluster
+
+from flows.backup import backup_flow
+from flows.restore import restore_flow
+from tasks.backup import resolve_backup
+from tasks.config import load_config
+from tasks.pgcluster import LocalCluster, free_port, make_private_dir
+from tasks.postgres import database_digest
+from tasks.repository import open_repository
+from tasks.restore import restore_logical
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+CONNECTABLE = ("postgres", "shop", "legacy", "reports", "archive")
+
+
+@pytest.fixture(scope="module")
+def logical_backup(prod_cluster: ProdCluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One whole-cluster logical backup of the production-shaped cluster, in a repository of its own."""
+    repo = make_private_dir("gravl-test-i11-repo-", "postgres")
+    cfg_path = prod_cluster.config(tmp_path_factory.mktemp("cfg") / "gravl-dr.yaml",
+                                   repository={"url": f"file://{repo}"})
+    report = backup_flow(config_path=str(cfg_path), kind="logical")
+    yield cfg_path, report.backup_id
+    shutil.rmtree(repo, ignore_errors=True)
+
+
+def test_logical_backup_records_every_database_and_reports_the_one_it_cannot_dump(
+        logical_backup: tuple[Path, str], prod_cluster: ProdCluster) -> None:
+    cfg_path, backup_id = logical_backup
+    cfg = load_config(str(cfg_path))
+    manifest = resolve_backup(open_repository(cfg.repository), backup_id)
+    by_name = {d.name: d for d in manifest.databases}
+    # every database but template0 is in the manifest, with its properties
+    assert set(by_name) == {*CONNECTABLE, NO_CONNECT_DB, "template1"}
+    assert by_name["legacy"].encoding == "LATIN1" and by_name["legacy"].collate == "C"
+    assert by_name["shop"].owner == "app_owner" and by_name["shop"].comment
+    assert {(s.role, s.name, s.value) for s in by_name["shop"].settings} >= {
+        (None, "search_path", '"Sales", public'), ("app_user", "statement_timeout", "30s")}
+    assert "app_user=" in (by_name["shop"].acl or "")
+    # the database that refuses connections is reported, not silently skipped
+    assert by_name[NO_CONNECT_DB].object is None and "datallowconn" in (by_name[NO_CONNECT_DB].skipped or "")
+    # each dumped database is its own object, plus the globals
+    keys = {o.key for o in manifest.objects}
+    assert manifest.globals_object in keys
+    assert all(by_name[d].object in keys for d in CONNECTABLE)
+    # exact per-table row counts for each database, for the drill to compare
+    assert manifest.row_counts_exact
+    assert manifest.row_counts["legacy"] == {"public.Kunden": 60, "public.bestellungen": 120}
+    assert manifest.row_counts["shop"]["public.attachments"] == 50
+    assert manifest.tablespaces[0].name == "app_space"
+    assert manifest.not_carried_over.unlogged_tables == {"shop": ["public.session_cache"]}
+    assert manifest.row_counts["shop"]["public.session_cache"] == 100  # pg_dump keeps unlogged data
+
+
+def test_whole_cluster_logical_restore_into_a_fresh_cluster_compares_equal(
+        logical_backup: tuple[Path, str], prod_cluster: ProdCluster,
+        cluster_factory: Callable[..., LocalCluster], pg_dir: Path) -> None:
+    # GIVEN a whole-cluster logical backup and a fresh cluster on the same host
+    cfg_path, backup_id = logical_backup
+    target = cluster_factory()
+    assert prod_cluster.tablespace_dir is not None
+    new_space = pg_dir / "app_space"
+    # WHEN the whole cluster is restored, with the tablespace relocated
+    report = restore_flow(config_path=str(cfg_path), backup=backup_id, dsn=target.dsn("postgres"), jobs=2,
+                          tablespace_map=[f"{prod_cluster.tablespace_dir}={new_space}"])
+    # THEN roles (with password hashes), memberships, role and database settings, tablespaces,
+    # database owners/encodings/locales/ACLs/comments match the source
+    source_globals = globals_state(prod_cluster.dsn("postgres"))
+    restored_globals = globals_state(target.dsn("postgres"))
+    source_dbs = {d[0]: d for d in source_globals.pop("databases") if d[0] != NO_CONNECT_DB}
+    restored_dbs = {d[0]: d for d in restored_globals.pop("databases")}
+    assert restored_globals == source_globals
+    for name, props in source_dbs.items():
+        assert restored_dbs.get(name) == props
+    # AND every table, sequence, large object, ACL and policy of every database
+    for db in CONNECTABLE:
+        assert database_state(target.dsn(db)) == database_state(prod_cluster.dsn(db)), db
+    assert [r[0] for r in prod_cluster.sql("SELECT spcname FROM pg_tablespace", dbname="postgres")] and any(
+        new_space.iterdir())
+    # AND the report names what is not there
+    assert sorted(report.databases) == sorted([*CONNECTABLE, "template1"])
+    assert any(NO_CONNECT_DB in n and "NOT in this backup" in n for n in report.not_carried_over)
+
+
+def test_one_database_restores_into_an_existing_cluster_without_owners(
+        logical_backup: tuple[Path, str], prod_cluster: ProdCluster,
+        cluster_factory: Callable[..., LocalCluster]) -> None:
+    # GIVEN an existing cluster that has none of the source's roles, and an empty database
+    cfg_path, backup_id = logical_backup
+    cfg = load_config(str(cfg_path))
+    repo = open_repository(cfg.repository)
+    manifest = resolve_backup(repo, backup_id)
+    target = cluster_factory()
+    with psycopg.connect(target.dsn("postgres"), autocommit=True) as conn:  # same encoding as the source
+        conn.execute("CREATE DATABASE legacy_copy TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'")
+    # WHEN one database (the LATIN1 one) is restored with --no-owner
+    restore_logical(cfg, repo, manifest, target.dsn("legacy_copy"), jobs=2, no_owner=True, database="legacy")
+    # THEN its tables hold exactly the source's rows
+    assert database_digest(target.dsn("legacy_copy")) == database_digest(prod_cluster.dsn("legacy"))
+
+
+def test_physical_backup_with_a_tablespace_restores_relocated(
+        prod_cluster: ProdCluster, tmp_path: Path, pg_dir: Path, file_repo_url: str) -> None:
+    # GIVEN the production-shaped cluster with its user tablespace
+    assert prod_cluster.tablespace_dir is not None
+    cfg_path = prod_cluster.config(tmp_path / "gravl-dr.yaml", repository={"url": file_repo_url})
+    # WHEN a physical backup runs
+    report = backup_flow(config_path=str(cfg_path), kind="physical")
+    cfg = load_config(str(cfg_path))
+    manifest = resolve_backup(open_repository(cfg.repository), report.backup_id)
+    # THEN the tablespace is its own object in the manifest
+    [space] = manifest.tablespaces
+    assert space.name == "app_space" and space.location == str(prod_cluster.tablespace_dir)
+    assert space.object in {o.key for o in manifest.objects} and space.object.startswith(f"{space.oid}.tar")
+    # an unlogged table restores empty: that is what the drill is told to expect
+    assert manifest.row_counts["shop"]["public.session_cache"] == 0
+    assert manifest.row_counts["shop"]["public.attachments"] == 50
+    # AND a restore with --tablespace-map puts it elsewhere and the server starts with all data
+    new_space = pg_dir / "moved-space"
+    restored = restore_flow(config_path=str(cfg_path), backup=report.backup_id, pgdata=str(pg_dir / "data"),
+                            start=True, port=free_port(),
+                            tablespace_map=[f"{prod_cluster.tablespace_dir}={new_space}"])
+    cluster = LocalCluster(pg_dir / "data", restored.port or 0)
+    try:
+        assert (pg_dir / "data" / "pg_tblspc" / space.oid).resolve() == new_space
+        restored_attachments = database_digest(cluster.dsn("shop"))
+        source = database_digest(prod_cluster.dsn("shop"))
+        for table in ("public.attachments", "public.User", "Sales.Order Items"):
+            assert restored_attachments[table] == source[table], table
+        # unlogged tables come back empty, and the report says so
+        assert restored_attachments["public.session_cache"][0] == 0
+        assert any("unlogged" in n and "session_cache" in n for n in restored.not_carried_over)
+    finally:
+        cluster.destroy()
+    # AND the source's own tablespace directory was never touched
+    assert any(prod_cluster.tablespace_dir.iterdir())
+
+
+def test_restore_refuses_a_tablespace_location_that_is_in_use(
+        prod_cluster: ProdCluster, tmp_path: Path, pg_dir: Path, file_repo_url: str) -> None:
+    from tasks.errors import PreconditionFailed
+    from tasks.restore import restore_physical
+
+    cfg_path = prod_cluster.config(tmp_path / "gravl-dr.yaml", repository={"url": file_repo_url})
+    report = backup_flow(config_path=str(cfg_path), kind="physical")
+    cfg = load_config(str(cfg_path))
+    repo = open_repository(cfg.repository)
+    manifest = resolve_backup(repo, report.backup_id)
+    # the source still lives in the recorded location: restoring there would mix with it
+    with pytest.raises(PreconditionFailed, match="--tablespace-map"):
+        restore_physical(cfg, repo, manifest, pg_dir / "data")
+    assert not (pg_dir / "data").exists()
