@@ -244,7 +244,7 @@ def plan_unlogged(database: str, catalog: Catalog, unlogged: list[str],
             check=f"row-count {database}.{schema}.{table}", kind="row-count", database=database,
             schema_name=schema, table=table, gx_type="ExpectTableRowCountToEqual", kwargs={"value": 0},
             expect_text=("0: an unlogged table is emptied by a physical restore, by design (PostgreSQL does "
-                         "not WAL-log it)" + (f"; the source had {source} rows" if source is not None else ""))))
+                         "not WAL-log it)" + (f"; the source had {source} rows" if source else ""))))
     return specs
 
 

@@ -407,7 +407,7 @@ def restore_logical(
             roles, other = missing_role_errors(proc.stderr)
             if proc.returncode != 0 and (other or not roles):
                 detail = other[0] if other else tail(proc.stderr)
-                raise CommandFailed(f"pg_restore into {safe_dsn(dsn)} failed: {detail}")
+                raise command_error(f"pg_restore into {safe_dsn(dsn)} failed: {detail}")
             raw = sum(o.raw_size for o in manifest.objects)
             return RestoreResult(manifest.id, safe_dsn(dsn), raw, time.monotonic() - t0, verify_seconds,
                                  skipped=tuple(roles))
