@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, WithJsonSchema
 
 from flows.common import NETWORK_RETRIES, human_bytes, load, logger
-from flows.params import BackupRef, ConfigPath, OptionalPort, OptionalText, OptionalTime
+from flows.params import BackupRef, ConfigPath, OptionalPort, OptionalText, OptionalTextList, OptionalTime
 from tasks import backup as bsteps
 from tasks import recovery as rec
 from tasks import restore as rsteps
@@ -201,7 +201,7 @@ def restore_flow(
     target_xid: Annotated[str | None, WithJsonSchema({"type": "string", "pattern": r"^[0-9]{1,20}$"})] = None,
     keep_archiving: bool = False,
     recovery_timeout: Annotated[float, Field(gt=0, le=7 * 86400)] = 6 * 3600,
-    tablespace_map: list[str] | None = None,
+    tablespace_map: OptionalTextList = None,
     database: OptionalText = None,
     no_owner: bool = False,
 ) -> RestoreReport:
