@@ -43,7 +43,7 @@ def bench_scale(scale: int, env: dict[str, str]) -> dict[str, float]:
         size = timed(["psql", *conn.split(), "-d", "bench", "-Atc", "select pg_database_size('bench')"])
         res["db_mb"] = int(size.stdout.strip()) / 2**20
 
-        def gravl(*args: str):  # noqa: ANN202
+        def gravl(*args: str):
             t = timed([GRAVL_DR, "--config", str(cfg), *args], env=env)
             if t.returncode != 0:
                 raise SystemExit(f"gravl-dr {' '.join(args)} failed: {t.stderr[-2000:]}")
@@ -119,7 +119,7 @@ def bench_cluster(scale: int, env: dict[str, str], copies: int = 3) -> dict[str,
             "repository": {"url": f"file://{work / 'repo'}", "compression": "zstd"},
         }))
 
-        def gravl(*args: str):  # noqa: ANN202
+        def gravl(*args: str):
             t = timed([GRAVL_DR, "--config", str(cfg), *args], env=env)
             if t.returncode != 0:
                 raise SystemExit(f"gravl-dr {' '.join(args)} failed: {t.stderr[-2000:]}")

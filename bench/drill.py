@@ -9,8 +9,10 @@ Measures in the same run, from the same source (data checksums on):
   then each check (pg_verifybackup, amcheck, GX suites, usability, pg_checksums); with the
   default drill.heapallindexed_max_mb, then again with heapallindexed on every index;
 - after the backup, pgbench writes for a few seconds and the WAL is archived with wal-push:
-  the drill replays it to the end of the archive, pausing first at the backup's consistent
-  point to compare the manifest's row counts;
+  the drill replays it to the end of the archive, pausing first at the LSN the backup read its
+  row counts at, to compare them exactly;
+- the production-shaped cluster of the test suite (tests/prodshape.py), backed up as the
+  least-privilege role while pgbench writes: the drill must pass with no false alarm;
 - the plain baseline: `pg_basebackup -D - -Ft -X fetch | zstd -3 -T2 > file`, then
   `zstd -d | tar -x` into an empty directory and `pg_ctl start -w` until it accepts connections.
 Flow runs go to a local Prefect server started here (as with PREFECT_API_URL in production).
@@ -105,6 +107,9 @@ def drill(gravl: Callable[..., str], backup_id: str, prefix: str) -> dict[str, o
         "drill_restore_s": report["restore_seconds"], "drill_recovery_s": report["recovery_seconds"],
         "drill_rto_s": report["rto_seconds"], "drill_checks_s": report["checks_seconds"],
         "checks_by_kind_s": by_kind, "checks": len(report["checks"]),
+        "failed_checks": [c["name"] for c in report["checks"] if c["status"] == "failed"],
+        "exact_counts": sum(1 for c in report["checks"] if c["kind"] == "row-count" and "exactly" in c["summary"]),
+        "databases": [d["database"] for d in report.get("databases", [])],
     }
     return {prefix + k: v for k, v in res.items()}
 
@@ -138,7 +143,7 @@ def bench_scale(scale: int, env: dict[str, str]) -> dict[str, object]:
         out = gravl("backup", "--kind", "physical", "--json")
         backup_id = json.loads(out[out.index("{"):])["backup_id"]
         # Writes after the backup, archived: the drill replays them (the weekly drill of an
-        # archiving cluster), after pausing at the backup's consistent point for its row counts.
+        # archiving cluster), after pausing at the LSN the backup read its row counts at.
         t = timed([f"{BIN}/pgbench", "-h", cluster.host, "-p", str(cluster.port), "-U", "postgres",
                    "-c", "2", "-j", "2", "-T", str(WRITE_SECONDS), "-n", "bench"])
         tps = re.search(r"tps = ([0-9.]+)", t.stdout)
@@ -171,15 +176,51 @@ def bench_scale(scale: int, env: dict[str, str]) -> dict[str, object]:
     return res
 
 
+def bench_prodshape(env: dict[str, str]) -> dict[str, object]:
+    """The production-shaped cluster of the test suite (tests/prodshape.py: five databases, RLS,
+    partitions, quoted names, event trigger, unlogged table, ...), backed up as the least-privilege
+    role while pgbench writes, then drilled: a pass with zero false alarms, and what it costs."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from prodshape import build_prod_cluster
+
+    t0 = time.monotonic()
+    prod = build_prod_cluster()
+    res: dict[str, object] = {"scale": "prodshape", "build_s": time.monotonic() - t0}
+    try:
+        cfg = prod.config(user="gravl_dr")
+        res["db_mb"] = sum(int(r[0]) for r in prod.sql("SELECT pg_database_size(datname) FROM pg_database "
+                                                       "WHERE datallowconn", dbname="postgres")) / 2**20
+
+        def gravl(*args: str) -> str:
+            t = timed([GRAVL_DR, "--config", str(cfg), *args], env=env)
+            if t.returncode not in (0, 1) or "{" not in t.stdout:
+                raise SystemExit(f"gravl-dr {' '.join(args)} failed: {t.stderr[-2000:]}")
+            return t.stdout
+
+        with prod.writes(rate=200) as load:
+            out = gravl("backup", "--kind", "physical", "--json")
+        res["writes_after_backup"] = f"pgbench (app_user) {load.transactions} transactions during the backup"
+        backup_id = json.loads(out[out.index("{"):])["backup_id"]
+        prod.switch_and_wait()
+        res["wal_replayed_mb"] = wal_mb(prod.repo_dir)
+        res.update(drill(gravl, backup_id, ""))
+        res["false_alarms"] = res.pop("failed_checks")
+    finally:
+        prod.destroy()
+    return res
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=int, action="append", help="pgbench scale (repeatable; default 10)")
+    parser.add_argument("--no-prodshape", action="store_true", help="skip the production-shaped cluster")
     args = parser.parse_args()
     env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     server, url, home = start_prefect_server()
     env["PREFECT_API_URL"] = url
     try:
         results = [bench_scale(s, env) for s in (args.scale or [10])]
+        prodshape = None if args.no_prodshape else bench_prodshape(env)
     finally:
         server.terminate()
         server.wait()
@@ -208,6 +249,19 @@ def main() -> None:
               f"{r['full_drill_restore_s']:.2f} s, checks {r['full_drill_checks_s']:.2f} s "
               f"({', '.join(f'{k} {v:.2f} s' for k, v in sorted(full.items()))}), checks / restore "
               f"{ratio(r['full_drill_checks_s'], r['full_drill_restore_s'])}")  # type: ignore[arg-type]
+    if prodshape is not None:
+        r = prodshape
+        kinds = r["checks_by_kind_s"]  # type: ignore[assignment]
+        print(f"\n== production-shaped cluster ({r['db_mb']:.0f} MB in {len(r['databases'])} databases, "  # type: ignore[arg-type]
+              f"built in {r['build_s']:.1f} s), backed up as gravl_dr during writes; drill "
+              f"{'PASSED' if r['drill_passed'] else 'FAILED'} with {r['checks']} checks ==")
+        print(f"{r['writes_after_backup']}; row counts compared exactly at their LSN: {r['exact_counts']}")
+        print(f"false alarms (failed checks on a good backup): {r['false_alarms'] or 'none'}")
+        print(f"drill restore {r['drill_restore_s']:.2f} s, recovery {r['drill_recovery_s']:.2f} s, RTO "
+              f"{r['drill_rto_s']:.2f} s, checks {r['drill_checks_s']:.2f} s "
+              f"({', '.join(f'{k} {v:.2f} s' for k, v in sorted(kinds.items()))}), checks / restore "  # type: ignore[attr-defined]
+              f"{ratio(r['drill_checks_s'], r['drill_restore_s'])}")  # type: ignore[arg-type]
+        results.append(prodshape)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "drill.json").write_text(json.dumps(results, indent=2))

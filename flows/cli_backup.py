@@ -204,7 +204,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         pgdata=str(Path(args.pgdata).absolute()) if args.pgdata else None, dsn=args.dsn,
         start=args.start, port=args.port, jobs=args.jobs, target_time=args.target_time,
         target_lsn=args.target_lsn, target_name=args.target_name, target_xid=args.target_xid,
-        keep_archiving=args.keep_archiving, tablespace_map="\n".join(args.tablespace_map) or None,
+        keep_archiving=args.keep_archiving, tablespace_map=args.tablespace_map or None,
         database=args.database, no_owner=args.no_owner,
     )
     if args.json:

@@ -2,19 +2,22 @@
 database, and say exactly what is wrong when it does not.
 
 pick-backup -> provision-instance -> restore (+ pg_verifybackup before start) -> start-and-wait
-(pausing at the backup's consistent point for its row counts when replay goes past it)
--> checks (amcheck, Great Expectations suites) -> usability -> verify-data-checksums (stopped)
+(pausing just before the LSN the backup read its row counts and newest timestamps at, to compare
+them exactly as the instance's own superuser; the documented fallback says why when it cannot)
+-> open-databases (datallowconn = false ones too) -> checks (amcheck, Great Expectations suites)
+-> usability -> verify-data-checksums (stopped)
 -> report (JSON + markdown, uploaded to drills/<drill-id>/) -> metrics; teardown always runs.
 Any failed check fails the flow (and the CLI exits non-zero).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -32,7 +35,7 @@ from tasks.config import Config, config_path
 from tasks.drill import CheckResult, DrillFailed, DrillInstance, DrillReport
 from tasks.errors import DRError, PreconditionFailed, one_line
 from tasks.metrics import push_metrics
-from tasks.models import Manifest
+from tasks.models import Manifest, parse_lsn, wal_name_from_segno, wal_segno
 from tasks.recovery import (
     RecoveryOutcome,
     RecoveryTarget,
@@ -50,6 +53,7 @@ class RestoreStep(BaseModel):
     seconds: float
     raw_bytes: int
     checks: list[CheckResult]
+    notes: dict[str, list[str]] = {}  # database -> what was not restored/checked, and why
 
 
 class RecoveryStep(BaseModel):
@@ -63,6 +67,8 @@ class RecoveryStep(BaseModel):
     # they are compared on the promoted instance, or not at all).
     count_checks: list[CheckResult] | None = None
     counts_seconds: float = 0.0  # that pause: comparing, stopping, restarting
+    instance: DrillInstance  # as its own superuser (resolved once the server runs)
+    point: dsteps.CountPoint
 
 
 # ---------------------------------------------------------------- steps
@@ -101,10 +107,10 @@ def pick_backup(repo: Repository, ref: str, cluster: str, target_time: datetime 
 
 
 @task(name="provision-instance", cache_policy=NO_CACHE)
-def provision_instance(cfg: Config, drill_id: str) -> DrillInstance:
+def provision_instance(cfg: Config, drill_id: str, kind: str = "physical") -> DrillInstance:
     from prefect.runtime import flow_run
 
-    instance = dsteps.provision_instance(cfg, drill_id, flow_run_id=str(flow_run.id or "") or None)
+    instance = dsteps.provision_instance(cfg, drill_id, flow_run_id=str(flow_run.id or "") or None, kind=kind)
     logger().info("throwaway instance: %s, port 127.0.0.1:%d", instance.workdir, instance.port)
     return instance
 
@@ -145,20 +151,31 @@ def restore(cfg: Config, repo: Repository, manifest: Manifest, instance: DrillIn
         restored = CheckResult(name="restore", kind="restore", category="restore", status="passed",
                                seconds=seconds,
                                summary=f"globals and {len(cres.databases)} database(s) into a fresh instance")
-        return RestoreStep(seconds=seconds, raw_bytes=cres.raw_bytes, checks=[restored])
+        skipped = {d.name: [f"not in this backup, not restored or checked: {d.skipped}"]
+                   for d in manifest.databases if d.skipped}
+        return RestoreStep(seconds=seconds, raw_bytes=cres.raw_bytes, checks=[restored], notes=skipped)
     database = manifest.database or "postgres"
     if database != "postgres":
         from tasks.sample import create_database
 
         create_database(instance.dsn("postgres"), database)
-    # roles are not part of a dump: a throwaway instance has none of production's owners
-    res = rsteps.restore_logical(cfg, repo, manifest, instance.dsn(database), jobs=2, no_owner=True)
+    # roles are not part of a single-database dump: a throwaway instance has none of production's
+    # owners; what needs them is skipped and said (see dsteps.logical_scope_notes)
+    res = rsteps.restore_logical(cfg, repo, manifest, instance.dsn(database), jobs=2, no_owner=True,
+                                 skip_missing_roles=True)
     seconds = time.monotonic() - t1
     logger().info("pg_restore of %s into database %s took %.1fs (server set up in %.1fs)", manifest.id,
                   database, seconds, t1 - t0)
+    notes = dsteps.logical_scope_notes(database, manifest.cluster_databases, list(res.skipped))
+    for db, items in notes.items():
+        for item in items:
+            logger().warning("not restored/checked in %s: %s", db, item)
+    summary = f"pg_restore into an empty database {database}"
+    if res.skipped:
+        summary += f"; {len(res.skipped)} statement(s) skipped for lack of the source's roles (see Databases)"
     restored = CheckResult(name="restore", kind="restore", category="restore", status="passed",
-                           seconds=seconds, summary=f"pg_restore into an empty database {database}")
-    return RestoreStep(seconds=seconds, raw_bytes=res.raw_bytes, checks=[restored])
+                           seconds=seconds, summary=summary)
+    return RestoreStep(seconds=seconds, raw_bytes=res.raw_bytes, checks=[restored], notes=notes)
 
 
 @task(name="start-and-wait", cache_policy=NO_CACHE)
@@ -166,42 +183,55 @@ def start_and_wait(cfg: Config, repo: Repository, manifest: Manifest, instance: 
                    target: RecoveryTarget, config_file: str) -> RecoveryStep:
     """Start the restored server and wait for recovery to reach its target and promote.
 
-    When the manifest has row counts and recovery goes on past the backup, recovery first
-    pauses at the backup's consistent point, where the counts are compared (read-only), then the
-    server is restarted towards the target: counts taken at backup time apply there, and only
-    there. That pause and restart are not part of the measured recovery time."""
+    When the manifest has row counts, recovery first pauses where they apply — at the LSN the
+    backup read them at (exact), or else at the backup's consistent point (within the documented
+    tolerance) — where they are compared read-only as the instance's own superuser; then the
+    server is restarted towards the target. That pause and restart are not part of the measured
+    recovery time."""
     t0 = time.monotonic()
     if manifest.kind == "logical":
         check = CheckResult(name="recovery", kind="recovery", category="restore", status="skipped",
                             summary="logical backup: no WAL replay")
+        point = dsteps.plan_count_point(kind="logical", has_counts=bool(manifest.row_counts), counts_lsn=None,
+                                        target_kind=target.kind, target_lsn_at_or_after=False,
+                                        lsn_reachable=False, may_pass_backup=False)
         return RecoveryStep(seconds=0.0, recovered_to=manifest.start_time, lsn=manifest.start_lsn,
-                            timeline=None, past_backup=False, check=check)
+                            timeline=None, past_backup=False, check=check, instance=instance, point=point)
     timeout = cfg.drill.recovery_timeout_seconds
     cluster = instance.cluster()
+    if dsteps.run_before_start_hook_for_tests(instance):
+        logger().warning("a test hook ran on the restored data directory before it started")
     count_checks: list[CheckResult] | None = None
     excluded = 0.0
     note = ""
-    if manifest.row_counts and replay_may_pass_backup(cfg, repo, manifest, target):
-        consistent = RecoveryTarget(kind="immediate")
-        write_recovery_settings(instance.pgdata, config_path=config_file, target=consistent,
-                                os_user=cfg.postgres.os_user, action="pause")
+    point = _count_point(cfg, repo, manifest, target)
+    logger().info("row counts: compared %s (%s)%s", point.describe(manifest.row_counts_lsn), point.mode,
+                  f"; {point.reason}" if point.reason else "")
+    if point.where in ("lsn", "consistent"):
+        pause = (RecoveryTarget(kind="lsn", value=manifest.row_counts_lsn) if point.where == "lsn"
+                 else RecoveryTarget(kind="immediate"))
+        # the counts saw exactly the commits before their LSN: replay what lies before it, no more
+        write_recovery_settings(instance.pgdata, config_path=config_file, target=pause,
+                                os_user=cfg.postgres.os_user, action="pause", inclusive=False)
         _start(cfg, instance, timeout)
-        paused_at = wait_for_pause(cluster, consistent, timeout=timeout)
+        paused_at = wait_for_pause(cluster, pause, timeout=timeout)
         t_pause = time.monotonic()
-        count_checks = counts_at_consistent_point(cfg, manifest, instance, paused_at)
+        instance = dsteps.resolve_superuser(instance)
+        count_checks = counts_at_pause(cfg, manifest, instance, paused_at, point)
         failed = sum(1 for c in count_checks if c.failed)
-        logger().info("row counts at the backup's consistent point %s: %d compared, %d failed", paused_at,
-                      len(count_checks), failed)
+        logger().info("row counts at %s: %d compared, %d failed", paused_at, len(count_checks), failed)
         cluster.stop("fast", timeout=int(timeout))
         # the next start's log must not repeat this pause's "recovery stopping" line
         cluster.logfile.rename(cluster.logfile.with_name(cluster.logfile.name + ".paused"))
         write_recovery_settings(instance.pgdata, config_path=config_file, target=target,
                                 os_user=cfg.postgres.os_user)
         excluded = time.monotonic() - t_pause
-        note = f"; paused at the backup's consistent point {paused_at} to compare row counts ({excluded:.1f} s, not counted)"
+        note = (f"; paused {point.describe(manifest.row_counts_lsn)} (replayed up to {paused_at}) to compare "
+                f"row counts ({excluded:.1f} s, not counted)")
     t_start = time.monotonic()
     _start(cfg, instance, timeout)
     outcome: RecoveryOutcome = wait_for_recovery(cluster, target, timeout=timeout)
+    instance = dsteps.resolve_superuser(instance)
     seconds = time.monotonic() - t0 - excluded
     past = past_backup(manifest, outcome.reached_lsn)
     recovered_at = recovered_to(manifest, target, outcome, past)
@@ -215,7 +245,37 @@ def start_and_wait(cfg: Config, repo: Repository, manifest: Manifest, instance: 
                         seconds=seconds, summary=summary)
     return RecoveryStep(seconds=seconds, recovered_to=recovered_at, lsn=outcome.reached_lsn,
                         timeline=outcome.timeline, past_backup=past, check=check, count_checks=count_checks,
-                        counts_seconds=excluded)
+                        counts_seconds=excluded, instance=instance, point=point)
+
+
+def _count_point(cfg: Config, repo: Repository, manifest: Manifest, target: RecoveryTarget) -> dsteps.CountPoint:
+    """Where the manifest's counts can be compared on this restore (the decision is pure, in
+    tasks.drill.plan_count_point; this looks up what it needs in the repository)."""
+    lsn = manifest.row_counts_lsn
+    at_or_after = False
+    if lsn and target.kind == "lsn" and target.value:
+        with contextlib.suppress(DRError):
+            at_or_after = parse_lsn(target.value) >= parse_lsn(lsn)
+    wanted = bool(manifest.row_counts) and bool(lsn) and (target.kind == "end" or at_or_after)
+    reachable = wanted and lsn is not None and _wal_reachable(cfg, repo, manifest, lsn)
+    may_pass = bool(manifest.row_counts) and not reachable and replay_may_pass_backup(cfg, repo, manifest, target)
+    return dsteps.plan_count_point(
+        kind=manifest.kind, has_counts=bool(manifest.row_counts), counts_lsn=lsn, target_kind=target.kind,
+        target_lsn_at_or_after=at_or_after, lsn_reachable=reachable, may_pass_backup=may_pass)
+
+
+def _wal_reachable(cfg: Config, repo: Repository, manifest: Manifest, lsn: str) -> bool:
+    """Is the WAL segment holding ``lsn`` in the backup itself or in the archive?"""
+    try:
+        seg = manifest.wal_segment_size
+        segno = parse_lsn(lsn) // seg
+        if manifest.stop_wal and segno <= wal_segno(manifest.stop_wal, seg)[1]:
+            return True
+        name = wal_name_from_segno(manifest.timeline, segno, seg)
+        return find_object(repo, name, WalSettings.from_config(cfg.repository)) is not None
+    except DRError as exc:
+        logger().warning("could not look for the WAL of the row counts (%s)", one_line(exc))
+        return False
 
 
 def replay_may_pass_backup(cfg: Config, repo: Repository, manifest: Manifest, target: RecoveryTarget) -> bool:
@@ -241,21 +301,50 @@ def _start(cfg: Config, instance: DrillInstance, timeout: float) -> None:
         raise PreconditionFailed(f"restored server did not start: {one_line(exc)}") from None
 
 
-def counts_at_consistent_point(cfg: Config, manifest: Manifest, instance: DrillInstance,
-                               lsn: str) -> list[CheckResult]:
-    """The manifest's row counts (within drill.row_count_tolerance: a physical backup's counts are
-    taken as it ends) against the instance paused at the backup's consistent point, with GX."""
+def counts_at_pause(cfg: Config, manifest: Manifest, instance: DrillInstance, lsn: str,
+                    point: dsteps.CountPoint) -> list[CheckResult]:
+    """The manifest's row counts and newest timestamps against the copy paused where they apply
+    (read-only; unlogged tables cannot be read during recovery: they are checked after promotion)."""
+    mode: Literal["exact", "tolerance"] = "exact" if point.mode == "exact" else "tolerance"
+    where = f"at {lsn}" if point.where == "lsn" else f"at the backup's consistent point {lsn}"
+    per_db: dict[str, tuple[Literal["exact", "tolerance"], str]] = {}
+    if mode == "exact":
+        seen: dict[str, list[int] | None] = {}
+        for db, snapshot in manifest.row_counts_snapshots.items():
+            if snapshot not in seen:
+                seen[snapshot] = dsteps.inflight_commits(instance, snapshot)
+            inflight = seen[snapshot]
+            if inflight:
+                per_db[db] = ("tolerance", f"{where} (not exact: {len(inflight)} transaction(s) the counts' "
+                                           f"snapshot did not see had committed there, e.g. xid {inflight[0]}; "
+                                           "within drill.row_count_tolerance)")
+    return _recorded_fact_checks(cfg, manifest, instance, mode, where, skip_unlogged=True, per_db=per_db)
+
+
+def _recorded_fact_checks(cfg: Config, manifest: Manifest, instance: DrillInstance,
+                          mode: Literal["exact", "tolerance"], where: str, *, skip_unlogged: bool,
+                          per_db: dict[str, tuple[Literal["exact", "tolerance"], str]] | None = None,
+                          ) -> list[CheckResult]:
     databases = set(dsteps.list_restored_databases(instance))
     specs: list[gxsteps.ExpectationSpec] = []
     results = gxsteps.missing_databases(manifest.row_counts, databases)
     for db, expected in sorted(manifest.row_counts.items()):
         if db not in databases:
             continue
-        db_specs, decided = gxsteps.plan_row_counts(
-            db, gxsteps.read_catalog(instance.dsn(db)), expected, "tolerance", cfg.drill.row_count_tolerance,
-            at=f"at the backup's consistent point {lsn}")
+        skip = manifest.unlogged_tables.get(db, []) if skip_unlogged else []
+        db_mode, db_where = (per_db or {}).get(db, (mode, where))
+        db_specs, decided = gxsteps.plan_recorded_facts(
+            db, gxsteps.read_catalog(instance.dsn(db)), counts=expected,
+            newest=manifest.newest_timestamps.get(db, {}), skip_tables=set(skip), count_mode=db_mode,
+            tolerance=cfg.drill.row_count_tolerance, max_age_seconds=cfg.drill.freshness_max_seconds,
+            at=db_where)
         specs += db_specs
         results += decided
+    for db, tables in sorted(manifest.not_counted.items()):
+        for table, reason in sorted(tables.items()):
+            name = f"row-count {db}" if table == "*" else f"row-count {db}.{table}"
+            results.append(CheckResult(name=name, kind="row-count", category="data", status="skipped",
+                                       database=db, summary=f"not recorded at backup: {reason}"))
     return results + gxsteps.run_expectations(gxsteps.unique_names(specs), instance.dsn)
 
 
@@ -296,42 +385,61 @@ def _run_data_checks(cfg: Config, manifest: Manifest, instance: DrillInstance,
     appended to ``results``."""
     catalogs = {db: gxsteps.read_catalog(instance.dsn(db)) for db in databases}
     reference = recovery.recovered_to or manifest.stop_time
-    expected_counts: dict[str, dict[str, int]] = manifest.row_counts
-    if recovery.count_checks is not None:
-        results += recovery.count_checks  # compared at the backup's consistent point
-        expected_counts = {}
-        mode: gxsteps.CountMode = "skip"
-        reason = ""
-    elif manifest.kind == "logical":
-        mode = "exact"
-        reason = ""
-    elif recovery.past_backup:
-        # the archive received WAL past the backup after the drill looked for it
-        mode, reason = "skip", ("WAL from the archive was replayed past the backup: counts recorded at "
-                                "backup time do not apply")
-    else:
-        mode, reason = "tolerance", ""
+    point = recovery.point
     specs: list[gxsteps.ExpectationSpec] = []
+    data: list[CheckResult] = []
+    if recovery.count_checks is not None:
+        results += recovery.count_checks  # compared while recovery was paused
+    elif point.where == "promoted" and not (manifest.kind == "physical" and recovery.past_backup):
+        mode: Literal["exact", "tolerance"] = "exact" if point.mode == "exact" else "tolerance"
+        where = "in the restored dump" if manifest.kind == "logical" else "on the promoted copy"
+        if point.reason:
+            where += f" ({point.reason})"
+        data += _recorded_fact_checks(cfg, manifest, instance, mode, where,
+                                      skip_unlogged=manifest.kind == "physical")
+    elif manifest.row_counts:
+        results.append(CheckResult(
+            name="row-count", kind="row-count", category="data", status="skipped",
+            summary="WAL from the archive was replayed past the backup: counts recorded at backup time do not "
+                    "apply" + (f" ({point.reason})" if point.reason else "")))
+    recorded_newest = manifest.row_counts_lsn is not None or bool(manifest.newest_timestamps)
     for db in databases:
+        if manifest.kind == "physical" and manifest.unlogged_tables.get(db):
+            specs += gxsteps.plan_unlogged(db, catalogs[db], manifest.unlogged_tables[db],
+                                           manifest.row_counts.get(db, {}))
+        note: str | None = None
+        if recorded_newest:
+            note = ("" if db in manifest.row_counts else
+                    "the backup recorded no newest timestamps here, and the age of the data is not "
+                    "judged against the wall clock")
         db_specs, decided = gxsteps.plan_default(
-            db, catalogs[db], expected_counts=expected_counts.get(db), count_mode=mode,
+            db, catalogs[db], expected_counts=None, count_mode="skip",
             tolerance=cfg.drill.row_count_tolerance, reference=reference,
             max_age_seconds=cfg.drill.freshness_max_seconds, freshness_columns=cfg.drill.freshness_columns,
-            skip_reason=reason)
+            freshness_note=note)
         specs += db_specs
         results += decided
-    results += gxsteps.missing_databases(expected_counts, catalogs)
     for suite in suites:
         suite_specs, decided = gxsteps.plan_suite(suite, catalogs, now=started_at, reference=reference)
         specs += suite_specs
         results += decided
     t0 = time.monotonic()
-    data = gxsteps.run_expectations(gxsteps.unique_names(specs), instance.dsn)
+    data += gxsteps.run_expectations(gxsteps.unique_names(specs), instance.dsn)
     failed = [c for c in data if c.failed]
     logger().info("%d expectation(s) on %d database(s) in %.1fs: %d failed%s", len(data), len(databases),
                   time.monotonic() - t0, len(failed),
                   "" if not failed else ": " + ", ".join(c.name for c in failed[:10]))
     return data
+
+
+@task(name="open-databases", cache_policy=NO_CACHE)
+def open_databases(instance: DrillInstance) -> dict[str, str]:
+    """Databases that refused connections on the source (datallowconn = false) are opened on the
+    throwaway instance, so that they are checked too; database -> note for the report."""
+    notes = dsteps.open_all_databases(instance)
+    for db, note in notes.items():
+        logger().info("database %s: %s", db, note)
+    return notes
 
 
 @task(name="usability", cache_policy=NO_CACHE)
@@ -463,7 +571,7 @@ def drill_flow(
         report.backup_stop_time = manifest.stop_time
         if manifest.kind == "logical":
             report.target = f"the dump's snapshot ({manifest.start_time.isoformat()})"
-        instance = provision_instance(cfg, drill_id)
+        instance = provision_instance(cfg, drill_id, manifest.kind)
         _run_steps(cfg, repo, manifest, instance, suites, target, config_file, report)
     except Exception as exc:  # noqa: BLE001 - the report says what went wrong; teardown still runs
         report.error = one_line(exc) if isinstance(exc, DRError) else f"{type(exc).__name__}: {one_line(exc)}"
@@ -515,14 +623,19 @@ def _run_steps(cfg: Config, repo: Repository, manifest: Manifest, instance: Dril
     report.recovered_to, report.recovered_lsn, report.timeline = (recovery.recovered_to, recovery.lsn,
                                                                   recovery.timeline)
     report.rpo_seconds = dsteps.data_age(report.started_at, recovery.recovered_to)
+    instance = recovery.instance  # as the instance's own superuser from here on
+    notes = {db: list(items) for db, items in restored.notes.items()}
     t_checks = time.monotonic()
     try:
+        for db, note in open_databases(instance).items():
+            notes.setdefault(db, []).append(note)
         report.checks += run_checks(cfg, manifest, instance, suites, recovery, report.started_at)
         report.checks.append(usability(manifest, instance))
         report.checks.append(verify_data_checksums(cfg, manifest, instance))
     finally:
-        # with the row counts compared while recovery paused at the backup's consistent point
+        # with the row counts compared while recovery paused where they apply
         report.checks_seconds = time.monotonic() - t_checks + recovery.counts_seconds
+        report.databases = dsteps.coverage(report.checks, sorted(manifest.row_counts), notes)
 
 
 def _config_file(explicit: str | None) -> Path:

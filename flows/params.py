@@ -28,6 +28,7 @@ BackupKind = Literal["physical", "logical"]
 
 OptionalTime = Annotated[datetime | None, _plain({"type": "string", "format": "date-time"})]
 OptionalText = Annotated[str | None, _plain({"type": "string"})]
+OptionalTextList = Annotated[list[str] | None, _plain({"type": "array", "items": {"type": "string"}})]
 
 
 OptionalPort = Annotated[int | None, Field(ge=1, le=65535),

@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, WithJsonSchema
 
 from flows.common import NETWORK_RETRIES, human_bytes, load, logger
-from flows.params import BackupRef, ConfigPath, OptionalPort, OptionalText, OptionalTime
+from flows.params import BackupRef, ConfigPath, OptionalPort, OptionalText, OptionalTextList, OptionalTime
 from tasks import backup as bsteps
 from tasks import recovery as rec
 from tasks import restore as rsteps
@@ -151,7 +151,10 @@ def start_restored_server(cfg: Config, pgdata: str, port: int,
         if why is None:
             raise
         raise PreconditionFailed(why) from None
-    cluster.wait_ready()
+    if target is None:
+        cluster.wait_ready()
+    # else pg_ctl -w saw it accept connections; wait-for-recovery follows it from there (and
+    # explains a server that stops: a fast recovery can end, short of a target, within a second)
     logger().info("restored server is up on 127.0.0.1:%d", port)
     return port
 
@@ -198,7 +201,7 @@ def restore_flow(
     target_xid: Annotated[str | None, WithJsonSchema({"type": "string", "pattern": r"^[0-9]{1,20}$"})] = None,
     keep_archiving: bool = False,
     recovery_timeout: Annotated[float, Field(gt=0, le=7 * 86400)] = 6 * 3600,
-    tablespace_map: OptionalText = None,
+    tablespace_map: OptionalTextList = None,
     database: OptionalText = None,
     no_owner: bool = False,
 ) -> RestoreReport:
@@ -228,7 +231,7 @@ def restore_flow(
             (off: archiving is disabled so a copy cannot write into the repository).
         recovery_timeout: Seconds the started server may take to recover before the run fails.
         tablespace_map: Physical restore, or a whole-cluster logical one: OLD=NEW, restoring the
-            tablespace at directory OLD into NEW (as pg_basebackup -T); several: one per line.
+            tablespace at directory OLD into NEW (as pg_basebackup -T); one entry per tablespace.
         database: Logical restore: only this database of a whole-cluster backup, into the
             existing empty database of dsn; empty: the whole cluster into the fresh cluster of dsn.
         no_owner: Logical restore of one database: objects belong to the connecting role, no GRANTs.

@@ -28,6 +28,7 @@ from psycopg import sql
 from tasks import inventory
 from tasks.basebackup import BaseBackupStream, slot_name
 from tasks.config import Config
+from tasks.counts import ClusterFacts, DatabaseFacts, database_facts, read_cluster_facts, switch_wal
 from tasks.errors import (
     AlreadyExists,
     ChecksumMismatch,
@@ -57,7 +58,6 @@ from tasks.postgres import (
     ServerInfo,
     check_version,
     connection,
-    count_rows,
     safe_dsn,
     server_info,
     with_dbname,
@@ -122,6 +122,7 @@ class StreamResult:
     databases: tuple[DatabaseEntry, ...] = ()
     globals_object: str | None = None
     not_carried_over: NotCarriedOver = NotCarriedOver()
+    facts: ClusterFacts | None = None
 
 
 @dataclass(frozen=True)
@@ -481,7 +482,13 @@ def _stream_physical(cfg: Config, repo: Repository, pre: Preflight) -> StreamRes
     objects = [*base, *(o for o in objects if o not in base)]
     stop_time = datetime.now(UTC)
     dbnames = [d.name for d in inventory.databases_to_count(dsn)]
-    counts = _row_counts_now(cfg, pre, dbnames)
+    # Every database's counts and newest timestamps, with the LSN they hold at: the drill pauses
+    # its recovery just before it and compares them exactly. Then switch WAL so that the LSN
+    # reaches the archive.
+    facts = read_cluster_facts(dsn, explain_lock=lambda db: inventory.describe_lock_wait(
+        with_dbname(dsn, db), db, "counting rows"))
+    switch_wal(dsn)
+    counts = {db: f.rows for db, f in facts.databases.items()}
     notes = inventory.not_carried_over(dsn, dbnames, data_directory=pre.info.data_directory)
     # what the backup holds of an unlogged table is its init fork: it restores empty (by design,
     # said in the restore report), so that is the count the drill must expect
@@ -501,8 +508,8 @@ def _stream_physical(cfg: Config, repo: Repository, pre: Preflight) -> StreamRes
     return StreamResult(
         objects=tuple(objects), start_lsn=end.start_lsn, stop_lsn=end.stop_lsn,
         timeline=end.timeline, start_time=start_time, stop_time=stop_time,
-        row_counts=counts, row_counts_exact=False, seconds=time.monotonic() - t0,
-        tablespaces=tuple(spaces), not_carried_over=notes,
+        row_counts=counts, row_counts_exact=True, seconds=time.monotonic() - t0,
+        tablespaces=tuple(spaces), not_carried_over=notes, facts=facts,
     )
 
 
@@ -542,34 +549,23 @@ def _config_files(cfg: Config, dsn: str, paths: list[str]) -> bytes | None:
     return buf.getvalue()
 
 
-def _count_rows_or_explain(conn: Any, dsn: str, database: str) -> dict[str, int]:
-    try:
-        return count_rows(conn)
-    except psycopg.errors.LockNotAvailable:
-        raise PreconditionFailed(inventory.describe_lock_wait(dsn, database, "counting rows")) from None
-    except psycopg.errors.QueryCanceled as exc:
-        raise PreconditionFailed(f"counting rows in database {database} took longer than "
-                                 f"statement_timeout: {str(exc).strip().splitlines()[0]}") from None
-
-
-def _row_counts_now(cfg: Config, pre: Preflight, dbnames: list[str]) -> dict[str, dict[str, int]]:
-    counts = {}
-    for db in dbnames:
-        dsn = with_dbname(source_dsn(cfg, pre.info.version_num), db)
-        with connection(dsn) as conn:
-            counts[db] = _count_rows_or_explain(conn, dsn, db)
-    return counts
-
-
-def _count_in_snapshot(dsn: str, snapshot: str, database: str, conns: list[Any]) -> dict[str, int]:
-    """Exact row counts in an exported snapshot (so they match what pg_dump saw)."""
+def _count_in_snapshot(dsn: str, snapshot: str, database: str, conns: list[Any]) -> tuple[DatabaseFacts, str]:
+    """Exact row counts and newest timestamps in an exported snapshot (so they match what
+    pg_dump saw), and that snapshot as pg_current_snapshot() text."""
     with connection(dsn, autocommit=False) as conn:
         conns.append(conn)
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-        counts = _count_rows_or_explain(conn, dsn, database)
+        row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
+        try:
+            facts = database_facts(conn)
+        except psycopg.errors.LockNotAvailable:
+            raise PreconditionFailed(inventory.describe_lock_wait(dsn, database, "counting rows")) from None
+        except psycopg.errors.QueryCanceled as exc:
+            raise PreconditionFailed(f"counting rows in database {database} took longer than "
+                                     f"statement_timeout: {str(exc).strip().splitlines()[0]}") from None
         conn.rollback()
-    return counts
+    return facts, str(row[0]) if row else ""
 
 
 @dataclass
@@ -612,7 +608,7 @@ def _stream_globals(cfg: Config, repo: Repository, pre: Preflight, running: _Run
 
 
 def _dump_database(cfg: Config, repo: Repository, pre: Preflight, db: DatabaseEntry,
-                   running: _Running) -> tuple[DatabaseEntry, StoredObject, dict[str, int]]:
+                   running: _Running) -> tuple[DatabaseEntry, StoredObject, tuple[DatabaseFacts, str]]:
     """pg_dump -Fc of one database in an exported snapshot; rows counted in the same snapshot
     on another connection while the dump streams (exact, and no extra wall time)."""
     dsn = with_dbname(source_dsn(cfg, pre.info.version_num), db.name)
@@ -658,11 +654,15 @@ def _stream_logical(cfg: Config, repo: Repository, pre: Preflight) -> StreamResu
     dsn = source_dsn(cfg, pre.info.version_num)
     with connection(dsn) as conn:
         lsn_row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        cluster_dbs = [str(r[0]) for r in conn.execute(
+            "SELECT datname FROM pg_database WHERE NOT datistemplate ORDER BY 1").fetchall()]
     start_lsn = str(lsn_row[0]) if lsn_row else None
     running = _Running()
     entries: dict[str, DatabaseEntry] = {d.name: d for d in pre.databases}
     objects: list[StoredObject] = []
     counts: dict[str, dict[str, int]] = {}
+    facts: dict[str, DatabaseFacts] = {}
+    snapshots: dict[str, str] = {}
     pool = ThreadPoolExecutor(cfg.backup.jobs, thread_name_prefix="pg-dump")
     try:
         globals_obj = _stream_globals(cfg, repo, pre, running)
@@ -670,11 +670,13 @@ def _stream_logical(cfg: Config, repo: Repository, pre: Preflight) -> StreamResu
         futures = [pool.submit(_dump_database, cfg, repo, pre, d, running)
                    for d in pre.databases if not d.skipped]
         for fut in futures:
-            entry, obj, db_counts = fut.result()
+            entry, obj, (db_facts, db_snapshot) = fut.result()
             entries[entry.name] = entry
             objects.append(obj)
-            if not (entry.is_template and not db_counts):  # the drill compares user databases
-                counts[entry.name] = db_counts
+            if not (entry.is_template and not db_facts.rows):  # the drill compares user databases
+                counts[entry.name] = db_facts.rows
+                facts[entry.name] = db_facts
+                snapshots[entry.name] = db_snapshot
     except BaseException:
         running.stop()
         raise
@@ -693,6 +695,14 @@ def _stream_logical(cfg: Config, repo: Repository, pre: Preflight) -> StreamResu
         row_counts_exact=True, seconds=time.monotonic() - t0, tablespaces=pre.tablespaces,
         databases=tuple(entries[d.name] for d in pre.databases), globals_object=globals_obj.key,
         not_carried_over=notes,
+        facts=ClusterFacts(lsn=start_lsn, snapshots=snapshots, databases=facts,
+                           not_counted={
+                               **{db: "not in this backup (backup.databases does not name it)" for db in cluster_dbs
+                                  if db not in entries},
+                               **{d.name: f"not in this backup: {d.skipped}" for d in pre.databases if d.skipped},
+                               **{d.name: "dumped, not counted (a template database)" for d in pre.databases
+                                  if not d.skipped and d.name not in facts}},
+                           all_databases=sorted({*cluster_dbs, *(d.name for d in pre.databases)})),
     )
 
 
@@ -715,8 +725,24 @@ def build_manifest(cfg: Config, pre: Preflight, res: StreamResult) -> Manifest:
         objects=list(res.objects), row_counts=res.row_counts, row_counts_exact=res.row_counts_exact,
         data_checksums=pre.info.data_checksums, tablespaces=list(res.tablespaces),
         databases=list(res.databases), globals_object=res.globals_object,
-        not_carried_over=res.not_carried_over,
+        not_carried_over=res.not_carried_over, **_facts_fields(res.facts),
     )
+
+
+def _facts_fields(facts: ClusterFacts | None) -> dict[str, Any]:
+    """The manifest's record of the counts' snapshot: LSN, newest timestamps, unlogged tables and
+    what could not be counted (a whole database under '*')."""
+    if facts is None:
+        return {}
+    not_counted = {db: dict(f.not_counted) for db, f in facts.databases.items() if f.not_counted}
+    for db, reason in facts.not_counted.items():
+        not_counted.setdefault(db, {})["*"] = reason
+    return {
+        "row_counts_lsn": facts.lsn, "row_counts_snapshots": dict(facts.snapshots),
+        "newest_timestamps": {db: dict(f.newest) for db, f in facts.databases.items() if f.newest},
+        "unlogged_tables": {db: list(f.unlogged) for db, f in facts.databases.items() if f.unlogged},
+        "not_counted": not_counted, "cluster_databases": list(facts.all_databases),
+    }
 
 
 # ---------------------------------------------------------------- verify and publish

@@ -95,8 +95,12 @@ class DrillConfig(_Strict):
     suites_dir: str | None = Field(
         default=None, description="directory of user expectation suites (*.yaml); relative to the config file"
     )
-    row_count_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.01
-    freshness_max_seconds: Annotated[int, Field(ge=0)] = 86400
+    row_count_tolerance: Annotated[float, Field(
+        ge=0, le=1, description="only where counts cannot be compared exactly at the LSN they were read at")] = 0.01
+    freshness_max_seconds: Annotated[int, Field(
+        ge=0, description=("where not compared exactly: how much older than the source's newest timestamp "
+                           "the copy's may be (backups without recorded timestamps: age before the recovered "
+                           "point)"))] = 86400
     freshness_columns: list[str] | None = Field(
         default=None,
         description="schema.table.column timestamps whose newest value must be recent; default: all",

@@ -62,6 +62,16 @@ class CheckResult(BaseModel):
         return self.status == "failed"
 
 
+class DatabaseCoverage(BaseModel):
+    """What the drill checked in one database, and what it did not and why."""
+
+    model_config = ConfigDict(frozen=True)
+
+    database: str
+    checked: list[str] = Field(default_factory=list)
+    not_checked: list[str] = Field(default_factory=list)
+
+
 class DrillReport(BaseModel):
     """The drill's verdict and evidence; uploaded as drills/<drill-id>/report.json."""
 
@@ -85,6 +95,7 @@ class DrillReport(BaseModel):
     recovered_lsn: str | None = None
     timeline: int | None = None
     checks: list[CheckResult] = Field(default_factory=list)
+    databases: list[DatabaseCoverage] = Field(default_factory=list, description="per database: checked / not")
     error: str | None = None
     report_keys: list[str] = Field(default_factory=list)
 
@@ -190,6 +201,11 @@ def render_markdown(report: DrillReport) -> str:
     mark = {"passed": "passed", "failed": "**FAILED**", "skipped": "skipped"}
     for c in report.checks:
         lines.append(f"| {_md(c.name)} | {mark[c.status]} | {_md(c.summary)} | {c.seconds:.2f} s |")
+    if report.databases:
+        lines += ["", "## Databases", "", "| database | checked | not checked, and why |", "|---|---|---|"]
+        for cov in report.databases:
+            lines.append(f"| {_md(cov.database)} | {_md(', '.join(cov.checked) or '-')} | "
+                         f"{_md('; '.join(cov.not_checked) or '-')} |")
     failed = report.failed_checks
     if failed:
         lines += ["", "## Failing samples", ""]
@@ -207,9 +223,10 @@ def render_markdown(report: DrillReport) -> str:
         lines += [
             "", "## What to do next", "",
             "- The backup named above did not prove restorable as it is: treat it as suspect.",
-            "- Read each failing check's samples; amcheck or pg_verifybackup failures mean physical "
-            "corruption (take a fresh backup and check the source with amcheck); data-suite "
-            "failures mean the data itself is wrong or a suite is stale.",
+            "- Read each failing check's samples; an amcheck failure that says \"corrupt\" or a "
+            "pg_verifybackup failure means physical corruption (take a fresh backup and check the "
+            "source with amcheck); \"could not check\" is a tool error to fix, not corruption; "
+            "row-count and data-suite failures name the table whose data is wrong (or a stale suite).",
             "- Re-run the drill after fixing: `gravl-dr drill latest`.",
         ]
     if report.report_keys:
@@ -246,14 +263,28 @@ class DrillInstance(BaseModel):
                             user=self.superuser)
 
     def dsn(self, dbname: str = "postgres") -> str:
-        return self.cluster().dsn(dbname)
+        """How the drill connects to its instance: as its superuser, in sessions that fire no
+        user or event trigger and are not read-only by default (see DRILL_OPTIONS)."""
+        return f"{self.cluster().dsn(dbname)} options='{DRILL_OPTIONS}'"
+
+
+# Every session the drill opens on its instance: its own setup (CREATE EXTENSION amcheck, the
+# usability probe) must not fire the source's event triggers or row triggers (a DDL-audit table
+# would grow and fail its row count), and must work in a database whose default is
+# default_transaction_read_only = on. Startup options outrank ALTER DATABASE/ROLE ... SET.
+# session_replication_role needs a superuser: the drill is one on its throwaway instance.
+DRILL_OPTIONS = "-c session_replication_role=replica -c default_transaction_read_only=off"
+# The bootstrap superuser of a logical drill's fresh instance: a name no production role has, so
+# restoring the source's roles never collides with it.
+LOGICAL_SUPERUSER = "gravl_drill"
 
 
 def work_base(cfg: Config) -> str:
     return cfg.drill.work_dir or tempfile.gettempdir()
 
 
-def provision_instance(cfg: Config, drill_id: str, flow_run_id: str | None = None) -> DrillInstance:
+def provision_instance(cfg: Config, drill_id: str, flow_run_id: str | None = None,
+                       kind: str = "physical") -> DrillInstance:
     """A private directory and a free loopback port for a throwaway server (nothing started yet)."""
     base = work_base(cfg)
     swept = sweep_abandoned(base, cfg.postgres.bindir)
@@ -263,7 +294,10 @@ def provision_instance(cfg: Config, drill_id: str, flow_run_id: str | None = Non
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "flow_run_id": flow_run_id,
              "drill_id": drill_id, "started": datetime.now(UTC).isoformat()}
     (workdir / OWNER_FILE).write_text(json.dumps(owner))
-    superuser = cfg.drill.superuser or dsn_field(cfg.primary.dsn, "user") or "postgres"
+    if kind == "logical":
+        superuser = cfg.drill.superuser or LOGICAL_SUPERUSER
+    else:  # a first guess at a role of the restored cluster; resolve_superuser() finds the real one
+        superuser = cfg.drill.superuser or dsn_field(cfg.primary.dsn, "user") or "postgres"
     return DrillInstance(drill_id=drill_id, workdir=str(workdir), port=free_port(),
                          os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir, superuser=superuser)
 
@@ -419,6 +453,45 @@ def start_instance(instance: DrillInstance, timeout: float, env: Mapping[str, st
     cluster.start(timeout=int(timeout), env=env)
 
 
+def resolve_superuser(instance: DrillInstance) -> DrillInstance:
+    """The instance as its own superuser: the role the drill checks as must see every row (no
+    row-level security), create extensions and allow connections. A restored cluster's roles are
+    production's (the backup role may be a least-privilege one); its bootstrap superuser (OID 10,
+    which cannot be dropped) is always a superuser. Loopback trust lets the drill log in as it."""
+    candidates = [instance.superuser, "postgres"]
+    last = "no role tried"
+    for role in dict.fromkeys(candidates):
+        probe = instance.model_copy(update={"superuser": role})
+        try:
+            with connection(probe.dsn(), timeout=5) as conn:
+                row = conn.execute("SELECT rolname, (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) "
+                                   "FROM pg_roles WHERE oid = 10").fetchone()
+        except Exception as exc:  # noqa: BLE001 - try the next name
+            last = str(exc)
+            continue
+        assert row is not None
+        if row[1]:
+            return probe
+        return instance.model_copy(update={"superuser": str(row[0])})
+    raise PreconditionFailed(f"cannot log in to the restored instance as a superuser ({last})")
+
+
+def open_all_databases(instance: DrillInstance) -> dict[str, str]:
+    """Allow connections to every database of the (promoted) throwaway instance, so that every
+    one is checked; returns database -> note for those that did not allow them on the source."""
+    from psycopg import sql
+
+    notes: dict[str, str] = {}
+    with connection(instance.dsn()) as conn:
+        rows = conn.execute("SELECT datname FROM pg_database WHERE NOT datallowconn AND NOT datistemplate "
+                            "ORDER BY 1").fetchall()
+        for (name,) in rows:
+            conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
+            notes[str(name)] = ("datallowconn = false on the source: connections allowed on the throwaway "
+                                "instance to check it")
+    return notes
+
+
 def create_empty_instance(instance: DrillInstance) -> None:
     """initdb + start, for a logical drill (pg_restore needs a server to restore into)."""
     cluster = instance.cluster()
@@ -444,10 +517,13 @@ def check_usability(instance: DrillInstance, database: str) -> CheckResult:
             row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
             if row is None or row[0]:
                 raise PreconditionFailed("the instance is still in recovery (read-only)")
-            conn.execute(f"CREATE TABLE {PROBE_TABLE} (id bigint PRIMARY KEY, at timestamptz NOT NULL)")
-            conn.execute(f"INSERT INTO {PROBE_TABLE} SELECT g, now() FROM generate_series(1, 100) g")
-            count = conn.execute(f"SELECT count(*), txid_current() FROM {PROBE_TABLE}").fetchone()
-            conn.execute(f"DROP TABLE {PROBE_TABLE}")
+            # in a schema of its own: the database's search_path may point anywhere
+            conn.execute(f"CREATE SCHEMA {PROBE_TABLE}")
+            table = f"{PROBE_TABLE}.{PROBE_TABLE}"
+            conn.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, at timestamptz NOT NULL)")
+            conn.execute(f"INSERT INTO {table} SELECT g, now() FROM generate_series(1, 100) g")
+            count = conn.execute(f"SELECT count(*), txid_current() FROM {table}").fetchone()
+            conn.execute(f"DROP SCHEMA {PROBE_TABLE} CASCADE")
             conn.commit()
         assert count is not None
         if count[0] != 100:
@@ -483,6 +559,32 @@ def before_checks_hook_for_tests(hook: Callable[[LocalCluster], None]) -> Iterat
         _BEFORE_CHECKS_HOOK_FOR_TESTS = previous
 
 
+_BEFORE_START_HOOK_FOR_TESTS: Callable[[Path], None] | None = None
+
+
+@contextlib.contextmanager
+def before_start_hook_for_tests(hook: Callable[[Path], None]) -> Iterator[None]:
+    """Tests only: call ``hook(pgdata)`` on a restored, verified data directory before the server
+    first starts (e.g. to lose a table's file as a broken backup would). Same rules as
+    ``before_checks_hook_for_tests``: nothing outside this process can set it."""
+    global _BEFORE_START_HOOK_FOR_TESTS
+    previous = _BEFORE_START_HOOK_FOR_TESTS
+    _BEFORE_START_HOOK_FOR_TESTS = hook
+    try:
+        yield
+    finally:
+        _BEFORE_START_HOOK_FOR_TESTS = previous
+
+
+def run_before_start_hook_for_tests(instance: DrillInstance) -> bool:
+    hook = _BEFORE_START_HOOK_FOR_TESTS
+    if hook is None:
+        return False
+    log.warning("running a test hook on drill instance %s before it starts", instance.drill_id)
+    hook(instance.pgdata)
+    return True
+
+
 def run_before_checks_hook_for_tests(instance: DrillInstance) -> bool:
     hook = _BEFORE_CHECKS_HOOK_FOR_TESTS
     if hook is None:
@@ -490,3 +592,112 @@ def run_before_checks_hook_for_tests(instance: DrillInstance) -> bool:
     log.warning("running a test hook on drill instance %s before its checks", instance.drill_id)
     hook(instance.cluster())
     return True
+
+
+# ---------------------------------------------------------------- where the recorded counts apply (pure)
+
+class CountPoint(BaseModel):
+    """Where the drill compares the manifest's row counts and newest timestamps, and how."""
+
+    model_config = ConfigDict(frozen=True)
+
+    where: Literal["lsn", "consistent", "promoted", "none"]
+    mode: Literal["exact", "tolerance", "skip"]
+    reason: str = ""
+
+    def describe(self, lsn: str | None) -> str:
+        if self.where == "lsn":
+            return f"just before LSN {lsn}, where the backup read them"
+        if self.where == "consistent":
+            return "at the backup's consistent point"
+        return "on the promoted copy"
+
+
+def plan_count_point(*, kind: str, has_counts: bool, counts_lsn: str | None, target_kind: str,
+                     target_lsn_at_or_after: bool, lsn_reachable: bool, may_pass_backup: bool,
+                     past_backup_note: str = "") -> CountPoint:
+    """Exact comparison needs the restored copy paused at the LSN the counts were read at: the
+    backup recorded one, the drill replays to the end of the archive (or to an LSN at or after
+    it), and the WAL up to it is in the archive. Otherwise the documented fallback: within
+    drill.row_count_tolerance at the backup's consistent point (or on the promoted copy when no
+    WAL goes past the backup), and the report says why it is not exact."""
+    if not has_counts:
+        return CountPoint(where="none", mode="skip", reason="the backup recorded no row counts")
+    if kind == "logical":
+        return CountPoint(where="promoted", mode="exact")
+    if counts_lsn and (target_kind == "end" or (target_kind == "lsn" and target_lsn_at_or_after)):
+        if lsn_reachable:
+            return CountPoint(where="lsn", mode="exact")
+        why = (f"the WAL up to the counts' LSN {counts_lsn} is not in the archive (archiving off or "
+               "behind), so the copy cannot be paused where the counts were read")
+    elif counts_lsn:
+        why = (f"the recovery target ({target_kind}) may lie before the counts' LSN {counts_lsn}: "
+               "replaying to it could pass the target")
+    else:
+        why = "the backup recorded its counts without an LSN (taken by an older gravl-dr)"
+    if may_pass_backup:
+        return CountPoint(where="consistent", mode="tolerance",
+                          reason=f"not exact: {why}; compared within drill.row_count_tolerance")
+    return CountPoint(where="promoted", mode="tolerance",
+                      reason=f"not exact: {why}; compared within drill.row_count_tolerance{past_backup_note}")
+
+
+def inflight_commits(instance: DrillInstance, snapshot: str) -> list[int] | None:
+    """On the copy paused at the counts' LSN: transactions the counts' snapshot did not see that
+    are committed here (their rows are in the copy, not in the counts). Empty: the counts are
+    exact here. None: could not tell (the comparison then stays exact and says so)."""
+    query = """
+        SELECT x FROM generate_series(pg_snapshot_xmin(%(s)s::pg_snapshot)::text::bigint,
+                                      pg_snapshot_xmax(pg_current_snapshot())::text::bigint - 1) AS x
+        WHERE NOT pg_visible_in_snapshot(x::text::xid8, %(s)s::pg_snapshot)
+          AND pg_xact_status(x::text::xid8) = 'committed'
+        LIMIT 100
+    """
+    try:
+        with connection(instance.dsn()) as conn:
+            conn.execute("SET statement_timeout = '120s'")
+            rows = conn.execute(query, {"s": snapshot}).fetchall()
+    except Exception as exc:  # noqa: BLE001 - the answer is "unknown"
+        log.warning("could not compare the counts' snapshot with the paused copy: %s", exc)
+        return None
+    return [int(r[0]) for r in rows]
+
+
+# ---------------------------------------------------------------- per-database coverage (pure)
+
+def coverage(checks: list[CheckResult], databases: list[str],
+             notes: dict[str, list[str]]) -> list[DatabaseCoverage]:
+    """Group the checks by database: kinds checked (with failures counted) and the notes saying
+    what was not checked and why. Every database named anywhere gets a row."""
+    names = sorted(set(databases) | set(notes) | {c.database for c in checks if c.database})
+    out = []
+    for db in names:
+        kinds: dict[str, list[CheckResult]] = {}
+        for c in checks:
+            if c.database == db:
+                kinds.setdefault(c.kind, []).append(c)
+        checked = []
+        not_checked = list(notes.get(db, []))
+        for kind, items in sorted(kinds.items()):
+            ran = [c for c in items if c.status != "skipped"]
+            failed = sum(1 for c in ran if c.failed)
+            if ran:
+                checked.append(f"{kind}: {len(ran)}" + (f" ({failed} FAILED)" if failed else ""))
+            not_checked += [f"{c.name}: {c.summary}" for c in items if c.status == "skipped"]
+        out.append(DatabaseCoverage(database=db, checked=checked, not_checked=not_checked))
+    return out
+
+
+def logical_scope_notes(database: str, cluster_databases: list[str], skipped: list[str]) -> dict[str, list[str]]:
+    """What a drill of a single-database dump does not restore or check, per database, and why."""
+    notes: dict[str, list[str]] = {}
+    others = [db for db in cluster_databases if db != database]
+    for db in others:
+        notes[db] = ["not in this backup (a single-database logical dump): not restored, not checked"]
+    mine = notes.setdefault(database, [])
+    mine.append("roles, tablespaces, database settings (ALTER DATABASE/ROLE ... SET), database ACL and comment: "
+                "not in a single-database dump, not restored (objects restored without owners and privileges)")
+    mine += [f"skipped, needs a role the dump does not hold: {item}" for item in skipped[:20]]
+    if len(skipped) > 20:
+        mine.append(f"... and {len(skipped) - 20} more statement(s) needing roles")
+    return notes

@@ -98,6 +98,11 @@ def qident(name: str) -> str:
     return ('"' + name.replace('"', '""') + '"').replace("{", "{{").replace("}", "}}")
 
 
+def sql_table(schema: str, table: str) -> str:
+    """schema.table quoted for plain SQL (no template: braces kept)."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in (schema, table))
+
+
 def qtable(schema: str, table: str) -> str:
     return f"{qident(schema)}.{qident(table)}"
 
@@ -162,6 +167,87 @@ def plan_row_counts(database: str, catalog: Catalog, expected_counts: dict[str, 
     return specs, decided
 
 
+_NUMERIC_RE = re.compile(r"^-?(\d+(\.\d+)?|Infinity)$")
+
+
+def epoch_text(value: str) -> str:
+    """A recorded newest timestamp (epoch seconds) in ISO form, for the report."""
+    from datetime import UTC
+
+    try:
+        return datetime.fromtimestamp(float(value), UTC).isoformat()
+    except (ValueError, OverflowError):
+        return value
+
+
+def plan_recorded_facts(
+    database: str,
+    catalog: Catalog,
+    *,
+    counts: dict[str, int],
+    newest: dict[str, str],
+    skip_tables: Container[str] = (),
+    count_mode: Literal["exact", "tolerance"],
+    tolerance: float,
+    max_age_seconds: int,
+    at: str,
+) -> tuple[list[ExpectationSpec], list[CheckResult]]:
+    """Row counts and newest timestamps of one database against what the backup recorded.
+
+    ``exact``: both must equal the source's (the copy is at the LSN they were read at);
+    ``tolerance``: counts within ``tolerance`` and the newest timestamp no older than
+    ``max_age_seconds`` before the source's (the copy is at another point than the counts).
+    Tables in ``skip_tables`` (unlogged ones during recovery) are left to another check."""
+    expected = {t: n for t, n in counts.items() if t not in skip_tables}
+    specs, decided = plan_row_counts(database, catalog, expected, count_mode, tolerance, at=at)
+    present = set(catalog.tables)
+    for qualified, value in sorted(newest.items()):
+        schema, table = split_table(qualified)
+        cols = catalog.time_columns.get((schema, table), [])
+        if qualified in skip_tables or (schema, table) not in present or not cols:
+            continue  # a missing table already failed its row count
+        if not _NUMERIC_RE.match(value):
+            decided.append(CheckResult(name=f"freshness {database}.{schema}.{table}", kind="freshness",
+                                       category="data", status="failed", database=database,
+                                       summary=f"manifest holds an invalid newest timestamp {value!r}"))
+            continue
+        greatest = ", ".join(f"extract(epoch FROM max(x.{qident(c)}))" for c in cols)
+        if count_mode == "exact":
+            cond = f"f.newest IS DISTINCT FROM '{value}'::numeric"
+            text = f"newest timestamp {epoch_text(value)}, as on the source {at}"
+        else:
+            cond = f"f.newest IS NULL OR f.newest < '{value}'::numeric - {int(max_age_seconds)}"
+            text = (f"newest timestamp no older than {max_age_seconds} s before the source's "
+                    f"{epoch_text(value)} {at}")
+        query = (f"SELECT f.newest, '{value}'::numeric AS source_newest FROM (SELECT greatest({greatest}) AS newest "
+                 f"FROM (SELECT * FROM {{batch}}) AS x) AS f WHERE {cond}")
+        specs.append(ExpectationSpec(
+            check=f"freshness {database}.{schema}.{table}", kind="freshness", database=database,
+            schema_name=schema, table=table, gx_type=ONE_PASS,
+            kwargs={"unexpected_rows_query": one_pass_query(query), "result_format": "COMPLETE"},
+            expect_text=text))
+    return specs, decided
+
+
+def plan_unlogged(database: str, catalog: Catalog, unlogged: list[str],
+                  counts: dict[str, int]) -> list[ExpectationSpec]:
+    """After a physical restore every unlogged table is empty: PostgreSQL resets them to their
+    init fork at the end of recovery (they are not WAL-logged), by design."""
+    present = set(catalog.tables)
+    specs = []
+    for qualified in sorted(unlogged):
+        schema, table = split_table(qualified)
+        if (schema, table) not in present:
+            continue
+        source = counts.get(qualified)
+        specs.append(ExpectationSpec(
+            check=f"row-count {database}.{schema}.{table}", kind="row-count", database=database,
+            schema_name=schema, table=table, gx_type="ExpectTableRowCountToEqual", kwargs={"value": 0},
+            expect_text=("0: an unlogged table is emptied by a physical restore, by design (PostgreSQL does "
+                         "not WAL-log it)" + (f"; the source had {source} rows" if source else ""))))
+    return specs
+
+
 def plan_default(
     database: str,
     catalog: Catalog,
@@ -173,6 +259,7 @@ def plan_default(
     max_age_seconds: int,
     freshness_columns: list[str] | None = None,
     skip_reason: str = "",
+    freshness_note: str | None = None,
 ) -> tuple[list[ExpectationSpec], list[CheckResult]]:
     """The default suite for one database, generated from its catalog and the manifest's counts.
 
@@ -221,9 +308,16 @@ def plan_default(
             gx_type=ONE_PASS, kwargs={"unexpected_rows_query": one_pass_query(query), "result_format": "COMPLETE"},
             expect_text="no orphan rows"))
 
-    # Freshness: the newest timestamp among the chosen columns is recent enough.
+    # Freshness: the newest timestamp among the chosen columns is recent enough. A backup that
+    # recorded each table's newest timestamp is compared with those instead (freshness_note says
+    # how or why not): a history-only database is as fresh as its source, whatever its age.
     chosen = _freshness_columns(catalog, freshness_columns)
-    if chosen:
+    if freshness_note is not None:
+        if freshness_note:
+            decided.append(CheckResult(
+                name=f"freshness {database}", kind="freshness", category="data", status="skipped",
+                database=database, summary=freshness_note))
+    elif chosen:
         threshold = reference - timedelta(seconds=max_age_seconds)
         anchor = next(iter(chosen))
         parts = []
@@ -599,10 +693,13 @@ def _run_with_gx(gx: Any, expectations: Any, specs: list[ExpectationSpec],
                 parts = conninfo.conninfo_to_dict(dsn_for(database))
                 url = URL.create("postgresql+psycopg", username=str(parts.get("user") or "postgres"),
                                  host=str(parts.get("host") or "127.0.0.1"),
-                                 port=int(parts.get("port") or 5432), database=database)
+                                 port=int(parts.get("port") or 5432), database=database,
+                                 query={"options": str(parts["options"])} if parts.get("options") else {})
                 sources[database] = context.data_sources.add_postgres(
                     f"db{len(sources)}", connection_string=url.render_as_string(hide_password=False))
-            asset = sources[database].add_table_asset(f"t{n}", table_name=table, schema_name=schema)
+            # A query asset over the quoted name: GX's table assets fold unquoted schema names to
+            # lower case and cannot quote names holding quotes ("Sales"."Order Items", "User").
+            asset = sources[database].add_query_asset(f"t{n}", query=f"SELECT * FROM {sql_table(schema, table)}")
             batch = asset.add_batch_definition_whole_table("whole")
             built = []
             for i, spec in enumerate(table_specs):

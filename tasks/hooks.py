@@ -151,7 +151,7 @@ def rollout_restart(spec: KubernetesHook, timeout: float) -> str:
         except ApiException as exc:
             raise HookFailed(f"kubernetes: cannot restart deployment {spec.namespace}/{name}: "
                              f"HTTP {exc.status} {exc.reason}") from None
-        except Exception as exc:  # urllib3 connection errors
+        except Exception as exc:  # noqa: BLE001 - urllib3 connection errors, whatever their class
             raise HookFailed(f"kubernetes API unreachable restarting {spec.namespace}/{name}: "
                              f"{type(exc).__name__}") from None
         patched[name] = int(dep.metadata.generation or 0)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import psycopg
+from psycopg import sql
 
 from tasks.drill import CheckResult
 from tasks.errors import DRError, one_line
@@ -81,8 +82,19 @@ FROM pg_index i
 JOIN pg_class c ON c.oid = i.indexrelid
 JOIN pg_am am ON am.oid = c.relam
 JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE am.amname = 'btree' AND i.indisvalid AND i.indisready AND c.relpersistence <> 't'
+WHERE am.amname = 'btree' AND c.relkind = 'i' AND i.indisvalid AND i.indisready AND c.relpersistence <> 't'
 """
+# relkind 'i' only: a partitioned index (relkind 'I') has no storage of its own, and amcheck
+# refuses it ("only B-Tree indexes are supported as targets"); its partitions' indexes are leaves.
+
+# SQLSTATE classes amcheck reports corruption with (XX001 data_corrupted, XX002 index_corrupted,
+# other XX internal errors raised on impossible page contents) and I/O errors (58030). Anything
+# else (privileges, timeouts, unsupported objects) is the tool failing, not the data.
+_CORRUPTION_STATES = ("XX", "58030")
+
+
+def is_corruption(sqlstate: str | None) -> bool:
+    return bool(sqlstate) and any(str(sqlstate).startswith(p) for p in _CORRUPTION_STATES)
 
 
 class _Index(NamedTuple):
@@ -94,10 +106,12 @@ class _Index(NamedTuple):
     heapallindexed: bool
 
 
-def _check_indexes(dsn: str, work: queue.SimpleQueue[_Index], timeout_ms: int) -> list[tuple[str, str]]:
+def _check_indexes(dsn: str, work: queue.SimpleQueue[_Index], timeout_ms: int,
+                   function: sql.Composable) -> list[tuple[str, str, bool]]:
     """bt_index_check indexes taken from ``work`` on one connection until it is empty;
-    (index, error) for those that fail."""
-    bad: list[tuple[str, str]] = []
+    (index, error, is corruption) for those that fail."""
+    bad: list[tuple[str, str, bool]] = []
+    query = sql.SQL("SELECT {}(%s::oid, %s)").format(function)
     with connection(dsn) as conn:
         conn.execute(f"SET statement_timeout = {int(timeout_ms)}")
         while True:
@@ -106,14 +120,24 @@ def _check_indexes(dsn: str, work: queue.SimpleQueue[_Index], timeout_ms: int) -
             except queue.Empty:
                 break
             try:
-                conn.execute("SELECT bt_index_check(%s::oid, %s)", (index.oid, index.heapallindexed))
+                conn.execute(query, (index.oid, index.heapallindexed))
             except psycopg.errors.UndefinedTable:
                 continue  # dropped meanwhile (nothing else writes here, but be exact)
             except psycopg.Error as exc:
                 message = (exc.diag.message_primary or str(exc)).strip()
                 detail = exc.diag.message_detail
-                bad.append((index.name, message + (f" ({detail})" if detail else "")))
+                bad.append((index.name, message + (f" ({detail})" if detail else ""), is_corruption(exc.sqlstate)))
     return bad
+
+
+def install_amcheck(conn: psycopg.Connection[Any]) -> sql.Composable:
+    """CREATE EXTENSION amcheck if it is not there (the drill's sessions fire no user or event
+    trigger and are not read-only: see tasks.drill.DRILL_OPTIONS); its qualified bt_index_check."""
+    conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+    row = conn.execute("SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+                       "WHERE e.extname = 'amcheck'").fetchone()
+    assert row is not None
+    return sql.Identifier(str(row[0]), "bt_index_check")
 
 
 def amcheck_database(dsn: str, database: str, *, jobs: int = 2, heapallindexed_max_mb: int | None = None,
@@ -124,7 +148,7 @@ def amcheck_database(dsn: str, database: str, *, jobs: int = 2, heapallindexed_m
     name = f"amcheck {database}"
     try:
         with connection(dsn) as conn:
-            conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+            function = install_amcheck(conn)
             rows = conn.execute(_INDEX_QUERY).fetchall()
         limit = None if heapallindexed_max_mb is None else heapallindexed_max_mb * 2**20
         indexes = [_Index(int(r[0]), str(r[1]), int(r[2]), str(r[3]), int(r[4]),
@@ -137,12 +161,15 @@ def amcheck_database(dsn: str, database: str, *, jobs: int = 2, heapallindexed_m
             work.put(index)
         n = max(1, min(jobs, len(indexes)))
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="amcheck") as pool:
-            results = list(pool.map(lambda _: _check_indexes(dsn, work, int(timeout_seconds * 1000)), range(n)))
+            results = list(pool.map(lambda _: _check_indexes(dsn, work, int(timeout_seconds * 1000), function),
+                                    range(n)))
     except (DRError, psycopg.Error) as exc:
         return CheckResult(name=name, kind="amcheck", category="integrity", status="failed",
                            database=database, seconds=time.monotonic() - t0,
                            summary=f"amcheck could not run: {one_line(exc)}")
-    bad = [item for share in results for item in share]
+    failures = [item for share in results for item in share]
+    bad = [(i, e) for i, e, corrupt in failures if corrupt]
+    tool = [(i, e) for i, e, corrupt in failures if not corrupt]
     total_bytes = sum(ix.size for ix in indexes)
     seconds = time.monotonic() - t0
     partial = sorted({ix.table for ix in indexes if not ix.heapallindexed})
@@ -160,6 +187,14 @@ def amcheck_database(dsn: str, database: str, *, jobs: int = 2, heapallindexed_m
             name=name, kind="amcheck", category="integrity", status="failed", database=database,
             seconds=seconds, samples=[{"index": i, "error": e} for i, e in bad[:MAX_SAMPLES]],
             summary=f"{len(bad)} of {len(indexes)} btree indexes corrupt; first: {first} ({scope})"[:800],
+        )
+    if tool:
+        first = f"{tool[0][0]}: {tool[0][1]}"
+        return CheckResult(
+            name=name, kind="amcheck", category="integrity", status="failed", database=database,
+            seconds=seconds, samples=[{"index": i, "error": e} for i, e in tool[:MAX_SAMPLES]],
+            summary=(f"no corruption found, but amcheck could not check {len(tool)} of {len(indexes)} btree "
+                     f"indexes (a tool error, not corruption); first: {first} ({scope})")[:800],
         )
     return CheckResult(
         name=name, kind="amcheck", category="integrity", status="passed", database=database,

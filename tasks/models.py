@@ -123,6 +123,16 @@ class Manifest(BaseModel):
         default_factory=dict, description="database -> schema.table -> rows at backup time"
     )
     row_counts_exact: bool = False
+    row_counts_lsn: str | None = Field(
+        default=None, description="WAL position at which the row counts (and newest timestamps) hold exactly")
+    row_counts_snapshots: dict[str, str] = Field(
+        default_factory=dict, description="database -> pg_current_snapshot() its counts were read in")
+    newest_timestamps: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="database -> schema.table -> newest timestamp, epoch seconds (numeric)")
+    unlogged_tables: dict[str, list[str]] = Field(default_factory=dict, description="database -> unlogged tables")
+    not_counted: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="database -> schema.table (or '*': the whole database) -> why not")
+    cluster_databases: list[str] = Field(default_factory=list, description="every database of the cluster")
     data_checksums: bool = False
     tool_version: str = "0.1.0"
     tablespaces: list[TablespaceEntry] = []

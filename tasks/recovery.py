@@ -204,7 +204,7 @@ def repository_env(cfg: Config) -> dict[str, str]:
 
 
 def recovery_settings(target: RecoveryTarget, config_path: str, *, keep_archiving: bool = False,
-                      action: Literal["promote", "pause"] = "promote") -> dict[str, str]:
+                      action: Literal["promote", "pause"] = "promote", inclusive: bool = True) -> dict[str, str]:
     """The postgresql.auto.conf lines for a target (values already quoted). With ``action``
     pause the server stays in recovery at the target, readable (hot standby), until restarted
     with another target or promoted."""
@@ -221,7 +221,9 @@ def recovery_settings(target: RecoveryTarget, config_path: str, *, keep_archivin
     elif target.kind == "lsn":
         assert target.lsn is not None
         settings["recovery_target_lsn"] = _quote(format_lsn(target.lsn))
-        settings["recovery_target_inclusive"] = "on"
+        # off: stop before the first record at or after the LSN, so exactly the records before it
+        # are replayed (xlogrecovery.c, recoveryStopsBefore)
+        settings["recovery_target_inclusive"] = "on" if inclusive else "off"
     elif target.kind == "name":
         assert target.value is not None
         settings["recovery_target_name"] = _quote(target.value)
@@ -240,7 +242,7 @@ def recovery_settings(target: RecoveryTarget, config_path: str, *, keep_archivin
 
 def write_recovery_settings(
     pgdata: Path, *, config_path: str, target: RecoveryTarget, os_user: str,
-    keep_archiving: bool = False, action: Literal["promote", "pause"] = "promote",
+    keep_archiving: bool = False, action: Literal["promote", "pause"] = "promote", inclusive: bool = True,
 ) -> None:
     """Write recovery.signal and the recovery settings into pgdata/postgresql.auto.conf.
 
@@ -253,7 +255,7 @@ def write_recovery_settings(
     text = _strip_block(text)
     lines = [MARK_BEGIN]
     lines += [f"{k} = {v}" for k, v in recovery_settings(target, config_path, keep_archiving=keep_archiving,
-                                                          action=action).items()]
+                                                          action=action, inclusive=inclusive).items()]
     lines.append(MARK_END)
     if text and not text.endswith("\n"):
         text += "\n"

@@ -459,7 +459,7 @@ class S3Repository:
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
             log.info("aborted incomplete multipart upload of %s", full)
-        except Exception:  # noqa: BLE001 - best effort; abort_incomplete() sweeps later
+        except Exception:  # best effort; abort_incomplete() sweeps later
             log.warning("could not abort multipart upload of %s; it will be swept later", full)
 
     def put_bytes(self, key: str, data: bytes) -> PutResult:

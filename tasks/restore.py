@@ -53,6 +53,24 @@ class RestoreResult:
     raw_bytes: int
     seconds: float
     verify_seconds: float
+    skipped: tuple[str, ...] = ()  # what a lenient restore could not restore (roles the dump lacks)
+
+
+_PG_RESTORE_ERROR = re.compile(r"pg_restore: error: could not execute query: ERROR:\s+(.*?)\n"
+                               r"(?:Command was: (.*?)(?:\n\n|\npg_restore|\Z))?", re.S)
+_MISSING_ROLE = re.compile(r'role "[^"]+" does not exist')
+
+
+def missing_role_errors(stderr: str) -> tuple[list[str], list[str]]:
+    """pg_restore's failed statements split into those that only lack a role the dump does not
+    carry (a single-database dump holds no roles) and every other error."""
+    roles: list[str] = []
+    other: list[str] = []
+    for m in _PG_RESTORE_ERROR.finditer(stderr):
+        message = m.group(1).strip().splitlines()[0]
+        command = " ".join((m.group(2) or "").split())[:200]
+        (roles if _MISSING_ROLE.search(message) else other).append(f"{message}: {command}" if command else message)
+    return roles, other
 
 
 def check_pgdata_target(pgdata: Path) -> None:
@@ -364,7 +382,7 @@ def _database_object(manifest: Manifest, database: str | None) -> tuple[int, str
 
 def restore_logical(
     cfg: Config, repo: Repository, manifest: Manifest, dsn: str, jobs: int = 2,
-    *, no_owner: bool = False, database: str | None = None,
+    *, no_owner: bool = False, database: str | None = None, skip_missing_roles: bool = False,
 ) -> RestoreResult:
     """One database of a logical backup into an existing, empty database (``dsn``): decoded and
     verified into a temporary file, then pg_restore -j. ``no_owner``: objects belong to the
@@ -379,6 +397,22 @@ def restore_logical(
     tmp = _spool(repo, manifest, key, index)
     try:
         verify_seconds = time.monotonic() - t0
+        if skip_missing_roles:
+            # A drill restores into a fresh instance without the source's roles: statements that
+            # need one (policies TO role, user mappings) fail; they are reported, not hidden.
+            proc = run(
+                [pg_bin("pg_restore", cfg.postgres.bindir), "-j", str(max(1, jobs)), "--no-password",
+                 "--no-owner", "--no-privileges", "--no-tablespaces",
+                 "-d", client_env(dsn).get("PGDATABASE", "postgres"), str(tmp)],
+                timeout=24 * 3600, env=restore_env(dsn, superuser=server_info(dsn).is_superuser), check=False,
+            )
+            roles, other = missing_role_errors(proc.stderr)
+            if proc.returncode != 0 and (other or not roles):
+                detail = other[0] if other else tail(proc.stderr)
+                raise command_error(f"pg_restore into {safe_dsn(dsn)} failed: {detail}")
+            raw = sum(o.raw_size for o in manifest.objects)
+            return RestoreResult(manifest.id, safe_dsn(dsn), raw, time.monotonic() - t0, verify_seconds,
+                                 skipped=tuple(roles))
         try:
             run(
                 [pg_bin("pg_restore", cfg.postgres.bindir), "-j", str(max(1, jobs)),

@@ -37,7 +37,7 @@ MISSING_SUFFIX = ".missing"
 SERVED_SUFFIX = ".served"  # the mark of the last segment served, kept for a second request
 MISSING_FRESH = 2.0  # seconds a prefetcher's "not in the archive" stays true (it re-checks each second)
 WINDOW_FILE = "window"  # "<prefetcher pid> <name> <name>...": what it is fetching or holds
-WAIT_SECONDS = 300.0  # at most, for a segment the prefetcher is fetching
+WAIT_SECONDS = 60.0  # at most, for a segment the prefetcher is fetching (then the full command)
 PREFETCH = os.path.join("gravl-dr", "prefetch")  # under pg_wal, see tasks.wal.spool_root
 XLP_LONG_HEADER = 0x0002
 # XLogLongPageHeaderData: magic, info, tli, pageaddr, rem_len, (pad), sysid, seg_size, blcksz
@@ -191,6 +191,8 @@ def in_prefetch_window(name: str, folder: str) -> bool:
 def serve(name: str, dest: str, stamp: str, wait: float = 0.0) -> bool:
     """Move a prefetched, checked segment into ``dest``; False when it cannot be served. With
     ``wait``, first wait (up to that many seconds) while the prefetcher is still fetching it."""
+    if len(name) != 24 or not HEX.issuperset(name):  # segments only, and never a path
+        return False
     found = check_prefetched(name, dest, stamp)
     if found == "not prefetched" and wait > 0:
         import time

@@ -15,7 +15,8 @@ unless ``password_auth=True``, which then requires scram-sha-256 for every role 
 - ``app_reader`` (NOLOGIN) and ``analyst`` (LOGIN, member of app_reader, ``SET work_mem``).
 - ``"Reporting Team"`` (NOLOGIN, a quoted role name), granted SELECT on reports.
 - ``gravl_dr``: the least-privilege backup role, made by running infra/postgres/roles.sql as it
-  is in the repository (so the fixture follows that file), plus a password.
+  is in the repository (so the fixture follows that file), plus a password; and
+  infra/postgres/roles-per-database.sql in shop (SELECT on its large objects).
   ``PASSWORDS`` maps role -> password.
 
 Databases (besides postgres; see ``DATABASES``):
@@ -493,6 +494,8 @@ def build_prod_cluster(*, tablespace: bool = False, password_auth: bool = False,
             with prod.connect(db) as conn:
                 conn.execute("SET ROLE app_owner")
                 _run(conn, script)
+        with prod.connect("shop") as conn:  # the one database with large objects
+            _run(conn, (REPO_ROOT / "infra" / "postgres" / "roles-per-database.sql").read_text())
         with prod.connect("postgres") as conn:
             conn.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(
                 sql.Identifier(READ_ONLY_DB)))

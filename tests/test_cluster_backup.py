@@ -75,7 +75,7 @@ def test_whole_cluster_logical_restore_into_a_fresh_cluster_compares_equal(
     new_space = pg_dir / "app_space"
     # WHEN the whole cluster is restored, with the tablespace relocated
     report = restore_flow(config_path=str(cfg_path), backup=backup_id, dsn=target.dsn("postgres"), jobs=2,
-                          tablespace_map=f"{prod_cluster.tablespace_dir}={new_space}")
+                          tablespace_map=[f"{prod_cluster.tablespace_dir}={new_space}"])
     # THEN roles (with password hashes), memberships, role and database settings, tablespaces,
     # database owners/encodings/locales/ACLs/comments match the source
     source_globals = globals_state(prod_cluster.dsn("postgres"))
@@ -132,7 +132,7 @@ def test_physical_backup_with_a_tablespace_restores_relocated(
     new_space = pg_dir / "moved-space"
     restored = restore_flow(config_path=str(cfg_path), backup=report.backup_id, pgdata=str(pg_dir / "data"),
                             start=True, port=free_port(),
-                            tablespace_map=f"{prod_cluster.tablespace_dir}={new_space}")
+                            tablespace_map=[f"{prod_cluster.tablespace_dir}={new_space}"])
     cluster = LocalCluster(pg_dir / "data", restored.port or 0)
     try:
         assert (pg_dir / "data" / "pg_tblspc" / space.oid).resolve() == new_space

@@ -118,7 +118,7 @@ def test_drill_of_a_good_physical_backup_passes_and_reports_every_check(env: Dri
     assert report.passed, failed_names(report)
     names = {c.name for c in report.checks}
     for expected in ["restore", "pg_verifybackup", "recovery", "amcheck gravl", "amcheck postgres",
-                     "freshness gravl", "usability gravl", "pg_checksums",
+                     "freshness gravl.public.workout_logs", "usability gravl", "pg_checksums",
                      "primary-key gravl.public.users(id)",
                      "primary-key gravl.public.muscle_group_recovery(user_id,muscle_group)",
                      "fk-orphans gravl.public.workout_swaps(workout_log_id)->public.workout_logs",

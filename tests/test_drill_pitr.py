@@ -112,11 +112,12 @@ def test_drill_to_a_target_time_replays_archived_wal_and_passes(history: History
     assert logs.status == "passed" and "at the backup's consistent point" in logs.summary
     assert "500" in logs.summary
     assert "paused at the backup's consistent point" in recovery.summary
-    assert check(report, "freshness gravl").status == "passed"
+    # the newest timestamp of each table, against what the source had at backup time
+    assert check(report, "freshness gravl.public.workout_logs").status == "passed"
     assert_no_leftovers(report)
 
 
-def test_drill_to_the_end_of_the_archive_compares_row_counts_at_the_backup_point(history: History) -> None:
+def test_drill_to_the_end_of_the_archive_compares_row_counts_at_the_counts_lsn(history: History) -> None:
     # GIVEN a copy of the backup whose manifest records 450 workout logs (the backup holds 500;
     # the archive adds 200 more after it)
     manifest = json.loads((history.repo_dir / "backups" / history.backup_id / "manifest.json").read_text())
@@ -137,8 +138,9 @@ def test_drill_to_the_end_of_the_archive_compares_row_counts_at_the_backup_point
         assert "WAL from the archive" in check(report, "recovery").summary
         assert failed_names(report) == ["row-count gravl.public.workout_logs"]
         logs = check(report, "row-count gravl.public.workout_logs")
-        assert "observed 500" in logs.summary and "manifest: 450" in logs.summary
-        assert "at the backup's consistent point" in logs.summary
+        assert "observed 500" in logs.summary and "manifest: exactly 450" in logs.summary
+        # exactly, with recovery paused at the LSN the backup read its counts at
+        assert "exactly 450 at " in logs.summary and "paused just before LSN" in check(report, "recovery").summary
         others = [c for c in report.checks if c.kind == "row-count" and c.status == "passed"]
         assert {c.name.removeprefix("row-count gravl.") for c in others} == set(good) - {"public.workout_logs"}
         assert_no_leftovers(report)

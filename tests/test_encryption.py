@@ -182,3 +182,13 @@ def test_legacy_encrypted_wal_object_is_still_fetched(tmp_path) -> None:
     # WHEN it is fetched under today's settings THEN the bytes come back verified
     fetch_file(repo, name, tmp_path / "out", settings)
     assert (tmp_path / "out").read_bytes() == raw
+
+
+def test_legacy_encrypted_backup_object_still_decodes_through_the_restore_pipeline() -> None:
+    # a backup object of the previous release: zstd, then one AES-GCM stream (format v1)
+    from tasks.streams import compress
+
+    data = [os.urandom(50_000) for _ in range(8)]
+    old = b"".join(encrypt_v1(compress(iter(data), "zstd"), KEY))
+    assert b"".join(decode(iter([old[i : i + 9999] for i in range(0, len(old), 9999)]), "zstd", KEY,
+                           True, "b")) == b"".join(data)

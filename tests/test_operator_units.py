@@ -148,7 +148,7 @@ def test_every_parameter_has_a_description_and_a_plain_type(module: str, name: s
     for pname, prop in props.items():
         assert prop.get("description"), f"{name}.{pname}: no description in the form"
         assert "anyOf" not in prop, f"{name}.{pname}: the form would offer a choice of types (one is None)"
-        assert prop.get("type") in {"string", "integer", "number", "boolean"}, (pname, prop)
+        assert prop.get("type") in {"string", "integer", "number", "boolean", "array"}, (pname, prop)
         assert pname != "yes", f"{name}: a CLI idiom in the form"
     if "config_path" in props:
         assert props["config_path"]["type"] == "string"

@@ -17,6 +17,8 @@ from prodshape import (
 
 from tasks.postgres import count_rows
 
+WRITTEN = {"public.ticks", "Sales.Order", "Sales.Order Items"}  # what writes() inserts into
+
 
 def test_prod_cluster_has_the_promised_shape(prod_cluster: ProdCluster) -> None:
     p = prod_cluster
@@ -45,7 +47,9 @@ def test_prod_cluster_has_the_promised_shape(prod_cluster: ProdCluster) -> None:
         ddl = conn.execute("SELECT count(*) FROM audit.ddl_log").fetchone()
         lobs = conn.execute("SELECT count(*) FROM pg_largeobject_metadata").fetchone()
     for table, n in EXPECTED_ROWS["shop"].items():
-        if table != "public.ticks":
+        if table in WRITTEN:
+            assert counts[table] >= n, table  # other tests of the session ran writes()
+        else:
             assert counts[table] == n, table
     assert kinds == {"events_kind": "I", "events_pkey": "I", "order_totals": "m"}
     assert unlogged == [("session_cache",)]

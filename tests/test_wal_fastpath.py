@@ -240,3 +240,35 @@ def test_fast_path_never_answers_missing_itself(tmp_path: Path) -> None:
     # THEN the full command answers, and a missing config stops recovery (> 125), never 1
     assert proc.returncode > 125, proc.stderr
     assert "gravl-dr: error" in proc.stderr
+
+
+@pytest.mark.parametrize("why", ["no-prefetcher", "stale", "other-config"])
+def test_a_missing_mark_answers_1_only_fresh_and_from_a_live_prefetcher(tmp_path: Path, why: str) -> None:
+    # GIVEN a "not in the archive" mark for a segment, and a config file that does not exist
+    # (so the full command, if it runs, stops recovery: > 125)
+    config = tmp_path / "none.yaml"
+    folder = tmp_path / "pg_wal" / "gravl-dr" / "prefetch"
+    folder.mkdir(parents=True)
+    name = "000000010000000000000007"
+    mark = folder / f"{name}{walserve.MISSING_SUFFIX}"
+    stamp_of = tmp_path / "other.yaml" if why == "other-config" else config
+    if why == "other-config":
+        stamp_of.write_text("x")
+    mark.write_text(walserve.missing_text(walserve.config_stamp(str(stamp_of))))
+    pid = os.getpid() if why != "no-prefetcher" else 999999
+    (folder / walserve.WINDOW_FILE).write_text(f"{pid}\n")
+    if why == "stale":
+        old = time.time() - walserve.MISSING_FRESH - 1
+        os.utime(mark, (old, old))
+
+    def ask() -> int:
+        return subprocess.run(
+            [sys.executable, "-I", "-S", walserve.__file__, "--config", str(config), "wal-fetch", name,
+             "pg_wal/RECOVERYXLOG"], cwd=tmp_path, capture_output=True, text=True, timeout=60).returncode
+
+    # WHEN recovery asks for it THEN the full command answers (never "missing" from a doubtful mark)
+    assert ask() > 125
+    # AND a fresh mark of this config from a live prefetcher (this test process) answers 1 at once
+    mark.write_text(walserve.missing_text(walserve.config_stamp(str(config))))
+    (folder / walserve.WINDOW_FILE).write_text(f"{os.getpid()}\n")
+    assert ask() == 1
