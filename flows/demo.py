@@ -155,7 +155,8 @@ def demo_flow(
         tables, rows = compare_tables(primary.dsn(), clusters[-1].dsn(), "physical")
         target = start_restore_target(str(base))
         clusters.append(target)
-        restored_l = restore_flow(config_path=config, backup=logi.backup_id, dsn=target.dsn())
+        restored_l = restore_flow(config_path=config, backup=logi.backup_id, dsn=target.dsn(),
+                                 database="gravl")
         compare_tables(primary.dsn(), target.dsn(), "logical")
         lines = [
             f"source: Gravl sample database, {tables} tables, {rows} rows",

@@ -230,8 +230,8 @@ def restore_flow(
         keep_archiving: Let the restored server archive its own WAL with archive_command
             (off: archiving is disabled so a copy cannot write into the repository).
         recovery_timeout: Seconds the started server may take to recover before the run fails.
-        tablespace_map: Physical restore, or a whole-cluster logical one: OLD=NEW directories,
-            restoring the tablespace at OLD into NEW (as pg_basebackup -T).
+        tablespace_map: Physical restore, or a whole-cluster logical one: OLD=NEW, restoring the
+            tablespace at directory OLD into NEW (as pg_basebackup -T); one entry per tablespace.
         database: Logical restore: only this database of a whole-cluster backup, into the
             existing empty database of dsn; empty: the whole cluster into the fresh cluster of dsn.
         no_owner: Logical restore of one database: objects belong to the connecting role, no GRANTs.

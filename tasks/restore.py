@@ -110,9 +110,11 @@ def _empty_dir(path: Path) -> None:
                 child.unlink()
 
 
-def parse_tablespace_map(items: list[str] | tuple[str, ...] | None) -> dict[str, str]:
-    """``OLD=NEW`` pairs (as pg_basebackup -T): both absolute paths."""
+def parse_tablespace_map(items: str | list[str] | tuple[str, ...] | None) -> dict[str, str]:
+    """``OLD=NEW`` pairs (as pg_basebackup -T): both absolute paths; a string holds one per line."""
     mapping: dict[str, str] = {}
+    if isinstance(items, str):
+        items = [line.strip() for line in items.splitlines() if line.strip()]
     for item in items or ():
         old, sep, new = item.partition("=")
         if not sep or not old or not new:
