@@ -486,7 +486,7 @@ def _stream_physical(cfg: Config, repo: Repository, pre: Preflight) -> StreamRes
     # its recovery just before it and compares them exactly. Then switch WAL so that the LSN
     # reaches the archive.
     facts = read_cluster_facts(dsn, explain_lock=lambda db: inventory.describe_lock_wait(
-        with_dbname(dsn, db), db, "counting rows"))
+        with_dbname(dsn, db), db, "counting rows"), lock_timeout_seconds=cfg.backup.lock_timeout_seconds)
     switch_wal(dsn)
     counts = {db: f.rows for db, f in facts.databases.items()}
     notes = inventory.not_carried_over(dsn, dbnames, data_directory=pre.info.data_directory)

@@ -119,8 +119,9 @@ def _begin(conn: psycopg.Connection[Any]) -> None:
     conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
 
 
-def _count(conn: psycopg.Connection[Any]) -> DatabaseFacts:
-    conn.execute("SET LOCAL lock_timeout = '30s'")  # never wait forever behind a user's lock
+def _count(conn: psycopg.Connection[Any], lock_timeout_seconds: float) -> DatabaseFacts:
+    # never wait forever behind a user's lock (backup.lock_timeout_seconds)
+    conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout_seconds * 1000)}ms")))
     return database_facts(conn)
 
 
@@ -136,7 +137,8 @@ def _wal_position(conn: psycopg.Connection[Any]) -> str:
 
 def read_cluster_facts(dsn: str, *, snapshot_id: str | None = None, lsn: str | None = None,
                        only: list[str] | None = None,
-                       explain_lock: Callable[[str], str] | None = None) -> ClusterFacts:
+                       explain_lock: Callable[[str], str] | None = None,
+                       lock_timeout_seconds: float = 30) -> ClusterFacts:
     """Facts of every database (or ``only`` these), each read in a REPEATABLE READ snapshot.
 
     With ``snapshot_id`` (an exported snapshot the caller keeps open, e.g. pg_dump's; one
@@ -198,7 +200,7 @@ def read_cluster_facts(dsn: str, *, snapshot_id: str | None = None, lsn: str | N
         databases: dict[str, DatabaseFacts] = {}
         for name, conn in conns.items():
             try:
-                databases[name] = _count(conn)
+                databases[name] = _count(conn, lock_timeout_seconds)
             except psycopg.errors.LockNotAvailable:
                 # a backup that meets a lock says whose (tasks.inventory), never waits forever
                 raise PreconditionFailed(explain_lock(name) if explain_lock else
