@@ -3,6 +3,7 @@ alarm, and `gravl-dr guard` keeping a demoted node read-only when it comes back.
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,11 @@ def test_guard_keeps_a_demoted_old_primary_read_only_when_it_restarts(
     assert refused.returncode == 4 and "was demoted by the failover" in refused.stderr, refused.stderr
     assert proc.returncode == 0 and "starts as a standby of standby-1" in proc.stdout, proc.stderr
     assert (pair.home.pgdata / "standby.signal").exists()
+    # The killed postmaster stays a zombie until init reaps it (~2 s here); PostgreSQL's lock-file
+    # check (kill(pid, 0)) takes a zombie for a live postmaster, as it would on a host whose init is slow.
+    old_pid = pair.home.postmaster_pid()
+    assert old_pid
+    wait_until(lambda: not _exists(old_pid), 60, "the killed postmaster reaped")
     pair.home.start()
     wait_until(lambda: bool(sql(pair.home.dsn(), "SELECT pg_is_in_recovery()")[0][0]), 30, "home up in recovery")
     with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
@@ -189,3 +195,12 @@ def test_wal_check_warns_when_the_node_it_asks_is_in_recovery(tmp_path: Path) ->
 
     # THEN the report warns that it asked a standby
     assert any("in recovery" in w for w in report.warnings), report.warnings
+
+
+def _exists(pid: int) -> bool:
+    """True while the process exists at all, a zombie included (what kill(pid, 0) sees)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
