@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,33 +194,48 @@ def _extract(repo: Repository, manifest: Manifest, key: bytes | None, index: int
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         env=child_env(),
     )
-    raw_bytes = 0
+    # The stored SHA-256 pins every byte the deterministic decoder sees: hashing the
+    # decoded data as well would only slow the RTO (`gravl-dr verify` checks it).
+    raw_bytes, code, err = _pipe_into(
+        tar,
+        lambda: threaded(_object_stream(repo, manifest, key, index, raw_hash=False), depth=4, name="restore"),
+        timeout=600,
+    )
+    if code != 0:
+        raise command_error(f"tar exited {code} extracting {manifest.id}: {tail(err)}")
+    return raw_bytes
+
+
+def _pipe_into(
+    proc: subprocess.Popen[bytes], chunks: Callable[[], Iterable[bytes]], timeout: float
+) -> tuple[int, int, bytes]:
+    """Write what ``chunks()`` yields to ``proc``'s stdin, close it and wait: (bytes written, exit
+    code, stderr). ``chunks`` is called inside the guard, so an error opening the source kills too.
+
+    A process that exits early (broken pipe) is judged by its exit code; on any error of ours
+    (a failed download, a checksum mismatch, a signal) the process is killed before re-raising."""
+    written = 0
     try:
-        assert tar.stdin is not None
+        assert proc.stdin is not None
         try:
-            # The stored SHA-256 pins every byte the deterministic decoder sees: hashing the
-            # decoded data as well would only slow the RTO (`gravl-dr verify` checks it).
-            decoded = _object_stream(repo, manifest, key, index, raw_hash=False)
-            for chunk in threaded(decoded, depth=4, name="restore"):
-                tar.stdin.write(chunk)
-                raw_bytes += len(chunk)
+            for chunk in chunks():
+                proc.stdin.write(chunk)
+                written += len(chunk)
         except BrokenPipeError:
             pass
         finally:
             with contextlib.suppress(BrokenPipeError):
-                tar.stdin.close()
-        code = tar.wait(timeout=600)
-        err = tar.stderr.read() if tar.stderr else b""
-        if code != 0:
-            raise command_error(f"tar exited {code} extracting {manifest.id}: {tail(err)}")
+                proc.stdin.close()
+        code = proc.wait(timeout=timeout)
+        err = proc.stderr.read() if proc.stderr else b""
     except BaseException:
-        tar.kill()
-        tar.wait()
+        proc.kill()
+        proc.wait()
         raise
     finally:
-        if tar.stderr:
-            tar.stderr.close()
-    return raw_bytes
+        if proc.stderr:
+            proc.stderr.close()
+    return written, code, err
 
 
 def restore_physical(
@@ -544,32 +559,18 @@ def restore_cluster(
     verify_seconds = time.monotonic() - t0
     _prepare_tablespace_dirs(manifest, mapping, cfg.postgres.os_user)
     keys = [o.key for o in manifest.objects]
+    globals_index = keys.index(manifest.globals_object)
     env = restore_env(dsn, dbname="template1", superuser=True)
     psql = subprocess.Popen(
         [pg_bin("psql", cfg.postgres.bindir), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password",
          "-d", "template1", "-f", "-"],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env(env),
     )
-    try:
-        assert psql.stdin is not None
-        try:
-            stream = _object_stream(repo, manifest, key, keys.index(manifest.globals_object))
-            for line in _globals_lines(stream, mapping, existing_roles):
-                psql.stdin.write(line)
-        except BrokenPipeError:
-            pass
-        finally:
-            with contextlib.suppress(BrokenPipeError):
-                psql.stdin.close()
-        code = psql.wait(timeout=3600)
-        err = psql.stderr.read() if psql.stderr else b""
-    except BaseException:
-        psql.kill()
-        psql.wait()
-        raise
-    finally:
-        if psql.stderr:
-            psql.stderr.close()
+    _, code, err = _pipe_into(
+        psql,
+        lambda: _globals_lines(_object_stream(repo, manifest, key, globals_index), mapping, existing_roles),
+        timeout=3600,
+    )
     if code != 0:
         raise command_error(f"restoring the globals (roles, tablespaces) into {safe_dsn(dsn)} failed: "
                             f"{tail(err, 2)}")
