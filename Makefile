@@ -28,7 +28,8 @@ demo: system venv
 	$(VENV)/bin/gravl-dr demo
 
 lint: venv
-	$(VENV)/bin/ruff check flows tasks deployments tests bench
+	$(VENV)/bin/ruff check flows tasks deployments tests bench scripts
+	$(VENV)/bin/ruff format --check flows tasks deployments tests bench scripts
 
 typecheck: venv
 	$(VENV)/bin/mypy flows tasks deployments

@@ -64,15 +64,17 @@ def _descendants(pid: int) -> list[int]:
     return seen
 
 
-def timed(argv: list[str] | str, *, shell: bool = False, env: dict[str, str] | None = None,
-          root_only: bool = True) -> Timed:
+def timed(
+    argv: list[str] | str, *, shell: bool = False, env: dict[str, str] | None = None, root_only: bool = True
+) -> Timed:
     """Run a command; wall time and peak RSS (of the process itself, or its whole tree)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     os.sync()  # earlier steps' dirty pages must not be written back on this step's clock
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, shell=shell, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv, shell=shell, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     stop, peaks = threading.Event(), []
     watcher = threading.Thread(target=_tree_peak, args=(proc.pid, stop, peaks, root_only), daemon=True)
     watcher.start()
@@ -88,13 +90,46 @@ def pgbench_cluster(scale: int, base: Path | None = None) -> LocalCluster:
     cluster = LocalCluster(base / "data", free_port(), dbname="bench")
     cluster.initdb(extra_conf={"max_wal_size": "'4GB'", "checkpoint_timeout": "'30min'"})
     cluster.start()
-    subprocess.run([f"{BIN}/createdb", "-h", cluster.host, "-p", str(cluster.port), "-U", "postgres", "bench"],
-                   check=True)
+    subprocess.run(
+        [f"{BIN}/createdb", "-h", cluster.host, "-p", str(cluster.port), "-U", "postgres", "bench"],
+        check=True,
+    )
     print(f"pgbench -i -s {scale} ...", flush=True)
-    subprocess.run([f"{BIN}/pgbench", "-i", "-q", "-s", str(scale), "-h", cluster.host, "-p", str(cluster.port),
-                    "-U", "postgres", "bench"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    subprocess.run(["psql", "-h", cluster.host, "-p", str(cluster.port), "-U", "postgres", "-d", "bench",
-                    "-qc", "CHECKPOINT"], check=True)
+    subprocess.run(
+        [
+            f"{BIN}/pgbench",
+            "-i",
+            "-q",
+            "-s",
+            str(scale),
+            "-h",
+            cluster.host,
+            "-p",
+            str(cluster.port),
+            "-U",
+            "postgres",
+            "bench",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    subprocess.run(
+        [
+            "psql",
+            "-h",
+            cluster.host,
+            "-p",
+            str(cluster.port),
+            "-U",
+            "postgres",
+            "-d",
+            "bench",
+            "-qc",
+            "CHECKPOINT",
+        ],
+        check=True,
+    )
     return cluster
 
 
@@ -102,11 +137,27 @@ def start_prefect_server() -> tuple[subprocess.Popen[bytes], str, Path]:
     """A local Prefect server, so flow runs pay ~3 s instead of the ephemeral start-up."""
     home = Path(make_private_dir("gravl-bench-prefect-", "root"))
     port = free_port()
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               DO_NOT_TRACK="1", PREFECT_UI_ENABLED="false")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
-                             "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        PREFECT_UI_ENABLED="false",
+    )
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/api"
     import urllib.request
 

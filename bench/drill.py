@@ -43,14 +43,25 @@ def source_cluster(scale: int) -> LocalCluster:
     cluster = LocalCluster(base / "data", free_port(), dbname="bench")
     # Archiving on from the start (a restart later would be needed); nothing is kept until the
     # repository exists: the WAL of pgbench -i is not part of the drill.
-    cluster.initdb(checksums=True, extra_conf={"max_wal_size": "'4GB'", "checkpoint_timeout": "'30min'",
-                                               "archive_mode": "on", "archive_command": "'/bin/true'"})
+    cluster.initdb(
+        checksums=True,
+        extra_conf={
+            "max_wal_size": "'4GB'",
+            "checkpoint_timeout": "'30min'",
+            "archive_mode": "on",
+            "archive_command": "'/bin/true'",
+        },
+    )
     cluster.start()
     conn = ["-h", cluster.host, "-p", str(cluster.port), "-U", "postgres"]
     subprocess.run([f"{BIN}/createdb", *conn, "bench"], check=True)
     print(f"pgbench -i -s {scale} ...", flush=True)
-    subprocess.run([f"{BIN}/pgbench", "-i", "-q", "-s", str(scale), *conn, "bench"], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [f"{BIN}/pgbench", "-i", "-q", "-s", str(scale), *conn, "bench"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     subprocess.run(["psql", *conn, "-d", "bench", "-qc", "CHECKPOINT"], check=True)
     return cluster
 
@@ -59,14 +70,19 @@ def plain_copy_restore(cluster: LocalCluster, work: Path) -> dict[str, float]:
     """pg_basebackup | zstd to a file, then zstd -d | tar -x and start: the baseline restore."""
     conn = f"-h {cluster.host} -p {cluster.port} -U postgres"
     archive = work / "plain.tar.zst"
-    backup = timed(f"{BIN}/pg_basebackup {conn} -D - -Ft -X fetch -c fast | zstd -q -3 -T2 > {archive}",
-                   shell=True, root_only=False)
+    backup = timed(
+        f"{BIN}/pg_basebackup {conn} -D - -Ft -X fetch -c fast | zstd -q -3 -T2 > {archive}",
+        shell=True,
+        root_only=False,
+    )
     chown_tree(work, "postgres")
     target = work / "plain"
     target.mkdir(mode=0o700)
     chown_tree(target, "postgres")
-    untar = timed(["runuser", "-u", "postgres", "--", "sh", "-c",
-                   f"zstd -q -d -c {archive} | tar -x -C {target}"], root_only=False)
+    untar = timed(
+        ["runuser", "-u", "postgres", "--", "sh", "-c", f"zstd -q -d -c {archive} | tar -x -C {target}"],
+        root_only=False,
+    )
     with open(target / "postgresql.auto.conf", "a") as fh:
         fh.write("archive_mode = off\n")  # the copy must not push into the drill's archive
     port = free_port()
@@ -76,8 +92,12 @@ def plain_copy_restore(cluster: LocalCluster, work: Path) -> dict[str, float]:
     copy.wait_ready(timeout=3600)
     started = time.monotonic() - t0
     copy.destroy()
-    return {"plain_backup_s": backup.seconds, "plain_untar_s": untar.seconds, "plain_start_s": started,
-            "plain_rto_s": untar.seconds + started}
+    return {
+        "plain_backup_s": backup.seconds,
+        "plain_untar_s": untar.seconds,
+        "plain_start_s": started,
+        "plain_rto_s": untar.seconds + started,
+    }
 
 
 WRITE_SECONDS = 10
@@ -93,7 +113,7 @@ def drill(gravl: Callable[..., str], backup_id: str, prefix: str) -> dict[str, o
     t0 = time.monotonic()
     out = gravl("drill", backup_id, "--json")
     wall = time.monotonic() - t0
-    report = json.loads(out[out.index("{"):])
+    report = json.loads(out[out.index("{") :])
     by_kind: dict[str, float] = {}
     for check in report["checks"]:
         if check["category"] == "restore":
@@ -103,12 +123,19 @@ def drill(gravl: Callable[..., str], backup_id: str, prefix: str) -> dict[str, o
     res: dict[str, object] = {
         "check_summaries": {c["name"]: c["summary"] for c in report["checks"] if c["category"] != "data"},
         "check_seconds": {c["name"]: round(c["seconds"], 2) for c in report["checks"]},
-        "drill_passed": report["passed"], "drill_wall_s": wall, "drill_total_s": report["total_seconds"],
-        "drill_restore_s": report["restore_seconds"], "drill_recovery_s": report["recovery_seconds"],
-        "drill_rto_s": report["rto_seconds"], "drill_checks_s": report["checks_seconds"],
-        "checks_by_kind_s": by_kind, "checks": len(report["checks"]),
+        "drill_passed": report["passed"],
+        "drill_wall_s": wall,
+        "drill_total_s": report["total_seconds"],
+        "drill_restore_s": report["restore_seconds"],
+        "drill_recovery_s": report["recovery_seconds"],
+        "drill_rto_s": report["rto_seconds"],
+        "drill_checks_s": report["checks_seconds"],
+        "checks_by_kind_s": by_kind,
+        "checks": len(report["checks"]),
         "failed_checks": [c["name"] for c in report["checks"] if c["status"] == "failed"],
-        "exact_counts": sum(1 for c in report["checks"] if c["kind"] == "row-count" and "exactly" in c["summary"]),
+        "exact_counts": sum(
+            1 for c in report["checks"] if c["kind"] == "row-count" and "exactly" in c["summary"]
+        ),
         "databases": [d["database"] for d in report.get("databases", [])],
     }
     return {prefix + k: v for k, v in res.items()}
@@ -120,14 +147,32 @@ def bench_scale(scale: int, env: dict[str, str]) -> dict[str, object]:
     res: dict[str, object] = {"scale": scale}
     try:
         cfg = work / "gravl-dr.yaml"
-        cfg.write_text(yaml.safe_dump({
-            "cluster": "bench", "primary": {"dsn": cluster.dsn()},
-            "repository": {"url": f"file://{work / 'repo'}", "compression": "zstd"},
-        }))
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "cluster": "bench",
+                    "primary": {"dsn": cluster.dsn()},
+                    "repository": {"url": f"file://{work / 'repo'}", "compression": "zstd"},
+                }
+            )
+        )
         (work / "repo").mkdir()
         chown_tree(work, "postgres")
-        size = timed(["psql", "-h", cluster.host, "-p", str(cluster.port), "-U", "postgres", "-d", "bench",
-                      "-Atc", "select pg_database_size('bench')"])
+        size = timed(
+            [
+                "psql",
+                "-h",
+                cluster.host,
+                "-p",
+                str(cluster.port),
+                "-U",
+                "postgres",
+                "-d",
+                "bench",
+                "-Atc",
+                "select pg_database_size('bench')",
+            ]
+        )
         res["db_mb"] = int(size.stdout.strip()) / 2**20
 
         def gravl(*args: str) -> str:
@@ -138,22 +183,49 @@ def bench_scale(scale: int, env: dict[str, str]) -> dict[str, object]:
 
         psql = ["psql", "-h", cluster.host, "-p", str(cluster.port), "-U", "postgres", "-d", "bench", "-qAt"]
         command = f"{GRAVL_DR} --config {cfg} wal-push %p"
-        subprocess.run([*psql, "-c", f"ALTER SYSTEM SET archive_command = '{command}'", "-c",
-                        "SELECT pg_reload_conf()"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [*psql, "-c", f"ALTER SYSTEM SET archive_command = '{command}'", "-c", "SELECT pg_reload_conf()"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         out = gravl("backup", "--kind", "physical", "--json")
-        backup_id = json.loads(out[out.index("{"):])["backup_id"]
+        backup_id = json.loads(out[out.index("{") :])["backup_id"]
         # Writes after the backup, archived: the drill replays them (the weekly drill of an
         # archiving cluster), after pausing at the LSN the backup read its row counts at.
-        t = timed([f"{BIN}/pgbench", "-h", cluster.host, "-p", str(cluster.port), "-U", "postgres",
-                   "-c", "2", "-j", "2", "-T", str(WRITE_SECONDS), "-n", "bench"])
+        t = timed(
+            [
+                f"{BIN}/pgbench",
+                "-h",
+                cluster.host,
+                "-p",
+                str(cluster.port),
+                "-U",
+                "postgres",
+                "-c",
+                "2",
+                "-j",
+                "2",
+                "-T",
+                str(WRITE_SECONDS),
+                "-n",
+                "bench",
+            ]
+        )
         tps = re.search(r"tps = ([0-9.]+)", t.stdout)
         res["writes_after_backup"] = f"pgbench -c 2 -T {WRITE_SECONDS}: {tps.group(1) if tps else '?'} tps"
-        segment = subprocess.run([*psql, "-c", "SELECT pg_walfile_name(pg_switch_wal())"], check=True,
-                                 capture_output=True, text=True).stdout.strip()
+        segment = subprocess.run(
+            [*psql, "-c", "SELECT pg_walfile_name(pg_switch_wal())"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            done = subprocess.run([*psql, "-c", "SELECT last_archived_wal FROM pg_stat_archiver"],
-                                  capture_output=True, text=True).stdout.strip()
+            done = subprocess.run(
+                [*psql, "-c", "SELECT last_archived_wal FROM pg_stat_archiver"],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
             if done >= segment:
                 break
             time.sleep(0.5)
@@ -167,7 +239,9 @@ def bench_scale(scale: int, env: dict[str, str]) -> dict[str, object]:
         cfg.write_text(yaml.safe_dump({**config, "drill": {"heapallindexed_max_mb": None}}))
         res.update(drill(gravl, backup_id, "full_"))
         cfg.write_text(yaml.safe_dump(config))
-        res.update(plain_copy_restore(cluster, Path(tempfile.mkdtemp(prefix="gravl-bench-plain-", dir="/tmp"))))
+        res.update(
+            plain_copy_restore(cluster, Path(tempfile.mkdtemp(prefix="gravl-bench-plain-", dir="/tmp")))
+        )
     finally:
         cluster.destroy()
         cleanup(cluster.pgdata.parent, work)
@@ -188,8 +262,15 @@ def bench_prodshape(env: dict[str, str]) -> dict[str, object]:
     res: dict[str, object] = {"scale": "prodshape", "build_s": time.monotonic() - t0}
     try:
         cfg = prod.config(user="gravl_dr")
-        res["db_mb"] = sum(int(r[0]) for r in prod.sql("SELECT pg_database_size(datname) FROM pg_database "
-                                                       "WHERE datallowconn", dbname="postgres")) / 2**20
+        res["db_mb"] = (
+            sum(
+                int(r[0])
+                for r in prod.sql(
+                    "SELECT pg_database_size(datname) FROM pg_database WHERE datallowconn", dbname="postgres"
+                )
+            )
+            / 2**20
+        )
 
         def gravl(*args: str) -> str:
             t = timed([GRAVL_DR, "--config", str(cfg), *args], env=env)
@@ -200,7 +281,7 @@ def bench_prodshape(env: dict[str, str]) -> dict[str, object]:
         with prod.writes(rate=200) as load:
             out = gravl("backup", "--kind", "physical", "--json")
         res["writes_after_backup"] = f"pgbench (app_user) {load.transactions} transactions during the backup"
-        backup_id = json.loads(out[out.index("{"):])["backup_id"]
+        backup_id = json.loads(out[out.index("{") :])["backup_id"]
         prod.switch_and_wait()
         res["wal_replayed_mb"] = wal_mb(prod.repo_dir)
         res.update(drill(gravl, backup_id, ""))
@@ -211,7 +292,9 @@ def bench_prodshape(env: dict[str, str]) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--scale", type=int, action="append", help="pgbench scale (repeatable; default 10)")
     parser.add_argument("--no-prodshape", action="store_true", help="skip the production-shaped cluster")
     args = parser.parse_args()
@@ -227,40 +310,58 @@ def main() -> None:
         cleanup(home)
     for r in results:
         kinds: dict[str, float] = r["checks_by_kind_s"]  # type: ignore[assignment]
-        print(f"\n== pgbench scale {r['scale']} ({r['db_mb']:.0f} MB database), drill "
-              f"{'PASSED' if r['drill_passed'] else 'FAILED'} with {r['checks']} checks ==")
-        print(f"archived after the backup: {r['writes_after_backup']} ({r['wal_replayed_mb']:.0f} MiB of "
-              "compressed WAL), replayed by the drill")
+        print(
+            f"\n== pgbench scale {r['scale']} ({r['db_mb']:.0f} MB database), drill "
+            f"{'PASSED' if r['drill_passed'] else 'FAILED'} with {r['checks']} checks =="
+        )
+        print(
+            f"archived after the backup: {r['writes_after_backup']} ({r['wal_replayed_mb']:.0f} MiB of "
+            "compressed WAL), replayed by the drill"
+        )
         print(f"drill restore (fetch, verify, unpack):  {r['drill_restore_s']:.2f} s")
         print(f"drill recovery (start, replay, promote): {r['drill_recovery_s']:.2f} s")
         print(f"drill RTO (restore + recovery):         {r['drill_rto_s']:.2f} s")
-        print(f"plain copy restore (zstd -d | tar -x + start): {r['plain_rto_s']:.2f} s "
-              f"(untar {r['plain_untar_s']:.2f} s, start {r['plain_start_s']:.2f} s)")
+        print(
+            f"plain copy restore (zstd -d | tar -x + start): {r['plain_rto_s']:.2f} s "
+            f"(untar {r['plain_untar_s']:.2f} s, start {r['plain_start_s']:.2f} s)"
+        )
         print(f"  ratio drill RTO / plain:              {ratio(r['drill_rto_s'], r['plain_rto_s'])}")  # type: ignore[arg-type]
-        print(f"drill checks:                           {r['drill_checks_s']:.2f} s "
-              f"({', '.join(f'{k} {v:.2f} s' for k, v in sorted(kinds.items()))})")
-        print(f"  checks / restore:                     {ratio(r['drill_checks_s'], r['drill_restore_s'])}"  # type: ignore[arg-type]
-              "  (target < 1.00x)")
+        print(
+            f"drill checks:                           {r['drill_checks_s']:.2f} s "
+            f"({', '.join(f'{k} {v:.2f} s' for k, v in sorted(kinds.items()))})"
+        )
+        print(
+            f"  checks / restore:                     {ratio(r['drill_checks_s'], r['drill_restore_s'])}"  # type: ignore[arg-type]
+            "  (target < 1.00x)"
+        )
         for name, summary in r["check_summaries"].items():  # type: ignore[attr-defined]
             print(f"  {name}: {summary}")
-        print(f"drill total in the flow / CLI wall:     {r['drill_total_s']:.2f} s / {r['drill_wall_s']:.2f} s")
+        print(
+            f"drill total in the flow / CLI wall:     {r['drill_total_s']:.2f} s / {r['drill_wall_s']:.2f} s"
+        )
         full: dict[str, float] = r["full_checks_by_kind_s"]  # type: ignore[assignment]
-        print(f"same drill, heapallindexed on every index (drill.heapallindexed_max_mb: null): restore "
-              f"{r['full_drill_restore_s']:.2f} s, checks {r['full_drill_checks_s']:.2f} s "
-              f"({', '.join(f'{k} {v:.2f} s' for k, v in sorted(full.items()))}), checks / restore "
-              f"{ratio(r['full_drill_checks_s'], r['full_drill_restore_s'])}")  # type: ignore[arg-type]
+        print(
+            f"same drill, heapallindexed on every index (drill.heapallindexed_max_mb: null): restore "
+            f"{r['full_drill_restore_s']:.2f} s, checks {r['full_drill_checks_s']:.2f} s "
+            f"({', '.join(f'{k} {v:.2f} s' for k, v in sorted(full.items()))}), checks / restore "
+            f"{ratio(r['full_drill_checks_s'], r['full_drill_restore_s'])}"
+        )  # type: ignore[arg-type]
     if prodshape is not None:
         r = prodshape
         kinds = r["checks_by_kind_s"]  # type: ignore[assignment]
-        print(f"\n== production-shaped cluster ({r['db_mb']:.0f} MB in {len(r['databases'])} databases, "  # type: ignore[arg-type]
-              f"built in {r['build_s']:.1f} s), backed up as gravl_dr during writes; drill "
-              f"{'PASSED' if r['drill_passed'] else 'FAILED'} with {r['checks']} checks ==")
+        print(
+            f"\n== production-shaped cluster ({r['db_mb']:.0f} MB in {len(r['databases'])} databases, "  # type: ignore[arg-type]
+            f"built in {r['build_s']:.1f} s), backed up as gravl_dr during writes; drill "
+            f"{'PASSED' if r['drill_passed'] else 'FAILED'} with {r['checks']} checks =="
+        )
         print(f"{r['writes_after_backup']}; row counts compared exactly at their LSN: {r['exact_counts']}")
         print(f"false alarms (failed checks on a good backup): {r['false_alarms'] or 'none'}")
-        print(f"drill restore {r['drill_restore_s']:.2f} s, recovery {r['drill_recovery_s']:.2f} s, RTO "
-              f"{r['drill_rto_s']:.2f} s, checks {r['drill_checks_s']:.2f} s "
-              f"({', '.join(f'{k} {v:.2f} s' for k, v in sorted(kinds.items()))}), checks / restore "  # type: ignore[attr-defined]
-              f"{ratio(r['drill_checks_s'], r['drill_restore_s'])}")  # type: ignore[arg-type]
+        print(
+            f"drill restore {r['drill_restore_s']:.2f} s, recovery {r['drill_recovery_s']:.2f} s, RTO "
+            f"{r['drill_rto_s']:.2f} s, checks {r['drill_checks_s']:.2f} s "
+            f"({', '.join(f'{k} {v:.2f} s' for k, v in sorted(kinds.items()))}), checks / restore "  # type: ignore[attr-defined]
+            f"{ratio(r['drill_checks_s'], r['drill_restore_s'])}"
+        )  # type: ignore[arg-type]
         results.append(prodshape)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)

@@ -55,10 +55,15 @@ def main() -> int:
 
         e = _best(do_encrypt, args.repeat)
         d = _best(do_decrypt, args.repeat)
-        results[name] = {"encrypt_mib_s": round(total_mib / e), "decrypt_mib_s": round(total_mib / d),
-                         "overhead_bytes": len(blob) - n * CHUNK}
-        print(f"{name:28s} encrypt {total_mib / e:7.0f} MiB/s   decrypt {total_mib / d:7.0f} MiB/s   "
-              f"overhead {len(blob) - n * CHUNK} bytes on {total_mib:.0f} MiB")
+        results[name] = {
+            "encrypt_mib_s": round(total_mib / e),
+            "decrypt_mib_s": round(total_mib / d),
+            "overhead_bytes": len(blob) - n * CHUNK,
+        }
+        print(
+            f"{name:28s} encrypt {total_mib / e:7.0f} MiB/s   decrypt {total_mib / d:7.0f} MiB/s   "
+            f"overhead {len(blob) - n * CHUNK} bytes on {total_mib:.0f} MiB"
+        )
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "encryption.json").write_text(json.dumps({"mib": total_mib, "results": results}, indent=2))

@@ -59,7 +59,10 @@ def sql(dsn: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
 
 
 def make_pair() -> tuple[LocalCluster, LocalCluster, list[Path]]:
-    base_h, base_s = make_private_dir("gravl-bench-fo-home-", PG_USER), make_private_dir("gravl-bench-fo-sb-", PG_USER)
+    base_h, base_s = (
+        make_private_dir("gravl-bench-fo-home-", PG_USER),
+        make_private_dir("gravl-bench-fo-sb-", PG_USER),
+    )
     home = LocalCluster(base_h / "data", free_port("127.0.0.1"), host="127.0.0.1", dbname="gravl")
     home.initdb(extra_conf={"wal_log_hints": "on"})
     home.start()
@@ -102,8 +105,9 @@ class Writer(threading.Thread):
                     if conn is None or conn.closed or conn.info.dsn != dsn:
                         if conn is not None:
                             conn.close()
-                        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=1,
-                                               options="-c synchronous_commit=on")
+                        conn = psycopg.connect(
+                            dsn, autocommit=True, connect_timeout=1, options="-c synchronous_commit=on"
+                        )
                     conn.execute("INSERT INTO items (tag, n) VALUES ('writer', %s)", (seq,))
                     self.commits.append((time.monotonic(), seq))
                     break
@@ -129,21 +133,48 @@ def one_run(moto: str, rows: int, workdir: Path) -> dict[str, float]:
     home, sb, bases = make_pair()
     try:
         r53 = boto3.client("route53", endpoint_url=moto, region_name="us-east-1")
-        zone = r53.create_hosted_zone(Name="gravl.internal.", CallerReference=uuid.uuid4().hex)["HostedZone"]["Id"]
-        r53.change_resource_record_sets(HostedZoneId=zone, ChangeBatch={"Changes": [{"Action": "UPSERT",
-            "ResourceRecordSet": {"Name": "db.gravl.internal.", "Type": "A", "TTL": 30,
-                                  "ResourceRecords": [{"Value": "127.0.0.1"}]}}]})
+        zone = r53.create_hosted_zone(Name="gravl.internal.", CallerReference=uuid.uuid4().hex)["HostedZone"][
+            "Id"
+        ]
+        r53.change_resource_record_sets(
+            HostedZoneId=zone,
+            ChangeBatch={
+                "Changes": [
+                    {
+                        "Action": "UPSERT",
+                        "ResourceRecordSet": {
+                            "Name": "db.gravl.internal.",
+                            "Type": "A",
+                            "TTL": 30,
+                            "ResourceRecords": [{"Value": "127.0.0.1"}],
+                        },
+                    }
+                ]
+            },
+        )
         cfg = workdir / f"gravl-dr-{uuid.uuid4().hex[:6]}.yaml"
-        cfg.write_text(yaml.safe_dump({
-            "cluster": "gravl",
-            "primary": {"name": "home", "dsn": home.dsn(), "pgdata": str(home.pgdata)},
-            "replicas": [{"name": "standby-1", "dsn": sb.dsn(), "pgdata": str(sb.pgdata)}],
-            "repository": {"url": f"file://{workdir}/repo"},
-            "dns": {"provider": "route53", "zone_id": zone, "record": "db.gravl.internal.", "ttl": 30,
-                    "endpoint_url": moto, "region": "us-east-1"},
-        }))
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "cluster": "gravl",
+                    "primary": {"name": "home", "dsn": home.dsn(), "pgdata": str(home.pgdata)},
+                    "replicas": [{"name": "standby-1", "dsn": sb.dsn(), "pgdata": str(sb.pgdata)}],
+                    "repository": {"url": f"file://{workdir}/repo"},
+                    "dns": {
+                        "provider": "route53",
+                        "zone_id": zone,
+                        "record": "db.gravl.internal.",
+                        "ttl": 30,
+                        "endpoint_url": moto,
+                        "region": "us-east-1",
+                    },
+                }
+            )
+        )
 
-        sql(home.dsn(), "INSERT INTO items (tag, n) SELECT 'before', g FROM generate_series(1, %s) g", (rows,))
+        sql(
+            home.dsn(), "INSERT INTO items (tag, n) SELECT 'before', g FROM generate_series(1, %s) g", (rows,)
+        )
         wait_replayed(home, sb)
         pid = home.postmaster_pid()
         assert pid
@@ -185,7 +216,9 @@ def one_run(moto: str, rows: int, workdir: Path) -> dict[str, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rows", type=int, default=20000)
     parser.add_argument("--json", help="also write the results here")

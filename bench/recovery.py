@@ -98,8 +98,9 @@ KEEP_LOGS: Path | None = None
 
 
 def stop(pgdata: Path) -> None:
-    subprocess.run(as_pg(f"{BIN}/pg_ctl", "-D", str(pgdata), "-m", "immediate", "-s", "stop"),
-                   capture_output=True)
+    subprocess.run(
+        as_pg(f"{BIN}/pg_ctl", "-D", str(pgdata), "-m", "immediate", "-s", "stop"), capture_output=True
+    )
     if KEEP_LOGS is not None:  # the server's log (and gravl-dr's prefetcher log) of the last round
         KEEP_LOGS.mkdir(parents=True, exist_ok=True)
         for src in (pgdata.parent / f"{pgdata.name}.log", pgdata / "pg_wal" / "gravl-dr" / "prefetcher.log"):
@@ -125,10 +126,14 @@ def median(values: list[float]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--scale", type=int, default=30, help="pgbench scale (default 30)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per step (default 3)")
-    parser.add_argument("--wal-seconds", type=int, default=20, help="pgbench -T after the backup (default 20)")
+    parser.add_argument(
+        "--wal-seconds", type=int, default=20, help="pgbench -T after the backup (default 20)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep-logs", type=Path, help="copy the restored servers' logs here")
     args = parser.parse_args()
@@ -145,10 +150,15 @@ def main() -> None:
     chown_tree(base, PG)
     cfg = base / "gravl-dr.yaml"
     port = free_port()
-    cfg.write_text(yaml.safe_dump({
-        "cluster": "bench", "primary": {"dsn": f"host=127.0.0.1 port={port} user=postgres dbname=postgres"},
-        "repository": {"url": f"file://{base / 'gravl-repo'}", "compression": "zstd"},
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "cluster": "bench",
+                "primary": {"dsn": f"host=127.0.0.1 port={port} user=postgres dbname=postgres"},
+                "repository": {"url": f"file://{base / 'gravl-repo'}", "compression": "zstd"},
+            }
+        )
+    )
     conf = base / "pgbackrest.conf"
     conf.write_text(
         "[global]\n"
@@ -163,35 +173,52 @@ def main() -> None:
     env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     server, url, home = start_prefect_server()
     env["PREFECT_API_URL"] = url
-    res: dict[str, Any] = {"scale": args.scale, "rounds": args.rounds, "cores": cores,
-                           "wal_seconds": args.wal_seconds, "load_at_start": os.getloadavg()[0]}
+    res: dict[str, Any] = {
+        "scale": args.scale,
+        "rounds": args.rounds,
+        "cores": cores,
+        "wal_seconds": args.wal_seconds,
+        "load_at_start": os.getloadavg()[0],
+    }
     samples: dict[str, list[float]] = {}
 
     def note(key: str, value: float) -> None:
         samples.setdefault(key, []).append(value)
 
     def gravl(*argv: str) -> Timed:
-        return must(timed([GRAVL_DR, "--config", str(cfg), *argv], env=env, root_only=False),
-                    f"gravl-dr {' '.join(argv)}")
+        return must(
+            timed([GRAVL_DR, "--config", str(cfg), *argv], env=env, root_only=False),
+            f"gravl-dr {' '.join(argv)}",
+        )
 
     try:
-        source.initdb(checksums=True, extra_conf={
-            "max_wal_size": "'4GB'", "checkpoint_timeout": "'30min'", "archive_mode": "on",
-            "archive_command": f"'{GRAVL_DR} --config {cfg} wal-push %p && {' '.join(pgbr)} archive-push %p'",
-            "unix_socket_directories": f"'{sock}'",
-        })
+        source.initdb(
+            checksums=True,
+            extra_conf={
+                "max_wal_size": "'4GB'",
+                "checkpoint_timeout": "'30min'",
+                "archive_mode": "on",
+                "archive_command": f"'{GRAVL_DR} --config {cfg} wal-push %p && {' '.join(pgbr)} archive-push %p'",
+                "unix_socket_directories": f"'{sock}'",
+            },
+        )
         chown_tree(base, PG)
-        subprocess.run(as_pg(f"{BIN}/pg_ctl", "-D", str(source.pgdata), "-l", str(source.logfile), "-w",
-                             "-s", "start"), check=True)
+        subprocess.run(
+            as_pg(f"{BIN}/pg_ctl", "-D", str(source.pgdata), "-l", str(source.logfile), "-w", "-s", "start"),
+            check=True,
+        )
         subprocess.run(as_pg(*pgbr, "stanza-create"), check=True, capture_output=True)
         conn = ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
         subprocess.run([f"{BIN}/createdb", *conn, "bench"], check=True)
         # a tiny backup first: what a flow command costs with (almost) no data
         tiny_run = gravl("backup", "--kind", "physical", "--json")
-        tiny = json.loads(tiny_run.stdout[tiny_run.stdout.index("{"):])
+        tiny = json.loads(tiny_run.stdout[tiny_run.stdout.index("{") :])
         print(f"pgbench -i -s {args.scale} ...", flush=True)
-        subprocess.run([f"{BIN}/pgbench", "-i", "-q", "-s", str(args.scale), *conn, "bench"], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [f"{BIN}/pgbench", "-i", "-q", "-s", str(args.scale), *conn, "bench"],
+            check=True,
+            capture_output=True,
+        )
         sql(port, "CHECKPOINT")
         res["db_mb"] = round(sql(port, "SELECT pg_database_size('bench')") / 2**20)
         # ---- backup rounds
@@ -206,18 +233,26 @@ def main() -> None:
                     note("fixed_backup_dry_run_s", dry.seconds)
                     note("idle_rss_mb", dry.peak_rss_mb)
                 else:
-                    t = must(timed(as_pg(*pgbr, "--type=full", "backup"), root_only=False), "pgbackrest backup")
+                    t = must(
+                        timed(as_pg(*pgbr, "--type=full", "backup"), root_only=False), "pgbackrest backup"
+                    )
                     note("backup_pgbr_s", t.seconds)
                     note("backup_pgbr_rss_mb", t.peak_rss_mb)
-            print(f"backup round {r + 1}: {json.dumps({k: round(v[-1], 2) for k, v in samples.items()})}",
-                  flush=True)
+            print(
+                f"backup round {r + 1}: {json.dumps({k: round(v[-1], 2) for k, v in samples.items()})}",
+                flush=True,
+            )
         # ---- WAL after the last backups, archived by both
         start_lsn = sql(port, "SELECT pg_current_wal_lsn()::text")
         print(f"pgbench -T {args.wal_seconds} ...", flush=True)
-        subprocess.run([f"{BIN}/pgbench", "-c", "4", "-j", "2", "-T", str(args.wal_seconds), *conn, "bench"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [f"{BIN}/pgbench", "-c", "4", "-j", "2", "-T", str(args.wal_seconds), *conn, "bench"],
+            check=True,
+            capture_output=True,
+        )
         res["wal_after_backup_mb"] = round(
-            sql(port, f"SELECT pg_current_wal_lsn() - '{start_lsn}'::pg_lsn") / 2**20)
+            sql(port, f"SELECT pg_current_wal_lsn() - '{start_lsn}'::pg_lsn") / 2**20
+        )
         sql(port, "SELECT pg_switch_wal()")
         status = source.pgdata / "pg_wal" / "archive_status"
         deadline = time.monotonic() + 600
@@ -225,8 +260,9 @@ def main() -> None:
             if time.monotonic() > deadline:
                 raise SystemExit("archiving did not drain")
             time.sleep(0.2)
-        subprocess.run(as_pg(f"{BIN}/pg_ctl", "-D", str(source.pgdata), "-m", "fast", "-w", "-s", "stop"),
-                       check=True)
+        subprocess.run(
+            as_pg(f"{BIN}/pg_ctl", "-D", str(source.pgdata), "-m", "fast", "-w", "-s", "stop"), check=True
+        )
         # ---- restore, replay, restore + replay
         for r in range(args.rounds):
             order = ["gravl", "pgbr"] if r % 2 == 0 else ["pgbr", "gravl"]
@@ -236,8 +272,10 @@ def main() -> None:
                 if tool == "gravl":
                     t = gravl("restore", "latest", "--pgdata", str(target))
                 else:
-                    t = must(timed(as_pg(*pgbr, f"--pg1-path={target}", "restore"), root_only=False),
-                             "pgbackrest restore")
+                    t = must(
+                        timed(as_pg(*pgbr, f"--pg1-path={target}", "restore"), root_only=False),
+                        "pgbackrest restore",
+                    )
                 note(f"restore_{tool}_s", t.seconds)
                 note(f"restore_{tool}_rss_mb", t.peak_rss_mb)
                 rport = free_port()
@@ -253,11 +291,13 @@ def main() -> None:
                 t0 = time.monotonic()
                 if tool == "gravl":
                     t = gravl("restore", "latest", "--pgdata", str(target), "--start", "--json")
-                    rep = json.loads(t.stdout[t.stdout.index("{"):])
+                    rep = json.loads(t.stdout[t.stdout.index("{") :])
                     note("restore_replay_gravl_recovery_s", rep.get("recovery_seconds") or 0.0)
                 else:
-                    must(timed(as_pg(*pgbr, f"--pg1-path={target}", "restore"), root_only=False),
-                         "pgbackrest restore")
+                    must(
+                        timed(as_pg(*pgbr, f"--pg1-path={target}", "restore"), root_only=False),
+                        "pgbackrest restore",
+                    )
                     rport = free_port()
                     prepare_restored(target, rport, sock)
                     start_and_wait(target, rport)
@@ -268,8 +308,10 @@ def main() -> None:
             t = gravl("restore", tiny["backup_id"], "--pgdata", str(tiny_target))
             note("fixed_restore_tiny_s", t.seconds)
             shutil.rmtree(tiny_target, ignore_errors=True)
-            print(f"restore round {r + 1}: {json.dumps({k: round(v[-1], 2) for k, v in samples.items()})}",
-                  flush=True)
+            print(
+                f"restore round {r + 1}: {json.dumps({k: round(v[-1], 2) for k, v in samples.items()})}",
+                flush=True,
+            )
     finally:
         source.destroy()
         server.terminate()
@@ -279,26 +321,37 @@ def main() -> None:
     res["samples"] = samples
     med = {k: round(median(v), 3) for k, v in samples.items()}
     res["median"] = med
-    rows = [("physical backup, whole command", "backup"), ("restore, whole command", "restore"),
-            ("replay to the end, until promoted (pg_ctl start)", "replay"),
-            ("restore + replay, until promoted", "restore_replay")]
-    print(f"\n## pgbench scale {args.scale} ({res['db_mb']} MB), {res['wal_after_backup_mb']} MB of WAL after "
-          f"the backup, {args.rounds} rounds, {cores} cores, load {res['load_at_start']:.1f} -> "
-          f"{res['load_at_end']:.1f}\n")
+    rows = [
+        ("physical backup, whole command", "backup"),
+        ("restore, whole command", "restore"),
+        ("replay to the end, until promoted (pg_ctl start)", "replay"),
+        ("restore + replay, until promoted", "restore_replay"),
+    ]
+    print(
+        f"\n## pgbench scale {args.scale} ({res['db_mb']} MB), {res['wal_after_backup_mb']} MB of WAL after "
+        f"the backup, {args.rounds} rounds, {cores} cores, load {res['load_at_start']:.1f} -> "
+        f"{res['load_at_end']:.1f}\n"
+    )
     print("| step (median) | pgBackRest | gravl-dr | ratio | peak RSS pgBackRest | peak RSS gravl-dr |")
     print("|---|---|---|---|---|---|")
     for label, key in rows:
         g, p = med.get(f"{key}_gravl_s"), med.get(f"{key}_pgbr_s")
         gr, pr = med.get(f"{key}_gravl_rss_mb"), med.get(f"{key}_pgbr_rss_mb")
-        print(f"| {label} | {p:.2f} s | {g:.2f} s | {g / p:.2f}x | "
-              f"{f'{pr:.0f} MB' if pr else '-'} | {f'{gr:.0f} MB' if gr else '-'} |")
+        print(
+            f"| {label} | {p:.2f} s | {g:.2f} s | {g / p:.2f}x | "
+            f"{f'{pr:.0f} MB' if pr else '-'} | {f'{gr:.0f} MB' if gr else '-'} |"
+        )
     gs, ps = med.get("replay_gravl_segments") or 0, med.get("replay_pgbr_segments") or 0
     if gs and ps:  # each tool replays from its own (latest) backup: the counts may differ by one or two
-        print(f"\nsegments replayed: pgBackRest {ps:.0f}, gravl-dr {gs:.0f}; per segment: pgBackRest "
-              f"{med['replay_pgbr_s'] / ps * 1000:.0f} ms, gravl-dr {med['replay_gravl_s'] / gs * 1000:.0f} ms "
-              f"({ps / med['replay_pgbr_s']:.2f} vs {gs / med['replay_gravl_s']:.2f} segments/s)")
-    print(f"fixed cost: backup --dry-run {med['fixed_backup_dry_run_s']:.2f} s (idle RSS "
-          f"{med['idle_rss_mb']:.0f} MB); restore of a tiny backup {med['fixed_restore_tiny_s']:.2f} s")
+        print(
+            f"\nsegments replayed: pgBackRest {ps:.0f}, gravl-dr {gs:.0f}; per segment: pgBackRest "
+            f"{med['replay_pgbr_s'] / ps * 1000:.0f} ms, gravl-dr {med['replay_gravl_s'] / gs * 1000:.0f} ms "
+            f"({ps / med['replay_pgbr_s']:.2f} vs {gs / med['replay_gravl_s']:.2f} segments/s)"
+        )
+    print(
+        f"fixed cost: backup --dry-run {med['fixed_backup_dry_run_s']:.2f} s (idle RSS "
+        f"{med['idle_rss_mb']:.0f} MB); restore of a tiny backup {med['fixed_restore_tiny_s']:.2f} s"
+    )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
 

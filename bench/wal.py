@@ -87,14 +87,22 @@ def setup_mode(mode: str, base: Path, cluster: LocalCluster, moto: str | None) -
 
             bucket = f"bench-{int(time.time())}"
             boto3.client("s3", endpoint_url=moto, region_name="eu-north-1").create_bucket(
-                Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-north-1"})
-            repo = {"url": f"s3://{bucket}/gravl", "endpoint_url": moto, "region": "eu-north-1",
-                    "compression": "zstd"}
+                Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-north-1"}
+            )
+            repo = {
+                "url": f"s3://{bucket}/gravl",
+                "endpoint_url": moto,
+                "region": "eu-north-1",
+                "compression": "zstd",
+            }
         else:
             (base / "repo" / "backups").mkdir(parents=True)
         cfg = base / "gravl-dr.yaml"
-        cfg.write_text(yaml.safe_dump({"cluster": "bench", "primary": {"dsn": cluster.dsn("postgres")},
-                                       "repository": repo}))
+        cfg.write_text(
+            yaml.safe_dump(
+                {"cluster": "bench", "primary": {"dsn": cluster.dsn("postgres")}, "repository": repo}
+            )
+        )
         return f"{GRAVL_DR} --config {cfg} wal-push %p"
     conf = base / "pgbackrest.conf"
     asynchronous = mode.endswith("-async")
@@ -118,20 +126,33 @@ def run_mode(mode: str, seconds: int, moto: str | None) -> dict[str, Any]:
         wrapper = base / "timed-archive.sh"
         command = setup_mode(mode, base, cluster, moto)
         # the server passes few variables to archive_command: moto's fake credentials go here
-        env = ("export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing"
-               if mode == "gravl-s3" else "")
+        env = "export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing" if mode == "gravl-s3" else ""
         wrapper.write_text(WRAPPER.replace("{log}", str(log)).replace("{env}", env))
         wrapper.chmod(0o755)
         cluster.append_conf({"archive_mode": "on", "archive_command": f"'{wrapper} {command}'"})
         chown_tree(base, PG_USER)
         cluster.start()
         if mode.startswith("pgbackrest"):
-            subprocess.run(["runuser", "-u", PG_USER, "--", "pgbackrest", f"--config={base / 'pgbackrest.conf'}",
-                            "--stanza=bench", "--no-online", "stanza-create"], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    "runuser",
+                    "-u",
+                    PG_USER,
+                    "--",
+                    "pgbackrest",
+                    f"--config={base / 'pgbackrest.conf'}",
+                    "--stanza=bench",
+                    "--no-online",
+                    "stanza-create",
+                ],
+                check=True,
+                capture_output=True,
+            )
         conn = ["-h", cluster.host, "-p", str(cluster.port), "-U", "postgres"]
         subprocess.run([f"{BIN}/createdb", *conn, "bench"], check=True)
-        subprocess.run([f"{BIN}/pgbench", "-i", "-q", "-s", "10", *conn, "bench"], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [f"{BIN}/pgbench", "-i", "-q", "-s", "10", *conn, "bench"], check=True, capture_output=True
+        )
         sql(cluster, "CHECKPOINT")
         sql(cluster, "SELECT pg_switch_wal()")
         wait_drained(cluster, 300)
@@ -140,39 +161,53 @@ def run_mode(mode: str, seconds: int, moto: str | None) -> dict[str, Any]:
         start_lsn = sql(cluster, "SELECT pg_current_wal_lsn()::text")
         start_archived = sql(cluster, "SELECT archived_count FROM pg_stat_archiver")
         print(f"[{mode}] pgbench -c 4 -j 2 -T {seconds} ...", flush=True)
-        bench = subprocess.run([f"{BIN}/pgbench", "-c", "4", "-j", "2", "-T", str(seconds), *conn, "bench"],
-                               capture_output=True, text=True, check=True)
-        tps = next((ln.split("=")[1].split()[0] for ln in bench.stdout.splitlines()
-                    if ln.startswith("tps =")), "?")
-        row = sql(cluster, "SELECT pg_current_wal_lsn() - %s::pg_lsn, pg_walfile_name(pg_current_wal_lsn()),"
-                  " a.last_archived_wal, a.archived_count, a.failed_count FROM pg_stat_archiver a"
-                  .replace("%s", f"'{start_lsn}'"))
+        bench = subprocess.run(
+            [f"{BIN}/pgbench", "-c", "4", "-j", "2", "-T", str(seconds), *conn, "bench"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        tps = next(
+            (ln.split("=")[1].split()[0] for ln in bench.stdout.splitlines() if ln.startswith("tps =")), "?"
+        )
+        row = sql(
+            cluster,
+            "SELECT pg_current_wal_lsn() - %s::pg_lsn, pg_walfile_name(pg_current_wal_lsn()),"
+            " a.last_archived_wal, a.archived_count, a.failed_count FROM pg_stat_archiver a".replace(
+                "%s", f"'{start_lsn}'"
+            ),
+        )
         wal_bytes, current, last, archived, failed = row
         ready = ready_count(cluster)
         lag_segments = max(0, segno(current) - segno(last[:24]) - 1) if last else None
         drain = wait_drained(cluster, 600)
         calls = [ln.split() for ln in log.read_text().splitlines() if ln.strip()]
         lat = sorted((int(e) - int(s)) / 1e6 for s, e, rc, *_ in calls if rc == "0")
-        res.update({
-            "pgbench_tps": float(tps) if tps != "?" else None,
-            "wal_generated_mb": round(int(wal_bytes) / 2**20, 1),
-            "wal_segments": round(int(wal_bytes) / SEG, 1),
-            "archived_during_run": int(archived) - int(start_archived),
-            "segments_per_s": round((int(archived) - int(start_archived)) / seconds, 2),
-            "lag_segments_at_end": lag_segments,
-            "ready_files_at_end": ready,
-            "failed_count": int(failed),
-            "drain_s": round(drain, 1),
-            "calls": len(calls),
-            "median_call_ms": round(statistics.median(lat), 1) if lat else None,
-            "p90_call_ms": round(lat[int(len(lat) * 0.9) - 1], 1) if len(lat) >= 10 else None,
-            "wall_per_segment_ms": round(sum(lat) / max(1, len(lat)), 1) if lat else None,
-        })
+        res.update(
+            {
+                "pgbench_tps": float(tps) if tps != "?" else None,
+                "wal_generated_mb": round(int(wal_bytes) / 2**20, 1),
+                "wal_segments": round(int(wal_bytes) / SEG, 1),
+                "archived_during_run": int(archived) - int(start_archived),
+                "segments_per_s": round((int(archived) - int(start_archived)) / seconds, 2),
+                "lag_segments_at_end": lag_segments,
+                "ready_files_at_end": ready,
+                "failed_count": int(failed),
+                "drain_s": round(drain, 1),
+                "calls": len(calls),
+                "median_call_ms": round(statistics.median(lat), 1) if lat else None,
+                "p90_call_ms": round(lat[int(len(lat) * 0.9) - 1], 1) if len(lat) >= 10 else None,
+                "wall_per_segment_ms": round(sum(lat) / max(1, len(lat)), 1) if lat else None,
+            }
+        )
         if mode.startswith("gravl"):
             # the background pusher's own time per file (compress, store, mark), from its log
             plog = cluster.pgdata / "pg_wal" / "gravl-dr" / "pusher.log"
-            push_ms = [float(ln.rsplit(" in ", 1)[1].split()[0]) for ln in
-                       (plog.read_text().splitlines() if plog.exists() else []) if " stored: " in ln]
+            push_ms = [
+                float(ln.rsplit(" in ", 1)[1].split()[0])
+                for ln in (plog.read_text().splitlines() if plog.exists() else [])
+                if " stored: " in ln
+            ]
             res["pusher_push_median_ms"] = round(statistics.median(push_ms), 1) if push_ms else None
         if mode.startswith("gravl") and mode != "gravl-s3":
             stored = sum(p.stat().st_size for p in (base / "repo" / "wal").rglob("*") if p.is_file())
@@ -212,9 +247,18 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
-    keys = ["wal_generated_mb", "segments_per_s", "lag_segments_at_end", "ready_files_at_end",
-            "median_call_ms", "p90_call_ms", "pusher_push_median_ms", "drain_s", "failed_count",
-            "pgbench_tps"]
+    keys = [
+        "wal_generated_mb",
+        "segments_per_s",
+        "lag_segments_at_end",
+        "ready_files_at_end",
+        "median_call_ms",
+        "p90_call_ms",
+        "pusher_push_median_ms",
+        "drain_s",
+        "failed_count",
+        "pgbench_tps",
+    ]
     print("\n| mode | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for r in results:

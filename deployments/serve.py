@@ -59,16 +59,18 @@ def read_specs(path: Path = PREFECT_YAML) -> list[DeploymentSpec]:
         limit = dep.get("concurrency_limit")
         if isinstance(limit, dict):
             limit = limit.get("limit")
-        specs.append(DeploymentSpec(
-            name=str(dep["name"]),
-            entrypoint=str(dep["entrypoint"]),
-            parameters=dict(dep.get("parameters") or {}),
-            schedules=list(dep.get("schedules") or []),
-            description=dep.get("description"),
-            tags=list(dep.get("tags") or []),
-            concurrency_limit=int(limit) if limit is not None else None,
-            work_pool=(dep.get("work_pool") or {}).get("name"),
-        ))
+        specs.append(
+            DeploymentSpec(
+                name=str(dep["name"]),
+                entrypoint=str(dep["entrypoint"]),
+                parameters=dict(dep.get("parameters") or {}),
+                schedules=list(dep.get("schedules") or []),
+                description=dep.get("description"),
+                tags=list(dep.get("tags") or []),
+                concurrency_limit=int(limit) if limit is not None else None,
+                work_pool=(dep.get("work_pool") or {}).get("name"),
+            )
+        )
     return specs
 
 
@@ -80,11 +82,17 @@ def to_schedule(item: dict[str, Any]) -> Schedule:
     params = dict(item.get("parameters") or {})
     tz = item.get("timezone")
     if "cron" in item:
-        return Cron(str(item["cron"]), timezone=tz, day_or=bool(item.get("day_or", True)), active=active,
-                    parameters=params)
+        return Cron(
+            str(item["cron"]),
+            timezone=tz,
+            day_or=bool(item.get("day_or", True)),
+            active=active,
+            parameters=params,
+        )
     if "interval" in item:
-        return Interval(timedelta(seconds=float(item["interval"])), timezone=tz, active=active,
-                        parameters=params)
+        return Interval(
+            timedelta(seconds=float(item["interval"])), timezone=tz, active=active, parameters=params
+        )
     if "rrule" in item:
         return RRule(str(item["rrule"]), timezone=tz, active=active, parameters=params)
     raise ValueError(f"schedule {item!r}: needs cron, interval or rrule")
@@ -101,14 +109,16 @@ def build_deployments(specs: Sequence[DeploymentSpec]) -> list[RunnerDeployment]
     deployments: list[RunnerDeployment] = []
     for spec in specs:
         flow: Flow[..., Any] = load_flow_from_entrypoint(spec.entrypoint)
-        deployments.append(flow.to_deployment(  # type: ignore[arg-type]  # sync dispatch
-            name=spec.name,
-            schedules=[to_schedule(s) for s in spec.schedules],
-            parameters=spec.parameters,
-            description=spec.description,
-            tags=spec.tags,
-            concurrency_limit=spec.concurrency_limit,
-        ))
+        deployments.append(
+            flow.to_deployment(  # type: ignore[arg-type]  # sync dispatch
+                name=spec.name,
+                schedules=[to_schedule(s) for s in spec.schedules],
+                parameters=spec.parameters,
+                description=spec.description,
+                tags=spec.tags,
+                concurrency_limit=spec.concurrency_limit,
+            )
+        )
     return deployments
 
 
@@ -156,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(
             f"serve.py: error: refusing to serve {len(clash)} deployment(s) a worker already runs: "
             f"{', '.join(clash)}. Serving would replace them (pull step, job variables) and pause "
-            "them on exit. Run a worker for them instead, or serve others with --only NAME.\n")
+            "them on exit. Run a worker for them instead, or serve others with --only NAME.\n"
+        )
         return 2
     serve(*deployments)
     return 0

@@ -41,8 +41,13 @@ def preflight(cfg: Config, repo: Repository, kind: str) -> steps.Preflight:
     pre = steps.preflight(cfg, repo, kind)
     for line in pre.messages:
         logger().info(line)
-    logger().info("backup %s will be written to %s (%s%s)", pre.backup_id, repo.url, pre.codec,
-                  ", encrypted" if pre.encrypted else "")
+    logger().info(
+        "backup %s will be written to %s (%s%s)",
+        pre.backup_id,
+        repo.url,
+        pre.codec,
+        ", encrypted" if pre.encrypted else "",
+    )
     return pre
 
 
@@ -57,8 +62,12 @@ def stream_backup(cfg: Config, repo: Repository, pre: steps.Preflight) -> steps.
     res = steps.stream_backup(cfg, repo, pre)
     for obj in res.objects:
         logger().info(
-            "stored %s: %s raw -> %s stored in %.1fs (%.0f MiB/s)", obj.key, human_bytes(obj.raw_size),
-            human_bytes(obj.size), res.seconds, obj.raw_size / max(res.seconds, 1e-6) / 2**20,
+            "stored %s: %s raw -> %s stored in %.1fs (%.0f MiB/s)",
+            obj.key,
+            human_bytes(obj.raw_size),
+            human_bytes(obj.size),
+            res.seconds,
+            obj.raw_size / max(res.seconds, 1e-6) / 2**20,
         )
     return res
 
@@ -66,8 +75,9 @@ def stream_backup(cfg: Config, repo: Repository, pre: steps.Preflight) -> steps.
 @task(name="verify-backup", cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def verify_backup(repo: Repository, manifest: Manifest) -> steps.VerifyResult:
     res = steps.verify_objects(repo, manifest)
-    logger().info("re-read %d object(s), %s: sizes and SHA-256 match", res.objects,
-                  human_bytes(res.bytes_read))
+    logger().info(
+        "re-read %d object(s), %s: sizes and SHA-256 match", res.objects, human_bytes(res.bytes_read)
+    )
     return res
 
 
@@ -81,15 +91,17 @@ def publish_manifest(repo: Repository, manifest: Manifest) -> str:
 @task(name="release-backup-lock", cache_policy=NO_CACHE)
 def release_backup_lock(repo: Repository, backup_id: str) -> None:
     if not steps.release_lock(repo, backup_id):
-        logger().warning("the repository lock of %s is left behind; the next backup takes it "
-                         "over (its backup is over), or run gravl-dr unlock", backup_id)
+        logger().warning(
+            "the repository lock of %s is left behind; the next backup takes it "
+            "over (its backup is over), or run gravl-dr unlock",
+            backup_id,
+        )
 
 
 @task(name="discard-incomplete-backup", cache_policy=NO_CACHE)
 def discard_incomplete_backup(repo: Repository, backup_id: str) -> None:
     removed = steps.discard_incomplete(repo, backup_id)
-    logger().warning("backup %s failed: removed %d partial object(s); it is not listed", backup_id,
-                     removed)
+    logger().warning("backup %s failed: removed %d partial object(s); it is not listed", backup_id, removed)
 
 
 @task(name="push-backup-metrics", cache_policy=NO_CACHE)
@@ -118,7 +130,8 @@ def _markdown(report: BackupReport, repo_url: str, error: str | None = None) -> 
     lines = [
         f"# Backup {report.backup_id}: {status}",
         "",
-        "| | |", "|---|---|",
+        "| | |",
+        "|---|---|",
         f"| kind | {report.kind} |",
         f"| repository | {repo_url} |",
         f"| raw size | {human_bytes(report.raw_bytes)} |",
@@ -135,8 +148,13 @@ def _markdown(report: BackupReport, repo_url: str, error: str | None = None) -> 
     if report.messages:
         lines += ["", "## Checks", *[f"- {m}" for m in report.messages]]
     if error:
-        lines += ["", "## What failed", f"`{error}`", "",
-                  "Nothing of this attempt is listed; fix the cause and run the backup again."]
+        lines += [
+            "",
+            "## What failed",
+            f"`{error}`",
+            "",
+            "Nothing of this attempt is listed; fix the cause and run the backup again.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -165,12 +183,16 @@ def backup_flow(
     locked = False
     try:
         pre = preflight(cfg, repo, kind)
-        report = BackupReport(backup_id=pre.backup_id, kind=kind, dry_run=dry_run,
-                              messages=list(pre.messages))
+        report = BackupReport(
+            backup_id=pre.backup_id, kind=kind, dry_run=dry_run, messages=list(pre.messages)
+        )
         if dry_run:
             report.total_seconds = time.monotonic() - t0
-            create_markdown_artifact(markdown=_markdown(report, repo.url), key=artifact_key,
-                                     description=f"dry run of a {kind} backup")
+            create_markdown_artifact(
+                markdown=_markdown(report, repo.url),
+                key=artifact_key,
+                description=f"dry run of a {kind} backup",
+            )
             return report
         acquire_backup_lock(repo, pre.backup_id)
         locked = True
@@ -182,8 +204,9 @@ def backup_flow(
         report.stream_seconds, report.verify_seconds = res.seconds, ver.seconds
         report.start_lsn, report.stop_lsn = res.start_lsn, res.stop_lsn
         report.databases = [d.name for d in manifest.databases if d.object]
-        report.warnings = [f"database {d.name} NOT in the backup: {d.skipped}"
-                           for d in manifest.databases if d.skipped]
+        report.warnings = [
+            f"database {d.name} NOT in the backup: {d.skipped}" for d in manifest.databases if d.skipped
+        ]
         report.warnings += manifest.not_carried_over.backup_notes
         for line in report.warnings:
             logger().warning("%s", line)
@@ -195,19 +218,24 @@ def backup_flow(
                 discard_incomplete_backup(repo, pre.backup_id)
             except Exception as cleanup_exc:  # noqa: BLE001 - report the original error
                 logger().error("cleanup failed: %s", one_line(cleanup_exc))
-        failed = report or BackupReport(backup_id=pre.backup_id if pre else "-", kind=kind,
-                                        dry_run=dry_run)
+        failed = report or BackupReport(backup_id=pre.backup_id if pre else "-", kind=kind, dry_run=dry_run)
         failed.total_seconds = time.monotonic() - t0
-        create_markdown_artifact(markdown=_markdown(failed, repo.url, one_line(exc)),
-                                 key=artifact_key, description=f"failed {kind} backup")
+        create_markdown_artifact(
+            markdown=_markdown(failed, repo.url, one_line(exc)),
+            key=artifact_key,
+            description=f"failed {kind} backup",
+        )
         if not dry_run:
             push_backup_metrics(cfg, kind, None, failed=True)
         raise
     finally:
         if locked and pre is not None:
             release_backup_lock(repo, pre.backup_id)
-    create_markdown_artifact(markdown=_markdown(report, repo.url), key=artifact_key,
-                             description=f"{kind} backup {report.backup_id}")
+    create_markdown_artifact(
+        markdown=_markdown(report, repo.url),
+        key=artifact_key,
+        description=f"{kind} backup {report.backup_id}",
+    )
     push_backup_metrics(cfg, kind, report, failed=False)
     logger().info("backup %s complete at %s", report.backup_id, datetime.now(UTC).isoformat())
     return report

@@ -40,19 +40,34 @@ def register(sub: Any) -> None:
     p.add_argument("--port", type=int, help="port for the restored server (default: a free one)")
     p.add_argument("--jobs", type=int, default=2, help="pg_restore -j (logical)")
     point = p.add_mutually_exclusive_group()
-    point.add_argument("--target-time", metavar="TS",
-                       help="recover to this time (ISO 8601; UTC unless it has an offset)")
+    point.add_argument(
+        "--target-time", metavar="TS", help="recover to this time (ISO 8601; UTC unless it has an offset)"
+    )
     point.add_argument("--target-lsn", metavar="LSN", help="recover to this WAL location")
     point.add_argument("--target-name", metavar="NAME", help="recover to this named restore point")
     point.add_argument("--target-xid", metavar="XID", help="recover to this transaction id")
-    p.add_argument("--tablespace-map", action="append", metavar="OLD=NEW", default=[],
-                   help="restore the tablespace at OLD into NEW (repeatable; as pg_basebackup -T)")
-    p.add_argument("--database", metavar="NAME",
-                   help="logical: restore only this database into the existing empty database of --dsn")
-    p.add_argument("--no-owner", action="store_true",
-                   help="logical --database: objects belong to the connecting role, no GRANTs")
-    p.add_argument("--keep-archiving", action="store_true",
-                   help="let the restored server archive its new timeline (default: archive_mode off)")
+    p.add_argument(
+        "--tablespace-map",
+        action="append",
+        metavar="OLD=NEW",
+        default=[],
+        help="restore the tablespace at OLD into NEW (repeatable; as pg_basebackup -T)",
+    )
+    p.add_argument(
+        "--database",
+        metavar="NAME",
+        help="logical: restore only this database into the existing empty database of --dsn",
+    )
+    p.add_argument(
+        "--no-owner",
+        action="store_true",
+        help="logical --database: objects belong to the connecting role, no GRANTs",
+    )
+    p.add_argument(
+        "--keep-archiving",
+        action="store_true",
+        help="let the restored server archive its new timeline (default: archive_mode off)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_restore)
 
@@ -85,8 +100,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
             print(f"  {line}")
     else:
         ratio = report.raw_bytes / report.stored_bytes if report.stored_bytes else 0
-        print(f"backup {report.backup_id} complete: {report.raw_bytes} raw bytes, "
-              f"{report.stored_bytes} stored (ratio {ratio:.2f}) in {report.total_seconds:.1f}s")
+        print(
+            f"backup {report.backup_id} complete: {report.raw_bytes} raw bytes, "
+            f"{report.stored_bytes} stored (ratio {ratio:.2f}) in {report.total_seconds:.1f}s"
+        )
         if report.databases:
             print(f"databases: {', '.join(report.databases)}")
         for line in report.warnings:
@@ -105,7 +122,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         out: list[dict[str, Any]] = []
         for e in entries:
-            doc: dict[str, Any] = json.loads(e.manifest.model_dump_json()) if e.manifest else {"id": e.backup_id}
+            doc: dict[str, Any] = (
+                json.loads(e.manifest.model_dump_json()) if e.manifest else {"id": e.backup_id}
+            )
             doc.update(status=e.status, reason=e.reason or None)
             out.append(doc)
         json.dump(out, sys.stdout, indent=2)
@@ -120,13 +139,18 @@ def cmd_list(args: argparse.Namespace) -> int:
         if m is None:
             print(f"{e.backup_id:36} {'-':8} {e.status:8} {e.reason}")
             continue
-        line = (f"{m.id:36} {m.kind:8} {e.status:8} {m.raw_bytes:>12} {m.stored_bytes:>12} "
-                f"{m.stop_lsn or '-':>14}  {m.stop_time.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z")
+        line = (
+            f"{m.id:36} {m.kind:8} {e.status:8} {m.raw_bytes:>12} {m.stored_bytes:>12} "
+            f"{m.stop_lsn or '-':>14}  {m.stop_time.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z"
+        )
         print(line + (f"  ({e.reason})" if e.reason else ""))
     bad = [e for e in entries if e.status in ("BROKEN", "INVALID")]
     if bad:
-        print(f"warning: {len(bad)} backup(s) cannot be restored: "
-              + ", ".join(f"{e.backup_id} {e.status}" for e in bad), file=sys.stderr)
+        print(
+            f"warning: {len(bad)} backup(s) cannot be restored: "
+            + ", ".join(f"{e.backup_id} {e.status}" for e in bad),
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -139,11 +163,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
     key = key_for_manifest(cfg, manifest)
     res = verify_objects(repo, manifest, deep=True, key=key)
     if args.json:
-        print(json.dumps({"backup_id": res.backup_id, "objects": res.objects, "bytes": res.bytes_read,
-                          "seconds": round(res.seconds, 3), "ok": True}))
+        print(
+            json.dumps(
+                {
+                    "backup_id": res.backup_id,
+                    "objects": res.objects,
+                    "bytes": res.bytes_read,
+                    "seconds": round(res.seconds, 3),
+                    "ok": True,
+                }
+            )
+        )
     else:
-        print(f"backup {res.backup_id} OK: {res.objects} object(s), {res.bytes_read} bytes, "
-              f"checksums match ({res.seconds:.1f}s)")
+        print(
+            f"backup {res.backup_id} OK: {res.objects} object(s), {res.bytes_read} bytes, "
+            f"checksums match ({res.seconds:.1f}s)"
+        )
     return 0
 
 
@@ -169,8 +204,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         kind = "logical"
     from tasks.recovery import RecoveryTarget
 
-    target = RecoveryTarget.from_options(time=args.target_time, lsn=args.target_lsn,
-                                         name=args.target_name, xid=args.target_xid)
+    target = RecoveryTarget.from_options(
+        time=args.target_time, lsn=args.target_lsn, name=args.target_name, xid=args.target_xid
+    )
     if target.kind != "end" and kind != "physical":
         raise PreconditionFailed("--target-* needs a physical restore (--pgdata)")
     if (args.database or args.no_owner) and kind != "logical":
@@ -185,13 +221,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
         from tasks.recovery import check_target_for_backup, choose_backup
 
         now = datetime.now(UTC)
-        manifest = (choose_backup(list_backups(repo, cfg.cluster, check=True), target, now)
-                    if args.backup == "latest" else resolve_backup(repo, args.backup, cluster=cfg.cluster))
+        manifest = (
+            choose_backup(list_backups(repo, cfg.cluster, check=True), target, now)
+            if args.backup == "latest"
+            else resolve_backup(repo, args.backup, cluster=cfg.cluster)
+        )
         if manifest.kind == "physical":
             check_target_for_backup(manifest, target, now)
     else:
-        manifest = resolve_backup(repo, args.backup, kind=kind if args.backup == "latest" else None,
-                                  cluster=cfg.cluster)
+        manifest = resolve_backup(
+            repo, args.backup, kind=kind if args.backup == "latest" else None, cluster=cfg.cluster
+        )
     if manifest.kind != kind:
         raise PreconditionFailed(
             f"backup {manifest.id} is {manifest.kind}: use --{'pgdata' if manifest.kind == 'physical' else 'dsn'}"
@@ -200,12 +240,22 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from flows.restore import restore_flow
 
     report = run_flow(
-        restore_flow, config_path=args.config, backup=manifest.id,
-        pgdata=str(Path(args.pgdata).absolute()) if args.pgdata else None, dsn=args.dsn,
-        start=args.start, port=args.port, jobs=args.jobs, target_time=args.target_time,
-        target_lsn=args.target_lsn, target_name=args.target_name, target_xid=args.target_xid,
-        keep_archiving=args.keep_archiving, tablespace_map=args.tablespace_map or None,
-        database=args.database, no_owner=args.no_owner,
+        restore_flow,
+        config_path=args.config,
+        backup=manifest.id,
+        pgdata=str(Path(args.pgdata).absolute()) if args.pgdata else None,
+        dsn=args.dsn,
+        start=args.start,
+        port=args.port,
+        jobs=args.jobs,
+        target_time=args.target_time,
+        target_lsn=args.target_lsn,
+        target_name=args.target_name,
+        target_xid=args.target_xid,
+        keep_archiving=args.keep_archiving,
+        tablespace_map=args.tablespace_map or None,
+        database=args.database,
+        no_owner=args.no_owner,
     )
     if args.json:
         print(report.model_dump_json(indent=2))
@@ -213,9 +263,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
         where = f", server running on port {report.port}" if report.started else ""
         print(f"restored {report.backup_id} into {report.target} in {report.seconds:.1f}s{where}")
         if report.reached_lsn:
-            print(f"recovered to {report.target_point}: reached {report.reached_lsn} on timeline "
-                  f"{report.timeline}, last transaction committed at {report.last_xact_time or '-'}"
-                  f" ({report.stop_message or 'end of WAL'})")
+            print(
+                f"recovered to {report.target_point}: reached {report.reached_lsn} on timeline "
+                f"{report.timeline}, last transaction committed at {report.last_xact_time or '-'}"
+                f" ({report.stop_message or 'end of WAL'})"
+            )
         if report.databases:
             print(f"databases: {', '.join(report.databases)}")
         for note in report.not_carried_over:

@@ -24,14 +24,24 @@ class GuardRefused(PreconditionFailed):
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("guard", help="before PostgreSQL starts: keep a demoted node in standby mode "
-                                     "(systemd ExecStartPre, Kubernetes init container)")
+    p = sub.add_parser(
+        "guard",
+        help="before PostgreSQL starts: keep a demoted node in standby mode "
+        "(systemd ExecStartPre, Kubernetes init container)",
+    )
     p.add_argument("--node", required=True, help="this host's node name in the config")
     p.add_argument("--pgdata", help="its data directory (default: the node's pgdata in the config)")
-    p.add_argument("--refuse", action="store_true",
-                   help=f"exit {GUARD_REFUSED_EXIT_CODE} instead of configuring standby mode when it was demoted")
-    p.add_argument("--on-unknown", choices=("refuse", "allow"), default="refuse",
-                   help="when the role history cannot be read: refuse to start (default) or allow it")
+    p.add_argument(
+        "--refuse",
+        action="store_true",
+        help=f"exit {GUARD_REFUSED_EXIT_CODE} instead of configuring standby mode when it was demoted",
+    )
+    p.add_argument(
+        "--on-unknown",
+        choices=("refuse", "allow"),
+        default="refuse",
+        help="when the role history cannot be read: refuse to start (default) or allow it",
+    )
     p.set_defaults(func=cmd_guard)
 
 
@@ -59,25 +69,36 @@ def cmd_guard(args: argparse.Namespace) -> int:
         history = role_history(open_repository(cfg.repository))
     except DRError as exc:
         if args.on_unknown == "allow":
-            sys.stderr.write(f"gravl-dr: WARNING: role history unreadable ({one_line(exc)}); "
-                             f"{node.name} allowed to start (--on-unknown allow)\n")
+            sys.stderr.write(
+                f"gravl-dr: WARNING: role history unreadable ({one_line(exc)}); "
+                f"{node.name} allowed to start (--on-unknown allow)\n"
+            )
             return 0
-        raise GuardRefused(f"cannot read the role history ({one_line(exc)}): not letting {node.name} start "
-                           "as a primary (--on-unknown allow to override)") from None
+        raise GuardRefused(
+            f"cannot read the role history ({one_line(exc)}): not letting {node.name} start "
+            "as a primary (--on-unknown allow to override)"
+        ) from None
     demoted = demotion_of(history, node.name)
     current = primary_by_history(history, cfg.primary.name)
     if demoted is None:
-        print(f"guard: {node.name} may start" + (" as the primary" if current == node.name else "")
-              + f" (role history: primary {current})")
+        print(
+            f"guard: {node.name} may start"
+            + (" as the primary" if current == node.name else "")
+            + f" (role history: primary {current})"
+        )
         return 0
-    what = (f"{node.name} was demoted by the {demoted.event} of {demoted.at:%Y-%m-%d %H:%M:%S} UTC "
-            f"(primary now {current}, timeline {demoted.timeline or '?'})")
+    what = (
+        f"{node.name} was demoted by the {demoted.event} of {demoted.at:%Y-%m-%d %H:%M:%S} UTC "
+        f"(primary now {current}, timeline {demoted.timeline or '?'})"
+    )
     if args.refuse:
         raise GuardRefused(f"{what}: refusing to start it; run `gravl-dr failback` to rebuild it")
     upstream = nodes.get(current)
     if upstream is None:
         (pgdata / "standby.signal").touch()
-        print(f"guard: {what}; standby.signal written (the config does not name {current}: no primary_conninfo)")
+        print(
+            f"guard: {what}; standby.signal written (the config does not name {current}: no primary_conninfo)"
+        )
         return 0
     configure_standby(pgdata, upstream, node.name, os_user=_owner(pgdata))
     print(f"guard: {what}; it starts as a standby of {current} (standby.signal, primary_conninfo)")

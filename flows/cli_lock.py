@@ -13,9 +13,12 @@ def register(sub: Any) -> None:
         "unlock",
         help="remove the repository's backup lock when its holder is gone (a host that died)",
     )
-    p.add_argument("--force", action="store_true",
-                   help="also remove a lock held from another host (whose process cannot be checked "
-                        "from here); never one whose process runs on this host")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="also remove a lock held from another host (whose process cannot be checked "
+        "from here); never one whose process runs on this host",
+    )
     p.set_defaults(func=cmd_unlock)
 
 

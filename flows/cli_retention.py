@@ -29,14 +29,18 @@ def cmd_expire(args: argparse.Namespace) -> int:
         print(report.model_dump_json(indent=2))
     else:
         verb = "would expire" if args.dry_run else "expired"
-        print(f"{verb} {len(report.expired)} backup(s) and {report.wal_expired} WAL file(s); "
-              f"kept {len(report.kept)} backup(s) and {report.wal_kept} WAL file(s)")
+        print(
+            f"{verb} {len(report.expired)} backup(s) and {report.wal_expired} WAL file(s); "
+            f"kept {len(report.kept)} backup(s) and {report.wal_kept} WAL file(s)"
+        )
         for backup_id in report.expired:
             print(f"  {backup_id}")
         if report.leftovers:
             verb = "would free" if args.dry_run else "freed"
-            print(f"{verb} {report.leftover_bytes} byte(s) in {len(report.leftovers)} leftover(s) "
-                  "of killed or failed runs:")
+            print(
+                f"{verb} {report.leftover_bytes} byte(s) in {len(report.leftovers)} leftover(s) "
+                "of killed or failed runs:"
+            )
             for item in report.leftovers:
                 print(f"  {item}")
         for note in report.notes:
@@ -44,8 +48,10 @@ def cmd_expire(args: argparse.Namespace) -> int:
     bad = {**report.broken, **report.invalid}
     if bad:
         # Loud: retention did its safe part, but backups the operator may count on are not there.
-        print(f"gravl-dr: error: {len(bad)} backup(s) cannot be restored and were not counted "
-              "toward retention.min_full: "
-              + "; ".join(f"{b} ({why})" for b, why in sorted(bad.items())), file=sys.stderr)
+        print(
+            f"gravl-dr: error: {len(bad)} backup(s) cannot be restored and were not counted "
+            "toward retention.min_full: " + "; ".join(f"{b} ({why})" for b, why in sorted(bad.items())),
+            file=sys.stderr,
+        )
         return 1
     return 0

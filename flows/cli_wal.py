@@ -30,16 +30,25 @@ DEFAULT_PREFETCH = 8
 PUSHER_IDLE_EXIT = float(os.environ.get("GRAVL_DR_PUSHER_IDLE", "10"))
 PUSHER_WAIT = 120.0
 # seconds without a request or a prefetched file taken before the background prefetcher exits
-PREFETCHER_IDLE_EXIT = float(os.environ.get("GRAVL_DR_PREFETCHER_IDLE", "30"))  # how long wal-push waits for the pusher before pushing the file itself
+PREFETCHER_IDLE_EXIT = float(
+    os.environ.get("GRAVL_DR_PREFETCHER_IDLE", "30")
+)  # how long wal-push waits for the pusher before pushing the file itself
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("wal-push", help="archive one WAL file (archive_command = 'gravl-dr wal-push %%p')")
     p.add_argument("path", help="the file, as PostgreSQL passes it (%%p)")
-    p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL,
-                   help="push up to N .ready files at once (default %(default)s)")
-    p.add_argument("--sync", action="store_true",
-                   help="no background pusher: push this file (and N-1 .ready ones) in this process")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=DEFAULT_PARALLEL,
+        help="push up to N .ready files at once (default %(default)s)",
+    )
+    p.add_argument(
+        "--sync",
+        action="store_true",
+        help="no background pusher: push this file (and N-1 .ready ones) in this process",
+    )
     p.set_defaults(func=cmd_wal_push)
 
     p = sub.add_parser("wal-push-daemon", help="(internal) the background pusher that wal-push starts")
@@ -48,11 +57,17 @@ def register(sub: Any) -> None:
     p.add_argument("--idle", type=float, default=PUSHER_IDLE_EXIT)
     p.set_defaults(func=cmd_wal_push_daemon)
 
-    p = sub.add_parser("wal-fetch", help="fetch one archived WAL file (restore_command = 'gravl-dr wal-fetch %%f %%p')")
+    p = sub.add_parser(
+        "wal-fetch", help="fetch one archived WAL file (restore_command = 'gravl-dr wal-fetch %%f %%p')"
+    )
     p.add_argument("name", help="the file name (%%f)")
     p.add_argument("dest", help="where to write it (%%p)")
-    p.add_argument("--prefetch", type=int, default=DEFAULT_PREFETCH,
-                   help="fetch the next N segments in parallel (default %(default)s; 0 = off)")
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        default=DEFAULT_PREFETCH,
+        help="fetch the next N segments in parallel (default %(default)s; 0 = off)",
+    )
     p.set_defaults(func=cmd_wal_fetch_args)
 
     p = sub.add_parser("wal-fetch-daemon", help="(internal) the background prefetcher that wal-fetch starts")
@@ -61,7 +76,9 @@ def register(sub: Any) -> None:
     p.add_argument("--idle", type=float, default=PREFETCHER_IDLE_EXIT)
     p.set_defaults(func=cmd_wal_fetch_daemon)
 
-    p = sub.add_parser("wal-check", help="check the WAL archive's continuity, the archiver's health and lag (a flow run)")
+    p = sub.add_parser(
+        "wal-check", help="check the WAL archive's continuity, the archiver's health and lag (a flow run)"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-server", action="store_true", help="check the repository only")
     p.set_defaults(func=cmd_wal_check)
@@ -73,6 +90,7 @@ def _config_file(explicit: str | None) -> str:
 
 
 # ---------------------------------------------------------------- fast path
+
 
 def _split(argv: Sequence[str]) -> tuple[str | None, bool, list[str]] | None:
     """(--config, --verbose, the rest) when argv is simple enough to take without argparse."""
@@ -149,7 +167,9 @@ def fast_path(argv: Sequence[str]) -> int | None:
         return FETCH_FATAL
     from tasks import walserve  # a prefetched, checked segment: a hard link, nothing else loaded
 
-    if walserve.serve(rest[0], rest[1], walserve.config_stamp(_config_file(config)), wait=walserve.WAIT_SECONDS):
+    if walserve.serve(
+        rest[0], rest[1], walserve.config_stamp(_config_file(config)), wait=walserve.WAIT_SECONDS
+    ):
         return 0
     _log_setup(verbose)
     return wal_fetch(config, rest[0], rest[1], prefetch)
@@ -160,6 +180,7 @@ def _log_setup(verbose: bool) -> None:
 
 
 # ---------------------------------------------------------------- wal-push
+
 
 def open_wal_repository(config: str | None, pg_wal: Path, stamp: str) -> tuple[Any, Any]:
     """(repository, WalSettings): from the settings cache when this config version was seen
@@ -194,9 +215,23 @@ def _spawn_pusher(config: str | None, pg_wal: Path, parallel: int) -> subprocess
     with log_file:
         try:
             return subprocess.Popen(
-                [sys.executable, "-P", "-m", "flows.cli", "--config", str(Path(_config_file(config)).absolute()),
-                 "-v", "wal-push-daemon", str(pg_wal), "--parallel", str(parallel)],
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
+                [
+                    sys.executable,
+                    "-P",
+                    "-m",
+                    "flows.cli",
+                    "--config",
+                    str(Path(_config_file(config)).absolute()),
+                    "-v",
+                    "wal-push-daemon",
+                    str(pg_wal),
+                    "--parallel",
+                    str(parallel),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                start_new_session=True,
             )
         except OSError:
             return None
@@ -230,6 +265,7 @@ def wal_push(config: str | None, path_arg: str, parallel: int, *, synchronous: b
     if not synchronous and ready and spool_writable(pg_wal):
         child = None if pusher_pid(pg_wal) is not None else _spawn_pusher(config, pg_wal, parallel)
         if child is not None or pusher_pid(pg_wal) is not None:
+
             def alive() -> bool:
                 if child is not None and child.poll() is None:
                     return True
@@ -243,9 +279,16 @@ def wal_push(config: str | None, path_arg: str, parallel: int, *, synchronous: b
             log.warning("background pusher gone or slow: pushing %s here", path.name)
     repo, settings = open_wal_repository(config, pg_wal, stamp)
     res = push_with_lookahead(repo, path, settings, parallel=parallel, stamp=stamp)
-    log.info("%s: %s as %s (%d -> %d bytes, %.0f ms); %d more pushed ahead",
-             res.own.name, res.own.outcome, res.own.key, res.own.raw_size, res.own.stored_size,
-             res.own.seconds * 1000, len(res.ahead))
+    log.info(
+        "%s: %s as %s (%d -> %d bytes, %.0f ms); %d more pushed ahead",
+        res.own.name,
+        res.own.outcome,
+        res.own.key,
+        res.own.raw_size,
+        res.own.stored_size,
+        res.own.seconds * 1000,
+        len(res.ahead),
+    )
     return 0
 
 
@@ -255,13 +298,15 @@ def cmd_wal_push_daemon(args: argparse.Namespace) -> int:
     pg_wal = Path(args.pg_wal).absolute()
     stamp = config_stamp(_config_file(args.config))
     repo, settings = open_wal_repository(args.config, pg_wal, stamp)
-    pushed = run_pusher(repo, settings, pg_wal, stamp, parallel=max(1, min(32, args.parallel)),
-                        idle_exit=args.idle)
+    pushed = run_pusher(
+        repo, settings, pg_wal, stamp, parallel=max(1, min(32, args.parallel)), idle_exit=args.idle
+    )
     log.info("background pusher of %s exits after pushing %d file(s)", pg_wal, pushed)
     return 0
 
 
 # ---------------------------------------------------------------- wal-fetch
+
 
 def cmd_wal_fetch_args(args: argparse.Namespace) -> int:
     return wal_fetch(args.config, args.name, args.dest, args.prefetch)
@@ -322,9 +367,23 @@ def _ensure_prefetcher(config: str | None, pg_wal: Path, depth: int) -> None:
     with log_file:
         try:
             subprocess.Popen(
-                [sys.executable, "-P", "-m", "flows.cli", "--config", str(Path(_config_file(config)).absolute()),
-                 "-v", "wal-fetch-daemon", str(pg_wal), "--depth", str(depth)],
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
+                [
+                    sys.executable,
+                    "-P",
+                    "-m",
+                    "flows.cli",
+                    "--config",
+                    str(Path(_config_file(config)).absolute()),
+                    "-v",
+                    "wal-fetch-daemon",
+                    str(pg_wal),
+                    "--depth",
+                    str(depth),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                start_new_session=True,
             )
         except OSError as exc:
             log.warning("cannot start the WAL prefetcher: %s", exc)
@@ -337,13 +396,21 @@ def cmd_wal_fetch_daemon(args: argparse.Namespace) -> int:
     stamp = config_stamp(_config_file(args.config))
     repo, settings = open_wal_repository(args.config, pg_wal, stamp)
     depth = max(1, min(64, args.depth))
-    got = run_prefetcher(repo, settings, pg_wal, stamp, depth=depth,
-                         parallel=max(1, min(depth, os.cpu_count() or 2)), idle_exit=args.idle)
+    got = run_prefetcher(
+        repo,
+        settings,
+        pg_wal,
+        stamp,
+        depth=depth,
+        parallel=max(1, min(depth, os.cpu_count() or 2)),
+        idle_exit=args.idle,
+    )
     log.info("WAL prefetcher of %s exits after prefetching %d segment(s)", pg_wal, got)
     return 0
 
 
 # ---------------------------------------------------------------- wal-check
+
 
 def cmd_wal_check(args: argparse.Namespace) -> int:
     """Run the wal-check flow (its artifact and metrics, as the deployment does) and print its report."""

@@ -53,8 +53,12 @@ def follow_primary(cfg: Config, repo: Repository | None, job: str, artifact_key:
 
     def alarm(value: float) -> None:
         try:
-            push_metrics(cfg.metrics.pushgateway, job, {"cluster": cfg.cluster},
-                         {"gravl_split_brain": (value, "1 when more than one node runs as a primary")})
+            push_metrics(
+                cfg.metrics.pushgateway,
+                job,
+                {"cluster": cfg.cluster},
+                {"gravl_split_brain": (value, "1 when more than one node runs as a primary")},
+            )
         except DRError as exc:
             logger().warning("metrics not pushed: %s", one_line(exc))
 
@@ -62,16 +66,24 @@ def follow_primary(cfg: Config, repo: Repository | None, job: str, artifact_key:
         followed, choice = find_primary(cfg, repo)
     except SplitBrain as exc:
         alarm(1.0)
-        create_markdown_artifact(key=artifact_key, description=f"{job} of {cfg.cluster}: SPLIT BRAIN",
-                                 markdown=f"# {job}: SPLIT BRAIN — nothing done\n\n`{one_line(exc)}`\n\n"
-                                 "Fence one of the nodes (stop it), then re-run.\n")
+        create_markdown_artifact(
+            key=artifact_key,
+            description=f"{job} of {cfg.cluster}: SPLIT BRAIN",
+            markdown=f"# {job}: SPLIT BRAIN — nothing done\n\n`{one_line(exc)}`\n\n"
+            "Fence one of the nodes (stop it), then re-run.\n",
+        )
         logger().error("%s", one_line(exc))
         raise
     alarm(0.0)
     if choice.moved:
-        logger().warning("the primary is %s, not the configured %s (%s): %s acts on %s", choice.primary,
-                         choice.configured, choice.reason, job, choice.primary)
+        logger().warning(
+            "the primary is %s, not the configured %s (%s): %s acts on %s",
+            choice.primary,
+            choice.configured,
+            choice.reason,
+            job,
+            choice.primary,
+        )
     if choice.in_recovery:
         logger().warning("%s is in recovery (a standby): nobody accepts writes", choice.primary)
     return followed
-

@@ -49,11 +49,14 @@ def _gravl_dr() -> str:
 @task(name="start-demo-cluster", cache_policy=NO_CACHE)
 def start_demo_cluster(base: str, config: str, port: int, users: int, logs: int) -> LocalCluster:
     cluster = LocalCluster(Path(base) / "primary", port, dbname="gravl")
-    cluster.initdb(checksums=True, extra_conf={
-        "archive_mode": "on",
-        "archive_command": f"'{_gravl_dr()} --config {config} wal-push %p'",
-        "archive_timeout": "'60s'",
-    })
+    cluster.initdb(
+        checksums=True,
+        extra_conf={
+            "archive_mode": "on",
+            "archive_command": f"'{_gravl_dr()} --config {config} wal-push %p'",
+            "archive_timeout": "'60s'",
+        },
+    )
     cluster.start()
     create_database(cluster.dsn("postgres"), "gravl")
     load_sample(cluster.dsn(), users=users, logs=logs, custom=max(10, users // 4))
@@ -69,12 +72,17 @@ def write_demo_config(base: str, port: int) -> str:
     repo = Path(base) / "repository"
     repo.mkdir()
     chown_tree(repo, "postgres")  # the server's archive_command writes WAL here
-    path.write_text(yaml.safe_dump({
-        "cluster": "gravl-demo",
-        "primary": {"dsn": f"host=127.0.0.1 port={port} user=postgres dbname=gravl"},
-        "repository": {"url": f"file://{repo}", "compression": "zstd"},
-        "drill": {"suites_dir": str(SUITES_DIR)},
-    }, sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "cluster": "gravl-demo",
+                "primary": {"dsn": f"host=127.0.0.1 port={port} user=postgres dbname=gravl"},
+                "repository": {"url": f"file://{repo}", "compression": "zstd"},
+                "drill": {"suites_dir": str(SUITES_DIR)},
+            },
+            sort_keys=False,
+        )
+    )
     chown_tree(path, "postgres")
     return str(path)
 
@@ -86,7 +94,9 @@ def write_after_backup(dsn: str, rows: int) -> str:
         conn.execute(
             "INSERT INTO workout_logs (user_id, workout_id, completed_at, sets, reps, weight_kg, notes) "
             "SELECT 1 + g %% 50, 1 + g %% 60, now(), 3, 10, 42.5, 'after the backup' "
-            "FROM generate_series(1, %s) g", (rows,))
+            "FROM generate_series(1, %s) g",
+            (rows,),
+        )
         wal = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()
         name = str(wal[0]) if wal else ""
         deadline = time.monotonic() + 60
@@ -149,14 +159,16 @@ def demo_flow(
         write_after_backup(primary.dsn(), late_rows)
         logi = backup_flow(config_path=config, kind="logical")
         port = free_port()
-        restored = restore_flow(config_path=config, backup=phys.backup_id,
-                                pgdata=str(base / "restored"), start=True, port=port)
+        restored = restore_flow(
+            config_path=config, backup=phys.backup_id, pgdata=str(base / "restored"), start=True, port=port
+        )
         clusters.append(LocalCluster(base / "restored", port, dbname="gravl"))
         tables, rows = compare_tables(primary.dsn(), clusters[-1].dsn(), "physical")
         target = start_restore_target(str(base))
         clusters.append(target)
-        restored_l = restore_flow(config_path=config, backup=logi.backup_id, dsn=target.dsn(),
-                                 database="gravl")
+        restored_l = restore_flow(
+            config_path=config, backup=logi.backup_id, dsn=target.dsn(), database="gravl"
+        )
         compare_tables(primary.dsn(), target.dsn(), "logical")
         lines = [
             f"source: Gravl sample database, {tables} tables, {rows} rows",
@@ -170,16 +182,27 @@ def demo_flow(
         ]
         drill = run_drill(config, backup=phys.backup_id)
         skipped = sum(1 for c in drill.checks if c.status == "skipped")
-        lines.append(f"restore drill: {drill.verdict()}, {skipped} skipped "
-                     f"(RTO {drill.rto_seconds or 0:.1f}s)")
+        lines.append(
+            f"restore drill: {drill.verdict()}, {skipped} skipped (RTO {drill.rto_seconds or 0:.1f}s)"
+        )
         for check in drill.failed_checks:
             lines.append(f"  failed check {check.name}: {check.summary}")
-        report = DemoReport(ok=drill.passed, tables=tables, rows=rows, physical_backup=phys.backup_id,
-                            logical_backup=logi.backup_id,
-                            physical_restore_seconds=restored.seconds,
-                            logical_restore_seconds=restored_l.seconds, lines=lines)
-        create_markdown_artifact(key="demo-report-gravl-demo", markdown=f"# gravl-dr demo: {'OK' if report.ok else 'FAILED'}\n\n" +
-                                 "\n".join(f"- {ln}" for ln in lines) + "\n")
+        report = DemoReport(
+            ok=drill.passed,
+            tables=tables,
+            rows=rows,
+            physical_backup=phys.backup_id,
+            logical_backup=logi.backup_id,
+            physical_restore_seconds=restored.seconds,
+            logical_restore_seconds=restored_l.seconds,
+            lines=lines,
+        )
+        create_markdown_artifact(
+            key="demo-report-gravl-demo",
+            markdown=f"# gravl-dr demo: {'OK' if report.ok else 'FAILED'}\n\n"
+            + "\n".join(f"- {ln}" for ln in lines)
+            + "\n",
+        )
         return report
     finally:
         if keep:
@@ -193,4 +216,3 @@ def demo_flow(
 def summary(report: DemoReport, seconds: float) -> str:
     head = "gravl-dr demo: OK" if report.ok else "gravl-dr demo: FAILED"
     return "\n".join([head, *[f"  - {ln}" for ln in report.lines], f"  ({seconds:.0f}s in all)"])
-

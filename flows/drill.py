@@ -73,6 +73,7 @@ class RecoveryStep(BaseModel):
 
 # ---------------------------------------------------------------- steps
 
+
 @task(name="validate-suites", cache_policy=NO_CACHE)
 def validate_suites(cfg: Config, config_file: str | None) -> list[gxsteps.SuiteFile]:
     """Load Great Expectations and validate the user suites: a bad suite fails before any restore."""
@@ -88,21 +89,34 @@ def validate_suites(cfg: Config, config_file: str | None) -> list[gxsteps.SuiteF
 
 
 @task(name="pick-backup", cache_policy=NO_CACHE, **NETWORK_RETRIES)
-def pick_backup(repo: Repository, ref: str, cluster: str, target_time: datetime | None,
-                kind: str = "physical") -> tuple[Manifest, str]:
+def pick_backup(
+    repo: Repository, ref: str, cluster: str, target_time: datetime | None, kind: str = "physical"
+) -> tuple[Manifest, str]:
     if ref == "latest":
         manifest, why = dsteps.choose_latest_backup(bsteps.list_backups(repo, cluster), kind, target_time)
     else:
-        manifest, why = bsteps.resolve_backup(repo, ref, cluster=cluster), f"backup {ref} named by the operator"
+        manifest, why = (
+            bsteps.resolve_backup(repo, ref, cluster=cluster),
+            f"backup {ref} named by the operator",
+        )
     if target_time is not None:
         if manifest.kind != "physical":
-            raise PreconditionFailed(f"backup {manifest.id} is logical: --target-time needs a physical backup")
+            raise PreconditionFailed(
+                f"backup {manifest.id} is logical: --target-time needs a physical backup"
+            )
         if manifest.stop_time > target_time:
             raise PreconditionFailed(
                 f"backup {manifest.id} ended at {manifest.stop_time.isoformat()}, after the target "
-                f"{target_time.isoformat()}: pick an older backup")
-    logger().info("drilling backup %s (%s, %s, ended %s): %s", manifest.id, manifest.kind,
-                  human_bytes(manifest.raw_bytes), manifest.stop_time.isoformat(), why)
+                f"{target_time.isoformat()}: pick an older backup"
+            )
+    logger().info(
+        "drilling backup %s (%s, %s, ended %s): %s",
+        manifest.id,
+        manifest.kind,
+        human_bytes(manifest.raw_bytes),
+        manifest.stop_time.isoformat(),
+        why,
+    )
     return manifest, why
 
 
@@ -116,43 +130,83 @@ def provision_instance(cfg: Config, drill_id: str, kind: str = "physical") -> Dr
 
 
 @task(name="restore", cache_policy=NO_CACHE)
-def restore(cfg: Config, repo: Repository, manifest: Manifest, instance: DrillInstance,
-            target: RecoveryTarget, config_file: str) -> RestoreStep:
+def restore(
+    cfg: Config,
+    repo: Repository,
+    manifest: Manifest,
+    instance: DrillInstance,
+    target: RecoveryTarget,
+    config_file: str,
+) -> RestoreStep:
     """Physical: verify + unpack, pg_verifybackup, make it safe to start, write recovery settings.
     Logical: initdb + start a fresh server, create the database, pg_restore."""
     t0 = time.monotonic()
     if manifest.kind == "physical":
-        res = rsteps.restore_physical(cfg, repo, manifest, instance.pgdata,
-                                      rsteps.relocate_tablespaces(manifest, Path(instance.workdir)))
+        res = rsteps.restore_physical(
+            cfg,
+            repo,
+            manifest,
+            instance.pgdata,
+            rsteps.relocate_tablespaces(manifest, Path(instance.workdir)),
+        )
         seconds = time.monotonic() - t0
         logger().info("verified and unpacked %s in %.1fs", human_bytes(res.raw_bytes), seconds)
-        check = integrity.verify_backup_dir(instance.pgdata, bindir=cfg.postgres.bindir,
-                                            os_user=cfg.postgres.os_user)
+        check = integrity.verify_backup_dir(
+            instance.pgdata, bindir=cfg.postgres.bindir, os_user=cfg.postgres.os_user
+        )
         logger().info("pg_verifybackup: %s (%s)", check.status, check.summary)
         dsteps.configure_instance(instance)
-        write_recovery_settings(instance.pgdata, config_path=config_file, target=target,
-                                os_user=cfg.postgres.os_user)
-        logger().info("recovery settings written: replay to %s, then promote; archiving off", target.describe())
-        restored = CheckResult(name="restore", kind="restore", category="restore", status="passed",
-                               seconds=seconds, summary=f"{human_bytes(res.raw_bytes)} verified and unpacked")
+        write_recovery_settings(
+            instance.pgdata, config_path=config_file, target=target, os_user=cfg.postgres.os_user
+        )
+        logger().info(
+            "recovery settings written: replay to %s, then promote; archiving off", target.describe()
+        )
+        restored = CheckResult(
+            name="restore",
+            kind="restore",
+            category="restore",
+            status="passed",
+            seconds=seconds,
+            summary=f"{human_bytes(res.raw_bytes)} verified and unpacked",
+        )
         return RestoreStep(seconds=seconds, raw_bytes=res.raw_bytes, checks=[restored, check])
     dsteps.create_empty_instance(instance)
     t1 = time.monotonic()
     if manifest.databases and manifest.globals_object:
         # a whole-cluster logical backup: roles, tablespaces (moved under the instance's
         # directory) and every database, as a real restore would bring them back
-        cres = rsteps.restore_cluster(cfg, repo, manifest, instance.dsn("postgres"), jobs=2,
-                                      tablespace_map=rsteps.relocate_tablespaces(manifest, Path(instance.workdir)))
+        cres = rsteps.restore_cluster(
+            cfg,
+            repo,
+            manifest,
+            instance.dsn("postgres"),
+            jobs=2,
+            tablespace_map=rsteps.relocate_tablespaces(manifest, Path(instance.workdir)),
+        )
         seconds = time.monotonic() - t1
-        logger().info("restored globals and %d database(s) of %s in %.1fs (server set up in %.1fs)",
-                      len(cres.databases), manifest.id, seconds, t1 - t0)
+        logger().info(
+            "restored globals and %d database(s) of %s in %.1fs (server set up in %.1fs)",
+            len(cres.databases),
+            manifest.id,
+            seconds,
+            t1 - t0,
+        )
         for line in cres.skipped:
             logger().warning("not in the backup: %s", line)
-        restored = CheckResult(name="restore", kind="restore", category="restore", status="passed",
-                               seconds=seconds,
-                               summary=f"globals and {len(cres.databases)} database(s) into a fresh instance")
-        skipped = {d.name: [f"not in this backup, not restored or checked: {d.skipped}"]
-                   for d in manifest.databases if d.skipped}
+        restored = CheckResult(
+            name="restore",
+            kind="restore",
+            category="restore",
+            status="passed",
+            seconds=seconds,
+            summary=f"globals and {len(cres.databases)} database(s) into a fresh instance",
+        )
+        skipped = {
+            d.name: [f"not in this backup, not restored or checked: {d.skipped}"]
+            for d in manifest.databases
+            if d.skipped
+        }
         return RestoreStep(seconds=seconds, raw_bytes=cres.raw_bytes, checks=[restored], notes=skipped)
     database = manifest.database or "postgres"
     if database != "postgres":
@@ -161,11 +215,17 @@ def restore(cfg: Config, repo: Repository, manifest: Manifest, instance: DrillIn
         create_database(instance.dsn("postgres"), database)
     # roles are not part of a single-database dump: a throwaway instance has none of production's
     # owners; what needs them is skipped and said (see dsteps.logical_scope_notes)
-    res = rsteps.restore_logical(cfg, repo, manifest, instance.dsn(database), jobs=2, no_owner=True,
-                                 skip_missing_roles=True)
+    res = rsteps.restore_logical(
+        cfg, repo, manifest, instance.dsn(database), jobs=2, no_owner=True, skip_missing_roles=True
+    )
     seconds = time.monotonic() - t1
-    logger().info("pg_restore of %s into database %s took %.1fs (server set up in %.1fs)", manifest.id,
-                  database, seconds, t1 - t0)
+    logger().info(
+        "pg_restore of %s into database %s took %.1fs (server set up in %.1fs)",
+        manifest.id,
+        database,
+        seconds,
+        t1 - t0,
+    )
     notes = dsteps.logical_scope_notes(database, manifest.cluster_databases, list(res.skipped))
     for db, items in notes.items():
         for item in items:
@@ -173,14 +233,21 @@ def restore(cfg: Config, repo: Repository, manifest: Manifest, instance: DrillIn
     summary = f"pg_restore into an empty database {database}"
     if res.skipped:
         summary += f"; {len(res.skipped)} statement(s) skipped for lack of the source's roles (see Databases)"
-    restored = CheckResult(name="restore", kind="restore", category="restore", status="passed",
-                           seconds=seconds, summary=summary)
+    restored = CheckResult(
+        name="restore", kind="restore", category="restore", status="passed", seconds=seconds, summary=summary
+    )
     return RestoreStep(seconds=seconds, raw_bytes=res.raw_bytes, checks=[restored], notes=notes)
 
 
 @task(name="start-and-wait", cache_policy=NO_CACHE)
-def start_and_wait(cfg: Config, repo: Repository, manifest: Manifest, instance: DrillInstance,
-                   target: RecoveryTarget, config_file: str) -> RecoveryStep:
+def start_and_wait(
+    cfg: Config,
+    repo: Repository,
+    manifest: Manifest,
+    instance: DrillInstance,
+    target: RecoveryTarget,
+    config_file: str,
+) -> RecoveryStep:
     """Start the restored server and wait for recovery to reach its target and promote.
 
     When the manifest has row counts, recovery first pauses where they apply — at the LSN the
@@ -190,13 +257,32 @@ def start_and_wait(cfg: Config, repo: Repository, manifest: Manifest, instance: 
     recovery time."""
     t0 = time.monotonic()
     if manifest.kind == "logical":
-        check = CheckResult(name="recovery", kind="recovery", category="restore", status="skipped",
-                            summary="logical backup: no WAL replay")
-        point = dsteps.plan_count_point(kind="logical", has_counts=bool(manifest.row_counts), counts_lsn=None,
-                                        target_kind=target.kind, target_lsn_at_or_after=False,
-                                        lsn_reachable=False, may_pass_backup=False)
-        return RecoveryStep(seconds=0.0, recovered_to=manifest.start_time, lsn=manifest.start_lsn,
-                            timeline=None, past_backup=False, check=check, instance=instance, point=point)
+        check = CheckResult(
+            name="recovery",
+            kind="recovery",
+            category="restore",
+            status="skipped",
+            summary="logical backup: no WAL replay",
+        )
+        point = dsteps.plan_count_point(
+            kind="logical",
+            has_counts=bool(manifest.row_counts),
+            counts_lsn=None,
+            target_kind=target.kind,
+            target_lsn_at_or_after=False,
+            lsn_reachable=False,
+            may_pass_backup=False,
+        )
+        return RecoveryStep(
+            seconds=0.0,
+            recovered_to=manifest.start_time,
+            lsn=manifest.start_lsn,
+            timeline=None,
+            past_backup=False,
+            check=check,
+            instance=instance,
+            point=point,
+        )
     timeout = cfg.drill.recovery_timeout_seconds
     cluster = instance.cluster()
     if dsteps.run_before_start_hook_for_tests(instance):
@@ -205,14 +291,27 @@ def start_and_wait(cfg: Config, repo: Repository, manifest: Manifest, instance: 
     excluded = 0.0
     note = ""
     point = _count_point(cfg, repo, manifest, target)
-    logger().info("row counts: compared %s (%s)%s", point.describe(manifest.row_counts_lsn), point.mode,
-                  f"; {point.reason}" if point.reason else "")
+    logger().info(
+        "row counts: compared %s (%s)%s",
+        point.describe(manifest.row_counts_lsn),
+        point.mode,
+        f"; {point.reason}" if point.reason else "",
+    )
     if point.where in ("lsn", "consistent"):
-        pause = (RecoveryTarget(kind="lsn", value=manifest.row_counts_lsn) if point.where == "lsn"
-                 else RecoveryTarget(kind="immediate"))
+        pause = (
+            RecoveryTarget(kind="lsn", value=manifest.row_counts_lsn)
+            if point.where == "lsn"
+            else RecoveryTarget(kind="immediate")
+        )
         # the counts saw exactly the commits before their LSN: replay what lies before it, no more
-        write_recovery_settings(instance.pgdata, config_path=config_file, target=pause,
-                                os_user=cfg.postgres.os_user, action="pause", inclusive=False)
+        write_recovery_settings(
+            instance.pgdata,
+            config_path=config_file,
+            target=pause,
+            os_user=cfg.postgres.os_user,
+            action="pause",
+            inclusive=False,
+        )
         _start(cfg, instance, timeout)
         paused_at = wait_for_pause(cluster, pause, timeout=timeout)
         t_pause = time.monotonic()
@@ -223,11 +322,14 @@ def start_and_wait(cfg: Config, repo: Repository, manifest: Manifest, instance: 
         cluster.stop("fast", timeout=int(timeout))
         # the next start's log must not repeat this pause's "recovery stopping" line
         cluster.logfile.rename(cluster.logfile.with_name(cluster.logfile.name + ".paused"))
-        write_recovery_settings(instance.pgdata, config_path=config_file, target=target,
-                                os_user=cfg.postgres.os_user)
+        write_recovery_settings(
+            instance.pgdata, config_path=config_file, target=target, os_user=cfg.postgres.os_user
+        )
         excluded = time.monotonic() - t_pause
-        note = (f"; paused {point.describe(manifest.row_counts_lsn)} (replayed up to {paused_at}) to compare "
-                f"row counts ({excluded:.1f} s, not counted)")
+        note = (
+            f"; paused {point.describe(manifest.row_counts_lsn)} (replayed up to {paused_at}) to compare "
+            f"row counts ({excluded:.1f} s, not counted)"
+        )
     t_start = time.monotonic()
     _start(cfg, instance, timeout)
     outcome: RecoveryOutcome = wait_for_recovery(cluster, target, timeout=timeout)
@@ -235,20 +337,39 @@ def start_and_wait(cfg: Config, repo: Repository, manifest: Manifest, instance: 
     seconds = time.monotonic() - t0 - excluded
     past = past_backup(manifest, outcome.reached_lsn)
     recovered_at = recovered_to(manifest, target, outcome, past)
-    summary = (f"promoted on timeline {outcome.timeline} at {outcome.reached_lsn or '?'} after replaying to "
-               f"{target.describe()}" + (" (WAL from the archive)" if past else " (backup's own WAL)"))
+    summary = (
+        f"promoted on timeline {outcome.timeline} at {outcome.reached_lsn or '?'} after replaying to "
+        f"{target.describe()}" + (" (WAL from the archive)" if past else " (backup's own WAL)")
+    )
     if outcome.stop_message:
         summary += f"; {outcome.stop_message}"
     summary += note
     logger().info("recovery: %s in %.1fs (last start %.1fs)", summary, seconds, time.monotonic() - t_start)
-    check = CheckResult(name="recovery", kind="recovery", category="restore", status="passed",
-                        seconds=seconds, summary=summary)
-    return RecoveryStep(seconds=seconds, recovered_to=recovered_at, lsn=outcome.reached_lsn,
-                        timeline=outcome.timeline, past_backup=past, check=check, count_checks=count_checks,
-                        counts_seconds=excluded, instance=instance, point=point)
+    check = CheckResult(
+        name="recovery",
+        kind="recovery",
+        category="restore",
+        status="passed",
+        seconds=seconds,
+        summary=summary,
+    )
+    return RecoveryStep(
+        seconds=seconds,
+        recovered_to=recovered_at,
+        lsn=outcome.reached_lsn,
+        timeline=outcome.timeline,
+        past_backup=past,
+        check=check,
+        count_checks=count_checks,
+        counts_seconds=excluded,
+        instance=instance,
+        point=point,
+    )
 
 
-def _count_point(cfg: Config, repo: Repository, manifest: Manifest, target: RecoveryTarget) -> dsteps.CountPoint:
+def _count_point(
+    cfg: Config, repo: Repository, manifest: Manifest, target: RecoveryTarget
+) -> dsteps.CountPoint:
     """Where the manifest's counts can be compared on this restore (the decision is pure, in
     tasks.drill.plan_count_point; this looks up what it needs in the repository)."""
     lsn = manifest.row_counts_lsn
@@ -258,10 +379,18 @@ def _count_point(cfg: Config, repo: Repository, manifest: Manifest, target: Reco
             at_or_after = parse_lsn(target.value) >= parse_lsn(lsn)
     wanted = bool(manifest.row_counts) and bool(lsn) and (target.kind == "end" or at_or_after)
     reachable = wanted and lsn is not None and _wal_reachable(cfg, repo, manifest, lsn)
-    may_pass = bool(manifest.row_counts) and not reachable and replay_may_pass_backup(cfg, repo, manifest, target)
+    may_pass = (
+        bool(manifest.row_counts) and not reachable and replay_may_pass_backup(cfg, repo, manifest, target)
+    )
     return dsteps.plan_count_point(
-        kind=manifest.kind, has_counts=bool(manifest.row_counts), counts_lsn=lsn, target_kind=target.kind,
-        target_lsn_at_or_after=at_or_after, lsn_reachable=reachable, may_pass_backup=may_pass)
+        kind=manifest.kind,
+        has_counts=bool(manifest.row_counts),
+        counts_lsn=lsn,
+        target_kind=target.kind,
+        target_lsn_at_or_after=at_or_after,
+        lsn_reachable=reachable,
+        may_pass_backup=may_pass,
+    )
 
 
 def _wal_reachable(cfg: Config, repo: Repository, manifest: Manifest, lsn: str) -> bool:
@@ -301,8 +430,9 @@ def _start(cfg: Config, instance: DrillInstance, timeout: float) -> None:
         raise PreconditionFailed(f"restored server did not start: {one_line(exc)}") from None
 
 
-def counts_at_pause(cfg: Config, manifest: Manifest, instance: DrillInstance, lsn: str,
-                    point: dsteps.CountPoint) -> list[CheckResult]:
+def counts_at_pause(
+    cfg: Config, manifest: Manifest, instance: DrillInstance, lsn: str, point: dsteps.CountPoint
+) -> list[CheckResult]:
     """The manifest's row counts and newest timestamps against the copy paused where they apply
     (read-only; unlogged tables cannot be read during recovery: they are checked after promotion)."""
     mode: Literal["exact", "tolerance"] = "exact" if point.mode == "exact" else "tolerance"
@@ -315,16 +445,25 @@ def counts_at_pause(cfg: Config, manifest: Manifest, instance: DrillInstance, ls
                 seen[snapshot] = dsteps.inflight_commits(instance, snapshot)
             inflight = seen[snapshot]
             if inflight:
-                per_db[db] = ("tolerance", f"{where} (not exact: {len(inflight)} transaction(s) the counts' "
-                                           f"snapshot did not see had committed there, e.g. xid {inflight[0]}; "
-                                           "within drill.row_count_tolerance)")
+                per_db[db] = (
+                    "tolerance",
+                    f"{where} (not exact: {len(inflight)} transaction(s) the counts' "
+                    f"snapshot did not see had committed there, e.g. xid {inflight[0]}; "
+                    "within drill.row_count_tolerance)",
+                )
     return _recorded_fact_checks(cfg, manifest, instance, mode, where, skip_unlogged=True, per_db=per_db)
 
 
-def _recorded_fact_checks(cfg: Config, manifest: Manifest, instance: DrillInstance,
-                          mode: Literal["exact", "tolerance"], where: str, *, skip_unlogged: bool,
-                          per_db: dict[str, tuple[Literal["exact", "tolerance"], str]] | None = None,
-                          ) -> list[CheckResult]:
+def _recorded_fact_checks(
+    cfg: Config,
+    manifest: Manifest,
+    instance: DrillInstance,
+    mode: Literal["exact", "tolerance"],
+    where: str,
+    *,
+    skip_unlogged: bool,
+    per_db: dict[str, tuple[Literal["exact", "tolerance"], str]] | None = None,
+) -> list[CheckResult]:
     databases = set(dsteps.list_restored_databases(instance))
     specs: list[gxsteps.ExpectationSpec] = []
     results = gxsteps.missing_databases(manifest.row_counts, databases)
@@ -334,23 +473,43 @@ def _recorded_fact_checks(cfg: Config, manifest: Manifest, instance: DrillInstan
         skip = manifest.unlogged_tables.get(db, []) if skip_unlogged else []
         db_mode, db_where = (per_db or {}).get(db, (mode, where))
         db_specs, decided = gxsteps.plan_recorded_facts(
-            db, gxsteps.read_catalog(instance.dsn(db)), counts=expected,
-            newest=manifest.newest_timestamps.get(db, {}), skip_tables=set(skip), count_mode=db_mode,
-            tolerance=cfg.drill.row_count_tolerance, max_age_seconds=cfg.drill.freshness_max_seconds,
-            at=db_where)
+            db,
+            gxsteps.read_catalog(instance.dsn(db)),
+            counts=expected,
+            newest=manifest.newest_timestamps.get(db, {}),
+            skip_tables=set(skip),
+            count_mode=db_mode,
+            tolerance=cfg.drill.row_count_tolerance,
+            max_age_seconds=cfg.drill.freshness_max_seconds,
+            at=db_where,
+        )
         specs += db_specs
         results += decided
     for db, tables in sorted(manifest.not_counted.items()):
         for table, reason in sorted(tables.items()):
             name = f"row-count {db}" if table == "*" else f"row-count {db}.{table}"
-            results.append(CheckResult(name=name, kind="row-count", category="data", status="skipped",
-                                       database=db, summary=f"not recorded at backup: {reason}"))
+            results.append(
+                CheckResult(
+                    name=name,
+                    kind="row-count",
+                    category="data",
+                    status="skipped",
+                    database=db,
+                    summary=f"not recorded at backup: {reason}",
+                )
+            )
     return results + gxsteps.run_expectations(gxsteps.unique_names(specs), instance.dsn)
 
 
 @task(name="checks", cache_policy=NO_CACHE)
-def run_checks(cfg: Config, manifest: Manifest, instance: DrillInstance, suites: list[gxsteps.SuiteFile],
-               recovery: RecoveryStep, started_at: datetime) -> list[CheckResult]:
+def run_checks(
+    cfg: Config,
+    manifest: Manifest,
+    instance: DrillInstance,
+    suites: list[gxsteps.SuiteFile],
+    recovery: RecoveryStep,
+    started_at: datetime,
+) -> list[CheckResult]:
     """amcheck on every database, then the default suite and the user suites with GX."""
     if dsteps.run_before_checks_hook_for_tests(instance):
         logger().warning("a test hook ran on the instance before its checks")
@@ -358,17 +517,22 @@ def run_checks(cfg: Config, manifest: Manifest, instance: DrillInstance, suites:
     databases = dsteps.list_restored_databases(instance)
 
     def amcheck_all() -> list[CheckResult]:
-        return [integrity.amcheck_database(instance.dsn(db), db, jobs=cfg.drill.amcheck_jobs,
-                                           heapallindexed_max_mb=cfg.drill.heapallindexed_max_mb)
-                for db in databases]
+        return [
+            integrity.amcheck_database(
+                instance.dsn(db),
+                db,
+                jobs=cfg.drill.amcheck_jobs,
+                heapallindexed_max_mb=cfg.drill.heapallindexed_max_mb,
+            )
+            for db in databases
+        ]
 
     # amcheck works in server processes and the expectations in others: overlapping them keeps
     # the checks close to the cost of the larger of the two instead of their sum.
     amcheck_pool = ThreadPoolExecutor(1, thread_name_prefix="amcheck-all")
     amcheck_future = amcheck_pool.submit(amcheck_all)
     try:
-        data = _run_data_checks(cfg, manifest, instance, suites, recovery, databases, results,
-                                started_at)
+        data = _run_data_checks(cfg, manifest, instance, suites, recovery, databases, results, started_at)
     finally:
         amcheck_results = amcheck_future.result()
         amcheck_pool.shutdown()
@@ -377,10 +541,16 @@ def run_checks(cfg: Config, manifest: Manifest, instance: DrillInstance, suites:
     return amcheck_results + results + data
 
 
-def _run_data_checks(cfg: Config, manifest: Manifest, instance: DrillInstance,
-                     suites: list[gxsteps.SuiteFile], recovery: RecoveryStep,
-                     databases: list[str], results: list[CheckResult],
-                     started_at: datetime) -> list[CheckResult]:
+def _run_data_checks(
+    cfg: Config,
+    manifest: Manifest,
+    instance: DrillInstance,
+    suites: list[gxsteps.SuiteFile],
+    recovery: RecoveryStep,
+    databases: list[str],
+    results: list[CheckResult],
+    started_at: datetime,
+) -> list[CheckResult]:
     """The default suite and the user suites through GX; checks decided without a query are
     appended to ``results``."""
     catalogs = {db: gxsteps.read_catalog(instance.dsn(db)) for db in databases}
@@ -395,28 +565,45 @@ def _run_data_checks(cfg: Config, manifest: Manifest, instance: DrillInstance,
         where = "in the restored dump" if manifest.kind == "logical" else "on the promoted copy"
         if point.reason:
             where += f" ({point.reason})"
-        data += _recorded_fact_checks(cfg, manifest, instance, mode, where,
-                                      skip_unlogged=manifest.kind == "physical")
+        data += _recorded_fact_checks(
+            cfg, manifest, instance, mode, where, skip_unlogged=manifest.kind == "physical"
+        )
     elif manifest.row_counts:
-        results.append(CheckResult(
-            name="row-count", kind="row-count", category="data", status="skipped",
-            summary="WAL from the archive was replayed past the backup: counts recorded at backup time do not "
-                    "apply" + (f" ({point.reason})" if point.reason else "")))
+        results.append(
+            CheckResult(
+                name="row-count",
+                kind="row-count",
+                category="data",
+                status="skipped",
+                summary="WAL from the archive was replayed past the backup: counts recorded at backup time do not "
+                "apply" + (f" ({point.reason})" if point.reason else ""),
+            )
+        )
     recorded_newest = manifest.row_counts_lsn is not None or bool(manifest.newest_timestamps)
     for db in databases:
         if manifest.kind == "physical" and manifest.unlogged_tables.get(db):
-            specs += gxsteps.plan_unlogged(db, catalogs[db], manifest.unlogged_tables[db],
-                                           manifest.row_counts.get(db, {}))
+            specs += gxsteps.plan_unlogged(
+                db, catalogs[db], manifest.unlogged_tables[db], manifest.row_counts.get(db, {})
+            )
         note: str | None = None
         if recorded_newest:
-            note = ("" if db in manifest.row_counts else
-                    "the backup recorded no newest timestamps here, and the age of the data is not "
-                    "judged against the wall clock")
+            note = (
+                ""
+                if db in manifest.row_counts
+                else "the backup recorded no newest timestamps here, and the age of the data is not "
+                "judged against the wall clock"
+            )
         db_specs, decided = gxsteps.plan_default(
-            db, catalogs[db], expected_counts=None, count_mode="skip",
-            tolerance=cfg.drill.row_count_tolerance, reference=reference,
-            max_age_seconds=cfg.drill.freshness_max_seconds, freshness_columns=cfg.drill.freshness_columns,
-            freshness_note=note)
+            db,
+            catalogs[db],
+            expected_counts=None,
+            count_mode="skip",
+            tolerance=cfg.drill.row_count_tolerance,
+            reference=reference,
+            max_age_seconds=cfg.drill.freshness_max_seconds,
+            freshness_columns=cfg.drill.freshness_columns,
+            freshness_note=note,
+        )
         specs += db_specs
         results += decided
     for suite in suites:
@@ -426,9 +613,14 @@ def _run_data_checks(cfg: Config, manifest: Manifest, instance: DrillInstance,
     t0 = time.monotonic()
     data += gxsteps.run_expectations(gxsteps.unique_names(specs), instance.dsn)
     failed = [c for c in data if c.failed]
-    logger().info("%d expectation(s) on %d database(s) in %.1fs: %d failed%s", len(data), len(databases),
-                  time.monotonic() - t0, len(failed),
-                  "" if not failed else ": " + ", ".join(c.name for c in failed[:10]))
+    logger().info(
+        "%d expectation(s) on %d database(s) in %.1fs: %d failed%s",
+        len(data),
+        len(databases),
+        time.monotonic() - t0,
+        len(failed),
+        "" if not failed else ": " + ", ".join(c.name for c in failed[:10]),
+    )
     return data
 
 
@@ -455,12 +647,21 @@ def usability(manifest: Manifest, instance: DrillInstance) -> CheckResult:
 def verify_data_checksums(cfg: Config, manifest: Manifest, instance: DrillInstance) -> CheckResult:
     """pg_checksums --check needs a cleanly stopped cluster: stop it first."""
     if manifest.kind != "physical":
-        return CheckResult(name="pg_checksums", kind="pg_checksums", category="integrity", status="skipped",
-                           summary="logical backup: block checksums are not carried over")
+        return CheckResult(
+            name="pg_checksums",
+            kind="pg_checksums",
+            category="integrity",
+            status="skipped",
+            summary="logical backup: block checksums are not carried over",
+        )
     if manifest.data_checksums:
         instance.cluster().stop(mode="fast", timeout=600)
-    check = integrity.checksums_check(instance.pgdata, enabled_in_source=manifest.data_checksums,
-                                      bindir=cfg.postgres.bindir, os_user=cfg.postgres.os_user)
+    check = integrity.checksums_check(
+        instance.pgdata,
+        enabled_in_source=manifest.data_checksums,
+        bindir=cfg.postgres.bindir,
+        os_user=cfg.postgres.os_user,
+    )
     logger().info("pg_checksums: %s (%s)", check.status, check.summary)
     return check
 
@@ -501,8 +702,12 @@ def push_drill_metrics(cfg: Config, report: DrillReport, kind: str) -> None:
     if report.passed:
         values["gravl_drill_last_success_timestamp_seconds"] = (now, "Time of the last passed restore drill")
     try:
-        push_metrics(cfg.metrics.pushgateway, "drill", {"cluster": cfg.cluster, "kind": report.backup_kind or kind},
-                     values)
+        push_metrics(
+            cfg.metrics.pushgateway,
+            "drill",
+            {"cluster": cfg.cluster, "kind": report.backup_kind or kind},
+            values,
+        )
     except DRError as exc:
         logger().warning("metrics not pushed: %s", one_line(exc))
 
@@ -534,6 +739,7 @@ def _cleanup_hook(flow: Any, flow_run: Any, state: Any) -> None:
 
 # ---------------------------------------------------------------- the flow
 
+
 @flow(name="drill", on_cancellation=[_cleanup_hook], on_crashed=[_cleanup_hook])
 def drill_flow(
     config_path: ConfigPath = None,
@@ -561,8 +767,9 @@ def drill_flow(
         target_time = target_time.replace(tzinfo=UTC)
     target = RecoveryTarget(kind="time", value=target_time.isoformat()) if target_time else RecoveryTarget()
     drill_id = dsteps.new_drill_id(started_at)
-    report = DrillReport(drill_id=drill_id, cluster=cfg.cluster, started_at=started_at,
-                         target=target.describe())
+    report = DrillReport(
+        drill_id=drill_id, cluster=cfg.cluster, started_at=started_at, target=target.describe()
+    )
     suites = validate_suites(cfg, config_path)
     instance: DrillInstance | None = None
     try:
@@ -590,20 +797,33 @@ def drill_flow(
         logger().error("report not stored in the repository: %s", one_line(exc))
         report.passed = False
         report.error = report.error or f"report not stored: {one_line(exc)}"
-    create_markdown_artifact(markdown=dsteps.render_markdown(report),
-                             key=f"drill-report-{cfg.cluster}".replace("_", "-"),
-                             description=report.verdict())
+    create_markdown_artifact(
+        markdown=dsteps.render_markdown(report),
+        key=f"drill-report-{cfg.cluster}".replace("_", "-"),
+        description=report.verdict(),
+    )
     push_drill_metrics(cfg, report, kind)
     if not report.passed:
         raise DrillFailed(report)
-    logger().info("%s; RTO %.1fs, RPO %s", report.verdict(), report.rto_seconds or 0.0,
-                  f"{report.rpo_seconds:.0f}s" if report.rpo_seconds is not None else "-")
+    logger().info(
+        "%s; RTO %.1fs, RPO %s",
+        report.verdict(),
+        report.rto_seconds or 0.0,
+        f"{report.rpo_seconds:.0f}s" if report.rpo_seconds is not None else "-",
+    )
     return report
 
 
-def _run_steps(cfg: Config, repo: Repository, manifest: Manifest, instance: DrillInstance,
-               suites: list[gxsteps.SuiteFile], target: RecoveryTarget, config_file: str,
-               report: DrillReport) -> None:
+def _run_steps(
+    cfg: Config,
+    repo: Repository,
+    manifest: Manifest,
+    instance: DrillInstance,
+    suites: list[gxsteps.SuiteFile],
+    target: RecoveryTarget,
+    config_file: str,
+    report: DrillReport,
+) -> None:
     """restore -> start-and-wait -> checks -> usability -> checksums; a failed step is a failed check."""
     try:
         restored = restore(cfg, repo, manifest, instance, target, config_file)
@@ -620,8 +840,11 @@ def _run_steps(cfg: Config, repo: Repository, manifest: Manifest, instance: Dril
     report.checks.append(recovery.check)
     report.recovery_seconds = recovery.seconds
     report.rto_seconds = restored.seconds + recovery.seconds
-    report.recovered_to, report.recovered_lsn, report.timeline = (recovery.recovered_to, recovery.lsn,
-                                                                  recovery.timeline)
+    report.recovered_to, report.recovered_lsn, report.timeline = (
+        recovery.recovered_to,
+        recovery.lsn,
+        recovery.timeline,
+    )
     report.rpo_seconds = dsteps.data_age(report.started_at, recovery.recovered_to)
     instance = recovery.instance  # as the instance's own superuser from here on
     notes = {db: list(items) for db, items in restored.notes.items()}
@@ -642,8 +865,12 @@ def _config_file(explicit: str | None) -> Path:
     return config_path(explicit).absolute()
 
 
-def run_drill(config_path: str | None, backup: str = "latest",
-              target_time: datetime | None = None, kind: BackupKind = "physical") -> DrillReport:
+def run_drill(
+    config_path: str | None,
+    backup: str = "latest",
+    target_time: datetime | None = None,
+    kind: BackupKind = "physical",
+) -> DrillReport:
     """Run the drill flow and return its report, passed or failed (for the demo and scripts)."""
     try:
         return drill_flow(config_path=config_path, backup=backup, target_time=target_time, kind=kind)

@@ -34,7 +34,9 @@ def drill_failover_flow(
     backup: bool = False,
     max_lag_bytes: Annotated[int, Field(ge=0, le=2**40)] = DEFAULT_MAX_LAG_BYTES,
     approved_by: OptionalText = None,
-    auto_approve: Annotated[bool, Field(description="skip both approval forms (shown in the reports)")] = False,
+    auto_approve: Annotated[
+        bool, Field(description="skip both approval forms (shown in the reports)")
+    ] = False,
 ) -> DrillFailoverReport:
     """A DR drill: planned failover to a replica (clean stop, no data loss), then failback home.
 
@@ -48,26 +50,63 @@ def drill_failover_flow(
             reports say so. Without it the run pauses twice for the approval form.
     """
     cfg = load_config(config_path)
-    fo = failover_flow(config_path=config_path, planned=True, max_lag_bytes=max_lag_bytes,
-                       approved_by=approved_by, auto_approve=auto_approve)
-    fb = failback_flow(config_path=config_path, backup=backup, approved_by=approved_by,
-                       auto_approve=auto_approve)
+    fo = failover_flow(
+        config_path=config_path,
+        planned=True,
+        max_lag_bytes=max_lag_bytes,
+        approved_by=approved_by,
+        auto_approve=auto_approve,
+    )
+    fb = failback_flow(
+        config_path=config_path, backup=backup, approved_by=approved_by, auto_approve=auto_approve
+    )
     so = fb.switchover
     rows = [
-        ("failover", f"{fo.old_primary} -> {fo.new_primary}: RTO {fo.rto_seconds:.2f} s, RPO {fo.rpo_bytes} bytes"
-         if fo.rto_seconds is not None else fo.status),
-        ("failback", f"{fb.from_primary} -> {fb.home}: writes unavailable "
-         f"{so.unavailable_seconds:.2f} s" if so else fb.status),
-        ("failover DNS", fo.dns.detail if fo.dns else "-"), ("failback DNS", fb.dns.detail if fb.dns else "-"),
+        (
+            "failover",
+            f"{fo.old_primary} -> {fo.new_primary}: RTO {fo.rto_seconds:.2f} s, RPO {fo.rpo_bytes} bytes"
+            if fo.rto_seconds is not None
+            else fo.status,
+        ),
+        (
+            "failback",
+            f"{fb.from_primary} -> {fb.home}: writes unavailable {so.unavailable_seconds:.2f} s"
+            if so
+            else fb.status,
+        ),
+        ("failover DNS", fo.dns.detail if fo.dns else "-"),
+        ("failback DNS", fb.dns.detail if fb.dns else "-"),
     ]
-    md = "\n".join([f"# Failover drill of {cfg.cluster}: passed", "", *markdown_table(rows), "",
-                    "Full reports: artifacts `failover-report-*` and `failback-report-*`."]) + "\n"
-    create_markdown_artifact(markdown=md, key=f"drill-failover-report-{cfg.cluster}".replace("_", "-"),
-                             description=f"failover drill of {cfg.cluster}")
-    push_dr_metrics(cfg, JOB, {
-        "gravl_drill_failover_last_success_timestamp_seconds": (time.time(), "Last passed failover drill"),
-        "gravl_drill_failover_rto_seconds": (fo.rto_seconds or 0.0, "Failover drill: RTO"),
-        "gravl_drill_failover_switchover_unavailable_seconds": (
-            so.unavailable_seconds if so else 0.0, "Failover drill: failback write unavailability"),
-    })
+    md = (
+        "\n".join(
+            [
+                f"# Failover drill of {cfg.cluster}: passed",
+                "",
+                *markdown_table(rows),
+                "",
+                "Full reports: artifacts `failover-report-*` and `failback-report-*`.",
+            ]
+        )
+        + "\n"
+    )
+    create_markdown_artifact(
+        markdown=md,
+        key=f"drill-failover-report-{cfg.cluster}".replace("_", "-"),
+        description=f"failover drill of {cfg.cluster}",
+    )
+    push_dr_metrics(
+        cfg,
+        JOB,
+        {
+            "gravl_drill_failover_last_success_timestamp_seconds": (
+                time.time(),
+                "Last passed failover drill",
+            ),
+            "gravl_drill_failover_rto_seconds": (fo.rto_seconds or 0.0, "Failover drill: RTO"),
+            "gravl_drill_failover_switchover_unavailable_seconds": (
+                so.unavailable_seconds if so else 0.0,
+                "Failover drill: failback write unavailability",
+            ),
+        },
+    )
     return DrillFailoverReport(cluster=cfg.cluster, failover=fo, failback=fb)

@@ -102,18 +102,31 @@ class FailbackReport(BaseModel):
 
 
 def failback_markdown(r: FailbackReport) -> str:
-    title = {"complete": f"Failback complete: {r.home} is the primary again",
-             "refused": "Failback refused: nothing was switched", "failed": "Failback FAILED"}.get(
-        r.status, f"Failback {r.status}")
+    title = {
+        "complete": f"Failback complete: {r.home} is the primary again",
+        "refused": "Failback refused: nothing was switched",
+        "failed": "Failback FAILED",
+    }.get(r.status, f"Failback {r.status}")
     so = r.switchover
     rows = [
-        ("status", r.status), ("home (configured primary)", r.home), ("switched over from", r.from_primary or "-"),
-        ("write unavailability (clean shutdown to first write)",
-         f"{so.unavailable_seconds:.2f} s" if so else "-"),
-        ("data loss", f"none: {r.home} replayed past the final checkpoint {so.final_checkpoint_lsn}"
-         if so and so.final_checkpoint_lsn else "-"),
+        ("status", r.status),
+        ("home (configured primary)", r.home),
+        ("switched over from", r.from_primary or "-"),
+        (
+            "write unavailability (clean shutdown to first write)",
+            f"{so.unavailable_seconds:.2f} s" if so else "-",
+        ),
+        (
+            "data loss",
+            f"none: {r.home} replayed past the final checkpoint {so.final_checkpoint_lsn}"
+            if so and so.final_checkpoint_lsn
+            else "-",
+        ),
         ("backup before failback", r.backup_id or "-"),
-        ("rebuild", f"{r.rebuild.method} in {r.rebuild.seconds:.1f} s ({r.rebuild.detail})" if r.rebuild else "-"),
+        (
+            "rebuild",
+            f"{r.rebuild.method} in {r.rebuild.seconds:.1f} s ({r.rebuild.detail})" if r.rebuild else "-",
+        ),
         ("approved by", approval_text(r)),
         ("rejoined as standbys", ", ".join(r.rejoined) or "-"),
         ("DNS", r.dns.detail if r.dns else "-"),
@@ -123,9 +136,13 @@ def failback_markdown(r: FailbackReport) -> str:
     lines = [f"# {title}", "", *markdown_table(rows)]
     lines += old_data_section(r)
     lines += report_sections(r)
-    lines += ["", "## Next",
-              "- Nothing to do." if r.status == "complete" else
-              "- Re-run `gravl-dr failback`: it observes the nodes and resumes where this run stopped."]
+    lines += [
+        "",
+        "## Next",
+        "- Nothing to do."
+        if r.status == "complete"
+        else "- Re-run `gravl-dr failback`: it observes the nodes and resumes where this run stopped.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -133,15 +150,20 @@ def old_data_section(r: FailbackReport) -> list[str]:
     """Where the data only the old primary had is, and how to get the transactions out of it."""
     if r.rpo_bytes is None and not r.old_data and not r.discarded:
         return []
-    lines = ["", "## Data that never reached the new primary",
-             f"- {r.home} wrote {r.rpo_bytes if r.rpo_bytes is not None else 'an unknown number of'} bytes of WAL "
-             f"that were not replicated: timeline {r.diverged_timeline or '?'}, LSN {r.fork_lsn or '?'} to "
-             f"{r.end_lsn or '?'}."]
+    lines = [
+        "",
+        "## Data that never reached the new primary",
+        f"- {r.home} wrote {r.rpo_bytes if r.rpo_bytes is not None else 'an unknown number of'} bytes of WAL "
+        f"that were not replicated: timeline {r.diverged_timeline or '?'}, LSN {r.fork_lsn or '?'} to "
+        f"{r.end_lsn or '?'}.",
+    ]
     if r.rewind_failed:
         lines.append(f"- pg_rewind failed ({r.rewind_failed}); {r.home} was re-cloned instead.")
     for path in r.old_data:
-        lines.append(f"- Kept: `{path}`" + (f" ({human_bytes(r.old_data_bytes)} in all)"
-                                             if r.old_data_bytes is not None else ""))
+        lines.append(
+            f"- Kept: `{path}`"
+            + (f" ({human_bytes(r.old_data_bytes)} in all)" if r.old_data_bytes is not None else "")
+        )
     for path in r.discarded:
         lines.append(f"- Deleted as asked (--discard-old-data): `{path}`")
     if r.old_data and r.rpo_bytes:
@@ -162,8 +184,9 @@ def old_data_section(r: FailbackReport) -> list[str]:
 
 @task(name="assess-home", cache_policy=NO_CACHE)
 def assess_home(cfg: Config) -> NodeState:
-    state = observe_node(cfg.primary, "primary", os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir,
-                         attempts=2)
+    state = observe_node(
+        cfg.primary, "primary", os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir, attempts=2
+    )
     return state
 
 
@@ -179,8 +202,9 @@ def save_settings(cfg: Config, node: Node) -> str:
 
 @task(name="keep-old-wal", cache_policy=NO_CACHE)
 def keep_wal(cfg: Config, node: Node, timeline: int, fork_lsn: str, end_lsn: str) -> tuple[str, int]:
-    path, size = keep_old_wal(node, timeline=timeline, fork_lsn=fork_lsn, end_lsn=end_lsn,
-                              os_user=cfg.postgres.os_user)
+    path, size = keep_old_wal(
+        node, timeline=timeline, fork_lsn=fork_lsn, end_lsn=end_lsn, os_user=cfg.postgres.os_user
+    )
     return str(path), size
 
 
@@ -224,7 +248,9 @@ def _config_for_primary(cfg: Config, source: Path, primary: Node) -> Path:
     primary, and after a failover that is not the node serving writes."""
     data = cfg.model_dump(mode="json")
     data["primary"] = primary.model_dump(mode="json")
-    data["replicas"] = [r.model_dump(mode="json") for r in [cfg.primary, *cfg.replicas] if r.name != primary.name]
+    data["replicas"] = [
+        r.model_dump(mode="json") for r in [cfg.primary, *cfg.replicas] if r.name != primary.name
+    ]
     directory = source.parent if os.access(source.parent, os.W_OK) else Path(tempfile.gettempdir())
     fd, name = tempfile.mkstemp(prefix=".gravl-dr-failback-", suffix=".yaml", dir=directory)
     with os.fdopen(fd, "w") as fh:
@@ -248,9 +274,22 @@ def backup_current_primary(cfg: Config, config_file: str | None, current: Node) 
 # ------------------------------------------------------------------------------ the flow
 
 
-def _apply(cfg: Config, config_file: str | None, plan: FailbackPlan, report: FailbackReport, tl: Timeline,
-           nodes: dict[str, Node], home: Node, current: Node | None, current_name: str | None, *,
-           approved_by: str | None, auto_approve: bool, approval_timeout_seconds: int, catch_up_timeout_seconds: int) -> str | None:
+def _apply(
+    cfg: Config,
+    config_file: str | None,
+    plan: FailbackPlan,
+    report: FailbackReport,
+    tl: Timeline,
+    nodes: dict[str, Node],
+    home: Node,
+    current: Node | None,
+    current_name: str | None,
+    *,
+    approved_by: str | None,
+    auto_approve: bool,
+    approval_timeout_seconds: int,
+    catch_up_timeout_seconds: int,
+) -> str | None:
     """Apply the plan step by step; each step re-checks its own precondition. Returns a DNS error, if any."""
     dns_error: str | None = None
     for step in plan.steps:
@@ -268,12 +307,18 @@ def _apply(cfg: Config, config_file: str | None, plan: FailbackPlan, report: Fai
             path, size = keep_wal(cfg, node, plan.diverged_timeline, plan.fork_lsn, plan.end_lsn)
             if path not in report.old_data:
                 report.old_data.append(path)
-            tl.add(step.kind, f"WAL {plan.fork_lsn}..{plan.end_lsn} of timeline {plan.diverged_timeline} "
-                   f"kept in {path} ({size} bytes)")
+            tl.add(
+                step.kind,
+                f"WAL {plan.fork_lsn}..{plan.end_lsn} of timeline {plan.diverged_timeline} "
+                f"kept in {path} ({size} bytes)",
+            )
         elif step.kind in ("rewind-old-primary", "reclone-old-primary", "start-as-standby"):
             assert current is not None
-            fn = {"rewind-old-primary": rewind_old_primary, "reclone-old-primary": reclone_old_primary,
-                  "start-as-standby": start_standby}[step.kind]
+            fn = {
+                "rewind-old-primary": rewind_old_primary,
+                "reclone-old-primary": reclone_old_primary,
+                "start-as-standby": start_standby,
+            }[step.kind]
             res = fn(cfg, node, current)
             report.rebuild_steps.append(res)
             if step.kind != "start-as-standby":
@@ -289,12 +334,21 @@ def _apply(cfg: Config, config_file: str | None, plan: FailbackPlan, report: Fai
         elif step.kind == "wait-for-zero-lag":
             assert current is not None
             report.lag = wait_zero_lag(node, current, catch_up_timeout_seconds)
-            tl.add(step.kind, f"{node.name} replayed {report.lag.replay_lsn} = {current.name}'s "
-                   f"{report.lag.primary_lsn}")
+            tl.add(
+                step.kind,
+                f"{node.name} replayed {report.lag.replay_lsn} = {current.name}'s {report.lag.primary_lsn}",
+            )
         elif step.kind == "approve":
-            set_approval(report, approval_gate(
-                what=f"switch over from {current_name} to {home.name}", plan_lines=report.plan,
-                approved_by=approved_by, auto_approve=auto_approve, timeout_seconds=approval_timeout_seconds))
+            set_approval(
+                report,
+                approval_gate(
+                    what=f"switch over from {current_name} to {home.name}",
+                    plan_lines=report.plan,
+                    approved_by=approved_by,
+                    auto_approve=auto_approve,
+                    timeout_seconds=approval_timeout_seconds,
+                ),
+            )
             tl.add(step.kind, f"approved by {report.approver}" + (" (auto_approve)" if auto_approve else ""))
         elif step.kind == "switchover":
             assert current is not None
@@ -303,11 +357,19 @@ def _apply(cfg: Config, config_file: str | None, plan: FailbackPlan, report: Fai
             home_dir = local_pgdata(home)
             if home_dir is not None:
                 finish_rebuild(home_dir)
-            _record(report, tl, record_role_change_task(cfg, "failback", home.name, [current.name],
-                                                        so.promote.timeline, so.promote.promoted_lsn))
-            tl.add(step.kind, f"{current.name} shut down cleanly at checkpoint {so.final_checkpoint_lsn}; "
-                   f"{home.name} replayed {so.replayed_lsn} and was promoted (timeline "
-                   f"{so.promote.timeline}); writes were unavailable {so.unavailable_seconds:.2f}s")
+            _record(
+                report,
+                tl,
+                record_role_change_task(
+                    cfg, "failback", home.name, [current.name], so.promote.timeline, so.promote.promoted_lsn
+                ),
+            )
+            tl.add(
+                step.kind,
+                f"{current.name} shut down cleanly at checkpoint {so.final_checkpoint_lsn}; "
+                f"{home.name} replayed {so.replayed_lsn} and was promoted (timeline "
+                f"{so.promote.timeline}); writes were unavailable {so.unavailable_seconds:.2f}s",
+            )
         elif step.kind == "rejoin-former-primary":
             lag = rejoin_former_primary(cfg, node, home)
             report.rejoined.append(node.name)
@@ -324,9 +386,14 @@ def _apply(cfg: Config, config_file: str | None, plan: FailbackPlan, report: Fai
             if dns_error:
                 tl.add(step.kind, "skipped: DNS does not point at the primary")
                 continue
-            event = ReconnectEvent(cluster=cfg.cluster, event="failback", new_primary=home.name,
-                                   old_primary=current_name or "-", host=node_dns_value(home),
-                                   dns_record=cfg.dns.record)
+            event = ReconnectEvent(
+                cluster=cfg.cluster,
+                event="failback",
+                new_primary=home.name,
+                old_primary=current_name or "-",
+                host=node_dns_value(home),
+                dns_record=cfg.dns.record,
+            )
             report.hooks = reconnect_apps(cfg, event)
             tl.add(step.kind, f"{sum(h.ok for h in report.hooks)}/{len(report.hooks)} hook(s) ok")
         elif step.kind == "validate":
@@ -334,8 +401,13 @@ def _apply(cfg: Config, config_file: str | None, plan: FailbackPlan, report: Fai
             home_dir = local_pgdata(home)
             if home_dir is not None:
                 finish_rebuild(home_dir)  # it takes writes: a stale rebuild marker must not outlive this
-            _record(report, tl, record_role_change_task(cfg, "failback", home.name,
-                                                        [n for n in nodes if n != home.name], None, None))
+            _record(
+                report,
+                tl,
+                record_role_change_task(
+                    cfg, "failback", home.name, [n for n in nodes if n != home.name], None, None
+                ),
+            )
             tl.add(step.kind, f"canary write on {home.name} read back")
     if report.old_data:
         from tasks.topology import dir_size
@@ -349,12 +421,21 @@ def failback_flow(
     config_path: ConfigPath = None,
     backup: Annotated[bool, Field(description="back up the current primary first")] = True,
     approved_by: OptionalText = None,
-    auto_approve: Annotated[bool, Field(description="skip the approval form (shown in the report); "
-                                                    "a name in approved_by alone never does")] = False,
+    auto_approve: Annotated[
+        bool,
+        Field(
+            description="skip the approval form (shown in the report); a name in approved_by alone never does"
+        ),
+    ] = False,
     approval_timeout_seconds: Annotated[int, Field(ge=10, le=86400)] = 900,
     catch_up_timeout_seconds: Annotated[int, Field(ge=5, le=86400)] = 600,
-    discard_old_data: Annotated[bool, Field(description="delete the old primary's kept data directory / WAL "
-                                                        "once it is rebuilt (default: keep it)")] = False,
+    discard_old_data: Annotated[
+        bool,
+        Field(
+            description="delete the old primary's kept data directory / WAL "
+            "once it is rebuilt (default: keep it)"
+        ),
+    ] = False,
 ) -> FailbackReport:
     """Make the configured primary the primary again, with a zero-data-loss switchover.
 
@@ -387,8 +468,9 @@ def failback_flow(
             others = check_replica_health(cfg)
             report.evidence = [home_state.evidence(), *(s.evidence() for s in others)]
             tl.add("assess", "; ".join(report.evidence))
-            plan: FailbackPlan = plan_failback(home_state, others, backup=backup and attempt == 0,
-                                               discard_old_data=discard_old_data)
+            plan: FailbackPlan = plan_failback(
+                home_state, others, backup=backup and attempt == 0, discard_old_data=discard_old_data
+            )
             report.plan = [f"{s.kind} {s.node}: {s.reason}" for s in plan.steps]
             report.notes += [n for n in plan.notes if n not in report.notes]
             if plan.rpo_bytes is not None or report.rpo_bytes is None:
@@ -397,25 +479,44 @@ def failback_flow(
             report.old_data = list(home_state.kept_old_data)
             # The node we switch away from: the writable one, or (resuming) the one shut down cleanly.
             current_name = plan.current or next(
-                (s.name for s in others if not s.reachable and s.local_pgdata and s.control_state == "shut down"),
-                None)
+                (
+                    s.name
+                    for s in others
+                    if not s.reachable and s.local_pgdata and s.control_state == "shut down"
+                ),
+                None,
+            )
             current = nodes[current_name] if current_name else None
             report.from_primary = current_name
             tl.add("plan", ", ".join(plan.kinds()))
             try:
-                dns_error = _apply(cfg, config_path, plan, report, tl, nodes, home, current, current_name,
-                                   approved_by=approved_by, auto_approve=auto_approve,
-                                   approval_timeout_seconds=approval_timeout_seconds,
-                                   catch_up_timeout_seconds=catch_up_timeout_seconds)
+                dns_error = _apply(
+                    cfg,
+                    config_path,
+                    plan,
+                    report,
+                    tl,
+                    nodes,
+                    home,
+                    current,
+                    current_name,
+                    approved_by=approved_by,
+                    auto_approve=auto_approve,
+                    approval_timeout_seconds=approval_timeout_seconds,
+                    catch_up_timeout_seconds=catch_up_timeout_seconds,
+                )
                 break
             except RewindFailed as exc:
                 report.rewind_failed = one_line(exc)
-                tl.add("rewind-old-primary", f"{report.rewind_failed}: re-planning (the data directory is "
-                       "kept and re-cloned)")
+                tl.add(
+                    "rewind-old-primary",
+                    f"{report.rewind_failed}: re-planning (the data directory is kept and re-cloned)",
+                )
                 if attempt:
                     raise
         problems = ([dns_error] if dns_error else []) + [
-            f"reconnect hook {h.kind} {h.target} failed: {h.message}" for h in report.hooks if not h.ok]
+            f"reconnect hook {h.kind} {h.target} failed: {h.message}" for h in report.hooks if not h.ok
+        ]
         if problems:
             raise ReconnectFailed("; ".join(problems) + f" — {home.name} is the primary")
         report.status = "complete"
@@ -436,13 +537,20 @@ def failback_flow(
     report.timeline = tl.events
     metrics: dict[str, tuple[float, str]] = {
         "gravl_failback_duration_seconds": (report.total_seconds, "Last failback: total wall time"),
-        "gravl_failback_old_data_bytes": (float(report.old_data_bytes or 0), "Bytes of the old primary's data "
-                                          "kept next to its data directory (delete them once read)")}
+        "gravl_failback_old_data_bytes": (
+            float(report.old_data_bytes or 0),
+            "Bytes of the old primary's data kept next to its data directory (delete them once read)",
+        ),
+    }
     if report.rpo_bytes is not None:
         metrics["gravl_failback_unreplicated_bytes"] = (
-            float(report.rpo_bytes), "Last failback: WAL bytes the old primary wrote that never reached the new one")
+            float(report.rpo_bytes),
+            "Last failback: WAL bytes the old primary wrote that never reached the new one",
+        )
     if report.switchover:
         metrics["gravl_failback_write_unavailable_seconds"] = (
-            report.switchover.unavailable_seconds, "Last failback: clean shutdown to first write")
+            report.switchover.unavailable_seconds,
+            "Last failback: clean shutdown to first write",
+        )
     _finish(cfg, report, key, "failback", failback_markdown, metrics)
     return report

@@ -73,8 +73,14 @@ class Timeline:
 
     def add(self, step: str, text: str) -> float:
         offset = self.elapsed()
-        self.events.append(TimelineEvent(at=self.started + timedelta(seconds=offset),
-                                         offset_seconds=round(offset, 3), step=step, text=text))
+        self.events.append(
+            TimelineEvent(
+                at=self.started + timedelta(seconds=offset),
+                offset_seconds=round(offset, 3),
+                step=step,
+                text=text,
+            )
+        )
         logger().info("[%s] %s", step, text)
         return offset
 
@@ -83,8 +89,9 @@ def resolve_nodes(cfg: Config) -> dict[str, Node]:
     nodes: dict[str, Node] = {}
     for node in [cfg.primary, *cfg.replicas]:
         if node.name in nodes:
-            raise ConfigError(f"node name {node.name!r} is used twice (primary and replicas need "
-                              "distinct names)")
+            raise ConfigError(
+                f"node name {node.name!r} is used twice (primary and replicas need distinct names)"
+            )
         nodes[node.name] = node
     return nodes
 
@@ -108,8 +115,15 @@ def approve(what: str, approver: str, how: str, note: str, approved: bool) -> Ap
     return record
 
 
-def approval_gate(*, what: str, plan_lines: list[str], approved_by: str | None, auto_approve: bool,
-                  timeout_seconds: int, poll_interval: int = 1) -> ApprovalRecord:
+def approval_gate(
+    *,
+    what: str,
+    plan_lines: list[str],
+    approved_by: str | None,
+    auto_approve: bool,
+    timeout_seconds: int,
+    poll_interval: int = 1,
+) -> ApprovalRecord:
     """Pause for the typed approval form, unless ``auto_approve`` (explicit, shown in the report).
 
     A name in ``approved_by`` alone never skips the gate: it only pre-fills the form's approver.
@@ -117,8 +131,13 @@ def approval_gate(*, what: str, plan_lines: list[str], approved_by: str | None, 
     ``approve`` task, visible in the run with who, when and how.
     """
     if auto_approve:
-        return approve(what, approved_by or "auto_approve", "auto_approve",
-                       "auto_approve=true: the approval form was skipped", True)
+        return approve(
+            what,
+            approved_by or "auto_approve",
+            "auto_approve",
+            "auto_approve=true: the approval form was skipped",
+            True,
+        )
     from prefect.flow_runs import pause_flow_run
 
     description = f"**{what}**\n\n" + "\n".join(f"- {line}" for line in plan_lines)
@@ -127,15 +146,23 @@ def approval_gate(*, what: str, plan_lines: list[str], approved_by: str | None, 
     if approved_by:
         initial["approver"] = approved_by
     try:
-        answer = pause_flow_run(wait_for_input=Approval.with_initial_data(**initial),
-                                timeout=timeout_seconds, poll_interval=poll_interval)
+        answer = pause_flow_run(
+            wait_for_input=Approval.with_initial_data(**initial),
+            timeout=timeout_seconds,
+            poll_interval=poll_interval,
+        )
     except Exception as exc:
         if type(exc).__name__ == "FlowPauseTimeout":
             return approve(what, "-", "approval form", f"no approval within {timeout_seconds}s", False)
         raise
     if not answer.approve:
-        return approve(what, answer.approver, "approval form", f"{answer.approver} declined"
-                       + (f" ({answer.comment})" if answer.comment else ""), False)
+        return approve(
+            what,
+            answer.approver,
+            "approval form",
+            f"{answer.approver} declined" + (f" ({answer.comment})" if answer.comment else ""),
+            False,
+        )
     return approve(what, answer.approver, "approval form", answer.comment or "approved in the UI", True)
 
 
@@ -148,8 +175,11 @@ def approval_text(r: Any) -> str:
     if not r.approver:
         return "-"
     when = f" at {r.approved_at:%Y-%m-%d %H:%M:%S} UTC" if r.approved_at else ""
-    return f"{r.approver}{when} — " + ("**auto_approve** (form skipped)" if r.auto_approved else "approval form") \
+    return (
+        f"{r.approver}{when} — "
+        + ("**auto_approve** (form skipped)" if r.auto_approved else "approval form")
         + f" ({r.approval_note or '-'})"
+    )
 
 
 def push_dr_metrics(cfg: Config, job: str, values: dict[str, tuple[float, str]]) -> None:
@@ -172,8 +202,10 @@ def report_sections(r: Any) -> list[str]:
         lines += ["", "## Plan", *[f"1. {p}" for p in r.plan]]
     if r.hooks:
         lines += ["", "## Reconnect hooks", "| hook | target | result | s |", "|---|---|---|---:|"]
-        lines += [f"| {h.kind} | {h.target} | {'ok' if h.ok else 'FAILED'}: {h.message} | {h.seconds:.1f} |"
-                  for h in r.hooks]
+        lines += [
+            f"| {h.kind} | {h.target} | {'ok' if h.ok else 'FAILED'}: {h.message} | {h.seconds:.1f} |"
+            for h in r.hooks
+        ]
     lines += ["", "## Timeline", *timeline_markdown(r.timeline)]
     lines += ["", "## What we saw", *[f"- {e}" for e in r.evidence]]
     if r.notes:
@@ -184,8 +216,10 @@ def report_sections(r: Any) -> list[str]:
 def timeline_markdown(events: list[TimelineEvent]) -> list[str]:
     lines = ["| t+ (s) | at (UTC) | step | what happened |", "|---:|---|---|---|"]
     for e in events:
-        lines.append(f"| {e.offset_seconds:.2f} | {e.at:%H:%M:%S.%f}"[:-3] +
-                     f" | {e.step} | {e.text.replace('|', '/')} |")
+        lines.append(
+            f"| {e.offset_seconds:.2f} | {e.at:%H:%M:%S.%f}"[:-3]
+            + f" | {e.step} | {e.text.replace('|', '/')} |"
+        )
     return lines
 
 
@@ -194,16 +228,31 @@ def timeline_markdown(events: list[TimelineEvent]) -> list[str]:
 
 @task(name="assess-primary", cache_policy=NO_CACHE)
 def assess_primary(cfg: Config) -> NodeState:
-    state = observe_node(cfg.primary, "primary", os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir,
-                         attempts=3, connect_timeout=3)
+    state = observe_node(
+        cfg.primary,
+        "primary",
+        os_user=cfg.postgres.os_user,
+        bindir=cfg.postgres.bindir,
+        attempts=3,
+        connect_timeout=3,
+    )
     logger().info("%s", state.evidence())
     return state
 
 
 @task(name="check-replica-health", cache_policy=NO_CACHE)
 def check_replica_health(cfg: Config) -> list[NodeState]:
-    states = [observe_node(r, "replica", os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir,
-                           attempts=2, connect_timeout=3) for r in cfg.replicas]
+    states = [
+        observe_node(
+            r,
+            "replica",
+            os_user=cfg.postgres.os_user,
+            bindir=cfg.postgres.bindir,
+            attempts=2,
+            connect_timeout=3,
+        )
+        for r in cfg.replicas
+    ]
     for s in states:
         logger().info("%s", s.evidence())
     return states
@@ -222,17 +271,26 @@ def promote_replica(cfg: Config, target: Node, old_primary: Node, force: bool) -
     # Precondition, re-checked now: the old primary must not have come back accepting writes.
     old = observe_node(old_primary, "primary", os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
     if old.accepts_writes and not force:
-        raise Refused(f"{old_primary.name} accepts writes again: not promoting {target.name} "
-                      "(re-run to fence it, or --force)")
+        raise Refused(
+            f"{old_primary.name} accepts writes again: not promoting {target.name} "
+            "(re-run to fence it, or --force)"
+        )
     if old.alive_but_refusing and not force:
-        raise Refused(f"{old_primary.name} is alive (it answered: {old.error}): not promoting "
-                      f"{target.name} (--force to accept the split-brain risk)")
+        raise Refused(
+            f"{old_primary.name} is alive (it answered: {old.error}): not promoting "
+            f"{target.name} (--force to accept the split-brain risk)"
+        )
     res = promote_node(target)
     if res.already_primary:
         logger().info("%s is already a primary (timeline %s): nothing to promote", target.name, res.timeline)
     else:
-        logger().info("promoted %s in %.2fs: timeline %s starts at %s", target.name, res.seconds,
-                      res.timeline, res.promoted_lsn)
+        logger().info(
+            "promoted %s in %.2fs: timeline %s starts at %s",
+            target.name,
+            res.seconds,
+            res.timeline,
+            res.promoted_lsn,
+        )
     return res
 
 
@@ -258,8 +316,14 @@ def validate_primary(node: Node, label: str) -> CanaryResult:
 
 
 @task(name="record-role-change", cache_policy=NO_CACHE)
-def record_role_change_task(cfg: Config, event: Literal["failover", "failback"], primary: str,
-                            demoted: list[str], timeline: int | None, lsn: str | None) -> str:
+def record_role_change_task(
+    cfg: Config,
+    event: Literal["failover", "failback"],
+    primary: str,
+    demoted: list[str],
+    timeline: int | None,
+    lsn: str | None,
+) -> str:
     """Append the change to the repository's role history (what `gravl-dr guard` and every flow read).
 
     Never fails the run: the promotion stands whether or not the repository answers.
@@ -272,14 +336,20 @@ def record_role_change_task(cfg: Config, event: Literal["failover", "failback"],
         history = role_history(repo)
         last = history[-1] if history else None
         if last is None and primary == cfg.primary.name:
-            return f"{primary} is the configured primary and no role change was ever recorded: nothing to record"
+            return (
+                f"{primary} is the configured primary and no role change was ever recorded: nothing to record"
+            )
         if last and last.primary == primary and set(demoted) <= set(last.demoted):
             return f"role history already says {primary} is the primary ({last.event} of {last.at:%H:%M:%S})"
-        key = record_role_change(repo, RoleEvent(at=now(), event=event, primary=primary, demoted=demoted,
-                                                 timeline=timeline, lsn=lsn))
+        key = record_role_change(
+            repo,
+            RoleEvent(at=now(), event=event, primary=primary, demoted=demoted, timeline=timeline, lsn=lsn),
+        )
     except DRError as exc:
         logger().warning("role change NOT recorded: %s", one_line(exc))
-        return f"NOT recorded ({one_line(exc)}): `gravl-dr guard` cannot know {', '.join(demoted)} was demoted"
+        return (
+            f"NOT recorded ({one_line(exc)}): `gravl-dr guard` cannot know {', '.join(demoted)} was demoted"
+        )
     return f"recorded {key}: {primary} primary, {', '.join(demoted)} demoted"
 
 
@@ -326,18 +396,30 @@ class FailoverReport(BaseModel):
 
 
 def failover_markdown(r: FailoverReport) -> str:
-    title = {"complete": f"Failover complete: {r.new_primary} is the primary",
-             UNFENCED: f"Failover complete, but {r.old_primary} is NOT fenced: {r.new_primary} is the "
-                       "primary — split-brain risk",
-             "refused": "Failover refused: nothing was promoted",
-             "failed": "Failover FAILED"}.get(r.status, f"Failover {r.status}")
+    title = {
+        "complete": f"Failover complete: {r.new_primary} is the primary",
+        UNFENCED: f"Failover complete, but {r.old_primary} is NOT fenced: {r.new_primary} is the "
+        "primary — split-brain risk",
+        "refused": "Failover refused: nothing was promoted",
+        "failed": "Failover FAILED",
+    }.get(r.status, f"Failover {r.status}")
     rows = [
-        ("status", r.status), ("old primary", r.old_primary), ("new primary", r.new_primary or "-"),
-        ("RTO (flow start to validated write)", f"{r.rto_seconds:.2f} s" if r.rto_seconds is not None else "-"),
-        ("RPO", f"{r.rpo_bytes} bytes of WAL ({human_bytes(r.rpo_bytes)})" if r.rpo_bytes is not None
-         else "unknown (no WAL position of the old primary)"),
+        ("status", r.status),
+        ("old primary", r.old_primary),
+        ("new primary", r.new_primary or "-"),
+        (
+            "RTO (flow start to validated write)",
+            f"{r.rto_seconds:.2f} s" if r.rto_seconds is not None else "-",
+        ),
+        (
+            "RPO",
+            f"{r.rpo_bytes} bytes of WAL ({human_bytes(r.rpo_bytes)})"
+            if r.rpo_bytes is not None
+            else "unknown (no WAL position of the old primary)",
+        ),
         ("WAL reference / promoted at", f"{r.reference_lsn or '-'} / {r.promoted_lsn or '-'}"),
-        ("fence", r.fence or "-"), ("approved by", approval_text(r)),
+        ("fence", r.fence or "-"),
+        ("approved by", approval_text(r)),
         ("DNS", r.dns.detail if r.dns else "-"),
         ("validation", f"canary row {r.canary.row_id} at {r.canary.lsn}" if r.canary else "-"),
     ]
@@ -347,13 +429,17 @@ def failover_markdown(r: FailoverReport) -> str:
     lines += report_sections(r)
     lines += ["", "## Next"]
     if r.status == UNFENCED:
-        lines.append(f"- Make sure {r.old_primary} cannot come back as a primary: power it off or cut it "
-                     "from the network, or run `gravl-dr guard` before PostgreSQL starts on its host.")
+        lines.append(
+            f"- Make sure {r.old_primary} cannot come back as a primary: power it off or cut it "
+            "from the network, or run `gravl-dr guard` before PostgreSQL starts on its host."
+        )
     if r.status in ("complete", UNFENCED):
         lines.append(f"- Repair {r.old_primary}, then run `gravl-dr failback` to make it the primary again.")
     elif r.status == "refused":
-        lines.append("- Nothing changed. Read the reason above; re-run when the state allows it "
-                     "(`--force` only if you accept the risk it names).")
+        lines.append(
+            "- Nothing changed. Read the reason above; re-run when the state allows it "
+            "(`--force` only if you accept the risk it names)."
+        )
     else:
         lines.append("- Re-run `gravl-dr failover`: finished steps are detected and skipped.")
         if r.new_primary and r.promoted_lsn:
@@ -361,16 +447,26 @@ def failover_markdown(r: FailoverReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _finish(cfg: Config, report: Any, key: str, job: str,
-            markdown: Callable[[Any], str], metrics: dict[str, tuple[float, str]]) -> None:
+def _finish(
+    cfg: Config,
+    report: Any,
+    key: str,
+    job: str,
+    markdown: Callable[[Any], str],
+    metrics: dict[str, tuple[float, str]],
+) -> None:
     create_markdown_artifact(markdown=markdown(report), key=key, description=f"{job} of {cfg.cluster}")
     now = time.time()
     if report.status in ("complete", UNFENCED):
-        metrics = {f"gravl_{job}_last_success_timestamp_seconds": (now, f"Time of the last successful {job}"),
-                   **metrics}
+        metrics = {
+            f"gravl_{job}_last_success_timestamp_seconds": (now, f"Time of the last successful {job}"),
+            **metrics,
+        }
     elif report.status == "failed":
-        metrics = {f"gravl_{job}_last_failure_timestamp_seconds": (now, f"Time of the last failed {job}"),
-                   **metrics}
+        metrics = {
+            f"gravl_{job}_last_failure_timestamp_seconds": (now, f"Time of the last failed {job}"),
+            **metrics,
+        }
     else:
         metrics = {f"gravl_{job}_last_refusal_timestamp_seconds": (now, f"Time of the last refused {job}")}
     push_dr_metrics(cfg, job, metrics)
@@ -381,25 +477,41 @@ def failover_metrics(r: FailoverReport) -> dict[str, tuple[float, str]]:
     if r.rto_seconds is not None:
         out["gravl_failover_rto_seconds"] = (r.rto_seconds, "Last failover: flow start to validated write")
     if r.rpo_bytes is not None:
-        out["gravl_failover_rpo_bytes"] = (float(r.rpo_bytes), "Last failover: WAL bytes the new primary lacked")
+        out["gravl_failover_rpo_bytes"] = (
+            float(r.rpo_bytes),
+            "Last failover: WAL bytes the new primary lacked",
+        )
     if r.fenced is not None:
         out["gravl_failover_old_primary_unfenced"] = (
-            0.0 if r.fenced else 1.0, "1 when the last failover could not fence the old primary (split-brain risk)")
+            0.0 if r.fenced else 1.0,
+            "1 when the last failover could not fence the old primary (split-brain risk)",
+        )
     return out
 
 
 @flow(name="failover", log_prints=False)
 def failover_flow(
     config_path: ConfigPath = None,
-    max_lag_bytes: Annotated[int, Field(ge=0, description="refuse a replica further behind than this")] =
-    DEFAULT_MAX_LAG_BYTES,
-    force: Annotated[bool, Field(description="promote even if the old primary accepts writes or the "
-                                             "replica lags (it is fenced first)")] = False,
-    planned: Annotated[bool, Field(description="the primary is up on purpose (a drill): stop it cleanly, "
-                                               "no data loss")] = False,
+    max_lag_bytes: Annotated[
+        int, Field(ge=0, description="refuse a replica further behind than this")
+    ] = DEFAULT_MAX_LAG_BYTES,
+    force: Annotated[
+        bool,
+        Field(
+            description="promote even if the old primary accepts writes or the "
+            "replica lags (it is fenced first)"
+        ),
+    ] = False,
+    planned: Annotated[
+        bool, Field(description="the primary is up on purpose (a drill): stop it cleanly, no data loss")
+    ] = False,
     approved_by: OptionalText = None,
-    auto_approve: Annotated[bool, Field(description="skip the approval form (shown in the report); "
-                                                    "a name in approved_by alone never does")] = False,
+    auto_approve: Annotated[
+        bool,
+        Field(
+            description="skip the approval form (shown in the report); a name in approved_by alone never does"
+        ),
+    ] = False,
     approval_timeout_seconds: Annotated[int, Field(ge=10, le=86400)] = 900,
 ) -> FailoverReport:
     """Fail over from the configured primary to the most advanced healthy replica.
@@ -421,8 +533,9 @@ def failover_flow(
     nodes = resolve_nodes(cfg)
     check_dns_config(cfg.dns)
     key = f"failover-report-{cfg.cluster}".replace("_", "-")
-    report = FailoverReport(cluster=cfg.cluster, old_primary=cfg.primary.name, planned=planned,
-                            started_at=tl.started)
+    report = FailoverReport(
+        cluster=cfg.cluster, old_primary=cfg.primary.name, planned=planned, started_at=tl.started
+    )
     try:
         if not cfg.replicas:
             raise ConfigError("no replicas in the config: nothing to fail over to")
@@ -431,23 +544,36 @@ def failover_flow(
         replica_states = check_replica_health(cfg)
         tl.add("check-replica-health", "; ".join(s.evidence() for s in replica_states))
         report.evidence = [primary_state.evidence(), *(s.evidence() for s in replica_states)]
-        plan: FailoverPlan = plan_failover(primary_state, replica_states, max_lag_bytes=max_lag_bytes,
-                                           force=force, planned=planned)
+        plan: FailoverPlan = plan_failover(
+            primary_state, replica_states, max_lag_bytes=max_lag_bytes, force=force, planned=planned
+        )
         report.plan = [f"{s.kind} {s.node}: {s.reason}" for s in plan.steps]
         report.notes = list(plan.notes)
         report.new_primary, report.already_promoted = plan.target, plan.already_promoted
         report.reference_lsn = plan.reference_lsn
-        tl.add("plan", f"target {plan.target}" + (f", {plan.lag_bytes} bytes behind" if plan.lag_bytes
-                                                   is not None else "") + f": {', '.join(plan.kinds())}")
+        tl.add(
+            "plan",
+            f"target {plan.target}"
+            + (f", {plan.lag_bytes} bytes behind" if plan.lag_bytes is not None else "")
+            + f": {', '.join(plan.kinds())}",
+        )
         target, old = nodes[plan.target], nodes[plan.old_primary]
         dns_error: str | None = None
         for step in plan.steps:
             if step.kind == "approve":
-                set_approval(report, approval_gate(
-                    what=f"promote {target.name} in place of {old.name}", plan_lines=report.plan,
-                    approved_by=approved_by, auto_approve=auto_approve,
-                    timeout_seconds=approval_timeout_seconds))
-                tl.add("approve", f"approved by {report.approver}" + (" (auto_approve)" if auto_approve else ""))
+                set_approval(
+                    report,
+                    approval_gate(
+                        what=f"promote {target.name} in place of {old.name}",
+                        plan_lines=report.plan,
+                        approved_by=approved_by,
+                        auto_approve=auto_approve,
+                        timeout_seconds=approval_timeout_seconds,
+                    ),
+                )
+                tl.add(
+                    "approve", f"approved by {report.approver}" + (" (auto_approve)" if auto_approve else "")
+                )
             elif step.kind == "fence-old-primary":
                 fence = fence_old_primary(cfg, old, clean=True)
                 report.fence, report.fenced = fence.action, fence.fenced
@@ -457,11 +583,19 @@ def failover_flow(
             elif step.kind == "promote-replica":
                 promoted = promote_replica(cfg, target, old, force)
                 report.promoted_lsn = promoted.promoted_lsn
-                tl.add("promote-replica", f"{target.name} promoted, timeline {promoted.timeline} from "
-                       f"{promoted.promoted_lsn}" if not promoted.already_primary
-                       else f"{target.name} already primary")
-                _record(report, tl, record_role_change_task(cfg, "failover", target.name, [old.name],
-                                                            promoted.timeline, promoted.promoted_lsn))
+                tl.add(
+                    "promote-replica",
+                    f"{target.name} promoted, timeline {promoted.timeline} from {promoted.promoted_lsn}"
+                    if not promoted.already_primary
+                    else f"{target.name} already primary",
+                )
+                _record(
+                    report,
+                    tl,
+                    record_role_change_task(
+                        cfg, "failover", target.name, [old.name], promoted.timeline, promoted.promoted_lsn
+                    ),
+                )
             elif step.kind == "switch-dns":
                 try:
                     report.dns = switch_dns(cfg, [node_dns_value(old)], node_dns_value(target))
@@ -473,29 +607,42 @@ def failover_flow(
                 if dns_error:
                     tl.add("reconnect-apps", "skipped: DNS does not point at the new primary")
                     continue
-                event = ReconnectEvent(cluster=cfg.cluster, event="failover", new_primary=target.name,
-                                       old_primary=old.name, host=node_dns_value(target),
-                                       dns_record=cfg.dns.record)
+                event = ReconnectEvent(
+                    cluster=cfg.cluster,
+                    event="failover",
+                    new_primary=target.name,
+                    old_primary=old.name,
+                    host=node_dns_value(target),
+                    dns_record=cfg.dns.record,
+                )
                 report.hooks = reconnect_apps(cfg, event)
                 tl.add("reconnect-apps", f"{sum(h.ok for h in report.hooks)}/{len(report.hooks)} hook(s) ok")
             elif step.kind == "validate":
                 report.canary = validate_primary(target, f"failover {tl.started.isoformat()}")
-                report.rto_seconds = round(tl.add("validate", f"canary write on {target.name} "
-                                                  f"read back"), 3)
+                report.rto_seconds = round(tl.add("validate", f"canary write on {target.name} read back"), 3)
         if plan.already_promoted:
             already = promote_node(target)  # read-only: it is a primary
             report.promoted_lsn = report.promoted_lsn or already.promoted_lsn
-            _record(report, tl, record_role_change_task(cfg, "failover", target.name, [old.name],
-                                                        already.timeline, already.promoted_lsn))
+            _record(
+                report,
+                tl,
+                record_role_change_task(
+                    cfg, "failover", target.name, [old.name], already.timeline, already.promoted_lsn
+                ),
+            )
         report.rpo_bytes = rpo_bytes(report.reference_lsn, report.promoted_lsn)
         failed_hooks = [h for h in report.hooks if not h.ok]
         problems = ([dns_error] if dns_error else []) + [
-            f"reconnect hook {h.kind} {h.target} failed: {h.message}" for h in failed_hooks]
+            f"reconnect hook {h.kind} {h.target} failed: {h.message}" for h in failed_hooks
+        ]
         if problems:
             raise ReconnectFailed("; ".join(problems) + f" — the promotion of {target.name} stands")
         report.status = UNFENCED if report.fenced is False else "complete"
-        tl.add("report", f"RTO {report.rto_seconds:.2f}s, RPO {report.rpo_bytes} bytes"
-               + (f"; WARNING: {old.name} NOT fenced" if report.fenced is False else ""))
+        tl.add(
+            "report",
+            f"RTO {report.rto_seconds:.2f}s, RPO {report.rpo_bytes} bytes"
+            + (f"; WARNING: {old.name} NOT fenced" if report.fenced is False else ""),
+        )
     except Refused as exc:
         report.status, report.error = "refused", one_line(exc)
         tl.add("refused", report.error)
@@ -514,7 +661,9 @@ def failover_flow(
     _finish(cfg, report, key, "failover", failover_markdown, failover_metrics(report))
     if report.status == UNFENCED:
         # A COMPLETED state of its own name: the UI and the API show the warning, not a plain success.
-        return Completed(name="CompletedUnfenced",  # type: ignore[return-value]
-                         message=f"{report.new_primary} promoted, but {report.old_primary} is NOT fenced",
-                         data=report)
+        return Completed(
+            name="CompletedUnfenced",  # type: ignore[return-value]
+            message=f"{report.new_primary} promoted, but {report.old_primary} is NOT fenced",
+            data=report,
+        )
     return report

@@ -22,7 +22,9 @@ def _plain(schema: dict[str, Any]) -> WithJsonSchema:
 # The gravl-dr config file; empty: $GRAVL_DR_CONFIG, then ./gravl-dr.yaml in the working directory.
 ConfigPath = Annotated[str | None, _plain({"type": "string"})]
 # A backup id as `gravl-dr list` prints it, or "latest".
-BackupRef = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^(latest|[0-9A-Za-z][0-9A-Za-z._-]*)$")]
+BackupRef = Annotated[
+    str, Field(min_length=1, max_length=128, pattern=r"^(latest|[0-9A-Za-z][0-9A-Za-z._-]*)$")
+]
 
 BackupKind = Literal["physical", "logical"]
 
@@ -31,5 +33,6 @@ OptionalText = Annotated[str | None, _plain({"type": "string"})]
 OptionalTextList = Annotated[list[str] | None, _plain({"type": "array", "items": {"type": "string"}})]
 
 
-OptionalPort = Annotated[int | None, Field(ge=1, le=65535),
-                         _plain({"type": "integer", "minimum": 1, "maximum": 65535})]
+OptionalPort = Annotated[
+    int | None, Field(ge=1, le=65535), _plain({"type": "integer", "minimum": 1, "maximum": 65535})
+]

@@ -58,17 +58,24 @@ class RestoreReport(BaseModel):
 @task(name="select-backup", cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def select_backup(repo: Repository, ref: str, kind: str | None, cluster: str) -> Manifest:
     manifest = bsteps.resolve_backup(repo, ref, kind=kind, cluster=cluster)
-    logger().info("restoring backup %s (%s, %s, ended %s)", manifest.id, manifest.kind,
-                  human_bytes(manifest.raw_bytes), manifest.stop_time.isoformat())
+    logger().info(
+        "restoring backup %s (%s, %s, ended %s)",
+        manifest.id,
+        manifest.kind,
+        human_bytes(manifest.raw_bytes),
+        manifest.stop_time.isoformat(),
+    )
     return manifest
 
 
 @task(name="restore-physical", cache_policy=NO_CACHE)
-def restore_physical(cfg: Config, repo: Repository, manifest: Manifest, pgdata: str,
-                     tablespace_map: dict[str, str]) -> rsteps.RestoreResult:
+def restore_physical(
+    cfg: Config, repo: Repository, manifest: Manifest, pgdata: str, tablespace_map: dict[str, str]
+) -> rsteps.RestoreResult:
     res = rsteps.restore_physical(cfg, repo, manifest, Path(pgdata), tablespace_map)
-    logger().info("verified and extracted %s into %s in %.1fs", human_bytes(res.raw_bytes),
-                  res.target, res.seconds)
+    logger().info(
+        "verified and extracted %s into %s in %.1fs", human_bytes(res.raw_bytes), res.target, res.seconds
+    )
     for space in manifest.tablespaces:
         where = tablespace_map.get(space.location.rstrip("/"), space.location)
         logger().info("tablespace %s restored into %s", space.name, where)
@@ -76,27 +83,42 @@ def restore_physical(cfg: Config, repo: Repository, manifest: Manifest, pgdata: 
 
 
 @task(name="restore-logical", cache_policy=NO_CACHE)
-def restore_logical(cfg: Config, repo: Repository, manifest: Manifest, dsn: str, jobs: int,
-                    database: str | None, no_owner: bool) -> rsteps.RestoreResult:
+def restore_logical(
+    cfg: Config,
+    repo: Repository,
+    manifest: Manifest,
+    dsn: str,
+    jobs: int,
+    database: str | None,
+    no_owner: bool,
+) -> rsteps.RestoreResult:
     res = rsteps.restore_logical(cfg, repo, manifest, dsn, jobs, no_owner=no_owner, database=database)
     logger().info("restored %s into %s in %.1fs", manifest.id, res.target, res.seconds)
     return res
 
 
 @task(name="restore-cluster", cache_policy=NO_CACHE)
-def restore_cluster(cfg: Config, repo: Repository, manifest: Manifest, dsn: str, jobs: int,
-                    tablespace_map: dict[str, str]) -> rsteps.ClusterRestoreResult:
+def restore_cluster(
+    cfg: Config, repo: Repository, manifest: Manifest, dsn: str, jobs: int, tablespace_map: dict[str, str]
+) -> rsteps.ClusterRestoreResult:
     res = rsteps.restore_cluster(cfg, repo, manifest, dsn, jobs, tablespace_map=tablespace_map)
-    logger().info("restored the globals and %d database(s) of %s into %s in %.1fs: %s",
-                  len(res.databases), manifest.id, res.target, res.seconds, ", ".join(res.databases))
+    logger().info(
+        "restored the globals and %d database(s) of %s into %s in %.1fs: %s",
+        len(res.databases),
+        manifest.id,
+        res.target,
+        res.seconds,
+        ", ".join(res.databases),
+    )
     for line in res.skipped:
         logger().warning("not in the backup: %s", line)
     return res
 
 
 @task(name="select-backup-for-target", cache_policy=NO_CACHE, **NETWORK_RETRIES)
-def select_backup_for_target(repo: Repository, ref: str, cluster: str,
-                             target: rec.RecoveryTarget) -> Manifest:
+def select_backup_for_target(
+    repo: Repository, ref: str, cluster: str, target: rec.RecoveryTarget
+) -> Manifest:
     now = datetime.now(UTC)
     if ref == "latest":
         manifest = rec.choose_backup(bsteps.list_backups(repo, cluster, check=True), target, now)
@@ -104,9 +126,15 @@ def select_backup_for_target(repo: Repository, ref: str, cluster: str,
         manifest = bsteps.resolve_backup(repo, ref, cluster=cluster)
     if manifest.kind == "physical":
         rec.check_target_for_backup(manifest, target, now)
-    logger().info("restoring backup %s (%s, %s, ended %s at %s) to reach %s", manifest.id,
-                  manifest.kind, human_bytes(manifest.raw_bytes), manifest.stop_time.isoformat(),
-                  manifest.stop_lsn, target.describe())
+    logger().info(
+        "restoring backup %s (%s, %s, ended %s at %s) to reach %s",
+        manifest.id,
+        manifest.kind,
+        human_bytes(manifest.raw_bytes),
+        manifest.stop_time.isoformat(),
+        manifest.stop_lsn,
+        target.describe(),
+    )
     return manifest
 
 
@@ -117,27 +145,50 @@ def inspect_wal_archive(repo: Repository, manifest: Manifest) -> ArchiveView:
         ends = ", ".join(f"timeline {t}: {n}" for t, n in sorted(view.newest_segment_name.items()))
         logger().info("the WAL archive continues after the backup (newest segment %s)", ends)
     else:
-        logger().info("the WAL archive holds nothing after backup %s: recovery ends at the "
-                      "backup's end point (%s)", manifest.id, manifest.stop_lsn)
+        logger().info(
+            "the WAL archive holds nothing after backup %s: recovery ends at the backup's end point (%s)",
+            manifest.id,
+            manifest.stop_lsn,
+        )
     return view
 
 
 @task(name="write-recovery-settings", cache_policy=NO_CACHE)
-def write_recovery_settings(cfg: Config, config_file: str, pgdata: str, target: rec.RecoveryTarget,
-                            keep_archiving: bool, start_wal: str | None = None) -> None:
+def write_recovery_settings(
+    cfg: Config,
+    config_file: str,
+    pgdata: str,
+    target: rec.RecoveryTarget,
+    keep_archiving: bool,
+    start_wal: str | None = None,
+) -> None:
     rec.check_server_can_read(config_file, cfg, cfg.postgres.os_user)
-    rec.write_recovery_settings(Path(pgdata), config_path=config_file, target=target,
-                                os_user=cfg.postgres.os_user, keep_archiving=keep_archiving)
+    rec.write_recovery_settings(
+        Path(pgdata),
+        config_path=config_file,
+        target=target,
+        os_user=cfg.postgres.os_user,
+        keep_archiving=keep_archiving,
+    )
     if start_wal:
         walsteps.prime_prefetch(Path(pgdata), start_wal)
-    logger().info("wrote recovery.signal and recovery settings: %s, restore_command %s, "
-                  "timeline latest, then promote%s", target.describe(),
-                  rec.restore_command(config_file), "" if keep_archiving else ", archive_mode off")
+    logger().info(
+        "wrote recovery.signal and recovery settings: %s, restore_command %s, "
+        "timeline latest, then promote%s",
+        target.describe(),
+        rec.restore_command(config_file),
+        "" if keep_archiving else ", archive_mode off",
+    )
 
 
 @task(name="start-restored-server", cache_policy=NO_CACHE)
-def start_restored_server(cfg: Config, pgdata: str, port: int,
-                          target: rec.RecoveryTarget | None = None, config_file: str | None = None) -> int:
+def start_restored_server(
+    cfg: Config,
+    pgdata: str,
+    port: int,
+    target: rec.RecoveryTarget | None = None,
+    config_file: str | None = None,
+) -> int:
     rsteps.set_port(Path(pgdata), port, cfg.postgres.os_user)
     cluster = LocalCluster(Path(pgdata), port, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
     if config_file is not None:
@@ -160,16 +211,29 @@ def start_restored_server(cfg: Config, pgdata: str, port: int,
 
 
 @task(name="wait-for-recovery", cache_policy=NO_CACHE)
-def wait_for_recovery(cfg: Config, pgdata: str, port: int, target: rec.RecoveryTarget,
-                      view: ArchiveView, manifest: Manifest, timeout: float) -> rec.RecoveryOutcome:
+def wait_for_recovery(
+    cfg: Config,
+    pgdata: str,
+    port: int,
+    target: rec.RecoveryTarget,
+    view: ArchiveView,
+    manifest: Manifest,
+    timeout: float,
+) -> rec.RecoveryOutcome:
     cluster = LocalCluster(Path(pgdata), port, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
     outcome = rec.wait_for_recovery(cluster, target, timeout)
     parent = rec.read_history_switchpoint(Path(pgdata), outcome.timeline)
     followed = parent[0] if parent else manifest.timeline
     end = view.newest_segment_start.get(followed)
-    logger().info("recovery finished in %.1fs: promoted on timeline %d at %s; last replayed "
-                  "transaction committed at %s; server says: %s", outcome.seconds, outcome.timeline,
-                  outcome.reached_lsn, outcome.last_xact_time, outcome.stop_message or "end of WAL")
+    logger().info(
+        "recovery finished in %.1fs: promoted on timeline %d at %s; last replayed "
+        "transaction committed at %s; server says: %s",
+        outcome.seconds,
+        outcome.timeline,
+        outcome.reached_lsn,
+        outcome.last_xact_time,
+        outcome.stop_message or "end of WAL",
+    )
     rec.check_outcome(target, outcome, archive_end_lsn=end, backup_stop_lsn=manifest.stop_lsn)
     rec.clear_prefetch(Path(pgdata))
     return outcome
@@ -240,14 +304,19 @@ def restore_flow(
     ts_map = rsteps.parse_tablespace_map(tablespace_map)
     if (pgdata is None) == (dsn is None):
         raise PreconditionFailed("restore needs exactly one of --pgdata (physical) or --dsn (logical)")
-    target = rec.RecoveryTarget.from_options(time=target_time.isoformat() if target_time else None,
-                                             lsn=target_lsn, name=target_name,
-                                             xid=target_xid)
+    target = rec.RecoveryTarget.from_options(
+        time=target_time.isoformat() if target_time else None,
+        lsn=target_lsn,
+        name=target_name,
+        xid=target_xid,
+    )
     if dsn is not None and has_password(dsn):
         # too late to keep it out of this run's parameters, but never used, logged or stored again
-        raise ConfigError("the dsn parameter carries a password: pass it through PGPASSWORD or a "
-                          ".pgpass file in the environment of the worker (the gravl-dr command "
-                          "does this by itself), never in a flow parameter")
+        raise ConfigError(
+            "the dsn parameter carries a password: pass it through PGPASSWORD or a "
+            ".pgpass file in the environment of the worker (the gravl-dr command "
+            "does this by itself), never in a flow parameter"
+        )
     if dsn is not None and target.kind != "end":
         raise PreconditionFailed("a recovery target needs a physical restore (--pgdata)")
     t0 = time.monotonic()
@@ -275,25 +344,34 @@ def restore_flow(
             use_archive = view.has_wal_after_backup or target.kind != "end"
             if use_archive:
                 config_file = str(resolve_config_path(config_path).absolute())
-                write_recovery_settings(cfg, config_file, pgdata, target, keep_archiving,
-                                        manifest.start_wal)
+                write_recovery_settings(cfg, config_file, pgdata, target, keep_archiving, manifest.start_wal)
         else:
             assert dsn is not None
             whole = bool(manifest.databases) and database is None
             if whole:
                 cres = restore_cluster(cfg, repo, manifest, dsn, jobs, ts_map)
-                res = rsteps.RestoreResult(cres.backup_id, cres.target, cres.raw_bytes, cres.seconds,
-                                           cres.verify_seconds)
+                res = rsteps.RestoreResult(
+                    cres.backup_id, cres.target, cres.raw_bytes, cres.seconds, cres.verify_seconds
+                )
             else:
                 res = restore_logical(cfg, repo, manifest, dsn, jobs, database, no_owner)
-        report = RestoreReport(backup_id=manifest.id, kind=manifest.kind, target=res.target,
-                               raw_bytes=res.raw_bytes, seconds=res.seconds,
-                               verify_seconds=res.verify_seconds, data_seconds=res.seconds,
-                               target_point=target.describe())
+        report = RestoreReport(
+            backup_id=manifest.id,
+            kind=manifest.kind,
+            target=res.target,
+            raw_bytes=res.raw_bytes,
+            seconds=res.seconds,
+            verify_seconds=res.verify_seconds,
+            data_seconds=res.seconds,
+            target_point=target.describe(),
+        )
         report.not_carried_over = rsteps.restore_notes(manifest)
         if dsn is not None:
-            report.databases = ([d.name for d in manifest.databases if d.object] if whole
-                                else [database or manifest.database or "?"])
+            report.databases = (
+                [d.name for d in manifest.databases if d.object]
+                if whole
+                else [database or manifest.database or "?"]
+            )
         for note in report.not_carried_over:
             logger().warning("%s", note)
         if pgdata:
@@ -301,11 +379,19 @@ def restore_flow(
         if pgdata and start:
             report.port = port or free_port()
             try:
-                start_restored_server(cfg, pgdata, report.port, target if use_archive else None,
-                                      config_file if use_archive else None)
+                start_restored_server(
+                    cfg,
+                    pgdata,
+                    report.port,
+                    target if use_archive else None,
+                    config_file if use_archive else None,
+                )
                 report.started = True
-                outcome = (wait_for_recovery(cfg, pgdata, report.port, target, view, manifest,
-                                             recovery_timeout) if use_archive else None)
+                outcome = (
+                    wait_for_recovery(cfg, pgdata, report.port, target, view, manifest, recovery_timeout)
+                    if use_archive
+                    else None
+                )
             except BaseException as exc:
                 # never leave a server up, promoted and writable, short of what was asked
                 stopped = stop_restored_server(cfg, pgdata, report.port)
@@ -314,8 +400,7 @@ def restore_flow(
                 raise
             if outcome is not None:
                 report.reached_lsn = outcome.reached_lsn
-                report.last_xact_time = (outcome.last_xact_time.isoformat()
-                                         if outcome.last_xact_time else None)
+                report.last_xact_time = outcome.last_xact_time.isoformat() if outcome.last_xact_time else None
                 report.timeline = outcome.timeline
                 report.stop_message = outcome.stop_message
                 report.recovery_seconds = outcome.seconds
@@ -336,17 +421,27 @@ def restore_flow(
             f"| target | {where} |\n| data | {human_bytes(report.raw_bytes)} |\n"
             f"| verification | while reading, one pass |\n| total (RTO) | {report.seconds:.1f} s |\n"
             f"| started | {f'port {report.port}' if report.started else 'no'} |\n"
-            + (f"| recovery target | {report.target_point} |\n"
-               f"| WAL archive used | {'yes' if report.archive_used else 'no (nothing after the backup)'} |\n"
-               if pgdata else "")
-            + (f"| reached LSN | {report.reached_lsn} (timeline {report.timeline}) |\n"
-               f"| last replayed transaction | {report.last_xact_time or '-'} |\n"
-               f"| server's record | {report.stop_message or 'end of WAL'} |\n"
-               f"| recovery | {report.recovery_seconds or 0:.1f} s |\n"
-               if report.reached_lsn else "")
+            + (
+                f"| recovery target | {report.target_point} |\n"
+                f"| WAL archive used | {'yes' if report.archive_used else 'no (nothing after the backup)'} |\n"
+                if pgdata
+                else ""
+            )
+            + (
+                f"| reached LSN | {report.reached_lsn} (timeline {report.timeline}) |\n"
+                f"| last replayed transaction | {report.last_xact_time or '-'} |\n"
+                f"| server's record | {report.stop_message or 'end of WAL'} |\n"
+                f"| recovery | {report.recovery_seconds or 0:.1f} s |\n"
+                if report.reached_lsn
+                else ""
+            )
             + (f"| databases | {', '.join(report.databases)} |\n" if report.databases else "")
-            + ("\n## What PostgreSQL did not carry over\n\n" + "".join(f"- {n}\n" for n in report.not_carried_over)
-               if report.not_carried_over else "")
+            + (
+                "\n## What PostgreSQL did not carry over\n\n"
+                + "".join(f"- {n}\n" for n in report.not_carried_over)
+                if report.not_carried_over
+                else ""
+            )
         ),
     )
     return report

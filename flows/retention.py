@@ -43,8 +43,13 @@ class RetentionReport(BaseModel):
 @task(name="survey-repository", cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def survey_repository(repo: Repository) -> steps.RepositoryState:
     state = steps.read_state(repo)
-    logger().info("%s holds %d complete backup(s), %d backup object(s) and %d WAL file(s)",
-                  repo.url, len(state.manifests), len(state.backup_keys), len(state.wal_keys))
+    logger().info(
+        "%s holds %d complete backup(s), %d backup object(s) and %d WAL file(s)",
+        repo.url,
+        len(state.manifests),
+        len(state.backup_keys),
+        len(state.wal_keys),
+    )
     return state
 
 
@@ -64,16 +69,25 @@ def verify_backups(cfg: Config, repo: Repository, state: steps.RepositoryState) 
 @task(name="plan-retention", cache_policy=NO_CACHE)
 def plan_retention(cfg: Config, state: steps.RepositoryState) -> steps.RetentionPlan:
     pol = cfg.retention
-    plan = steps.plan_retention(state, pol, datetime.now(UTC), cfg.cluster,
-                                orphan_grace=timedelta(hours=pol.incomplete_grace_hours))
+    plan = steps.plan_retention(
+        state, pol, datetime.now(UTC), cfg.cluster, orphan_grace=timedelta(hours=pol.incomplete_grace_hours)
+    )
     log = logger()
-    log.info("policy: keep the newest %d backup(s) of each kind and all that ended within %d days",
-             pol.min_full, pol.full_days)
+    log.info(
+        "policy: keep the newest %d backup(s) of each kind and all that ended within %d days",
+        pol.min_full,
+        pol.full_days,
+    )
     for d in plan.decisions:
         log.info("%s %s: %s", "keep" if d.keep else "EXPIRE", d.backup_id, d.reason)
     for need in plan.wal_needs:
-        log.info("backup %s needs WAL from timeline %d, segment %08X%s onward", need.backup_id,
-                 need.timeline, need.timeline, need.position)
+        log.info(
+            "backup %s needs WAL from timeline %d, segment %08X%s onward",
+            need.backup_id,
+            need.timeline,
+            need.timeline,
+            need.position,
+        )
     log.info("WAL: %d file(s) to expire, %d kept", len(plan.expire_wal), plan.kept_wal)
     for note in plan.notes:
         log.info(note)
@@ -96,8 +110,9 @@ def expire_backups(repo: Repository, plan: steps.RetentionPlan) -> int:
 
 
 @task(name="sweep-leftovers", cache_policy=NO_CACHE, **NETWORK_RETRIES)
-def sweep_leftovers(cfg: Config, repo: Repository, state: steps.RepositoryState,
-                    dry_run: bool) -> tuple[list[str], int]:
+def sweep_leftovers(
+    cfg: Config, repo: Repository, state: steps.RepositoryState, dry_run: bool
+) -> tuple[list[str], int]:
     """Open multipart uploads and temporary files of killed runs, older than the grace period."""
     grace = timedelta(hours=cfg.retention.incomplete_grace_hours)
     items = steps.find_leftovers(repo, grace, state.locked_backup_id)
@@ -126,11 +141,18 @@ def push_retention_metrics(cfg: Config, report: RetentionReport) -> None:
     values = {
         "gravl_expire_last_success_timestamp_seconds": (time.time(), "Time of the last retention run"),
         "gravl_expire_backups_kept": (float(len(report.kept)), "Backups kept by the last retention run"),
-        "gravl_expire_backups_expired": (float(len(report.expired)),
-                                            "Backups expired by the last retention run"),
-        "gravl_expire_wal_expired": (float(report.wal_expired), "WAL files expired by the last retention run"),
-        "gravl_expire_backups_broken": (float(len(report.broken) + len(report.invalid)),
-                                        "Backups found broken or with an unreadable manifest"),
+        "gravl_expire_backups_expired": (
+            float(len(report.expired)),
+            "Backups expired by the last retention run",
+        ),
+        "gravl_expire_wal_expired": (
+            float(report.wal_expired),
+            "WAL files expired by the last retention run",
+        ),
+        "gravl_expire_backups_broken": (
+            float(len(report.broken) + len(report.invalid)),
+            "Backups found broken or with an unreadable manifest",
+        ),
     }
     try:
         push_metrics(cfg.metrics.pushgateway, "expire", {"cluster": cfg.cluster}, values)
@@ -146,7 +168,8 @@ def _markdown(report: RetentionReport, cfg: Config, repo_url: str) -> str:
         f"Policy: keep the newest {cfg.retention.min_full} backup(s) of each kind and every backup "
         f"that ended within {cfg.retention.full_days} days; keep the WAL they need.",
         "",
-        "| | |", "|---|---|",
+        "| | |",
+        "|---|---|",
         f"| repository | {repo_url} |",
         f"| backups kept | {len(report.kept)} |",
         f"| backups {'to expire' if report.dry_run else 'expired'} | {len(report.expired)} |",
@@ -159,18 +182,23 @@ def _markdown(report: RetentionReport, cfg: Config, repo_url: str) -> str:
     ]
     bad = {**report.broken, **report.invalid}
     if bad:
-        lines[0:1] = [lines[0], "",
-                      f"**{len(bad)} backup(s) cannot be restored; they are not counted toward "
-                      "min_full. Look at them now.**"]
-        lines += ["", "## Broken or invalid backups",
-                  *[f"- `{b}`: {why}" for b, why in sorted(bad.items())]]
+        lines[0:1] = [
+            lines[0],
+            "",
+            f"**{len(bad)} backup(s) cannot be restored; they are not counted toward "
+            "min_full. Look at them now.**",
+        ]
+        lines += ["", "## Broken or invalid backups", *[f"- `{b}`: {why}" for b, why in sorted(bad.items())]]
     if report.verified:
         lines += ["", "## Re-read in full before counting", *[f"- `{b}`" for b in report.verified]]
     if report.expired:
         lines += ["", "## Expired backups", *[f"- `{b}`" for b in report.expired]]
     if report.leftovers:
-        lines += ["", "## Leftovers swept" if not report.dry_run else "## Leftovers to sweep",
-                  *[f"- {x}" for x in report.leftovers]]
+        lines += [
+            "",
+            "## Leftovers swept" if not report.dry_run else "## Leftovers to sweep",
+            *[f"- {x}" for x in report.leftovers],
+        ]
     if report.notes:
         lines += ["", "## Notes", *[f"- {n}" for n in report.notes]]
     return "\n".join(lines) + "\n"
@@ -190,10 +218,17 @@ def expire_flow(config_path: ConfigPath = None, dry_run: bool = False) -> Retent
     state = verify_backups(cfg, repo, survey_repository(repo))
     plan = plan_retention(cfg, state)
     report = RetentionReport(
-        dry_run=dry_run, kept=plan.kept, expired=[b.backup_id for b in plan.expire],
-        orphan_objects=len(plan.orphan_keys), wal_expired=len(plan.expire_wal), wal_kept=plan.kept_wal,
+        dry_run=dry_run,
+        kept=plan.kept,
+        expired=[b.backup_id for b in plan.expire],
+        orphan_objects=len(plan.orphan_keys),
+        wal_expired=len(plan.expire_wal),
+        wal_kept=plan.kept_wal,
         wal_kept_from=[f"{n.timeline:08X}{n.position} ({n.backup_id})" for n in plan.wal_needs],
-        notes=plan.notes, broken=state.broken, invalid=state.invalid, verified=state.verified,
+        notes=plan.notes,
+        broken=state.broken,
+        invalid=state.invalid,
+        verified=state.verified,
     )
     report.leftovers, report.leftover_bytes = sweep_leftovers(cfg, repo, state, dry_run)
     if not dry_run:
@@ -201,7 +236,8 @@ def expire_flow(config_path: ConfigPath = None, dry_run: bool = False) -> Retent
         expire_wal(repo, plan)
     report.seconds = time.monotonic() - t0
     create_markdown_artifact(
-        markdown=_markdown(report, cfg, repo.url), key=f"expire-report-{cfg.cluster}".replace("_", "-"),
+        markdown=_markdown(report, cfg, repo.url),
+        key=f"expire-report-{cfg.cluster}".replace("_", "-"),
         description="retention dry run" if dry_run else "retention run",
     )
     if not dry_run:

@@ -51,12 +51,16 @@ def unlock_flow(config_path: ConfigPath = None, force: bool = False) -> str:
         done = break_lock(repo, force) if held is not None else f"no backup lock is held in {repo.url}"
     except Exception as exc:
         create_markdown_artifact(
-            key=key, description="lock kept",
+            key=key,
+            description="lock kept",
             markdown=f"# Unlock of {cfg.cluster}: lock kept\n\n| | |\n|---|---|\n| lock | {held} |\n"
-            f"| why kept | {one_line(exc)} |\n")
+            f"| why kept | {one_line(exc)} |\n",
+        )
         raise
     create_markdown_artifact(
-        key=key, description=done,
+        key=key,
+        description=done,
         markdown=f"# Unlock of {cfg.cluster}: {'removed' if held else 'nothing to do'}\n\n| | |\n|---|---|\n"
-        f"| lock | {held or 'none'} |\n| result | {done} |\n")
+        f"| lock | {held or 'none'} |\n| result | {done} |\n",
+    )
     return done

@@ -32,9 +32,14 @@ class VerifyReport(BaseModel):
 @task(name="pick-backup", cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def pick_backup(repo: Repository, ref: str, kind: str, cluster: str) -> Manifest:
     manifest = steps.resolve_backup(repo, ref, kind=kind if ref == "latest" else None, cluster=cluster)
-    logger().info("verifying backup %s (%s, %d object(s), %s stored)%s", manifest.id, manifest.kind,
-                  len(manifest.objects), human_bytes(manifest.stored_bytes),
-                  f": the newest {kind} backup" if ref == "latest" else "")
+    logger().info(
+        "verifying backup %s (%s, %d object(s), %s stored)%s",
+        manifest.id,
+        manifest.kind,
+        len(manifest.objects),
+        human_bytes(manifest.stored_bytes),
+        f": the newest {kind} backup" if ref == "latest" else "",
+    )
     return manifest
 
 
@@ -42,11 +47,22 @@ def pick_backup(repo: Repository, ref: str, kind: str, cluster: str) -> Manifest
 def verify_backup(cfg: Config, repo: Repository, manifest: Manifest, deep: bool) -> VerifyReport:
     key = steps.key_for_manifest(cfg, manifest) if deep else None
     res = steps.verify_objects(repo, manifest, deep=deep, key=key)
-    logger().info("backup %s OK: %d object(s), %s read, checksums match%s (%.1f s)", res.backup_id,
-                  res.objects, human_bytes(res.bytes_read), " (stored and decoded)" if deep else "",
-                  res.seconds)
-    return VerifyReport(backup_id=res.backup_id, kind=manifest.kind, objects=res.objects,
-                        bytes_read=res.bytes_read, seconds=res.seconds, deep=deep)
+    logger().info(
+        "backup %s OK: %d object(s), %s read, checksums match%s (%.1f s)",
+        res.backup_id,
+        res.objects,
+        human_bytes(res.bytes_read),
+        " (stored and decoded)" if deep else "",
+        res.seconds,
+    )
+    return VerifyReport(
+        backup_id=res.backup_id,
+        kind=manifest.kind,
+        objects=res.objects,
+        bytes_read=res.bytes_read,
+        seconds=res.seconds,
+        deep=deep,
+    )
 
 
 @flow(name="verify", log_prints=False)
@@ -74,14 +90,20 @@ def verify_flow(
         report = verify_backup(cfg, repo, manifest, deep)
     except BaseException as exc:
         create_markdown_artifact(
-            key=key, description=f"verify {backup}: FAILED",
+            key=key,
+            description=f"verify {backup}: FAILED",
             markdown=f"# Verify of {backup}: FAILED\n\n`{one_line(exc)}`\n\nDo not count on this backup: "
-            "take a new one, then find out what damaged it (the error names the object).\n")
+            "take a new one, then find out what damaged it (the error names the object).\n",
+        )
         raise
     create_markdown_artifact(
-        key=key, description=f"verify {report.backup_id}: OK",
-        markdown=(f"# Verify of {report.backup_id}: OK\n\n| | |\n|---|---|\n| kind | {report.kind} |\n"
-                  f"| objects | {report.objects} |\n| read | {human_bytes(report.bytes_read)} |\n"
-                  f"| checked | {'stored and decoded bytes' if deep else 'stored bytes'} (SHA-256) |\n"
-                  f"| took | {report.seconds:.1f} s |\n"))
+        key=key,
+        description=f"verify {report.backup_id}: OK",
+        markdown=(
+            f"# Verify of {report.backup_id}: OK\n\n| | |\n|---|---|\n| kind | {report.kind} |\n"
+            f"| objects | {report.objects} |\n| read | {human_bytes(report.bytes_read)} |\n"
+            f"| checked | {'stored and decoded bytes' if deep else 'stored bytes'} (SHA-256) |\n"
+            f"| took | {report.seconds:.1f} s |\n"
+        ),
+    )
     return report

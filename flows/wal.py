@@ -43,20 +43,30 @@ JOB = "wal-check"  # the flow's name: the Pushgateway job of its metrics
 def check_archive_continuity(cfg: Config, repo: Repository) -> walcheck.WalCheckReport:
     report = walcheck.check_wal(cfg, repo, server=False)
     for span in report.timelines:
-        logger().info("timeline %d: %d segment(s) %s..%s", span.timeline, span.segments,
-                      span.first or "-", span.last or "-")
+        logger().info(
+            "timeline %d: %d segment(s) %s..%s",
+            span.timeline,
+            span.segments,
+            span.first or "-",
+            span.last or "-",
+        )
     if report.gaps:
         for gap in report.gaps:
             logger().error("gap in the archive: %s", gap.describe())
     else:
-        logger().info("archive continuous from %s (oldest kept backup %s) to %s",
-                      report.start_wal or "its oldest segment", report.oldest_backup or "-",
-                      report.newest_segment or "-")
+        logger().info(
+            "archive continuous from %s (oldest kept backup %s) to %s",
+            report.start_wal or "its oldest segment",
+            report.oldest_backup or "-",
+            report.newest_segment or "-",
+        )
     return report
 
 
 @task(name="check-archiver-health", cache_policy=NO_CACHE, **NETWORK_RETRIES)
-def check_archiver_health(cfg: Config, repo: Repository, report: walcheck.WalCheckReport) -> walcheck.WalCheckReport:
+def check_archiver_health(
+    cfg: Config, repo: Repository, report: walcheck.WalCheckReport
+) -> walcheck.WalCheckReport:
     status = walcheck.read_archiver(cfg.primary.dsn)
     archive = list_archive(repo)
     settings = WalSettings.from_config(cfg.repository)
@@ -66,11 +76,15 @@ def check_archiver_health(cfg: Config, repo: Repository, report: walcheck.WalChe
     if status.reachable:
         logger().info(
             "archiver: %d archived, %d failed; last archived %s at %s%s; lag %s, %.0f s",
-            status.archived_count, status.failed_count, status.last_archived_wal or "-",
-            status.last_archived_time, " (verified in the repository)" if checked.last_archived_verified else "",
-            human_bytes(checked.lag_bytes or 0), checked.lag_seconds or 0,
+            status.archived_count,
+            status.failed_count,
+            status.last_archived_wal or "-",
+            status.last_archived_time,
+            " (verified in the repository)" if checked.last_archived_verified else "",
+            human_bytes(checked.lag_bytes or 0),
+            checked.lag_seconds or 0,
         )
-    for problem in checked.problems[len(report.problems):]:
+    for problem in checked.problems[len(report.problems) :]:
         logger().error(problem)
     return checked
 
@@ -90,18 +104,35 @@ def observe_primary(cfg: Config) -> PrimaryStatus:
 def _push_replication(cfg: Config, status: PrimaryStatus | None) -> None:
     if status is None:
         return
-    push_metrics(cfg.metrics.pushgateway, JOB, {"cluster": cfg.cluster},
-                 {"gravl_primary_up": (1.0 if status.up and not status.in_recovery else 0.0,
-                                       "1 when the configured primary accepts connections and is not in recovery")})
+    push_metrics(
+        cfg.metrics.pushgateway,
+        JOB,
+        {"cluster": cfg.cluster},
+        {
+            "gravl_primary_up": (
+                1.0 if status.up and not status.in_recovery else 0.0,
+                "1 when the configured primary accepts connections and is not in recovery",
+            )
+        },
+    )
     for r in status.replicas:
-        push_metrics(cfg.metrics.pushgateway, JOB, {"cluster": cfg.cluster, "replica": r.name},
-                     {"gravl_replication_lag_bytes": (float(r.replay_lag_bytes),
-                                                      "Bytes of WAL the replica has not replayed yet")})
+        push_metrics(
+            cfg.metrics.pushgateway,
+            JOB,
+            {"cluster": cfg.cluster, "replica": r.name},
+            {
+                "gravl_replication_lag_bytes": (
+                    float(r.replay_lag_bytes),
+                    "Bytes of WAL the replica has not replayed yet",
+                )
+            },
+        )
 
 
 @task(name="push-wal-metrics", cache_policy=NO_CACHE)
-def push_wal_metrics(cfg: Config, report: walcheck.WalCheckReport | None, failed: bool,
-                     status: PrimaryStatus | None = None) -> None:
+def push_wal_metrics(
+    cfg: Config, report: walcheck.WalCheckReport | None, failed: bool, status: PrimaryStatus | None = None
+) -> None:
     now = time.time()
     try:
         _push_replication(cfg, status)
@@ -110,21 +141,37 @@ def push_wal_metrics(cfg: Config, report: walcheck.WalCheckReport | None, failed
     values: dict[str, tuple[float, str]] = {}
     if report is not None:
         a = report.archiver
-        values.update({
-            "gravl_wal_archive_gaps": (float(len(report.gaps)), "Missing segment ranges in the WAL archive"),
-            "gravl_wal_archive_problems": (float(len(report.problems)), "WAL archive problems found"),
-            "gravl_wal_archived_files": (float(report.archived_files), "Files in the WAL archive"),
-        })
+        values.update(
+            {
+                "gravl_wal_archive_gaps": (
+                    float(len(report.gaps)),
+                    "Missing segment ranges in the WAL archive",
+                ),
+                "gravl_wal_archive_problems": (float(len(report.problems)), "WAL archive problems found"),
+                "gravl_wal_archived_files": (float(report.archived_files), "Files in the WAL archive"),
+            }
+        )
         if report.lag_bytes is not None:
-            values["gravl_wal_archive_lag_bytes"] = (float(report.lag_bytes), "WAL written but not yet archived")
+            values["gravl_wal_archive_lag_bytes"] = (
+                float(report.lag_bytes),
+                "WAL written but not yet archived",
+            )
         if report.lag_seconds is not None:
             values["gravl_wal_archive_lag_seconds"] = (report.lag_seconds, "Age of unarchived WAL")
         if a is not None and a.reachable:
-            values["gravl_wal_archiver_failed_count"] = (float(a.failed_count), "pg_stat_archiver.failed_count")
-            values["gravl_wal_archiver_archived_count"] = (float(a.archived_count), "pg_stat_archiver.archived_count")
+            values["gravl_wal_archiver_failed_count"] = (
+                float(a.failed_count),
+                "pg_stat_archiver.failed_count",
+            )
+            values["gravl_wal_archiver_archived_count"] = (
+                float(a.archived_count),
+                "pg_stat_archiver.archived_count",
+            )
             if a.last_archived_time is not None:
                 values["gravl_wal_last_archived_timestamp_seconds"] = (
-                    a.last_archived_time.timestamp(), "When the server last archived a file")
+                    a.last_archived_time.timestamp(),
+                    "When the server last archived a file",
+                )
             if a.ready_count is not None:
                 values["gravl_wal_ready_files"] = (float(a.ready_count), "Files waiting to be archived")
     if failed or report is None or not report.ok:
@@ -139,11 +186,16 @@ def push_wal_metrics(cfg: Config, report: walcheck.WalCheckReport | None, failed
 
 def _markdown(report: walcheck.WalCheckReport, error: str | None = None) -> str:
     status = "OK" if report.ok and not error else "PROBLEMS"
-    lines = [f"# WAL archive of {report.cluster}: {status}", "", "| | |", "|---|---|",
-             f"| repository | {report.repository} |",
-             f"| oldest kept backup | {report.oldest_backup or '-'} (start {report.start_wal or '-'}) |",
-             f"| newest archived segment | {report.newest_segment or '-'} |",
-             f"| archived files | {report.archived_files} |"]
+    lines = [
+        f"# WAL archive of {report.cluster}: {status}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| repository | {report.repository} |",
+        f"| oldest kept backup | {report.oldest_backup or '-'} (start {report.start_wal or '-'}) |",
+        f"| newest archived segment | {report.newest_segment or '-'} |",
+        f"| archived files | {report.archived_files} |",
+    ]
     if report.lag_bytes is not None:
         lines.append(f"| archive lag | {human_bytes(report.lag_bytes)}, {report.lag_seconds or 0:.0f} s |")
     a = report.archiver
@@ -156,11 +208,18 @@ def _markdown(report: walcheck.WalCheckReport, error: str | None = None) -> str:
             f"| archive_timeout | {a.archive_timeout_s if a.archive_timeout_s is not None else '-'} s |",
         ]
     lines += ["", "## Timelines", "", "| timeline | segments | first | last |", "|---|---|---|---|"]
-    lines += [f"| {s.timeline} | {s.segments} | {s.first or '-'} | {s.last or '-'} |" for s in report.timelines]
+    lines += [
+        f"| {s.timeline} | {s.segments} | {s.first or '-'} | {s.last or '-'} |" for s in report.timelines
+    ]
     if report.gaps:
-        lines += ["", "## Gaps", *[f"- {g.describe()}" for g in report.gaps], "",
-                  "Recovery cannot pass a gap: take a new backup now (it starts a new continuous "
-                  "range), then find out why the files are missing."]
+        lines += [
+            "",
+            "## Gaps",
+            *[f"- {g.describe()}" for g in report.gaps],
+            "",
+            "Recovery cannot pass a gap: take a new backup now (it starts a new continuous "
+            "range), then find out why the files are missing.",
+        ]
     if report.warnings:
         lines += ["", "## Warnings", *[f"- {w}" for w in report.warnings]]
     if report.problems or error:
@@ -178,27 +237,46 @@ def watch_archive_lag(cfg: Config, minutes: int, every_seconds: int) -> list[wal
     deadline = time.monotonic() + minutes * 60
     until = datetime.now(UTC) + timedelta(minutes=minutes)
     expected = max(1, (minutes * 60) // every_seconds)
-    log.info("watching the archive lag every %d s until %s (%d sample(s))", every_seconds,
-             until.strftime("%H:%M:%S UTC"), expected)
+    log.info(
+        "watching the archive lag every %d s until %s (%d sample(s))",
+        every_seconds,
+        until.strftime("%H:%M:%S UTC"),
+        expected,
+    )
     samples: list[walcheck.LagSample] = []
     while (left := deadline - time.monotonic()) > 0:
         time.sleep(min(every_seconds, left))
         sample = walcheck.server_lag(walcheck.read_archiver(cfg.primary.dsn), datetime.now(UTC))
         samples.append(sample)
         if not sample.reachable:
-            log.warning("lag sample %d/%d: primary unreachable (%s); watching until %s", len(samples),
-                        expected, sample.error, until.strftime("%H:%M:%S UTC"))
+            log.warning(
+                "lag sample %d/%d: primary unreachable (%s); watching until %s",
+                len(samples),
+                expected,
+                sample.error,
+                until.strftime("%H:%M:%S UTC"),
+            )
         else:
-            log.info("lag sample %d/%d: %s, %s behind (last archived %s); watching until %s",
-                     len(samples), expected,
-                     human_bytes(sample.lag_bytes) if sample.lag_bytes is not None else "unknown",
-                     f"{sample.lag_seconds:.0f} s" if sample.lag_seconds is not None else "unknown",
-                     sample.last_archived_wal or "-", until.strftime("%H:%M:%S UTC"))
+            log.info(
+                "lag sample %d/%d: %s, %s behind (last archived %s); watching until %s",
+                len(samples),
+                expected,
+                human_bytes(sample.lag_bytes) if sample.lag_bytes is not None else "unknown",
+                f"{sample.lag_seconds:.0f} s" if sample.lag_seconds is not None else "unknown",
+                sample.last_archived_wal or "-",
+                until.strftime("%H:%M:%S UTC"),
+            )
         values: dict[str, tuple[float, str]] = {
-            "gravl_wal_lag_sample_timestamp_seconds": (sample.at.timestamp(), "When the archive lag was last sampled"),
+            "gravl_wal_lag_sample_timestamp_seconds": (
+                sample.at.timestamp(),
+                "When the archive lag was last sampled",
+            ),
         }
         if sample.lag_bytes is not None:
-            values["gravl_wal_archive_lag_bytes"] = (float(sample.lag_bytes), "WAL written but not yet archived")
+            values["gravl_wal_archive_lag_bytes"] = (
+                float(sample.lag_bytes),
+                "WAL written but not yet archived",
+            )
         if sample.lag_seconds is not None:
             values["gravl_wal_archive_lag_seconds"] = (sample.lag_seconds, "Age of unarchived WAL")
         try:
@@ -240,8 +318,9 @@ def wal_check_flow(
             create_markdown_artifact(key=artifact_key, markdown=_markdown(report, one_line(exc)))
         push_wal_metrics(cfg, report, failed=True, status=status)
         raise
-    create_markdown_artifact(key=artifact_key, markdown=_markdown(report),
-                             description=f"WAL archive of {cfg.cluster}")
+    create_markdown_artifact(
+        key=artifact_key, markdown=_markdown(report), description=f"WAL archive of {cfg.cluster}"
+    )
     push_wal_metrics(cfg, report, failed=not report.ok, status=status)
     if not report.ok:
         raise walcheck.WalCheckFailed(report)

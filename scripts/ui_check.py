@@ -26,14 +26,24 @@ import urllib.request
 from typing import Any
 
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
 def api_post(api: str, path: str, body: dict[str, Any]) -> Any:
-    req = urllib.request.Request(f"{api}{path}", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{api}{path}",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())
 
@@ -55,9 +65,17 @@ def render(url: str, budget_ms: int = 20000) -> str:
     """The DOM of ``url`` after its scripts ran, from a fresh profile."""
     with tempfile.TemporaryDirectory(prefix="gravl-ui-check-") as profile:
         proc = subprocess.run(
-            [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-             f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
-            capture_output=True, text=True, timeout=budget_ms / 1000 + 90,
+            [
+                chromium(),
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={profile}",
+                f"--virtual-time-budget={budget_ms}",
+                "--dump-dom",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=budget_ms / 1000 + 90,
         )
     if proc.returncode != 0:
         raise RuntimeError(f"chromium exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
@@ -137,10 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--ui", default="http://127.0.0.1:4200", help="the Prefect UI's base URL")
     parser.add_argument("--api", help="the API URL (default: UI + /api)")
-    parser.add_argument("--deployment", action="append", metavar="FLOW/NAME",
-                        help="check this deployment's form (repeatable; default: all tagged gravl-dr)")
-    parser.add_argument("--artifact", metavar="KEY", help="check the newest artifact with this key "
-                        "(default: the newest backup-report-*)")
+    parser.add_argument(
+        "--deployment",
+        action="append",
+        metavar="FLOW/NAME",
+        help="check this deployment's form (repeatable; default: all tagged gravl-dr)",
+    )
+    parser.add_argument(
+        "--artifact",
+        metavar="KEY",
+        help="check the newest artifact with this key (default: the newest backup-report-*)",
+    )
     args = parser.parse_args(argv)
     ui = args.ui.rstrip("/")
     api = (args.api or f"{ui}/api").rstrip("/")
@@ -148,26 +173,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.deployment:
         deployments = [api_get(api, f"/deployments/name/{name}") for name in args.deployment]
     else:
-        deployments = [d for d in api_post(api, "/deployments/filter", {"limit": 200})
-                       if "gravl-dr" in (d.get("tags") or [])]
+        deployments = [
+            d
+            for d in api_post(api, "/deployments/filter", {"limit": 200})
+            if "gravl-dr" in (d.get("tags") or [])
+        ]
     if not deployments:
         print("ui_check: FAILED no gravl-dr deployments on this server")
         return 1
     for dep in deployments:
         problems = check_form(ui, api, dep)
         n = len((dep.get("parameter_openapi_schema") or {}).get("properties") or {})
-        print(f"form {dep['name']}: {'OK' if not problems else 'FAILED'} ({n} parameter(s))"
-              + "".join(f"\n  {p}" for p in problems))
+        print(
+            f"form {dep['name']}: {'OK' if not problems else 'FAILED'} ({n} parameter(s))"
+            + "".join(f"\n  {p}" for p in problems)
+        )
         failed += bool(problems)
     arts = api_post(api, "/artifacts/filter", {"sort": "CREATED_DESC", "limit": 200})
-    wanted = [a for a in arts if a.get("key") and (a["key"] == args.artifact if args.artifact
-                                                    else a["key"].startswith("backup-report-"))]
+    wanted = [
+        a
+        for a in arts
+        if a.get("key")
+        and (a["key"] == args.artifact if args.artifact else a["key"].startswith("backup-report-"))
+    ]
     if not wanted:
         print(f"artifact {args.artifact or 'backup-report-*'}: FAILED none on this server")
         return 1
     problems = check_artifact(ui, wanted[0])
-    print(f"artifact {wanted[0]['key']}: {'OK' if not problems else 'FAILED'}"
-          + "".join(f"\n  {p}" for p in problems))
+    print(
+        f"artifact {wanted[0]['key']}: {'OK' if not problems else 'FAILED'}"
+        + "".join(f"\n  {p}" for p in problems)
+    )
     failed += bool(problems)
     return 1 if failed else 0
 

@@ -136,6 +136,7 @@ class VerifyResult:
 
 # ---------------------------------------------------------------- preflight
 
+
 def preflight(cfg: Config, repo: Repository, kind: str, now: datetime | None = None) -> Preflight:
     """Check everything a backup needs, with no side effect: server, version, space, lock."""
     if kind not in ("physical", "logical"):
@@ -160,7 +161,8 @@ def preflight(cfg: Config, repo: Repository, kind: str, now: datetime | None = N
             if info.version_num < 150000:
                 raise PreconditionFailed(
                     f"PostgreSQL {info.version_text}: physical backups need PostgreSQL 15 or newer "
-                    "(BASE_BACKUP's COPY sub-protocol); take a logical backup")
+                    "(BASE_BACKUP's COPY sub-protocol); take a logical backup"
+                )
             messages += _physical_readiness(conn, dsn, found_tablespaces)
     chosen: list[DatabaseEntry] = []
     if kind == "logical":
@@ -206,9 +208,12 @@ def source_dsn(cfg: Config, version_num: int = 0) -> str:
     """The primary's DSN with lock_timeout and statement_timeout on every statement (and, from
     PostgreSQL 14, client_connection_check_interval: a session of ours whose client is gone
     stops waiting for a lock at once instead of at lock_timeout)."""
-    return inventory.guarded_dsn(cfg.primary.dsn, cfg.backup.lock_timeout_seconds,
-                                 cfg.backup.statement_timeout_seconds,
-                                 check_client=version_num >= 140000)
+    return inventory.guarded_dsn(
+        cfg.primary.dsn,
+        cfg.backup.lock_timeout_seconds,
+        cfg.backup.statement_timeout_seconds,
+        check_client=version_num >= 140000,
+    )
 
 
 def _physical_readiness(conn: Any, dsn: str, spaces: list[TablespaceEntry]) -> list[str]:
@@ -226,34 +231,49 @@ def _physical_readiness(conn: Any, dsn: str, spaces: list[TablespaceEntry]) -> l
     ).fetchone()
     wal_level, senders, used_senders, slots, used_slots, may_replicate, user = row
     if wal_level == "minimal":
-        raise PreconditionFailed("wal_level is minimal: a physical backup needs wal_level = replica "
-                                 "(or logical); change it and restart the server")
+        raise PreconditionFailed(
+            "wal_level is minimal: a physical backup needs wal_level = replica "
+            "(or logical); change it and restart the server"
+        )
     if used_senders >= senders:
-        raise PreconditionFailed(f"max_wal_senders = {senders} and {used_senders} in use: a physical "
-                                 "backup needs one free WAL sender")
+        raise PreconditionFailed(
+            f"max_wal_senders = {senders} and {used_senders} in use: a physical "
+            "backup needs one free WAL sender"
+        )
     if used_slots >= slots:
-        raise PreconditionFailed(f"max_replication_slots = {slots} and {used_slots} in use: a physical "
-                                 "backup reserves its WAL with a temporary slot and needs one free")
+        raise PreconditionFailed(
+            f"max_replication_slots = {slots} and {used_slots} in use: a physical "
+            "backup reserves its WAL with a temporary slot and needs one free"
+        )
     if not may_replicate:
-        raise PreconditionFailed(f"role {user} has neither SUPERUSER nor REPLICATION: a physical backup "
-                                 "needs the REPLICATION attribute")
+        raise PreconditionFailed(
+            f"role {user} has neither SUPERUSER nor REPLICATION: a physical backup "
+            "needs the REPLICATION attribute"
+        )
     for space in spaces:
         if not space.location:
-            raise PreconditionFailed(f"tablespace {space.name} has no location (an in-place tablespace): "
-                                     "not supported by a physical backup")
+            raise PreconditionFailed(
+                f"tablespace {space.name} has no location (an in-place tablespace): "
+                "not supported by a physical backup"
+            )
     # pg_hba.conf is only known by trying: IDENTIFY_SYSTEM changes nothing on the server
     with BaseBackupStream(dsn, label="preflight", slot="unused") as probe:
         probe.identify()
-    lines = [f"wal_level {wal_level}, WAL senders {used_senders}/{senders} in use, replication slots "
-             f"{used_slots}/{slots}; replication connection as {user} accepted"]
+    lines = [
+        f"wal_level {wal_level}, WAL senders {used_senders}/{senders} in use, replication slots "
+        f"{used_slots}/{slots}; replication connection as {user} accepted"
+    ]
     if spaces:
-        lines.append("tablespaces, each its own archive: " + ", ".join(
-            f"{t.name} ({t.location})" for t in spaces))
+        lines.append(
+            "tablespaces, each its own archive: " + ", ".join(f"{t.name} ({t.location})" for t in spaces)
+        )
     return lines
 
 
-NO_PASSWORDS = ("role passwords will NOT be in the backup: the backup role is not a superuser, and "
-                "password hashes are only readable from pg_authid (roles are dumped without them)")
+NO_PASSWORDS = (
+    "role passwords will NOT be in the backup: the backup role is not a superuser, and "
+    "password hashes are only readable from pg_authid (roles are dumped without them)"
+)
 
 
 def _logical_readiness(dsn: str, info: ServerInfo, chosen: list[DatabaseEntry]) -> list[str]:
@@ -267,12 +287,15 @@ def _logical_readiness(dsn: str, info: ServerInfo, chosen: list[DatabaseEntry]) 
         with connection(with_dbname(dsn, db.name)):
             pass
     dumped = [d.name for d in chosen if not d.skipped]
-    lines.append(f"globals (roles, memberships, role settings, tablespaces) and {len(dumped)} "
-                 f"database(s): {', '.join(dumped)}")
+    lines.append(
+        f"globals (roles, memberships, role settings, tablespaces) and {len(dumped)} "
+        f"database(s): {', '.join(dumped)}"
+    )
     return lines
 
 
 # ---------------------------------------------------------------- lock
+
 
 def read_lock(repo: Repository) -> dict[str, Any] | None:
     try:
@@ -323,10 +346,15 @@ def put_commit_point(repo: Repository, key: str, data: bytes) -> bool:
 
 
 def _lock_body(backup_id: str) -> bytes:
-    return json.dumps({
-        "backup_id": backup_id, "host": socket.gethostname(), "pid": os.getpid(),
-        "started": datetime.now(UTC).isoformat(timespec="seconds"), "epoch": time.time(),
-    }).encode()
+    return json.dumps(
+        {
+            "backup_id": backup_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "epoch": time.time(),
+        }
+    ).encode()
 
 
 def acquire_lock(repo: Repository, backup_id: str) -> None:
@@ -367,18 +395,24 @@ def release_lock(repo: Repository, backup_id: str, attempts: int = 4, pause: flo
             return True
         except DRError as exc:
             if attempt + 1 == attempts:
-                log.warning("could not release the backup lock of %s (%s); the next backup "
-                            "takes it over, or run gravl-dr unlock", backup_id, one_line(exc))
+                log.warning(
+                    "could not release the backup lock of %s (%s); the next backup "
+                    "takes it over, or run gravl-dr unlock",
+                    backup_id,
+                    one_line(exc),
+                )
                 return False
-            time.sleep(pause * (2 ** attempt))
+            time.sleep(pause * (2**attempt))
     return False
 
 
 def describe_lock(lock: dict[str, Any]) -> str:
     if lock.get("corrupt"):
         return "an unreadable lock"
-    return (f"the lock of backup {lock.get('backup_id')} (host {lock.get('host')}, pid "
-            f"{lock.get('pid')}, since {lock.get('started')})")
+    return (
+        f"the lock of backup {lock.get('backup_id')} (host {lock.get('host')}, pid "
+        f"{lock.get('pid')}, since {lock.get('started')})"
+    )
 
 
 def break_lock(repo: Repository, force: bool = False) -> str:
@@ -391,11 +425,14 @@ def break_lock(repo: Repository, force: bool = False) -> str:
     what = describe_lock(lock)
     here = lock.get("host") == socket.gethostname()
     if here and not lock.get("corrupt") and pid_alive(int(lock.get("pid", 0))):
-        raise PreconditionFailed(f"{what} belongs to a process that is running on this host; "
-                                 "not removed (stop that backup first)")
+        raise PreconditionFailed(
+            f"{what} belongs to a process that is running on this host; not removed (stop that backup first)"
+        )
     if not lock_is_stale(lock, repo) and not force:
-        raise PreconditionFailed(f"{what} may belong to a running backup on another host; "
-                                 "run unlock --force once you know it is dead")
+        raise PreconditionFailed(
+            f"{what} may belong to a running backup on another host; "
+            "run unlock --force once you know it is dead"
+        )
     if read_lock(repo) != lock:
         raise Locked("the lock changed while it was examined; look again")
     repo.delete(LOCK_KEY)
@@ -404,6 +441,7 @@ def break_lock(repo: Repository, force: bool = False) -> str:
 
 
 # ---------------------------------------------------------------- stream
+
 
 def discard_incomplete(repo: Repository, backup_id: str) -> int:
     """Delete the objects of an attempt that has no manifest (never those of a real backup)."""
@@ -423,17 +461,18 @@ def _object_name(base: str, codec: str, encrypted: bool) -> str:
     return base + CODEC_SUFFIX[codec] + (ENC_SUFFIX if encrypted else "")
 
 
-def _store(
-    cfg: Config, repo: Repository, pre: Preflight, name: str, source: Iterable[bytes]
-) -> StoredObject:
+def _store(cfg: Config, repo: Repository, pre: Preflight, name: str, source: Iterable[bytes]) -> StoredObject:
     key = load_key(cfg.repository.encryption_key_env)
     stream, result = encode(source, pre.codec, key, cfg.repository.compression_level)
     put = repo.put_stream(f"{backup_prefix(pre.backup_id)}/{name}", stream)
     if put.size != result.stored.size or put.sha256 != result.stored.hexdigest():
         raise PreconditionFailed(f"{name}: repository recorded other bytes than were sent")
     return StoredObject(
-        key=name, size=result.stored.size, sha256=result.stored.hexdigest(),
-        raw_size=result.raw.size, raw_sha256=result.raw.hexdigest(),
+        key=name,
+        size=result.stored.size,
+        sha256=result.stored.hexdigest(),
+        raw_size=result.raw.size,
+        raw_sha256=result.raw.hexdigest(),
     )
 
 
@@ -456,12 +495,15 @@ def _stream_physical(cfg: Config, repo: Repository, pre: Preflight) -> StreamRes
     by_oid = {t.oid: t for t in pre.tablespaces}
     objects: list[StoredObject] = []
     spaces: list[TablespaceEntry] = []
-    with BaseBackupStream(dsn, label=f"gravl-dr {pre.backup_id}", slot=slot_name(pre.backup_id),
-                          inactivity_timeout=cfg.backup.inactivity_timeout_seconds,
-                          max_rate_kb=cfg.backup.max_rate_kb) as bb:
+    with BaseBackupStream(
+        dsn,
+        label=f"gravl-dr {pre.backup_id}",
+        slot=slot_name(pre.backup_id),
+        inactivity_timeout=cfg.backup.inactivity_timeout_seconds,
+        max_rate_kb=cfg.backup.max_rate_kb,
+    ) as bb:
         bb.start()
-        log.info("base backup of %s started at %s on timeline %d", safe_dsn(dsn), bb.start_lsn,
-                 bb.timeline)
+        log.info("base backup of %s started at %s on timeline %d", safe_dsn(dsn), bb.start_lsn, bb.timeline)
         while (archive := bb.next_archive()) is not None:
             stem = archive.name
             if not re.fullmatch(r"(base|\d+)\.tar|backup_manifest", stem):
@@ -471,9 +513,14 @@ def _stream_physical(cfg: Config, repo: Repository, pre: Preflight) -> StreamRes
             if stem.endswith(".tar") and stem != "base.tar":
                 oid = stem.removesuffix(".tar")
                 known = by_oid.get(oid)
-                spaces.append(TablespaceEntry(
-                    oid=oid, name=known.name if known else oid,
-                    location=archive.tablespace_path or (known.location if known else ""), object=name))
+                spaces.append(
+                    TablespaceEntry(
+                        oid=oid,
+                        name=known.name if known else oid,
+                        location=archive.tablespace_path or (known.location if known else ""),
+                        object=name,
+                    )
+                )
         end = bb.finish()
     base = [o for o in objects if o.key.startswith("base.tar")]
     if len(base) != 1:
@@ -485,8 +532,11 @@ def _stream_physical(cfg: Config, repo: Repository, pre: Preflight) -> StreamRes
     # Every database's counts and newest timestamps, with the LSN they hold at: the drill pauses
     # its recovery just before it and compares them exactly. Then switch WAL so that the LSN
     # reaches the archive.
-    facts = read_cluster_facts(dsn, explain_lock=lambda db: inventory.describe_lock_wait(
-        with_dbname(dsn, db), db, "counting rows"), lock_timeout_seconds=cfg.backup.lock_timeout_seconds)
+    facts = read_cluster_facts(
+        dsn,
+        explain_lock=lambda db: inventory.describe_lock_wait(with_dbname(dsn, db), db, "counting rows"),
+        lock_timeout_seconds=cfg.backup.lock_timeout_seconds,
+    )
     switch_wal(dsn)
     counts = {db: f.rows for db, f in facts.databases.items()}
     notes = inventory.not_carried_over(dsn, dbnames, data_directory=pre.info.data_directory)
@@ -499,17 +549,31 @@ def _stream_physical(cfg: Config, repo: Repository, pre: Preflight) -> StreamRes
     if notes.config_outside_pgdata:
         config = _config_files(cfg, dsn, notes.config_outside_pgdata)
         if config is None:
-            notes = notes.model_copy(update={"backup_notes": [
-                "configuration files outside PGDATA could not be read (neither pg_read_file nor "
-                "postgres.config_dir): a restore writes a minimal postgresql.conf and pg_hba.conf"]})
+            notes = notes.model_copy(
+                update={
+                    "backup_notes": [
+                        "configuration files outside PGDATA could not be read (neither pg_read_file nor "
+                        "postgres.config_dir): a restore writes a minimal postgresql.conf and pg_hba.conf"
+                    ]
+                }
+            )
         else:
-            objects.append(_store(cfg, repo, pre, _object_name(CONFIG_OBJECT, pre.codec, pre.encrypted),
-                                  iter([config])))
+            objects.append(
+                _store(cfg, repo, pre, _object_name(CONFIG_OBJECT, pre.codec, pre.encrypted), iter([config]))
+            )
     return StreamResult(
-        objects=tuple(objects), start_lsn=end.start_lsn, stop_lsn=end.stop_lsn,
-        timeline=end.timeline, start_time=start_time, stop_time=stop_time,
-        row_counts=counts, row_counts_exact=True, seconds=time.monotonic() - t0,
-        tablespaces=tuple(spaces), not_carried_over=notes, facts=facts,
+        objects=tuple(objects),
+        start_lsn=end.start_lsn,
+        stop_lsn=end.stop_lsn,
+        timeline=end.timeline,
+        start_time=start_time,
+        stop_time=stop_time,
+        row_counts=counts,
+        row_counts_exact=True,
+        seconds=time.monotonic() - t0,
+        tablespaces=tuple(spaces),
+        not_carried_over=notes,
+        facts=facts,
     )
 
 
@@ -562,8 +626,10 @@ def _count_in_snapshot(dsn: str, snapshot: str, database: str, conns: list[Any])
         except psycopg.errors.LockNotAvailable:
             raise PreconditionFailed(inventory.describe_lock_wait(dsn, database, "counting rows")) from None
         except psycopg.errors.QueryCanceled as exc:
-            raise PreconditionFailed(f"counting rows in database {database} took longer than "
-                                     f"statement_timeout: {str(exc).strip().splitlines()[0]}") from None
+            raise PreconditionFailed(
+                f"counting rows in database {database} took longer than "
+                f"statement_timeout: {str(exc).strip().splitlines()[0]}"
+            ) from None
         conn.rollback()
     return facts, str(row[0]) if row else ""
 
@@ -596,8 +662,14 @@ def _dump_failure(exc: CommandFailed, dsn: str, database: str) -> DRError:
 
 def _stream_globals(cfg: Config, repo: Repository, pre: Preflight, running: _Running) -> StoredObject:
     dsn = source_dsn(cfg, pre.info.version_num)
-    argv = [pg_bin("pg_dumpall", cfg.postgres.bindir), "--globals-only", "--no-password",
-            "-l", pre.info.database, *([] if pre.info.is_superuser else ["--no-role-passwords"])]
+    argv = [
+        pg_bin("pg_dumpall", cfg.postgres.bindir),
+        "--globals-only",
+        "--no-password",
+        "-l",
+        pre.info.database,
+        *([] if pre.info.is_superuser else ["--no-role-passwords"]),
+    ]
     proc = popen(argv, env=client_env(dsn))
     running.procs.append(proc)
     source = ProcessSource(proc, "pg_dumpall --globals-only")
@@ -607,8 +679,9 @@ def _stream_globals(cfg: Config, repo: Repository, pre: Preflight, running: _Run
         source.finish()
 
 
-def _dump_database(cfg: Config, repo: Repository, pre: Preflight, db: DatabaseEntry,
-                   running: _Running) -> tuple[DatabaseEntry, StoredObject, tuple[DatabaseFacts, str]]:
+def _dump_database(
+    cfg: Config, repo: Repository, pre: Preflight, db: DatabaseEntry, running: _Running
+) -> tuple[DatabaseEntry, StoredObject, tuple[DatabaseFacts, str]]:
     """pg_dump -Fc of one database in an exported snapshot; rows counted in the same snapshot
     on another connection while the dump streams (exact, and no extra wall time)."""
     dsn = with_dbname(source_dsn(cfg, pre.info.version_num), db.name)
@@ -622,8 +695,15 @@ def _dump_database(cfg: Config, repo: Repository, pre: Preflight, db: DatabaseEn
         with ThreadPoolExecutor(1, thread_name_prefix="row-counts") as pool:
             counting = pool.submit(_count_in_snapshot, dsn, snapshot, db.name, running.conns)
             lock_ms = int(cfg.backup.lock_timeout_seconds * 1000)
-            argv = [pg_bin("pg_dump", cfg.postgres.bindir), "-Fc", "-Z", "0", "--no-password",
-                    f"--snapshot={snapshot}", f"--lock-wait-timeout={lock_ms}"]
+            argv = [
+                pg_bin("pg_dump", cfg.postgres.bindir),
+                "-Fc",
+                "-Z",
+                "0",
+                "--no-password",
+                f"--snapshot={snapshot}",
+                f"--lock-wait-timeout={lock_ms}",
+            ]
             try:
                 if running.stopped.is_set():
                     raise PreconditionFailed("backup stopped")
@@ -654,8 +734,12 @@ def _stream_logical(cfg: Config, repo: Repository, pre: Preflight) -> StreamResu
     dsn = source_dsn(cfg, pre.info.version_num)
     with connection(dsn) as conn:
         lsn_row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-        cluster_dbs = [str(r[0]) for r in conn.execute(
-            "SELECT datname FROM pg_database WHERE NOT datistemplate ORDER BY 1").fetchall()]
+        cluster_dbs = [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT datname FROM pg_database WHERE NOT datistemplate ORDER BY 1"
+            ).fetchall()
+        ]
     start_lsn = str(lsn_row[0]) if lsn_row else None
     running = _Running()
     entries: dict[str, DatabaseEntry] = {d.name: d for d in pre.databases}
@@ -667,8 +751,9 @@ def _stream_logical(cfg: Config, repo: Repository, pre: Preflight) -> StreamResu
     try:
         globals_obj = _stream_globals(cfg, repo, pre, running)
         objects.append(globals_obj)
-        futures = [pool.submit(_dump_database, cfg, repo, pre, d, running)
-                   for d in pre.databases if not d.skipped]
+        futures = [
+            pool.submit(_dump_database, cfg, repo, pre, d, running) for d in pre.databases if not d.skipped
+        ]
         for fut in futures:
             entry, obj, (db_facts, db_snapshot) = fut.result()
             entries[entry.name] = entry
@@ -686,23 +771,43 @@ def _stream_logical(cfg: Config, repo: Repository, pre: Preflight) -> StreamResu
         if db.skipped:
             log.warning("database %s was not dumped: %s", db.name, db.skipped)
     notes = inventory.not_carried_over(
-        dsn, [d.name for d in pre.databases if not d.skipped], data_directory=pre.info.data_directory)
+        dsn, [d.name for d in pre.databases if not d.skipped], data_directory=pre.info.data_directory
+    )
     if not pre.info.is_superuser:
         notes = notes.model_copy(update={"backup_notes": [NO_PASSWORDS]})
     return StreamResult(
-        objects=tuple(objects), start_lsn=start_lsn, stop_lsn=start_lsn, timeline=pre.info.timeline,
-        start_time=start_time, stop_time=datetime.now(UTC), row_counts=counts,
-        row_counts_exact=True, seconds=time.monotonic() - t0, tablespaces=pre.tablespaces,
-        databases=tuple(entries[d.name] for d in pre.databases), globals_object=globals_obj.key,
+        objects=tuple(objects),
+        start_lsn=start_lsn,
+        stop_lsn=start_lsn,
+        timeline=pre.info.timeline,
+        start_time=start_time,
+        stop_time=datetime.now(UTC),
+        row_counts=counts,
+        row_counts_exact=True,
+        seconds=time.monotonic() - t0,
+        tablespaces=pre.tablespaces,
+        databases=tuple(entries[d.name] for d in pre.databases),
+        globals_object=globals_obj.key,
         not_carried_over=notes,
-        facts=ClusterFacts(lsn=start_lsn, snapshots=snapshots, databases=facts,
-                           not_counted={
-                               **{db: "not in this backup (backup.databases does not name it)" for db in cluster_dbs
-                                  if db not in entries},
-                               **{d.name: f"not in this backup: {d.skipped}" for d in pre.databases if d.skipped},
-                               **{d.name: "dumped, not counted (a template database)" for d in pre.databases
-                                  if not d.skipped and d.name not in facts}},
-                           all_databases=sorted({*cluster_dbs, *(d.name for d in pre.databases)})),
+        facts=ClusterFacts(
+            lsn=start_lsn,
+            snapshots=snapshots,
+            databases=facts,
+            not_counted={
+                **{
+                    db: "not in this backup (backup.databases does not name it)"
+                    for db in cluster_dbs
+                    if db not in entries
+                },
+                **{d.name: f"not in this backup: {d.skipped}" for d in pre.databases if d.skipped},
+                **{
+                    d.name: "dumped, not counted (a template database)"
+                    for d in pre.databases
+                    if not d.skipped and d.name not in facts
+                },
+            },
+            all_databases=sorted({*cluster_dbs, *(d.name for d in pre.databases)}),
+        ),
     )
 
 
@@ -715,17 +820,33 @@ def build_manifest(cfg: Config, pre: Preflight, res: StreamResult) -> Manifest:
         # last byte needed (XLByteToPrevSeg in xlog_internal.h)
         stop_wal = wal_file_name(res.timeline, max(parse_lsn(res.stop_lsn) - 1, 0), seg)
     return Manifest(
-        id=pre.backup_id, kind=pre.kind, cluster=cfg.cluster,  # type: ignore[arg-type]
-        pg_version=pre.info.version_num, pg_version_text=pre.info.version_text,
-        system_identifier=pre.info.system_identifier, timeline=res.timeline,
-        start_lsn=res.start_lsn, stop_lsn=res.stop_lsn, start_wal=start_wal, stop_wal=stop_wal,
-        wal_segment_size=seg, start_time=res.start_time, stop_time=res.stop_time,
-        database=pre.info.database, codec=pre.codec,
-        encryption=STREAM_ALG if pre.encrypted else "none", key_fingerprint=pre.key_fingerprint,
-        objects=list(res.objects), row_counts=res.row_counts, row_counts_exact=res.row_counts_exact,
-        data_checksums=pre.info.data_checksums, tablespaces=list(res.tablespaces),
-        databases=list(res.databases), globals_object=res.globals_object,
-        not_carried_over=res.not_carried_over, **_facts_fields(res.facts),
+        id=pre.backup_id,
+        kind=pre.kind,  # type: ignore[arg-type]
+        cluster=cfg.cluster,
+        pg_version=pre.info.version_num,
+        pg_version_text=pre.info.version_text,
+        system_identifier=pre.info.system_identifier,
+        timeline=res.timeline,
+        start_lsn=res.start_lsn,
+        stop_lsn=res.stop_lsn,
+        start_wal=start_wal,
+        stop_wal=stop_wal,
+        wal_segment_size=seg,
+        start_time=res.start_time,
+        stop_time=res.stop_time,
+        database=pre.info.database,
+        codec=pre.codec,
+        encryption=STREAM_ALG if pre.encrypted else "none",
+        key_fingerprint=pre.key_fingerprint,
+        objects=list(res.objects),
+        row_counts=res.row_counts,
+        row_counts_exact=res.row_counts_exact,
+        data_checksums=pre.info.data_checksums,
+        tablespaces=list(res.tablespaces),
+        databases=list(res.databases),
+        globals_object=res.globals_object,
+        not_carried_over=res.not_carried_over,
+        **_facts_fields(res.facts),
     )
 
 
@@ -738,14 +859,17 @@ def _facts_fields(facts: ClusterFacts | None) -> dict[str, Any]:
     for db, reason in facts.not_counted.items():
         not_counted.setdefault(db, {})["*"] = reason
     return {
-        "row_counts_lsn": facts.lsn, "row_counts_snapshots": dict(facts.snapshots),
+        "row_counts_lsn": facts.lsn,
+        "row_counts_snapshots": dict(facts.snapshots),
         "newest_timestamps": {db: dict(f.newest) for db, f in facts.databases.items() if f.newest},
         "unlogged_tables": {db: list(f.unlogged) for db, f in facts.databases.items() if f.unlogged},
-        "not_counted": not_counted, "cluster_databases": list(facts.all_databases),
+        "not_counted": not_counted,
+        "cluster_databases": list(facts.all_databases),
     }
 
 
 # ---------------------------------------------------------------- verify and publish
+
 
 def verify_objects(
     repo: Repository, manifest: Manifest, *, deep: bool = False, key: bytes | None = None
@@ -847,8 +971,9 @@ def read_catalog(repo: Repository, cluster: str | None = None, *, check: bool = 
             entries.append(CatalogEntry(bid, key, None, "INVALID", one_line(exc)))
             continue
         if manifest.id != bid:
-            entries.append(CatalogEntry(bid, key, None, "INVALID",
-                                        f"{key}: the manifest names backup {manifest.id}"))
+            entries.append(
+                CatalogEntry(bid, key, None, "INVALID", f"{key}: the manifest names backup {manifest.id}")
+            )
             continue
         if cluster is not None and manifest.cluster != cluster:
             continue
@@ -858,8 +983,9 @@ def read_catalog(repo: Repository, cluster: str | None = None, *, check: bool = 
             problem = check_objects(repo, manifest)
             status, reason = ("BROKEN", problem) if problem else ("OK", "")
         entries.append(CatalogEntry(bid, key, manifest, status, reason))
-    return sorted(entries, key=lambda e: (e.manifest.stop_time if e.manifest else _id_time(e.backup_id),
-                                          e.backup_id))
+    return sorted(
+        entries, key=lambda e: (e.manifest.stop_time if e.manifest else _id_time(e.backup_id), e.backup_id)
+    )
 
 
 def list_backups(repo: Repository, cluster: str | None = None, *, check: bool = False) -> list[Manifest]:
@@ -875,7 +1001,11 @@ def list_backups(repo: Repository, cluster: str | None = None, *, check: bool = 
 
 
 def resolve_backup(
-    repo: Repository, ref: str, *, kind: str | None = None, before: datetime | None = None,
+    repo: Repository,
+    ref: str,
+    *,
+    kind: str | None = None,
+    before: datetime | None = None,
     cluster: str | None = None,
 ) -> Manifest:
     """A backup by id, or 'latest' (optionally of a kind, ending before a time): the newest one
@@ -905,4 +1035,3 @@ def resolve_backup(
     when = f" ending before {before.isoformat()}" if before else ""
     extra = f" (skipped: {', '.join(skipped)})" if skipped else ""
     raise NotFound(f"no complete {what}backup{when} in {repo.url}{extra}")
-

@@ -65,8 +65,15 @@ def _quote(value: str) -> str:
 class BaseBackupStream:
     """One replication connection running CREATE_REPLICATION_SLOT (temporary) + BASE_BACKUP."""
 
-    def __init__(self, dsn: str, *, label: str, slot: str, inactivity_timeout: float = 600,
-                 max_rate_kb: int | None = None) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        label: str,
+        slot: str,
+        inactivity_timeout: float = 600,
+        max_rate_kb: int | None = None,
+    ) -> None:
         self.dsn = dsn
         self.label = label
         self.slot = slot
@@ -138,9 +145,14 @@ class BaseBackupStream:
         return self.pg.get_result()
 
     def _fail(self, res: pq.abc.PGresult | None, what: str) -> CommandFailed:
-        msg = (res.error_message if res is not None else self.pg.error_message).decode(
-            "utf-8", "replace").strip()
-        return command_error(f"{what} on {safe_dsn(self.dsn)} failed: {msg.splitlines()[0] if msg else 'no message'}")
+        msg = (
+            (res.error_message if res is not None else self.pg.error_message)
+            .decode("utf-8", "replace")
+            .strip()
+        )
+        return command_error(
+            f"{what} on {safe_dsn(self.dsn)} failed: {msg.splitlines()[0] if msg else 'no message'}"
+        )
 
     @staticmethod
     def _rows(res: pq.abc.PGresult) -> list[list[str | None]]:
@@ -178,8 +190,16 @@ class BaseBackupStream:
         """Reserve WAL with a temporary slot, then start BASE_BACKUP up to its first archive."""
         self._command(f"CREATE_REPLICATION_SLOT {self.slot} TEMPORARY PHYSICAL RESERVE_WAL")
         log.info("reserved WAL with temporary replication slot %s", self.slot)
-        options = [f"LABEL {_quote(self.label)}", "CHECKPOINT 'fast'", "WAL true", "WAIT true",
-                   "MANIFEST 'yes'", "MANIFEST_CHECKSUMS 'CRC32C'", "TARGET 'client'", "PROGRESS false"]
+        options = [
+            f"LABEL {_quote(self.label)}",
+            "CHECKPOINT 'fast'",
+            "WAL true",
+            "WAIT true",
+            "MANIFEST 'yes'",
+            "MANIFEST_CHECKSUMS 'CRC32C'",
+            "TARGET 'client'",
+            "PROGRESS false",
+        ]
         if self.max_rate_kb:
             options.append(f"MAX_RATE {int(self.max_rate_kb)}")
         sets = self._command(f"BASE_BACKUP ({', '.join(options)})")

@@ -95,26 +95,42 @@ class DrillConfig(_Strict):
     suites_dir: str | None = Field(
         default=None, description="directory of user expectation suites (*.yaml); relative to the config file"
     )
-    row_count_tolerance: Annotated[float, Field(
-        ge=0, le=1, description="only where counts cannot be compared exactly at the LSN they were read at")] = 0.01
-    freshness_max_seconds: Annotated[int, Field(
-        ge=0, description=("where not compared exactly: how much older than the source's newest timestamp "
-                           "the copy's may be (backups without recorded timestamps: age before the recovered "
-                           "point)"))] = 86400
+    row_count_tolerance: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=1,
+            description="only where counts cannot be compared exactly at the LSN they were read at",
+        ),
+    ] = 0.01
+    freshness_max_seconds: Annotated[
+        int,
+        Field(
+            ge=0,
+            description=(
+                "where not compared exactly: how much older than the source's newest timestamp "
+                "the copy's may be (backups without recorded timestamps: age before the recovered "
+                "point)"
+            ),
+        ),
+    ] = 86400
     freshness_columns: list[str] | None = Field(
         default=None,
         description="schema.table.column timestamps whose newest value must be recent; default: all",
     )
     work_dir: str | None = Field(default=None, description="parent of the drill's temporary directory")
     superuser: str | None = Field(
-        default=None, description="role the drill connects as to the restored instance (default: the DSN's user)"
+        default=None,
+        description="role the drill connects as to the restored instance (default: the DSN's user)",
     )
     amcheck_jobs: Annotated[int, Field(ge=1, le=32)] = 2
     heapallindexed_max_mb: Annotated[int, Field(ge=0)] | None = Field(
         default=1024,
-        description=("amcheck's heapallindexed pass (one core, about 6 s per GiB of heap) runs for the indexes "
-                     "of tables up to this size; larger tables' indexes get the structure check; "
-                     "null: every index"),
+        description=(
+            "amcheck's heapallindexed pass (one core, about 6 s per GiB of heap) runs for the indexes "
+            "of tables up to this size; larger tables' indexes get the structure check; "
+            "null: every index"
+        ),
     )
     recovery_timeout_seconds: Annotated[int, Field(ge=10)] = 6 * 3600
 
@@ -146,8 +162,10 @@ class PostgresConfig(_Strict):
     os_user: str = "postgres"
     config_dir: str | None = Field(
         default=None,
-        description=("where the source keeps postgresql.conf / pg_hba.conf when they are outside PGDATA "
-                     "(Debian: /etc/postgresql/<version>/<cluster>); a restored server gets its own copy"),
+        description=(
+            "where the source keeps postgresql.conf / pg_hba.conf when they are outside PGDATA "
+            "(Debian: /etc/postgresql/<version>/<cluster>); a restored server gets its own copy"
+        ),
     )
 
 
@@ -156,7 +174,8 @@ class BackupConfig(_Strict):
         default="all", description="databases a logical backup dumps: all (every connectable one) or names"
     )
     lock_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = Field(
-        default=30, description="lock_timeout of every statement on the source, and pg_dump --lock-wait-timeout"
+        default=30,
+        description="lock_timeout of every statement on the source, and pg_dump --lock-wait-timeout",
     )
     statement_timeout_seconds: Annotated[float, Field(gt=0)] = Field(
         default=6 * 3600, description="statement_timeout of gravl-dr's own queries on the source (row counts)"

@@ -51,8 +51,9 @@ class DatabaseFacts(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     rows: dict[str, int] = Field(default_factory=dict, description="schema.table -> rows")
-    newest: dict[str, str] = Field(default_factory=dict,
-                                   description="schema.table -> newest timestamp as epoch seconds (numeric text)")
+    newest: dict[str, str] = Field(
+        default_factory=dict, description="schema.table -> newest timestamp as epoch seconds (numeric text)"
+    )
     unlogged: list[str] = Field(default_factory=list)
     not_counted: dict[str, str] = Field(default_factory=dict, description="schema.table -> why not")
 
@@ -90,7 +91,9 @@ def database_facts(conn: psycopg.Connection[Any]) -> DatabaseFacts:
             unlogged.append(name)
         target = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
         if time_cols:
-            query = sql.SQL("SELECT count(*), ({})::text FROM {}").format(newest_expression(time_cols), target)
+            query = sql.SQL("SELECT count(*), ({})::text FROM {}").format(
+                newest_expression(time_cols), target
+            )
         else:
             query = sql.SQL("SELECT count(*), NULL FROM {}").format(target)
         conn.execute("SAVEPOINT gravl_count")
@@ -100,8 +103,10 @@ def database_facts(conn: psycopg.Connection[Any]) -> DatabaseFacts:
             conn.execute("ROLLBACK TO SAVEPOINT gravl_count")
             message = (exc.diag.message_primary or str(exc)).strip()
             if "row-level security" in message:
-                reason = ("row-level security would hide rows from the backup role: grant it BYPASSRLS "
-                          "(infra/postgres/roles.sql) or back up as a superuser")
+                reason = (
+                    "row-level security would hide rows from the backup role: grant it BYPASSRLS "
+                    "(infra/postgres/roles.sql) or back up as a superuser"
+                )
             else:
                 reason = f"the backup role cannot read it: {message}"
             not_counted[name] = reason
@@ -121,7 +126,9 @@ def _begin(conn: psycopg.Connection[Any]) -> None:
 
 def _count(conn: psycopg.Connection[Any], lock_timeout_seconds: float) -> DatabaseFacts:
     # never wait forever behind a user's lock (backup.lock_timeout_seconds)
-    conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout_seconds * 1000)}ms")))
+    conn.execute(
+        sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout_seconds * 1000)}ms"))
+    )
     return database_facts(conn)
 
 
@@ -129,16 +136,23 @@ SNAPSHOT_ATTEMPTS = 50
 
 
 def _wal_position(conn: psycopg.Connection[Any]) -> str:
-    row = conn.execute("SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
-                       "ELSE pg_current_wal_insert_lsn() END::text").fetchone()
+    row = conn.execute(
+        "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
+        "ELSE pg_current_wal_insert_lsn() END::text"
+    ).fetchone()
     assert row is not None
     return str(row[0])
 
 
-def read_cluster_facts(dsn: str, *, snapshot_id: str | None = None, lsn: str | None = None,
-                       only: list[str] | None = None,
-                       explain_lock: Callable[[str], str] | None = None,
-                       lock_timeout_seconds: float = 30) -> ClusterFacts:
+def read_cluster_facts(
+    dsn: str,
+    *,
+    snapshot_id: str | None = None,
+    lsn: str | None = None,
+    only: list[str] | None = None,
+    explain_lock: Callable[[str], str] | None = None,
+    lock_timeout_seconds: float = 30,
+) -> ClusterFacts:
     """Facts of every database (or ``only`` these), each read in a REPEATABLE READ snapshot.
 
     With ``snapshot_id`` (an exported snapshot the caller keeps open, e.g. pg_dump's; one
@@ -151,8 +165,10 @@ def read_cluster_facts(dsn: str, *, snapshot_id: str | None = None, lsn: str | N
     drill proves per database that no transaction it did not see had committed at the LSN."""
     with connection(dsn) as conn:
         here = str(conn.info.dbname)
-        dbs = conn.execute("SELECT datname, datallowconn FROM pg_database WHERE NOT datistemplate "
-                           "ORDER BY datname = current_database(), 1").fetchall()
+        dbs = conn.execute(
+            "SELECT datname, datallowconn FROM pg_database WHERE NOT datistemplate "
+            "ORDER BY datname = current_database(), 1"
+        ).fetchall()
     all_databases = sorted(str(r[0]) for r in dbs)
     not_counted: dict[str, str] = {}
     wanted: list[str] = []
@@ -160,8 +176,10 @@ def read_cluster_facts(dsn: str, *, snapshot_id: str | None = None, lsn: str | N
         if only is not None and name not in only:
             continue
         if not allowed:
-            not_counted[name] = ("datallowconn = false: nobody may connect to it, so its rows could not be "
-                                 "counted at backup time")
+            not_counted[name] = (
+                "datallowconn = false: nobody may connect to it, so its rows could not be "
+                "counted at backup time"
+            )
             continue
         wanted.append(str(name))
     conns: dict[str, psycopg.Connection[Any]] = {}
@@ -195,25 +213,38 @@ def read_cluster_facts(dsn: str, *, snapshot_id: str | None = None, lsn: str | N
             for conn in conns.values():
                 conn.rollback()
         if len(set(snapshots.values())) > 1:
-            log.info("databases counted in %d different snapshots (writes never paused): the drill checks "
-                     "each against the LSN", len(set(snapshots.values())))
+            log.info(
+                "databases counted in %d different snapshots (writes never paused): the drill checks "
+                "each against the LSN",
+                len(set(snapshots.values())),
+            )
         databases: dict[str, DatabaseFacts] = {}
         for name, conn in conns.items():
             try:
                 databases[name] = _count(conn, lock_timeout_seconds)
             except psycopg.errors.LockNotAvailable:
                 # a backup that meets a lock says whose (tasks.inventory), never waits forever
-                raise PreconditionFailed(explain_lock(name) if explain_lock else
-                                         f"counting rows in database {name} waited too long for a lock") from None
+                raise PreconditionFailed(
+                    explain_lock(name)
+                    if explain_lock
+                    else f"counting rows in database {name} waited too long for a lock"
+                ) from None
             except (DRError, psycopg.Error) as exc:
                 not_counted[name] = f"could not be counted: {one_line(exc)}"
                 log.warning("database %s not counted: %s", name, not_counted[name])
     finally:
         for conn in [*conns.values(), *conns_to_close]:
             conn.close()
-    log.info("row counts of %d database(s) read in snapshot(s) at %s (database %s)", len(databases), lsn, here)
-    return ClusterFacts(lsn=lsn, snapshots={db: snapshots[db] for db in databases}, databases=databases,
-                        not_counted=not_counted, all_databases=all_databases)
+    log.info(
+        "row counts of %d database(s) read in snapshot(s) at %s (database %s)", len(databases), lsn, here
+    )
+    return ClusterFacts(
+        lsn=lsn,
+        snapshots={db: snapshots[db] for db in databases},
+        databases=databases,
+        not_counted=not_counted,
+        all_databases=all_databases,
+    )
 
 
 def switch_wal(dsn: str) -> str | None:
@@ -224,6 +255,8 @@ def switch_wal(dsn: str) -> str | None:
             row = conn.execute("SELECT pg_switch_wal()::text").fetchone()
         return str(row[0]) if row else None
     except (DRError, psycopg.Error) as exc:
-        log.warning("pg_switch_wal() not done (%s): the WAL of the row counts is archived when its segment fills",
-                    one_line(exc))
+        log.warning(
+            "pg_switch_wal() not done (%s): the WAL of the row counts is archived when its segment fills",
+            one_line(exc),
+        )
         return None

@@ -99,14 +99,27 @@ def read_record(conf: DNSConfig) -> list[str]:
     return []
 
 
-def switch_record(conf: DNSConfig, *, expected: Sequence[str], new_value: str, timeout: float = 60,
-                  poll_interval: float = 0.2) -> DNSChange:
+def switch_record(
+    conf: DNSConfig,
+    *,
+    expected: Sequence[str],
+    new_value: str,
+    timeout: float = 60,
+    poll_interval: float = 0.2,
+) -> DNSChange:
     """Point the record at ``new_value`` if it still points at one of ``expected``."""
     check_dns_config(conf)
     t0 = time.monotonic()
     if conf.provider == "none":
-        return DNSChange(provider="none", record=None, before=[], value=None, changed=False, seconds=0.0,
-                         detail="dns.provider is none: clients must find the new primary themselves")
+        return DNSChange(
+            provider="none",
+            record=None,
+            before=[],
+            value=None,
+            changed=False,
+            seconds=0.0,
+            detail="dns.provider is none: clients must find the new primary themselves",
+        )
     if conf.provider == "route53":
         return _r53_switch(conf, expected, new_value, timeout, poll_interval, t0)
     return _rfc_switch(conf, expected, new_value, timeout, t0)
@@ -118,13 +131,15 @@ def _decide(record: str, current: list[str], expected: Sequence[str], new_value:
     if cur == [_norm(new_value)]:
         return False
     if not cur:
-        raise PreconditionFailed(f"DNS record {record} does not exist: create it pointing at the "
-                                 "primary first; nothing changed")
+        raise PreconditionFailed(
+            f"DNS record {record} does not exist: create it pointing at the primary first; nothing changed"
+        )
     if len(cur) == 1 and cur[0] in {_norm(e) for e in expected}:
         return True
     raise PreconditionFailed(
         f"DNS record {record} points at {', '.join(current)}, not at the old primary "
-        f"({', '.join(expected)}): not changed — a newer switch may have happened")
+        f"({', '.join(expected)}): not changed — a newer switch may have happened"
+    )
 
 
 # ---------------------------------------------------------------------------- Route 53
@@ -135,8 +150,12 @@ def _r53_client(conf: DNSConfig):  # type: ignore[no-untyped-def]
     from botocore.config import Config as BotoConfig
 
     return boto3.client(
-        "route53", endpoint_url=conf.endpoint_url, region_name=conf.region or "us-east-1",
-        config=BotoConfig(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3, "mode": "standard"}),
+        "route53",
+        endpoint_url=conf.endpoint_url,
+        region_name=conf.region or "us-east-1",
+        config=BotoConfig(
+            connect_timeout=5, read_timeout=10, retries={"max_attempts": 3, "mode": "standard"}
+        ),
     )
 
 
@@ -153,8 +172,9 @@ def _r53_read(conf: DNSConfig) -> tuple[list[str], str | None]:
     name = _fqdn(conf.record or "")
     client = _r53_client(conf)
     try:
-        resp = client.list_resource_record_sets(HostedZoneId=conf.zone_id or "", StartRecordName=name,
-                                                MaxItems="10")
+        resp = client.list_resource_record_sets(
+            HostedZoneId=conf.zone_id or "", StartRecordName=name, MaxItems="10"
+        )
     except ClientError as exc:
         code, transient = _r53_kind(exc)
         if transient:
@@ -170,24 +190,41 @@ def _r53_read(conf: DNSConfig) -> tuple[list[str], str | None]:
     return [], None
 
 
-def _r53_switch(conf: DNSConfig, expected: Sequence[str], new_value: str, timeout: float,
-                poll_interval: float, t0: float) -> DNSChange:
+def _r53_switch(
+    conf: DNSConfig, expected: Sequence[str], new_value: str, timeout: float, poll_interval: float, t0: float
+) -> DNSChange:
     from botocore.exceptions import BotoCoreError, ClientError
 
     name = _fqdn(conf.record or "")
     current, _ = _r53_read(conf)
     if not _decide(name, current, expected, new_value):
-        return DNSChange(provider="route53", record=name, before=current, value=new_value, changed=False,
-                         seconds=time.monotonic() - t0, detail=f"{name} already points at {new_value}")
+        return DNSChange(
+            provider="route53",
+            record=name,
+            before=current,
+            value=new_value,
+            changed=False,
+            seconds=time.monotonic() - t0,
+            detail=f"{name} already points at {new_value}",
+        )
     client = _r53_client(conf)
     try:
         resp = client.change_resource_record_sets(
             HostedZoneId=conf.zone_id or "",
-            ChangeBatch={"Comment": "gravl-dr failover", "Changes": [{
-                "Action": "UPSERT",
-                "ResourceRecordSet": {"Name": name, "Type": record_type(new_value), "TTL": conf.ttl,
-                                      "ResourceRecords": [{"Value": new_value}]},
-            }]},
+            ChangeBatch={
+                "Comment": "gravl-dr failover",
+                "Changes": [
+                    {
+                        "Action": "UPSERT",
+                        "ResourceRecordSet": {
+                            "Name": name,
+                            "Type": record_type(new_value),
+                            "TTL": conf.ttl,
+                            "ResourceRecords": [{"Value": new_value}],
+                        },
+                    }
+                ],
+            },
         )
         change_id = resp["ChangeInfo"]["Id"]
         status = resp["ChangeInfo"]["Status"]
@@ -196,8 +233,10 @@ def _r53_switch(conf: DNSConfig, expected: Sequence[str], new_value: str, timeou
         while status != "INSYNC":
             progress.tick(f"status {status}")
             if time.monotonic() - t0 > timeout:
-                raise TransientError(f"Route 53 change {change_id} for {name} still {status} after "
-                                     f"{timeout:.0f}s (submitted; it will apply)")
+                raise TransientError(
+                    f"Route 53 change {change_id} for {name} still {status} after "
+                    f"{timeout:.0f}s (submitted; it will apply)"
+                )
             time.sleep(poll_interval)
             status = client.get_change(Id=change_id)["ChangeInfo"]["Status"]
     except ClientError as exc:
@@ -209,9 +248,15 @@ def _r53_switch(conf: DNSConfig, expected: Sequence[str], new_value: str, timeou
         if botocore_transient(exc):
             raise TransientError(f"Route 53 unreachable while switching {name}: {exc}") from exc
         raise PermanentError(f"Route 53 client: {exc}") from exc
-    return DNSChange(provider="route53", record=name, before=current, value=new_value, changed=True,
-                     seconds=time.monotonic() - t0,
-                     detail=f"{name} {', '.join(current)} -> {new_value} (UPSERT, {change_id} INSYNC)")
+    return DNSChange(
+        provider="route53",
+        record=name,
+        before=current,
+        value=new_value,
+        changed=True,
+        seconds=time.monotonic() - t0,
+        detail=f"{name} {', '.join(current)} -> {new_value} (UPSERT, {change_id} INSYNC)",
+    )
 
 
 # ---------------------------------------------------------------------------- RFC 2136
@@ -237,8 +282,9 @@ def _rfc_read(conf: DNSConfig) -> list[str]:
     return values
 
 
-def _rfc_switch(conf: DNSConfig, expected: Sequence[str], new_value: str, timeout: float,
-                t0: float) -> DNSChange:
+def _rfc_switch(
+    conf: DNSConfig, expected: Sequence[str], new_value: str, timeout: float, t0: float
+) -> DNSChange:
     import dns.exception
     import dns.name
     import dns.query
@@ -250,8 +296,15 @@ def _rfc_switch(conf: DNSConfig, expected: Sequence[str], new_value: str, timeou
     name = _fqdn(conf.record or "")
     current = _rfc_read(conf)
     if not _decide(name, current, expected, new_value):
-        return DNSChange(provider="rfc2136", record=name, before=current, value=new_value, changed=False,
-                         seconds=time.monotonic() - t0, detail=f"{name} already points at {new_value}")
+        return DNSChange(
+            provider="rfc2136",
+            record=name,
+            before=current,
+            value=new_value,
+            changed=False,
+            seconds=time.monotonic() - t0,
+            detail=f"{name} already points at {new_value}",
+        )
     old = current[0]
     secret = os.environ[conf.key_env or ""]
     try:
@@ -259,29 +312,49 @@ def _rfc_switch(conf: DNSConfig, expected: Sequence[str], new_value: str, timeou
     except Exception as exc:  # binascii.Error and friends: the secret is not base64
         raise ConfigError(f"dns.key_env: the value of {conf.key_env} is not a base64 TSIG secret") from exc
     algorithm = dns.name.from_text(conf.key_algorithm.lower().rstrip(".") + ".")
-    update = dns.update.UpdateMessage(_fqdn(conf.zone or ""), keyring=keyring, keyname=dns.name.from_text(conf.key_name or ""),
-                                      keyalgorithm=algorithm)
+    update = dns.update.UpdateMessage(
+        _fqdn(conf.zone or ""),
+        keyring=keyring,
+        keyname=dns.name.from_text(conf.key_name or ""),
+        keyalgorithm=algorithm,
+    )
     update.present(name, record_type(old), old)  # compare ...
     update.replace(name, conf.ttl, record_type(new_value), new_value)  # ... and swap, atomically
     try:
         resp = dns.query.tcp(update, conf.server or "", port=conf.port, timeout=min(timeout, 10))
     except (dns.tsig.PeerBadKey, dns.tsig.PeerBadSignature, dns.tsig.PeerBadTime) as exc:
-        raise PermanentError(f"DNS server {conf.server} rejected TSIG key {conf.key_name}: "
-                             f"{type(exc).__name__}") from exc
+        raise PermanentError(
+            f"DNS server {conf.server} rejected TSIG key {conf.key_name}: {type(exc).__name__}"
+        ) from exc
     except (dns.exception.DNSException, OSError) as exc:
         raise TransientError(f"DNS update of {name} failed: {type(exc).__name__}: {exc}") from exc
     rcode = resp.rcode()
     if rcode == dns.rcode.NXRRSET:
         now = _rfc_read(conf)
         if sorted(_norm(v) for v in now) == [_norm(new_value)]:
-            return DNSChange(provider="rfc2136", record=name, before=current, value=new_value, changed=False,
-                             seconds=time.monotonic() - t0,
-                             detail=f"{name} was switched to {new_value} meanwhile")
-        raise PreconditionFailed(f"DNS record {name} changed under us (now {', '.join(now) or 'absent'}, "
-                                 f"expected {old}): not changed")
+            return DNSChange(
+                provider="rfc2136",
+                record=name,
+                before=current,
+                value=new_value,
+                changed=False,
+                seconds=time.monotonic() - t0,
+                detail=f"{name} was switched to {new_value} meanwhile",
+            )
+        raise PreconditionFailed(
+            f"DNS record {name} changed under us (now {', '.join(now) or 'absent'}, "
+            f"expected {old}): not changed"
+        )
     if rcode != dns.rcode.NOERROR:
-        raise PermanentError(f"DNS server {conf.server} refused the update of {name}: "
-                             f"{dns.rcode.to_text(rcode)}")
-    return DNSChange(provider="rfc2136", record=name, before=current, value=new_value, changed=True,
-                     seconds=time.monotonic() - t0,
-                     detail=f"{name} {old} -> {new_value} (RFC 2136 update, prerequisite: present {old})")
+        raise PermanentError(
+            f"DNS server {conf.server} refused the update of {name}: {dns.rcode.to_text(rcode)}"
+        )
+    return DNSChange(
+        provider="rfc2136",
+        record=name,
+        before=current,
+        value=new_value,
+        changed=True,
+        seconds=time.monotonic() - t0,
+        detail=f"{name} {old} -> {new_value} (RFC 2136 update, prerequisite: present {old})",
+    )

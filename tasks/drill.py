@@ -43,6 +43,7 @@ CheckStatus = Literal["passed", "failed", "skipped"]
 
 # ---------------------------------------------------------------- report model (pure)
 
+
 class CheckResult(BaseModel):
     """One check of a drill, as an operator reads it: what, where, verdict, evidence."""
 
@@ -87,7 +88,9 @@ class DrillReport(BaseModel):
     passed: bool = False
     restore_seconds: float = Field(default=0.0, description="fetch, verify and unpack")
     recovery_seconds: float = Field(default=0.0, description="start, WAL replay, promotion")
-    rto_seconds: float | None = Field(default=None, description="restore + recovery: time to a usable database")
+    rto_seconds: float | None = Field(
+        default=None, description="restore + recovery: time to a usable database"
+    )
     checks_seconds: float = 0.0
     total_seconds: float = 0.0
     recovered_to: datetime | None = Field(default=None, description="time of the newest data recovered")
@@ -143,7 +146,9 @@ def _md(text: Any) -> str:
 
 
 def choose_latest_backup(
-    backups: list[Manifest], kind: str, target_time: datetime | None,
+    backups: list[Manifest],
+    kind: str,
+    target_time: datetime | None,
 ) -> tuple[Manifest, str]:
     """The backup a drill of ``latest`` restores, and why, in words for the report.
 
@@ -156,8 +161,9 @@ def choose_latest_backup(
         fits = [m for m in backups if m.kind == "physical" and m.stop_time <= target_time]
         if not fits:
             raise NotFound(f"no complete physical backup ending before {target_time.isoformat()}")
-        return fits[-1], (f"the newest physical backup that ended before the target time "
-                          f"{target_time.isoformat()}")
+        return fits[-1], (
+            f"the newest physical backup that ended before the target time {target_time.isoformat()}"
+        )
     of_kind = [m for m in backups if m.kind == kind]
     if not of_kind:
         others = sorted({m.kind for m in backups})
@@ -168,8 +174,10 @@ def choose_latest_backup(
     newer = [m for m in backups if m.kind != kind and m.stop_time > chosen.stop_time]
     if newer:
         n = newer[-1]
-        why += (f"; the newer {n.kind} backup {n.id} was not drilled: run the drill with "
-                f"kind={n.kind} to drill it")
+        why += (
+            f"; the newer {n.kind} backup {n.id} was not drilled: run the drill with "
+            f"kind={n.kind} to drill it"
+        )
     return chosen, why
 
 
@@ -179,7 +187,8 @@ def render_markdown(report: DrillReport) -> str:
     lines = [
         f"# Restore drill {report.drill_id}: {status}",
         "",
-        "| | |", "|---|---|",
+        "| | |",
+        "|---|---|",
         f"| cluster | {report.cluster} |",
         f"| backup | {report.backup_id or '-'} ({report.backup_kind or '-'}) |",
         *([f"| why this backup | {_md(report.selection)} |"] if report.selection else []),
@@ -204,8 +213,10 @@ def render_markdown(report: DrillReport) -> str:
     if report.databases:
         lines += ["", "## Databases", "", "| database | checked | not checked, and why |", "|---|---|---|"]
         for cov in report.databases:
-            lines.append(f"| {_md(cov.database)} | {_md(', '.join(cov.checked) or '-')} | "
-                         f"{_md('; '.join(cov.not_checked) or '-')} |")
+            lines.append(
+                f"| {_md(cov.database)} | {_md(', '.join(cov.checked) or '-')} | "
+                f"{_md('; '.join(cov.not_checked) or '-')} |"
+            )
     failed = report.failed_checks
     if failed:
         lines += ["", "## Failing samples", ""]
@@ -221,11 +232,13 @@ def render_markdown(report: DrillReport) -> str:
         lines += ["", "## Error", "", f"`{report.error}`"]
     if not report.passed:
         lines += [
-            "", "## What to do next", "",
+            "",
+            "## What to do next",
+            "",
             "- The backup named above did not prove restorable as it is: treat it as suspect.",
-            "- Read each failing check's samples; an amcheck failure that says \"corrupt\" or a "
+            '- Read each failing check\'s samples; an amcheck failure that says "corrupt" or a '
             "pg_verifybackup failure means physical corruption (take a fresh backup and check the "
-            "source with amcheck); \"could not check\" is a tool error to fix, not corruption; "
+            'source with amcheck); "could not check" is a tool error to fix, not corruption; '
             "row-count and data-suite failures name the table whose data is wrong (or a stale suite).",
             "- Re-run the drill after fixing: `gravl-dr drill latest`.",
         ]
@@ -241,6 +254,7 @@ def data_age(started_at: datetime, recovered_to: datetime | None) -> float | Non
 
 
 # ---------------------------------------------------------------- the instance
+
 
 class DrillInstance(BaseModel):
     """Where a drill's throwaway server lives; everything it owns is under ``workdir``."""
@@ -259,8 +273,9 @@ class DrillInstance(BaseModel):
         return Path(self.workdir) / "data"
 
     def cluster(self) -> LocalCluster:
-        return LocalCluster(self.pgdata, self.port, os_user=self.os_user, bindir=self.bindir,
-                            user=self.superuser)
+        return LocalCluster(
+            self.pgdata, self.port, os_user=self.os_user, bindir=self.bindir, user=self.superuser
+        )
 
     def dsn(self, dbname: str = "postgres") -> str:
         """How the drill connects to its instance: as its superuser, in sessions that fire no
@@ -283,23 +298,35 @@ def work_base(cfg: Config) -> str:
     return cfg.drill.work_dir or tempfile.gettempdir()
 
 
-def provision_instance(cfg: Config, drill_id: str, flow_run_id: str | None = None,
-                       kind: str = "physical") -> DrillInstance:
+def provision_instance(
+    cfg: Config, drill_id: str, flow_run_id: str | None = None, kind: str = "physical"
+) -> DrillInstance:
     """A private directory and a free loopback port for a throwaway server (nothing started yet)."""
     base = work_base(cfg)
     swept = sweep_abandoned(base, cfg.postgres.bindir)
     if swept:
         log.warning("removed %d abandoned drill instance(s) of killed drills", swept)
     workdir = make_private_dir(f"{DIR_PREFIX}{drill_id}-", cfg.postgres.os_user, base=base)
-    owner = {"pid": os.getpid(), "host": socket.gethostname(), "flow_run_id": flow_run_id,
-             "drill_id": drill_id, "started": datetime.now(UTC).isoformat()}
+    owner = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "flow_run_id": flow_run_id,
+        "drill_id": drill_id,
+        "started": datetime.now(UTC).isoformat(),
+    }
     (workdir / OWNER_FILE).write_text(json.dumps(owner))
     if kind == "logical":
         superuser = cfg.drill.superuser or LOGICAL_SUPERUSER
     else:  # a first guess at a role of the restored cluster; resolve_superuser() finds the real one
         superuser = cfg.drill.superuser or dsn_field(cfg.primary.dsn, "user") or "postgres"
-    return DrillInstance(drill_id=drill_id, workdir=str(workdir), port=free_port(),
-                         os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir, superuser=superuser)
+    return DrillInstance(
+        drill_id=drill_id,
+        workdir=str(workdir),
+        port=free_port(),
+        os_user=cfg.postgres.os_user,
+        bindir=cfg.postgres.bindir,
+        superuser=superuser,
+    )
 
 
 def _read_owner(workdir: Path) -> dict[str, Any] | None:
@@ -379,6 +406,7 @@ def teardown_for_flow_run(base: str, flow_run_id: str, bindir: str = "auto") -> 
 
 # ---------------------------------------------------------------- configuring the restored copy
 
+
 def configure_instance(instance: DrillInstance) -> None:
     """Make a restored data directory safe to start here: own port, loopback only, no archiving,
     no streaming from production, trust authentication from loopback for the drill only.
@@ -390,8 +418,10 @@ def configure_instance(instance: DrillInstance) -> None:
     if not conf.exists():
         conf.write_text("# gravl-dr drill: the source keeps its configuration outside the data directory\n")
     hba = Path(instance.workdir) / "drill_hba.conf"
-    hba.write_text("# gravl-dr drill: loopback only\nhost all all 127.0.0.1/32 trust\n"
-                   "host replication all 127.0.0.1/32 trust\n")
+    hba.write_text(
+        "# gravl-dr drill: loopback only\nhost all all 127.0.0.1/32 trust\n"
+        "host replication all 127.0.0.1/32 trust\n"
+    )
     ident = Path(instance.workdir) / "drill_ident.conf"
     ident.write_text("# gravl-dr drill: no user name maps\n")
     settings = {
@@ -442,8 +472,9 @@ def hot_standby_minimums(instance: DrillInstance) -> dict[str, str]:
     from tasks.topology import controldata
 
     control = controldata(instance.pgdata, os_user=instance.os_user, bindir=instance.bindir)
-    return {name: control[key] for name, key in _HOT_STANDBY_MINIMUMS.items()
-            if control.get(key, "").isdigit()}
+    return {
+        name: control[key] for name, key in _HOT_STANDBY_MINIMUMS.items() if control.get(key, "").isdigit()
+    }
 
 
 def start_instance(instance: DrillInstance, timeout: float, env: Mapping[str, str] | None = None) -> None:
@@ -464,8 +495,10 @@ def resolve_superuser(instance: DrillInstance) -> DrillInstance:
         probe = instance.model_copy(update={"superuser": role})
         try:
             with connection(probe.dsn(), timeout=5) as conn:
-                row = conn.execute("SELECT rolname, (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) "
-                                   "FROM pg_roles WHERE oid = 10").fetchone()
+                row = conn.execute(
+                    "SELECT rolname, (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) "
+                    "FROM pg_roles WHERE oid = 10"
+                ).fetchone()
         except Exception as exc:  # noqa: BLE001 - try the next name
             last = str(exc)
             continue
@@ -483,12 +516,15 @@ def open_all_databases(instance: DrillInstance) -> dict[str, str]:
 
     notes: dict[str, str] = {}
     with connection(instance.dsn()) as conn:
-        rows = conn.execute("SELECT datname FROM pg_database WHERE NOT datallowconn AND NOT datistemplate "
-                            "ORDER BY 1").fetchall()
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE NOT datallowconn AND NOT datistemplate ORDER BY 1"
+        ).fetchall()
         for (name,) in rows:
             conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
-            notes[str(name)] = ("datallowconn = false on the source: connections allowed on the throwaway "
-                                "instance to check it")
+            notes[str(name)] = (
+                "datallowconn = false on the source: connections allowed on the throwaway "
+                "instance to check it"
+            )
     return notes
 
 
@@ -528,16 +564,27 @@ def check_usability(instance: DrillInstance, database: str) -> CheckResult:
         assert count is not None
         if count[0] != 100:
             raise PreconditionFailed(f"wrote 100 rows, read back {count[0]}")
-        return CheckResult(name=name, kind="usability", category="usability", status="passed",
-                           database=database, seconds=time.monotonic() - t0,
-                           summary=f"write transaction {count[1]} committed (create, insert 100 rows, "
-                                   "read back, drop)")
+        return CheckResult(
+            name=name,
+            kind="usability",
+            category="usability",
+            status="passed",
+            database=database,
+            seconds=time.monotonic() - t0,
+            summary=f"write transaction {count[1]} committed (create, insert 100 rows, read back, drop)",
+        )
     except Exception as exc:  # noqa: BLE001 - the verdict is the result
         from tasks.errors import one_line
 
-        return CheckResult(name=name, kind="usability", category="usability", status="failed",
-                           database=database, seconds=time.monotonic() - t0,
-                           summary=f"write transaction failed: {one_line(exc)}")
+        return CheckResult(
+            name=name,
+            kind="usability",
+            category="usability",
+            status="failed",
+            database=database,
+            seconds=time.monotonic() - t0,
+            summary=f"write transaction failed: {one_line(exc)}",
+        )
 
 
 # ---------------------------------------------------------------- test hook
@@ -596,6 +643,7 @@ def run_before_checks_hook_for_tests(instance: DrillInstance) -> bool:
 
 # ---------------------------------------------------------------- where the recorded counts apply (pure)
 
+
 class CountPoint(BaseModel):
     """Where the drill compares the manifest's row counts and newest timestamps, and how."""
 
@@ -613,9 +661,17 @@ class CountPoint(BaseModel):
         return "on the promoted copy"
 
 
-def plan_count_point(*, kind: str, has_counts: bool, counts_lsn: str | None, target_kind: str,
-                     target_lsn_at_or_after: bool, lsn_reachable: bool, may_pass_backup: bool,
-                     past_backup_note: str = "") -> CountPoint:
+def plan_count_point(
+    *,
+    kind: str,
+    has_counts: bool,
+    counts_lsn: str | None,
+    target_kind: str,
+    target_lsn_at_or_after: bool,
+    lsn_reachable: bool,
+    may_pass_backup: bool,
+    past_backup_note: str = "",
+) -> CountPoint:
     """Exact comparison needs the restored copy paused at the LSN the counts were read at: the
     backup recorded one, the drill replays to the end of the archive (or to an LSN at or after
     it), and the WAL up to it is in the archive. Otherwise the documented fallback: within
@@ -628,18 +684,28 @@ def plan_count_point(*, kind: str, has_counts: bool, counts_lsn: str | None, tar
     if counts_lsn and (target_kind == "end" or (target_kind == "lsn" and target_lsn_at_or_after)):
         if lsn_reachable:
             return CountPoint(where="lsn", mode="exact")
-        why = (f"the WAL up to the counts' LSN {counts_lsn} is not in the archive (archiving off or "
-               "behind), so the copy cannot be paused where the counts were read")
+        why = (
+            f"the WAL up to the counts' LSN {counts_lsn} is not in the archive (archiving off or "
+            "behind), so the copy cannot be paused where the counts were read"
+        )
     elif counts_lsn:
-        why = (f"the recovery target ({target_kind}) may lie before the counts' LSN {counts_lsn}: "
-               "replaying to it could pass the target")
+        why = (
+            f"the recovery target ({target_kind}) may lie before the counts' LSN {counts_lsn}: "
+            "replaying to it could pass the target"
+        )
     else:
         why = "the backup recorded its counts without an LSN (taken by an older gravl-dr)"
     if may_pass_backup:
-        return CountPoint(where="consistent", mode="tolerance",
-                          reason=f"not exact: {why}; compared within drill.row_count_tolerance")
-    return CountPoint(where="promoted", mode="tolerance",
-                      reason=f"not exact: {why}; compared within drill.row_count_tolerance{past_backup_note}")
+        return CountPoint(
+            where="consistent",
+            mode="tolerance",
+            reason=f"not exact: {why}; compared within drill.row_count_tolerance",
+        )
+    return CountPoint(
+        where="promoted",
+        mode="tolerance",
+        reason=f"not exact: {why}; compared within drill.row_count_tolerance{past_backup_note}",
+    )
 
 
 def inflight_commits(instance: DrillInstance, snapshot: str) -> list[int] | None:
@@ -665,8 +731,10 @@ def inflight_commits(instance: DrillInstance, snapshot: str) -> list[int] | None
 
 # ---------------------------------------------------------------- per-database coverage (pure)
 
-def coverage(checks: list[CheckResult], databases: list[str],
-             notes: dict[str, list[str]]) -> list[DatabaseCoverage]:
+
+def coverage(
+    checks: list[CheckResult], databases: list[str], notes: dict[str, list[str]]
+) -> list[DatabaseCoverage]:
     """Group the checks by database: kinds checked (with failures counted) and the notes saying
     what was not checked and why. Every database named anywhere gets a row."""
     names = sorted(set(databases) | set(notes) | {c.database for c in checks if c.database})
@@ -688,15 +756,19 @@ def coverage(checks: list[CheckResult], databases: list[str],
     return out
 
 
-def logical_scope_notes(database: str, cluster_databases: list[str], skipped: list[str]) -> dict[str, list[str]]:
+def logical_scope_notes(
+    database: str, cluster_databases: list[str], skipped: list[str]
+) -> dict[str, list[str]]:
     """What a drill of a single-database dump does not restore or check, per database, and why."""
     notes: dict[str, list[str]] = {}
     others = [db for db in cluster_databases if db != database]
     for db in others:
         notes[db] = ["not in this backup (a single-database logical dump): not restored, not checked"]
     mine = notes.setdefault(database, [])
-    mine.append("roles, tablespaces, database settings (ALTER DATABASE/ROLE ... SET), database ACL and comment: "
-                "not in a single-database dump, not restored (objects restored without owners and privileges)")
+    mine.append(
+        "roles, tablespaces, database settings (ALTER DATABASE/ROLE ... SET), database ACL and comment: "
+        "not in a single-database dump, not restored (objects restored without owners and privileges)"
+    )
     mine += [f"skipped, needs a role the dump does not hold: {item}" for item in skipped[:20]]
     if len(skipped) > 20:
         mine.append(f"... and {len(skipped) - 20} more statement(s) needing roles")

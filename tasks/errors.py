@@ -81,37 +81,71 @@ AwsKind = Literal["transient", "not_found", "exists", "denied", "no_bucket", "re
 
 AWS_CODES: dict[str, AwsKind] = {
     # throttling, timeouts, server trouble, credentials that expire and refresh (instance roles)
-    "SlowDown": "transient", "RequestTimeout": "transient", "InternalError": "transient",
-    "ServiceUnavailable": "transient", "Throttling": "transient", "ThrottlingException": "transient",
-    "TooManyRequests": "transient", "TooManyRequestsException": "transient",
-    "RequestLimitExceeded": "transient", "ExpiredToken": "transient",
-    "ExpiredTokenException": "transient", "RequestExpired": "transient",
-    "RequestTimeTooSkewed": "transient", "OperationAborted": "transient",
+    "SlowDown": "transient",
+    "RequestTimeout": "transient",
+    "InternalError": "transient",
+    "ServiceUnavailable": "transient",
+    "Throttling": "transient",
+    "ThrottlingException": "transient",
+    "TooManyRequests": "transient",
+    "TooManyRequestsException": "transient",
+    "RequestLimitExceeded": "transient",
+    "ExpiredToken": "transient",
+    "ExpiredTokenException": "transient",
+    "RequestExpired": "transient",
+    "RequestTimeTooSkewed": "transient",
+    "OperationAborted": "transient",
     "ConditionalRequestConflict": "transient",  # S3 409: a concurrent write; retry decides
-    "BadDigest": "transient", "XAmzContentSHA256Mismatch": "transient",  # corrupted in transit
+    "BadDigest": "transient",
+    "XAmzContentSHA256Mismatch": "transient",  # corrupted in transit
     "PriorRequestNotComplete": "transient",  # Route 53: one change at a time per zone
-    "ServiceUnavailableException": "transient", "InternalFailure": "transient",
-    "503": "transient", "500": "transient",
+    "ServiceUnavailableException": "transient",
+    "InternalFailure": "transient",
+    "503": "transient",
+    "500": "transient",
     # absent
-    "NoSuchKey": "not_found", "404": "not_found", "NotFound": "not_found",
+    "NoSuchKey": "not_found",
+    "404": "not_found",
+    "NotFound": "not_found",
     "NoSuchUpload": "not_found",
-    "NoSuchBucket": "no_bucket", "NoSuchHostedZone": "no_bucket",
+    "NoSuchBucket": "no_bucket",
+    "NoSuchHostedZone": "no_bucket",
     # put-if-absent lost: the object exists
-    "PreconditionFailed": "exists", "412": "exists",
+    "PreconditionFailed": "exists",
+    "412": "exists",
     # credentials and permissions that retrying cannot fix
-    "AccessDenied": "denied", "AccessDeniedException": "denied", "403": "denied",
-    "InvalidAccessKeyId": "denied", "SignatureDoesNotMatch": "denied",
-    "InvalidClientTokenId": "denied", "UnrecognizedClientException": "denied",
-    "AllAccessDisabled": "denied", "AccountProblem": "denied", "InvalidToken": "denied",
-    "KMS.AccessDeniedException": "denied", "KMS.DisabledException": "denied",
+    "AccessDenied": "denied",
+    "AccessDeniedException": "denied",
+    "403": "denied",
+    "InvalidAccessKeyId": "denied",
+    "SignatureDoesNotMatch": "denied",
+    "InvalidClientTokenId": "denied",
+    "UnrecognizedClientException": "denied",
+    "AllAccessDisabled": "denied",
+    "AccountProblem": "denied",
+    "InvalidToken": "denied",
+    "KMS.AccessDeniedException": "denied",
+    "KMS.DisabledException": "denied",
     "KMS.NotFoundException": "denied",
     # requests the service will never accept as sent
-    "InvalidRequest": "refused", "InvalidArgument": "refused", "InvalidBucketName": "refused",
-    "EntityTooLarge": "refused", "EntityTooSmall": "refused", "InvalidPart": "refused",
-    "InvalidPartOrder": "refused", "InvalidObjectState": "refused", "InvalidStorageClass": "refused",
-    "MalformedXML": "refused", "MethodNotAllowed": "refused", "MissingContentLength": "refused",
-    "NotImplemented": "refused", "InvalidRange": "refused", "KeyTooLongError": "refused",
-    "InvalidInput": "refused", "InvalidChangeBatch": "refused", "InvalidDomainName": "refused",
+    "InvalidRequest": "refused",
+    "InvalidArgument": "refused",
+    "InvalidBucketName": "refused",
+    "EntityTooLarge": "refused",
+    "EntityTooSmall": "refused",
+    "InvalidPart": "refused",
+    "InvalidPartOrder": "refused",
+    "InvalidObjectState": "refused",
+    "InvalidStorageClass": "refused",
+    "MalformedXML": "refused",
+    "MethodNotAllowed": "refused",
+    "MissingContentLength": "refused",
+    "NotImplemented": "refused",
+    "InvalidRange": "refused",
+    "KeyTooLongError": "refused",
+    "InvalidInput": "refused",
+    "InvalidChangeBatch": "refused",
+    "InvalidDomainName": "refused",
     "ValidationError": "refused",
 }
 
@@ -134,13 +168,27 @@ def classify_aws(code: str, status: int) -> AwsKind:
 
 # botocore's own (client-side) errors that retrying cannot fix; every other BotoCoreError is
 # about the connection (refused, reset, timed out, a proxy, a checksum of a reply) and transient.
-BOTOCORE_PERMANENT = frozenset({
-    "NoCredentialsError", "PartialCredentialsError", "NoRegionError", "ParamValidationError",
-    "UnknownServiceError", "ProfileNotFound", "InvalidRegionError", "InvalidS3AddressingStyleError",
-    "UnknownSignatureVersionError", "ConfigNotFound", "InvalidConfigError", "DataNotFoundError",
-    "UnknownCredentialError", "InvalidEndpointConfigurationError", "MissingParametersError",
-    "ValidationError", "UnsupportedSignatureVersionError",
-})
+BOTOCORE_PERMANENT = frozenset(
+    {
+        "NoCredentialsError",
+        "PartialCredentialsError",
+        "NoRegionError",
+        "ParamValidationError",
+        "UnknownServiceError",
+        "ProfileNotFound",
+        "InvalidRegionError",
+        "InvalidS3AddressingStyleError",
+        "UnknownSignatureVersionError",
+        "ConfigNotFound",
+        "InvalidConfigError",
+        "DataNotFoundError",
+        "UnknownCredentialError",
+        "InvalidEndpointConfigurationError",
+        "MissingParametersError",
+        "ValidationError",
+        "UnsupportedSignatureVersionError",
+    }
+)
 
 
 def botocore_transient(exc: BaseException) -> bool:
@@ -151,16 +199,31 @@ def botocore_transient(exc: BaseException) -> bool:
 # pg_basebackup, pg_dump, pg_restore, psql, pg_ctl: stderr that says the server could not be
 # reached (libpq's fe-connect.c messages) rather than that it refused what we asked.
 _UNREACHABLE = (
-    "could not connect to server", "connection to server at", "connection refused",
-    "could not translate host name", "timeout expired", "server closed the connection unexpectedly",
-    "the database system is starting up", "the database system is shutting down",
-    "the database system is in recovery mode", "no route to host", "network is unreachable",
-    "could not receive data from server", "ssl syscall error", "connection timed out",
-    "sorry, too many clients already", "remaining connection slots are reserved",
+    "could not connect to server",
+    "connection to server at",
+    "connection refused",
+    "could not translate host name",
+    "timeout expired",
+    "server closed the connection unexpectedly",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "no route to host",
+    "network is unreachable",
+    "could not receive data from server",
+    "ssl syscall error",
+    "connection timed out",
+    "sorry, too many clients already",
+    "remaining connection slots are reserved",
 )
 # ... except when libpq got an answer that says no to us (a login refused is not transient)
-_REFUSED = ("password authentication failed", "no pg_hba.conf entry", "does not exist",
-            "permission denied", "authentication failed")
+_REFUSED = (
+    "password authentication failed",
+    "no pg_hba.conf entry",
+    "does not exist",
+    "permission denied",
+    "authentication failed",
+)
 
 
 def login_refused(message: str) -> bool:

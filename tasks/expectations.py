@@ -57,6 +57,7 @@ _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 # ---------------------------------------------------------------- specs (pure)
 
+
 class ExpectationSpec(BaseModel):
     """One expectation to run on one table of one database, and how to name it in the report."""
 
@@ -131,14 +132,28 @@ def row_count_bounds(expected: int, tolerance: float) -> tuple[int, int]:
 
 def missing_databases(expected: Iterable[str], present: Container[str]) -> list[CheckResult]:
     """A failed row-count check for each database the manifest records that is not restored."""
-    return [CheckResult(name=f"row-count {db}", kind="row-count", category="data", status="failed",
-                        database=db, summary="database recorded in the manifest is missing")
-            for db in sorted(expected) if db not in present]
+    return [
+        CheckResult(
+            name=f"row-count {db}",
+            kind="row-count",
+            category="data",
+            status="failed",
+            database=db,
+            summary="database recorded in the manifest is missing",
+        )
+        for db in sorted(expected)
+        if db not in present
+    ]
 
 
-def plan_row_counts(database: str, catalog: Catalog, expected_counts: dict[str, int],
-                    count_mode: Literal["exact", "tolerance"], tolerance: float,
-                    at: str = "") -> tuple[list[ExpectationSpec], list[CheckResult]]:
+def plan_row_counts(
+    database: str,
+    catalog: Catalog,
+    expected_counts: dict[str, int],
+    count_mode: Literal["exact", "tolerance"],
+    tolerance: float,
+    at: str = "",
+) -> tuple[list[ExpectationSpec], list[CheckResult]]:
     """Row counts of one database against the manifest's (``at``: where they are compared, for
     the report); a table the manifest lists that is missing fails without a query."""
     specs: list[ExpectationSpec] = []
@@ -149,21 +164,44 @@ def plan_row_counts(database: str, catalog: Catalog, expected_counts: dict[str, 
         schema, table = split_table(qualified)
         check = f"row-count {database}.{schema}.{table}"
         if (schema, table) not in present:
-            decided.append(CheckResult(
-                name=check, kind="row-count", category="data", status="failed", database=database,
-                summary=f"table is missing from the restored database{where} (manifest: {expected} rows)"))
+            decided.append(
+                CheckResult(
+                    name=check,
+                    kind="row-count",
+                    category="data",
+                    status="failed",
+                    database=database,
+                    summary=f"table is missing from the restored database{where} (manifest: {expected} rows)",
+                )
+            )
             continue
         if count_mode == "exact":
-            specs.append(ExpectationSpec(
-                check=check, kind="row-count", database=database, schema_name=schema, table=table,
-                gx_type="ExpectTableRowCountToEqual", kwargs={"value": expected},
-                expect_text=f"manifest: exactly {expected}{where}"))
+            specs.append(
+                ExpectationSpec(
+                    check=check,
+                    kind="row-count",
+                    database=database,
+                    schema_name=schema,
+                    table=table,
+                    gx_type="ExpectTableRowCountToEqual",
+                    kwargs={"value": expected},
+                    expect_text=f"manifest: exactly {expected}{where}",
+                )
+            )
         else:
             low, high = row_count_bounds(expected, tolerance)
-            specs.append(ExpectationSpec(
-                check=check, kind="row-count", database=database, schema_name=schema, table=table,
-                gx_type="ExpectTableRowCountToBeBetween", kwargs={"min_value": low, "max_value": high},
-                expect_text=f"manifest: {expected} ±{tolerance:.1%} ({low}..{high}){where}"))
+            specs.append(
+                ExpectationSpec(
+                    check=check,
+                    kind="row-count",
+                    database=database,
+                    schema_name=schema,
+                    table=table,
+                    gx_type="ExpectTableRowCountToBeBetween",
+                    kwargs={"min_value": low, "max_value": high},
+                    expect_text=f"manifest: {expected} ±{tolerance:.1%} ({low}..{high}){where}",
+                )
+            )
     return specs, decided
 
 
@@ -207,9 +245,16 @@ def plan_recorded_facts(
         if qualified in skip_tables or (schema, table) not in present or not cols:
             continue  # a missing table already failed its row count
         if not _NUMERIC_RE.match(value):
-            decided.append(CheckResult(name=f"freshness {database}.{schema}.{table}", kind="freshness",
-                                       category="data", status="failed", database=database,
-                                       summary=f"manifest holds an invalid newest timestamp {value!r}"))
+            decided.append(
+                CheckResult(
+                    name=f"freshness {database}.{schema}.{table}",
+                    kind="freshness",
+                    category="data",
+                    status="failed",
+                    database=database,
+                    summary=f"manifest holds an invalid newest timestamp {value!r}",
+                )
+            )
             continue
         greatest = ", ".join(f"extract(epoch FROM max(x.{qident(c)}))" for c in cols)
         if count_mode == "exact":
@@ -217,20 +262,32 @@ def plan_recorded_facts(
             text = f"newest timestamp {epoch_text(value)}, as on the source {at}"
         else:
             cond = f"f.newest IS NULL OR f.newest < '{value}'::numeric - {int(max_age_seconds)}"
-            text = (f"newest timestamp no older than {max_age_seconds} s before the source's "
-                    f"{epoch_text(value)} {at}")
-        query = (f"SELECT f.newest, '{value}'::numeric AS source_newest FROM (SELECT greatest({greatest}) AS newest "
-                 f"FROM (SELECT * FROM {{batch}}) AS x) AS f WHERE {cond}")
-        specs.append(ExpectationSpec(
-            check=f"freshness {database}.{schema}.{table}", kind="freshness", database=database,
-            schema_name=schema, table=table, gx_type=ONE_PASS,
-            kwargs={"unexpected_rows_query": one_pass_query(query), "result_format": "COMPLETE"},
-            expect_text=text))
+            text = (
+                f"newest timestamp no older than {max_age_seconds} s before the source's "
+                f"{epoch_text(value)} {at}"
+            )
+        query = (
+            f"SELECT f.newest, '{value}'::numeric AS source_newest FROM (SELECT greatest({greatest}) AS newest "
+            f"FROM (SELECT * FROM {{batch}}) AS x) AS f WHERE {cond}"
+        )
+        specs.append(
+            ExpectationSpec(
+                check=f"freshness {database}.{schema}.{table}",
+                kind="freshness",
+                database=database,
+                schema_name=schema,
+                table=table,
+                gx_type=ONE_PASS,
+                kwargs={"unexpected_rows_query": one_pass_query(query), "result_format": "COMPLETE"},
+                expect_text=text,
+            )
+        )
     return specs, decided
 
 
-def plan_unlogged(database: str, catalog: Catalog, unlogged: list[str],
-                  counts: dict[str, int]) -> list[ExpectationSpec]:
+def plan_unlogged(
+    database: str, catalog: Catalog, unlogged: list[str], counts: dict[str, int]
+) -> list[ExpectationSpec]:
     """After a physical restore every unlogged table is empty: PostgreSQL resets them to their
     init fork at the end of recovery (they are not WAL-logged), by design."""
     present = set(catalog.tables)
@@ -240,11 +297,21 @@ def plan_unlogged(database: str, catalog: Catalog, unlogged: list[str],
         if (schema, table) not in present:
             continue
         source = counts.get(qualified)
-        specs.append(ExpectationSpec(
-            check=f"row-count {database}.{schema}.{table}", kind="row-count", database=database,
-            schema_name=schema, table=table, gx_type="ExpectTableRowCountToEqual", kwargs={"value": 0},
-            expect_text=("0: an unlogged table is emptied by a physical restore, by design (PostgreSQL does "
-                         "not WAL-log it)" + (f"; the source had {source} rows" if source else ""))))
+        specs.append(
+            ExpectationSpec(
+                check=f"row-count {database}.{schema}.{table}",
+                kind="row-count",
+                database=database,
+                schema_name=schema,
+                table=table,
+                gx_type="ExpectTableRowCountToEqual",
+                kwargs={"value": 0},
+                expect_text=(
+                    "0: an unlogged table is emptied by a physical restore, by design (PostgreSQL does "
+                    "not WAL-log it)" + (f"; the source had {source} rows" if source else "")
+                ),
+            )
+        )
     return specs
 
 
@@ -271,9 +338,16 @@ def plan_default(
     # Row counts against the manifest.
     if expected_counts:
         if count_mode == "skip":
-            decided.append(CheckResult(
-                name=f"row-count {database}", kind="row-count", category="data", status="skipped",
-                database=database, summary=skip_reason or "row counts do not apply to this restore"))
+            decided.append(
+                CheckResult(
+                    name=f"row-count {database}",
+                    kind="row-count",
+                    category="data",
+                    status="skipped",
+                    database=database,
+                    summary=skip_reason or "row counts do not apply to this restore",
+                )
+            )
         else:
             count_specs, missing = plan_row_counts(database, catalog, expected_counts, count_mode, tolerance)
             specs += count_specs
@@ -285,28 +359,47 @@ def plan_default(
     for (schema, table), cols in sorted(catalog.primary_keys.items()):
         keys = ", ".join(f"x.{qident(c)}" for c in cols)
         nulls = " OR ".join(f"x.{qident(c)} IS NULL" for c in cols)
-        query = (f"SELECT {keys}, count(*) AS copies FROM (SELECT * FROM {{batch}}) AS x "
-                 f"GROUP BY {keys} HAVING count(*) > 1 OR {nulls}")
-        specs.append(ExpectationSpec(
-            check=f"primary-key {database}.{schema}.{table}({','.join(cols)})", kind="primary-key",
-            database=database, schema_name=schema, table=table, gx_type=ONE_PASS,
-            kwargs={"unexpected_rows_query": one_pass_query(query), "result_format": "COMPLETE"},
-            expect_text="no duplicate or null key"))
+        query = (
+            f"SELECT {keys}, count(*) AS copies FROM (SELECT * FROM {{batch}}) AS x "
+            f"GROUP BY {keys} HAVING count(*) > 1 OR {nulls}"
+        )
+        specs.append(
+            ExpectationSpec(
+                check=f"primary-key {database}.{schema}.{table}({','.join(cols)})",
+                kind="primary-key",
+                database=database,
+                schema_name=schema,
+                table=table,
+                gx_type=ONE_PASS,
+                kwargs={"unexpected_rows_query": one_pass_query(query), "result_format": "COMPLETE"},
+                expect_text="no duplicate or null key",
+            )
+        )
 
     # Foreign keys: every non-null reference has its parent row (MATCH SIMPLE semantics).
     for fk in catalog.foreign_keys:
         not_null = " AND ".join(f"x.{qident(c)} IS NOT NULL" for c in fk.columns)
-        join = " AND ".join(f"p.{qident(rc)} = x.{qident(c)}" for c, rc in zip(fk.columns, fk.ref_columns,
-                                                                               strict=True))
+        join = " AND ".join(
+            f"p.{qident(rc)} = x.{qident(c)}" for c, rc in zip(fk.columns, fk.ref_columns, strict=True)
+        )
         fk_cols = ", ".join(f"x.{qident(c)}" for c in fk.columns)
-        query = (f"SELECT {fk_cols} FROM (SELECT * FROM {{batch}}) AS x WHERE {not_null} AND NOT EXISTS "
-                 f"(SELECT 1 FROM {qtable(fk.ref_schema, fk.ref_table)} AS p WHERE {join})")
-        specs.append(ExpectationSpec(
-            check=f"fk-orphans {database}.{fk.schema}.{fk.table}({','.join(fk.columns)})"
-                  f"->{fk.ref_schema}.{fk.ref_table}",
-            kind="foreign-key", database=database, schema_name=fk.schema, table=fk.table,
-            gx_type=ONE_PASS, kwargs={"unexpected_rows_query": one_pass_query(query), "result_format": "COMPLETE"},
-            expect_text="no orphan rows"))
+        query = (
+            f"SELECT {fk_cols} FROM (SELECT * FROM {{batch}}) AS x WHERE {not_null} AND NOT EXISTS "
+            f"(SELECT 1 FROM {qtable(fk.ref_schema, fk.ref_table)} AS p WHERE {join})"
+        )
+        specs.append(
+            ExpectationSpec(
+                check=f"fk-orphans {database}.{fk.schema}.{fk.table}({','.join(fk.columns)})"
+                f"->{fk.ref_schema}.{fk.ref_table}",
+                kind="foreign-key",
+                database=database,
+                schema_name=fk.schema,
+                table=fk.table,
+                gx_type=ONE_PASS,
+                kwargs={"unexpected_rows_query": one_pass_query(query), "result_format": "COMPLETE"},
+                expect_text="no orphan rows",
+            )
+        )
 
     # Freshness: the newest timestamp among the chosen columns is recent enough. A backup that
     # recorded each table's newest timestamp is compared with those instead (freshness_note says
@@ -314,32 +407,60 @@ def plan_default(
     chosen = _freshness_columns(catalog, freshness_columns)
     if freshness_note is not None:
         if freshness_note:
-            decided.append(CheckResult(
-                name=f"freshness {database}", kind="freshness", category="data", status="skipped",
-                database=database, summary=freshness_note))
+            decided.append(
+                CheckResult(
+                    name=f"freshness {database}",
+                    kind="freshness",
+                    category="data",
+                    status="skipped",
+                    database=database,
+                    summary=freshness_note,
+                )
+            )
     elif chosen:
         threshold = reference - timedelta(seconds=max_age_seconds)
         anchor = next(iter(chosen))
         parts = []
         for (schema, table), cols in chosen.items():
-            source = ("(SELECT * FROM {batch}) AS x" if (schema, table) == anchor
-                  else f"{qtable(schema, table)} AS x")
+            source = (
+                "(SELECT * FROM {batch}) AS x"
+                if (schema, table) == anchor
+                else f"{qtable(schema, table)} AS x"
+            )
             maxes = ", ".join(f"max(x.{qident(c)})::timestamptz" for c in cols)
             parts.append(f"(SELECT greatest({maxes}) FROM {source})")
-        query = (f"SELECT newest, '{threshold.isoformat()}'::timestamptz AS oldest_allowed FROM "
-                 f"(SELECT greatest({', '.join(parts)}) AS newest) AS f "
-                 f"WHERE newest < '{threshold.isoformat()}'::timestamptz")
+        query = (
+            f"SELECT newest, '{threshold.isoformat()}'::timestamptz AS oldest_allowed FROM "
+            f"(SELECT greatest({', '.join(parts)}) AS newest) AS f "
+            f"WHERE newest < '{threshold.isoformat()}'::timestamptz"
+        )
         columns = [f"{s}.{t}.{c}" for (s, t), cols in chosen.items() for c in cols]
-        specs.append(ExpectationSpec(
-            check=f"freshness {database}", kind="freshness", database=database, schema_name=anchor[0],
-            table=anchor[1], gx_type=ONE_PASS,
-            kwargs={"unexpected_rows_query": one_pass_query(query), "result_format": "COMPLETE"},
-            expect_text=(f"newest of {len(columns)} timestamp column(s) no older than "
-                         f"{max_age_seconds} s before {reference.isoformat()}")))
+        specs.append(
+            ExpectationSpec(
+                check=f"freshness {database}",
+                kind="freshness",
+                database=database,
+                schema_name=anchor[0],
+                table=anchor[1],
+                gx_type=ONE_PASS,
+                kwargs={"unexpected_rows_query": one_pass_query(query), "result_format": "COMPLETE"},
+                expect_text=(
+                    f"newest of {len(columns)} timestamp column(s) no older than "
+                    f"{max_age_seconds} s before {reference.isoformat()}"
+                ),
+            )
+        )
     elif freshness_columns:
-        decided.append(CheckResult(
-            name=f"freshness {database}", kind="freshness", category="data", status="skipped",
-            database=database, summary="none of drill.freshness_columns is in this database"))
+        decided.append(
+            CheckResult(
+                name=f"freshness {database}",
+                kind="freshness",
+                category="data",
+                status="skipped",
+                database=database,
+                summary="none of drill.freshness_columns is in this database",
+            )
+        )
     return specs, decided
 
 
@@ -360,6 +481,7 @@ def _freshness_columns(catalog: Catalog, wanted: list[str] | None) -> dict[tuple
 
 
 # ---------------------------------------------------------------- user suites (pure + file I/O)
+
 
 class SuiteFile(BaseModel):
     """A user suite: expectations per table, from one file of drill.suites_dir."""
@@ -431,8 +553,12 @@ def parse_suite(data: Any, path: str) -> SuiteFile:
                 raise ConfigError(f"{path}: tables.{table}[{i}] needs a 'type'")
     name = str(data.get("suite") or Path(path).stem)
     database = data.get("database")
-    return SuiteFile(name=name, path=path, database=str(database) if database else None,
-                     tables={str(k): list(v) for k, v in tables.items()})
+    return SuiteFile(
+        name=name,
+        path=path,
+        database=str(database) if database else None,
+        tables={str(k): list(v) for k, v in tables.items()},
+    )
 
 
 def load_suites(directory: Path | None) -> list[SuiteFile]:
@@ -444,10 +570,13 @@ def load_suites(directory: Path | None) -> list[SuiteFile]:
     suites = []
     for path in sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml", ".json")):
         try:
-            data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+            data = (
+                json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+            )
         except (ValueError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-                              f"{one_line(exc)}") from None
+            raise ConfigError(
+                f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {one_line(exc)}"
+            ) from None
         suites.append(parse_suite(data, str(path)))
     names = [s.name for s in suites]
     dup = {n for n in names if names.count(n) > 1}
@@ -484,16 +613,28 @@ def plan_suite(
     if suite.database is not None:
         targets = [suite.database]
         if suite.database not in databases:
-            return [], [CheckResult(
-                name=f"suite {suite.name}", kind="suite", category="data", status="failed",
-                summary=f"database {suite.database} is not in the restored instance")]
+            return [], [
+                CheckResult(
+                    name=f"suite {suite.name}",
+                    kind="suite",
+                    category="data",
+                    status="failed",
+                    summary=f"database {suite.database} is not in the restored instance",
+                )
+            ]
     else:
         targets = [db for db, cat in sorted(databases.items()) if all(t in set(cat.tables) for t in wanted)]
         if not targets:
-            return [], [CheckResult(
-                name=f"suite {suite.name}", kind="suite", category="data", status="skipped",
-                summary="no restored database has all of its tables: "
-                        + ", ".join(f"{s}.{t}" for s, t in wanted))]
+            return [], [
+                CheckResult(
+                    name=f"suite {suite.name}",
+                    kind="suite",
+                    category="data",
+                    status="skipped",
+                    summary="no restored database has all of its tables: "
+                    + ", ".join(f"{s}.{t}" for s, t in wanted),
+                )
+            ]
     specs: list[ExpectationSpec] = []
     decided: list[CheckResult] = []
     for db in targets:
@@ -501,22 +642,38 @@ def plan_suite(
         for table_name, entries in suite.tables.items():
             schema, table = split_table(table_name)
             if (schema, table) not in present:
-                decided.append(CheckResult(
-                    name=f"suite {suite.name}: {db}.{schema}.{table}", kind="suite", category="data",
-                    status="failed", database=db, summary="table is missing from the restored database"))
+                decided.append(
+                    CheckResult(
+                        name=f"suite {suite.name}: {db}.{schema}.{table}",
+                        kind="suite",
+                        category="data",
+                        status="failed",
+                        database=db,
+                        summary="table is missing from the restored database",
+                    )
+                )
                 continue
             for entry in entries:
                 cls_name, label, kwargs = _entry_kwargs(entry)
                 column = kwargs.get("column") or ",".join(kwargs.get("column_list", []) or [])
                 what = label or f"{entry['type']}{'(' + column + ')' if column else ''}"
-                specs.append(ExpectationSpec(
-                    check=f"suite {suite.name}: {db}.{schema}.{table} {what}", kind=f"suite {suite.name}",
-                    database=db, schema_name=schema, table=table, gx_type=cls_name,
-                    kwargs=resolve_tokens(kwargs, now, reference), expect_text=str(entry["type"])))
+                specs.append(
+                    ExpectationSpec(
+                        check=f"suite {suite.name}: {db}.{schema}.{table} {what}",
+                        kind=f"suite {suite.name}",
+                        database=db,
+                        schema_name=schema,
+                        table=table,
+                        gx_type=cls_name,
+                        kwargs=resolve_tokens(kwargs, now, reference),
+                        expect_text=str(entry["type"]),
+                    )
+                )
     return specs, decided
 
 
 # ---------------------------------------------------------------- the catalog (PostgreSQL)
+
 
 def read_catalog(dsn: str) -> Catalog:
     """Tables, primary keys, foreign keys and timestamp columns of a database's user schemas."""
@@ -525,8 +682,10 @@ def read_catalog(dsn: str) -> Catalog:
     cat = Catalog()
     with connection(dsn) as conn:
         cat.tables = user_tables(conn)
-        user_schema = ("n.nspname NOT IN ('pg_catalog', 'information_schema') "
-                       "AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'")
+        user_schema = (
+            "n.nspname NOT IN ('pg_catalog', 'information_schema') "
+            "AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'"
+        )
         for schema, table, cols in conn.execute(
             f"""
             SELECT n.nspname, c.relname,
@@ -557,9 +716,17 @@ def read_catalog(dsn: str) -> Catalog:
             ORDER BY n.nspname, c.relname, con.conname
             """
         ).fetchall():
-            cat.foreign_keys.append(ForeignKey(
-                name=row[0], schema=row[1], table=row[2], columns=tuple(row[3]),
-                ref_schema=row[4], ref_table=row[5], ref_columns=tuple(row[6])))
+            cat.foreign_keys.append(
+                ForeignKey(
+                    name=row[0],
+                    schema=row[1],
+                    table=row[2],
+                    columns=tuple(row[3]),
+                    ref_schema=row[4],
+                    ref_table=row[5],
+                    ref_columns=tuple(row[6]),
+                )
+            )
         for schema, table, column in conn.execute(
             f"""
             SELECT n.nspname, c.relname, a.attname
@@ -578,6 +745,7 @@ def read_catalog(dsn: str) -> Catalog:
 
 # ---------------------------------------------------------------- running with GX (adapter)
 
+
 def load_gx() -> float:
     """Import Great Expectations now (it takes seconds); returns the seconds it took. Done before
     the restore so that neither the measured RTO nor the checks carry this fixed cost."""
@@ -585,6 +753,7 @@ def load_gx() -> float:
     import great_expectations.expectations  # noqa: F401
 
     return time.monotonic() - t0
+
 
 @functools.cache
 def one_pass_expectation() -> Any:
@@ -596,13 +765,19 @@ def one_pass_expectation() -> Any:
 
         metric_dependencies: ClassVar[tuple[str, ...]] = ("unexpected_rows_query.table",)
 
-        def _validate(self, metrics: dict[str, Any], runtime_configuration: dict[str, Any] | None = None,
-                      execution_engine: Any = None) -> dict[str, Any]:
+        def _validate(
+            self,
+            metrics: dict[str, Any],
+            runtime_configuration: dict[str, Any] | None = None,
+            execution_engine: Any = None,
+        ) -> dict[str, Any]:
             rows = metrics["unexpected_rows_query.table"] or []
             total = int(rows[0][_TOTAL]) if rows else 0
             sample = [{k: v for k, v in row.items() if k != _TOTAL} for row in rows]
-            return {"success": total == 0,
-                    "result": {"observed_value": total, "details": {"unexpected_rows": sample}}}
+            return {
+                "success": total == 0,
+                "result": {"observed_value": total, "details": {"unexpected_rows": sample}},
+            }
 
     return ExpectNoUnexpectedRowsInOnePass
 
@@ -621,7 +796,8 @@ def _summary(spec: ExpectationSpec, success: bool, result: dict[str, Any]) -> st
     observed = result.get("observed_value")
     if spec.gx_type in ("UnexpectedRowsExpectation", ONE_PASS):
         what = {"foreign-key": "orphan row(s)", "primary-key": "duplicate or null key(s)"}.get(
-            spec.kind, "unexpected row(s)")
+            spec.kind, "unexpected row(s)"
+        )
         if spec.kind == "freshness":
             return f"{spec.expect_text}: " + ("yes" if success else "NO, data is older")
         return f"{observed if observed is not None else '?'} {what}"
@@ -668,8 +844,9 @@ def run_expectations(specs: list[ExpectationSpec], dsn_for: Callable[[str], str]
         return _run_with_gx(gx, expectations, specs, dsn_for)
 
 
-def _run_with_gx(gx: Any, expectations: Any, specs: list[ExpectationSpec],
-                 dsn_for: Callable[[str], str]) -> list[CheckResult]:
+def _run_with_gx(
+    gx: Any, expectations: Any, specs: list[ExpectationSpec], dsn_for: Callable[[str], str]
+) -> list[CheckResult]:
     from great_expectations.data_context.types.base import ProgressBarsConfig
     from sqlalchemy.engine import URL
 
@@ -691,26 +868,40 @@ def _run_with_gx(gx: Any, expectations: Any, specs: list[ExpectationSpec],
                 from psycopg import conninfo
 
                 parts = conninfo.conninfo_to_dict(dsn_for(database))
-                url = URL.create("postgresql+psycopg", username=str(parts.get("user") or "postgres"),
-                                 host=str(parts.get("host") or "127.0.0.1"),
-                                 port=int(parts.get("port") or 5432), database=database,
-                                 query={"options": str(parts["options"])} if parts.get("options") else {})
+                url = URL.create(
+                    "postgresql+psycopg",
+                    username=str(parts.get("user") or "postgres"),
+                    host=str(parts.get("host") or "127.0.0.1"),
+                    port=int(parts.get("port") or 5432),
+                    database=database,
+                    query={"options": str(parts["options"])} if parts.get("options") else {},
+                )
                 sources[database] = context.data_sources.add_postgres(
-                    f"db{len(sources)}", connection_string=url.render_as_string(hide_password=False))
+                    f"db{len(sources)}", connection_string=url.render_as_string(hide_password=False)
+                )
             # A query asset over the quoted name: GX's table assets fold unquoted schema names to
             # lower case and cannot quote names holding quotes ("Sales"."Order Items", "User").
-            asset = sources[database].add_query_asset(f"t{n}", query=f"SELECT * FROM {sql_table(schema, table)}")
+            asset = sources[database].add_query_asset(
+                f"t{n}", query=f"SELECT * FROM {sql_table(schema, table)}"
+            )
             batch = asset.add_batch_definition_whole_table("whole")
             built = []
             for i, spec in enumerate(table_specs):
-                cls = one_pass_expectation() if spec.gx_type == ONE_PASS else getattr(expectations, spec.gx_type)
+                cls = (
+                    one_pass_expectation()
+                    if spec.gx_type == ONE_PASS
+                    else getattr(expectations, spec.gx_type)
+                )
                 kwargs = {k: v for k, v in spec.kwargs.items() if k != "result_format"}
                 built.append(cls(**kwargs, meta={"gravl_check": i}))
             suite = context.suites.add(gx.ExpectationSuite(name=f"s{n}", expectations=built))
             validation = context.validation_definitions.add(
-                gx.ValidationDefinition(name=f"v{n}", data=batch, suite=suite))
-            run_format: dict[str, Any] = {"result_format": "COMPLETE" if fmt == "COMPLETE" else "SUMMARY",
-                                          "partial_unexpected_count": MAX_SAMPLES}
+                gx.ValidationDefinition(name=f"v{n}", data=batch, suite=suite)
+            )
+            run_format: dict[str, Any] = {
+                "result_format": "COMPLETE" if fmt == "COMPLETE" else "SUMMARY",
+                "partial_unexpected_count": MAX_SAMPLES,
+            }
             outcome = validation.run(result_format=run_format)
             seconds = (time.monotonic() - t0) / max(1, len(table_specs))
             seen = set()
@@ -724,27 +915,56 @@ def _run_with_gx(gx: Any, expectations: Any, specs: list[ExpectationSpec],
                 result = dict(res.result or {})
                 error = _exception_message(res.exception_info)
                 if error is not None:
-                    results.append(CheckResult(
-                        name=spec.check, kind=spec.kind, category="data", status="failed",
-                        database=database, seconds=seconds,
-                        summary=f"could not evaluate: {error.strip().splitlines()[0][:300]}"))
+                    results.append(
+                        CheckResult(
+                            name=spec.check,
+                            kind=spec.kind,
+                            category="data",
+                            status="failed",
+                            database=database,
+                            seconds=seconds,
+                            summary=f"could not evaluate: {error.strip().splitlines()[0][:300]}",
+                        )
+                    )
                     continue
-                results.append(CheckResult(
-                    name=spec.check, kind=spec.kind, category="data",
-                    status="passed" if res.success else "failed", database=database, seconds=seconds,
-                    summary=_summary(spec, bool(res.success), result),
-                    samples=[] if res.success else _samples(result)))
+                results.append(
+                    CheckResult(
+                        name=spec.check,
+                        kind=spec.kind,
+                        category="data",
+                        status="passed" if res.success else "failed",
+                        database=database,
+                        seconds=seconds,
+                        summary=_summary(spec, bool(res.success), result),
+                        samples=[] if res.success else _samples(result),
+                    )
+                )
             for i, spec in enumerate(table_specs):
                 if i not in seen:
-                    results.append(CheckResult(
-                        name=spec.check, kind=spec.kind, category="data", status="failed",
-                        database=database, summary="Great Expectations returned no result"))
+                    results.append(
+                        CheckResult(
+                            name=spec.check,
+                            kind=spec.kind,
+                            category="data",
+                            status="failed",
+                            database=database,
+                            summary="Great Expectations returned no result",
+                        )
+                    )
         except Exception as exc:  # noqa: BLE001 - one table's failure must not hide the others
             log.warning("expectations on %s.%s.%s could not run: %s", database, schema, table, one_line(exc))
             for spec in table_specs:
-                results.append(CheckResult(
-                    name=spec.check, kind=spec.kind, category="data", status="failed", database=database,
-                    seconds=time.monotonic() - t0, summary=f"could not run: {one_line(exc)}"[:500]))
+                results.append(
+                    CheckResult(
+                        name=spec.check,
+                        kind=spec.kind,
+                        category="data",
+                        status="failed",
+                        database=database,
+                        seconds=time.monotonic() - t0,
+                        summary=f"could not run: {one_line(exc)}"[:500],
+                    )
+                )
     return results
 
 

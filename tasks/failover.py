@@ -20,6 +20,7 @@ from tasks.walnames import lsn_to_int as lsn_to_int  # re-exported: its home was
 
 DEFAULT_MAX_LAG_BYTES = 16 * 1024 * 1024  # refuse to promote a replica further behind than this
 
+
 class Refused(PreconditionFailed):
     """The planner will not go on: the state makes the operation unsafe or pointless."""
 
@@ -29,9 +30,17 @@ class Refused(PreconditionFailed):
 # server (a FATAL from the postmaster or a backend: pg_hba reject, wrong password, too many
 # clients, "the database system is starting up"), and a server that answers is alive.
 _NO_ANSWER = (
-    "connection refused", "timeout expired", "timed out", "no route to host", "network is unreachable",
-    "could not translate host name", "name or service not known", "no such file or directory",
-    "is the server running", "host is down", "connection reset by peer",
+    "connection refused",
+    "timeout expired",
+    "timed out",
+    "no route to host",
+    "network is unreachable",
+    "could not translate host name",
+    "name or service not known",
+    "no such file or directory",
+    "is the server running",
+    "host is down",
+    "connection reset by peer",
 )
 
 
@@ -129,12 +138,17 @@ class NodeState(BaseModel):
                 return f"{self.name}: ALIVE but refused gravl-dr — {self.error}{tail}"
             return f"{self.name}: unreachable — {self.error or 'no answer'}{tail}"
         if self.in_recovery:
-            lag = f", {self.replay_lag_seconds:.1f} s since last replayed commit" \
-                if self.replay_lag_seconds is not None else ""
+            lag = (
+                f", {self.replay_lag_seconds:.1f} s since last replayed commit"
+                if self.replay_lag_seconds is not None
+                else ""
+            )
             paused = ", replay PAUSED" if self.replay_paused else ""
-            return (f"{self.name}: standby, received {self.receive_lsn or '-'}, replayed "
-                    f"{self.replay_lsn or '-'}, WAL receiver {self.wal_receiver or 'not running'}"
-                    f"{lag}{paused}, timeline {self.timeline}")
+            return (
+                f"{self.name}: standby, received {self.receive_lsn or '-'}, replayed "
+                f"{self.replay_lsn or '-'}, WAL receiver {self.wal_receiver or 'not running'}"
+                f"{lag}{paused}, timeline {self.timeline}"
+            )
         mode = "read-only (fenced)" if self.read_only else "accepting writes"
         return f"{self.name}: primary {mode} at {self.current_lsn}, timeline {self.timeline}"
 
@@ -143,10 +157,24 @@ class NodeState(BaseModel):
 # Plans
 
 StepKind = Literal[
-    "fence-old-primary", "approve", "promote-replica", "switch-dns", "reconnect-apps", "validate",
-    "backup-current-primary", "rebuild-old-primary", "wait-for-zero-lag", "switchover",
-    "rejoin-former-primary", "stop-old-primary", "save-local-settings", "keep-old-wal",
-    "rewind-old-primary", "reclone-old-primary", "start-as-standby", "discard-old-data",
+    "fence-old-primary",
+    "approve",
+    "promote-replica",
+    "switch-dns",
+    "reconnect-apps",
+    "validate",
+    "backup-current-primary",
+    "rebuild-old-primary",
+    "wait-for-zero-lag",
+    "switchover",
+    "rejoin-former-primary",
+    "stop-old-primary",
+    "save-local-settings",
+    "keep-old-wal",
+    "rewind-old-primary",
+    "reclone-old-primary",
+    "start-as-standby",
+    "discard-old-data",
 ]
 
 # Rebuild bookkeeping shared with tasks.topology (the marker in the data directory).
@@ -207,31 +235,44 @@ def plan_failover(
     if len(promoted) > 1:
         raise _refuse(
             f"split brain: several replicas accept writes ({', '.join(r.name for r in promoted)}); "
-            "resolve by hand", everyone)
+            "resolve by hand",
+            everyone,
+        )
     if primary.accepts_writes:
         if planned and not primary.local_pgdata:
-            raise _refuse(f"planned failover needs {primary.name}'s pgdata on this host to stop it cleanly",
-                          everyone)
+            raise _refuse(
+                f"planned failover needs {primary.name}'s pgdata on this host to stop it cleanly", everyone
+            )
         if promoted and not force:
             raise _refuse(
                 f"split brain: {primary.name} and {promoted[0].name} both accept writes; stop "
-                f"{primary.name} or re-run with --force to fence it", everyone)
+                f"{primary.name} or re-run with --force to fence it",
+                everyone,
+            )
         if not promoted and not (force or planned):
             raise _refuse(
                 f"refusing to fail over: primary {primary.name} is up and accepting writes at "
-                f"{primary.current_lsn}; stop it first or pass --force", everyone)
-        notes.append(f"{primary.name} was accepting writes: it is fenced before anything is promoted"
-                     + (" (planned: clean shutdown, no data loss)" if planned else " (forced)"))
+                f"{primary.current_lsn}; stop it first or pass --force",
+                everyone,
+            )
+        notes.append(
+            f"{primary.name} was accepting writes: it is fenced before anything is promoted"
+            + (" (planned: clean shutdown, no data loss)" if planned else " (forced)")
+        )
     elif primary.alive_but_refusing:
         # Not down: it answered. Promoting now would leave two primaries that both take writes.
         if not force:
             raise _refuse(
                 f"refusing to fail over: primary {primary.name} is alive — it answered but refused "
                 f"gravl-dr's login ({primary.error}); fix the login (pg_hba, password, connection "
-                "slots) or pass --force to fence it and promote anyway", everyone)
-        notes.append(f"FORCED: {primary.name} is alive but refused our login; it is fenced before anything "
-                     "is promoted" + ("" if primary.local_pgdata else
-                                      " — without its data directory here it may NOT be fenceable"))
+                "slots) or pass --force to fence it and promote anyway",
+                everyone,
+            )
+        notes.append(
+            f"FORCED: {primary.name} is alive but refused our login; it is fenced before anything "
+            "is promoted"
+            + ("" if primary.local_pgdata else " — without its data directory here it may NOT be fenceable")
+        )
 
     if promoted:
         target = promoted[0]
@@ -267,7 +308,9 @@ def plan_failover(
             raise _refuse(
                 f"refusing to promote {target.name}: it is {lag} bytes behind the furthest known WAL "
                 f"position {int_to_lsn(reference or 0)} (limit --max-lag-bytes {max_lag_bytes}); "
-                "pass --force to accept the data loss", everyone)
+                "pass --force to accept the data loss",
+                everyone,
+            )
         elif lag > max_lag_bytes:
             notes.append(f"FORCED: promoting {target.name} {lag} bytes behind (limit {max_lag_bytes})")
     if target.replay_paused and not already:
@@ -277,8 +320,13 @@ def plan_failover(
     alive = primary.accepts_writes or primary.alive_but_refusing
     if alive:
         # Stopping a live primary is disruptive: ask before it, not after.
-        steps.append(Step(kind="approve", node=target.name,
-                          reason=f"fence {primary.name} (it accepts writes) and promote {target.name}"))
+        steps.append(
+            Step(
+                kind="approve",
+                node=target.name,
+                reason=f"fence {primary.name} (it accepts writes) and promote {target.name}",
+            )
+        )
     if alive or not primary.fenced or primary.postmaster_running:
         if primary.local_pgdata:
             how = "stop it and mark its data directory so a restart stays read-only"
@@ -290,26 +338,42 @@ def plan_failover(
     if not already:
         if not alive:
             steps.append(Step(kind="approve", node=target.name, reason=f"promote {target.name}"))
-        steps.append(Step(kind="promote-replica", node=target.name,
-                          reason=f"most advanced healthy replica at {int_to_lsn(target.position or 0)}"
-                          + (f", {lag} bytes behind" if lag is not None else "")))
+        steps.append(
+            Step(
+                kind="promote-replica",
+                node=target.name,
+                reason=f"most advanced healthy replica at {int_to_lsn(target.position or 0)}"
+                + (f", {lag} bytes behind" if lag is not None else ""),
+            )
+        )
     steps += [
-        Step(kind="switch-dns", node=target.name, reason=f"point the record at {target.name} if it "
-             f"still points at {primary.name}"),
+        Step(
+            kind="switch-dns",
+            node=target.name,
+            reason=f"point the record at {target.name} if it still points at {primary.name}",
+        ),
         Step(kind="reconnect-apps", node=target.name, reason="run the configured reconnect hooks"),
         Step(kind="validate", node=target.name, reason="canary write and read on the new primary"),
     ]
     return FailoverPlan(
-        old_primary=primary.name, target=target.name, already_promoted=already, steps=steps,
+        old_primary=primary.name,
+        target=target.name,
+        already_promoted=already,
+        steps=steps,
         reference_lsn=int_to_lsn(primary_end) if primary_end is not None else None,
         target_lsn=int_to_lsn(target.position) if target.position is not None else None,
-        lag_bytes=lag, evidence=[s.evidence() for s in everyone], notes=notes,
+        lag_bytes=lag,
+        evidence=[s.evidence() for s in everyone],
+        notes=notes,
     )
 
 
 def _same_system(a: NodeState, b: NodeState) -> bool:
-    return a.system_identifier is None or b.system_identifier is None or \
-        a.system_identifier == b.system_identifier
+    return (
+        a.system_identifier is None
+        or b.system_identifier is None
+        or a.system_identifier == b.system_identifier
+    )
 
 
 def rpo_bytes(reference_lsn: str | None, promoted_lsn: str | None) -> int | None:
@@ -342,8 +406,9 @@ class FailbackPlan(BaseModel):
         return [s.kind for s in self.steps]
 
 
-def plan_failback(home: NodeState, others: Sequence[NodeState], *, backup: bool = True,
-                  discard_old_data: bool = False) -> FailbackPlan:
+def plan_failback(
+    home: NodeState, others: Sequence[NodeState], *, backup: bool = True, discard_old_data: bool = False
+) -> FailbackPlan:
     """Plan the way back to the configured primary ``home`` from whichever node is primary now.
 
     A controlled switchover: the current primary is shut down cleanly, ``home`` (a streaming
@@ -355,8 +420,9 @@ def plan_failback(home: NodeState, others: Sequence[NodeState], *, backup: bool 
     writable = [n for n in everyone if n.accepts_writes]
     notes: list[str] = []
     if len(writable) > 1:
-        raise _refuse(f"split brain: {', '.join(n.name for n in writable)} all accept writes; "
-                      "resolve by hand", everyone)
+        raise _refuse(
+            f"split brain: {', '.join(n.name for n in writable)} all accept writes; resolve by hand", everyone
+        )
     steps: list[Step] = []
     current: NodeState | None = writable[0] if writable else None
     divergence: tuple[int | None, str | None, str | None, int | None] = (None, None, None, None)
@@ -369,65 +435,109 @@ def plan_failback(home: NodeState, others: Sequence[NodeState], *, backup: bool 
         # home is a standby and the former primary was shut down cleanly.
         stopped = [n for n in others if not n.reachable and n.local_pgdata and n.control_state == "shut down"]
         if not (home.is_standby and stopped):
-            raise _refuse("no node accepts writes: nothing to fail back from (is this a failover?)",
-                          everyone)
-        notes.append(f"{stopped[0].name} is shut down cleanly and {home.name} is a standby: "
-                     "resuming an interrupted switchover")
+            raise _refuse("no node accepts writes: nothing to fail back from (is this a failover?)", everyone)
+        notes.append(
+            f"{stopped[0].name} is shut down cleanly and {home.name} is a standby: "
+            "resuming an interrupted switchover"
+        )
         steps += [
             Step(kind="approve", node=home.name, reason=f"promote {home.name} (resume switchover)"),
-            Step(kind="switchover", node=home.name,
-                 reason=f"{stopped[0].name} is already stopped; check {home.name} replayed its final "
-                 "checkpoint, then promote"),
+            Step(
+                kind="switchover",
+                node=home.name,
+                reason=f"{stopped[0].name} is already stopped; check {home.name} replayed its final "
+                "checkpoint, then promote",
+            ),
         ]
     else:
         streaming_from_current = (
-            home.is_standby and home.wal_receiver == "streaming" and home.upstream == current.address
+            home.is_standby
+            and home.wal_receiver == "streaming"
+            and home.upstream == current.address
             and _same_system(home, current)
         )
         if backup:
-            steps.append(Step(kind="backup-current-primary", node=current.name,
-                              reason="a fresh physical backup before anything moves"))
+            steps.append(
+                Step(
+                    kind="backup-current-primary",
+                    node=current.name,
+                    reason="a fresh physical backup before anything moves",
+                )
+            )
         if not streaming_from_current:
             if home.alive_but_refusing:
-                raise _refuse(f"{home.name} answers but refuses gravl-dr's login: its state cannot be "
-                              "checked, nothing is rebuilt", everyone)
+                raise _refuse(
+                    f"{home.name} answers but refuses gravl-dr's login: its state cannot be "
+                    "checked, nothing is rebuilt",
+                    everyone,
+                )
             if not home.local_pgdata:
                 raise _refuse(f"cannot rebuild {home.name}: its pgdata is not on this host", everyone)
             divergence = _divergence(home, current)
-            rebuild, rebuild_notes = _rebuild_steps(home, current, discard_old_data=discard_old_data,
-                                                    rpo=divergence[3])
+            rebuild, rebuild_notes = _rebuild_steps(
+                home, current, discard_old_data=discard_old_data, rpo=divergence[3]
+            )
             steps += rebuild
             notes += rebuild_notes
         if not current.local_pgdata:
-            raise _refuse(f"cannot switch over: {current.name}'s pgdata is not on this host (a clean "
-                          "shutdown needs pg_ctl)", everyone)
+            raise _refuse(
+                f"cannot switch over: {current.name}'s pgdata is not on this host (a clean "
+                "shutdown needs pg_ctl)",
+                everyone,
+            )
         steps += [
-            Step(kind="wait-for-zero-lag", node=home.name,
-                 reason=f"{home.name} streams from {current.name} with nothing left to replay"),
+            Step(
+                kind="wait-for-zero-lag",
+                node=home.name,
+                reason=f"{home.name} streams from {current.name} with nothing left to replay",
+            ),
             Step(kind="approve", node=home.name, reason=f"switch over from {current.name} to {home.name}"),
-            Step(kind="switchover", node=home.name,
-                 reason=f"clean shutdown of {current.name}, {home.name} replays the final LSN, promote"),
+            Step(
+                kind="switchover",
+                node=home.name,
+                reason=f"clean shutdown of {current.name}, {home.name} replays the final LSN, promote",
+            ),
         ]
     for other in others:
         if current is not None and other.name == current.name:
-            steps.append(Step(kind="rejoin-former-primary", node=other.name,
-                              reason=f"restart {other.name} as a standby of {home.name}"))
+            steps.append(
+                Step(
+                    kind="rejoin-former-primary",
+                    node=other.name,
+                    reason=f"restart {other.name} as a standby of {home.name}",
+                )
+            )
         elif not (other.is_standby and other.upstream == home.address):
             if other.local_pgdata:
-                steps.append(Step(kind="rejoin-former-primary", node=other.name,
-                                  reason=f"point {other.name} at {home.name}"))
+                steps.append(
+                    Step(
+                        kind="rejoin-former-primary",
+                        node=other.name,
+                        reason=f"point {other.name} at {home.name}",
+                    )
+                )
             else:
-                notes.append(f"{other.name} does not stream from {home.name} and its pgdata is not "
-                             "here: re-point it by hand")
+                notes.append(
+                    f"{other.name} does not stream from {home.name} and its pgdata is not "
+                    "here: re-point it by hand"
+                )
     steps += [
         Step(kind="switch-dns", node=home.name, reason=f"point the record back at {home.name}"),
         Step(kind="reconnect-apps", node=home.name, reason="run the configured reconnect hooks"),
         Step(kind="validate", node=home.name, reason=f"canary write and read on {home.name}"),
     ]
     tli, fork, end, rpo = divergence
-    return FailbackPlan(home=home.name, current=current.name if current else None, steps=steps,
-                        evidence=[s.evidence() for s in everyone], notes=notes, diverged_timeline=tli,
-                        fork_lsn=fork, end_lsn=end, rpo_bytes=rpo)
+    return FailbackPlan(
+        home=home.name,
+        current=current.name if current else None,
+        steps=steps,
+        evidence=[s.evidence() for s in everyone],
+        notes=notes,
+        diverged_timeline=tli,
+        fork_lsn=fork,
+        end_lsn=end,
+        rpo_bytes=rpo,
+    )
 
 
 def _divergence(home: NodeState, current: NodeState) -> tuple[int | None, str | None, str | None, int | None]:
@@ -445,8 +555,9 @@ def _divergence(home: NodeState, current: NodeState) -> tuple[int | None, str | 
     return tli, fork, end, max(0, end_pos - fork_pos)
 
 
-def _rebuild_steps(home: NodeState, current: NodeState, *, discard_old_data: bool,
-                   rpo: int | None) -> tuple[list[Step], list[str]]:
+def _rebuild_steps(
+    home: NodeState, current: NodeState, *, discard_old_data: bool, rpo: int | None
+) -> tuple[list[Step], list[str]]:
     """How home becomes a standby of ``current``: rewind or re-clone, keep or discard — decided here.
 
     Every choice is read off what is on disk now (the rebuild marker, the control file), so a run
@@ -460,8 +571,14 @@ def _rebuild_steps(home: NodeState, current: NodeState, *, discard_old_data: boo
     running = home.reachable or bool(home.postmaster_running)
     phase = home.rebuild_phase
     if running:
-        steps.append(Step(kind="stop-old-primary", node=n, reason=f"{n} runs as a standby that does not "
-                          f"stream from {cur}: stop it cleanly so its files can be rebuilt"))
+        steps.append(
+            Step(
+                kind="stop-old-primary",
+                node=n,
+                reason=f"{n} runs as a standby that does not "
+                f"stream from {cur}: stop it cleanly so its files can be rebuilt",
+            )
+        )
     method: str
     if phase in READY_PHASES and running and home.timeline == current.timeline:
         return [], [f"{n} was {phase} and runs on {cur}'s timeline {current.timeline}: waiting for it"]
@@ -470,8 +587,11 @@ def _rebuild_steps(home: NodeState, current: NodeState, *, discard_old_data: boo
     elif phase in READY_PHASES:
         method, why = "reclone", f"{n} was {phase} but does not follow {cur}'s timeline"
     elif phase in ("rewinding", "rewind-failed"):
-        method, why = "reclone", f"pg_rewind of {n} was {'interrupted' if phase == 'rewinding' else 'failed'}: " \
-            "its data directory is not trusted"
+        method, why = (
+            "reclone",
+            f"pg_rewind of {n} was {'interrupted' if phase == 'rewinding' else 'failed'}: "
+            "its data directory is not trusted",
+        )
     elif phase == "moved-aside":
         method, why = "reclone", f"a re-clone of {n} was interrupted: finish it"
     elif phase is not None:
@@ -479,26 +599,60 @@ def _rebuild_steps(home: NodeState, current: NodeState, *, discard_old_data: boo
     elif home.rewind_capable is False:
         method, why = "reclone", "pg_rewind impossible (needs wal_log_hints=on or data checksums)"
     elif not running and home.control_state not in REWIND_SAFE_STATES:
-        method, why = "reclone", f"control file says {home.control_state or 'nothing readable'}: not safe to rewind"
+        method, why = (
+            "reclone",
+            f"control file says {home.control_state or 'nothing readable'}: not safe to rewind",
+        )
     else:
         method, why = "rewind", f"control file {home.control_state or 'of a standby stopped cleanly'}"
     if phase is None:
-        steps.append(Step(kind="save-local-settings", node=n, reason="keep its own postgresql.conf, "
-                          "postgresql.auto.conf (port, listen_addresses, ...), pg_hba.conf, pg_ident.conf"))
+        steps.append(
+            Step(
+                kind="save-local-settings",
+                node=n,
+                reason="keep its own postgresql.conf, "
+                "postgresql.auto.conf (port, listen_addresses, ...), pg_hba.conf, pg_ident.conf",
+            )
+        )
     if method == "rewind":
         if rpo and not discard_old_data:
-            steps.append(Step(kind="keep-old-wal", node=n, reason=f"{rpo} bytes of WAL never reached {cur}: "
-                              "copy those segments aside before pg_rewind replaces them"))
+            steps.append(
+                Step(
+                    kind="keep-old-wal",
+                    node=n,
+                    reason=f"{rpo} bytes of WAL never reached {cur}: "
+                    "copy those segments aside before pg_rewind replaces them",
+                )
+            )
         elif rpo:
-            notes.append(f"--discard-old-data: the {rpo} bytes {n} wrote that never reached {cur} are dropped")
-        steps.append(Step(kind="rewind-old-primary", node=n, reason=f"pg_rewind onto {cur}'s timeline ({why}); "
-                          "if it fails, the next plan re-clones"))
+            notes.append(
+                f"--discard-old-data: the {rpo} bytes {n} wrote that never reached {cur} are dropped"
+            )
+        steps.append(
+            Step(
+                kind="rewind-old-primary",
+                node=n,
+                reason=f"pg_rewind onto {cur}'s timeline ({why}); if it fails, the next plan re-clones",
+            )
+        )
     elif method == "reclone":
         keep = "delete it afterwards (--discard-old-data)" if discard_old_data else "keep it"
-        steps.append(Step(kind="reclone-old-primary", node=n, reason=f"{why}: move the old data directory "
-                          f"aside ({keep}) and pg_basebackup a fresh copy of {cur}"))
-    steps.append(Step(kind="start-as-standby", node=n, reason=f"restore its own settings, standby.signal and "
-                      f"primary_conninfo to {cur}, start: it replays, never writes WAL of its own"))
+        steps.append(
+            Step(
+                kind="reclone-old-primary",
+                node=n,
+                reason=f"{why}: move the old data directory "
+                f"aside ({keep}) and pg_basebackup a fresh copy of {cur}",
+            )
+        )
+    steps.append(
+        Step(
+            kind="start-as-standby",
+            node=n,
+            reason=f"restore its own settings, standby.signal and "
+            f"primary_conninfo to {cur}, start: it replays, never writes WAL of its own",
+        )
+    )
     if discard_old_data and (home.kept_old_data or method == "reclone"):
         steps.append(Step(kind="discard-old-data", node=n, reason="the operator asked (--discard-old-data)"))
     elif home.kept_old_data:

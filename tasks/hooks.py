@@ -85,8 +85,9 @@ def run_hook(hook: ReconnectHook, event: ReconnectEvent) -> HookResult:
     except Exception as exc:  # noqa: BLE001 - a hook's failure is reported, not raised
         ok, message = False, f"{type(exc).__name__}: {one_line(exc)}"
     seconds = time.monotonic() - t0
-    (log.info if ok else log.error)("reconnect hook %s %s: %s (%.1fs)", kind, target,
-                                    message if ok else f"FAILED: {message}", seconds)
+    (log.info if ok else log.error)(
+        "reconnect hook %s %s: %s (%.1fs)", kind, target, message if ok else f"FAILED: {message}", seconds
+    )
     return HookResult(kind=kind, target=target, ok=ok, seconds=seconds, message=message)
 
 
@@ -96,9 +97,12 @@ def run_hooks(hooks: Sequence[ReconnectHook], event: ReconnectEvent) -> list[Hoo
 
 def _run_command(argv: list[str], event: ReconnectEvent, timeout: float) -> str:
     env = {
-        "GRAVL_DR_EVENT": event.event, "GRAVL_DR_CLUSTER": event.cluster,
-        "GRAVL_DR_NEW_PRIMARY": event.new_primary, "GRAVL_DR_OLD_PRIMARY": event.old_primary,
-        "GRAVL_DR_NEW_HOST": event.host, "GRAVL_DR_DNS_RECORD": event.dns_record or "",
+        "GRAVL_DR_EVENT": event.event,
+        "GRAVL_DR_CLUSTER": event.cluster,
+        "GRAVL_DR_NEW_PRIMARY": event.new_primary,
+        "GRAVL_DR_OLD_PRIMARY": event.old_primary,
+        "GRAVL_DR_NEW_HOST": event.host,
+        "GRAVL_DR_DNS_RECORD": event.dns_record or "",
     }
     proc = run(argv, timeout=timeout, env=env)
     out = proc.stdout.strip().splitlines()
@@ -111,8 +115,9 @@ class HookFailed(PermanentError):
 
 def _call_webhook(url: str, event: ReconnectEvent, timeout: float) -> str:
     body = json.dumps({**event.model_dump(), "at": datetime.now(UTC).isoformat()}).encode()
-    req = urllib.request.Request(url, data=body, method="POST", headers={
-        "Content-Type": "application/json", "User-Agent": "gravl-dr"})
+    req = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json", "User-Agent": "gravl-dr"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return f"HTTP {resp.status}"
@@ -128,7 +133,8 @@ def _k8s_apps_api(spec: KubernetesHook) -> Any:
 
     if spec.kubeconfig or not os.environ.get("KUBERNETES_SERVICE_HOST"):
         api_client = config.new_client_from_config(  # type: ignore[no-untyped-call]
-            config_file=spec.kubeconfig, context=spec.context)
+            config_file=spec.kubeconfig, context=spec.context
+        )
     else:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
         api_client = client.ApiClient()
@@ -146,14 +152,18 @@ def rollout_restart(spec: KubernetesHook, timeout: float) -> str:
     patched: dict[str, int] = {}
     for name in spec.deployments:
         try:
-            dep = api.patch_namespaced_deployment(name, spec.namespace, body,
-                                                  _request_timeout=max(1.0, deadline - time.monotonic()))
+            dep = api.patch_namespaced_deployment(
+                name, spec.namespace, body, _request_timeout=max(1.0, deadline - time.monotonic())
+            )
         except ApiException as exc:
-            raise HookFailed(f"kubernetes: cannot restart deployment {spec.namespace}/{name}: "
-                             f"HTTP {exc.status} {exc.reason}") from None
+            raise HookFailed(
+                f"kubernetes: cannot restart deployment {spec.namespace}/{name}: "
+                f"HTTP {exc.status} {exc.reason}"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - urllib3 connection errors, whatever their class
-            raise HookFailed(f"kubernetes API unreachable restarting {spec.namespace}/{name}: "
-                             f"{type(exc).__name__}") from None
+            raise HookFailed(
+                f"kubernetes API unreachable restarting {spec.namespace}/{name}: {type(exc).__name__}"
+            ) from None
         patched[name] = int(dep.metadata.generation or 0)
     if not spec.wait:
         return f"restarted {len(patched)} deployment(s) in {spec.namespace}"
@@ -163,20 +173,31 @@ def rollout_restart(spec: KubernetesHook, timeout: float) -> str:
         for name, generation in list(pending.items()):
             try:
                 dep = api.read_namespaced_deployment_status(
-                    name, spec.namespace, _request_timeout=max(1.0, deadline - time.monotonic()))
+                    name, spec.namespace, _request_timeout=max(1.0, deadline - time.monotonic())
+                )
             except ApiException as exc:
-                raise HookFailed(f"kubernetes: cannot read {spec.namespace}/{name}: HTTP {exc.status}") from None
+                raise HookFailed(
+                    f"kubernetes: cannot read {spec.namespace}/{name}: HTTP {exc.status}"
+                ) from None
             st, want = dep.status, dep.spec.replicas if dep.spec.replicas is not None else 1
             # The rollout is done when the controller saw our generation and every replica is
             # updated and available (kubectl rollout status's condition, deployment_util.go).
-            if (st.observed_generation or 0) >= generation and (st.updated_replicas or 0) >= want \
-                    and (st.available_replicas or 0) >= want and (st.replicas or 0) <= want:
+            if (
+                (st.observed_generation or 0) >= generation
+                and (st.updated_replicas or 0) >= want
+                and (st.available_replicas or 0) >= want
+                and (st.replicas or 0) <= want
+            ):
                 del pending[name]
         if pending:
             if time.monotonic() > deadline:
-                raise HookFailed(f"kubernetes: rollout of {', '.join(sorted(pending))} in {spec.namespace} "
-                                 f"not finished after {timeout:.0f}s")
-            progress.tick(f"{len(patched) - len(pending)} of {len(patched)} rolled out, waiting for "
-                          f"{', '.join(sorted(pending))}")
+                raise HookFailed(
+                    f"kubernetes: rollout of {', '.join(sorted(pending))} in {spec.namespace} "
+                    f"not finished after {timeout:.0f}s"
+                )
+            progress.tick(
+                f"{len(patched) - len(pending)} of {len(patched)} rolled out, waiting for "
+                f"{', '.join(sorted(pending))}"
+            )
             time.sleep(0.5 if progress.elapsed() < 10 else 2.0)
     return f"restarted {len(patched)} deployment(s) in {spec.namespace}; rollout finished"

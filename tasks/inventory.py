@@ -21,12 +21,13 @@ from tasks.postgres import connection, with_dbname
 log = logging.getLogger(__name__)
 
 
-def guarded_dsn(dsn: str, lock_timeout: float, statement_timeout: float, *, check_client: bool = False) -> str:
+def guarded_dsn(
+    dsn: str, lock_timeout: float, statement_timeout: float, *, check_client: bool = False
+) -> str:
     """``dsn`` with lock_timeout and statement_timeout set for the whole session (libpq
     ``options``, so client programs such as pg_dump get them through PGOPTIONS too)."""
     parts = conninfo.conninfo_to_dict(dsn)
-    extra = (f"-c lock_timeout={int(lock_timeout * 1000)} "
-             f"-c statement_timeout={int(statement_timeout * 1000)}")
+    extra = f"-c lock_timeout={int(lock_timeout * 1000)} -c statement_timeout={int(statement_timeout * 1000)}"
     if check_client:
         extra += " -c client_connection_check_interval=1000"
     old = str(parts.get("options") or "").strip()
@@ -34,6 +35,7 @@ def guarded_dsn(dsn: str, lock_timeout: float, statement_timeout: float, *, chec
 
 
 # ---------------------------------------------------------------- tablespaces and databases
+
 
 def tablespaces(conn: psycopg.Connection[Any]) -> list[TablespaceEntry]:
     rows = conn.execute(
@@ -70,9 +72,20 @@ def databases(conn: psycopg.Connection[Any]) -> list[DatabaseEntry]:
             settings.setdefault(datname, []).append(DatabaseSetting(role=rolname, name=name, value=value))
     return [
         DatabaseEntry(
-            name=r[0], oid=r[1], owner=r[2], encoding=r[3], collate=r[4], ctype=r[5],
-            locale_provider=r[6], icu_locale=r[7], tablespace=r[8], connection_limit=int(r[9]),
-            is_template=bool(r[10]), allow_connections=bool(r[11]), acl=r[12], comment=r[13],
+            name=r[0],
+            oid=r[1],
+            owner=r[2],
+            encoding=r[3],
+            collate=r[4],
+            ctype=r[5],
+            locale_provider=r[6],
+            icu_locale=r[7],
+            tablespace=r[8],
+            connection_limit=int(r[9]),
+            is_template=bool(r[10]),
+            allow_connections=bool(r[11]),
+            acl=r[12],
+            comment=r[13],
             settings=settings.get(r[0], []),
         )
         for r in rows
@@ -94,12 +107,18 @@ def select_databases(found: list[DatabaseEntry], wanted: str | list[str]) -> lis
     else:
         missing = [n for n in wanted if n not in by_name]
         if missing:
-            raise PreconditionFailed(f"backup.databases names database(s) the server does not have: "
-                                     f"{', '.join(missing)}")
+            raise PreconditionFailed(
+                f"backup.databases names database(s) the server does not have: {', '.join(missing)}"
+            )
         chosen = [by_name[n] for n in wanted]
     return [
-        d if d.allow_connections else d.model_copy(update={
-            "skipped": "datallowconn is false: the database accepts no connections, so it cannot be dumped"})
+        d
+        if d.allow_connections
+        else d.model_copy(
+            update={
+                "skipped": "datallowconn is false: the database accepts no connections, so it cannot be dumped"
+            }
+        )
         for d in chosen
     ]
 
@@ -117,11 +136,18 @@ def not_carried_over(dsn: str, dbnames: list[str], *, data_directory: str | None
         if rows:
             unlogged[db] = [r[0] for r in rows]
     with connection(dsn) as conn:
-        slots = [f"{r[0]} ({r[1]})" for r in conn.execute(
-            "SELECT slot_name, slot_type FROM pg_replication_slots WHERE NOT temporary ORDER BY 1")]
-        prepared = [f"{r[0]} (database {r[1]}, owner {r[2]}, prepared {r[3]:%Y-%m-%d %H:%M:%S %Z})"
-                    for r in conn.execute(
-                        "SELECT gid, database, owner, prepared FROM pg_prepared_xacts ORDER BY prepared")]
+        slots = [
+            f"{r[0]} ({r[1]})"
+            for r in conn.execute(
+                "SELECT slot_name, slot_type FROM pg_replication_slots WHERE NOT temporary ORDER BY 1"
+            )
+        ]
+        prepared = [
+            f"{r[0]} (database {r[1]}, owner {r[2]}, prepared {r[3]:%Y-%m-%d %H:%M:%S %Z})"
+            for r in conn.execute(
+                "SELECT gid, database, owner, prepared FROM pg_prepared_xacts ORDER BY prepared"
+            )
+        ]
         outside: list[str] = []
         if data_directory:
             for name in ("config_file", "hba_file", "ident_file"):
@@ -129,11 +155,16 @@ def not_carried_over(dsn: str, dbnames: list[str], *, data_directory: str | None
                 path = str(row[0]) if row and row[0] else ""
                 if path and not path.startswith(data_directory.rstrip("/") + "/"):
                     outside.append(path)
-    return NotCarriedOver(unlogged_tables=unlogged, replication_slots=slots,
-                          prepared_transactions=prepared, config_outside_pgdata=outside)
+    return NotCarriedOver(
+        unlogged_tables=unlogged,
+        replication_slots=slots,
+        prepared_transactions=prepared,
+        config_outside_pgdata=outside,
+    )
 
 
 # ---------------------------------------------------------------- who holds the lock
+
 
 @dataclass(frozen=True)
 class Blocker:
@@ -170,14 +201,20 @@ def lock_blockers(dsn: str) -> list[Blocker]:
     found = []
     with connection(dsn) as conn:
         conn.execute("SET statement_timeout = '10s'")
-        for rel, mode, pid, gid, owner, prepared, user, app, state, xact_start, query in conn.execute(_BLOCKERS):
+        for rel, mode, pid, gid, owner, prepared, user, app, state, xact_start, query in conn.execute(
+            _BLOCKERS
+        ):
             if gid is not None:
-                who = (f"prepared transaction '{gid}' (owner {owner}, prepared "
-                       f"{prepared:%Y-%m-%d %H:%M:%S %Z}; COMMIT PREPARED or ROLLBACK PREPARED it)")
+                who = (
+                    f"prepared transaction '{gid}' (owner {owner}, prepared "
+                    f"{prepared:%Y-%m-%d %H:%M:%S %Z}; COMMIT PREPARED or ROLLBACK PREPARED it)"
+                )
             elif pid is not None:
                 since = f" since {xact_start:%Y-%m-%d %H:%M:%S %Z}" if xact_start else ""
-                who = (f"session pid {pid} (user {user}, application '{app or ''}', {state or 'unknown'}"
-                       f"{since}: {' '.join((query or '').split())})")
+                who = (
+                    f"session pid {pid} (user {user}, application '{app or ''}', {state or 'unknown'}"
+                    f"{since}: {' '.join((query or '').split())})"
+                )
             else:
                 who = "a prepared transaction"
             found.append(Blocker(str(rel), str(mode), who))
@@ -195,11 +232,20 @@ def describe_lock_wait(dsn: str, database: str, what: str) -> str:
         return f"{what} in database {database} gave up waiting for a lock (lock_timeout)"
     first = blockers[0]
     more = f" (and {len(blockers) - 1} more lock(s))" if len(blockers) > 1 else ""
-    return (f"{what} in database {database} gave up waiting for a lock: table {first.relation} is "
-            f"locked {first.mode} by {first.description}{more}")
+    return (
+        f"{what} in database {database} gave up waiting for a lock: table {first.relation} is "
+        f"locked {first.mode} by {first.description}{more}"
+    )
 
 
 __all__ = [
-    "Blocker", "databases", "databases_to_count", "describe_lock_wait", "guarded_dsn", "lock_blockers", "not_carried_over",
-    "select_databases", "tablespaces",
+    "Blocker",
+    "databases",
+    "databases_to_count",
+    "describe_lock_wait",
+    "guarded_dsn",
+    "lock_blockers",
+    "not_carried_over",
+    "select_databases",
+    "tablespaces",
 ]

@@ -11,11 +11,21 @@ from psycopg import ProgrammingError, conninfo
 from tasks.errors import ConfigError
 
 _ENV = {
-    "host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "user": "PGUSER",
-    "dbname": "PGDATABASE", "password": "PGPASSWORD", "sslmode": "PGSSLMODE",
-    "sslrootcert": "PGSSLROOTCERT", "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY",
-    "connect_timeout": "PGCONNECT_TIMEOUT", "passfile": "PGPASSFILE", "options": "PGOPTIONS",
-    "application_name": "PGAPPNAME", "target_session_attrs": "PGTARGETSESSIONATTRS",
+    "host": "PGHOST",
+    "hostaddr": "PGHOSTADDR",
+    "port": "PGPORT",
+    "user": "PGUSER",
+    "dbname": "PGDATABASE",
+    "password": "PGPASSWORD",
+    "sslmode": "PGSSLMODE",
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "connect_timeout": "PGCONNECT_TIMEOUT",
+    "passfile": "PGPASSFILE",
+    "options": "PGOPTIONS",
+    "application_name": "PGAPPNAME",
+    "target_session_attrs": "PGTARGETSESSIONATTRS",
 }
 
 
@@ -43,8 +53,10 @@ def split_password(dsn: str) -> tuple[str, str | None]:
         raise ConfigError("--dsn is not a valid libpq connection string") from None
     password = parts.pop("password", None)
     if parts.get("sslpassword") is not None:
-        raise ConfigError("--dsn carries an sslpassword: gravl-dr takes no secret in a DSN "
-                          "(use an unencrypted client key file readable only by this user)")
+        raise ConfigError(
+            "--dsn carries an sslpassword: gravl-dr takes no secret in a DSN "
+            "(use an unencrypted client key file readable only by this user)"
+        )
     if password is None:
         return dsn, None
     return conninfo.make_conninfo("", **{k: v for k, v in parts.items() if v is not None}), str(password)

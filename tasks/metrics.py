@@ -30,8 +30,7 @@ def push_metrics(
     for name, (value, help_text) in values.items():
         Gauge(name, help_text, registry=registry).set(value)
     try:
-        pushadd_to_gateway(gateway, job=job, registry=registry, grouping_key=dict(grouping),
-                           timeout=timeout)
+        pushadd_to_gateway(gateway, job=job, registry=registry, grouping_key=dict(grouping), timeout=timeout)
     except OSError as exc:
         raise StorageUnavailable(f"cannot push metrics to {gateway}: {exc}") from None
     log.info("pushed %d metric(s) to %s (job=%s %s)", len(values), gateway, job, dict(grouping))

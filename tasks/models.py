@@ -54,7 +54,9 @@ class TablespaceEntry(BaseModel):
 class DatabaseSetting(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    role: str | None = Field(default=None, description="ALTER ROLE ... IN DATABASE when set, else ALTER DATABASE")
+    role: str | None = Field(
+        default=None, description="ALTER ROLE ... IN DATABASE when set, else ALTER DATABASE"
+    )
     name: str
     value: str
 
@@ -79,7 +81,9 @@ class DatabaseEntry(BaseModel):
     acl: str | None = None
     comment: str | None = None
     settings: list[DatabaseSetting] = []
-    object: str | None = Field(default=None, description="key of its pg_dump -Fc archive; None when not dumped")
+    object: str | None = Field(
+        default=None, description="key of its pg_dump -Fc archive; None when not dumped"
+    )
     skipped: str | None = Field(default=None, description="why it was not dumped")
 
 
@@ -93,7 +97,9 @@ class NotCarriedOver(BaseModel):
     replication_slots: list[str] = []
     prepared_transactions: list[str] = Field(default_factory=list, description="gid (database, owner)")
     config_outside_pgdata: list[str] = Field(default_factory=list, description="config files not in PGDATA")
-    backup_notes: list[str] = Field(default_factory=list, description="anything else the backup could not hold")
+    backup_notes: list[str] = Field(
+        default_factory=list, description="anything else the backup could not hold"
+    )
 
 
 class Manifest(BaseModel):
@@ -124,14 +130,21 @@ class Manifest(BaseModel):
     )
     row_counts_exact: bool = False
     row_counts_lsn: str | None = Field(
-        default=None, description="WAL position at which the row counts (and newest timestamps) hold exactly")
+        default=None, description="WAL position at which the row counts (and newest timestamps) hold exactly"
+    )
     row_counts_snapshots: dict[str, str] = Field(
-        default_factory=dict, description="database -> pg_current_snapshot() its counts were read in")
+        default_factory=dict, description="database -> pg_current_snapshot() its counts were read in"
+    )
     newest_timestamps: dict[str, dict[str, str]] = Field(
-        default_factory=dict, description="database -> schema.table -> newest timestamp, epoch seconds (numeric)")
-    unlogged_tables: dict[str, list[str]] = Field(default_factory=dict, description="database -> unlogged tables")
+        default_factory=dict,
+        description="database -> schema.table -> newest timestamp, epoch seconds (numeric)",
+    )
+    unlogged_tables: dict[str, list[str]] = Field(
+        default_factory=dict, description="database -> unlogged tables"
+    )
     not_counted: dict[str, dict[str, str]] = Field(
-        default_factory=dict, description="database -> schema.table (or '*': the whole database) -> why not")
+        default_factory=dict, description="database -> schema.table (or '*': the whole database) -> why not"
+    )
     cluster_databases: list[str] = Field(default_factory=list, description="every database of the cluster")
     data_checksums: bool = False
     tool_version: str = "0.1.0"

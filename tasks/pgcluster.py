@@ -87,8 +87,19 @@ class LocalCluster:
         self.pgdata.mkdir(parents=True, exist_ok=True)
         self.pgdata.chmod(0o700)
         chown_tree(self.pgdata, self.os_user)
-        argv = [self.bin("initdb"), "-D", str(self.pgdata), "-A", "trust", "-U", self.user,
-                "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"]
+        argv = [
+            self.bin("initdb"),
+            "-D",
+            str(self.pgdata),
+            "-A",
+            "trust",
+            "-U",
+            self.user,
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+        ]
         if checksums:
             argv.append("--data-checksums")
         run(argv, timeout=120, os_user=self.os_user)
@@ -124,8 +135,19 @@ class LocalCluster:
         chown_tree(self.logfile, self.os_user)
         try:
             run(
-                [self.bin("pg_ctl"), "-D", str(self.pgdata), "-l", str(self.logfile), "-w",
-                 "-t", str(timeout), "-o", f"-p {self.port} -k ''", "start"],
+                [
+                    self.bin("pg_ctl"),
+                    "-D",
+                    str(self.pgdata),
+                    "-l",
+                    str(self.logfile),
+                    "-w",
+                    "-t",
+                    str(timeout),
+                    "-o",
+                    f"-p {self.port} -k ''",
+                    "start",
+                ],
                 timeout=timeout + 15,
                 os_user=self.os_user,
                 env=env,
@@ -136,14 +158,22 @@ class LocalCluster:
     def stop(self, mode: str = "fast", timeout: int = 60) -> None:
         if not self.is_running():
             return
-        run([self.bin("pg_ctl"), "-D", str(self.pgdata), "-m", mode, "-w", "-t", str(timeout), "stop"],
-            timeout=timeout + 15, os_user=self.os_user, check=False)
+        run(
+            [self.bin("pg_ctl"), "-D", str(self.pgdata), "-m", mode, "-w", "-t", str(timeout), "stop"],
+            timeout=timeout + 15,
+            os_user=self.os_user,
+            check=False,
+        )
 
     def is_running(self) -> bool:
         if not (self.pgdata / "postmaster.pid").exists():
             return False
-        proc = run([self.bin("pg_ctl"), "-D", str(self.pgdata), "status"], timeout=30,
-                   os_user=self.os_user, check=False)
+        proc = run(
+            [self.bin("pg_ctl"), "-D", str(self.pgdata), "status"],
+            timeout=30,
+            os_user=self.os_user,
+            check=False,
+        )
         return proc.returncode == 0
 
     def postmaster_pid(self) -> int | None:
@@ -161,8 +191,9 @@ class LocalCluster:
 
     def wait_ready(self, timeout: float = 60) -> None:
         def ready() -> bool:
-            proc = run([self.bin("pg_isready"), "-h", self.host, "-p", str(self.port)],
-                       timeout=10, check=False)
+            proc = run(
+                [self.bin("pg_isready"), "-h", self.host, "-p", str(self.port)], timeout=10, check=False
+            )
             return proc.returncode == 0
 
         if poll_until(ready, timeout=timeout, interval=0.1):

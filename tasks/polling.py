@@ -26,8 +26,14 @@ class Progress:
     """A wait with a deadline that logs its progress every ``every`` seconds."""
 
     def __init__(
-        self, what: str, timeout: float, logger: logging.Logger, *, every: float = DEFAULT_EVERY,
-        first: float = DEFAULT_FIRST, clock: Callable[[], float] = time.monotonic,
+        self,
+        what: str,
+        timeout: float,
+        logger: logging.Logger,
+        *,
+        every: float = DEFAULT_EVERY,
+        first: float = DEFAULT_FIRST,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.what = what
         self.timeout = timeout
@@ -49,8 +55,10 @@ class Progress:
         return self.left() <= 0
 
     def message(self, status: str) -> str:
-        return (f"waiting for {self.what}: {status}; {self.elapsed():.0f} s so far, gives up at "
-                f"{self.deadline_at:%H:%M:%S} UTC (in {max(0.0, self.left()):.0f} s)")
+        return (
+            f"waiting for {self.what}: {status}; {self.elapsed():.0f} s so far, gives up at "
+            f"{self.deadline_at:%H:%M:%S} UTC (in {max(0.0, self.left()):.0f} s)"
+        )
 
     def tick(self, status: str) -> bool:
         """Log ``status`` if a progress line is due; True when it logged."""
@@ -63,9 +71,14 @@ class Progress:
         return True
 
 
-def poll_until(check: Callable[[], T | None], *, timeout: float, interval: float,
-               clock: Callable[[], float] = time.monotonic,
-               sleep: Callable[[float], None] = time.sleep) -> T | None:
+def poll_until(
+    check: Callable[[], T | None],
+    *,
+    timeout: float,
+    interval: float,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T | None:
     """Call ``check`` every ``interval`` seconds until it returns a true value, which is returned,
     or ``timeout`` seconds have passed: None. ``check`` runs at least once, and once more at the
     deadline; no sleep reaches past the deadline. Callers keep their own evidence (the last LSN

@@ -203,7 +203,9 @@ def observe_primary(dsn: str, timeout: int = 5) -> PrimaryStatus:
                 """
             ).fetchall()
     except (ServerUnreachable, psycopg.Error) as exc:
-        return PrimaryStatus(up=False, error=str(exc).strip().splitlines()[0] if str(exc).strip() else "error")
+        return PrimaryStatus(
+            up=False, error=str(exc).strip().splitlines()[0] if str(exc).strip() else "error"
+        )
     return PrimaryStatus(
         up=True,
         in_recovery=bool(rec[0]) if rec else False,

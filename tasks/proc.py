@@ -20,8 +20,20 @@ log = logging.getLogger(__name__)
 
 # Variables a child may inherit; everything else is dropped unless passed explicitly.
 _PASS_ENV = (
-    "PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME",
-    "PGPASSFILE", "PGPASSWORD", "PGSSLMODE", "PGSSLROOTCERT", "PGCONNECT_TIMEOUT",
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "USER",
+    "LOGNAME",
+    "PGPASSFILE",
+    "PGPASSWORD",
+    "PGSSLMODE",
+    "PGSSLROOTCERT",
+    "PGCONNECT_TIMEOUT",
 )
 
 
@@ -140,16 +152,22 @@ def pg_bin(name: str, configured: str = "auto") -> str:
     return str(pg_bindir(configured) / name)
 
 
-def spawn_detached(argv: Sequence[str], *, log: Path, env: Mapping[str, str] | None = None,
-                   os_user: str | None = None) -> int:
+def spawn_detached(
+    argv: Sequence[str], *, log: Path, env: Mapping[str, str] | None = None, os_user: str | None = None
+) -> int:
     """Start a background helper that outlives us (its own session), output appended to ``log``;
     returns its pid (of runuser when we switch users)."""
     full = as_user(argv, os_user)
     with open(log, "ab") as out:
         try:
-            proc = subprocess.Popen(full, env=child_env(env), stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=out, start_new_session=True)
+            proc = subprocess.Popen(
+                full,
+                env=child_env(env),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
         except FileNotFoundError as exc:
             raise PreconditionFailed(f"program not found: {argv[0]}") from exc
     return proc.pid
-

@@ -82,12 +82,17 @@ class RecoveryTarget(BaseModel):
 
     @classmethod
     def from_options(
-        cls, *, time: str | None = None, lsn: str | None = None, name: str | None = None,
+        cls,
+        *,
+        time: str | None = None,
+        lsn: str | None = None,
+        name: str | None = None,
         xid: str | None = None,
     ) -> RecoveryTarget:
         """At most one of the CLI's --target-* options; none means the end of the archive."""
-        given = {k: v for k, v in (("time", time), ("lsn", lsn), ("name", name), ("xid", xid))
-                 if v is not None}
+        given = {
+            k: v for k, v in (("time", time), ("lsn", lsn), ("name", name), ("xid", xid)) if v is not None
+        }
         if len(given) > 1:
             raise ConfigError("give at most one of --target-time, --target-lsn, --target-name, --target-xid")
         if not given:
@@ -133,6 +138,7 @@ class RecoveryOutcome(BaseModel):
 
 
 # ---------------------------------------------------------------- writing the settings
+
 
 def gravl_dr_executable() -> str:
     """The absolute path of this installation's ``gravl-dr`` (the venv's, else the one on PATH)."""
@@ -203,8 +209,14 @@ def repository_env(cfg: Config) -> dict[str, str]:
     return env
 
 
-def recovery_settings(target: RecoveryTarget, config_path: str, *, keep_archiving: bool = False,
-                      action: Literal["promote", "pause"] = "promote", inclusive: bool = True) -> dict[str, str]:
+def recovery_settings(
+    target: RecoveryTarget,
+    config_path: str,
+    *,
+    keep_archiving: bool = False,
+    action: Literal["promote", "pause"] = "promote",
+    inclusive: bool = True,
+) -> dict[str, str]:
     """The postgresql.auto.conf lines for a target (values already quoted). With ``action``
     pause the server stays in recovery at the target, readable (hot standby), until restarted
     with another target or promoted."""
@@ -241,8 +253,14 @@ def recovery_settings(target: RecoveryTarget, config_path: str, *, keep_archivin
 
 
 def write_recovery_settings(
-    pgdata: Path, *, config_path: str, target: RecoveryTarget, os_user: str,
-    keep_archiving: bool = False, action: Literal["promote", "pause"] = "promote", inclusive: bool = True,
+    pgdata: Path,
+    *,
+    config_path: str,
+    target: RecoveryTarget,
+    os_user: str,
+    keep_archiving: bool = False,
+    action: Literal["promote", "pause"] = "promote",
+    inclusive: bool = True,
 ) -> None:
     """Write recovery.signal and the recovery settings into pgdata/postgresql.auto.conf.
 
@@ -254,8 +272,12 @@ def write_recovery_settings(
     text = auto.read_text() if auto.exists() else ""
     text = _strip_block(text)
     lines = [MARK_BEGIN]
-    lines += [f"{k} = {v}" for k, v in recovery_settings(target, config_path, keep_archiving=keep_archiving,
-                                                          action=action, inclusive=inclusive).items()]
+    lines += [
+        f"{k} = {v}"
+        for k, v in recovery_settings(
+            target, config_path, keep_archiving=keep_archiving, action=action, inclusive=inclusive
+        ).items()
+    ]
     lines.append(MARK_END)
     if text and not text.endswith("\n"):
         text += "\n"
@@ -338,14 +360,18 @@ def explain_failed_recovery(log_text: str, target: RecoveryTarget) -> str | None
     rec = read_recovery_log(log_text)
     if rec.fatal is None:
         return None
-    reached = (f"replay reached {rec.redo_done_lsn or 'an unknown LSN'}, the last transaction "
-               f"committed at {rec.last_xact_time.isoformat() if rec.last_xact_time else 'an unknown time'}")
+    reached = (
+        f"replay reached {rec.redo_done_lsn or 'an unknown LSN'}, the last transaction "
+        f"committed at {rec.last_xact_time.isoformat() if rec.last_xact_time else 'an unknown time'}"
+    )
     if "before configured recovery target was reached" in rec.fatal:
         # PostgreSQL ran out of archived WAL before the target: either the target lies beyond
         # the archive, or a segment on the way is missing (a gap that wal-check names).
-        return (f"{target.describe()} is past the end of the WAL archive ({reached}; server: "
-                f"{rec.fatal}): run `gravl-dr wal-check` for a gap, choose an earlier target, "
-                "or restore to the end of the archive")
+        return (
+            f"{target.describe()} is past the end of the WAL archive ({reached}; server: "
+            f"{rec.fatal}): run `gravl-dr wal-check` for a gap, choose an earlier target, "
+            "or restore to the end of the archive"
+        )
     if "restore_command" in rec.fatal or "could not restore file" in rec.fatal:
         return f"recovery stopped: fetching WAL failed ({rec.fatal}); {reached}"
     return f"recovery stopped: {rec.fatal}"
@@ -407,9 +433,12 @@ def wait_for_recovery(cluster: LocalCluster, target: RecoveryTarget, timeout: fl
                 tli = int(row[2][:8], 16)
                 lsn_now = row[3]
                 break
-            status = (f"replayed up to {row[3] or '-'}"
-                      f", last transaction at {row[1].astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC" if row[1] else
-                      f"replayed up to {row[3] or '-'}")
+            status = (
+                f"replayed up to {row[3] or '-'}"
+                f", last transaction at {row[1].astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+                if row[1]
+                else f"replayed up to {row[3] or '-'}"
+            )
         except Exception as exc:  # noqa: BLE001 - the server may not accept connections yet
             if time.monotonic() > deadline:
                 raise PreconditionFailed(
@@ -429,8 +458,11 @@ def wait_for_recovery(cluster: LocalCluster, target: RecoveryTarget, timeout: fl
     if last_xact is not None:
         last_xact = last_xact.astimezone(UTC)
     return RecoveryOutcome(
-        promoted=promoted, timeline=tli, reached_lsn=reached,
-        last_xact_time=last_xact or rec.last_xact_time, stop_message=rec.stop_message,
+        promoted=promoted,
+        timeline=tli,
+        reached_lsn=reached,
+        last_xact_time=last_xact or rec.last_xact_time,
+        stop_message=rec.stop_message,
         target_reached=rec.stop_message is not None or target.kind == "end",
         seconds=time.monotonic() - t0,
     )
@@ -446,10 +478,14 @@ def stop_after_failed_recovery(cluster: LocalCluster) -> str:
     if cluster.is_running():
         cluster.stop(mode="immediate", timeout=30)
     if cluster.is_running():
-        return (f"the restored server could NOT be stopped: stop it by hand "
-                f"(pg_ctl -D {cluster.pgdata} stop) before anyone writes to it")
-    return ("the restored server was stopped (do not start it: it holds the database as of the "
-            "point where recovery stopped)")
+        return (
+            f"the restored server could NOT be stopped: stop it by hand "
+            f"(pg_ctl -D {cluster.pgdata} stop) before anyone writes to it"
+        )
+    return (
+        "the restored server was stopped (do not start it: it holds the database as of the "
+        "point where recovery stopped)"
+    )
 
 
 def wait_for_pause(cluster: LocalCluster, target: RecoveryTarget, timeout: float) -> str:
@@ -473,16 +509,22 @@ def wait_for_pause(cluster: LocalCluster, target: RecoveryTarget, timeout: float
                 " pg_get_wal_replay_pause_state() END, pg_last_wal_replay_lsn()::text"
             ).fetchone()
         if row is not None and not row[0]:
-            raise PreconditionFailed(f"restored server ended recovery instead of pausing at {target.describe()}")
+            raise PreconditionFailed(
+                f"restored server ended recovery instead of pausing at {target.describe()}"
+            )
         if row is not None and row[1] == "paused":
             stop = read_recovery_log(_read(cluster.logfile)).stop_message
             if stop is None:
-                raise PreconditionFailed(f"recovery paused before reaching {target.describe()}: "
-                                         f"{cluster.log_tail(3) or 'no message'}")
+                raise PreconditionFailed(
+                    f"recovery paused before reaching {target.describe()}: "
+                    f"{cluster.log_tail(3) or 'no message'}"
+                )
             return str(row[2])
         if time.monotonic() > deadline:
-            raise PreconditionFailed(f"recovery did not reach {target.describe()} within {timeout:.0f}s; "
-                                     f"server log: {cluster.log_tail(3)}")
+            raise PreconditionFailed(
+                f"recovery did not reach {target.describe()} within {timeout:.0f}s; "
+                f"server log: {cluster.log_tail(3)}"
+            )
         progress.tick(f"replayed up to {row[2] or '-'}" if row is not None else "server starting")
         time.sleep(0.2 if progress.elapsed() < 10 else 1.0)
 
@@ -495,6 +537,7 @@ def _read(path: Path) -> str:
 
 
 # ---------------------------------------------------------------- choosing and judging
+
 
 def choose_backup(manifests: list[Manifest], target: RecoveryTarget, now: datetime | None = None) -> Manifest:
     """'latest' for a target: the newest physical backup that ended before it (manifests oldest
@@ -542,7 +585,10 @@ def check_target_for_backup(manifest: Manifest, target: RecoveryTarget, now: dat
 
 
 def check_outcome(
-    target: RecoveryTarget, outcome: RecoveryOutcome, *, archive_end_lsn: int | None,
+    target: RecoveryTarget,
+    outcome: RecoveryOutcome,
+    *,
+    archive_end_lsn: int | None,
     backup_stop_lsn: str | None,
 ) -> None:
     """Fail unless the server's own record shows recovery reached what was asked."""
@@ -591,8 +637,22 @@ def start_prefetcher(pgdata: Path, config_path: str, os_user: str, env: dict[str
     log_path.touch(exist_ok=True)
     chown_tree(log_path, os_user)
     try:
-        spawn_detached([python, "-P", "-m", "flows.cli", "--config", str(Path(config_path).absolute()), "-v",
-                        "wal-fetch-daemon", str(pg_wal)], log=log_path, env=env, os_user=os_user)
+        spawn_detached(
+            [
+                python,
+                "-P",
+                "-m",
+                "flows.cli",
+                "--config",
+                str(Path(config_path).absolute()),
+                "-v",
+                "wal-fetch-daemon",
+                str(pg_wal),
+            ],
+            log=log_path,
+            env=env,
+            os_user=os_user,
+        )
     except (OSError, PreconditionFailed) as exc:  # wal-fetch starts it itself then
         log.warning("could not start the WAL prefetcher early: %s", exc)
 
@@ -608,8 +668,11 @@ def check_server_can_read(config_file: str, cfg: Config, os_user: str) -> None:
     python = _interpreter(program)
     # what restore_command runs: the fast path's script and the modules of the full wal-fetch
     # (importing them, not building every command's parser: that costs a second of the RTO)
-    probe = ([python, "-P", "-c", "import flows.cli_wal, tasks.wal, tasks.walserve"] if python
-             else [program, "--help"])
+    probe = (
+        [python, "-P", "-c", "import flows.cli_wal, tasks.wal, tasks.walserve"]
+        if python
+        else [program, "--help"]
+    )
     probe_run = run(probe, timeout=60, os_user=os_user, check=False)
     if probe_run.returncode != 0:
         raise PreconditionFailed(

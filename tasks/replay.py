@@ -39,8 +39,10 @@ def archive_view(names: Iterable[str], manifest: Manifest) -> ArchiveView:
         if wal.kind != "segment" or wal.segno is None or wal.timeline < manifest.timeline:
             continue
         newest[wal.timeline] = max(newest.get(wal.timeline, 0), wal.segno)
-        if stop_wal is None or wal.timeline > manifest.timeline or (
-            stop_wal.segno is not None and wal.segno >= stop_wal.segno
+        if (
+            stop_wal is None
+            or wal.timeline > manifest.timeline
+            or (stop_wal.segno is not None and wal.segno >= stop_wal.segno)
         ):
             after = True
     return ArchiveView(
@@ -71,7 +73,9 @@ def past_backup(manifest: Manifest, reached_lsn: str | None) -> bool:
     return reached > wal_segno(manifest.stop_wal, manifest.wal_segment_size)[1]
 
 
-def recovered_to(manifest: Manifest, target: RecoveryTarget, outcome: RecoveryOutcome, past: bool) -> datetime:
+def recovered_to(
+    manifest: Manifest, target: RecoveryTarget, outcome: RecoveryOutcome, past: bool
+) -> datetime:
     """The point in time the restored data stands for: the target time, else the last replayed
     commit when replay went past the backup, else the backup's end."""
     if target.kind == "time" and target.time is not None:

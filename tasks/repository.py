@@ -227,7 +227,6 @@ class FileRepository:
                             removed += 1
         return removed
 
-
     def find_incomplete(self, older_than: float) -> list[Incomplete]:
         """Temporary files (a writer killed before linking its file into place) not modified
         for ``older_than`` seconds."""
@@ -245,8 +244,11 @@ class FileRepository:
                 except FileNotFoundError:
                     continue
                 if now - st.st_mtime >= older_than:
-                    found.append(Incomplete(str(path.relative_to(self.root)), "temporary file",
-                                            st.st_size, now - st.st_mtime))
+                    found.append(
+                        Incomplete(
+                            str(path.relative_to(self.root)), "temporary file", st.st_size, now - st.st_mtime
+                        )
+                    )
         return sorted(found, key=lambda i: i.key)
 
     def remove_incomplete(self, item: Incomplete) -> None:
@@ -385,9 +387,9 @@ class S3Repository:
                 raise self._wrap(exc, f"put {key}") from None
             return PutResult(key, size, digest.hexdigest())
         try:
-            upload_id = self.client.create_multipart_upload(
-                Bucket=self.bucket, Key=full, **self._extra()
-            )["UploadId"]
+            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full, **self._extra())[
+                "UploadId"
+            ]
         except Exception as exc:
             raise self._wrap(exc, f"put {key}") from None
         parts: dict[int, str] = {}
@@ -438,9 +440,7 @@ class S3Repository:
                 Bucket=self.bucket,
                 Key=full,
                 UploadId=upload_id,
-                MultipartUpload={
-                    "Parts": [{"ETag": parts[n], "PartNumber": n} for n in sorted(parts)]
-                },
+                MultipartUpload={"Parts": [{"ETag": parts[n], "PartNumber": n} for n in sorted(parts)]},
                 IfNoneMatch="*",
             )
         except BaseException as exc:
@@ -498,15 +498,13 @@ class S3Repository:
 
     def size(self, key: str) -> int:
         try:
-            return int(
-                self.client.head_object(Bucket=self.bucket, Key=self._full(key))["ContentLength"]
-            )
+            return int(self.client.head_object(Bucket=self.bucket, Key=self._full(key))["ContentLength"])
         except Exception as exc:
             raise self._wrap(exc, f"object {key}") from None
 
     def list_keys(self, prefix: str) -> list[str]:
-        full_prefix = self._full(prefix.rstrip("/")) + "/" if prefix else (
-            f"{self.prefix}/" if self.prefix else ""
+        full_prefix = (
+            self._full(prefix.rstrip("/")) + "/" if prefix else (f"{self.prefix}/" if self.prefix else "")
         )
         keys: list[str] = []
         try:
@@ -563,11 +561,13 @@ class S3Repository:
                         continue
                     size = 0
                     parts = self.client.get_paginator("list_parts").paginate(
-                        Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                        Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"]
+                    )
                     for page in parts:
                         size += sum(int(p["Size"]) for p in page.get("Parts", []))
-                    found.append(Incomplete(self._rel(up["Key"]), "multipart upload", size, age,
-                                            up["UploadId"]))
+                    found.append(
+                        Incomplete(self._rel(up["Key"]), "multipart upload", size, age, up["UploadId"])
+                    )
                 if not resp.get("IsTruncated"):
                     break
                 kwargs["KeyMarker"] = resp.get("NextKeyMarker")
@@ -580,8 +580,9 @@ class S3Repository:
         if item.upload_id is None:
             raise PreconditionFailed(f"{item.key} is not a multipart upload; not removed")
         try:
-            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._full(item.key),
-                                               UploadId=item.upload_id)
+            self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=self._full(item.key), UploadId=item.upload_id
+            )
         except Exception as exc:
             err = self._wrap(exc, f"abort upload of {item.key}")
             if not isinstance(err, NotFound):

@@ -56,8 +56,11 @@ class RestoreResult:
     skipped: tuple[str, ...] = ()  # what a lenient restore could not restore (roles the dump lacks)
 
 
-_PG_RESTORE_ERROR = re.compile(r"pg_restore: error: could not execute query: ERROR:\s+(.*?)\n"
-                               r"(?:Command was: (.*?)(?:\n\n|\npg_restore|\Z))?", re.S)
+_PG_RESTORE_ERROR = re.compile(
+    r"pg_restore: error: could not execute query: ERROR:\s+(.*?)\n"
+    r"(?:Command was: (.*?)(?:\n\n|\npg_restore|\Z))?",
+    re.S,
+)
 _MISSING_ROLE = re.compile(r'role "[^"]+" does not exist')
 
 
@@ -69,7 +72,9 @@ def missing_role_errors(stderr: str) -> tuple[list[str], list[str]]:
     for m in _PG_RESTORE_ERROR.finditer(stderr):
         message = m.group(1).strip().splitlines()[0]
         command = " ".join((m.group(2) or "").split())[:200]
-        (roles if _MISSING_ROLE.search(message) else other).append(f"{message}: {command}" if command else message)
+        (roles if _MISSING_ROLE.search(message) else other).append(
+            f"{message}: {command}" if command else message
+        )
     return roles, other
 
 
@@ -92,9 +97,7 @@ def _object_stream(
     pins every byte the deterministic decoder sees; `gravl-dr verify` checks the raw hash)."""
     obj = manifest.objects[index]
     what = f"backup {manifest.id} object {obj.key}"
-    stored = verified(
-        repo.iter_object(f"backups/{manifest.id}/{obj.key}"), obj.sha256, obj.size, what
-    )
+    stored = verified(repo.iter_object(f"backups/{manifest.id}/{obj.key}"), obj.sha256, obj.size, what)
     raw = decode(stored, manifest.codec, key, manifest.encryption != "none", what)
     if not raw_hash:
         return sized(raw, obj.raw_size, f"{what} (decoded)")
@@ -133,21 +136,31 @@ def restore_notes(manifest: Manifest) -> list[str]:
     physical = manifest.kind == "physical"
     if physical and nco.unlogged_tables:
         tables = "; ".join(f"{db}: {', '.join(t)}" for db, t in sorted(nco.unlogged_tables.items()))
-        notes.append(f"unlogged tables come back EMPTY (PostgreSQL resets them at the end of recovery): {tables}")
+        notes.append(
+            f"unlogged tables come back EMPTY (PostgreSQL resets them at the end of recovery): {tables}"
+        )
     if nco.replication_slots:
-        notes.append("replication slots are not restored (a backup never carries them); recreate them "
-                     f"for the consumers that need them: {', '.join(nco.replication_slots)}")
+        notes.append(
+            "replication slots are not restored (a backup never carries them); recreate them "
+            f"for the consumers that need them: {', '.join(nco.replication_slots)}"
+        )
     if nco.prepared_transactions:
         if physical:
-            notes.append("prepared transactions were carried over and HOLD THEIR LOCKS until someone runs "
-                         "COMMIT PREPARED or ROLLBACK PREPARED: " + "; ".join(nco.prepared_transactions))
+            notes.append(
+                "prepared transactions were carried over and HOLD THEIR LOCKS until someone runs "
+                "COMMIT PREPARED or ROLLBACK PREPARED: " + "; ".join(nco.prepared_transactions)
+            )
         else:
-            notes.append("prepared transactions at backup time were not carried over (a dump holds committed "
-                         "data only): " + "; ".join(nco.prepared_transactions))
+            notes.append(
+                "prepared transactions at backup time were not carried over (a dump holds committed "
+                "data only): " + "; ".join(nco.prepared_transactions)
+            )
     if physical and nco.config_outside_pgdata:
-        notes.append("configuration files lived outside PGDATA at backup time ("
-                     f"{', '.join(nco.config_outside_pgdata)}): the restored server uses the copies "
-                     "written into its data directory")
+        notes.append(
+            "configuration files lived outside PGDATA at backup time ("
+            f"{', '.join(nco.config_outside_pgdata)}): the restored server uses the copies "
+            "written into its data directory"
+        )
     for db in manifest.databases:
         if db.skipped:
             notes.append(f"database {db.name} is NOT in this backup: {db.skipped}")
@@ -184,14 +197,23 @@ def tablespace_targets(manifest: Manifest, mapping: dict[str, str]) -> dict[str,
     return targets
 
 
-def _extract(repo: Repository, manifest: Manifest, key: bytes | None, index: int, dest: Path,
-             *, hold_control: bool = False) -> int:
+def _extract(
+    repo: Repository,
+    manifest: Manifest,
+    key: bytes | None,
+    index: int,
+    dest: Path,
+    *,
+    hold_control: bool = False,
+) -> int:
     """Stream one tar object into ``dest``, verified as it streams (tar runs as ourselves; the
     caller chowns). ``hold_control``: extract global/pg_control under UNVERIFIED_CONTROL."""
     hold = [f"--transform=s,^\\(\\./\\)\\?global/pg_control$,{UNVERIFIED_CONTROL},"] if hold_control else []
     tar = subprocess.Popen(
         ["tar", "-x", "-f", "-", "-C", str(dest), "--no-same-owner", "--no-same-permissions", *hold],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         env=child_env(),
     )
     # The stored SHA-256 pins every byte the deterministic decoder sees: hashing the
@@ -239,7 +261,10 @@ def _pipe_into(
 
 
 def restore_physical(
-    cfg: Config, repo: Repository, manifest: Manifest, pgdata: Path,
+    cfg: Config,
+    repo: Repository,
+    manifest: Manifest,
+    pgdata: Path,
     tablespace_map: dict[str, str] | None = None,
 ) -> RestoreResult:
     """Extract a physical backup into an empty ``pgdata`` owned by postgres.os_user, and each
@@ -306,8 +331,16 @@ def restore_physical(
 
 # Settings in a copied postgresql.conf that point at the source's own files and directories
 # (Debian: data_directory and hba_file under /var/lib and /etc/postgresql; conf.d includes).
-_SOURCE_PATHS = ("data_directory", "hba_file", "ident_file", "external_pid_file", "include_dir",
-                 "include", "include_if_exists", "config_file")
+_SOURCE_PATHS = (
+    "data_directory",
+    "hba_file",
+    "ident_file",
+    "external_pid_file",
+    "include_dir",
+    "include",
+    "include_if_exists",
+    "config_file",
+)
 
 
 def adapt_config(pgdata: Path) -> None:
@@ -317,7 +350,11 @@ def adapt_config(pgdata: Path) -> None:
     conf = pgdata / "postgresql.conf"
     out = []
     for line in conf.read_text().splitlines():
-        name = line.strip().split("=", 1)[0].split()[0] if line.strip() and not line.lstrip().startswith("#") else ""
+        name = (
+            line.strip().split("=", 1)[0].split()[0]
+            if line.strip() and not line.lstrip().startswith("#")
+            else ""
+        )
         if name in _SOURCE_PATHS:
             out.append(f"# {line}  # commented out by gravl-dr restore: a path of the source")
         else:
@@ -330,10 +367,12 @@ def write_minimal_config(pgdata: Path) -> None:
     be read): write what a server needs to start, local connections only."""
     (pgdata / "postgresql.conf").write_text(
         "# written by gravl-dr restore: the source's configuration was not in the backup\n"
-        "listen_addresses = 'localhost'\n")
+        "listen_addresses = 'localhost'\n"
+    )
     (pgdata / "pg_hba.conf").write_text(
         "# written by gravl-dr restore\nlocal all all peer\nhost all all 127.0.0.1/32 scram-sha-256\n"
-        "host all all ::1/128 scram-sha-256\n")
+        "host all all ::1/128 scram-sha-256\n"
+    )
     (pgdata / "pg_ident.conf").write_text("# written by gravl-dr restore\n")
 
 
@@ -385,8 +424,10 @@ def _database_object(manifest: Manifest, database: str | None) -> tuple[int, str
     name = database or manifest.database
     entry = next((d for d in manifest.databases if d.name == name), None)
     if entry is None:
-        raise PreconditionFailed(f"backup {manifest.id} holds no database {name!r} (it has: "
-                                 f"{', '.join(d.name for d in manifest.databases)})")
+        raise PreconditionFailed(
+            f"backup {manifest.id} holds no database {name!r} (it has: "
+            f"{', '.join(d.name for d in manifest.databases)})"
+        )
     if entry.object is None:
         raise PreconditionFailed(f"backup {manifest.id} did not dump database {name}: {entry.skipped}")
     keys = [o.key for o in manifest.objects]
@@ -396,8 +437,15 @@ def _database_object(manifest: Manifest, database: str | None) -> tuple[int, str
 
 
 def restore_logical(
-    cfg: Config, repo: Repository, manifest: Manifest, dsn: str, jobs: int = 2,
-    *, no_owner: bool = False, database: str | None = None, skip_missing_roles: bool = False,
+    cfg: Config,
+    repo: Repository,
+    manifest: Manifest,
+    dsn: str,
+    jobs: int = 2,
+    *,
+    no_owner: bool = False,
+    database: str | None = None,
+    skip_missing_roles: bool = False,
 ) -> RestoreResult:
     """One database of a logical backup into an existing, empty database (``dsn``): decoded and
     verified into a temporary file, then pg_restore -j. ``no_owner``: objects belong to the
@@ -416,25 +464,45 @@ def restore_logical(
             # A drill restores into a fresh instance without the source's roles: statements that
             # need one (policies TO role, user mappings) fail; they are reported, not hidden.
             proc = run(
-                [pg_bin("pg_restore", cfg.postgres.bindir), "-j", str(max(1, jobs)), "--no-password",
-                 "--no-owner", "--no-privileges", "--no-tablespaces",
-                 "-d", client_env(dsn).get("PGDATABASE", "postgres"), str(tmp)],
-                timeout=24 * 3600, env=restore_env(dsn, superuser=server_info(dsn).is_superuser), check=False,
+                [
+                    pg_bin("pg_restore", cfg.postgres.bindir),
+                    "-j",
+                    str(max(1, jobs)),
+                    "--no-password",
+                    "--no-owner",
+                    "--no-privileges",
+                    "--no-tablespaces",
+                    "-d",
+                    client_env(dsn).get("PGDATABASE", "postgres"),
+                    str(tmp),
+                ],
+                timeout=24 * 3600,
+                env=restore_env(dsn, superuser=server_info(dsn).is_superuser),
+                check=False,
             )
             roles, other = missing_role_errors(proc.stderr)
             if proc.returncode != 0 and (other or not roles):
                 detail = other[0] if other else tail(proc.stderr)
                 raise command_error(f"pg_restore into {safe_dsn(dsn)} failed: {detail}")
             raw = sum(o.raw_size for o in manifest.objects)
-            return RestoreResult(manifest.id, safe_dsn(dsn), raw, time.monotonic() - t0, verify_seconds,
-                                 skipped=tuple(roles))
+            return RestoreResult(
+                manifest.id, safe_dsn(dsn), raw, time.monotonic() - t0, verify_seconds, skipped=tuple(roles)
+            )
         try:
             run(
-                [pg_bin("pg_restore", cfg.postgres.bindir), "-j", str(max(1, jobs)),
-                 "--exit-on-error", "--no-password",
-                 *(["--no-owner", "--no-privileges"] if no_owner else []),
-                 "-d", client_env(dsn).get("PGDATABASE", "postgres"), str(tmp)],
-                timeout=24 * 3600, env=restore_env(dsn, superuser=server_info(dsn).is_superuser),
+                [
+                    pg_bin("pg_restore", cfg.postgres.bindir),
+                    "-j",
+                    str(max(1, jobs)),
+                    "--exit-on-error",
+                    "--no-password",
+                    *(["--no-owner", "--no-privileges"] if no_owner else []),
+                    "-d",
+                    client_env(dsn).get("PGDATABASE", "postgres"),
+                    str(tmp),
+                ],
+                timeout=24 * 3600,
+                env=restore_env(dsn, superuser=server_info(dsn).is_superuser),
             )
         except CommandFailed as exc:
             raise type(exc)(f"pg_restore into {safe_dsn(dsn)} failed: {exc}") from None
@@ -459,13 +527,15 @@ class ClusterRestoreResult:
 _CREATE_TABLESPACE = re.compile(r"^(CREATE TABLESPACE .* LOCATION )'((?:[^']|'')*)';$")
 
 
-def _map_globals_line(line: str, mapping: dict[str, str], existing_roles: frozenset[str] = frozenset()) -> str:
+def _map_globals_line(
+    line: str, mapping: dict[str, str], existing_roles: frozenset[str] = frozenset()
+) -> str:
     """pg_dumpall writes ``CREATE TABLESPACE name OWNER role LOCATION '/path';`` on one line:
     point it at the relocated directory. ``CREATE ROLE x;`` of a role the target already has
     (its bootstrap superuser) is dropped: the ALTER ROLE that follows gives it the source's
     attributes and password."""
     if line.startswith("CREATE ROLE ") and line.rstrip().endswith(";"):
-        name = line.rstrip()[len("CREATE ROLE "):-1]
+        name = line.rstrip()[len("CREATE ROLE ") : -1]
         if name.startswith('"') and name.endswith('"'):
             name = name[1:-1].replace('""', '"')
         if name in existing_roles:
@@ -478,8 +548,9 @@ def _map_globals_line(line: str, mapping: dict[str, str], existing_roles: frozen
     return f"{match.group(1)}'{new.replace(chr(39), chr(39) * 2)}';\n"
 
 
-def _globals_lines(chunks: Iterator[bytes], mapping: dict[str, str],
-                   existing_roles: frozenset[str]) -> Iterator[bytes]:
+def _globals_lines(
+    chunks: Iterator[bytes], mapping: dict[str, str], existing_roles: frozenset[str]
+) -> Iterator[bytes]:
     rest = b""
     for chunk in chunks:
         rest += chunk
@@ -499,8 +570,11 @@ def check_fresh_cluster(dsn: str, manifest: Manifest) -> frozenset[str]:
     with connection(dsn) as conn:
         existing = {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
         roles = {r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname !~ '^pg_'")}
-    clash = sorted(d.name for d in manifest.databases
-                   if d.object and d.name in existing and d.name not in ("postgres", "template1"))
+    clash = sorted(
+        d.name
+        for d in manifest.databases
+        if d.object and d.name in existing and d.name not in ("postgres", "template1")
+    )
     if clash:
         raise PreconditionFailed(
             f"target cluster {safe_dsn(dsn)} already has database(s) {', '.join(clash)}: restore the whole "
@@ -512,8 +586,10 @@ def check_fresh_cluster(dsn: str, manifest: Manifest) -> frozenset[str]:
                 if user_tables(conn):
                     raise PreconditionFailed(f"target cluster {safe_dsn(dsn)}: database {name} is not empty")
     if len(roles) > 1:
-        log.info("target cluster already has roles %s: ALTER ROLE brings them to the source's settings",
-                 ", ".join(sorted(roles)))
+        log.info(
+            "target cluster already has roles %s: ALTER ROLE brings them to the source's settings",
+            ", ".join(sorted(roles)),
+        )
     return frozenset(roles)
 
 
@@ -535,8 +611,13 @@ def _prepare_tablespace_dirs(manifest: Manifest, mapping: dict[str, str], os_use
 
 
 def restore_cluster(
-    cfg: Config, repo: Repository, manifest: Manifest, dsn: str, jobs: int = 2,
-    *, tablespace_map: dict[str, str] | None = None,
+    cfg: Config,
+    repo: Repository,
+    manifest: Manifest,
+    dsn: str,
+    jobs: int = 2,
+    *,
+    tablespace_map: dict[str, str] | None = None,
 ) -> ClusterRestoreResult:
     """A whole-cluster logical backup into a fresh cluster: the globals first (roles with their
     password hashes, memberships, role settings, tablespaces), then every dumped database,
@@ -545,8 +626,10 @@ def restore_cluster(
     if manifest.kind != "logical":
         raise PreconditionFailed(f"backup {manifest.id} is physical: restore it with --pgdata")
     if not manifest.databases or manifest.globals_object is None:
-        raise PreconditionFailed(f"backup {manifest.id} holds one database only: restore it with "
-                                 "--database into an existing empty database")
+        raise PreconditionFailed(
+            f"backup {manifest.id} holds one database only: restore it with "
+            "--database into an existing empty database"
+        )
     mapping = tablespace_map or {}
     known = {t.location.rstrip("/") for t in manifest.tablespaces}
     for old in mapping:
@@ -562,9 +645,22 @@ def restore_cluster(
     globals_index = keys.index(manifest.globals_object)
     env = restore_env(dsn, dbname="template1", superuser=True)
     psql = subprocess.Popen(
-        [pg_bin("psql", cfg.postgres.bindir), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password",
-         "-d", "template1", "-f", "-"],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env(env),
+        [
+            pg_bin("psql", cfg.postgres.bindir),
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "--no-password",
+            "-d",
+            "template1",
+            "-f",
+            "-",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=child_env(env),
     )
     _, code, err = _pipe_into(
         psql,
@@ -572,8 +668,9 @@ def restore_cluster(
         timeout=3600,
     )
     if code != 0:
-        raise command_error(f"restoring the globals (roles, tablespaces) into {safe_dsn(dsn)} failed: "
-                            f"{tail(err, 2)}")
+        raise command_error(
+            f"restoring the globals (roles, tablespaces) into {safe_dsn(dsn)} failed: {tail(err, 2)}"
+        )
     log.info("restored globals of %s into %s", manifest.id, safe_dsn(dsn))
 
     def one(db_name: str, index: int) -> int:
@@ -581,8 +678,19 @@ def restore_cluster(
         try:
             create = ["--create", "--clean", "--if-exists"] if db_name != "template1" else []
             target_db = "template1" if db_name != "template1" else "template1"
-            run([pg_bin("pg_restore", cfg.postgres.bindir), "--exit-on-error", "--no-password",
-                 *create, "-d", target_db, str(tmp)], timeout=24 * 3600, env=env)
+            run(
+                [
+                    pg_bin("pg_restore", cfg.postgres.bindir),
+                    "--exit-on-error",
+                    "--no-password",
+                    *create,
+                    "-d",
+                    target_db,
+                    str(tmp),
+                ],
+                timeout=24 * 3600,
+                env=env,
+            )
         except CommandFailed as exc:
             raise type(exc)(f"pg_restore of database {db_name} into {safe_dsn(dsn)} failed: {exc}") from None
         finally:
@@ -602,11 +710,26 @@ def restore_cluster(
                 fut.cancel()
             raise
     skipped = tuple(f"{d.name}: {d.skipped}" for d in manifest.databases if not d.object)
-    return ClusterRestoreResult(manifest.id, safe_dsn(dsn), raw, time.monotonic() - t0, verify_seconds,
-                                tuple(d.name for d in dumped), skipped)
+    return ClusterRestoreResult(
+        manifest.id,
+        safe_dsn(dsn),
+        raw,
+        time.monotonic() - t0,
+        verify_seconds,
+        tuple(d.name for d in dumped),
+        skipped,
+    )
 
 
 __all__ = [
-    "ChecksumMismatch", "ClusterRestoreResult", "RestoreResult", "check_pgdata_target", "relocate_tablespaces", "restore_notes", "restore_cluster",
-    "restore_logical", "restore_physical", "set_port",
+    "ChecksumMismatch",
+    "ClusterRestoreResult",
+    "RestoreResult",
+    "check_pgdata_target",
+    "relocate_tablespaces",
+    "restore_notes",
+    "restore_cluster",
+    "restore_logical",
+    "restore_physical",
+    "set_port",
 ]

@@ -156,7 +156,10 @@ def _backup_id_of(key: str) -> str | None:
 
 
 def decide_backups(
-    manifests: Sequence[Manifest], policy: RetentionConfig, now: datetime, cluster: str,
+    manifests: Sequence[Manifest],
+    policy: RetentionConfig,
+    now: datetime,
+    cluster: str,
     broken: Mapping[str, str] | None = None,
 ) -> list[BackupDecision]:
     """Keep the newest ``min_full`` good backups of each kind and all that ended within
@@ -172,23 +175,42 @@ def decide_backups(
     rank: dict[str, int] = {}
     for m in newest_first:
         if m.cluster != cluster:
-            decisions.append(BackupDecision(
-                backup_id=m.id, kind=m.kind, cluster=m.cluster, stop_time=m.stop_time, keep=True,
-                reason=f"belongs to cluster {m.cluster}, not {cluster}",
-            ))
+            decisions.append(
+                BackupDecision(
+                    backup_id=m.id,
+                    kind=m.kind,
+                    cluster=m.cluster,
+                    stop_time=m.stop_time,
+                    keep=True,
+                    reason=f"belongs to cluster {m.cluster}, not {cluster}",
+                )
+            )
             continue
         n = rank.get(m.kind, 0)
         if m.id in broken:
             if n < policy.min_full or m.stop_time >= cutoff:
-                keep, reason = True, (f"BROKEN ({broken[m.id]}): not counted toward min_full, "
-                                      "kept for inspection")
+                keep, reason = (
+                    True,
+                    (f"BROKEN ({broken[m.id]}): not counted toward min_full, kept for inspection"),
+                )
             else:
-                keep, reason = False, (f"BROKEN ({broken[m.id]}), ended {(now - m.stop_time).days} "
-                                       f"days ago, and {n} newer good {m.kind} backups are kept")
-            decisions.append(BackupDecision(
-                backup_id=m.id, kind=m.kind, cluster=m.cluster, stop_time=m.stop_time, keep=keep,
-                reason=reason,
-            ))
+                keep, reason = (
+                    False,
+                    (
+                        f"BROKEN ({broken[m.id]}), ended {(now - m.stop_time).days} "
+                        f"days ago, and {n} newer good {m.kind} backups are kept"
+                    ),
+                )
+            decisions.append(
+                BackupDecision(
+                    backup_id=m.id,
+                    kind=m.kind,
+                    cluster=m.cluster,
+                    stop_time=m.stop_time,
+                    keep=keep,
+                    reason=reason,
+                )
+            )
             continue
         rank[m.kind] = n + 1
         if n < policy.min_full:
@@ -196,14 +218,23 @@ def decide_backups(
         elif m.stop_time >= cutoff:
             keep, reason = True, f"ended within {policy.full_days} days"
         else:
-            keep, reason = False, (
-                f"ended {(now - m.stop_time).days} days ago, older than {policy.full_days} days, "
-                f"and {n} newer {m.kind} backups are kept"
+            keep, reason = (
+                False,
+                (
+                    f"ended {(now - m.stop_time).days} days ago, older than {policy.full_days} days, "
+                    f"and {n} newer {m.kind} backups are kept"
+                ),
             )
-        decisions.append(BackupDecision(
-            backup_id=m.id, kind=m.kind, cluster=m.cluster, stop_time=m.stop_time, keep=keep,
-            reason=reason,
-        ))
+        decisions.append(
+            BackupDecision(
+                backup_id=m.id,
+                kind=m.kind,
+                cluster=m.cluster,
+                stop_time=m.stop_time,
+                keep=keep,
+                reason=reason,
+            )
+        )
     return sorted(decisions, key=lambda d: (d.stop_time, d.backup_id))
 
 
@@ -230,8 +261,15 @@ def plan_retention(
 
     if not kept_ids - set(state.broken):
         notes.append("no complete backup that verifies in the repository: nothing is deleted")
-        return RetentionPlan(decisions=decisions, expire=[], orphan_keys=[], expire_wal=[],
-                             kept_wal=len(state.wal_keys), wal_needs=[], notes=notes)
+        return RetentionPlan(
+            decisions=decisions,
+            expire=[],
+            orphan_keys=[],
+            expire_wal=[],
+            kept_wal=len(state.wal_keys),
+            wal_needs=[],
+            notes=notes,
+        )
 
     expire = []
     for d in decisions:
@@ -271,8 +309,9 @@ def plan_retention(
         for m in kept_physical:
             start = parse_wal_key(m.start_wal or "")
             if start.timeline is None or start.position is None or start.kind != "segment":
-                notes.append(f"kept backup {m.id} has an unreadable start WAL {m.start_wal!r}: "
-                             "WAL is left untouched")
+                notes.append(
+                    f"kept backup {m.id} has an unreadable start WAL {m.start_wal!r}: WAL is left untouched"
+                )
                 needs = []
                 break
             needs.append(WalNeed(backup_id=m.id, timeline=start.timeline, position=start.position))
@@ -289,12 +328,18 @@ def plan_retention(
     expire_wal.sort(key=lambda k: (parse_wal_key(k).timeline or 0, parse_wal_key(k).name))
     needs.sort(key=lambda n: (n.timeline, n.position))
     return RetentionPlan(
-        decisions=decisions, expire=expire, orphan_keys=orphan_keys, expire_wal=expire_wal,
-        kept_wal=len(wal) - len(expire_wal), wal_needs=needs, notes=notes,
+        decisions=decisions,
+        expire=expire,
+        orphan_keys=orphan_keys,
+        expire_wal=expire_wal,
+        kept_wal=len(wal) - len(expire_wal),
+        wal_needs=needs,
+        notes=notes,
     )
 
 
 # ---------------------------------------------------------------- the repository side
+
 
 def read_state(repo: Repository) -> RepositoryState:
     """List backups and WAL and read every manifest; an unreadable one is recorded as INVALID
@@ -309,13 +354,18 @@ def read_state(repo: Repository) -> RepositoryState:
     # A lock protects the folder of a running backup; a stale one (its holder is gone) does not.
     live = lock is not None and not lock_is_stale(lock, repo)
     locked = str(lock["backup_id"]) if lock and live and lock.get("backup_id") else None
-    return RepositoryState(manifests=manifests, backup_keys=backup_keys,
-                           wal_keys=repo.list_keys(WAL_PREFIX), locked_backup_id=locked,
-                           invalid=invalid)
+    return RepositoryState(
+        manifests=manifests,
+        backup_keys=backup_keys,
+        wal_keys=repo.list_keys(WAL_PREFIX),
+        locked_backup_id=locked,
+        invalid=invalid,
+    )
 
 
-def relied_on(state: RepositoryState, policy: RetentionConfig, cluster: str,
-              broken: Mapping[str, str]) -> list[Manifest]:
+def relied_on(
+    state: RepositoryState, policy: RetentionConfig, cluster: str, broken: Mapping[str, str]
+) -> list[Manifest]:
     """The backups retention counts toward ``min_full``: the newest good ones of each kind."""
     newest_first = sorted(state.manifests, key=lambda m: (m.stop_time, m.id), reverse=True)
     rank: dict[str, int] = {}
@@ -329,8 +379,9 @@ def relied_on(state: RepositoryState, policy: RetentionConfig, cluster: str,
     return out
 
 
-def verify_backups(repo: Repository, state: RepositoryState, policy: RetentionConfig,
-                   cluster: str) -> RepositoryState:
+def verify_backups(
+    repo: Repository, state: RepositoryState, policy: RetentionConfig, cluster: str
+) -> RepositoryState:
     """Check before trusting: every backup of the cluster gets the cheap check (each object
     present with its recorded size); with ``retention.verify: content`` the backups counted
     toward ``min_full`` are also re-read in full (size and SHA-256 of the stored bytes), and a
@@ -407,8 +458,9 @@ def expire_backup(repo: Repository, backup: ExpiredBackup) -> int:
     return 1 + _delete_all(repo, backup.object_keys)
 
 
-def delete_keys(repo: Repository, keys: Sequence[str],
-                progress: Callable[[int], None] | None = None, batch: int = 500) -> int:
+def delete_keys(
+    repo: Repository, keys: Sequence[str], progress: Callable[[int], None] | None = None, batch: int = 500
+) -> int:
     """Delete keys in order, in concurrent batches; returns how many were deleted."""
     done = 0
     for i in range(0, len(keys), batch):

@@ -108,8 +108,9 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def choose_primary(states: Sequence[NodeState], configured: str,
-                   history: Sequence[RoleEvent] = ()) -> PrimaryChoice:
+def choose_primary(
+    states: Sequence[NodeState], configured: str, history: Sequence[RoleEvent] = ()
+) -> PrimaryChoice:
     """The one node that accepts writes; raise SplitBrain when several do.
 
     When none does (the primary is down), the history's primary is named, else the configured
@@ -119,18 +120,25 @@ def choose_primary(states: Sequence[NodeState], configured: str,
     evidence = [s.evidence() for s in states]
     writable = [s for s in states if s.reachable and s.in_recovery is False]
     if len(writable) > 1:
-        raise SplitBrain("SPLIT BRAIN: " + ", ".join(s.name for s in writable) + " all run as primaries "
-                         "(not in recovery); no backup or check runs until one is fenced | " + " | ".join(evidence))
+        raise SplitBrain(
+            "SPLIT BRAIN: " + ", ".join(s.name for s in writable) + " all run as primaries "
+            "(not in recovery); no backup or check runs until one is fenced | " + " | ".join(evidence)
+        )
     if writable:
         chosen = writable[0]
         why = "the only node not in recovery" + (f" (timeline {chosen.timeline})" if chosen.timeline else "")
         if chosen.name != configured:
             why += f"; the configured primary {configured} is not"
-        return PrimaryChoice(primary=chosen.name, configured=configured, reason=why, in_recovery=False,
-                             evidence=evidence)
+        return PrimaryChoice(
+            primary=chosen.name, configured=configured, reason=why, in_recovery=False, evidence=evidence
+        )
     name = primary_by_history(history, configured)
     state = next((s for s in states if s.name == name), None)
-    return PrimaryChoice(primary=name, configured=configured,
-                         reason="no node accepts writes; " + ("the role history names it" if history
-                                                             else "the configured primary"),
-                         in_recovery=state.in_recovery if state else None, evidence=evidence)
+    return PrimaryChoice(
+        primary=name,
+        configured=configured,
+        reason="no node accepts writes; "
+        + ("the role history names it" if history else "the configured primary"),
+        in_recovery=state.in_recovery if state else None,
+        evidence=evidence,
+    )

@@ -100,8 +100,13 @@ ANALYZE;
 """
 
 TABLES = [
-    "users", "workouts", "workout_logs", "workout_swaps", "muscle_group_recovery",
-    "custom_workouts", "custom_workout_exercises",
+    "users",
+    "workouts",
+    "workout_logs",
+    "workout_swaps",
+    "muscle_group_recovery",
+    "custom_workouts",
+    "custom_workout_exercises",
 ]
 
 
@@ -109,8 +114,11 @@ def load_sample(dsn: str, *, users: int = 200, logs: int = 5000, custom: int = 5
     """Create the Gravl schema in ``dsn``'s database and fill it deterministically."""
     with connection(dsn) as conn, conn.transaction():
         conn.execute(SCHEMA)
-        sql = (DATA.replace("%(users)s", str(int(users))).replace("%(logs)s", str(int(logs)))
-               .replace("%(custom)s", str(int(custom))))
+        sql = (
+            DATA.replace("%(users)s", str(int(users)))
+            .replace("%(logs)s", str(int(logs)))
+            .replace("%(custom)s", str(int(custom)))
+        )
         for statement in (s.strip() for s in sql.split(";")):
             if statement:
                 conn.execute(statement)

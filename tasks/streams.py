@@ -90,6 +90,7 @@ def threaded(source: Iterable[bytes], depth: int = 4, name: str = "stage") -> It
 
 # ---------------------------------------------------------------- sources
 
+
 @dataclass
 class ProcessSource:
     """Stream a subprocess's stdout; stderr is drained in the background and kept (tail only)."""
@@ -149,6 +150,7 @@ class ProcessSource:
 
 # ---------------------------------------------------------------- hashing
 
+
 @dataclass
 class Digest:
     """Running SHA-256 and byte count of a stream."""
@@ -195,6 +197,7 @@ def sized(source: Iterable[bytes], size: int, what: str) -> Iterator[bytes]:
 
 
 # ---------------------------------------------------------------- compression
+
 
 def compress(source: Iterable[bytes], codec: str, level: int | None = None) -> Iterator[bytes]:
     if codec == "none":
@@ -314,6 +317,7 @@ def decompress(source: Iterable[bytes], codec: str, what: str = "object") -> Ite
 
 # ---------------------------------------------------------------- encryption (streaming AEAD)
 
+
 def load_key(env_name: str | None) -> bytes | None:
     """The client-side key from the environment variable the config names (64 hex or base64)."""
     if not env_name:
@@ -371,17 +375,28 @@ def _stream_aead(key: bytes, segment_size: int = SEGMENT_SIZE) -> Any:
     from tink.proto import common_pb2, tink_pb2
 
     streaming_aead.register()
-    ikm = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-               info=b"gravl-dr streaming aead key v2").derive(key)
+    ikm = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=b"gravl-dr streaming aead key v2"
+    ).derive(key)
     params = pb.AesGcmHkdfStreamingParams(
         ciphertext_segment_size=segment_size, derived_key_size=32, hkdf_hash_type=common_pb2.SHA256
     )
     key_proto = pb.AesGcmHkdfStreamingKey(version=0, params=params, key_value=ikm)
-    keyset = tink_pb2.Keyset(primary_key_id=1, key=[tink_pb2.Keyset.Key(
-        key_data=tink_pb2.KeyData(
-            type_url="type.googleapis.com/google.crypto.tink.AesGcmHkdfStreamingKey",
-            value=key_proto.SerializeToString(), key_material_type=tink_pb2.KeyData.SYMMETRIC),
-        status=tink_pb2.ENABLED, key_id=1, output_prefix_type=tink_pb2.RAW)])
+    keyset = tink_pb2.Keyset(
+        primary_key_id=1,
+        key=[
+            tink_pb2.Keyset.Key(
+                key_data=tink_pb2.KeyData(
+                    type_url="type.googleapis.com/google.crypto.tink.AesGcmHkdfStreamingKey",
+                    value=key_proto.SerializeToString(),
+                    key_material_type=tink_pb2.KeyData.SYMMETRIC,
+                ),
+                status=tink_pb2.ENABLED,
+                key_id=1,
+                output_prefix_type=tink_pb2.RAW,
+            )
+        ],
+    )
     return cleartext_keyset_handle.from_keyset(keyset).primitive(streaming_aead.StreamingAead)
 
 
@@ -454,7 +469,7 @@ def encrypt(source: Iterable[bytes], key: bytes) -> Iterator[bytes]:
         for chunk in source:
             view = memoryview(chunk)
             while view:
-                view = view[enc.write(view):]
+                view = view[enc.write(view) :]
             out = sink.take()
             if out:
                 yield out
@@ -486,7 +501,7 @@ def decrypt(source: Iterable[bytes], key: bytes, what: str = "object") -> Iterat
         if len(head) >= len(ENC_MAGIC) + _NONCE:
             break
     if head.startswith(ENC_MAGIC_V2):
-        yield from _decrypt_v2(head[len(ENC_MAGIC_V2):], it, key, what)
+        yield from _decrypt_v2(head[len(ENC_MAGIC_V2) :], it, key, what)
         return
     yield from _decrypt_v1(head, it, key, what)
 
@@ -557,6 +572,7 @@ def encrypt_v1(source: Iterable[bytes], key: bytes) -> Iterator[bytes]:
 
 
 # ---------------------------------------------------------------- pipelines
+
 
 @dataclass
 class EncodeResult:

@@ -105,8 +105,9 @@ def wait_server_gone(pgdata: Path, timeout: float = 30) -> None:
         return not pids
 
     if not poll_until(gone, timeout=timeout, interval=0.1):
-        raise PreconditionFailed(f"processes {pids} still run in {pgdata} {timeout:.0f}s after the "
-                                 "postmaster stopped")
+        raise PreconditionFailed(
+            f"processes {pids} still run in {pgdata} {timeout:.0f}s after the postmaster stopped"
+        )
 
 
 def clear_stale_pidfile(pgdata: Path) -> bool:
@@ -126,8 +127,12 @@ def clear_stale_pidfile(pgdata: Path) -> bool:
 
 def controldata(pgdata: Path, *, os_user: str, bindir: str = "auto") -> dict[str, str]:
     """pg_controldata as a dict ("Database cluster state" -> "shut down", ...)."""
-    proc = run([pg_bin("pg_controldata", bindir), "-D", str(pgdata)], timeout=30, os_user=os_user,
-               env={"LC_ALL": "C"})
+    proc = run(
+        [pg_bin("pg_controldata", bindir), "-D", str(pgdata)],
+        timeout=30,
+        os_user=os_user,
+        env={"LC_ALL": "C"},
+    )
     return parse_controldata(proc.stdout)
 
 
@@ -158,8 +163,13 @@ def last_local_wal_lsn(pgdata: Path, *, os_user: str, bindir: str = "auto", trie
     except OSError:
         return None
     for name in names[:tries]:
-        proc = run([pg_bin("pg_waldump", bindir), "-p", str(wal_dir), name], timeout=60, os_user=os_user,
-                   check=False, env={"LC_ALL": "C"})
+        proc = run(
+            [pg_bin("pg_waldump", bindir), "-p", str(wal_dir), name],
+            timeout=60,
+            os_user=os_user,
+            check=False,
+            env={"LC_ALL": "C"},
+        )
         end = waldump_end(proc.stdout)
         if end is not None:
             return end
@@ -204,8 +214,17 @@ def find_primary(cfg: Config, repo: Repository | None = None) -> tuple[Config, P
     (when ``repo`` is given and readable) names the node, else the configured primary stays.
     """
     nodes = [cfg.primary, *cfg.replicas]
-    states = [observe_node(n, "primary" if n is cfg.primary else "replica", os_user=cfg.postgres.os_user,
-                           bindir=cfg.postgres.bindir, connect_timeout=3, local_facts=False) for n in nodes]
+    states = [
+        observe_node(
+            n,
+            "primary" if n is cfg.primary else "replica",
+            os_user=cfg.postgres.os_user,
+            bindir=cfg.postgres.bindir,
+            connect_timeout=3,
+            local_facts=False,
+        )
+        for n in nodes
+    ]
     history = []
     if repo is not None and not any(s.accepts_writes for s in states):
         try:
@@ -279,8 +298,12 @@ def observe_node(
         if attempt + 1 < attempts:
             time.sleep(interval)
     pgdata = local_pgdata(node)
-    base: dict[str, object] = {"name": node.name, "configured_role": role, "address": node_address(node),
-            "local_pgdata": pgdata is not None}
+    base: dict[str, object] = {
+        "name": node.name,
+        "configured_role": role,
+        "address": node_address(node),
+        "local_pgdata": pgdata is not None,
+    }
     if pgdata is not None:
         base["fenced"] = (pgdata / FENCE_MARKER).exists()
         base["postmaster_running"] = postmaster_running(pgdata)
@@ -293,14 +316,25 @@ def observe_node(
     if row is not None:
         in_recovery = bool(row[0])
         timeline = row[10] if not in_recovery else (row[9] or row[11])
-        return NodeState.model_validate({
-            **base, "reachable": True, "in_recovery": in_recovery, "read_only": bool(row[1]),
-            "current_lsn": row[2], "receive_lsn": row[3], "replay_lsn": row[4],
-            "replay_lag_seconds": float(row[5]) if row[5] is not None else None,
-            "replay_paused": bool(row[6]), "wal_receiver": row[7], "upstream": row[8],
-            "timeline": int(timeline) if timeline is not None else None, "system_identifier": row[12],
-            "rewind_capable": bool(row[13]), "history": history,
-        })
+        return NodeState.model_validate(
+            {
+                **base,
+                "reachable": True,
+                "in_recovery": in_recovery,
+                "read_only": bool(row[1]),
+                "current_lsn": row[2],
+                "receive_lsn": row[3],
+                "replay_lsn": row[4],
+                "replay_lag_seconds": float(row[5]) if row[5] is not None else None,
+                "replay_paused": bool(row[6]),
+                "wal_receiver": row[7],
+                "upstream": row[8],
+                "timeline": int(timeline) if timeline is not None else None,
+                "system_identifier": row[12],
+                "rewind_capable": bool(row[13]),
+                "history": history,
+            }
+        )
     extra: dict[str, object] = {}
     if pgdata is not None and local_facts and not base.get("postmaster_running"):
         # A dead server's own files say how far its WAL got (the RPO reference) and how it stopped.
@@ -315,7 +349,9 @@ def observe_node(
             extra["rewind_capable"] = rewind_possible(ctl)
         except DRError as exc:
             log.warning("could not read %s's data directory: %s", node.name, one_line(exc))
-    return NodeState.model_validate({**base, "reachable": False, "error": error, "answered": answered, **extra})
+    return NodeState.model_validate(
+        {**base, "reachable": False, "error": error, "answered": answered, **extra}
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,8 +367,21 @@ def start_server(pgdata: Path, *, os_user: str, bindir: str = "auto", timeout: i
     logfile.touch(exist_ok=True)
     chown_tree(logfile, os_user)
     try:
-        run([pg_bin("pg_ctl", bindir), "-D", str(pgdata), "-l", str(logfile), "-w", "-t", str(timeout),
-             "start"], timeout=timeout + 15, os_user=os_user)
+        run(
+            [
+                pg_bin("pg_ctl", bindir),
+                "-D",
+                str(pgdata),
+                "-l",
+                str(logfile),
+                "-w",
+                "-t",
+                str(timeout),
+                "start",
+            ],
+            timeout=timeout + 15,
+            os_user=os_user,
+        )
     except CommandFailed as exc:
         try:
             log_tail = " | ".join(logfile.read_text(errors="replace").strip().splitlines()[-5:])
@@ -341,12 +390,16 @@ def start_server(pgdata: Path, *, os_user: str, bindir: str = "auto", timeout: i
         raise type(exc)(f"{exc} | server log: {log_tail}") from None
 
 
-def stop_server(pgdata: Path, *, os_user: str, bindir: str = "auto", mode: str = "fast",
-                timeout: int = 60) -> dict[str, str]:
+def stop_server(
+    pgdata: Path, *, os_user: str, bindir: str = "auto", mode: str = "fast", timeout: int = 60
+) -> dict[str, str]:
     """Stop a local server (no-op when it is down) and return its control data afterwards."""
     if postmaster_running(pgdata):
-        run([pg_bin("pg_ctl", bindir), "-D", str(pgdata), "-m", mode, "-w", "-t", str(timeout), "stop"],
-            timeout=timeout + 15, os_user=os_user)
+        run(
+            [pg_bin("pg_ctl", bindir), "-D", str(pgdata), "-m", mode, "-w", "-t", str(timeout), "stop"],
+            timeout=timeout + 15,
+            os_user=os_user,
+        )
     return controldata(pgdata, os_user=os_user, bindir=bindir)
 
 
@@ -364,29 +417,40 @@ def _write_fence_marker(pgdata: Path, os_user: str, reason: str) -> None:
     # standby.signal makes a restarted server come up in standby mode, i.e. read-only
     # (xlogrecovery.c readRecoverySignalFile), so a stray restart cannot fork the history.
     (pgdata / "standby.signal").touch()
-    (pgdata / FENCE_MARKER).write_text(json.dumps({"fenced_at": datetime.now(UTC).isoformat(),
-                                                   "by": "gravl-dr", "reason": reason}) + "\n")
+    (pgdata / FENCE_MARKER).write_text(
+        json.dumps({"fenced_at": datetime.now(UTC).isoformat(), "by": "gravl-dr", "reason": reason}) + "\n"
+    )
     chown_tree(pgdata / "standby.signal", os_user)
     chown_tree(pgdata / FENCE_MARKER, os_user)
 
 
-def fence_node(node: Node, state: NodeState, *, os_user: str, bindir: str = "auto",
-               clean: bool = True) -> FenceResult:
+def fence_node(
+    node: Node, state: NodeState, *, os_user: str, bindir: str = "auto", clean: bool = True
+) -> FenceResult:
     """Stop the old primary and mark it, or at least make it refuse writes; say what was done."""
     pgdata = local_pgdata(node)
     if pgdata is not None:
         was_running = postmaster_running(pgdata)
         if was_running:
             try:
-                stop_server(pgdata, os_user=os_user, bindir=bindir, mode="fast" if clean else "immediate",
-                            timeout=30)
+                stop_server(
+                    pgdata, os_user=os_user, bindir=bindir, mode="fast" if clean else "immediate", timeout=30
+                )
             except CommandFailed:
                 stop_server(pgdata, os_user=os_user, bindir=bindir, mode="immediate", timeout=30)
         _write_fence_marker(pgdata, os_user, "failover")
-        what = "stopped it (clean shutdown)" if was_running and clean else \
-            "stopped it" if was_running else "it was down"
-        return FenceResult(node=node.name, fenced=True,
-                           action=f"{what}; placed standby.signal in {pgdata} so a restart comes up read-only")
+        what = (
+            "stopped it (clean shutdown)"
+            if was_running and clean
+            else "stopped it"
+            if was_running
+            else "it was down"
+        )
+        return FenceResult(
+            node=node.name,
+            fenced=True,
+            action=f"{what}; placed standby.signal in {pgdata} so a restart comes up read-only",
+        )
     if state.reachable:
         try:
             with connection(node.dsn, timeout=3) as conn:
@@ -397,15 +461,22 @@ def fence_node(node: Node, state: NodeState, *, os_user: str, bindir: str = "aut
                     "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
                 ).fetchone()
         except (ServerUnreachable, psycopg.Error) as exc:
-            return FenceResult(node=node.name, fenced=False,
-                               action=f"could not make it read-only: {one_line(exc)}")
-        return FenceResult(node=node.name, fenced=True,
-                           action=f"made it read-only (default_transaction_read_only=on) and ended "
-                           f"{ended[0] if ended else 0} session(s); a client can still override it — "
-                           "stop it when you can")
-    return FenceResult(node=node.name, fenced=False,
-                       action="NOT fenced: unreachable and its pgdata is not on this host — make sure it "
-                       "cannot come back as a primary (power it off or cut it from the network)")
+            return FenceResult(
+                node=node.name, fenced=False, action=f"could not make it read-only: {one_line(exc)}"
+            )
+        return FenceResult(
+            node=node.name,
+            fenced=True,
+            action=f"made it read-only (default_transaction_read_only=on) and ended "
+            f"{ended[0] if ended else 0} session(s); a client can still override it — "
+            "stop it when you can",
+        )
+    return FenceResult(
+        node=node.name,
+        fenced=False,
+        action="NOT fenced: unreachable and its pgdata is not on this host — make sure it "
+        "cannot come back as a primary (power it off or cut it from the network)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,7 +494,8 @@ class PromoteResult(Frozen):
 def _timeline_switchpoint(conn: psycopg.Connection[Any]) -> tuple[int | None, str | None]:
     """Current timeline and where it branched off (last line of its .history file, timeline.c)."""
     row = conn.execute(
-        "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int").fetchone()
+        "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
+    ).fetchone()
     tli = int(row[0]) if row else None
     if not tli or tli <= 1:
         return tli, None
@@ -439,27 +511,41 @@ def promote_node(node: Node, *, wait_seconds: int = 60) -> PromoteResult:
     """pg_promote(wait => true) after checking pg_is_in_recovery(); promoting a primary is a no-op."""
     t0 = time.monotonic()
     with connection(node.dsn, timeout=5) as conn:
-        row = conn.execute("SELECT pg_is_in_recovery(), pg_last_wal_receive_lsn()::text, "
-                           "pg_last_wal_replay_lsn()::text").fetchone()
+        row = conn.execute(
+            "SELECT pg_is_in_recovery(), pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text"
+        ).fetchone()
         assert row is not None
         if not row[0]:
             tli, switch = _timeline_switchpoint(conn)
-            return PromoteResult(node=node.name, already_primary=True, promoted_lsn=switch, timeline=tli,
-                                 seconds=time.monotonic() - t0)
+            return PromoteResult(
+                node=node.name,
+                already_primary=True,
+                promoted_lsn=switch,
+                timeline=tli,
+                seconds=time.monotonic() - t0,
+            )
         before = max((p for p in (lsn_or_none(row[1]), lsn_or_none(row[2])) if p is not None), default=None)
         try:
-            done = conn.execute("SELECT pg_promote(wait => true, wait_seconds => %s)",
-                                (wait_seconds,)).fetchone()
+            done = conn.execute(
+                "SELECT pg_promote(wait => true, wait_seconds => %s)", (wait_seconds,)
+            ).fetchone()
         except psycopg.Error as exc:
             raise PermanentError(f"pg_promote failed on {node.name}: {one_line(exc)}") from exc
         if not done or not done[0]:
-            raise TransientError(f"{node.name} did not finish promoting within {wait_seconds}s; "
-                                 "re-run to check whether it completed")
+            raise TransientError(
+                f"{node.name} did not finish promoting within {wait_seconds}s; "
+                "re-run to check whether it completed"
+            )
         tli, switch = _timeline_switchpoint(conn)
     if switch is None and before is not None:
         switch = format_lsn(before)
-    return PromoteResult(node=node.name, already_primary=False, promoted_lsn=switch, timeline=tli,
-                         seconds=time.monotonic() - t0)
+    return PromoteResult(
+        node=node.name,
+        already_primary=False,
+        promoted_lsn=switch,
+        timeline=tli,
+        seconds=time.monotonic() - t0,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,26 +573,37 @@ def canary_write(node: Node, run_label: str, *, timeout: float = 30) -> CanaryRe
                 conn.execute(
                     "CREATE TABLE IF NOT EXISTS gravl_dr.failover_canary ("
                     " id bigserial PRIMARY KEY, written_at timestamptz NOT NULL DEFAULT now(),"
-                    " run text NOT NULL, node text NOT NULL)")
+                    " run text NOT NULL, node text NOT NULL)"
+                )
                 row = conn.execute(
                     "INSERT INTO gravl_dr.failover_canary (run, node) VALUES (%s, %s) "
-                    "RETURNING id, written_at", (run_label, node.name)).fetchone()
+                    "RETURNING id, written_at",
+                    (run_label, node.name),
+                ).fetchone()
                 assert row is not None
-                back = conn.execute("SELECT run FROM gravl_dr.failover_canary WHERE id = %s",
-                                    (row[0],)).fetchone()
+                back = conn.execute(
+                    "SELECT run FROM gravl_dr.failover_canary WHERE id = %s", (row[0],)
+                ).fetchone()
                 lsn = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
             if not back or back[0] != run_label:
                 raise PermanentError(f"canary row {row[0]} on {node.name} did not read back")
-            return CanaryResult(node=node.name, row_id=int(row[0]), lsn=str(lsn[0]) if lsn else "0/0",
-                                written_at=row[1], seconds=time.monotonic() - t0)
+            return CanaryResult(
+                node=node.name,
+                row_id=int(row[0]),
+                lsn=str(lsn[0]) if lsn else "0/0",
+                written_at=row[1],
+                seconds=time.monotonic() - t0,
+            )
         except (ServerUnreachable, psycopg.OperationalError) as exc:
             last = exc
         except psycopg.Error as exc:
             # read-only transaction, recovery still ending...: worth another try until the deadline
             last = exc
         time.sleep(0.1)
-    raise PermanentError(f"validation failed: no canary write on {node.name} within {timeout:.0f}s: "
-                         f"{one_line(last) if last else 'no attempt'}")
+    raise PermanentError(
+        f"validation failed: no canary write on {node.name} within {timeout:.0f}s: "
+        f"{one_line(last) if last else 'no attempt'}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,8 +623,7 @@ def configure_standby(pgdata: Path, primary: Node, application_name: str, *, os_
     auto = pgdata / "postgresql.auto.conf"
     kept = []
     if auto.exists():
-        kept = [ln for ln in auto.read_text().splitlines()
-                if not re.match(r"\s*primary_conninfo\s*=", ln)]
+        kept = [ln for ln in auto.read_text().splitlines() if not re.match(r"\s*primary_conninfo\s*=", ln)]
     value = standby_conninfo(primary, application_name).replace("'", "''")
     kept.append(f"primary_conninfo = '{value}'")
     auto.write_text("\n".join(kept) + "\n")
@@ -538,20 +634,27 @@ def configure_standby(pgdata: Path, primary: Node, application_name: str, *, os_
     chown_tree(pgdata / "standby.signal", os_user)
 
 
-def clone_standby(source: Node, pgdata: Path, *, os_user: str, bindir: str = "auto",
-                  timeout: int = 3600) -> None:
+def clone_standby(
+    source: Node, pgdata: Path, *, os_user: str, bindir: str = "auto", timeout: int = 3600
+) -> None:
     """pg_basebackup a fresh copy of ``source`` into the empty directory ``pgdata``."""
     pgdata.mkdir(parents=True, exist_ok=True)
     pgdata.chmod(0o700)
     chown_tree(pgdata, os_user)
     env = client_env(source.dsn, dbname="postgres")
-    run([pg_bin("pg_basebackup", bindir), "-D", str(pgdata), "-X", "stream", "-c", "fast",
-         "--no-sync"], timeout=timeout, os_user=os_user, env=env)
+    run(
+        [pg_bin("pg_basebackup", bindir), "-D", str(pgdata), "-X", "stream", "-c", "fast", "--no-sync"],
+        timeout=timeout,
+        os_user=os_user,
+        env=env,
+    )
 
 
 class RebuildResult(Frozen):
     node: str
-    method: str  # "pg_rewind", "pg_rewind (no rewind required)", "pg_basebackup re-clone", "started as standby"
+    method: (
+        str  # "pg_rewind", "pg_rewind (no rewind required)", "pg_basebackup re-clone", "started as standby"
+    )
     seconds: float
     detail: str
     old_data: str | None = None  # where the old data directory (or its divergent WAL) was kept
@@ -648,8 +751,10 @@ def save_local_settings(node: Node, *, os_user: str) -> str:
     if saved.is_dir():
         return f"already saved in {saved}"
     if rebuild_phase(pgdata) is not None:
-        raise PreconditionFailed(f"{node.name}'s own configuration was not saved before its rebuild "
-                                 f"began ({saved} is missing): restore its settings by hand")
+        raise PreconditionFailed(
+            f"{node.name}'s own configuration was not saved before its rebuild "
+            f"began ({saved} is missing): restore its settings by hand"
+        )
     tmp = saved.with_name(saved.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=0o700)
@@ -672,8 +777,9 @@ def restore_local_settings(pgdata: Path, *, os_user: str) -> list[str]:
     return restored
 
 
-def keep_old_wal(node: Node, *, timeline: int, fork_lsn: str, end_lsn: str, os_user: str,
-                 seg_size: int = 16 * 1024 * 1024) -> tuple[Path, int]:
+def keep_old_wal(
+    node: Node, *, timeline: int, fork_lsn: str, end_lsn: str, os_user: str, seg_size: int = 16 * 1024 * 1024
+) -> tuple[Path, int]:
     """Copy the WAL segments that hold what the new primary never received, before pg_rewind.
 
     pg_rewind replaces the target's WAL after the fork point with the source's, so these
@@ -683,8 +789,12 @@ def keep_old_wal(node: Node, *, timeline: int, fork_lsn: str, end_lsn: str, os_u
     from tasks.wal import segment_name
 
     pgdata = node_pgdata(node)
-    existing = [d for d in old_data_dirs(pgdata) if (d / "gravl-dr-old.json").exists()
-                and json.loads((d / "gravl-dr-old.json").read_text()).get("fork_lsn") == fork_lsn]
+    existing = [
+        d
+        for d in old_data_dirs(pgdata)
+        if (d / "gravl-dr-old.json").exists()
+        and json.loads((d / "gravl-dr-old.json").read_text()).get("fork_lsn") == fork_lsn
+    ]
     if existing:
         return existing[-1], dir_size(existing[-1])
     aside = pgdata.with_name(f"{pgdata.name}.gravl-dr-old-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
@@ -698,9 +808,19 @@ def keep_old_wal(node: Node, *, timeline: int, fork_lsn: str, end_lsn: str, os_u
             shutil.copy2(pgdata / "pg_wal" / name, tmp / "pg_wal" / name)
     for hist in (pgdata / "pg_wal").glob("*.history"):
         shutil.copy2(hist, tmp / "pg_wal" / hist.name)
-    (tmp / "gravl-dr-old.json").write_text(json.dumps({
-        "node": node.name, "timeline": timeline, "fork_lsn": fork_lsn, "end_lsn": end_lsn,
-        "kept_at": datetime.now(UTC).isoformat(), "what": "WAL segments of the un-replicated transactions"}) + "\n")
+    (tmp / "gravl-dr-old.json").write_text(
+        json.dumps(
+            {
+                "node": node.name,
+                "timeline": timeline,
+                "fork_lsn": fork_lsn,
+                "end_lsn": end_lsn,
+                "kept_at": datetime.now(UTC).isoformat(),
+                "what": "WAL segments of the un-replicated transactions",
+            }
+        )
+        + "\n"
+    )
     tmp.rename(aside)
     chown_tree(aside, os_user)
     return aside, dir_size(aside)
@@ -710,8 +830,9 @@ class RewindFailed(PermanentError):
     """pg_rewind failed: the target directory is not usable; the plan re-clones it."""
 
 
-def rewind_node(node: Node, source: Node, *, os_user: str, bindir: str = "auto",
-                timeout: int = 3600) -> RebuildResult:
+def rewind_node(
+    node: Node, source: Node, *, os_user: str, bindir: str = "auto", timeout: int = 3600
+) -> RebuildResult:
     """pg_rewind the stopped ``node`` onto ``source``'s timeline; the marker brackets the run.
 
     PostgreSQL 13+ pg_rewind brings a crashed target to a consistent state itself (single-user
@@ -738,20 +859,30 @@ def rewind_node(node: Node, source: Node, *, os_user: str, bindir: str = "auto",
         conn.execute("CHECKPOINT")
     _set_phase(pgdata, "rewinding", os_user, source=source.name)
     env = client_env(source.dsn, dbname="postgres")
-    proc = run([pg_bin("pg_rewind", bindir), "--target-pgdata", str(pgdata), "--source-server", "",
-                "--no-sync"], timeout=timeout, os_user=os_user, env=env, check=False)
+    proc = run(
+        [pg_bin("pg_rewind", bindir), "--target-pgdata", str(pgdata), "--source-server", "", "--no-sync"],
+        timeout=timeout,
+        os_user=os_user,
+        env=env,
+        check=False,
+    )
     output = (proc.stdout + proc.stderr).strip()
     if proc.returncode != 0:
         _set_phase(pgdata, "rewind-failed", os_user, source=source.name)
         raise RewindFailed(f"pg_rewind of {node.name} failed: {' | '.join(output.splitlines()[-6:])}")
     _set_phase(pgdata, "rewound", os_user, source=source.name)
     method = "pg_rewind (no rewind required)" if "no rewind required" in output else "pg_rewind"
-    return RebuildResult(node=node.name, method=method, seconds=time.monotonic() - t0,
-                         detail=output.splitlines()[-1] if output else "")
+    return RebuildResult(
+        node=node.name,
+        method=method,
+        seconds=time.monotonic() - t0,
+        detail=output.splitlines()[-1] if output else "",
+    )
 
 
-def reclone_node(node: Node, source: Node, *, os_user: str, bindir: str = "auto",
-                 timeout: int = 3600) -> RebuildResult:
+def reclone_node(
+    node: Node, source: Node, *, os_user: str, bindir: str = "auto", timeout: int = 3600
+) -> RebuildResult:
     """Move the old data directory aside (kept) and pg_basebackup a fresh copy of ``source``.
 
     Resumable: a re-clone already in place is left alone, a half-made one (only the source's
@@ -760,8 +891,13 @@ def reclone_node(node: Node, source: Node, *, os_user: str, bindir: str = "auto"
     t0 = time.monotonic()
     pgdata = node_pgdata(node)
     if rebuild_phase(pgdata) == "cloned":
-        return RebuildResult(node=node.name, method="pg_basebackup re-clone", seconds=0.0,
-                             detail="already re-cloned", old_data=_newest_old(pgdata))
+        return RebuildResult(
+            node=node.name,
+            method="pg_basebackup re-clone",
+            seconds=0.0,
+            detail="already re-cloned",
+            old_data=_newest_old(pgdata),
+        )
     if (pgdata / "PG_VERSION").exists() or (pgdata.exists() and any(pgdata.iterdir())):
         if postmaster_running(pgdata) or server_processes(pgdata):
             raise PreconditionFailed(f"{node.name} is running: stop it before re-cloning")
@@ -775,9 +911,14 @@ def reclone_node(node: Node, source: Node, *, os_user: str, bindir: str = "auto"
     _set_phase(work, "cloned", os_user, source=source.name)
     work.rename(pgdata)
     old = _newest_old(pgdata)
-    return RebuildResult(node=node.name, method="pg_basebackup re-clone", seconds=time.monotonic() - t0,
-                         detail=f"fresh copy of {source.name}", old_data=old,
-                         old_data_bytes=dir_size(Path(old)) if old else None)
+    return RebuildResult(
+        node=node.name,
+        method="pg_basebackup re-clone",
+        seconds=time.monotonic() - t0,
+        detail=f"fresh copy of {source.name}",
+        old_data=old,
+        old_data_bytes=dir_size(Path(old)) if old else None,
+    )
 
 
 def _newest_old(pgdata: Path) -> str | None:
@@ -795,10 +936,14 @@ def start_as_standby(node: Node, source: Node, *, os_user: str, bindir: str = "a
     pgdata = node_pgdata(node)
     phase = rebuild_phase(pgdata)
     if phase not in READY_PHASES:
-        raise PreconditionFailed(f"{node.name} is in rebuild phase {phase!r}: only a rewound or re-cloned "
-                                 "data directory is started")
+        raise PreconditionFailed(
+            f"{node.name} is in rebuild phase {phase!r}: only a rewound or re-cloned "
+            "data directory is started"
+        )
     if postmaster_running(pgdata):
-        return RebuildResult(node=node.name, method="started as standby", seconds=0.0, detail="already running")
+        return RebuildResult(
+            node=node.name, method="started as standby", seconds=0.0, detail="already running"
+        )
     clear_stale_pidfile(pgdata)
     restored = restore_local_settings(pgdata, os_user=os_user)
     for leftover in ("backup_label.old", FENCE_MARKER):
@@ -806,9 +951,12 @@ def start_as_standby(node: Node, source: Node, *, os_user: str, bindir: str = "a
             (pgdata / leftover).unlink()
     configure_standby(pgdata, source, node.name, os_user=os_user)
     start_server(pgdata, os_user=os_user, bindir=bindir)
-    return RebuildResult(node=node.name, method="started as standby", seconds=time.monotonic() - t0,
-                         detail=f"own settings restored ({', '.join(restored) or 'none saved'}), "
-                         f"standby of {source.name}")
+    return RebuildResult(
+        node=node.name,
+        method="started as standby",
+        seconds=time.monotonic() - t0,
+        detail=f"own settings restored ({', '.join(restored) or 'none saved'}), standby of {source.name}",
+    )
 
 
 def finish_rebuild(pgdata: Path) -> None:
@@ -828,8 +976,15 @@ def discard_old_data(node: Node) -> tuple[list[str], int]:
     return [str(d) for d in dirs], freed
 
 
-def rebuild_as_standby(node: Node, source: Node, *, os_user: str, bindir: str = "auto",
-                       allow_reclone: bool = True, timeout: int = 3600) -> RebuildResult:
+def rebuild_as_standby(
+    node: Node,
+    source: Node,
+    *,
+    os_user: str,
+    bindir: str = "auto",
+    allow_reclone: bool = True,
+    timeout: int = 3600,
+) -> RebuildResult:
     """Every rebuild step in one call (tests, benches): stop, save settings, rewind else re-clone, start."""
     pgdata = node_pgdata(node)
     stop_for_rebuild(node, os_user=os_user, bindir=bindir)
@@ -857,8 +1012,9 @@ class LagResult(Frozen):
     seconds: float
 
 
-def wait_for_zero_lag(standby: Node, primary: Node, *, timeout: float = 300,
-                      interval: float = 0.5) -> LagResult:
+def wait_for_zero_lag(
+    standby: Node, primary: Node, *, timeout: float = 300, interval: float = 0.5
+) -> LagResult:
     """Wait until ``standby`` streams from ``primary`` and has replayed its current WAL position.
 
     One connection to each node for the whole wait (reopened only after an error), a poll every
@@ -881,11 +1037,17 @@ def wait_for_zero_lag(standby: Node, primary: Node, *, timeout: float = 300,
                 ).fetchone()
                 assert prow is not None and srow is not None
                 if srow[1] == "streaming" and srow[0] and lsn_to_int(srow[0]) >= lsn_to_int(prow[0]):
-                    return LagResult(standby=standby.name, primary_lsn=prow[0], replay_lsn=srow[0],
-                                     seconds=progress.elapsed())
+                    return LagResult(
+                        standby=standby.name,
+                        primary_lsn=prow[0],
+                        replay_lsn=srow[0],
+                        seconds=progress.elapsed(),
+                    )
                 behind = f", {lsn_to_int(prow[0]) - lsn_to_int(srow[0])} bytes behind" if srow[0] else ""
-                last = (f"{primary.name} at {prow[0]}, {standby.name} replayed {srow[0] or '-'}{behind}, "
-                        f"receiver {srow[1] or 'not running'}")
+                last = (
+                    f"{primary.name} at {prow[0]}, {standby.name} replayed {srow[0] or '-'}{behind}, "
+                    f"receiver {srow[1] or 'not running'}"
+                )
             except (ServerUnreachable, psycopg.Error) as exc:
                 last = one_line(exc)
                 for conn in (pconn, sconn):
@@ -896,8 +1058,9 @@ def wait_for_zero_lag(standby: Node, primary: Node, *, timeout: float = 300,
                 break
             progress.tick(last)
             time.sleep(min(interval, max(0.0, progress.left())))
-    raise TransientError(f"{standby.name} did not catch up with {primary.name} within {timeout:.0f}s "
-                         f"({last})")
+    raise TransientError(
+        f"{standby.name} did not catch up with {primary.name} within {timeout:.0f}s ({last})"
+    )
 
 
 def wait_replayed(standby: Node, lsn: str, *, timeout: float = 60, interval: float = 0.05) -> str:
@@ -913,8 +1076,10 @@ def wait_replayed(standby: Node, lsn: str, *, timeout: float = 60, interval: flo
                 return str(row[0])
             progress.tick(f"replayed up to {last}")
             time.sleep(interval)
-    raise PermanentError(f"{standby.name} replayed only up to {last}, not past {lsn} within "
-                         f"{timeout:.0f}s: promoting it would lose data")
+    raise PermanentError(
+        f"{standby.name} replayed only up to {last}, not past {lsn} within "
+        f"{timeout:.0f}s: promoting it would lose data"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -931,8 +1096,9 @@ class SwitchoverResult(Frozen):
     unavailable_seconds: float  # clean shutdown started -> first write committed on the new primary
 
 
-def switch_over(old: Node, new: Node, *, os_user: str, bindir: str = "auto", label: str,
-                replay_timeout: float = 60) -> SwitchoverResult:
+def switch_over(
+    old: Node, new: Node, *, os_user: str, bindir: str = "auto", label: str, replay_timeout: float = 60
+) -> SwitchoverResult:
     """Zero-loss switchover: stop ``old`` cleanly, check ``new`` replayed its shutdown checkpoint, promote.
 
     A clean ("fast") shutdown makes the walsenders send everything up to and including the
@@ -958,20 +1124,28 @@ def switch_over(old: Node, new: Node, *, os_user: str, bindir: str = "auto", lab
         if ctl.get("Database cluster state") != "shut down":
             raise PermanentError(
                 f"{old.name} is not cleanly shut down ({ctl.get('Database cluster state')}): a zero-loss "
-                "switchover is impossible; use failover instead")
+                "switchover is impossible; use failover instead"
+            )
         final = ctl.get("Latest checkpoint location")
         if not final:
             raise PermanentError(f"pg_controldata of {old.name} has no checkpoint location")
         replayed = wait_replayed(new, final, timeout=replay_timeout)
     promoted = promote_node(new)
     first = canary_write(new, label)
-    return SwitchoverResult(old_primary=old.name, new_primary=new.name, final_checkpoint_lsn=final,
-                            replayed_lsn=replayed, promote=promoted, first_write=first,
-                            unavailable_seconds=time.monotonic() - t_stop)
+    return SwitchoverResult(
+        old_primary=old.name,
+        new_primary=new.name,
+        final_checkpoint_lsn=final,
+        replayed_lsn=replayed,
+        promote=promoted,
+        first_write=first,
+        unavailable_seconds=time.monotonic() - t_stop,
+    )
 
 
-def rejoin_as_standby(node: Node, primary: Node, *, os_user: str, bindir: str = "auto",
-                      timeout: float = 120) -> LagResult:
+def rejoin_as_standby(
+    node: Node, primary: Node, *, os_user: str, bindir: str = "auto", timeout: float = 120
+) -> LagResult:
     """Restart ``node`` (cleanly stopped, same history) as a standby of ``primary`` and wait for it to stream."""
     pgdata = local_pgdata(node)
     if pgdata is None:

@@ -107,6 +107,7 @@ def name_of_key(key: str) -> str | None:
 
 # ---------------------------------------------------------------- settings
 
+
 @dataclass(frozen=True)
 class WalSettings:
     """What push and fetch need from the configuration."""
@@ -123,11 +124,15 @@ class WalSettings:
     def from_config(cls, repo_cfg: Any) -> WalSettings:
         from tasks.streams import load_key
 
-        return cls(codec=repo_cfg.compression, level=repo_cfg.compression_level,
-                   key=load_key(repo_cfg.encryption_key_env))
+        return cls(
+            codec=repo_cfg.compression,
+            level=repo_cfg.compression_level,
+            key=load_key(repo_cfg.encryption_key_env),
+        )
 
 
 # ---------------------------------------------------------------- digests and the header
+
 
 class _RawDigest:
     """SHA-256 of the raw bytes, or HMAC-SHA-256 under the encryption key (a plain hash of
@@ -169,9 +174,12 @@ def build_header(name: str, settings: WalSettings, digest: str, size: int) -> by
     from tasks.streams import STREAM_ALG, key_fingerprint
 
     body = {
-        "format": HEADER_FORMAT, "name": name, "codec": settings.codec,
+        "format": HEADER_FORMAT,
+        "name": name,
+        "codec": settings.codec,
         "encryption": STREAM_ALG if settings.key else "none",
-        "raw_size": size, "digest_alg": "hmac-sha256" if settings.key else "sha256",
+        "raw_size": size,
+        "digest_alg": "hmac-sha256" if settings.key else "sha256",
         "digest": digest,
     }
     if settings.key:
@@ -214,9 +222,13 @@ def split_header(chunks: Iterable[bytes], what: str) -> tuple[WalHeader, Iterato
         if doc.get("format") != HEADER_FORMAT:
             raise ValueError(doc.get("format"))
         header = WalHeader(
-            name=str(doc["name"]), codec=str(doc["codec"]), encryption=str(doc["encryption"]),
-            raw_size=int(doc["raw_size"]), digest_alg=str(doc["digest_alg"]),
-            digest=str(doc["digest"]), key_fingerprint=doc.get("key_fingerprint"),
+            name=str(doc["name"]),
+            codec=str(doc["codec"]),
+            encryption=str(doc["encryption"]),
+            raw_size=int(doc["raw_size"]),
+            digest_alg=str(doc["digest_alg"]),
+            digest=str(doc["digest"]),
+            key_fingerprint=doc.get("key_fingerprint"),
         )
     except (ValueError, KeyError, TypeError, AttributeError):
         raise ChecksumMismatch(f"{what}: header is corrupt") from None
@@ -259,12 +271,14 @@ def decode_object(
             if d.size > header.raw_size:
                 raise ChecksumMismatch(
                     f"{what}: checksum mismatch, longer than the {header.raw_size} bytes recorded "
-                    "(stored data is corrupt)")
+                    "(stored data is corrupt)"
+                )
             yield chunk
         if d.size != header.raw_size:
             raise ChecksumMismatch(
                 f"{what}: checksum mismatch, {d.size} bytes where the header says {header.raw_size} "
-                "(stored data is corrupt)")
+                "(stored data is corrupt)"
+            )
         if not hmac.compare_digest(d.hexdigest(), header.digest):
             raise ChecksumMismatch(f"{what}: checksum mismatch (stored data is corrupt)")
 
@@ -294,6 +308,7 @@ def _encoded(path: Path, name: str, settings: WalSettings, digest: str, size: in
 
 
 # ---------------------------------------------------------------- finding objects
+
 
 def find_object(repo: Repository, name: str, settings: WalSettings) -> str | None:
     """The key under which ``name`` is archived, or None. One request in the usual case (the
@@ -355,6 +370,7 @@ def duplicate_variants(keys: list[str]) -> dict[str, list[str]]:
 
 
 # ---------------------------------------------------------------- push
+
 
 @dataclass(frozen=True)
 class PushResult:
@@ -429,8 +445,10 @@ def push_file(repo: Repository, path: Path, settings: WalSettings) -> PushResult
     def counted() -> Iterator[bytes]:
         nonlocal stored_size
         if data is not None:
-            chunks: Iterable[bytes] = (build_header(name, settings, digest, size),
-                                       _compress_bytes(data, settings))
+            chunks: Iterable[bytes] = (
+                build_header(name, settings, digest, size),
+                _compress_bytes(data, settings),
+            )
         else:
             chunks = _encoded(path, name, settings, digest, size)
         for chunk in chunks:
@@ -481,6 +499,7 @@ def _same_as_stored(
 
 
 # ---------------------------------------------------------------- the look-ahead spool
+
 
 def config_stamp(config_path: str | Path) -> str:
     """Identifies a config file's version: spool state is only trusted under the same one."""
@@ -540,8 +559,12 @@ def _atomic_write(path: Path, data: bytes, like: Path | None = None, durable: bo
 def mark_archived(path: Path, result: PushResult, stamp: str) -> None:
     """Record (after the object is durable) that this exact file is archived."""
     body = {"name": result.name, "key": result.key, "config": stamp, **file_stamp(path)}
-    _atomic_write(spool_root(path.parent) / "archived" / f"{result.name}.ok",
-                  json.dumps(body).encode(), like=path.parent, durable=False)
+    _atomic_write(
+        spool_root(path.parent) / "archived" / f"{result.name}.ok",
+        json.dumps(body).encode(),
+        like=path.parent,
+        durable=False,
+    )
 
 
 def already_archived(path: Path, stamp: str) -> bool:
@@ -554,8 +577,11 @@ def already_archived(path: Path, stamp: str) -> bool:
     except (OSError, ValueError):
         return False
     return (
-        isinstance(body, dict) and body.get("config") == stamp and body.get("ino") == st.st_ino
-        and body.get("size") == st.st_size and body.get("mtime_ns") == st.st_mtime_ns
+        isinstance(body, dict)
+        and body.get("config") == stamp
+        and body.get("ino") == st.st_ino
+        and body.get("size") == st.st_size
+        and body.get("mtime_ns") == st.st_mtime_ns
     )
 
 
@@ -651,8 +677,10 @@ def spool_writable(pg_wal: Path) -> bool:
 
 # ---------------------------------------------------------------- fetch
 
-def _write_verified(repo: Repository, key: str, name: str, settings: WalSettings, dest: Path,
-                    pgdata: Path | None = None) -> tuple[int, WalHeader]:
+
+def _write_verified(
+    repo: Repository, key: str, name: str, settings: WalSettings, dest: Path, pgdata: Path | None = None
+) -> tuple[int, WalHeader]:
     """Stream the object into ``dest`` through a temporary name; rename only once verified
     (and, for a segment fetched for a data directory, once its first page says it belongs to
     that cluster at that address: PostgreSQL would take a foreign segment for the end of WAL)."""
@@ -780,8 +808,9 @@ def prefetcher_pid(pg_wal: Path) -> int | None:
     return pid
 
 
-def _prefetch_one(repo: Repository, name: str, settings: WalSettings, folder: Path, stamp: str,
-                  pgdata: Path) -> bool:
+def _prefetch_one(
+    repo: Repository, name: str, settings: WalSettings, folder: Path, stamp: str, pgdata: Path
+) -> bool:
     """Fetch, verify and mark one segment ahead; False when it is not (yet) archived (then a
     fresh "missing" mark lets the fast path answer recovery's request for it at once)."""
     key = find_object(repo, name, settings)
@@ -796,9 +825,12 @@ def _prefetch_one(repo: Repository, name: str, settings: WalSettings, folder: Pa
     with contextlib.suppress(FileNotFoundError):
         (folder / (name + walserve.MISSING_SUFFIX)).unlink()
     st = (folder / name).stat()
-    _atomic_write(folder / (name + walserve.MARK_SUFFIX),
-                  walserve.mark_text(stamp, st, header.digest_alg, header.digest).encode(),
-                  like=folder.parent.parent, durable=False)
+    _atomic_write(
+        folder / (name + walserve.MARK_SUFFIX),
+        walserve.mark_text(stamp, st, header.digest_alg, header.digest).encode(),
+        like=folder.parent.parent,
+        durable=False,
+    )
     return True
 
 
@@ -825,12 +857,22 @@ def _mark_missing(repo: Repository, name: str, folder: Path, stamp: str) -> None
     """Record that ``name`` is not in the archive, once the repository proved reachable (an
     unmounted repository is not the end of the archive)."""
     repository_reachable(repo)
-    _atomic_write(folder / (name + walserve.MISSING_SUFFIX), walserve.missing_text(stamp).encode(),
-                  like=folder.parent.parent, durable=False)
+    _atomic_write(
+        folder / (name + walserve.MISSING_SUFFIX),
+        walserve.missing_text(stamp).encode(),
+        like=folder.parent.parent,
+        durable=False,
+    )
 
 
 def run_prefetcher(
-    repo: Repository, settings: WalSettings, pg_wal: Path, stamp: str, *, depth: int, parallel: int,
+    repo: Repository,
+    settings: WalSettings,
+    pg_wal: Path,
+    stamp: str,
+    *,
+    depth: int,
+    parallel: int,
     idle_exit: float = 30.0,
 ) -> int:
     """Keep ``depth`` segments prefetched ahead of recovery until it ends; returns the count."""
@@ -876,8 +918,10 @@ def run_prefetcher(
                 if wanted and wanted != want:
                     want, active = wanted, now
                     wal = parse_wal_name(wanted)
-                    if wal.kind == "segment" and wal.segno is not None and (
-                        wal.timeline != timeline or not wal.segno < next_segno <= wal.segno + depth + 1
+                    if (
+                        wal.kind == "segment"
+                        and wal.segno is not None
+                        and (wal.timeline != timeline or not wal.segno < next_segno <= wal.segno + depth + 1)
                     ):
                         timeline, next_segno, retry_at = wal.timeline, wal.segno + 1, 0.0
                     for entry in os.listdir(folder):  # what recovery has passed
@@ -929,15 +973,17 @@ def run_prefetcher(
                         next_segno += 1
                         if name in in_flight or (folder / name).exists():
                             continue
-                        in_flight[name] = pool.submit(_prefetch_one, repo, name, settings, folder,
-                                                      stamp, pgdata)
+                        in_flight[name] = pool.submit(
+                            _prefetch_one, repo, name, settings, folder, stamp, pgdata
+                        )
                 if timeline:
                     held = sorted({n for n in in_flight if len(n) == 24} | ours)
                     current = " ".join([str(os.getpid()), *held])
                     if current != window:  # what the fast path may wait for (tasks.walserve)
                         window = current
-                        _atomic_write(folder / walserve.WINDOW_FILE, window.encode(), like=pg_wal,
-                                      durable=False)
+                        _atomic_write(
+                            folder / walserve.WINDOW_FILE, window.encode(), like=pg_wal, durable=False
+                        )
                 if not in_flight and now - active > idle_exit:
                     break
                 time.sleep(0.005)
@@ -958,14 +1004,13 @@ def repository_reachable(repo: Repository) -> None:
         if not root.is_dir():
             raise StorageUnavailable(f"repository {repo.url} is not reachable (no such directory)")
         if not any((root / d).is_dir() for d in ("wal", "backups")):
-            raise StorageUnavailable(
-                f"repository {repo.url} holds neither backups nor WAL: is it mounted?"
-            )
+            raise StorageUnavailable(f"repository {repo.url} holds neither backups nor WAL: is it mounted?")
         return
     repo.check()
 
 
 # ---------------------------------------------------------------- settings cache (no pydantic on the hot path)
+
 
 def save_settings_cache(pg_wal: Path, stamp: str, repo_cfg: Any) -> None:
     """Remember what a file-repository push or fetch needs from this config version, so the next
@@ -973,11 +1018,17 @@ def save_settings_cache(pg_wal: Path, stamp: str, repo_cfg: Any) -> None:
     secret: only the name of the key's environment variable."""
     if not str(repo_cfg.url).startswith("file://"):
         return
-    body = {"config": stamp, "url": repo_cfg.url, "codec": repo_cfg.compression,
-            "level": repo_cfg.compression_level, "key_env": repo_cfg.encryption_key_env}
+    body = {
+        "config": stamp,
+        "url": repo_cfg.url,
+        "codec": repo_cfg.compression,
+        "level": repo_cfg.compression_level,
+        "key_env": repo_cfg.encryption_key_env,
+    }
     with contextlib.suppress(OSError):
-        _atomic_write(spool_root(pg_wal) / "settings.json", json.dumps(body).encode(), like=pg_wal,
-                      durable=False)
+        _atomic_write(
+            spool_root(pg_wal) / "settings.json", json.dumps(body).encode(), like=pg_wal, durable=False
+        )
 
 
 def load_settings_cache(pg_wal: Path, stamp: str) -> tuple[Repository, WalSettings] | None:
@@ -999,8 +1050,11 @@ def load_settings_cache(pg_wal: Path, stamp: str) -> tuple[Repository, WalSettin
     if not url.startswith("file://") or not path.startswith("/") or codec not in CODEC_SUFFIX:
         return None
     level = body.get("level")
-    settings = WalSettings(codec=str(codec), level=int(level) if isinstance(level, int) else None,
-                           key=load_key(body.get("key_env") or None))
+    settings = WalSettings(
+        codec=str(codec),
+        level=int(level) if isinstance(level, int) else None,
+        key=load_key(body.get("key_env") or None),
+    )
     return FileRepository(Path(path), url), settings
 
 
@@ -1078,15 +1132,19 @@ def pusher_pid(pg_wal: Path) -> int | None:
 
 
 def run_pusher(
-    repo: Repository, settings: WalSettings, pg_wal: Path, stamp: str, *, parallel: int,
+    repo: Repository,
+    settings: WalSettings,
+    pg_wal: Path,
+    stamp: str,
+    *,
+    parallel: int,
     idle_exit: float = 10.0,
 ) -> int:
     """Push every .ready file until none has come for ``idle_exit`` seconds; returns the count."""
     lock = pusher_lock(pg_wal)
     if lock is None:
         return 0  # another pusher serves this pg_wal
-    _atomic_write(spool_root(pg_wal) / "pusher.pid", str(os.getpid()).encode(), like=pg_wal,
-                  durable=False)
+    _atomic_write(spool_root(pg_wal) / "pusher.pid", str(os.getpid()).encode(), like=pg_wal, durable=False)
     pushed = 0
     idle_since = time.monotonic()
     in_flight: dict[str, Future[PushResult]] = {}
@@ -1105,8 +1163,14 @@ def run_pusher(
                         res = fut.result()
                         mark_archived(pg_wal / name, res, stamp)
                         pushed += 1
-                        log.info("%s %s: %d -> %d bytes in %.0f ms", name, res.outcome, res.raw_size,
-                                 res.stored_size, res.seconds * 1000)
+                        log.info(
+                            "%s %s: %d -> %d bytes in %.0f ms",
+                            name,
+                            res.outcome,
+                            res.raw_size,
+                            res.stored_size,
+                            res.seconds * 1000,
+                        )
                     except (DRError, OSError) as exc:
                         log.warning("push of %s failed: %s", name, exc)
                         mark_failed(pg_wal / name, str(exc))

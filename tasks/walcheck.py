@@ -83,12 +83,24 @@ def _ranges(tli: int, missing: list[int], seg_size: int) -> list[Gap]:
         if s == prev + 1:
             prev = s
             continue
-        gaps.append(Gap(timeline=tli, first=segment_name(tli, start, seg_size),
-                        last=segment_name(tli, prev, seg_size), count=prev - start + 1))
+        gaps.append(
+            Gap(
+                timeline=tli,
+                first=segment_name(tli, start, seg_size),
+                last=segment_name(tli, prev, seg_size),
+                count=prev - start + 1,
+            )
+        )
         start = prev = s
     if start is not None and prev is not None:
-        gaps.append(Gap(timeline=tli, first=segment_name(tli, start, seg_size),
-                        last=segment_name(tli, prev, seg_size), count=prev - start + 1))
+        gaps.append(
+            Gap(
+                timeline=tli,
+                first=segment_name(tli, start, seg_size),
+                last=segment_name(tli, prev, seg_size),
+                count=prev - start + 1,
+            )
+        )
     return gaps
 
 
@@ -139,20 +151,26 @@ def find_gaps(
         missing = [s for s in range(first_needed, last_needed + 1) if s not in have]
         gaps.extend(_ranges(tli, missing, seg_size))
         kept = sorted(s for s in have if s >= first_needed)
-        spans.append(TimelineSpan(
-            timeline=tli,
-            first=segment_name(tli, kept[0], seg_size) if kept else None,
-            last=segment_name(tli, kept[-1], seg_size) if kept else None,
-            segments=len(kept), required_from=segment_name(tli, first_needed, seg_size),
-        ))
-    if start is not None and start.timeline not in present and not any(
-        s.parent == start.timeline for s in switches.values()
+        spans.append(
+            TimelineSpan(
+                timeline=tli,
+                first=segment_name(tli, kept[0], seg_size) if kept else None,
+                last=segment_name(tli, kept[-1], seg_size) if kept else None,
+                segments=len(kept),
+                required_from=segment_name(tli, first_needed, seg_size),
+            )
+        )
+    if (
+        start is not None
+        and start.timeline not in present
+        and not any(s.parent == start.timeline for s in switches.values())
     ):
         problems.append(f"no WAL archived since the oldest kept backup started ({start.name})")
     return gaps, spans, problems
 
 
 # ---------------------------------------------------------------- the archiver
+
 
 class ArchiverStatus(BaseModel):
     reachable: bool
@@ -213,11 +231,20 @@ def read_archiver(dsn: str) -> ArchiverStatus:
         return ArchiverStatus(reachable=False, error=one_line(exc))
     timeout = str(row[1])
     return ArchiverStatus(
-        reachable=True, archive_mode=str(row[0]), archive_timeout_s=_seconds(timeout),
-        in_recovery=bool(row[2]), archived_count=int(row[3] or 0), last_archived_wal=row[4],
-        last_archived_time=row[5], failed_count=int(row[6] or 0), last_failed_wal=row[7],
-        last_failed_time=row[8], current_lsn=row[9], current_wal=row[10],
-        timeline=int(row[10][:8], 16) if row[10] else None, ready_count=ready_count,
+        reachable=True,
+        archive_mode=str(row[0]),
+        archive_timeout_s=_seconds(timeout),
+        in_recovery=bool(row[2]),
+        archived_count=int(row[3] or 0),
+        last_archived_wal=row[4],
+        last_archived_time=row[5],
+        failed_count=int(row[6] or 0),
+        last_failed_wal=row[7],
+        last_failed_time=row[8],
+        current_lsn=row[9],
+        current_wal=row[10],
+        timeline=int(row[10][:8], 16) if row[10] else None,
+        ready_count=ready_count,
         seg_size=int(row[11] or SEGMENT_SIZE),
     )
 
@@ -232,6 +259,7 @@ def _seconds(text: str) -> int | None:
 
 
 # ---------------------------------------------------------------- the whole check
+
 
 class WalCheckReport(BaseModel):
     cluster: str
@@ -269,8 +297,10 @@ class WalCheckReport(BaseModel):
         lines.append(f"  oldest kept backup: {self.oldest_backup or '-'} (start WAL {self.start_wal or '-'})")
         lines.append(f"  archived files: {self.archived_files}, newest segment {self.newest_segment or '-'}")
         for span in self.timelines:
-            lines.append(f"  timeline {span.timeline}: {span.segments} segment(s) "
-                         f"{span.first or '-'}..{span.last or '-'}")
+            lines.append(
+                f"  timeline {span.timeline}: {span.segments} segment(s) "
+                f"{span.first or '-'}..{span.last or '-'}"
+            )
         for gap in self.gaps:
             lines.append(f"  GAP {gap.describe()}")
         a = self.archiver
@@ -282,8 +312,11 @@ class WalCheckReport(BaseModel):
                     f"  archiver: mode {a.archive_mode}, archived {a.archived_count}, failed "
                     f"{a.failed_count}, last archived {a.last_archived_wal or '-'} at "
                     f"{a.last_archived_time.isoformat() if a.last_archived_time else '-'}"
-                    + (f", last failure {a.last_failed_wal} at {a.last_failed_time.isoformat()}"
-                       if a.last_failed_time else "")
+                    + (
+                        f", last failure {a.last_failed_wal} at {a.last_failed_time.isoformat()}"
+                        if a.last_failed_time
+                        else ""
+                    )
                     + (f", {a.ready_count} waiting" if a.ready_count is not None else "")
                 )
         if self.lag_bytes is not None:
@@ -295,7 +328,9 @@ class WalCheckReport(BaseModel):
         return "\n".join(lines)
 
 
-def _histories(repo: Repository, archive: dict[str, str], settings: WalSettings) -> tuple[dict[int, Switch], list[str]]:
+def _histories(
+    repo: Repository, archive: dict[str, str], settings: WalSettings
+) -> tuple[dict[int, Switch], list[str]]:
     switches: dict[int, Switch] = {}
     problems: list[str] = []
     for name, key in archive.items():
@@ -325,7 +360,9 @@ def verify_archived(repo: Repository, name: str, settings: WalSettings) -> None:
         pass
 
 
-def check_wal(cfg: Config, repo: Repository, *, server: bool = True, now: datetime | None = None) -> WalCheckReport:
+def check_wal(
+    cfg: Config, repo: Repository, *, server: bool = True, now: datetime | None = None
+) -> WalCheckReport:
     """Continuity of the archive and, with ``server``, the archiver's health and lag."""
     from tasks.backup import list_backups
 
@@ -341,14 +378,16 @@ def check_wal(cfg: Config, repo: Repository, *, server: bool = True, now: dateti
     for name, variants in sorted(duplicate_variants(keys).items()):
         report.problems.append(
             f"{name} is archived {len(variants)} times ({', '.join(k.rsplit('/', 1)[-1] for k in variants)}): "
-            "wal-fetch may return either; keep the copy PostgreSQL wrote and remove the others by hand")
+            "wal-fetch may return either; keep the copy PostgreSQL wrote and remove the others by hand"
+        )
     seg_size = backups[0].wal_segment_size if backups else SEGMENT_SIZE
     if backups:
         report.oldest_backup, report.start_wal = backups[0].id, backups[0].start_wal
     switches, problems = _histories(repo, archive, settings)
     report.problems += problems
-    gaps, spans, problems = find_gaps(archive, start_wal=report.start_wal, switches=switches,
-                                      seg_size=seg_size)
+    gaps, spans, problems = find_gaps(
+        archive, start_wal=report.start_wal, switches=switches, seg_size=seg_size
+    )
     report.gaps, report.timelines = gaps, spans
     report.problems += problems
     segs = [parse_wal_name(n, seg_size) for n in archive]
@@ -380,17 +419,23 @@ def judge_backups(repo: Repository, cluster: str) -> list[str]:
             if problems:
                 problems.append(f"the newest restorable physical backup is {e.manifest.id}")
             return problems
-        problems.append(f"the newest physical backup {e.manifest.id} is BROKEN: {problem}"
-                        if not any("BROKEN" in p for p in problems)
-                        else f"backup {e.manifest.id} is BROKEN: {problem}")
+        problems.append(
+            f"the newest physical backup {e.manifest.id} is BROKEN: {problem}"
+            if not any("BROKEN" in p for p in problems)
+            else f"backup {e.manifest.id} is BROKEN: {problem}"
+        )
     if problems:
         problems.append("no physical backup in the repository can be restored")
     return problems
 
 
 def judge_archiver(
-    report: WalCheckReport, a: ArchiverStatus, repo: Repository, settings: WalSettings,
-    archive: dict[str, str], now: datetime,
+    report: WalCheckReport,
+    a: ArchiverStatus,
+    repo: Repository,
+    settings: WalSettings,
+    archive: dict[str, str],
+    now: datetime,
 ) -> None:
     if not a.reachable:
         report.problems.append(f"archiver state unknown: {a.error}")
@@ -428,8 +473,9 @@ def judge_archiver(
     # really in the repository (what a restore could reach), and for how long.
     if a.current_lsn and a.timeline and not a.in_recovery:
         mine = [parse_wal_name(n, a.seg_size) for n in archive]
-        segnos = [w.segno for w in mine if w.timeline == a.timeline and w.kind == "segment"
-                  and w.segno is not None]
+        segnos = [
+            w.segno for w in mine if w.timeline == a.timeline and w.kind == "segment" and w.segno is not None
+        ]
         current = parse_lsn(a.current_lsn)
         if segnos:
             end = (max(segnos) + 1) * a.seg_size
@@ -443,6 +489,7 @@ def judge_archiver(
 
 
 # ---------------------------------------------------------------- lag between checks
+
 
 class WalCheckFailed(PermanentError):
     """The check ran to the end and found problems; carries the report (the CLI prints it)."""

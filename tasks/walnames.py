@@ -31,6 +31,7 @@ WalKind = Literal["segment", "partial", "backup", "history"]
 
 # ---------------------------------------------------------------- LSN
 
+
 def lsn_to_int(lsn: str) -> int:
     """'16/B374D848' -> byte position, for LSNs a server reported; raises ValueError on anything else."""
     hi, sep, lo = lsn.strip().partition("/")
@@ -62,6 +63,7 @@ def format_lsn(value: int) -> str:
 
 
 # ---------------------------------------------------------------- WAL file names
+
 
 def segments_per_id(seg_size: int = SEGMENT_SIZE) -> int:
     """Segments per 4 GB "log id" (XLogSegmentsPerXLogId)."""

@@ -70,8 +70,10 @@ def prefetch_folder(dest: str) -> str:
 
 def mark_text(stamp: str, st: os.stat_result, alg: str, digest: str) -> str:
     """The mark of a verified prefetched file; ``alg``/``digest`` are the archived header's."""
-    return (f"stamp={stamp}\nboot={boot_id()}\nino={st.st_ino}\nsize={st.st_size}\n"
-            f"mtime_ns={st.st_mtime_ns}\nalg={alg}\ndigest={digest}\n")
+    return (
+        f"stamp={stamp}\nboot={boot_id()}\nino={st.st_ino}\nsize={st.st_size}\n"
+        f"mtime_ns={st.st_mtime_ns}\nalg={alg}\ndigest={digest}\n"
+    )
 
 
 def read_mark(path: str) -> dict[str, str] | None:
@@ -155,7 +157,9 @@ def check_prefetched(name: str, dest: str, stamp: str) -> tuple[str, str, int] |
     try:
         st = os.fstat(fd)
         if (str(st.st_ino), str(st.st_size), str(st.st_mtime_ns)) != (
-            mark.get("ino"), mark.get("size"), mark.get("mtime_ns")
+            mark.get("ino"),
+            mark.get("size"),
+            mark.get("mtime_ns"),
         ):
             return "not the file that was verified"
         head = os.read(fd, LONG_HEADER.size)
@@ -243,7 +247,12 @@ def known_missing(name: str, dest: str, stamp: str) -> bool:
     except OSError:
         return False
     mark = read_mark(path)
-    if mark is None or mark.get("stamp") != stamp or mark.get("boot") != boot_id() or not 0 <= age < MISSING_FRESH:
+    if (
+        mark is None
+        or mark.get("stamp") != stamp
+        or mark.get("boot") != boot_id()
+        or not 0 <= age < MISSING_FRESH
+    ):
         return False
     try:
         with open(os.path.join(folder, WINDOW_FILE)) as fh:
@@ -267,7 +276,7 @@ def parse_argv(argv: list[str]) -> tuple[str, str, str] | None:
             i += 1
         else:
             return None
-    rest = argv[i + 1:]
+    rest = argv[i + 1 :]
     if i >= len(argv) or len(rest) not in (2, 4):
         return None
     if len(rest) == 4 and (rest[2] != "--prefetch" or not rest[3].isdigit()):
@@ -289,7 +298,9 @@ def main(argv: list[str]) -> int:
     try:
         os.execv(sys.executable, [sys.executable, "-P", "-m", "flows.cli", *argv])
     except OSError as exc:
-        sys.stderr.write(f"gravl-dr: error: wal-fetch: cannot run gravl-dr: {exc} (exit 255: recovery stops)\n")
+        sys.stderr.write(
+            f"gravl-dr: error: wal-fetch: cannot run gravl-dr: {exc} (exit 255: recovery stops)\n"
+        )
     return 255
 
 

@@ -38,12 +38,30 @@ pytest_plugins = ["conftest_failover", "s3fault", "conftest_prodshape"]
 # Two tiers (STYLE.md): a test is `integration` when it asks for any fixture outside this set
 # (every fixture that starts a server, a cluster, moto or Prefect is outside it), `unit` otherwise.
 # A test that starts something by itself (a CLI subprocess, say) carries `@pytest.mark.integration`.
-UNIT_FIXTURES = frozenset({
-    "tmp_path", "tmp_path_factory", "tmpdir", "tmpdir_factory", "monkeypatch", "capsys", "capfd",
-    "capsysbinary", "capfdbinary", "caplog", "recwarn", "request", "pytestconfig", "cache",
-    "record_property", "record_testsuite_property", "record_xml_attribute", "doctest_namespace",
-    "file_repo_dir", "file_repo_url",
-})
+UNIT_FIXTURES = frozenset(
+    {
+        "tmp_path",
+        "tmp_path_factory",
+        "tmpdir",
+        "tmpdir_factory",
+        "monkeypatch",
+        "capsys",
+        "capfd",
+        "capsysbinary",
+        "capfdbinary",
+        "caplog",
+        "recwarn",
+        "request",
+        "pytestconfig",
+        "cache",
+        "record_property",
+        "record_testsuite_property",
+        "record_xml_attribute",
+        "doctest_namespace",
+        "file_repo_dir",
+        "file_repo_url",
+    }
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -157,7 +175,8 @@ def pushgateway() -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
         [binary, f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_port("127.0.0.1", port, "the Pushgateway")
@@ -179,8 +198,9 @@ def make_config(tmp_path: Path, pg_primary: LocalCluster) -> Callable[..., Path]
     """Write a config file for the session primary and a repository; keys can be overridden."""
     from gravl_testlib import write_config
 
-    def make(repo_url: str, *, moto: str | None = None, name: str = "gravl-dr.yaml",
-             **overrides: Any) -> Path:
+    def make(
+        repo_url: str, *, moto: str | None = None, name: str = "gravl-dr.yaml", **overrides: Any
+    ) -> Path:
         repository: dict[str, Any] = {"url": repo_url}
         if repo_url.startswith("s3://"):
             repository.update({"endpoint_url": moto, "region": "eu-north-1", "part_size_mb": 5})

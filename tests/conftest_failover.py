@@ -83,8 +83,13 @@ class Pair:
 
     def wait_replayed(self, primary: LocalCluster, standby: LocalCluster, timeout: float = 30) -> None:
         target = sql(primary.dsn(), "SELECT pg_current_wal_insert_lsn()")[0][0]
-        wait_until(lambda: bool(sql(standby.dsn(), "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn",
-                                    (str(target),))[0][0]), timeout, "standby replay")
+        wait_until(
+            lambda: bool(
+                sql(standby.dsn(), "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (str(target),))[0][0]
+            ),
+            timeout,
+            "standby replay",
+        )
 
     def kill_home(self) -> None:
         pid = self.home.postmaster_pid()
@@ -124,8 +129,11 @@ def pg_pair() -> Iterator[Callable[..., Pair]]:
         standby.append_conf({"listen_addresses": "'127.0.0.2'", "port": str(standby.port)})
         configure_standby(standby.pgdata, pair.home_node, "standby-1", os_user=PG_USER)
         standby.start()
-        wait_until(lambda: sql(standby.dsn(), "SELECT status FROM pg_stat_wal_receiver") == [("streaming",)],
-                   30, "streaming")
+        wait_until(
+            lambda: sql(standby.dsn(), "SELECT status FROM pg_stat_wal_receiver") == [("streaming",)],
+            30,
+            "streaming",
+        )
         return pair
 
     yield make
@@ -146,11 +154,30 @@ def route53_dns(moto_endpoint: str) -> dict[str, Any]:
 
     client = boto3.client("route53", endpoint_url=moto_endpoint, region_name="us-east-1")
     zone_id = client.create_hosted_zone(Name=ZONE, CallerReference=uuid.uuid4().hex)["HostedZone"]["Id"]
-    client.change_resource_record_sets(HostedZoneId=zone_id, ChangeBatch={"Changes": [{
-        "Action": "UPSERT", "ResourceRecordSet": {"Name": RECORD, "Type": "A", "TTL": 30,
-                                                  "ResourceRecords": [{"Value": "127.0.0.1"}]}}]})
-    return {"provider": "route53", "zone_id": zone_id, "record": RECORD, "ttl": 30,
-            "endpoint_url": moto_endpoint, "region": "us-east-1"}
+    client.change_resource_record_sets(
+        HostedZoneId=zone_id,
+        ChangeBatch={
+            "Changes": [
+                {
+                    "Action": "UPSERT",
+                    "ResourceRecordSet": {
+                        "Name": RECORD,
+                        "Type": "A",
+                        "TTL": 30,
+                        "ResourceRecords": [{"Value": "127.0.0.1"}],
+                    },
+                }
+            ]
+        },
+    )
+    return {
+        "provider": "route53",
+        "zone_id": zone_id,
+        "record": RECORD,
+        "ttl": 30,
+        "endpoint_url": moto_endpoint,
+        "region": "us-east-1",
+    }
 
 
 def route53_values(dns: dict[str, Any]) -> list[str]:
@@ -158,7 +185,9 @@ def route53_values(dns: dict[str, Any]) -> list[str]:
 
     client = boto3.client("route53", endpoint_url=dns["endpoint_url"], region_name="us-east-1")
     sets = client.list_resource_record_sets(HostedZoneId=dns["zone_id"])["ResourceRecordSets"]
-    return [r["Value"] for s in sets if s["Name"] == RECORD and s["Type"] == "A" for r in s["ResourceRecords"]]
+    return [
+        r["Value"] for s in sets if s["Name"] == RECORD and s["Type"] == "A" for r in s["ResourceRecords"]
+    ]
 
 
 @dataclass
@@ -182,8 +211,7 @@ class BindServer:
         import dns.update
 
         keyring = dns.tsigkeyring.from_text({TSIG_KEY: self.secret})
-        upd = dns.update.UpdateMessage(ZONE, keyring=keyring, keyname=TSIG_KEY,
-                                       keyalgorithm="hmac-sha256.")
+        upd = dns.update.UpdateMessage(ZONE, keyring=keyring, keyname=TSIG_KEY, keyalgorithm="hmac-sha256.")
         upd.replace(RECORD, 30, "A", value)
         resp = dns.query.tcp(upd, "127.0.0.1", port=self.port, timeout=3)
         assert resp.rcode() == 0, resp
@@ -195,13 +223,15 @@ def bind_server() -> Iterator[BindServer]:
     named = shutil.which("named") or "/usr/sbin/named"
     keygen = shutil.which("tsig-keygen") or "/usr/sbin/tsig-keygen"
     directory = Path(tempfile.mkdtemp(prefix="gravl-test-bind-", dir="/tmp"))
-    keyconf = subprocess.run([keygen, "-a", "hmac-sha256", TSIG_KEY], capture_output=True, text=True,
-                             check=True).stdout
+    keyconf = subprocess.run(
+        [keygen, "-a", "hmac-sha256", TSIG_KEY], capture_output=True, text=True, check=True
+    ).stdout
     secret = keyconf.split('secret "', 1)[1].split('"', 1)[0]
     (directory / "key.conf").write_text(keyconf)
     (directory / "db.zone").write_text(
         f"$TTL 30\n@ IN SOA ns.{ZONE} admin.{ZONE} 1 60 60 600 30\n@ IN NS ns.{ZONE}\n"
-        "ns IN A 127.0.0.1\ndb IN A 127.0.0.1\n")
+        "ns IN A 127.0.0.1\ndb IN A 127.0.0.1\n"
+    )
     port = free_port()
     (directory / "named.conf").write_text(f"""
 include "{directory}/key.conf";
@@ -216,7 +246,7 @@ options {{
     dnssec-validation no;
 }};
 controls {{ }};
-zone "{ZONE.rstrip('.')}" {{
+zone "{ZONE.rstrip(".")}" {{
     type primary;
     file "{directory}/db.zone";
     update-policy {{ grant {TSIG_KEY} zonesub ANY; }};
@@ -225,8 +255,9 @@ zone "{ZONE.rstrip('.')}" {{
     # When root, named keeps running as root without -u; the zone directory must be writable for
     # its journal either way.
     log = open(directory / "named.log", "wb")
-    proc = subprocess.Popen([named, "-g", "-c", str(directory / "named.conf")], stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [named, "-g", "-c", str(directory / "named.conf")], stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         wait_port("127.0.0.1", port, "named")
         server = BindServer(port=port, directory=directory, secret=secret, proc=proc)
@@ -249,9 +280,17 @@ def bind_dns(bind_server: BindServer, monkeypatch: pytest.MonkeyPatch) -> dict[s
     """DNS config for the BIND server, the record reset to 127.0.0.1 and the TSIG secret in the env."""
     bind_server.set_record("127.0.0.1")
     monkeypatch.setenv(TSIG_ENV, bind_server.secret)
-    return {"provider": "rfc2136", "server": "127.0.0.1", "port": bind_server.port, "zone": ZONE,
-            "record": RECORD, "ttl": 30, "key_name": TSIG_KEY, "key_env": TSIG_ENV,
-            "key_algorithm": "hmac-sha256"}
+    return {
+        "provider": "rfc2136",
+        "server": "127.0.0.1",
+        "port": bind_server.port,
+        "zone": ZONE,
+        "record": RECORD,
+        "ttl": 30,
+        "key_name": TSIG_KEY,
+        "key_env": TSIG_ENV,
+        "key_algorithm": "hmac-sha256",
+    }
 
 
 def wrong_secret() -> str:

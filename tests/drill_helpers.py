@@ -57,8 +57,9 @@ def corrupt_index(cluster: LocalCluster, dbname: str, index: str, block: int = 1
     cluster.start()
 
 
-def copy_backup_with_counts(repo_dir: Path, backup_id: str, new_id: str,
-                            counts: dict[str, dict[str, int]]) -> None:
+def copy_backup_with_counts(
+    repo_dir: Path, backup_id: str, new_id: str, counts: dict[str, dict[str, int]]
+) -> None:
     """A copy of a backup whose manifest records other row counts (its objects are identical)."""
     src = repo_dir / "backups" / backup_id
     dst = repo_dir / "backups" / new_id

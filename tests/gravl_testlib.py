@@ -33,8 +33,13 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def run_cli(*args: str, config: Path | str | None = None, env: dict[str, str] | None = None,
-            timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str,
+    config: Path | str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run the installed gravl-dr command as a user would."""
     argv = [GRAVL_DR]
     if config is not None:
@@ -42,8 +47,9 @@ def run_cli(*args: str, config: Path | str | None = None, env: dict[str, str] | 
     argv += list(args)
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=full_env,
-                          input=input, cwd=str(REPO_ROOT))
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, env=full_env, input=input, cwd=str(REPO_ROOT)
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:

@@ -102,10 +102,20 @@ HISTORY_NEWEST = "2019-12-31 23:00:00+00"
 
 EXPECTED_ROWS: dict[str, dict[str, int]] = {
     "shop": {
-        "public.User": 200, "Sales.Order": 400, "Sales.Order Items": 1000, "public.group": 3,
-        "public.events": 300, "public.accounts": 90, "public.vehicles": 50, "public.cars": 20,
-        "public.secrets": 500, "public.secret_notes": 2000, "public.session_cache": 100,
-        "public.reservations": 20, "public.ticks": 0, "audit.user_changes": 200,
+        "public.User": 200,
+        "Sales.Order": 400,
+        "Sales.Order Items": 1000,
+        "public.group": 3,
+        "public.events": 300,
+        "public.accounts": 90,
+        "public.vehicles": 50,
+        "public.cars": 20,
+        "public.secrets": 500,
+        "public.secret_notes": 2000,
+        "public.session_cache": 100,
+        "public.reservations": 20,
+        "public.ticks": 0,
+        "audit.user_changes": 200,
         # audit.ddl_log: however many DDL commands the build ran (not a fixed number)
     },
     "legacy": {"public.Kunden": 60, "public.bestellungen": 120},
@@ -327,16 +337,20 @@ class ProdCluster:
 
     def connect(self, dbname: str = "shop", user: str = "postgres", **kwargs: Any) -> psycopg.Connection[Any]:
         password = self.passwords.get(user) if self.password_auth else None
-        return psycopg.connect(self.dsn(dbname, user), password=password, autocommit=True, connect_timeout=10,
-                               **kwargs)
+        return psycopg.connect(
+            self.dsn(dbname, user), password=password, autocommit=True, connect_timeout=10, **kwargs
+        )
 
-    def sql(self, query: str, params: Any = None, *, dbname: str = "shop", user: str = "postgres") -> list[Any]:
+    def sql(
+        self, query: str, params: Any = None, *, dbname: str = "shop", user: str = "postgres"
+    ) -> list[Any]:
         with self.connect(dbname, user) as conn:
             cur = conn.execute(query, params)
             return cur.fetchall() if cur.description else []
 
-    def config(self, path: Path | None = None, *, user: str = "postgres", dbname: str = "shop",
-               **overrides: Any) -> Path:
+    def config(
+        self, path: Path | None = None, *, user: str = "postgres", dbname: str = "shop", **overrides: Any
+    ) -> Path:
         """A gravl-dr config for this cluster and its repository, connecting as ``user``.
 
         With password auth the password goes into a pgpass file next to the config (PGPASSFILE
@@ -412,8 +426,25 @@ class WriteLoad:
         self._script = self.prod.conf_dir / f"writer-{time.monotonic_ns()}.sql"
         self._script.write_text(_WRITER_SCRIPT)
         c = self.prod.cluster
-        argv = [pg_bin("pgbench", c.bindir), "-n", "-h", c.host, "-p", str(c.port), "-U", "app_user",
-                "-c", str(self.clients), "-T", "3600", "-R", str(self.rate), "-f", str(self._script), self.dbname]
+        argv = [
+            pg_bin("pgbench", c.bindir),
+            "-n",
+            "-h",
+            c.host,
+            "-p",
+            str(c.port),
+            "-U",
+            "app_user",
+            "-c",
+            str(self.clients),
+            "-T",
+            "3600",
+            "-R",
+            str(self.rate),
+            "-f",
+            str(self._script),
+            self.dbname,
+        ]
         env = {"PATH": "/usr/bin:/bin", **self.prod.env()}
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         # wait for the first committed tick, so the load is really running when we return
@@ -437,8 +468,9 @@ class WriteLoad:
             self.proc.kill()
             self.proc.communicate()
         self.proc = None
-        self.transactions = int(self.prod.sql("SELECT count(*) FROM public.ticks WHERE id > %s",
-                                              (self._first_tick,))[0][0])
+        self.transactions = int(
+            self.prod.sql("SELECT count(*) FROM public.ticks WHERE id > %s", (self._first_tick,))[0][0]
+        )
         if self._script is not None:
             self._script.unlink(missing_ok=True)
 
@@ -447,8 +479,9 @@ def _run(conn: psycopg.Connection[Any], script: str) -> None:
     conn.execute(script)  # type: ignore[arg-type]  # a fixed multi-statement script, no parameters
 
 
-def build_prod_cluster(*, tablespace: bool = False, password_auth: bool = False, checksums: bool = True,
-                       archive: bool = True) -> ProdCluster:
+def build_prod_cluster(
+    *, tablespace: bool = False, password_auth: bool = False, checksums: bool = True, archive: bool = True
+) -> ProdCluster:
     """Build the production-shaped cluster described in this module's docstring (a few seconds)."""
     base = make_private_dir("gravl-test-prodshape-", PG_USER)
     repo_dir = base / "repo"
@@ -457,30 +490,46 @@ def build_prod_cluster(*, tablespace: bool = False, password_auth: bool = False,
     conf_dir.mkdir()
     ts_dir = make_private_dir("gravl-test-prodshape-ts-", PG_USER) if tablespace else None
     cluster = LocalCluster(base / "data", free_port(), dbname="shop")
-    prod = ProdCluster(cluster=cluster, base=base, repo_dir=repo_dir, conf_dir=conf_dir, tablespace_dir=ts_dir,
-                       password_auth=False)
+    prod = ProdCluster(
+        cluster=cluster,
+        base=base,
+        repo_dir=repo_dir,
+        conf_dir=conf_dir,
+        tablespace_dir=ts_dir,
+        password_auth=False,
+    )
     archive_conf = prod.config(conf_dir / "archive.yaml")
     chown_tree(base, PG_USER)
     extra = {"password_encryption": "'scram-sha-256'", "wal_keep_size": "'0'"}
     if archive:
-        extra.update({"archive_mode": "on",
-                      "archive_command": f"'{GRAVL_DR} --config {archive_conf} wal-push %p'"})
+        extra.update(
+            {"archive_mode": "on", "archive_command": f"'{GRAVL_DR} --config {archive_conf} wal-push %p'"}
+        )
     try:
         cluster.initdb(checksums=checksums, extra_conf=extra)
         cluster.start()
         with prod.connect("postgres") as conn:
             _run(conn, _ROLES)
             _run(conn, (REPO_ROOT / "infra" / "postgres" / "roles.sql").read_text())
-            conn.execute(sql.SQL("ALTER ROLE gravl_dr PASSWORD {}").format(sql.Literal(PASSWORDS["gravl_dr"])))
+            conn.execute(
+                sql.SQL("ALTER ROLE gravl_dr PASSWORD {}").format(sql.Literal(PASSWORDS["gravl_dr"]))
+            )
             for db in DATABASES:
                 if db == LATIN1_DB:
-                    conn.execute(sql.SQL("CREATE DATABASE {} OWNER app_owner TEMPLATE template0 ENCODING 'LATIN1' "
-                                         "LC_COLLATE 'C' LC_CTYPE 'C'").format(sql.Identifier(db)))
+                    conn.execute(
+                        sql.SQL(
+                            "CREATE DATABASE {} OWNER app_owner TEMPLATE template0 ENCODING 'LATIN1' "
+                            "LC_COLLATE 'C' LC_CTYPE 'C'"
+                        ).format(sql.Identifier(db))
+                    )
                 else:
                     conn.execute(sql.SQL("CREATE DATABASE {} OWNER app_owner").format(sql.Identifier(db)))
             if ts_dir is not None:
-                conn.execute(sql.SQL("CREATE TABLESPACE app_space OWNER app_owner LOCATION {}").format(
-                    sql.Literal(str(ts_dir))))
+                conn.execute(
+                    sql.SQL("CREATE TABLESPACE app_space OWNER app_owner LOCATION {}").format(
+                        sql.Literal(str(ts_dir))
+                    )
+                )
         with prod.connect("shop") as conn:
             _run(conn, _SHOP_SUPERUSER)
             conn.execute("SET ROLE app_owner")
@@ -489,22 +538,32 @@ def build_prod_cluster(*, tablespace: bool = False, password_auth: bool = False,
                 _run(conn, _SHOP_TABLESPACE)
             conn.execute("RESET ROLE")
             _run(conn, _SHOP_LAST)
-        for db, script in ((LATIN1_DB, _LEGACY), (READ_ONLY_DB, _REPORTS), (NO_CONNECT_DB, _FROZEN),
-                           (HISTORY_DB, _ARCHIVE)):
+        for db, script in (
+            (LATIN1_DB, _LEGACY),
+            (READ_ONLY_DB, _REPORTS),
+            (NO_CONNECT_DB, _FROZEN),
+            (HISTORY_DB, _ARCHIVE),
+        ):
             with prod.connect(db) as conn:
                 conn.execute("SET ROLE app_owner")
                 _run(conn, script)
         with prod.connect("shop") as conn:  # the one database with large objects
             _run(conn, (REPO_ROOT / "infra" / "postgres" / "roles-per-database.sql").read_text())
         with prod.connect("postgres") as conn:
-            conn.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(
-                sql.Identifier(READ_ONLY_DB)))
-            conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(NO_CONNECT_DB)))
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(
+                    sql.Identifier(READ_ONLY_DB)
+                )
+            )
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(NO_CONNECT_DB))
+            )
             conn.execute("CHECKPOINT")
         if password_auth:
             _require_passwords(prod)
-        prod.pgpass.write_text("".join(f"{cluster.host}:{cluster.port}:*:{role}:{pw}\n"
-                                       for role, pw in PASSWORDS.items()))
+        prod.pgpass.write_text(
+            "".join(f"{cluster.host}:{cluster.port}:*:{role}:{pw}\n" for role, pw in PASSWORDS.items())
+        )
         prod.pgpass.chmod(0o600)
         return prod
     except BaseException:
@@ -515,8 +574,12 @@ def build_prod_cluster(*, tablespace: bool = False, password_auth: bool = False,
 def _require_passwords(prod: ProdCluster) -> None:
     """scram-sha-256 for every role but postgres (first match wins in pg_hba.conf)."""
     hba = prod.cluster.pgdata / "pg_hba.conf"
-    lines = ["host all postgres 127.0.0.1/32 trust", "host replication postgres 127.0.0.1/32 trust",
-             "host all all 127.0.0.1/32 scram-sha-256", "host replication all 127.0.0.1/32 scram-sha-256"]
+    lines = [
+        "host all postgres 127.0.0.1/32 trust",
+        "host replication postgres 127.0.0.1/32 trust",
+        "host all all 127.0.0.1/32 scram-sha-256",
+        "host replication all 127.0.0.1/32 scram-sha-256",
+    ]
     hba.write_text("\n".join(lines) + "\n" + hba.read_text())
     chown_tree(hba, PG_USER)
     prod.sql("SELECT pg_reload_conf()", dbname="postgres")

@@ -115,18 +115,34 @@ class S3FaultProxy:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
-                                        name="s3fault")
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="s3fault")
         self._thread.start()
 
     # ------------------------------------------------------------ API
 
-    def add(self, method: str = "*", key: str = "", *, action: str, times: int | None = 1,
-            query: str | None = None, status: int = 503, code: str = "SlowDown",
-            delay: float = 0.0) -> Rule:
+    def add(
+        self,
+        method: str = "*",
+        key: str = "",
+        *,
+        action: str,
+        times: int | None = 1,
+        query: str | None = None,
+        status: int = 503,
+        code: str = "SlowDown",
+        delay: float = 0.0,
+    ) -> Rule:
         """Add a rule; see the module docstring. Returns it (``rule.shots`` counts firings)."""
-        rule = Rule(method=method.upper(), key=key, action=action, times=times, query=query,
-                    status=status, code=code, delay=delay)
+        rule = Rule(
+            method=method.upper(),
+            key=key,
+            action=action,
+            times=times,
+            query=query,
+            status=status,
+            code=code,
+            delay=delay,
+        )
         with self._lock:
             self.rules.append(rule)
         return rule
@@ -143,8 +159,7 @@ class S3FaultProxy:
         """Logged requests, optionally filtered by method and a key regex."""
         pat = re.compile(key)
         with self._lock:
-            return [r for r in self.log
-                    if (method is None or r[0] == method.upper()) and pat.search(r[1])]
+            return [r for r in self.log if (method is None or r[0] == method.upper()) and pat.search(r[1])]
 
     def close(self) -> None:
         self._server.shutdown()
@@ -195,8 +210,12 @@ class S3FaultProxy:
         action = rule.action if rule else "forward"
         if rule is not None and rule.action == "error":
             self._record(method, key, query, f"error {rule.status}")
-            self._answer(h, rule.status, [("Content-Type", "application/xml")],
-                         b"" if method == "HEAD" else _error_body(rule.code, key))
+            self._answer(
+                h,
+                rule.status,
+                [("Content-Type", "application/xml")],
+                b"" if method == "HEAD" else _error_body(rule.code, key),
+            )
             return
         if rule is not None and rule.action == "drop":
             self._record(method, key, query, "drop")
@@ -211,14 +230,19 @@ class S3FaultProxy:
             return
         if rule is not None and rule.action == "after_error":
             self._record(method, key, query, f"after_error {rule.status} (upstream {status})")
-            self._answer(h, rule.status, [("Content-Type", "application/xml")],
-                         b"" if method == "HEAD" else _error_body(rule.code, key))
+            self._answer(
+                h,
+                rule.status,
+                [("Content-Type", "application/xml")],
+                b"" if method == "HEAD" else _error_body(rule.code, key),
+            )
             return
         self._record(method, key, query, str(status) if action == "forward" else f"{action} {status}")
         self._answer(h, status, headers, payload, head=method == "HEAD")
 
-    def _forward(self, method: str, path: str, headers: list[tuple[str, str]],
-                 body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+    def _forward(
+        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
         conn = http.client.HTTPConnection(self.upstream_host, self.upstream_port, timeout=120)
         try:
             conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
@@ -237,8 +261,13 @@ class S3FaultProxy:
             conn.close()
 
     @staticmethod
-    def _answer(h: BaseHTTPRequestHandler, status: int, headers: list[tuple[str, str]],
-                payload: bytes, head: bool = False) -> None:
+    def _answer(
+        h: BaseHTTPRequestHandler,
+        status: int,
+        headers: list[tuple[str, str]],
+        payload: bytes,
+        head: bool = False,
+    ) -> None:
         h.send_response_only(status)
         has_length = False
         for name, value in headers:

@@ -26,8 +26,9 @@ def _flip_byte(path: Path, offset: int) -> None:
         fh.write(bytes([byte[0] ^ 0xFF]))
 
 
-def test_corrupt_object_fails_verify_and_restore_writes_nothing(make_config, file_repo_url,
-                                                                 file_repo_dir, pg_dir) -> None:
+def test_corrupt_object_fails_verify_and_restore_writes_nothing(
+    make_config, file_repo_url, file_repo_dir, pg_dir
+) -> None:
     # GIVEN a good physical backup whose stored object then has one byte flipped
     cfg_path = make_config(file_repo_url)
     cfg = load_config(str(cfg_path))
@@ -65,6 +66,7 @@ class SlowFileRepository(FileRepository):
             for chunk in chunks:
                 time.sleep(0.15)
                 yield chunk
+
         return super().put_stream(key, slow())
 
 
@@ -78,17 +80,20 @@ def _terminate_walsender(dsn: str, timeout: float = 20) -> int:
         while time.monotonic() < deadline:
             row = conn.execute(
                 "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender' "
-                "AND application_name = 'gravl-dr' AND wait_event IS DISTINCT FROM 'WalSenderMain'").fetchone()
-            if row and conn.execute("SELECT count(*) FROM pg_replication_slots WHERE active_pid = %s",
-                                    row).fetchone() == (1,):
+                "AND application_name = 'gravl-dr' AND wait_event IS DISTINCT FROM 'WalSenderMain'"
+            ).fetchone()
+            if row and conn.execute(
+                "SELECT count(*) FROM pg_replication_slots WHERE active_pid = %s", row
+            ).fetchone() == (1,):
                 conn.execute("SELECT pg_terminate_backend(%s)", row)
                 return int(row[0])
             time.sleep(0.01)
     raise AssertionError("no gravl-dr base backup appeared")
 
 
-def test_killed_base_backup_leaves_no_backup_and_next_succeeds(make_config, file_repo_url,
-                                                               file_repo_dir, pg_primary) -> None:
+def test_killed_base_backup_leaves_no_backup_and_next_succeeds(
+    make_config, file_repo_url, file_repo_dir, pg_primary
+) -> None:
     # GIVEN a backup streaming into a slow repository (compression off: many chunks)
     cfg = load_config(str(make_config(file_repo_url, repository={"compression": "none"})))
     repo = SlowFileRepository(file_repo_dir, file_repo_url)
@@ -114,23 +119,33 @@ def test_killed_base_backup_leaves_no_backup_and_next_succeeds(make_config, file
     import psycopg
 
     with psycopg.connect(pg_primary.dsn("postgres")) as conn:
-        assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'gravl_dr_%'"
-                            ).fetchone() == (0,)
+        assert conn.execute(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'gravl_dr_%'"
+        ).fetchone() == (0,)
     # AND the next backup succeeds
     manifest = take_backup(cfg, open_repository(cfg.repository))
     assert [m.id for m in steps.list_backups(repo)] == [manifest.id]
 
 
-def test_s3_error_mid_upload_aborts_multipart_and_next_succeeds(make_config, s3_repo_url,
-                                                                s3_fault_proxy) -> None:
+def test_s3_error_mid_upload_aborts_multipart_and_next_succeeds(
+    make_config, s3_repo_url, s3_fault_proxy
+) -> None:
     # GIVEN an S3 repository with 5 MiB parts and no compression (several parts), behind the
     # fault proxy, which answers every upload of part 3 with a 500 (the SDK's retries too)
-    cfg = load_config(str(make_config(s3_repo_url, moto=s3_fault_proxy.url,
-                                      repository={"compression": "none"})))
+    cfg = load_config(
+        str(make_config(s3_repo_url, moto=s3_fault_proxy.url, repository={"compression": "none"}))
+    )
     repo = open_repository(cfg.repository)
     assert isinstance(repo, S3Repository)
-    rule = s3_fault_proxy.add("PUT", r"base\.tar", query="partNumber=3", action="error",
-                              status=500, code="InternalError", times=None)
+    rule = s3_fault_proxy.add(
+        "PUT",
+        r"base\.tar",
+        query="partNumber=3",
+        action="error",
+        status=500,
+        code="InternalError",
+        times=None,
+    )
     # WHEN the third part fails
     with pytest.raises(StorageUnavailable):
         take_backup(cfg, repo)
@@ -163,9 +178,17 @@ def test_stale_lock_of_dead_process_is_taken_over(make_config, file_repo_url) ->
 
     cfg = load_config(str(make_config(file_repo_url)))
     repo = open_repository(cfg.repository)
-    repo.put_bytes(steps.LOCK_KEY, json.dumps({
-        "backup_id": "20260101T000000Z-physical", "host": socket.gethostname(),
-        "pid": 2**22 + 12345, "epoch": time.time()}).encode())
+    repo.put_bytes(
+        steps.LOCK_KEY,
+        json.dumps(
+            {
+                "backup_id": "20260101T000000Z-physical",
+                "host": socket.gethostname(),
+                "pid": 2**22 + 12345,
+                "epoch": time.time(),
+            }
+        ).encode(),
+    )
     steps.acquire_lock(repo, "20260102T000000Z-physical")
     assert steps.read_lock(repo)["backup_id"] == "20260102T000000Z-physical"
 
@@ -201,8 +224,10 @@ def test_a_restore_killed_mid_stream_leaves_no_startable_data_directory(
     cfg = load_config(str(cfg_path))
     take_backup(cfg, open_repository(cfg.repository))
     target = pg_dir / "restored"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_RESTORE, str(cfg_path), str(file_repo_dir), str(target)],
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_RESTORE, str(cfg_path), str(file_repo_dir), str(target)],
+        stderr=subprocess.PIPE,
+    )
     # WHEN the restore is killed with -9 once files are being extracted, pg_control among them
     deadline = time.monotonic() + 120
     while not (target / "global" / "pg_control.gravl-unverified").exists():
@@ -220,7 +245,9 @@ def test_a_restore_killed_mid_stream_leaves_no_startable_data_directory(
         LocalCluster(target, 1).start(timeout=10)
 
 
-def test_a_physical_restore_reads_each_stored_byte_once(make_config, file_repo_url, file_repo_dir, pg_dir) -> None:
+def test_a_physical_restore_reads_each_stored_byte_once(
+    make_config, file_repo_url, file_repo_dir, pg_dir
+) -> None:
     # GIVEN a good physical backup, and the repository seen through a byte counter (from S3,
     # every byte read is a byte downloaded)
     cfg_path = make_config(file_repo_url)

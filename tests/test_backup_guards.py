@@ -27,8 +27,12 @@ GID = "forgotten-migration-42"
 
 
 def _config(cluster: LocalCluster, repo_url: str, **backup: Any) -> dict[str, Any]:
-    return {"cluster": "gravl", "primary": {"dsn": cluster.dsn("app")}, "repository": {"url": repo_url},
-            "backup": backup}
+    return {
+        "cluster": "gravl",
+        "primary": {"dsn": cluster.dsn("app")},
+        "repository": {"url": repo_url},
+        "backup": backup,
+    }
 
 
 @pytest.fixture
@@ -38,7 +42,9 @@ def locked_cluster(cluster_factory: Callable[..., LocalCluster]) -> Iterator[Loc
     with psycopg.connect(cluster.dsn("postgres"), autocommit=True) as conn:
         conn.execute("CREATE DATABASE app")
     with psycopg.connect(cluster.dsn("app"), autocommit=True) as conn:
-        conn.execute("CREATE TABLE orders (id int PRIMARY KEY); INSERT INTO orders SELECT generate_series(1, 100)")
+        conn.execute(
+            "CREATE TABLE orders (id int PRIMARY KEY); INSERT INTO orders SELECT generate_series(1, 100)"
+        )
         conn.execute("CREATE TABLE free (id int); INSERT INTO free VALUES (1)")
     with psycopg.connect(cluster.dsn("app")) as conn:
         conn.execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
@@ -50,13 +56,16 @@ def locked_cluster(cluster_factory: Callable[..., LocalCluster]) -> Iterator[Loc
 
 def _gravl_sessions(cluster: LocalCluster) -> list[tuple[Any, ...]]:
     with psycopg.connect(cluster.dsn("postgres"), autocommit=True, application_name="test-observer") as conn:
-        return conn.execute("SELECT pid, backend_type, wait_event_type, left(query, 60) FROM pg_stat_activity "
-                            "WHERE application_name = 'gravl-dr'").fetchall()
+        return conn.execute(
+            "SELECT pid, backend_type, wait_event_type, left(query, 60) FROM pg_stat_activity "
+            "WHERE application_name = 'gravl-dr'"
+        ).fetchall()
 
 
 @pytest.mark.parametrize("kind", ["logical", "physical"])
 def test_backup_behind_a_prepared_transaction_fails_in_time_naming_it(
-        kind: str, locked_cluster: LocalCluster, file_repo_url: str, file_repo_dir: Path) -> None:
+    kind: str, locked_cluster: LocalCluster, file_repo_url: str, file_repo_dir: Path
+) -> None:
     # GIVEN a 2 s lock timeout
     cfg = parse_config(_config(locked_cluster, file_repo_url, lock_timeout_seconds=2))
     repo = open_repository(cfg.repository)
@@ -76,20 +85,30 @@ def test_backup_behind_a_prepared_transaction_fails_in_time_naming_it(
     assert _gravl_sessions(locked_cluster) == []
 
 
-def test_cli_backup_behind_a_lock_is_one_line(locked_cluster: LocalCluster, file_repo_url: str,
-                                              tmp_path: Path) -> None:
-    cfg = write_config(tmp_path / "gravl-dr.yaml", _config(locked_cluster, file_repo_url, lock_timeout_seconds=2))
+def test_cli_backup_behind_a_lock_is_one_line(
+    locked_cluster: LocalCluster, file_repo_url: str, tmp_path: Path
+) -> None:
+    cfg = write_config(
+        tmp_path / "gravl-dr.yaml", _config(locked_cluster, file_repo_url, lock_timeout_seconds=2)
+    )
     proc = run_cli("backup", "--kind", "logical", config=cfg)
     assert_one_line_error(proc, GID, "public.orders")
 
 
-def test_sigterm_stops_a_backup_waiting_on_a_lock_at_once(locked_cluster: LocalCluster, file_repo_url: str,
-                                                          file_repo_dir: Path, tmp_path: Path) -> None:
+def test_sigterm_stops_a_backup_waiting_on_a_lock_at_once(
+    locked_cluster: LocalCluster, file_repo_url: str, file_repo_dir: Path, tmp_path: Path
+) -> None:
     # GIVEN a logical backup waiting behind the lock (timeout far away)
-    cfg = write_config(tmp_path / "gravl-dr.yaml",
-                       _config(locked_cluster, file_repo_url, lock_timeout_seconds=600))
-    proc = subprocess.Popen([GRAVL_DR, "--config", str(cfg), "backup", "--kind", "logical"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO_ROOT))
+    cfg = write_config(
+        tmp_path / "gravl-dr.yaml", _config(locked_cluster, file_repo_url, lock_timeout_seconds=600)
+    )
+    proc = subprocess.Popen(
+        [GRAVL_DR, "--config", str(cfg), "backup", "--kind", "logical"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(REPO_ROOT),
+    )
     try:
         deadline = time.monotonic() + 120
         while not any(s[2] == "Lock" for s in _gravl_sessions(locked_cluster)):
@@ -113,7 +132,9 @@ def test_sigterm_stops_a_backup_waiting_on_a_lock_at_once(locked_cluster: LocalC
     while _gravl_sessions(locked_cluster) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _gravl_sessions(locked_cluster) == []
-    assert subprocess.run(["pgrep", "-f", f"pg_dump.*{locked_cluster.port}"], capture_output=True).stdout == b""
+    assert (
+        subprocess.run(["pgrep", "-f", f"pg_dump.*{locked_cluster.port}"], capture_output=True).stdout == b""
+    )
     assert not (file_repo_dir / "backups").exists() or not any((file_repo_dir / "backups").iterdir())
 
 
@@ -125,8 +146,8 @@ def _checkpoint_lsn(cluster: LocalCluster) -> str:
 
 
 def test_dry_run_catches_wal_level_minimal_before_touching_the_server(
-        cluster_factory: Callable[..., LocalCluster], file_repo_url: str, file_repo_dir: Path,
-        tmp_path: Path) -> None:
+    cluster_factory: Callable[..., LocalCluster], file_repo_url: str, file_repo_dir: Path, tmp_path: Path
+) -> None:
     cluster = cluster_factory(extra_conf={"wal_level": "minimal", "max_wal_senders": "0"})
     with psycopg.connect(cluster.dsn("postgres"), autocommit=True) as conn:
         conn.execute("CREATE DATABASE app")
@@ -139,7 +160,8 @@ def test_dry_run_catches_wal_level_minimal_before_touching_the_server(
 
 
 def test_preflight_catches_a_role_without_replication(
-        cluster_factory: Callable[..., LocalCluster], file_repo_url: str) -> None:
+    cluster_factory: Callable[..., LocalCluster], file_repo_url: str
+) -> None:
     from tasks.backup import preflight
 
     cluster = cluster_factory()
@@ -156,6 +178,7 @@ def test_preflight_catches_a_role_without_replication(
 
 
 # ---------------------------------------------------------------- WAL recycled during the backup
+
 
 class _Writer(threading.Thread):
     """Writes ~``megabytes`` of WAL with a CHECKPOINT every few MB, once the backup has started:
@@ -177,7 +200,9 @@ class _Writer(threading.Thread):
                 time.sleep(0.05)
             with psycopg.connect(self.cluster.dsn("app"), autocommit=True) as conn:
                 for _ in range(self.megabytes // 8):
-                    conn.execute("INSERT INTO churn SELECT g, repeat('x', 900) FROM generate_series(1, 8000) g")
+                    conn.execute(
+                        "INSERT INTO churn SELECT g, repeat('x', 900) FROM generate_series(1, 8000) g"
+                    )
                     conn.execute("CHECKPOINT")
                     self.checkpoints += 1
         except BaseException as exc:  # noqa: BLE001 - reported by the test
@@ -187,20 +212,31 @@ class _Writer(threading.Thread):
 def _backup_running(cluster: LocalCluster) -> Callable[[], bool]:
     def check() -> bool:
         with psycopg.connect(cluster.dsn("postgres"), autocommit=True) as conn:
-            row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'").fetchone()
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'"
+            ).fetchone()
         return bool(row and row[0])
+
     return check
 
 
 @pytest.fixture
 def busy_cluster(cluster_factory: Callable[..., LocalCluster]) -> LocalCluster:
-    cluster = cluster_factory(extra_conf={"max_wal_size": "'32MB'", "min_wal_size": "'32MB'",
-                                          "wal_keep_size": "0", "checkpoint_timeout": "'30s'"})
+    cluster = cluster_factory(
+        extra_conf={
+            "max_wal_size": "'32MB'",
+            "min_wal_size": "'32MB'",
+            "wal_keep_size": "0",
+            "checkpoint_timeout": "'30s'",
+        }
+    )
     with psycopg.connect(cluster.dsn("postgres"), autocommit=True) as conn:
         conn.execute("CREATE DATABASE app")
     with psycopg.connect(cluster.dsn("app"), autocommit=True) as conn:
         conn.execute("CREATE TABLE churn (id int, pad text)")
-        conn.execute("CREATE TABLE steady AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g")
+        conn.execute(
+            "CREATE TABLE steady AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g"
+        )
     return cluster
 
 
@@ -209,15 +245,37 @@ def test_fetch_mode_loses_wal_under_the_same_pressure(busy_cluster: LocalCluster
     rate and with the same writes, fails — so the pressure in the next test is real."""
     writer = _Writer(busy_cluster, _backup_running(busy_cluster))
     writer.start()
-    proc = subprocess.run([pg_bin("pg_basebackup"), "-D", "-", "-Ft", "-X", "fetch", "-c", "fast", "-r", "4M",
-                           "-h", busy_cluster.host, "-p", str(busy_cluster.port), "-U", "postgres"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            pg_bin("pg_basebackup"),
+            "-D",
+            "-",
+            "-Ft",
+            "-X",
+            "fetch",
+            "-c",
+            "fast",
+            "-r",
+            "4M",
+            "-h",
+            busy_cluster.host,
+            "-p",
+            str(busy_cluster.port),
+            "-U",
+            "postgres",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=300,
+    )
     writer.join(60)
     assert proc.returncode != 0 and "already been removed" in proc.stderr, proc.stderr
 
 
 def test_physical_backup_keeps_its_wal_while_the_server_recycles(
-        busy_cluster: LocalCluster, file_repo_url: str, pg_dir: Path) -> None:
+    busy_cluster: LocalCluster, file_repo_url: str, pg_dir: Path
+) -> None:
     # GIVEN a server recycling WAL fast (max_wal_size 32MB, wal_keep_size 0, checkpoints during
     # the backup) and a backup slowed to 4 MB/s (BASE_BACKUP MAX_RATE)
     cfg = parse_config(_config(busy_cluster, file_repo_url, max_rate_kb=4096))
@@ -241,16 +299,20 @@ def test_physical_backup_keeps_its_wal_while_the_server_recycles(
     restored = LocalCluster(target, port, dbname="app")
     try:
         restored.start()
-        assert database_digest(restored.dsn("app"))["public.steady"] == \
-            database_digest(busy_cluster.dsn("app"))["public.steady"]
+        assert (
+            database_digest(restored.dsn("app"))["public.steady"]
+            == database_digest(busy_cluster.dsn("app"))["public.steady"]
+        )
     finally:
         restored.destroy()
 
 
 # ---------------------------------------------------------------- configuration outside PGDATA
 
+
 def test_restore_start_works_when_the_source_keeps_its_config_outside_pgdata(
-        cluster_factory: Callable[..., LocalCluster], file_repo_url: str, pg_dir: Path) -> None:
+    cluster_factory: Callable[..., LocalCluster], file_repo_url: str, pg_dir: Path
+) -> None:
     from tasks.pgcluster import chown_tree
     from tasks.proc import run
     from tasks.restore import restore_notes
@@ -264,12 +326,17 @@ def test_restore_start_works_when_the_source_keeps_its_config_outside_pgdata(
     for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf"):
         (made.pgdata / name).rename(conf_dir / name)
     with open(conf_dir / "postgresql.conf", "a") as fh:
-        fh.write(f"data_directory = '{made.pgdata}'\nhba_file = '{conf_dir}/pg_hba.conf'\n"
-                 f"ident_file = '{conf_dir}/pg_ident.conf'\ninclude_dir = 'conf.d'\n")
+        fh.write(
+            f"data_directory = '{made.pgdata}'\nhba_file = '{conf_dir}/pg_hba.conf'\n"
+            f"ident_file = '{conf_dir}/pg_ident.conf'\ninclude_dir = 'conf.d'\n"
+        )
     (conf_dir / "conf.d").mkdir()
     chown_tree(conf_dir, "postgres")
-    run([pg_bin("pg_ctl"), "-D", str(conf_dir), "-l", str(made.logfile), "-w", "start"], timeout=60,
-        os_user="postgres")
+    run(
+        [pg_bin("pg_ctl"), "-D", str(conf_dir), "-l", str(made.logfile), "-w", "start"],
+        timeout=60,
+        os_user="postgres",
+    )
     try:
         with psycopg.connect(made.dsn("postgres"), autocommit=True) as conn:
             conn.execute("CREATE DATABASE app")
@@ -280,10 +347,17 @@ def test_restore_start_works_when_the_source_keeps_its_config_outside_pgdata(
         # WHEN it is backed up and restored with the server started
         manifest = take_backup(cfg, repo, "physical")
     finally:
-        run([pg_bin("pg_ctl"), "-D", str(conf_dir), "-m", "fast", "-w", "stop"], timeout=60, os_user="postgres",
-            check=False)
+        run(
+            [pg_bin("pg_ctl"), "-D", str(conf_dir), "-m", "fast", "-w", "stop"],
+            timeout=60,
+            os_user="postgres",
+            check=False,
+        )
     assert manifest.not_carried_over.config_outside_pgdata == [
-        f"{conf_dir}/postgresql.conf", f"{conf_dir}/pg_hba.conf", f"{conf_dir}/pg_ident.conf"]
+        f"{conf_dir}/postgresql.conf",
+        f"{conf_dir}/pg_hba.conf",
+        f"{conf_dir}/pg_ident.conf",
+    ]
     target = pg_dir / "restored"
     restore_physical(cfg, repo, manifest, target)
     # THEN the restored directory has its own configuration, not pointing at the source's paths

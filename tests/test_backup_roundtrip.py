@@ -35,12 +35,16 @@ def _restore_and_compare_physical(cfg_path: Path, pg_primary: LocalCluster, pg_d
 
 
 @pytest.mark.parametrize("backend", ["file", "s3"])
-def test_physical_backup_round_trip(backend, make_config, file_repo_url, s3_repo_url, moto_endpoint,
-                                    pg_primary, pg_dir) -> None:
+def test_physical_backup_round_trip(
+    backend, make_config, file_repo_url, s3_repo_url, moto_endpoint, pg_primary, pg_dir
+) -> None:
     # GIVEN a repository on disk or on S3
     url = file_repo_url if backend == "file" else s3_repo_url
-    cfg_path = make_config(url, moto=moto_endpoint,
-                           repository={"storage_class": "STANDARD_IA", "sse": "AES256"} if backend == "s3" else {})
+    cfg_path = make_config(
+        url,
+        moto=moto_endpoint,
+        repository={"storage_class": "STANDARD_IA", "sse": "AES256"} if backend == "s3" else {},
+    )
     # WHEN a physical backup runs through the flow
     report = backup_flow(config_path=str(cfg_path), kind="physical")
     # THEN it is listed with a manifest that records WAL positions and row counts
@@ -51,16 +55,18 @@ def test_physical_backup_round_trip(backend, make_config, file_repo_url, s3_repo
     assert manifest.row_counts["gravl"]["public.workout_logs"] == 5000
     assert report.stored_bytes == manifest.stored_bytes < manifest.raw_bytes
     if backend == "s3":  # storage class and SSE reached S3
-        head = repo.client.head_object(Bucket=repo.bucket,
-                                       Key=f"gravl/backups/{manifest.id}/{manifest.objects[0].key}")
+        head = repo.client.head_object(
+            Bucket=repo.bucket, Key=f"gravl/backups/{manifest.id}/{manifest.objects[0].key}"
+        )
         assert head["StorageClass"] == "STANDARD_IA" and head["ServerSideEncryption"] == "AES256"
     # AND the restored cluster holds exactly the source's data
     _restore_and_compare_physical(cfg_path, pg_primary, pg_dir)
 
 
 @pytest.mark.parametrize("backend", ["file", "s3"])
-def test_logical_backup_round_trip(backend, make_config, file_repo_url, s3_repo_url, moto_endpoint,
-                                   pg_primary, cluster_factory) -> None:
+def test_logical_backup_round_trip(
+    backend, make_config, file_repo_url, s3_repo_url, moto_endpoint, pg_primary, cluster_factory
+) -> None:
     url = file_repo_url if backend == "file" else s3_repo_url
     cfg_path = make_config(url, moto=moto_endpoint)
     report = backup_flow(config_path=str(cfg_path), kind="logical")
@@ -83,8 +89,9 @@ def test_dry_run_writes_nothing(make_config, file_repo_url, file_repo_dir) -> No
     assert not any(p.is_file() for p in file_repo_dir.rglob("*"))
 
 
-def test_encrypted_backup_round_trip_and_wrong_key(make_config, file_repo_url, file_repo_dir,
-                                                   pg_primary, pg_dir, monkeypatch) -> None:
+def test_encrypted_backup_round_trip_and_wrong_key(
+    make_config, file_repo_url, file_repo_dir, pg_primary, pg_dir, monkeypatch
+) -> None:
     import os
 
     from gravl_testlib import assert_one_line_error, run_cli, take_backup
@@ -128,8 +135,13 @@ def test_transient_s3_error_is_retried_cleanly(make_config, s3_repo_url, moto_en
 
             def upload_part(**kwargs):
                 if kwargs["PartNumber"] == 2:
-                    raise ClientError({"Error": {"Code": "InternalError", "Message": "injected"},
-                                       "ResponseMetadata": {"HTTPStatusCode": 500}}, "UploadPart")
+                    raise ClientError(
+                        {
+                            "Error": {"Code": "InternalError", "Message": "injected"},
+                            "ResponseMetadata": {"HTTPStatusCode": 500},
+                        },
+                        "UploadPart",
+                    )
                 return real_upload(**kwargs)
 
             monkeypatch.setattr(self.client, "upload_part", upload_part)

@@ -27,12 +27,25 @@ BODY = b"x" * 10
 
 def _manifest(stop: datetime, start_seg: int, kind: str = "physical") -> Manifest:
     return Manifest(
-        id=new_backup_id(kind, stop - timedelta(minutes=5)), kind=kind, cluster="gravl",
-        pg_version=150018, system_identifier="7300000000000000001", timeline=1,
+        id=new_backup_id(kind, stop - timedelta(minutes=5)),
+        kind=kind,
+        cluster="gravl",
+        pg_version=150018,
+        system_identifier="7300000000000000001",
+        timeline=1,
         start_wal=f"00000001{0:08X}{start_seg:08X}" if kind == "physical" else None,
-        start_time=stop - timedelta(minutes=5), stop_time=stop, codec="zstd",
-        objects=[StoredObject(key="base.tar.zst", size=len(BODY), sha256=hashlib.sha256(BODY).hexdigest(),
-                              raw_size=20, raw_sha256="1" * 64)],
+        start_time=stop - timedelta(minutes=5),
+        stop_time=stop,
+        codec="zstd",
+        objects=[
+            StoredObject(
+                key="base.tar.zst",
+                size=len(BODY),
+                sha256=hashlib.sha256(BODY).hexdigest(),
+                raw_size=20,
+                raw_sha256="1" * 64,
+            )
+        ],
     )
 
 
@@ -56,6 +69,7 @@ def _obj(root: Path, m: Manifest) -> Path:
 
 # ---------------------------------------------------------------- item 1: pure rules
 
+
 def test_a_broken_backup_never_counts_toward_min_full() -> None:
     ms = [_manifest(NOW - timedelta(days=d), 2) for d in (40, 35, 3, 1)]
     policy = RetentionConfig(full_days=30, min_full=2)
@@ -73,8 +87,13 @@ def test_a_broken_backup_never_counts_toward_min_full() -> None:
 
 # ---------------------------------------------------------------- item 1: against a repository
 
+
 def test_expire_keeps_the_good_backups_when_the_newest_are_broken(
-    prefect_harness: None, file_repo_dir: Path, file_repo_url: str, tmp_path: Path, pushgateway: str,
+    prefect_harness: None,
+    file_repo_dir: Path,
+    file_repo_url: str,
+    tmp_path: Path,
+    pushgateway: str,
 ) -> None:
     import prefect.settings
 
@@ -84,14 +103,20 @@ def test_expire_keeps_the_good_backups_when_the_newest_are_broken(
     cut = _obj(file_repo_dir, ms[3])
     cut.write_bytes(cut.read_bytes()[:4])
     _obj(file_repo_dir, ms[2]).unlink()
-    cfg = write_config(tmp_path / "gravl-dr.yaml", {
-        "cluster": "gravl", "primary": {"dsn": "host=127.0.0.1 port=1 dbname=gravl"},
-        "repository": {"url": file_repo_url}, "retention": {"full_days": 30, "min_full": 2},
-        "metrics": {"pushgateway": pushgateway},
-    })
+    cfg = write_config(
+        tmp_path / "gravl-dr.yaml",
+        {
+            "cluster": "gravl",
+            "primary": {"dsn": "host=127.0.0.1 port=1 dbname=gravl"},
+            "repository": {"url": file_repo_url},
+            "retention": {"full_days": 30, "min_full": 2},
+            "metrics": {"pushgateway": pushgateway},
+        },
+    )
     # WHEN expire runs
-    proc = run_cli("expire", "--json", config=cfg,
-                   env={"PREFECT_API_URL": str(prefect.settings.PREFECT_API_URL.value())})
+    proc = run_cli(
+        "expire", "--json", config=cfg, env={"PREFECT_API_URL": str(prefect.settings.PREFECT_API_URL.value())}
+    )
     # THEN it fails loudly, naming both broken backups...
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
@@ -106,8 +131,9 @@ def test_expire_keeps_the_good_backups_when_the_newest_are_broken(
     assert set(out["verified"]) == {ms[0].id, ms[1].id}
     # AND the Pushgateway holds the count of broken backups
     metrics = pushgateway_metrics(pushgateway)
-    assert any(ln.startswith("gravl_expire_backups_broken{") and ln.endswith(" 2")
-               for ln in metrics.splitlines()), metrics
+    assert any(
+        ln.startswith("gravl_expire_backups_broken{") and ln.endswith(" 2") for ln in metrics.splitlines()
+    ), metrics
 
 
 def test_expire_rereads_the_backups_it_counts_on(file_repo_dir: Path, file_repo_url: str) -> None:
@@ -125,20 +151,31 @@ def test_expire_rereads_the_backups_it_counts_on(file_repo_dir: Path, file_repo_
     assert sorted(state.verified) == sorted([ms[2].id, ms[1].id])
     assert [b.backup_id for b in plan.expire] == [ms[0].id]
     # AND with verify: size, the cheap check alone cannot see it (documented trade-off)
-    cheap = verify_backups(repo, read_state(repo), RetentionConfig(full_days=30, min_full=2, verify="size"),
-                           "gravl")
+    cheap = verify_backups(
+        repo, read_state(repo), RetentionConfig(full_days=30, min_full=2, verify="size"), "gravl"
+    )
     assert cheap.broken == {} and cheap.verified == []
 
 
-def test_wal_check_is_not_ok_when_the_newest_backup_is_broken(file_repo_dir: Path, file_repo_url: str,
-                                                             tmp_path: Path) -> None:
+def test_wal_check_is_not_ok_when_the_newest_backup_is_broken(
+    file_repo_dir: Path, file_repo_url: str, tmp_path: Path
+) -> None:
     from tasks.walcheck import check_wal
 
     repo = FileRepository(file_repo_dir, file_repo_url)
     ms = _populate(repo, datetime.now(UTC))
-    cfg = load_config(str(write_config(tmp_path / "gravl-dr.yaml", {
-        "cluster": "gravl", "primary": {"dsn": "host=127.0.0.1 port=1 dbname=gravl"},
-        "repository": {"url": file_repo_url, "compression": "zstd"}})))
+    cfg = load_config(
+        str(
+            write_config(
+                tmp_path / "gravl-dr.yaml",
+                {
+                    "cluster": "gravl",
+                    "primary": {"dsn": "host=127.0.0.1 port=1 dbname=gravl"},
+                    "repository": {"url": file_repo_url, "compression": "zstd"},
+                },
+            )
+        )
+    )
     _obj(file_repo_dir, ms[3]).unlink()
     report = check_wal(cfg, repo, server=False)
     assert not report.ok
@@ -165,8 +202,9 @@ def _plant_invalid(repo: FileRepository, now: datetime) -> dict[str, str]:
     return ids
 
 
-def test_one_unreadable_manifest_breaks_nothing(make_config: Any, file_repo_url: str, file_repo_dir: Path,
-                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_one_unreadable_manifest_breaks_nothing(
+    make_config: Any, file_repo_url: str, file_repo_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # GIVEN a good backup, a broken one (object gone) and three newer unreadable manifests
     cfg_path = make_config(file_repo_url)
     cfg = load_config(str(cfg_path))
@@ -201,8 +239,9 @@ def test_one_unreadable_manifest_breaks_nothing(make_config: Any, file_repo_url:
     assert plan.expire == [] or good.id not in [b.backup_id for b in plan.expire]
 
 
-def test_restore_latest_with_nothing_restorable_names_what_it_skipped(file_repo_dir: Path,
-                                                                      file_repo_url: str) -> None:
+def test_restore_latest_with_nothing_restorable_names_what_it_skipped(
+    file_repo_dir: Path, file_repo_url: str
+) -> None:
     repo = FileRepository(file_repo_dir, file_repo_url)
     invalid = _plant_invalid(repo, datetime.now(UTC))
     with pytest.raises(NotFound, match="skipped") as err:

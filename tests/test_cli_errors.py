@@ -11,15 +11,22 @@ from tasks.pgcluster import free_port
 
 
 def test_unknown_config_key(tmp_path: Path, file_repo_url: str, pg_primary) -> None:
-    cfg = write_config(tmp_path / "c.yaml", {
-        "primary": {"dsn": pg_primary.dsn()}, "repository": {"url": file_repo_url, "compresion": "zstd"}})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        {"primary": {"dsn": pg_primary.dsn()}, "repository": {"url": file_repo_url, "compresion": "zstd"}},
+    )
     assert_one_line_error(run_cli("list", config=cfg), "unknown key", "repository.compresion")
 
 
 def test_wrong_type_names_the_key(tmp_path: Path, file_repo_url: str, pg_primary) -> None:
-    cfg = write_config(tmp_path / "c.yaml", {
-        "primary": {"dsn": pg_primary.dsn()}, "repository": {"url": file_repo_url},
-        "retention": {"min_full": "many"}})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        {
+            "primary": {"dsn": pg_primary.dsn()},
+            "repository": {"url": file_repo_url},
+            "retention": {"min_full": "many"},
+        },
+    )
     assert_one_line_error(run_cli("list", config=cfg), "retention.min_full")
 
 
@@ -29,8 +36,9 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 
 def test_config_from_environment_variable(tmp_path: Path, file_repo_url: str, pg_primary) -> None:
-    cfg = write_config(tmp_path / "c.yaml", {"primary": {"dsn": pg_primary.dsn()},
-                                             "repository": {"url": file_repo_url}})
+    cfg = write_config(
+        tmp_path / "c.yaml", {"primary": {"dsn": pg_primary.dsn()}, "repository": {"url": file_repo_url}}
+    )
     proc = run_cli("list", env={"GRAVL_DR_CONFIG": str(cfg)})
     assert proc.returncode == 0, proc.stderr
     assert "no backups" in proc.stdout
@@ -38,18 +46,29 @@ def test_config_from_environment_variable(tmp_path: Path, file_repo_url: str, pg
 
 @pytest.mark.integration  # starts a process
 def test_unreachable_server(tmp_path: Path, file_repo_url: str) -> None:
-    cfg = write_config(tmp_path / "c.yaml", {
-        "primary": {"dsn": f"host=127.0.0.1 port={free_port()} user=postgres dbname=gravl"},
-        "repository": {"url": file_repo_url}})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        {
+            "primary": {"dsn": f"host=127.0.0.1 port={free_port()} user=postgres dbname=gravl"},
+            "repository": {"url": file_repo_url},
+        },
+    )
     proc = run_cli("backup", config=cfg)
     assert_one_line_error(proc, "cannot connect to host=127.0.0.1")
 
 
 def test_missing_bucket(tmp_path: Path, moto_endpoint: str, pg_primary) -> None:
-    cfg = write_config(tmp_path / "c.yaml", {
-        "primary": {"dsn": pg_primary.dsn()},
-        "repository": {"url": "s3://no-such-bucket-gravl/x", "endpoint_url": moto_endpoint,
-                       "region": "eu-north-1"}})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        {
+            "primary": {"dsn": pg_primary.dsn()},
+            "repository": {
+                "url": "s3://no-such-bucket-gravl/x",
+                "endpoint_url": moto_endpoint,
+                "region": "eu-north-1",
+            },
+        },
+    )
     assert_one_line_error(run_cli("backup", config=cfg), "bucket no-such-bucket-gravl does not exist")
     assert_one_line_error(run_cli("list", config=cfg), "bucket no-such-bucket-gravl does not exist")
 
@@ -65,17 +84,23 @@ def test_non_empty_restore_target(tmp_path: Path, make_config, file_repo_url: st
 
 def test_unknown_backup_id(make_config, file_repo_url: str, tmp_path: Path) -> None:
     cfg = make_config(file_repo_url)
-    assert_one_line_error(run_cli("verify", "20200101T000000Z-physical", config=cfg),
-                          "backup 20200101T000000Z-physical not found")
-    assert_one_line_error(run_cli("restore", "20200101T000000Z-physical", "--pgdata",
-                                  str(tmp_path / "d"), config=cfg), "not found")
+    assert_one_line_error(
+        run_cli("verify", "20200101T000000Z-physical", config=cfg),
+        "backup 20200101T000000Z-physical not found",
+    )
+    assert_one_line_error(
+        run_cli("restore", "20200101T000000Z-physical", "--pgdata", str(tmp_path / "d"), config=cfg),
+        "not found",
+    )
     assert_one_line_error(run_cli("verify", "yesterday", config=cfg), "invalid backup id")
 
 
 def test_no_backup_for_latest(make_config, file_repo_url: str, tmp_path: Path) -> None:
     cfg = make_config(file_repo_url)
-    assert_one_line_error(run_cli("restore", "latest", "--pgdata", str(tmp_path / "d"), config=cfg),
-                          "no complete physical backup")
+    assert_one_line_error(
+        run_cli("restore", "latest", "--pgdata", str(tmp_path / "d"), config=cfg),
+        "no complete physical backup",
+    )
 
 
 def test_bad_argument_is_one_line(make_config, file_repo_url: str) -> None:
@@ -117,7 +142,8 @@ def test_a_flow_command_ending_without_teardown_keeps_its_run_logs_and_artifact(
         [run] = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+        )
     assert run.state is not None and run.state.is_completed(), run.state
     assert any("Finished in state Completed" in str(log.message) for log in logs)
     assert [a.key for a in artifacts] == ["backup-report-gravl"]

@@ -30,15 +30,17 @@ CONNECTABLE = ("postgres", "shop", "legacy", "reports", "archive")
 def logical_backup(prod_cluster: ProdCluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """One whole-cluster logical backup of the production-shaped cluster, in a repository of its own."""
     repo = make_private_dir("gravl-test-i11-repo-", "postgres")
-    cfg_path = prod_cluster.config(tmp_path_factory.mktemp("cfg") / "gravl-dr.yaml",
-                                   repository={"url": f"file://{repo}"})
+    cfg_path = prod_cluster.config(
+        tmp_path_factory.mktemp("cfg") / "gravl-dr.yaml", repository={"url": f"file://{repo}"}
+    )
     report = backup_flow(config_path=str(cfg_path), kind="logical")
     yield cfg_path, report.backup_id
     shutil.rmtree(repo, ignore_errors=True)
 
 
 def test_logical_backup_records_every_database_and_reports_the_one_it_cannot_dump(
-        logical_backup: tuple[Path, str], prod_cluster: ProdCluster) -> None:
+    logical_backup: tuple[Path, str], prod_cluster: ProdCluster
+) -> None:
     cfg_path, backup_id = logical_backup
     cfg = load_config(str(cfg_path))
     manifest = resolve_backup(open_repository(cfg.repository), backup_id)
@@ -48,7 +50,9 @@ def test_logical_backup_records_every_database_and_reports_the_one_it_cannot_dum
     assert by_name["legacy"].encoding == "LATIN1" and by_name["legacy"].collate == "C"
     assert by_name["shop"].owner == "app_owner" and by_name["shop"].comment
     assert {(s.role, s.name, s.value) for s in by_name["shop"].settings} >= {
-        (None, "search_path", '"Sales", public'), ("app_user", "statement_timeout", "30s")}
+        (None, "search_path", '"Sales", public'),
+        ("app_user", "statement_timeout", "30s"),
+    }
     assert "app_user=" in (by_name["shop"].acl or "")
     # the database that refuses connections is reported, not silently skipped
     assert by_name[NO_CONNECT_DB].object is None and "datallowconn" in (by_name[NO_CONNECT_DB].skipped or "")
@@ -66,16 +70,24 @@ def test_logical_backup_records_every_database_and_reports_the_one_it_cannot_dum
 
 
 def test_whole_cluster_logical_restore_into_a_fresh_cluster_compares_equal(
-        logical_backup: tuple[Path, str], prod_cluster: ProdCluster,
-        cluster_factory: Callable[..., LocalCluster], pg_dir: Path) -> None:
+    logical_backup: tuple[Path, str],
+    prod_cluster: ProdCluster,
+    cluster_factory: Callable[..., LocalCluster],
+    pg_dir: Path,
+) -> None:
     # GIVEN a whole-cluster logical backup and a fresh cluster on the same host
     cfg_path, backup_id = logical_backup
     target = cluster_factory()
     assert prod_cluster.tablespace_dir is not None
     new_space = pg_dir / "app_space"
     # WHEN the whole cluster is restored, with the tablespace relocated
-    report = restore_flow(config_path=str(cfg_path), backup=backup_id, dsn=target.dsn("postgres"), jobs=2,
-                          tablespace_map=[f"{prod_cluster.tablespace_dir}={new_space}"])
+    report = restore_flow(
+        config_path=str(cfg_path),
+        backup=backup_id,
+        dsn=target.dsn("postgres"),
+        jobs=2,
+        tablespace_map=[f"{prod_cluster.tablespace_dir}={new_space}"],
+    )
     # THEN roles (with password hashes), memberships, role and database settings, tablespaces,
     # database owners/encodings/locales/ACLs/comments match the source
     source_globals = globals_state(prod_cluster.dsn("postgres"))
@@ -89,15 +101,16 @@ def test_whole_cluster_logical_restore_into_a_fresh_cluster_compares_equal(
     for db in CONNECTABLE:
         assert database_state(target.dsn(db)) == database_state(prod_cluster.dsn(db)), db
     assert [r[0] for r in prod_cluster.sql("SELECT spcname FROM pg_tablespace", dbname="postgres")] and any(
-        new_space.iterdir())
+        new_space.iterdir()
+    )
     # AND the report names what is not there
     assert sorted(report.databases) == sorted([*CONNECTABLE, "template1"])
     assert any(NO_CONNECT_DB in n and "NOT in this backup" in n for n in report.not_carried_over)
 
 
 def test_one_database_restores_into_an_existing_cluster_without_owners(
-        logical_backup: tuple[Path, str], prod_cluster: ProdCluster,
-        cluster_factory: Callable[..., LocalCluster]) -> None:
+    logical_backup: tuple[Path, str], prod_cluster: ProdCluster, cluster_factory: Callable[..., LocalCluster]
+) -> None:
     # GIVEN an existing cluster that has none of the source's roles, and an empty database
     cfg_path, backup_id = logical_backup
     cfg = load_config(str(cfg_path))
@@ -105,7 +118,9 @@ def test_one_database_restores_into_an_existing_cluster_without_owners(
     manifest = resolve_backup(repo, backup_id)
     target = cluster_factory()
     with psycopg.connect(target.dsn("postgres"), autocommit=True) as conn:  # same encoding as the source
-        conn.execute("CREATE DATABASE legacy_copy TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'")
+        conn.execute(
+            "CREATE DATABASE legacy_copy TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'"
+        )
     # WHEN one database (the LATIN1 one) is restored with --no-owner
     restore_logical(cfg, repo, manifest, target.dsn("legacy_copy"), jobs=2, no_owner=True, database="legacy")
     # THEN its tables hold exactly the source's rows
@@ -113,7 +128,8 @@ def test_one_database_restores_into_an_existing_cluster_without_owners(
 
 
 def test_physical_backup_with_a_tablespace_restores_relocated(
-        prod_cluster: ProdCluster, tmp_path: Path, pg_dir: Path, file_repo_url: str) -> None:
+    prod_cluster: ProdCluster, tmp_path: Path, pg_dir: Path, file_repo_url: str
+) -> None:
     # GIVEN the production-shaped cluster with its user tablespace
     assert prod_cluster.tablespace_dir is not None
     cfg_path = prod_cluster.config(tmp_path / "gravl-dr.yaml", repository={"url": file_repo_url})
@@ -130,9 +146,14 @@ def test_physical_backup_with_a_tablespace_restores_relocated(
     assert manifest.row_counts["shop"]["public.attachments"] == 50
     # AND a restore with --tablespace-map puts it elsewhere and the server starts with all data
     new_space = pg_dir / "moved-space"
-    restored = restore_flow(config_path=str(cfg_path), backup=report.backup_id, pgdata=str(pg_dir / "data"),
-                            start=True, port=free_port(),
-                            tablespace_map=[f"{prod_cluster.tablespace_dir}={new_space}"])
+    restored = restore_flow(
+        config_path=str(cfg_path),
+        backup=report.backup_id,
+        pgdata=str(pg_dir / "data"),
+        start=True,
+        port=free_port(),
+        tablespace_map=[f"{prod_cluster.tablespace_dir}={new_space}"],
+    )
     cluster = LocalCluster(pg_dir / "data", restored.port or 0)
     try:
         assert (pg_dir / "data" / "pg_tblspc" / space.oid).resolve() == new_space
@@ -150,7 +171,8 @@ def test_physical_backup_with_a_tablespace_restores_relocated(
 
 
 def test_restore_refuses_a_tablespace_location_that_is_in_use(
-        prod_cluster: ProdCluster, tmp_path: Path, pg_dir: Path, file_repo_url: str) -> None:
+    prod_cluster: ProdCluster, tmp_path: Path, pg_dir: Path, file_repo_url: str
+) -> None:
     from tasks.errors import PreconditionFailed
     from tasks.restore import restore_physical
 

@@ -16,12 +16,22 @@ pytestmark = pytest.mark.unit
 
 
 def _db(name: str, allow: bool = True, template: bool = False) -> DatabaseEntry:
-    return DatabaseEntry(name=name, oid="1", owner="o", encoding="UTF8", collate="C", ctype="C",
-                         allow_connections=allow, is_template=template)
+    return DatabaseEntry(
+        name=name,
+        oid="1",
+        owner="o",
+        encoding="UTF8",
+        collate="C",
+        ctype="C",
+        allow_connections=allow,
+        is_template=template,
+    )
 
 
 def test_all_databases_keeps_the_unconnectable_one_marked_skipped() -> None:
-    chosen = select_databases([_db("app"), _db("frozen", allow=False), _db("template1", template=True)], "all")
+    chosen = select_databases(
+        [_db("app"), _db("frozen", allow=False), _db("template1", template=True)], "all"
+    )
     assert [d.name for d in chosen] == ["app", "frozen", "template1"]
     assert chosen[1].skipped and "datallowconn" in chosen[1].skipped
     assert chosen[0].skipped is None
@@ -42,9 +52,15 @@ def test_config_rejects_an_empty_database_list() -> None:
     assert parse_config({**base, "backup": {"databases": ["a"]}}).backup.databases == ["a"]
 
 
-@pytest.mark.parametrize("item, message", [
-    ("/a", "OLD=NEW"), ("a=/b", "absolute"), ("/a=", "OLD=NEW"), ("=/b", "OLD=NEW"),
-])
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("/a", "OLD=NEW"),
+        ("a=/b", "absolute"),
+        ("/a=", "OLD=NEW"),
+        ("=/b", "OLD=NEW"),
+    ],
+)
 def test_tablespace_map_needs_two_absolute_paths(item: str, message: str) -> None:
     with pytest.raises(PreconditionFailed, match=message):
         parse_tablespace_map([item])
@@ -54,29 +70,43 @@ def test_tablespace_map_must_name_a_tablespace_of_the_backup(tmp_path) -> None:
     manifest = _manifest(tablespaces=[TablespaceEntry(oid="16384", name="ts", location=str(tmp_path / "ts"))])
     with pytest.raises(PreconditionFailed, match="no tablespace at /elsewhere"):
         tablespace_targets(manifest, {"/elsewhere": str(tmp_path / "new")})
-    assert tablespace_targets(manifest, {str(tmp_path / "ts"): str(tmp_path / "new")}) == {"16384": tmp_path / "new"}
+    assert tablespace_targets(manifest, {str(tmp_path / "ts"): str(tmp_path / "new")}) == {
+        "16384": tmp_path / "new"
+    }
 
 
 def test_globals_relocate_tablespaces_and_skip_existing_roles() -> None:
     line = "CREATE TABLESPACE app_space OWNER app_owner LOCATION '/old/it''s';\n"
-    assert _map_globals_line(line, {"/old/it's": "/new/x'y"}) == \
-        "CREATE TABLESPACE app_space OWNER app_owner LOCATION '/new/x''y';\n"
+    assert (
+        _map_globals_line(line, {"/old/it's": "/new/x'y"})
+        == "CREATE TABLESPACE app_space OWNER app_owner LOCATION '/new/x''y';\n"
+    )
     assert _map_globals_line("CREATE ROLE postgres;\n", {}, frozenset({"postgres"})) == ""
     assert _map_globals_line('CREATE ROLE "Reporting Team";\n', {}, frozenset({"Reporting Team"})) == ""
     assert _map_globals_line("CREATE ROLE app;\n", {}, frozenset({"postgres"})) == "CREATE ROLE app;\n"
-    assert _map_globals_line("ALTER ROLE postgres WITH SUPERUSER;\n", {}, frozenset({"postgres"})) == \
-        "ALTER ROLE postgres WITH SUPERUSER;\n"
+    assert (
+        _map_globals_line("ALTER ROLE postgres WITH SUPERUSER;\n", {}, frozenset({"postgres"}))
+        == "ALTER ROLE postgres WITH SUPERUSER;\n"
+    )
 
 
 def test_restore_notes_say_what_is_not_carried_over() -> None:
-    nco = NotCarriedOver(unlogged_tables={"shop": ["public.cache"]}, replication_slots=["s1 (physical)"],
-                         prepared_transactions=["g1 (database shop, owner o, prepared x)"])
+    nco = NotCarriedOver(
+        unlogged_tables={"shop": ["public.cache"]},
+        replication_slots=["s1 (physical)"],
+        prepared_transactions=["g1 (database shop, owner o, prepared x)"],
+    )
     physical = restore_notes(_manifest(kind="physical", not_carried_over=nco))
     assert any("EMPTY" in n and "public.cache" in n for n in physical)
     assert any("HOLD THEIR LOCKS" in n and "g1" in n for n in physical)
     assert any("replication slots" in n for n in physical)
-    logical = restore_notes(_manifest(kind="logical", not_carried_over=nco,
-                                      databases=[_db("frozen", allow=False).model_copy(update={"skipped": "why"})]))
+    logical = restore_notes(
+        _manifest(
+            kind="logical",
+            not_carried_over=nco,
+            databases=[_db("frozen", allow=False).model_copy(update={"skipped": "why"})],
+        )
+    )
     assert not any("EMPTY" in n for n in logical)
     assert any("not carried over" in n and "g1" in n for n in logical)
     assert any("frozen is NOT in this backup: why" in n for n in logical)
@@ -90,8 +120,17 @@ def test_guarded_dsn_keeps_user_options_and_adds_timeouts() -> None:
 
 def _manifest(**kw: object) -> Manifest:
     now = datetime.now(UTC)
-    data: dict[str, object] = dict(id="20260101T000000Z-physical", kind="physical", cluster="c", pg_version=150000,
-                                   system_identifier="1", timeline=1, start_time=now, stop_time=now, codec="zstd",
-                                   objects=[])
+    data: dict[str, object] = dict(
+        id="20260101T000000Z-physical",
+        kind="physical",
+        cluster="c",
+        pg_version=150000,
+        system_identifier="1",
+        timeline=1,
+        start_time=now,
+        stop_time=now,
+        codec="zstd",
+        objects=[],
+    )
     data.update(kw)
     return Manifest.model_validate(data)

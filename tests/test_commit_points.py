@@ -35,7 +35,8 @@ def _s3(make_config, s3_repo_url, proxy: S3FaultProxy, **repo):  # type: ignore[
 
 
 def test_refused_run_in_the_same_second_never_touches_the_winners_upload(
-        make_config, s3_repo_url, s3_fault_proxy: S3FaultProxy) -> None:
+    make_config, s3_repo_url, s3_fault_proxy: S3FaultProxy
+) -> None:
     # GIVEN two runs whose preflights pass in the same second (before either holds the lock),
     # the first streaming slowly (every part delayed) into a multipart upload
     _p, cfg, repo = _s3(make_config, s3_repo_url, s3_fault_proxy, compression="none")
@@ -77,8 +78,9 @@ def test_refused_run_in_the_same_second_never_touches_the_winners_upload(
 
 @pytest.mark.usefixtures("prefect_harness")
 @pytest.mark.parametrize("fault", ["lost_reply", "after_error"])
-def test_lost_reply_to_manifest_put_is_success(make_config, s3_repo_url,
-                                               s3_fault_proxy: S3FaultProxy, fault: str) -> None:
+def test_lost_reply_to_manifest_put_is_success(
+    make_config, s3_repo_url, s3_fault_proxy: S3FaultProxy, fault: str
+) -> None:
     # GIVEN the proxy forwards the manifest PUT, then drops the reply or answers 500 instead (the
     # SDK retries, and the retry meets If-None-Match: the object is there)
     path, _cfg, repo = _s3(make_config, s3_repo_url, s3_fault_proxy)
@@ -91,12 +93,14 @@ def test_lost_reply_to_manifest_put_is_success(make_config, s3_repo_url,
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_lock_delete_failing_does_not_fail_a_complete_backup(make_config, s3_repo_url,
-                                                             s3_fault_proxy: S3FaultProxy) -> None:
+def test_lock_delete_failing_does_not_fail_a_complete_backup(
+    make_config, s3_repo_url, s3_fault_proxy: S3FaultProxy
+) -> None:
     # GIVEN every DELETE of the lock answers 500 (the SDK's retries too)
     path, _cfg, repo = _s3(make_config, s3_repo_url, s3_fault_proxy)
-    rule = s3_fault_proxy.add("DELETE", r"locks/backup\.lock$", action="error", status=500,
-                              code="InternalError", times=None)
+    rule = s3_fault_proxy.add(
+        "DELETE", r"locks/backup\.lock$", action="error", status=500, code="InternalError", times=None
+    )
     # WHEN a backup runs THEN it completes although its lock stays behind
     first = backup_flow(config_path=str(path), kind="logical")
     assert rule.shots >= 1
@@ -108,8 +112,9 @@ def test_lock_delete_failing_does_not_fail_a_complete_backup(make_config, s3_rep
     assert steps.read_lock(repo) is None
 
 
-def test_lost_reply_to_lock_put_is_our_own_lock(make_config, s3_repo_url,
-                                               s3_fault_proxy: S3FaultProxy) -> None:
+def test_lost_reply_to_lock_put_is_our_own_lock(
+    make_config, s3_repo_url, s3_fault_proxy: S3FaultProxy
+) -> None:
     _path, cfg, repo = _s3(make_config, s3_repo_url, s3_fault_proxy)
     s3_fault_proxy.add("PUT", r"locks/backup\.lock$", action="lost_reply")
     manifest = take_backup(cfg, repo, "logical")

@@ -62,7 +62,10 @@ def test_prefect_yaml_validates_with_prefects_own_model_and_has_no_unknown_keys(
     top = set(PrefectYamlModel.model_fields) | {"prefect-version", "definitions"}
     assert set(doc) <= top, set(doc) - top
     for dep in doc["deployments"]:
-        assert set(dep) <= set(DeploymentConfig.model_fields), (dep["name"], set(dep) - set(DeploymentConfig.model_fields))
+        assert set(dep) <= set(DeploymentConfig.model_fields), (
+            dep["name"],
+            set(dep) - set(DeploymentConfig.model_fields),
+        )
         assert set(dep["work_pool"]) <= set(WorkPoolConfig.model_fields), dep["name"]
         for sched in dep.get("schedules") or []:
             RawScheduleConfig.model_validate(sched)  # extra="forbid", exactly one of cron/interval/rrule
@@ -114,13 +117,17 @@ def test_every_deployment_runs_on_the_one_process_pool_with_no_path_of_the_image
         # config_path stays null so the flow reads $GRAVL_DR_CONFIG; nothing secret is a parameter
         assert dep.get("parameters", {}).get("config_path") is None, name
         for key in dep.get("parameters", {}):
-            assert not any(word in key.lower() for word in ("password", "secret", "token", "key")), (name, key)
+            assert not any(word in key.lower() for word in ("password", "secret", "token", "key")), (
+                name,
+                key,
+            )
         assert dep.get("concurrency_limit") == 1, f"{name}: overlapping runs must not pile up"
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_entrypoint_loads_with_prefects_loader_and_takes_its_parameters(
-    name: str, monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Fails with FileNotFoundError naming the module until that flow's module exists.
     from prefect.flows import load_flow_from_entrypoint
@@ -160,8 +167,12 @@ def test_serve_schedule_kinds() -> None:
 
 @pytest.mark.integration  # starts a process
 def test_serve_list_needs_no_prefect_server() -> None:
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "deployments" / "serve.py"), "--list"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "deployments" / "serve.py"), "--list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "backup-nightly" in proc.stdout and "0 2 * * *" in proc.stdout
     assert "failover-manual" in proc.stdout and "manual" in proc.stdout
@@ -169,8 +180,14 @@ def test_serve_list_needs_no_prefect_server() -> None:
 
 def _prefect(*args: str, api: str, home: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PREFECT_API_URL=api, PREFECT_HOME=home)
-    return subprocess.run([str(Path(sys.executable).parent / "prefect"), "--no-prompt", *args], env=env,
-                          cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), "--no-prompt", *args],
+        env=env,
+        cwd=str(REPO_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def test_prefect_deploy_all_registers_every_deployment(prefect_harness: None) -> None:
@@ -195,8 +212,13 @@ def test_prefect_deploy_all_registers_every_deployment(prefect_harness: None) ->
                     continue
                 created.append(dep.id)
                 assert dep.work_pool_name == POOL
-                assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
-                    "directory": str(REPO_ROOT.resolve())}}], name
+                assert dep.pull_steps == [
+                    {
+                        "prefect.deployments.steps.set_working_directory": {
+                            "directory": str(REPO_ROOT.resolve())
+                        }
+                    }
+                ], name
                 got = [(s.schedule.cron, s.schedule.timezone) for s in dep.schedules]  # type: ignore[union-attr]
                 assert sorted(got) == sorted(schedules), name
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -19,20 +19,38 @@ def test_node_value_is_dns_value_else_the_dsn_host() -> None:
         node_dns_value(Node(name="a", dsn="host=/var/run/postgresql"))
 
 
-@pytest.mark.parametrize(("value", "kind"), [("127.0.0.2", "A"), ("::1", "AAAA"), ("db-b.internal.", "CNAME")])
+@pytest.mark.parametrize(
+    ("value", "kind"), [("127.0.0.2", "A"), ("::1", "AAAA"), ("db-b.internal.", "CNAME")]
+)
 def test_record_type(value: str, kind: str) -> None:
     assert record_type(value) == kind
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"provider": "route53", "record": RECORD}, "dns.zone_id"),
-    ({"provider": "route53", "zone_id": "Z1"}, "dns.record"),
-    ({"provider": "rfc2136", "record": RECORD, "server": "127.0.0.1", "zone": "x.", "key_name": "k"},
-     "dns.key_env"),
-    ({"provider": "rfc2136", "record": RECORD, "server": "127.0.0.1", "zone": "x.", "key_name": "k",
-      "key_env": "GRAVL_DR_UNSET_FOR_TEST"}, "GRAVL_DR_UNSET_FOR_TEST is not set"),
-])
-def test_incomplete_provider_settings_are_rejected_before_any_call(fields: dict[str, Any], message: str) -> None:
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"provider": "route53", "record": RECORD}, "dns.zone_id"),
+        ({"provider": "route53", "zone_id": "Z1"}, "dns.record"),
+        (
+            {"provider": "rfc2136", "record": RECORD, "server": "127.0.0.1", "zone": "x.", "key_name": "k"},
+            "dns.key_env",
+        ),
+        (
+            {
+                "provider": "rfc2136",
+                "record": RECORD,
+                "server": "127.0.0.1",
+                "zone": "x.",
+                "key_name": "k",
+                "key_env": "GRAVL_DR_UNSET_FOR_TEST",
+            },
+            "GRAVL_DR_UNSET_FOR_TEST is not set",
+        ),
+    ],
+)
+def test_incomplete_provider_settings_are_rejected_before_any_call(
+    fields: dict[str, Any], message: str
+) -> None:
     with pytest.raises(ConfigError, match=message):
         check_dns_config(DNSConfig(**fields))
 
@@ -104,7 +122,9 @@ def test_bind_stale_run_cannot_undo_a_newer_switch(bind_server: BindServer, bind
 
 
 def test_bind_rejects_a_wrong_tsig_key_without_leaking_it(
-    bind_server: BindServer, bind_dns: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+    bind_server: BindServer,
+    bind_dns: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     secret = wrong_secret()
     monkeypatch.setenv(TSIG_ENV, secret)

@@ -60,12 +60,15 @@ def _source(prefix: str, *, checksums: bool) -> LocalCluster:
 
 def _dirs() -> tuple[Path, Path]:
     """A repository and a config directory the server user can read (restore_command runs as it)."""
-    return (make_private_dir("gravl-test-drill-repo-", "postgres"),
-            make_private_dir("gravl-test-drill-conf-", "postgres"))
+    return (
+        make_private_dir("gravl-test-drill-repo-", "postgres"),
+        make_private_dir("gravl-test-drill-conf-", "postgres"),
+    )
 
 
-def _config(path: Path, cluster: LocalCluster, repo_dir: Path, gateway: str | None = None,
-            **drill: object) -> Path:
+def _config(
+    path: Path, cluster: LocalCluster, repo_dir: Path, gateway: str | None = None, **drill: object
+) -> Path:
     data: dict[str, object] = {
         "cluster": "drill-test",
         "primary": {"dsn": cluster.dsn()},
@@ -111,24 +114,36 @@ def _drill_metrics(gateway: str, cluster: str) -> dict[str, float]:
     return found
 
 
-def test_drill_of_a_good_physical_backup_passes_and_reports_every_check(env: DrillEnv, pushgateway: str) -> None:
+def test_drill_of_a_good_physical_backup_passes_and_reports_every_check(
+    env: DrillEnv, pushgateway: str
+) -> None:
     # WHEN the physical backup of a checksummed cluster is drilled
     report = drill_flow(config_path=str(env.config), backup=env.physical)
     # THEN every check ran and passed, each one named in the report
     assert report.passed, failed_names(report)
     names = {c.name for c in report.checks}
-    for expected in ["restore", "pg_verifybackup", "recovery", "amcheck gravl", "amcheck postgres",
-                     "freshness gravl.public.workout_logs", "usability gravl", "pg_checksums",
-                     "primary-key gravl.public.users(id)",
-                     "primary-key gravl.public.muscle_group_recovery(user_id,muscle_group)",
-                     "fk-orphans gravl.public.workout_swaps(workout_log_id)->public.workout_logs",
-                     "suite gravl: gravl.public.muscle_group_recovery recovery_score within 0..100",
-                     "suite gravl: gravl.public.workout_logs completed_at never in the future",
-                     "suite gravl: gravl.public.workout_swaps swaps reference existing logs"]:
+    for expected in [
+        "restore",
+        "pg_verifybackup",
+        "recovery",
+        "amcheck gravl",
+        "amcheck postgres",
+        "freshness gravl.public.workout_logs",
+        "usability gravl",
+        "pg_checksums",
+        "primary-key gravl.public.users(id)",
+        "primary-key gravl.public.muscle_group_recovery(user_id,muscle_group)",
+        "fk-orphans gravl.public.workout_swaps(workout_log_id)->public.workout_logs",
+        "suite gravl: gravl.public.muscle_group_recovery recovery_score within 0..100",
+        "suite gravl: gravl.public.workout_logs completed_at never in the future",
+        "suite gravl: gravl.public.workout_swaps swaps reference existing logs",
+    ]:
         assert expected in names, expected
     for table in TABLES:
         assert check(report, f"row-count gravl.public.{table}").status == "passed"
-    assert all(c.status == "passed" for c in report.checks), [c for c in report.checks if c.status != "passed"]
+    assert all(c.status == "passed" for c in report.checks), [
+        c for c in report.checks if c.status != "passed"
+    ]
     assert "files and WAL match backup_manifest" in check(report, "pg_verifybackup").summary
     # no WAL past the backup is archived here: no pause, the counts are compared on the promoted
     # instance, where recovery ended at the backup's end
@@ -136,7 +151,8 @@ def test_drill_of_a_good_physical_backup_passes_and_reports_every_check(env: Dri
     assert "consistent point" not in check(report, "row-count gravl.public.users").summary
     # ... with a measured RTO and RPO, the report stored in the repository as JSON and markdown
     assert report.rto_seconds is not None and 0 < report.rto_seconds == pytest.approx(
-        report.restore_seconds + report.recovery_seconds)
+        report.restore_seconds + report.recovery_seconds
+    )
     assert report.rpo_seconds is not None and report.rpo_seconds >= 0
     stored = _stored_report(env.repo_dir, report)
     assert stored["passed"] is True and stored["backup_id"] == env.physical
@@ -165,8 +181,12 @@ def test_drill_of_a_good_logical_backup_passes_with_exact_row_counts(env: DrillE
 def test_drill_fails_naming_the_row_count_check_when_the_manifest_disagrees(env: DrillEnv) -> None:
     # GIVEN a copy of the physical backup whose manifest records 10 % more workout logs
     with connection(env.source.dsn()) as conn:
-        counts = {"gravl": {f"public.{t}": int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0])  # type: ignore[index]
-                            for t in TABLES}}
+        counts = {
+            "gravl": {
+                f"public.{t}": int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0])  # type: ignore[index]
+                for t in TABLES
+            }
+        }
     counts["gravl"]["public.workout_logs"] = 2200
     copy_backup_with_counts(env.repo_dir, env.physical, "20000101T000000Z-physical", counts)
     # WHEN it is drilled through the CLI
@@ -232,8 +252,13 @@ def test_drill_fails_naming_the_foreign_key_with_orphans(prefect_harness: None) 
 
 def test_a_drill_terminated_mid_run_tears_down_its_instance(env: DrillEnv) -> None:
     # GIVEN a drill started from the command line, its throwaway server running
-    proc = subprocess.Popen([GRAVL_DR, "--config", str(env.config), "drill", env.physical],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO_ROOT))
+    proc = subprocess.Popen(
+        [GRAVL_DR, "--config", str(env.config), "drill", env.physical],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(REPO_ROOT),
+    )
     try:
         drill_dir = _wait_for_running_instance(proc, timeout=180)
         # WHEN it is terminated (as a worker cancelling the run, or Kubernetes stopping the pod, does)

@@ -49,8 +49,11 @@ class History:
 
 def _insert_logs(cluster: LocalCluster, n: int) -> None:
     with connection(cluster.dsn()) as conn:
-        conn.execute("INSERT INTO workout_logs (user_id, workout_id, completed_at, sets, reps) "
-                     "SELECT 1 + g %% 50, 1 + g %% 60, now(), 3, 10 FROM generate_series(1, %s) g", (n,))
+        conn.execute(
+            "INSERT INTO workout_logs (user_id, workout_id, completed_at, sets, reps) "
+            "SELECT 1 + g %% 50, 1 + g %% 60, now(), 3, 10 FROM generate_series(1, %s) g",
+            (n,),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +62,24 @@ def history(prefect_harness: None) -> Iterator[History]:
     repo_dir = base / "repo"
     repo_dir.mkdir()
     source = LocalCluster(base / "data", free_port(), dbname="gravl")
-    config = write_config(base / "gravl-dr.yaml", {
-        "cluster": "drill-pitr",
-        "primary": {"dsn": source.dsn()},
-        "repository": {"url": f"file://{repo_dir}"},
-        "drill": {"suites_dir": str(REPO_ROOT / "expectations")},
-    })
+    config = write_config(
+        base / "gravl-dr.yaml",
+        {
+            "cluster": "drill-pitr",
+            "primary": {"dsn": source.dsn()},
+            "repository": {"url": f"file://{repo_dir}"},
+            "drill": {"suites_dir": str(REPO_ROOT / "expectations")},
+        },
+    )
     chown_tree(base, PG_USER)
     try:
-        source.initdb(extra_conf={
-            "archive_mode": "on",
-            "archive_command": f"'{gravl_dr_executable()} --config {config} wal-push %p'",
-            "wal_keep_size": "'0'",
-        })
+        source.initdb(
+            extra_conf={
+                "archive_mode": "on",
+                "archive_command": f"'{gravl_dr_executable()} --config {config} wal-push %p'",
+                "wal_keep_size": "'0'",
+            }
+        )
         source.start()
         create_database(source.dsn("postgres"), "gravl")
         load_sample(source.dsn(), users=50, logs=500, custom=10)
@@ -140,9 +148,14 @@ def test_drill_to_the_end_of_the_archive_compares_row_counts_at_the_counts_lsn(h
         logs = check(report, "row-count gravl.public.workout_logs")
         assert "observed 500" in logs.summary and "manifest: exactly 450" in logs.summary
         # exactly, with recovery paused at the LSN the backup read its counts at
-        assert "exactly 450 at " in logs.summary and "paused just before LSN" in check(report, "recovery").summary
+        assert (
+            "exactly 450 at " in logs.summary
+            and "paused just before LSN" in check(report, "recovery").summary
+        )
         others = [c for c in report.checks if c.kind == "row-count" and c.status == "passed"]
-        assert {c.name.removeprefix("row-count gravl.") for c in others} == set(good) - {"public.workout_logs"}
+        assert {c.name.removeprefix("row-count gravl.") for c in others} == set(good) - {
+            "public.workout_logs"
+        }
         assert_no_leftovers(report)
     finally:
         shutil.rmtree(history.repo_dir / "backups" / copy_id, ignore_errors=True)
@@ -159,11 +172,14 @@ def test_drill_fails_naming_recovery_when_a_wal_segment_the_target_needs_is_miss
         assert removed, sorted(p.name for p in (copy / "repo" / "wal").rglob("*"))
         for path in removed:
             path.unlink()
-        config = write_config(copy / "gravl-dr.yaml", {
-            "cluster": "drill-pitr",
-            "primary": {"dsn": history.source.dsn()},
-            "repository": {"url": f"file://{copy / 'repo'}"},
-        })
+        config = write_config(
+            copy / "gravl-dr.yaml",
+            {
+                "cluster": "drill-pitr",
+                "primary": {"dsn": history.source.dsn()},
+                "repository": {"url": f"file://{copy / 'repo'}"},
+            },
+        )
         chown_tree(copy, PG_USER)
         # WHEN the backup is drilled to the target time
         with pytest.raises(DrillFailed) as failure:

@@ -41,8 +41,12 @@ def backups(prefect_harness: None, prod_cluster: ProdCluster) -> Iterator[Backup
     su = prod.config(user="postgres")
     lp = prod.config(user="gravl_dr")
     ids = {}
-    for name, config, kind in (("physical_su", su, "physical"), ("physical_lp", lp, "physical"),
-                               ("logical_su", su, "logical"), ("logical_lp", lp, "logical")):
+    for name, config, kind in (
+        ("physical_su", su, "physical"),
+        ("physical_lp", lp, "physical"),
+        ("logical_su", su, "logical"),
+        ("logical_lp", lp, "logical"),
+    ):
         with prod.writes(rate=150):
             ids[name] = backup_flow(config_path=str(config), kind=kind).backup_id
     prod.switch_and_wait()
@@ -69,15 +73,25 @@ def test_default_suite_quotes_every_identifier(prod_cluster: ProdCluster) -> Non
     specs = []
     for db in ("shop", "legacy"):
         catalog = gx.read_catalog(prod_cluster.dsn(db))
-        db_specs, _ = gx.plan_default(db, catalog, expected_counts=None, count_mode="skip", tolerance=0,
-                                      reference=datetime.now(UTC), max_age_seconds=10**9)
+        db_specs, _ = gx.plan_default(
+            db,
+            catalog,
+            expected_counts=None,
+            count_mode="skip",
+            tolerance=0,
+            reference=datetime.now(UTC),
+            max_age_seconds=10**9,
+        )
         specs += db_specs
     # WHEN the default suite runs on them
     results = gx.run_expectations(gx.unique_names(specs), lambda db: prod_cluster.dsn(db))
     # THEN every check ran and passed: no "relation public.user does not exist"
     names = {r.name for r in results}
-    assert {"primary-key shop.public.User(id)", "primary-key legacy.public.Kunden(id)",
-            "fk-orphans shop.Sales.Order Items(orderId)->Sales.Order"} <= names
+    assert {
+        "primary-key shop.public.User(id)",
+        "primary-key legacy.public.Kunden(id)",
+        "fk-orphans shop.Sales.Order Items(orderId)->Sales.Order",
+    } <= names
     assert [(r.name, r.summary) for r in results if r.failed] == []
 
 
@@ -96,9 +110,16 @@ def test_physical_drill_compares_every_database_exactly_at_the_counts_lsn(backup
     secrets = check(report, "row-count shop.public.secrets")
     assert "observed 500" in secrets.summary, secrets.summary
     # every counted database, including the LATIN1, read-only and history-only ones
-    for name in ("row-count legacy.public.Kunden", "row-count reports.public.daily_sales",
-                 "row-count archive.public.orders_2019", "freshness archive.public.orders_2019",
-                 "amcheck reports", "amcheck legacy", "amcheck frozen", "primary-key frozen.public.snapshots(id)"):
+    for name in (
+        "row-count legacy.public.Kunden",
+        "row-count reports.public.daily_sales",
+        "row-count archive.public.orders_2019",
+        "freshness archive.public.orders_2019",
+        "amcheck reports",
+        "amcheck legacy",
+        "amcheck frozen",
+        "primary-key frozen.public.snapshots(id)",
+    ):
         assert check(report, name).status == "passed", name
     # the unlogged table is expected empty, and the report says why
     cache = check(report, "row-count shop.public.session_cache")
@@ -123,8 +144,12 @@ def test_logical_drill_restores_globals_first_and_says_exactly_what_it_skipped(b
     assert "globals" in check(report, "restore").summary
     secrets = check(report, "row-count shop.public.secrets")
     assert "observed 500" in secrets.summary and "exactly" in secrets.summary
-    for name in ("row-count legacy.public.Kunden", "row-count reports.public.daily_sales",
-                 "freshness archive.public.orders_2019", "row-count shop.public.session_cache"):
+    for name in (
+        "row-count legacy.public.Kunden",
+        "row-count reports.public.daily_sales",
+        "freshness archive.public.orders_2019",
+        "row-count shop.public.session_cache",
+    ):
         assert check(report, name).status == "passed", name
     # AND the database nobody may connect to is named as not in the backup, with the reason
     coverage = {c.database: c for c in report.databases}
@@ -134,8 +159,9 @@ def test_logical_drill_restores_globals_first_and_says_exactly_what_it_skipped(b
 
 def test_logical_drill_of_a_one_database_dump_names_what_it_skipped(backups: Backups) -> None:
     # GIVEN a dump of shop alone (backup.databases: [shop]): no roles, no other database
-    config = backups.prod.config(backups.prod.conf_dir / "one.yaml", user="postgres",
-                                 backup={"databases": ["shop"]})
+    config = backups.prod.config(
+        backups.prod.conf_dir / "one.yaml", user="postgres", backup={"databases": ["shop"]}
+    )
     one = backup_flow(config_path=str(config), kind="logical").backup_id
     report = run_drill(str(config), backup=one)
     assert report.passed, _summary(report)
@@ -149,14 +175,17 @@ def test_logical_drill_of_a_one_database_dump_names_what_it_skipped(backups: Bac
 
 def test_drill_fails_naming_an_fk_orphan(backups: Backups) -> None:
     def orphan(cluster: LocalCluster) -> None:
-        with psycopg.connect(cluster.dsn("shop"), autocommit=True,
-                             options="-c session_replication_role=replica") as conn:
+        with psycopg.connect(
+            cluster.dsn("shop"), autocommit=True, options="-c session_replication_role=replica"
+        ) as conn:
             conn.execute('DELETE FROM "Sales"."Order" WHERE id = 1001')  # its lines stay
 
     with before_checks_hook_for_tests(orphan):
         report = run_drill(str(backups.config_su), backup=backups.physical_su)
     assert not report.passed
-    assert failed_names(report) == ["fk-orphans shop.Sales.Order Items(orderId)->Sales.Order"], _summary(report)
+    assert failed_names(report) == ["fk-orphans shop.Sales.Order Items(orderId)->Sales.Order"], _summary(
+        report
+    )
 
 
 def test_drill_fails_naming_a_corrupted_index(backups: Backups) -> None:
@@ -172,12 +201,20 @@ def test_drill_fails_naming_a_corrupted_index(backups: Backups) -> None:
 
 def test_drill_fails_naming_a_table_with_missing_rows_in_a_second_database(backups: Backups) -> None:
     # GIVEN a backup whose source had 5 more rows in legacy.public.bestellungen than the copy holds
-    manifest = json.loads((backups.prod.repo_dir / "backups" / backups.physical_lp / "manifest.json").read_text())
+    manifest = json.loads(
+        (backups.prod.repo_dir / "backups" / backups.physical_lp / "manifest.json").read_text()
+    )
     counts = manifest["row_counts"]
     counts["legacy"]["public.bestellungen"] += 5
-    copy_backup_with_counts(backups.prod.repo_dir, backups.physical_lp,
-                            backups.physical_lp.replace("physical", "physical-missing"), counts)
-    report = run_drill(str(backups.config_lp), backup=backups.physical_lp.replace("physical", "physical-missing"))
+    copy_backup_with_counts(
+        backups.prod.repo_dir,
+        backups.physical_lp,
+        backups.physical_lp.replace("physical", "physical-missing"),
+        counts,
+    )
+    report = run_drill(
+        str(backups.config_lp), backup=backups.physical_lp.replace("physical", "physical-missing")
+    )
     assert failed_names(report) == ["row-count legacy.public.bestellungen"], _summary(report)
 
 
@@ -216,8 +253,10 @@ def test_a_count_under_row_level_security_is_never_recorded_silently(prod_cluste
     # THEN the RLS table is not counted as 0 for the first: it is recorded as not counted, with why
     shop = hidden.databases["shop"]
     assert "public.secrets" not in shop.rows
-    assert "row-level security" in shop.not_counted["public.secrets"] and "BYPASSRLS" in shop.not_counted[
-        "public.secrets"]
+    assert (
+        "row-level security" in shop.not_counted["public.secrets"]
+        and "BYPASSRLS" in shop.not_counted["public.secrets"]
+    )
     # AND the documented role counts everything, in every database but the one nobody may enter
     assert documented.databases["shop"].rows["public.secrets"] == 500
     assert documented.databases["shop"].not_counted == {}

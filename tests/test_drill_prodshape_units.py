@@ -19,8 +19,15 @@ from tasks.restore import missing_role_errors
 
 
 def _point(**kw: object) -> object:
-    args: dict[str, object] = dict(kind="physical", has_counts=True, counts_lsn="0/7000100", target_kind="end",
-                                   target_lsn_at_or_after=False, lsn_reachable=True, may_pass_backup=True)
+    args: dict[str, object] = dict(
+        kind="physical",
+        has_counts=True,
+        counts_lsn="0/7000100",
+        target_kind="end",
+        target_lsn_at_or_after=False,
+        lsn_reachable=True,
+        may_pass_backup=True,
+    )
     args.update(kw)
     return plan_count_point(**args)  # type: ignore[arg-type]
 
@@ -30,14 +37,18 @@ def test_counts_are_exact_at_their_lsn_when_the_archive_reaches_it() -> None:
     assert (p.where, p.mode, p.reason) == ("lsn", "exact", "")
 
 
-@pytest.mark.parametrize(("kw", "where", "needle"), [
-    ({"lsn_reachable": False}, "consistent", "not in the archive"),
-    ({"lsn_reachable": False, "may_pass_backup": False}, "promoted", "not in the archive"),
-    ({"target_kind": "time"}, "consistent", "may lie before the counts' LSN"),
-    ({"counts_lsn": None}, "consistent", "without an LSN"),
-])
-def test_counts_fall_back_to_the_documented_tolerance_and_say_why(kw: dict[str, object], where: str,
-                                                                  needle: str) -> None:
+@pytest.mark.parametrize(
+    ("kw", "where", "needle"),
+    [
+        ({"lsn_reachable": False}, "consistent", "not in the archive"),
+        ({"lsn_reachable": False, "may_pass_backup": False}, "promoted", "not in the archive"),
+        ({"target_kind": "time"}, "consistent", "may lie before the counts' LSN"),
+        ({"counts_lsn": None}, "consistent", "without an LSN"),
+    ],
+)
+def test_counts_fall_back_to_the_documented_tolerance_and_say_why(
+    kw: dict[str, object], where: str, needle: str
+) -> None:
     p = _point(**kw)
     assert p.where == where and p.mode == "tolerance"  # type: ignore[attr-defined]
     assert needle in p.reason and "row_count_tolerance" in p.reason  # type: ignore[attr-defined]
@@ -62,8 +73,10 @@ def test_amcheck_checks_leaf_indexes_only_and_tells_tool_errors_from_corruption(
 
 
 def _catalog() -> Catalog:
-    return Catalog(tables=[("public", "session_cache"), ("Sales", "Order Items"), ("public", "User")],
-                   time_columns={("public", "User"): ["createdAt"]})
+    return Catalog(
+        tables=[("public", "session_cache"), ("Sales", "Order Items"), ("public", "User")],
+        time_columns={("public", "User"): ["createdAt"]},
+    )
 
 
 def test_unlogged_tables_are_expected_empty_after_a_physical_restore_with_the_reason() -> None:
@@ -74,10 +87,16 @@ def test_unlogged_tables_are_expected_empty_after_a_physical_restore_with_the_re
 
 def test_recorded_facts_exact_quote_names_and_compare_the_newest_timestamp() -> None:
     specs, decided = plan_recorded_facts(
-        "shop", _catalog(), counts={"Sales.Order Items": 10, "public.User": 3, "public.session_cache": 5,
-                                    "public.gone": 1},
-        newest={"public.User": "1577833200.000000"}, skip_tables={"public.session_cache"},
-        count_mode="exact", tolerance=0.5, max_age_seconds=60, at="at 0/1")
+        "shop",
+        _catalog(),
+        counts={"Sales.Order Items": 10, "public.User": 3, "public.session_cache": 5, "public.gone": 1},
+        newest={"public.User": "1577833200.000000"},
+        skip_tables={"public.session_cache"},
+        count_mode="exact",
+        tolerance=0.5,
+        max_age_seconds=60,
+        at="at 0/1",
+    )
     names = {s.check: s for s in specs}
     assert names["row-count shop.Sales.Order Items"].kwargs == {"value": 10}
     assert "row-count shop.public.session_cache" not in names  # left to the unlogged check
@@ -88,28 +107,55 @@ def test_recorded_facts_exact_quote_names_and_compare_the_newest_timestamp() -> 
 
 
 def test_recorded_facts_reject_a_manifest_value_that_is_not_a_number() -> None:
-    _, decided = plan_recorded_facts("shop", _catalog(), counts={}, newest={"public.User": "1; DROP TABLE x"},
-                                     count_mode="exact", tolerance=0, max_age_seconds=0, at="")
+    _, decided = plan_recorded_facts(
+        "shop",
+        _catalog(),
+        counts={},
+        newest={"public.User": "1; DROP TABLE x"},
+        count_mode="exact",
+        tolerance=0,
+        max_age_seconds=0,
+        at="",
+    )
     assert decided[0].failed and "invalid newest timestamp" in decided[0].summary
 
 
 def test_coverage_says_per_database_what_was_checked_and_what_not() -> None:
     checks = [
-        CheckResult(name="amcheck frozen", kind="amcheck", category="integrity", status="passed", database="frozen"),
-        CheckResult(name="row-count frozen", kind="row-count", category="data", status="skipped", database="frozen",
-                    summary="not recorded at backup: datallowconn = false"),
-        CheckResult(name="row-count shop.public.x", kind="row-count", category="data", status="failed",
-                    database="shop"),
+        CheckResult(
+            name="amcheck frozen", kind="amcheck", category="integrity", status="passed", database="frozen"
+        ),
+        CheckResult(
+            name="row-count frozen",
+            kind="row-count",
+            category="data",
+            status="skipped",
+            database="frozen",
+            summary="not recorded at backup: datallowconn = false",
+        ),
+        CheckResult(
+            name="row-count shop.public.x",
+            kind="row-count",
+            category="data",
+            status="failed",
+            database="shop",
+        ),
     ]
-    cov = {c.database: c for c in coverage(checks, ["shop"], {"frozen": ["connections allowed"], "legacy": ["n/a"]})}
+    cov = {
+        c.database: c
+        for c in coverage(checks, ["shop"], {"frozen": ["connections allowed"], "legacy": ["n/a"]})
+    }
     assert cov["frozen"].checked == ["amcheck: 1"]
-    assert cov["frozen"].not_checked == ["connections allowed", "row-count frozen: not recorded at backup: "
-                                                               "datallowconn = false"]
+    assert cov["frozen"].not_checked == [
+        "connections allowed",
+        "row-count frozen: not recorded at backup: datallowconn = false",
+    ]
     assert cov["shop"].checked == ["row-count: 1 (1 FAILED)"] and cov["legacy"].not_checked == ["n/a"]
     from datetime import UTC, datetime
 
-    report = DrillReport(drill_id="d", cluster="c", started_at=datetime.now(UTC), checks=checks,
-                         databases=list(cov.values()))
+    report = DrillReport(
+        drill_id="d", cluster="c", started_at=datetime.now(UTC), checks=checks, databases=list(cov.values())
+    )
     assert "## Databases" in render_markdown(report) and "| frozen | amcheck: 1 |" in render_markdown(report)
 
 
@@ -126,8 +172,10 @@ pg_restore: warning: errors ignored on restore: 2
 
 def test_pg_restore_errors_split_into_missing_roles_and_real_failures() -> None:
     roles, other = missing_role_errors(STDERR)
-    assert roles == ['role "app_user" does not exist: CREATE POLICY app_user_reads ON public.secrets FOR SELECT '
-                     "TO app_user USING ((owner_name = 'app_user'::text));"]
+    assert roles == [
+        'role "app_user" does not exist: CREATE POLICY app_user_reads ON public.secrets FOR SELECT '
+        "TO app_user USING ((owner_name = 'app_user'::text));"
+    ]
     assert other == ['relation "x" does not exist: ALTER TABLE x ADD CONSTRAINT y;']
 
 

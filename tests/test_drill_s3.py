@@ -37,24 +37,34 @@ def encryption_key() -> Iterator[str]:
     os.environ.pop(KEY_ENV, None)
 
 
-def test_drill_from_encrypted_s3_replays_archived_wal(moto_endpoint: str, s3_bucket: str,
-                                                      encryption_key: str) -> None:
+def test_drill_from_encrypted_s3_replays_archived_wal(
+    moto_endpoint: str, s3_bucket: str, encryption_key: str
+) -> None:
     base = make_private_dir("gravl-test-drill-s3-", PG_USER)
     source = LocalCluster(base / "data", free_port(), dbname="gravl")
-    config = write_config(base / "gravl-dr.yaml", {
-        "cluster": "drill-s3",
-        "primary": {"dsn": source.dsn()},
-        "repository": {"url": f"s3://{s3_bucket}/gravl", "endpoint_url": moto_endpoint,
-                       "region": "eu-north-1", "encryption_key_env": encryption_key},
-    })
+    config = write_config(
+        base / "gravl-dr.yaml",
+        {
+            "cluster": "drill-s3",
+            "primary": {"dsn": source.dsn()},
+            "repository": {
+                "url": f"s3://{s3_bucket}/gravl",
+                "endpoint_url": moto_endpoint,
+                "region": "eu-north-1",
+                "encryption_key_env": encryption_key,
+            },
+        },
+    )
     chown_tree(base, PG_USER)
     try:
         # GIVEN a source archiving to S3 (started with what its archive_command needs, as an
         # operator's service definition would), a backup, then writes archived after it
-        source.initdb(extra_conf={
-            "archive_mode": "on",
-            "archive_command": f"'{gravl_dr_executable()} --config {config} wal-push %p'",
-        })
+        source.initdb(
+            extra_conf={
+                "archive_mode": "on",
+                "archive_command": f"'{gravl_dr_executable()} --config {config} wal-push %p'",
+            }
+        )
         env = repository_env(load_config(str(config)))
         assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", KEY_ENV} <= set(env)
         source.start(env=env)
@@ -62,8 +72,10 @@ def test_drill_from_encrypted_s3_replays_archived_wal(moto_endpoint: str, s3_buc
         load_sample(source.dsn(), users=20, logs=200, custom=5)
         backup = backup_flow(config_path=str(config), kind="physical")
         with connection(source.dsn()) as conn:
-            conn.execute("INSERT INTO workout_logs (user_id, workout_id, completed_at, sets, reps) "
-                         "SELECT 1 + g % 20, 1 + g % 30, now(), 3, 10 FROM generate_series(1, 50) g")
+            conn.execute(
+                "INSERT INTO workout_logs (user_id, workout_id, completed_at, sets, reps) "
+                "SELECT 1 + g % 20, 1 + g % 30, now(), 3, 10 FROM generate_series(1, 50) g"
+            )
         switch_and_wait(source)
         # WHEN the backup is drilled to the end of the archive
         report = drill_flow(config_path=str(config), backup=backup.backup_id)
@@ -79,8 +91,13 @@ def test_drill_from_encrypted_s3_replays_archived_wal(moto_endpoint: str, s3_buc
         # AND a restore with --start of the same backup replays the same archive: the rows
         # written after the backup are there
         target_dir = base / "restored"
-        restored = restore_flow(config_path=str(config), backup=backup.backup_id, pgdata=str(target_dir),
-                                start=True, recovery_timeout=120)
+        restored = restore_flow(
+            config_path=str(config),
+            backup=backup.backup_id,
+            pgdata=str(target_dir),
+            start=True,
+            recovery_timeout=120,
+        )
         copy = LocalCluster(target_dir, restored.port or 0, dbname="gravl")
         try:
             with connection(copy.dsn()) as conn, connection(source.dsn()) as src:
@@ -93,22 +110,25 @@ def test_drill_from_encrypted_s3_replays_archived_wal(moto_endpoint: str, s3_buc
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_repository_env_passes_only_what_the_wal_commands_need(monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_repository_env_passes_only_what_the_wal_commands_need(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", "/var/run/token")
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
     monkeypatch.setenv("UNRELATED_SECRET", "x")
     monkeypatch.setenv("ARCHIVE_KEY", "ab" * 32)
     s3 = load_config_from({"url": "s3://bucket/p", "encryption_key_env": "ARCHIVE_KEY"})
     env = repository_env(s3)
-    assert env["AWS_WEB_IDENTITY_TOKEN_FILE"] == "/var/run/token" and env["HTTPS_PROXY"] == "http://proxy:3128"
+    assert (
+        env["AWS_WEB_IDENTITY_TOKEN_FILE"] == "/var/run/token" and env["HTTPS_PROXY"] == "http://proxy:3128"
+    )
     assert env["ARCHIVE_KEY"] == "ab" * 32 and "UNRELATED_SECRET" not in env
     # a file repository needs no AWS variables, only the key
-    assert repository_env(load_config_from({"url": "file:///srv/repo", "encryption_key_env": "ARCHIVE_KEY"})) == {
-        "ARCHIVE_KEY": "ab" * 32}
+    assert repository_env(
+        load_config_from({"url": "file:///srv/repo", "encryption_key_env": "ARCHIVE_KEY"})
+    ) == {"ARCHIVE_KEY": "ab" * 32}
     assert repository_env(load_config_from({"url": "file:///srv/repo"})) == {}
 
 
 def load_config_from(repository: dict[str, str]) -> Config:
-    return Config.model_validate({"cluster": "c", "primary": {"dsn": "host=127.0.0.1 dbname=x"},
-                                  "repository": repository})
+    return Config.model_validate(
+        {"cluster": "c", "primary": {"dsn": "host=127.0.0.1 dbname=x"}, "repository": repository}
+    )

@@ -30,8 +30,9 @@ def amcheck_cluster() -> Iterator[LocalCluster]:
     """One cluster for this module. Database `stale`: table `big` (about 2 MiB) has an index that
     lacks its heap's keys, table `small` (one page) a consistent one. Database `garbage`: table
     `big`'s primary key has a page of garbage."""
-    cluster = _new_cluster("gravl-test-amcheck-",
-                           extra_conf={"shared_preload_libraries": "'pg_stat_statements'"})
+    cluster = _new_cluster(
+        "gravl-test-amcheck-", extra_conf={"shared_preload_libraries": "'pg_stat_statements'"}
+    )
     try:
         for db in ("stale", "garbage", "orphans"):
             create_database(cluster.dsn("postgres"), db)
@@ -42,8 +43,10 @@ def amcheck_cluster() -> Iterator[LocalCluster]:
             conn.execute("CREATE TABLE big (id int, pad text)")
             conn.execute("INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series(1, 15000) g")
             conn.execute("CREATE INDEX big_shifted ON big (shifted(id))")
-            conn.execute("CREATE OR REPLACE FUNCTION shifted(int) RETURNS int IMMUTABLE LANGUAGE sql "
-                         "AS 'SELECT $1 + 1000000'")
+            conn.execute(
+                "CREATE OR REPLACE FUNCTION shifted(int) RETURNS int IMMUTABLE LANGUAGE sql "
+                "AS 'SELECT $1 + 1000000'"
+            )
             size = conn.execute("SELECT pg_relation_size('big')").fetchone()
         assert size is not None and 2**20 < size[0] < 3 * 2**20
         with connection(cluster.dsn("garbage")) as conn:
@@ -55,8 +58,10 @@ def amcheck_cluster() -> Iterator[LocalCluster]:
             conn.execute("CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent)")
             conn.execute("INSERT INTO parent SELECT generate_series(1, 100)")
             conn.execute("SET session_replication_role = replica")  # FK triggers off: orphans
-            conn.execute("INSERT INTO child SELECT g, CASE WHEN g <= 25 THEN 1000 + g ELSE 1 END "
-                         "FROM generate_series(1, 200) g")
+            conn.execute(
+                "INSERT INTO child SELECT g, CASE WHEN g <= 25 THEN 1000 + g ELSE 1 END "
+                "FROM generate_series(1, 200) g"
+            )
         corrupt_index(cluster, "garbage", "big_pkey")
         yield cluster
     finally:
@@ -87,7 +92,9 @@ def test_tables_under_the_limit_still_get_heapallindexed(stale_index_dsn: str) -
     assert result.samples[0]["index"] == "public.big_shifted"
 
 
-def test_tables_over_the_limit_get_the_structure_check_and_the_report_names_them(stale_index_dsn: str) -> None:
+def test_tables_over_the_limit_get_the_structure_check_and_the_report_names_them(
+    stale_index_dsn: str,
+) -> None:
     # WHEN the limit (1 MiB) is below the 2 MiB table
     result = amcheck_database(stale_index_dsn, "postgres", heapallindexed_max_mb=1)
     # THEN its index only gets the structure check (which this inconsistency passes), the small
@@ -110,8 +117,15 @@ def test_the_structure_check_still_catches_a_corrupt_page(amcheck_cluster: Local
 def test_orphans_are_counted_and_sampled_reading_the_query_once(amcheck_cluster: LocalCluster) -> None:
     # GIVEN the default suite of a database with 25 orphan rows
     dsn = amcheck_cluster.dsn("orphans")
-    specs, decided = plan_default("orphans", read_catalog(dsn), expected_counts=None, count_mode="skip",
-                                  tolerance=0.0, reference=datetime.now(UTC), max_age_seconds=60)
+    specs, decided = plan_default(
+        "orphans",
+        read_catalog(dsn),
+        expected_counts=None,
+        count_mode="skip",
+        tolerance=0.0,
+        reference=datetime.now(UTC),
+        max_age_seconds=60,
+    )
     assert not decided
     with connection(dsn) as conn:
         conn.execute("SELECT pg_stat_statements_reset()")
@@ -125,10 +139,13 @@ def test_orphans_are_counted_and_sampled_reading_the_query_once(amcheck_cluster:
     assert results["primary-key orphans.public.child(id)"].status == "passed"
     # AND each check's query ran once: no COUNT(*) second pass as UnexpectedRowsExpectation does
     with connection(dsn) as conn:
-        calls = conn.execute("SELECT query, calls FROM pg_stat_statements WHERE query LIKE %s",
-                             (f"%{'gravl_unexpected_total'}%",)).fetchall()
-        recounts = conn.execute("SELECT count(*) FROM pg_stat_statements WHERE query ILIKE %s",
-                                ("%unexpected_row_count%",)).fetchone()
+        calls = conn.execute(
+            "SELECT query, calls FROM pg_stat_statements WHERE query LIKE %s",
+            (f"%{'gravl_unexpected_total'}%",),
+        ).fetchall()
+        recounts = conn.execute(
+            "SELECT count(*) FROM pg_stat_statements WHERE query ILIKE %s", ("%unexpected_row_count%",)
+        ).fetchone()
     assert len(calls) == 3 and all(n == 1 for _, n in calls), calls  # 2 primary keys, 1 foreign key
     assert recounts == (0,)
 

@@ -38,34 +38,43 @@ NOW = datetime(2026, 11, 24, 3, 0, tzinfo=UTC)
 REF = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
 
 
-@pytest.mark.parametrize(("expected", "tolerance", "bounds"), [
-    (1000, 0.01, (990, 1010)),
-    (5, 0.01, (4, 6)),       # any tolerance allows at least one row either way
-    (0, 0.01, (0, 0)),       # an empty table must stay empty
-    (1000, 0.0, (1000, 1000)),
-])
+@pytest.mark.parametrize(
+    ("expected", "tolerance", "bounds"),
+    [
+        (1000, 0.01, (990, 1010)),
+        (5, 0.01, (4, 6)),  # any tolerance allows at least one row either way
+        (0, 0.01, (0, 0)),  # an empty table must stay empty
+        (1000, 0.0, (1000, 1000)),
+    ],
+)
 def test_row_count_bounds(expected: int, tolerance: float, bounds: tuple[int, int]) -> None:
     assert row_count_bounds(expected, tolerance) == bounds
 
 
-@pytest.mark.parametrize(("token", "value"), [
-    ("$now", NOW),
-    ("$reference", REF),
-    ("$reference-1d", REF - timedelta(days=1)),
-    ("$now+5m", NOW + timedelta(minutes=5)),
-    ("$now - 30", NOW - timedelta(seconds=30)),
-    ("now", "now"),
-    (42, 42),
-])
+@pytest.mark.parametrize(
+    ("token", "value"),
+    [
+        ("$now", NOW),
+        ("$reference", REF),
+        ("$reference-1d", REF - timedelta(days=1)),
+        ("$now+5m", NOW + timedelta(minutes=5)),
+        ("$now - 30", NOW - timedelta(seconds=30)),
+        ("now", "now"),
+        (42, 42),
+    ],
+)
 def test_tokens_resolve_to_datetimes(token: object, value: object) -> None:
     assert resolve_tokens(token, NOW, REF) == value
 
 
-@pytest.mark.parametrize(("kind", "cls"), [
-    ("expect_column_values_to_be_between", "ExpectColumnValuesToBeBetween"),
-    ("ExpectTableRowCountToEqual", "ExpectTableRowCountToEqual"),
-    ("unexpected_rows", "UnexpectedRowsExpectation"),
-])
+@pytest.mark.parametrize(
+    ("kind", "cls"),
+    [
+        ("expect_column_values_to_be_between", "ExpectColumnValuesToBeBetween"),
+        ("ExpectTableRowCountToEqual", "ExpectTableRowCountToEqual"),
+        ("unexpected_rows", "UnexpectedRowsExpectation"),
+    ],
+)
 def test_gx_class_names(kind: str, cls: str) -> None:
     assert gx_class_name(kind) == cls
 
@@ -81,34 +90,53 @@ def _catalog() -> Catalog:
 
 def test_default_plan_covers_counts_keys_references_and_freshness() -> None:
     specs, decided = plan_default(
-        "app", _catalog(), expected_counts={"public.users": 10, "public.logs": 100, "public.gone": 5},
-        count_mode="tolerance", tolerance=0.1, reference=REF, max_age_seconds=3600)
+        "app",
+        _catalog(),
+        expected_counts={"public.users": 10, "public.logs": 100, "public.gone": 5},
+        count_mode="tolerance",
+        tolerance=0.1,
+        reference=REF,
+        max_age_seconds=3600,
+    )
     by_name = {s.check: s for s in specs}
     assert by_name["row-count app.public.logs"].kwargs == {"min_value": 90, "max_value": 110}
     pk = by_name["primary-key app.public.logs(user_id,n)"].kwargs["unexpected_rows_query"]
     assert 'GROUP BY x."user_id", x."n" HAVING count(*) > 1 OR x."user_id" IS NULL OR x."n" IS NULL' in pk
     assert "primary-key app.public.users(id)" in by_name
     fk = by_name["fk-orphans app.public.logs(user_id)->public.users"]
-    assert "{batch}" in fk.kwargs["unexpected_rows_query"] and 'p."id" = x."user_id"' in fk.kwargs[
-        "unexpected_rows_query"]
+    assert (
+        "{batch}" in fk.kwargs["unexpected_rows_query"]
+        and 'p."id" = x."user_id"' in fk.kwargs["unexpected_rows_query"]
+    )
     assert (REF - timedelta(hours=1)).isoformat() in by_name["freshness app"].kwargs["unexpected_rows_query"]
     # a table the manifest lists that is not restored fails without running anything
     assert [(c.name, c.status) for c in decided] == [("row-count app.public.gone", "failed")]
 
 
 def test_row_counts_that_do_not_apply_are_reported_skipped_with_the_reason() -> None:
-    specs, decided = plan_default("app", _catalog(), expected_counts={"public.users": 10}, count_mode="skip",
-                                  tolerance=0.01, reference=REF, max_age_seconds=60, skip_reason="past the backup")
+    specs, decided = plan_default(
+        "app",
+        _catalog(),
+        expected_counts={"public.users": 10},
+        count_mode="skip",
+        tolerance=0.01,
+        reference=REF,
+        max_age_seconds=60,
+        skip_reason="past the backup",
+    )
     assert not [s for s in specs if s.kind == "row-count"]
-    assert [(c.name, c.status, c.summary) for c in decided] == [("row-count app", "skipped", "past the backup")]
+    assert [(c.name, c.status, c.summary) for c in decided] == [
+        ("row-count app", "skipped", "past the backup")
+    ]
 
 
 def test_identifiers_are_quoted_and_braces_escaped_in_generated_queries() -> None:
     cat = Catalog(tables=[("s", 'we"ird{x}')], time_columns={("s", 'we"ird{x}'): ["t"]})
     cat.tables.append(("s", "other"))
     cat.time_columns[("s", "other")] = ["t"]
-    specs, _ = plan_default("db", cat, expected_counts=None, count_mode="exact", tolerance=0,
-                            reference=REF, max_age_seconds=1)
+    specs, _ = plan_default(
+        "db", cat, expected_counts=None, count_mode="exact", tolerance=0, reference=REF, max_age_seconds=1
+    )
     query = specs[-1].kwargs["unexpected_rows_query"]
     # "other" sorts first and is read through GX's {batch}; the odd name is quoted and its braces
     # doubled so that GX's str.format leaves them alone
@@ -120,10 +148,21 @@ def test_shipped_gravl_suite_is_valid_and_applies_to_a_gravl_database() -> None:
     suites = load_suites(REPO_ROOT / "expectations")
     validate_suites(suites, NOW)
     gravl = next(s for s in suites if s.name == "gravl")
-    tables = [("public", t) for t in ("users", "workouts", "workout_logs", "workout_swaps",
-                                      "muscle_group_recovery", "custom_workouts", "custom_workout_exercises")]
-    specs, decided = plan_suite(gravl, {"gravl": Catalog(tables=tables), "postgres": Catalog()},
-                                now=NOW, reference=REF)
+    tables = [
+        ("public", t)
+        for t in (
+            "users",
+            "workouts",
+            "workout_logs",
+            "workout_swaps",
+            "muscle_group_recovery",
+            "custom_workouts",
+            "custom_workout_exercises",
+        )
+    ]
+    specs, decided = plan_suite(
+        gravl, {"gravl": Catalog(tables=tables), "postgres": Catalog()}, now=NOW, reference=REF
+    )
     assert not decided and {s.database for s in specs} == {"gravl"}
     future = next(s for s in specs if s.check.endswith("completed_at never in the future"))
     assert future.kwargs["max_value"] == NOW + timedelta(minutes=5)
@@ -136,13 +175,19 @@ def test_a_suite_for_tables_no_database_has_is_skipped_not_failed() -> None:
 
 
 @pytest.mark.integration  # loads Great Expectations' expectation classes: seconds of import
-@pytest.mark.parametrize(("content", "message"), [
-    ("tables: {public.t: [{type: expect_column_values_to_be_frobbed, column: a}]}", "unknown expectation type"),
-    ("tables: {public.t: [{type: expect_column_values_to_be_between, min_value: 1}]}", "invalid"),
-    ("tables: {public.t: [{column: a}]}", "needs a 'type'"),
-    ("tablez: {}", "unknown key 'tablez'"),
-    ("tables: [oops", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            "tables: {public.t: [{type: expect_column_values_to_be_frobbed, column: a}]}",
+            "unknown expectation type",
+        ),
+        ("tables: {public.t: [{type: expect_column_values_to_be_between, min_value: 1}]}", "invalid"),
+        ("tables: {public.t: [{column: a}]}", "needs a 'type'"),
+        ("tablez: {}", "unknown key 'tablez'"),
+        ("tables: [oops", "not valid YAML"),
+    ],
+)
 def test_a_bad_suite_is_rejected_before_any_restore_naming_the_file(content: str, message: str) -> None:
     folder = make_private_dir("gravl-test-suites-", "root")
     try:
@@ -155,13 +200,28 @@ def test_a_bad_suite_is_rejected_before_any_restore_naming_the_file(content: str
 
 
 def test_markdown_report_names_failing_checks_and_their_samples() -> None:
-    report = DrillReport(drill_id="20261124T030000Z-abcd", cluster="gravl", backup_id="b", backup_kind="physical",
-                         started_at=NOW, rto_seconds=12.5, rpo_seconds=3600, checks=[
-                             CheckResult(name="amcheck gravl", kind="amcheck", category="integrity",
-                                         status="failed", summary="1 of 3 btree indexes corrupt",
-                                         samples=[{"index": "public.i", "error": "zero page"}]),
-                             CheckResult(name="usability gravl", kind="usability", category="usability",
-                                         status="passed", summary="ok")])
+    report = DrillReport(
+        drill_id="20261124T030000Z-abcd",
+        cluster="gravl",
+        backup_id="b",
+        backup_kind="physical",
+        started_at=NOW,
+        rto_seconds=12.5,
+        rpo_seconds=3600,
+        checks=[
+            CheckResult(
+                name="amcheck gravl",
+                kind="amcheck",
+                category="integrity",
+                status="failed",
+                summary="1 of 3 btree indexes corrupt",
+                samples=[{"index": "public.i", "error": "zero page"}],
+            ),
+            CheckResult(
+                name="usability gravl", kind="usability", category="usability", status="passed", summary="ok"
+            ),
+        ],
+    )
     text = render_markdown(report)
     assert "FAILED" in text and "| amcheck gravl | **FAILED** |" in text and "zero page" in text
     assert "12.5 s" in text and "1.0 h" in text and "What to do next" in text
@@ -173,8 +233,13 @@ def test_an_instance_whose_drill_was_killed_is_swept_by_the_next_drill() -> None
     # GIVEN a running drill instance whose owning process is gone (killed with SIGKILL)
     base = make_private_dir("gravl-test-drill-sweep-", "postgres")
     try:
-        cfg = parse_config({"primary": {"dsn": "host=127.0.0.1 user=postgres"},
-                            "repository": {"url": "file:///nonexistent"}, "drill": {"work_dir": str(base)}})
+        cfg = parse_config(
+            {
+                "primary": {"dsn": "host=127.0.0.1 user=postgres"},
+                "repository": {"url": "file:///nonexistent"},
+                "drill": {"work_dir": str(base)},
+            }
+        )
         instance = provision_instance(cfg, "20261124T030000Z-dead")
         cluster = instance.cluster()
         cluster.initdb()

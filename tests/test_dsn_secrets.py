@@ -30,10 +30,7 @@ def scram_cluster(cluster_factory: Callable[..., LocalCluster]) -> LocalCluster:
         conn.execute(f"CREATE ROLE restorer LOGIN SUPERUSER PASSWORD '{PASSWORD}'")
         conn.execute("CREATE DATABASE target OWNER restorer")
     hba = cluster.pgdata / "pg_hba.conf"
-    hba.write_text(
-        f"host all {cluster.user} 127.0.0.1/32 trust\n"
-        "host all all 127.0.0.1/32 scram-sha-256\n"
-    )
+    hba.write_text(f"host all {cluster.user} 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
     with connection(cluster.dsn("postgres")) as conn:
         conn.execute("SELECT pg_reload_conf()")
     return cluster
@@ -45,10 +42,13 @@ def _runs_of_restore() -> list[object]:
     from prefect.client.schemas.sorting import FlowRunSort
 
     with get_client(sync_client=True) as client:
-        return list(client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=["restore"])),
-            sort=FlowRunSort.START_TIME_DESC, limit=5,
-        ))
+        return list(
+            client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["restore"])),
+                sort=FlowRunSort.START_TIME_DESC,
+                limit=5,
+            )
+        )
 
 
 def _logs_of(run_id: object) -> str:
@@ -61,7 +61,9 @@ def _logs_of(run_id: object) -> str:
 
 
 def test_password_in_dsn_reaches_neither_prefect_nor_logs_and_the_restore_works(
-    prefect_harness: None, make_config: Callable[..., Path], file_repo_url: str,
+    prefect_harness: None,
+    make_config: Callable[..., Path],
+    file_repo_url: str,
     scram_cluster: LocalCluster,
 ) -> None:
     import prefect.settings
@@ -70,20 +72,28 @@ def test_password_in_dsn_reaches_neither_prefect_nor_logs_and_the_restore_works(
     cfg_path = make_config(file_repo_url)
     cfg = load_config(str(cfg_path))
     manifest = take_backup(cfg, open_repository(cfg.repository), kind="logical")
-    dsn = (f"host=127.0.0.1 port={scram_cluster.port} user=restorer dbname=target "
-           f"password={PASSWORD}")
+    dsn = f"host=127.0.0.1 port={scram_cluster.port} user=restorer dbname=target password={PASSWORD}"
     no_password = f"host=127.0.0.1 port={scram_cluster.port} user=restorer dbname=target"
     with pytest.raises(Exception, match="no password supplied|password authentication failed"):
         connection(no_password).__enter__()
     # WHEN the operator restores with the password in --dsn (the CLI, against Prefect's API)
     api = str(prefect.settings.PREFECT_API_URL.value())
-    proc = run_cli("restore", manifest.id, "--dsn", dsn, "--database", "gravl", config=cfg_path,
-                   env={"PREFECT_API_URL": api, "PGPASSWORD": ""})
+    proc = run_cli(
+        "restore",
+        manifest.id,
+        "--dsn",
+        dsn,
+        "--database",
+        "gravl",
+        config=cfg_path,
+        env={"PREFECT_API_URL": api, "PGPASSWORD": ""},
+    )
     # THEN the restore worked ...
     assert proc.returncode == 0, proc.stderr
     with connection(scram_cluster.dsn("target")) as conn:
-        tables = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname NOT IN "
-                              "('pg_catalog', 'information_schema')").fetchone()
+        tables = conn.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"
+        ).fetchone()
     assert tables is not None and tables[0] > 0
     # ... and the flow run Prefect recorded carries no password: not in its parameters, not in
     # its logs, not on the terminal
@@ -96,7 +106,9 @@ def test_password_in_dsn_reaches_neither_prefect_nor_logs_and_the_restore_works(
 
 
 def test_flow_refuses_a_dsn_parameter_with_a_password_without_echoing_it(
-    prefect_harness: None, make_config: Callable[..., Path], file_repo_url: str,
+    prefect_harness: None,
+    make_config: Callable[..., Path],
+    file_repo_url: str,
 ) -> None:
     # a run started from the UI or the API with a password in its dsn parameter
     from flows.restore import restore_flow
@@ -107,12 +119,15 @@ def test_flow_refuses_a_dsn_parameter_with_a_password_without_echoing_it(
     assert "PGPASSWORD" in str(err.value) and PASSWORD not in str(err.value)
 
 
-@pytest.mark.parametrize(("dsn", "clean", "password"), [
-    ("host=h port=5 user=u password=pw dbname=d", "user=u dbname=d host=h port=5", "pw"),
-    ("postgresql://u:p%40ss@h:5433/db", "user=u dbname=db host=h port=5433", "p@ss"),
-    ("host=h user=u", "host=h user=u", None),
-    ("host=h password='with space'", "host=h", "with space"),
-])
+@pytest.mark.parametrize(
+    ("dsn", "clean", "password"),
+    [
+        ("host=h port=5 user=u password=pw dbname=d", "user=u dbname=d host=h port=5", "pw"),
+        ("postgresql://u:p%40ss@h:5433/db", "user=u dbname=db host=h port=5433", "p@ss"),
+        ("host=h user=u", "host=h user=u", None),
+        ("host=h password='with space'", "host=h", "with space"),
+    ],
+)
 def test_split_password(dsn: str, clean: str, password: str | None) -> None:
     assert split_password(dsn) == (clean, password)
 

@@ -190,5 +190,6 @@ def test_legacy_encrypted_backup_object_still_decodes_through_the_restore_pipeli
 
     data = [os.urandom(50_000) for _ in range(8)]
     old = b"".join(encrypt_v1(compress(iter(data), "zstd"), KEY))
-    assert b"".join(decode(iter([old[i : i + 9999] for i in range(0, len(old), 9999)]), "zstd", KEY,
-                           True, "b")) == b"".join(data)
+    assert b"".join(
+        decode(iter([old[i : i + 9999] for i in range(0, len(old), 9999)]), "zstd", KEY, True, "b")
+    ) == b"".join(data)

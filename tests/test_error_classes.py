@@ -129,15 +129,18 @@ def test_aws_error_codes(code: str, status: int, kind: str) -> None:
 
 
 def _client_error(code: str, status: int) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": "m"},
-                        "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    return ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+    )
 
 
 def _repo():  # an S3Repository needs no service to classify
     from tasks.config import RepositoryConfig
     from tasks.repository import S3Repository
 
-    return S3Repository(RepositoryConfig(url="s3://b/p", endpoint_url="http://127.0.0.1:9", region="eu-north-1"))
+    return S3Repository(
+        RepositoryConfig(url="s3://b/p", endpoint_url="http://127.0.0.1:9", region="eu-north-1")
+    )
 
 
 @pytest.mark.parametrize(("code", "status", "kind"), S3_TABLE)
@@ -147,18 +150,21 @@ def test_s3_repository_wraps_each_code_in_its_class(code: str, status: int, kind
     assert isinstance(err, TransientError if kind == "transient" else PermanentError)
 
 
-@pytest.mark.parametrize(("exc", "transient"), [
-    (EndpointConnectionError(endpoint_url="http://127.0.0.1:9"), True),
-    (ConnectTimeoutError(endpoint_url="http://127.0.0.1:9"), True),
-    (ReadTimeoutError(endpoint_url="http://127.0.0.1:9"), True),
-    (ConnectionResetError(104, "reset"), True),
-    (TimeoutError(), True),
-    (NoCredentialsError(), False),
-    (ParamValidationError(report="bad"), False),
-    (KeyError("Contents"), False),
-    (AttributeError("'list' object has no attribute 'get'"), False),
-    (TypeError("x"), False),
-])
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:9"), True),
+        (ConnectTimeoutError(endpoint_url="http://127.0.0.1:9"), True),
+        (ReadTimeoutError(endpoint_url="http://127.0.0.1:9"), True),
+        (ConnectionResetError(104, "reset"), True),
+        (TimeoutError(), True),
+        (NoCredentialsError(), False),
+        (ParamValidationError(report="bad"), False),
+        (KeyError("Contents"), False),
+        (AttributeError("'list' object has no attribute 'get'"), False),
+        (TypeError("x"), False),
+    ],
+)
 def test_non_service_errors(exc: Exception, transient: bool) -> None:
     err = _repo()._wrap(exc, "listing wal")
     assert is_transient(err) == transient
@@ -178,23 +184,46 @@ def test_route53_throttling_is_transient() -> None:
 
 COMMAND_TABLE = [
     # (stderr tail, timed out, transient)
-    ('pg_basebackup: error: could not connect to server: Connection refused', False, True),
-    ('pg_basebackup: error: connection to server at "127.0.0.1", port 5432 failed: Connection refused',
-     False, True),
+    ("pg_basebackup: error: could not connect to server: Connection refused", False, True),
+    (
+        'pg_basebackup: error: connection to server at "127.0.0.1", port 5432 failed: Connection refused',
+        False,
+        True,
+    ),
     ('pg_dump: error: connection to server at "10.0.0.1", port 5432 failed: timeout expired', False, True),
-    ('pg_basebackup: error: connection to server at "127.0.0.1", port 5432 failed: FATAL:  the database '
-     'system is starting up', False, True),
+    (
+        'pg_basebackup: error: connection to server at "127.0.0.1", port 5432 failed: FATAL:  the database '
+        "system is starting up",
+        False,
+        True,
+    ),
     ("pg_dump: error: server closed the connection unexpectedly", False, True),
-    ('psql: error: connection to server at "127.0.0.1", port 5432 failed: FATAL:  sorry, too many '
-     'clients already', False, True),
+    (
+        'psql: error: connection to server at "127.0.0.1", port 5432 failed: FATAL:  sorry, too many '
+        "clients already",
+        False,
+        True,
+    ),
     ("pg_basebackup timed out after 600s", True, True),
-    ('pg_basebackup: error: connection to server at "127.0.0.1", port 5432 failed: FATAL:  password '
-     'authentication failed for user "gravl"', False, False),
-    ('pg_dump: error: connection to server at "127.0.0.1", port 5432 failed: FATAL:  no pg_hba.conf '
-     'entry for host "127.0.0.1"', False, False),
-    ('pg_dump: error: connection to server at "127.0.0.1", port 5432 failed: FATAL:  database "x" does '
-     'not exist', False, False),
-    ("pg_restore: error: could not execute query: ERROR:  relation \"t\" already exists", False, False),
+    (
+        'pg_basebackup: error: connection to server at "127.0.0.1", port 5432 failed: FATAL:  password '
+        'authentication failed for user "gravl"',
+        False,
+        False,
+    ),
+    (
+        'pg_dump: error: connection to server at "127.0.0.1", port 5432 failed: FATAL:  no pg_hba.conf '
+        'entry for host "127.0.0.1"',
+        False,
+        False,
+    ),
+    (
+        'pg_dump: error: connection to server at "127.0.0.1", port 5432 failed: FATAL:  database "x" does '
+        "not exist",
+        False,
+        False,
+    ),
+    ('pg_restore: error: could not execute query: ERROR:  relation "t" already exists', False, False),
     ("tar exited 2 extracting b: tar: Unexpected EOF in archive", False, False),
     ("pg_basebackup: error: could not create directory: No space left on device", False, False),
 ]
@@ -234,10 +263,18 @@ def test_pg_basebackup_against_a_closed_port_is_transient(tmp_path: Path) -> Non
     from tasks.proc import pg_bin, run
 
     with pytest.raises(CommandFailed) as info:
-        run([pg_bin("pg_basebackup"), "-d", "host=127.0.0.1 port=1 connect_timeout=2", "-D",
-             str(tmp_path / "x"), "-Ft"], timeout=30)
+        run(
+            [
+                pg_bin("pg_basebackup"),
+                "-d",
+                "host=127.0.0.1 port=1 connect_timeout=2",
+                "-D",
+                str(tmp_path / "x"),
+                "-Ft",
+            ],
+            timeout=30,
+        )
     assert is_transient(info.value), str(info.value)
-
 
 
 @pytest.mark.integration  # talks to the session PostgreSQL

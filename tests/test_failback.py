@@ -36,7 +36,11 @@ def _failed_over(pair: Pair, cfg: str) -> None:
 
 
 def test_failback_after_writes_in_failover_window_rewinds_and_loses_nothing(
-    prefect_harness: None, pg_pair: Any, route53_dns: dict[str, Any], file_repo_url: str, tmp_path: Path,
+    prefect_harness: None,
+    pg_pair: Any,
+    route53_dns: dict[str, Any],
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     from flows.failback import failback_flow
 
@@ -70,7 +74,11 @@ def test_failback_after_writes_in_failover_window_rewinds_and_loses_nothing(
 
 
 def test_failback_without_wal_log_hints_reclones_and_moves_bind_record_back(
-    prefect_harness: None, pg_pair: Any, bind_server: Any, bind_dns: dict[str, Any], file_repo_url: str,
+    prefect_harness: None,
+    pg_pair: Any,
+    bind_server: Any,
+    bind_dns: dict[str, Any],
+    file_repo_url: str,
     tmp_path: Path,
 ) -> None:
     from flows.failback import failback_flow
@@ -99,7 +107,10 @@ def test_failback_without_wal_log_hints_reclones_and_moves_bind_record_back(
 
 
 def test_failback_resumes_after_a_crash_between_clean_shutdown_and_promotion(
-    prefect_harness: None, pg_pair: Any, file_repo_url: str, tmp_path: Path,
+    prefect_harness: None,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     from flows.failback import failback_flow
     from tasks.config import load_config
@@ -131,7 +142,10 @@ def test_failback_resumes_after_a_crash_between_clean_shutdown_and_promotion(
 
 
 def test_failback_when_already_home_converges_without_a_switchover(
-    prefect_harness: None, pg_pair: Any, file_repo_url: str, tmp_path: Path,
+    prefect_harness: None,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     from flows.failback import failback_flow
 
@@ -151,7 +165,10 @@ def test_failback_when_already_home_converges_without_a_switchover(
 
 
 def test_cli_drill_failover_runs_failover_then_failback(
-    pg_pair: Any, route53_dns: dict[str, Any], file_repo_url: str, tmp_path: Path,
+    pg_pair: Any,
+    route53_dns: dict[str, Any],
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     # GIVEN a healthy pair (a drill starts from the normal topology)
     pair: Pair = pg_pair()

@@ -38,28 +38,41 @@ def _diverged_failover(pair: Pair, cfg: str) -> int:
     pair.wait_replayed(pair.home, pair.standby)
     sql(pair.standby.dsn(), "ALTER SYSTEM SET primary_conninfo = ''")
     sql(pair.standby.dsn(), "SELECT pg_reload_conf()")
-    wait_until(lambda: sql(pair.standby.dsn(), "SELECT count(*) FROM pg_stat_wal_receiver") == [(0,)],
-               30, "WAL receiver stopped")
+    wait_until(
+        lambda: sql(pair.standby.dsn(), "SELECT count(*) FROM pg_stat_wal_receiver") == [(0,)],
+        30,
+        "WAL receiver stopped",
+    )
     pair.insert(pair.home.dsn(), 3000, "never-replicated")
     pair.kill_home()
-    report = failover_flow(config_path=cfg, approved_by="test", auto_approve=True, force=True, max_lag_bytes=1 << 30)
+    report = failover_flow(
+        config_path=cfg, approved_by="test", auto_approve=True, force=True, max_lag_bytes=1 << 30
+    )
     assert report.status == "complete", report.error
     return 3000
 
 
 def test_failed_pg_rewind_keeps_the_old_data_and_reports_where_and_what(
-    prefect_harness: None, pg_pair: Any, file_repo_url: str, tmp_path: Path, pushgateway: str,
+    prefect_harness: None,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
+    pushgateway: str,
 ) -> None:
     from flows.failback import failback_flow, failback_markdown
 
     # GIVEN a failover that lost home's last 3000 rows, a home directory with a node-local port in
     # postgresql.auto.conf, and a directory in it that pg_rewind (running as postgres) cannot read
     pair: Pair = pg_pair(wal_log_hints=True)
-    cfg = str(write_config(tmp_path / "gravl-dr.yaml",
-                           pair.config(file_repo_url, metrics={"pushgateway": pushgateway})))
+    cfg = str(
+        write_config(
+            tmp_path / "gravl-dr.yaml", pair.config(file_repo_url, metrics={"pushgateway": pushgateway})
+        )
+    )
     auto = pair.home.pgdata / "postgresql.auto.conf"
-    auto.write_text(auto.read_text() + f"port = '{pair.home.port}'\nlisten_addresses = '127.0.0.1'\n"
-                    "work_mem = '7MB'\n")
+    auto.write_text(
+        auto.read_text() + f"port = '{pair.home.port}'\nlisten_addresses = '127.0.0.1'\nwork_mem = '7MB'\n"
+    )
     lost = _diverged_failover(pair, cfg)
     pair.insert(pair.standby.dsn(), 50, "during-failover")
     expected = pair.rows(pair.standby.dsn())
@@ -103,8 +116,13 @@ def _assert_rows_recoverable(old_dir: Path, lost: int) -> None:
     try:
         subprocess.run(["cp", "-a", str(old_dir), str(base / "data")], check=True)
         (base / "data" / "zz-unreadable").rmdir()
-        for name in ("standby.signal", "recovery.signal", "postmaster.pid", "gravl-dr.rebuild",
-                     "gravl-dr.fenced"):
+        for name in (
+            "standby.signal",
+            "recovery.signal",
+            "postmaster.pid",
+            "gravl-dr.rebuild",
+            "gravl-dr.fenced",
+        ):
             (base / "data" / name).unlink(missing_ok=True)
         copy = LocalCluster(base / "data", free_port("127.0.0.1"), host="127.0.0.1", dbname="gravl")
         copy.append_conf({"port": str(copy.port), "archive_mode": "off"}, file="postgresql.auto.conf")
@@ -145,8 +163,14 @@ def _primary(dsn: str) -> bool:
 
 def _failback_until(cfg: str, env: dict[str, str], trigger: Callable[[], bool], timeout: float = 240) -> str:
     """Run `gravl-dr failback` and SIGKILL its whole process group as soon as ``trigger()`` holds."""
-    proc = subprocess.Popen([GRAVL_DR, "--config", cfg, "failback", "--yes", "--no-backup"], cwd=str(REPO_ROOT),
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [GRAVL_DR, "--config", cfg, "failback", "--yes", "--no-backup"],
+        cwd=str(REPO_ROOT),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None and time.monotonic() < deadline:
@@ -172,7 +196,11 @@ def _failback_until(cfg: str, env: dict[str, str], trigger: Callable[[], bool], 
 
 @pytest.mark.parametrize("path", ["rewind-interrupted", "rewound"])
 def test_failback_killed_at_every_step_converges_with_zero_rows_lost(
-    prefect_harness: None, pg_pair: Any, file_repo_url: str, tmp_path: Path, path: str,
+    prefect_harness: None,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
+    path: str,
 ) -> None:
     from prefect.settings import PREFECT_API_URL
 
@@ -206,8 +234,11 @@ def test_failback_killed_at_every_step_converges_with_zero_rows_lost(
             killed.append(name)
         for dsn in (pair.standby.dsn(), pair.home.dsn()):
             if _primary(dsn):
-                sql(dsn, "INSERT INTO items (tag, n) SELECT %s, g FROM generate_series(1, 10) g",
-                    (f"after-kill-{len(killed)}",))
+                sql(
+                    dsn,
+                    "INSERT INTO items (tag, n) SELECT %s, g FROM generate_series(1, 10) g",
+                    (f"after-kill-{len(killed)}",),
+                )
                 written += 10
         assert not (_primary(pair.home.dsn()) and _primary(pair.standby.dsn())), f"two primaries after {name}"
 
@@ -221,7 +252,10 @@ def test_failback_killed_at_every_step_converges_with_zero_rows_lost(
     assert len([r for r in rows if r[0] == "during-failover"]) == 100
     assert len([r for r in rows if r[0].startswith("after-kill-")]) == written
     assert not (home / "gravl-dr.rebuild").exists()
-    wait_until(lambda: sql(pair.standby.dsn(), "SELECT status FROM pg_stat_wal_receiver") == [("streaming",)],
-               30, "standby-1 streaming from home")
+    wait_until(
+        lambda: sql(pair.standby.dsn(), "SELECT status FROM pg_stat_wal_receiver") == [("streaming",)],
+        30,
+        "standby-1 streaming from home",
+    )
     # the old data (with home's never-replicated rows) is still kept next to its pgdata
     assert list(home.parent.glob(home.name + ".gravl-dr-old-*"))

@@ -24,7 +24,11 @@ def _in_recovery(dsn: str) -> bool:
 
 
 def test_sigkill_primary_then_failover_promotes_replica_and_switches_route53(
-    prefect_harness: None, pg_pair: Any, route53_dns: dict[str, Any], file_repo_url: str, tmp_path: Path,
+    prefect_harness: None,
+    pg_pair: Any,
+    route53_dns: dict[str, Any],
+    file_repo_url: str,
+    tmp_path: Path,
     pushgateway: str,
 ) -> None:
     from flows.failover import failover_flow
@@ -57,7 +61,11 @@ def test_sigkill_primary_then_failover_promotes_replica_and_switches_route53(
 
 
 def test_failover_switches_bind_record_with_tsig(
-    prefect_harness: None, pg_pair: Any, bind_server: Any, bind_dns: dict[str, Any], file_repo_url: str,
+    prefect_harness: None,
+    pg_pair: Any,
+    bind_server: Any,
+    bind_dns: dict[str, Any],
+    file_repo_url: str,
     tmp_path: Path,
 ) -> None:
     from flows.failover import failover_flow
@@ -81,7 +89,11 @@ def test_failover_switches_bind_record_with_tsig(
 
 
 def test_failover_refused_while_primary_accepts_writes(
-    prefect_harness: None, pg_pair: Any, route53_dns: dict[str, Any], file_repo_url: str, tmp_path: Path,
+    prefect_harness: None,
+    pg_pair: Any,
+    route53_dns: dict[str, Any],
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     from flows.failover import failover_flow
 
@@ -99,7 +111,10 @@ def test_failover_refused_while_primary_accepts_writes(
 
 
 def test_failover_refused_when_replica_lags_beyond_limit(
-    prefect_harness: None, pg_pair: Any, file_repo_url: str, tmp_path: Path,
+    prefect_harness: None,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     from flows.failover import failover_flow
 
@@ -108,8 +123,11 @@ def test_failover_refused_when_replica_lags_beyond_limit(
     pair: Pair = pg_pair()
     sql(pair.standby.dsn(), "ALTER SYSTEM SET primary_conninfo = ''")
     sql(pair.standby.dsn(), "SELECT pg_reload_conf()")
-    wait_until(lambda: sql(pair.standby.dsn(), "SELECT count(*) FROM pg_stat_wal_receiver") == [(0,)],
-               30, "WAL receiver stopped")
+    wait_until(
+        lambda: sql(pair.standby.dsn(), "SELECT count(*) FROM pg_stat_wal_receiver") == [(0,)],
+        30,
+        "WAL receiver stopped",
+    )
     pair.insert(pair.home.dsn(), 20000, "not-replicated")
     pair.kill_home()
     cfg = _config(tmp_path, pair, file_repo_url)
@@ -122,7 +140,11 @@ def test_failover_refused_when_replica_lags_beyond_limit(
 
 
 def test_second_failover_run_is_idempotent(
-    prefect_harness: None, pg_pair: Any, route53_dns: dict[str, Any], file_repo_url: str, tmp_path: Path,
+    prefect_harness: None,
+    pg_pair: Any,
+    route53_dns: dict[str, Any],
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     from flows.failover import failover_flow
 
@@ -145,21 +167,29 @@ def test_second_failover_run_is_idempotent(
     assert not any(p.startswith(("promote-replica", "fence-old-primary", "approve")) for p in second.plan)
     assert second.dns is not None and not second.dns.changed
     assert second.rpo_bytes == first.rpo_bytes == 0
-    assert sql(pair.standby.dsn(), "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")[0][0] == timeline
+    assert (
+        sql(pair.standby.dsn(), "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")[0][0]
+        == timeline
+    )
     assert len(pair.rows(pair.standby.dsn())) == 51
     assert route53_values(route53_dns) == ["127.0.0.2"]
 
 
 def test_failing_reconnect_hook_fails_flow_while_promotion_stands(
-    prefect_harness: None, pg_pair: Any, file_repo_url: str, tmp_path: Path,
+    prefect_harness: None,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     from flows.failover import ReconnectFailed, failover_flow
 
     # GIVEN a dead primary and a reconnect hook that fails
     pair: Pair = pg_pair()
     pair.kill_home()
-    hooks = [{"command": ["sh", "-c", "echo 'api did not restart' >&2; exit 3"], "timeout": 10},
-             {"command": ["true"]}]
+    hooks = [
+        {"command": ["sh", "-c", "echo 'api did not restart' >&2; exit 3"], "timeout": 10},
+        {"command": ["true"]},
+    ]
     cfg = _config(tmp_path, pair, file_repo_url, reconnect=hooks)
 
     # WHEN / THEN the flow fails with a clear message...
@@ -185,8 +215,11 @@ def _resume_when_paused(run_input: dict[str, Any], found: list[str], timeout: fl
         deadline = time.monotonic() + timeout
         async with get_client() as client:
             while time.monotonic() < deadline:
-                runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+                runs = await client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(
+                        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+                    )
+                )
                 if runs:
                     found.append(str(runs[0].id))
                     await resume_flow_run(runs[0].id, run_input=run_input)
@@ -197,7 +230,10 @@ def _resume_when_paused(run_input: dict[str, Any], found: list[str], timeout: fl
 
 
 def test_approval_gate_pauses_until_an_operator_approves(
-    prefect_harness: None, pg_pair: Any, file_repo_url: str, tmp_path: Path,
+    prefect_harness: None,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     from flows.failover import failover_flow
 
@@ -206,8 +242,9 @@ def test_approval_gate_pauses_until_an_operator_approves(
     pair.kill_home()
     cfg = _config(tmp_path, pair, file_repo_url)
     found: list[str] = []
-    resumer = threading.Thread(target=_resume_when_paused, args=(
-        {"approve": True, "approver": "alice", "comment": "INC-42"}, found))
+    resumer = threading.Thread(
+        target=_resume_when_paused, args=({"approve": True, "approver": "alice", "comment": "INC-42"}, found)
+    )
     resumer.start()
 
     # WHEN the flow runs without --yes
@@ -221,15 +258,20 @@ def test_approval_gate_pauses_until_an_operator_approves(
 
 
 def test_declined_approval_promotes_nothing(
-    prefect_harness: None, pg_pair: Any, file_repo_url: str, tmp_path: Path,
+    prefect_harness: None,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     from flows.failover import failover_flow
 
     pair: Pair = pg_pair()
     pair.kill_home()
     cfg = _config(tmp_path, pair, file_repo_url)
-    resumer = threading.Thread(target=_resume_when_paused, args=(
-        {"approve": False, "approver": "bob", "comment": "primary is coming back"}, []))
+    resumer = threading.Thread(
+        target=_resume_when_paused,
+        args=({"approve": False, "approver": "bob", "comment": "primary is coming back"}, []),
+    )
     resumer.start()
     with pytest.raises(PreconditionFailed, match="bob declined"):
         failover_flow(config_path=cfg, approval_timeout_seconds=60)
@@ -238,7 +280,10 @@ def test_declined_approval_promotes_nothing(
 
 
 def test_prefilled_approved_by_does_not_skip_the_gate_and_the_approval_is_a_visible_step(
-    prefect_harness: None, pg_pair: Any, file_repo_url: str, tmp_path: Path,
+    prefect_harness: None,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     import asyncio
 
@@ -252,12 +297,15 @@ def test_prefilled_approved_by_does_not_skip_the_gate_and_the_approval_is_a_visi
     pair.kill_home()
     cfg = _config(tmp_path, pair, file_repo_url)
     found: list[str] = []
-    resumer = threading.Thread(target=_resume_when_paused, args=(
-        {"approve": True, "approver": "carol", "comment": "INC-7"}, found))
+    resumer = threading.Thread(
+        target=_resume_when_paused, args=({"approve": True, "approver": "carol", "comment": "INC-7"}, found)
+    )
     resumer.start()
 
     # WHEN it runs
-    state = failover_flow(config_path=cfg, approved_by="mallory", approval_timeout_seconds=60, return_state=True)
+    state = failover_flow(
+        config_path=cfg, approved_by="mallory", approval_timeout_seconds=60, return_state=True
+    )
     resumer.join(timeout=60)
 
     # THEN it still paused for the form; the approve task recorded who and when
@@ -268,15 +316,19 @@ def test_prefilled_approved_by_does_not_skip_the_gate_and_the_approval_is_a_visi
 
     async def task_names() -> list[str]:
         async with get_client() as client:
-            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            )
             return [r.name for r in runs]
 
     assert any(name.startswith("approve-") for name in asyncio.run(task_names()))
 
 
 def test_auto_approve_skips_the_form_and_says_so_in_the_report(
-    prefect_harness: None, pg_pair: Any, file_repo_url: str, tmp_path: Path,
+    prefect_harness: None,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     from flows.failover import failover_flow, failover_markdown
 
@@ -289,7 +341,9 @@ def test_auto_approve_skips_the_form_and_says_so_in_the_report(
 
 
 def test_cli_failover_without_terminal_or_yes_asks_for_approval(
-    pg_pair: Any, file_repo_url: str, tmp_path: Path,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     # GIVEN no terminal, no --yes and no Prefect server to approve in
     pair: Pair = pg_pair()
@@ -302,8 +356,14 @@ def test_cli_failover_without_terminal_or_yes_asks_for_approval(
 
 def test_cli_rejects_rfc2136_without_tsig_secret(pg_pair: Any, file_repo_url: str, tmp_path: Path) -> None:
     pair: Pair = pg_pair()
-    dns = {"provider": "rfc2136", "server": "127.0.0.1", "zone": "gravl.internal.",
-           "record": "db.gravl.internal.", "key_name": "k", "key_env": "GRAVL_DR_NO_SUCH_SECRET"}
+    dns = {
+        "provider": "rfc2136",
+        "server": "127.0.0.1",
+        "zone": "gravl.internal.",
+        "record": "db.gravl.internal.",
+        "key_name": "k",
+        "key_env": "GRAVL_DR_NO_SUCH_SECRET",
+    }
     cfg = _config(tmp_path, pair, file_repo_url, dns=dns)
     proc = run_cli("failover", "--yes", config=cfg)
     assert_one_line_error(proc, "GRAVL_DR_NO_SUCH_SECRET")
@@ -318,7 +378,9 @@ def test_cli_help_lists_failover_commands() -> None:
 
 
 def test_cli_on_a_terminal_shows_the_plan_and_a_no_changes_nothing(
-    pg_pair: Any, file_repo_url: str, tmp_path: Path,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     import shlex
     import subprocess
@@ -330,8 +392,14 @@ def test_cli_on_a_terminal_shows_the_plan_and_a_no_changes_nothing(
     pair.kill_home()
     cfg = _config(tmp_path, pair, file_repo_url)
     command = shlex.join([GRAVL_DR, "--config", cfg, "failover"])
-    proc = subprocess.run(["script", "-qec", command, "/dev/null"], input="no\n", capture_output=True,
-                          text=True, timeout=120, cwd=str(REPO_ROOT))
+    proc = subprocess.run(
+        ["script", "-qec", command, "/dev/null"],
+        input="no\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(REPO_ROOT),
+    )
 
     # THEN the plan was shown, the answer refused it, and nothing was promoted
     assert proc.returncode != 0

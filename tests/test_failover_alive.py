@@ -18,20 +18,41 @@ from tasks.errors import PreconditionFailed
 from tasks.failover import server_answered
 
 
-@pytest.mark.parametrize(("message", "alive"), [
-    ('connection to server at "127.0.0.1", port 5432 failed: FATAL:  pg_hba.conf rejects connection for '
-     'host "127.0.0.1", user "postgres", database "gravl", no encryption', True),
-    ('connection to server at "127.0.0.1", port 5432 failed: FATAL:  password authentication failed for '
-     'user "gravl"', True),
-    ('connection to server at "127.0.0.1", port 5432 failed: FATAL:  sorry, too many clients already', True),
-    ('connection to server at "127.0.0.1", port 5432 failed: FATAL:  the database system is starting up', True),
-    ('connection to server at "127.0.0.1", port 5432 failed: Connection refused | Is the server running on '
-     'that host and accepting TCP/IP connections?', False),
-    ("connection to server at \"10.0.0.9\", port 5432 failed: timeout expired", False),
-    ('could not translate host name "db.example" to address: Name or service not known', False),
-    ('connection to server on socket "/run/postgresql/.s.PGSQL.5432" failed: No such file or directory', False),
-    ("server closed the connection unexpectedly", False),
-])
+@pytest.mark.parametrize(
+    ("message", "alive"),
+    [
+        (
+            'connection to server at "127.0.0.1", port 5432 failed: FATAL:  pg_hba.conf rejects connection for '
+            'host "127.0.0.1", user "postgres", database "gravl", no encryption',
+            True,
+        ),
+        (
+            'connection to server at "127.0.0.1", port 5432 failed: FATAL:  password authentication failed for '
+            'user "gravl"',
+            True,
+        ),
+        (
+            'connection to server at "127.0.0.1", port 5432 failed: FATAL:  sorry, too many clients already',
+            True,
+        ),
+        (
+            'connection to server at "127.0.0.1", port 5432 failed: FATAL:  the database system is starting up',
+            True,
+        ),
+        (
+            'connection to server at "127.0.0.1", port 5432 failed: Connection refused | Is the server running on '
+            "that host and accepting TCP/IP connections?",
+            False,
+        ),
+        ('connection to server at "10.0.0.9", port 5432 failed: timeout expired', False),
+        ('could not translate host name "db.example" to address: Name or service not known', False),
+        (
+            'connection to server on socket "/run/postgresql/.s.PGSQL.5432" failed: No such file or directory',
+            False,
+        ),
+        ("server closed the connection unexpectedly", False),
+    ],
+)
 def test_a_server_that_answers_is_alive_and_only_silence_is_down(message: str, alive: bool) -> None:
     assert server_answered(message) is alive
 
@@ -54,7 +75,10 @@ def _reject_gravl_dr(pair: Pair) -> None:
 
 
 def test_failover_refuses_when_the_primary_rejects_our_login(
-    prefect_harness: None, pg_pair: Any, file_repo_url: str, tmp_path: Path,
+    prefect_harness: None,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     from flows.failover import failover_flow
 
@@ -73,7 +97,10 @@ def test_failover_refuses_when_the_primary_rejects_our_login(
 
 
 def test_forced_failover_of_a_refusing_primary_fences_it_first(
-    prefect_harness: None, pg_pair: Any, file_repo_url: str, tmp_path: Path,
+    prefect_harness: None,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     from flows.failover import failover_flow
 
@@ -94,7 +121,10 @@ def test_forced_failover_of_a_refusing_primary_fences_it_first(
 
 
 def test_failover_refuses_when_every_connection_slot_of_the_primary_is_taken(
-    prefect_harness: None, pg_pair: Any, file_repo_url: str, tmp_path: Path,
+    prefect_harness: None,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     from flows.failover import failover_flow
 
@@ -127,7 +157,11 @@ def test_failover_refuses_when_every_connection_slot_of_the_primary_is_taken(
 
 
 def test_failover_that_cannot_fence_says_so_in_state_report_and_exit_code(
-    prefect_harness: None, pg_pair: Any, file_repo_url: str, tmp_path: Path, pushgateway: str,
+    prefect_harness: None,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
+    pushgateway: str,
 ) -> None:
     from conftest import pushgateway_metrics
 
@@ -155,7 +189,9 @@ def test_failover_that_cannot_fence_says_so_in_state_report_and_exit_code(
 
 
 def test_cli_failover_that_cannot_fence_exits_3_with_a_warning(
-    pg_pair: Any, file_repo_url: str, tmp_path: Path,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     # GIVEN the same: a dead primary not fenceable from here
     pair: Pair = pg_pair()

@@ -16,13 +16,21 @@ import pytest
 from tasks.config import KubernetesHook, ReconnectHook
 from tasks.hooks import ReconnectEvent, run_hook, run_hooks
 
-EVENT = ReconnectEvent(cluster="gravl", event="failover", new_primary="standby-1", old_primary="home",
-                       host="127.0.0.2", dns_record="db.gravl.internal.")
+EVENT = ReconnectEvent(
+    cluster="gravl",
+    event="failover",
+    new_primary="standby-1",
+    old_primary="home",
+    host="127.0.0.2",
+    dns_record="db.gravl.internal.",
+)
 
 
 def test_command_hook_gets_the_event_in_its_environment(tmp_path: Path) -> None:
     out = tmp_path / "env.txt"
-    hook = ReconnectHook(command=["sh", "-c", f'echo "$GRAVL_DR_EVENT $GRAVL_DR_NEW_PRIMARY $GRAVL_DR_NEW_HOST" > {out}'])
+    hook = ReconnectHook(
+        command=["sh", "-c", f'echo "$GRAVL_DR_EVENT $GRAVL_DR_NEW_PRIMARY $GRAVL_DR_NEW_HOST" > {out}']
+    )
     res = run_hook(hook, EVENT)
     assert res.ok and res.kind == "command"
     assert out.read_text().strip() == "failover standby-1 127.0.0.2"
@@ -40,7 +48,9 @@ def test_command_timeout_is_enforced() -> None:
 
 def test_every_hook_runs_even_after_a_failure(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
-    results = run_hooks([ReconnectHook(command=["false"]), ReconnectHook(command=["touch", str(marker)])], EVENT)
+    results = run_hooks(
+        [ReconnectHook(command=["false"]), ReconnectHook(command=["touch", str(marker)])], EVENT
+    )
     assert [r.ok for r in results] == [False, True] and marker.exists()
 
 
@@ -48,8 +58,13 @@ def test_a_hook_needs_exactly_one_kind() -> None:
     from tasks.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError, match="exactly one of command, webhook, kubernetes"):
-        parse_config({"primary": {"dsn": "host=x"}, "repository": {"url": "file:///tmp/x"},
-                      "reconnect": [{"command": ["true"], "webhook": "http://x"}]})
+        parse_config(
+            {
+                "primary": {"dsn": "host=x"},
+                "repository": {"url": "file:///tmp/x"},
+                "reconnect": [{"command": ["true"], "webhook": "http://x"}],
+            }
+        )
 
 
 class _Recorder(BaseHTTPRequestHandler):
@@ -94,8 +109,13 @@ class _Recorder(BaseHTTPRequestHandler):
         dep["metadata"]["generation"] += 1
         dep["spec"]["template"] = body["spec"]["template"]
         # the "controller": the rollout completes at once
-        dep["status"] = {"observedGeneration": dep["metadata"]["generation"], "replicas": 2,
-                         "updatedReplicas": 2, "availableReplicas": 2, "readyReplicas": 2}
+        dep["status"] = {
+            "observedGeneration": dep["metadata"]["generation"],
+            "replicas": 2,
+            "updatedReplicas": 2,
+            "availableReplicas": 2,
+            "readyReplicas": 2,
+        }
         self._reply(200, dep)
 
     def do_GET(self) -> None:
@@ -143,47 +163,72 @@ def test_unreachable_webhook_fails_within_its_timeout() -> None:
 
 def _kubeconfig(tmp_path: Path, server: str) -> str:
     path = tmp_path / "kubeconfig"
-    path.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
-        "clusters": [{"name": "test", "cluster": {"server": server}}],
-        "users": [{"name": "test", "user": {"token": "test-token"}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "test",
+                "clusters": [{"name": "test", "cluster": {"server": server}}],
+                "users": [{"name": "test", "user": {"token": "test-token"}}],
+                "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+            }
+        )
+    )
     return str(path)
 
 
 def _deployment(ns: str, name: str) -> dict[str, Any]:
-    return {"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": name, "namespace": ns, "generation": 1},
-            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": name}},
-                     "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": []}}},
-            "status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": ns, "generation": 1},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": []}},
+        },
+        "status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2},
+    }
 
 
 def test_kubernetes_rollout_restart_bumps_the_template_and_waits(
-    http_server: tuple[str, type[_Recorder]], tmp_path: Path,
+    http_server: tuple[str, type[_Recorder]],
+    tmp_path: Path,
 ) -> None:
     url, handler = http_server
     for name in ("gravl-api", "gravl-worker"):
         handler.deployments[f"gravl-prod/{name}"] = _deployment("gravl-prod", name)
-    hook = ReconnectHook(kubernetes=KubernetesHook(namespace="gravl-prod", deployments=["gravl-api", "gravl-worker"],
-                                                   kubeconfig=_kubeconfig(tmp_path, url)), timeout=20)
+    hook = ReconnectHook(
+        kubernetes=KubernetesHook(
+            namespace="gravl-prod",
+            deployments=["gravl-api", "gravl-worker"],
+            kubeconfig=_kubeconfig(tmp_path, url),
+        ),
+        timeout=20,
+    )
     res = run_hook(hook, EVENT)
     assert res.ok, res.message
     assert "rollout finished" in res.message
     patches = [c for c in handler.calls if c[0] == "PATCH"]
     assert [p[1].split("?")[0] for p in patches] == [
         "/apis/apps/v1/namespaces/gravl-prod/deployments/gravl-api",
-        "/apis/apps/v1/namespaces/gravl-prod/deployments/gravl-worker"]
+        "/apis/apps/v1/namespaces/gravl-prod/deployments/gravl-worker",
+    ]
     annotations = patches[0][2]["spec"]["template"]["metadata"]["annotations"]
     assert "kubectl.kubernetes.io/restartedAt" in annotations
 
 
 def test_kubernetes_missing_deployment_fails_the_hook(
-    http_server: tuple[str, type[_Recorder]], tmp_path: Path,
+    http_server: tuple[str, type[_Recorder]],
+    tmp_path: Path,
 ) -> None:
     url, _ = http_server
-    hook = ReconnectHook(kubernetes=KubernetesHook(namespace="gravl-prod", deployments=["nope"],
-                                                   kubeconfig=_kubeconfig(tmp_path, url)), timeout=10)
+    hook = ReconnectHook(
+        kubernetes=KubernetesHook(
+            namespace="gravl-prod", deployments=["nope"], kubeconfig=_kubeconfig(tmp_path, url)
+        ),
+        timeout=10,
+    )
     res = run_hook(hook, EVENT)
     assert not res.ok and "gravl-prod/nope" in res.message and "404" in res.message

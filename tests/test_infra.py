@@ -38,6 +38,7 @@ def rules() -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------- Prometheus rules
 
+
 @pytest.mark.integration  # starts a process
 def test_promtool_check_rules() -> None:
     proc = promtool("check", "rules", RULES.name)
@@ -64,14 +65,23 @@ def test_every_alert_is_tested_firing_and_not_firing() -> None:
 
 def test_the_documented_alerts_exist() -> None:
     alerts = {r["alert"] for r in rules() if "alert" in r}
-    for name in ("GravlBackupMissing", "GravlBackupSizeDeviation", "GravlWalArchiveLag", "GravlBackupSlowUpload",
-                 "GravlReplicationLag", "GravlDrillFailed", "GravlPrimaryDown", "GravlBackupFailed"):
+    for name in (
+        "GravlBackupMissing",
+        "GravlBackupSizeDeviation",
+        "GravlWalArchiveLag",
+        "GravlBackupSlowUpload",
+        "GravlReplicationLag",
+        "GravlDrillFailed",
+        "GravlPrimaryDown",
+        "GravlBackupFailed",
+    ):
         assert name in alerts
     missing = next(r for r in rules() if r.get("alert") == "GravlBackupMissing")
     assert "26 * 3600" in missing["expr"]
 
 
 # ---------------------------------------------------------------- metric names
+
 
 def emitted_metric_names() -> tuple[set[str], list[re.Pattern[str]]]:
     """Names the flows and tasks push: string literals, and f-string templates as patterns."""
@@ -104,7 +114,8 @@ def test_every_metric_in_rules_and_dashboard_is_pushed_by_the_code() -> None:
     literals, templates = emitted_metric_names()
     used = used_metric_names()
     unknown = {
-        name: sorted(where) for name, where in used.items()
+        name: sorted(where)
+        for name, where in used.items()
         if name not in literals and not any(t.match(name) for t in templates)
     }
     assert unknown == {}, "metrics no code pushes (the alert or panel would never show anything)"
@@ -112,11 +123,16 @@ def test_every_metric_in_rules_and_dashboard_is_pushed_by_the_code() -> None:
 
 def test_the_metric_grep_sees_the_backup_metrics() -> None:
     literals, _ = emitted_metric_names()
-    assert {"gravl_backup_last_success_timestamp_seconds", "gravl_backup_stored_bytes",
-            "gravl_backup_stream_seconds", "gravl_backup_last_failure_timestamp_seconds"} <= literals
+    assert {
+        "gravl_backup_last_success_timestamp_seconds",
+        "gravl_backup_stored_bytes",
+        "gravl_backup_stream_seconds",
+        "gravl_backup_last_failure_timestamp_seconds",
+    } <= literals
 
 
 # ---------------------------------------------------------------- Grafana
+
 
 def test_dashboard_is_well_formed() -> None:
     dash = json.loads(DASHBOARD.read_text())
@@ -135,6 +151,7 @@ def test_dashboard_is_well_formed() -> None:
 
 
 # ---------------------------------------------------------------- Kubernetes
+
 
 def k8s_docs() -> dict[tuple[str, str], dict[str, Any]]:
     docs: dict[tuple[str, str], dict[str, Any]] = {}
@@ -185,7 +202,9 @@ def test_worker_matches_prefect_yaml_and_the_configmap_is_a_valid_config() -> No
     assert f"work-pool create {pool.pop()} --type process" in job["args"][0]
     assert "--base-job-template /etc/gravl-dr-pool/process-pool-template.json" in job["args"][0]
     kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert kust["configMapGenerator"] == [{"name": "gravl-dr-pool-template", "files": ["process-pool-template.json"]}]
+    assert kust["configMapGenerator"] == [
+        {"name": "gravl-dr-pool-template", "files": ["process-pool-template.json"]}
+    ]
     assert "deploy --all" in job["args"][0]
     # the embedded gravl-dr.yaml is accepted by the real config model
     cfg = parse_config(yaml.safe_load(docs[("ConfigMap", "gravl-dr-config")]["data"]["gravl-dr.yaml"]))
@@ -204,10 +223,13 @@ def test_rbac_allows_exactly_the_configured_rollout_restarts() -> None:
         assert rule["apiGroups"] == ["apps"]
         assert sorted(rule["resourceNames"]) == deployments
         assert set(rule["verbs"]) <= {"get", "patch"}
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "gravl-dr-worker", "namespace": "gravl-dr"}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "gravl-dr-worker", "namespace": "gravl-dr"}
+    ]
 
 
 # ---------------------------------------------------------------- PostgreSQL snippets
+
 
 def conf_settings(path: Path) -> dict[str, str]:
     out = {}
@@ -228,7 +250,9 @@ def test_postgres_snippets_name_real_settings_and_the_hooks(pg_primary: LocalClu
     recovery = conf_settings(INFRA / "postgres" / "recovery.conf.sample")
     assert set(server) - known == set()
     assert set(recovery) - known == set()
-    assert server["archive_command"].endswith("wal-push %p") and server["archive_command"].startswith("gravl-dr")
+    assert server["archive_command"].endswith("wal-push %p") and server["archive_command"].startswith(
+        "gravl-dr"
+    )
     assert recovery["restore_command"].endswith("wal-fetch %f %p")
     assert server["wal_log_hints"] == "on" and server["archive_mode"] == "on"
     assert 0 < int(server["archive_timeout"]) <= 60

@@ -23,12 +23,22 @@ from tasks.repository import FileRepository, S3Repository, open_repository
 
 
 def _lock(repo, backup_id: str, host: str, pid: int, age: float = 0.0) -> None:  # type: ignore[no-untyped-def]
-    repo.put_bytes(steps.LOCK_KEY, json.dumps({
-        "backup_id": backup_id, "host": host, "pid": pid, "started": "2026-11-29T01:00:00+00:00",
-        "epoch": time.time() - age}).encode())
+    repo.put_bytes(
+        steps.LOCK_KEY,
+        json.dumps(
+            {
+                "backup_id": backup_id,
+                "host": host,
+                "pid": pid,
+                "started": "2026-11-29T01:00:00+00:00",
+                "epoch": time.time() - age,
+            }
+        ).encode(),
+    )
 
 
 # ---------------------------------------------------------------- item 11: unlock
+
 
 def test_unlock(make_config: Callable[..., Path], file_repo_url: str, file_repo_dir: Path) -> None:
     cfg_path = make_config(file_repo_url)
@@ -65,11 +75,18 @@ def test_unlock(make_config: Callable[..., Path], file_repo_url: str, file_repo_
 
 # ---------------------------------------------------------------- kill -9 and the sweep
 
+
 def _start_backup(cfg_path: Path, api: str) -> subprocess.Popen[str]:
     env = dict(os.environ, PREFECT_API_URL=api)
-    return subprocess.Popen([GRAVL_DR, "--config", str(cfg_path), "backup"], cwd=str(REPO_ROOT), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [GRAVL_DR, "--config", str(cfg_path), "backup"],
+        cwd=str(REPO_ROOT),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _kill9_when(proc: subprocess.Popen[str], ready: Callable[[], bool], timeout: float = 120) -> None:
@@ -95,13 +112,17 @@ def _expire(cfg_path: Path) -> dict:  # type: ignore[type-arg]
 
 
 def test_kill9_while_streaming_to_a_file_repository(
-    prefect_harness: None, make_config: Callable[..., Path], file_repo_url: str, file_repo_dir: Path,
+    prefect_harness: None,
+    make_config: Callable[..., Path],
+    file_repo_url: str,
+    file_repo_dir: Path,
 ) -> None:
     # GIVEN a backup killed -9 while its object is still a temporary file
     cfg_path = make_config(file_repo_url, repository={"compression": "none"})
     proc = _start_backup(cfg_path, _api())
-    _kill9_when(proc, lambda: any(p.name.startswith(".gravl-tmp-")
-                                  for p in (file_repo_dir / "backups").rglob("*")))
+    _kill9_when(
+        proc, lambda: any(p.name.startswith(".gravl-tmp-") for p in (file_repo_dir / "backups").rglob("*"))
+    )
     repo = FileRepository(file_repo_dir, file_repo_url)
     tmp = [p for p in (file_repo_dir / "backups").rglob(".gravl-tmp-*")]
     assert tmp, "the temporary file should still be there"
@@ -112,8 +133,12 @@ def test_kill9_while_streaming_to_a_file_repository(
     # AND expire within the grace period leaves the leftover alone...
     assert _expire(cfg_path)["leftovers"] == [] and all(p.exists() for p in tmp)
     # ...and after it (grace 0 here) removes it and says how much it freed
-    grace0 = make_config(file_repo_url, name="grace0.yaml", repository={"compression": "none"},
-                         retention={"incomplete_grace_hours": 0})
+    grace0 = make_config(
+        file_repo_url,
+        name="grace0.yaml",
+        repository={"compression": "none"},
+        retention={"incomplete_grace_hours": 0},
+    )
     size = sum(p.stat().st_size for p in tmp)
     out = _expire(grace0)
     assert len(out["leftovers"]) == len(tmp) and "temporary file" in out["leftovers"][0]
@@ -126,16 +151,21 @@ def test_kill9_while_streaming_to_a_file_repository(
 
 
 def test_kill9_during_a_multipart_upload_to_s3(
-    prefect_harness: None, make_config: Callable[..., Path], s3_repo_url: str,
+    prefect_harness: None,
+    make_config: Callable[..., Path],
+    s3_repo_url: str,
     s3_fault_proxy: S3FaultProxy,
 ) -> None:
     # GIVEN a backup to S3 whose parts go up slowly, killed -9 after its first part was stored
     cfg_path = make_config(s3_repo_url, moto=s3_fault_proxy.url, repository={"compression": "none"})
     s3_fault_proxy.add("PUT", r"base\.tar", query="partNumber", action="delay", delay=0.5, times=None)
     proc = _start_backup(cfg_path, _api())
-    _kill9_when(proc, lambda: any(r[3].endswith("200")
-                                  for r in s3_fault_proxy.requests("PUT", r"base\.tar")
-                                  if "partNumber" in r[2]))
+    _kill9_when(
+        proc,
+        lambda: any(
+            r[3].endswith("200") for r in s3_fault_proxy.requests("PUT", r"base\.tar") if "partNumber" in r[2]
+        ),
+    )
     s3_fault_proxy.clear()
     cfg = load_config(str(cfg_path))
     repo = open_repository(cfg.repository)
@@ -145,8 +175,9 @@ def test_kill9_during_a_multipart_upload_to_s3(
     # WHEN expire runs within the grace period THEN the upload is left alone
     assert _expire(cfg_path)["leftovers"] == [] and len(repo.list_incomplete()) == 1
     # WHEN expire runs after it THEN the upload is aborted, and what it held is reported
-    grace0 = make_config(s3_repo_url, moto=s3_fault_proxy.url, name="grace0.yaml",
-                         retention={"incomplete_grace_hours": 0})
+    grace0 = make_config(
+        s3_repo_url, moto=s3_fault_proxy.url, name="grace0.yaml", retention={"incomplete_grace_hours": 0}
+    )
     out = _expire(grace0)
     assert len(out["leftovers"]) == 1 and "multipart upload" in out["leftovers"][0]
     assert out["leftover_bytes"] >= 5 * 2**20
@@ -157,7 +188,9 @@ def test_kill9_during_a_multipart_upload_to_s3(
 
 
 def test_expire_never_sweeps_the_upload_of_a_running_backup(
-    make_config: Callable[..., Path], s3_repo_url: str, s3_fault_proxy: S3FaultProxy,
+    make_config: Callable[..., Path],
+    s3_repo_url: str,
+    s3_fault_proxy: S3FaultProxy,
 ) -> None:
     from datetime import timedelta
 
@@ -179,8 +212,11 @@ def test_expire_never_sweeps_the_upload_of_a_running_backup(
 
 @pytest.mark.parametrize("point", ["manifest", "lock-release"])
 def test_kill9_after_the_commit_point(
-    prefect_harness: None, make_config: Callable[..., Path], s3_repo_url: str,
-    s3_fault_proxy: S3FaultProxy, point: str,
+    prefect_harness: None,
+    make_config: Callable[..., Path],
+    s3_repo_url: str,
+    s3_fault_proxy: S3FaultProxy,
+    point: str,
 ) -> None:
     # GIVEN a backup killed -9 right after its manifest PUT reached S3 (the reply lost), or while
     # it releases its lock: the backup is complete, only the run did not finish

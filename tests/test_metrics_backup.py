@@ -36,8 +36,9 @@ def scrape(gateway: str, cluster: str) -> dict[tuple[str, str], float]:
     return found
 
 
-def test_successful_backup_pushes_its_metrics(pushgateway: str, make_config: Callable[..., Path],
-                                              file_repo_url: str) -> None:
+def test_successful_backup_pushes_its_metrics(
+    pushgateway: str, make_config: Callable[..., Path], file_repo_url: str
+) -> None:
     # GIVEN a config with a Pushgateway
     cfg = make_config(file_repo_url, cluster="metrics-ok", metrics={"pushgateway": pushgateway})
     t0 = time.time()
@@ -49,23 +50,37 @@ def test_successful_backup_pushes_its_metrics(pushgateway: str, make_config: Cal
     assert t0 <= got[("gravl_backup_last_success_timestamp_seconds", "physical")] <= time.time()
     assert got[("gravl_backup_raw_bytes", "physical")] == report.raw_bytes > 0
     assert got[("gravl_backup_stored_bytes", "physical")] == report.stored_bytes > 0
-    assert 0 < got[("gravl_backup_stream_seconds", "physical")] <= got[("gravl_backup_duration_seconds", "physical")]
+    assert (
+        0
+        < got[("gravl_backup_stream_seconds", "physical")]
+        <= got[("gravl_backup_duration_seconds", "physical")]
+    )
     assert ("gravl_backup_last_failure_timestamp_seconds", "physical") not in got
 
 
 def test_failed_backup_pushes_a_failure_timestamp_and_keeps_the_last_success(
-    pushgateway: str, make_config: Callable[..., Path], file_repo_url: str, s3_bucket: str, moto_endpoint: str,
+    pushgateway: str,
+    make_config: Callable[..., Path],
+    file_repo_url: str,
+    s3_bucket: str,
+    moto_endpoint: str,
 ) -> None:
     # GIVEN a successful logical backup of cluster "metrics-fail" ...
-    good = make_config(file_repo_url, name="good.yaml", cluster="metrics-fail",
-                       metrics={"pushgateway": pushgateway})
+    good = make_config(
+        file_repo_url, name="good.yaml", cluster="metrics-fail", metrics={"pushgateway": pushgateway}
+    )
     backup_flow(config_path=str(good), kind="logical")
     success = scrape(pushgateway, "metrics-fail")[("gravl_backup_last_success_timestamp_seconds", "logical")]
     # ... then one whose repository is a bucket that does not exist. (A permanent error: an
     # unreachable server is transient and costs the preflight's 12 s of retry back-off, for the
     # same code path: the failure push in the flow's exception handler.)
-    bad = make_config(f"s3://{s3_bucket}-missing/gravl", moto=moto_endpoint, name="bad.yaml",
-                      cluster="metrics-fail", metrics={"pushgateway": pushgateway})
+    bad = make_config(
+        f"s3://{s3_bucket}-missing/gravl",
+        moto=moto_endpoint,
+        name="bad.yaml",
+        cluster="metrics-fail",
+        metrics={"pushgateway": pushgateway},
+    )
     t0 = time.time()
     # WHEN
     with pytest.raises(DRError, match="does not exist"):
@@ -76,11 +91,13 @@ def test_failed_backup_pushes_a_failure_timestamp_and_keeps_the_last_success(
     assert got[("gravl_backup_last_success_timestamp_seconds", "logical")] == success
 
 
-def test_backup_succeeds_when_the_pushgateway_is_down(make_config: Callable[..., Path],
-                                                      file_repo_url: str) -> None:
+def test_backup_succeeds_when_the_pushgateway_is_down(
+    make_config: Callable[..., Path], file_repo_url: str
+) -> None:
     # GIVEN a Pushgateway address where nothing listens
-    cfg = make_config(file_repo_url, cluster="metrics-nogw",
-                      metrics={"pushgateway": f"http://127.0.0.1:{free_port()}"})
+    cfg = make_config(
+        file_repo_url, cluster="metrics-nogw", metrics={"pushgateway": f"http://127.0.0.1:{free_port()}"}
+    )
     # WHEN / THEN metrics are best effort: the backup itself succeeds
     report = backup_flow(config_path=str(cfg), kind="logical")
     assert report.stored_bytes > 0

@@ -20,10 +20,20 @@ T0 = datetime(2026, 11, 20, tzinfo=UTC)
 
 def manifest(day: int, kind: str) -> Manifest:
     stop = T0 + timedelta(days=day)
-    return Manifest(id=f"202611{20 + day}T000000Z-{kind}", kind=kind, cluster="gravl",  # type: ignore[arg-type]
-                    pg_version=150000, system_identifier="1", timeline=1, start_lsn="0/3000000",
-                    stop_lsn="0/3000100", start_time=stop - timedelta(minutes=5), stop_time=stop,
-                    codec="zstd", objects=[])
+    return Manifest(
+        id=f"202611{20 + day}T000000Z-{kind}",
+        kind=kind,
+        cluster="gravl",  # type: ignore[arg-type]
+        pg_version=150000,
+        system_identifier="1",
+        timeline=1,
+        start_lsn="0/3000000",
+        stop_lsn="0/3000100",
+        start_time=stop - timedelta(minutes=5),
+        stop_time=stop,
+        codec="zstd",
+        objects=[],
+    )
 
 
 # ---------------------------------------------------------------- the drill's latest
@@ -55,36 +65,54 @@ def test_latest_with_a_target_time_is_the_newest_physical_that_ended_before_it()
 
 
 def test_no_backup_of_the_kind_says_what_there_is() -> None:
-    with pytest.raises(NotFound, match=r"no complete physical backup to drill \(the repository holds logical"):
+    with pytest.raises(
+        NotFound, match=r"no complete physical backup to drill \(the repository holds logical"
+    ):
         choose_latest_backup([manifest(0, "logical")], "physical", None)
 
 
 def test_the_drill_report_says_why_this_backup() -> None:
-    report = DrillReport(drill_id="d1", cluster="gravl", started_at=T0, backup_id="b", backup_kind="physical",
-                         selection="the newest physical backup (latest, kind=physical)")
-    assert "| why this backup | the newest physical backup (latest, kind=physical) |" in render_markdown(report)
+    report = DrillReport(
+        drill_id="d1",
+        cluster="gravl",
+        started_at=T0,
+        backup_id="b",
+        backup_kind="physical",
+        selection="the newest physical backup (latest, kind=physical)",
+    )
+    assert "| why this backup | the newest physical backup (latest, kind=physical) |" in render_markdown(
+        report
+    )
 
 
 # ---------------------------------------------------------------- archive lag between checks
 
 
 def status(**kw: Any) -> ArchiverStatus:
-    base: dict[str, Any] = {"reachable": True, "current_lsn": "0/5000100", "timeline": 1,
-                            "last_archived_wal": "000000010000000000000004",
-                            "last_archived_time": T0, "seg_size": 16 * 1024 * 1024}
+    base: dict[str, Any] = {
+        "reachable": True,
+        "current_lsn": "0/5000100",
+        "timeline": 1,
+        "last_archived_wal": "000000010000000000000004",
+        "last_archived_time": T0,
+        "seg_size": 16 * 1024 * 1024,
+    }
     base.update(kw)
     return ArchiverStatus(**base)
 
 
-@pytest.mark.parametrize(("kw", "lag_bytes", "lag_seconds"), [
-    ({}, 0x100, 60.0),                                                    # 256 bytes into segment 5
-    ({"current_lsn": "0/5000000"}, 0, 0.0),                               # nothing unarchived
-    ({"last_archived_wal": "000000010000000000000002"}, 0x2000100, 60.0),  # the archiver is behind
-    ({"last_archived_wal": None, "last_archived_time": None}, 0x5000100, None),
-    ({"last_archived_wal": "00000002.history"}, None, None),              # unknown until a segment
-    ({"reachable": False, "error": "down"}, None, None),
-    ({"in_recovery": True}, None, None),
-])
+@pytest.mark.parametrize(
+    ("kw", "lag_bytes", "lag_seconds"),
+    [
+        ({}, 0x100, 60.0),  # 256 bytes into segment 5
+        ({"current_lsn": "0/5000000"}, 0, 0.0),  # nothing unarchived
+        ({"last_archived_wal": "000000010000000000000002"}, 0x2000100, 60.0),  # the archiver is behind
+        ({"last_archived_wal": None, "last_archived_time": None}, 0x5000100, None),
+        ({"last_archived_wal": "00000002.history"}, None, None),  # unknown until a segment
+        ({"reachable": False, "error": "down"}, None, None),
+        ({"in_recovery": True}, None, None),
+    ],
+)
 def test_server_lag(kw: dict[str, Any], lag_bytes: int | None, lag_seconds: float | None) -> None:
     sample = server_lag(status(**kw), T0 + timedelta(seconds=60))
     assert (sample.lag_bytes, sample.lag_seconds) == (lag_bytes, lag_seconds)
@@ -93,10 +121,14 @@ def test_server_lag(kw: dict[str, Any], lag_bytes: int | None, lag_seconds: floa
 # ---------------------------------------------------------------- progress of long waits
 
 
-def test_progress_logs_what_how_far_and_the_deadline_at_a_sane_interval(caplog: pytest.LogCaptureFixture) -> None:
+def test_progress_logs_what_how_far_and_the_deadline_at_a_sane_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # GIVEN a 600 s wait polled every 0.5 s (a fake clock)
     now = [0.0]
-    progress = Progress("standby-1 to catch up with primary", 600, logging.getLogger("t"), clock=lambda: now[0])
+    progress = Progress(
+        "standby-1 to catch up with primary", 600, logging.getLogger("t"), clock=lambda: now[0]
+    )
     caplog.set_level(logging.INFO, logger="t")
     logged = 0
     # WHEN it polls for two minutes
@@ -116,10 +148,16 @@ def test_progress_logs_what_how_far_and_the_deadline_at_a_sane_interval(caplog: 
 # ---------------------------------------------------------------- the forms, from the flows themselves
 
 FLOWS = [
-    ("flows.backup", "backup_flow"), ("flows.wal", "wal_check_flow"), ("flows.drill", "drill_flow"),
-    ("flows.retention", "expire_flow"), ("flows.restore", "restore_flow"), ("flows.verify", "verify_flow"),
-    ("flows.failover", "failover_flow"), ("flows.failback", "failback_flow"),
-    ("flows.drill_failover", "drill_failover_flow"), ("flows.demo", "demo_flow"),
+    ("flows.backup", "backup_flow"),
+    ("flows.wal", "wal_check_flow"),
+    ("flows.drill", "drill_flow"),
+    ("flows.retention", "expire_flow"),
+    ("flows.restore", "restore_flow"),
+    ("flows.verify", "verify_flow"),
+    ("flows.failover", "failover_flow"),
+    ("flows.failback", "failback_flow"),
+    ("flows.drill_failover", "drill_failover_flow"),
+    ("flows.demo", "demo_flow"),
     ("flows.unlock", "unlock_flow"),
 ]
 
@@ -134,8 +172,11 @@ def test_the_list_above_holds_every_flow_in_flows() -> None:
     found = set()
     for path in sorted((REPO_ROOT / "flows").glob("*.py")):
         module = importlib.import_module(f"flows.{path.stem}")
-        found |= {(module.__name__, name) for name, obj in vars(module).items()
-                  if isinstance(obj, Flow) and obj.__module__ == module.__name__}
+        found |= {
+            (module.__name__, name)
+            for name, obj in vars(module).items()
+            if isinstance(obj, Flow) and obj.__module__ == module.__name__
+        }
     assert found == set(FLOWS), found ^ set(FLOWS)
 
 
@@ -176,8 +217,11 @@ def test_the_readme_lists_every_metric_the_flows_push() -> None:
     source = "\n".join(p.read_text() for p in (REPO_ROOT / "flows").glob("*.py"))
     pushed = set(re.findall(r'"(gravl_[a-z_]+[a-z])"', source)) - {"gravl_dr"}
     # failover/failback push gravl_<job>_last_{success,failure,refusal}_timestamp_seconds by name
-    pushed |= {f"gravl_{job}_last_{what}_timestamp_seconds" for job in ("failover", "failback")
-               for what in ("success", "failure", "refusal")}
+    pushed |= {
+        f"gravl_{job}_last_{what}_timestamp_seconds"
+        for job in ("failover", "failback")
+        for what in ("success", "failure", "refusal")
+    }
     readme = (REPO_ROOT / "README.md").read_text()
     documented = set(re.findall(r"`(gravl_[a-z_]+)`", readme))
     assert pushed - documented == set(), "pushed but not in the README's metrics table"

@@ -55,18 +55,23 @@ class Archiving:
             return cur.fetchall() if cur.description else []
 
 
-def start_archiving_primary(prefix: str, *, archive_timeout: str = "0", extra: dict[str, str] | None = None) -> Archiving:
+def start_archiving_primary(
+    prefix: str, *, archive_timeout: str = "0", extra: dict[str, str] | None = None
+) -> Archiving:
     base = make_private_dir(prefix, PG_USER)
     repo_dir = base / "repo"
     repo_dir.mkdir()
     (repo_dir / "backups").mkdir()
     cluster = LocalCluster(base / "data", free_port())
     config = base / "gravl-dr.yaml"
-    write_config(config, {
-        "cluster": "gravl",
-        "primary": {"dsn": cluster.dsn("postgres")},
-        "repository": {"url": f"file://{repo_dir}"},
-    })
+    write_config(
+        config,
+        {
+            "cluster": "gravl",
+            "primary": {"dsn": cluster.dsn("postgres")},
+            "repository": {"url": f"file://{repo_dir}"},
+        },
+    )
     chown_tree(base, PG_USER)
     conf = {
         "archive_mode": "on",
@@ -123,8 +128,10 @@ def history() -> Iterator[Archiving]:
     """a (before the backup) | backup | b | restore point 'rp-b' | c | T | d | LSN L | e | switch."""
     arch = start_archiving_primary("gravl-test-pitr-")
     try:
-        arch.sql("CREATE TABLE events(id serial PRIMARY KEY, phase text NOT NULL, n int,"
-                 " at timestamptz NOT NULL DEFAULT clock_timestamp())")
+        arch.sql(
+            "CREATE TABLE events(id serial PRIMARY KEY, phase text NOT NULL, n int,"
+            " at timestamptz NOT NULL DEFAULT clock_timestamp())"
+        )
         insert(arch, "a")
         arch.marks["backup"] = take_backup(arch)
         insert(arch, "b")
@@ -169,11 +176,18 @@ def restored_dsn(report: Any) -> str:
 def run_restore(arch: Archiving, pgdata: Path, **target: Any) -> Any:
     from flows.restore import restore_flow
 
-    return restore_flow(config_path=str(arch.config), backup="latest", pgdata=str(pgdata),
-                        start=True, recovery_timeout=120, **target)
+    return restore_flow(
+        config_path=str(arch.config),
+        backup="latest",
+        pgdata=str(pgdata),
+        start=True,
+        recovery_timeout=120,
+        **target,
+    )
 
 
 # ---------------------------------------------------------------- targets
+
 
 def test_restore_to_time_has_exactly_rows_committed_before_it(
     prefect_harness: None, history: Archiving, restore_dir: Path
@@ -192,8 +206,10 @@ def test_restore_to_time_has_exactly_rows_committed_before_it(
 def test_restore_to_named_restore_point(prefect_harness: None, history: Archiving, restore_dir: Path) -> None:
     report = run_restore(history, restore_dir, target_name="rp-b")
     assert phases(restored_dsn(report)) == {"a": 5, "b": 5}
-    assert report.stop_message == 'recovery stopping at restore point "rp-b", time ' + \
-        report.stop_message.split(", time ")[1]
+    assert (
+        report.stop_message
+        == 'recovery stopping at restore point "rp-b", time ' + report.stop_message.split(", time ")[1]
+    )
 
 
 def test_restore_to_lsn_includes_the_transaction_before_it(
@@ -217,8 +233,16 @@ def test_restore_to_end_of_archive_has_every_row_before_the_last_switch(
 def test_restore_cli_to_time_reports_the_point_reached(history: Archiving, restore_dir: Path) -> None:
     # the whole command as an operator runs it (one Prefect ephemeral start, ~10 s)
     target: datetime = history.marks["time"]
-    proc = run_cli("restore", "latest", "--pgdata", str(restore_dir), "--target-time",
-                   target.isoformat(), "--start", config=history.config)
+    proc = run_cli(
+        "restore",
+        "latest",
+        "--pgdata",
+        str(restore_dir),
+        "--target-time",
+        target.isoformat(),
+        "--start",
+        config=history.config,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "recovered to time" in proc.stdout and "recovery stopping before commit" in proc.stdout
     port = int(proc.stdout.split("server running on port ")[1].split()[0].rstrip(","))
@@ -227,20 +251,38 @@ def test_restore_cli_to_time_reports_the_point_reached(history: Archiving, resto
 
 # ---------------------------------------------------------------- clear errors before any work
 
+
 def test_target_options_are_mutually_exclusive(history: Archiving, restore_dir: Path) -> None:
-    proc = run_cli("restore", "latest", "--pgdata", str(restore_dir), "--target-time",
-                   "2026-01-01T00:00:00Z", "--target-lsn", "0/1", config=history.config)
+    proc = run_cli(
+        "restore",
+        "latest",
+        "--pgdata",
+        str(restore_dir),
+        "--target-time",
+        "2026-01-01T00:00:00Z",
+        "--target-lsn",
+        "0/1",
+        config=history.config,
+    )
     assert_one_line_error(proc, "not allowed with argument")
 
 
 def test_target_before_the_only_backup_is_a_clear_error(history: Archiving, restore_dir: Path) -> None:
     backup: Manifest = history.marks["backup"]
     before = backup.start_time.isoformat()
-    proc = run_cli("restore", "latest", "--pgdata", str(restore_dir), "--target-time", before,
-                   config=history.config)
+    proc = run_cli(
+        "restore", "latest", "--pgdata", str(restore_dir), "--target-time", before, config=history.config
+    )
     assert_one_line_error(proc, "no backup ended before the target time")
-    proc = run_cli("restore", backup.id, "--pgdata", str(restore_dir), "--target-lsn",
-                   backup.start_lsn or "0/0", config=history.config)
+    proc = run_cli(
+        "restore",
+        backup.id,
+        "--pgdata",
+        str(restore_dir),
+        "--target-lsn",
+        backup.start_lsn or "0/0",
+        config=history.config,
+    )
     assert_one_line_error(proc, "before the end of backup")
     assert not restore_dir.exists() or not any(restore_dir.iterdir())
 
@@ -263,15 +305,18 @@ def test_target_time_past_the_end_of_the_archive_fails_clearly(
 
 
 def test_invalid_target_values_are_rejected(history: Archiving, restore_dir: Path) -> None:
-    proc = run_cli("restore", "latest", "--pgdata", str(restore_dir), "--target-time", "yesterday",
-                   config=history.config)
+    proc = run_cli(
+        "restore", "latest", "--pgdata", str(restore_dir), "--target-time", "yesterday", config=history.config
+    )
     assert_one_line_error(proc, "invalid target time")
-    proc = run_cli("restore", "latest", "--pgdata", str(restore_dir), "--target-lsn", "12",
-                   config=history.config)
+    proc = run_cli(
+        "restore", "latest", "--pgdata", str(restore_dir), "--target-lsn", "12", config=history.config
+    )
     assert_one_line_error(proc, "invalid LSN")
 
 
 # ---------------------------------------------------------------- a corrupt archive stops recovery
+
 
 def test_corrupt_segment_stops_recovery_instead_of_promoting_early(
     prefect_harness: None, history: Archiving, restore_dir: Path
@@ -280,14 +325,21 @@ def test_corrupt_segment_stops_recovery_instead_of_promoting_early(
     copy = make_private_dir("gravl-test-pitr-corrupt-", PG_USER)
     try:
         shutil.copytree(history.repo_dir, copy / "repo")
-        config = write_config(copy / "gravl-dr.yaml", {
-            "cluster": "gravl", "primary": {"dsn": history.cluster.dsn("postgres")},
-            "repository": {"url": f"file://{copy / 'repo'}"},
-        })
+        config = write_config(
+            copy / "gravl-dr.yaml",
+            {
+                "cluster": "gravl",
+                "primary": {"dsn": history.cluster.dsn("postgres")},
+                "repository": {"url": f"file://{copy / 'repo'}"},
+            },
+        )
         chown_tree(copy, PG_USER)
         backup: Manifest = history.marks["backup"]
-        needed = sorted(p for p in (copy / "repo" / "wal" / "00000001").iterdir()
-                        if p.name[:24] > (backup.stop_wal or "") and len(p.name) == 28)[0]
+        needed = sorted(
+            p
+            for p in (copy / "repo" / "wal" / "00000001").iterdir()
+            if p.name[:24] > (backup.stop_wal or "") and len(p.name) == 28
+        )[0]
         data = bytearray(needed.read_bytes())
         data[len(data) // 2] ^= 0xFF
         needed.write_bytes(bytes(data))
@@ -295,8 +347,13 @@ def test_corrupt_segment_stops_recovery_instead_of_promoting_early(
 
         # WHEN restoring to the end of the archive
         with pytest.raises(DRError) as err:
-            restore_flow(config_path=str(config), backup="latest", pgdata=str(restore_dir),
-                         start=True, recovery_timeout=60)
+            restore_flow(
+                config_path=str(config),
+                backup="latest",
+                pgdata=str(restore_dir),
+                start=True,
+                recovery_timeout=60,
+            )
         # THEN recovery stopped (wal-fetch exited > 125) and the server is not up promoted
         log = (restore_dir.parent / "data.log").read_text()
         assert "corrupt" in log or "cannot decompress" in log, log[-3000:]
@@ -315,21 +372,33 @@ def test_missing_segment_leaves_no_promoted_server_running(
     copy = make_private_dir("gravl-test-pitr-gap-restore-", PG_USER)
     try:
         shutil.copytree(history.repo_dir, copy / "repo")
-        config = write_config(copy / "gravl-dr.yaml", {
-            "cluster": "gravl", "primary": {"dsn": history.cluster.dsn("postgres")},
-            "repository": {"url": f"file://{copy / 'repo'}"},
-        })
+        config = write_config(
+            copy / "gravl-dr.yaml",
+            {
+                "cluster": "gravl",
+                "primary": {"dsn": history.cluster.dsn("postgres")},
+                "repository": {"url": f"file://{copy / 'repo'}"},
+            },
+        )
         chown_tree(copy, PG_USER)
         backup: Manifest = history.marks["backup"]
-        after = sorted(p for p in (copy / "repo" / "wal" / "00000001").iterdir()
-                       if p.name[:24] > (backup.stop_wal or "") and len(p.name) == 28)
+        after = sorted(
+            p
+            for p in (copy / "repo" / "wal" / "00000001").iterdir()
+            if p.name[:24] > (backup.stop_wal or "") and len(p.name) == 28
+        )
         after[1].unlink()
         from flows.restore import restore_flow
 
         # WHEN restoring to the end of the archive and starting the server
         with pytest.raises(DRError) as err:
-            restore_flow(config_path=str(config), backup="latest", pgdata=str(restore_dir),
-                         start=True, recovery_timeout=60)
+            restore_flow(
+                config_path=str(config),
+                backup="latest",
+                pgdata=str(restore_dir),
+                start=True,
+                recovery_timeout=60,
+            )
         # THEN the failure says it stopped short, and the server is not left up and writable
         assert "stopped short" in str(err.value), str(err.value)
         assert not LocalCluster(restore_dir, 1).is_running()
@@ -339,6 +408,7 @@ def test_missing_segment_leaves_no_promoted_server_running(
 
 
 # ---------------------------------------------------------------- wal-check
+
 
 def test_wal_check_passes_on_a_healthy_archive(history: Archiving) -> None:
     proc = run_cli("wal-check", "--json", config=history.config)
@@ -356,13 +426,20 @@ def test_wal_check_names_a_gap_and_fails(history: Archiving) -> None:
     copy = make_private_dir("gravl-test-pitr-gap-", PG_USER)
     try:
         shutil.copytree(history.repo_dir, copy / "repo")
-        config = write_config(copy / "gravl-dr.yaml", {
-            "cluster": "gravl", "primary": {"dsn": history.cluster.dsn("postgres")},
-            "repository": {"url": f"file://{copy / 'repo'}"},
-        })
+        config = write_config(
+            copy / "gravl-dr.yaml",
+            {
+                "cluster": "gravl",
+                "primary": {"dsn": history.cluster.dsn("postgres")},
+                "repository": {"url": f"file://{copy / 'repo'}"},
+            },
+        )
         backup: Manifest = history.marks["backup"]
-        segs = sorted(p for p in (copy / "repo" / "wal" / "00000001").iterdir()
-                      if len(p.name) == 28 and p.name[:24] > (backup.start_wal or ""))
+        segs = sorted(
+            p
+            for p in (copy / "repo" / "wal" / "00000001").iterdir()
+            if len(p.name) == 28 and p.name[:24] > (backup.start_wal or "")
+        )
         victim = segs[len(segs) // 2]
         victim.unlink()
         # WHEN checking the archive
@@ -379,10 +456,14 @@ def test_wal_check_catches_an_archived_file_missing_from_the_repository(history:
     copy = make_private_dir("gravl-test-pitr-silent-", PG_USER)
     try:
         shutil.copytree(history.repo_dir, copy / "repo")
-        config = write_config(copy / "gravl-dr.yaml", {
-            "cluster": "gravl", "primary": {"dsn": history.cluster.dsn("postgres")},
-            "repository": {"url": f"file://{copy / 'repo'}"},
-        })
+        config = write_config(
+            copy / "gravl-dr.yaml",
+            {
+                "cluster": "gravl",
+                "primary": {"dsn": history.cluster.dsn("postgres")},
+                "repository": {"url": f"file://{copy / 'repo'}"},
+            },
+        )
         last = history.sql("SELECT last_archived_wal FROM pg_stat_archiver")[0][0]
         for p in (copy / "repo" / "wal").glob(f"*/{last}*"):
             p.unlink()

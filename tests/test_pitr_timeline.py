@@ -52,8 +52,26 @@ def test_after_a_promotion_the_archive_holds_the_history_and_restore_follows_the
         arch.sql("CREATE TABLE events(id serial PRIMARY KEY, phase text, n int)")
         insert(arch.cluster.dsn("postgres"), "a")
         take_backup(arch)
-        run([pg_bin("pg_basebackup"), "-h", "127.0.0.1", "-p", str(arch.cluster.port), "-U", "postgres",
-             "-D", str(standby.pgdata), "-R", "-X", "stream", "-c", "fast"], timeout=120, os_user=PG_USER)
+        run(
+            [
+                pg_bin("pg_basebackup"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(arch.cluster.port),
+                "-U",
+                "postgres",
+                "-D",
+                str(standby.pgdata),
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+            ],
+            timeout=120,
+            os_user=PG_USER,
+        )
         standby.append_conf({"port": str(standby.port)}, file="postgresql.auto.conf")
         standby.start()
         insert(arch.cluster.dsn("postgres"), "b")
@@ -97,13 +115,16 @@ def test_after_a_promotion_the_archive_holds_the_history_and_restore_follows_the
 
 # ---------------------------------------------------------------- RPO and the flow
 
+
 @pytest.fixture(scope="module")
 def busy() -> Iterator[Archiving]:
     """A primary with archive_timeout = 2s (a test-sized stand-in for the recommended 60s)."""
     arch = start_archiving_primary("gravl-test-rpo-", archive_timeout="2s")
     try:
-        arch.sql("CREATE TABLE events(id serial PRIMARY KEY, phase text, n int,"
-                 " at timestamptz DEFAULT clock_timestamp())")
+        arch.sql(
+            "CREATE TABLE events(id serial PRIMARY KEY, phase text, n int,"
+            " at timestamptz DEFAULT clock_timestamp())"
+        )
         take_backup(arch)
         yield arch
     finally:
@@ -155,8 +176,12 @@ def test_wal_flow_reports_health_and_pushes_metrics(
     assert report.ok and report.archiver is not None and report.archiver.reachable
     assert report.last_archived_verified is True
     metrics = pushgateway_metrics(pushgateway)
-    for name in ("gravl_wal_archive_lag_bytes", "gravl_wal_archive_gaps",
-                 "gravl_wal_check_last_success_timestamp_seconds", "gravl_wal_archiver_failed_count"):
+    for name in (
+        "gravl_wal_archive_lag_bytes",
+        "gravl_wal_archive_gaps",
+        "gravl_wal_check_last_success_timestamp_seconds",
+        "gravl_wal_archiver_failed_count",
+    ):
         assert f'{name}{{cluster="gravl",' in metrics and 'job="wal-check"' in metrics, name
     assert 'gravl_primary_up{cluster="gravl",instance="",job="wal-check"} 1' in metrics
     from prefect.client.orchestration import get_client

@@ -49,10 +49,17 @@ class Stack:
         return dict(os.environ, PREFECT_API_URL=self.api, PREFECT_HOME=str(self.home))
 
 
-def _prefect(stack_env: dict[str, str], *args: str, cwd: Path = REPO_ROOT,
-             timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PREFECT, "--no-prompt", *args], env=stack_env, cwd=str(cwd),
-                          capture_output=True, text=True, timeout=timeout)
+def _prefect(
+    stack_env: dict[str, str], *args: str, cwd: Path = REPO_ROOT, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PREFECT, "--no-prompt", *args],
+        env=stack_env,
+        cwd=str(cwd),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _wait_healthy(api: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
@@ -85,31 +92,52 @@ def stack(pushgateway: str) -> Iterator[Stack]:
     arch = start_archiving_primary("gravl-test-e2e-", archive_timeout="0")
     create_database(arch.cluster.dsn("postgres"), "gravl")
     load_sample(arch.cluster.dsn("gravl"), users=50, logs=500, custom=5)
-    write_config(arch.config, {
-        "cluster": CLUSTER,
-        "primary": {"dsn": arch.cluster.dsn("postgres")},
-        "repository": {"url": f"file://{arch.repo_dir}"},
-        "metrics": {"pushgateway": pushgateway},
-        "drill": {"suites_dir": str(REPO_ROOT / "expectations")},
-    })
+    write_config(
+        arch.config,
+        {
+            "cluster": CLUSTER,
+            "primary": {"dsn": arch.cluster.dsn("postgres")},
+            "repository": {"url": f"file://{arch.repo_dir}"},
+            "metrics": {"pushgateway": pushgateway},
+            "drill": {"suites_dir": str(REPO_ROOT / "expectations")},
+        },
+    )
     chown_tree(arch.base, "postgres")
     home = Path(tempfile.mkdtemp(prefix="gravl-test-e2e-prefect-", dir="/tmp"))
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    server_env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                      DO_NOT_TRACK="1", PREFECT_UI_ENABLED="true", PREFECT_UI_API_URL=api,
-                      # no scheduled runs: the test starts every run itself
-                      PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")
+    server_env = dict(
+        os.environ,
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        PREFECT_UI_ENABLED="true",
+        PREFECT_UI_API_URL=api,
+        # no scheduled runs: the test starts every run itself
+        PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
+    )
     server_env.pop("PREFECT_API_URL", None)
     server_log = home / "server.log"
     worker_log = home / "worker.log"
     with open(server_log, "wb") as out:
-        server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=server_env, stdout=out, stderr=subprocess.STDOUT, cwd=str(home))
+        server = subprocess.Popen(
+            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=server_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=str(home),
+        )
     worker: subprocess.Popen[bytes] | None = None
     try:
         _wait_healthy(api, server, server_log)
-        st = Stack(ui=f"http://127.0.0.1:{port}", api=api, home=home, worker_log=worker_log, arch=arch, pushgateway=pushgateway)
+        st = Stack(
+            ui=f"http://127.0.0.1:{port}",
+            api=api,
+            home=home,
+            worker_log=worker_log,
+            arch=arch,
+            pushgateway=pushgateway,
+        )
         # GIVEN the pool and the deployments, deployed from the checkout as its header says
         pool = _prefect(st.env(), "work-pool", "create", POOL, "--type", "process")
         assert pool.returncode == 0, pool.stdout + pool.stderr
@@ -121,7 +149,10 @@ def stack(pushgateway: str) -> Iterator[Stack]:
         with open(worker_log, "wb") as out:
             worker = subprocess.Popen(
                 [PREFECT, "worker", "start", "--pool", POOL, "--type", "process", "--limit", "3"],
-                env=worker_env, stdout=out, stderr=subprocess.STDOUT, cwd="/",
+                env=worker_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd="/",
             )
         yield st
     finally:
@@ -157,7 +188,9 @@ def _wait(st: Stack, run_ids: list[Any], timeout: float = 420) -> dict[Any, Any]
                     done[rid] = run
             time.sleep(1)
     missing = [rid for rid in run_ids if rid not in done]
-    assert not missing, f"runs not finished after {timeout}s; worker log:\n{st.worker_log.read_text()[-6000:]}"
+    assert not missing, (
+        f"runs not finished after {timeout}s; worker log:\n{st.worker_log.read_text()[-6000:]}"
+    )
     return done
 
 
@@ -193,8 +226,9 @@ def test_deployed_flows_run_on_a_process_worker_and_report(stack: Stack) -> None
     unlock = _run(stack, "unlock/unlock-manual")
     # AND a point-in-time restore into a directory, from the form's typed parameters
     target = stack.arch.base / "restored"
-    restore = _run(stack, "restore/restore-manual", {
-        "pgdata": str(target), "target_time": datetime.now(UTC).isoformat()})
+    restore = _run(
+        stack, "restore/restore-manual", {"pgdata": str(target), "target_time": datetime.now(UTC).isoformat()}
+    )
     runs = _wait(stack, [wal.id, drill.id, verify.id, expire.id, unlock.id, restore.id])
     # THEN each completed on the worker, from the checkout, with its report artifact
     for run in (wal, drill, verify, expire, unlock, restore):
@@ -223,13 +257,19 @@ def test_the_ui_shows_every_form_with_help_and_renders_the_backup_report(stack: 
     with _client(stack.api) as client:
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-        have = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"backup-report-{CLUSTER}"])))
+        have = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"backup-report-{CLUSTER}"]))
+        )
     if not have:
         run = _run(stack, "backup/backup-nightly")
         assert _wait(stack, [run.id])[run.id].state.is_completed()
     # WHEN the documented browser check opens every run form and the report in headless chromium
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "ui_check.py"), "--ui", stack.ui],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "ui_check.py"), "--ui", stack.ui],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     # THEN every parameter shows with its description, and the markdown report is rendered
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert proc.stdout.count(": OK") >= 12, proc.stdout
@@ -241,8 +281,12 @@ def _snapshot(st: Stack) -> dict[str, Any]:
         deps = client.read_deployments()
         return {
             f"{d.name}": {
-                "updated": d.updated, "pull_steps": d.pull_steps, "job_variables": d.job_variables,
-                "paused": d.paused, "work_pool": d.work_pool_name, "entrypoint": d.entrypoint,
+                "updated": d.updated,
+                "pull_steps": d.pull_steps,
+                "job_variables": d.job_variables,
+                "paused": d.paused,
+                "work_pool": d.work_pool_name,
+                "entrypoint": d.entrypoint,
                 "schedules": sorted((str(s.schedule), s.active) for s in d.schedules),
             }
             for d in deps
@@ -254,8 +298,14 @@ def test_serve_next_to_the_deployments_changes_none_of_them(stack: Stack) -> Non
     before = _snapshot(stack)
     assert len(before) >= 11 and all(v["work_pool"] == POOL for v in before.values())
     # WHEN an operator starts serve.py against the same server
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "deployments" / "serve.py")], env=stack.env(),
-                          cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "deployments" / "serve.py")],
+        env=stack.env(),
+        cwd=str(REPO_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     # THEN it refuses in one line naming what a worker already runs, and nothing changed
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "refusing to serve" in proc.stderr and "backup/backup-nightly" in proc.stderr, proc.stderr

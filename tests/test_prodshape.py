@@ -25,25 +25,38 @@ def test_prod_cluster_has_the_promised_shape(prod_cluster: ProdCluster) -> None:
     # databases: encodings, read-only default, no connections
     rows = dict(p.sql("SELECT datname, pg_encoding_to_char(encoding) FROM pg_database", dbname="postgres"))
     assert rows[LATIN1_DB] == "LATIN1" and rows["shop"] == "UTF8"
-    assert p.sql("SELECT datallowconn FROM pg_database WHERE datname = %s", (NO_CONNECT_DB,),
-                 dbname="postgres")[0][0] is False
-    settings = p.sql("SELECT array_to_string(setconfig, ',') FROM pg_db_role_setting s "
-                     "JOIN pg_database d ON d.oid = s.setdatabase WHERE d.datname = %s AND s.setrole = 0",
-                     (READ_ONLY_DB,), dbname="postgres")
+    assert (
+        p.sql("SELECT datallowconn FROM pg_database WHERE datname = %s", (NO_CONNECT_DB,), dbname="postgres")[
+            0
+        ][0]
+        is False
+    )
+    settings = p.sql(
+        "SELECT array_to_string(setconfig, ',') FROM pg_db_role_setting s "
+        "JOIN pg_database d ON d.oid = s.setdatabase WHERE d.datname = %s AND s.setrole = 0",
+        (READ_ONLY_DB,),
+        dbname="postgres",
+    )
     assert settings == [("default_transaction_read_only=on",)]
     # SCRAM verifiers for the login roles, the backup role from roles.sql
-    verifiers = dict(p.sql("SELECT rolname, rolpassword FROM pg_authid WHERE rolpassword IS NOT NULL",
-                           dbname="postgres"))
+    verifiers = dict(
+        p.sql("SELECT rolname, rolpassword FROM pg_authid WHERE rolpassword IS NOT NULL", dbname="postgres")
+    )
     assert {"app_owner", "app_user", "analyst", "gravl_dr"} <= set(verifiers)
     assert all(v.startswith("SCRAM-SHA-256$") for v in verifiers.values())
     assert p.sql("SELECT rolreplication FROM pg_roles WHERE rolname = 'gravl_dr'", dbname="postgres")[0][0]
     # exact counts as a superuser; partitioned indexes and unlogged tables exist
     with p.connect("shop") as conn:
         counts = count_rows(conn)
-        kinds = dict(conn.execute("SELECT relname, relkind::text FROM pg_class WHERE relname IN "
-                                  "('events_kind', 'events_pkey', 'order_totals')").fetchall())
-        unlogged = conn.execute("SELECT relname FROM pg_class WHERE relpersistence = 'u' AND relkind = 'r'"
-                                ).fetchall()
+        kinds = dict(
+            conn.execute(
+                "SELECT relname, relkind::text FROM pg_class WHERE relname IN "
+                "('events_kind', 'events_pkey', 'order_totals')"
+            ).fetchall()
+        )
+        unlogged = conn.execute(
+            "SELECT relname FROM pg_class WHERE relpersistence = 'u' AND relkind = 'r'"
+        ).fetchall()
         ddl = conn.execute("SELECT count(*) FROM audit.ddl_log").fetchone()
         lobs = conn.execute("SELECT count(*) FROM pg_largeobject_metadata").fetchone()
     for table, n in EXPECTED_ROWS["shop"].items():
@@ -79,8 +92,9 @@ def test_builder_options_tablespace_and_password_auth(tablespace: bool) -> None:
     prod = build_prod_cluster(tablespace=tablespace, password_auth=True, archive=False)
     try:
         assert prod.sql("SELECT count(*) FROM public.attachments") == [(50,)]
-        assert prod.sql("SELECT spcname FROM pg_tablespace WHERE spcname = 'app_space'",
-                        dbname="postgres") == [("app_space",)]
+        assert prod.sql(
+            "SELECT spcname FROM pg_tablespace WHERE spcname = 'app_space'", dbname="postgres"
+        ) == [("app_space",)]
         import psycopg
 
         with pytest.raises(psycopg.OperationalError):

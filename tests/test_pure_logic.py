@@ -30,17 +30,21 @@ SEGMENT = "000000010000000000000003"
 
 # ---------------------------------------------------------------- backup lock
 
+
 def _never_a_pid() -> int:
     # pids are below kernel.pid_max: this one names no process, ever
     return int(Path("/proc/sys/kernel/pid_max").read_text())
 
 
-@pytest.mark.parametrize(("lock", "stale"), [
-    ({"corrupt": True}, True),
-    ({"host": "elsewhere", "pid": 1, "epoch": time.time() - STALE_LOCK_SECONDS - 60}, True),
-    ({"host": "elsewhere", "pid": 1, "epoch": time.time() - 60}, False),
-    ({"host": "elsewhere", "pid": 1}, True),  # no epoch: as old as 1970
-])
+@pytest.mark.parametrize(
+    ("lock", "stale"),
+    [
+        ({"corrupt": True}, True),
+        ({"host": "elsewhere", "pid": 1, "epoch": time.time() - STALE_LOCK_SECONDS - 60}, True),
+        ({"host": "elsewhere", "pid": 1, "epoch": time.time() - 60}, False),
+        ({"host": "elsewhere", "pid": 1}, True),  # no epoch: as old as 1970
+    ],
+)
 def test_lock_staleness_by_age(lock: dict[str, Any], stale: bool) -> None:
     assert lock_is_stale(lock) is stale
 
@@ -53,39 +57,51 @@ def test_a_lock_of_this_host_is_stale_once_its_process_is_gone() -> None:
 
 def test_a_fresh_lock_of_another_host_is_respected_whatever_its_pid() -> None:
     # the pid means nothing here: another host's process cannot be probed
-    assert not lock_is_stale({"host": "elsewhere-" + socket.gethostname(), "pid": _never_a_pid(),
-                              "epoch": time.time()})
+    assert not lock_is_stale(
+        {"host": "elsewhere-" + socket.gethostname(), "pid": _never_a_pid(), "epoch": time.time()}
+    )
 
 
 # ---------------------------------------------------------------- CLI fast path
 
-@pytest.mark.parametrize(("argv", "expected"), [
-    (["wal-push", "pg_wal/X"], (None, False, ["wal-push", "pg_wal/X"])),
-    (["--config", "c.yaml", "-v", "wal-fetch", "A", "B"], ("c.yaml", True, ["wal-fetch", "A", "B"])),
-    (["--config=c.yaml", "--verbose", "wal-push", "X"], ("c.yaml", True, ["wal-push", "X"])),
-    (["wal-push", "--sync", "X"], (None, False, ["wal-push", "--sync", "X"])),  # options after the command stay
-    (["--help"], None),  # any other global option: the parser answers
-    (["-x", "wal-push", "X"], None),
-    (["--config"], None),  # --config without a value is not simple
-])
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["wal-push", "pg_wal/X"], (None, False, ["wal-push", "pg_wal/X"])),
+        (["--config", "c.yaml", "-v", "wal-fetch", "A", "B"], ("c.yaml", True, ["wal-fetch", "A", "B"])),
+        (["--config=c.yaml", "--verbose", "wal-push", "X"], ("c.yaml", True, ["wal-push", "X"])),
+        (
+            ["wal-push", "--sync", "X"],
+            (None, False, ["wal-push", "--sync", "X"]),
+        ),  # options after the command stay
+        (["--help"], None),  # any other global option: the parser answers
+        (["-x", "wal-push", "X"], None),
+        (["--config"], None),  # --config without a value is not simple
+    ],
+)
 def test_fast_path_split(argv: list[str], expected: tuple[str | None, bool, list[str]] | None) -> None:
     assert _split(argv) == expected
 
 
-@pytest.mark.parametrize(("rest", "value", "left"), [
-    (["A", "B"], 4, ["A", "B"]),
-    (["A", "--prefetch", "8", "B"], 8, ["A", "B"]),
-    (["A", "B", "--prefetch=0"], 0, ["A", "B"]),
-    (["A", "--prefetch", "x", "B"], None, ["A", "B"]),
-    (["A", "--prefetch=-1"], None, ["A"]),
-    (["A", "--prefetch"], 4, ["A", "--prefetch"]),  # a dangling flag is left for the usage check
-])
+@pytest.mark.parametrize(
+    ("rest", "value", "left"),
+    [
+        (["A", "B"], 4, ["A", "B"]),
+        (["A", "--prefetch", "8", "B"], 8, ["A", "B"]),
+        (["A", "B", "--prefetch=0"], 0, ["A", "B"]),
+        (["A", "--prefetch", "x", "B"], None, ["A", "B"]),
+        (["A", "--prefetch=-1"], None, ["A"]),
+        (["A", "--prefetch"], 4, ["A", "--prefetch"]),  # a dangling flag is left for the usage check
+    ],
+)
 def test_fast_path_int_option(rest: list[str], value: int | None, left: list[str]) -> None:
     assert _int_option(rest, "--prefetch", 4) == value
     assert rest == left
 
 
 # ---------------------------------------------------------------- spool marks
+
 
 def _pg_wal(tmp_path: Path) -> Path:
     pg_wal = tmp_path / "pg_wal"
@@ -94,8 +110,9 @@ def _pg_wal(tmp_path: Path) -> Path:
 
 
 def _pushed(name: str) -> PushResult:
-    return PushResult(name=name, key=f"wal/00000001/{name}.zst", outcome="stored", raw_size=3,
-                      stored_size=3, seconds=0.0)
+    return PushResult(
+        name=name, key=f"wal/00000001/{name}.zst", outcome="stored", raw_size=3, stored_size=3, seconds=0.0
+    )
 
 
 def test_a_mark_vouches_only_for_the_same_file_under_the_same_config(tmp_path: Path) -> None:
@@ -144,13 +161,22 @@ def test_prune_forgets_marks_of_removed_files_and_old_temporaries(tmp_path: Path
 def test_ready_files_come_in_the_archivers_order(tmp_path: Path) -> None:
     # pgarch.c: timeline history files first, then the oldest segment; anything else is ignored
     pg_wal = _pg_wal(tmp_path)
-    for name in ("000000020000000000000005", "000000010000000000000004.partial", "00000002.history",
-                 "000000010000000000000003", "RECOVERYXLOG", "000000010000000000000002.00000028.backup"):
+    for name in (
+        "000000020000000000000005",
+        "000000010000000000000004.partial",
+        "00000002.history",
+        "000000010000000000000003",
+        "RECOVERYXLOG",
+        "000000010000000000000002.00000028.backup",
+    ):
         (pg_wal / "archive_status" / f"{name}.ready").write_bytes(b"")
     (pg_wal / "archive_status" / "000000010000000000000001.done").write_bytes(b"")
     assert ready_files(pg_wal) == [
-        "00000002.history", "000000010000000000000002.00000028.backup", "000000010000000000000003",
-        "000000010000000000000004.partial", "000000020000000000000005",
+        "00000002.history",
+        "000000010000000000000002.00000028.backup",
+        "000000010000000000000003",
+        "000000010000000000000004.partial",
+        "000000020000000000000005",
     ]
     assert ready_files(tmp_path / "nowhere") == []
 
@@ -198,9 +224,13 @@ def test_waldump_end_is_the_last_record_start_plus_its_total_length() -> None:
 
 # ---------------------------------------------------------------- report tables
 
+
 def test_markdown_table_keeps_one_cell_per_value() -> None:
     assert markdown_table([("node", "db-1"), ("command", "a | b")]) == [
-        "| | |", "|---|---|", "| node | db-1 |", "| command | a / b |",
+        "| | |",
+        "|---|---|",
+        "| node | db-1 |",
+        "| command | a / b |",
     ]
 
 
@@ -212,6 +242,7 @@ def test_timeline_markdown_rows_have_offset_clock_to_the_millisecond_and_no_stra
 
 
 # ---------------------------------------------------------------- poll_until
+
 
 class FakeClock:
     def __init__(self) -> None:
@@ -228,8 +259,10 @@ class FakeClock:
 
 def test_poll_until_returns_the_first_true_answer() -> None:
     fake, answers = FakeClock(), iter([None, 0, "", "lsn 0/10", "later"])
-    assert poll_until(lambda: next(answers), timeout=10, interval=1, clock=fake.clock,
-                      sleep=fake.sleep) == "lsn 0/10"
+    assert (
+        poll_until(lambda: next(answers), timeout=10, interval=1, clock=fake.clock, sleep=fake.sleep)
+        == "lsn 0/10"
+    )
     assert fake.sleeps == [1, 1, 1]
 
 
@@ -254,22 +287,34 @@ def test_poll_until_checks_once_even_with_no_time_left() -> None:
 
 # ---------------------------------------------------------------- Prefect environment defaults
 
+
 def test_prefect_defaults_fill_gaps_and_never_override_the_operator() -> None:
     env = {"DO_NOT_TRACK": "0", "PATH": "/usr/bin"}
     apply_prefect_defaults(env)
     assert env["DO_NOT_TRACK"] == "0" and env["PATH"] == "/usr/bin"
     assert {k: env[k] for k in PREFECT_DEFAULTS if k != "DO_NOT_TRACK"} == {
-        k: v for k, v in PREFECT_DEFAULTS.items() if k != "DO_NOT_TRACK"}
+        k: v for k, v in PREFECT_DEFAULTS.items() if k != "DO_NOT_TRACK"
+    }
     assert env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "tasks,flows"  # our loggers reach the Prefect UI
 
 
 # ---------------------------------------------------------------- the backup report
 
+
 def test_backup_report_states_sizes_ratio_and_throughput() -> None:
-    report = BackupReport(backup_id="20261129T020000Z-physical", kind="physical", dry_run=False,
-                          raw_bytes=400 * 2**20, stored_bytes=100 * 2**20, stream_seconds=4.0,
-                          verify_seconds=1.5, total_seconds=6.0, start_lsn="0/2000028", stop_lsn="0/2000100",
-                          messages=["data checksums on"])
+    report = BackupReport(
+        backup_id="20261129T020000Z-physical",
+        kind="physical",
+        dry_run=False,
+        raw_bytes=400 * 2**20,
+        stored_bytes=100 * 2**20,
+        stream_seconds=4.0,
+        verify_seconds=1.5,
+        total_seconds=6.0,
+        start_lsn="0/2000028",
+        stop_lsn="0/2000100",
+        messages=["data checksums on"],
+    )
     text = backup_markdown(report, "s3://bucket/gravl")
     assert text.startswith("# Backup 20261129T020000Z-physical: complete\n")
     assert "| stored size | 100.0 MiB (ratio 4.00) |" in text and "| stream | 4.0 s (100 MiB/s) |" in text
@@ -282,4 +327,7 @@ def test_backup_report_of_a_failure_or_a_dry_run_never_divides_by_zero() -> None
     assert ": dry run: nothing written" in backup_markdown(empty, "file:///r").splitlines()[0]
     failed = backup_markdown(empty, "file:///r", error="pg_dump: connection refused")
     assert "FAILED" in failed.splitlines()[0] and "(ratio 0.00)" in failed and "| WAL | - .. - |" in failed
-    assert "## What failed\n`pg_dump: connection refused`" in failed and "Nothing of this attempt is listed" in failed
+    assert (
+        "## What failed\n`pg_dump: connection refused`" in failed
+        and "Nothing of this attempt is listed" in failed
+    )

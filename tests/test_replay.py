@@ -17,35 +17,58 @@ STOP = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
 MB = 1024 * 1024
 
 
-def backup(stop_wal: str | None = "000000010000000000000005", timeline: int = 1, seg: int = 16 * MB) -> Manifest:
-    return Manifest(id="20261129T025500Z-physical", kind="physical", cluster="gravl", pg_version=150000,
-                    system_identifier="1", timeline=timeline, start_lsn="0/4000028", stop_lsn="0/5000100",
-                    start_wal="000000010000000000000004", stop_wal=stop_wal, wal_segment_size=seg,
-                    start_time=STOP - timedelta(minutes=5), stop_time=STOP, codec="zstd", objects=[])
+def backup(
+    stop_wal: str | None = "000000010000000000000005", timeline: int = 1, seg: int = 16 * MB
+) -> Manifest:
+    return Manifest(
+        id="20261129T025500Z-physical",
+        kind="physical",
+        cluster="gravl",
+        pg_version=150000,
+        system_identifier="1",
+        timeline=timeline,
+        start_lsn="0/4000028",
+        stop_lsn="0/5000100",
+        start_wal="000000010000000000000004",
+        stop_wal=stop_wal,
+        wal_segment_size=seg,
+        start_time=STOP - timedelta(minutes=5),
+        stop_time=STOP,
+        codec="zstd",
+        objects=[],
+    )
 
 
 def outcome(reached: str | None, last_xact: datetime | None = None) -> RecoveryOutcome:
-    return RecoveryOutcome(promoted=True, timeline=2, reached_lsn=reached, last_xact_time=last_xact,
-                           target_reached=True)
+    return RecoveryOutcome(
+        promoted=True, timeline=2, reached_lsn=reached, last_xact_time=last_xact, target_reached=True
+    )
 
 
-@pytest.mark.parametrize(("names", "after", "newest"), [
-    ([], False, {}),
-    (["000000010000000000000004", "000000010000000000000005"], True, {1: "000000010000000000000005"}),
-    (["000000010000000000000004"], False, {1: "000000010000000000000004"}),
-    (["000000010000000000000004", "00000002.history"], True, {1: "000000010000000000000004"}),
-    (["00000001.history", "000000010000000000000004"], False, {1: "000000010000000000000004"}),
-    (["000000010000000000000004", "000000020000000000000005", "000000020000000000000007"], True,
-     {1: "000000010000000000000004", 2: "000000020000000000000007"}),
-    # partial and backup-history files never count as WAL after the backup
-    (["000000010000000000000006.partial", "000000010000000000000005.00000028.backup"], False, {}),
-])
+@pytest.mark.parametrize(
+    ("names", "after", "newest"),
+    [
+        ([], False, {}),
+        (["000000010000000000000004", "000000010000000000000005"], True, {1: "000000010000000000000005"}),
+        (["000000010000000000000004"], False, {1: "000000010000000000000004"}),
+        (["000000010000000000000004", "00000002.history"], True, {1: "000000010000000000000004"}),
+        (["00000001.history", "000000010000000000000004"], False, {1: "000000010000000000000004"}),
+        (
+            ["000000010000000000000004", "000000020000000000000005", "000000020000000000000007"],
+            True,
+            {1: "000000010000000000000004", 2: "000000020000000000000007"},
+        ),
+        # partial and backup-history files never count as WAL after the backup
+        (["000000010000000000000006.partial", "000000010000000000000005.00000028.backup"], False, {}),
+    ],
+)
 def test_archive_view(names: list[str], after: bool, newest: dict[int, str]) -> None:
     view = archive_view(names, backup())
     assert view.has_wal_after_backup is after
     assert view.newest_segment_name == newest
-    assert view.newest_segment_start == {t: int(n[8:16], 16) * 2**32 + int(n[16:], 16) * 16 * MB
-                                         for t, n in newest.items()}
+    assert view.newest_segment_start == {
+        t: int(n[8:16], 16) * 2**32 + int(n[16:], 16) * 16 * MB for t, n in newest.items()
+    }
 
 
 def test_archive_view_of_a_backup_without_stop_wal_counts_any_segment() -> None:
@@ -59,20 +82,31 @@ def test_archive_view_ignores_older_timelines() -> None:
 
 def test_names_past_backup_are_the_next_segment_and_the_next_timelines_history() -> None:
     assert names_past_backup(backup()) == ["000000010000000000000006", "00000002.history"]
-    assert names_past_backup(backup("0000000300000000000000FF")) == ["000000030000000100000000", "00000004.history"]
+    assert names_past_backup(backup("0000000300000000000000FF")) == [
+        "000000030000000100000000",
+        "00000004.history",
+    ]
     assert names_past_backup(backup("000000010000000000000FFF", seg=1 * MB)) == [
-        "000000010000000100000000", "00000002.history"]
+        "000000010000000100000000",
+        "00000002.history",
+    ]
     assert names_past_backup(backup(stop_wal=None)) == []
 
 
-@pytest.mark.parametrize(("reached", "past"), [
-    (None, False),
-    ("0/5FFFFFF", False),  # still in the backup's last segment
-    ("0/6000000", False),  # the switch point is the first byte of the new timeline: last byte replayed in 5
-    ("0/6000001", True),
-    ("1/0", True),
-    ("not an lsn", False),
-])
+@pytest.mark.parametrize(
+    ("reached", "past"),
+    [
+        (None, False),
+        ("0/5FFFFFF", False),  # still in the backup's last segment
+        (
+            "0/6000000",
+            False,
+        ),  # the switch point is the first byte of the new timeline: last byte replayed in 5
+        ("0/6000001", True),
+        ("1/0", True),
+        ("not an lsn", False),
+    ],
+)
 def test_past_backup(reached: str | None, past: bool) -> None:
     assert past_backup(backup(), reached) is past
     assert past_backup(backup(stop_wal=None), reached) is False
@@ -81,10 +115,14 @@ def test_past_backup(reached: str | None, past: bool) -> None:
 def test_recovered_to_is_the_target_time_else_the_last_commit_past_the_backup_else_its_end() -> None:
     later = STOP + timedelta(minutes=7)
     at = "2026-11-29 03:04:00+00"
-    assert recovered_to(backup(), RecoveryTarget(kind="time", value=at), outcome("0/7000000", later), True) == \
-        datetime(2026, 11, 29, 3, 4, tzinfo=UTC)
+    assert recovered_to(
+        backup(), RecoveryTarget(kind="time", value=at), outcome("0/7000000", later), True
+    ) == datetime(2026, 11, 29, 3, 4, tzinfo=UTC)
     assert recovered_to(backup(), RecoveryTarget(), outcome("0/7000000", later), True) == later
     assert recovered_to(backup(), RecoveryTarget(), outcome("0/7000000", later), False) == STOP
     # a last commit from before the backup's end does not move the point back
-    assert recovered_to(backup(), RecoveryTarget(), outcome("0/7000000", STOP - timedelta(hours=1)), True) == STOP
+    assert (
+        recovered_to(backup(), RecoveryTarget(), outcome("0/7000000", STOP - timedelta(hours=1)), True)
+        == STOP
+    )
     assert recovered_to(backup(), RecoveryTarget(), outcome("0/7000000", None), True) == STOP

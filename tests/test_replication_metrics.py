@@ -11,8 +11,9 @@ from tasks.pgcluster import free_port
 from tasks.postgres import observe_primary
 
 
-def test_replica_lag_and_primary_up_reach_the_pushgateway(pg_pair, pushgateway, make_config,
-                                                          file_repo_url) -> None:
+def test_replica_lag_and_primary_up_reach_the_pushgateway(
+    pg_pair, pushgateway, make_config, file_repo_url
+) -> None:
     # GIVEN a primary streaming to one standby, the standby's replay paused
     pair = pg_pair()
     sql(pair.standby.dsn(), "SELECT pg_wal_replay_pause()")
@@ -36,7 +37,8 @@ def test_unreachable_primary_is_observed_as_down(pushgateway, make_config, file_
     dsn = f"host=127.0.0.1 port={free_port()} user=postgres dbname=gravl"
     status = observe_primary(dsn, timeout=2)
     assert not status.up and status.error
-    cfg = load_config(str(make_config(file_repo_url, cluster="down",
-                                      metrics={"pushgateway": pushgateway})))
+    cfg = load_config(str(make_config(file_repo_url, cluster="down", metrics={"pushgateway": pushgateway})))
     _push_replication(cfg, status)
-    assert 'gravl_primary_up{cluster="down",instance="",job="wal-check"} 0' in pushgateway_metrics(pushgateway)
+    assert 'gravl_primary_up{cluster="down",instance="",job="wal-check"} 0' in pushgateway_metrics(
+        pushgateway
+    )

@@ -33,17 +33,29 @@ def seg(tli: int, n: int, suffix: str = ".zst") -> str:
     return f"wal/{tli:08X}/{tli:08X}{n >> 8:08X}{n & 0xFF:08X}{suffix}"
 
 
-def manifest(days_ago: float, kind: str = "physical", start: int | None = 10, tli: int = 1,
-             cluster: str = "gravl") -> Manifest:
+def manifest(
+    days_ago: float, kind: str = "physical", start: int | None = 10, tli: int = 1, cluster: str = "gravl"
+) -> Manifest:
     stop = NOW - timedelta(days=days_ago)
     bid = new_backup_id(kind, stop - timedelta(minutes=5))
     return Manifest(
-        id=bid, kind=kind, cluster=cluster, pg_version=150018, system_identifier="7300000000000000001",
+        id=bid,
+        kind=kind,
+        cluster=cluster,
+        pg_version=150018,
+        system_identifier="7300000000000000001",
         timeline=tli,
-        start_wal=(f"{tli:08X}{start >> 8:08X}{start & 0xFF:08X}" if start is not None and kind == "physical"
-                   else None),
-        start_time=stop - timedelta(minutes=5), stop_time=stop, codec="zstd",
-        objects=[StoredObject(key="base.tar.zst", size=10, sha256="0" * 64, raw_size=20, raw_sha256="1" * 64)],
+        start_wal=(
+            f"{tli:08X}{start >> 8:08X}{start & 0xFF:08X}"
+            if start is not None and kind == "physical"
+            else None
+        ),
+        start_time=stop - timedelta(minutes=5),
+        stop_time=stop,
+        codec="zstd",
+        objects=[
+            StoredObject(key="base.tar.zst", size=10, sha256="0" * 64, raw_size=20, raw_sha256="1" * 64)
+        ],
     )
 
 
@@ -51,30 +63,39 @@ def keys_of(m: Manifest) -> list[str]:
     return [f"backups/{m.id}/manifest.json", f"backups/{m.id}/base.tar.zst"]
 
 
-def state(manifests: list[Manifest], wal: list[str] = (), extra_backup_keys: list[str] = (),  # type: ignore[assignment]
-          locked: str | None = None) -> RepositoryState:
+def state(
+    manifests: list[Manifest],
+    wal: list[str] = (),
+    extra_backup_keys: list[str] = (),  # type: ignore[assignment]
+    locked: str | None = None,
+) -> RepositoryState:
     keys = [k for m in manifests for k in keys_of(m)] + list(extra_backup_keys)
-    return RepositoryState(manifests=manifests, backup_keys=sorted(keys), wal_keys=list(wal),
-                           locked_backup_id=locked)
+    return RepositoryState(
+        manifests=manifests, backup_keys=sorted(keys), wal_keys=list(wal), locked_backup_id=locked
+    )
 
 
 # ---------------------------------------------------------------- WAL names
 
-@pytest.mark.parametrize(("key", "kind", "tli", "pos"), [
-    ("wal/00000001/000000010000000000000003", "segment", 1, "0000000000000003"),
-    ("wal/00000001/000000010000000000000003.zst", "segment", 1, "0000000000000003"),
-    ("wal/00000001/000000010000000000000003.lz4.enc", "segment", 1, "0000000000000003"),
-    ("wal/00000002/0000000200000001000000FF.gz", "segment", 2, "00000001000000FF"),
-    ("wal/00000001/000000010000000000000003.partial", "partial", 1, "0000000000000003"),
-    ("wal/00000001/000000010000000000000003.partial.zst", "partial", 1, "0000000000000003"),
-    ("wal/00000001/000000010000000000000002.00000028.backup", "backup", 1, "0000000000000002"),
-    ("wal/00000001/000000010000000000000002.00000028.backup.zst", "backup", 1, "0000000000000002"),
-    ("wal/00000002/00000002.history", "history", 2, None),
-    ("wal/00000002/00000002.history.zst", "history", 2, None),
-    ("wal/00000001/README", "other", None, None),
-    ("wal/00000001/00000001000000000000000", "other", None, None),  # 23 digits
-    ("wal/00000001/000000010000000000000003.7", "other", None, None),
-])
+
+@pytest.mark.parametrize(
+    ("key", "kind", "tli", "pos"),
+    [
+        ("wal/00000001/000000010000000000000003", "segment", 1, "0000000000000003"),
+        ("wal/00000001/000000010000000000000003.zst", "segment", 1, "0000000000000003"),
+        ("wal/00000001/000000010000000000000003.lz4.enc", "segment", 1, "0000000000000003"),
+        ("wal/00000002/0000000200000001000000FF.gz", "segment", 2, "00000001000000FF"),
+        ("wal/00000001/000000010000000000000003.partial", "partial", 1, "0000000000000003"),
+        ("wal/00000001/000000010000000000000003.partial.zst", "partial", 1, "0000000000000003"),
+        ("wal/00000001/000000010000000000000002.00000028.backup", "backup", 1, "0000000000000002"),
+        ("wal/00000001/000000010000000000000002.00000028.backup.zst", "backup", 1, "0000000000000002"),
+        ("wal/00000002/00000002.history", "history", 2, None),
+        ("wal/00000002/00000002.history.zst", "history", 2, None),
+        ("wal/00000001/README", "other", None, None),
+        ("wal/00000001/00000001000000000000000", "other", None, None),  # 23 digits
+        ("wal/00000001/000000010000000000000003.7", "other", None, None),
+    ],
+)
 def test_wal_keys_are_classified(key: str, kind: str, tli: int | None, pos: str | None) -> None:
     assert parse_wal_key(key) == WalFile(key=key, kind=kind, timeline=tli, position=pos)  # type: ignore[arg-type]
 
@@ -84,21 +105,26 @@ def test_wal_keys_are_classified(key: str, kind: str, tli: int | None, pos: str 
 POLICY = RetentionConfig(full_days=30, min_full=2)
 
 
-@pytest.mark.parametrize(("case", "ages", "policy", "kept"), [
-    ("newest min_full are kept however old", [100, 90, 80], POLICY, [90, 80]),
-    ("all within full_days are kept", [40, 20, 10, 5, 1], POLICY, [20, 10, 5, 1]),
-    ("older than full_days beyond min_full expire", [60, 45, 31, 29], POLICY, [31, 29]),
-    ("a single backup is always kept", [400], POLICY, [400]),
-    ("full_days 0 keeps exactly min_full", [3, 2, 1], RetentionConfig(full_days=0, min_full=1), [1]),
-    ("min_full above the count keeps all", [90, 80], RetentionConfig(full_days=1, min_full=5), [90, 80]),
-])
-def test_backups_kept_by_age_and_count(case: str, ages: list[float], policy: RetentionConfig,
-                                       kept: list[float]) -> None:
+@pytest.mark.parametrize(
+    ("case", "ages", "policy", "kept"),
+    [
+        ("newest min_full are kept however old", [100, 90, 80], POLICY, [90, 80]),
+        ("all within full_days are kept", [40, 20, 10, 5, 1], POLICY, [20, 10, 5, 1]),
+        ("older than full_days beyond min_full expire", [60, 45, 31, 29], POLICY, [31, 29]),
+        ("a single backup is always kept", [400], POLICY, [400]),
+        ("full_days 0 keeps exactly min_full", [3, 2, 1], RetentionConfig(full_days=0, min_full=1), [1]),
+        ("min_full above the count keeps all", [90, 80], RetentionConfig(full_days=1, min_full=5), [90, 80]),
+    ],
+)
+def test_backups_kept_by_age_and_count(
+    case: str, ages: list[float], policy: RetentionConfig, kept: list[float]
+) -> None:
     ms = [manifest(a) for a in ages]
     plan = plan_retention(state(ms), policy, NOW, "gravl")
     assert plan.kept == [m.id for m, a in zip(ms, ages, strict=True) if a in kept], case
-    assert [b.backup_id for b in plan.expire] == [m.id for m, a in zip(ms, ages, strict=True)
-                                                    if a not in kept], case
+    assert [b.backup_id for b in plan.expire] == [
+        m.id for m, a in zip(ms, ages, strict=True) if a not in kept
+    ], case
 
 
 def test_min_full_counts_each_kind_separately() -> None:
@@ -131,8 +157,9 @@ def test_expired_backup_lists_its_manifest_and_every_other_object() -> None:
 
 def test_nothing_is_deleted_when_no_backup_exists() -> None:
     orphan = f"backups/{new_backup_id('physical', NOW - timedelta(days=9))}/base.tar.zst"
-    plan = plan_retention(state([], wal=[seg(1, 1), seg(1, 2)], extra_backup_keys=[orphan]),
-                          POLICY, NOW, "gravl")
+    plan = plan_retention(
+        state([], wal=[seg(1, 1), seg(1, 2)], extra_backup_keys=[orphan]), POLICY, NOW, "gravl"
+    )
     assert not plan.deletes_anything
     assert plan.kept_wal == 2
     assert "nothing is deleted" in plan.notes[0]
@@ -140,14 +167,17 @@ def test_nothing_is_deleted_when_no_backup_exists() -> None:
 
 # ---------------------------------------------------------------- WAL kept and expired
 
+
 def test_wal_is_kept_from_the_oldest_kept_physical_backup_onward() -> None:
     # GIVEN backups starting at segments 5 (expired), 10 and 20 on timeline 1, a promotion to
     # timeline 2 at segment 25, and WAL 1..30
     old, kept1, kept2 = manifest(90, start=5), manifest(2, start=10), manifest(1, start=20)
     wal = [seg(1, n) for n in range(1, 26)] + [seg(1, 25, ".partial.zst")]
     wal += [seg(2, n) for n in range(25, 31)] + ["wal/00000002/00000002.history.zst"]
-    wal += ["wal/00000001/000000010000000000000005.00000028.backup.zst",
-            "wal/00000001/00000001000000000000000A.00000028.backup.zst"]
+    wal += [
+        "wal/00000001/000000010000000000000005.00000028.backup.zst",
+        "wal/00000001/00000001000000000000000A.00000028.backup.zst",
+    ]
     # WHEN
     plan = plan_retention(state([old, kept1, kept2], wal=wal), POLICY, NOW, "gravl")
     # THEN timeline 1 before segment 10 goes (the old backup's label too); the rest stays
@@ -165,16 +195,29 @@ def test_wal_is_kept_from_the_oldest_kept_physical_backup_onward() -> None:
 def test_wal_of_older_timelines_goes_once_every_kept_backup_is_on_a_later_one() -> None:
     old = manifest(90, start=5, tli=1)
     kept = [manifest(2, start=40, tli=3), manifest(1, start=50, tli=3)]
-    wal = [seg(1, 5), seg(1, 30), seg(2, 30), seg(2, 35), seg(3, 35), seg(3, 40), seg(3, 41), seg(4, 45),
-           "wal/00000002/00000002.history", "wal/00000003/00000003.history"]
+    wal = [
+        seg(1, 5),
+        seg(1, 30),
+        seg(2, 30),
+        seg(2, 35),
+        seg(3, 35),
+        seg(3, 40),
+        seg(3, 41),
+        seg(4, 45),
+        "wal/00000002/00000002.history",
+        "wal/00000003/00000003.history",
+    ]
     plan = plan_retention(state([old, *kept], wal=wal), POLICY, NOW, "gravl")
     assert sorted(plan.expire_wal) == sorted([seg(1, 5), seg(1, 30), seg(2, 30), seg(2, 35), seg(3, 35)])
 
 
-@pytest.mark.parametrize(("case", "kept_backups"), [
-    ("only logical backups are kept", [manifest(2, "logical"), manifest(1, "logical")]),
-    ("a kept backup does not record its start WAL", [manifest(2, start=None), manifest(1)]),
-])
+@pytest.mark.parametrize(
+    ("case", "kept_backups"),
+    [
+        ("only logical backups are kept", [manifest(2, "logical"), manifest(1, "logical")]),
+        ("a kept backup does not record its start WAL", [manifest(2, start=None), manifest(1)]),
+    ],
+)
 def test_wal_is_left_untouched_when_its_need_is_unknown(case: str, kept_backups: list[Manifest]) -> None:
     old = manifest(90, "logical")
     wal = [seg(1, n) for n in range(1, 20)]
@@ -193,20 +236,26 @@ def test_unrecognised_wal_keys_are_kept_and_reported() -> None:
 
 # ---------------------------------------------------------------- unlisted (orphaned) folders
 
+
 def test_orphaned_objects_are_collected_only_when_old_and_unlocked() -> None:
     kept = [manifest(2), manifest(1)]
     old_orphan = new_backup_id("physical", NOW - timedelta(days=3))
     locked_orphan = new_backup_id("physical", NOW - timedelta(days=2))
     young_orphan = new_backup_id("logical", NOW - timedelta(hours=2))
-    extra = [f"backups/{old_orphan}/base.tar.zst", f"backups/{old_orphan}/part.tar.zst",
-             f"backups/{locked_orphan}/base.tar.zst", f"backups/{young_orphan}/dump.pgc.zst",
-             "backups/not-a-backup/file"]
+    extra = [
+        f"backups/{old_orphan}/base.tar.zst",
+        f"backups/{old_orphan}/part.tar.zst",
+        f"backups/{locked_orphan}/base.tar.zst",
+        f"backups/{young_orphan}/dump.pgc.zst",
+        "backups/not-a-backup/file",
+    ]
     plan = plan_retention(state(kept, extra_backup_keys=extra, locked=locked_orphan), POLICY, NOW, "gravl")
     assert plan.orphan_keys == [f"backups/{old_orphan}/base.tar.zst", f"backups/{old_orphan}/part.tar.zst"]
     assert len([n for n in plan.notes if n.startswith("left alone")]) == 3
 
 
 # ---------------------------------------------------------------- against real repositories
+
 
 def _populate(repo: Repository, now: datetime) -> dict[str, Any]:
     """Four physical backups (40, 35, 3, 1 days old) starting at segments 2, 4, 8, 10 on timeline
@@ -215,13 +264,23 @@ def _populate(repo: Repository, now: datetime) -> dict[str, Any]:
     ms = []
     for age, start in starts.items():
         stop = now - timedelta(days=age)
-        m = manifest(0, start=start).model_copy(update={
-            "id": new_backup_id("physical", stop - timedelta(minutes=5)),
-            "start_time": stop - timedelta(minutes=5), "stop_time": stop,
-            # what is really stored: expire re-reads the backups it counts on
-            "objects": [StoredObject(key="base.tar.zst", size=10, sha256=hashlib.sha256(b"x" * 10).hexdigest(),
-                                     raw_size=20, raw_sha256="1" * 64)],
-        })
+        m = manifest(0, start=start).model_copy(
+            update={
+                "id": new_backup_id("physical", stop - timedelta(minutes=5)),
+                "start_time": stop - timedelta(minutes=5),
+                "stop_time": stop,
+                # what is really stored: expire re-reads the backups it counts on
+                "objects": [
+                    StoredObject(
+                        key="base.tar.zst",
+                        size=10,
+                        sha256=hashlib.sha256(b"x" * 10).hexdigest(),
+                        raw_size=20,
+                        raw_sha256="1" * 64,
+                    )
+                ],
+            }
+        )
         repo.put_bytes(f"backups/{m.id}/base.tar.zst", b"x" * 10)
         repo.put_bytes(f"backups/{m.id}/manifest.json", m.to_json())
         ms.append(m)
@@ -247,14 +306,22 @@ def repo_url(request: pytest.FixtureRequest) -> str:
 
 
 def test_expire_flow_deletes_expired_backups_orphans_and_wal(
-    prefect_harness: None, repo_url: str, moto_endpoint: str, make_config: Callable[..., Path],
+    prefect_harness: None,
+    repo_url: str,
+    moto_endpoint: str,
+    make_config: Callable[..., Path],
 ) -> None:
     from flows.retention import expire_flow
 
     # GIVEN a repository with two backups beyond 30 days, two recent ones, WAL and an orphan
     cfg_path = make_config(repo_url, moto=moto_endpoint, retention={"full_days": 30, "min_full": 2})
-    repo = open_repository(RepositoryConfig(url=repo_url, endpoint_url=moto_endpoint
-                                            if repo_url.startswith("s3://") else None, region="eu-north-1"))
+    repo = open_repository(
+        RepositoryConfig(
+            url=repo_url,
+            endpoint_url=moto_endpoint if repo_url.startswith("s3://") else None,
+            region="eu-north-1",
+        )
+    )
     pop = _populate(repo, datetime.now(UTC))
     before = repo.list_keys("")
 
@@ -317,7 +384,10 @@ def test_an_interrupted_expiry_never_leaves_a_listed_backup_with_missing_objects
 
 
 def test_cli_expire_dry_run_prints_the_plan_and_deletes_nothing(
-    prefect_harness: None, file_repo_url: str, file_repo_dir: Path, tmp_path: Path,
+    prefect_harness: None,
+    file_repo_url: str,
+    file_repo_dir: Path,
+    tmp_path: Path,
 ) -> None:
     import prefect.settings
 
@@ -325,10 +395,15 @@ def test_cli_expire_dry_run_prints_the_plan_and_deletes_nothing(
     repo = FileRepository(file_repo_dir, file_repo_url)
     pop = _populate(repo, datetime.now(UTC))
     before = repo.list_keys("")
-    cfg = write_config(tmp_path / "gravl-dr.yaml", {
-        "cluster": "gravl", "primary": {"dsn": "host=127.0.0.1 port=1 dbname=gravl"},
-        "repository": {"url": file_repo_url}, "retention": {"full_days": 30, "min_full": 2},
-    })
+    cfg = write_config(
+        tmp_path / "gravl-dr.yaml",
+        {
+            "cluster": "gravl",
+            "primary": {"dsn": "host=127.0.0.1 port=1 dbname=gravl"},
+            "repository": {"url": file_repo_url},
+            "retention": {"full_days": 30, "min_full": 2},
+        },
+    )
     api = str(prefect.settings.PREFECT_API_URL.value())
     # WHEN
     proc = run_cli("expire", "--dry-run", "--json", config=cfg, env={"PREFECT_API_URL": api})
@@ -345,9 +420,12 @@ def test_cli_expire_dry_run_prints_the_plan_and_deletes_nothing(
 def test_cli_expire_on_a_missing_repository_is_a_one_line_error(tmp_path: Path) -> None:
     from gravl_testlib import assert_one_line_error
 
-    cfg = write_config(tmp_path / "gravl-dr.yaml", {
-        "primary": {"dsn": "host=127.0.0.1 port=1"},
-        "repository": {"url": f"file://{tmp_path}/does-not-exist"},
-    })
+    cfg = write_config(
+        tmp_path / "gravl-dr.yaml",
+        {
+            "primary": {"dsn": "host=127.0.0.1 port=1"},
+            "repository": {"url": f"file://{tmp_path}/does-not-exist"},
+        },
+    )
     proc = run_cli("expire", config=cfg)
     assert_one_line_error(proc, "does not exist")

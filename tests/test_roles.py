@@ -21,8 +21,13 @@ T0 = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
 
 
 def _state(name: str, **kw: Any) -> NodeState:
-    base: dict[str, Any] = {"name": name, "configured_role": "primary" if name == "home" else "replica",
-                            "reachable": True, "in_recovery": True, "timeline": 1}
+    base: dict[str, Any] = {
+        "name": name,
+        "configured_role": "primary" if name == "home" else "replica",
+        "reachable": True,
+        "in_recovery": True,
+        "timeline": 1,
+    }
     base.update(kw)
     return NodeState(**base)
 
@@ -32,8 +37,9 @@ def _event(minutes: int, event: str, primary: str, demoted: list[str]) -> RoleEv
 
 
 def test_the_primary_is_the_node_out_of_recovery_not_the_configured_one() -> None:
-    choice = choose_primary([_state("home", reachable=False), _state("standby-1", in_recovery=False, timeline=2)],
-                            "home")
+    choice = choose_primary(
+        [_state("home", reachable=False), _state("standby-1", in_recovery=False, timeline=2)], "home"
+    )
     assert choice.primary == "standby-1" and choice.moved and "not in recovery" in choice.reason
 
 
@@ -82,7 +88,11 @@ def _unfenceable_failover(pair: Pair, tmp_path: Path, repo: str, **extra: Any) -
 
 
 def test_guard_keeps_a_demoted_old_primary_read_only_when_it_restarts(
-    prefect_harness: None, pg_pair: Any, file_repo_url: str, file_repo_dir: Path, tmp_path: Path,
+    prefect_harness: None,
+    pg_pair: Any,
+    file_repo_url: str,
+    file_repo_dir: Path,
+    tmp_path: Path,
 ) -> None:
     # GIVEN a failover that could not fence home (its host was unreachable), recorded in the repository
     pair: Pair = pg_pair()
@@ -104,7 +114,9 @@ def test_guard_keeps_a_demoted_old_primary_read_only_when_it_restarts(
     assert old_pid
     wait_until(lambda: not _exists(old_pid), 60, "the killed postmaster reaped")
     pair.home.start()
-    wait_until(lambda: bool(sql(pair.home.dsn(), "SELECT pg_is_in_recovery()")[0][0]), 30, "home up in recovery")
+    wait_until(
+        lambda: bool(sql(pair.home.dsn(), "SELECT pg_is_in_recovery()")[0][0]), 30, "home up in recovery"
+    )
     with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         sql(pair.home.dsn(), "INSERT INTO items (tag, n) VALUES ('split-brain', 1)")
     # and a second guard run (the next restart) leaves it as it is
@@ -113,7 +125,9 @@ def test_guard_keeps_a_demoted_old_primary_read_only_when_it_restarts(
 
 
 def test_guard_lets_a_node_that_was_never_demoted_start(
-    pg_pair: Any, file_repo_url: str, tmp_path: Path,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     pair: Pair = pg_pair()
     cfg = write_config(tmp_path / "home.yaml", pair.config(file_repo_url))
@@ -123,7 +137,10 @@ def test_guard_lets_a_node_that_was_never_demoted_start(
 
 
 def test_backup_after_failover_follows_the_new_primary(
-    prefect_harness: None, pg_pair: Any, file_repo_url: str, tmp_path: Path,
+    prefect_harness: None,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
 ) -> None:
     from flows.backup import backup_flow
 
@@ -146,7 +163,11 @@ def test_backup_after_failover_follows_the_new_primary(
 
 
 def test_split_brain_fails_backup_and_wal_check_with_an_alarm(
-    prefect_harness: None, pg_pair: Any, file_repo_url: str, tmp_path: Path, pushgateway: str,
+    prefect_harness: None,
+    pg_pair: Any,
+    file_repo_url: str,
+    tmp_path: Path,
+    pushgateway: str,
 ) -> None:
     from prefect.client.orchestration import get_client
 
@@ -155,8 +176,11 @@ def test_split_brain_fails_backup_and_wal_check_with_an_alarm(
 
     # GIVEN both nodes out of recovery (the standby promoted behind gravl-dr's back)
     pair: Pair = pg_pair()
-    cfg = str(write_config(tmp_path / "gravl-dr.yaml",
-                           pair.config(file_repo_url, metrics={"pushgateway": pushgateway})))
+    cfg = str(
+        write_config(
+            tmp_path / "gravl-dr.yaml", pair.config(file_repo_url, metrics={"pushgateway": pushgateway})
+        )
+    )
     sql(pair.standby.dsn(), "SELECT pg_promote()")
     wait_until(lambda: not sql(pair.standby.dsn(), "SELECT pg_is_in_recovery()")[0][0], 30, "promoted")
 
@@ -166,8 +190,10 @@ def test_split_brain_fails_backup_and_wal_check_with_an_alarm(
         assert state.is_failed(), state
         with pytest.raises(SplitBrain, match="SPLIT BRAIN"):
             state.result()
-    assert any(line.startswith("gravl_split_brain{") and line.endswith(" 1")
-               for line in pushgateway_metrics(pushgateway).splitlines())
+    assert any(
+        line.startswith("gravl_split_brain{") and line.endswith(" 1")
+        for line in pushgateway_metrics(pushgateway).splitlines()
+    )
     import asyncio
 
     async def artifact() -> str:
@@ -186,8 +212,15 @@ def test_wal_check_warns_when_the_node_it_asks_is_in_recovery(tmp_path: Path) ->
 
     # GIVEN the archiver status of a standby (a stuck former primary: nothing archived)
     repo_cfg = RepositoryConfig(url=f"file://{tmp_path}")
-    status = ArchiverStatus(reachable=True, archive_mode="on", archive_timeout_s=60, in_recovery=True,
-                            timeline=1, current_lsn=None, archived_count=0)
+    status = ArchiverStatus(
+        reachable=True,
+        archive_mode="on",
+        archive_timeout_s=60,
+        in_recovery=True,
+        timeline=1,
+        current_lsn=None,
+        archived_count=0,
+    )
     report = WalCheckReport(cluster="gravl", repository=repo_cfg.url, checked_at=T0)
 
     # WHEN judged

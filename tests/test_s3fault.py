@@ -11,8 +11,11 @@ from tasks.repository import S3Repository
 
 
 def _repo(proxy: S3FaultProxy, bucket: str) -> S3Repository:
-    return S3Repository(RepositoryConfig(url=f"s3://{bucket}/gravl", endpoint_url=proxy.url,
-                                         region="eu-north-1", part_size_mb=5))
+    return S3Repository(
+        RepositoryConfig(
+            url=f"s3://{bucket}/gravl", endpoint_url=proxy.url, region="eu-north-1", part_size_mb=5
+        )
+    )
 
 
 def test_forwards_untouched(s3_fault_proxy: S3FaultProxy, s3_bucket: str) -> None:

@@ -35,25 +35,39 @@ def test_config_rejects_naming_the_key(patch, message) -> None:
 
 
 def test_config_accepts_design_example() -> None:
-    cfg = parse_config({
-        **BASE,
-        "repository": {"url": "s3://gravl-backups-eu-north-1/gravl", "endpoint_url": "http://127.0.0.1:5000",
-                       "region": "eu-north-1", "storage_class": "STANDARD_IA", "sse": "AES256",
-                       "compression": "zstd", "encryption_key_env": "GRAVL_DR_KEY"},
-        "retention": {"full_days": 30, "min_full": 2},
-        "dns": {"provider": "route53", "zone_id": "Z123", "record": "db.gravl.internal.", "ttl": 30},
-        "metrics": {"pushgateway": "http://127.0.0.1:9091"},
-        "reconnect": [{"command": ["true"]}, {"webhook": "https://ops.example/hooks"},
-                      {"kubernetes": {"namespace": "gravl-prod", "deployments": ["gravl-api"]}}],
-        "postgres": {"bindir": "auto", "os_user": "postgres"},
-    })
+    cfg = parse_config(
+        {
+            **BASE,
+            "repository": {
+                "url": "s3://gravl-backups-eu-north-1/gravl",
+                "endpoint_url": "http://127.0.0.1:5000",
+                "region": "eu-north-1",
+                "storage_class": "STANDARD_IA",
+                "sse": "AES256",
+                "compression": "zstd",
+                "encryption_key_env": "GRAVL_DR_KEY",
+            },
+            "retention": {"full_days": 30, "min_full": 2},
+            "dns": {"provider": "route53", "zone_id": "Z123", "record": "db.gravl.internal.", "ttl": 30},
+            "metrics": {"pushgateway": "http://127.0.0.1:9091"},
+            "reconnect": [
+                {"command": ["true"]},
+                {"webhook": "https://ops.example/hooks"},
+                {"kubernetes": {"namespace": "gravl-prod", "deployments": ["gravl-api"]}},
+            ],
+            "postgres": {"bindir": "auto", "os_user": "postgres"},
+        }
+    )
     assert cfg.repository.sse == "AES256" and cfg.reconnect[2].kubernetes is not None
 
 
 @pytest.mark.parametrize(
     ("lsn", "tli", "name"),
-    [("0/2000028", 1, "000000010000000000000002"), ("1/FF000000", 3, "0000000300000001000000FF"),
-     ("A/1", 16, "000000100000000A00000000")],
+    [
+        ("0/2000028", 1, "000000010000000000000002"),
+        ("1/FF000000", 3, "0000000300000001000000FF"),
+        ("A/1", 16, "000000100000000A00000000"),
+    ],
 )
 def test_wal_names(lsn, tli, name) -> None:
     value = parse_lsn(lsn)
@@ -130,10 +144,13 @@ def test_s3_repository_never_overwrites(moto_endpoint, s3_bucket) -> None:
     from tasks.config import RepositoryConfig
     from tasks.repository import S3Repository
 
-    repo = S3Repository(RepositoryConfig(url=f"s3://{s3_bucket}/p", endpoint_url=moto_endpoint,
-                                         region="eu-north-1", part_size_mb=5))
+    repo = S3Repository(
+        RepositoryConfig(
+            url=f"s3://{s3_bucket}/p", endpoint_url=moto_endpoint, region="eu-north-1", part_size_mb=5
+        )
+    )
     big = os.urandom(11 * 1024 * 1024)  # three parts
-    res = repo.put_stream("x/big", iter([big[i:i + 1_000_000] for i in range(0, len(big), 1_000_000)]))
+    res = repo.put_stream("x/big", iter([big[i : i + 1_000_000] for i in range(0, len(big), 1_000_000)]))
     assert res.size == len(big) and repo.get_bytes("x/big") == big
     with pytest.raises(AlreadyExists):
         repo.put_bytes("x/big", b"other")

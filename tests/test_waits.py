@@ -18,7 +18,8 @@ def sessions(dsn: str) -> int:
 
 
 def test_wait_for_zero_lag_holds_one_connection_per_node_and_logs_progress(
-    pg_pair: Any, caplog: pytest.LogCaptureFixture,
+    pg_pair: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # GIVEN a standby whose replay is paused while the primary writes: it cannot catch up
     pair = pg_pair()

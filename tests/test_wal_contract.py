@@ -32,7 +32,7 @@ def make_wal(pg_wal: Path, name: str, seed: int, size: int = SEG, ready: bool = 
     """A file of `size` bytes: mostly compressible, with some seed-dependent bytes."""
     block = (f"gravl wal {name} seed {seed} ".encode() * 200)[:4096]
     data = bytearray(block * (size // 4096) + block[: size % 4096])
-    data[1000:1000 + 64] = os.urandom(64)
+    data[1000 : 1000 + 64] = os.urandom(64)
     path = pg_wal / name
     path.write_bytes(bytes(data))
     if ready:
@@ -51,27 +51,41 @@ def pg_wal() -> Iterator[Path]:
 @pytest.fixture
 def file_config(tmp_path: Path, file_repo_dir: Path) -> Path:
     (file_repo_dir / "backups").mkdir()
-    return write_config(tmp_path / "gravl-dr.yaml", {
-        "cluster": "gravl", "primary": {"dsn": "host=127.0.0.1 port=1 user=postgres"},
-        "repository": {"url": f"file://{file_repo_dir}"},
-    })
+    return write_config(
+        tmp_path / "gravl-dr.yaml",
+        {
+            "cluster": "gravl",
+            "primary": {"dsn": "host=127.0.0.1 port=1 user=postgres"},
+            "repository": {"url": f"file://{file_repo_dir}"},
+        },
+    )
 
 
 @pytest.fixture
 def s3_config(tmp_path: Path, moto_endpoint: str, s3_bucket: str) -> Path:
-    return write_config(tmp_path / "gravl-dr-s3.yaml", {
-        "cluster": "gravl", "primary": {"dsn": "host=127.0.0.1 port=1 user=postgres"},
-        "repository": {"url": f"s3://{s3_bucket}/gravl", "endpoint_url": moto_endpoint,
-                       "region": "eu-north-1"},
-    })
+    return write_config(
+        tmp_path / "gravl-dr-s3.yaml",
+        {
+            "cluster": "gravl",
+            "primary": {"dsn": "host=127.0.0.1 port=1 user=postgres"},
+            "repository": {
+                "url": f"s3://{s3_bucket}/gravl",
+                "endpoint_url": moto_endpoint,
+                "region": "eu-north-1",
+            },
+        },
+    )
 
 
-def push(config: Path, path: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def push(
+    config: Path, path: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return run_cli("wal-push", str(path), *extra, config=config, env=env)
 
 
-def fetch(config: Path, name: str, dest: Path, *extra: str,
-          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def fetch(
+    config: Path, name: str, dest: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return run_cli("wal-fetch", name, str(dest), *extra, config=config, env=env)
 
 
@@ -82,7 +96,10 @@ def stored(repo: Path, name: str) -> Path:
 
 # ---------------------------------------------------------------- wal-push
 
-def test_push_stores_a_compressed_checksummed_object(pg_wal: Path, file_config: Path, file_repo_dir: Path) -> None:
+
+def test_push_stores_a_compressed_checksummed_object(
+    pg_wal: Path, file_config: Path, file_repo_dir: Path
+) -> None:
     path = make_wal(pg_wal, seg_name(1, 1), seed=1, ready=False)
     proc = push(file_config, path)
     assert proc.returncode == 0, proc.stderr
@@ -97,7 +114,9 @@ def test_push_stores_a_compressed_checksummed_object(pg_wal: Path, file_config: 
     assert out == path.read_bytes()
 
 
-def test_push_twice_with_identical_content_succeeds(pg_wal: Path, file_config: Path, file_repo_dir: Path) -> None:
+def test_push_twice_with_identical_content_succeeds(
+    pg_wal: Path, file_config: Path, file_repo_dir: Path
+) -> None:
     path = make_wal(pg_wal, seg_name(1, 2), seed=2, ready=False)
     assert push(file_config, path).returncode == 0
     obj = stored(file_repo_dir, seg_name(1, 2))
@@ -254,14 +273,19 @@ def test_wal_hooks_on_a_file_repository_import_neither_boto3_nor_prefect(
 ) -> None:
     path = make_wal(pg_wal, seg_name(1, 40), seed=40, ready=False)
     for argv in (["wal-push", str(path)], ["wal-fetch", path.name, str(tmp_path / "x")]):
-        proc = subprocess.run([sys.executable, "-X", "importtime", GRAVL_DR, "--config", str(file_config),
-                               *argv], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", GRAVL_DR, "--config", str(file_config), *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         modules = {ln.split("|")[-1].strip() for ln in proc.stderr.splitlines() if "import time:" in ln}
         assert not {m for m in modules if m.split(".")[0] in ("boto3", "botocore", "prefect")}
 
 
 # ---------------------------------------------------------------- wal-fetch
+
 
 def test_fetch_of_a_missing_file_exits_1(pg_wal: Path, file_config: Path, tmp_path: Path) -> None:
     proc = fetch(file_config, seg_name(1, 50), tmp_path / "dest")
@@ -291,17 +315,29 @@ def test_fetch_of_a_corrupt_object_exits_above_125_and_writes_nothing(
 
 @pytest.mark.integration  # starts a process
 def test_fetch_from_an_unreachable_repository_is_not_missing(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "gone.yaml", {
-        "cluster": "gravl", "primary": {"dsn": "host=127.0.0.1 port=1"},
-        "repository": {"url": "file:///nonexistent/gravl-repo"},
-    })
+    config = write_config(
+        tmp_path / "gone.yaml",
+        {
+            "cluster": "gravl",
+            "primary": {"dsn": "host=127.0.0.1 port=1"},
+            "repository": {"url": "file:///nonexistent/gravl-repo"},
+        },
+    )
     proc = fetch(config, seg_name(1, 1), tmp_path / "dest")
     assert proc.returncode > 125, proc.stderr
     assert "not reachable" in proc.stderr
-    config = write_config(tmp_path / "s3gone.yaml", {
-        "cluster": "gravl", "primary": {"dsn": "host=127.0.0.1 port=1"},
-        "repository": {"url": "s3://bucket/x", "endpoint_url": "http://127.0.0.1:9", "region": "eu-north-1"},
-    })
+    config = write_config(
+        tmp_path / "s3gone.yaml",
+        {
+            "cluster": "gravl",
+            "primary": {"dsn": "host=127.0.0.1 port=1"},
+            "repository": {
+                "url": "s3://bucket/x",
+                "endpoint_url": "http://127.0.0.1:9",
+                "region": "eu-north-1",
+            },
+        },
+    )
     proc = fetch(config, seg_name(1, 1), tmp_path / "dest", env={"AWS_MAX_ATTEMPTS": "1"})
     assert proc.returncode > 125, proc.stderr
     # a missing config file must stop recovery too, not end it
@@ -344,10 +380,14 @@ def test_encrypted_round_trip_and_no_key_stops_recovery(
     pg_wal: Path, tmp_path: Path, file_repo_dir: Path
 ) -> None:
     (file_repo_dir / "backups").mkdir()
-    config = write_config(tmp_path / "enc.yaml", {
-        "cluster": "gravl", "primary": {"dsn": "host=127.0.0.1 port=1"},
-        "repository": {"url": f"file://{file_repo_dir}", "encryption_key_env": "GRAVL_DR_TEST_KEY"},
-    })
+    config = write_config(
+        tmp_path / "enc.yaml",
+        {
+            "cluster": "gravl",
+            "primary": {"dsn": "host=127.0.0.1 port=1"},
+            "repository": {"url": f"file://{file_repo_dir}", "encryption_key_env": "GRAVL_DR_TEST_KEY"},
+        },
+    )
     env = {"GRAVL_DR_TEST_KEY": "11" * 32}
     path = make_wal(pg_wal, seg_name(1, 70), seed=70, ready=False)
     assert push(config, path, env=env).returncode == 0
@@ -361,6 +401,7 @@ def test_encrypted_round_trip_and_no_key_stops_recovery(
 
 
 # ---------------------------------------------------------------- S3 (moto over HTTP)
+
 
 def test_s3_push_fetch_duplicate_and_conflict(pg_wal: Path, s3_config: Path, tmp_path: Path) -> None:
     paths = [make_wal(pg_wal, seg_name(1, 80 + i), seed=80 + i) for i in range(3)]

@@ -157,8 +157,10 @@ def test_a_foreign_or_stale_prefetched_segment_is_never_served(
         following = f"{name[:16]}{int(name[16:], 16) + 1:08X}"
         data = bytearray(archived_raw(archive, following))
     else:  # prefetched under another configuration (another repository)
-        other = write_config(restore_dir.parent / "other.yaml", {"cluster": "x", "primary": {"dsn": "host=h"},
-                                                                 "repository": {"url": "file:///x"}})
+        other = write_config(
+            restore_dir.parent / "other.yaml",
+            {"cluster": "x", "primary": {"dsn": "host=h"}, "repository": {"url": "file:///x"}},
+        )
         stamp_of = other
     planted = plant(restore_dir, archive.config, name, bytes(data), stamp_of=stamp_of)
     # WHEN the server recovers
@@ -180,15 +182,33 @@ def test_fast_path_imports_nothing_beyond_the_core_and_serves_a_real_segment(
     dest = restore_dir / "pg_wal" / "RECOVERYXLOG"
     # WHEN restore_command's program serves it
     proc = subprocess.run(
-        [sys.executable, "-I", "-S", "-X", "importtime", walserve.__file__, "--config", str(archive.config),
-         "wal-fetch", name, "pg_wal/RECOVERYXLOG"],
-        cwd=restore_dir, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            "-X",
+            "importtime",
+            walserve.__file__,
+            "--config",
+            str(archive.config),
+            "wal-fetch",
+            name,
+            "pg_wal/RECOVERYXLOG",
+        ],
+        cwd=restore_dir,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     # THEN it is moved into place, with only the interpreter's core modules imported
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert dest.read_bytes() == archived_raw(archive, name)
-    baseline = subprocess.run([sys.executable, "-I", "-S", "-X", "importtime", "-c", "import os, struct"],
-                              capture_output=True, text=True, timeout=60).stderr
+    baseline = subprocess.run(
+        [sys.executable, "-I", "-S", "-X", "importtime", "-c", "import os, struct"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stderr
     allowed = {ln.split("|")[-1].strip() for ln in baseline.splitlines() if "import time:" in ln}
     modules = {ln.split("|")[-1].strip() for ln in proc.stderr.splitlines() if "import time:" in ln}
     assert modules - allowed <= {"__future__"}, modules - allowed
@@ -200,10 +220,14 @@ def test_an_archived_segment_of_another_cluster_stops_recovery(archive: Archivin
     copy = make_private_dir("gravl-test-fastpath-foreign-", PG_USER)
     try:
         shutil.copytree(archive.repo_dir, copy / "repo")
-        config = write_config(copy / "gravl-dr.yaml", {
-            "cluster": "gravl", "primary": {"dsn": archive.cluster.dsn("postgres")},
-            "repository": {"url": f"file://{copy / 'repo'}"},
-        })
+        config = write_config(
+            copy / "gravl-dr.yaml",
+            {
+                "cluster": "gravl",
+                "primary": {"dsn": archive.cluster.dsn("postgres")},
+                "repository": {"url": f"file://{copy / 'repo'}"},
+            },
+        )
         name = first_requested(archive)
         data = bytearray(archived_raw(archive, name))
         struct.pack_into("<Q", data, 24, struct.unpack_from("<Q", data, 24)[0] ^ 0x5A5A)
@@ -233,9 +257,21 @@ def test_fast_path_never_answers_missing_itself(tmp_path: Path) -> None:
     os.makedirs(tmp_path / "pg_wal")
     # WHEN the fast path is asked for a segment it does not hold
     proc = subprocess.run(
-        [sys.executable, "-I", "-S", walserve.__file__, "--config", str(tmp_path / "none.yaml"),
-         "wal-fetch", "000000010000000000000003", "pg_wal/RECOVERYXLOG"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            walserve.__file__,
+            "--config",
+            str(tmp_path / "none.yaml"),
+            "wal-fetch",
+            "000000010000000000000003",
+            "pg_wal/RECOVERYXLOG",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     # THEN the full command answers, and a missing config stops recovery (> 125), never 1
     assert proc.returncode > 125, proc.stderr
@@ -263,8 +299,22 @@ def test_a_missing_mark_answers_1_only_fresh_and_from_a_live_prefetcher(tmp_path
 
     def ask() -> int:
         return subprocess.run(
-            [sys.executable, "-I", "-S", walserve.__file__, "--config", str(config), "wal-fetch", name,
-             "pg_wal/RECOVERYXLOG"], cwd=tmp_path, capture_output=True, text=True, timeout=60).returncode
+            [
+                sys.executable,
+                "-I",
+                "-S",
+                walserve.__file__,
+                "--config",
+                str(config),
+                "wal-fetch",
+                name,
+                "pg_wal/RECOVERYXLOG",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).returncode
 
     # WHEN recovery asks for it THEN the full command answers (never "missing" from a doubtful mark)
     assert ask() > 125

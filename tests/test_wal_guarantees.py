@@ -28,10 +28,14 @@ def pg_wal() -> Iterator[Path]:
 
 
 def _config(path: Path, url: str, **repository: Any) -> Path:
-    return write_config(path, {
-        "cluster": "gravl", "primary": {"dsn": "host=127.0.0.1 port=1 user=postgres"},
-        "repository": {"url": url, **repository},
-    })
+    return write_config(
+        path,
+        {
+            "cluster": "gravl",
+            "primary": {"dsn": "host=127.0.0.1 port=1 user=postgres"},
+            "repository": {"url": url, **repository},
+        },
+    )
 
 
 def _objects(repo: Path, name: str) -> list[str]:
@@ -39,6 +43,7 @@ def _objects(repo: Path, name: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- item 3: overwrite across variants
+
 
 @pytest.mark.parametrize(
     ("first", "second"),
@@ -71,7 +76,9 @@ def test_different_content_is_refused_under_any_codec_or_encryption(
     assert_one_line_error(proc, name, "kept")
     assert _objects(file_repo_dir, name) == stored
     # ... and wal-fetch returns the original bytes under either configuration (that has the key)
-    readers = [before] if "encryption_key_env" in first and "encryption_key_env" not in second else [before, after]
+    readers = (
+        [before] if "encryption_key_env" in first and "encryption_key_env" not in second else [before, after]
+    )
     for config in readers:
         dest = tmp_path / f"dest-{config.stem}"
         got = fetch(config, name, dest, "--prefetch", "0", env=KEY_ENV)
@@ -88,8 +95,9 @@ def test_identical_content_under_another_codec_is_a_success_and_stores_nothing(
     path = make_wal(pg_wal, name, seed=9, ready=False)
     assert push(_config(tmp_path / "a.yaml", url, compression="zstd"), path).returncode == 0
     # WHEN the same bytes are pushed again after switching to gzip and encryption
-    for i, repo_cfg in enumerate(({"compression": "gzip"},
-                                  {"compression": "lz4", "encryption_key_env": "GRAVL_DR_TEST_KEY"})):
+    for i, repo_cfg in enumerate(
+        ({"compression": "gzip"}, {"compression": "lz4", "encryption_key_env": "GRAVL_DR_TEST_KEY"})
+    ):
         proc = push(_config(tmp_path / f"b{i}.yaml", url, **repo_cfg), path, env=KEY_ENV)
         # THEN it succeeds (PostgreSQL may retry a file it already archived) and adds no copy
         assert proc.returncode == 0, proc.stderr
@@ -151,6 +159,7 @@ def test_wal_check_reports_a_name_archived_twice_by_an_older_release(
 
 # ---------------------------------------------------------------- item 5: wal-fetch exit codes
 
+
 def test_fetch_of_a_listed_object_that_then_404s_stops_recovery(
     pg_wal: Path, tmp_path: Path, moto_endpoint: str, s3_bucket: str, s3_fault_proxy: S3FaultProxy
 ) -> None:
@@ -158,8 +167,7 @@ def test_fetch_of_a_listed_object_that_then_404s_stops_recovery(
     # concurrent expire between the two, or an eventually consistent store)
     url = f"s3://{s3_bucket}/gravl"
     direct = _config(tmp_path / "direct.yaml", url, endpoint_url=moto_endpoint, region="eu-north-1")
-    proxied = _config(tmp_path / "proxied.yaml", url, endpoint_url=s3_fault_proxy.url,
-                      region="eu-north-1")
+    proxied = _config(tmp_path / "proxied.yaml", url, endpoint_url=s3_fault_proxy.url, region="eu-north-1")
     name = seg_name(1, 20)
     assert push(direct, make_wal(pg_wal, name, seed=20, ready=False)).returncode == 0
     s3_fault_proxy.add("GET", name, action="error", status=404, code="NoSuchKey", times=None)
@@ -173,16 +181,22 @@ def test_fetch_of_a_listed_object_that_then_404s_stops_recovery(
     assert fetch(proxied, seg_name(1, 21), dest, "--prefetch", "0").returncode == 1
 
 
-@pytest.mark.parametrize(("status", "code"), [(503, "SlowDown"), (500, "InternalError"),
-                                              (403, "AccessDenied"), (400, "ExpiredToken")])
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(503, "SlowDown"), (500, "InternalError"), (403, "AccessDenied"), (400, "ExpiredToken")],
+)
 def test_fetch_failures_other_than_missing_exit_above_125(
-    pg_wal: Path, tmp_path: Path, moto_endpoint: str, s3_bucket: str, s3_fault_proxy: S3FaultProxy,
-    status: int, code: str,
+    pg_wal: Path,
+    tmp_path: Path,
+    moto_endpoint: str,
+    s3_bucket: str,
+    s3_fault_proxy: S3FaultProxy,
+    status: int,
+    code: str,
 ) -> None:
     url = f"s3://{s3_bucket}/gravl"
     direct = _config(tmp_path / "direct.yaml", url, endpoint_url=moto_endpoint, region="eu-north-1")
-    proxied = _config(tmp_path / "proxied.yaml", url, endpoint_url=s3_fault_proxy.url,
-                      region="eu-north-1")
+    proxied = _config(tmp_path / "proxied.yaml", url, endpoint_url=s3_fault_proxy.url, region="eu-north-1")
     name = seg_name(1, 30)
     assert push(direct, make_wal(pg_wal, name, seed=30, ready=False)).returncode == 0
     s3_fault_proxy.add("GET", name, action="error", status=status, code=code, times=None)

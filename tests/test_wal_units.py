@@ -34,34 +34,51 @@ from tasks.wal import (
 from tasks.walcheck import Switch, find_gaps, parse_history
 
 
-@pytest.mark.parametrize(("name", "kind", "tli", "segno"), [
-    ("000000010000000000000001", "segment", 1, 1),
-    ("0000000200000001000000FF", "segment", 2, 511),
-    ("00000003.history", "history", 3, None),
-    ("000000010000000000000002.00000028.backup", "backup", 1, 2),
-    ("000000010000000000000005.partial", "partial", 1, 5),
-])
+@pytest.mark.parametrize(
+    ("name", "kind", "tli", "segno"),
+    [
+        ("000000010000000000000001", "segment", 1, 1),
+        ("0000000200000001000000FF", "segment", 2, 511),
+        ("00000003.history", "history", 3, None),
+        ("000000010000000000000002.00000028.backup", "backup", 1, 2),
+        ("000000010000000000000005.partial", "partial", 1, 5),
+    ],
+)
 def test_wal_names_are_classified(name: str, kind: str, tli: int, segno: int | None) -> None:
     wal = parse_wal_name(name)
     assert (wal.kind, wal.timeline, wal.segno) == (kind, tli, segno)
     assert wal.folder == f"wal/{tli:08X}"
 
 
-@pytest.mark.parametrize("bad", ["", "RECOVERYXLOG", "00000001000000000000000", "000000010000000000000001.zst",
-                                 "00000000.history", "../000000010000000000000001", "0000000g0000000000000001"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "RECOVERYXLOG",
+        "00000001000000000000000",
+        "000000010000000000000001.zst",
+        "00000000.history",
+        "../000000010000000000000001",
+        "0000000g0000000000000001",
+    ],
+)
 def test_bad_wal_names_are_rejected_before_any_io(bad: str) -> None:
     with pytest.raises(ConfigError):
         parse_wal_name(bad)
 
 
 def test_keys_follow_the_repository_layout() -> None:
-    assert object_key("000000010000000000000001", "zstd", False) == "wal/00000001/000000010000000000000001.zst"
+    assert (
+        object_key("000000010000000000000001", "zstd", False) == "wal/00000001/000000010000000000000001.zst"
+    )
     assert object_key("00000002.history", "none", True) == "wal/00000002/00000002.history.enc"
     variants = key_variants("000000010000000000000001", "lz4", False)
     assert variants[0].endswith(".lz4") and len(variants) == len(set(variants)) == 8
     assert name_of_key("wal/00000001/000000010000000000000001.zst.enc") == "000000010000000000000001"
-    assert name_of_key("wal/00000001/000000010000000000000001.00000028.backup.gz") == \
-        "000000010000000000000001.00000028.backup"
+    assert (
+        name_of_key("wal/00000001/000000010000000000000001.00000028.backup.gz")
+        == "000000010000000000000001.00000028.backup"
+    )
     assert name_of_key("wal/00000001/.gravl-tmp-x") is None
     assert segment_name(1, 256) == "000000010000000100000000"
 
@@ -73,8 +90,9 @@ def test_header_round_trip_and_corruption_is_detected() -> None:
     settings = WalSettings(codec="zstd")
     from hashlib import sha256
 
-    obj = build_header("000000010000000000000001", settings, sha256(raw).hexdigest(), len(raw)) + \
-        zstandard.ZstdCompressor().compress(raw)
+    obj = build_header(
+        "000000010000000000000001", settings, sha256(raw).hexdigest(), len(raw)
+    ) + zstandard.ZstdCompressor().compress(raw)
     header, payload = decode_object([obj[:5], obj[5:50], obj[50:]], settings, "t")
     assert header.raw_size == len(raw) and b"".join(payload) == raw
     bad = bytearray(obj)
@@ -89,32 +107,46 @@ def test_header_round_trip_and_corruption_is_detected() -> None:
 
 # ---------------------------------------------------------------- continuity
 
+
 def seg(tli: int, n: int) -> str:
     return segment_name(tli, n)
 
 
-@pytest.mark.parametrize(("names", "start", "switches", "gaps"), [
-    # continuous from the backup's start
-    ([seg(1, n) for n in range(2, 8)], seg(1, 2), {}, []),
-    # one missing in the middle, named
-    ([seg(1, n) for n in (2, 3, 5, 6)], seg(1, 2), {}, [(1, seg(1, 4), seg(1, 4), 1)]),
-    # missing the start itself
-    ([seg(1, n) for n in (4, 5)], seg(1, 2), {}, [(1, seg(1, 2), seg(1, 3), 2)]),
-    # older than the oldest backup: not needed
-    ([seg(1, n) for n in (1, 5, 6)], seg(1, 5), {}, []),
-    # a promotion at 0/7000100: timeline 1 needed up to 6, timeline 2 from 7
-    ([*(seg(1, n) for n in range(2, 7)), seg(2, 7), seg(2, 8)], seg(1, 2),
-     {2: Switch(2, 1, 0x7000100)}, []),
-    # timeline 1 stops short of the switch point
-    ([*(seg(1, n) for n in range(2, 5)), seg(2, 7)], seg(1, 2),
-     {2: Switch(2, 1, 0x7000100)}, [(1, seg(1, 5), seg(1, 6), 2)]),
-    # no backup: internal gaps only
-    ([seg(1, n) for n in (10, 11, 13)], None, {}, [(1, seg(1, 12), seg(1, 12), 1)]),
-])
-def test_find_gaps(names: list[str], start: str | None, switches: dict[int, Switch],
-                   gaps: list[tuple[int, str, str, int]]) -> None:
-    found, _spans, problems = find_gaps(names + ["00000002.history"] * bool(switches),
-                                        start_wal=start, switches=switches)
+@pytest.mark.parametrize(
+    ("names", "start", "switches", "gaps"),
+    [
+        # continuous from the backup's start
+        ([seg(1, n) for n in range(2, 8)], seg(1, 2), {}, []),
+        # one missing in the middle, named
+        ([seg(1, n) for n in (2, 3, 5, 6)], seg(1, 2), {}, [(1, seg(1, 4), seg(1, 4), 1)]),
+        # missing the start itself
+        ([seg(1, n) for n in (4, 5)], seg(1, 2), {}, [(1, seg(1, 2), seg(1, 3), 2)]),
+        # older than the oldest backup: not needed
+        ([seg(1, n) for n in (1, 5, 6)], seg(1, 5), {}, []),
+        # a promotion at 0/7000100: timeline 1 needed up to 6, timeline 2 from 7
+        (
+            [*(seg(1, n) for n in range(2, 7)), seg(2, 7), seg(2, 8)],
+            seg(1, 2),
+            {2: Switch(2, 1, 0x7000100)},
+            [],
+        ),
+        # timeline 1 stops short of the switch point
+        (
+            [*(seg(1, n) for n in range(2, 5)), seg(2, 7)],
+            seg(1, 2),
+            {2: Switch(2, 1, 0x7000100)},
+            [(1, seg(1, 5), seg(1, 6), 2)],
+        ),
+        # no backup: internal gaps only
+        ([seg(1, n) for n in (10, 11, 13)], None, {}, [(1, seg(1, 12), seg(1, 12), 1)]),
+    ],
+)
+def test_find_gaps(
+    names: list[str], start: str | None, switches: dict[int, Switch], gaps: list[tuple[int, str, str, int]]
+) -> None:
+    found, _spans, problems = find_gaps(
+        names + ["00000002.history"] * bool(switches), start_wal=start, switches=switches
+    )
     assert [(g.timeline, g.first, g.last, g.count) for g in found] == gaps
     assert problems == []
 
@@ -130,6 +162,7 @@ def test_parse_history() -> None:
 
 
 # ---------------------------------------------------------------- targets and settings
+
 
 def test_recovery_target_from_options() -> None:
     assert RecoveryTarget.from_options() == RecoveryTarget(kind="end")
@@ -154,13 +187,21 @@ def test_recovery_settings_for_each_kind() -> None:
     # the config path is quoted for the shell, then for postgresql.conf
     assert "--config ''/etc/gravl dr/it''\"''\"''s.yaml'' wal-fetch %f %p'" in s["restore_command"]
     assert s["archive_mode"] == "off"
-    assert recovery_settings(RecoveryTarget(kind="name", value="before 'x'"), cfg)["recovery_target_name"] == \
-        "'before ''x'''"
+    assert (
+        recovery_settings(RecoveryTarget(kind="name", value="before 'x'"), cfg)["recovery_target_name"]
+        == "'before ''x'''"
+    )
     assert "recovery_target_xid" in recovery_settings(RecoveryTarget(kind="xid", value="745"), cfg)
     assert recovery_settings(RecoveryTarget(kind="immediate"), cfg)["recovery_target"] == "'immediate'"
     end = recovery_settings(RecoveryTarget(), cfg, keep_archiving=True)
-    assert not any(k.startswith("recovery_target_") and k not in ("recovery_target_timeline",
-                   "recovery_target_action") for k in end) and "archive_mode" not in end
+    assert (
+        not any(
+            k.startswith("recovery_target_")
+            and k not in ("recovery_target_timeline", "recovery_target_action")
+            for k in end
+        )
+        and "archive_mode" not in end
+    )
 
 
 def test_write_recovery_settings_is_rerunnable(tmp_path: Path) -> None:
@@ -171,8 +212,9 @@ def test_write_recovery_settings_is_rerunnable(tmp_path: Path) -> None:
 
     user = __import__("pwd").getpwuid(os.geteuid()).pw_name
     for value in ("rp-1", "rp-2"):
-        write_recovery_settings(tmp_path, config_path="/c.yaml", os_user=user,
-                                target=RecoveryTarget(kind="name", value=value))
+        write_recovery_settings(
+            tmp_path, config_path="/c.yaml", os_user=user, target=RecoveryTarget(kind="name", value=value)
+        )
     text = (tmp_path / "postgresql.auto.conf").read_text()
     assert text.count("restore_command") == 1 and "'rp-2'" in text and "rp-1" not in text
     assert "work_mem = '8MB'" in text
@@ -193,27 +235,52 @@ LOG = """\
 
 def test_read_recovery_log() -> None:
     rec = read_recovery_log(LOG)
-    assert rec.stop_message == "recovery stopping before commit of transaction 745, time 2026-11-24 14:44:45.2+00"
+    assert (
+        rec.stop_message
+        == "recovery stopping before commit of transaction 745, time 2026-11-24 14:44:45.2+00"
+    )
     assert rec.redo_done_lsn == "0/30008B8" and rec.new_timeline == 2
     assert rec.last_xact_time == datetime(2026, 11, 24, 14, 44, 44, 915043, tzinfo=UTC)
-    assert read_recovery_log("x FATAL:  recovery ended before configured recovery target was reached").fatal \
+    assert (
+        read_recovery_log("x FATAL:  recovery ended before configured recovery target was reached").fatal
         == "recovery ended before configured recovery target was reached"
+    )
     assert parse_pg_timestamp("2026-11-24 10:00:00+05:30") == datetime(2026, 11, 24, 4, 30, tzinfo=UTC)
 
 
 def manifest(i: int, stop: datetime, stop_lsn: str, kind: str = "physical") -> Manifest:
-    return Manifest(id=f"2026112{i}T000000Z-{kind}", kind=kind, cluster="gravl", pg_version=150000,  # type: ignore[arg-type]
-                    system_identifier="1", timeline=1, start_lsn=stop_lsn, stop_lsn=stop_lsn,
-                    start_time=stop - timedelta(minutes=5), stop_time=stop, codec="zstd", objects=[])
+    return Manifest(
+        id=f"2026112{i}T000000Z-{kind}",
+        kind=kind,
+        cluster="gravl",
+        pg_version=150000,  # type: ignore[arg-type]
+        system_identifier="1",
+        timeline=1,
+        start_lsn=stop_lsn,
+        stop_lsn=stop_lsn,
+        start_time=stop - timedelta(minutes=5),
+        stop_time=stop,
+        codec="zstd",
+        objects=[],
+    )
 
 
 def test_choose_backup_picks_the_newest_that_ended_before_the_target() -> None:
     t0 = datetime(2026, 11, 20, tzinfo=UTC)
-    ms = [manifest(1, t0, "0/3000000"), manifest(2, t0 + timedelta(days=1), "0/9000000"),
-          manifest(3, t0 + timedelta(days=2), "0/F000000", kind="logical")]
+    ms = [
+        manifest(1, t0, "0/3000000"),
+        manifest(2, t0 + timedelta(days=1), "0/9000000"),
+        manifest(3, t0 + timedelta(days=2), "0/F000000", kind="logical"),
+    ]
     now = t0 + timedelta(days=5)
-    assert choose_backup(ms, RecoveryTarget(kind="time", value=(t0 + timedelta(hours=30)).isoformat()), now) is ms[1]
-    assert choose_backup(ms, RecoveryTarget(kind="time", value=(t0 + timedelta(hours=3)).isoformat()), now) is ms[0]
+    assert (
+        choose_backup(ms, RecoveryTarget(kind="time", value=(t0 + timedelta(hours=30)).isoformat()), now)
+        is ms[1]
+    )
+    assert (
+        choose_backup(ms, RecoveryTarget(kind="time", value=(t0 + timedelta(hours=3)).isoformat()), now)
+        is ms[0]
+    )
     assert choose_backup(ms, RecoveryTarget(kind="lsn", value="0/8000000"), now) is ms[0]
     assert choose_backup(ms, RecoveryTarget(), now) is ms[1]
     with pytest.raises(PreconditionFailed, match="no backup ended before"):
@@ -225,18 +292,36 @@ def test_choose_backup_picks_the_newest_that_ended_before_the_target() -> None:
 
 
 def test_check_outcome_fails_when_recovery_stopped_short() -> None:
-    ok = RecoveryOutcome(promoted=True, timeline=2, reached_lsn="0/5000000", last_xact_time=None,
-                         stop_message=None, target_reached=True)
+    ok = RecoveryOutcome(
+        promoted=True,
+        timeline=2,
+        reached_lsn="0/5000000",
+        last_xact_time=None,
+        stop_message=None,
+        target_reached=True,
+    )
     check_outcome(RecoveryTarget(), ok, archive_end_lsn=0x4000000, backup_stop_lsn="0/2000100")
     with pytest.raises(PreconditionFailed, match="stopped short"):
         check_outcome(RecoveryTarget(), ok, archive_end_lsn=0x6000000, backup_stop_lsn="0/2000100")
     with pytest.raises(PreconditionFailed, match="without reaching"):
         check_outcome(RecoveryTarget(kind="name", value="x"), ok, archive_end_lsn=None, backup_stop_lsn=None)
-    late = ok.model_copy(update={"stop_message": "recovery stopping before commit",
-                                 "last_xact_time": datetime(2026, 11, 24, 11, tzinfo=UTC)})
+    late = ok.model_copy(
+        update={
+            "stop_message": "recovery stopping before commit",
+            "last_xact_time": datetime(2026, 11, 24, 11, tzinfo=UTC),
+        }
+    )
     with pytest.raises(PreconditionFailed, match="after the target"):
-        check_outcome(RecoveryTarget(kind="time", value="2026-11-24T10:00:00Z"), late,
-                      archive_end_lsn=None, backup_stop_lsn=None)
+        check_outcome(
+            RecoveryTarget(kind="time", value="2026-11-24T10:00:00Z"),
+            late,
+            archive_end_lsn=None,
+            backup_stop_lsn=None,
+        )
     with pytest.raises(PreconditionFailed, match="not promoted"):
-        check_outcome(RecoveryTarget(), ok.model_copy(update={"promoted": False}),
-                      archive_end_lsn=None, backup_stop_lsn=None)
+        check_outcome(
+            RecoveryTarget(),
+            ok.model_copy(update={"promoted": False}),
+            archive_end_lsn=None,
+            backup_stop_lsn=None,
+        )

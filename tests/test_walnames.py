@@ -24,13 +24,16 @@ pytestmark = pytest.mark.unit
 MB = 1024 * 1024
 
 
-@pytest.mark.parametrize(("text", "value"), [
-    ("0/0", 0),
-    ("0/3000028", 0x3000028),
-    ("16/B374D848", (0x16 << 32) | 0xB374D848),
-    ("FFFFFFFF/FFFFFFFF", 2**64 - 1),
-    ("1/0", 1 << 32),
-])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("0/0", 0),
+        ("0/3000028", 0x3000028),
+        ("16/B374D848", (0x16 << 32) | 0xB374D848),
+        ("FFFFFFFF/FFFFFFFF", 2**64 - 1),
+        ("1/0", 1 << 32),
+    ],
+)
 def test_lsn_text_and_position_round_trip(text: str, value: int) -> None:
     assert lsn_to_int(text) == parse_lsn(text) == value
     assert format_lsn(value) == text
@@ -58,15 +61,18 @@ def test_lsn_or_none_passes_absent_values_through() -> None:
     assert lsn_or_none("0/10") == 16
 
 
-@pytest.mark.parametrize(("timeline", "lsn", "seg_size", "name"), [
-    # SELECT pg_walfile_name('0/3000028') on timeline 1 with 16 MB segments
-    (1, "0/3000028", 16 * MB, "000000010000000000000003"),
-    (1, "0/FFFFFFFF", 16 * MB, "0000000100000000000000FF"),
-    (1, "1/0", 16 * MB, "000000010000000100000000"),
-    (2, "16/B374D848", 16 * MB, "0000000200000016000000B3"),
-    (3, "0/3000028", 1 * MB, "000000030000000000000030"),
-    (1, "5/40000000", 1024 * MB, "000000010000000500000001"),
-])
+@pytest.mark.parametrize(
+    ("timeline", "lsn", "seg_size", "name"),
+    [
+        # SELECT pg_walfile_name('0/3000028') on timeline 1 with 16 MB segments
+        (1, "0/3000028", 16 * MB, "000000010000000000000003"),
+        (1, "0/FFFFFFFF", 16 * MB, "0000000100000000000000FF"),
+        (1, "1/0", 16 * MB, "000000010000000100000000"),
+        (2, "16/B374D848", 16 * MB, "0000000200000016000000B3"),
+        (3, "0/3000028", 1 * MB, "000000030000000000000030"),
+        (1, "5/40000000", 1024 * MB, "000000010000000500000001"),
+    ],
+)
 def test_wal_file_name_of_an_lsn(timeline: int, lsn: str, seg_size: int, name: str) -> None:
     value = parse_lsn(lsn)
     assert wal_file_name(timeline, value, seg_size) == name
@@ -87,11 +93,14 @@ def test_wal_segno_reads_the_segment_part_of_partial_and_backup_names() -> None:
         wal_segno("00000002.history")
 
 
-@pytest.mark.parametrize(("name", "seg_size", "segno"), [
-    ("000000010000000000000010", 1 * MB, 16),
-    ("000000010000000100000001", 1 * MB, 4097),
-    ("000000010000000100000001", 64 * MB, 65),
-])
+@pytest.mark.parametrize(
+    ("name", "seg_size", "segno"),
+    [
+        ("000000010000000000000010", 1 * MB, 16),
+        ("000000010000000100000001", 1 * MB, 4097),
+        ("000000010000000100000001", 64 * MB, 65),
+    ],
+)
 def test_parse_wal_name_uses_the_segment_size(name: str, seg_size: int, segno: int) -> None:
     assert parse_wal_name(name, seg_size).segno == segno
 
