@@ -46,7 +46,8 @@ from tasks.recovery import (
 )
 from tasks.replay import names_past_backup, past_backup, recovered_to
 from tasks.repository import Repository
-from tasks.wal import WalSettings, find_object
+from tasks.walarchive import find_object
+from tasks.walformat import WalSettings
 
 
 class RestoreStep(BaseModel):

@@ -22,7 +22,7 @@ from flows.params import BackupRef, ConfigPath, OptionalPort, OptionalText, Opti
 from tasks import backup as bsteps
 from tasks import recovery as rec
 from tasks import restore as rsteps
-from tasks import wal as walsteps
+from tasks import walarchive, walspool
 from tasks.config import Config
 from tasks.config import config_path as resolve_config_path
 from tasks.errors import ConfigError, DRError, PreconditionFailed, one_line
@@ -140,7 +140,7 @@ def select_backup_for_target(
 
 @task(name="inspect-wal-archive", cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def inspect_wal_archive(repo: Repository, manifest: Manifest) -> ArchiveView:
-    view = archive_view(walsteps.list_archive(repo), manifest)
+    view = archive_view(walarchive.list_archive(repo), manifest)
     if view.has_wal_after_backup:
         ends = ", ".join(f"timeline {t}: {n}" for t, n in sorted(view.newest_segment_name.items()))
         logger().info("the WAL archive continues after the backup (newest segment %s)", ends)
@@ -171,7 +171,7 @@ def write_recovery_settings(
         keep_archiving=keep_archiving,
     )
     if start_wal:
-        walsteps.prime_prefetch(Path(pgdata), start_wal)
+        walspool.prime_prefetch(Path(pgdata), start_wal)
     logger().info(
         "wrote recovery.signal and recovery settings: %s, restore_command %s, "
         "timeline latest, then promote%s",

@@ -34,7 +34,8 @@ from tasks.metrics import push_metrics
 from tasks.postgres import PrimaryStatus, safe_dsn
 from tasks.postgres import observe_primary as pg_observe_primary
 from tasks.repository import Repository
-from tasks.wal import WalSettings, list_archive
+from tasks.walarchive import list_archive
+from tasks.walformat import WalSettings
 
 JOB = "wal-check"  # the flow's name: the Pushgateway job of its metrics
 
