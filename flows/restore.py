@@ -30,7 +30,7 @@ from tasks.libpq import has_password
 from tasks.models import Manifest, format_lsn
 from tasks.pgcluster import LocalCluster, free_port
 from tasks.postgres import safe_dsn
-from tasks.replay import ArchiveView, archive_view
+from tasks.replay import ArchiveView, archive_view, describe_archive_view
 from tasks.repository import Repository
 
 
@@ -141,15 +141,7 @@ def select_backup_for_target(
 @task(name="inspect-wal-archive", cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def inspect_wal_archive(repo: Repository, manifest: Manifest) -> ArchiveView:
     view = archive_view(walsteps.list_archive(repo), manifest)
-    if view.has_wal_after_backup:
-        ends = ", ".join(f"timeline {t}: {n}" for t, n in sorted(view.newest_segment_name.items()))
-        logger().info("the WAL archive continues after the backup (newest segment %s)", ends)
-    else:
-        logger().info(
-            "the WAL archive holds nothing after backup %s: recovery ends at the backup's end point (%s)",
-            manifest.id,
-            manifest.stop_lsn,
-        )
+    logger().info("%s", describe_archive_view(view, manifest))
     return view
 
 
