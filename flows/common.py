@@ -36,6 +36,14 @@ def logger() -> Any:
     return get_run_logger()
 
 
+def publish_report(key: str, markdown: str, description: str | None = None) -> None:
+    """Publish a flow's report: the one place flows create their markdown artifact (keys and
+    tables come from tasks.reporting)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(key=key, markdown=markdown, description=description)
+
+
 @task(name="find-primary", cache_policy=NO_CACHE)
 def follow_primary(cfg: Config, repo: Repository | None, job: str, artifact_key: str) -> Config:
     """The config pointed at the node that is the primary now (after a failover, not the configured one).
@@ -44,8 +52,6 @@ def follow_primary(cfg: Config, repo: Repository | None, job: str, artifact_key:
     ``gravl_split_brain 1`` for the flow's job, and the flow fails. Nothing is backed up or
     checked against whichever node answered first.
     """
-    from prefect.artifacts import create_markdown_artifact
-
     from tasks.errors import DRError, one_line
     from tasks.metrics import push_metrics
     from tasks.roles import SplitBrain
@@ -66,11 +72,11 @@ def follow_primary(cfg: Config, repo: Repository | None, job: str, artifact_key:
         followed, choice = find_primary(cfg, repo)
     except SplitBrain as exc:
         alarm(1.0)
-        create_markdown_artifact(
-            key=artifact_key,
-            description=f"{job} of {cfg.cluster}: SPLIT BRAIN",
-            markdown=f"# {job}: SPLIT BRAIN — nothing done\n\n`{one_line(exc)}`\n\n"
+        publish_report(
+            artifact_key,
+            f"# {job}: SPLIT BRAIN — nothing done\n\n`{one_line(exc)}`\n\n"
             "Fence one of the nodes (stop it), then re-run.\n",
+            f"{job} of {cfg.cluster}: SPLIT BRAIN",
         )
         logger().error("%s", one_line(exc))
         raise

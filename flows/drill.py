@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows.common import NETWORK_RETRIES, human_bytes, load, logger
+from flows.common import NETWORK_RETRIES, human_bytes, load, logger, publish_report
 from flows.params import BackupKind, BackupRef, ConfigPath, OptionalTime
 from tasks import backup as bsteps
 from tasks import drill as dsteps
@@ -45,6 +44,7 @@ from tasks.recovery import (
     write_recovery_settings,
 )
 from tasks.replay import names_past_backup, past_backup, recovered_to
+from tasks.reporting import report_key
 from tasks.repository import Repository
 from tasks.wal import WalSettings, find_object
 
@@ -797,11 +797,7 @@ def drill_flow(
         logger().error("report not stored in the repository: %s", one_line(exc))
         report.passed = False
         report.error = report.error or f"report not stored: {one_line(exc)}"
-    create_markdown_artifact(
-        markdown=dsteps.render_markdown(report),
-        key=f"drill-report-{cfg.cluster}".replace("_", "-"),
-        description=report.verdict(),
-    )
+    publish_report(report_key("drill", cfg.cluster), dsteps.render_markdown(report), report.verdict())
     push_drill_metrics(cfg, report, kind)
     if not report.passed:
         raise DrillFailed(report)

@@ -10,14 +10,15 @@ import time
 from typing import Annotated
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
+from flows.common import publish_report
 from flows.failback import FailbackReport, failback_flow
-from flows.failover import FailoverReport, failover_flow, markdown_table, push_dr_metrics
+from flows.failover import FailoverReport, failover_flow, push_dr_metrics
 from flows.params import ConfigPath, OptionalText
 from tasks.config import load_config
 from tasks.failover import DEFAULT_MAX_LAG_BYTES
+from tasks.reporting import document, kv_table, report_key
 
 JOB = "drill-failover"
 
@@ -77,23 +78,16 @@ def drill_failover_flow(
         ("failover DNS", fo.dns.detail if fo.dns else "-"),
         ("failback DNS", fb.dns.detail if fb.dns else "-"),
     ]
-    md = (
-        "\n".join(
-            [
-                f"# Failover drill of {cfg.cluster}: passed",
-                "",
-                *markdown_table(rows),
-                "",
-                "Full reports: artifacts `failover-report-*` and `failback-report-*`.",
-            ]
-        )
-        + "\n"
+    md = document(
+        [
+            f"# Failover drill of {cfg.cluster}: passed",
+            "",
+            *kv_table(rows),
+            "",
+            "Full reports: artifacts `failover-report-*` and `failback-report-*`.",
+        ]
     )
-    create_markdown_artifact(
-        markdown=md,
-        key=f"drill-failover-report-{cfg.cluster}".replace("_", "-"),
-        description=f"failover drill of {cfg.cluster}",
-    )
+    publish_report(report_key(JOB, cfg.cluster), md, f"failover drill of {cfg.cluster}")
     push_dr_metrics(
         cfg,
         JOB,

@@ -27,6 +27,7 @@ from tasks.errors import ConfigError, DRError, PermanentError, one_line
 from tasks.failover import DEFAULT_MAX_LAG_BYTES, FailoverPlan, NodeState, Refused, plan_failover, rpo_bytes
 from tasks.hooks import HookResult, ReconnectEvent, run_hooks
 from tasks.metrics import push_metrics
+from tasks.reporting import report_key
 from tasks.topology import (
     CanaryResult,
     FenceResult,
@@ -517,7 +518,7 @@ def failover_flow(
     cfg = load_config(config_path)
     nodes = resolve_nodes(cfg)
     check_dns_config(cfg.dns)
-    key = f"failover-report-{cfg.cluster}".replace("_", "-")
+    key = report_key("failover", cfg.cluster)
     report = FailoverReport(
         cluster=cfg.cluster, old_primary=cfg.primary.name, planned=planned, started_at=tl.started
     )

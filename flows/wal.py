@@ -21,11 +21,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from flows.common import NETWORK_RETRIES, follow_primary, human_bytes, load, logger
+from flows.common import NETWORK_RETRIES, follow_primary, human_bytes, load, logger, publish_report
 from flows.params import ConfigPath
 from tasks import walcheck
 from tasks.config import Config
@@ -33,6 +32,7 @@ from tasks.errors import DRError, one_line
 from tasks.metrics import push_metrics
 from tasks.postgres import PrimaryStatus, safe_dsn
 from tasks.postgres import observe_primary as pg_observe_primary
+from tasks.reporting import bullets, document, kv_table, report_key, section, table
 from tasks.repository import Repository
 from tasks.wal import WalSettings, list_archive
 
@@ -186,48 +186,44 @@ def push_wal_metrics(
 
 def _markdown(report: walcheck.WalCheckReport, error: str | None = None) -> str:
     status = "OK" if report.ok and not error else "PROBLEMS"
-    lines = [
-        f"# WAL archive of {report.cluster}: {status}",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| repository | {report.repository} |",
-        f"| oldest kept backup | {report.oldest_backup or '-'} (start {report.start_wal or '-'}) |",
-        f"| newest archived segment | {report.newest_segment or '-'} |",
-        f"| archived files | {report.archived_files} |",
+    rows: list[tuple[str, object]] = [
+        ("repository", report.repository),
+        ("oldest kept backup", f"{report.oldest_backup or '-'} (start {report.start_wal or '-'})"),
+        ("newest archived segment", report.newest_segment or "-"),
+        ("archived files", report.archived_files),
     ]
     if report.lag_bytes is not None:
-        lines.append(f"| archive lag | {human_bytes(report.lag_bytes)}, {report.lag_seconds or 0:.0f} s |")
+        rows.append(("archive lag", f"{human_bytes(report.lag_bytes)}, {report.lag_seconds or 0:.0f} s"))
     a = report.archiver
     if a is not None and a.reachable:
-        lines += [
-            f"| archiver | {a.archived_count} archived, {a.failed_count} failed |",
-            f"| last archived | {a.last_archived_wal or '-'} at {a.last_archived_time or '-'}"
-            f"{' (verified)' if report.last_archived_verified else ''} |",
-            f"| last failure | {a.last_failed_wal or '-'} at {a.last_failed_time or '-'} |",
-            f"| archive_timeout | {a.archive_timeout_s if a.archive_timeout_s is not None else '-'} s |",
+        verified = " (verified)" if report.last_archived_verified else ""
+        timeout = a.archive_timeout_s if a.archive_timeout_s is not None else "-"
+        rows += [
+            ("archiver", f"{a.archived_count} archived, {a.failed_count} failed"),
+            ("last archived", f"{a.last_archived_wal or '-'} at {a.last_archived_time or '-'}{verified}"),
+            ("last failure", f"{a.last_failed_wal or '-'} at {a.last_failed_time or '-'}"),
+            ("archive_timeout", f"{timeout} s"),
         ]
-    lines += ["", "## Timelines", "", "| timeline | segments | first | last |", "|---|---|---|---|"]
-    lines += [
-        f"| {s.timeline} | {s.segments} | {s.first or '-'} | {s.last or '-'} |" for s in report.timelines
-    ]
+    timelines = [(s.timeline, s.segments, s.first or "-", s.last or "-") for s in report.timelines]
+    lines = [f"# WAL archive of {report.cluster}: {status}", "", *kv_table(rows)]
+    lines += section("Timelines", ["", *table(("timeline", "segments", "first", "last"), timelines)])
     if report.gaps:
         lines += [
             "",
             "## Gaps",
-            *[f"- {g.describe()}" for g in report.gaps],
+            *bullets(g.describe() for g in report.gaps),
             "",
             "Recovery cannot pass a gap: take a new backup now (it starts a new continuous "
             "range), then find out why the files are missing.",
         ]
     if report.warnings:
-        lines += ["", "## Warnings", *[f"- {w}" for w in report.warnings]]
+        lines += section("Warnings", bullets(report.warnings))
     if report.problems or error:
-        lines += ["", "## Problems", *[f"- {p}" for p in report.problems]]
+        lines += section("Problems", bullets(report.problems))
         if error:
             lines.append(f"- `{error}`")
         lines += ["", "Check the server log for archive_command errors and `gravl-dr wal-check`."]
-    return "\n".join(lines) + "\n"
+    return document(lines)
 
 
 @task(name="watch-archive-lag", cache_policy=NO_CACHE)
@@ -305,7 +301,7 @@ def wal_check_flow(
         sample_every_seconds: How often the watch measures and pushes the archive lag.
     """
     cfg, repo = load(config_path)
-    artifact_key = f"wal-check-report-{cfg.cluster}".replace("_", "-")
+    artifact_key = report_key(JOB, cfg.cluster)
     cfg = follow_primary(cfg, repo, JOB, artifact_key)
     report: walcheck.WalCheckReport | None = None
     status = observe_primary(cfg) if check_server else None
@@ -315,12 +311,10 @@ def wal_check_flow(
             report = check_archiver_health(cfg, repo, report)
     except BaseException as exc:
         if report is not None:
-            create_markdown_artifact(key=artifact_key, markdown=_markdown(report, one_line(exc)))
+            publish_report(artifact_key, _markdown(report, one_line(exc)))
         push_wal_metrics(cfg, report, failed=True, status=status)
         raise
-    create_markdown_artifact(
-        key=artifact_key, markdown=_markdown(report), description=f"WAL archive of {cfg.cluster}"
-    )
+    publish_report(artifact_key, _markdown(report), f"WAL archive of {cfg.cluster}")
     push_wal_metrics(cfg, report, failed=not report.ok, status=status)
     if not report.ok:
         raise walcheck.WalCheckFailed(report)

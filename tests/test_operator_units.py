@@ -235,6 +235,11 @@ def test_every_artifact_key_is_flow_report_cluster() -> None:
     from gravl_testlib import REPO_ROOT
 
     flows = {getattr(importlib.import_module(m), n).name for m, n in FLOWS}
+    keyed = 0
     for path in (REPO_ROOT / "flows").glob("*.py"):
-        for prefix in re.findall(r'f?"([a-z-]+)-report-', path.read_text()):
-            assert prefix in flows, f"{path.name}: artifact {prefix}-report-… is not <flow>-report-<cluster>"
+        text = path.read_text()
+        assert not re.search(r'f?"[a-z-]+-report-', text), f"{path.name}: build the key with report_key"
+        for flow in re.findall(r'report_key\(\s*"([a-z-]+)"', text):
+            keyed += 1
+            assert flow in flows, f"{path.name}: artifact {flow}-report-… is not <flow>-report-<cluster>"
+    assert keyed >= 6
