@@ -201,7 +201,7 @@ def test_every_parameter_has_a_description_and_a_plain_type(module: str, name: s
 def test_flow_names_are_the_cli_commands() -> None:
     import importlib
 
-    from flows.cli import build_parser
+    from flows.cli.app import build_parser
 
     commands = set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
     for module, name in FLOWS:
