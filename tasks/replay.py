@@ -52,6 +52,18 @@ def archive_view(names: Iterable[str], manifest: Manifest) -> ArchiveView:
     )
 
 
+def describe_archive_view(view: ArchiveView, manifest: Manifest) -> str:
+    """The line a restore logs about the archive: where it ends, or that recovery stops at the
+    backup's end point because nothing was archived after it."""
+    if view.has_wal_after_backup:
+        ends = ", ".join(f"timeline {t}: {n}" for t, n in sorted(view.newest_segment_name.items()))
+        return f"the WAL archive continues after the backup (newest segment {ends})"
+    return (
+        f"the WAL archive holds nothing after backup {manifest.id}: recovery ends at the backup's "
+        f"end point ({manifest.stop_lsn})"
+    )
+
+
 def names_past_backup(manifest: Manifest) -> list[str]:
     """WAL files whose presence in the archive means replay can go on past the backup's last
     segment: the next segment on its timeline, or the next timeline's history file."""

@@ -9,7 +9,7 @@ import pytest
 
 from tasks.models import Manifest
 from tasks.recovery import RecoveryOutcome, RecoveryTarget
-from tasks.replay import archive_view, names_past_backup, past_backup, recovered_to
+from tasks.replay import archive_view, describe_archive_view, names_past_backup, past_backup, recovered_to
 
 pytestmark = pytest.mark.unit
 
@@ -126,3 +126,19 @@ def test_recovered_to_is_the_target_time_else_the_last_commit_past_the_backup_el
         == STOP
     )
     assert recovered_to(backup(), RecoveryTarget(), outcome("0/7000000", None), True) == STOP
+
+
+def test_describe_archive_view_names_the_newest_segment_per_timeline_or_the_backups_end() -> None:
+    # GIVEN a backup and two archives: one going on past it on two timelines, one that stops at it
+    m = backup()
+    going_on = archive_view(["000000010000000000000006", "000000020000000000000007"], m)
+    stopped = archive_view(["000000010000000000000004"], m)
+    # THEN the first names where each timeline ends, the second the backup's own end point
+    assert describe_archive_view(going_on, m) == (
+        "the WAL archive continues after the backup (newest segment "
+        "timeline 1: 000000010000000000000006, timeline 2: 000000020000000000000007)"
+    )
+    assert describe_archive_view(stopped, m) == (
+        "the WAL archive holds nothing after backup 20261129T025500Z-physical: recovery ends at the "
+        "backup's end point (0/5000100)"
+    )
