@@ -47,6 +47,7 @@ from tasks.walarchive import (
 from tasks.walnames import parse_wal_name, segment_name
 from tasks.walspool import (
     PREFETCHER_LOCK,
+    PREFETCHER_LOG,
     PREFETCHER_PID,
     PUSHER_LOCK,
     PUSHER_LOG,
@@ -58,6 +59,7 @@ from tasks.walspool import (
     failed_recently,
     mark_archived,
     mark_failed,
+    prefetcher_pid,
     prune_spool,
     pusher_pid,
     ready_files,
@@ -256,24 +258,37 @@ def wait_for_pusher(path: Path, stamp: str, *, timeout: float, alive: Callable[[
     return NO_ANSWER
 
 
+def _spawn(pg_wal: Path, log_name: str, command: Sequence[str]) -> subprocess.Popen[bytes]:
+    """Start a background process for pg_wal, detached in its own session, its output appended
+    to the spool's ``log_name``. OSError when it cannot be started."""
+    with open(spool_root(pg_wal) / log_name, "ab") as log_file:
+        return subprocess.Popen(
+            list(command),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+        )
+
+
 def spawn_pusher(pg_wal: Path, command: Sequence[str]) -> subprocess.Popen[bytes] | None:
-    """Start the background pusher for pg_wal (``command``: the daemon's command line),
-    detached in its own session and logging to the spool; None when it cannot be started."""
+    """Start the background pusher for pg_wal (``command``: the daemon's command line); None
+    when it cannot be started (wal-push then pushes the file itself)."""
     try:
-        log_file = open(spool_root(pg_wal) / PUSHER_LOG, "ab")
+        return _spawn(pg_wal, PUSHER_LOG, command)
     except OSError:
         return None
-    with log_file:
-        try:
-            return subprocess.Popen(
-                list(command),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                start_new_session=True,
-            )
-        except OSError:
-            return None
+
+
+def ensure_prefetcher(pg_wal: Path, command: Sequence[str]) -> None:
+    """Start the background prefetcher of pg_wal (``command``: the daemon's command line)
+    unless one runs; wal-fetch works without it, only slower."""
+    if prefetcher_pid(pg_wal) is not None or not spool_writable(pg_wal):
+        return
+    try:
+        _spawn(pg_wal, PREFETCHER_LOG, command)
+    except OSError as exc:
+        log.warning("cannot start the WAL prefetcher: %s", exc)
 
 
 def hand_to_pusher(path: Path, stamp: str, command: Sequence[str], *, timeout: float) -> PusherOutcome:
