@@ -8,7 +8,6 @@ server itself says it reached, failing when that is short of the target."""
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +17,6 @@ from pydantic import BaseModel, Field, WithJsonSchema
 
 from flows.common import NETWORK_RETRIES, human_bytes, load, logger, publish_report
 from flows.params import BackupRef, ConfigPath, OptionalPort, OptionalText, OptionalTextList, OptionalTime
-from tasks import backup as bsteps
 from tasks import recovery as rec
 from tasks import restore as rsteps
 from tasks import wal as walsteps
@@ -53,19 +51,6 @@ class RestoreReport(BaseModel):
     recovery_seconds: float | None = None
     databases: list[str] = []
     not_carried_over: list[str] = []
-
-
-@task(name="select-backup", cache_policy=NO_CACHE, **NETWORK_RETRIES)
-def select_backup(repo: Repository, ref: str, kind: str | None, cluster: str) -> Manifest:
-    manifest = bsteps.resolve_backup(repo, ref, kind=kind, cluster=cluster)
-    logger().info(
-        "restoring backup %s (%s, %s, ended %s)",
-        manifest.id,
-        manifest.kind,
-        human_bytes(manifest.raw_bytes),
-        manifest.stop_time.isoformat(),
-    )
-    return manifest
 
 
 @task(name="restore-physical", cache_policy=NO_CACHE)
@@ -115,17 +100,11 @@ def restore_cluster(
     return res
 
 
-@task(name="select-backup-for-target", cache_policy=NO_CACHE, **NETWORK_RETRIES)
-def select_backup_for_target(
-    repo: Repository, ref: str, cluster: str, target: rec.RecoveryTarget
+@task(name="select-backup", cache_policy=NO_CACHE, **NETWORK_RETRIES)
+def select_backup(
+    repo: Repository, ref: str, cluster: str, kind: str, target: rec.RecoveryTarget
 ) -> Manifest:
-    now = datetime.now(UTC)
-    if ref == "latest":
-        manifest = rec.choose_backup(bsteps.list_backups(repo, cluster, check=True), target, now)
-    else:
-        manifest = bsteps.resolve_backup(repo, ref, cluster=cluster)
-    if manifest.kind == "physical":
-        rec.check_target_for_backup(manifest, target, now)
+    manifest = rec.select_backup_for_restore(repo, ref, cluster, kind, target)
     logger().info(
         "restoring backup %s (%s, %s, ended %s at %s) to reach %s",
         manifest.id,
@@ -342,10 +321,7 @@ def restore_flow(
         raise PreconditionFailed("a recovery target needs a physical restore (--pgdata)")
     t0 = time.monotonic()
     kind = "physical" if pgdata else "logical"
-    if pgdata:
-        manifest = select_backup_for_target(repo, backup, cfg.cluster, target)
-    else:
-        manifest = select_backup(repo, backup, kind if backup == "latest" else None, cfg.cluster)
+    manifest = select_backup(repo, backup, cfg.cluster, kind, target)
     try:
         if pgdata:
             view = inspect_wal_archive(repo, manifest)

@@ -339,6 +339,33 @@ def observe_node(
     )
 
 
+def observe_primary(cfg: Config) -> NodeState:
+    """The configured primary as failover judges it: three attempts (a restart is not an outage)."""
+    return observe_node(
+        cfg.primary,
+        "primary",
+        os_user=cfg.postgres.os_user,
+        bindir=cfg.postgres.bindir,
+        attempts=3,
+        connect_timeout=3,
+    )
+
+
+def observe_replicas(cfg: Config) -> list[NodeState]:
+    """Every configured replica as failover judges it (two attempts each)."""
+    return [
+        observe_node(
+            r,
+            "replica",
+            os_user=cfg.postgres.os_user,
+            bindir=cfg.postgres.bindir,
+            attempts=2,
+            connect_timeout=3,
+        )
+        for r in cfg.replicas
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # Server control through pg_ctl (local data directories only)
 
