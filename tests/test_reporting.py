@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from pathlib import Path
+
 import pytest
 
+from tasks.drill import DrillReport, render_markdown, report_keys, store_report
 from tasks.reporting import artifact_key, bullets, cell, document, kv_table, report_key, section, table
+from tasks.repository import FileRepository
 
 pytestmark = pytest.mark.unit
 
@@ -62,3 +67,16 @@ def test_every_row_of_a_table_has_as_many_pipes_as_the_header() -> None:
 def test_sections_bullets_and_document() -> None:
     lines = ["# Title", *section("Notes", bullets(["one", "two"]))]
     assert document(lines) == "# Title\n\n## Notes\n- one\n- two\n"
+
+
+def test_a_drill_report_is_stored_as_json_and_markdown_under_its_keys(tmp_path: Path) -> None:
+    # GIVEN a file repository and a drill report carrying its storage keys
+    repo = FileRepository(tmp_path, tmp_path.as_uri())
+    report = DrillReport(drill_id="20261129T030000Z-ab12", cluster="gravl", started_at=datetime.now(UTC))
+    report.report_keys = report_keys(report.drill_id)
+    # WHEN it is stored
+    keys = store_report(repo, report)
+    # THEN the JSON reads back as the same report and the markdown is the rendered one
+    assert keys == ["drills/20261129T030000Z-ab12/report.json", "drills/20261129T030000Z-ab12/report.md"]
+    assert DrillReport.model_validate_json(repo.get_bytes(keys[0])) == report
+    assert repo.get_bytes(keys[1]).decode() == render_markdown(report)
