@@ -326,8 +326,7 @@ def start_and_wait(
         failed = sum(1 for c in count_checks if c.failed)
         logger().info("row counts at %s: %d compared, %d failed", paused_at, len(count_checks), failed)
         cluster.stop("fast", timeout=int(timeout))
-        # the next start's log must not repeat this pause's "recovery stopping" line
-        cluster.logfile.rename(cluster.logfile.with_name(cluster.logfile.name + ".paused"))
+        dsteps.set_aside_pause_log(cluster.logfile)
         write_recovery_settings(
             instance.pgdata, config_path=config_file, target=target, os_user=cfg.postgres.os_user
         )

@@ -243,6 +243,12 @@ def render_markdown(report: DrillReport) -> str:
     return document(lines)
 
 
+def set_aside_pause_log(logfile: Path) -> None:
+    """Rename the log of the paused start (``<log>.paused``): the next start's log must not
+    repeat this pause's "recovery stopping" line, which the recovery wait reads."""
+    logfile.rename(logfile.with_name(logfile.name + ".paused"))
+
+
 def report_keys(drill_id: str) -> list[str]:
     """Where a drill's report is stored in the repository: JSON, then markdown."""
     prefix = drill_prefix(drill_id)

@@ -4,12 +4,13 @@ archive go on past the backup, did recovery replay past it, what point in time t
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from tasks.drill import CountPoint, count_modes_at_pause
 from tasks.models import Manifest
-from tasks.recovery import RecoveryOutcome, RecoveryTarget
+from tasks.recovery import RecoveryOutcome, RecoveryTarget, explain_failed_start
 from tasks.replay import (
     archive_view,
     counts_lsn_in_reach,
@@ -215,3 +216,16 @@ def test_count_modes_at_pause_fall_back_to_the_tolerance_only_where_commits_were
         "at the backup's consistent point 0/5000100",
         {},
     )
+
+
+def test_explain_failed_start_reads_the_servers_log_or_says_nothing(tmp_path: Path) -> None:
+    # GIVEN no log at all, then a log whose recovery ran out of archived WAL before the target
+    log = tmp_path / "postgresql.log"
+    target = RecoveryTarget(kind="lsn", value="0/9000000")
+    assert explain_failed_start(log, target) is None
+    log.write_text(
+        "2026-11-29 03:00:00 UTC [1] FATAL:  recovery ended before configured recovery target was reached\n"
+    )
+    # THEN the sentence names the target as past the archive and what to run
+    why = explain_failed_start(log, target)
+    assert why is not None and "past the end of the WAL archive" in why and "wal-check" in why
