@@ -55,7 +55,8 @@ def test_every_hook_runs_even_after_a_failure(tmp_path: Path) -> None:
 
 
 def test_a_hook_needs_exactly_one_kind() -> None:
-    from tasks.config import ConfigError, parse_config
+    from tasks.config import parse_config
+    from tasks.errors import ConfigError
 
     with pytest.raises(ConfigError, match="exactly one of command, webhook, kubernetes"):
         parse_config(

@@ -19,7 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_pitr import Archiving, start_archiving_primary, stop_archiving, switch_and_wait, take_backup
+from test_pitr import (
+    Archiving,
+    private_restore_dir,
+    start_archiving_primary,
+    stop_archiving,
+    switch_and_wait,
+    take_backup,
+)
 
 from gravl_testlib import write_config
 from tasks import walserve
@@ -54,10 +61,7 @@ def archive() -> Iterator[Archiving]:
 
 @pytest.fixture
 def restore_dir() -> Iterator[Path]:
-    base = make_private_dir("gravl-test-fastpath-restore-", PG_USER)
-    yield base / "data"
-    LocalCluster(base / "data", 1).destroy()
-    shutil.rmtree(base, ignore_errors=True)
+    yield from private_restore_dir("gravl-test-fastpath-restore-")
 
 
 def restore(arch: Archiving, pgdata: Path, config: Path | None = None) -> None:
