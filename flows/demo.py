@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +26,7 @@ from flows.drill import run_drill
 from flows.restore import restore_flow
 from tasks.errors import PermanentError
 from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir
+from tasks.polling import poll_until
 from tasks.postgres import connection, database_digest
 from tasks.sample import create_database, load_sample
 
@@ -99,13 +99,12 @@ def write_after_backup(dsn: str, rows: int) -> str:
         )
         wal = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()
         name = str(wal[0]) if wal else ""
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+
+        def archived() -> bool:
             row = conn.execute("SELECT last_archived_wal, failed_count FROM pg_stat_archiver").fetchone()
-            if row and row[0] and row[0] >= name:
-                break
-            time.sleep(0.2)
-        else:
+            return bool(row and row[0] and row[0] >= name)
+
+        if not poll_until(archived, timeout=60, interval=0.2):
             raise PermanentError(f"WAL segment {name} was not archived within 60 s")
     logger().info("%d rows written after the backup; WAL up to %s archived", rows, name)
     return name

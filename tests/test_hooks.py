@@ -220,6 +220,27 @@ def test_kubernetes_rollout_restart_bumps_the_template_and_waits(
     assert "kubectl.kubernetes.io/restartedAt" in annotations
 
 
+def test_kubernetes_rollout_that_never_finishes_fails_the_hook_naming_what_is_pending(
+    http_server: tuple[str, type[_Recorder]],
+    tmp_path: Path,
+) -> None:
+    # GIVEN a deployment that wants 3 replicas while its controller only ever brings up 2
+    url, handler = http_server
+    dep = _deployment("gravl-prod", "gravl-api")
+    dep["spec"]["replicas"] = 3
+    handler.deployments["gravl-prod/gravl-api"] = dep
+    hook = ReconnectHook(
+        kubernetes=KubernetesHook(
+            namespace="gravl-prod", deployments=["gravl-api"], kubeconfig=_kubeconfig(tmp_path, url)
+        ),
+        timeout=1,
+    )
+    # WHEN the hook runs THEN it gives up at its timeout, naming the deployment still rolling out
+    res = run_hook(hook, EVENT)
+    assert not res.ok
+    assert "rollout of gravl-api in gravl-prod not finished after 1s" in res.message, res.message
+
+
 def test_kubernetes_missing_deployment_fails_the_hook(
     http_server: tuple[str, type[_Recorder]],
     tmp_path: Path,
