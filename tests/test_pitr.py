@@ -175,6 +175,11 @@ class ArchiveCopy:
     config: Path
     repo: Path
 
+    @property
+    def base(self) -> Path:
+        """The private folder holding the copy and its config (removed afterwards)."""
+        return self.repo.parent
+
     def segments_after(self, wal: str | None) -> list[Path]:
         """The timeline-1 segment objects whose names come after ``wal``, in order."""
         return sorted(
