@@ -44,6 +44,7 @@ from tasks.dns_switch import DNSChange, check_dns_config, node_dns_value
 from tasks.errors import DRError, one_line
 from tasks.failover import FailbackPlan, NodeState, Refused, plan_failback
 from tasks.hooks import HookResult, ReconnectEvent
+from tasks.reporting import report_key
 from tasks.topology import (
     CanaryResult,
     LagResult,
@@ -459,7 +460,7 @@ def failback_flow(
     cfg = load_config(config_path)
     nodes = resolve_nodes(cfg)
     check_dns_config(cfg.dns)
-    key = f"failback-report-{cfg.cluster}".replace("_", "-")
+    key = report_key("failback", cfg.cluster)
     home = cfg.primary
     report = FailbackReport(cluster=cfg.cluster, home=home.name, started_at=tl.started)
     try:

@@ -27,6 +27,7 @@ from tasks.errors import ConfigError, DRError, PermanentError, one_line
 from tasks.failover import DEFAULT_MAX_LAG_BYTES, FailoverPlan, NodeState, Refused, plan_failover, rpo_bytes
 from tasks.hooks import HookResult, ReconnectEvent, run_hooks
 from tasks.metrics import push_metrics
+from tasks.reporting import report_key
 from tasks.topology import (
     CanaryResult,
     FenceResult,
@@ -34,6 +35,8 @@ from tasks.topology import (
     canary_write,
     fence_node,
     observe_node,
+    observe_primary,
+    observe_replicas,
     promote_node,
 )
 
@@ -228,31 +231,14 @@ def timeline_markdown(events: list[TimelineEvent]) -> list[str]:
 
 @task(name="assess-primary", cache_policy=NO_CACHE)
 def assess_primary(cfg: Config) -> NodeState:
-    state = observe_node(
-        cfg.primary,
-        "primary",
-        os_user=cfg.postgres.os_user,
-        bindir=cfg.postgres.bindir,
-        attempts=3,
-        connect_timeout=3,
-    )
+    state = observe_primary(cfg)
     logger().info("%s", state.evidence())
     return state
 
 
 @task(name="check-replica-health", cache_policy=NO_CACHE)
 def check_replica_health(cfg: Config) -> list[NodeState]:
-    states = [
-        observe_node(
-            r,
-            "replica",
-            os_user=cfg.postgres.os_user,
-            bindir=cfg.postgres.bindir,
-            attempts=2,
-            connect_timeout=3,
-        )
-        for r in cfg.replicas
-    ]
+    states = observe_replicas(cfg)
     for s in states:
         logger().info("%s", s.evidence())
     return states
@@ -532,7 +518,7 @@ def failover_flow(
     cfg = load_config(config_path)
     nodes = resolve_nodes(cfg)
     check_dns_config(cfg.dns)
-    key = f"failover-report-{cfg.cluster}".replace("_", "-")
+    key = report_key("failover", cfg.cluster)
     report = FailoverReport(
         cluster=cfg.cluster, old_primary=cfg.primary.name, planned=planned, started_at=tl.started
     )
@@ -547,7 +533,7 @@ def failover_flow(
         plan: FailoverPlan = plan_failover(
             primary_state, replica_states, max_lag_bytes=max_lag_bytes, force=force, planned=planned
         )
-        report.plan = [f"{s.kind} {s.node}: {s.reason}" for s in plan.steps]
+        report.plan = plan.step_lines()
         report.notes = list(plan.notes)
         report.new_primary, report.already_promoted = plan.target, plan.already_promoted
         report.reference_lsn = plan.reference_lsn

@@ -63,6 +63,85 @@ def make_private_dir(prefix: str, os_user: str, base: str | None = None) -> Path
     return path
 
 
+def postmaster_running(pgdata: Path) -> bool:
+    """True when postmaster.pid names a live postgres process (a stale file after SIGKILL does not)."""
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().splitlines()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return False
+    if not pid_alive(pid):
+        return False
+    try:
+        # A zombie (killed, not yet reaped) has an empty command line: not running.
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+    return b"postgres" in cmdline or b"postmaster" in cmdline
+
+
+def server_logfile(pgdata: Path) -> Path:
+    """Where a server started by gravl-dr logs: next to its data directory, never inside it."""
+    return pgdata.parent / f"{pgdata.name}.log"
+
+
+def log_tail(logfile: Path, lines: int = 8) -> str:
+    try:
+        kept = logfile.read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        return ""
+    return " | ".join(kept)
+
+
+def start_server(
+    pgdata: Path,
+    *,
+    os_user: str,
+    bindir: str = "auto",
+    timeout: int = 60,
+    options: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """pg_ctl start -w, logging next to the data directory; a failure carries the log's tail.
+
+    The one place gravl-dr starts a server (node steps, restores, drills, the demo, tests).
+    ``options``: extra postgres arguments (pg_ctl -o); ``env``: variables the server passes on to
+    its archive_command and restore_command, on top of the few every child gets (tasks.proc).
+    """
+    logfile = server_logfile(pgdata)
+    logfile.touch(exist_ok=True)
+    chown_tree(logfile, os_user)
+    argv = [pg_bin("pg_ctl", bindir), "-D", str(pgdata), "-l", str(logfile), "-w", "-t", str(timeout)]
+    if options:
+        argv += ["-o", options]
+    try:
+        run([*argv, "start"], timeout=timeout + 15, os_user=os_user, env=env)
+    except CommandFailed as exc:
+        raise type(exc)(f"{exc} | server log: {log_tail(logfile, 5)}") from None
+
+
+def stop_server(
+    pgdata: Path,
+    *,
+    os_user: str,
+    bindir: str = "auto",
+    mode: str = "fast",
+    timeout: int = 60,
+    check: bool = True,
+) -> None:
+    """pg_ctl stop -m ``mode`` -w; a no-op when no live postmaster owns the directory.
+
+    The one place gravl-dr stops a server.
+    """
+    if not postmaster_running(pgdata):
+        return
+    run(
+        [pg_bin("pg_ctl", bindir), "-D", str(pgdata), "-m", mode, "-w", "-t", str(timeout), "stop"],
+        timeout=timeout + 15,
+        os_user=os_user,
+        check=check,
+    )
+
+
 @dataclass
 class LocalCluster:
     pgdata: Path
@@ -75,7 +154,7 @@ class LocalCluster:
 
     @property
     def logfile(self) -> Path:
-        return self.pgdata.parent / f"{self.pgdata.name}.log"
+        return server_logfile(self.pgdata)
 
     def dsn(self, dbname: str | None = None) -> str:
         return f"host={self.host} port={self.port} user={self.user} dbname={dbname or self.dbname}"
@@ -129,41 +208,21 @@ class LocalCluster:
                 fh.write(f"{key} = {value}\n")
 
     def start(self, timeout: int = 60, env: Mapping[str, str] | None = None) -> None:
-        """pg_ctl start -w. ``env``: variables the server passes on to its archive_command and
-        restore_command, on top of the few every child gets (see tasks.proc)."""
-        self.logfile.touch(exist_ok=True)
-        chown_tree(self.logfile, self.os_user)
-        try:
-            run(
-                [
-                    self.bin("pg_ctl"),
-                    "-D",
-                    str(self.pgdata),
-                    "-l",
-                    str(self.logfile),
-                    "-w",
-                    "-t",
-                    str(timeout),
-                    "-o",
-                    f"-p {self.port} -k ''",
-                    "start",
-                ],
-                timeout=timeout + 15,
-                os_user=self.os_user,
-                env=env,
-            )
-        except CommandFailed as exc:
-            raise type(exc)(f"{exc} | server log: {self.log_tail()}") from None
+        """pg_ctl start -w on this cluster's port (see start_server)."""
+        start_server(
+            self.pgdata,
+            os_user=self.os_user,
+            bindir=self.bindir,
+            timeout=timeout,
+            options=f"-p {self.port} -k ''",
+            env=env,
+        )
 
     def stop(self, mode: str = "fast", timeout: int = 60) -> None:
-        if not self.is_running():
-            return
-        run(
-            [self.bin("pg_ctl"), "-D", str(self.pgdata), "-m", mode, "-w", "-t", str(timeout), "stop"],
-            timeout=timeout + 15,
-            os_user=self.os_user,
-            check=False,
-        )
+        if self.is_running():
+            stop_server(
+                self.pgdata, os_user=self.os_user, bindir=self.bindir, mode=mode, timeout=timeout, check=False
+            )
 
     def is_running(self) -> bool:
         if not (self.pgdata / "postmaster.pid").exists():
@@ -183,11 +242,7 @@ class LocalCluster:
             return None
 
     def log_tail(self, lines: int = 8) -> str:
-        try:
-            kept = self.logfile.read_text(errors="replace").strip().splitlines()[-lines:]
-        except FileNotFoundError:
-            return ""
-        return " | ".join(kept)
+        return log_tail(self.logfile, lines)
 
     def wait_ready(self, timeout: float = 60) -> None:
         def ready() -> bool:

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks.backup import list_backups, resolve_backup
 from tasks.errors import ConfigError, NotFound, PreconditionFailed
 from tasks.models import LSN_RE, Manifest, format_lsn, parse_lsn
 from tasks.pgcluster import LocalCluster, chown_tree
@@ -31,6 +32,7 @@ from tasks.polling import Progress
 
 if TYPE_CHECKING:
     from tasks.config import Config
+    from tasks.repository import Repository
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +357,12 @@ def read_recovery_log(text: str) -> LogRecord:
     return rec
 
 
+def explain_failed_start(logfile: Path, target: RecoveryTarget) -> str | None:
+    """``explain_failed_recovery`` for a server that did not start, from its log file (if any)."""
+    text = logfile.read_text(errors="replace") if logfile.exists() else ""
+    return explain_failed_recovery(text, target)
+
+
 def explain_failed_recovery(log_text: str, target: RecoveryTarget) -> str | None:
     """An operator's sentence for a recovery the server aborted, from its log; None if unknown."""
     rec = read_recovery_log(log_text)
@@ -584,6 +592,26 @@ def check_target_for_backup(manifest: Manifest, target: RecoveryTarget, now: dat
         )
 
 
+def select_backup_for_restore(
+    repo: Repository, ref: str, cluster: str, kind: str, target: RecoveryTarget, now: datetime | None = None
+) -> Manifest:
+    """The backup a restore of ``kind`` ('physical' into a data directory, 'logical' into a
+    database) uses for ``ref`` ('latest' or an id): for a physical restore the newest one that
+    can reach the target, checked against it. One implementation for the restore flow and the
+    CLI's check before it starts the flow."""
+    now = now or datetime.now(UTC)
+    if kind == "physical" and ref == "latest":
+        manifest = choose_backup(list_backups(repo, cluster, check=True), target, now)
+    else:
+        manifest = resolve_backup(repo, ref, kind=kind if ref == "latest" else None, cluster=cluster)
+    if manifest.kind != kind:
+        flag = "--pgdata" if manifest.kind == "physical" else "--dsn"
+        raise PreconditionFailed(f"backup {manifest.id} is {manifest.kind}: use {flag}")
+    if kind == "physical":
+        check_target_for_backup(manifest, target, now)
+    return manifest
+
+
 def check_outcome(
     target: RecoveryTarget,
     outcome: RecoveryOutcome,
@@ -669,7 +697,7 @@ def check_server_can_read(config_file: str, cfg: Config, os_user: str) -> None:
     # what restore_command runs: the fast path's script and the modules of the full wal-fetch
     # (importing them, not building every command's parser: that costs a second of the RTO)
     probe = (
-        [python, "-P", "-c", "import flows.cli_wal, tasks.wal, tasks.walserve"]
+        [python, "-P", "-c", "import flows.cli.wal, tasks.wal, tasks.walserve"]
         if python
         else [program, "--help"]
     )

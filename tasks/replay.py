@@ -52,6 +52,18 @@ def archive_view(names: Iterable[str], manifest: Manifest) -> ArchiveView:
     )
 
 
+def describe_archive_view(view: ArchiveView, manifest: Manifest) -> str:
+    """The line a restore logs about the archive: where it ends, or that recovery stops at the
+    backup's end point because nothing was archived after it."""
+    if view.has_wal_after_backup:
+        ends = ", ".join(f"timeline {t}: {n}" for t, n in sorted(view.newest_segment_name.items()))
+        return f"the WAL archive continues after the backup (newest segment {ends})"
+    return (
+        f"the WAL archive holds nothing after backup {manifest.id}: recovery ends at the backup's "
+        f"end point ({manifest.stop_lsn})"
+    )
+
+
 def names_past_backup(manifest: Manifest) -> list[str]:
     """WAL files whose presence in the archive means replay can go on past the backup's last
     segment: the next segment on its timeline, or the next timeline's history file."""
@@ -59,6 +71,43 @@ def names_past_backup(manifest: Manifest) -> list[str]:
         return []
     tli, segno = wal_segno(manifest.stop_wal, manifest.wal_segment_size)
     return [segment_name(tli, segno + 1, manifest.wal_segment_size), f"{tli + 1:08X}.history"]
+
+
+def counts_lsn_in_reach(manifest: Manifest, target: RecoveryTarget) -> tuple[bool, bool]:
+    """(wanted, at_or_after) for the LSN the backup read its row counts at: is pausing there worth
+    looking for its WAL (the drill replays to the end, or to an LSN at or after it), and is the
+    target an LSN at or after it. An unparsable LSN is never at or after."""
+    lsn = manifest.row_counts_lsn
+    at_or_after = False
+    if lsn and target.kind == "lsn" and target.value:
+        try:
+            at_or_after = parse_lsn(target.value) >= parse_lsn(lsn)
+        except DRError:
+            at_or_after = False
+    wanted = bool(manifest.row_counts) and bool(lsn) and (target.kind == "end" or at_or_after)
+    return wanted, at_or_after
+
+
+def segment_to_find(manifest: Manifest, lsn: str) -> str | None:
+    """The archived WAL segment recovery needs to reach ``lsn`` on the backup's timeline; None
+    when the backup's own WAL holds it (nothing to look for). Raises DRError on a bad LSN."""
+    seg = manifest.wal_segment_size
+    segno = parse_lsn(lsn) // seg
+    if manifest.stop_wal and segno <= wal_segno(manifest.stop_wal, seg)[1]:
+        return None
+    return segment_name(manifest.timeline, segno, seg)
+
+
+def may_pass_backup_by_target(manifest: Manifest, target: RecoveryTarget) -> bool | None:
+    """Can recovery go on past the backup's consistent point, as far as the target alone says?
+    Never towards ``immediate``; always towards a target (it lies past the backup) or without a
+    known last segment; None towards the end of the archive: it depends on whether the archive
+    holds one of ``names_past_backup``."""
+    if target.kind == "immediate":
+        return False
+    if target.kind != "end" or not manifest.stop_wal:
+        return True
+    return None
 
 
 def past_backup(manifest: Manifest, reached_lsn: str | None) -> bool:

@@ -21,11 +21,12 @@ import psycopg
 from psycopg import conninfo
 from pydantic import BaseModel, ConfigDict
 
+from tasks import pgcluster
 from tasks.config import Config, Node
 from tasks.errors import CommandFailed, DRError, PermanentError, PreconditionFailed, TransientError, one_line
 from tasks.failover import READY_PHASES, REWIND_SAFE_STATES, NodeState, server_answered
 from tasks.libpq import client_env
-from tasks.pgcluster import chown_tree, pid_alive
+from tasks.pgcluster import chown_tree, postmaster_running, start_server
 from tasks.polling import Progress, poll_until
 from tasks.postgres import ServerUnreachable, connection, dsn_field
 from tasks.proc import pg_bin, run
@@ -59,22 +60,6 @@ def local_pgdata(node: Node) -> Path | None:
 
 # ---------------------------------------------------------------------------------------------
 # Local data directory facts
-
-
-def postmaster_running(pgdata: Path) -> bool:
-    """True when postmaster.pid names a live postgres process (a stale file after SIGKILL does not)."""
-    try:
-        pid = int((pgdata / "postmaster.pid").read_text().splitlines()[0])
-    except (FileNotFoundError, ValueError, IndexError):
-        return False
-    if not pid_alive(pid):
-        return False
-    try:
-        # A zombie (killed, not yet reaped) has an empty command line: not running.
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True
-    return b"postgres" in cmdline or b"postmaster" in cmdline
 
 
 def server_processes(pgdata: Path) -> list[int]:
@@ -354,52 +339,42 @@ def observe_node(
     )
 
 
+def observe_primary(cfg: Config) -> NodeState:
+    """The configured primary as failover judges it: three attempts (a restart is not an outage)."""
+    return observe_node(
+        cfg.primary,
+        "primary",
+        os_user=cfg.postgres.os_user,
+        bindir=cfg.postgres.bindir,
+        attempts=3,
+        connect_timeout=3,
+    )
+
+
+def observe_replicas(cfg: Config) -> list[NodeState]:
+    """Every configured replica as failover judges it (two attempts each)."""
+    return [
+        observe_node(
+            r,
+            "replica",
+            os_user=cfg.postgres.os_user,
+            bindir=cfg.postgres.bindir,
+            attempts=2,
+            connect_timeout=3,
+        )
+        for r in cfg.replicas
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # Server control through pg_ctl (local data directories only)
-
-
-def server_logfile(pgdata: Path) -> Path:
-    return pgdata.parent / f"{pgdata.name}.log"
-
-
-def start_server(pgdata: Path, *, os_user: str, bindir: str = "auto", timeout: int = 60) -> None:
-    logfile = server_logfile(pgdata)
-    logfile.touch(exist_ok=True)
-    chown_tree(logfile, os_user)
-    try:
-        run(
-            [
-                pg_bin("pg_ctl", bindir),
-                "-D",
-                str(pgdata),
-                "-l",
-                str(logfile),
-                "-w",
-                "-t",
-                str(timeout),
-                "start",
-            ],
-            timeout=timeout + 15,
-            os_user=os_user,
-        )
-    except CommandFailed as exc:
-        try:
-            log_tail = " | ".join(logfile.read_text(errors="replace").strip().splitlines()[-5:])
-        except OSError:
-            log_tail = ""
-        raise type(exc)(f"{exc} | server log: {log_tail}") from None
 
 
 def stop_server(
     pgdata: Path, *, os_user: str, bindir: str = "auto", mode: str = "fast", timeout: int = 60
 ) -> dict[str, str]:
     """Stop a local server (no-op when it is down) and return its control data afterwards."""
-    if postmaster_running(pgdata):
-        run(
-            [pg_bin("pg_ctl", bindir), "-D", str(pgdata), "-m", mode, "-w", "-t", str(timeout), "stop"],
-            timeout=timeout + 15,
-            os_user=os_user,
-        )
+    pgcluster.stop_server(pgdata, os_user=os_user, bindir=bindir, mode=mode, timeout=timeout)
     return controldata(pgdata, os_user=os_user, bindir=bindir)
 
 
