@@ -27,7 +27,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +143,8 @@ def main() -> None:
                         must(timed([*gravl, "restore", tiny, "--pgdata", str(target)], env=e), "restore"),
                     )
                 shutil.rmtree(target, ignore_errors=True)
+                if daemon.poll() is not None:  # it exits when the code changes: warm samples would be cold
+                    raise SystemExit("gravl-dr warm exited during the run (code changed on disk?)")
             print(
                 f"round {r + 1}: {json.dumps({k: round(v[-1], 3) for k, v in samples.items()})}", flush=True
             )
@@ -177,4 +178,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import json
 import os
-import select
 import signal
 import socket
 import struct
@@ -134,44 +133,26 @@ def _handshake(sock: socket.socket, argv: Sequence[str], env: dict[str, str]) ->
 
 
 def _wait_for_status(sock: socket.socket) -> int:
-    """Forward signals until the child's exit status arrives; exit as it did."""
+    """Forward signals until the child's exit status arrives; exit as it did. (A Python signal
+    handler runs in this thread between two calls, so it may write to the socket; the
+    interrupted recv is retried, PEP 475.)"""
     sock.settimeout(None)
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    pending: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
-        pending.append(signum)
         with contextlib.suppress(OSError):
-            os.write(wake_w, b"\0")
+            sock.sendall(b"S" + bytes([signum]))
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
     buf = b""
-    while True:
-        try:
-            watched: list[Any] = [sock, wake_r]
-            ready, _, _ = select.select(watched, [], [])
-        except InterruptedError:  # pragma: no cover - PEP 475 retries select
-            continue
-        if wake_r in ready:
-            os.read(wake_r, 64)
-        while pending:
-            try:
-                sock.sendall(b"S" + bytes([pending.pop(0)]))
-            except OSError:
-                break
-        if sock in ready:
-            chunk = sock.recv(64)
-            if not chunk:
-                sys.stderr.write(
-                    "gravl-dr: error: the warm process ended the command without an exit status\n"
-                )
-                return 255
-            buf += chunk
-            if len(buf) >= 5 and buf[:1] == b"X":
-                status = int(struct.unpack("!i", buf[1:5])[0])
-                return status if status >= 0 else 128 - status
+    while len(buf) < 5:
+        chunk = sock.recv(64)
+        if not chunk:
+            sys.stderr.write("gravl-dr: error: the warm process ended the command without an exit status\n")
+            return 255
+        buf += chunk
+    status = int(struct.unpack("!i", buf[1:5])[0])
+    return status if status >= 0 else 128 - status
 
 
 def wait_for_socket(path: Path, timeout: float) -> bool:

@@ -223,10 +223,10 @@ def _session(conn: socket.socket, mine: str, run_command: RunCommand, refuse: st
         request, fds = _receive(conn)
     except (ConnectionError, OSError, ValueError):
         return 0  # a probe (wait_for_socket) or garbage: nothing to run
-    if refuse is None and request.get("fingerprint") != mine:
+    if refuse is None and not (
+        request.get("fingerprint") == mine == warm.fingerprint(request.get("env", {}))
+    ):
         refuse = "another environment (PREFECT_* or the interpreter differ)"
-    if refuse is None and warm.fingerprint(request.get("env", {})) != mine:
-        refuse = "another environment"
     try:
         if refuse is not None:
             conn.sendall(b"N" + refuse.encode())
@@ -293,9 +293,7 @@ def _run_child(request: dict[str, Any], fds: list[int], run_command: RunCommand)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
-            with contextlib.suppress(Exception):
-                stream.reconfigure(line_buffering=fd == 2 or os.isatty(fd))  # type: ignore[union-attr]
+        _stdio()
         _fresh_prefect_state()
         argv = list(request["argv"])
         sys.argv = ["gravl-dr", *argv]
@@ -306,6 +304,18 @@ def _run_child(request: dict[str, Any], fds: list[int], run_command: RunCommand)
         with contextlib.suppress(Exception):
             sys.stderr.write(f"gravl-dr: error: warm process: {type(exc).__name__}\n")
     exit_without_teardown(code)
+
+
+def _stdio() -> None:
+    """sys.stdin/stdout/stderr on the client's descriptors, buffered as Python buffers them at
+    start-up: line by line on a terminal (stderr always), in blocks on a pipe or a file."""
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        stream = getattr(sys, name)
+        line = fd == 2 or os.isatty(fd)
+        if stream is None or stream.fileno() != fd:  # the warm process started without it
+            setattr(sys, name, open(fd, mode, buffering=1 if line and mode == "w" else -1, closefd=False))
+        elif mode == "w":
+            stream.reconfigure(line_buffering=line)
 
 
 def _fresh_prefect_state() -> None:
