@@ -9,12 +9,19 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows.common import NETWORK_RETRIES, follow_primary, human_bytes, load, logger, publish_report
+from flows.common import (
+    NETWORK_RETRIES,
+    follow_primary,
+    human_bytes,
+    load,
+    logger,
+    publish_report,
+    push_flow_metrics,
+)
 from flows.params import BackupKind, ConfigPath
 from tasks import backup as steps
 from tasks.config import Config
-from tasks.errors import DRError, one_line
-from tasks.metrics import push_metrics
+from tasks.errors import one_line
 from tasks.models import Manifest
 from tasks.reporting import bullets, document, kv_table, report_key, section
 from tasks.repository import Repository
@@ -108,19 +115,16 @@ def discard_incomplete_backup(repo: Repository, backup_id: str) -> None:
 def push_backup_metrics(cfg: Config, kind: str, report: BackupReport | None, failed: bool) -> None:
     now = time.time()
     if failed or report is None:
-        values = {"gravl_backup_last_failure_timestamp_seconds": (now, "Time of the last failed backup")}
+        values = {"gravl_backup_last_failure_timestamp_seconds": now}
     else:
         values = {
-            "gravl_backup_last_success_timestamp_seconds": (now, "Time of the last successful backup"),
-            "gravl_backup_duration_seconds": (report.total_seconds, "Wall time of the last backup"),
-            "gravl_backup_raw_bytes": (float(report.raw_bytes), "Raw size of the last backup"),
-            "gravl_backup_stored_bytes": (float(report.stored_bytes), "Stored size of the last backup"),
-            "gravl_backup_stream_seconds": (report.stream_seconds, "Data path time of the last backup"),
+            "gravl_backup_last_success_timestamp_seconds": now,
+            "gravl_backup_duration_seconds": report.total_seconds,
+            "gravl_backup_raw_bytes": float(report.raw_bytes),
+            "gravl_backup_stored_bytes": float(report.stored_bytes),
+            "gravl_backup_stream_seconds": report.stream_seconds,
         }
-    try:
-        push_metrics(cfg.metrics.pushgateway, "backup", {"cluster": cfg.cluster, "kind": kind}, values)
-    except DRError as exc:
-        logger().warning("metrics not pushed: %s", one_line(exc))
+    push_flow_metrics(cfg, "backup", values, kind=kind)
 
 
 def _markdown(report: BackupReport, repo_url: str, error: str | None = None) -> str:

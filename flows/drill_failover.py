@@ -12,9 +12,9 @@ from typing import Annotated
 from prefect import flow
 from pydantic import BaseModel, Field
 
-from flows.common import publish_report
+from flows.common import publish_report, push_flow_metrics
 from flows.failback import FailbackReport, failback_flow
-from flows.failover import FailoverReport, failover_flow, push_dr_metrics
+from flows.failover import FailoverReport, failover_flow
 from flows.params import ConfigPath, OptionalText
 from tasks.config import load_config
 from tasks.failover import DEFAULT_MAX_LAG_BYTES
@@ -88,19 +88,13 @@ def drill_failover_flow(
         ]
     )
     publish_report(report_key(JOB, cfg.cluster), md, f"failover drill of {cfg.cluster}")
-    push_dr_metrics(
+    push_flow_metrics(
         cfg,
         JOB,
         {
-            "gravl_drill_failover_last_success_timestamp_seconds": (
-                time.time(),
-                "Last passed failover drill",
-            ),
-            "gravl_drill_failover_rto_seconds": (fo.rto_seconds or 0.0, "Failover drill: RTO"),
-            "gravl_drill_failover_switchover_unavailable_seconds": (
-                so.unavailable_seconds if so else 0.0,
-                "Failover drill: failback write unavailability",
-            ),
+            "gravl_drill_failover_last_success_timestamp_seconds": time.time(),
+            "gravl_drill_failover_rto_seconds": fo.rto_seconds or 0.0,
+            "gravl_drill_failover_switchover_unavailable_seconds": so.unavailable_seconds if so else 0.0,
         },
     )
     return DrillFailoverReport(cluster=cfg.cluster, failover=fo, failback=fb)

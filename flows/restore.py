@@ -168,8 +168,7 @@ def start_restored_server(
         cluster.start(timeout=3600, env=rec.repository_env(cfg))
     except DRError:
         # the server aborted recovery (a corrupt or missing segment, a target past the archive)
-        text = cluster.logfile.read_text(errors="replace") if cluster.logfile.exists() else ""
-        why = rec.explain_failed_recovery(text, target or rec.RecoveryTarget())
+        why = rec.explain_failed_start(cluster.logfile, target or rec.RecoveryTarget())
         if why is None:
             raise
         raise PreconditionFailed(why) from None

@@ -13,12 +13,10 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows.common import NETWORK_RETRIES, load, logger, publish_report
+from flows.common import NETWORK_RETRIES, load, logger, publish_report, push_flow_metrics
 from flows.params import ConfigPath
 from tasks import retention as steps
 from tasks.config import Config
-from tasks.errors import DRError, one_line
-from tasks.metrics import push_metrics
 from tasks.reporting import bullets, document, kv_table, report_key, section
 from tasks.repository import Repository
 
@@ -139,25 +137,13 @@ def expire_wal(repo: Repository, plan: steps.RetentionPlan) -> int:
 @task(name="push-retention-metrics", cache_policy=NO_CACHE)
 def push_retention_metrics(cfg: Config, report: RetentionReport) -> None:
     values = {
-        "gravl_expire_last_success_timestamp_seconds": (time.time(), "Time of the last retention run"),
-        "gravl_expire_backups_kept": (float(len(report.kept)), "Backups kept by the last retention run"),
-        "gravl_expire_backups_expired": (
-            float(len(report.expired)),
-            "Backups expired by the last retention run",
-        ),
-        "gravl_expire_wal_expired": (
-            float(report.wal_expired),
-            "WAL files expired by the last retention run",
-        ),
-        "gravl_expire_backups_broken": (
-            float(len(report.broken) + len(report.invalid)),
-            "Backups found broken or with an unreadable manifest",
-        ),
+        "gravl_expire_last_success_timestamp_seconds": time.time(),
+        "gravl_expire_backups_kept": float(len(report.kept)),
+        "gravl_expire_backups_expired": float(len(report.expired)),
+        "gravl_expire_wal_expired": float(report.wal_expired),
+        "gravl_expire_backups_broken": float(len(report.broken) + len(report.invalid)),
     }
-    try:
-        push_metrics(cfg.metrics.pushgateway, "expire", {"cluster": cfg.cluster}, values)
-    except DRError as exc:
-        logger().warning("metrics not pushed: %s", one_line(exc))
+    push_flow_metrics(cfg, "expire", values)
 
 
 def _markdown(report: RetentionReport, cfg: Config, repo_url: str) -> str:

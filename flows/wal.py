@@ -24,7 +24,15 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from flows.common import NETWORK_RETRIES, follow_primary, human_bytes, load, logger, publish_report
+from flows.common import (
+    NETWORK_RETRIES,
+    follow_primary,
+    human_bytes,
+    load,
+    logger,
+    publish_report,
+    push_flow_metrics,
+)
 from flows.params import ConfigPath
 from tasks import walcheck
 from tasks.config import Config
@@ -108,24 +116,14 @@ def _push_replication(cfg: Config, status: PrimaryStatus | None) -> None:
         cfg.metrics.pushgateway,
         JOB,
         {"cluster": cfg.cluster},
-        {
-            "gravl_primary_up": (
-                1.0 if status.up and not status.in_recovery else 0.0,
-                "1 when the configured primary accepts connections and is not in recovery",
-            )
-        },
+        {"gravl_primary_up": 1.0 if status.up and not status.in_recovery else 0.0},
     )
     for r in status.replicas:
         push_metrics(
             cfg.metrics.pushgateway,
             JOB,
             {"cluster": cfg.cluster, "replica": r.name},
-            {
-                "gravl_replication_lag_bytes": (
-                    float(r.replay_lag_bytes),
-                    "Bytes of WAL the replica has not replayed yet",
-                )
-            },
+            {"gravl_replication_lag_bytes": float(r.replay_lag_bytes)},
         )
 
 
@@ -138,50 +136,32 @@ def push_wal_metrics(
         _push_replication(cfg, status)
     except DRError as exc:
         logger().warning("replication metrics not pushed: %s", one_line(exc))
-    values: dict[str, tuple[float, str]] = {}
+    values: dict[str, float] = {}
     if report is not None:
         a = report.archiver
         values.update(
             {
-                "gravl_wal_archive_gaps": (
-                    float(len(report.gaps)),
-                    "Missing segment ranges in the WAL archive",
-                ),
-                "gravl_wal_archive_problems": (float(len(report.problems)), "WAL archive problems found"),
-                "gravl_wal_archived_files": (float(report.archived_files), "Files in the WAL archive"),
+                "gravl_wal_archive_gaps": float(len(report.gaps)),
+                "gravl_wal_archive_problems": float(len(report.problems)),
+                "gravl_wal_archived_files": float(report.archived_files),
             }
         )
         if report.lag_bytes is not None:
-            values["gravl_wal_archive_lag_bytes"] = (
-                float(report.lag_bytes),
-                "WAL written but not yet archived",
-            )
+            values["gravl_wal_archive_lag_bytes"] = float(report.lag_bytes)
         if report.lag_seconds is not None:
-            values["gravl_wal_archive_lag_seconds"] = (report.lag_seconds, "Age of unarchived WAL")
+            values["gravl_wal_archive_lag_seconds"] = report.lag_seconds
         if a is not None and a.reachable:
-            values["gravl_wal_archiver_failed_count"] = (
-                float(a.failed_count),
-                "pg_stat_archiver.failed_count",
-            )
-            values["gravl_wal_archiver_archived_count"] = (
-                float(a.archived_count),
-                "pg_stat_archiver.archived_count",
-            )
+            values["gravl_wal_archiver_failed_count"] = float(a.failed_count)
+            values["gravl_wal_archiver_archived_count"] = float(a.archived_count)
             if a.last_archived_time is not None:
-                values["gravl_wal_last_archived_timestamp_seconds"] = (
-                    a.last_archived_time.timestamp(),
-                    "When the server last archived a file",
-                )
+                values["gravl_wal_last_archived_timestamp_seconds"] = a.last_archived_time.timestamp()
             if a.ready_count is not None:
-                values["gravl_wal_ready_files"] = (float(a.ready_count), "Files waiting to be archived")
+                values["gravl_wal_ready_files"] = float(a.ready_count)
     if failed or report is None or not report.ok:
-        values["gravl_wal_check_last_failure_timestamp_seconds"] = (now, "Time of the last failed WAL check")
+        values["gravl_wal_check_last_failure_timestamp_seconds"] = now
     else:
-        values["gravl_wal_check_last_success_timestamp_seconds"] = (now, "Time of the last good WAL check")
-    try:
-        push_metrics(cfg.metrics.pushgateway, JOB, {"cluster": cfg.cluster}, values)
-    except DRError as exc:
-        logger().warning("metrics not pushed: %s", one_line(exc))
+        values["gravl_wal_check_last_success_timestamp_seconds"] = now
+    push_flow_metrics(cfg, JOB, values)
 
 
 def _markdown(report: walcheck.WalCheckReport, error: str | None = None) -> str:
@@ -262,19 +242,13 @@ def watch_archive_lag(cfg: Config, minutes: int, every_seconds: int) -> list[wal
                 sample.last_archived_wal or "-",
                 until.strftime("%H:%M:%S UTC"),
             )
-        values: dict[str, tuple[float, str]] = {
-            "gravl_wal_lag_sample_timestamp_seconds": (
-                sample.at.timestamp(),
-                "When the archive lag was last sampled",
-            ),
+        values: dict[str, float] = {
+            "gravl_wal_lag_sample_timestamp_seconds": sample.at.timestamp(),
         }
         if sample.lag_bytes is not None:
-            values["gravl_wal_archive_lag_bytes"] = (
-                float(sample.lag_bytes),
-                "WAL written but not yet archived",
-            )
+            values["gravl_wal_archive_lag_bytes"] = float(sample.lag_bytes)
         if sample.lag_seconds is not None:
-            values["gravl_wal_archive_lag_seconds"] = (sample.lag_seconds, "Age of unarchived WAL")
+            values["gravl_wal_archive_lag_seconds"] = sample.lag_seconds
         try:
             push_metrics(cfg.metrics.pushgateway, JOB, {"cluster": cfg.cluster}, values)
         except DRError as exc:

@@ -357,6 +357,12 @@ def read_recovery_log(text: str) -> LogRecord:
     return rec
 
 
+def explain_failed_start(logfile: Path, target: RecoveryTarget) -> str | None:
+    """``explain_failed_recovery`` for a server that did not start, from its log file (if any)."""
+    text = logfile.read_text(errors="replace") if logfile.exists() else ""
+    return explain_failed_recovery(text, target)
+
+
 def explain_failed_recovery(log_text: str, target: RecoveryTarget) -> str | None:
     """An operator's sentence for a recovery the server aborted, from its log; None if unknown."""
     rec = read_recovery_log(log_text)

@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 4 * 1024 * 1024
+# what a transient botocore error means to an operator, where "unreachable" would mislead
+_BOTOCORE_REASON = {
+    "FlexibleChecksumError": "the download failed the SDK's checksum (corrupt on the way or at rest)"
+}
 _TMP_MARK = ".gravl-tmp-"
 
 
@@ -332,7 +336,10 @@ class S3Repository:
             return PreconditionFailed(f"{what}: repository refused ({code or status})")
         if isinstance(exc, BotoCoreError):
             if botocore_transient(exc):
-                return StorageUnavailable(f"{what}: repository unreachable ({type(exc).__name__})")
+                name = type(exc).__name__
+                return StorageUnavailable(
+                    f"{what}: {_BOTOCORE_REASON.get(name, 'repository unreachable')} ({name})"
+                )
             return ConfigError(f"{what}: {exc}")
         if isinstance(exc, OSError) or type(exc).__module__.startswith("urllib3"):
             # sockets, TLS, a connection reset while reading a body

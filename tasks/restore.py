@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.backup import key_for_manifest, verify_objects
+from tasks.backup import key_for_manifest
 from tasks.config import Config
 from tasks.errors import ChecksumMismatch, CommandFailed, PreconditionFailed, command_error
 from tasks.libpq import client_env
@@ -37,7 +37,7 @@ from tasks.models import Manifest
 from tasks.pgcluster import chown_tree
 from tasks.postgres import is_empty_database, safe_dsn, server_info
 from tasks.proc import child_env, pg_bin, run, tail
-from tasks.repository import Repository
+from tasks.repository import FileRepository, Repository
 from tasks.streams import decode, sized, threaded, verified
 
 log = logging.getLogger(__name__)
@@ -610,6 +610,118 @@ def _prepare_tablespace_dirs(manifest: Manifest, mapping: dict[str, str], os_use
         chown_tree(path, os_user)
 
 
+def _stage_objects(
+    repo: Repository, manifest: Manifest, indexes: list[int], jobs: int
+) -> tuple[Path, FileRepository]:
+    """Download each of the objects once into a private temporary directory (laid out like the
+    repository), verifying stored size and SHA-256 as it streams: from S3 each stored byte is
+    read once; nothing of the backup reaches the target until every object verified. Needs
+    the stored (compressed) size of the objects in temporary space: checked first."""
+    need = sum(manifest.objects[i].size for i in indexes)
+    staging = Path(tempfile.mkdtemp(prefix="gravl-restore-stage-"))
+    free = shutil.disk_usage(staging).free
+    if free < need + (64 << 20):
+        shutil.rmtree(staging, ignore_errors=True)
+        raise PreconditionFailed(
+            f"restoring backup {manifest.id} stages {need} bytes in {staging.parent}, which has "
+            f"{free} free: point TMPDIR at a larger filesystem"
+        )
+
+    def fetch(index: int) -> None:
+        obj = manifest.objects[index]
+        key = f"backups/{manifest.id}/{obj.key}"
+        dest = staging / key
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest, "xb") as out:
+            for chunk in verified(
+                repo.iter_object(key), obj.sha256, obj.size, f"backup {manifest.id} object {obj.key}"
+            ):
+                out.write(chunk)
+
+    try:
+        with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="stage") as pool:
+            for fut in [pool.submit(fetch, i) for i in indexes]:
+                fut.result()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging, FileRepository(staging, f"file://{staging}")
+
+
+def _restore_globals(
+    cfg: Config,
+    staged: Repository,
+    manifest: Manifest,
+    key: bytes | None,
+    dsn: str,
+    mapping: dict[str, str],
+    existing_roles: frozenset[str],
+) -> None:
+    """Roles (with their password hashes), memberships, role settings and tablespaces, through
+    psql into template1 (pg_dumpall's globals script: CREATE TABLESPACE cannot run in a
+    transaction block, so the script's verification comes before it runs)."""
+    assert manifest.globals_object is not None
+    globals_index = [o.key for o in manifest.objects].index(manifest.globals_object)
+    psql = subprocess.Popen(
+        [
+            pg_bin("psql", cfg.postgres.bindir),
+            *("-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password", "-d", "template1", "-f", "-"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=child_env(restore_env(dsn, dbname="template1", superuser=True)),
+    )
+    _, code, err = _pipe_into(
+        psql,
+        lambda: _globals_lines(_object_stream(staged, manifest, key, globals_index), mapping, existing_roles),
+        timeout=3600,
+    )
+    if code != 0:
+        raise command_error(
+            f"restoring the globals (roles, tablespaces) into {safe_dsn(dsn)} failed: {tail(err, 2)}"
+        )
+    log.info("restored globals of %s into %s", manifest.id, safe_dsn(dsn))
+
+
+def _restore_database(
+    cfg: Config, staged: Repository, manifest: Manifest, key: bytes | None, dsn: str, db_name: str, index: int
+) -> int:
+    """One database of a whole-cluster backup, created by pg_restore --create with its owner,
+    encoding, locale, ACL, settings and comment (template1 is restored into as it is)."""
+    tmp = _spool(staged, manifest, key, index)
+    try:
+        create = ["--create", "--clean", "--if-exists"] if db_name != "template1" else []
+        run(
+            [
+                pg_bin("pg_restore", cfg.postgres.bindir),
+                *("--exit-on-error", "--no-password", *create, "-d", "template1", str(tmp)),
+            ],
+            timeout=24 * 3600,
+            env=restore_env(dsn, dbname="template1", superuser=True),
+        )
+    except CommandFailed as exc:
+        raise type(exc)(f"pg_restore of database {db_name} into {safe_dsn(dsn)} failed: {exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("restored database %s", db_name)
+    return manifest.objects[index].raw_size
+
+
+def _check_cluster_backup(manifest: Manifest, mapping: dict[str, str]) -> None:
+    if manifest.kind != "logical":
+        raise PreconditionFailed(f"backup {manifest.id} is physical: restore it with --pgdata")
+    if not manifest.databases or manifest.globals_object is None:
+        raise PreconditionFailed(
+            f"backup {manifest.id} holds one database only: restore it with "
+            "--database into an existing empty database"
+        )
+    known = {t.location.rstrip("/") for t in manifest.tablespaces}
+    for old in mapping:
+        if old not in known:
+            raise PreconditionFailed(f"--tablespace-map: backup {manifest.id} has no tablespace at {old}")
+
+
 def restore_cluster(
     cfg: Config,
     repo: Repository,
@@ -622,93 +734,42 @@ def restore_cluster(
     """A whole-cluster logical backup into a fresh cluster: the globals first (roles with their
     password hashes, memberships, role settings, tablespaces), then every dumped database,
     ``jobs`` at a time, each created by pg_restore --create with its owner, encoding, locale,
-    ACL, settings and comment (postgres is dropped and re-created the same way)."""
-    if manifest.kind != "logical":
-        raise PreconditionFailed(f"backup {manifest.id} is physical: restore it with --pgdata")
-    if not manifest.databases or manifest.globals_object is None:
-        raise PreconditionFailed(
-            f"backup {manifest.id} holds one database only: restore it with "
-            "--database into an existing empty database"
-        )
+    ACL, settings and comment (postgres is dropped and re-created the same way).
+
+    One pass over the repository: every object is downloaded once into local staging and
+    verified there (``_stage_objects``) before anything touches the target, so a corrupt object
+    fails the restore with the target as it was."""
     mapping = tablespace_map or {}
-    known = {t.location.rstrip("/") for t in manifest.tablespaces}
-    for old in mapping:
-        if old not in known:
-            raise PreconditionFailed(f"--tablespace-map: backup {manifest.id} has no tablespace at {old}")
+    _check_cluster_backup(manifest, mapping)
     existing_roles = check_fresh_cluster(dsn, manifest)
     key = key_for_manifest(cfg, manifest)
     t0 = time.monotonic()
-    verify_objects(repo, manifest)  # every stored byte intact before the target is touched
-    verify_seconds = time.monotonic() - t0
-    _prepare_tablespace_dirs(manifest, mapping, cfg.postgres.os_user)
     keys = [o.key for o in manifest.objects]
-    globals_index = keys.index(manifest.globals_object)
-    env = restore_env(dsn, dbname="template1", superuser=True)
-    psql = subprocess.Popen(
-        [
-            pg_bin("psql", cfg.postgres.bindir),
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "--no-password",
-            "-d",
-            "template1",
-            "-f",
-            "-",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=child_env(env),
-    )
-    _, code, err = _pipe_into(
-        psql,
-        lambda: _globals_lines(_object_stream(repo, manifest, key, globals_index), mapping, existing_roles),
-        timeout=3600,
-    )
-    if code != 0:
-        raise command_error(
-            f"restoring the globals (roles, tablespaces) into {safe_dsn(dsn)} failed: {tail(err, 2)}"
-        )
-    log.info("restored globals of %s into %s", manifest.id, safe_dsn(dsn))
-
-    def one(db_name: str, index: int) -> int:
-        tmp = _spool(repo, manifest, key, index)
-        try:
-            create = ["--create", "--clean", "--if-exists"] if db_name != "template1" else []
-            target_db = "template1" if db_name != "template1" else "template1"
-            run(
-                [
-                    pg_bin("pg_restore", cfg.postgres.bindir),
-                    "--exit-on-error",
-                    "--no-password",
-                    *create,
-                    "-d",
-                    target_db,
-                    str(tmp),
-                ],
-                timeout=24 * 3600,
-                env=env,
-            )
-        except CommandFailed as exc:
-            raise type(exc)(f"pg_restore of database {db_name} into {safe_dsn(dsn)} failed: {exc}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
-        log.info("restored database %s", db_name)
-        return manifest.objects[index].raw_size
-
-    dumped = [d for d in manifest.databases if d.object]
-    raw = 0
-    with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="pg-restore") as pool:
-        futures = [pool.submit(one, d.name, keys.index(d.object)) for d in dumped if d.object in keys]
-        try:
-            for fut in futures:
-                raw += fut.result()
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
+    dumped = [d for d in manifest.databases if d.object and d.object in keys]
+    assert manifest.globals_object is not None
+    wanted = [keys.index(manifest.globals_object), *(keys.index(str(d.object)) for d in dumped)]
+    staging, staged = _stage_objects(repo, manifest, wanted, jobs)
+    try:
+        verify_seconds = time.monotonic() - t0
+        _prepare_tablespace_dirs(manifest, mapping, cfg.postgres.os_user)
+        _restore_globals(cfg, staged, manifest, key, dsn, mapping, existing_roles)
+        raw = 0
+        with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="pg-restore") as pool:
+            futures = [
+                pool.submit(
+                    _restore_database, cfg, staged, manifest, key, dsn, d.name, keys.index(str(d.object))
+                )
+                for d in dumped
+            ]
+            try:
+                for fut in futures:
+                    raw += fut.result()
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     skipped = tuple(f"{d.name}: {d.skipped}" for d in manifest.databases if not d.object)
     return ClusterRestoreResult(
         manifest.id,
