@@ -51,7 +51,8 @@ from tasks.replay import (
 )
 from tasks.reporting import report_key
 from tasks.repository import Repository
-from tasks.wal import WalSettings, find_object
+from tasks.walarchive import find_object
+from tasks.walformat import WalSettings
 
 
 class RestoreStep(BaseModel):

@@ -166,12 +166,13 @@ def test_legacy_encrypted_wal_object_is_still_fetched(tmp_path: Path) -> None:
     import zstandard
 
     from tasks.repository import FileRepository
-    from tasks.wal import HEADER_MAGIC, WalSettings, _RawDigest, build_header, fetch_file, object_key
+    from tasks.walarchive import fetch_file, object_key
+    from tasks.walformat import HEADER_MAGIC, RawDigest, WalSettings, build_header
 
     name = "000000010000000000000003"
     raw = os.urandom(200_000)
     settings = WalSettings(codec="zstd", key=KEY)
-    digest = _RawDigest(KEY)
+    digest = RawDigest(KEY)
     digest.update(raw)
     doc = json.loads(build_header(name, settings, digest.hexdigest(), len(raw))[8:])
     doc["encryption"] = "aes-256-gcm"

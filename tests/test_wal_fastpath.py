@@ -38,7 +38,8 @@ from tasks.postgres import connection
 from tasks.recovery import RecoveryTarget, write_recovery_settings
 from tasks.repository import open_repository
 from tasks.restore import restore_physical
-from tasks.wal import WalSettings, decode_object, find_object, push_file
+from tasks.walarchive import find_object, push_file
+from tasks.walformat import WalSettings, decode_object
 
 PG_USER = "postgres"
 ROWS_PER_SEGMENT = 3

@@ -21,18 +21,10 @@ from tasks.recovery import (
     recovery_settings,
     write_recovery_settings,
 )
-from tasks.wal import (
-    WalSettings,
-    build_header,
-    decode_object,
-    key_variants,
-    name_of_key,
-    object_key,
-    parse_wal_name,
-    segment_name,
-    split_header,
-)
+from tasks.walarchive import key_variants, name_of_key, object_key
 from tasks.walcheck import Switch, find_gaps, parse_history
+from tasks.walformat import WalSettings, build_header, decode_object, split_header
+from tasks.walnames import parse_wal_name, segment_name
 
 
 @pytest.mark.parametrize(
