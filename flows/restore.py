@@ -19,7 +19,7 @@ from flows.common import NETWORK_RETRIES, human_bytes, load, logger, publish_rep
 from flows.params import BackupRef, ConfigPath, OptionalPort, OptionalText, OptionalTextList, OptionalTime
 from tasks import recovery as rec
 from tasks import restore as rsteps
-from tasks import wal as walsteps
+from tasks import walarchive, walspool
 from tasks.config import Config
 from tasks.config import config_path as resolve_config_path
 from tasks.errors import ConfigError, DRError, PreconditionFailed, one_line
@@ -119,7 +119,7 @@ def select_backup(
 
 @task(name="inspect-wal-archive", cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def inspect_wal_archive(repo: Repository, manifest: Manifest) -> ArchiveView:
-    view = archive_view(walsteps.list_archive(repo), manifest)
+    view = archive_view(walarchive.list_archive(repo), manifest)
     logger().info("%s", describe_archive_view(view, manifest))
     return view
 
@@ -142,7 +142,7 @@ def write_recovery_settings(
         keep_archiving=keep_archiving,
     )
     if start_wal:
-        walsteps.prime_prefetch(Path(pgdata), start_wal)
+        walspool.prime_prefetch(Path(pgdata), start_wal)
     logger().info(
         "wrote recovery.signal and recovery settings: %s, restore_command %s, "
         "timeline latest, then promote%s",
@@ -168,8 +168,7 @@ def start_restored_server(
         cluster.start(timeout=3600, env=rec.repository_env(cfg))
     except DRError:
         # the server aborted recovery (a corrupt or missing segment, a target past the archive)
-        text = cluster.logfile.read_text(errors="replace") if cluster.logfile.exists() else ""
-        why = rec.explain_failed_recovery(text, target or rec.RecoveryTarget())
+        why = rec.explain_failed_start(cluster.logfile, target or rec.RecoveryTarget())
         if why is None:
             raise
         raise PreconditionFailed(why) from None

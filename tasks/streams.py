@@ -199,7 +199,11 @@ def sized(source: Iterable[bytes], size: int, what: str) -> Iterator[bytes]:
 # ---------------------------------------------------------------- compression
 
 
-def compress(source: Iterable[bytes], codec: str, level: int | None = None) -> Iterator[bytes]:
+def compress(
+    source: Iterable[bytes], codec: str, level: int | None = None, threads: int | None = None
+) -> Iterator[bytes]:
+    """Compress a stream. ``threads``: zstd's worker threads (default: up to 4, one per core;
+    0 compresses in the calling thread, for callers that already run several streams at once)."""
     if codec == "none":
         yield from source
         return
@@ -207,7 +211,8 @@ def compress(source: Iterable[bytes], codec: str, level: int | None = None) -> I
     if codec == "zstd":
         import zstandard
 
-        threads = max(1, min(4, os.cpu_count() or 1))
+        if threads is None:
+            threads = max(1, min(4, os.cpu_count() or 1))
         comp = zstandard.ZstdCompressor(level=level or 3, threads=threads).compressobj()
         flush = comp.flush
     elif codec == "gzip":
