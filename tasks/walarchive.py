@@ -158,14 +158,18 @@ def repository_reachable(repo: Repository) -> None:
 # ---------------------------------------------------------------- local files
 
 
+def _unreadable(path: Path, exc: OSError) -> PreconditionFailed:
+    if isinstance(exc, FileNotFoundError):
+        return PreconditionFailed(f"WAL file {path} does not exist")
+    return PreconditionFailed(f"cannot read WAL file {path}: {exc.strerror}")
+
+
 def read_file(path: Path) -> Iterator[bytes]:
     """A WAL file's chunks; PreconditionFailed when it cannot be read."""
     try:
         fh = open(path, "rb")
-    except FileNotFoundError:
-        raise PreconditionFailed(f"WAL file {path} does not exist") from None
     except OSError as exc:
-        raise PreconditionFailed(f"cannot read WAL file {path}: {exc.strerror}") from None
+        raise _unreadable(path, exc) from None
     with fh:
         while chunk := fh.read(READ_CHUNK):
             yield chunk
@@ -180,10 +184,8 @@ def _read_small(path: Path) -> bytes | None:
     try:
         if path.stat().st_size <= IN_MEMORY_LIMIT:
             return path.read_bytes()
-    except FileNotFoundError:
-        raise PreconditionFailed(f"WAL file {path} does not exist") from None
     except OSError as exc:
-        raise PreconditionFailed(f"cannot read WAL file {path}: {exc.strerror}") from None
+        raise _unreadable(path, exc) from None
     return None
 
 

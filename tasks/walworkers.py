@@ -377,7 +377,7 @@ def _unlink(folder: Path, *names: str) -> None:
 
 
 @dataclass
-class _Prefetcher:
+class PrefetchState:
     """The prefetcher's state between two turns of its loop (see ``run_prefetcher``)."""
 
     repo: Repository
@@ -525,7 +525,7 @@ def run_prefetcher(
     fetched = 0
     try:
         with ThreadPoolExecutor(max(1, parallel), thread_name_prefix="wal-prefetch") as pool:
-            state = _Prefetcher(repo, settings, pool, folder.absolute(), stamp, depth)
+            state = PrefetchState(repo, settings, pool, folder.absolute(), stamp, depth)
             while pg_wal.is_dir():
                 now = time.monotonic()
                 if in_recovery and not signal_file.exists() and not state.in_flight:

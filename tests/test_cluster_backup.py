@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -31,7 +31,9 @@ CONNECTABLE = ("postgres", "shop", "legacy", "reports", "archive")
 
 
 @pytest.fixture(scope="module")
-def logical_backup(prod_cluster: ProdCluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def logical_backup(
+    prod_cluster: ProdCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, str]]:
     """One whole-cluster logical backup of the production-shaped cluster, in a repository of its own."""
     repo = make_private_dir("gravl-test-i11-repo-", "postgres")
     cfg_path = prod_cluster.config(

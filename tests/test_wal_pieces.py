@@ -7,7 +7,7 @@ import hashlib
 import os
 import shutil
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -26,8 +26,24 @@ from tasks.walformat import (
     split_header,
 )
 from tasks.walnames import segment_name
-from tasks.walspool import already_archived, mark_failed
-from tasks.walworkers import Handover, collect_done, hand_to_pusher, run_pusher, wait_for_pusher
+from tasks.walspool import (
+    PUSHER_LOCK,
+    PUSHER_PID,
+    WANT_FILE,
+    already_archived,
+    mark_failed,
+    pusher_pid,
+    take_lock,
+    write_pid,
+)
+from tasks.walworkers import (
+    Handover,
+    PrefetchState,
+    collect_done,
+    hand_to_pusher,
+    run_pusher,
+    wait_for_pusher,
+)
 
 KEY = bytes(range(32))
 RAW = b"".join(hashlib.sha256(str(i).encode()).digest() for i in range(4000)) + b"\0" * 50_000
@@ -285,3 +301,64 @@ def test_a_failure_mark_names_the_file_it_was_for(pg_wal: Path) -> None:
     os.utime(path, ns=(1, 1))
     # the mark was for the file that was there before: it does not answer for this one
     assert wait_for_pusher(path, "stamp", timeout=0.2, alive=lambda: True).status is Handover.NO_ANSWER
+
+
+# ---------------------------------------------------------------- one background process per pg_wal, the prefetcher's state
+
+
+def test_only_one_process_holds_a_pg_wal_lock_and_a_dead_pid_is_no_pusher(pg_wal: Path) -> None:
+    first = take_lock(pg_wal, PUSHER_LOCK)
+    assert first is not None
+    try:
+        assert take_lock(pg_wal, PUSHER_LOCK) is None
+    finally:
+        os.close(first)
+    again = take_lock(pg_wal, PUSHER_LOCK)
+    assert again is not None
+    os.close(again)
+    write_pid(pg_wal, PUSHER_PID)
+    assert pusher_pid(pg_wal) == os.getpid()
+    (pg_wal / "gravl-dr" / PUSHER_PID).write_text("999999999")
+    assert pusher_pid(pg_wal) is None
+
+
+def prefetcher(folder: Path, depth: int = 4) -> PrefetchState:
+    folder.mkdir(parents=True)
+    return PrefetchState(
+        repo=FileRepository(folder, f"file://{folder}"),
+        settings=WalSettings(),
+        pool=ThreadPoolExecutor(1),
+        folder=folder,
+        stamp="stamp",
+        depth=depth,
+    )
+
+
+def test_the_prefetcher_restarts_only_when_recovery_asks_outside_its_range(tmp_path: Path) -> None:
+    # GIVEN a prefetcher working ahead of segment 10 on timeline 1
+    state = prefetcher(tmp_path / "pg_wal" / "gravl-dr" / "prefetch")
+    (state.folder / WANT_FILE).write_text(segment_name(1, 10))
+    state.follow_recovery(now=1.0)
+    assert (state.timeline, state.next_segno, state.want) == (1, 11, segment_name(1, 10))
+    # WHEN recovery asks for a segment inside the range being fetched: it keeps going
+    state.next_segno = 14
+    (state.folder / segment_name(1, 11)).write_bytes(b"passed")
+    (state.folder / WANT_FILE).write_text(segment_name(1, 12))
+    state.follow_recovery(now=2.0)
+    assert (state.timeline, state.next_segno) == (1, 14)
+    assert not (state.folder / segment_name(1, 11)).exists()  # recovery has passed it
+    # WHEN recovery jumps (a new timeline): it starts again after the wanted segment
+    (state.folder / WANT_FILE).write_text(segment_name(2, 40))
+    state.follow_recovery(now=3.0)
+    assert (state.timeline, state.next_segno, state.retry_at) == (2, 41, 0.0)
+    state.pool.shutdown()
+
+
+def test_a_segment_not_archived_yet_is_retried_from_there_a_second_later(tmp_path: Path) -> None:
+    state = prefetcher(tmp_path / "pg_wal" / "gravl-dr" / "prefetch")
+    state.timeline, state.next_segno, state.now = 1, 20, 5.0
+    state.in_flight = {segment_name(1, 17): finished(False), segment_name(1, 18): finished(True)}
+    collect_done(state.in_flight, state.fetched_one, state.failed_one)
+    assert (state.next_segno, state.retry_at, state.fetched) == (17, 6.0, 1)
+    assert state.ours == {segment_name(1, 18)}
+    state.pool.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -240,12 +241,14 @@ def test_read_recovery_log() -> None:
     assert parse_pg_timestamp("2026-11-24 10:00:00+05:30") == datetime(2026, 11, 24, 4, 30, tzinfo=UTC)
 
 
-def manifest(i: int, stop: datetime, stop_lsn: str, kind: str = "physical") -> Manifest:
+def manifest(
+    i: int, stop: datetime, stop_lsn: str, kind: Literal["physical", "logical"] = "physical"
+) -> Manifest:
     return Manifest(
         id=f"2026112{i}T000000Z-{kind}",
         kind=kind,
         cluster="gravl",
-        pg_version=150000,  # type: ignore[arg-type]
+        pg_version=150000,
         system_identifier="1",
         timeline=1,
         start_lsn=stop_lsn,
