@@ -31,12 +31,14 @@ from pathlib import Path
 
 from tasks.backup import key_for_manifest
 from tasks.config import Config
-from tasks.errors import ChecksumMismatch, CommandFailed, PreconditionFailed, command_error
-from tasks.libpq import client_env
-from tasks.models import Manifest
+from tasks.errors import ChecksumMismatch, CommandFailed, ConfigError, PreconditionFailed, command_error
+from tasks.libpq import client_env, has_password
+from tasks.models import Manifest, format_lsn
 from tasks.pgcluster import chown_tree
 from tasks.postgres import is_empty_database, safe_dsn, server_info
 from tasks.proc import child_env, pg_bin, run, tail
+from tasks.recovery import RecoveryTarget
+from tasks.replay import ArchiveView
 from tasks.repository import FileRepository, Repository
 from tasks.streams import decode, sized, threaded, verified
 
@@ -76,6 +78,40 @@ def missing_role_errors(stderr: str) -> tuple[list[str], list[str]]:
             f"{message}: {command}" if command else message
         )
     return roles, other
+
+
+def check_restore_request(pgdata: str | None, dsn: str | None, target: RecoveryTarget) -> None:
+    """What a restore was asked for makes sense (pure): a data directory or a DSN, not both; no
+    password in the DSN (a flow parameter is stored and shown); a recovery target only for a
+    physical restore."""
+    if (pgdata is None) == (dsn is None):
+        raise PreconditionFailed("restore needs exactly one of --pgdata (physical) or --dsn (logical)")
+    if dsn is None:
+        return
+    if has_password(dsn):
+        # too late to keep it out of this run's parameters, but never used, logged or stored again
+        raise ConfigError(
+            "the dsn parameter carries a password: pass it through PGPASSWORD or a "
+            ".pgpass file in the environment of the worker (the gravl-dr command "
+            "does this by itself), never in a flow parameter"
+        )
+    if target.kind != "end":
+        raise PreconditionFailed("a recovery target needs a physical restore (--pgdata)")
+
+
+def check_archive_reaches(view: ArchiveView, manifest: Manifest, target: RecoveryTarget) -> None:
+    """A recovery target must lie within what the WAL archive holds after the backup (pure)."""
+    if target.kind != "end" and not view.has_wal_after_backup:
+        raise PreconditionFailed(
+            f"the WAL archive holds nothing after backup {manifest.id}: cannot reach {target.describe()}"
+        )
+    if target.kind == "lsn" and target.lsn is not None:
+        end = max(view.newest_segment_start.values(), default=0) + manifest.wal_segment_size
+        if target.lsn > end:
+            raise PreconditionFailed(
+                f"target LSN {target.value} is past the end of the archive (its newest "
+                f"segment ends at {format_lsn(end)})"
+            )
 
 
 def check_pgdata_target(pgdata: Path) -> None:
@@ -260,6 +296,84 @@ def _pipe_into(
     return written, code, err
 
 
+def sync_filesystems(paths: Iterable[Path]) -> None:
+    """Flush everything written under ``paths`` to disk: one syncfs(2) per filesystem (as
+    pg_basebackup --sync-method=syncfs and PostgreSQL's recovery_init_sync_method=syncfs do),
+    instead of an fsync per file. Before pg_control is put in place, so that after a power
+    loss a restored directory is either complete on disk or not startable."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    seen: set[int] = set()
+    for path in paths:
+        st = os.stat(path)
+        if st.st_dev in seen:
+            continue
+        seen.add(st.st_dev)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if libc.syncfs(fd) != 0:
+                os.sync()  # syncfs refused (an old kernel or an odd filesystem): sync them all
+        finally:
+            os.close(fd)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _restore_tablespaces(
+    cfg: Config,
+    repo: Repository,
+    manifest: Manifest,
+    key: bytes | None,
+    pgdata: Path,
+    targets: dict[str, Path],
+    made: list[tuple[Path, bool]],
+) -> int:
+    """Each tablespace's archive into its directory (appended to ``made`` for the clean-up),
+    and ``pg_tblspc/<oid>`` pointed at it, as pg_basebackup -T does."""
+    raw_bytes = 0
+    index = {o.key: i for i, o in enumerate(manifest.objects)}
+    for space in manifest.tablespaces:
+        dest = targets[space.oid]
+        made.append((dest, not dest.exists()))
+        dest.mkdir(mode=0o700, exist_ok=True)
+        if space.object is None or space.object not in index:
+            raise PreconditionFailed(f"backup {manifest.id} lacks the archive of tablespace {space.name}")
+        raw_bytes += _extract(repo, manifest, key, index[space.object], dest)
+        chown_tree(dest, cfg.postgres.os_user)
+        # base.tar carries pg_tblspc/<oid> -> the source's location; point it at ours
+        link = pgdata / "pg_tblspc" / space.oid
+        link.unlink(missing_ok=True)
+        link.symlink_to(dest)
+    return raw_bytes
+
+
+def _restore_extras(repo: Repository, manifest: Manifest, key: bytes | None, pgdata: Path) -> int:
+    """The configuration files kept outside PGDATA (or a minimal configuration), and the
+    server's backup_manifest (for pg_verifybackup)."""
+    raw_bytes = 0
+    index = {o.key: i for i, o in enumerate(manifest.objects)}
+    config_obj = next((o for o in manifest.objects if o.key.startswith("config.tar")), None)
+    if config_obj is not None and not (pgdata / "postgresql.conf").exists():
+        raw_bytes += _extract(repo, manifest, key, index[config_obj.key], pgdata)
+        adapt_config(pgdata)
+    elif not (pgdata / "postgresql.conf").exists():
+        write_minimal_config(pgdata)
+    manifest_obj = next((o for o in manifest.objects if o.key.startswith("backup_manifest")), None)
+    if manifest_obj is not None:
+        with open(pgdata / "backup_manifest", "wb") as out:
+            for chunk in _object_stream(repo, manifest, key, index[manifest_obj.key]):
+                out.write(chunk)
+                raw_bytes += len(chunk)
+    return raw_bytes
+
+
 def restore_physical(
     cfg: Config,
     repo: Repository,
@@ -283,37 +397,16 @@ def restore_physical(
         pgdata.mkdir(mode=0o700, exist_ok=True)
         pgdata.chmod(0o700)
         raw_bytes += _extract(repo, manifest, key, 0, pgdata, hold_control=True)
-        index = {o.key: i for i, o in enumerate(manifest.objects)}
-        for space in manifest.tablespaces:
-            dest = targets[space.oid]
-            made.append((dest, not dest.exists()))
-            dest.mkdir(mode=0o700, exist_ok=True)
-            if space.object is None or space.object not in index:
-                raise PreconditionFailed(f"backup {manifest.id} lacks the archive of tablespace {space.name}")
-            raw_bytes += _extract(repo, manifest, key, index[space.object], dest)
-            chown_tree(dest, cfg.postgres.os_user)
-            # base.tar carries pg_tblspc/<oid> -> the source's location; point it at ours
-            # (what pg_basebackup -T does)
-            link = pgdata / "pg_tblspc" / space.oid
-            link.unlink(missing_ok=True)
-            link.symlink_to(dest)
-        config_obj = next((o for o in manifest.objects if o.key.startswith("config.tar")), None)
-        if config_obj is not None and not (pgdata / "postgresql.conf").exists():
-            raw_bytes += _extract(repo, manifest, key, index[config_obj.key], pgdata)
-            adapt_config(pgdata)
-        elif not (pgdata / "postgresql.conf").exists():
-            write_minimal_config(pgdata)
-        manifest_obj = next((o for o in manifest.objects if o.key.startswith("backup_manifest")), None)
-        if manifest_obj is not None:
-            with open(pgdata / "backup_manifest", "wb") as out:
-                for chunk in _object_stream(repo, manifest, key, index[manifest_obj.key]):
-                    out.write(chunk)
-                    raw_bytes += len(chunk)
-        # every stored byte verified and extracted: now the directory may become valid
+        raw_bytes += _restore_tablespaces(cfg, repo, manifest, key, pgdata, targets, made)
+        raw_bytes += _restore_extras(repo, manifest, key, pgdata)
+        # every stored byte verified and extracted, and on disk: now the directory may become valid
+        sync_filesystems([path for path, _ in made])
         try:
             os.replace(pgdata / UNVERIFIED_CONTROL, pgdata / "global" / "pg_control")
         except FileNotFoundError:
             raise ChecksumMismatch(f"backup {manifest.id} holds no global/pg_control") from None
+        _fsync_path(pgdata / "global" / "pg_control")
+        _fsync_path(pgdata / "global")
     except BaseException:
         for path, was_created in made:
             if path.exists():
@@ -403,7 +496,7 @@ def restore_env(dsn: str, dbname: str | None = None, *, superuser: bool = False)
 
 def _spool(repo: Repository, manifest: Manifest, key: bytes | None, index: int) -> Path:
     """Decode and verify one dump into a temporary file (pg_restore -j needs a seekable file)."""
-    fd, tmp_name = tempfile.mkstemp(prefix="gravl-restore-", suffix=".pgc")
+    fd, tmp_name = tempfile.mkstemp(prefix=f"gravl-restore-{os.getpid()}-", suffix=".pgc")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -610,6 +703,37 @@ def _prepare_tablespace_dirs(manifest: Manifest, mapping: dict[str, str], os_use
         chown_tree(path, os_user)
 
 
+_TEMPORARY = re.compile(r"^gravl-restore-(?:stage-)?(\d+)-")
+
+
+def sweep_stale_temporaries(tmpdir: Path) -> list[Path]:
+    """Remove the staging directories and spooled dumps that a killed restore left in
+    ``tmpdir`` (their names carry the restoring process's id; that process is gone): a staged
+    backup is as large as the backup, and a kill -9 runs no clean-up. Returns what was removed."""
+    removed: list[Path] = []
+    for entry in tmpdir.iterdir():
+        m = _TEMPORARY.match(entry.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        log.info("removed %s, left by a restore that was killed", entry)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _stage_objects(
     repo: Repository, manifest: Manifest, indexes: list[int], jobs: int
 ) -> tuple[Path, FileRepository]:
@@ -618,7 +742,8 @@ def _stage_objects(
     read once; nothing of the backup reaches the target until every object verified. Needs
     the stored (compressed) size of the objects in temporary space: checked first."""
     need = sum(manifest.objects[i].size for i in indexes)
-    staging = Path(tempfile.mkdtemp(prefix="gravl-restore-stage-"))
+    sweep_stale_temporaries(Path(tempfile.gettempdir()))
+    staging = Path(tempfile.mkdtemp(prefix=f"gravl-restore-stage-{os.getpid()}-"))
     free = shutil.disk_usage(staging).free
     if free < need + (64 << 20):
         shutil.rmtree(staging, ignore_errors=True)

@@ -27,6 +27,7 @@ class Warm:
     proc: subprocess.Popen[bytes]
     socket: Path
     env: dict[str, str]  # what a client needs: the same PREFECT_* and the socket
+    log: Path  # the warm process's stdout and stderr
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +38,57 @@ def warm_process(prefect_harness: None) -> Iterator[Warm]:
     home = Path(tempfile.mkdtemp(prefix="gravl-warm-"))  # mode 0700
     sock = home / "warm.sock"
     env = {"PREFECT_API_URL": api, "GRAVL_DR_WARM_SOCKET": str(sock), "GRAVL_DR_NO_WARM": ""}
-    proc = subprocess.Popen(
-        [GRAVL_DR, "warm"],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        cwd=str(REPO_ROOT),
-    )
+    log = home / "warm.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [GRAVL_DR, "warm"], env={**os.environ, **env}, stdout=out, stderr=out, cwd=str(REPO_ROOT)
+        )
     try:
         assert warm.wait_for_socket(sock, 120), "gravl-dr warm did not listen"
-        yield Warm(proc, sock, env)
+        yield Warm(proc, sock, env, log)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_fingerprint_follows_the_import_time_environment_only() -> None:
+    # GIVEN an operator's environment
+    base = {
+        "PREFECT_API_URL": "http://127.0.0.1:4200/api",
+        "GRAVL_DR_CONFIG": "/etc/a.yaml",
+        "PGPASSWORD": "x",
+    }
+    same = warm.fingerprint(base)
+    # THEN what each command reads itself does not matter...
+    assert (
+        warm.fingerprint({**base, "GRAVL_DR_CONFIG": "/etc/b.yaml", "PGPASSWORD": "y", "AWS_PROFILE": "p"})
+        == same
+    )
+    assert warm.fingerprint({**base, "DO_NOT_TRACK": "1"}) == same  # gravl-dr's own default, spelled out
+    # ... and what Prefect reads when it is imported does
+    assert warm.fingerprint({**base, "PREFECT_API_URL": "http://127.0.0.1:4201/api"}) != same
+    assert warm.fingerprint({**base, "PREFECT_HOME": "/srv/other"}) != same
+    assert warm.fingerprint({**base, "PREFECT_LOGGING_LEVEL": "DEBUG"}) != same
+    # AND the default socket is per user and per environment
+    path = warm.socket_path(base)
+    assert path.parent == warm.socket_dir() and path.name == f"{same}.sock"
+    assert str(os.geteuid()) in path.parent.name
+
+
+def test_secrets_in_a_command_environment_never_reach_the_warm_process_log(
+    warm_process: Warm, make_config: Any, file_repo_url: str
+) -> None:
+    # GIVEN a command whose environment carries a password and a key
+    cfg = make_config(file_repo_url)
+    secret = "s3cret-" + os.urandom(8).hex()
+    # WHEN it runs through the warm process (and fails, with an error)
+    proc = run_cli(
+        "verify", "latest", config=cfg, env={**warm_process.env, "PGPASSWORD": secret, "GRAVL_DR_KEY": secret}
+    )
+    # THEN neither its output nor the warm process's log holds them
+    assert proc.returncode != 0
+    assert secret not in proc.stdout + proc.stderr
+    assert secret not in warm_process.log.read_text(errors="replace")
 
 
 def _imported(stderr: str) -> set[str]:
@@ -126,6 +165,23 @@ def test_a_flow_command_through_the_warm_process_is_the_same_run_output_and_arti
     assert _normalize(served.stdout) == _normalize(alone.stdout)
     served_err = "\n".join(ln for ln in served.stderr.splitlines() if "import time:" not in ln)
     assert _normalize(served_err) == _normalize(alone.stderr)
+
+
+def test_a_flow_command_without_the_heartbeat_still_records_its_run_and_artifact(
+    warm_process: Warm, make_config: Any, file_repo_url: str
+) -> None:
+    # GIVEN an operator who turned Prefect's flow-run heartbeat off for CLI runs
+    cfg = make_config(file_repo_url)
+    # WHEN a flow command runs through the warm process
+    proc = run_cli(
+        "backup", "--dry-run", config=cfg, env={**warm_process.env, "GRAVL_DR_FLOW_HEARTBEAT": "off"}
+    )
+    # THEN the run, its logs and its artifact are recorded as with the heartbeat
+    assert proc.returncode == 0, proc.stderr
+    run, logs, artifacts = _last_run()
+    assert run.state is not None and run.state.is_completed(), run.state
+    assert any("Finished in state Completed" in str(log.message) for log in logs)
+    assert [a.key for a in artifacts] == ["backup-report-gravl"]
 
 
 def test_bad_input_through_the_warm_process_is_one_line_and_the_same_exit_status(

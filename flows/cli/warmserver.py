@@ -65,7 +65,25 @@ def register(sub: Any, run_command: RunCommand) -> None:
 def warm_up() -> None:
     """Import what a flow command imports, and nothing that starts a thread."""
     prefect_environment()
-    import prefect  # noqa: F401
+    # Prefect itself, and what it imports only when the first flow runs (its engines, FastAPI's
+    # encoder and OpenTelemetry with it, anyio's asyncio backend for httpx, the concurrency and
+    # visualization helpers): else every child would import them again
+    import encodings.idna  # noqa: F401
+    import http.cookies  # noqa: F401
+
+    import anyio._backends._asyncio  # noqa: F401
+    import fastapi.encoders  # noqa: F401
+    import prefect
+    import prefect._internal.attempt_control
+    import prefect._internal.control_listener
+    import prefect.concurrency.context
+    import prefect.concurrency.v1.context
+    import prefect.engine
+    import prefect.flow_engine
+    import prefect.task_engine
+    import prefect.telemetry.run_telemetry
+    import prefect.utilities.visualization  # noqa: F401
+    import pydantic.color  # noqa: F401
 
     import flows.backup
     import flows.demo
