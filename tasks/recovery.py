@@ -313,6 +313,10 @@ _REDO_DONE_RE = re.compile(r"redo done at ([0-9A-F]+/[0-9A-F]+)")
 _LAST_XACT_RE = re.compile(r"last completed transaction was at log time (.+)$")
 _NEW_TLI_RE = re.compile(r"selected new timeline ID: (\d+)")
 _FATAL_RE = re.compile(r"(FATAL|PANIC):\s+(.*)")
+# the postmaster refusing a client (postmaster.c, CAC_*): logged as FATAL too, but about the
+# connection, never why recovery stopped — and a client asking just after the startup
+# process's FATAL would otherwise hide it
+_REFUSAL_RE = re.compile(r"^(the database system is |sorry, too many clients)")
 
 
 def parse_pg_timestamp(text: str) -> datetime:
@@ -352,7 +356,7 @@ def read_recovery_log(text: str) -> LogRecord:
                 rec.last_xact_time = parse_pg_timestamp(m.group(1))
         if m := _NEW_TLI_RE.search(line):
             rec.new_timeline = int(m.group(1))
-        if m := _FATAL_RE.search(line):
+        if (m := _FATAL_RE.search(line)) and not _REFUSAL_RE.match(m.group(2).strip()):
             rec.fatal = m.group(2).strip()
     return rec
 

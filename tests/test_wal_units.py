@@ -238,6 +238,16 @@ def test_read_recovery_log() -> None:
         read_recovery_log("x FATAL:  recovery ended before configured recovery target was reached").fatal
         == "recovery ended before configured recovery target was reached"
     )
+    # a client refused after the startup process's FATAL does not hide why recovery stopped
+    assert (
+        read_recovery_log(
+            "x FATAL:  recovery ended before configured recovery target was reached\n"
+            "y LOG:  startup process (PID 9) exited with exit code 1\n"
+            "z FATAL:  the database system is in recovery mode\n"
+        ).fatal
+        == "recovery ended before configured recovery target was reached"
+    )
+    assert read_recovery_log("z FATAL:  the database system is starting up").fatal is None
     assert parse_pg_timestamp("2026-11-24 10:00:00+05:30") == datetime(2026, 11, 24, 4, 30, tzinfo=UTC)
 
 
