@@ -48,7 +48,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -389,7 +388,7 @@ def main() -> None:
     print("| step (median) | pgBackRest | gravl-dr | ratio | peak RSS pgBackRest | peak RSS gravl-dr |")
     print("|---|---|---|---|---|---|")
     for label, key in rows:
-        g, p = med.get(f"{key}_gravl_s"), med.get(f"{key}_pgbr_s")
+        g, p = med[f"{key}_gravl_s"], med[f"{key}_pgbr_s"]
         gr, pr = med.get(f"{key}_gravl_rss_mb"), med.get(f"{key}_pgbr_rss_mb")
         print(
             f"| {label} | {p:.2f} s | {g:.2f} s | {g / p:.2f}x | "
@@ -417,4 +416,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
