@@ -20,19 +20,30 @@ from prefect.states import Completed
 from pydantic import BaseModel, Field
 
 from flows.common import human_bytes, logger
+from flows.node_step import call_node_step, observe
 from flows.params import ConfigPath, OptionalText
 from tasks.config import Config, Node, load_config
 from tasks.dns_switch import DNSChange, check_dns_config, node_dns_value, switch_record
 from tasks.errors import ConfigError, DRError, PermanentError, one_line
-from tasks.failover import DEFAULT_MAX_LAG_BYTES, FailoverPlan, NodeState, Refused, plan_failover, rpo_bytes
+from tasks.failover import (
+    DEFAULT_MAX_LAG_BYTES,
+    FailoverPlan,
+    NodeState,
+    Refused,
+    Step,
+    plan_failover,
+    rpo_bytes,
+)
 from tasks.hooks import HookResult, ReconnectEvent, run_hooks
 from tasks.metrics import push_metrics
+from tasks.node_steps import NodeStepArgs
 from tasks.topology import (
     CanaryResult,
     FenceResult,
     PromoteResult,
     canary_write,
-    fence_node,
+    fence_read_only,
+    not_fenced,
     observe_node,
     promote_node,
 )
@@ -228,40 +239,38 @@ def timeline_markdown(events: list[TimelineEvent]) -> list[str]:
 
 @task(name="assess-primary", cache_policy=NO_CACHE)
 def assess_primary(cfg: Config) -> NodeState:
-    state = observe_node(
-        cfg.primary,
-        "primary",
-        os_user=cfg.postgres.os_user,
-        bindir=cfg.postgres.bindir,
-        attempts=3,
-        connect_timeout=3,
-    )
+    # The node's own files count only when it does not answer (was it fenced? how far did its WAL go?).
+    state = observe(cfg, cfg.primary, "primary", attempts=3, facts=False)
     logger().info("%s", state.evidence())
     return state
 
 
 @task(name="check-replica-health", cache_policy=NO_CACHE)
-def check_replica_health(cfg: Config) -> list[NodeState]:
-    states = [
-        observe_node(
-            r,
-            "replica",
-            os_user=cfg.postgres.os_user,
-            bindir=cfg.postgres.bindir,
-            attempts=2,
-            connect_timeout=3,
-        )
-        for r in cfg.replicas
-    ]
+def check_replica_health(cfg: Config, facts: bool = False) -> list[NodeState]:
+    states = [observe(cfg, r, "replica", attempts=2, facts=facts) for r in cfg.replicas]
     for s in states:
         logger().info("%s", s.evidence())
     return states
 
 
 @task(name="fence-old-primary", cache_policy=NO_CACHE)
-def fence_old_primary(cfg: Config, node: Node, clean: bool) -> FenceResult:
-    state = observe_node(node, "primary", os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
-    res = fence_node(node, state, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir, clean=clean)
+def fence_old_primary(cfg: Config, node: Node, step: Step) -> FenceResult:
+    """Fence as the plan decided: stop and mark (here or on the node's worker), or read-only over SQL."""
+    if step.method == "stop":
+        try:
+            res = FenceResult.model_validate(
+                call_node_step(cfg, node, "fence", NodeStepArgs(clean=True), where=step.where).payload
+            )
+        except DRError as exc:
+            logger().warning(
+                "%s: fence by stopping failed (%s): making it read-only instead", node.name, one_line(exc)
+            )
+            res = fence_read_only(node)
+            res = res.model_copy(update={"action": f"stop failed ({one_line(exc)}); {res.action}"})
+    elif step.method == "read-only":
+        res = fence_read_only(node)
+    else:
+        res = not_fenced(node, "unreachable, and neither its pgdata nor a work pool of it is known")
     (logger().info if res.fenced else logger().warning)("%s: %s", node.name, res.action)
     return res
 
@@ -547,7 +556,7 @@ def failover_flow(
         plan: FailoverPlan = plan_failover(
             primary_state, replica_states, max_lag_bytes=max_lag_bytes, force=force, planned=planned
         )
-        report.plan = [f"{s.kind} {s.node}: {s.reason}" for s in plan.steps]
+        report.plan = [s.describe() for s in plan.steps]
         report.notes = list(plan.notes)
         report.new_primary, report.already_promoted = plan.target, plan.already_promoted
         report.reference_lsn = plan.reference_lsn
@@ -575,7 +584,7 @@ def failover_flow(
                     "approve", f"approved by {report.approver}" + (" (auto_approve)" if auto_approve else "")
                 )
             elif step.kind == "fence-old-primary":
-                fence = fence_old_primary(cfg, old, clean=True)
+                fence = fence_old_primary(cfg, old, step)
                 report.fence, report.fenced = fence.action, fence.fenced
                 tl.add("fence-old-primary", fence.action)
                 if not fence.fenced:

@@ -94,6 +94,13 @@ class NodeState(BaseModel):
     rebuild_phase: str | None = None  # tasks.topology's marker: rewinding, rewind-failed, rewound, cloned...
     kept_old_data: list[str] = []  # old data directories / WAL kept next to pgdata by earlier rebuilds
     history: list[tuple[int, str]] = []  # a primary's timeline history: (timeline, where it ended)
+    # Where this node's local steps can run: "here", "pool:<work pool>" (its own worker), or None
+    runs_on: str | None = None
+
+    @property
+    def steps_at(self) -> str | None:
+        """Where node-local steps for this node run, or None when they cannot run anywhere."""
+        return self.runs_on or ("here" if self.local_pgdata else None)
 
     @property
     def accepts_writes(self) -> bool:
@@ -185,12 +192,26 @@ READY_PHASES = ("rewound", "cloned")
 REWIND_SAFE_STATES = ("shut down", "shut down in recovery", "in production")
 
 
+FenceMethod = Literal["stop", "read-only", "none"]
+
+
 class Step(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     kind: StepKind
     node: str
     reason: str
+    # Where it runs: "libpq" (the orchestrator, over SQL), "here" (the node's files on this host),
+    # "pool:<work pool>" (a node-step run on the node's own worker).
+    where: str = "libpq"
+    method: FenceMethod | None = None  # fence-old-primary: stop the server, or make it read-only
+
+    def describe(self) -> str:
+        where = {"libpq": "", "here": " [on this host]"}.get(
+            self.where, f" [on work pool {self.where.removeprefix('pool:')}]"
+        )
+        how = f" ({self.method})" if self.method else ""
+        return f"{self.kind}{how} {self.node}{where}: {self.reason}"
 
 
 class FailoverPlan(BaseModel):
@@ -239,9 +260,11 @@ def plan_failover(
             everyone,
         )
     if primary.accepts_writes:
-        if planned and not primary.local_pgdata:
+        if planned and not primary.steps_at:
             raise _refuse(
-                f"planned failover needs {primary.name}'s pgdata on this host to stop it cleanly", everyone
+                f"planned failover needs {primary.name}'s pgdata on this host or its work pool "
+                "to stop it cleanly",
+                everyone,
             )
         if promoted and not force:
             raise _refuse(
@@ -271,7 +294,7 @@ def plan_failover(
         notes.append(
             f"FORCED: {primary.name} is alive but refused our login; it is fenced before anything "
             "is promoted"
-            + ("" if primary.local_pgdata else " — without its data directory here it may NOT be fenceable")
+            + ("" if primary.steps_at else " — without its data directory or worker it may NOT be fenceable")
         )
 
     if promoted:
@@ -328,13 +351,7 @@ def plan_failover(
             )
         )
     if alive or not primary.fenced or primary.postmaster_running:
-        if primary.local_pgdata:
-            how = "stop it and mark its data directory so a restart stays read-only"
-        elif primary.reachable:
-            how = "make it refuse writes (default_transaction_read_only) and end its sessions"
-        else:
-            how = "unreachable and no local data directory: record that it could not be fenced"
-        steps.append(Step(kind="fence-old-primary", node=primary.name, reason=how))
+        steps.append(_fence_step(primary))
     if not already:
         if not alive:
             steps.append(Step(kind="approve", node=target.name, reason=f"promote {target.name}"))
@@ -365,6 +382,33 @@ def plan_failover(
         lag_bytes=lag,
         evidence=[s.evidence() for s in everyone],
         notes=notes,
+    )
+
+
+def _fence_step(primary: NodeState) -> Step:
+    """Stop-and-mark where the node's files can be reached (here or its worker), else read-only over SQL."""
+    where = primary.steps_at
+    if where:
+        return Step(
+            kind="fence-old-primary",
+            node=primary.name,
+            reason="stop it and mark its data directory so a restart stays read-only",
+            where=where,
+            method="stop",
+        )
+    if primary.reachable:
+        return Step(
+            kind="fence-old-primary",
+            node=primary.name,
+            reason="no data directory or worker for it: make it refuse writes "
+            "(default_transaction_read_only) and end its sessions",
+            method="read-only",
+        )
+    return Step(
+        kind="fence-old-primary",
+        node=primary.name,
+        reason="unreachable, and no data directory or worker for it: record that it could not be fenced",
+        method="none",
     )
 
 
@@ -447,6 +491,7 @@ def plan_failback(
                 node=home.name,
                 reason=f"{stopped[0].name} is already stopped; check {home.name} replayed its final "
                 "checkpoint, then promote",
+                where=stopped[0].steps_at or "libpq",
             ),
         ]
     else:
@@ -471,18 +516,22 @@ def plan_failback(
                     "checked, nothing is rebuilt",
                     everyone,
                 )
-            if not home.local_pgdata:
-                raise _refuse(f"cannot rebuild {home.name}: its pgdata is not on this host", everyone)
+            if not (home.steps_at and home.local_pgdata):
+                raise _refuse(
+                    f"cannot rebuild {home.name}: its pgdata is not on this host and no worker of its "
+                    "work pool read it",
+                    everyone,
+                )
             divergence = _divergence(home, current)
             rebuild, rebuild_notes = _rebuild_steps(
                 home, current, discard_old_data=discard_old_data, rpo=divergence[3]
             )
             steps += rebuild
             notes += rebuild_notes
-        if not current.local_pgdata:
+        if not current.steps_at:
             raise _refuse(
-                f"cannot switch over: {current.name}'s pgdata is not on this host (a clean "
-                "shutdown needs pg_ctl)",
+                f"cannot switch over: {current.name}'s pgdata is not on this host and it has no "
+                "work pool (a clean shutdown needs pg_ctl on its host)",
                 everyone,
             )
         steps += [
@@ -496,6 +545,7 @@ def plan_failback(
                 kind="switchover",
                 node=home.name,
                 reason=f"clean shutdown of {current.name}, {home.name} replays the final LSN, promote",
+                where=current.steps_at or "libpq",
             ),
         ]
     for other in others:
@@ -505,21 +555,23 @@ def plan_failback(
                     kind="rejoin-former-primary",
                     node=other.name,
                     reason=f"restart {other.name} as a standby of {home.name}",
+                    where=other.steps_at or "libpq",
                 )
             )
         elif not (other.is_standby and other.upstream == home.address):
-            if other.local_pgdata:
+            if other.steps_at:
                 steps.append(
                     Step(
                         kind="rejoin-former-primary",
                         node=other.name,
                         reason=f"point {other.name} at {home.name}",
+                        where=other.steps_at,
                     )
                 )
             else:
                 notes.append(
-                    f"{other.name} does not stream from {home.name} and its pgdata is not "
-                    "here: re-point it by hand"
+                    f"{other.name} does not stream from {home.name} and neither its pgdata nor "
+                    "a work pool of it is known: re-point it by hand"
                 )
     steps += [
         Step(kind="switch-dns", node=home.name, reason=f"point the record back at {home.name}"),
@@ -527,6 +579,10 @@ def plan_failback(
         Step(kind="validate", node=home.name, reason=f"canary write and read on {home.name}"),
     ]
     tli, fork, end, rpo = divergence
+    local = {"stop-old-primary", "save-local-settings", "keep-old-wal", "rewind-old-primary"}
+    local |= {"reclone-old-primary", "start-as-standby", "discard-old-data"}
+    where = home.steps_at or "here"
+    steps = [s.model_copy(update={"where": where}) if s.kind in local else s for s in steps]
     return FailbackPlan(
         home=home.name,
         current=current.name if current else None,
