@@ -6,17 +6,24 @@ import time
 from datetime import UTC, datetime
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows.common import NETWORK_RETRIES, follow_primary, human_bytes, load, logger
+from flows.common import (
+    NETWORK_RETRIES,
+    follow_primary,
+    human_bytes,
+    load,
+    logger,
+    publish_report,
+    push_flow_metrics,
+)
 from flows.params import BackupKind, ConfigPath
 from tasks import backup as steps
 from tasks.config import Config
-from tasks.errors import DRError, one_line
-from tasks.metrics import push_metrics
+from tasks.errors import one_line
 from tasks.models import Manifest
+from tasks.reporting import bullets, document, kv_table, report_key, section
 from tasks.repository import Repository
 
 
@@ -108,45 +115,38 @@ def discard_incomplete_backup(repo: Repository, backup_id: str) -> None:
 def push_backup_metrics(cfg: Config, kind: str, report: BackupReport | None, failed: bool) -> None:
     now = time.time()
     if failed or report is None:
-        values = {"gravl_backup_last_failure_timestamp_seconds": (now, "Time of the last failed backup")}
+        values = {"gravl_backup_last_failure_timestamp_seconds": now}
     else:
         values = {
-            "gravl_backup_last_success_timestamp_seconds": (now, "Time of the last successful backup"),
-            "gravl_backup_duration_seconds": (report.total_seconds, "Wall time of the last backup"),
-            "gravl_backup_raw_bytes": (float(report.raw_bytes), "Raw size of the last backup"),
-            "gravl_backup_stored_bytes": (float(report.stored_bytes), "Stored size of the last backup"),
-            "gravl_backup_stream_seconds": (report.stream_seconds, "Data path time of the last backup"),
+            "gravl_backup_last_success_timestamp_seconds": now,
+            "gravl_backup_duration_seconds": report.total_seconds,
+            "gravl_backup_raw_bytes": float(report.raw_bytes),
+            "gravl_backup_stored_bytes": float(report.stored_bytes),
+            "gravl_backup_stream_seconds": report.stream_seconds,
         }
-    try:
-        push_metrics(cfg.metrics.pushgateway, "backup", {"cluster": cfg.cluster, "kind": kind}, values)
-    except DRError as exc:
-        logger().warning("metrics not pushed: %s", one_line(exc))
+    push_flow_metrics(cfg, "backup", values, kind=kind)
 
 
 def _markdown(report: BackupReport, repo_url: str, error: str | None = None) -> str:
     ratio = report.raw_bytes / report.stored_bytes if report.stored_bytes else 0.0
     thr = report.raw_bytes / report.stream_seconds / 2**20 if report.stream_seconds else 0.0
     status = "FAILED" if error else ("dry run: nothing written" if report.dry_run else "complete")
-    lines = [
-        f"# Backup {report.backup_id}: {status}",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| kind | {report.kind} |",
-        f"| repository | {repo_url} |",
-        f"| raw size | {human_bytes(report.raw_bytes)} |",
-        f"| stored size | {human_bytes(report.stored_bytes)} (ratio {ratio:.2f}) |",
-        f"| stream | {report.stream_seconds:.1f} s ({thr:.0f} MiB/s) |",
-        f"| verify | {report.verify_seconds:.1f} s |",
-        f"| total | {report.total_seconds:.1f} s |",
-        f"| WAL | {report.start_lsn or '-'} .. {report.stop_lsn or '-'} |",
-    ]
+    rows: list[tuple[str, object]] = [("kind", report.kind), ("repository", repo_url)]
     if report.databases:
-        lines.insert(6, f"| databases | {', '.join(report.databases)} |")
+        rows.append(("databases", ", ".join(report.databases)))
+    rows += [
+        ("raw size", human_bytes(report.raw_bytes)),
+        ("stored size", f"{human_bytes(report.stored_bytes)} (ratio {ratio:.2f})"),
+        ("stream", f"{report.stream_seconds:.1f} s ({thr:.0f} MiB/s)"),
+        ("verify", f"{report.verify_seconds:.1f} s"),
+        ("total", f"{report.total_seconds:.1f} s"),
+        ("WAL", f"{report.start_lsn or '-'} .. {report.stop_lsn or '-'}"),
+    ]
+    lines = [f"# Backup {report.backup_id}: {status}", "", *kv_table(rows)]
     if report.warnings:
-        lines += ["", "## Not in this backup", *[f"- {m}" for m in report.warnings]]
+        lines += section("Not in this backup", bullets(report.warnings))
     if report.messages:
-        lines += ["", "## Checks", *[f"- {m}" for m in report.messages]]
+        lines += section("Checks", bullets(report.messages))
     if error:
         lines += [
             "",
@@ -155,7 +155,7 @@ def _markdown(report: BackupReport, repo_url: str, error: str | None = None) -> 
             "",
             "Nothing of this attempt is listed; fix the cause and run the backup again.",
         ]
-    return "\n".join(lines) + "\n"
+    return document(lines)
 
 
 @flow(name="backup", log_prints=False)
@@ -176,7 +176,7 @@ def backup_flow(
     """
     t0 = time.monotonic()
     cfg, repo = load(config_path)
-    artifact_key = f"backup-report-{cfg.cluster}".replace("_", "-")
+    artifact_key = report_key("backup", cfg.cluster)
     cfg = follow_primary(cfg, repo, "backup", artifact_key)
     pre = None
     report = None
@@ -188,11 +188,7 @@ def backup_flow(
         )
         if dry_run:
             report.total_seconds = time.monotonic() - t0
-            create_markdown_artifact(
-                markdown=_markdown(report, repo.url),
-                key=artifact_key,
-                description=f"dry run of a {kind} backup",
-            )
+            publish_report(artifact_key, _markdown(report, repo.url), f"dry run of a {kind} backup")
             return report
         acquire_backup_lock(repo, pre.backup_id)
         locked = True
@@ -220,22 +216,14 @@ def backup_flow(
                 logger().error("cleanup failed: %s", one_line(cleanup_exc))
         failed = report or BackupReport(backup_id=pre.backup_id if pre else "-", kind=kind, dry_run=dry_run)
         failed.total_seconds = time.monotonic() - t0
-        create_markdown_artifact(
-            markdown=_markdown(failed, repo.url, one_line(exc)),
-            key=artifact_key,
-            description=f"failed {kind} backup",
-        )
+        publish_report(artifact_key, _markdown(failed, repo.url, one_line(exc)), f"failed {kind} backup")
         if not dry_run:
             push_backup_metrics(cfg, kind, None, failed=True)
         raise
     finally:
         if locked and pre is not None:
             release_backup_lock(repo, pre.backup_id)
-    create_markdown_artifact(
-        markdown=_markdown(report, repo.url),
-        key=artifact_key,
-        description=f"{kind} backup {report.backup_id}",
-    )
+    publish_report(artifact_key, _markdown(report, repo.url), f"{kind} backup {report.backup_id}")
     push_backup_metrics(cfg, kind, report, failed=False)
     logger().info("backup %s complete at %s", report.backup_id, datetime.now(UTC).isoformat())
     return report

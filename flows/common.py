@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -36,6 +37,26 @@ def logger() -> Any:
     return get_run_logger()
 
 
+def publish_report(key: str, markdown: str, description: str | None = None) -> None:
+    """Publish a flow's report: the one place flows create their markdown artifact (keys and
+    tables come from tasks.reporting)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(key=key, markdown=markdown, description=description)
+
+
+def push_flow_metrics(cfg: Config, job: str, values: Mapping[str, float], **labels: str) -> None:
+    """Push a flow's metrics (names from the catalog in tasks.metrics), grouped by job, cluster
+    and ``labels``; a Pushgateway that does not answer is a warning, never a failed run."""
+    from tasks.errors import DRError, one_line
+    from tasks.metrics import push_metrics
+
+    try:
+        push_metrics(cfg.metrics.pushgateway, job, {"cluster": cfg.cluster, **labels}, values)
+    except DRError as exc:
+        logger().warning("metrics not pushed: %s", one_line(exc))
+
+
 @task(name="find-primary", cache_policy=NO_CACHE)
 def follow_primary(cfg: Config, repo: Repository | None, job: str, artifact_key: str) -> Config:
     """The config pointed at the node that is the primary now (after a failover, not the configured one).
@@ -44,33 +65,22 @@ def follow_primary(cfg: Config, repo: Repository | None, job: str, artifact_key:
     ``gravl_split_brain 1`` for the flow's job, and the flow fails. Nothing is backed up or
     checked against whichever node answered first.
     """
-    from prefect.artifacts import create_markdown_artifact
-
-    from tasks.errors import DRError, one_line
-    from tasks.metrics import push_metrics
+    from tasks.errors import one_line
     from tasks.roles import SplitBrain
     from tasks.topology import find_primary
 
     def alarm(value: float) -> None:
-        try:
-            push_metrics(
-                cfg.metrics.pushgateway,
-                job,
-                {"cluster": cfg.cluster},
-                {"gravl_split_brain": (value, "1 when more than one node runs as a primary")},
-            )
-        except DRError as exc:
-            logger().warning("metrics not pushed: %s", one_line(exc))
+        push_flow_metrics(cfg, job, {"gravl_split_brain": value})
 
     try:
         followed, choice = find_primary(cfg, repo)
     except SplitBrain as exc:
         alarm(1.0)
-        create_markdown_artifact(
-            key=artifact_key,
-            description=f"{job} of {cfg.cluster}: SPLIT BRAIN",
-            markdown=f"# {job}: SPLIT BRAIN — nothing done\n\n`{one_line(exc)}`\n\n"
+        publish_report(
+            artifact_key,
+            f"# {job}: SPLIT BRAIN — nothing done\n\n`{one_line(exc)}`\n\n"
             "Fence one of the nodes (stop it), then re-run.\n",
+            f"{job} of {cfg.cluster}: SPLIT BRAIN",
         )
         logger().error("%s", one_line(exc))
         raise

@@ -17,17 +17,17 @@ from pathlib import Path
 from typing import Annotated
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from flows.backup import backup_flow
-from flows.common import human_bytes, logger
+from flows.common import human_bytes, logger, publish_report
 from flows.drill import run_drill
 from flows.restore import restore_flow
 from tasks.errors import PermanentError
 from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir
 from tasks.postgres import connection, database_digest
+from tasks.reporting import bullets, document, report_key
 from tasks.sample import create_database, load_sample
 
 
@@ -197,11 +197,9 @@ def demo_flow(
             logical_restore_seconds=restored_l.seconds,
             lines=lines,
         )
-        create_markdown_artifact(
-            key="demo-report-gravl-demo",
-            markdown=f"# gravl-dr demo: {'OK' if report.ok else 'FAILED'}\n\n"
-            + "\n".join(f"- {ln}" for ln in lines)
-            + "\n",
+        publish_report(
+            report_key("demo", "gravl-demo"),
+            document([f"# gravl-dr demo: {'OK' if report.ok else 'FAILED'}", "", *bullets(lines)]),
         )
         return report
     finally:

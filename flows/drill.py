@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows.common import NETWORK_RETRIES, human_bytes, load, logger
+from flows.common import NETWORK_RETRIES, human_bytes, load, logger, publish_report, push_flow_metrics
 from flows.params import BackupKind, BackupRef, ConfigPath, OptionalTime
 from tasks import backup as bsteps
 from tasks import drill as dsteps
@@ -34,7 +33,6 @@ from tasks import restore as rsteps
 from tasks.config import Config, config_path
 from tasks.drill import CheckResult, DrillFailed, DrillInstance, DrillReport
 from tasks.errors import DRError, PreconditionFailed, one_line
-from tasks.metrics import push_metrics
 from tasks.models import Manifest, parse_lsn, wal_name_from_segno, wal_segno
 from tasks.recovery import (
     RecoveryOutcome,
@@ -45,6 +43,7 @@ from tasks.recovery import (
     write_recovery_settings,
 )
 from tasks.replay import names_past_backup, past_backup, recovered_to
+from tasks.reporting import report_key
 from tasks.repository import Repository
 from tasks.wal import WalSettings, find_object
 
@@ -689,27 +688,19 @@ def push_drill_metrics(cfg: Config, report: DrillReport, kind: str) -> None:
     """Grouped by cluster and the kind of backup drilled: a logical drill's success must not
     hide a failed physical one."""
     now = time.time()
-    values: dict[str, tuple[float, str]] = {
-        "gravl_drill_success": (1.0 if report.passed else 0.0, "1 if the last restore drill passed"),
-        "gravl_drill_last_run_timestamp_seconds": (now, "Time of the last restore drill"),
-        "gravl_drill_duration_seconds": (report.total_seconds, "Wall time of the last restore drill"),
-        "gravl_drill_failed_checks": (float(len(report.failed_checks)), "Failed checks in the last drill"),
+    values: dict[str, float] = {
+        "gravl_drill_success": 1.0 if report.passed else 0.0,
+        "gravl_drill_last_run_timestamp_seconds": now,
+        "gravl_drill_duration_seconds": report.total_seconds,
+        "gravl_drill_failed_checks": float(len(report.failed_checks)),
     }
     if report.rto_seconds is not None:
-        values["gravl_drill_rto_seconds"] = (report.rto_seconds, "Measured restore RTO of the last drill")
+        values["gravl_drill_rto_seconds"] = report.rto_seconds
     if report.rpo_seconds is not None:
-        values["gravl_drill_rpo_seconds"] = (report.rpo_seconds, "Data age (RPO) of the last drilled restore")
+        values["gravl_drill_rpo_seconds"] = report.rpo_seconds
     if report.passed:
-        values["gravl_drill_last_success_timestamp_seconds"] = (now, "Time of the last passed restore drill")
-    try:
-        push_metrics(
-            cfg.metrics.pushgateway,
-            "drill",
-            {"cluster": cfg.cluster, "kind": report.backup_kind or kind},
-            values,
-        )
-    except DRError as exc:
-        logger().warning("metrics not pushed: %s", one_line(exc))
+        values["gravl_drill_last_success_timestamp_seconds"] = now
+    push_flow_metrics(cfg, "drill", values, kind=report.backup_kind or kind)
 
 
 def suites_dir(cfg: Config, config_file: str | None) -> Path | None:
@@ -797,11 +788,7 @@ def drill_flow(
         logger().error("report not stored in the repository: %s", one_line(exc))
         report.passed = False
         report.error = report.error or f"report not stored: {one_line(exc)}"
-    create_markdown_artifact(
-        markdown=dsteps.render_markdown(report),
-        key=f"drill-report-{cfg.cluster}".replace("_", "-"),
-        description=report.verdict(),
-    )
+    publish_report(report_key("drill", cfg.cluster), dsteps.render_markdown(report), report.verdict())
     push_drill_metrics(cfg, report, kind)
     if not report.passed:
         raise DrillFailed(report)

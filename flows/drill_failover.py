@@ -10,14 +10,15 @@ import time
 from typing import Annotated
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
+from flows.common import publish_report, push_flow_metrics
 from flows.failback import FailbackReport, failback_flow
-from flows.failover import FailoverReport, failover_flow, markdown_table, push_dr_metrics
+from flows.failover import FailoverReport, failover_flow
 from flows.params import ConfigPath, OptionalText
 from tasks.config import load_config
 from tasks.failover import DEFAULT_MAX_LAG_BYTES
+from tasks.reporting import document, kv_table, report_key
 
 JOB = "drill-failover"
 
@@ -77,36 +78,23 @@ def drill_failover_flow(
         ("failover DNS", fo.dns.detail if fo.dns else "-"),
         ("failback DNS", fb.dns.detail if fb.dns else "-"),
     ]
-    md = (
-        "\n".join(
-            [
-                f"# Failover drill of {cfg.cluster}: passed",
-                "",
-                *markdown_table(rows),
-                "",
-                "Full reports: artifacts `failover-report-*` and `failback-report-*`.",
-            ]
-        )
-        + "\n"
+    md = document(
+        [
+            f"# Failover drill of {cfg.cluster}: passed",
+            "",
+            *kv_table(rows),
+            "",
+            "Full reports: artifacts `failover-report-*` and `failback-report-*`.",
+        ]
     )
-    create_markdown_artifact(
-        markdown=md,
-        key=f"drill-failover-report-{cfg.cluster}".replace("_", "-"),
-        description=f"failover drill of {cfg.cluster}",
-    )
-    push_dr_metrics(
+    publish_report(report_key(JOB, cfg.cluster), md, f"failover drill of {cfg.cluster}")
+    push_flow_metrics(
         cfg,
         JOB,
         {
-            "gravl_drill_failover_last_success_timestamp_seconds": (
-                time.time(),
-                "Last passed failover drill",
-            ),
-            "gravl_drill_failover_rto_seconds": (fo.rto_seconds or 0.0, "Failover drill: RTO"),
-            "gravl_drill_failover_switchover_unavailable_seconds": (
-                so.unavailable_seconds if so else 0.0,
-                "Failover drill: failback write unavailability",
-            ),
+            "gravl_drill_failover_last_success_timestamp_seconds": time.time(),
+            "gravl_drill_failover_rto_seconds": fo.rto_seconds or 0.0,
+            "gravl_drill_failover_switchover_unavailable_seconds": so.unavailable_seconds if so else 0.0,
         },
     )
     return DrillFailoverReport(cluster=cfg.cluster, failover=fo, failback=fb)

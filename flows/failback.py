@@ -48,6 +48,7 @@ from tasks.errors import DRError, one_line
 from tasks.failover import FailbackPlan, NodeState, Refused, Step, plan_failback
 from tasks.hooks import HookResult, ReconnectEvent
 from tasks.node_steps import HERE, NodeStepArgs, NodeStepName, NodeStepResult, step_location
+from tasks.reporting import report_key
 from tasks.topology import (
     CanaryResult,
     CleanStop,
@@ -510,7 +511,7 @@ def failback_flow(
     cfg = load_config(config_path)
     nodes = resolve_nodes(cfg)
     check_dns_config(cfg.dns)
-    key = f"failback-report-{cfg.cluster}".replace("_", "-")
+    key = report_key("failback", cfg.cluster)
     home = cfg.primary
     report = FailbackReport(cluster=cfg.cluster, home=home.name, started_at=tl.started)
     try:

@@ -37,6 +37,7 @@ from tasks.failover import (
 from tasks.hooks import HookResult, ReconnectEvent, run_hooks
 from tasks.metrics import push_metrics
 from tasks.node_steps import NodeStepArgs
+from tasks.reporting import report_key
 from tasks.topology import (
     CanaryResult,
     FenceResult,
@@ -541,7 +542,7 @@ def failover_flow(
     cfg = load_config(config_path)
     nodes = resolve_nodes(cfg)
     check_dns_config(cfg.dns)
-    key = f"failover-report-{cfg.cluster}".replace("_", "-")
+    key = report_key("failover", cfg.cluster)
     report = FailoverReport(
         cluster=cfg.cluster, old_primary=cfg.primary.name, planned=planned, started_at=tl.started
     )
@@ -556,7 +557,7 @@ def failover_flow(
         plan: FailoverPlan = plan_failover(
             primary_state, replica_states, max_lag_bytes=max_lag_bytes, force=force, planned=planned
         )
-        report.plan = [s.describe() for s in plan.steps]
+        report.plan = plan.step_lines()
         report.notes = list(plan.notes)
         report.new_primary, report.already_promoted = plan.target, plan.already_promoted
         report.reference_lsn = plan.reference_lsn

@@ -8,18 +8,15 @@ server itself says it reached, failing when that is short of the target."""
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, WithJsonSchema
 
-from flows.common import NETWORK_RETRIES, human_bytes, load, logger
+from flows.common import NETWORK_RETRIES, human_bytes, load, logger, publish_report
 from flows.params import BackupRef, ConfigPath, OptionalPort, OptionalText, OptionalTextList, OptionalTime
-from tasks import backup as bsteps
 from tasks import recovery as rec
 from tasks import restore as rsteps
 from tasks import wal as walsteps
@@ -31,6 +28,7 @@ from tasks.models import Manifest, format_lsn
 from tasks.pgcluster import LocalCluster, free_port
 from tasks.postgres import safe_dsn
 from tasks.replay import ArchiveView, archive_view, describe_archive_view
+from tasks.reporting import bullets, document, kv_table, report_key, section
 from tasks.repository import Repository
 
 
@@ -53,19 +51,6 @@ class RestoreReport(BaseModel):
     recovery_seconds: float | None = None
     databases: list[str] = []
     not_carried_over: list[str] = []
-
-
-@task(name="select-backup", cache_policy=NO_CACHE, **NETWORK_RETRIES)
-def select_backup(repo: Repository, ref: str, kind: str | None, cluster: str) -> Manifest:
-    manifest = bsteps.resolve_backup(repo, ref, kind=kind, cluster=cluster)
-    logger().info(
-        "restoring backup %s (%s, %s, ended %s)",
-        manifest.id,
-        manifest.kind,
-        human_bytes(manifest.raw_bytes),
-        manifest.stop_time.isoformat(),
-    )
-    return manifest
 
 
 @task(name="restore-physical", cache_policy=NO_CACHE)
@@ -115,17 +100,11 @@ def restore_cluster(
     return res
 
 
-@task(name="select-backup-for-target", cache_policy=NO_CACHE, **NETWORK_RETRIES)
-def select_backup_for_target(
-    repo: Repository, ref: str, cluster: str, target: rec.RecoveryTarget
+@task(name="select-backup", cache_policy=NO_CACHE, **NETWORK_RETRIES)
+def select_backup(
+    repo: Repository, ref: str, cluster: str, kind: str, target: rec.RecoveryTarget
 ) -> Manifest:
-    now = datetime.now(UTC)
-    if ref == "latest":
-        manifest = rec.choose_backup(bsteps.list_backups(repo, cluster, check=True), target, now)
-    else:
-        manifest = bsteps.resolve_backup(repo, ref, cluster=cluster)
-    if manifest.kind == "physical":
-        rec.check_target_for_backup(manifest, target, now)
+    manifest = rec.select_backup_for_restore(repo, ref, cluster, kind, target)
     logger().info(
         "restoring backup %s (%s, %s, ended %s at %s) to reach %s",
         manifest.id,
@@ -242,6 +221,35 @@ def stop_restored_server(cfg: Config, pgdata: str, port: int) -> str:
 LSN_PATTERN = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"
 
 
+def _markdown(manifest: Manifest, report: RestoreReport, where: str, physical_target: bool) -> str:
+    rows: list[tuple[str, object]] = [
+        ("kind", manifest.kind),
+        ("target", where),
+        ("data", human_bytes(report.raw_bytes)),
+        ("verification", "while reading, one pass"),
+        ("total (RTO)", f"{report.seconds:.1f} s"),
+        ("started", f"port {report.port}" if report.started else "no"),
+    ]
+    if physical_target:
+        rows += [
+            ("recovery target", report.target_point),
+            ("WAL archive used", "yes" if report.archive_used else "no (nothing after the backup)"),
+        ]
+    if report.reached_lsn:
+        rows += [
+            ("reached LSN", f"{report.reached_lsn} (timeline {report.timeline})"),
+            ("last replayed transaction", report.last_xact_time or "-"),
+            ("server's record", report.stop_message or "end of WAL"),
+            ("recovery", f"{report.recovery_seconds or 0:.1f} s"),
+        ]
+    if report.databases:
+        rows.append(("databases", ", ".join(report.databases)))
+    lines = [f"# Restore of {manifest.id}: complete", "", *kv_table(rows)]
+    if report.not_carried_over:
+        lines += section("What PostgreSQL did not carry over", ["", *bullets(report.not_carried_over)])
+    return document(lines)
+
+
 @flow(name="restore")
 def restore_flow(
     config_path: ConfigPath = None,
@@ -313,10 +321,7 @@ def restore_flow(
         raise PreconditionFailed("a recovery target needs a physical restore (--pgdata)")
     t0 = time.monotonic()
     kind = "physical" if pgdata else "logical"
-    if pgdata:
-        manifest = select_backup_for_target(repo, backup, cfg.cluster, target)
-    else:
-        manifest = select_backup(repo, backup, kind if backup == "latest" else None, cfg.cluster)
+    manifest = select_backup(repo, backup, cfg.cluster, kind, target)
     try:
         if pgdata:
             view = inspect_wal_archive(repo, manifest)
@@ -398,42 +403,13 @@ def restore_flow(
                 report.recovery_seconds = outcome.seconds
         report.seconds = time.monotonic() - t0
     except BaseException as exc:
-        create_markdown_artifact(
-            key=f"restore-report-{cfg.cluster}".replace("_", "-"),
-            markdown=f"# Restore of {manifest.id}: FAILED\n\n`{one_line(exc)}`\n\n"
+        publish_report(
+            report_key("restore", cfg.cluster),
+            f"# Restore of {manifest.id}: FAILED\n\n`{one_line(exc)}`\n\n"
             "The restore did not complete: do not use the target directory; empty it before "
             "trying again.\n",
         )
         raise
     where = report.target if pgdata else safe_dsn(dsn or "")
-    create_markdown_artifact(
-        key=f"restore-report-{cfg.cluster}".replace("_", "-"),
-        markdown=(
-            f"# Restore of {manifest.id}: complete\n\n| | |\n|---|---|\n| kind | {manifest.kind} |\n"
-            f"| target | {where} |\n| data | {human_bytes(report.raw_bytes)} |\n"
-            f"| verification | while reading, one pass |\n| total (RTO) | {report.seconds:.1f} s |\n"
-            f"| started | {f'port {report.port}' if report.started else 'no'} |\n"
-            + (
-                f"| recovery target | {report.target_point} |\n"
-                f"| WAL archive used | {'yes' if report.archive_used else 'no (nothing after the backup)'} |\n"
-                if pgdata
-                else ""
-            )
-            + (
-                f"| reached LSN | {report.reached_lsn} (timeline {report.timeline}) |\n"
-                f"| last replayed transaction | {report.last_xact_time or '-'} |\n"
-                f"| server's record | {report.stop_message or 'end of WAL'} |\n"
-                f"| recovery | {report.recovery_seconds or 0:.1f} s |\n"
-                if report.reached_lsn
-                else ""
-            )
-            + (f"| databases | {', '.join(report.databases)} |\n" if report.databases else "")
-            + (
-                "\n## What PostgreSQL did not carry over\n\n"
-                + "".join(f"- {n}\n" for n in report.not_carried_over)
-                if report.not_carried_over
-                else ""
-            )
-        ),
-    )
+    publish_report(report_key("restore", cfg.cluster), _markdown(manifest, report, where, bool(pgdata)))
     return report

@@ -10,16 +10,14 @@ import time
 from datetime import UTC, datetime, timedelta
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows.common import NETWORK_RETRIES, load, logger
+from flows.common import NETWORK_RETRIES, load, logger, publish_report, push_flow_metrics
 from flows.params import ConfigPath
 from tasks import retention as steps
 from tasks.config import Config
-from tasks.errors import DRError, one_line
-from tasks.metrics import push_metrics
+from tasks.reporting import bullets, document, kv_table, report_key, section
 from tasks.repository import Repository
 
 
@@ -139,25 +137,13 @@ def expire_wal(repo: Repository, plan: steps.RetentionPlan) -> int:
 @task(name="push-retention-metrics", cache_policy=NO_CACHE)
 def push_retention_metrics(cfg: Config, report: RetentionReport) -> None:
     values = {
-        "gravl_expire_last_success_timestamp_seconds": (time.time(), "Time of the last retention run"),
-        "gravl_expire_backups_kept": (float(len(report.kept)), "Backups kept by the last retention run"),
-        "gravl_expire_backups_expired": (
-            float(len(report.expired)),
-            "Backups expired by the last retention run",
-        ),
-        "gravl_expire_wal_expired": (
-            float(report.wal_expired),
-            "WAL files expired by the last retention run",
-        ),
-        "gravl_expire_backups_broken": (
-            float(len(report.broken) + len(report.invalid)),
-            "Backups found broken or with an unreadable manifest",
-        ),
+        "gravl_expire_last_success_timestamp_seconds": time.time(),
+        "gravl_expire_backups_kept": float(len(report.kept)),
+        "gravl_expire_backups_expired": float(len(report.expired)),
+        "gravl_expire_wal_expired": float(report.wal_expired),
+        "gravl_expire_backups_broken": float(len(report.broken) + len(report.invalid)),
     }
-    try:
-        push_metrics(cfg.metrics.pushgateway, "expire", {"cluster": cfg.cluster}, values)
-    except DRError as exc:
-        logger().warning("metrics not pushed: %s", one_line(exc))
+    push_flow_metrics(cfg, "expire", values)
 
 
 def _markdown(report: RetentionReport, cfg: Config, repo_url: str) -> str:
@@ -168,17 +154,19 @@ def _markdown(report: RetentionReport, cfg: Config, repo_url: str) -> str:
         f"Policy: keep the newest {cfg.retention.min_full} backup(s) of each kind and every backup "
         f"that ended within {cfg.retention.full_days} days; keep the WAL they need.",
         "",
-        "| | |",
-        "|---|---|",
-        f"| repository | {repo_url} |",
-        f"| backups kept | {len(report.kept)} |",
-        f"| backups {'to expire' if report.dry_run else 'expired'} | {len(report.expired)} |",
-        f"| orphaned objects | {report.orphan_objects} |",
-        f"| leftovers of killed runs | {len(report.leftovers)} ({report.leftover_bytes} bytes) |",
-        f"| WAL files {'to expire' if report.dry_run else 'expired'} | {report.wal_expired} |",
-        f"| WAL files kept | {report.wal_kept} |",
-        f"| WAL kept from | {', '.join(report.wal_kept_from) or 'everything'} |",
-        f"| took | {report.seconds:.1f} s |",
+        *kv_table(
+            [
+                ("repository", repo_url),
+                ("backups kept", len(report.kept)),
+                (f"backups {'to expire' if report.dry_run else 'expired'}", len(report.expired)),
+                ("orphaned objects", report.orphan_objects),
+                ("leftovers of killed runs", f"{len(report.leftovers)} ({report.leftover_bytes} bytes)"),
+                (f"WAL files {'to expire' if report.dry_run else 'expired'}", report.wal_expired),
+                ("WAL files kept", report.wal_kept),
+                ("WAL kept from", ", ".join(report.wal_kept_from) or "everything"),
+                ("took", f"{report.seconds:.1f} s"),
+            ]
+        ),
     ]
     bad = {**report.broken, **report.invalid}
     if bad:
@@ -188,20 +176,20 @@ def _markdown(report: RetentionReport, cfg: Config, repo_url: str) -> str:
             f"**{len(bad)} backup(s) cannot be restored; they are not counted toward "
             "min_full. Look at them now.**",
         ]
-        lines += ["", "## Broken or invalid backups", *[f"- `{b}`: {why}" for b, why in sorted(bad.items())]]
+        lines += section(
+            "Broken or invalid backups", bullets(f"`{b}`: {why}" for b, why in sorted(bad.items()))
+        )
     if report.verified:
-        lines += ["", "## Re-read in full before counting", *[f"- `{b}`" for b in report.verified]]
+        lines += section("Re-read in full before counting", bullets(f"`{b}`" for b in report.verified))
     if report.expired:
-        lines += ["", "## Expired backups", *[f"- `{b}`" for b in report.expired]]
+        lines += section("Expired backups", bullets(f"`{b}`" for b in report.expired))
     if report.leftovers:
-        lines += [
-            "",
-            "## Leftovers swept" if not report.dry_run else "## Leftovers to sweep",
-            *[f"- {x}" for x in report.leftovers],
-        ]
+        lines += section(
+            "Leftovers to sweep" if report.dry_run else "Leftovers swept", bullets(report.leftovers)
+        )
     if report.notes:
-        lines += ["", "## Notes", *[f"- {n}" for n in report.notes]]
-    return "\n".join(lines) + "\n"
+        lines += section("Notes", bullets(report.notes))
+    return document(lines)
 
 
 @flow(name="expire", log_prints=False)
@@ -235,10 +223,10 @@ def expire_flow(config_path: ConfigPath = None, dry_run: bool = False) -> Retent
         expire_backups(repo, plan)
         expire_wal(repo, plan)
     report.seconds = time.monotonic() - t0
-    create_markdown_artifact(
-        markdown=_markdown(report, cfg, repo.url),
-        key=f"expire-report-{cfg.cluster}".replace("_", "-"),
-        description="retention dry run" if dry_run else "retention run",
+    publish_report(
+        report_key("expire", cfg.cluster),
+        _markdown(report, cfg, repo.url),
+        "retention dry run" if dry_run else "retention run",
     )
     if not dry_run:
         push_retention_metrics(cfg, report)

@@ -8,13 +8,13 @@ a holder alive on the worker's host is never removed, one on another host only w
 from __future__ import annotations
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import NETWORK_RETRIES, load, logger
+from flows.common import NETWORK_RETRIES, load, logger, publish_report
 from flows.params import ConfigPath
 from tasks import backup as steps
 from tasks.errors import one_line
+from tasks.reporting import document, kv_table, report_key
 from tasks.repository import Repository
 
 
@@ -45,22 +45,17 @@ def unlock_flow(config_path: ConfigPath = None, force: bool = False) -> str:
             worker's host is never removed.
     """
     cfg, repo = load(config_path)
-    key = f"unlock-report-{cfg.cluster}".replace("_", "-")
+    key = report_key("unlock", cfg.cluster)
     held = read_lock(repo)
     try:
         done = break_lock(repo, force) if held is not None else f"no backup lock is held in {repo.url}"
     except Exception as exc:
-        create_markdown_artifact(
-            key=key,
-            description="lock kept",
-            markdown=f"# Unlock of {cfg.cluster}: lock kept\n\n| | |\n|---|---|\n| lock | {held} |\n"
-            f"| why kept | {one_line(exc)} |\n",
+        rows: list[tuple[str, object]] = [("lock", held), ("why kept", one_line(exc))]
+        publish_report(
+            key, document([f"# Unlock of {cfg.cluster}: lock kept", "", *kv_table(rows)]), "lock kept"
         )
         raise
-    create_markdown_artifact(
-        key=key,
-        description=done,
-        markdown=f"# Unlock of {cfg.cluster}: {'removed' if held else 'nothing to do'}\n\n| | |\n|---|---|\n"
-        f"| lock | {held or 'none'} |\n| result | {done} |\n",
-    )
+    rows = [("lock", held or "none"), ("result", done)]
+    title = f"# Unlock of {cfg.cluster}: {'removed' if held else 'nothing to do'}"
+    publish_report(key, document([title, "", *kv_table(rows)]), done)
     return done

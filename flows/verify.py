@@ -7,16 +7,16 @@ is the operator's button for it in the UI, with a report: artifact ``verify-repo
 from __future__ import annotations
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows.common import NETWORK_RETRIES, human_bytes, load, logger
+from flows.common import NETWORK_RETRIES, human_bytes, load, logger, publish_report
 from flows.params import BackupKind, BackupRef, ConfigPath
 from tasks import backup as steps
 from tasks.config import Config
 from tasks.errors import one_line
 from tasks.models import Manifest, check_backup_ref
+from tasks.reporting import document, kv_table, report_key
 from tasks.repository import Repository
 
 
@@ -84,26 +84,28 @@ def verify_flow(
     """
     check_backup_ref(backup)
     cfg, repo = load(config_path)
-    key = f"verify-report-{cfg.cluster}".replace("_", "-")
+    key = report_key("verify", cfg.cluster)
     try:
         manifest = pick_backup(repo, backup, kind, cfg.cluster)
         report = verify_backup(cfg, repo, manifest, deep)
     except BaseException as exc:
-        create_markdown_artifact(
-            key=key,
-            description=f"verify {backup}: FAILED",
-            markdown=f"# Verify of {backup}: FAILED\n\n`{one_line(exc)}`\n\nDo not count on this backup: "
+        publish_report(
+            key,
+            f"# Verify of {backup}: FAILED\n\n`{one_line(exc)}`\n\nDo not count on this backup: "
             "take a new one, then find out what damaged it (the error names the object).\n",
+            f"verify {backup}: FAILED",
         )
         raise
-    create_markdown_artifact(
-        key=key,
-        description=f"verify {report.backup_id}: OK",
-        markdown=(
-            f"# Verify of {report.backup_id}: OK\n\n| | |\n|---|---|\n| kind | {report.kind} |\n"
-            f"| objects | {report.objects} |\n| read | {human_bytes(report.bytes_read)} |\n"
-            f"| checked | {'stored and decoded bytes' if deep else 'stored bytes'} (SHA-256) |\n"
-            f"| took | {report.seconds:.1f} s |\n"
-        ),
+    rows: list[tuple[str, object]] = [
+        ("kind", report.kind),
+        ("objects", report.objects),
+        ("read", human_bytes(report.bytes_read)),
+        ("checked", f"{'stored and decoded bytes' if deep else 'stored bytes'} (SHA-256)"),
+        ("took", f"{report.seconds:.1f} s"),
+    ]
+    publish_report(
+        key,
+        document([f"# Verify of {report.backup_id}: OK", "", *kv_table(rows)]),
+        f"verify {report.backup_id}: OK",
     )
     return report

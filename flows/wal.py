@@ -21,11 +21,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from flows.common import NETWORK_RETRIES, follow_primary, human_bytes, load, logger
+from flows.common import (
+    NETWORK_RETRIES,
+    follow_primary,
+    human_bytes,
+    load,
+    logger,
+    publish_report,
+    push_flow_metrics,
+)
 from flows.params import ConfigPath
 from tasks import walcheck
 from tasks.config import Config
@@ -33,6 +40,7 @@ from tasks.errors import DRError, one_line
 from tasks.metrics import push_metrics
 from tasks.postgres import PrimaryStatus, safe_dsn
 from tasks.postgres import observe_primary as pg_observe_primary
+from tasks.reporting import bullets, document, kv_table, report_key, section, table
 from tasks.repository import Repository
 from tasks.wal import WalSettings, list_archive
 
@@ -108,24 +116,14 @@ def _push_replication(cfg: Config, status: PrimaryStatus | None) -> None:
         cfg.metrics.pushgateway,
         JOB,
         {"cluster": cfg.cluster},
-        {
-            "gravl_primary_up": (
-                1.0 if status.up and not status.in_recovery else 0.0,
-                "1 when the configured primary accepts connections and is not in recovery",
-            )
-        },
+        {"gravl_primary_up": 1.0 if status.up and not status.in_recovery else 0.0},
     )
     for r in status.replicas:
         push_metrics(
             cfg.metrics.pushgateway,
             JOB,
             {"cluster": cfg.cluster, "replica": r.name},
-            {
-                "gravl_replication_lag_bytes": (
-                    float(r.replay_lag_bytes),
-                    "Bytes of WAL the replica has not replayed yet",
-                )
-            },
+            {"gravl_replication_lag_bytes": float(r.replay_lag_bytes)},
         )
 
 
@@ -138,96 +136,74 @@ def push_wal_metrics(
         _push_replication(cfg, status)
     except DRError as exc:
         logger().warning("replication metrics not pushed: %s", one_line(exc))
-    values: dict[str, tuple[float, str]] = {}
+    values: dict[str, float] = {}
     if report is not None:
         a = report.archiver
         values.update(
             {
-                "gravl_wal_archive_gaps": (
-                    float(len(report.gaps)),
-                    "Missing segment ranges in the WAL archive",
-                ),
-                "gravl_wal_archive_problems": (float(len(report.problems)), "WAL archive problems found"),
-                "gravl_wal_archived_files": (float(report.archived_files), "Files in the WAL archive"),
+                "gravl_wal_archive_gaps": float(len(report.gaps)),
+                "gravl_wal_archive_problems": float(len(report.problems)),
+                "gravl_wal_archived_files": float(report.archived_files),
             }
         )
         if report.lag_bytes is not None:
-            values["gravl_wal_archive_lag_bytes"] = (
-                float(report.lag_bytes),
-                "WAL written but not yet archived",
-            )
+            values["gravl_wal_archive_lag_bytes"] = float(report.lag_bytes)
         if report.lag_seconds is not None:
-            values["gravl_wal_archive_lag_seconds"] = (report.lag_seconds, "Age of unarchived WAL")
+            values["gravl_wal_archive_lag_seconds"] = report.lag_seconds
         if a is not None and a.reachable:
-            values["gravl_wal_archiver_failed_count"] = (
-                float(a.failed_count),
-                "pg_stat_archiver.failed_count",
-            )
-            values["gravl_wal_archiver_archived_count"] = (
-                float(a.archived_count),
-                "pg_stat_archiver.archived_count",
-            )
+            values["gravl_wal_archiver_failed_count"] = float(a.failed_count)
+            values["gravl_wal_archiver_archived_count"] = float(a.archived_count)
             if a.last_archived_time is not None:
-                values["gravl_wal_last_archived_timestamp_seconds"] = (
-                    a.last_archived_time.timestamp(),
-                    "When the server last archived a file",
-                )
+                values["gravl_wal_last_archived_timestamp_seconds"] = a.last_archived_time.timestamp()
             if a.ready_count is not None:
-                values["gravl_wal_ready_files"] = (float(a.ready_count), "Files waiting to be archived")
+                values["gravl_wal_ready_files"] = float(a.ready_count)
     if failed or report is None or not report.ok:
-        values["gravl_wal_check_last_failure_timestamp_seconds"] = (now, "Time of the last failed WAL check")
+        values["gravl_wal_check_last_failure_timestamp_seconds"] = now
     else:
-        values["gravl_wal_check_last_success_timestamp_seconds"] = (now, "Time of the last good WAL check")
-    try:
-        push_metrics(cfg.metrics.pushgateway, JOB, {"cluster": cfg.cluster}, values)
-    except DRError as exc:
-        logger().warning("metrics not pushed: %s", one_line(exc))
+        values["gravl_wal_check_last_success_timestamp_seconds"] = now
+    push_flow_metrics(cfg, JOB, values)
 
 
 def _markdown(report: walcheck.WalCheckReport, error: str | None = None) -> str:
     status = "OK" if report.ok and not error else "PROBLEMS"
-    lines = [
-        f"# WAL archive of {report.cluster}: {status}",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| repository | {report.repository} |",
-        f"| oldest kept backup | {report.oldest_backup or '-'} (start {report.start_wal or '-'}) |",
-        f"| newest archived segment | {report.newest_segment or '-'} |",
-        f"| archived files | {report.archived_files} |",
+    rows: list[tuple[str, object]] = [
+        ("repository", report.repository),
+        ("oldest kept backup", f"{report.oldest_backup or '-'} (start {report.start_wal or '-'})"),
+        ("newest archived segment", report.newest_segment or "-"),
+        ("archived files", report.archived_files),
     ]
     if report.lag_bytes is not None:
-        lines.append(f"| archive lag | {human_bytes(report.lag_bytes)}, {report.lag_seconds or 0:.0f} s |")
+        rows.append(("archive lag", f"{human_bytes(report.lag_bytes)}, {report.lag_seconds or 0:.0f} s"))
     a = report.archiver
     if a is not None and a.reachable:
-        lines += [
-            f"| archiver | {a.archived_count} archived, {a.failed_count} failed |",
-            f"| last archived | {a.last_archived_wal or '-'} at {a.last_archived_time or '-'}"
-            f"{' (verified)' if report.last_archived_verified else ''} |",
-            f"| last failure | {a.last_failed_wal or '-'} at {a.last_failed_time or '-'} |",
-            f"| archive_timeout | {a.archive_timeout_s if a.archive_timeout_s is not None else '-'} s |",
+        verified = " (verified)" if report.last_archived_verified else ""
+        timeout = a.archive_timeout_s if a.archive_timeout_s is not None else "-"
+        rows += [
+            ("archiver", f"{a.archived_count} archived, {a.failed_count} failed"),
+            ("last archived", f"{a.last_archived_wal or '-'} at {a.last_archived_time or '-'}{verified}"),
+            ("last failure", f"{a.last_failed_wal or '-'} at {a.last_failed_time or '-'}"),
+            ("archive_timeout", f"{timeout} s"),
         ]
-    lines += ["", "## Timelines", "", "| timeline | segments | first | last |", "|---|---|---|---|"]
-    lines += [
-        f"| {s.timeline} | {s.segments} | {s.first or '-'} | {s.last or '-'} |" for s in report.timelines
-    ]
+    timelines = [(s.timeline, s.segments, s.first or "-", s.last or "-") for s in report.timelines]
+    lines = [f"# WAL archive of {report.cluster}: {status}", "", *kv_table(rows)]
+    lines += section("Timelines", ["", *table(("timeline", "segments", "first", "last"), timelines)])
     if report.gaps:
         lines += [
             "",
             "## Gaps",
-            *[f"- {g.describe()}" for g in report.gaps],
+            *bullets(g.describe() for g in report.gaps),
             "",
             "Recovery cannot pass a gap: take a new backup now (it starts a new continuous "
             "range), then find out why the files are missing.",
         ]
     if report.warnings:
-        lines += ["", "## Warnings", *[f"- {w}" for w in report.warnings]]
+        lines += section("Warnings", bullets(report.warnings))
     if report.problems or error:
-        lines += ["", "## Problems", *[f"- {p}" for p in report.problems]]
+        lines += section("Problems", bullets(report.problems))
         if error:
             lines.append(f"- `{error}`")
         lines += ["", "Check the server log for archive_command errors and `gravl-dr wal-check`."]
-    return "\n".join(lines) + "\n"
+    return document(lines)
 
 
 @task(name="watch-archive-lag", cache_policy=NO_CACHE)
@@ -266,19 +242,13 @@ def watch_archive_lag(cfg: Config, minutes: int, every_seconds: int) -> list[wal
                 sample.last_archived_wal or "-",
                 until.strftime("%H:%M:%S UTC"),
             )
-        values: dict[str, tuple[float, str]] = {
-            "gravl_wal_lag_sample_timestamp_seconds": (
-                sample.at.timestamp(),
-                "When the archive lag was last sampled",
-            ),
+        values: dict[str, float] = {
+            "gravl_wal_lag_sample_timestamp_seconds": sample.at.timestamp(),
         }
         if sample.lag_bytes is not None:
-            values["gravl_wal_archive_lag_bytes"] = (
-                float(sample.lag_bytes),
-                "WAL written but not yet archived",
-            )
+            values["gravl_wal_archive_lag_bytes"] = float(sample.lag_bytes)
         if sample.lag_seconds is not None:
-            values["gravl_wal_archive_lag_seconds"] = (sample.lag_seconds, "Age of unarchived WAL")
+            values["gravl_wal_archive_lag_seconds"] = sample.lag_seconds
         try:
             push_metrics(cfg.metrics.pushgateway, JOB, {"cluster": cfg.cluster}, values)
         except DRError as exc:
@@ -305,7 +275,7 @@ def wal_check_flow(
         sample_every_seconds: How often the watch measures and pushes the archive lag.
     """
     cfg, repo = load(config_path)
-    artifact_key = f"wal-check-report-{cfg.cluster}".replace("_", "-")
+    artifact_key = report_key(JOB, cfg.cluster)
     cfg = follow_primary(cfg, repo, JOB, artifact_key)
     report: walcheck.WalCheckReport | None = None
     status = observe_primary(cfg) if check_server else None
@@ -315,12 +285,10 @@ def wal_check_flow(
             report = check_archiver_health(cfg, repo, report)
     except BaseException as exc:
         if report is not None:
-            create_markdown_artifact(key=artifact_key, markdown=_markdown(report, one_line(exc)))
+            publish_report(artifact_key, _markdown(report, one_line(exc)))
         push_wal_metrics(cfg, report, failed=True, status=status)
         raise
-    create_markdown_artifact(
-        key=artifact_key, markdown=_markdown(report), description=f"WAL archive of {cfg.cluster}"
-    )
+    publish_report(artifact_key, _markdown(report), f"WAL archive of {cfg.cluster}")
     push_wal_metrics(cfg, report, failed=not report.ok, status=status)
     if not report.ok:
         raise walcheck.WalCheckFailed(report)

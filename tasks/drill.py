@@ -31,6 +31,7 @@ from tasks.models import Manifest
 from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir, pid_alive
 from tasks.polling import poll_until
 from tasks.postgres import connection, dsn_field
+from tasks.reporting import cell, document, kv_table, table
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +142,6 @@ def _fmt_seconds(value: float | None) -> str:
     return f"{value:.1f} s"
 
 
-def _md(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def choose_latest_backup(
     backups: list[Manifest],
     kind: str,
@@ -184,45 +181,43 @@ def choose_latest_backup(
 def render_markdown(report: DrillReport) -> str:
     """The report an on-call operator reads in the Prefect UI or the repository."""
     status = "PASSED" if report.passed else "FAILED"
+    recovered = report.recovered_to.isoformat() if report.recovered_to else "-"
+    rows: list[tuple[str, object]] = [
+        ("cluster", report.cluster),
+        ("backup", f"{report.backup_id or '-'} ({report.backup_kind or '-'})"),
+        *([("why this backup", report.selection)] if report.selection else []),
+        ("target", report.target),
+        ("restore (fetch, verify, unpack)", _fmt_seconds(report.restore_seconds)),
+        ("recovery (start, replay, promote)", _fmt_seconds(report.recovery_seconds)),
+        ("**RTO** (restore + recovery)", _fmt_seconds(report.rto_seconds)),
+        ("recovered to", recovered + (f" (LSN {report.recovered_lsn})" if report.recovered_lsn else "")),
+        ("**RPO** (data age at drill start)", _fmt_seconds(report.rpo_seconds)),
+        ("checks", _fmt_seconds(report.checks_seconds)),
+        ("total", _fmt_seconds(report.total_seconds)),
+    ]
+    mark = {"passed": "passed", "failed": "**FAILED**", "skipped": "skipped"}
+    checks = [(c.name, mark[c.status], c.summary, f"{c.seconds:.2f} s") for c in report.checks]
     lines = [
         f"# Restore drill {report.drill_id}: {status}",
         "",
-        "| | |",
-        "|---|---|",
-        f"| cluster | {report.cluster} |",
-        f"| backup | {report.backup_id or '-'} ({report.backup_kind or '-'}) |",
-        *([f"| why this backup | {_md(report.selection)} |"] if report.selection else []),
-        f"| target | {_md(report.target)} |",
-        f"| restore (fetch, verify, unpack) | {_fmt_seconds(report.restore_seconds)} |",
-        f"| recovery (start, replay, promote) | {_fmt_seconds(report.recovery_seconds)} |",
-        f"| **RTO** (restore + recovery) | {_fmt_seconds(report.rto_seconds)} |",
-        f"| recovered to | {report.recovered_to.isoformat() if report.recovered_to else '-'}"
-        f"{' (LSN ' + report.recovered_lsn + ')' if report.recovered_lsn else ''} |",
-        f"| **RPO** (data age at drill start) | {_fmt_seconds(report.rpo_seconds)} |",
-        f"| checks | {_fmt_seconds(report.checks_seconds)} |",
-        f"| total | {_fmt_seconds(report.total_seconds)} |",
+        *kv_table(rows),
         "",
         "## Checks",
         "",
-        "| check | result | details | time |",
-        "|---|---|---|---|",
+        *table(("check", "result", "details", "time"), checks),
     ]
-    mark = {"passed": "passed", "failed": "**FAILED**", "skipped": "skipped"}
-    for c in report.checks:
-        lines.append(f"| {_md(c.name)} | {mark[c.status]} | {_md(c.summary)} | {c.seconds:.2f} s |")
     if report.databases:
-        lines += ["", "## Databases", "", "| database | checked | not checked, and why |", "|---|---|---|"]
-        for cov in report.databases:
-            lines.append(
-                f"| {_md(cov.database)} | {_md(', '.join(cov.checked) or '-')} | "
-                f"{_md('; '.join(cov.not_checked) or '-')} |"
-            )
+        coverage = [
+            (cov.database, ", ".join(cov.checked) or "-", "; ".join(cov.not_checked) or "-")
+            for cov in report.databases
+        ]
+        lines += ["", "## Databases", "", *table(("database", "checked", "not checked, and why"), coverage)]
     failed = report.failed_checks
     if failed:
         lines += ["", "## Failing samples", ""]
         for c in failed:
             lines.append(f"### {c.name}")
-            lines.append(_md(c.summary))
+            lines.append(cell(c.summary))
             if c.samples:
                 lines.append("```")
                 lines += [json.dumps(s, default=str)[:400] for s in c.samples[:20]]
@@ -244,7 +239,7 @@ def render_markdown(report: DrillReport) -> str:
         ]
     if report.report_keys:
         lines += ["", "Stored as " + ", ".join(f"`{k}`" for k in report.report_keys)]
-    return "\n".join(lines) + "\n"
+    return document(lines)
 
 
 def data_age(started_at: datetime, recovered_to: datetime | None) -> float | None:

@@ -230,6 +230,20 @@ class FailoverPlan(BaseModel):
     def kinds(self) -> list[str]:
         return [s.kind for s in self.steps]
 
+    def step_lines(self) -> list[str]:
+        """Each step as one line (the report's plan and the terminal preview)."""
+        return [s.describe() for s in self.steps]
+
+    def preview(self) -> list[str]:
+        """What an operator reads before approving: the evidence, then the numbered plan."""
+        return [
+            "Observed:",
+            *[f"  {e}" for e in self.evidence],
+            "Plan:",
+            *[f"  {n}. {line}" for n, line in enumerate(self.step_lines(), 1)],
+            *[f"  note: {n}" for n in self.notes],
+        ]
+
 
 def _refuse(message: str, states: Sequence[NodeState]) -> Refused:
     return Refused(message + " | " + " | ".join(s.evidence() for s in states))

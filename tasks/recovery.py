@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks.backup import list_backups, resolve_backup
 from tasks.errors import ConfigError, NotFound, PreconditionFailed
 from tasks.models import LSN_RE, Manifest, format_lsn, parse_lsn
 from tasks.pgcluster import LocalCluster, chown_tree
@@ -31,6 +32,7 @@ from tasks.polling import Progress
 
 if TYPE_CHECKING:
     from tasks.config import Config
+    from tasks.repository import Repository
 
 log = logging.getLogger(__name__)
 
@@ -584,6 +586,26 @@ def check_target_for_backup(manifest: Manifest, target: RecoveryTarget, now: dat
         )
 
 
+def select_backup_for_restore(
+    repo: Repository, ref: str, cluster: str, kind: str, target: RecoveryTarget, now: datetime | None = None
+) -> Manifest:
+    """The backup a restore of ``kind`` ('physical' into a data directory, 'logical' into a
+    database) uses for ``ref`` ('latest' or an id): for a physical restore the newest one that
+    can reach the target, checked against it. One implementation for the restore flow and the
+    CLI's check before it starts the flow."""
+    now = now or datetime.now(UTC)
+    if kind == "physical" and ref == "latest":
+        manifest = choose_backup(list_backups(repo, cluster, check=True), target, now)
+    else:
+        manifest = resolve_backup(repo, ref, kind=kind if ref == "latest" else None, cluster=cluster)
+    if manifest.kind != kind:
+        flag = "--pgdata" if manifest.kind == "physical" else "--dsn"
+        raise PreconditionFailed(f"backup {manifest.id} is {manifest.kind}: use {flag}")
+    if kind == "physical":
+        check_target_for_backup(manifest, target, now)
+    return manifest
+
+
 def check_outcome(
     target: RecoveryTarget,
     outcome: RecoveryOutcome,
@@ -669,7 +691,7 @@ def check_server_can_read(config_file: str, cfg: Config, os_user: str) -> None:
     # what restore_command runs: the fast path's script and the modules of the full wal-fetch
     # (importing them, not building every command's parser: that costs a second of the RTO)
     probe = (
-        [python, "-P", "-c", "import flows.cli_wal, tasks.wal, tasks.walserve"]
+        [python, "-P", "-c", "import flows.cli.wal, tasks.wal, tasks.walserve"]
         if python
         else [program, "--help"]
     )

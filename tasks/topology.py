@@ -26,6 +26,7 @@ from tasks.config import Config, Node
 from tasks.errors import CommandFailed, DRError, PermanentError, PreconditionFailed, TransientError, one_line
 from tasks.failover import READY_PHASES, REWIND_SAFE_STATES, NodeState, server_answered
 from tasks.libpq import client_env
+from tasks.node_steps import step_location
 from tasks.pgcluster import chown_tree, postmaster_running, start_server
 from tasks.polling import Progress, poll_until
 from tasks.postgres import ServerUnreachable, connection, dsn_field
@@ -337,6 +338,38 @@ def observe_node(
     return NodeState.model_validate(
         {**base, "reachable": False, "error": error, "answered": answered, **extra}
     )
+
+
+def observe_primary(cfg: Config) -> NodeState:
+    """The configured primary as failover judges it: three attempts (a restart is not an outage).
+
+    Over libpq and the local data directory only; where its node steps would run is recorded
+    (the flow also asks the node's own worker when it does not answer).
+    """
+    state = observe_node(
+        cfg.primary,
+        "primary",
+        os_user=cfg.postgres.os_user,
+        bindir=cfg.postgres.bindir,
+        attempts=3,
+        connect_timeout=3,
+    )
+    return state.model_copy(update={"runs_on": step_location(cfg.primary)})
+
+
+def observe_replicas(cfg: Config) -> list[NodeState]:
+    """Every configured replica as failover judges it (two attempts each)."""
+    return [
+        observe_node(
+            r,
+            "replica",
+            os_user=cfg.postgres.os_user,
+            bindir=cfg.postgres.bindir,
+            attempts=2,
+            connect_timeout=3,
+        ).model_copy(update={"runs_on": step_location(r)})
+        for r in cfg.replicas
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 
 from flows.backup import BackupReport
 from flows.backup import _markdown as backup_markdown
-from flows.cli_wal import _int_option, _split
+from flows.cli.wal import _int_option, _split
 from flows.failover import TimelineEvent, markdown_table, timeline_markdown
 from flows.prefect_env import PREFECT_DEFAULTS, apply_prefect_defaults
 from tasks.backup import STALE_LOCK_SECONDS, lock_is_stale

@@ -1,4 +1,4 @@
-"""Orchestration: CLI commands for WAL — wal-push, wal-fetch (PostgreSQL's hooks) and wal-check.
+"""Entry point: CLI commands for WAL — wal-push, wal-fetch (PostgreSQL's hooks) and wal-check.
 
 None of them imports Prefect. PostgreSQL runs ``wal-push`` once per file, so a file that a
 look-ahead push already stored is answered by ``fast_path`` before the parser, the config
@@ -19,6 +19,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from flows.cli.runner import run_flow
 
 log = logging.getLogger("gravl_dr.wal")
 
@@ -420,7 +422,6 @@ def cmd_wal_check(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     open_repository(cfg.repository).check()  # fail fast, before Prefect starts
-    from flows.cli import run_flow
     from flows.wal import wal_check_flow
 
     try:

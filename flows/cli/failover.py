@@ -1,4 +1,4 @@
-"""Orchestration: CLI commands for failover, failback and the failover drill.
+"""Entry point: CLI commands for failover, failback and the failover drill.
 
 Approval: ``--yes`` skips it; on a terminal the plan is shown and the operator types ``yes``
 before any flow starts; otherwise the flow pauses for the Prefect UI's approval form, which
@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from flows.cli.runner import run_flow
 from tasks.config import Config, load_config
 from tasks.errors import PreconditionFailed
 from tasks.failover import DEFAULT_MAX_LAG_BYTES, Refused
@@ -87,22 +88,18 @@ def _ask(lines: Callable[[], list[str]], question: str) -> str | None:
 
 
 def _failover_preview(cfg: Config, args: argparse.Namespace) -> list[str]:
+    """The flow's own observation and plan (tasks.topology, tasks.failover), shown before approval."""
     from tasks.failover import plan_failover
-    from tasks.topology import observe_node
+    from tasks.topology import observe_primary, observe_replicas
 
-    kw = {"os_user": cfg.postgres.os_user, "bindir": cfg.postgres.bindir}
-    primary = observe_node(cfg.primary, "primary", attempts=3, **kw)  # type: ignore[arg-type]
-    replicas = [observe_node(r, "replica", **kw) for r in cfg.replicas]  # type: ignore[arg-type]
     plan = plan_failover(
-        primary, replicas, max_lag_bytes=args.max_lag_bytes, force=args.force, planned=args.planned
+        observe_primary(cfg),
+        observe_replicas(cfg),
+        max_lag_bytes=args.max_lag_bytes,
+        force=args.force,
+        planned=args.planned,
     )
-    return [
-        "Observed:",
-        *[f"  {e}" for e in plan.evidence],
-        "Plan:",
-        *[f"  {i}. {s.kind} {s.node}: {s.reason}" for i, s in enumerate(plan.steps, 1)],
-        *[f"  note: {n}" for n in plan.notes],
-    ]
+    return plan.preview()
 
 
 def _skipped() -> str:
@@ -115,7 +112,6 @@ def _skipped() -> str:
 def cmd_failover(args: argparse.Namespace) -> int:
     cfg = _preflight(args)
     approved_by = _skipped() if args.yes else _ask(lambda: _failover_preview(cfg, args), "Fail over?")
-    from flows.cli import run_flow
     from flows.failover import failover_flow
 
     report = run_flow(
@@ -163,7 +159,6 @@ def cmd_failback(args: argparse.Namespace) -> int:
             "Fail back?",
         )
     )
-    from flows.cli import run_flow
     from flows.failback import failback_flow
 
     report = run_flow(
@@ -202,7 +197,6 @@ def cmd_drill(args: argparse.Namespace) -> int:
             "Run the drill?",
         )
     )
-    from flows.cli import run_flow
     from flows.drill_failover import drill_failover_flow
 
     report = run_flow(

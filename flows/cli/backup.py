@@ -1,4 +1,7 @@
-"""Orchestration: CLI commands for backups — backup, list, verify, restore."""
+"""Entry point: CLI commands for backups — backup, list, verify, restore.
+
+Flow modules (and Prefect with them) are imported inside the command that runs the flow: `list`
+and `verify` must answer without loading Prefect."""
 
 from __future__ import annotations
 
@@ -6,13 +9,18 @@ import argparse
 import json
 import os
 import sys
-from datetime import UTC, datetime
+from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks.config import load_config
 from tasks.errors import PreconditionFailed
 from tasks.models import check_backup_ref
+
+if TYPE_CHECKING:
+    from flows.restore import RestoreReport
+    from tasks.recovery import RecoveryTarget
+from flows.cli.runner import run_flow
 
 
 def register(sub: Any) -> None:
@@ -89,7 +97,6 @@ def cmd_backup(args: argparse.Namespace) -> int:
     repo.check(write=repo.url.startswith("file://"))
     server_info(cfg.primary.dsn)
     from flows.backup import backup_flow
-    from flows.cli import run_flow
 
     report = run_flow(backup_flow, config_path=args.config, kind=args.kind, dry_run=args.dry_run)
     if args.json:
@@ -183,62 +190,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from tasks.backup import resolve_backup
-    from tasks.postgres import server_info
-    from tasks.restore import check_pgdata_target
+    """Validate first (the reference, the target, the options, the backup to use), then run the
+    restore flow. The backup is chosen by the flow's own step (tasks.recovery.select_backup_for_restore)."""
+    from flows.restore import restore_flow
+    from tasks.recovery import select_backup_for_restore
 
     check_backup_ref(args.backup)
     cfg, repo = _repo(args)
-    if args.pgdata:
-        check_pgdata_target(Path(args.pgdata).absolute())
-        kind = "physical"
-    else:
-        from tasks.libpq import split_password
-
-        # the flow (its parameters live in Prefect's database) gets the DSN without the
-        # password; pg_restore and psycopg in this process get it as PGPASSWORD
-        args.dsn, password = split_password(args.dsn)
-        if password is not None:
-            os.environ["PGPASSWORD"] = password
-        server_info(args.dsn)  # reachable?
-        kind = "logical"
-    from tasks.recovery import RecoveryTarget
-
-    target = RecoveryTarget.from_options(
-        time=args.target_time, lsn=args.target_lsn, name=args.target_name, xid=args.target_xid
-    )
-    if target.kind != "end" and kind != "physical":
-        raise PreconditionFailed("--target-* needs a physical restore (--pgdata)")
-    if (args.database or args.no_owner) and kind != "logical":
-        raise PreconditionFailed("--database and --no-owner need a logical restore (--dsn)")
-    if args.no_owner and not args.database:
-        raise PreconditionFailed("--no-owner goes with --database (a whole-cluster restore keeps owners)")
-    from tasks.restore import parse_tablespace_map
-
-    parse_tablespace_map(args.tablespace_map)
-    if kind == "physical":
-        from tasks.backup import list_backups
-        from tasks.recovery import check_target_for_backup, choose_backup
-
-        now = datetime.now(UTC)
-        manifest = (
-            choose_backup(list_backups(repo, cfg.cluster, check=True), target, now)
-            if args.backup == "latest"
-            else resolve_backup(repo, args.backup, cluster=cfg.cluster)
-        )
-        if manifest.kind == "physical":
-            check_target_for_backup(manifest, target, now)
-    else:
-        manifest = resolve_backup(
-            repo, args.backup, kind=kind if args.backup == "latest" else None, cluster=cfg.cluster
-        )
-    if manifest.kind != kind:
-        raise PreconditionFailed(
-            f"backup {manifest.id} is {manifest.kind}: use --{'pgdata' if manifest.kind == 'physical' else 'dsn'}"
-        )
-    from flows.cli import run_flow
-    from flows.restore import restore_flow
-
+    kind = _check_restore_into(args)
+    target = _recovery_point(args, kind)
+    manifest = select_backup_for_restore(repo, args.backup, cfg.cluster, kind, target)
     report = run_flow(
         restore_flow,
         config_path=args.config,
@@ -257,22 +218,60 @@ def cmd_restore(args: argparse.Namespace) -> int:
         database=args.database,
         no_owner=args.no_owner,
     )
-    if args.json:
-        print(report.model_dump_json(indent=2))
-    else:
-        where = f", server running on port {report.port}" if report.started else ""
-        print(f"restored {report.backup_id} into {report.target} in {report.seconds:.1f}s{where}")
-        if report.reached_lsn:
-            print(
-                f"recovered to {report.target_point}: reached {report.reached_lsn} on timeline "
-                f"{report.timeline}, last transaction committed at {report.last_xact_time or '-'}"
-                f" ({report.stop_message or 'end of WAL'})"
-            )
-        if report.databases:
-            print(f"databases: {', '.join(report.databases)}")
-        for note in report.not_carried_over:
-            print(f"note: {note}")
+    _print_restore(report, as_json=args.json)
     return 0
 
 
-_ = datetime
+def _check_restore_into(args: argparse.Namespace) -> str:
+    """'physical' (an empty --pgdata) or 'logical' (a reachable --dsn); the password leaves the DSN."""
+    if args.pgdata:
+        from tasks.restore import check_pgdata_target
+
+        check_pgdata_target(Path(args.pgdata).absolute())
+        return "physical"
+    from tasks.libpq import split_password
+    from tasks.postgres import server_info
+
+    # the flow (its parameters live in Prefect's database) gets the DSN without the
+    # password; pg_restore and psycopg in this process get it as PGPASSWORD
+    args.dsn, password = split_password(args.dsn)
+    if password is not None:
+        os.environ["PGPASSWORD"] = password
+    server_info(args.dsn)  # reachable?
+    return "logical"
+
+
+def _recovery_point(args: argparse.Namespace, kind: str) -> RecoveryTarget:
+    """The --target-* option, and the options that only fit one kind of restore."""
+    from tasks.recovery import RecoveryTarget
+    from tasks.restore import parse_tablespace_map
+
+    target = RecoveryTarget.from_options(
+        time=args.target_time, lsn=args.target_lsn, name=args.target_name, xid=args.target_xid
+    )
+    if target.kind != "end" and kind != "physical":
+        raise PreconditionFailed("--target-* needs a physical restore (--pgdata)")
+    if (args.database or args.no_owner) and kind != "logical":
+        raise PreconditionFailed("--database and --no-owner need a logical restore (--dsn)")
+    if args.no_owner and not args.database:
+        raise PreconditionFailed("--no-owner goes with --database (a whole-cluster restore keeps owners)")
+    parse_tablespace_map(args.tablespace_map)
+    return target
+
+
+def _print_restore(report: RestoreReport, *, as_json: bool) -> None:
+    if as_json:
+        print(report.model_dump_json(indent=2))
+        return
+    where = f", server running on port {report.port}" if report.started else ""
+    print(f"restored {report.backup_id} into {report.target} in {report.seconds:.1f}s{where}")
+    if report.reached_lsn:
+        print(
+            f"recovered to {report.target_point}: reached {report.reached_lsn} on timeline "
+            f"{report.timeline}, last transaction committed at {report.last_xact_time or '-'}"
+            f" ({report.stop_message or 'end of WAL'})"
+        )
+    if report.databases:
+        print(f"databases: {', '.join(report.databases)}")
+    for note in report.not_carried_over:
+        print(f"note: {note}")

@@ -1,10 +1,12 @@
-"""Orchestration: `gravl-dr demo` on the command line."""
+"""Entry point: `gravl-dr demo` on the command line."""
 
 from __future__ import annotations
 
 import argparse
 import time
 from typing import Any
+
+from flows.cli.runner import run_flow
 
 
 def register(sub: Any) -> None:
@@ -16,7 +18,6 @@ def register(sub: Any) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flows.cli import run_flow
     from flows.demo import demo_flow, summary
 
     t0 = time.monotonic()

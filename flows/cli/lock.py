@@ -1,4 +1,4 @@
-"""Orchestration: the CLI command ``gravl-dr unlock`` — remove a stale repository lock."""
+"""Entry point: the CLI command ``gravl-dr unlock`` — remove a stale repository lock."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Orchestration: the CLI command for retention — ``gravl-dr expire [--dry-run]``."""
+"""Entry point: the CLI command for retention — ``gravl-dr expire [--dry-run]``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from flows.cli.runner import run_flow
 from tasks.config import load_config
 
 
@@ -21,7 +22,6 @@ def cmd_expire(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     open_repository(cfg.repository).check()  # fail fast, before Prefect starts
-    from flows.cli import run_flow
     from flows.retention import expire_flow
 
     report = run_flow(expire_flow, config_path=args.config, dry_run=args.dry_run)

@@ -1,10 +1,11 @@
-"""Orchestration: the ``gravl-dr drill`` command — run the restore drill flow and print its verdict."""
+"""Entry point: the ``gravl-dr drill`` command — run the restore drill flow and print its verdict."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from flows.cli.runner import run_flow
 from tasks.config import load_config
 from tasks.models import check_backup_ref
 
@@ -36,7 +37,6 @@ def cmd_drill(args: argparse.Namespace) -> int:
     target_time = parse_target_time(args.target_time) if args.target_time else None
     cfg = load_config(args.config)
     open_repository(cfg.repository).check()
-    from flows.cli import run_flow
     from flows.drill import drill_flow
 
     report = run_flow(

@@ -1,0 +1,86 @@
+"""Entry point support: run a flow in-process for a CLI command, and end the process quickly.
+
+Every command module imports ``run_flow`` from here (statically); nothing here imports Prefect
+until a flow actually runs, so commands that are not flows stay fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+from flows.prefect_env import apply_prefect_defaults
+
+T = TypeVar("T")
+
+
+def prefect_environment() -> None:
+    """Settings for flows run from the CLI; set before Prefect is imported (see STACK.md)."""
+    apply_prefect_defaults()
+
+
+class _NoTraceback(logging.Filter):
+    """Keep tracebacks out of the terminal (they still reach the Prefect API and UI)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+def quiet_console_tracebacks() -> None:
+    if os.environ.get("GRAVL_DR_DEBUG"):
+        return
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.addFilter(_NoTraceback())
+
+
+class Terminated(SystemExit):
+    """SIGTERM, as an exception: the flow's own clean-up and the interpreter's exit handlers run."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated(128 + signum)
+
+
+def run_flow(flow_fn: Callable[..., T], **params: Any) -> T:
+    """Run a flow in-process: against PREFECT_API_URL when set, else Prefect's ephemeral mode.
+
+    SIGTERM (a supervisor or Kubernetes stopping us) becomes an exception, not a silent death:
+    the flow tears down what it started (a drill's server), and the exit handlers stop
+    Prefect's ephemeral API server, which would otherwise live on as an orphan."""
+    prefect_environment()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # Prefect prints flow and task logs itself
+        root.removeHandler(handler)
+    import prefect  # noqa: F401 - configures logging
+
+    quiet_console_tracebacks()
+    return flow_fn(**params)
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End a flow command as the interpreter would — other threads joined, every exit handler run
+    (Prefect flushes its logs and events to the API, stops an ephemeral server) — but skip the
+    teardown of the thousands of modules Prefect, pydantic and friends loaded: freeing them
+    took longer than the flow run's own bookkeeping (seconds on a busy machine), on every
+    command, after the work was done."""
+    import atexit
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # noqa: SLF001 - the one way to run the exit handlers before os._exit
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
