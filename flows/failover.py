@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -499,6 +500,97 @@ def failover_metrics(r: FailoverReport) -> dict[str, tuple[float, str]]:
     return out
 
 
+@dataclass
+class _Failover:
+    """What every step of one failover plan needs."""
+
+    cfg: Config
+    report: FailoverReport
+    tl: Timeline
+    target: Node
+    old: Node
+    force: bool
+    approved_by: str | None
+    auto_approve: bool
+    approval_timeout_seconds: int
+    dns_error: str | None = None
+
+
+def _approve_step(r: _Failover, step: Step) -> None:
+    record = approval_gate(
+        what=f"promote {r.target.name} in place of {r.old.name}",
+        plan_lines=r.report.plan,
+        approved_by=r.approved_by,
+        auto_approve=r.auto_approve,
+        timeout_seconds=r.approval_timeout_seconds,
+    )
+    set_approval(r.report, record)
+    r.tl.add("approve", f"approved by {r.report.approver}" + (" (auto_approve)" if r.auto_approve else ""))
+
+
+def _fence_step(r: _Failover, step: Step) -> None:
+    fence = fence_old_primary(r.cfg, r.old, step)
+    r.report.fence, r.report.fenced = fence.action, fence.fenced
+    r.tl.add("fence-old-primary", fence.action)
+    if not fence.fenced:
+        r.report.warnings.append(f"{r.old.name} could not be fenced: {fence.action}")
+
+
+def _promote_step(r: _Failover, step: Step) -> None:
+    promoted = promote_replica(r.cfg, r.target, r.old, r.force)
+    r.report.promoted_lsn = promoted.promoted_lsn
+    r.tl.add(
+        "promote-replica",
+        f"{r.target.name} promoted, timeline {promoted.timeline} from {promoted.promoted_lsn}"
+        if not promoted.already_primary
+        else f"{r.target.name} already primary",
+    )
+    outcome = record_role_change_task(
+        r.cfg, "failover", r.target.name, [r.old.name], promoted.timeline, promoted.promoted_lsn
+    )
+    _record(r.report, r.tl, outcome)
+
+
+def _dns_step(r: _Failover, step: Step) -> None:
+    try:
+        r.report.dns = switch_dns(r.cfg, [node_dns_value(r.old)], node_dns_value(r.target))
+        r.tl.add("switch-dns", r.report.dns.detail)
+    except DRError as exc:
+        r.dns_error = f"DNS switch failed: {one_line(exc)}"
+        r.tl.add("switch-dns", r.dns_error)
+
+
+def _reconnect_step(r: _Failover, step: Step) -> None:
+    if r.dns_error:
+        r.tl.add("reconnect-apps", "skipped: DNS does not point at the new primary")
+        return
+    event = ReconnectEvent(
+        cluster=r.cfg.cluster,
+        event="failover",
+        new_primary=r.target.name,
+        old_primary=r.old.name,
+        host=node_dns_value(r.target),
+        dns_record=r.cfg.dns.record,
+    )
+    r.report.hooks = reconnect_apps(r.cfg, event)
+    r.tl.add("reconnect-apps", f"{sum(h.ok for h in r.report.hooks)}/{len(r.report.hooks)} hook(s) ok")
+
+
+def _validate_step(r: _Failover, step: Step) -> None:
+    r.report.canary = validate_primary(r.target, f"failover {r.tl.started.isoformat()}")
+    r.report.rto_seconds = round(r.tl.add("validate", f"canary write on {r.target.name} read back"), 3)
+
+
+_FAILOVER_STEPS: dict[str, Callable[[_Failover, Step], None]] = {
+    "approve": _approve_step,
+    "fence-old-primary": _fence_step,
+    "promote-replica": _promote_step,
+    "switch-dns": _dns_step,
+    "reconnect-apps": _reconnect_step,
+    "validate": _validate_step,
+}
+
+
 @flow(name="failover", log_prints=False)
 def failover_flow(
     config_path: ConfigPath = None,
@@ -568,68 +660,12 @@ def failover_flow(
             + f": {', '.join(plan.kinds())}",
         )
         target, old = nodes[plan.target], nodes[plan.old_primary]
-        dns_error: str | None = None
+        run = _Failover(
+            cfg, report, tl, target, old, force, approved_by, auto_approve, approval_timeout_seconds
+        )
         for step in plan.steps:
-            if step.kind == "approve":
-                set_approval(
-                    report,
-                    approval_gate(
-                        what=f"promote {target.name} in place of {old.name}",
-                        plan_lines=report.plan,
-                        approved_by=approved_by,
-                        auto_approve=auto_approve,
-                        timeout_seconds=approval_timeout_seconds,
-                    ),
-                )
-                tl.add(
-                    "approve", f"approved by {report.approver}" + (" (auto_approve)" if auto_approve else "")
-                )
-            elif step.kind == "fence-old-primary":
-                fence = fence_old_primary(cfg, old, step)
-                report.fence, report.fenced = fence.action, fence.fenced
-                tl.add("fence-old-primary", fence.action)
-                if not fence.fenced:
-                    report.warnings.append(f"{old.name} could not be fenced: {fence.action}")
-            elif step.kind == "promote-replica":
-                promoted = promote_replica(cfg, target, old, force)
-                report.promoted_lsn = promoted.promoted_lsn
-                tl.add(
-                    "promote-replica",
-                    f"{target.name} promoted, timeline {promoted.timeline} from {promoted.promoted_lsn}"
-                    if not promoted.already_primary
-                    else f"{target.name} already primary",
-                )
-                _record(
-                    report,
-                    tl,
-                    record_role_change_task(
-                        cfg, "failover", target.name, [old.name], promoted.timeline, promoted.promoted_lsn
-                    ),
-                )
-            elif step.kind == "switch-dns":
-                try:
-                    report.dns = switch_dns(cfg, [node_dns_value(old)], node_dns_value(target))
-                    tl.add("switch-dns", report.dns.detail)
-                except DRError as exc:
-                    dns_error = f"DNS switch failed: {one_line(exc)}"
-                    tl.add("switch-dns", dns_error)
-            elif step.kind == "reconnect-apps":
-                if dns_error:
-                    tl.add("reconnect-apps", "skipped: DNS does not point at the new primary")
-                    continue
-                event = ReconnectEvent(
-                    cluster=cfg.cluster,
-                    event="failover",
-                    new_primary=target.name,
-                    old_primary=old.name,
-                    host=node_dns_value(target),
-                    dns_record=cfg.dns.record,
-                )
-                report.hooks = reconnect_apps(cfg, event)
-                tl.add("reconnect-apps", f"{sum(h.ok for h in report.hooks)}/{len(report.hooks)} hook(s) ok")
-            elif step.kind == "validate":
-                report.canary = validate_primary(target, f"failover {tl.started.isoformat()}")
-                report.rto_seconds = round(tl.add("validate", f"canary write on {target.name} read back"), 3)
+            _FAILOVER_STEPS[step.kind](run, step)
+        dns_error = run.dns_error
         if plan.already_promoted:
             already = promote_node(target)  # read-only: it is a primary
             report.promoted_lsn = report.promoted_lsn or already.promoted_lsn
