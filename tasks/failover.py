@@ -266,50 +266,7 @@ def plan_failover(
     """
     everyone = [primary, *replicas]
     promoted = [r for r in replicas if r.accepts_writes]
-    notes: list[str] = []
-    if len(promoted) > 1:
-        raise _refuse(
-            f"split brain: several replicas accept writes ({', '.join(r.name for r in promoted)}); "
-            "resolve by hand",
-            everyone,
-        )
-    if primary.accepts_writes:
-        if planned and not primary.steps_at:
-            raise _refuse(
-                f"planned failover needs {primary.name}'s pgdata on this host or its work pool "
-                "to stop it cleanly",
-                everyone,
-            )
-        if promoted and not force:
-            raise _refuse(
-                f"split brain: {primary.name} and {promoted[0].name} both accept writes; stop "
-                f"{primary.name} or re-run with --force to fence it",
-                everyone,
-            )
-        if not promoted and not (force or planned):
-            raise _refuse(
-                f"refusing to fail over: primary {primary.name} is up and accepting writes at "
-                f"{primary.current_lsn}; stop it first or pass --force",
-                everyone,
-            )
-        notes.append(
-            f"{primary.name} was accepting writes: it is fenced before anything is promoted"
-            + (" (planned: clean shutdown, no data loss)" if planned else " (forced)")
-        )
-    elif primary.alive_but_refusing:
-        # Not down: it answered. Promoting now would leave two primaries that both take writes.
-        if not force:
-            raise _refuse(
-                f"refusing to fail over: primary {primary.name} is alive — it answered but refused "
-                f"gravl-dr's login ({primary.error}); fix the login (pg_hba, password, connection "
-                "slots) or pass --force to fence it and promote anyway",
-                everyone,
-            )
-        notes.append(
-            f"FORCED: {primary.name} is alive but refused our login; it is fenced before anything "
-            "is promoted"
-            + ("" if primary.steps_at else " — without its data directory or worker it may NOT be fenceable")
-        )
+    notes = _unsafe_primary_notes(primary, promoted, everyone, force=force, planned=planned)
 
     if promoted:
         target = promoted[0]
@@ -397,6 +354,57 @@ def plan_failover(
         evidence=[s.evidence() for s in everyone],
         notes=notes,
     )
+
+
+def _unsafe_primary_notes(
+    primary: NodeState, promoted: list[NodeState], everyone: list[NodeState], *, force: bool, planned: bool
+) -> list[str]:
+    """Refuse a failover that would leave two writable primaries; notes on what force/planned allow."""
+    notes: list[str] = []
+    if len(promoted) > 1:
+        raise _refuse(
+            f"split brain: several replicas accept writes ({', '.join(r.name for r in promoted)}); "
+            "resolve by hand",
+            everyone,
+        )
+    if primary.accepts_writes:
+        if planned and not primary.steps_at:
+            raise _refuse(
+                f"planned failover needs {primary.name}'s pgdata on this host or its work pool "
+                "to stop it cleanly",
+                everyone,
+            )
+        if promoted and not force:
+            raise _refuse(
+                f"split brain: {primary.name} and {promoted[0].name} both accept writes; stop "
+                f"{primary.name} or re-run with --force to fence it",
+                everyone,
+            )
+        if not promoted and not (force or planned):
+            raise _refuse(
+                f"refusing to fail over: primary {primary.name} is up and accepting writes at "
+                f"{primary.current_lsn}; stop it first or pass --force",
+                everyone,
+            )
+        notes.append(
+            f"{primary.name} was accepting writes: it is fenced before anything is promoted"
+            + (" (planned: clean shutdown, no data loss)" if planned else " (forced)")
+        )
+    elif primary.alive_but_refusing:
+        # Not down: it answered. Promoting now would leave two primaries that both take writes.
+        if not force:
+            raise _refuse(
+                f"refusing to fail over: primary {primary.name} is alive — it answered but refused "
+                f"gravl-dr's login ({primary.error}); fix the login (pg_hba, password, connection "
+                "slots) or pass --force to fence it and promote anyway",
+                everyone,
+            )
+        notes.append(
+            f"FORCED: {primary.name} is alive but refused our login; it is fenced before anything "
+            "is promoted"
+            + ("" if primary.steps_at else " — without its data directory or worker it may NOT be fenceable")
+        )
+    return notes
 
 
 def _fence_step(primary: NodeState) -> Step:
@@ -625,6 +633,30 @@ def _divergence(home: NodeState, current: NodeState) -> tuple[int | None, str | 
     return tli, fork, end, max(0, end_pos - fork_pos)
 
 
+def _rebuild_method(home: NodeState, current: NodeState, *, running: bool) -> tuple[str, str]:
+    """Start, rewind or re-clone, and why: read off home's rebuild marker and control file."""
+    n, cur, phase = home.name, current.name, home.rebuild_phase
+    if phase in READY_PHASES and not running:
+        return "start", f"{n} was already {phase}: start it as a standby"
+    if phase in READY_PHASES:
+        return "reclone", f"{n} was {phase} but does not follow {cur}'s timeline"
+    if phase in ("rewinding", "rewind-failed"):
+        return (
+            "reclone",
+            f"pg_rewind of {n} was {'interrupted' if phase == 'rewinding' else 'failed'}: "
+            "its data directory is not trusted",
+        )
+    if phase == "moved-aside":
+        return "reclone", f"a re-clone of {n} was interrupted: finish it"
+    if phase is not None:
+        return "reclone", f"unknown rebuild phase {phase!r}"
+    if home.rewind_capable is False:
+        return "reclone", "pg_rewind impossible (needs wal_log_hints=on or data checksums)"
+    if not running and home.control_state not in REWIND_SAFE_STATES:
+        return "reclone", f"control file says {home.control_state or 'nothing readable'}: not safe to rewind"
+    return "rewind", f"control file {home.control_state or 'of a standby stopped cleanly'}"
+
+
 def _rebuild_steps(
     home: NodeState, current: NodeState, *, discard_old_data: bool, rpo: int | None
 ) -> tuple[list[Step], list[str]]:
@@ -649,32 +681,9 @@ def _rebuild_steps(
                 f"stream from {cur}: stop it cleanly so its files can be rebuilt",
             )
         )
-    method: str
     if phase in READY_PHASES and running and home.timeline == current.timeline:
         return [], [f"{n} was {phase} and runs on {cur}'s timeline {current.timeline}: waiting for it"]
-    if phase in READY_PHASES and not running:
-        method, why = "start", f"{n} was already {phase}: start it as a standby"
-    elif phase in READY_PHASES:
-        method, why = "reclone", f"{n} was {phase} but does not follow {cur}'s timeline"
-    elif phase in ("rewinding", "rewind-failed"):
-        method, why = (
-            "reclone",
-            f"pg_rewind of {n} was {'interrupted' if phase == 'rewinding' else 'failed'}: "
-            "its data directory is not trusted",
-        )
-    elif phase == "moved-aside":
-        method, why = "reclone", f"a re-clone of {n} was interrupted: finish it"
-    elif phase is not None:
-        method, why = "reclone", f"unknown rebuild phase {phase!r}"
-    elif home.rewind_capable is False:
-        method, why = "reclone", "pg_rewind impossible (needs wal_log_hints=on or data checksums)"
-    elif not running and home.control_state not in REWIND_SAFE_STATES:
-        method, why = (
-            "reclone",
-            f"control file says {home.control_state or 'nothing readable'}: not safe to rewind",
-        )
-    else:
-        method, why = "rewind", f"control file {home.control_state or 'of a standby stopped cleanly'}"
+    method, why = _rebuild_method(home, current, running=running)
     if phase is None:
         steps.append(
             Step(
