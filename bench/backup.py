@@ -21,12 +21,11 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import yaml
-from benchlib import BIN, GRAVL_DR, cleanup, pgbench_cluster, ratio, start_prefect_server, timed
+from benchlib import BIN, GRAVL_DR, Timed, cleanup, pgbench_cluster, ratio, start_prefect_server, timed
 
 
 def bench_scale(scale: int, env: dict[str, str]) -> dict[str, float]:
@@ -48,7 +47,7 @@ def bench_scale(scale: int, env: dict[str, str]) -> dict[str, float]:
         size = timed(["psql", *conn.split(), "-d", "bench", "-Atc", "select pg_database_size('bench')"])
         res["db_mb"] = int(size.stdout.strip()) / 2**20
 
-        def gravl(*args: str):
+        def gravl(*args: str) -> Timed:
             t = timed([GRAVL_DR, "--config", str(cfg), *args], env=env)
             if t.returncode != 0:
                 raise SystemExit(f"gravl-dr {' '.join(args)} failed: {t.stderr[-2000:]}")
@@ -159,7 +158,7 @@ def bench_cluster(scale: int, env: dict[str, str], copies: int = 3) -> dict[str,
             )
         )
 
-        def gravl(*args: str):
+        def gravl(*args: str) -> Timed:
             t = timed([GRAVL_DR, "--config", str(cfg), *args], env=env)
             if t.returncode != 0:
                 raise SystemExit(f"gravl-dr {' '.join(args)} failed: {t.stderr[-2000:]}")
@@ -318,4 +317,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    sys.exit(main())
+    main()

@@ -75,7 +75,7 @@ def timed(
     proc = subprocess.Popen(
         argv, shell=shell, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    stop, peaks = threading.Event(), []
+    stop, peaks = threading.Event(), list[float]()
     watcher = threading.Thread(target=_tree_peak, args=(proc.pid, stop, peaks, root_only), daemon=True)
     watcher.start()
     out, err = proc.communicate()

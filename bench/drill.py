@@ -30,11 +30,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 from benchlib import BIN, GRAVL_DR, cleanup, ratio, start_prefect_server, timed
 
 from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir
+
+Report = dict[str, Any]  # one JSON record of bench/results/drill.json: numbers, text, lists
 
 
 def source_cluster(scale: int) -> LocalCluster:
@@ -108,7 +111,7 @@ def wal_mb(repo: Path) -> float:
     return sum(p.stat().st_size for p in (repo / "wal").rglob("*") if p.is_file()) / 2**20
 
 
-def drill(gravl: Callable[..., str], backup_id: str, prefix: str) -> dict[str, object]:
+def drill(gravl: Callable[..., str], backup_id: str, prefix: str) -> Report:
     """One `gravl-dr drill`: its phases, and the checks' time by kind (keys start with prefix)."""
     t0 = time.monotonic()
     out = gravl("drill", backup_id, "--json")
@@ -120,7 +123,7 @@ def drill(gravl: Callable[..., str], backup_id: str, prefix: str) -> dict[str, o
             continue
         kind = "great-expectations" if check["category"] == "data" else check["kind"]
         by_kind[kind] = by_kind.get(kind, 0.0) + check["seconds"]
-    res: dict[str, object] = {
+    res: Report = {
         "check_summaries": {c["name"]: c["summary"] for c in report["checks"] if c["category"] != "data"},
         "check_seconds": {c["name"]: round(c["seconds"], 2) for c in report["checks"]},
         "drill_passed": report["passed"],
@@ -141,10 +144,10 @@ def drill(gravl: Callable[..., str], backup_id: str, prefix: str) -> dict[str, o
     return {prefix + k: v for k, v in res.items()}
 
 
-def bench_scale(scale: int, env: dict[str, str]) -> dict[str, object]:
+def bench_scale(scale: int, env: dict[str, str]) -> Report:
     cluster = source_cluster(scale)
     work = make_private_dir("gravl-bench-drill-work-", "postgres")
-    res: dict[str, object] = {"scale": scale}
+    res: Report = {"scale": scale}
     try:
         cfg = work / "gravl-dr.yaml"
         cfg.write_text(
@@ -250,7 +253,7 @@ def bench_scale(scale: int, env: dict[str, str]) -> dict[str, object]:
     return res
 
 
-def bench_prodshape(env: dict[str, str]) -> dict[str, object]:
+def bench_prodshape(env: dict[str, str]) -> Report:
     """The production-shaped cluster of the test suite (tests/prodshape.py: five databases, RLS,
     partitions, quoted names, event trigger, unlogged table, ...), backed up as the least-privilege
     role while pgbench writes, then drilled: a pass with zero false alarms, and what it costs."""
@@ -259,7 +262,7 @@ def bench_prodshape(env: dict[str, str]) -> dict[str, object]:
 
     t0 = time.monotonic()
     prod = build_prod_cluster()
-    res: dict[str, object] = {"scale": "prodshape", "build_s": time.monotonic() - t0}
+    res: Report = {"scale": "prodshape", "build_s": time.monotonic() - t0}
     try:
         cfg = prod.config(user="gravl_dr")
         res["db_mb"] = (
@@ -309,7 +312,7 @@ def main() -> None:
         server.wait()
         cleanup(home)
     for r in results:
-        kinds: dict[str, float] = r["checks_by_kind_s"]  # type: ignore[assignment]
+        kinds: dict[str, float] = r["checks_by_kind_s"]
         print(
             f"\n== pgbench scale {r['scale']} ({r['db_mb']:.0f} MB database), drill "
             f"{'PASSED' if r['drill_passed'] else 'FAILED'} with {r['checks']} checks =="
@@ -325,32 +328,32 @@ def main() -> None:
             f"plain copy restore (zstd -d | tar -x + start): {r['plain_rto_s']:.2f} s "
             f"(untar {r['plain_untar_s']:.2f} s, start {r['plain_start_s']:.2f} s)"
         )
-        print(f"  ratio drill RTO / plain:              {ratio(r['drill_rto_s'], r['plain_rto_s'])}")  # type: ignore[arg-type]
+        print(f"  ratio drill RTO / plain:              {ratio(r['drill_rto_s'], r['plain_rto_s'])}")
         print(
             f"drill checks:                           {r['drill_checks_s']:.2f} s "
             f"({', '.join(f'{k} {v:.2f} s' for k, v in sorted(kinds.items()))})"
         )
         print(
-            f"  checks / restore:                     {ratio(r['drill_checks_s'], r['drill_restore_s'])}"  # type: ignore[arg-type]
+            f"  checks / restore:                     {ratio(r['drill_checks_s'], r['drill_restore_s'])}"
             "  (target < 1.00x)"
         )
-        for name, summary in r["check_summaries"].items():  # type: ignore[attr-defined]
+        for name, summary in r["check_summaries"].items():
             print(f"  {name}: {summary}")
         print(
             f"drill total in the flow / CLI wall:     {r['drill_total_s']:.2f} s / {r['drill_wall_s']:.2f} s"
         )
-        full: dict[str, float] = r["full_checks_by_kind_s"]  # type: ignore[assignment]
+        full: dict[str, float] = r["full_checks_by_kind_s"]
         print(
             f"same drill, heapallindexed on every index (drill.heapallindexed_max_mb: null): restore "
             f"{r['full_drill_restore_s']:.2f} s, checks {r['full_drill_checks_s']:.2f} s "
             f"({', '.join(f'{k} {v:.2f} s' for k, v in sorted(full.items()))}), checks / restore "
             f"{ratio(r['full_drill_checks_s'], r['full_drill_restore_s'])}"
-        )  # type: ignore[arg-type]
+        )
     if prodshape is not None:
         r = prodshape
-        kinds = r["checks_by_kind_s"]  # type: ignore[assignment]
+        kinds = r["checks_by_kind_s"]
         print(
-            f"\n== production-shaped cluster ({r['db_mb']:.0f} MB in {len(r['databases'])} databases, "  # type: ignore[arg-type]
+            f"\n== production-shaped cluster ({r['db_mb']:.0f} MB in {len(r['databases'])} databases, "
             f"built in {r['build_s']:.1f} s), backed up as gravl_dr during writes; drill "
             f"{'PASSED' if r['drill_passed'] else 'FAILED'} with {r['checks']} checks =="
         )
@@ -359,9 +362,9 @@ def main() -> None:
         print(
             f"drill restore {r['drill_restore_s']:.2f} s, recovery {r['drill_recovery_s']:.2f} s, RTO "
             f"{r['drill_rto_s']:.2f} s, checks {r['drill_checks_s']:.2f} s "
-            f"({', '.join(f'{k} {v:.2f} s' for k, v in sorted(kinds.items()))}), checks / restore "  # type: ignore[attr-defined]
+            f"({', '.join(f'{k} {v:.2f} s' for k, v in sorted(kinds.items()))}), checks / restore "
             f"{ratio(r['drill_checks_s'], r['drill_restore_s'])}"
-        )  # type: ignore[arg-type]
+        )
         results.append(prodshape)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
@@ -370,4 +373,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    sys.exit(main())
+    main()

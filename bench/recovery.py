@@ -2,6 +2,7 @@
 
     python bench/recovery.py                           # pgbench scale 30, 3 rounds, 20 s of WAL
     python bench/recovery.py --scale 100 --rounds 5 --wal-seconds 30
+    python bench/recovery.py --s3                      # both repositories in S3 (moto over HTTPS)
 
 Run it as root with a venv the postgres OS user can execute (a venv made from /usr/bin/python3,
 not one under /root): PostgreSQL runs both tools' WAL hooks as postgres.
@@ -25,6 +26,16 @@ command an operator runs, rounds alternating which tool goes first so machine no
   `pgbackrest restore` + `pg_ctl start` + waiting for the promotion;
 - a tiny backup (an empty cluster) restored with `gravl-dr restore ID`: the fixed cost of restore.
 
+gravl-dr's restore commands print their report (`--json`): its `data_seconds` (the restore's own
+work) and `seconds` (restore + start + recovery, inside the flow run) give the same steps with
+the fixed cost of a flow command (imports, flow-run bookkeeping) taken out, so improvements to
+the data path and to the fixed cost show separately.
+
+`--s3`: both repositories live in one S3 bucket of a moto server, reached over HTTPS through a
+TLS-terminating proxy on loopback (bench/tlsproxy.py; pgBackRest's S3 client speaks HTTPS only)
+with a self-signed certificate both tools trust (gravl-dr through AWS_CA_BUNDLE, pgBackRest
+through repo1-s3-ca-file); every byte goes through the same proxy for both.
+
 Peak RSS is the sum of the RSS of the command's process tree (sampled every 20 ms); the restore
 commands' idle RSS is what `--dry-run` costs. Medians over rounds; ratio = gravl-dr / pgBackRest.
 """
@@ -39,11 +50,13 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from benchlib import BIN, GRAVL_DR, Timed, cleanup, start_prefect_server, timed
+from tlsproxy import TLSProxy, make_certificate, start_moto
 
 from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir
 from tasks.postgres import connection
@@ -125,6 +138,36 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def report_of(t: Timed) -> dict[str, Any]:
+    """The report a `gravl-dr ... --json` command printed."""
+    return dict(json.loads(t.stdout[t.stdout.index("{") :]))
+
+
+def s3_repositories(base: Path) -> tuple[dict[str, Any], str, list[Callable[[], object]]]:
+    """moto behind a TLS proxy: gravl-dr's repository settings, pgBackRest's [global] lines,
+    and what to stop at the end. The SDK's variables go into this process's environment, which
+    every server and command of the run inherits (archive_command and restore_command too)."""
+    import boto3
+
+    cert, key = make_certificate(base)
+    chown_tree(base, PG)
+    moto_port = free_port()
+    moto = start_moto(moto_port)
+    proxy = TLSProxy(moto_port, cert, key)
+    endpoint = f"https://127.0.0.1:{proxy.port}"
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_CA_BUNDLE=str(cert))
+    boto3.client("s3", endpoint_url=endpoint, region_name="eu-north-1").create_bucket(
+        Bucket="bench", CreateBucketConfiguration={"LocationConstraint": "eu-north-1"}
+    )
+    gravl_repo = {"url": "s3://bench/gravl", "endpoint_url": endpoint, "region": "eu-north-1"}
+    pgbr_repo = (
+        "repo1-type=s3\nrepo1-path=/pgbackrest\nrepo1-s3-bucket=bench\nrepo1-s3-endpoint=127.0.0.1\n"
+        f"repo1-s3-port={proxy.port}\nrepo1-s3-region=eu-north-1\nrepo1-s3-key=bench\n"
+        f"repo1-s3-key-secret=bench\nrepo1-s3-uri-style=path\nrepo1-s3-ca-file={cert}\n"
+    )
+    return gravl_repo, pgbr_repo, [proxy.close, moto.terminate]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -136,6 +179,7 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep-logs", type=Path, help="copy the restored servers' logs here")
+    parser.add_argument("--s3", action="store_true", help="both repositories in S3 (moto over HTTPS)")
     args = parser.parse_args()
     global KEEP_LOGS
     KEEP_LOGS = args.keep_logs
@@ -150,19 +194,24 @@ def main() -> None:
     chown_tree(base, PG)
     cfg = base / "gravl-dr.yaml"
     port = free_port()
+    gravl_repo: dict[str, Any] = {"url": f"file://{base / 'gravl-repo'}"}
+    pgbr_repo = f"repo1-path={base / 'pgbr-repo'}\n"
+    s3_services: list[Callable[[], object]] = []
+    if args.s3:
+        gravl_repo, pgbr_repo, s3_services = s3_repositories(base)
     cfg.write_text(
         yaml.safe_dump(
             {
                 "cluster": "bench",
                 "primary": {"dsn": f"host=127.0.0.1 port={port} user=postgres dbname=postgres"},
-                "repository": {"url": f"file://{base / 'gravl-repo'}", "compression": "zstd"},
+                "repository": {**gravl_repo, "compression": "zstd"},
             }
         )
     )
     conf = base / "pgbackrest.conf"
     conf.write_text(
-        "[global]\n"
-        f"repo1-path={base / 'pgbr-repo'}\nlog-path={base / 'pgbr-log'}\nlock-path={base / 'pgbr-lock'}\n"
+        f"[global]\n{pgbr_repo}"
+        f"log-path={base / 'pgbr-log'}\nlock-path={base / 'pgbr-lock'}\n"
         f"spool-path={base / 'pgbr-spool'}\ncompress-type=zst\ncompress-level=3\nlog-level-console=warn\n"
         f"log-level-file=off\nprocess-max={cores}\nstart-fast=y\n\n"
         f"[bench]\npg1-path={base / 'data'}\npg1-port={port}\npg1-socket-path={sock}\n"
@@ -179,6 +228,7 @@ def main() -> None:
         "cores": cores,
         "wal_seconds": args.wal_seconds,
         "load_at_start": os.getloadavg()[0],
+        "repository": "s3 (moto over HTTPS)" if args.s3 else "file",
     }
     samples: dict[str, list[float]] = {}
 
@@ -207,7 +257,7 @@ def main() -> None:
             as_pg(f"{BIN}/pg_ctl", "-D", str(source.pgdata), "-l", str(source.logfile), "-w", "-s", "start"),
             check=True,
         )
-        subprocess.run(as_pg(*pgbr, "stanza-create"), check=True, capture_output=True)
+        must(timed(as_pg(*pgbr, "stanza-create"), root_only=False), "pgbackrest stanza-create")
         conn = ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
         subprocess.run([f"{BIN}/createdb", *conn, "bench"], check=True)
         # a tiny backup first: what a flow command costs with (almost) no data
@@ -270,7 +320,8 @@ def main() -> None:
                 target = base / f"restore-{tool}"
                 empty_dir(target)
                 if tool == "gravl":
-                    t = gravl("restore", "latest", "--pgdata", str(target))
+                    t = gravl("restore", "latest", "--pgdata", str(target), "--json")
+                    note("restore_gravl_work_s", report_of(t)["data_seconds"])
                 else:
                     t = must(
                         timed(as_pg(*pgbr, f"--pg1-path={target}", "restore"), root_only=False),
@@ -291,8 +342,9 @@ def main() -> None:
                 t0 = time.monotonic()
                 if tool == "gravl":
                     t = gravl("restore", "latest", "--pgdata", str(target), "--start", "--json")
-                    rep = json.loads(t.stdout[t.stdout.index("{") :])
+                    rep = report_of(t)
                     note("restore_replay_gravl_recovery_s", rep.get("recovery_seconds") or 0.0)
+                    note("restore_replay_gravl_work_s", rep["seconds"])
                 else:
                     must(
                         timed(as_pg(*pgbr, f"--pg1-path={target}", "restore"), root_only=False),
@@ -314,6 +366,8 @@ def main() -> None:
             )
     finally:
         source.destroy()
+        for stop_service in s3_services:
+            stop_service()
         server.terminate()
         server.wait()
         cleanup(home, base)
@@ -328,7 +382,7 @@ def main() -> None:
         ("restore + replay, until promoted", "restore_replay"),
     ]
     print(
-        f"\n## pgbench scale {args.scale} ({res['db_mb']} MB), {res['wal_after_backup_mb']} MB of WAL after "
+        f"\n## {res['repository']} repositories, pgbench scale {args.scale} ({res['db_mb']} MB), {res['wal_after_backup_mb']} MB of WAL after "
         f"the backup, {args.rounds} rounds, {cores} cores, load {res['load_at_start']:.1f} -> "
         f"{res['load_at_end']:.1f}\n"
     )
@@ -341,6 +395,12 @@ def main() -> None:
             f"| {label} | {p:.2f} s | {g:.2f} s | {g / p:.2f}x | "
             f"{f'{pr:.0f} MB' if pr else '-'} | {f'{gr:.0f} MB' if gr else '-'} |"
         )
+    for label, key in (
+        ("restore, the flow's own work (fixed cost apart)", "restore"),
+        ("restore + replay, the flow's own work (fixed cost apart)", "restore_replay"),
+    ):
+        g, p = med[f"{key}_gravl_work_s"], med[f"{key}_pgbr_s"]
+        print(f"| {label} | {p:.2f} s | {g:.2f} s | {g / p:.2f}x | | |")
     gs, ps = med.get("replay_gravl_segments") or 0, med.get("replay_pgbr_segments") or 0
     if gs and ps:  # each tool replays from its own (latest) backup: the counts may differ by one or two
         print(

@@ -36,6 +36,7 @@ from benchlib import BIN, GRAVL_DR, cleanup
 
 from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir
 from tasks.postgres import connection
+from tasks.reporting import table
 
 PG_USER = "postgres"
 SEG = 16 * 1024 * 1024
@@ -259,10 +260,8 @@ def main() -> None:
         "failed_count",
         "pgbench_tps",
     ]
-    print("\n| mode | " + " | ".join(keys) + " |")
-    print("|---|" + "---|" * len(keys))
-    for r in results:
-        print(f"| {r['mode']} | " + " | ".join(str(r.get(k)) for k in keys) + " |")
+    rows = [[r["mode"], *(r.get(k) for k in keys)] for r in results]
+    print("\n" + "\n".join(table(("mode", *keys), rows)))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -25,10 +24,10 @@ from flows.common import human_bytes, logger, publish_report
 from flows.drill import run_drill
 from flows.restore import restore_flow
 from tasks.errors import PermanentError
-from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir
-from tasks.postgres import connection, database_digest
+from tasks.pgcluster import LocalCluster, free_port, make_private_dir
+from tasks.postgres import database_digest
 from tasks.reporting import bullets, document, report_key
-from tasks.sample import create_database, load_sample
+from tasks.sample import create_database, demo_config, load_sample, write_and_archive
 
 
 class DemoReport(BaseModel):
@@ -66,47 +65,13 @@ def start_demo_cluster(base: str, config: str, port: int, users: int, logs: int)
 
 @task(name="write-demo-config", cache_policy=NO_CACHE)
 def write_demo_config(base: str, port: int) -> str:
-    import yaml
-
-    path = Path(base) / "gravl-dr.yaml"
-    repo = Path(base) / "repository"
-    repo.mkdir()
-    chown_tree(repo, "postgres")  # the server's archive_command writes WAL here
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "cluster": "gravl-demo",
-                "primary": {"dsn": f"host=127.0.0.1 port={port} user=postgres dbname=gravl"},
-                "repository": {"url": f"file://{repo}", "compression": "zstd"},
-                "drill": {"suites_dir": str(SUITES_DIR)},
-            },
-            sort_keys=False,
-        )
-    )
-    chown_tree(path, "postgres")
-    return str(path)
+    return str(demo_config(Path(base), port, SUITES_DIR))
 
 
 @task(name="write-after-backup", cache_policy=NO_CACHE)
 def write_after_backup(dsn: str, rows: int) -> str:
     """New workouts logged after the base backup: only WAL replay can bring them back."""
-    with connection(dsn) as conn:
-        conn.execute(
-            "INSERT INTO workout_logs (user_id, workout_id, completed_at, sets, reps, weight_kg, notes) "
-            "SELECT 1 + g %% 50, 1 + g %% 60, now(), 3, 10, 42.5, 'after the backup' "
-            "FROM generate_series(1, %s) g",
-            (rows,),
-        )
-        wal = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()
-        name = str(wal[0]) if wal else ""
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            row = conn.execute("SELECT last_archived_wal, failed_count FROM pg_stat_archiver").fetchone()
-            if row and row[0] and row[0] >= name:
-                break
-            time.sleep(0.2)
-        else:
-            raise PermanentError(f"WAL segment {name} was not archived within 60 s")
+    name = write_and_archive(dsn, rows)
     logger().info("%d rows written after the backup; WAL up to %s archived", rows, name)
     return name
 

@@ -12,7 +12,6 @@ Any failed check fails the flow (and the CLI exits non-zero).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -33,7 +32,7 @@ from tasks import restore as rsteps
 from tasks.config import Config, config_path
 from tasks.drill import CheckResult, DrillFailed, DrillInstance, DrillReport
 from tasks.errors import DRError, PreconditionFailed, one_line
-from tasks.models import Manifest, parse_lsn, wal_name_from_segno, wal_segno
+from tasks.models import Manifest
 from tasks.recovery import (
     RecoveryOutcome,
     RecoveryTarget,
@@ -42,10 +41,18 @@ from tasks.recovery import (
     wait_for_recovery,
     write_recovery_settings,
 )
-from tasks.replay import names_past_backup, past_backup, recovered_to
+from tasks.replay import (
+    counts_lsn_in_reach,
+    may_pass_backup_by_target,
+    names_past_backup,
+    past_backup,
+    recovered_to,
+    segment_to_find,
+)
 from tasks.reporting import report_key
 from tasks.repository import Repository
-from tasks.wal import WalSettings, find_object
+from tasks.walarchive import find_object
+from tasks.walformat import WalSettings
 
 
 class RestoreStep(BaseModel):
@@ -319,8 +326,7 @@ def start_and_wait(
         failed = sum(1 for c in count_checks if c.failed)
         logger().info("row counts at %s: %d compared, %d failed", paused_at, len(count_checks), failed)
         cluster.stop("fast", timeout=int(timeout))
-        # the next start's log must not repeat this pause's "recovery stopping" line
-        cluster.logfile.rename(cluster.logfile.with_name(cluster.logfile.name + ".paused"))
+        dsteps.set_aside_pause_log(cluster.logfile)
         write_recovery_settings(
             instance.pgdata, config_path=config_file, target=target, os_user=cfg.postgres.os_user
         )
@@ -372,11 +378,7 @@ def _count_point(
     """Where the manifest's counts can be compared on this restore (the decision is pure, in
     tasks.drill.plan_count_point; this looks up what it needs in the repository)."""
     lsn = manifest.row_counts_lsn
-    at_or_after = False
-    if lsn and target.kind == "lsn" and target.value:
-        with contextlib.suppress(DRError):
-            at_or_after = parse_lsn(target.value) >= parse_lsn(lsn)
-    wanted = bool(manifest.row_counts) and bool(lsn) and (target.kind == "end" or at_or_after)
+    wanted, at_or_after = counts_lsn_in_reach(manifest, target)
     reachable = wanted and lsn is not None and _wal_reachable(cfg, repo, manifest, lsn)
     may_pass = (
         bool(manifest.row_counts) and not reachable and replay_may_pass_backup(cfg, repo, manifest, target)
@@ -395,11 +397,9 @@ def _count_point(
 def _wal_reachable(cfg: Config, repo: Repository, manifest: Manifest, lsn: str) -> bool:
     """Is the WAL segment holding ``lsn`` in the backup itself or in the archive?"""
     try:
-        seg = manifest.wal_segment_size
-        segno = parse_lsn(lsn) // seg
-        if manifest.stop_wal and segno <= wal_segno(manifest.stop_wal, seg)[1]:
+        name = segment_to_find(manifest, lsn)
+        if name is None:
             return True
-        name = wal_name_from_segno(manifest.timeline, segno, seg)
         return find_object(repo, name, WalSettings.from_config(cfg.repository)) is not None
     except DRError as exc:
         logger().warning("could not look for the WAL of the row counts (%s)", one_line(exc))
@@ -410,10 +410,9 @@ def replay_may_pass_backup(cfg: Config, repo: Repository, manifest: Manifest, ta
     """Can recovery go on past the backup's consistent point? Always towards a target (it lies
     past the backup); towards the end of the archive when the archive holds the segment after
     the backup's last one or the next timeline's history. In doubt, yes."""
-    if target.kind == "immediate":
-        return False
-    if target.kind != "end" or not manifest.stop_wal:
-        return True
+    known = may_pass_backup_by_target(manifest, target)
+    if known is not None:
+        return known
     try:
         settings = WalSettings.from_config(cfg.repository)
         return any(find_object(repo, name, settings) is not None for name in names_past_backup(manifest))
@@ -434,22 +433,13 @@ def counts_at_pause(
 ) -> list[CheckResult]:
     """The manifest's row counts and newest timestamps against the copy paused where they apply
     (read-only; unlogged tables cannot be read during recovery: they are checked after promotion)."""
-    mode: Literal["exact", "tolerance"] = "exact" if point.mode == "exact" else "tolerance"
-    where = f"at {lsn}" if point.where == "lsn" else f"at the backup's consistent point {lsn}"
-    per_db: dict[str, tuple[Literal["exact", "tolerance"], str]] = {}
-    if mode == "exact":
-        seen: dict[str, list[int] | None] = {}
-        for db, snapshot in manifest.row_counts_snapshots.items():
+    seen: dict[str, list[int] | None] = {}
+    if point.mode == "exact":
+        for snapshot in manifest.row_counts_snapshots.values():
             if snapshot not in seen:
                 seen[snapshot] = dsteps.inflight_commits(instance, snapshot)
-            inflight = seen[snapshot]
-            if inflight:
-                per_db[db] = (
-                    "tolerance",
-                    f"{where} (not exact: {len(inflight)} transaction(s) the counts' "
-                    f"snapshot did not see had committed there, e.g. xid {inflight[0]}; "
-                    "within drill.row_count_tolerance)",
-                )
+    inflight = {db: seen[snap] for db, snap in manifest.row_counts_snapshots.items() if snap in seen}
+    mode, where, per_db = dsteps.count_modes_at_pause(point, lsn, inflight)
     return _recorded_fact_checks(cfg, manifest, instance, mode, where, skip_unlogged=True, per_db=per_db)
 
 
@@ -676,9 +666,7 @@ def teardown(instance: DrillInstance) -> None:
 
 @task(name="report", cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def upload_report(repo: Repository, report: DrillReport) -> list[str]:
-    keys = report.report_keys
-    repo.put_bytes(keys[0], report.model_dump_json(indent=2).encode() + b"\n")
-    repo.put_bytes(keys[1], dsteps.render_markdown(report).encode())
+    keys = dsteps.store_report(repo, report)
     logger().info("report stored as %s and %s", *keys)
     return keys
 
@@ -780,8 +768,7 @@ def drill_flow(
     report.finished_at = datetime.now(UTC)
     report.total_seconds = time.monotonic() - t0
     report.passed = report.error is None and bool(report.checks) and not report.failed_checks
-    prefix = dsteps.drill_prefix(drill_id)
-    report.report_keys = [f"{prefix}/report.json", f"{prefix}/report.md"]
+    report.report_keys = dsteps.report_keys(drill_id)
     try:
         upload_report(repo, report)
     except DRError as exc:

@@ -19,12 +19,11 @@ from flows.common import NETWORK_RETRIES, human_bytes, load, logger, publish_rep
 from flows.params import BackupRef, ConfigPath, OptionalPort, OptionalText, OptionalTextList, OptionalTime
 from tasks import recovery as rec
 from tasks import restore as rsteps
-from tasks import wal as walsteps
+from tasks import walarchive, walspool
 from tasks.config import Config
 from tasks.config import config_path as resolve_config_path
-from tasks.errors import ConfigError, DRError, PreconditionFailed, one_line
-from tasks.libpq import has_password
-from tasks.models import Manifest, format_lsn
+from tasks.errors import DRError, PreconditionFailed, one_line
+from tasks.models import Manifest
 from tasks.pgcluster import LocalCluster, free_port
 from tasks.postgres import safe_dsn
 from tasks.replay import ArchiveView, archive_view, describe_archive_view
@@ -119,7 +118,7 @@ def select_backup(
 
 @task(name="inspect-wal-archive", cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def inspect_wal_archive(repo: Repository, manifest: Manifest) -> ArchiveView:
-    view = archive_view(walsteps.list_archive(repo), manifest)
+    view = archive_view(walarchive.list_archive(repo), manifest)
     logger().info("%s", describe_archive_view(view, manifest))
     return view
 
@@ -142,7 +141,7 @@ def write_recovery_settings(
         keep_archiving=keep_archiving,
     )
     if start_wal:
-        walsteps.prime_prefetch(Path(pgdata), start_wal)
+        walspool.prime_prefetch(Path(pgdata), start_wal)
     logger().info(
         "wrote recovery.signal and recovery settings: %s, restore_command %s, "
         "timeline latest, then promote%s",
@@ -168,8 +167,7 @@ def start_restored_server(
         cluster.start(timeout=3600, env=rec.repository_env(cfg))
     except DRError:
         # the server aborted recovery (a corrupt or missing segment, a target past the archive)
-        text = cluster.logfile.read_text(errors="replace") if cluster.logfile.exists() else ""
-        why = rec.explain_failed_recovery(text, target or rec.RecoveryTarget())
+        why = rec.explain_failed_start(cluster.logfile, target or rec.RecoveryTarget())
         if why is None:
             raise
         raise PreconditionFailed(why) from None
@@ -302,41 +300,20 @@ def restore_flow(
     """
     cfg, repo = load(config_path)
     ts_map = rsteps.parse_tablespace_map(tablespace_map)
-    if (pgdata is None) == (dsn is None):
-        raise PreconditionFailed("restore needs exactly one of --pgdata (physical) or --dsn (logical)")
     target = rec.RecoveryTarget.from_options(
         time=target_time.isoformat() if target_time else None,
         lsn=target_lsn,
         name=target_name,
         xid=target_xid,
     )
-    if dsn is not None and has_password(dsn):
-        # too late to keep it out of this run's parameters, but never used, logged or stored again
-        raise ConfigError(
-            "the dsn parameter carries a password: pass it through PGPASSWORD or a "
-            ".pgpass file in the environment of the worker (the gravl-dr command "
-            "does this by itself), never in a flow parameter"
-        )
-    if dsn is not None and target.kind != "end":
-        raise PreconditionFailed("a recovery target needs a physical restore (--pgdata)")
+    rsteps.check_restore_request(pgdata, dsn, target)
     t0 = time.monotonic()
     kind = "physical" if pgdata else "logical"
     manifest = select_backup(repo, backup, cfg.cluster, kind, target)
     try:
         if pgdata:
             view = inspect_wal_archive(repo, manifest)
-            if target.kind != "end" and not view.has_wal_after_backup:
-                raise PreconditionFailed(
-                    f"the WAL archive holds nothing after backup {manifest.id}: cannot reach "
-                    f"{target.describe()}"
-                )
-            if target.kind == "lsn" and target.lsn is not None:
-                end = max(view.newest_segment_start.values(), default=0) + manifest.wal_segment_size
-                if target.lsn > end:
-                    raise PreconditionFailed(
-                        f"target LSN {target.value} is past the end of the archive (its newest "
-                        f"segment ends at {format_lsn(end)})"
-                    )
+            rsteps.check_archive_reaches(view, manifest, target)
             res = restore_physical(cfg, repo, manifest, pgdata, ts_map)
             use_archive = view.has_wal_after_backup or target.kind != "end"
             if use_archive:

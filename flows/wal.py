@@ -42,7 +42,8 @@ from tasks.postgres import PrimaryStatus, safe_dsn
 from tasks.postgres import observe_primary as pg_observe_primary
 from tasks.reporting import bullets, document, kv_table, report_key, section, table
 from tasks.repository import Repository
-from tasks.wal import WalSettings, list_archive
+from tasks.walarchive import list_archive
+from tasks.walformat import WalSettings
 
 JOB = "wal-check"  # the flow's name: the Pushgateway job of its metrics
 

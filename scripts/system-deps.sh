@@ -14,6 +14,7 @@ if [ "${1:-}" = "test" ]; then
   have nsupdate || need+=(bind9-dnsutils)
   have pgbackrest || need+=(pgbackrest)
   have chromium || need+=(chromium)   # scripts/ui_check.py: the Prefect UI in a headless browser
+  have strace || need+=(strace)       # tests: the order of a restore's syncfs and pg_control rename
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then

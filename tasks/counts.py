@@ -18,7 +18,7 @@ recorded with them, plus which tables are unlogged and what could not be counted
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -170,70 +170,16 @@ def read_cluster_facts(
             "ORDER BY datname = current_database(), 1"
         ).fetchall()
     all_databases = sorted(str(r[0]) for r in dbs)
-    not_counted: dict[str, str] = {}
-    wanted: list[str] = []
-    for name, allowed in dbs:
-        if only is not None and name not in only:
-            continue
-        if not allowed:
-            not_counted[name] = (
-                "datallowconn = false: nobody may connect to it, so its rows could not be "
-                "counted at backup time"
-            )
-            continue
-        wanted.append(str(name))
+    wanted, not_counted = databases_to_count([(str(r[0]), bool(r[1])) for r in dbs], only)
     conns: dict[str, psycopg.Connection[Any]] = {}
-    conns_to_close: list[psycopg.Connection[Any]] = []
+    probe: psycopg.Connection[Any] | None = None
     try:
-        for name in wanted:  # the DSN's own database last: its snapshot is the one nearest the LSN
-            try:
-                conns[name] = connect(conninfo.make_conninfo(dsn, dbname=name), autocommit=False)
-            except (DRError, psycopg.Error) as exc:
-                not_counted[name] = f"could not be counted: {one_line(exc)}"
-                log.warning("database %s not counted: %s", name, not_counted[name])
-        snapshots: dict[str, str] = {}
+        conns = _connect_each(dsn, wanted, not_counted)
         probe = connect(dsn) if snapshot_id is None and conns else None
-        conns_to_close = [probe] if probe is not None else []
-        for attempt in range(1, SNAPSHOT_ATTEMPTS + 1):
-            before = _wal_position(probe) if probe is not None else None
-            snapshots = {}
-            for name, conn in conns.items():
-                _begin(conn)
-                if snapshot_id is not None:
-                    conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
-                row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
-                assert row is not None
-                snapshots[name] = str(row[0])
-            if probe is not None:
-                # read after every snapshot was taken: each commit they see lies before this LSN;
-                # with no WAL written since ``before`` either, none they miss does
-                lsn = _wal_position(probe)
-            if (len(set(snapshots.values())) <= 1 and before == lsn) or attempt == SNAPSHOT_ATTEMPTS:
-                break
-            for conn in conns.values():
-                conn.rollback()
-        if len(set(snapshots.values())) > 1:
-            log.info(
-                "databases counted in %d different snapshots (writes never paused): the drill checks "
-                "each against the LSN",
-                len(set(snapshots.values())),
-            )
-        databases: dict[str, DatabaseFacts] = {}
-        for name, conn in conns.items():
-            try:
-                databases[name] = _count(conn, lock_timeout_seconds)
-            except psycopg.errors.LockNotAvailable:
-                # a backup that meets a lock says whose (tasks.inventory), never waits forever
-                raise PreconditionFailed(
-                    explain_lock(name)
-                    if explain_lock
-                    else f"counting rows in database {name} waited too long for a lock"
-                ) from None
-            except (DRError, psycopg.Error) as exc:
-                not_counted[name] = f"could not be counted: {one_line(exc)}"
-                log.warning("database %s not counted: %s", name, not_counted[name])
+        snapshots, lsn = _take_snapshots(conns, probe, snapshot_id, lsn)
+        databases = _count_each(conns, lock_timeout_seconds, explain_lock, not_counted)
     finally:
-        for conn in [*conns.values(), *conns_to_close]:
+        for conn in [*conns.values(), *([probe] if probe is not None else [])]:
             conn.close()
     log.info(
         "row counts of %d database(s) read in snapshot(s) at %s (database %s)", len(databases), lsn, here
@@ -245,6 +191,111 @@ def read_cluster_facts(
         not_counted=not_counted,
         all_databases=all_databases,
     )
+
+
+def databases_to_count(
+    databases: Sequence[tuple[str, bool]], only: Sequence[str] | None
+) -> tuple[list[str], dict[str, str]]:
+    """Of (name, datallowconn) in connection order, those to count (``only`` these, when given)
+    and, by name, why the others that were wanted cannot be."""
+    wanted: list[str] = []
+    not_counted: dict[str, str] = {}
+    for name, allowed in databases:
+        if only is not None and name not in only:
+            continue
+        if not allowed:
+            not_counted[name] = (
+                "datallowconn = false: nobody may connect to it, so its rows could not be "
+                "counted at backup time"
+            )
+            continue
+        wanted.append(name)
+    return wanted, not_counted
+
+
+def snapshots_agree(snapshots: Mapping[str, str], before: str | None, after: str | None) -> bool:
+    """One snapshot for every database, and no WAL written while they were taken."""
+    return len(set(snapshots.values())) <= 1 and before == after
+
+
+def _connect_each(
+    dsn: str, wanted: Sequence[str], not_counted: dict[str, str]
+) -> dict[str, psycopg.Connection[Any]]:
+    """A connection (not in autocommit) to each database; one that fails is noted as not counted."""
+    conns: dict[str, psycopg.Connection[Any]] = {}
+    try:
+        for name in wanted:  # the DSN's own database last: its snapshot is the one nearest the LSN
+            try:
+                conns[name] = connect(conninfo.make_conninfo(dsn, dbname=name), autocommit=False)
+            except (DRError, psycopg.Error) as exc:
+                not_counted[name] = f"could not be counted: {one_line(exc)}"
+                log.warning("database %s not counted: %s", name, not_counted[name])
+    except BaseException:
+        for conn in conns.values():
+            conn.close()
+        raise
+    return conns
+
+
+def _snapshot_of(conn: psycopg.Connection[Any], snapshot_id: str | None) -> str:
+    _begin(conn)
+    if snapshot_id is not None:
+        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
+    row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def _take_snapshots(
+    conns: Mapping[str, psycopg.Connection[Any]],
+    probe: psycopg.Connection[Any] | None,
+    snapshot_id: str | None,
+    lsn: str | None,
+) -> tuple[dict[str, str], str | None]:
+    """Open a snapshot in every database, again and again until they agree (or the attempts run
+    out); the snapshots, left open, and the LSN they were taken at (``lsn`` with no ``probe``)."""
+    snapshots: dict[str, str] = {}
+    for attempt in range(1, SNAPSHOT_ATTEMPTS + 1):
+        before = _wal_position(probe) if probe is not None else None
+        snapshots = {name: _snapshot_of(conn, snapshot_id) for name, conn in conns.items()}
+        if probe is not None:
+            # read after every snapshot was taken: each commit they see lies before this LSN;
+            # with no WAL written since ``before`` either, none they miss does
+            lsn = _wal_position(probe)
+        if snapshots_agree(snapshots, before, lsn) or attempt == SNAPSHOT_ATTEMPTS:
+            break
+        for conn in conns.values():
+            conn.rollback()
+    if len(set(snapshots.values())) > 1:
+        log.info(
+            "databases counted in %d different snapshots (writes never paused): the drill checks "
+            "each against the LSN",
+            len(set(snapshots.values())),
+        )
+    return snapshots, lsn
+
+
+def _count_each(
+    conns: Mapping[str, psycopg.Connection[Any]],
+    lock_timeout_seconds: float,
+    explain_lock: Callable[[str], str] | None,
+    not_counted: dict[str, str],
+) -> dict[str, DatabaseFacts]:
+    databases: dict[str, DatabaseFacts] = {}
+    for name, conn in conns.items():
+        try:
+            databases[name] = _count(conn, lock_timeout_seconds)
+        except psycopg.errors.LockNotAvailable:
+            # a backup that meets a lock says whose (tasks.inventory), never waits forever
+            raise PreconditionFailed(
+                explain_lock(name)
+                if explain_lock
+                else f"counting rows in database {name} waited too long for a lock"
+            ) from None
+        except (DRError, psycopg.Error) as exc:
+            not_counted[name] = f"could not be counted: {one_line(exc)}"
+            log.warning("database %s not counted: %s", name, not_counted[name])
+    return databases
 
 
 def switch_wal(dsn: str) -> str | None:

@@ -13,6 +13,7 @@ config names and never logged.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
 import os
 import time
@@ -30,7 +31,7 @@ from tasks.errors import (
     botocore_transient,
     classify_aws,
 )
-from tasks.polling import Progress
+from tasks.polling import Progress, poll_until
 from tasks.postgres import dsn_field
 
 log = logging.getLogger(__name__)
@@ -227,18 +228,28 @@ def _r53_switch(
             },
         )
         change_id = resp["ChangeInfo"]["Id"]
-        status = resp["ChangeInfo"]["Status"]
-        # boto3's waiter polls every 30 s; we poll fast so propagation does not dominate the RTO.
+        # The submit's reply first, then GetChange each poll. boto3's waiter polls every 30 s; we
+        # poll fast so propagation does not dominate the RTO.
+        statuses = itertools.chain(
+            [str(resp["ChangeInfo"]["Status"])],
+            iter(lambda: str(client.get_change(Id=change_id)["ChangeInfo"]["Status"]), None),
+        )
+        status = ""
         progress = Progress(f"Route 53 change {change_id} for {name} to be INSYNC", timeout, log)
-        while status != "INSYNC":
+
+        def insync() -> bool:
+            nonlocal status
+            status = next(statuses)
+            if status == "INSYNC":
+                return True
             progress.tick(f"status {status}")
-            if time.monotonic() - t0 > timeout:
-                raise TransientError(
-                    f"Route 53 change {change_id} for {name} still {status} after "
-                    f"{timeout:.0f}s (submitted; it will apply)"
-                )
-            time.sleep(poll_interval)
-            status = client.get_change(Id=change_id)["ChangeInfo"]["Status"]
+            return False
+
+        if not poll_until(insync, timeout=timeout - (time.monotonic() - t0), interval=poll_interval):
+            raise TransientError(
+                f"Route 53 change {change_id} for {name} still {status} after "
+                f"{timeout:.0f}s (submitted; it will apply)"
+            )
     except ClientError as exc:
         code, transient = _r53_kind(exc)
         if transient:  # throttled or PriorRequestNotComplete: the flow may try again

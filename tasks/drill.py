@@ -32,6 +32,7 @@ from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_di
 from tasks.polling import poll_until
 from tasks.postgres import connection, dsn_field
 from tasks.reporting import cell, document, kv_table, table
+from tasks.repository import Repository
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,26 @@ def render_markdown(report: DrillReport) -> str:
     if report.report_keys:
         lines += ["", "Stored as " + ", ".join(f"`{k}`" for k in report.report_keys)]
     return document(lines)
+
+
+def set_aside_pause_log(logfile: Path) -> None:
+    """Rename the log of the paused start (``<log>.paused``): the next start's log must not
+    repeat this pause's "recovery stopping" line, which the recovery wait reads."""
+    logfile.rename(logfile.with_name(logfile.name + ".paused"))
+
+
+def report_keys(drill_id: str) -> list[str]:
+    """Where a drill's report is stored in the repository: JSON, then markdown."""
+    prefix = drill_prefix(drill_id)
+    return [f"{prefix}/report.json", f"{prefix}/report.md"]
+
+
+def store_report(repo: Repository, report: DrillReport) -> list[str]:
+    """Store the report under its ``report_keys``, as JSON (for tools) and markdown (for people)."""
+    json_key, md_key = report.report_keys
+    repo.put_bytes(json_key, report.model_dump_json(indent=2).encode() + b"\n")
+    repo.put_bytes(md_key, render_markdown(report).encode())
+    return [json_key, md_key]
 
 
 def data_age(started_at: datetime, recovered_to: datetime | None) -> float | None:
@@ -701,6 +722,31 @@ def plan_count_point(
         mode="tolerance",
         reason=f"not exact: {why}; compared within drill.row_count_tolerance{past_backup_note}",
     )
+
+
+CountMode = Literal["exact", "tolerance"]
+
+
+def count_modes_at_pause(
+    point: CountPoint, lsn: str, inflight: Mapping[str, list[int] | None]
+) -> tuple[CountMode, str, dict[str, tuple[CountMode, str]]]:
+    """How the counts are compared on the copy paused at ``lsn``: the mode and where for all
+    databases, and the databases whose snapshot missed commits that are in the copy (``inflight``:
+    per database, the transactions ``inflight_commits`` found; None or empty: exact there), which
+    fall back to the tolerance and say why."""
+    mode: CountMode = "exact" if point.mode == "exact" else "tolerance"
+    where = f"at {lsn}" if point.where == "lsn" else f"at the backup's consistent point {lsn}"
+    per_db: dict[str, tuple[CountMode, str]] = {}
+    if mode == "exact":
+        for db, xids in inflight.items():
+            if xids:
+                per_db[db] = (
+                    "tolerance",
+                    f"{where} (not exact: {len(xids)} transaction(s) the counts' "
+                    f"snapshot did not see had committed there, e.g. xid {xids[0]}; "
+                    "within drill.row_count_tolerance)",
+                )
+    return mode, where, per_db
 
 
 def inflight_commits(instance: DrillInstance, snapshot: str) -> list[int] | None:

@@ -34,7 +34,7 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -844,128 +844,156 @@ def run_expectations(specs: list[ExpectationSpec], dsn_for: Callable[[str], str]
         return _run_with_gx(gx, expectations, specs, dsn_for)
 
 
+TableKey = tuple[str, str, str, str]  # database, schema, table, result format
+
+
+def group_by_table(specs: Iterable[ExpectationSpec]) -> dict[TableKey, list[ExpectationSpec]]:
+    """One validation per table and result format: the run's format overrides the expectations'
+    own, and only UnexpectedRows (whose rows GX caps) may use COMPLETE."""
+    by_table: dict[TableKey, list[ExpectationSpec]] = {}
+    for spec in specs:
+        fmt = str(spec.kwargs.get("result_format", "SUMMARY"))
+        by_table.setdefault((spec.database, spec.schema_name, spec.table, fmt), []).append(spec)
+    return by_table
+
+
 def _run_with_gx(
     gx: Any, expectations: Any, specs: list[ExpectationSpec], dsn_for: Callable[[str], str]
 ) -> list[CheckResult]:
     from great_expectations.data_context.types.base import ProgressBarsConfig
-    from sqlalchemy.engine import URL
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-
-    # One validation per table and result format: the run's format overrides the expectations'
-    # own, and only UnexpectedRows (whose rows GX caps) may use COMPLETE.
-    by_table: dict[tuple[str, str, str, str], list[ExpectationSpec]] = {}
-    for spec in specs:
-        fmt = str(spec.kwargs.get("result_format", "SUMMARY"))
-        by_table.setdefault((spec.database, spec.schema_name, spec.table, fmt), []).append(spec)
     sources: dict[str, Any] = {}
     results: list[CheckResult] = []
-    for n, ((database, schema, table, fmt), table_specs) in enumerate(by_table.items()):
+    for n, ((database, schema, table, fmt), table_specs) in enumerate(group_by_table(specs).items()):
         t0 = time.monotonic()
         try:
             if database not in sources:
-                from psycopg import conninfo
-
-                parts = conninfo.conninfo_to_dict(dsn_for(database))
-                url = URL.create(
-                    "postgresql+psycopg",
-                    username=str(parts.get("user") or "postgres"),
-                    host=str(parts.get("host") or "127.0.0.1"),
-                    port=int(parts.get("port") or 5432),
-                    database=database,
-                    query={"options": str(parts["options"])} if parts.get("options") else {},
-                )
-                sources[database] = context.data_sources.add_postgres(
-                    f"db{len(sources)}", connection_string=url.render_as_string(hide_password=False)
-                )
-            # A query asset over the quoted name: GX's table assets fold unquoted schema names to
-            # lower case and cannot quote names holding quotes ("Sales"."Order Items", "User").
-            asset = sources[database].add_query_asset(
-                f"t{n}", query=f"SELECT * FROM {sql_table(schema, table)}"
+                sources[database] = _add_postgres_source(context, f"db{len(sources)}", database, dsn_for)
+            outcome = _validate_table(
+                gx, expectations, context, sources[database], n, (schema, table, fmt), table_specs
             )
-            batch = asset.add_batch_definition_whole_table("whole")
-            built = []
-            for i, spec in enumerate(table_specs):
-                cls = (
-                    one_pass_expectation()
-                    if spec.gx_type == ONE_PASS
-                    else getattr(expectations, spec.gx_type)
-                )
-                kwargs = {k: v for k, v in spec.kwargs.items() if k != "result_format"}
-                built.append(cls(**kwargs, meta={"gravl_check": i}))
-            suite = context.suites.add(gx.ExpectationSuite(name=f"s{n}", expectations=built))
-            validation = context.validation_definitions.add(
-                gx.ValidationDefinition(name=f"v{n}", data=batch, suite=suite)
-            )
-            run_format: dict[str, Any] = {
-                "result_format": "COMPLETE" if fmt == "COMPLETE" else "SUMMARY",
-                "partial_unexpected_count": MAX_SAMPLES,
-            }
-            outcome = validation.run(result_format=run_format)
             seconds = (time.monotonic() - t0) / max(1, len(table_specs))
-            seen = set()
-            for res in outcome.results:
-                config = res.expectation_config
-                index = int(((config.meta if config is not None else None) or {}).get("gravl_check", -1))
-                if not 0 <= index < len(table_specs):
-                    continue
-                seen.add(index)
-                spec = table_specs[index]
-                result = dict(res.result or {})
-                error = _exception_message(res.exception_info)
-                if error is not None:
-                    results.append(
-                        CheckResult(
-                            name=spec.check,
-                            kind=spec.kind,
-                            category="data",
-                            status="failed",
-                            database=database,
-                            seconds=seconds,
-                            summary=f"could not evaluate: {error.strip().splitlines()[0][:300]}",
-                        )
-                    )
-                    continue
-                results.append(
-                    CheckResult(
-                        name=spec.check,
-                        kind=spec.kind,
-                        category="data",
-                        status="passed" if res.success else "failed",
-                        database=database,
-                        seconds=seconds,
-                        summary=_summary(spec, bool(res.success), result),
-                        samples=[] if res.success else _samples(result),
-                    )
-                )
-            for i, spec in enumerate(table_specs):
-                if i not in seen:
-                    results.append(
-                        CheckResult(
-                            name=spec.check,
-                            kind=spec.kind,
-                            category="data",
-                            status="failed",
-                            database=database,
-                            summary="Great Expectations returned no result",
-                        )
-                    )
+            results += results_of(outcome.results, table_specs, database, seconds)
         except Exception as exc:  # noqa: BLE001 - one table's failure must not hide the others
             log.warning("expectations on %s.%s.%s could not run: %s", database, schema, table, one_line(exc))
-            for spec in table_specs:
-                results.append(
-                    CheckResult(
-                        name=spec.check,
-                        kind=spec.kind,
-                        category="data",
-                        status="failed",
-                        database=database,
-                        seconds=time.monotonic() - t0,
-                        summary=f"could not run: {one_line(exc)}"[:500],
-                    )
+            results += [
+                CheckResult(
+                    name=spec.check,
+                    kind=spec.kind,
+                    category="data",
+                    status="failed",
+                    database=database,
+                    seconds=time.monotonic() - t0,
+                    summary=f"could not run: {one_line(exc)}"[:500],
                 )
+                for spec in table_specs
+            ]
     return results
+
+
+def _add_postgres_source(context: Any, name: str, database: str, dsn_for: Callable[[str], str]) -> Any:
+    from psycopg import conninfo
+    from sqlalchemy.engine import URL
+
+    parts = conninfo.conninfo_to_dict(dsn_for(database))
+    url = URL.create(
+        "postgresql+psycopg",
+        username=str(parts.get("user") or "postgres"),
+        host=str(parts.get("host") or "127.0.0.1"),
+        port=int(parts.get("port") or 5432),
+        database=database,
+        query={"options": str(parts["options"])} if parts.get("options") else {},
+    )
+    return context.data_sources.add_postgres(
+        name, connection_string=url.render_as_string(hide_password=False)
+    )
+
+
+def _validate_table(
+    gx: Any,
+    expectations: Any,
+    context: Any,
+    source: Any,
+    n: int,
+    where: tuple[str, str, str],
+    table_specs: list[ExpectationSpec],
+) -> Any:
+    """Run one table's expectations as one GX validation; each carries its index in its meta."""
+    schema, table, fmt = where
+    # A query asset over the quoted name: GX's table assets fold unquoted schema names to
+    # lower case and cannot quote names holding quotes ("Sales"."Order Items", "User").
+    asset = source.add_query_asset(f"t{n}", query=f"SELECT * FROM {sql_table(schema, table)}")
+    batch = asset.add_batch_definition_whole_table("whole")
+    built = []
+    for i, spec in enumerate(table_specs):
+        cls = one_pass_expectation() if spec.gx_type == ONE_PASS else getattr(expectations, spec.gx_type)
+        kwargs = {k: v for k, v in spec.kwargs.items() if k != "result_format"}
+        built.append(cls(**kwargs, meta={"gravl_check": i}))
+    suite = context.suites.add(gx.ExpectationSuite(name=f"s{n}", expectations=built))
+    validation = context.validation_definitions.add(
+        gx.ValidationDefinition(name=f"v{n}", data=batch, suite=suite)
+    )
+    run_format: dict[str, Any] = {
+        "result_format": "COMPLETE" if fmt == "COMPLETE" else "SUMMARY",
+        "partial_unexpected_count": MAX_SAMPLES,
+    }
+    return validation.run(result_format=run_format)
+
+
+def results_of(
+    gx_results: Iterable[Any], table_specs: Sequence[ExpectationSpec], database: str, seconds: float
+) -> list[CheckResult]:
+    """One CheckResult per spec from GX's per-expectation results (matched through the index in
+    their meta); a spec GX returned nothing for fails, saying so."""
+    results: list[CheckResult] = []
+    seen = set()
+    for res in gx_results:
+        config = res.expectation_config
+        index = int(((config.meta if config is not None else None) or {}).get("gravl_check", -1))
+        if not 0 <= index < len(table_specs):
+            continue
+        seen.add(index)
+        results.append(_check_result(table_specs[index], res, database, seconds))
+    results += [
+        CheckResult(
+            name=spec.check,
+            kind=spec.kind,
+            category="data",
+            status="failed",
+            database=database,
+            summary="Great Expectations returned no result",
+        )
+        for i, spec in enumerate(table_specs)
+        if i not in seen
+    ]
+    return results
+
+
+def _check_result(spec: ExpectationSpec, res: Any, database: str, seconds: float) -> CheckResult:
+    result = dict(res.result or {})
+    error = _exception_message(res.exception_info)
+    if error is not None:
+        return CheckResult(
+            name=spec.check,
+            kind=spec.kind,
+            category="data",
+            status="failed",
+            database=database,
+            seconds=seconds,
+            summary=f"could not evaluate: {error.strip().splitlines()[0][:300]}",
+        )
+    return CheckResult(
+        name=spec.check,
+        kind=spec.kind,
+        category="data",
+        status="passed" if res.success else "failed",
+        database=database,
+        seconds=seconds,
+        summary=_summary(spec, bool(res.success), result),
+        samples=[] if res.success else _samples(result),
+    )
 
 
 def unique_names(specs: list[ExpectationSpec]) -> list[ExpectationSpec]:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.config import KubernetesHook, ReconnectHook
 from tasks.errors import DRError, PermanentError, one_line
-from tasks.polling import Progress
+from tasks.polling import Progress, poll_until
 from tasks.proc import run
 
 log = logging.getLogger(__name__)
@@ -143,10 +143,19 @@ def _k8s_apps_api(spec: KubernetesHook) -> Any:
 
 def rollout_restart(spec: KubernetesHook, timeout: float) -> str:
     """What `kubectl rollout restart` does — bump a pod-template annotation — then wait for the rollout."""
-    from kubernetes.client.exceptions import ApiException
-
     api = _k8s_apps_api(spec)
     deadline = time.monotonic() + timeout
+    patched = _restart_deployments(api, spec, deadline)
+    if not spec.wait:
+        return f"restarted {len(patched)} deployment(s) in {spec.namespace}"
+    _wait_for_rollout(api, spec, patched, deadline, timeout)
+    return f"restarted {len(patched)} deployment(s) in {spec.namespace}; rollout finished"
+
+
+def _restart_deployments(api: Any, spec: KubernetesHook, deadline: float) -> dict[str, int]:
+    """Bump each deployment's restartedAt annotation; deployment name -> the generation it got."""
+    from kubernetes.client.exceptions import ApiException
+
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     body = {"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": stamp}}}}}
     patched: dict[str, int] = {}
@@ -165,11 +174,31 @@ def rollout_restart(spec: KubernetesHook, timeout: float) -> str:
                 f"kubernetes API unreachable restarting {spec.namespace}/{name}: {type(exc).__name__}"
             ) from None
         patched[name] = int(dep.metadata.generation or 0)
-    if not spec.wait:
-        return f"restarted {len(patched)} deployment(s) in {spec.namespace}"
+    return patched
+
+
+def rollout_done(status: Any, spec_replicas: int | None, generation: int) -> bool:
+    """Whether a deployment finished rolling out ``generation``: the controller saw it and every
+    replica is updated and available, none left over (kubectl rollout status's condition,
+    deployment_util.go). ``status`` is a V1DeploymentStatus (or anything with its fields)."""
+    want = spec_replicas if spec_replicas is not None else 1
+    return (
+        (status.observed_generation or 0) >= generation
+        and (status.updated_replicas or 0) >= want
+        and (status.available_replicas or 0) >= want
+        and (status.replicas or 0) <= want
+    )
+
+
+def _wait_for_rollout(
+    api: Any, spec: KubernetesHook, patched: dict[str, int], deadline: float, timeout: float
+) -> None:
+    from kubernetes.client.exceptions import ApiException
+
     pending = dict(patched)
     progress = Progress(f"the rollout of {', '.join(sorted(patched))} in {spec.namespace}", timeout, log)
-    while pending:
+
+    def all_rolled_out() -> bool:
         for name, generation in list(pending.items()):
             try:
                 dep = api.read_namespaced_deployment_status(
@@ -179,25 +208,21 @@ def rollout_restart(spec: KubernetesHook, timeout: float) -> str:
                 raise HookFailed(
                     f"kubernetes: cannot read {spec.namespace}/{name}: HTTP {exc.status}"
                 ) from None
-            st, want = dep.status, dep.spec.replicas if dep.spec.replicas is not None else 1
-            # The rollout is done when the controller saw our generation and every replica is
-            # updated and available (kubectl rollout status's condition, deployment_util.go).
-            if (
-                (st.observed_generation or 0) >= generation
-                and (st.updated_replicas or 0) >= want
-                and (st.available_replicas or 0) >= want
-                and (st.replicas or 0) <= want
-            ):
+            if rollout_done(dep.status, dep.spec.replicas, generation):
                 del pending[name]
         if pending:
-            if time.monotonic() > deadline:
-                raise HookFailed(
-                    f"kubernetes: rollout of {', '.join(sorted(pending))} in {spec.namespace} "
-                    f"not finished after {timeout:.0f}s"
-                )
             progress.tick(
                 f"{len(patched) - len(pending)} of {len(patched)} rolled out, waiting for "
                 f"{', '.join(sorted(pending))}"
             )
-            time.sleep(0.5 if progress.elapsed() < 10 else 2.0)
-    return f"restarted {len(patched)} deployment(s) in {spec.namespace}; rollout finished"
+        return not pending
+
+    if not poll_until(
+        all_rolled_out,
+        timeout=deadline - time.monotonic(),
+        interval=lambda waited: 0.5 if waited < 10 else 2.0,
+    ):
+        raise HookFailed(
+            f"kubernetes: rollout of {', '.join(sorted(pending))} in {spec.namespace} "
+            f"not finished after {timeout:.0f}s"
+        )

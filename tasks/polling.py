@@ -75,20 +75,23 @@ def poll_until(
     check: Callable[[], T | None],
     *,
     timeout: float,
-    interval: float,
+    interval: float | Callable[[float], float],
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T | None:
     """Call ``check`` every ``interval`` seconds until it returns a true value, which is returned,
     or ``timeout`` seconds have passed: None. ``check`` runs at least once, and once more at the
-    deadline; no sleep reaches past the deadline. Callers keep their own evidence (the last LSN
-    seen, the processes still there) and raise their own error, naming what was awaited."""
-    deadline = clock() + timeout
+    deadline; no sleep reaches past the deadline. ``interval`` may be a function of the seconds
+    waited so far (poll fast at first, then back off). Callers keep their own evidence (the last
+    LSN seen, the processes still there) and raise their own error, naming what was awaited."""
+    start = clock()
+    deadline = start + timeout
     while True:
         result = check()
         if result:
             return result
-        remaining = deadline - clock()
+        now = clock()
+        remaining = deadline - now
         if remaining <= 0:
             return None
-        sleep(min(interval, remaining))
+        sleep(min(interval(now - start) if callable(interval) else interval, remaining))

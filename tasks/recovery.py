@@ -357,6 +357,12 @@ def read_recovery_log(text: str) -> LogRecord:
     return rec
 
 
+def explain_failed_start(logfile: Path, target: RecoveryTarget) -> str | None:
+    """``explain_failed_recovery`` for a server that did not start, from its log file (if any)."""
+    text = logfile.read_text(errors="replace") if logfile.exists() else ""
+    return explain_failed_recovery(text, target)
+
+
 def explain_failed_recovery(log_text: str, target: RecoveryTarget) -> str | None:
     """An operator's sentence for a recovery the server aborted, from its log; None if unknown."""
     rec = read_recovery_log(log_text)
@@ -647,15 +653,15 @@ def start_prefetcher(pgdata: Path, config_path: str, os_user: str, env: dict[str
     """Start the WAL prefetcher of a restored data directory just before its server starts, as
     the server's user and with its environment: by the time PostgreSQL first runs
     restore_command (a probe for the next timeline's history file), the answers are ready."""
-    from tasks import wal as walsteps
+    from tasks import walspool
     from tasks.proc import spawn_detached
 
     pg_wal = pgdata / "pg_wal"
-    if not walsteps.prefetch_primed(pg_wal / "RECOVERYXLOG") or walsteps.prefetcher_pid(pg_wal):
+    if not walspool.prefetch_primed(pg_wal / "RECOVERYXLOG") or walspool.prefetcher_pid(pg_wal):
         return
     program = gravl_dr_executable()
     python = _interpreter(program) or sys.executable
-    log_path = walsteps.spool_root(pg_wal) / walsteps.PREFETCHER_LOG
+    log_path = walspool.spool_root(pg_wal) / walspool.PREFETCHER_LOG
     log_path.touch(exist_ok=True)
     chown_tree(log_path, os_user)
     try:
@@ -691,7 +697,7 @@ def check_server_can_read(config_file: str, cfg: Config, os_user: str) -> None:
     # what restore_command runs: the fast path's script and the modules of the full wal-fetch
     # (importing them, not building every command's parser: that costs a second of the RTO)
     probe = (
-        [python, "-P", "-c", "import flows.cli.wal, tasks.wal, tasks.walserve"]
+        [python, "-P", "-c", "import flows.cli.wal, tasks.walworkers, tasks.walserve"]
         if python
         else [program, "--help"]
     )
@@ -717,7 +723,7 @@ def check_server_can_read(config_file: str, cfg: Config, os_user: str) -> None:
 def clear_prefetch(pgdata: Path, timeout: float = 10.0) -> None:
     """Drop what wal-fetch prefetched and recovery did not use, once the prefetcher is gone
     (it exits when recovery ends)."""
-    from tasks.wal import prefetcher_pid
+    from tasks.walspool import prefetcher_pid
 
     deadline = time.monotonic() + timeout
     while prefetcher_pid(pgdata / "pg_wal") is not None and time.monotonic() < deadline:

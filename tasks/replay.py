@@ -73,6 +73,43 @@ def names_past_backup(manifest: Manifest) -> list[str]:
     return [segment_name(tli, segno + 1, manifest.wal_segment_size), f"{tli + 1:08X}.history"]
 
 
+def counts_lsn_in_reach(manifest: Manifest, target: RecoveryTarget) -> tuple[bool, bool]:
+    """(wanted, at_or_after) for the LSN the backup read its row counts at: is pausing there worth
+    looking for its WAL (the drill replays to the end, or to an LSN at or after it), and is the
+    target an LSN at or after it. An unparsable LSN is never at or after."""
+    lsn = manifest.row_counts_lsn
+    at_or_after = False
+    if lsn and target.kind == "lsn" and target.value:
+        try:
+            at_or_after = parse_lsn(target.value) >= parse_lsn(lsn)
+        except DRError:
+            at_or_after = False
+    wanted = bool(manifest.row_counts) and bool(lsn) and (target.kind == "end" or at_or_after)
+    return wanted, at_or_after
+
+
+def segment_to_find(manifest: Manifest, lsn: str) -> str | None:
+    """The archived WAL segment recovery needs to reach ``lsn`` on the backup's timeline; None
+    when the backup's own WAL holds it (nothing to look for). Raises DRError on a bad LSN."""
+    seg = manifest.wal_segment_size
+    segno = parse_lsn(lsn) // seg
+    if manifest.stop_wal and segno <= wal_segno(manifest.stop_wal, seg)[1]:
+        return None
+    return segment_name(manifest.timeline, segno, seg)
+
+
+def may_pass_backup_by_target(manifest: Manifest, target: RecoveryTarget) -> bool | None:
+    """Can recovery go on past the backup's consistent point, as far as the target alone says?
+    Never towards ``immediate``; always towards a target (it lies past the backup) or without a
+    known last segment; None towards the end of the archive: it depends on whether the archive
+    holds one of ``names_past_backup``."""
+    if target.kind == "immediate":
+        return False
+    if target.kind != "end" or not manifest.stop_wal:
+        return True
+    return None
+
+
 def past_backup(manifest: Manifest, reached_lsn: str | None) -> bool:
     """Did recovery replay WAL beyond the segments that came with the backup?"""
     if not reached_lsn or not manifest.stop_wal:

@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 4 * 1024 * 1024
+# what a transient botocore error means to an operator, where "unreachable" would mislead
+_BOTOCORE_REASON = {
+    "FlexibleChecksumError": "the download failed the SDK's checksum (corrupt on the way or at rest)"
+}
 _TMP_MARK = ".gravl-tmp-"
 
 
@@ -76,6 +80,7 @@ class Repository(Protocol):
     def exists(self, key: str) -> bool: ...
     def size(self, key: str) -> int: ...
     def list_keys(self, prefix: str) -> list[str]: ...
+    def keys_starting_with(self, start: str, limit: int = 1000) -> list[str] | None: ...
     def delete(self, key: str) -> None: ...
     def abort_incomplete(self, prefix: str) -> int: ...
     def find_incomplete(self, older_than: float) -> list[Incomplete]: ...
@@ -187,6 +192,10 @@ class FileRepository:
                 keys.append(str(Path(dirpath, name).relative_to(self.root)))
         return sorted(keys)
 
+    def keys_starting_with(self, start: str, limit: int = 1000) -> list[str] | None:
+        """None: a directory has no listing by a name prefix cheaper than a stat per name."""
+        return None
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         with contextlib.suppress(FileNotFoundError):
@@ -259,6 +268,33 @@ class FileRepository:
             path.unlink()
 
 
+class _Tally:
+    """SHA-256 and size of the bytes that went through ``count``."""
+
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def count(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self.sha.update(chunk)
+            self.size += len(chunk)
+            yield chunk
+
+
+def _collect(
+    pending: set[Future[tuple[int, str]]], parts: dict[int, str], keep: int
+) -> set[Future[tuple[int, str]]]:
+    """Wait until at most ``keep`` uploads are in flight, recording the finished parts' ETags
+    (a failed part raises here). Returns what is still in flight."""
+    while len(pending) > keep:
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for fut in done:
+            number, etag = fut.result()
+            parts[number] = etag
+    return pending
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -316,29 +352,36 @@ class S3Repository:
         if isinstance(exc, DRError):
             return exc
         if isinstance(exc, ClientError):
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            kind = classify_aws(code, status)
-            if kind == "no_bucket":
-                return PreconditionFailed(f"bucket {self.bucket} does not exist")
-            if kind == "not_found":
-                return NotFound(f"{what}: not found")
-            if kind == "denied":
-                return PreconditionFailed(f"{what}: access denied by the repository ({code or status})")
-            if kind == "exists":
-                return AlreadyExists(f"{what}: object already exists in the repository")
-            if kind == "transient":
-                return StorageUnavailable(f"{what}: repository error {code or status}")
-            return PreconditionFailed(f"{what}: repository refused ({code or status})")
+            return self._client_error(exc, what)
         if isinstance(exc, BotoCoreError):
             if botocore_transient(exc):
-                return StorageUnavailable(f"{what}: repository unreachable ({type(exc).__name__})")
+                name = type(exc).__name__
+                return StorageUnavailable(
+                    f"{what}: {_BOTOCORE_REASON.get(name, 'repository unreachable')} ({name})"
+                )
             return ConfigError(f"{what}: {exc}")
         if isinstance(exc, OSError) or type(exc).__module__.startswith("urllib3"):
             # sockets, TLS, a connection reset while reading a body
             return StorageUnavailable(f"{what}: repository unreachable ({type(exc).__name__})")
         log.error("unexpected error during %s", what, exc_info=exc)
         return InternalError(f"{what}: internal error {type(exc).__name__}: {exc} (a gravl-dr bug)")
+
+    def _client_error(self, exc: Any, what: str) -> DRError:
+        """An error reply of S3 (botocore's ClientError) as a DRError of its class."""
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        kind = classify_aws(code, status)
+        if kind == "no_bucket":
+            return PreconditionFailed(f"bucket {self.bucket} does not exist")
+        if kind == "not_found":
+            return NotFound(f"{what}: not found")
+        if kind == "denied":
+            return PreconditionFailed(f"{what}: access denied by the repository ({code or status})")
+        if kind == "exists":
+            return AlreadyExists(f"{what}: object already exists in the repository")
+        if kind == "transient":
+            return StorageUnavailable(f"{what}: repository error {code or status}")
+        return PreconditionFailed(f"{what}: repository refused ({code or status})")
 
     def _extra(self) -> dict[str, str]:
         extra: dict[str, str] = {}
@@ -367,15 +410,12 @@ class S3Repository:
         full = self._full(key)
         if self.exists(key):
             raise AlreadyExists(f"object {key} already exists in the repository")
-        digest = hashlib.sha256()
-        size = 0
-        buf = bytearray()
-        it = iter(chunks)
+        tally = _Tally()
+        it = tally.count(chunks)
         # Fill the first part: small objects go up in one PUT.
+        buf = bytearray()
         for chunk in it:
             buf += chunk
-            digest.update(chunk)
-            size += len(chunk)
             if len(buf) >= self.part_size:
                 break
         else:
@@ -385,57 +425,22 @@ class S3Repository:
                 )
             except Exception as exc:
                 raise self._wrap(exc, f"put {key}") from None
-            return PutResult(key, size, digest.hexdigest())
+            return PutResult(key, tally.size, tally.sha.hexdigest())
+        self._multipart(key, full, buf, it)
+        return PutResult(key, tally.size, tally.sha.hexdigest())
+
+    def _multipart(self, key: str, full: str, buf: bytearray, it: Iterator[bytes]) -> None:
+        """The rest of an object as a multipart upload, completed put-if-absent; aborted on any error."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
         try:
             upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full, **self._extra())[
                 "UploadId"
             ]
         except Exception as exc:
             raise self._wrap(exc, f"put {key}") from None
-        parts: dict[int, str] = {}
-        pending: set[Future[tuple[int, str]]] = set()
-
-        def send(number: int, body: bytes) -> tuple[int, str]:
-            resp = self.client.upload_part(
-                Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=body
-            )
-            return number, resp["ETag"]
-
-        def drain(block_until: int) -> None:
-            nonlocal pending
-            while len(pending) > block_until:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    number, etag = fut.result()
-                    parts[number] = etag
-
-        number = 0
         try:
-            with ThreadPoolExecutor(self.concurrency, thread_name_prefix="s3-part") as pool:
-                try:
-                    while True:
-                        # Cut exactly part_size bytes; keep the remainder for the next part.
-                        while len(buf) >= self.part_size:
-                            number += 1
-                            body = bytes(buf[: self.part_size])
-                            del buf[: self.part_size]
-                            drain(self.concurrency)  # bounded queue: memory stays flat
-                            pending.add(pool.submit(send, number, body))
-                        nxt = next(it, None)
-                        if nxt is None:
-                            break
-                        buf += nxt
-                        digest.update(nxt)
-                        size += len(nxt)
-                    if buf or number == 0:
-                        number += 1
-                        pending.add(pool.submit(send, number, bytes(buf)))
-                        buf = bytearray()
-                    drain(0)
-                except BaseException:
-                    for fut in pending:
-                        fut.cancel()
-                    raise
+            parts = self._send_parts(full, upload_id, buf, it)
             self.client.complete_multipart_upload(
                 Bucket=self.bucket,
                 Key=full,
@@ -445,15 +450,44 @@ class S3Repository:
             )
         except BaseException as exc:
             self._abort(full, upload_id)
-            if isinstance(exc, DRError | KeyboardInterrupt | SystemExit | GeneratorExit):
-                raise
-            if isinstance(exc, Exception):
-                from botocore.exceptions import BotoCoreError, ClientError
-
-                if isinstance(exc, ClientError | BotoCoreError):
-                    raise self._wrap(exc, f"put {key}") from None
+            if isinstance(exc, ClientError | BotoCoreError):
+                raise self._wrap(exc, f"put {key}") from None
             raise
-        return PutResult(key, size, digest.hexdigest())
+
+    def _send_parts(self, full: str, upload_id: str, buf: bytearray, it: Iterator[bytes]) -> dict[int, str]:
+        """Cut ``buf`` and the rest of ``it`` into parts of exactly part_size bytes (the last one
+        shorter) and upload them, ``concurrency`` at a time: memory stays flat. Part number -> ETag."""
+        parts: dict[int, str] = {}
+        pending: set[Future[tuple[int, str]]] = set()
+
+        def send(number: int, body: bytes) -> tuple[int, str]:
+            resp = self.client.upload_part(
+                Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=body
+            )
+            return number, resp["ETag"]
+
+        number = 0
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="s3-part") as pool:
+            try:
+                while True:
+                    while len(buf) >= self.part_size:
+                        number += 1
+                        body = bytes(buf[: self.part_size])
+                        del buf[: self.part_size]
+                        pending = _collect(pending, parts, self.concurrency)
+                        pending.add(pool.submit(send, number, body))
+                    nxt = next(it, None)
+                    if nxt is None:
+                        break
+                    buf += nxt
+                if buf or number == 0:
+                    pending.add(pool.submit(send, number + 1, bytes(buf)))
+                _collect(pending, parts, 0)
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                raise
+        return parts
 
     def _abort(self, full: str, upload_id: str) -> None:
         try:

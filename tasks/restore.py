@@ -29,15 +29,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.backup import key_for_manifest, verify_objects
+from tasks.backup import key_for_manifest
 from tasks.config import Config
-from tasks.errors import ChecksumMismatch, CommandFailed, PreconditionFailed, command_error
-from tasks.libpq import client_env
-from tasks.models import Manifest
+from tasks.errors import ChecksumMismatch, CommandFailed, ConfigError, PreconditionFailed, command_error
+from tasks.libpq import client_env, has_password
+from tasks.models import Manifest, format_lsn
 from tasks.pgcluster import chown_tree
 from tasks.postgres import is_empty_database, safe_dsn, server_info
 from tasks.proc import child_env, pg_bin, run, tail
-from tasks.repository import Repository
+from tasks.recovery import RecoveryTarget
+from tasks.replay import ArchiveView
+from tasks.repository import FileRepository, Repository
 from tasks.streams import decode, sized, threaded, verified
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,40 @@ def missing_role_errors(stderr: str) -> tuple[list[str], list[str]]:
             f"{message}: {command}" if command else message
         )
     return roles, other
+
+
+def check_restore_request(pgdata: str | None, dsn: str | None, target: RecoveryTarget) -> None:
+    """What a restore was asked for makes sense (pure): a data directory or a DSN, not both; no
+    password in the DSN (a flow parameter is stored and shown); a recovery target only for a
+    physical restore."""
+    if (pgdata is None) == (dsn is None):
+        raise PreconditionFailed("restore needs exactly one of --pgdata (physical) or --dsn (logical)")
+    if dsn is None:
+        return
+    if has_password(dsn):
+        # too late to keep it out of this run's parameters, but never used, logged or stored again
+        raise ConfigError(
+            "the dsn parameter carries a password: pass it through PGPASSWORD or a "
+            ".pgpass file in the environment of the worker (the gravl-dr command "
+            "does this by itself), never in a flow parameter"
+        )
+    if target.kind != "end":
+        raise PreconditionFailed("a recovery target needs a physical restore (--pgdata)")
+
+
+def check_archive_reaches(view: ArchiveView, manifest: Manifest, target: RecoveryTarget) -> None:
+    """A recovery target must lie within what the WAL archive holds after the backup (pure)."""
+    if target.kind != "end" and not view.has_wal_after_backup:
+        raise PreconditionFailed(
+            f"the WAL archive holds nothing after backup {manifest.id}: cannot reach {target.describe()}"
+        )
+    if target.kind == "lsn" and target.lsn is not None:
+        end = max(view.newest_segment_start.values(), default=0) + manifest.wal_segment_size
+        if target.lsn > end:
+            raise PreconditionFailed(
+                f"target LSN {target.value} is past the end of the archive (its newest "
+                f"segment ends at {format_lsn(end)})"
+            )
 
 
 def check_pgdata_target(pgdata: Path) -> None:
@@ -260,6 +296,84 @@ def _pipe_into(
     return written, code, err
 
 
+def sync_filesystems(paths: Iterable[Path]) -> None:
+    """Flush everything written under ``paths`` to disk: one syncfs(2) per filesystem (as
+    pg_basebackup --sync-method=syncfs and PostgreSQL's recovery_init_sync_method=syncfs do),
+    instead of an fsync per file. Before pg_control is put in place, so that after a power
+    loss a restored directory is either complete on disk or not startable."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    seen: set[int] = set()
+    for path in paths:
+        st = os.stat(path)
+        if st.st_dev in seen:
+            continue
+        seen.add(st.st_dev)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if libc.syncfs(fd) != 0:
+                os.sync()  # syncfs refused (an old kernel or an odd filesystem): sync them all
+        finally:
+            os.close(fd)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _restore_tablespaces(
+    cfg: Config,
+    repo: Repository,
+    manifest: Manifest,
+    key: bytes | None,
+    pgdata: Path,
+    targets: dict[str, Path],
+    made: list[tuple[Path, bool]],
+) -> int:
+    """Each tablespace's archive into its directory (appended to ``made`` for the clean-up),
+    and ``pg_tblspc/<oid>`` pointed at it, as pg_basebackup -T does."""
+    raw_bytes = 0
+    index = {o.key: i for i, o in enumerate(manifest.objects)}
+    for space in manifest.tablespaces:
+        dest = targets[space.oid]
+        made.append((dest, not dest.exists()))
+        dest.mkdir(mode=0o700, exist_ok=True)
+        if space.object is None or space.object not in index:
+            raise PreconditionFailed(f"backup {manifest.id} lacks the archive of tablespace {space.name}")
+        raw_bytes += _extract(repo, manifest, key, index[space.object], dest)
+        chown_tree(dest, cfg.postgres.os_user)
+        # base.tar carries pg_tblspc/<oid> -> the source's location; point it at ours
+        link = pgdata / "pg_tblspc" / space.oid
+        link.unlink(missing_ok=True)
+        link.symlink_to(dest)
+    return raw_bytes
+
+
+def _restore_extras(repo: Repository, manifest: Manifest, key: bytes | None, pgdata: Path) -> int:
+    """The configuration files kept outside PGDATA (or a minimal configuration), and the
+    server's backup_manifest (for pg_verifybackup)."""
+    raw_bytes = 0
+    index = {o.key: i for i, o in enumerate(manifest.objects)}
+    config_obj = next((o for o in manifest.objects if o.key.startswith("config.tar")), None)
+    if config_obj is not None and not (pgdata / "postgresql.conf").exists():
+        raw_bytes += _extract(repo, manifest, key, index[config_obj.key], pgdata)
+        adapt_config(pgdata)
+    elif not (pgdata / "postgresql.conf").exists():
+        write_minimal_config(pgdata)
+    manifest_obj = next((o for o in manifest.objects if o.key.startswith("backup_manifest")), None)
+    if manifest_obj is not None:
+        with open(pgdata / "backup_manifest", "wb") as out:
+            for chunk in _object_stream(repo, manifest, key, index[manifest_obj.key]):
+                out.write(chunk)
+                raw_bytes += len(chunk)
+    return raw_bytes
+
+
 def restore_physical(
     cfg: Config,
     repo: Repository,
@@ -283,37 +397,16 @@ def restore_physical(
         pgdata.mkdir(mode=0o700, exist_ok=True)
         pgdata.chmod(0o700)
         raw_bytes += _extract(repo, manifest, key, 0, pgdata, hold_control=True)
-        index = {o.key: i for i, o in enumerate(manifest.objects)}
-        for space in manifest.tablespaces:
-            dest = targets[space.oid]
-            made.append((dest, not dest.exists()))
-            dest.mkdir(mode=0o700, exist_ok=True)
-            if space.object is None or space.object not in index:
-                raise PreconditionFailed(f"backup {manifest.id} lacks the archive of tablespace {space.name}")
-            raw_bytes += _extract(repo, manifest, key, index[space.object], dest)
-            chown_tree(dest, cfg.postgres.os_user)
-            # base.tar carries pg_tblspc/<oid> -> the source's location; point it at ours
-            # (what pg_basebackup -T does)
-            link = pgdata / "pg_tblspc" / space.oid
-            link.unlink(missing_ok=True)
-            link.symlink_to(dest)
-        config_obj = next((o for o in manifest.objects if o.key.startswith("config.tar")), None)
-        if config_obj is not None and not (pgdata / "postgresql.conf").exists():
-            raw_bytes += _extract(repo, manifest, key, index[config_obj.key], pgdata)
-            adapt_config(pgdata)
-        elif not (pgdata / "postgresql.conf").exists():
-            write_minimal_config(pgdata)
-        manifest_obj = next((o for o in manifest.objects if o.key.startswith("backup_manifest")), None)
-        if manifest_obj is not None:
-            with open(pgdata / "backup_manifest", "wb") as out:
-                for chunk in _object_stream(repo, manifest, key, index[manifest_obj.key]):
-                    out.write(chunk)
-                    raw_bytes += len(chunk)
-        # every stored byte verified and extracted: now the directory may become valid
+        raw_bytes += _restore_tablespaces(cfg, repo, manifest, key, pgdata, targets, made)
+        raw_bytes += _restore_extras(repo, manifest, key, pgdata)
+        # every stored byte verified and extracted, and on disk: now the directory may become valid
+        sync_filesystems([path for path, _ in made])
         try:
             os.replace(pgdata / UNVERIFIED_CONTROL, pgdata / "global" / "pg_control")
         except FileNotFoundError:
             raise ChecksumMismatch(f"backup {manifest.id} holds no global/pg_control") from None
+        _fsync_path(pgdata / "global" / "pg_control")
+        _fsync_path(pgdata / "global")
     except BaseException:
         for path, was_created in made:
             if path.exists():
@@ -610,6 +703,118 @@ def _prepare_tablespace_dirs(manifest: Manifest, mapping: dict[str, str], os_use
         chown_tree(path, os_user)
 
 
+def _stage_objects(
+    repo: Repository, manifest: Manifest, indexes: list[int], jobs: int
+) -> tuple[Path, FileRepository]:
+    """Download each of the objects once into a private temporary directory (laid out like the
+    repository), verifying stored size and SHA-256 as it streams: from S3 each stored byte is
+    read once; nothing of the backup reaches the target until every object verified. Needs
+    the stored (compressed) size of the objects in temporary space: checked first."""
+    need = sum(manifest.objects[i].size for i in indexes)
+    staging = Path(tempfile.mkdtemp(prefix="gravl-restore-stage-"))
+    free = shutil.disk_usage(staging).free
+    if free < need + (64 << 20):
+        shutil.rmtree(staging, ignore_errors=True)
+        raise PreconditionFailed(
+            f"restoring backup {manifest.id} stages {need} bytes in {staging.parent}, which has "
+            f"{free} free: point TMPDIR at a larger filesystem"
+        )
+
+    def fetch(index: int) -> None:
+        obj = manifest.objects[index]
+        key = f"backups/{manifest.id}/{obj.key}"
+        dest = staging / key
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest, "xb") as out:
+            for chunk in verified(
+                repo.iter_object(key), obj.sha256, obj.size, f"backup {manifest.id} object {obj.key}"
+            ):
+                out.write(chunk)
+
+    try:
+        with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="stage") as pool:
+            for fut in [pool.submit(fetch, i) for i in indexes]:
+                fut.result()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging, FileRepository(staging, f"file://{staging}")
+
+
+def _restore_globals(
+    cfg: Config,
+    staged: Repository,
+    manifest: Manifest,
+    key: bytes | None,
+    dsn: str,
+    mapping: dict[str, str],
+    existing_roles: frozenset[str],
+) -> None:
+    """Roles (with their password hashes), memberships, role settings and tablespaces, through
+    psql into template1 (pg_dumpall's globals script: CREATE TABLESPACE cannot run in a
+    transaction block, so the script's verification comes before it runs)."""
+    assert manifest.globals_object is not None
+    globals_index = [o.key for o in manifest.objects].index(manifest.globals_object)
+    psql = subprocess.Popen(
+        [
+            pg_bin("psql", cfg.postgres.bindir),
+            *("-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password", "-d", "template1", "-f", "-"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=child_env(restore_env(dsn, dbname="template1", superuser=True)),
+    )
+    _, code, err = _pipe_into(
+        psql,
+        lambda: _globals_lines(_object_stream(staged, manifest, key, globals_index), mapping, existing_roles),
+        timeout=3600,
+    )
+    if code != 0:
+        raise command_error(
+            f"restoring the globals (roles, tablespaces) into {safe_dsn(dsn)} failed: {tail(err, 2)}"
+        )
+    log.info("restored globals of %s into %s", manifest.id, safe_dsn(dsn))
+
+
+def _restore_database(
+    cfg: Config, staged: Repository, manifest: Manifest, key: bytes | None, dsn: str, db_name: str, index: int
+) -> int:
+    """One database of a whole-cluster backup, created by pg_restore --create with its owner,
+    encoding, locale, ACL, settings and comment (template1 is restored into as it is)."""
+    tmp = _spool(staged, manifest, key, index)
+    try:
+        create = ["--create", "--clean", "--if-exists"] if db_name != "template1" else []
+        run(
+            [
+                pg_bin("pg_restore", cfg.postgres.bindir),
+                *("--exit-on-error", "--no-password", *create, "-d", "template1", str(tmp)),
+            ],
+            timeout=24 * 3600,
+            env=restore_env(dsn, dbname="template1", superuser=True),
+        )
+    except CommandFailed as exc:
+        raise type(exc)(f"pg_restore of database {db_name} into {safe_dsn(dsn)} failed: {exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("restored database %s", db_name)
+    return manifest.objects[index].raw_size
+
+
+def _check_cluster_backup(manifest: Manifest, mapping: dict[str, str]) -> None:
+    if manifest.kind != "logical":
+        raise PreconditionFailed(f"backup {manifest.id} is physical: restore it with --pgdata")
+    if not manifest.databases or manifest.globals_object is None:
+        raise PreconditionFailed(
+            f"backup {manifest.id} holds one database only: restore it with "
+            "--database into an existing empty database"
+        )
+    known = {t.location.rstrip("/") for t in manifest.tablespaces}
+    for old in mapping:
+        if old not in known:
+            raise PreconditionFailed(f"--tablespace-map: backup {manifest.id} has no tablespace at {old}")
+
+
 def restore_cluster(
     cfg: Config,
     repo: Repository,
@@ -622,93 +827,42 @@ def restore_cluster(
     """A whole-cluster logical backup into a fresh cluster: the globals first (roles with their
     password hashes, memberships, role settings, tablespaces), then every dumped database,
     ``jobs`` at a time, each created by pg_restore --create with its owner, encoding, locale,
-    ACL, settings and comment (postgres is dropped and re-created the same way)."""
-    if manifest.kind != "logical":
-        raise PreconditionFailed(f"backup {manifest.id} is physical: restore it with --pgdata")
-    if not manifest.databases or manifest.globals_object is None:
-        raise PreconditionFailed(
-            f"backup {manifest.id} holds one database only: restore it with "
-            "--database into an existing empty database"
-        )
+    ACL, settings and comment (postgres is dropped and re-created the same way).
+
+    One pass over the repository: every object is downloaded once into local staging and
+    verified there (``_stage_objects``) before anything touches the target, so a corrupt object
+    fails the restore with the target as it was."""
     mapping = tablespace_map or {}
-    known = {t.location.rstrip("/") for t in manifest.tablespaces}
-    for old in mapping:
-        if old not in known:
-            raise PreconditionFailed(f"--tablespace-map: backup {manifest.id} has no tablespace at {old}")
+    _check_cluster_backup(manifest, mapping)
     existing_roles = check_fresh_cluster(dsn, manifest)
     key = key_for_manifest(cfg, manifest)
     t0 = time.monotonic()
-    verify_objects(repo, manifest)  # every stored byte intact before the target is touched
-    verify_seconds = time.monotonic() - t0
-    _prepare_tablespace_dirs(manifest, mapping, cfg.postgres.os_user)
     keys = [o.key for o in manifest.objects]
-    globals_index = keys.index(manifest.globals_object)
-    env = restore_env(dsn, dbname="template1", superuser=True)
-    psql = subprocess.Popen(
-        [
-            pg_bin("psql", cfg.postgres.bindir),
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "--no-password",
-            "-d",
-            "template1",
-            "-f",
-            "-",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=child_env(env),
-    )
-    _, code, err = _pipe_into(
-        psql,
-        lambda: _globals_lines(_object_stream(repo, manifest, key, globals_index), mapping, existing_roles),
-        timeout=3600,
-    )
-    if code != 0:
-        raise command_error(
-            f"restoring the globals (roles, tablespaces) into {safe_dsn(dsn)} failed: {tail(err, 2)}"
-        )
-    log.info("restored globals of %s into %s", manifest.id, safe_dsn(dsn))
-
-    def one(db_name: str, index: int) -> int:
-        tmp = _spool(repo, manifest, key, index)
-        try:
-            create = ["--create", "--clean", "--if-exists"] if db_name != "template1" else []
-            target_db = "template1" if db_name != "template1" else "template1"
-            run(
-                [
-                    pg_bin("pg_restore", cfg.postgres.bindir),
-                    "--exit-on-error",
-                    "--no-password",
-                    *create,
-                    "-d",
-                    target_db,
-                    str(tmp),
-                ],
-                timeout=24 * 3600,
-                env=env,
-            )
-        except CommandFailed as exc:
-            raise type(exc)(f"pg_restore of database {db_name} into {safe_dsn(dsn)} failed: {exc}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
-        log.info("restored database %s", db_name)
-        return manifest.objects[index].raw_size
-
-    dumped = [d for d in manifest.databases if d.object]
-    raw = 0
-    with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="pg-restore") as pool:
-        futures = [pool.submit(one, d.name, keys.index(d.object)) for d in dumped if d.object in keys]
-        try:
-            for fut in futures:
-                raw += fut.result()
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
+    dumped = [d for d in manifest.databases if d.object and d.object in keys]
+    assert manifest.globals_object is not None
+    wanted = [keys.index(manifest.globals_object), *(keys.index(str(d.object)) for d in dumped)]
+    staging, staged = _stage_objects(repo, manifest, wanted, jobs)
+    try:
+        verify_seconds = time.monotonic() - t0
+        _prepare_tablespace_dirs(manifest, mapping, cfg.postgres.os_user)
+        _restore_globals(cfg, staged, manifest, key, dsn, mapping, existing_roles)
+        raw = 0
+        with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="pg-restore") as pool:
+            futures = [
+                pool.submit(
+                    _restore_database, cfg, staged, manifest, key, dsn, d.name, keys.index(str(d.object))
+                )
+                for d in dumped
+            ]
+            try:
+                for fut in futures:
+                    raw += fut.result()
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     skipped = tuple(f"{d.name}: {d.skipped}" for d in manifest.databases if not d.object)
     return ClusterRestoreResult(
         manifest.id,

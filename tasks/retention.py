@@ -252,12 +252,7 @@ def plan_retention(
     by_id = {m.id: m for m in state.manifests}
     notes += [f"BROKEN backup {b}: {why}" for b, why in sorted(state.broken.items())]
     notes += [f"INVALID backup {b}: {why} (left alone)" for b, why in sorted(state.invalid.items())]
-
-    keys_by_backup: dict[str, list[str]] = {}
-    for key in state.backup_keys:
-        bid = _backup_id_of(key)
-        if bid is not None:
-            keys_by_backup.setdefault(bid, []).append(key)
+    keys_by_backup = keys_by_backup_id(state.backup_keys)
 
     if not kept_ids - set(state.broken):
         notes.append("no complete backup that verifies in the repository: nothing is deleted")
@@ -271,61 +266,17 @@ def plan_retention(
             notes=notes,
         )
 
-    expire = []
-    for d in decisions:
-        if d.keep:
-            continue
-        manifest_key = f"{BACKUPS_PREFIX}/{d.backup_id}/{MANIFEST_NAME}"
-        others = sorted(k for k in keys_by_backup.get(d.backup_id, []) if k != manifest_key)
-        expire.append(ExpiredBackup(backup_id=d.backup_id, manifest_key=manifest_key, object_keys=others))
-
-    # Folders without a manifest: a failed attempt, or an expiry interrupted after the manifest
-    # went. Leave young ones alone (a backup may be writing them) and the one holding the lock.
-    orphan_keys: list[str] = []
-    for bid, keys in sorted(keys_by_backup.items()):
-        if bid in by_id or bid in state.invalid:
-            continue
-        if not BACKUP_ID_RE.match(bid):
-            notes.append(f"left alone: backups/{bid}/ is not named like a backup")
-            continue
-        if bid == state.locked_backup_id:
-            notes.append(f"left alone: backup {bid} holds the backup lock (still running?)")
-            continue
-        if now - backup_time(bid) < orphan_grace:
-            notes.append(f"left alone: backups/{bid}/ has no manifest yet but is recent")
-            continue
-        orphan_keys.extend(sorted(keys))
-
+    expire = expired_backups(decisions, keys_by_backup)
+    orphan_keys, orphan_notes = orphan_folders(keys_by_backup, state, now, orphan_grace)
+    notes += orphan_notes
     wal = [parse_wal_key(k) for k in state.wal_keys]
-    kept_physical = [by_id[b] for b in kept_ids if by_id[b].kind == "physical"]
-    needs: list[WalNeed] = []
-    expire_wal: list[str] = []
-    unknown_start = [m.id for m in kept_physical if not m.start_wal]
-    if not kept_physical:
-        notes.append("no physical backup is kept: WAL is left untouched")
-    elif unknown_start:
-        notes.append(f"kept backup {unknown_start[0]} does not record its start WAL: WAL is left untouched")
-    else:
-        for m in kept_physical:
-            start = parse_wal_key(m.start_wal or "")
-            if start.timeline is None or start.position is None or start.kind != "segment":
-                notes.append(
-                    f"kept backup {m.id} has an unreadable start WAL {m.start_wal!r}: WAL is left untouched"
-                )
-                needs = []
-                break
-            needs.append(WalNeed(backup_id=m.id, timeline=start.timeline, position=start.position))
-        if needs:
-            for w in wal:
-                if w.kind in ("history", "other"):
-                    continue
-                if not any(n.covers(w) for n in needs):
-                    expire_wal.append(w.key)
+    needs, untouched = wal_needs([by_id[b] for b in kept_ids if by_id[b].kind == "physical"])
+    if untouched:
+        notes.append(untouched)
+    expire_wal = expired_wal(wal, needs)
     others = [w.key for w in wal if w.kind == "other"]
     if others:
         notes.append(f"left alone: {len(others)} unrecognised key(s) under wal/, e.g. {others[0]}")
-    # Oldest first, so an interrupted run never leaves a hole inside the kept range.
-    expire_wal.sort(key=lambda k: (parse_wal_key(k).timeline or 0, parse_wal_key(k).name))
     needs.sort(key=lambda n: (n.timeline, n.position))
     return RetentionPlan(
         decisions=decisions,
@@ -336,6 +287,89 @@ def plan_retention(
         wal_needs=needs,
         notes=notes,
     )
+
+
+def keys_by_backup_id(backup_keys: Iterable[str]) -> dict[str, list[str]]:
+    """The keys under ``backups/`` grouped by the backup folder they are in."""
+    grouped: dict[str, list[str]] = {}
+    for key in backup_keys:
+        bid = _backup_id_of(key)
+        if bid is not None:
+            grouped.setdefault(bid, []).append(key)
+    return grouped
+
+
+def expired_backups(
+    decisions: Iterable[BackupDecision], keys_by_backup: Mapping[str, list[str]]
+) -> list[ExpiredBackup]:
+    """Each backup not kept: its manifest key (deleted first) and every other key of its folder."""
+    expire = []
+    for d in decisions:
+        if d.keep:
+            continue
+        manifest_key = f"{BACKUPS_PREFIX}/{d.backup_id}/{MANIFEST_NAME}"
+        others = sorted(k for k in keys_by_backup.get(d.backup_id, []) if k != manifest_key)
+        expire.append(ExpiredBackup(backup_id=d.backup_id, manifest_key=manifest_key, object_keys=others))
+    return expire
+
+
+def orphan_folders(
+    keys_by_backup: Mapping[str, list[str]], state: RepositoryState, now: datetime, grace: timedelta
+) -> tuple[list[str], list[str]]:
+    """Folders without a manifest: a failed attempt, or an expiry interrupted after the manifest
+    went. Their keys to delete, and a note for each one left alone: young ones (a backup may be
+    writing them), the one holding the lock, and folders not named like a backup."""
+    listed = {m.id for m in state.manifests}
+    keys: list[str] = []
+    notes: list[str] = []
+    for bid, folder in sorted(keys_by_backup.items()):
+        if bid in listed or bid in state.invalid:
+            continue
+        why = _why_folder_stays(bid, state.locked_backup_id, now, grace)
+        if why is None:
+            keys.extend(sorted(folder))
+        else:
+            notes.append(why)
+    return keys, notes
+
+
+def _why_folder_stays(bid: str, locked_backup_id: str | None, now: datetime, grace: timedelta) -> str | None:
+    if not BACKUP_ID_RE.match(bid):
+        return f"left alone: backups/{bid}/ is not named like a backup"
+    if bid == locked_backup_id:
+        return f"left alone: backup {bid} holds the backup lock (still running?)"
+    if now - backup_time(bid) < grace:
+        return f"left alone: backups/{bid}/ has no manifest yet but is recent"
+    return None
+
+
+def wal_needs(kept_physical: Sequence[Manifest]) -> tuple[list[WalNeed], str | None]:
+    """The WAL each kept physical backup needs; or none, and why all WAL is left untouched."""
+    if not kept_physical:
+        return [], "no physical backup is kept: WAL is left untouched"
+    unknown_start = [m.id for m in kept_physical if not m.start_wal]
+    if unknown_start:
+        return [], f"kept backup {unknown_start[0]} does not record its start WAL: WAL is left untouched"
+    needs: list[WalNeed] = []
+    for m in kept_physical:
+        start = parse_wal_key(m.start_wal or "")
+        if start.timeline is None or start.position is None or start.kind != "segment":
+            return (
+                [],
+                f"kept backup {m.id} has an unreadable start WAL {m.start_wal!r}: WAL is left untouched",
+            )
+        needs.append(WalNeed(backup_id=m.id, timeline=start.timeline, position=start.position))
+    return needs, None
+
+
+def expired_wal(wal: Iterable[WalFile], needs: Sequence[WalNeed]) -> list[str]:
+    """Segments, partials and backup labels no kept backup needs (none without needs), oldest first,
+    so an interrupted run never leaves a hole inside the kept range; history files always stay."""
+    if not needs:
+        return []
+    keys = [w.key for w in wal if w.kind not in ("history", "other") and not any(n.covers(w) for n in needs)]
+    keys.sort(key=lambda k: (parse_wal_key(k).timeline or 0, parse_wal_key(k).name))
+    return keys
 
 
 # ---------------------------------------------------------------- the repository side

@@ -6,8 +6,12 @@ custom workouts; with foreign keys, checks and indexes, and deterministic data.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from tasks.errors import PermanentError
+from tasks.pgcluster import chown_tree
+from tasks.polling import poll_until
 from tasks.postgres import connection
 
 SCHEMA = """
@@ -130,3 +134,50 @@ def create_database(dsn: str, name: str) -> None:
 
     with connection(dsn) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def write_and_archive(dsn: str, rows: int, timeout: float = 60) -> str:
+    """Log ``rows`` new workouts, switch WAL and wait until the server has archived the segment
+    holding them (the demo's writes after its base backup: only WAL replay can bring them back).
+    Returns that segment's name; PermanentError when it is not archived within ``timeout``."""
+    with connection(dsn) as conn:
+        conn.execute(
+            "INSERT INTO workout_logs (user_id, workout_id, completed_at, sets, reps, weight_kg, notes) "
+            "SELECT 1 + g %% 50, 1 + g %% 60, now(), 3, 10, 42.5, 'after the backup' "
+            "FROM generate_series(1, %s) g",
+            (rows,),
+        )
+        wal = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()
+        name = str(wal[0]) if wal else ""
+
+        def archived() -> bool:
+            row = conn.execute("SELECT last_archived_wal, failed_count FROM pg_stat_archiver").fetchone()
+            return bool(row and row[0] and row[0] >= name)
+
+        if not poll_until(archived, timeout=timeout, interval=0.2):
+            raise PermanentError(f"WAL segment {name} was not archived within {timeout:.0f} s")
+    return name
+
+
+def demo_config(base: Path, port: int, suites_dir: Path) -> Path:
+    """Write the demo's gravl-dr config under ``base``: cluster ``gravl-demo`` on 127.0.0.1:``port``,
+    a file repository next to it that the server (as postgres) archives its WAL into."""
+    import yaml
+
+    path = base / "gravl-dr.yaml"
+    repo = base / "repository"
+    repo.mkdir()
+    chown_tree(repo, "postgres")  # the server's archive_command writes WAL here
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "cluster": "gravl-demo",
+                "primary": {"dsn": f"host=127.0.0.1 port={port} user=postgres dbname=gravl"},
+                "repository": {"url": f"file://{repo}", "compression": "zstd"},
+                "drill": {"suites_dir": str(suites_dir)},
+            },
+            sort_keys=False,
+        )
+    )
+    chown_tree(path, "postgres")
+    return path

@@ -41,6 +41,17 @@ class _Failure:
         self.exc = exc
 
 
+def _offer(q: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
+    """Put ``item`` into ``q`` unless the consumer stops first: True when it went in."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def threaded(source: Iterable[bytes], depth: int = 4, name: str = "stage") -> Iterator[bytes]:
     """Run ``source`` in a thread, handing chunks over through a queue of ``depth`` slots."""
     q: queue.Queue[Any] = queue.Queue(maxsize=depth)
@@ -51,13 +62,7 @@ def threaded(source: Iterable[bytes], depth: int = 4, name: str = "stage") -> It
     def pump() -> None:
         try:
             for chunk in it:
-                while not stop.is_set():
-                    try:
-                        q.put(chunk, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not _offer(q, chunk, stop):
                     break
             item: Any = _DONE
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
@@ -66,12 +71,7 @@ def threaded(source: Iterable[bytes], depth: int = 4, name: str = "stage") -> It
             close = getattr(it, "close", None)
             if stop.is_set() and close is not None:
                 close()
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+        _offer(q, item, stop)
 
     thread = threading.Thread(target=pump, name=f"gravl-{name}", daemon=True)
     thread.start()
@@ -199,7 +199,11 @@ def sized(source: Iterable[bytes], size: int, what: str) -> Iterator[bytes]:
 # ---------------------------------------------------------------- compression
 
 
-def compress(source: Iterable[bytes], codec: str, level: int | None = None) -> Iterator[bytes]:
+def compress(
+    source: Iterable[bytes], codec: str, level: int | None = None, threads: int | None = None
+) -> Iterator[bytes]:
+    """Compress a stream. ``threads``: zstd's worker threads (default: up to 4, one per core;
+    0 compresses in the calling thread, for callers that already run several streams at once)."""
     if codec == "none":
         yield from source
         return
@@ -207,7 +211,8 @@ def compress(source: Iterable[bytes], codec: str, level: int | None = None) -> I
     if codec == "zstd":
         import zstandard
 
-        threads = max(1, min(4, os.cpu_count() or 1))
+        if threads is None:
+            threads = max(1, min(4, os.cpu_count() or 1))
         comp = zstandard.ZstdCompressor(level=level or 3, threads=threads).compressobj()
         flush = comp.flush
     elif codec == "gzip":
@@ -252,6 +257,64 @@ class _IterReader:
         return out
 
 
+def _zstd_chunks(source: Iterable[bytes], what: str) -> Iterator[bytes]:
+    import zstandard
+
+    reader = _IterReader(source)
+    yield from zstandard.ZstdDecompressor().read_to_iter(
+        reader,  # type: ignore[arg-type]  # duck-typed: only read() is used
+        read_size=1 << 20,
+        write_size=CHUNK,
+    )
+    if reader.read(1):
+        raise ChecksumMismatch(f"{what}: data after the end of the zstd stream")
+
+
+def _gzip_chunks(source: Iterable[bytes], what: str) -> Iterator[bytes]:
+    zobj = zlib.decompressobj(31)
+    for chunk in source:
+        data = chunk
+        while data:
+            if zobj.eof:
+                raise ChecksumMismatch(f"{what}: data after the end of the gzip stream")
+            out = zobj.decompress(data, CHUNK)
+            if out:
+                yield out
+            data = zobj.unconsumed_tail
+    tail_bytes = zobj.flush()
+    if tail_bytes:
+        yield tail_bytes
+    if not zobj.eof:
+        raise ChecksumMismatch(f"{what}: truncated gzip stream")
+
+
+def _lz4_chunks(source: Iterable[bytes], what: str) -> Iterator[bytes]:
+    import lz4.frame
+
+    lobj = lz4.frame.LZ4FrameDecompressor()
+    for chunk in source:
+        if not chunk:
+            continue
+        if lobj.eof:
+            raise ChecksumMismatch(f"{what}: data after the end of the lz4 stream")
+        out = lobj.decompress(chunk, max_length=CHUNK)
+        if out:
+            yield out
+        while not lobj.needs_input and not lobj.eof:
+            out = lobj.decompress(b"", max_length=CHUNK)
+            if out:
+                yield out
+    if not lobj.eof:
+        raise ChecksumMismatch(f"{what}: truncated lz4 stream")
+
+
+_DECOMPRESSORS: dict[str, Callable[[Iterable[bytes], str], Iterator[bytes]]] = {
+    "zstd": _zstd_chunks,
+    "gzip": _gzip_chunks,
+    "lz4": _lz4_chunks,
+}
+
+
 def decompress(source: Iterable[bytes], codec: str, what: str = "object") -> Iterator[bytes]:
     """Decompress with bounded output chunks: a highly compressed input (zero pages compress
     thousands of times) must not expand into one huge buffer. A truncated zstd stream ends
@@ -259,54 +322,11 @@ def decompress(source: Iterable[bytes], codec: str, what: str = "object") -> Ite
     if codec == "none":
         yield from source
         return
+    chunks = _DECOMPRESSORS.get(codec)
+    if chunks is None:
+        raise ConfigError(f"unknown compression codec {codec!r}")
     try:
-        if codec == "zstd":
-            import zstandard
-
-            reader = _IterReader(source)
-            yield from zstandard.ZstdDecompressor().read_to_iter(
-                reader,  # type: ignore[arg-type]  # duck-typed: only read() is used
-                read_size=1 << 20,
-                write_size=CHUNK,
-            )
-            if reader.read(1):
-                raise ChecksumMismatch(f"{what}: data after the end of the zstd stream")
-        elif codec == "gzip":
-            zobj = zlib.decompressobj(31)
-            for chunk in source:
-                data = chunk
-                while data:
-                    if zobj.eof:
-                        raise ChecksumMismatch(f"{what}: data after the end of the gzip stream")
-                    out = zobj.decompress(data, CHUNK)
-                    if out:
-                        yield out
-                    data = zobj.unconsumed_tail
-            tail_bytes = zobj.flush()
-            if tail_bytes:
-                yield tail_bytes
-            if not zobj.eof:
-                raise ChecksumMismatch(f"{what}: truncated gzip stream")
-        elif codec == "lz4":
-            import lz4.frame
-
-            lobj = lz4.frame.LZ4FrameDecompressor()
-            for chunk in source:
-                if not chunk:
-                    continue
-                if lobj.eof:
-                    raise ChecksumMismatch(f"{what}: data after the end of the lz4 stream")
-                out = lobj.decompress(chunk, max_length=CHUNK)
-                if out:
-                    yield out
-                while not lobj.needs_input and not lobj.eof:
-                    out = lobj.decompress(b"", max_length=CHUNK)
-                    if out:
-                        yield out
-            if not lobj.eof:
-                raise ChecksumMismatch(f"{what}: truncated lz4 stream")
-        else:
-            raise ConfigError(f"unknown compression codec {codec!r}")
+        yield from chunks(source, what)
     except (zlib.error, RuntimeError) as exc:
         raise ChecksumMismatch(f"{what}: cannot decompress ({exc})") from None
     except Exception as exc:

@@ -775,7 +775,7 @@ def keep_old_wal(
     segments (timeline ``timeline``, ``fork_lsn`` to ``end_lsn``) are the only copy left of the
     un-replicated transactions. Returns the folder and its size in bytes.
     """
-    from tasks.wal import segment_name
+    from tasks.walnames import segment_name
 
     pgdata = node_pgdata(node)
     existing = [

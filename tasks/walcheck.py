@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, Field
 
 from tasks.errors import DRError, NotFound, PermanentError, one_line
-from tasks.wal import WalSettings, decode_object, duplicate_variants, find_object, list_archive
-from tasks.walnames import LSN_RE, SEGMENT_SIZE, parse_lsn, parse_wal_name, segment_name
+from tasks.walarchive import duplicate_variants, find_object, list_archive
+from tasks.walformat import WalSettings, decode_object
+from tasks.walnames import LSN_RE, SEGMENT_SIZE, WalName, parse_lsn, parse_wal_name, segment_name
 
 if TYPE_CHECKING:
     from tasks.config import Config
@@ -104,6 +105,23 @@ def _ranges(tli: int, missing: list[int], seg_size: int) -> list[Gap]:
     return gaps
 
 
+def _first_needed(
+    tli: int, have: set[int], start: WalName | None, switches: dict[int, Switch], seg_size: int
+) -> int | None:
+    """The first segment recovery needs on timeline ``tli``: the oldest kept backup's start on
+    its own timeline, else the switch point (not before the backup's start); None when neither
+    says (a timeline whose history file is not archived)."""
+    if start is not None and tli == start.timeline:
+        assert start.segno is not None
+        return start.segno
+    if tli not in switches:
+        return None
+    first = switches[tli].lsn // seg_size
+    if start is not None and start.segno is not None:
+        first = max(first, start.segno)
+    return first
+
+
 def find_gaps(
     names: Iterable[str],
     *,
@@ -132,16 +150,10 @@ def find_gaps(
         if start is not None and tli < start.timeline:
             continue  # older than the oldest kept backup: not needed
         have = present.get(tli, set())
-        if start is not None and tli == start.timeline:
-            assert start.segno is not None
-            first_needed: int | None = start.segno
-        elif tli in switches:
-            first_needed = switches[tli].lsn // seg_size
-            if start is not None and start.segno is not None:
-                first_needed = max(first_needed, start.segno)
-        else:
-            if tli > 1 and have:
-                problems.append(f"timeline {tli}: history file {tli:08X}.history is not archived")
+        first_needed = _first_needed(tli, have, start, switches, seg_size)
+        if first_needed is None and tli > 1 and have:
+            problems.append(f"timeline {tli}: history file {tli:08X}.history is not archived")
+        if first_needed is None:
             first_needed = min(have) if have else None
         children_need = [s.lsn // seg_size - 1 for s in switches.values() if s.parent == tli]
         last_needed = max([*have, *children_need]) if (have or children_need) else None
@@ -460,32 +472,41 @@ def judge_archiver(
             f"at {a.last_failed_time.isoformat() if a.last_failed_time else '?'}"
         )
     if a.last_archived_wal:
-        try:
-            verify_archived(repo, a.last_archived_wal, settings)
-            report.last_archived_verified = True
-        except DRError as exc:
-            report.last_archived_verified = False
-            report.problems.append(
-                f"the server reports {a.last_archived_wal} archived, but the repository copy is "
-                f"not usable: {one_line(exc)}"
-            )
-    # Lag: WAL written since the end of the newest segment of the server's timeline that is
-    # really in the repository (what a restore could reach), and for how long.
+        _verify_last_archived(report, a.last_archived_wal, repo, settings)
     if a.current_lsn and a.timeline and not a.in_recovery:
-        mine = [parse_wal_name(n, a.seg_size) for n in archive]
-        segnos = [
-            w.segno for w in mine if w.timeline == a.timeline and w.kind == "segment" and w.segno is not None
-        ]
-        current = parse_lsn(a.current_lsn)
-        if segnos:
-            end = (max(segnos) + 1) * a.seg_size
-            report.lag_bytes = max(0, current - end)
-        else:
-            report.lag_bytes = current % a.seg_size if a.last_archived_wal else current
-        if report.lag_bytes == 0:
-            report.lag_seconds = 0.0
-        elif a.last_archived_time is not None:
-            report.lag_seconds = max(0.0, (now - a.last_archived_time).total_seconds())
+        _measure_lag(report, a, archive, now)
+
+
+def _verify_last_archived(report: WalCheckReport, name: str, repo: Repository, settings: WalSettings) -> None:
+    """The file the server last reported archived must be in the repository, intact."""
+    try:
+        verify_archived(repo, name, settings)
+        report.last_archived_verified = True
+    except DRError as exc:
+        report.last_archived_verified = False
+        report.problems.append(
+            f"the server reports {name} archived, but the repository copy is not usable: {one_line(exc)}"
+        )
+
+
+def _measure_lag(report: WalCheckReport, a: ArchiverStatus, archive: dict[str, str], now: datetime) -> None:
+    """Lag: WAL written since the end of the newest segment of the server's timeline that is
+    really in the repository (what a restore could reach), and for how long."""
+    assert a.current_lsn is not None
+    mine = [parse_wal_name(n, a.seg_size) for n in archive]
+    segnos = [
+        w.segno for w in mine if w.timeline == a.timeline and w.kind == "segment" and w.segno is not None
+    ]
+    current = parse_lsn(a.current_lsn)
+    if segnos:
+        end = (max(segnos) + 1) * a.seg_size
+        report.lag_bytes = max(0, current - end)
+    else:
+        report.lag_bytes = current % a.seg_size if a.last_archived_wal else current
+    if report.lag_bytes == 0:
+        report.lag_seconds = 0.0
+    elif a.last_archived_time is not None:
+        report.lag_seconds = max(0.0, (now - a.last_archived_time).total_seconds())
 
 
 # ---------------------------------------------------------------- lag between checks

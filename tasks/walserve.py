@@ -4,7 +4,7 @@ PostgreSQL's startup process runs restore_command once per 16 MB segment and wai
 the fixed cost of each call is paid once per segment of replay. Restore writes
 ``restore_command = 'python -I -S …/walserve.py --config CFG wal-fetch %f %p'``: this script
 imports nothing but ``os``, ``sys`` and ``struct`` (no site, no package finder) and answers in a
-few milliseconds when the background prefetcher (``tasks.wal.run_prefetcher``) already fetched
+few milliseconds when the background prefetcher (``tasks.walworkers.run_prefetcher``) already fetched
 and verified the segment, or waits while the prefetcher is still fetching it (it lists what it
 fetches or holds in ``window``). The segment is handed over as a hard link; the prefetched name
 stays (its mark renamed ``.served``) for PostgreSQL's second request for the last segment at the
@@ -38,7 +38,7 @@ SERVED_SUFFIX = ".served"  # the mark of the last segment served, kept for a sec
 MISSING_FRESH = 2.0  # seconds a prefetcher's "not in the archive" stays true (it re-checks each second)
 WINDOW_FILE = "window"  # "<prefetcher pid> <name> <name>...": what it is fetching or holds
 WAIT_SECONDS = 60.0  # at most, for a segment the prefetcher is fetching (then the full command)
-PREFETCH = os.path.join("gravl-dr", "prefetch")  # under pg_wal, see tasks.wal.spool_root
+PREFETCH = os.path.join("gravl-dr", "prefetch")  # under pg_wal, see tasks.walspool.spool_root
 XLP_LONG_HEADER = 0x0002
 # XLogLongPageHeaderData: magic, info, tli, pageaddr, rem_len, (pad), sysid, seg_size, blcksz
 LONG_HEADER = struct.Struct("<HHIQI4xQII")

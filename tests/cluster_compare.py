@@ -14,7 +14,7 @@ from tasks.postgres import database_digest
 
 def _rows(dsn: str, query: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
-        return [tuple(r) for r in conn.execute(query).fetchall()]  # type: ignore[arg-type]
+        return [tuple(r) for r in conn.execute(query).fetchall()]
 
 
 def globals_state(dsn: str) -> dict[str, list[tuple[Any, ...]]]:

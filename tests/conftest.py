@@ -8,6 +8,9 @@ from flows.prefect_env import apply_prefect_defaults
 
 # Before anything imports Prefect (STACK.md): the CLI's defaults — no telemetry, patient ephemeral start-up.
 apply_prefect_defaults()
+# A warm process someone runs on this machine (`gravl-dr warm`) must not serve the suite's CLI
+# runs; tests/test_warm.py turns it back on for its own.
+os.environ["GRAVL_DR_NO_WARM"] = "1"
 # moto and boto3: fake credentials, never a real account.
 os.environ["AWS_ACCESS_KEY_ID"] = "testing"
 os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"

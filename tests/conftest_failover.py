@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from gravl_testlib import wait_port
+from gravl_testlib import wait_port, write_config
 from tasks.config import Node
 from tasks.pgcluster import LocalCluster, free_port, make_private_dir
 from tasks.polling import poll_until
@@ -49,6 +49,10 @@ def wait_until(check: Callable[[], bool], timeout: float = 30, what: str = "cond
         raise AssertionError(f"timed out waiting for {what}")
 
 
+def in_recovery(dsn: str) -> bool:
+    return bool(sql(dsn, "SELECT pg_is_in_recovery()")[0][0])
+
+
 @dataclass
 class Pair:
     """Two real PostgreSQL 15 servers in streaming replication, on two loopback addresses."""
@@ -74,6 +78,20 @@ class Pair:
         }
         data.update(extra)
         return data
+
+    def write_config(self, tmp_path: Path, repo_url: str, **extra: Any) -> str:
+        """The config file for this pair (``tmp_path/gravl-dr.yaml``), as a path string."""
+        return str(write_config(tmp_path / "gravl-dr.yaml", self.config(repo_url, **extra)))
+
+    def cut_off_standby(self) -> None:
+        """Stop the standby's WAL receiver: what the primary commits from now on stays on the primary."""
+        sql(self.standby.dsn(), "ALTER SYSTEM SET primary_conninfo = ''")
+        sql(self.standby.dsn(), "SELECT pg_reload_conf()")
+        wait_until(
+            lambda: sql(self.standby.dsn(), "SELECT count(*) FROM pg_stat_wal_receiver") == [(0,)],
+            30,
+            "WAL receiver stopped",
+        )
 
     def insert(self, dsn: str, n: int, tag: str) -> None:
         sql(dsn, "INSERT INTO items (tag, n) SELECT %s, g FROM generate_series(1, %s) g", (tag, n))
@@ -206,12 +224,15 @@ class BindServer:
 
     def set_record(self, value: str) -> None:
         """Unconditional TSIG update (test set-up), independent of the code under test."""
+        import dns.name
         import dns.query
         import dns.tsigkeyring
         import dns.update
 
         keyring = dns.tsigkeyring.from_text({TSIG_KEY: self.secret})
-        upd = dns.update.UpdateMessage(ZONE, keyring=keyring, keyname=TSIG_KEY, keyalgorithm="hmac-sha256.")
+        upd = dns.update.UpdateMessage(
+            ZONE, keyring=keyring, keyname=dns.name.from_text(TSIG_KEY), keyalgorithm="hmac-sha256."
+        )
         upd.replace(RECORD, 30, "A", value)
         resp = dns.query.tcp(upd, "127.0.0.1", port=self.port, timeout=3)
         assert resp.rcode() == 0, resp

@@ -476,7 +476,7 @@ class WriteLoad:
 
 
 def _run(conn: psycopg.Connection[Any], script: str) -> None:
-    conn.execute(script)  # type: ignore[arg-type]  # a fixed multi-statement script, no parameters
+    conn.execute(script)  # a fixed multi-statement script, no parameters
 
 
 def build_prod_cluster(

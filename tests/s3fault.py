@@ -15,6 +15,8 @@ Actions (``action=``):
 - ``"delay"``       sleep ``delay`` seconds, then forward (a slow lock write, a slow part).
 - ``"after_error"`` forward, then answer ``status``/``code`` instead of moto's reply
                     (a reply replaced by a 500 after the write happened).
+- ``"corrupt"``     forward, then flip one byte in the middle of moto's reply body (an object
+                    damaged at rest or on the way: status and headers say all is well).
 
 Matching: ``method`` ("GET", "PUT", "HEAD", "DELETE", "POST" or "*"), ``key`` a regex searched in
 the object key (the path after ``/<bucket>/``, URL-decoded), ``query`` a substring of the raw
@@ -67,7 +69,7 @@ class Rule:
     _re: re.Pattern[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.action not in ("error", "drop", "lost_reply", "delay", "after_error"):
+        if self.action not in ("error", "drop", "lost_reply", "delay", "after_error", "corrupt"):
             raise ValueError(f"unknown action {self.action!r}")
         self._re = re.compile(self.key)
 
@@ -237,6 +239,9 @@ class S3FaultProxy:
                 b"" if method == "HEAD" else _error_body(rule.code, key),
             )
             return
+        if rule is not None and rule.action == "corrupt" and payload:
+            middle = len(payload) // 2
+            payload = payload[:middle] + bytes([payload[middle] ^ 0xFF]) + payload[middle + 1 :]
         self._record(method, key, query, str(status) if action == "forward" else f"{action} {status}")
         self._answer(h, status, headers, payload, head=method == "HEAD")
 

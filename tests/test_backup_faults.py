@@ -6,15 +6,18 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
+from s3fault import S3FaultProxy
 
 from gravl_testlib import assert_one_line_error, run_cli, take_backup
 from tasks import backup as steps
 from tasks.config import load_config
 from tasks.errors import ChecksumMismatch, CommandFailed, Locked, StorageUnavailable
-from tasks.repository import FileRepository, S3Repository, open_repository
+from tasks.pgcluster import LocalCluster
+from tasks.repository import FileRepository, PutResult, S3Repository, open_repository
 from tasks.restore import restore_physical
 
 
@@ -27,7 +30,7 @@ def _flip_byte(path: Path, offset: int) -> None:
 
 
 def test_corrupt_object_fails_verify_and_restore_writes_nothing(
-    make_config, file_repo_url, file_repo_dir, pg_dir
+    make_config: Callable[..., Path], file_repo_url: str, file_repo_dir: Path, pg_dir: Path
 ) -> None:
     # GIVEN a good physical backup whose stored object then has one byte flipped
     cfg_path = make_config(file_repo_url)
@@ -49,7 +52,7 @@ def test_corrupt_object_fails_verify_and_restore_writes_nothing(
     assert not target.exists()
 
 
-def test_verify_good_backup_succeeds_from_cli(make_config, file_repo_url) -> None:
+def test_verify_good_backup_succeeds_from_cli(make_config: Callable[..., Path], file_repo_url: str) -> None:
     cfg_path = make_config(file_repo_url)
     cfg = load_config(str(cfg_path))
     manifest = take_backup(cfg, open_repository(cfg.repository), "logical")
@@ -61,8 +64,8 @@ def test_verify_good_backup_succeeds_from_cli(make_config, file_repo_url) -> Non
 class SlowFileRepository(FileRepository):
     """Fault injection at the adapter boundary: a slow disk, so the stream is still running."""
 
-    def put_stream(self, key, chunks):
-        def slow():
+    def put_stream(self, key: str, chunks: Iterable[bytes]) -> PutResult:
+        def slow() -> Iterator[bytes]:
             for chunk in chunks:
                 time.sleep(0.15)
                 yield chunk
@@ -92,7 +95,7 @@ def _terminate_walsender(dsn: str, timeout: float = 20) -> int:
 
 
 def test_killed_base_backup_leaves_no_backup_and_next_succeeds(
-    make_config, file_repo_url, file_repo_dir, pg_primary
+    make_config: Callable[..., Path], file_repo_url: str, file_repo_dir: Path, pg_primary: LocalCluster
 ) -> None:
     # GIVEN a backup streaming into a slow repository (compression off: many chunks)
     cfg = load_config(str(make_config(file_repo_url, repository={"compression": "none"})))
@@ -128,7 +131,7 @@ def test_killed_base_backup_leaves_no_backup_and_next_succeeds(
 
 
 def test_s3_error_mid_upload_aborts_multipart_and_next_succeeds(
-    make_config, s3_repo_url, s3_fault_proxy
+    make_config: Callable[..., Path], s3_repo_url: str, s3_fault_proxy: S3FaultProxy
 ) -> None:
     # GIVEN an S3 repository with 5 MiB parts and no compression (several parts), behind the
     # fault proxy, which answers every upload of part 3 with a 500 (the SDK's retries too)
@@ -160,7 +163,9 @@ def test_s3_error_mid_upload_aborts_multipart_and_next_succeeds(
     assert [m.id for m in steps.list_backups(repo)] == [manifest.id]
 
 
-def test_second_backup_is_refused_while_lock_is_held(make_config, file_repo_url) -> None:
+def test_second_backup_is_refused_while_lock_is_held(
+    make_config: Callable[..., Path], file_repo_url: str
+) -> None:
     cfg = load_config(str(make_config(file_repo_url)))
     repo = open_repository(cfg.repository)
     steps.acquire_lock(repo, "20260101T000000Z-physical")
@@ -172,7 +177,9 @@ def test_second_backup_is_refused_while_lock_is_held(make_config, file_repo_url)
     assert steps.preflight(cfg, repo, "physical").kind == "physical"
 
 
-def test_stale_lock_of_dead_process_is_taken_over(make_config, file_repo_url) -> None:
+def test_stale_lock_of_dead_process_is_taken_over(
+    make_config: Callable[..., Path], file_repo_url: str
+) -> None:
     import json
     import socket
 
@@ -190,7 +197,8 @@ def test_stale_lock_of_dead_process_is_taken_over(make_config, file_repo_url) ->
         ).encode(),
     )
     steps.acquire_lock(repo, "20260102T000000Z-physical")
-    assert steps.read_lock(repo)["backup_id"] == "20260102T000000Z-physical"
+    lock = steps.read_lock(repo)
+    assert lock is not None and lock["backup_id"] == "20260102T000000Z-physical"
 
 
 SLOW_RESTORE = """
@@ -214,7 +222,7 @@ restore_physical(cfg, repo, resolve_backup(repo, "latest", cluster=cfg.cluster),
 
 
 def test_a_restore_killed_mid_stream_leaves_no_startable_data_directory(
-    make_config, file_repo_url, file_repo_dir, pg_dir
+    make_config: Callable[..., Path], file_repo_url: str, file_repo_dir: Path, pg_dir: Path
 ) -> None:
     import subprocess
     import sys
@@ -246,7 +254,7 @@ def test_a_restore_killed_mid_stream_leaves_no_startable_data_directory(
 
 
 def test_a_physical_restore_reads_each_stored_byte_once(
-    make_config, file_repo_url, file_repo_dir, pg_dir
+    make_config: Callable[..., Path], file_repo_url: str, file_repo_dir: Path, pg_dir: Path
 ) -> None:
     # GIVEN a good physical backup, and the repository seen through a byte counter (from S3,
     # every byte read is a byte downloaded)
@@ -256,7 +264,7 @@ def test_a_physical_restore_reads_each_stored_byte_once(
     read: dict[str, int] = {}
 
     class CountingRepository(FileRepository):
-        def iter_object(self, key, chunk_size=4 << 20):
+        def iter_object(self, key: str, chunk_size: int = 4 << 20) -> Iterator[bytes]:
             for chunk in super().iter_object(key, chunk_size):
                 read[key] = read.get(key, 0) + len(chunk)
                 yield chunk
@@ -269,3 +277,59 @@ def test_a_physical_restore_reads_each_stored_byte_once(
         assert read.get(f"backups/{manifest.id}/{obj.key}") == obj.size, (obj.key, read)
     assert (pg_dir / "restored" / "global" / "pg_control").exists()
     assert not (pg_dir / "restored" / "global" / "pg_control.gravl-unverified").exists()
+
+
+SYNC_RESTORE = """
+import sys
+from pathlib import Path
+from tasks.backup import resolve_backup
+from tasks.config import load_config
+from tasks.repository import open_repository
+from tasks.restore import restore_physical
+
+cfg = load_config(sys.argv[1])
+repo = open_repository(cfg.repository)
+restore_physical(cfg, repo, resolve_backup(repo, "latest", cluster=cfg.cluster), Path(sys.argv[2]))
+"""
+
+
+def test_a_physical_restore_is_on_disk_before_pg_control_makes_it_startable(
+    make_config, file_repo_url, pg_dir
+) -> None:
+    import subprocess
+    import sys
+
+    # GIVEN a good physical backup
+    cfg_path = make_config(file_repo_url)
+    cfg = load_config(str(cfg_path))
+    take_backup(cfg, open_repository(cfg.repository))
+    target = pg_dir / "restored"
+    trace = pg_dir / "strace.txt"
+    # WHEN it is restored, its system calls traced (a power loss cannot be injected; the order
+    # of the calls that make it safe can be observed)
+    subprocess.run(
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-e",
+            "trace=syncfs,sync,rename,renameat,renameat2",
+            "-o",
+            str(trace),
+            sys.executable,
+            "-c",
+            SYNC_RESTORE,
+            str(cfg_path),
+            str(target),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    # THEN the filesystem was flushed (syncfs) before pg_control was renamed into place
+    calls = [line for line in trace.read_text().splitlines() if "syncfs(" in line or "pg_control" in line]
+    synced = next(i for i, line in enumerate(calls) if "syncfs(" in line and "= 0" in line)
+    renamed = next(
+        i for i, line in enumerate(calls) if "gravl-unverified" in line and "global/pg_control" in line
+    )
+    assert synced < renamed, calls
+    assert (target / "global" / "pg_control").exists()

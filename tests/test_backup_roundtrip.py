@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Unpack
 
 import pytest
 
@@ -11,9 +13,12 @@ from tasks.backup import list_backups, resolve_backup
 from tasks.config import load_config
 from tasks.pgcluster import LocalCluster, free_port
 from tasks.postgres import database_digest
-from tasks.repository import open_repository
+from tasks.repository import PutResult, S3Repository, open_repository
 from tasks.restore import restore_logical, restore_physical, set_port
 from tasks.sample import create_database
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.type_defs import UploadPartOutputTypeDef, UploadPartRequestTypeDef
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -36,7 +41,13 @@ def _restore_and_compare_physical(cfg_path: Path, pg_primary: LocalCluster, pg_d
 
 @pytest.mark.parametrize("backend", ["file", "s3"])
 def test_physical_backup_round_trip(
-    backend, make_config, file_repo_url, s3_repo_url, moto_endpoint, pg_primary, pg_dir
+    backend: str,
+    make_config: Callable[..., Path],
+    file_repo_url: str,
+    s3_repo_url: str,
+    moto_endpoint: str,
+    pg_primary: LocalCluster,
+    pg_dir: Path,
 ) -> None:
     # GIVEN a repository on disk or on S3
     url = file_repo_url if backend == "file" else s3_repo_url
@@ -55,6 +66,7 @@ def test_physical_backup_round_trip(
     assert manifest.row_counts["gravl"]["public.workout_logs"] == 5000
     assert report.stored_bytes == manifest.stored_bytes < manifest.raw_bytes
     if backend == "s3":  # storage class and SSE reached S3
+        assert isinstance(repo, S3Repository)
         head = repo.client.head_object(
             Bucket=repo.bucket, Key=f"gravl/backups/{manifest.id}/{manifest.objects[0].key}"
         )
@@ -65,7 +77,13 @@ def test_physical_backup_round_trip(
 
 @pytest.mark.parametrize("backend", ["file", "s3"])
 def test_logical_backup_round_trip(
-    backend, make_config, file_repo_url, s3_repo_url, moto_endpoint, pg_primary, cluster_factory
+    backend: str,
+    make_config: Callable[..., Path],
+    file_repo_url: str,
+    s3_repo_url: str,
+    moto_endpoint: str,
+    pg_primary: LocalCluster,
+    cluster_factory: Callable[..., LocalCluster],
 ) -> None:
     url = file_repo_url if backend == "file" else s3_repo_url
     cfg_path = make_config(url, moto=moto_endpoint)
@@ -82,7 +100,9 @@ def test_logical_backup_round_trip(
     assert database_digest(target.dsn("gravl")) == database_digest(pg_primary.dsn())
 
 
-def test_dry_run_writes_nothing(make_config, file_repo_url, file_repo_dir) -> None:
+def test_dry_run_writes_nothing(
+    make_config: Callable[..., Path], file_repo_url: str, file_repo_dir: Path
+) -> None:
     cfg_path = make_config(file_repo_url)
     report = backup_flow(config_path=str(cfg_path), kind="physical", dry_run=True)
     assert report.dry_run and report.stored_bytes == 0
@@ -90,7 +110,12 @@ def test_dry_run_writes_nothing(make_config, file_repo_url, file_repo_dir) -> No
 
 
 def test_encrypted_backup_round_trip_and_wrong_key(
-    make_config, file_repo_url, file_repo_dir, pg_primary, pg_dir, monkeypatch
+    make_config: Callable[..., Path],
+    file_repo_url: str,
+    file_repo_dir: Path,
+    pg_primary: LocalCluster,
+    pg_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import os
 
@@ -118,27 +143,33 @@ def test_encrypted_backup_round_trip_and_wrong_key(
     _restore_and_compare_physical(cfg_path, pg_primary, pg_dir)
 
 
-def test_transient_s3_error_is_retried_cleanly(make_config, s3_repo_url, moto_endpoint, monkeypatch) -> None:
+def test_transient_s3_error_is_retried_cleanly(
+    make_config: Callable[..., Path], s3_repo_url: str, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from botocore.exceptions import ClientError
-
-    from tasks.repository import S3Repository
 
     # GIVEN an S3 endpoint whose first multipart upload fails at its second part with a 500
     cfg_path = make_config(s3_repo_url, moto=moto_endpoint, repository={"compression": "none"})
     real_put_stream = S3Repository.put_stream
     attempts: list[str] = []
 
-    def flaky_put_stream(self, key, chunks):
+    def flaky_put_stream(self: S3Repository, key: str, chunks: Iterable[bytes]) -> PutResult:
         attempts.append(key)
         if "/base.tar" in key and len([k for k in attempts if "/base.tar" in k]) == 1:
-            real_upload = self.client.upload_part
+            real_upload: Callable[..., UploadPartOutputTypeDef] = self.client.upload_part  # client: Any
 
-            def upload_part(**kwargs):
+            def upload_part(**kwargs: Unpack[UploadPartRequestTypeDef]) -> UploadPartOutputTypeDef:
                 if kwargs["PartNumber"] == 2:
                     raise ClientError(
                         {
                             "Error": {"Code": "InternalError", "Message": "injected"},
-                            "ResponseMetadata": {"HTTPStatusCode": 500},
+                            "ResponseMetadata": {
+                                "RequestId": "r",
+                                "HostId": "h",
+                                "HTTPStatusCode": 500,
+                                "HTTPHeaders": {},
+                                "RetryAttempts": 0,
+                            },
                         },
                         "UploadPart",
                     )
@@ -159,4 +190,4 @@ def test_transient_s3_error_is_retried_cleanly(make_config, s3_repo_url, moto_en
     assert len(data_attempts) == 2 and data_attempts[0] == data_attempts[1]
     repo = open_repository(load_config(str(cfg_path)).repository)
     assert [m.id for m in list_backups(repo)] == [report.backup_id]
-    assert repo.list_incomplete() == []
+    assert isinstance(repo, S3Repository) and repo.list_incomplete() == []

@@ -8,7 +8,7 @@ import json
 import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from conftest import pushgateway_metrics
@@ -25,7 +25,7 @@ NOW = datetime(2026, 11, 24, 4, 30, tzinfo=UTC)
 BODY = b"x" * 10
 
 
-def _manifest(stop: datetime, start_seg: int, kind: str = "physical") -> Manifest:
+def _manifest(stop: datetime, start_seg: int, kind: Literal["physical", "logical"] = "physical") -> Manifest:
     return Manifest(
         id=new_backup_id(kind, stop - timedelta(minutes=5)),
         kind=kind,

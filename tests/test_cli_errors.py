@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from gravl_testlib import assert_one_line_error, run_cli, write_config
-from tasks.pgcluster import free_port
+from tasks.pgcluster import LocalCluster, free_port
 
 
-def test_unknown_config_key(tmp_path: Path, file_repo_url: str, pg_primary) -> None:
+def test_unknown_config_key(tmp_path: Path, file_repo_url: str, pg_primary: LocalCluster) -> None:
     cfg = write_config(
         tmp_path / "c.yaml",
         {"primary": {"dsn": pg_primary.dsn()}, "repository": {"url": file_repo_url, "compresion": "zstd"}},
@@ -18,7 +19,7 @@ def test_unknown_config_key(tmp_path: Path, file_repo_url: str, pg_primary) -> N
     assert_one_line_error(run_cli("list", config=cfg), "unknown key", "repository.compresion")
 
 
-def test_wrong_type_names_the_key(tmp_path: Path, file_repo_url: str, pg_primary) -> None:
+def test_wrong_type_names_the_key(tmp_path: Path, file_repo_url: str, pg_primary: LocalCluster) -> None:
     cfg = write_config(
         tmp_path / "c.yaml",
         {
@@ -35,7 +36,9 @@ def test_missing_config_file(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("list", config=tmp_path / "nope.yaml"), "config file not found")
 
 
-def test_config_from_environment_variable(tmp_path: Path, file_repo_url: str, pg_primary) -> None:
+def test_config_from_environment_variable(
+    tmp_path: Path, file_repo_url: str, pg_primary: LocalCluster
+) -> None:
     cfg = write_config(
         tmp_path / "c.yaml", {"primary": {"dsn": pg_primary.dsn()}, "repository": {"url": file_repo_url}}
     )
@@ -57,7 +60,7 @@ def test_unreachable_server(tmp_path: Path, file_repo_url: str) -> None:
     assert_one_line_error(proc, "cannot connect to host=127.0.0.1")
 
 
-def test_missing_bucket(tmp_path: Path, moto_endpoint: str, pg_primary) -> None:
+def test_missing_bucket(tmp_path: Path, moto_endpoint: str, pg_primary: LocalCluster) -> None:
     cfg = write_config(
         tmp_path / "c.yaml",
         {
@@ -73,7 +76,9 @@ def test_missing_bucket(tmp_path: Path, moto_endpoint: str, pg_primary) -> None:
     assert_one_line_error(run_cli("list", config=cfg), "bucket no-such-bucket-gravl does not exist")
 
 
-def test_non_empty_restore_target(tmp_path: Path, make_config, file_repo_url: str) -> None:
+def test_non_empty_restore_target(
+    tmp_path: Path, make_config: Callable[..., Path], file_repo_url: str
+) -> None:
     cfg = make_config(file_repo_url)
     target = tmp_path / "data"
     target.mkdir()
@@ -82,7 +87,7 @@ def test_non_empty_restore_target(tmp_path: Path, make_config, file_repo_url: st
     assert (target / "keep.txt").read_text() == "precious"
 
 
-def test_unknown_backup_id(make_config, file_repo_url: str, tmp_path: Path) -> None:
+def test_unknown_backup_id(make_config: Callable[..., Path], file_repo_url: str, tmp_path: Path) -> None:
     cfg = make_config(file_repo_url)
     assert_one_line_error(
         run_cli("verify", "20200101T000000Z-physical", config=cfg),
@@ -95,7 +100,7 @@ def test_unknown_backup_id(make_config, file_repo_url: str, tmp_path: Path) -> N
     assert_one_line_error(run_cli("verify", "yesterday", config=cfg), "invalid backup id")
 
 
-def test_no_backup_for_latest(make_config, file_repo_url: str, tmp_path: Path) -> None:
+def test_no_backup_for_latest(make_config: Callable[..., Path], file_repo_url: str, tmp_path: Path) -> None:
     cfg = make_config(file_repo_url)
     assert_one_line_error(
         run_cli("restore", "latest", "--pgdata", str(tmp_path / "d"), config=cfg),
@@ -103,14 +108,14 @@ def test_no_backup_for_latest(make_config, file_repo_url: str, tmp_path: Path) -
     )
 
 
-def test_bad_argument_is_one_line(make_config, file_repo_url: str) -> None:
+def test_bad_argument_is_one_line(make_config: Callable[..., Path], file_repo_url: str) -> None:
     cfg = make_config(file_repo_url)
     proc = run_cli("backup", "--kind", "incremental", config=cfg)
     assert_one_line_error(proc, "--kind")
     assert proc.returncode == 2
 
 
-def test_list_does_not_import_prefect_or_boto3(make_config, file_repo_url: str) -> None:
+def test_list_does_not_import_prefect_or_boto3(make_config: Callable[..., Path], file_repo_url: str) -> None:
     cfg = make_config(file_repo_url)
     proc = run_cli("list", config=cfg, env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert proc.returncode == 0, proc.stderr
@@ -119,7 +124,7 @@ def test_list_does_not_import_prefect_or_boto3(make_config, file_repo_url: str) 
 
 
 def test_a_flow_command_ending_without_teardown_keeps_its_run_logs_and_artifact(
-    prefect_harness: None, make_config, file_repo_url: str
+    prefect_harness: None, make_config: Callable[..., Path], file_repo_url: str
 ) -> None:
     # GIVEN a Prefect API (the session harness) and a flow command run as a user would
     import prefect

@@ -3,23 +3,27 @@ database, roles with their password hashes, tablespaces, database settings and A
 
 from __future__ import annotations
 
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 from cluster_compare import database_state, globals_state
 from prodshape import NO_CONNECT_DB, ProdCluster
+from s3fault import S3FaultProxy
 
 from flows.backup import backup_flow
 from flows.restore import restore_flow
+from gravl_testlib import assert_one_line_error, run_cli
 from tasks.backup import resolve_backup
 from tasks.config import load_config
+from tasks.errors import ChecksumMismatch, StorageUnavailable
 from tasks.pgcluster import LocalCluster, free_port, make_private_dir
 from tasks.postgres import database_digest
 from tasks.repository import open_repository
-from tasks.restore import restore_logical
+from tasks.restore import restore_cluster, restore_logical
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -27,7 +31,9 @@ CONNECTABLE = ("postgres", "shop", "legacy", "reports", "archive")
 
 
 @pytest.fixture(scope="module")
-def logical_backup(prod_cluster: ProdCluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def logical_backup(
+    prod_cluster: ProdCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, str]]:
     """One whole-cluster logical backup of the production-shaped cluster, in a repository of its own."""
     repo = make_private_dir("gravl-test-i11-repo-", "postgres")
     cfg_path = prod_cluster.config(
@@ -185,3 +191,146 @@ def test_restore_refuses_a_tablespace_location_that_is_in_use(
     with pytest.raises(PreconditionFailed, match="--tablespace-map"):
         restore_physical(cfg, repo, manifest, pg_dir / "data")
     assert not (pg_dir / "data").exists()
+
+
+# ---------------------------------------------------------------- one pass, never half restored
+
+
+def _s3_copy(cfg_path: Path, backup_id: str, bucket: str, moto: str, endpoint: str, out: Path) -> Path:
+    """The same backup in a moto bucket (copied object by object), and a config reading it
+    through ``endpoint`` (the fault proxy)."""
+    import boto3
+    import yaml
+
+    src = Path(load_config(str(cfg_path)).repository.url.removeprefix("file://"))
+    s3 = boto3.client("s3", endpoint_url=moto, region_name="eu-north-1")
+    for path in (src / "backups" / backup_id).iterdir():
+        s3.put_object(Bucket=bucket, Key=f"gravl/backups/{backup_id}/{path.name}", Body=path.read_bytes())
+    doc = yaml.safe_load(cfg_path.read_text())
+    doc["repository"] = {"url": f"s3://{bucket}/gravl", "endpoint_url": endpoint, "region": "eu-north-1"}
+    out.write_text(yaml.safe_dump(doc))
+    return out
+
+
+def _nothing_restored(target: LocalCluster) -> None:
+    """The target still looks like the fresh cluster it was: no database, role or table of the backup."""
+    with psycopg.connect(target.dsn("postgres"), autocommit=True) as conn:
+        dbs = {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
+        roles = {r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname !~ '^pg_'")}
+        tables = conn.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"
+        ).fetchone()
+    assert dbs == {"postgres", "template0", "template1"}, dbs
+    assert roles == {"postgres"}, roles
+    assert tables == (0,)
+
+
+def test_whole_cluster_restore_from_s3_downloads_each_object_once(
+    logical_backup: tuple[Path, str],
+    prod_cluster: ProdCluster,
+    cluster_factory: Callable[..., LocalCluster],
+    pg_dir: Path,
+    tmp_path: Path,
+    moto_endpoint: str,
+    s3_bucket: str,
+    s3_fault_proxy: S3FaultProxy,
+) -> None:
+    # GIVEN the whole-cluster backup in S3, read through a proxy that logs every request
+    cfg_path, backup_id = logical_backup
+    s3_cfg = _s3_copy(cfg_path, backup_id, s3_bucket, moto_endpoint, s3_fault_proxy.url, tmp_path / "s3.yaml")
+    cfg = load_config(str(s3_cfg))
+    repo = open_repository(cfg.repository)
+    manifest = resolve_backup(repo, backup_id)
+    target = cluster_factory()
+    assert prod_cluster.tablespace_dir is not None
+    # WHEN the whole cluster is restored
+    restore_cluster(
+        cfg,
+        repo,
+        manifest,
+        target.dsn("postgres"),
+        jobs=2,
+        tablespace_map={str(prod_cluster.tablespace_dir): str(pg_dir / "app_space")},
+    )
+    # THEN each stored object was downloaded exactly once (no verify pass before the restore)
+    gets = [k for m, k, _q, _o in s3_fault_proxy.log if m == "GET" and not k.endswith("manifest.json")]
+    for obj in manifest.objects:
+        assert gets.count(f"gravl/backups/{backup_id}/{obj.key}") == 1, (obj.key, gets)
+    # AND the data is the source's
+    for db in ("shop", "legacy"):
+        assert database_digest(target.dsn(db)) == database_digest(prod_cluster.dsn(db)), db
+
+
+def test_a_corrupt_object_in_s3_fails_the_whole_cluster_restore_before_the_target_is_touched(
+    logical_backup: tuple[Path, str],
+    prod_cluster: ProdCluster,
+    cluster_factory: Callable[..., LocalCluster],
+    pg_dir: Path,
+    tmp_path: Path,
+    moto_endpoint: str,
+    s3_bucket: str,
+    s3_fault_proxy: S3FaultProxy,
+) -> None:
+    # GIVEN the whole-cluster backup in S3, and one database's dump damaged on the way (the
+    # proxy flips a byte of the reply; status and headers look fine)
+    cfg_path, backup_id = logical_backup
+    s3_cfg = _s3_copy(cfg_path, backup_id, s3_bucket, moto_endpoint, s3_fault_proxy.url, tmp_path / "s3.yaml")
+    cfg = load_config(str(s3_cfg))
+    repo = open_repository(cfg.repository)
+    manifest = resolve_backup(repo, backup_id)
+    shop = next(d.object for d in manifest.databases if d.name == "shop")
+    assert shop is not None
+    s3_fault_proxy.add("GET", re.escape(shop) + "$", action="corrupt", times=None)
+    target = cluster_factory()
+    assert prod_cluster.tablespace_dir is not None
+    # WHEN the whole cluster is restored THEN it fails naming the object (the SDK's own
+    # response checksum, or ours, whichever sees it first)
+    with pytest.raises((ChecksumMismatch, StorageUnavailable), match=re.escape(shop)):
+        restore_cluster(
+            cfg,
+            repo,
+            manifest,
+            target.dsn("postgres"),
+            jobs=2,
+            tablespace_map={str(prod_cluster.tablespace_dir): str(pg_dir / "app_space")},
+        )
+    # AND nothing of the backup reached the target: not the globals, not the other databases
+    _nothing_restored(target)
+
+
+def test_a_corrupt_object_fails_the_whole_cluster_restore_with_one_line_and_an_untouched_target(
+    logical_backup: tuple[Path, str],
+    prod_cluster: ProdCluster,
+    cluster_factory: Callable[..., LocalCluster],
+    pg_dir: Path,
+    tmp_path: Path,
+) -> None:
+    # GIVEN a copy of the whole-cluster backup in a file repository, the last database's dump
+    # with one byte flipped at rest
+    cfg_path, backup_id = logical_backup
+    src = Path(load_config(str(cfg_path)).repository.url.removeprefix("file://"))
+    copy = tmp_path / "repo"
+    shutil.copytree(src / "backups" / backup_id, copy / "backups" / backup_id)
+    cfg_copy = prod_cluster.config(tmp_path / "copy.yaml", repository={"url": f"file://{copy}"})
+    manifest = resolve_backup(open_repository(load_config(str(cfg_copy)).repository), backup_id)
+    last = [d.object for d in manifest.databases if d.object][-1]
+    assert last is not None
+    stored = copy / "backups" / backup_id / last
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    target = cluster_factory()
+    assert prod_cluster.tablespace_dir is not None
+    # WHEN the operator restores the whole cluster
+    proc = run_cli(
+        "restore",
+        backup_id,
+        "--dsn",
+        target.dsn("postgres"),
+        "--tablespace-map",
+        f"{prod_cluster.tablespace_dir}={pg_dir / 'app_space'}",
+        config=cfg_copy,
+    )
+    # THEN one clear error line names the corrupt object, and the target is as it was
+    assert_one_line_error(proc, last, "SHA-256")
+    _nothing_restored(target)

@@ -4,6 +4,7 @@ the restore report's notes."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -66,7 +67,7 @@ def test_tablespace_map_needs_two_absolute_paths(item: str, message: str) -> Non
         parse_tablespace_map([item])
 
 
-def test_tablespace_map_must_name_a_tablespace_of_the_backup(tmp_path) -> None:
+def test_tablespace_map_must_name_a_tablespace_of_the_backup(tmp_path: Path) -> None:
     manifest = _manifest(tablespaces=[TablespaceEntry(oid="16384", name="ts", location=str(tmp_path / "ts"))])
     with pytest.raises(PreconditionFailed, match="no tablespace at /elsewhere"):
         tablespace_targets(manifest, {"/elsewhere": str(tmp_path / "new")})

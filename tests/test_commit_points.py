@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from s3fault import S3FaultProxy
@@ -35,7 +37,7 @@ def _s3(make_config, s3_repo_url, proxy: S3FaultProxy, **repo):  # type: ignore[
 
 
 def test_refused_run_in_the_same_second_never_touches_the_winners_upload(
-    make_config, s3_repo_url, s3_fault_proxy: S3FaultProxy
+    make_config: Callable[..., Path], s3_repo_url: str, s3_fault_proxy: S3FaultProxy
 ) -> None:
     # GIVEN two runs whose preflights pass in the same second (before either holds the lock),
     # the first streaming slowly (every part delayed) into a multipart upload
@@ -79,7 +81,7 @@ def test_refused_run_in_the_same_second_never_touches_the_winners_upload(
 @pytest.mark.usefixtures("prefect_harness")
 @pytest.mark.parametrize("fault", ["lost_reply", "after_error"])
 def test_lost_reply_to_manifest_put_is_success(
-    make_config, s3_repo_url, s3_fault_proxy: S3FaultProxy, fault: str
+    make_config: Callable[..., Path], s3_repo_url: str, s3_fault_proxy: S3FaultProxy, fault: str
 ) -> None:
     # GIVEN the proxy forwards the manifest PUT, then drops the reply or answers 500 instead (the
     # SDK retries, and the retry meets If-None-Match: the object is there)
@@ -94,7 +96,7 @@ def test_lost_reply_to_manifest_put_is_success(
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_lock_delete_failing_does_not_fail_a_complete_backup(
-    make_config, s3_repo_url, s3_fault_proxy: S3FaultProxy
+    make_config: Callable[..., Path], s3_repo_url: str, s3_fault_proxy: S3FaultProxy
 ) -> None:
     # GIVEN every DELETE of the lock answers 500 (the SDK's retries too)
     path, _cfg, repo = _s3(make_config, s3_repo_url, s3_fault_proxy)
@@ -104,7 +106,8 @@ def test_lock_delete_failing_does_not_fail_a_complete_backup(
     # WHEN a backup runs THEN it completes although its lock stays behind
     first = backup_flow(config_path=str(path), kind="logical")
     assert rule.shots >= 1
-    assert steps.read_lock(repo)["backup_id"] == first.backup_id
+    lock = steps.read_lock(repo)
+    assert lock is not None and lock["backup_id"] == first.backup_id
     # AND the next backup (same host, same live process) takes over the lock of a complete backup
     s3_fault_proxy.clear()
     second = backup_flow(config_path=str(path), kind="logical")
@@ -113,7 +116,7 @@ def test_lock_delete_failing_does_not_fail_a_complete_backup(
 
 
 def test_lost_reply_to_lock_put_is_our_own_lock(
-    make_config, s3_repo_url, s3_fault_proxy: S3FaultProxy
+    make_config: Callable[..., Path], s3_repo_url: str, s3_fault_proxy: S3FaultProxy
 ) -> None:
     _path, cfg, repo = _s3(make_config, s3_repo_url, s3_fault_proxy)
     s3_fault_proxy.add("PUT", r"locks/backup\.lock$", action="lost_reply")

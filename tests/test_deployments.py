@@ -147,11 +147,11 @@ def test_entrypoint_loads_with_prefects_loader_and_takes_its_parameters(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Fails with FileNotFoundError naming the module until that flow's module exists.
-    from prefect.flows import load_flow_from_entrypoint
+    from prefect.flows import Flow, load_flow_from_entrypoint
 
     monkeypatch.chdir(REPO_ROOT)  # prefect deploy resolves entry points from the project root
     dep = deployments()[name]
-    flow = load_flow_from_entrypoint(dep["entrypoint"])
+    flow: Flow[..., Any] = load_flow_from_entrypoint(dep["entrypoint"])
     assert flow.name == EXPECTED[name][1]
     accepted = set(flow.parameters.properties)
     assert "config_path" in accepted, name

@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import psycopg
 import pytest
@@ -40,13 +41,14 @@ def backups(prefect_harness: None, prod_cluster: ProdCluster) -> Iterator[Backup
     prod = prod_cluster
     su = prod.config(user="postgres")
     lp = prod.config(user="gravl_dr")
-    ids = {}
-    for name, config, kind in (
+    ids: dict[str, str] = {}
+    runs: tuple[tuple[str, Path, Literal["physical", "logical"]], ...] = (
         ("physical_su", su, "physical"),
         ("physical_lp", lp, "physical"),
         ("logical_su", su, "logical"),
         ("logical_lp", lp, "logical"),
-    ):
+    )
+    for name, config, kind in runs:
         with prod.writes(rate=150):
             ids[name] = backup_flow(config_path=str(config), kind=kind).backup_id
     prod.switch_and_wait()

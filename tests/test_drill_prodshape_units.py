@@ -3,10 +3,13 @@ classes, unlogged and recorded-fact planning, per-database coverage, pg_restore 
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import pytest
 
 from tasks.drill import (
     CheckResult,
+    CountPoint,
     DrillReport,
     coverage,
     logical_scope_notes,
@@ -18,18 +21,33 @@ from tasks.integrity import _INDEX_QUERY, is_corruption
 from tasks.restore import missing_role_errors
 
 
-def _point(**kw: object) -> object:
-    args: dict[str, object] = dict(
-        kind="physical",
+class _PointArgs(TypedDict, total=False):
+    kind: str
+    counts_lsn: str | None
+    target_kind: str
+    target_lsn_at_or_after: bool
+    lsn_reachable: bool
+    may_pass_backup: bool
+
+
+def _point(
+    *,
+    kind: str = "physical",
+    counts_lsn: str | None = "0/7000100",
+    target_kind: str = "end",
+    target_lsn_at_or_after: bool = False,
+    lsn_reachable: bool = True,
+    may_pass_backup: bool = True,
+) -> CountPoint:
+    return plan_count_point(
+        kind=kind,
         has_counts=True,
-        counts_lsn="0/7000100",
-        target_kind="end",
-        target_lsn_at_or_after=False,
-        lsn_reachable=True,
-        may_pass_backup=True,
+        counts_lsn=counts_lsn,
+        target_kind=target_kind,
+        target_lsn_at_or_after=target_lsn_at_or_after,
+        lsn_reachable=lsn_reachable,
+        may_pass_backup=may_pass_backup,
     )
-    args.update(kw)
-    return plan_count_point(**args)  # type: ignore[arg-type]
 
 
 def test_counts_are_exact_at_their_lsn_when_the_archive_reaches_it() -> None:
@@ -47,21 +65,21 @@ def test_counts_are_exact_at_their_lsn_when_the_archive_reaches_it() -> None:
     ],
 )
 def test_counts_fall_back_to_the_documented_tolerance_and_say_why(
-    kw: dict[str, object], where: str, needle: str
+    kw: _PointArgs, where: str, needle: str
 ) -> None:
     p = _point(**kw)
-    assert p.where == where and p.mode == "tolerance"  # type: ignore[attr-defined]
-    assert needle in p.reason and "row_count_tolerance" in p.reason  # type: ignore[attr-defined]
+    assert p.where == where and p.mode == "tolerance"
+    assert needle in p.reason and "row_count_tolerance" in p.reason
 
 
 def test_an_lsn_target_at_or_after_the_counts_pauses_there() -> None:
-    assert _point(target_kind="lsn", target_lsn_at_or_after=True).where == "lsn"  # type: ignore[attr-defined]
-    assert _point(target_kind="lsn").where == "consistent"  # type: ignore[attr-defined]
+    assert _point(target_kind="lsn", target_lsn_at_or_after=True).where == "lsn"
+    assert _point(target_kind="lsn").where == "consistent"
 
 
 def test_logical_counts_are_exact_in_the_dump() -> None:
     p = _point(kind="logical")
-    assert (p.where, p.mode) == ("promoted", "exact")  # type: ignore[attr-defined]
+    assert (p.where, p.mode) == ("promoted", "exact")
 
 
 def test_amcheck_checks_leaf_indexes_only_and_tells_tool_errors_from_corruption() -> None:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from uuid import UUID
 
 import pytest
+from prefect.client.schemas.objects import FlowRun
 
 from gravl_testlib import run_cli, take_backup
 from tasks.config import load_config
@@ -36,7 +38,7 @@ def scram_cluster(cluster_factory: Callable[..., LocalCluster]) -> LocalCluster:
     return cluster
 
 
-def _runs_of_restore() -> list[object]:
+def _runs_of_restore() -> list[FlowRun]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.client.schemas.sorting import FlowRunSort
@@ -51,7 +53,7 @@ def _runs_of_restore() -> list[object]:
         )
 
 
-def _logs_of(run_id: object) -> str:
+def _logs_of(run_id: UUID) -> str:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
@@ -98,10 +100,10 @@ def test_password_in_dsn_reaches_neither_prefect_nor_logs_and_the_restore_works(
     # ... and the flow run Prefect recorded carries no password: not in its parameters, not in
     # its logs, not on the terminal
     [run, *_] = _runs_of_restore()
-    params = json.dumps(run.parameters)  # type: ignore[attr-defined]
+    params = json.dumps(run.parameters)
     assert f"port={scram_cluster.port}" in params  # it is this run
     assert PASSWORD not in params
-    assert PASSWORD not in _logs_of(run.id)  # type: ignore[attr-defined]
+    assert PASSWORD not in _logs_of(run.id)
     assert PASSWORD not in proc.stdout + proc.stderr
 
 

@@ -4,6 +4,7 @@ by segment, with no 64 GiB ceiling; objects written in the old single-GCM format
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -157,7 +158,7 @@ def test_pipeline_with_compression_round_trips_in_the_new_format() -> None:
     assert b"".join(decode(iter([stored]), "zstd", KEY, True, "x")) == b"".join(data)
 
 
-def test_legacy_encrypted_wal_object_is_still_fetched(tmp_path) -> None:
+def test_legacy_encrypted_wal_object_is_still_fetched(tmp_path: Path) -> None:
     # GIVEN a WAL segment archived by the previous release: header says aes-256-gcm, payload v1
     import json
     import struct
@@ -165,12 +166,13 @@ def test_legacy_encrypted_wal_object_is_still_fetched(tmp_path) -> None:
     import zstandard
 
     from tasks.repository import FileRepository
-    from tasks.wal import HEADER_MAGIC, WalSettings, _RawDigest, build_header, fetch_file, object_key
+    from tasks.walarchive import fetch_file, object_key
+    from tasks.walformat import HEADER_MAGIC, RawDigest, WalSettings, build_header
 
     name = "000000010000000000000003"
     raw = os.urandom(200_000)
     settings = WalSettings(codec="zstd", key=KEY)
-    digest = _RawDigest(KEY)
+    digest = RawDigest(KEY)
     digest.update(raw)
     doc = json.loads(build_header(name, settings, digest.hexdigest(), len(raw))[8:])
     doc["encryption"] = "aes-256-gcm"

@@ -22,6 +22,7 @@ from botocore.exceptions import (
 
 import flows
 import tasks
+from tasks.config import RepositoryConfig
 from tasks.errors import (
     AWS_CODES,
     CommandFailed,
@@ -35,6 +36,8 @@ from tasks.errors import (
     command_error,
     is_transient,
 )
+from tasks.pgcluster import LocalCluster
+from tasks.repository import S3Repository
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +50,7 @@ def _all_modules() -> None:
 
 def _subclasses(cls: type) -> set[type]:
     out: set[type] = set()
+    sub: type
     for sub in cls.__subclasses__():
         out |= {sub} | _subclasses(sub)
     return out
@@ -130,14 +134,21 @@ def test_aws_error_codes(code: str, status: int, kind: str) -> None:
 
 def _client_error(code: str, status: int) -> ClientError:
     return ClientError(
-        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+        {
+            "Error": {"Code": code, "Message": "m"},
+            "ResponseMetadata": {
+                "RequestId": "r",
+                "HostId": "h",
+                "HTTPStatusCode": status,
+                "HTTPHeaders": {},
+                "RetryAttempts": 0,
+            },
+        },
+        "GetObject",
     )
 
 
-def _repo():  # an S3Repository needs no service to classify
-    from tasks.config import RepositoryConfig
-    from tasks.repository import S3Repository
-
+def _repo() -> S3Repository:  # an S3Repository needs no service to classify
     return S3Repository(
         RepositoryConfig(url="s3://b/p", endpoint_url="http://127.0.0.1:9", region="eu-north-1")
     )
@@ -278,7 +289,7 @@ def test_pg_basebackup_against_a_closed_port_is_transient(tmp_path: Path) -> Non
 
 
 @pytest.mark.integration  # talks to the session PostgreSQL
-def test_a_refused_login_is_permanent_and_no_server_is_transient(pg_primary) -> None:
+def test_a_refused_login_is_permanent_and_no_server_is_transient(pg_primary: LocalCluster) -> None:
     from tasks.postgres import LoginRefused, ServerDown, ServerUnreachable, connect
 
     with pytest.raises(ServerDown) as down:

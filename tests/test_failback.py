@@ -6,18 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from conftest_failover import Pair, route53_values, sql, wait_until
+from conftest_failover import Pair, in_recovery, route53_values, sql, wait_until
 
-from gravl_testlib import run_cli, write_config
+from gravl_testlib import run_cli
 from tasks.topology import local_pgdata, stop_server
-
-
-def _config(tmp_path: Path, pair: Pair, file_repo_url: str, **extra: Any) -> str:
-    return str(write_config(tmp_path / "gravl-dr.yaml", pair.config(file_repo_url, **extra)))
-
-
-def _in_recovery(dsn: str) -> bool:
-    return bool(sql(dsn, "SELECT pg_is_in_recovery()")[0][0])
 
 
 def _streams_from(standby_dsn: str, primary: Any) -> bool:
@@ -46,7 +38,7 @@ def test_failback_after_writes_in_failover_window_rewinds_and_loses_nothing(
 
     # GIVEN a failover (home killed, standby-1 promoted) and rows written during the failover window
     pair: Pair = pg_pair(wal_log_hints=True)
-    cfg = _config(tmp_path, pair, file_repo_url, dns=route53_dns)
+    cfg = pair.write_config(tmp_path, file_repo_url, dns=route53_dns)
     _failed_over(pair, cfg)
     pair.insert(pair.standby.dsn(), 200, "during-failover")
     expected = [r for r in pair.rows(pair.standby.dsn())]
@@ -57,8 +49,8 @@ def test_failback_after_writes_in_failover_window_rewinds_and_loses_nothing(
 
     # THEN home is the primary again, standby-1 streams from it, no row lost, DNS points back
     assert report.status == "complete", report.error
-    assert not _in_recovery(pair.home.dsn())
-    assert _in_recovery(pair.standby.dsn())
+    assert not in_recovery(pair.home.dsn())
+    assert in_recovery(pair.standby.dsn())
     assert pair.rows(pair.home.dsn()) == expected
     assert route53_values(route53_dns) == ["127.0.0.1"]
     assert report.rebuild is not None and report.rebuild.method.startswith("pg_rewind"), report.rebuild
@@ -85,7 +77,7 @@ def test_failback_without_wal_log_hints_reclones_and_moves_bind_record_back(
 
     # GIVEN a home cluster without wal_log_hints or checksums (pg_rewind impossible), failed over
     pair: Pair = pg_pair(wal_log_hints=False)
-    cfg = _config(tmp_path, pair, file_repo_url, dns=bind_dns)
+    cfg = pair.write_config(tmp_path, file_repo_url, dns=bind_dns)
     _failed_over(pair, cfg)
     assert bind_server.query() == ["127.0.0.2"]
     pair.insert(pair.standby.dsn(), 50, "during-failover")
@@ -99,7 +91,7 @@ def test_failback_without_wal_log_hints_reclones_and_moves_bind_record_back(
     # the old data directory was moved aside and kept, not deleted
     assert len(report.old_data) == 1 and Path(report.old_data[0], "PG_VERSION").is_file(), report.old_data
     assert report.old_data_bytes and report.old_data_bytes > 1_000_000
-    assert not _in_recovery(pair.home.dsn())
+    assert not in_recovery(pair.home.dsn())
     assert sql(pair.home.dsn(), "SHOW listen_addresses") == [("127.0.0.1",)]
     assert len(pair.rows(pair.home.dsn())) == 350
     assert bind_server.query() == ["127.0.0.1"]
@@ -118,7 +110,7 @@ def test_failback_resumes_after_a_crash_between_clean_shutdown_and_promotion(
 
     # GIVEN an earlier failback that rebuilt home, then stopped standby-1 cleanly and died there
     pair: Pair = pg_pair(wal_log_hints=True)
-    cfg = _config(tmp_path, pair, file_repo_url)
+    cfg = pair.write_config(tmp_path, file_repo_url)
     _failed_over(pair, cfg)
     pair.insert(pair.standby.dsn(), 25, "during-failover")
     conf = load_config(cfg)
@@ -128,7 +120,7 @@ def test_failback_resumes_after_a_crash_between_clean_shutdown_and_promotion(
     pgdata = local_pgdata(standby)
     assert pgdata is not None
     stop_server(pgdata, os_user="postgres", mode="fast")
-    assert _in_recovery(pair.home.dsn())  # nobody accepts writes now
+    assert in_recovery(pair.home.dsn())  # nobody accepts writes now
 
     # WHEN failback runs again
     report = failback_flow(config_path=cfg, approved_by="test", auto_approve=True, backup=False)
@@ -136,7 +128,7 @@ def test_failback_resumes_after_a_crash_between_clean_shutdown_and_promotion(
     # THEN it finishes the switchover: home primary with every row, standby-1 rejoined
     assert report.status == "complete"
     assert report.plan[0].startswith("approve") and "switchover" in report.plan[1]
-    assert not _in_recovery(pair.home.dsn())
+    assert not in_recovery(pair.home.dsn())
     assert len(pair.rows(pair.home.dsn())) == 325
     wait_until(lambda: _streams_from(pair.standby.dsn(), pair.home), 30, "standby-1 streaming from home")
 
@@ -151,7 +143,7 @@ def test_failback_when_already_home_converges_without_a_switchover(
 
     # GIVEN the topology as configured (home primary, standby-1 streaming from it)
     pair: Pair = pg_pair()
-    cfg = _config(tmp_path, pair, file_repo_url)
+    cfg = pair.write_config(tmp_path, file_repo_url)
     lsn_before = sql(pair.home.dsn(), "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")
 
     # WHEN failback runs
@@ -161,7 +153,7 @@ def test_failback_when_already_home_converges_without_a_switchover(
     assert report.status == "complete"
     assert [p.split()[0] for p in report.plan] == ["switch-dns", "reconnect-apps", "validate"]
     assert sql(pair.home.dsn(), "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)") == lsn_before
-    assert _in_recovery(pair.standby.dsn())
+    assert in_recovery(pair.standby.dsn())
 
 
 def test_cli_drill_failover_runs_failover_then_failback(
@@ -174,7 +166,7 @@ def test_cli_drill_failover_runs_failover_then_failback(
     pair: Pair = pg_pair()
     pair.insert(pair.home.dsn(), 100, "before-drill")
     pair.wait_replayed(pair.home, pair.standby)
-    cfg = _config(tmp_path, pair, file_repo_url, dns=route53_dns)
+    cfg = pair.write_config(tmp_path, file_repo_url, dns=route53_dns)
 
     # WHEN the CLI runs the drill
     proc = run_cli("drill-failover", "--yes", "--json", config=cfg, timeout=300)
@@ -185,6 +177,6 @@ def test_cli_drill_failover_runs_failover_then_failback(
     assert report["failover"]["status"] == "complete" and report["failover"]["rpo_bytes"] == 0
     assert report["failback"]["status"] == "complete"
     assert report["failback"]["switchover"]["unavailable_seconds"] < 15
-    assert not _in_recovery(pair.home.dsn()) and _in_recovery(pair.standby.dsn())
+    assert not in_recovery(pair.home.dsn()) and in_recovery(pair.standby.dsn())
     assert len(pair.rows(pair.home.dsn())) == 100
     assert route53_values(route53_dns) == ["127.0.0.1"]

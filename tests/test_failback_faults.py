@@ -18,13 +18,9 @@ from typing import Any
 
 import pytest
 from conftest import pushgateway_metrics
-from conftest_failover import Pair, sql, wait_until
+from conftest_failover import Pair, in_recovery, sql, wait_until
 
 from gravl_testlib import GRAVL_DR, REPO_ROOT, write_config
-
-
-def _in_recovery(dsn: str) -> bool:
-    return bool(sql(dsn, "SELECT pg_is_in_recovery()")[0][0])
 
 
 def _diverged_failover(pair: Pair, cfg: str) -> int:
@@ -36,13 +32,7 @@ def _diverged_failover(pair: Pair, cfg: str) -> int:
 
     pair.insert(pair.home.dsn(), 200, "replicated")
     pair.wait_replayed(pair.home, pair.standby)
-    sql(pair.standby.dsn(), "ALTER SYSTEM SET primary_conninfo = ''")
-    sql(pair.standby.dsn(), "SELECT pg_reload_conf()")
-    wait_until(
-        lambda: sql(pair.standby.dsn(), "SELECT count(*) FROM pg_stat_wal_receiver") == [(0,)],
-        30,
-        "WAL receiver stopped",
-    )
+    pair.cut_off_standby()
     pair.insert(pair.home.dsn(), 3000, "never-replicated")
     pair.kill_home()
     report = failover_flow(
@@ -86,7 +76,7 @@ def test_failed_pg_rewind_keeps_the_old_data_and_reports_where_and_what(
     assert report.status == "complete", report.error
     assert report.rewind_failed and "pg_rewind" in report.rewind_failed
     assert report.rebuild is not None and report.rebuild.method == "pg_basebackup re-clone"
-    assert not _in_recovery(pair.home.dsn()) and pair.rows(pair.home.dsn()) == expected
+    assert not in_recovery(pair.home.dsn()) and pair.rows(pair.home.dsn()) == expected
     # its own settings survived the re-clone (port, listen_addresses, what the operator set)
     assert sql(pair.home.dsn(), "SHOW work_mem") == [("7MB",)]
     assert sql(pair.home.dsn(), "SHOW listen_addresses") == [("127.0.0.1",)]
@@ -156,7 +146,7 @@ def _runs(path: Path) -> bool:
 
 def _primary(dsn: str) -> bool:
     try:
-        return not _in_recovery(dsn)
+        return not in_recovery(dsn)
     except Exception:  # noqa: BLE001 - not up yet
         return False
 

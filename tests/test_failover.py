@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import pushgateway_metrics
-from conftest_failover import Pair, route53_values, sql, wait_until
+from conftest_failover import Pair, in_recovery, route53_values, sql
 
-from gravl_testlib import assert_one_line_error, run_cli, write_config
+from gravl_testlib import assert_one_line_error, run_cli
 from tasks.errors import PreconditionFailed
-
-
-def _config(tmp_path: Path, pair: Pair, file_repo_url: str, **extra: Any) -> str:
-    return str(write_config(tmp_path / "gravl-dr.yaml", pair.config(file_repo_url, **extra)))
-
-
-def _in_recovery(dsn: str) -> bool:
-    return bool(sql(dsn, "SELECT pg_is_in_recovery()")[0][0])
 
 
 def test_sigkill_primary_then_failover_promotes_replica_and_switches_route53(
@@ -39,14 +33,14 @@ def test_sigkill_primary_then_failover_promotes_replica_and_switches_route53(
     pair.wait_replayed(pair.home, pair.standby)
     expected = pair.rows(pair.home.dsn())
     pair.kill_home()
-    cfg = _config(tmp_path, pair, file_repo_url, dns=route53_dns, metrics={"pushgateway": pushgateway})
+    cfg = pair.write_config(tmp_path, file_repo_url, dns=route53_dns, metrics={"pushgateway": pushgateway})
 
     # WHEN the failover flow runs without asking
     report = failover_flow(config_path=cfg, approved_by="test", auto_approve=True)
 
     # THEN the replica is read-write with every row, the DNS record points at it, RPO is zero
     assert report.status == "complete" and report.new_primary == "standby-1"
-    assert not _in_recovery(pair.standby.dsn())
+    assert not in_recovery(pair.standby.dsn())
     sql(pair.standby.dsn(), "INSERT INTO items (tag, n) VALUES ('after', 1)")
     assert [r for r in pair.rows(pair.standby.dsn()) if r[0] == "before"] == expected  # 0 rows lost
     assert route53_values(route53_dns) == ["127.0.0.2"]
@@ -75,7 +69,7 @@ def test_failover_switches_bind_record_with_tsig(
     pair.insert(pair.home.dsn(), 100, "before")
     pair.wait_replayed(pair.home, pair.standby)
     pair.kill_home()
-    cfg = _config(tmp_path, pair, file_repo_url, dns=bind_dns)
+    cfg = pair.write_config(tmp_path, file_repo_url, dns=bind_dns)
     assert bind_server.query() == ["127.0.0.1"]
 
     # WHEN
@@ -99,13 +93,13 @@ def test_failover_refused_while_primary_accepts_writes(
 
     # GIVEN a healthy primary
     pair: Pair = pg_pair()
-    cfg = _config(tmp_path, pair, file_repo_url, dns=route53_dns)
+    cfg = pair.write_config(tmp_path, file_repo_url, dns=route53_dns)
 
     # WHEN / THEN failover refuses and changes nothing
     with pytest.raises(PreconditionFailed, match="up and accepting writes"):
         failover_flow(config_path=cfg, approved_by="test", auto_approve=True)
-    assert _in_recovery(pair.standby.dsn())
-    assert not _in_recovery(pair.home.dsn())
+    assert in_recovery(pair.standby.dsn())
+    assert not in_recovery(pair.home.dsn())
     assert route53_values(route53_dns) == ["127.0.0.1"]
     assert not (pair.home.pgdata / "standby.signal").exists()
 
@@ -121,21 +115,15 @@ def test_failover_refused_when_replica_lags_beyond_limit(
     # GIVEN a standby cut off from the primary (no WAL receiver), rows committed on the primary
     # only, then a dead primary: its pg_wal on disk goes further than the standby
     pair: Pair = pg_pair()
-    sql(pair.standby.dsn(), "ALTER SYSTEM SET primary_conninfo = ''")
-    sql(pair.standby.dsn(), "SELECT pg_reload_conf()")
-    wait_until(
-        lambda: sql(pair.standby.dsn(), "SELECT count(*) FROM pg_stat_wal_receiver") == [(0,)],
-        30,
-        "WAL receiver stopped",
-    )
+    pair.cut_off_standby()
     pair.insert(pair.home.dsn(), 20000, "not-replicated")
     pair.kill_home()
-    cfg = _config(tmp_path, pair, file_repo_url)
+    cfg = pair.write_config(tmp_path, file_repo_url)
 
     # WHEN / THEN a 64 KiB limit refuses the promotion, naming the lag
     with pytest.raises(PreconditionFailed, match=r"bytes behind .*max-lag-bytes 65536"):
         failover_flow(config_path=cfg, approved_by="test", auto_approve=True, max_lag_bytes=65536)
-    assert _in_recovery(pair.standby.dsn())
+    assert in_recovery(pair.standby.dsn())
     assert not (pair.home.pgdata / "standby.signal").exists()  # refused before any side effect
 
 
@@ -153,7 +141,7 @@ def test_second_failover_run_is_idempotent(
     pair.insert(pair.home.dsn(), 50, "before")
     pair.wait_replayed(pair.home, pair.standby)
     pair.kill_home()
-    cfg = _config(tmp_path, pair, file_repo_url, dns=route53_dns)
+    cfg = pair.write_config(tmp_path, file_repo_url, dns=route53_dns)
     first = failover_flow(config_path=cfg, approved_by="test", auto_approve=True)
     timeline = sql(pair.standby.dsn(), "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")[0][0]
     sql(pair.standby.dsn(), "INSERT INTO items (tag, n) VALUES ('between', 1)")
@@ -190,7 +178,7 @@ def test_failing_reconnect_hook_fails_flow_while_promotion_stands(
         {"command": ["sh", "-c", "echo 'api did not restart' >&2; exit 3"], "timeout": 10},
         {"command": ["true"]},
     ]
-    cfg = _config(tmp_path, pair, file_repo_url, reconnect=hooks)
+    cfg = pair.write_config(tmp_path, file_repo_url, reconnect=hooks)
 
     # WHEN / THEN the flow fails with a clear message...
     with pytest.raises(ReconnectFailed) as err:
@@ -199,7 +187,7 @@ def test_failing_reconnect_hook_fails_flow_while_promotion_stands(
     assert "exited 3" in message and "api did not restart" in message
     assert "promotion of standby-1 stands" in message
     # ... and the promotion stands
-    assert not _in_recovery(pair.standby.dsn())
+    assert not in_recovery(pair.standby.dsn())
     sql(pair.standby.dsn(), "INSERT INTO items (tag, n) VALUES ('after', 1)")
 
 
@@ -209,7 +197,7 @@ def _resume_when_paused(run_input: dict[str, Any], found: list[str], timeout: fl
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
-    from prefect.flow_runs import resume_flow_run
+    from prefect.flow_runs import aresume_flow_run
 
     async def find_and_resume() -> None:
         deadline = time.monotonic() + timeout
@@ -222,11 +210,23 @@ def _resume_when_paused(run_input: dict[str, Any], found: list[str], timeout: fl
                 )
                 if runs:
                     found.append(str(runs[0].id))
-                    await resume_flow_run(runs[0].id, run_input=run_input)
+                    await aresume_flow_run(runs[0].id, run_input=run_input)
                     return
                 await asyncio.sleep(0.2)
 
     asyncio.run(find_and_resume())
+
+
+@contextlib.contextmanager
+def _operator_answers(run_input: dict[str, Any]) -> Iterator[list[str]]:
+    """An operator who fills in the approval form once the run pauses; yields the paused run ids found."""
+    found: list[str] = []
+    resumer = threading.Thread(target=_resume_when_paused, args=(run_input, found))
+    resumer.start()
+    try:
+        yield found
+    finally:
+        resumer.join(timeout=60)
 
 
 def test_approval_gate_pauses_until_an_operator_approves(
@@ -240,21 +240,15 @@ def test_approval_gate_pauses_until_an_operator_approves(
     # GIVEN a dead primary and an operator who approves in the UI form
     pair: Pair = pg_pair()
     pair.kill_home()
-    cfg = _config(tmp_path, pair, file_repo_url)
-    found: list[str] = []
-    resumer = threading.Thread(
-        target=_resume_when_paused, args=({"approve": True, "approver": "alice", "comment": "INC-42"}, found)
-    )
-    resumer.start()
-
+    cfg = pair.write_config(tmp_path, file_repo_url)
     # WHEN the flow runs without --yes
-    report = failover_flow(config_path=cfg, approval_timeout_seconds=60)
-    resumer.join(timeout=60)
+    with _operator_answers({"approve": True, "approver": "alice", "comment": "INC-42"}) as found:
+        report = failover_flow(config_path=cfg, approval_timeout_seconds=60)
 
     # THEN it paused for input, then promoted, with the approver in the report
     assert found, "the flow never paused"
     assert report.status == "complete" and report.approver == "alice" and report.approval_note == "INC-42"
-    assert not _in_recovery(pair.standby.dsn())
+    assert not in_recovery(pair.standby.dsn())
 
 
 def test_declined_approval_promotes_nothing(
@@ -267,16 +261,13 @@ def test_declined_approval_promotes_nothing(
 
     pair: Pair = pg_pair()
     pair.kill_home()
-    cfg = _config(tmp_path, pair, file_repo_url)
-    resumer = threading.Thread(
-        target=_resume_when_paused,
-        args=({"approve": False, "approver": "bob", "comment": "primary is coming back"}, []),
-    )
-    resumer.start()
-    with pytest.raises(PreconditionFailed, match="bob declined"):
+    cfg = pair.write_config(tmp_path, file_repo_url)
+    with (
+        _operator_answers({"approve": False, "approver": "bob", "comment": "primary is coming back"}),
+        pytest.raises(PreconditionFailed, match="bob declined"),
+    ):
         failover_flow(config_path=cfg, approval_timeout_seconds=60)
-    resumer.join(timeout=60)
-    assert _in_recovery(pair.standby.dsn())
+    assert in_recovery(pair.standby.dsn())
 
 
 def test_prefilled_approved_by_does_not_skip_the_gate_and_the_approval_is_a_visible_step(
@@ -295,18 +286,13 @@ def test_prefilled_approved_by_does_not_skip_the_gate_and_the_approval_is_a_visi
     # GIVEN a dead primary and a run started with approved_by filled in (no auto_approve)
     pair: Pair = pg_pair()
     pair.kill_home()
-    cfg = _config(tmp_path, pair, file_repo_url)
-    found: list[str] = []
-    resumer = threading.Thread(
-        target=_resume_when_paused, args=({"approve": True, "approver": "carol", "comment": "INC-7"}, found)
-    )
-    resumer.start()
+    cfg = pair.write_config(tmp_path, file_repo_url)
 
     # WHEN it runs
-    state = failover_flow(
-        config_path=cfg, approved_by="mallory", approval_timeout_seconds=60, return_state=True
-    )
-    resumer.join(timeout=60)
+    with _operator_answers({"approve": True, "approver": "carol", "comment": "INC-7"}) as found:
+        state = failover_flow(
+            config_path=cfg, approved_by="mallory", approval_timeout_seconds=60, return_state=True
+        )
 
     # THEN it still paused for the form; the approve task recorded who and when
     report = state.result()
@@ -314,10 +300,13 @@ def test_prefilled_approved_by_does_not_skip_the_gate_and_the_approval_is_a_visi
     assert report.approver == "carol" and report.approved_at is not None and not report.auto_approved
     assert "carol at " in failover_markdown(report)
 
+    flow_run_id = state.state_details.flow_run_id
+    assert flow_run_id is not None
+
     async def task_names() -> list[str]:
         async with get_client() as client:
             runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
             )
             return [r.name for r in runs]
 
@@ -334,7 +323,7 @@ def test_auto_approve_skips_the_form_and_says_so_in_the_report(
 
     pair: Pair = pg_pair()
     pair.kill_home()
-    cfg = _config(tmp_path, pair, file_repo_url)
+    cfg = pair.write_config(tmp_path, file_repo_url)
     report = failover_flow(config_path=cfg, approved_by="dave", auto_approve=True)
     assert report.status == "complete" and report.auto_approved and report.approver == "dave"
     assert "**auto_approve**" in failover_markdown(report)
@@ -347,11 +336,11 @@ def test_cli_failover_without_terminal_or_yes_asks_for_approval(
 ) -> None:
     # GIVEN no terminal, no --yes and no Prefect server to approve in
     pair: Pair = pg_pair()
-    cfg = _config(tmp_path, pair, file_repo_url)
+    cfg = pair.write_config(tmp_path, file_repo_url)
     proc = run_cli("failover", config=cfg, env={"PREFECT_API_URL": ""})
     # THEN one line saying how to approve; nothing changed
     assert_one_line_error(proc, "approval needed", "--yes")
-    assert _in_recovery(pair.standby.dsn())
+    assert in_recovery(pair.standby.dsn())
 
 
 def test_cli_rejects_rfc2136_without_tsig_secret(pg_pair: Any, file_repo_url: str, tmp_path: Path) -> None:
@@ -364,7 +353,7 @@ def test_cli_rejects_rfc2136_without_tsig_secret(pg_pair: Any, file_repo_url: st
         "key_name": "k",
         "key_env": "GRAVL_DR_NO_SUCH_SECRET",
     }
-    cfg = _config(tmp_path, pair, file_repo_url, dns=dns)
+    cfg = pair.write_config(tmp_path, file_repo_url, dns=dns)
     proc = run_cli("failover", "--yes", config=cfg)
     assert_one_line_error(proc, "GRAVL_DR_NO_SUCH_SECRET")
 
@@ -390,7 +379,7 @@ def test_cli_on_a_terminal_shows_the_plan_and_a_no_changes_nothing(
     # GIVEN a dead primary and an operator at a terminal (a pty from script(1)) who answers "no"
     pair: Pair = pg_pair()
     pair.kill_home()
-    cfg = _config(tmp_path, pair, file_repo_url)
+    cfg = pair.write_config(tmp_path, file_repo_url)
     command = shlex.join([GRAVL_DR, "--config", cfg, "failover"])
     proc = subprocess.run(
         ["script", "-qec", command, "/dev/null"],
@@ -405,4 +394,4 @@ def test_cli_on_a_terminal_shows_the_plan_and_a_no_changes_nothing(
     assert proc.returncode != 0
     assert "promote-replica standby-1" in proc.stdout and "Fail over? Type 'yes' to go on" in proc.stdout
     assert "not approved on the terminal: nothing changed" in proc.stdout
-    assert _in_recovery(pair.standby.dsn())
+    assert in_recovery(pair.standby.dsn())

@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest_failover import Pair, sql, wait_until
+from conftest_failover import Pair, in_recovery, sql, wait_until
 
 from gravl_testlib import run_cli, write_config
 from tasks.errors import PreconditionFailed
@@ -57,14 +57,6 @@ def test_a_server_that_answers_is_alive_and_only_silence_is_down(message: str, a
     assert server_answered(message) is alive
 
 
-def _config(tmp_path: Path, pair: Pair, repo: str, **extra: Any) -> str:
-    return str(write_config(tmp_path / "gravl-dr.yaml", pair.config(repo, **extra)))
-
-
-def _in_recovery(dsn: str) -> bool:
-    return bool(sql(dsn, "SELECT pg_is_in_recovery()")[0][0])
-
-
 def _reject_gravl_dr(pair: Pair) -> None:
     """pg_hba: every ordinary login is rejected (replication still allowed), reloaded."""
     hba = pair.home.pgdata / "pg_hba.conf"
@@ -84,7 +76,7 @@ def test_failover_refuses_when_the_primary_rejects_our_login(
 
     # GIVEN a primary that is up, taking writes from its apps, whose pg_hba rejects gravl-dr
     pair: Pair = pg_pair()
-    cfg = _config(tmp_path, pair, file_repo_url)
+    cfg = pair.write_config(tmp_path, file_repo_url)
     _reject_gravl_dr(pair)
 
     # WHEN failover runs with --yes
@@ -92,7 +84,7 @@ def test_failover_refuses_when_the_primary_rejects_our_login(
         failover_flow(config_path=cfg, approved_by="test", auto_approve=True)
 
     # THEN nothing was promoted, nothing was fenced: one primary
-    assert _in_recovery(pair.standby.dsn())
+    assert in_recovery(pair.standby.dsn())
     assert pair.home.is_running() and not (pair.home.pgdata / "standby.signal").exists()
 
 
@@ -106,7 +98,7 @@ def test_forced_failover_of_a_refusing_primary_fences_it_first(
 
     # GIVEN the same refusing primary, its data directory on this host
     pair: Pair = pg_pair()
-    cfg = _config(tmp_path, pair, file_repo_url)
+    cfg = pair.write_config(tmp_path, file_repo_url)
     _reject_gravl_dr(pair)
 
     # WHEN the operator forces it
@@ -117,7 +109,7 @@ def test_forced_failover_of_a_refusing_primary_fences_it_first(
     assert report.plan[0].startswith("approve") and report.plan[1].startswith("fence-old-primary")
     wait_until(lambda: not pair.home.is_running(), 10, "old primary stopped")
     assert (pair.home.pgdata / "standby.signal").exists()
-    assert not _in_recovery(pair.standby.dsn())
+    assert not in_recovery(pair.standby.dsn())
 
 
 def test_failover_refuses_when_every_connection_slot_of_the_primary_is_taken(
@@ -130,7 +122,7 @@ def test_failover_refuses_when_every_connection_slot_of_the_primary_is_taken(
 
     # GIVEN a primary restarted with max_connections = 5 and five sessions holding every slot
     pair: Pair = pg_pair()
-    cfg = _config(tmp_path, pair, file_repo_url)
+    cfg = pair.write_config(tmp_path, file_repo_url)
     pair.home.append_conf({"max_connections": "5"})
     pair.home.stop()
     pair.home.start()
@@ -149,7 +141,7 @@ def test_failover_refuses_when_every_connection_slot_of_the_primary_is_taken(
             failover_flow(config_path=cfg, approved_by="test", auto_approve=True)
 
         # THEN the replica stays a replica; the sessions on the primary still write
-        assert _in_recovery(pair.standby.dsn())
+        assert in_recovery(pair.standby.dsn())
         held[0].execute("INSERT INTO items (tag, n) VALUES ('still-primary', 1)")
     finally:
         for conn in held:
@@ -185,7 +177,7 @@ def test_failover_that_cannot_fence_says_so_in_state_report_and_exit_code(
     assert report.status == UNFENCED and report.fenced is False
     assert any("NOT fenced" in w for w in report.warnings)
     assert "gravl_failover_old_primary_unfenced" in pushgateway_metrics(pushgateway)
-    assert not _in_recovery(pair.standby.dsn())
+    assert not in_recovery(pair.standby.dsn())
 
 
 def test_cli_failover_that_cannot_fence_exits_3_with_a_warning(

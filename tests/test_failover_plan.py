@@ -9,12 +9,12 @@ import pytest
 from tasks.failover import (
     NodeState,
     Refused,
-    int_to_lsn,
     lsn_to_int,
     plan_failback,
     plan_failover,
     rpo_bytes,
 )
+from tasks.walnames import format_lsn as int_to_lsn
 
 MB = 1024 * 1024
 

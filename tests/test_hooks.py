@@ -55,7 +55,8 @@ def test_every_hook_runs_even_after_a_failure(tmp_path: Path) -> None:
 
 
 def test_a_hook_needs_exactly_one_kind() -> None:
-    from tasks.config import ConfigError, parse_config
+    from tasks.config import parse_config
+    from tasks.errors import ConfigError
 
     with pytest.raises(ConfigError, match="exactly one of command, webhook, kubernetes"):
         parse_config(
@@ -217,6 +218,27 @@ def test_kubernetes_rollout_restart_bumps_the_template_and_waits(
     ]
     annotations = patches[0][2]["spec"]["template"]["metadata"]["annotations"]
     assert "kubectl.kubernetes.io/restartedAt" in annotations
+
+
+def test_kubernetes_rollout_that_never_finishes_fails_the_hook_naming_what_is_pending(
+    http_server: tuple[str, type[_Recorder]],
+    tmp_path: Path,
+) -> None:
+    # GIVEN a deployment that wants 3 replicas while its controller only ever brings up 2
+    url, handler = http_server
+    dep = _deployment("gravl-prod", "gravl-api")
+    dep["spec"]["replicas"] = 3
+    handler.deployments["gravl-prod/gravl-api"] = dep
+    hook = ReconnectHook(
+        kubernetes=KubernetesHook(
+            namespace="gravl-prod", deployments=["gravl-api"], kubeconfig=_kubeconfig(tmp_path, url)
+        ),
+        timeout=1,
+    )
+    # WHEN the hook runs THEN it gives up at its timeout, naming the deployment still rolling out
+    res = run_hook(hook, EVENT)
+    assert not res.ok
+    assert "rollout of gravl-api in gravl-prod not finished after 1s" in res.message, res.message
 
 
 def test_kubernetes_missing_deployment_fails_the_hook(

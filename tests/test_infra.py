@@ -107,6 +107,12 @@ def test_every_metric_in_rules_and_dashboard_is_in_the_catalog() -> None:
     )
 
 
+def test_every_metric_the_rule_tests_feed_is_in_the_catalog() -> None:
+    # a rule test fed a series no flow pushes would test an alert that can never fire that way
+    fed = {name for path in RULE_TESTS for name in METRIC_RE.findall(path.read_text())}
+    assert sorted(fed - set(CATALOG)) == []
+
+
 def test_the_rules_and_dashboard_read_the_backup_metrics() -> None:
     assert {
         "gravl_backup_last_success_timestamp_seconds",

@@ -67,7 +67,8 @@ def test_unlock(make_config: Callable[..., Path], file_repo_url: str, file_repo_
     _lock(repo, "20261129T020000Z-physical-bbbbbbbb", "db-old-host", 4242)
     proc = run_cli("unlock", config=cfg_path)
     assert_one_line_error(proc, "db-old-host", "--force")
-    assert steps.read_lock(repo)["host"] == "db-old-host"
+    lock = steps.read_lock(repo)
+    assert lock is not None and lock["host"] == "db-old-host"
     proc = run_cli("unlock", "--force", config=cfg_path)
     assert proc.returncode == 0 and "host db-old-host" in proc.stdout, proc.stderr
     assert steps.read_lock(repo) is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -18,12 +18,12 @@ from tasks.walcheck import ArchiverStatus, server_lag
 T0 = datetime(2026, 11, 20, tzinfo=UTC)
 
 
-def manifest(day: int, kind: str) -> Manifest:
+def manifest(day: int, kind: Literal["physical", "logical"]) -> Manifest:
     stop = T0 + timedelta(days=day)
     return Manifest(
         id=f"202611{20 + day}T000000Z-{kind}",
         kind=kind,
-        cluster="gravl",  # type: ignore[arg-type]
+        cluster="gravl",
         pg_version=150000,
         system_identifier="1",
         timeline=1,
@@ -206,7 +206,11 @@ def test_flow_names_are_the_cli_commands() -> None:
 
     from flows.cli.app import build_parser
 
-    commands = set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    subparsers = build_parser()._subparsers
+    assert subparsers is not None
+    choices = subparsers._group_actions[0].choices
+    assert choices is not None
+    commands = set(choices)
     for module, name in FLOWS:
         flow = getattr(importlib.import_module(module), name)
         assert flow.name in commands or flow.name in INTERNAL_FLOWS, f"flow {flow.name} has no CLI command"

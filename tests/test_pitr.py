@@ -7,6 +7,7 @@ and checks the rows are exactly those committed up to it, as the server itself r
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from collections.abc import Iterator
@@ -154,13 +155,72 @@ def history() -> Iterator[Archiving]:
         stop_archiving(arch)
 
 
+def private_restore_dir(prefix: str) -> Iterator[Path]:
+    """A data directory to restore into, in a fresh private folder; its server and folder go afterwards."""
+    base = make_private_dir(prefix, PG_USER)
+    yield base / "data"
+    LocalCluster(base / "data", 1).destroy()
+    shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture
 def restore_dir() -> Iterator[Path]:
-    base = make_private_dir("gravl-test-pitr-restore-", PG_USER)
-    yield base / "data"
-    cluster = LocalCluster(base / "data", 1)
-    cluster.destroy()
-    shutil.rmtree(base, ignore_errors=True)
+    yield from private_restore_dir("gravl-test-pitr-restore-")
+
+
+@dataclass(frozen=True)
+class ArchiveCopy:
+    """A private copy of a history's repository, with a config that points at it."""
+
+    config: Path
+    repo: Path
+
+    @property
+    def base(self) -> Path:
+        """The private folder holding the copy and its config (removed afterwards)."""
+        return self.repo.parent
+
+    def segments_after(self, wal: str | None) -> list[Path]:
+        """The timeline-1 segment objects whose names come after ``wal``, in order."""
+        return sorted(
+            p
+            for p in (self.repo / "wal" / "00000001").iterdir()
+            if len(p.name) == 28 and p.name[:24] > (wal or "")
+        )
+
+
+@contextlib.contextmanager
+def archive_copy(history: Archiving, prefix: str) -> Iterator[ArchiveCopy]:
+    copy = make_private_dir(prefix, PG_USER)
+    try:
+        shutil.copytree(history.repo_dir, copy / "repo")
+        config = write_config(
+            copy / "gravl-dr.yaml",
+            {
+                "cluster": "gravl",
+                "primary": {"dsn": history.cluster.dsn("postgres")},
+                "repository": {"url": f"file://{copy / 'repo'}"},
+            },
+        )
+        chown_tree(copy, PG_USER)  # the restored server's restore_command reads it as postgres
+        yield ArchiveCopy(config, copy / "repo")
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+def restore_to_archive_end(config: Path, restore_dir: Path) -> pytest.ExceptionInfo[DRError]:
+    """The restore flow to the end of the archive, with the server started; it must fail."""
+    from flows.restore import restore_flow
+
+    with pytest.raises(DRError) as err:
+        restore_flow(
+            config_path=str(config),
+            backup="latest",
+            pgdata=str(restore_dir),
+            start=True,
+            recovery_timeout=60,
+        )
+    return err
 
 
 def phases(dsn: str) -> dict[str, int]:
@@ -322,46 +382,21 @@ def test_corrupt_segment_stops_recovery_instead_of_promoting_early(
     prefect_harness: None, history: Archiving, restore_dir: Path
 ) -> None:
     # GIVEN a copy of the archive where a segment recovery needs is corrupt
-    copy = make_private_dir("gravl-test-pitr-corrupt-", PG_USER)
-    try:
-        shutil.copytree(history.repo_dir, copy / "repo")
-        config = write_config(
-            copy / "gravl-dr.yaml",
-            {
-                "cluster": "gravl",
-                "primary": {"dsn": history.cluster.dsn("postgres")},
-                "repository": {"url": f"file://{copy / 'repo'}"},
-            },
-        )
-        chown_tree(copy, PG_USER)
+    with archive_copy(history, "gravl-test-pitr-corrupt-") as copy:
         backup: Manifest = history.marks["backup"]
-        needed = sorted(
-            p
-            for p in (copy / "repo" / "wal" / "00000001").iterdir()
-            if p.name[:24] > (backup.stop_wal or "") and len(p.name) == 28
-        )[0]
+        needed = copy.segments_after(backup.stop_wal)[0]
         data = bytearray(needed.read_bytes())
         data[len(data) // 2] ^= 0xFF
         needed.write_bytes(bytes(data))
-        from flows.restore import restore_flow
 
         # WHEN restoring to the end of the archive
-        with pytest.raises(DRError) as err:
-            restore_flow(
-                config_path=str(config),
-                backup="latest",
-                pgdata=str(restore_dir),
-                start=True,
-                recovery_timeout=60,
-            )
+        err = restore_to_archive_end(copy.config, restore_dir)
         # THEN recovery stopped (wal-fetch exited > 125) and the server is not up promoted
         log = (restore_dir.parent / "data.log").read_text()
         assert "corrupt" in log or "cannot decompress" in log, log[-3000:]
         assert "exit 255" in log
         assert "database system is ready to accept connections" not in log
         assert "recovery stopped: fetching WAL failed" in str(err.value), str(err.value)
-    finally:
-        shutil.rmtree(copy, ignore_errors=True)
 
 
 def test_missing_segment_leaves_no_promoted_server_running(
@@ -369,42 +404,16 @@ def test_missing_segment_leaves_no_promoted_server_running(
 ) -> None:
     # GIVEN a copy of the archive with a segment after the backup deleted (a gap: wal-fetch
     # truly answers "not archived", so PostgreSQL ends recovery there and promotes)
-    copy = make_private_dir("gravl-test-pitr-gap-restore-", PG_USER)
-    try:
-        shutil.copytree(history.repo_dir, copy / "repo")
-        config = write_config(
-            copy / "gravl-dr.yaml",
-            {
-                "cluster": "gravl",
-                "primary": {"dsn": history.cluster.dsn("postgres")},
-                "repository": {"url": f"file://{copy / 'repo'}"},
-            },
-        )
-        chown_tree(copy, PG_USER)
+    with archive_copy(history, "gravl-test-pitr-gap-restore-") as copy:
         backup: Manifest = history.marks["backup"]
-        after = sorted(
-            p
-            for p in (copy / "repo" / "wal" / "00000001").iterdir()
-            if p.name[:24] > (backup.stop_wal or "") and len(p.name) == 28
-        )
-        after[1].unlink()
-        from flows.restore import restore_flow
+        copy.segments_after(backup.stop_wal)[1].unlink()
 
         # WHEN restoring to the end of the archive and starting the server
-        with pytest.raises(DRError) as err:
-            restore_flow(
-                config_path=str(config),
-                backup="latest",
-                pgdata=str(restore_dir),
-                start=True,
-                recovery_timeout=60,
-            )
+        err = restore_to_archive_end(copy.config, restore_dir)
         # THEN the failure says it stopped short, and the server is not left up and writable
         assert "stopped short" in str(err.value), str(err.value)
         assert not LocalCluster(restore_dir, 1).is_running()
         assert "restored server was stopped" in str(err.value), str(err.value)
-    finally:
-        shutil.rmtree(copy, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- wal-check
@@ -423,51 +432,23 @@ def test_wal_check_passes_on_a_healthy_archive(history: Archiving) -> None:
 
 def test_wal_check_names_a_gap_and_fails(history: Archiving) -> None:
     # GIVEN a copy of the archive with one segment after the backup's start deleted
-    copy = make_private_dir("gravl-test-pitr-gap-", PG_USER)
-    try:
-        shutil.copytree(history.repo_dir, copy / "repo")
-        config = write_config(
-            copy / "gravl-dr.yaml",
-            {
-                "cluster": "gravl",
-                "primary": {"dsn": history.cluster.dsn("postgres")},
-                "repository": {"url": f"file://{copy / 'repo'}"},
-            },
-        )
+    with archive_copy(history, "gravl-test-pitr-gap-") as copy:
         backup: Manifest = history.marks["backup"]
-        segs = sorted(
-            p
-            for p in (copy / "repo" / "wal" / "00000001").iterdir()
-            if len(p.name) == 28 and p.name[:24] > (backup.start_wal or "")
-        )
+        segs = copy.segments_after(backup.start_wal)
         victim = segs[len(segs) // 2]
         victim.unlink()
         # WHEN checking the archive
-        proc = run_cli("wal-check", "--no-server", config=config)
+        proc = run_cli("wal-check", "--no-server", config=copy.config)
         # THEN the gap is named, as one error line, with a non-zero exit
         assert_one_line_error(proc, victim.name[:24], "missing")
         assert f"GAP timeline 1: {victim.name[:24]} missing" in proc.stdout
-    finally:
-        shutil.rmtree(copy, ignore_errors=True)
 
 
 def test_wal_check_catches_an_archived_file_missing_from_the_repository(history: Archiving) -> None:
     # GIVEN the server reports a file archived that the repository (a copy) does not have
-    copy = make_private_dir("gravl-test-pitr-silent-", PG_USER)
-    try:
-        shutil.copytree(history.repo_dir, copy / "repo")
-        config = write_config(
-            copy / "gravl-dr.yaml",
-            {
-                "cluster": "gravl",
-                "primary": {"dsn": history.cluster.dsn("postgres")},
-                "repository": {"url": f"file://{copy / 'repo'}"},
-            },
-        )
+    with archive_copy(history, "gravl-test-pitr-silent-") as copy:
         last = history.sql("SELECT last_archived_wal FROM pg_stat_archiver")[0][0]
-        for p in (copy / "repo" / "wal").glob(f"*/{last}*"):
+        for p in (copy.repo / "wal").glob(f"*/{last}*"):
             p.unlink()
-        proc = run_cli("wal-check", config=config)
+        proc = run_cli("wal-check", config=copy.config)
         assert_one_line_error(proc, last, "not usable")
-    finally:
-        shutil.rmtree(copy, ignore_errors=True)

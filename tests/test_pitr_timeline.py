@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ from conftest import pushgateway_metrics
 from test_pitr import (
     Archiving,
     phases,
+    private_restore_dir,
     restored_dsn,
     run_restore,
     start_archiving_primary,
@@ -22,7 +22,8 @@ from test_pitr import (
 )
 
 from gravl_testlib import run_cli
-from tasks.pgcluster import LocalCluster, free_port, make_private_dir
+from tasks.pgcluster import LocalCluster, free_port
+from tasks.polling import poll_until
 from tasks.postgres import connection
 from tasks.proc import pg_bin, run
 
@@ -34,12 +35,17 @@ def insert(dsn: str, phase: str, n: int = 3) -> None:
         conn.execute("INSERT INTO events(phase, n) SELECT %s, g FROM generate_series(1, %s) g", (phase, n))
 
 
+def text_value(dsn: str, query: str) -> str | None:
+    """The one value a query returns, as text (None for SQL NULL)."""
+    with connection(dsn) as conn:
+        row = conn.execute(query).fetchone()
+    assert row is not None, query
+    return None if row[0] is None else str(row[0])
+
+
 @pytest.fixture
 def restore_dir() -> Iterator[Path]:
-    base = make_private_dir("gravl-test-tli-restore-", PG_USER)
-    yield base / "data"
-    LocalCluster(base / "data", 1).destroy()
-    shutil.rmtree(base, ignore_errors=True)
+    yield from private_restore_dir("gravl-test-tli-restore-")
 
 
 def test_after_a_promotion_the_archive_holds_the_history_and_restore_follows_the_new_timeline(
@@ -90,15 +96,14 @@ def test_after_a_promotion_the_archive_holds_the_history_and_restore_follows_the
         with connection(sdsn) as conn:
             conn.execute("SELECT pg_promote(wait => true, wait_seconds => 30)")
         insert(sdsn, "c")
-        with connection(sdsn) as conn:
-            name = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with connection(sdsn) as conn:
-                last = conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0]
-            if last is not None and last.startswith("00000002") and last[:24] >= name:
-                break
-            time.sleep(0.1)
+        name = text_value(sdsn, "SELECT pg_walfile_name(pg_switch_wal())")
+        assert name is not None
+
+        def archived_on_timeline_2() -> bool:
+            last = text_value(sdsn, "SELECT last_archived_wal FROM pg_stat_archiver")
+            return last is not None and last.startswith("00000002") and last[:24] >= name
+
+        poll_until(archived_on_timeline_2, timeout=30, interval=0.1)
         # THEN the archive holds timeline 2's history file, and the whole archive is continuous
         assert (arch.repo_dir / "wal" / "00000002" / "00000002.history.zst").is_file()
         proc = run_cli("wal-check", "--no-server", "--json", config=arch.config)
@@ -189,7 +194,9 @@ def test_wal_flow_reports_health_and_pushes_metrics(
     async def artifact() -> str:
         async with get_client() as client:
             found = await client.read_latest_artifacts()
-            return next(a.data for a in found if a.key == "wal-check-report-gravl")
+            data = next(a.data for a in found if a.key == "wal-check-report-gravl")
+            assert isinstance(data, str), data
+            return data
 
     import asyncio
 

@@ -21,7 +21,8 @@ from flows.prefect_env import PREFECT_DEFAULTS, apply_prefect_defaults
 from tasks.backup import STALE_LOCK_SECONDS, lock_is_stale
 from tasks.polling import poll_until
 from tasks.topology import parse_controldata, waldump_end
-from tasks.wal import PushResult, already_archived, mark_archived, prune_spool, ready_files, spool_root
+from tasks.walarchive import PushResult
+from tasks.walspool import already_archived, mark_archived, prune_spool, ready_files, spool_root
 
 pytestmark = pytest.mark.unit
 

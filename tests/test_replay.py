@@ -4,12 +4,23 @@ archive go on past the backup, did recovery replay past it, what point in time t
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
+from tasks.drill import CountPoint, count_modes_at_pause
 from tasks.models import Manifest
-from tasks.recovery import RecoveryOutcome, RecoveryTarget
-from tasks.replay import archive_view, describe_archive_view, names_past_backup, past_backup, recovered_to
+from tasks.recovery import RecoveryOutcome, RecoveryTarget, explain_failed_start
+from tasks.replay import (
+    archive_view,
+    counts_lsn_in_reach,
+    describe_archive_view,
+    may_pass_backup_by_target,
+    names_past_backup,
+    past_backup,
+    recovered_to,
+    segment_to_find,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -142,3 +153,79 @@ def test_describe_archive_view_names_the_newest_segment_per_timeline_or_the_back
         "the WAL archive holds nothing after backup 20261129T025500Z-physical: recovery ends at the "
         "backup's end point (0/5000100)"
     )
+
+
+def counted(lsn: str | None = "0/6000000") -> Manifest:
+    return backup().model_copy(update={"row_counts": {"app": {"public.t": 3}}, "row_counts_lsn": lsn})
+
+
+@pytest.mark.parametrize(
+    ("manifest", "target", "wanted", "at_or_after"),
+    [
+        (counted(), RecoveryTarget(kind="end"), True, False),
+        (counted(), RecoveryTarget(kind="lsn", value="0/6000000"), True, True),
+        (counted(), RecoveryTarget(kind="lsn", value="0/5FFFFFF"), False, False),
+        (counted(lsn="garbage"), RecoveryTarget(kind="lsn", value="0/6000000"), False, False),
+        (counted(), RecoveryTarget(kind="immediate"), False, False),
+        (counted(lsn=None), RecoveryTarget(kind="end"), False, False),
+        (backup(), RecoveryTarget(kind="end"), False, False),
+    ],
+)
+def test_counts_lsn_in_reach(
+    manifest: Manifest, target: RecoveryTarget, wanted: bool, at_or_after: bool
+) -> None:
+    assert counts_lsn_in_reach(manifest, target) == (wanted, at_or_after)
+
+
+def test_segment_to_find_is_none_inside_the_backups_own_wal_else_the_archived_segment() -> None:
+    m = backup()  # the backup's last segment is ...05
+    assert segment_to_find(m, "0/5000100") is None
+    assert segment_to_find(m, "0/4000000") is None
+    assert segment_to_find(m, "0/6000028") == "000000010000000000000006"
+    assert segment_to_find(backup(stop_wal=None), "0/4000000") == "000000010000000000000004"
+
+
+@pytest.mark.parametrize(
+    ("manifest", "target", "known"),
+    [
+        (backup(), RecoveryTarget(kind="immediate"), False),
+        (backup(), RecoveryTarget(kind="lsn", value="0/7000000"), True),
+        (backup(stop_wal=None), RecoveryTarget(kind="end"), True),
+        (backup(), RecoveryTarget(kind="end"), None),
+    ],
+)
+def test_may_pass_backup_by_target_leaves_only_the_end_of_the_archive_to_the_archive(
+    manifest: Manifest, target: RecoveryTarget, known: bool | None
+) -> None:
+    assert may_pass_backup_by_target(manifest, target) is known
+
+
+def test_count_modes_at_pause_fall_back_to_the_tolerance_only_where_commits_were_in_flight() -> None:
+    # GIVEN an exact comparison point and two databases, one whose snapshot missed a commit
+    exact = CountPoint(where="lsn", mode="exact")
+    # WHEN the modes are decided
+    mode, where, per_db = count_modes_at_pause(exact, "0/6000000", {"app": [731, 732], "ops": [], "x": None})
+    # THEN only that database falls back, naming how many and one of them
+    assert (mode, where) == ("exact", "at 0/6000000")
+    assert list(per_db) == ["app"] and per_db["app"][0] == "tolerance"
+    assert "2 transaction(s)" in per_db["app"][1] and "xid 731" in per_db["app"][1]
+    # AND a tolerance point at the consistent point never looks at the commits
+    tol = CountPoint(where="consistent", mode="tolerance")
+    assert count_modes_at_pause(tol, "0/5000100", {"app": [1]}) == (
+        "tolerance",
+        "at the backup's consistent point 0/5000100",
+        {},
+    )
+
+
+def test_explain_failed_start_reads_the_servers_log_or_says_nothing(tmp_path: Path) -> None:
+    # GIVEN no log at all, then a log whose recovery ran out of archived WAL before the target
+    log = tmp_path / "postgresql.log"
+    target = RecoveryTarget(kind="lsn", value="0/9000000")
+    assert explain_failed_start(log, target) is None
+    log.write_text(
+        "2026-11-29 03:00:00 UTC [1] FATAL:  recovery ended before configured recovery target was reached\n"
+    )
+    # THEN the sentence names the target as past the archive and what to run
+    why = explain_failed_start(log, target)
+    assert why is not None and "past the end of the WAL archive" in why and "wal-check" in why

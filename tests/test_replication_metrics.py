@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 from conftest import pushgateway_metrics
-from conftest_failover import sql
+from conftest_failover import Pair, sql
 
 from flows.wal import _push_replication
 from tasks.config import load_config
@@ -12,7 +15,7 @@ from tasks.postgres import observe_primary
 
 
 def test_replica_lag_and_primary_up_reach_the_pushgateway(
-    pg_pair, pushgateway, make_config, file_repo_url
+    pg_pair: Callable[..., Pair], pushgateway: str, make_config: Callable[..., Path], file_repo_url: str
 ) -> None:
     # GIVEN a primary streaming to one standby, the standby's replay paused
     pair = pg_pair()
@@ -33,7 +36,9 @@ def test_replica_lag_and_primary_up_reach_the_pushgateway(
     assert float(lag_lines[0].rsplit(" ", 1)[1]) == replica.replay_lag_bytes
 
 
-def test_unreachable_primary_is_observed_as_down(pushgateway, make_config, file_repo_url) -> None:
+def test_unreachable_primary_is_observed_as_down(
+    pushgateway: str, make_config: Callable[..., Path], file_repo_url: str
+) -> None:
     dsn = f"host=127.0.0.1 port={free_port()} user=postgres dbname=gravl"
     status = observe_primary(dsn, timeout=2)
     assert not status.up and status.error

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -34,7 +34,11 @@ def seg(tli: int, n: int, suffix: str = ".zst") -> str:
 
 
 def manifest(
-    days_ago: float, kind: str = "physical", start: int | None = 10, tli: int = 1, cluster: str = "gravl"
+    days_ago: float,
+    kind: Literal["physical", "logical"] = "physical",
+    start: int | None = 10,
+    tli: int = 1,
+    cluster: str = "gravl",
 ) -> Manifest:
     stop = NOW - timedelta(days=days_ago)
     bid = new_backup_id(kind, stop - timedelta(minutes=5))
@@ -65,8 +69,8 @@ def keys_of(m: Manifest) -> list[str]:
 
 def state(
     manifests: list[Manifest],
-    wal: list[str] = (),
-    extra_backup_keys: list[str] = (),  # type: ignore[assignment]
+    wal: Sequence[str] = (),
+    extra_backup_keys: Sequence[str] = (),
     locked: str | None = None,
 ) -> RepositoryState:
     keys = [k for m in manifests for k in keys_of(m)] + list(extra_backup_keys)
@@ -372,7 +376,7 @@ def test_an_interrupted_expiry_never_leaves_a_listed_backup_with_missing_objects
     crashing = _CrashAfter(repo, deletes=1)
     # WHEN
     with pytest.raises(KeyboardInterrupt):
-        expire_backup(crashing, plan.expire[0])  # type: ignore[arg-type]
+        expire_backup(crashing, plan.expire[0])
     # THEN the manifest went first: the backup is no longer listed, its data is still there
     victim = pop["manifests"][0]
     assert crashing.deleted == [f"backups/{victim.id}/manifest.json"]

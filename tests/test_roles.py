@@ -207,8 +207,8 @@ def test_split_brain_fails_backup_and_wal_check_with_an_alarm(
 def test_wal_check_warns_when_the_node_it_asks_is_in_recovery(tmp_path: Path) -> None:
     from tasks.config import RepositoryConfig
     from tasks.repository import open_repository
-    from tasks.wal import WalSettings
     from tasks.walcheck import ArchiverStatus, WalCheckReport, judge_archiver
+    from tasks.walformat import WalSettings
 
     # GIVEN the archiver status of a standby (a stuck former primary: nothing archived)
     repo_cfg = RepositoryConfig(url=f"file://{tmp_path}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,7 +31,7 @@ BASE = {"primary": {"dsn": "host=127.0.0.1 dbname=x"}, "repository": {"url": "fi
         ({"replicas": [{"name": "r1", "dsn": "host=a", "color": "red"}]}, "replicas.0.color"),
     ],
 )
-def test_config_rejects_naming_the_key(patch, message) -> None:
+def test_config_rejects_naming_the_key(patch: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("'", ".")):
         parse_config({**BASE, **patch})
 
@@ -69,7 +71,7 @@ def test_config_accepts_design_example() -> None:
         ("A/1", 16, "000000100000000A00000000"),
     ],
 )
-def test_wal_names(lsn, tli, name) -> None:
+def test_wal_names(lsn: str, tli: int, name: str) -> None:
     value = parse_lsn(lsn)
     assert format_lsn(value) == lsn
     assert wal_file_name(tli, value) == name
@@ -78,14 +80,14 @@ def test_wal_names(lsn, tli, name) -> None:
 
 
 @pytest.mark.parametrize("codec", ["zstd", "lz4", "gzip", "none"])
-def test_codec_round_trip(codec) -> None:
+def test_codec_round_trip(codec: str) -> None:
     data = [os.urandom(1000) + bytes(100_000) for _ in range(5)]
     out = b"".join(decompress(compress(iter(data), codec), codec))
     assert out == b"".join(data)
 
 
 @pytest.mark.parametrize("codec", ["zstd", "lz4", "gzip"])
-def test_truncated_stream_is_detected(codec) -> None:
+def test_truncated_stream_is_detected(codec: str) -> None:
     raw = os.urandom(50_000) + bytes(3_000_000)
     stored = b"".join(compress(iter([raw]), codec))
     digest = hashlib.sha256(raw).hexdigest()
@@ -94,7 +96,7 @@ def test_truncated_stream_is_detected(codec) -> None:
 
 
 @pytest.mark.parametrize("codec", ["zstd", "lz4", "gzip"])
-def test_decompressed_chunks_stay_bounded(codec) -> None:
+def test_decompressed_chunks_stay_bounded(codec: str) -> None:
     # 64 MiB of zeros compress to a few KiB: output must still come in bounded chunks
     stored = b"".join(compress(iter([bytes(4 << 20)] * 16), codec))
     sizes = [len(c) for c in decompress(iter([stored]), codec)]
@@ -115,7 +117,7 @@ def test_encrypted_pipeline_round_trip_and_wrong_key() -> None:
     assert key_fingerprint(key) != key_fingerprint(other)
 
 
-def test_load_key_formats(monkeypatch) -> None:
+def test_load_key_formats(monkeypatch: pytest.MonkeyPatch) -> None:
     key = os.urandom(32)
     monkeypatch.setenv("K_HEX", key.hex())
     import base64
@@ -129,7 +131,7 @@ def test_load_key_formats(monkeypatch) -> None:
         load_key("K_UNSET")
 
 
-def test_file_repository_never_overwrites(tmp_path) -> None:
+def test_file_repository_never_overwrites(tmp_path: Path) -> None:
     repo = FileRepository(tmp_path, f"file://{tmp_path}")
     repo.put_bytes("a/b.txt", b"one")
     with pytest.raises(AlreadyExists):
@@ -140,7 +142,7 @@ def test_file_repository_never_overwrites(tmp_path) -> None:
         repo.put_bytes("../escape", b"x")
 
 
-def test_s3_repository_never_overwrites(moto_endpoint, s3_bucket) -> None:
+def test_s3_repository_never_overwrites(moto_endpoint: str, s3_bucket: str) -> None:
     from tasks.config import RepositoryConfig
     from tasks.repository import S3Repository
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from gravl_testlib import GRAVL_DR, assert_one_line_error, run_cli, write_config
-from tasks.wal import HEADER_MAGIC, split_header
+from tasks.walformat import HEADER_MAGIC, split_header
 
 SEG = 16 * 1024 * 1024
 
@@ -233,7 +233,7 @@ def test_background_pusher_archives_ready_files_and_exits_when_idle(
     os.replace(other, paths[5])  # another file under that name, atomically
     assert_one_line_error(push(file_config, paths[5]), "different content")
     # AND the pusher exits by itself once nothing is left to do
-    from tasks.wal import pusher_pid
+    from tasks.walspool import pusher_pid
 
     pid = pusher_pid(pg_wal)
     deadline = time.monotonic() + 30

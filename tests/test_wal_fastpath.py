@@ -10,7 +10,6 @@ file), so only the page-header check stands between it and PostgreSQL.
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -19,19 +18,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_pitr import Archiving, start_archiving_primary, stop_archiving, switch_and_wait, take_backup
+from test_pitr import (
+    Archiving,
+    archive_copy,
+    private_restore_dir,
+    start_archiving_primary,
+    stop_archiving,
+    switch_and_wait,
+    take_backup,
+)
 
 from gravl_testlib import write_config
 from tasks import walserve
 from tasks.backup import resolve_backup
 from tasks.config import load_config
 from tasks.errors import DRError
-from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir
+from tasks.pgcluster import LocalCluster, chown_tree, free_port
 from tasks.postgres import connection
 from tasks.recovery import RecoveryTarget, write_recovery_settings
 from tasks.repository import open_repository
 from tasks.restore import restore_physical
-from tasks.wal import WalSettings, decode_object, find_object, push_file
+from tasks.walarchive import find_object, push_file
+from tasks.walformat import WalSettings, decode_object
 
 PG_USER = "postgres"
 ROWS_PER_SEGMENT = 3
@@ -54,10 +62,7 @@ def archive() -> Iterator[Archiving]:
 
 @pytest.fixture
 def restore_dir() -> Iterator[Path]:
-    base = make_private_dir("gravl-test-fastpath-restore-", PG_USER)
-    yield base / "data"
-    LocalCluster(base / "data", 1).destroy()
-    shutil.rmtree(base, ignore_errors=True)
+    yield from private_restore_dir("gravl-test-fastpath-restore-")
 
 
 def restore(arch: Archiving, pgdata: Path, config: Path | None = None) -> None:
@@ -217,27 +222,17 @@ def test_fast_path_imports_nothing_beyond_the_core_and_serves_a_real_segment(
 def test_an_archived_segment_of_another_cluster_stops_recovery(archive: Archiving, restore_dir: Path) -> None:
     # GIVEN a copy of the repository in which the first segment recovery needs was replaced by
     # a segment of another cluster (another system identifier), stored and checksummed as usual
-    copy = make_private_dir("gravl-test-fastpath-foreign-", PG_USER)
-    try:
-        shutil.copytree(archive.repo_dir, copy / "repo")
-        config = write_config(
-            copy / "gravl-dr.yaml",
-            {
-                "cluster": "gravl",
-                "primary": {"dsn": archive.cluster.dsn("postgres")},
-                "repository": {"url": f"file://{copy / 'repo'}"},
-            },
-        )
+    with archive_copy(archive, "gravl-test-fastpath-foreign-") as copy:
         name = first_requested(archive)
         data = bytearray(archived_raw(archive, name))
         struct.pack_into("<Q", data, 24, struct.unpack_from("<Q", data, 24)[0] ^ 0x5A5A)
-        for obj in (copy / "repo" / "wal").rglob(f"{name}*"):
+        for obj in (copy.repo / "wal").rglob(f"{name}*"):
             obj.unlink()
-        (copy / name).write_bytes(bytes(data))
-        repo = open_repository(load_config(str(config)).repository)
-        push_file(repo, copy / name, WalSettings())
-        chown_tree(copy, PG_USER)
-        restore(archive, restore_dir, config=config)
+        (copy.base / name).write_bytes(bytes(data))
+        repo = open_repository(load_config(str(copy.config)).repository)
+        push_file(repo, copy.base / name, WalSettings())
+        chown_tree(copy.base, PG_USER)
+        restore(archive, restore_dir, config=copy.config)
         # WHEN the server recovers
         cluster = LocalCluster(restore_dir, free_port())
         with open(restore_dir / "postgresql.auto.conf", "a") as fh:
@@ -248,8 +243,6 @@ def test_an_archived_segment_of_another_cluster_stops_recovery(archive: Archivin
         log = cluster.logfile.read_text(errors="replace")
         assert "does not belong to this cluster" in log and "exit 255" in log, log[-3000:]
         assert "database system is ready to accept connections" not in log
-    finally:
-        shutil.rmtree(copy, ignore_errors=True)
 
 
 def test_fast_path_never_answers_missing_itself(tmp_path: Path) -> None:

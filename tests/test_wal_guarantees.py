@@ -140,7 +140,7 @@ def test_wal_check_reports_a_name_archived_twice_by_an_older_release(
     pg_wal: Path, tmp_path: Path, file_repo_dir: Path
 ) -> None:
     # GIVEN a repository where an older release stored a name under two codecs
-    from test_wal_contract import run_cli
+    from gravl_testlib import run_cli
 
     (file_repo_dir / "backups").mkdir()
     config = _config(tmp_path / "c.yaml", f"file://{file_repo_dir}")

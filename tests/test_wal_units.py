@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -20,18 +21,10 @@ from tasks.recovery import (
     recovery_settings,
     write_recovery_settings,
 )
-from tasks.wal import (
-    WalSettings,
-    build_header,
-    decode_object,
-    key_variants,
-    name_of_key,
-    object_key,
-    parse_wal_name,
-    segment_name,
-    split_header,
-)
+from tasks.walarchive import key_variants, name_of_key, object_key
 from tasks.walcheck import Switch, find_gaps, parse_history
+from tasks.walformat import WalSettings, build_header, decode_object, split_header
+from tasks.walnames import parse_wal_name, segment_name
 
 
 @pytest.mark.parametrize(
@@ -248,12 +241,14 @@ def test_read_recovery_log() -> None:
     assert parse_pg_timestamp("2026-11-24 10:00:00+05:30") == datetime(2026, 11, 24, 4, 30, tzinfo=UTC)
 
 
-def manifest(i: int, stop: datetime, stop_lsn: str, kind: str = "physical") -> Manifest:
+def manifest(
+    i: int, stop: datetime, stop_lsn: str, kind: Literal["physical", "logical"] = "physical"
+) -> Manifest:
     return Manifest(
         id=f"2026112{i}T000000Z-{kind}",
         kind=kind,
         cluster="gravl",
-        pg_version=150000,  # type: ignore[arg-type]
+        pg_version=150000,
         system_identifier="1",
         timeline=1,
         start_lsn=stop_lsn,

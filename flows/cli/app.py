@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
-from flows.cli import backup, demo, drill, failover, guard, lock, retention, wal
+from flows.cli import backup, demo, drill, failover, guard, lock, retention, wal, warmserver
 from flows.cli.runner import Terminated, exit_without_teardown
 from tasks.errors import DRError, one_line
 
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for module in COMMAND_MODULES:
         module.register(sub)
+    warmserver.register(sub, run)  # the warm process runs each command it is handed as `run` does
     return parser
 
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks.errors import ConfigError, DRError, PreconditionFailed, one_line
+
+if TYPE_CHECKING:
+    from tasks.config import Node
 
 GUARD_REFUSED_EXIT_CODE = 4
 
@@ -53,15 +56,7 @@ def cmd_guard(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     nodes = {n.name: n for n in [cfg.primary, *cfg.replicas]}
-    node = nodes.get(args.node)
-    if node is None:
-        raise ConfigError(f"--node {args.node}: no such node in the config ({', '.join(nodes)})")
-    pgdata_text = args.pgdata or node.pgdata
-    if not pgdata_text:
-        raise ConfigError(f"--pgdata: the config gives no pgdata for {node.name}")
-    pgdata = Path(pgdata_text)
-    if not (pgdata / "PG_VERSION").is_file():
-        raise PreconditionFailed(f"{pgdata} is not a PostgreSQL data directory")
+    node, pgdata = _this_node(nodes, args.node, args.pgdata)
     if (pgdata / "standby.signal").exists():
         print(f"guard: {node.name} starts as a standby (standby.signal present)")
         return 0
@@ -103,6 +98,20 @@ def cmd_guard(args: argparse.Namespace) -> int:
     configure_standby(pgdata, upstream, node.name, os_user=_owner(pgdata))
     print(f"guard: {what}; it starts as a standby of {current} (standby.signal, primary_conninfo)")
     return 0
+
+
+def _this_node(nodes: dict[str, Node], name: str, pgdata_option: str | None) -> tuple[Node, Path]:
+    """The node named by --node and its data directory (--pgdata, else the config's)."""
+    node = nodes.get(name)
+    if node is None:
+        raise ConfigError(f"--node {name}: no such node in the config ({', '.join(nodes)})")
+    pgdata_text = pgdata_option or node.pgdata
+    if not pgdata_text:
+        raise ConfigError(f"--pgdata: the config gives no pgdata for {node.name}")
+    pgdata = Path(pgdata_text)
+    if not (pgdata / "PG_VERSION").is_file():
+        raise PreconditionFailed(f"{pgdata} is not a PostgreSQL data directory")
+    return node, pgdata
 
 
 def _owner(path: Path) -> str:

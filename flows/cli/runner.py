@@ -58,11 +58,15 @@ def run_flow(flow_fn: Callable[..., T], **params: Any) -> T:
     Prefect's ephemeral API server, which would otherwise live on as an orphan."""
     prefect_environment()
     signal.signal(signal.SIGTERM, _on_sigterm)
+    import prefect.logging.configuration
+
+    # Importing Prefect configured its logging (the command imported the flow's module after
+    # its own logging.basicConfig). In a child of the warm process Prefect was imported before
+    # the fork and its logging is configured now, with the same handlers present, the same way.
+    prefect.logging.configuration.ensure_logging_setup()
     root = logging.getLogger()
     for handler in list(root.handlers):  # Prefect prints flow and task logs itself
         root.removeHandler(handler)
-    import prefect  # noqa: F401 - configures logging
-
     quiet_console_tracebacks()
     return flow_fn(**params)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -149,7 +148,7 @@ def fast_path(argv: Sequence[str]) -> int | None:
         rest = [r for r in rest if r != "--sync"]
         if parallel is None or len(rest) != 1:
             return None  # the parser explains the usage
-        from tasks.wal import already_archived, config_stamp
+        from tasks.walspool import already_archived, config_stamp
 
         path = Path(rest[0])
         if path.name and already_archived(path.absolute(), config_stamp(_config_file(config))):
@@ -187,7 +186,8 @@ def _log_setup(verbose: bool) -> None:
 def open_wal_repository(config: str | None, pg_wal: Path, stamp: str) -> tuple[Any, Any]:
     """(repository, WalSettings): from the settings cache when this config version was seen
     before (file repositories), else from the config."""
-    from tasks.wal import WalSettings, load_settings_cache, save_settings_cache
+    from tasks.walformat import WalSettings
+    from tasks.walspool import load_settings_cache, save_settings_cache
 
     cached = load_settings_cache(pg_wal, stamp)
     if cached is not None:
@@ -206,50 +206,18 @@ def cmd_wal_push(args: argparse.Namespace) -> int:
     return wal_push(args.config, args.path, args.parallel, synchronous=args.sync)
 
 
-def _spawn_pusher(config: str | None, pg_wal: Path, parallel: int) -> subprocess.Popen[bytes] | None:
-    """Start the background pusher for pg_wal, detached (its own session), logging to the spool."""
-    from tasks.wal import PUSHER_LOG, spool_root
-
-    try:
-        log_file = open(spool_root(pg_wal) / PUSHER_LOG, "ab")
-    except OSError:
-        return None
-    with log_file:
-        try:
-            return subprocess.Popen(
-                [
-                    sys.executable,
-                    "-P",
-                    "-m",
-                    "flows.cli",
-                    "--config",
-                    str(Path(_config_file(config)).absolute()),
-                    "-v",
-                    "wal-push-daemon",
-                    str(pg_wal),
-                    "--parallel",
-                    str(parallel),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                start_new_session=True,
-            )
-        except OSError:
-            return None
+def _daemon_command(config: str | None, *args: str) -> list[str]:
+    """The command line of a background pusher or prefetcher (this CLI, run as a module)."""
+    config_file = str(Path(_config_file(config)).absolute())
+    return [sys.executable, "-P", "-m", "flows.cli", "--config", config_file, "-v", *args]
 
 
 def wal_push(config: str | None, path_arg: str, parallel: int, *, synchronous: bool = False) -> int:
     """archive_command: exit 0 only once the file is durably in the repository."""
     from tasks.errors import ConfigError, PermanentError
-    from tasks.wal import (
-        config_stamp,
-        parse_wal_name,
-        push_with_lookahead,
-        pusher_pid,
-        spool_writable,
-        wait_for_pusher,
-    )
+    from tasks.walnames import parse_wal_name
+    from tasks.walspool import config_stamp
+    from tasks.walworkers import Handover, hand_to_pusher, push_with_lookahead
 
     path = Path(path_arg)
     parse_wal_name(path.name)  # validate before anything else
@@ -261,23 +229,14 @@ def wal_push(config: str | None, path_arg: str, parallel: int, *, synchronous: b
         raise PreconditionFailed(f"WAL file {path} does not exist")
     stamp = config_stamp(_config_file(config))
     pg_wal = path.absolute().parent
-    # The pusher works from archive_status (what PostgreSQL marked .ready); a file pushed by
-    # hand, without its .ready, is pushed here.
-    ready = (pg_wal / "archive_status" / f"{path.name}.ready").exists()
-    if not synchronous and ready and spool_writable(pg_wal):
-        child = None if pusher_pid(pg_wal) is not None else _spawn_pusher(config, pg_wal, parallel)
-        if child is not None or pusher_pid(pg_wal) is not None:
-
-            def alive() -> bool:
-                if child is not None and child.poll() is None:
-                    return True
-                return pusher_pid(pg_wal) is not None
-
-            outcome = wait_for_pusher(path.absolute(), stamp, timeout=PUSHER_WAIT, alive=alive)
-            if outcome == "ok":
-                return 0
-            if outcome is not None:
-                raise PermanentError(outcome)
+    if not synchronous:
+        daemon = _daemon_command(config, "wal-push-daemon", str(pg_wal), "--parallel", str(parallel))
+        outcome = hand_to_pusher(path, stamp, daemon, timeout=PUSHER_WAIT)
+        if outcome.status is Handover.ARCHIVED:
+            return 0
+        if outcome.status is Handover.FAILED:
+            raise PermanentError(outcome.error or "push failed")
+        if outcome.status is Handover.NO_ANSWER:
             log.warning("background pusher gone or slow: pushing %s here", path.name)
     repo, settings = open_wal_repository(config, pg_wal, stamp)
     res = push_with_lookahead(repo, path, settings, parallel=parallel, stamp=stamp)
@@ -295,7 +254,8 @@ def wal_push(config: str | None, path_arg: str, parallel: int, *, synchronous: b
 
 
 def cmd_wal_push_daemon(args: argparse.Namespace) -> int:
-    from tasks.wal import config_stamp, run_pusher
+    from tasks.walspool import config_stamp
+    from tasks.walworkers import run_pusher
 
     pg_wal = Path(args.pg_wal).absolute()
     stamp = config_stamp(_config_file(args.config))
@@ -319,15 +279,15 @@ def wal_fetch(config: str | None, name: str, dest: str, prefetch: int) -> int:
     the prefetcher holds is served from there; otherwise it is fetched here, and the background
     prefetcher is told (or started) to fetch the next ones while recovery replays this one."""
     from tasks.errors import one_line
-    from tasks.wal import WalMissing, config_stamp, parse_wal_name
+    from tasks.walarchive import WalMissing, fetch_file, repository_reachable
+    from tasks.walnames import parse_wal_name
+    from tasks.walspool import config_stamp, note_wanted, prefetch_primed, take_prefetched
 
     stamp = config_stamp(_config_file(config))
     try:
         wal = parse_wal_name(name)
         target = Path(dest).absolute()
         repo, settings = open_wal_repository(config, target.parent, stamp)
-        from tasks.wal import fetch_file, note_wanted, prefetch_primed, repository_reachable, take_prefetched
-
         if wal.kind == "segment":
             if take_prefetched(name, target, stamp, settings.key):
                 return 0
@@ -358,41 +318,14 @@ def wal_fetch(config: str | None, name: str, dest: str, prefetch: int) -> int:
 
 def _ensure_prefetcher(config: str | None, pg_wal: Path, depth: int) -> None:
     """Start the background prefetcher of pg_wal unless one runs (detached, logging to the spool)."""
-    from tasks.wal import PREFETCHER_LOG, prefetcher_pid, spool_root, spool_writable
+    from tasks.walworkers import ensure_prefetcher
 
-    if prefetcher_pid(pg_wal) is not None or not spool_writable(pg_wal):
-        return
-    try:
-        log_file = open(spool_root(pg_wal) / PREFETCHER_LOG, "ab")
-    except OSError:
-        return
-    with log_file:
-        try:
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-P",
-                    "-m",
-                    "flows.cli",
-                    "--config",
-                    str(Path(_config_file(config)).absolute()),
-                    "-v",
-                    "wal-fetch-daemon",
-                    str(pg_wal),
-                    "--depth",
-                    str(depth),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            log.warning("cannot start the WAL prefetcher: %s", exc)
+    ensure_prefetcher(pg_wal, _daemon_command(config, "wal-fetch-daemon", str(pg_wal), "--depth", str(depth)))
 
 
 def cmd_wal_fetch_daemon(args: argparse.Namespace) -> int:
-    from tasks.wal import config_stamp, run_prefetcher
+    from tasks.walspool import config_stamp
+    from tasks.walworkers import run_prefetcher
 
     pg_wal = Path(args.pg_wal).absolute()
     stamp = config_stamp(_config_file(args.config))

@@ -1,0 +1,181 @@
+"""Benchmark: the fixed cost of a flow command — gravl-dr in-process, gravl-dr through the warm
+process, and pgBackRest's equivalent — side by side in the same run.
+
+    python bench/fixedcost.py                 # 7 rounds
+    python bench/fixedcost.py --rounds 15 --json out.json
+
+Run it as root (PostgreSQL and pgBackRest run as the postgres OS user). One tiny cluster (an
+empty database), one tiny backup in each tool's file repository, a local Prefect server (as with
+PREFECT_API_URL in production), and for each round, in an order that alternates so machine
+noise hits every column:
+
+- gravl-dr cold: `gravl-dr backup --dry-run` and `gravl-dr restore ID --pgdata D` of the tiny
+  backup, each a fresh process that imports Prefect (GRAVL_DR_NO_WARM=1);
+- gravl-dr warm: the same two commands with `gravl-dr warm` running: the command is a thin
+  client and a child forked from the warm process runs it (same flow run, same artifact);
+- pgBackRest: `pgbackrest info` (what a dry run checks: the repository and the stanza) and
+  `pgbackrest restore` of its tiny backup.
+
+Every command's wall time is the whole command as an operator runs it; medians over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+from benchlib import BIN, GRAVL_DR, Timed, cleanup, start_prefect_server, timed
+
+from flows.cli.warm import wait_for_socket
+from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir
+
+PG = "postgres"
+
+
+def as_pg(*argv: str) -> list[str]:
+    return ["runuser", "-u", PG, "--", *argv]
+
+
+def must(t: Timed, what: str) -> Timed:
+    if t.returncode != 0:
+        raise SystemExit(f"{what} failed ({t.returncode}): {t.stderr[-1500:]}")
+    return t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    base = make_private_dir("gravl-bench-fixed-", PG)
+    for d in ("gravl-repo", "pgbr-repo", "pgbr-log", "pgbr-lock", "pgbr-spool", "sock"):
+        (base / d).mkdir()
+    warm_dir = Path(make_private_dir("gravl-bench-warm-", "root"))
+    port = free_port()
+    cfg = base / "gravl-dr.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "cluster": "bench",
+                "primary": {"dsn": f"host=127.0.0.1 port={port} user=postgres dbname=postgres"},
+                "repository": {"url": f"file://{base / 'gravl-repo'}", "compression": "zstd"},
+            }
+        )
+    )
+    conf = base / "pgbackrest.conf"
+    conf.write_text(
+        "[global]\n"
+        f"repo1-path={base / 'pgbr-repo'}\nlog-path={base / 'pgbr-log'}\nlock-path={base / 'pgbr-lock'}\n"
+        f"spool-path={base / 'pgbr-spool'}\ncompress-type=zst\ncompress-level=3\nlog-level-console=warn\n"
+        f"log-level-file=off\nprocess-max={os.cpu_count() or 2}\nstart-fast=y\n\n"
+        f"[bench]\npg1-path={base / 'data'}\npg1-port={port}\npg1-socket-path={base / 'sock'}\n"
+    )
+    chown_tree(base, PG)
+    pgbr = ["pgbackrest", f"--config={conf}", "--stanza=bench"]
+    source = LocalCluster(base / "data", port, dbname="postgres")
+    server, url, home = start_prefect_server()
+    env = {
+        "PREFECT_API_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "GRAVL_DR_WARM_SOCKET": str(warm_dir / "warm.sock"),
+    }
+    cold_env = {**env, "GRAVL_DR_NO_WARM": "1"}
+    daemon: subprocess.Popen[bytes] | None = None
+    samples: dict[str, list[float]] = {}
+
+    def note(key: str, t: Timed) -> None:
+        samples.setdefault(key, []).append(t.seconds)
+
+    try:
+        source.initdb(
+            extra_conf={
+                "archive_mode": "on",
+                "archive_command": f"'{' '.join(pgbr)} archive-push %p'",
+                "unix_socket_directories": f"'{base / 'sock'}'",
+            }
+        )
+        chown_tree(base, PG)
+        subprocess.run(
+            as_pg(f"{BIN}/pg_ctl", "-D", str(source.pgdata), "-l", str(source.logfile), "-w", "-s", "start"),
+            check=True,
+        )
+        subprocess.run(as_pg(*pgbr, "stanza-create"), check=True, capture_output=True)
+        tiny = json.loads(
+            must(timed([GRAVL_DR, "--config", str(cfg), "backup", "--json"], env=cold_env), "backup").stdout
+        )["backup_id"]
+        must(timed(as_pg(*pgbr, "--type=full", "backup")), "pgbackrest backup")
+        daemon = subprocess.Popen(
+            [GRAVL_DR, "warm"],
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        if not wait_for_socket(warm_dir / "warm.sock", 120):
+            raise SystemExit("gravl-dr warm did not start")
+        modes = ["cold", "warm", "pgbr"]
+        for r in range(args.rounds):
+            for mode in modes[r % 3 :] + modes[: r % 3]:
+                target = base / f"restore-{mode}"
+                if mode == "pgbr":
+                    note("pgbr_info", must(timed(as_pg(*pgbr, "info")), "pgbackrest info"))
+                    target.mkdir(mode=0o700)
+                    chown_tree(target, PG)
+                    note(
+                        "pgbr_restore",
+                        must(timed(as_pg(*pgbr, f"--pg1-path={target}", "restore")), "pgbackrest restore"),
+                    )
+                else:
+                    e = cold_env if mode == "cold" else env
+                    gravl = [GRAVL_DR, "--config", str(cfg)]
+                    note(f"{mode}_dry_run", must(timed([*gravl, "backup", "--dry-run"], env=e), "dry run"))
+                    note(
+                        f"{mode}_restore",
+                        must(timed([*gravl, "restore", tiny, "--pgdata", str(target)], env=e), "restore"),
+                    )
+                shutil.rmtree(target, ignore_errors=True)
+                if daemon.poll() is not None:  # it exits when the code changes: warm samples would be cold
+                    raise SystemExit("gravl-dr warm exited during the run (code changed on disk?)")
+            print(
+                f"round {r + 1}: {json.dumps({k: round(v[-1], 3) for k, v in samples.items()})}", flush=True
+            )
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(30)
+        subprocess.run(
+            as_pg(f"{BIN}/pg_ctl", "-D", str(source.pgdata), "-m", "immediate", "-s", "stop"),
+            capture_output=True,
+        )
+        server.terminate()
+        server.wait(30)
+        cleanup(base, warm_dir, home)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    res: dict[str, Any] = {"rounds": args.rounds, "cores": os.cpu_count(), "load": os.getloadavg()[0], **med}
+    print()
+    print("| command | gravl-dr in-process | gravl-dr warm | pgBackRest | warm / pgBackRest |")
+    print("|---|---|---|---|---|")
+    print(
+        f"| `backup --dry-run` (pgBackRest: `info`) | {med['cold_dry_run']:.2f} s | {med['warm_dry_run']:.2f} s "
+        f"| {med['pgbr_info']:.2f} s | {med['warm_dry_run'] / med['pgbr_info']:.1f}x |"
+    )
+    print(
+        f"| restore of a tiny backup | {med['cold_restore']:.2f} s | {med['warm_restore']:.2f} s "
+        f"| {med['pgbr_restore']:.2f} s | {med['warm_restore'] / med['pgbr_restore']:.1f}x |"
+    )
+    print(f"\nmedians of {args.rounds} rounds; load average {res['load']:.1f} on {res['cores']} cores")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Entry point: the client side of the warm process — hand a command to ``gravl-dr warm``.
+
+A flow command pays about a second and a half to import Prefect before it does anything. The
+warm process (``gravl-dr warm``, see :mod:`flows.cli.warmserver`) has imported Prefect and the
+flows once, and forks a fresh child per command. This module is what every ``gravl-dr`` call
+runs first, so it imports nothing beyond the standard library's socket layer: it finds the warm
+process's socket for this environment, passes the command's argv, environment, working
+directory and its stdin/stdout/stderr file descriptors (SCM_RIGHTS), forwards SIGINT, SIGTERM,
+SIGHUP and SIGQUIT to the child and exits with the child's status. When no warm process
+answers — no socket, a stale one, a refusal — it returns None and the command runs in this
+process exactly as it would without one.
+
+Protocol (one Unix stream connection per command, same user only):
+  client  -> ``GRV1`` + length (4 bytes) with the three descriptors, then the JSON request
+  server  -> ``A`` (accepted) or ``N`` + a reason (the client runs the command itself)
+  client  -> ``G`` (go: from here on the command runs there, never twice)
+  client  -> ``S`` + signal number, for each signal the client receives
+  server  -> ``X`` + exit status (4 bytes, signed; -N: killed by signal N)
+If the client goes away (kill -9), the server's session sees end-of-file and sends SIGTERM to
+the command, then SIGKILL after ``ORPHAN_GRACE_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+MAGIC = b"GRV1"
+SOCKET_ENV = "GRAVL_DR_WARM_SOCKET"  # an explicit socket (else one per environment, see socket_path)
+OFF_ENV = "GRAVL_DR_NO_WARM"  # set (non-empty): never use a warm process
+ACCEPT_TIMEOUT = 5.0  # seconds to wait for A/N before running in-process
+ORPHAN_GRACE_SECONDS = 30.0
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+# What Prefect, Python and gravl-dr read when a module is imported: a warm process imported
+# them with its own values, so it only serves commands whose values are the same. Variables read
+# per command (GRAVL_DR_CONFIG, PG*, AWS_*, the encryption key) cross with the request instead.
+IMPORT_TIME_PREFIXES = ("PREFECT_",)
+IMPORT_TIME_NAMES = (
+    "DO_NOT_TRACK",
+    "PYTHONPATH",
+    "PYTHONHASHSEED",
+    "GRAVL_DR_PUSHER_IDLE",
+    "GRAVL_DR_PREFETCHER_IDLE",
+)
+
+
+def fingerprint(env: Mapping[str, str]) -> str:
+    """A digest of the import-time environment (after gravl-dr's Prefect defaults) and of the
+    interpreter: two processes with the same fingerprint import Prefect and the flows alike."""
+    from flows.prefect_env import PREFECT_DEFAULTS
+
+    effective = {**PREFECT_DEFAULTS, **env}
+    items = sorted(
+        (k, v) for k, v in effective.items() if k.startswith(IMPORT_TIME_PREFIXES) or k in IMPORT_TIME_NAMES
+    )
+    blob = json.dumps([sys.executable, str(Path(__file__).resolve().parent), items])
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def socket_dir() -> Path:
+    """Owner-only directory for this user's warm sockets."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return Path(base) / f"gravl-dr-warm-{os.geteuid()}"
+
+
+def socket_path(env: Mapping[str, str]) -> Path:
+    explicit = env.get(SOCKET_ENV)
+    if explicit:
+        return Path(explicit)
+    return socket_dir() / f"{fingerprint(env)}.sock"
+
+
+def private_dir_ok(path: Path) -> bool:
+    """The socket's directory belongs to us and nobody else can enter it (no planted socket)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    import stat
+
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
+def run_remote(argv: Sequence[str]) -> int | None:
+    """Run the command in the warm process; its exit status, or None to run it in this process."""
+    env = dict(os.environ)
+    if env.get(OFF_ENV):
+        return None
+    path = socket_path(env)
+    if not os.path.exists(path) or not private_dir_ok(path.parent):
+        return None
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(ACCEPT_TIMEOUT)
+        sock.connect(str(path))
+    except OSError:
+        return None  # stale socket or no daemon: in-process
+    try:
+        if not _handshake(sock, argv, env):
+            sock.close()
+            return None
+    except OSError:
+        sock.close()
+        return None
+    return _wait_for_status(sock)
+
+
+def _handshake(sock: socket.socket, argv: Sequence[str], env: dict[str, str]) -> bool:
+    request = json.dumps(
+        {"argv": list(argv), "env": env, "cwd": os.getcwd(), "fingerprint": fingerprint(env)}
+    ).encode()
+    fds = array.array("i", [0, 1, 2])
+    sock.sendmsg(
+        [MAGIC + struct.pack("!I", len(request))], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())]
+    )
+    sock.sendall(request)
+    answer = sock.recv(1)
+    if answer != b"A":
+        return False  # N + reason, or the daemon closed: run in-process
+    sock.sendall(b"G")
+    return True
+
+
+def _wait_for_status(sock: socket.socket) -> int:
+    """Forward signals until the child's exit status arrives; exit as it did. (A Python signal
+    handler runs in this thread between two calls, so it may write to the socket; the
+    interrupted recv is retried, PEP 475.)"""
+    sock.settimeout(None)
+
+    def forward(signum: int, frame: Any) -> None:
+        with contextlib.suppress(OSError):
+            sock.sendall(b"S" + bytes([signum]))
+
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+    buf = b""
+    while len(buf) < 5:
+        chunk = sock.recv(64)
+        if not chunk:
+            sys.stderr.write("gravl-dr: error: the warm process ended the command without an exit status\n")
+            return 255
+        buf += chunk
+    status = int(struct.unpack("!i", buf[1:5])[0])
+    return status if status >= 0 else 128 - status
+
+
+def wait_for_socket(path: Path, timeout: float) -> bool:
+    """For tests and the bench: the warm process listens on path."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(str(path))
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False

@@ -1,0 +1,348 @@
+"""The warm process (`gravl-dr warm`): a command handed to it behaves as the same command run
+in-process — same flow run and artifact, same output and exit status, signals reach it — and a
+request it must not serve (another environment, a stale socket) runs in-process instead."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flows.cli import warm
+from gravl_testlib import GRAVL_DR, REPO_ROOT, assert_one_line_error, run_cli, write_config
+from tasks.polling import poll_until
+
+
+@dataclass
+class Warm:
+    proc: subprocess.Popen[bytes]
+    socket: Path
+    env: dict[str, str]  # what a client needs: the same PREFECT_* and the socket
+    log: Path  # the warm process's stdout and stderr
+
+
+@pytest.fixture(scope="module")
+def warm_process(prefect_harness: None) -> Iterator[Warm]:
+    import prefect
+
+    api = str(prefect.settings.PREFECT_API_URL.value())
+    home = Path(tempfile.mkdtemp(prefix="gravl-warm-"))  # mode 0700
+    sock = home / "warm.sock"
+    env = {"PREFECT_API_URL": api, "GRAVL_DR_WARM_SOCKET": str(sock), "GRAVL_DR_NO_WARM": ""}
+    log = home / "warm.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [GRAVL_DR, "warm"], env={**os.environ, **env}, stdout=out, stderr=out, cwd=str(REPO_ROOT)
+        )
+    try:
+        assert warm.wait_for_socket(sock, 120), "gravl-dr warm did not listen"
+        yield Warm(proc, sock, env, log)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_the_fingerprint_follows_the_import_time_environment_only() -> None:
+    # GIVEN an operator's environment
+    base = {
+        "PREFECT_API_URL": "http://127.0.0.1:4200/api",
+        "GRAVL_DR_CONFIG": "/etc/a.yaml",
+        "PGPASSWORD": "x",
+    }
+    same = warm.fingerprint(base)
+    # THEN what each command reads itself does not matter...
+    assert (
+        warm.fingerprint({**base, "GRAVL_DR_CONFIG": "/etc/b.yaml", "PGPASSWORD": "y", "AWS_PROFILE": "p"})
+        == same
+    )
+    assert warm.fingerprint({**base, "DO_NOT_TRACK": "1"}) == same  # gravl-dr's own default, spelled out
+    # ... and what Prefect reads when it is imported does
+    assert warm.fingerprint({**base, "PREFECT_API_URL": "http://127.0.0.1:4201/api"}) != same
+    assert warm.fingerprint({**base, "PREFECT_HOME": "/srv/other"}) != same
+    assert warm.fingerprint({**base, "PREFECT_LOGGING_LEVEL": "DEBUG"}) != same
+    # AND the default socket is per user and per environment
+    path = warm.socket_path(base)
+    assert path.parent == warm.socket_dir() and path.name == f"{same}.sock"
+    assert str(os.geteuid()) in path.parent.name
+
+
+def test_secrets_in_a_command_environment_never_reach_the_warm_process_log(
+    warm_process: Warm, make_config: Any, file_repo_url: str
+) -> None:
+    # GIVEN a command whose environment carries a password and a key
+    cfg = make_config(file_repo_url)
+    secret = "s3cret-" + os.urandom(8).hex()
+    # WHEN it runs through the warm process (and fails, with an error)
+    proc = run_cli(
+        "verify", "latest", config=cfg, env={**warm_process.env, "PGPASSWORD": secret, "GRAVL_DR_KEY": secret}
+    )
+    # THEN neither its output nor the warm process's log holds them
+    assert proc.returncode != 0
+    assert secret not in proc.stdout + proc.stderr
+    assert secret not in warm_process.log.read_text(errors="replace")
+
+
+def _imported(stderr: str) -> set[str]:
+    return {ln.split("|")[-1].strip() for ln in stderr.splitlines() if "import time:" in ln}
+
+
+def _normalize(text: str) -> str:
+    """What differs between two dry runs of the same command: the backup id, the free space."""
+    text = re.sub(r"\d{8}T\d{6}Z-physical-[0-9a-f]+", "ID", text)
+    return re.sub(r"\d+ MiB free", "N MiB free", text)
+
+
+def _last_run() -> tuple[Any, list[Any], list[Any]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        [run] = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+        )
+    return run, logs, artifacts
+
+
+def _run_count() -> int:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return len(client.read_flow_runs(limit=200))
+
+
+def _command_children(daemon: int) -> list[int]:
+    """The commands the warm process runs: children of its per-connection sessions."""
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                parents[int(name)] = int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    sessions = {p for p, pp in parents.items() if pp == daemon}
+    return [p for p, pp in parents.items() if pp in sessions]
+
+
+def test_a_flow_command_through_the_warm_process_is_the_same_run_output_and_artifact(
+    warm_process: Warm, make_config: Any, file_repo_url: str
+) -> None:
+    # GIVEN a warm process and a config
+    cfg = make_config(file_repo_url)
+    # WHEN the same flow command runs through it and in-process
+    served = run_cli(
+        "backup", "--dry-run", config=cfg, env={**warm_process.env, "PYTHONPROFILEIMPORTTIME": "1"}
+    )
+    warm_run, warm_logs, warm_artifacts = _last_run()
+    alone = run_cli("backup", "--dry-run", config=cfg, env={**warm_process.env, "GRAVL_DR_NO_WARM": "1"})
+    cold_run, _, cold_artifacts = _last_run()
+    # THEN the command ran in the warm process (this process never imported Prefect)...
+    assert served.returncode == 0, served.stderr
+    assert not {m for m in _imported(served.stderr) if m.split(".")[0] == "prefect"}
+    # ... and Prefect recorded a completed run with its logs and its artifact, as in-process
+    assert warm_run.id != cold_run.id and warm_run.flow_id == cold_run.flow_id
+    assert warm_run.state is not None and warm_run.state.is_completed(), warm_run.state
+    assert any("Finished in state Completed" in str(log.message) for log in warm_logs)
+    assert [a.key for a in warm_artifacts] == [a.key for a in cold_artifacts] == ["backup-report-gravl"]
+    # AND it printed the same, with the same exit status
+    assert alone.returncode == served.returncode == 0
+    assert _normalize(served.stdout) == _normalize(alone.stdout)
+    served_err = "\n".join(ln for ln in served.stderr.splitlines() if "import time:" not in ln)
+    assert _normalize(served_err) == _normalize(alone.stderr)
+
+
+def test_bad_input_through_the_warm_process_is_one_line_and_the_same_exit_status(
+    warm_process: Warm, make_config: Any, file_repo_url: str
+) -> None:
+    cfg = make_config(file_repo_url)
+    for argv, needle in (
+        (("backup", "--kind", "incremental"), "--kind"),
+        (("verify", "yesterday"), "invalid"),
+    ):
+        served = run_cli(*argv, config=cfg, env=warm_process.env)
+        alone = run_cli(*argv, config=cfg, env={**warm_process.env, "GRAVL_DR_NO_WARM": "1"})
+        assert_one_line_error(served, needle)
+        assert (served.returncode, served.stdout, served.stderr) == (
+            alone.returncode,
+            alone.stdout,
+            alone.stderr,
+        )
+
+
+def test_a_stale_socket_falls_back_to_running_in_process(make_config: Any, file_repo_url: str) -> None:
+    # GIVEN a socket file nobody listens on any more (a warm process killed with -9)
+    home = Path(tempfile.mkdtemp(prefix="gravl-warm-stale-"))
+    stale = home / "warm.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(stale))
+    cfg = make_config(file_repo_url)
+    # WHEN a command runs
+    proc = run_cli(
+        "list",
+        config=cfg,
+        env={"GRAVL_DR_WARM_SOCKET": str(stale), "GRAVL_DR_NO_WARM": "", "PYTHONPROFILEIMPORTTIME": "1"},
+    )
+    # THEN it ran in-process (its own imports) and answered
+    assert proc.returncode == 0, proc.stderr
+    assert "tasks.config" in _imported(proc.stderr)
+    assert "no backups" in proc.stdout
+
+
+def test_a_socket_in_a_directory_others_can_enter_is_not_used(
+    warm_process: Warm, make_config: Any, file_repo_url: str, tmp_path: Path
+) -> None:
+    # GIVEN a link to the warm socket from a directory other users can write to
+    shared = Path(tempfile.mkdtemp(prefix="gravl-warm-shared-"))
+    shared.chmod(0o777)
+    (shared / "warm.sock").symlink_to(warm_process.socket)
+    cfg = make_config(file_repo_url)
+    # WHEN a command is pointed at it
+    proc = run_cli(
+        "list",
+        config=cfg,
+        env={
+            **warm_process.env,
+            "GRAVL_DR_WARM_SOCKET": str(shared / "warm.sock"),
+            "PYTHONPROFILEIMPORTTIME": "1",
+        },
+    )
+    # THEN it is not trusted: the command runs in-process
+    assert proc.returncode == 0, proc.stderr
+    assert "tasks.config" in _imported(proc.stderr)
+    # AND the warm process's own socket is owner-only
+    assert warm_process.socket.stat().st_mode & 0o777 == 0o600
+    assert warm_process.socket.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_another_prefect_api_never_runs_in_a_warm_process_started_for_another(
+    warm_process: Warm, make_config: Any, file_repo_url: str
+) -> None:
+    # GIVEN a warm process started for the harness's API, and a client whose PREFECT_API_URL
+    # names another server (here one that does not answer)
+    cfg = make_config(file_repo_url)
+    before = _run_count()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        elsewhere = f"http://127.0.0.1:{s.getsockname()[1]}/api"
+    # WHEN the client hands it a flow command over its socket
+    proc = run_cli(
+        "backup",
+        "--dry-run",
+        config=cfg,
+        env={**warm_process.env, "PREFECT_API_URL": elsewhere, "PYTHONPROFILEIMPORTTIME": "1"},
+        timeout=300,
+    )
+    # THEN the warm process refused it: it ran in-process against the other API (and failed
+    # there, with one line), and no flow run appeared on the warm process's server
+    assert "prefect" in _imported(proc.stderr)
+    assert proc.returncode != 0
+    assert _run_count() == before
+
+
+def test_each_command_uses_its_own_config_and_directory(
+    warm_process: Warm, make_config: Any, file_repo_url: str, tmp_path: Path
+) -> None:
+    # GIVEN two configs for two clusters, one named by GRAVL_DR_CONFIG, one found in the cwd
+    one = make_config(file_repo_url, name="one.yaml", cluster="first")
+    here = tmp_path / "cwd"
+    here.mkdir()
+    write_config(here / "gravl-dr.yaml", {**_yaml(one), "cluster": "second"})
+    # WHEN both run through the same warm process
+    first = run_cli("backup", "--dry-run", env={**warm_process.env, "GRAVL_DR_CONFIG": str(one)})
+    _, _, first_artifacts = _last_run()
+    second = subprocess.run(
+        [GRAVL_DR, "backup", "--dry-run"],
+        env={**os.environ, **warm_process.env},
+        cwd=here,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    _, _, second_artifacts = _last_run()
+    # THEN each used its own
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert [a.key for a in first_artifacts] == ["backup-report-first"]
+    assert [a.key for a in second_artifacts] == ["backup-report-second"]
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    data: dict[str, Any] = yaml.safe_load(path.read_text())
+    return data
+
+
+def _prompting(env: dict[str, str], cfg: Path) -> tuple[subprocess.Popen[str], int]:
+    """`gravl-dr failback` on a terminal: it waits for the operator's 'yes' (indefinitely)."""
+    leader, follower = os.openpty()
+    proc = subprocess.Popen(
+        [GRAVL_DR, "--config", str(cfg), "failback"],
+        env={**os.environ, **env},
+        stdin=follower,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(REPO_ROOT),
+    )
+    os.close(follower)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "Failback:" in line, line
+    return proc, leader
+
+
+def test_ctrl_c_reaches_the_command_in_the_warm_process(
+    warm_process: Warm, make_config: Any, file_repo_url: str
+) -> None:
+    cfg = make_config(file_repo_url)
+    results = []
+    for env in (warm_process.env, {**warm_process.env, "GRAVL_DR_NO_WARM": "1"}):
+        # GIVEN a command waiting for an answer on the terminal
+        proc, leader = _prompting(env, cfg)
+        # WHEN the operator presses Ctrl-C (SIGINT to the command they started)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        os.close(leader)
+        results.append((proc.returncode, err))
+    # THEN it is interrupted the same way, warm or not
+    assert results[0] == results[1]
+    assert results[0][0] == 130 and "gravl-dr: interrupted" in results[0][1]
+
+
+def test_kill_9_of_the_client_ends_the_command_it_started(
+    warm_process: Warm, make_config: Any, file_repo_url: str
+) -> None:
+    # GIVEN a command running in the warm process, waiting on the terminal
+    cfg = make_config(file_repo_url)
+    proc, leader = _prompting(warm_process.env, cfg)
+    children = _command_children(warm_process.proc.pid)
+    assert children, "the command does not run in the warm process"
+    # WHEN its client is killed with -9 (a closed SSH session, the OOM killer)
+    proc.kill()
+    proc.wait(timeout=30)
+    # THEN the command gets SIGTERM and ends: nothing keeps running on its behalf
+    gone = poll_until(
+        lambda: not any(Path(f"/proc/{pid}").exists() for pid in children) or None,
+        timeout=30,
+        interval=0.1,
+    )
+    os.close(leader)
+    assert gone, f"the command {children} outlived its client"
+    # AND the warm process still serves the next command
+    assert run_cli("--help", env=warm_process.env).returncode == 0
