@@ -237,7 +237,7 @@ def _table_value(markdown: str, label: str) -> float:
     return -1.0
 
 
-def three_host_run(h: Any, rows: int, n: int) -> dict[str, float]:
+def three_host_run(h: Any, rows: int) -> dict[str, float]:
     """One failover and failback across the three hosts; the cluster ends as it began."""
     from threehosts import artifact, start_run, wait_run
 
@@ -308,7 +308,7 @@ def main_three_hosts(runs: int, rows: int) -> list[dict[str, float]]:
     results = []
     with three_hosts() as h:
         for i in range(runs):
-            res = three_host_run(h, rows, i)
+            res = three_host_run(h, rows)
             results.append(res)
             print(f"run {i + 1}: " + ", ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)
     return results
@@ -328,10 +328,12 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.three_hosts:
-        results = main_three_hosts(args.runs, args.rows)
-        _print_table(results)
+        hosts_results = main_three_hosts(args.runs, args.rows)
+        _print_table(hosts_results)
         if args.json:
-            Path(args.json).write_text(json.dumps({"mode": "three-hosts", "runs": results}, indent=2) + "\n")
+            Path(args.json).write_text(
+                json.dumps({"mode": "three-hosts", "runs": hosts_results}, indent=2) + "\n"
+            )
         return 0
 
     from moto.server import ThreadedMotoServer

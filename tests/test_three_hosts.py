@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -190,12 +191,12 @@ def test_failover_guard_and_an_interrupted_failback_across_three_hosts(hosts: Ho
         # THEN they acted on the new primary, standby-1, not on the configured (demoted) one
         for run in (backup, wal):
             assert run.state.is_completed(), (run.name, run_logs(h, run.id)[-3000:])
+
+            def followed(run_id: Any = run.id) -> bool:
+                return "the primary is standby-1, not the configured primary" in run_logs(h, run_id)
+
             # (a run's logs reach the API in batches: they may trail its final state)
-            wait_until(
-                lambda r=run: "the primary is standby-1, not the configured primary" in run_logs(h, r.id),
-                30,
-                f"{run.name}'s log naming the primary it followed",
-            )
+            wait_until(followed, 30, f"{run.name}'s log naming the primary it followed")
         from tasks.backup import manifest_key
         from tasks.models import parse_manifest
         from tasks.repository import FileRepository
