@@ -8,19 +8,18 @@ an interruption converges. Promotion and DNS switch never retry blindly; the nex
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.input import RunInput
 from prefect.states import Completed
 from pydantic import BaseModel, Field
 
-from flows.common import human_bytes, logger
+from flows.common import human_bytes, logger, publish_report, push_flow_metrics
 from flows.node_step import call_node_step, observe
 from flows.params import ConfigPath, OptionalText
 from tasks.config import Config, Node, load_config
@@ -36,9 +35,13 @@ from tasks.failover import (
     rpo_bytes,
 )
 from tasks.hooks import HookResult, ReconnectEvent, run_hooks
-from tasks.metrics import push_metrics
+from tasks.metrics import outcome_metric
 from tasks.node_steps import NodeStepArgs
-from tasks.reporting import report_key
+from tasks.reporting import bullets, kv_table, report_key, section
+from tasks.runreport import RunReport
+from tasks.runreport import (
+    TimelineEvent as TimelineEvent,  # re-exported: failback builds its timeline with it
+)
 from tasks.topology import (
     CanaryResult,
     FenceResult,
@@ -64,13 +67,6 @@ class Approval(RunInput):
     approve: bool = Field(description="Go ahead? Untick to stop here with nothing promoted.")
     approver: str = Field(min_length=1, max_length=200, description="Your name, for the report.")
     comment: str = Field(default="", max_length=2000, description="Why (incident number, ...).")
-
-
-class TimelineEvent(BaseModel):
-    at: datetime
-    offset_seconds: float
-    step: str
-    text: str
 
 
 class Timeline:
@@ -185,55 +181,21 @@ def set_approval(report: Any, record: ApprovalRecord) -> None:
 
 
 def approval_text(r: Any) -> str:
-    if not r.approver:
-        return "-"
-    when = f" at {r.approved_at:%Y-%m-%d %H:%M:%S} UTC" if r.approved_at else ""
-    return (
-        f"{r.approver}{when} — "
-        + ("**auto_approve** (form skipped)" if r.auto_approved else "approval form")
-        + f" ({r.approval_note or '-'})"
-    )
+    """Kept for the failback report until it is a RunReport: ``RunReport.approval_text``."""
+    return str(RunReport.approval_text(r))
 
 
-def push_dr_metrics(cfg: Config, job: str, values: dict[str, tuple[float, str]]) -> None:
-    try:
-        push_metrics(cfg.metrics.pushgateway, job, {"cluster": cfg.cluster}, values)
-    except DRError as exc:
-        logger().warning("metrics not pushed: %s", one_line(exc))
+def push_dr_metrics(cfg: Config, job: str, values: Mapping[str, float | tuple[float, str]]) -> None:
+    push_flow_metrics(cfg, job, {k: v[0] if isinstance(v, tuple) else v for k, v in values.items()})
 
 
-def markdown_table(rows: list[tuple[str, str]]) -> list[str]:
-    return ["| | |", "|---|---|", *[f"| {k} | {v.replace('|', '/')} |" for k, v in rows]]
+def markdown_table(rows: Sequence[tuple[str, object]]) -> list[str]:
+    return kv_table(rows)
 
 
 def report_sections(r: Any) -> list[str]:
-    """The sections failover and failback reports share: failure, plan, hooks, timeline, evidence."""
-    lines: list[str] = []
-    if r.error:
-        lines += ["", "## What failed", f"`{r.error}`"]
-    if r.plan:
-        lines += ["", "## Plan", *[f"1. {p}" for p in r.plan]]
-    if r.hooks:
-        lines += ["", "## Reconnect hooks", "| hook | target | result | s |", "|---|---|---|---:|"]
-        lines += [
-            f"| {h.kind} | {h.target} | {'ok' if h.ok else 'FAILED'}: {h.message} | {h.seconds:.1f} |"
-            for h in r.hooks
-        ]
-    lines += ["", "## Timeline", *timeline_markdown(r.timeline)]
-    lines += ["", "## What we saw", *[f"- {e}" for e in r.evidence]]
-    if r.notes:
-        lines += ["", "## Notes", *[f"- {n}" for n in r.notes]]
-    return lines
-
-
-def timeline_markdown(events: list[TimelineEvent]) -> list[str]:
-    lines = ["| t+ (s) | at (UTC) | step | what happened |", "|---:|---|---|---|"]
-    for e in events:
-        lines.append(
-            f"| {e.offset_seconds:.2f} | {e.at:%H:%M:%S.%f}"[:-3]
-            + f" | {e.step} | {e.text.replace('|', '/')} |"
-        )
-    return lines
+    """Kept for the failback report until it is a RunReport: ``RunReport.sections``."""
+    return list(RunReport.sections(r))
 
 
 # ------------------------------------------------------------------------------ tasks
@@ -377,32 +339,17 @@ UNFENCED = "complete-unfenced"  # promoted and validated, but the old primary co
 UNFENCED_EXIT_CODE = 3  # the CLI's exit status for it: a success nobody may read as a clean one
 
 
-class FailoverReport(BaseModel):
-    cluster: str
-    status: str = "running"  # complete | complete-unfenced | refused | failed
+class FailoverReport(RunReport):
     planned: bool = False
     old_primary: str
     new_primary: str | None = None
     already_promoted: bool = False
-    plan: list[str] = []
     fence: str | None = None
     fenced: bool | None = None  # None: no fence step was needed (the old primary was down and fenced)
     warnings: list[str] = []
-    approver: str | None = None
-    approval_note: str | None = None
-    approved_at: datetime | None = None
-    auto_approved: bool = False
     reference_lsn: str | None = None
     promoted_lsn: str | None = None
-    rpo_bytes: int | None = None
     rto_seconds: float | None = None
-    dns: DNSChange | None = None
-    hooks: list[HookResult] = []
-    canary: CanaryResult | None = None
-    evidence: list[str] = []
-    notes: list[str] = []
-    timeline: list[TimelineEvent] = []
-    error: str | None = None
     started_at: datetime | None = None
 
 
@@ -430,32 +377,27 @@ def failover_markdown(r: FailoverReport) -> str:
         ),
         ("WAL reference / promoted at", f"{r.reference_lsn or '-'} / {r.promoted_lsn or '-'}"),
         ("fence", r.fence or "-"),
-        ("approved by", approval_text(r)),
-        ("DNS", r.dns.detail if r.dns else "-"),
-        ("validation", f"canary row {r.canary.row_id} at {r.canary.lsn}" if r.canary else "-"),
+        *r.shared_rows(),
     ]
-    lines = [f"# {title}", "", *markdown_table(rows)]
-    if r.warnings:
-        lines += ["", "## WARNING", *[f"- **{w}**" for w in r.warnings]]
-    lines += report_sections(r)
-    lines += ["", "## Next"]
+    warnings = section("WARNING", bullets(f"**{w}**" for w in r.warnings)) if r.warnings else []
+    steps: list[str] = []
     if r.status == UNFENCED:
-        lines.append(
-            f"- Make sure {r.old_primary} cannot come back as a primary: power it off or cut it "
+        steps.append(
+            f"Make sure {r.old_primary} cannot come back as a primary: power it off or cut it "
             "from the network, or run `gravl-dr guard` before PostgreSQL starts on its host."
         )
     if r.status in ("complete", UNFENCED):
-        lines.append(f"- Repair {r.old_primary}, then run `gravl-dr failback` to make it the primary again.")
+        steps.append(f"Repair {r.old_primary}, then run `gravl-dr failback` to make it the primary again.")
     elif r.status == "refused":
-        lines.append(
-            "- Nothing changed. Read the reason above; re-run when the state allows it "
+        steps.append(
+            "Nothing changed. Read the reason above; re-run when the state allows it "
             "(`--force` only if you accept the risk it names)."
         )
     else:
-        lines.append("- Re-run `gravl-dr failover`: finished steps are detected and skipped.")
+        steps.append("Re-run `gravl-dr failover`: finished steps are detected and skipped.")
         if r.new_primary and r.promoted_lsn:
-            lines.append(f"- {r.new_primary} was promoted and stays the primary; fix what failed above.")
-    return "\n".join(lines) + "\n"
+            steps.append(f"{r.new_primary} was promoted and stays the primary; fix what failed above.")
+    return r.render(title, rows, steps, before=warnings)
 
 
 def _finish(
@@ -464,39 +406,27 @@ def _finish(
     key: str,
     job: str,
     markdown: Callable[[Any], str],
-    metrics: dict[str, tuple[float, str]],
+    metrics: Mapping[str, float | tuple[float, str]],
 ) -> None:
-    create_markdown_artifact(markdown=markdown(report), key=key, description=f"{job} of {cfg.cluster}")
+    publish_report(key, markdown(report), f"{job} of {cfg.cluster}")
     now = time.time()
     if report.status in ("complete", UNFENCED):
-        metrics = {
-            f"gravl_{job}_last_success_timestamp_seconds": (now, f"Time of the last successful {job}"),
-            **metrics,
-        }
+        metrics = {outcome_metric(job, "success"): now, **metrics}
     elif report.status == "failed":
-        metrics = {
-            f"gravl_{job}_last_failure_timestamp_seconds": (now, f"Time of the last failed {job}"),
-            **metrics,
-        }
+        metrics = {outcome_metric(job, "failure"): now, **metrics}
     else:
-        metrics = {f"gravl_{job}_last_refusal_timestamp_seconds": (now, f"Time of the last refused {job}")}
+        metrics = {outcome_metric(job, "refusal"): now}
     push_dr_metrics(cfg, job, metrics)
 
 
-def failover_metrics(r: FailoverReport) -> dict[str, tuple[float, str]]:
-    out: dict[str, tuple[float, str]] = {}
+def failover_metrics(r: FailoverReport) -> dict[str, float]:
+    out: dict[str, float] = {}
     if r.rto_seconds is not None:
-        out["gravl_failover_rto_seconds"] = (r.rto_seconds, "Last failover: flow start to validated write")
+        out["gravl_failover_rto_seconds"] = r.rto_seconds
     if r.rpo_bytes is not None:
-        out["gravl_failover_rpo_bytes"] = (
-            float(r.rpo_bytes),
-            "Last failover: WAL bytes the new primary lacked",
-        )
+        out["gravl_failover_rpo_bytes"] = float(r.rpo_bytes)
     if r.fenced is not None:
-        out["gravl_failover_old_primary_unfenced"] = (
-            0.0 if r.fenced else 1.0,
-            "1 when the last failover could not fence the old primary (split-brain risk)",
-        )
+        out["gravl_failover_old_primary_unfenced"] = 0.0 if r.fenced else 1.0
     return out
 
 

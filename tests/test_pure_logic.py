@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import pytest
 from flows.backup import BackupReport
 from flows.backup import _markdown as backup_markdown
 from flows.cli.wal import _int_option, _split
-from flows.failover import TimelineEvent, markdown_table, timeline_markdown
 from flows.prefect_env import PREFECT_DEFAULTS, apply_prefect_defaults
 from tasks.backup import STALE_LOCK_SECONDS, lock_is_stale
 from tasks.polling import poll_until
@@ -221,25 +219,6 @@ def test_waldump_end_is_the_last_record_start_plus_its_total_length() -> None:
     # a record that crosses into the next 4 GB keeps the carry
     line = "rmgr: XLOG len (rec/tot):     30/    30, tx:          0, lsn: 0/FFFFFFF0, prev 0/0, desc: X"
     assert waldump_end(line) == "1/E"
-
-
-# ---------------------------------------------------------------- report tables
-
-
-def test_markdown_table_keeps_one_cell_per_value() -> None:
-    assert markdown_table([("node", "db-1"), ("command", "a | b")]) == [
-        "| | |",
-        "|---|---|",
-        "| node | db-1 |",
-        "| command | a / b |",
-    ]
-
-
-def test_timeline_markdown_rows_have_offset_clock_to_the_millisecond_and_no_stray_pipes() -> None:
-    at = datetime(2026, 11, 29, 3, 4, 5, 678901, tzinfo=UTC)
-    lines = timeline_markdown([TimelineEvent(at=at, offset_seconds=1.234, step="promote", text="a|b")])
-    assert lines[2] == "| 1.23 | 03:04:05.678 | promote | a/b |"
-    assert all(line.count("|") == 5 for line in lines)
 
 
 # ---------------------------------------------------------------- poll_until

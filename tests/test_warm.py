@@ -167,6 +167,23 @@ def test_a_flow_command_through_the_warm_process_is_the_same_run_output_and_arti
     assert _normalize(served_err) == _normalize(alone.stderr)
 
 
+def test_a_flow_command_without_the_heartbeat_still_records_its_run_and_artifact(
+    warm_process: Warm, make_config: Any, file_repo_url: str
+) -> None:
+    # GIVEN an operator who turned Prefect's flow-run heartbeat off for CLI runs
+    cfg = make_config(file_repo_url)
+    # WHEN a flow command runs through the warm process
+    proc = run_cli(
+        "backup", "--dry-run", config=cfg, env={**warm_process.env, "GRAVL_DR_FLOW_HEARTBEAT": "off"}
+    )
+    # THEN the run, its logs and its artifact are recorded as with the heartbeat
+    assert proc.returncode == 0, proc.stderr
+    run, logs, artifacts = _last_run()
+    assert run.state is not None and run.state.is_completed(), run.state
+    assert any("Finished in state Completed" in str(log.message) for log in logs)
+    assert [a.key for a in artifacts] == ["backup-report-gravl"]
+
+
 def test_bad_input_through_the_warm_process_is_one_line_and_the_same_exit_status(
     warm_process: Warm, make_config: Any, file_repo_url: str
 ) -> None:

@@ -18,6 +18,12 @@ from flows.prefect_env import apply_prefect_defaults
 
 T = TypeVar("T")
 
+# Prefect's flow-run heartbeat thread sleeps in one-second steps and every flow run joins it at
+# its end: up to a second of each flow command. Off (per command, for attended CLI runs): that
+# second is saved, but a command killed with -9 leaves its run Running instead of letting a
+# zombie-run automation mark it Crashed. Deployment runs (the worker) always keep it.
+HEARTBEAT_ENV = "GRAVL_DR_FLOW_HEARTBEAT"
+
 
 def prefect_environment() -> None:
     """Settings for flows run from the CLI; set before Prefect is imported (see STACK.md)."""
@@ -68,7 +74,12 @@ def run_flow(flow_fn: Callable[..., T], **params: Any) -> T:
     for handler in list(root.handlers):  # Prefect prints flow and task logs itself
         root.removeHandler(handler)
     quiet_console_tracebacks()
-    return flow_fn(**params)
+    if os.environ.get(HEARTBEAT_ENV, "").lower() not in ("off", "0", "false", "no"):
+        return flow_fn(**params)
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return flow_fn(**params)
 
 
 def exit_without_teardown(code: int) -> NoReturn:
