@@ -878,18 +878,9 @@ def _run_with_gx(
             results += results_of(outcome.results, table_specs, database, seconds)
         except Exception as exc:  # noqa: BLE001 - one table's failure must not hide the others
             log.warning("expectations on %s.%s.%s could not run: %s", database, schema, table, one_line(exc))
-            results += [
-                CheckResult(
-                    name=spec.check,
-                    kind=spec.kind,
-                    category="data",
-                    status="failed",
-                    database=database,
-                    seconds=time.monotonic() - t0,
-                    summary=f"could not run: {one_line(exc)}"[:500],
-                )
-                for spec in table_specs
-            ]
+            seconds = time.monotonic() - t0
+            summary = f"could not run: {one_line(exc)}"[:500]
+            results += [_failed(spec, database, summary, seconds) for spec in table_specs]
     return results
 
 
@@ -957,33 +948,30 @@ def results_of(
         seen.add(index)
         results.append(_check_result(table_specs[index], res, database, seconds))
     results += [
-        CheckResult(
-            name=spec.check,
-            kind=spec.kind,
-            category="data",
-            status="failed",
-            database=database,
-            summary="Great Expectations returned no result",
-        )
+        _failed(spec, database, "Great Expectations returned no result")
         for i, spec in enumerate(table_specs)
         if i not in seen
     ]
     return results
 
 
+def _failed(spec: ExpectationSpec, database: str, summary: str, seconds: float = 0.0) -> CheckResult:
+    return CheckResult(
+        name=spec.check,
+        kind=spec.kind,
+        category="data",
+        status="failed",
+        database=database,
+        seconds=seconds,
+        summary=summary,
+    )
+
+
 def _check_result(spec: ExpectationSpec, res: Any, database: str, seconds: float) -> CheckResult:
     result = dict(res.result or {})
     error = _exception_message(res.exception_info)
     if error is not None:
-        return CheckResult(
-            name=spec.check,
-            kind=spec.kind,
-            category="data",
-            status="failed",
-            database=database,
-            seconds=seconds,
-            summary=f"could not evaluate: {error.strip().splitlines()[0][:300]}",
-        )
+        return _failed(spec, database, f"could not evaluate: {error.strip().splitlines()[0][:300]}", seconds)
     return CheckResult(
         name=spec.check,
         kind=spec.kind,

@@ -19,7 +19,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -28,7 +28,7 @@ from tasks.backup import list_backups, resolve_backup
 from tasks.errors import ConfigError, NotFound, PreconditionFailed
 from tasks.models import LSN_RE, Manifest, format_lsn, parse_lsn
 from tasks.pgcluster import LocalCluster, chown_tree
-from tasks.polling import Progress
+from tasks.polling import Progress, poll_until
 
 if TYPE_CHECKING:
     from tasks.config import Config
@@ -416,15 +416,15 @@ def wait_for_recovery(cluster: LocalCluster, target: RecoveryTarget, timeout: fl
     from tasks.postgres import connection
 
     t0 = time.monotonic()
-    deadline = t0 + timeout
     progress = Progress(f"recovery to {target.describe()}", timeout, log)
     status = "server starting"
-    promoted = False
-    last_xact: datetime | None = None
-    tli = 0
-    lsn_now: str | None = None
-    while True:
+    failed_with: list[str] = []  # the error of the last attempt to ask the server, if it failed
+
+    def promoted_row() -> tuple[Any, ...] | None:
+        """The server's state once it has promoted; None (and a progress line) until then."""
+        nonlocal status
         _raise_if_stopped(cluster, target)
+        failed_with.clear()
         try:
             with connection(cluster.dsn("postgres"), timeout=3) as conn:
                 row = conn.execute(
@@ -435,38 +435,40 @@ def wait_for_recovery(cluster: LocalCluster, target: RecoveryTarget, timeout: fl
                     " ELSE pg_current_wal_lsn()::text END"
                 ).fetchone()
             assert row is not None
-            if not row[0]:
-                promoted = True
-                last_xact = row[1]
-                tli = int(row[2][:8], 16)
-                lsn_now = row[3]
-                break
-            status = (
-                f"replayed up to {row[3] or '-'}"
-                f", last transaction at {row[1].astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
-                if row[1]
-                else f"replayed up to {row[3] or '-'}"
-            )
         except Exception as exc:  # noqa: BLE001 - the server may not accept connections yet
-            if time.monotonic() > deadline:
-                raise PreconditionFailed(
-                    f"recovery did not finish within {timeout:.0f}s ({type(exc).__name__})"
-                ) from None
-        if time.monotonic() > deadline:
-            raise PreconditionFailed(
-                f"recovery did not finish within {timeout:.0f}s; server log: {cluster.log_tail(3)}"
-            )
+            failed_with.append(type(exc).__name__)
+            progress.tick(status)
+            return None
+        if not row[0]:
+            return tuple(row)
+        status = (
+            f"replayed up to {row[3] or '-'}"
+            f", last transaction at {row[1].astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+            if row[1]
+            else f"replayed up to {row[3] or '-'}"
+        )
         progress.tick(status)
-        # quick at first (most restores and drills finish within a minute; the wait is part of
-        # the measured RTO), then twice a second: one connection each
-        time.sleep(0.1 if progress.elapsed() < 60 else 0.5)
+        return None
+
+    # quick at first (most restores and drills finish within a minute; the wait is part of the
+    # measured RTO), then twice a second: one connection each
+    row = poll_until(promoted_row, timeout=timeout, interval=lambda waited: 0.1 if waited < 60 else 0.5)
+    if row is None:
+        raise PreconditionFailed(
+            f"recovery did not finish within {timeout:.0f}s ({failed_with[0]})"
+            if failed_with
+            else f"recovery did not finish within {timeout:.0f}s; server log: {cluster.log_tail(3)}"
+        )
+    last_xact: datetime | None = row[1]
+    tli = int(row[2][:8], 16)
+    lsn_now: str | None = row[3]
     rec = read_recovery_log(_read(cluster.logfile))
     switch = read_history_switchpoint(cluster.pgdata, tli) if tli > 1 else None
     reached = switch[1] if switch else (rec.redo_done_lsn or lsn_now)
     if last_xact is not None:
         last_xact = last_xact.astimezone(UTC)
     return RecoveryOutcome(
-        promoted=promoted,
+        promoted=True,
         timeline=tli,
         reached_lsn=reached,
         last_xact_time=last_xact or rec.last_xact_time,
@@ -505,9 +507,10 @@ def wait_for_pause(cluster: LocalCluster, target: RecoveryTarget, timeout: float
     pause within ``timeout`` seconds."""
     from tasks.postgres import connection
 
-    deadline = time.monotonic() + timeout
     progress = Progress(f"recovery to pause at {target.describe()}", timeout, log)
-    while True:
+
+    def paused_at() -> str | None:
+        """The replay LSN once the server paused at its target; None (and a progress line) until then."""
         _raise_if_stopped(cluster, target)
         row = None
         # the server may not accept connections yet
@@ -521,20 +524,22 @@ def wait_for_pause(cluster: LocalCluster, target: RecoveryTarget, timeout: float
                 f"restored server ended recovery instead of pausing at {target.describe()}"
             )
         if row is not None and row[1] == "paused":
-            stop = read_recovery_log(_read(cluster.logfile)).stop_message
-            if stop is None:
+            if read_recovery_log(_read(cluster.logfile)).stop_message is None:
                 raise PreconditionFailed(
                     f"recovery paused before reaching {target.describe()}: "
                     f"{cluster.log_tail(3) or 'no message'}"
                 )
             return str(row[2])
-        if time.monotonic() > deadline:
-            raise PreconditionFailed(
-                f"recovery did not reach {target.describe()} within {timeout:.0f}s; "
-                f"server log: {cluster.log_tail(3)}"
-            )
         progress.tick(f"replayed up to {row[2] or '-'}" if row is not None else "server starting")
-        time.sleep(0.2 if progress.elapsed() < 10 else 1.0)
+        return None
+
+    lsn = poll_until(paused_at, timeout=timeout, interval=lambda waited: 0.2 if waited < 10 else 1.0)
+    if lsn is None:
+        raise PreconditionFailed(
+            f"recovery did not reach {target.describe()} within {timeout:.0f}s; "
+            f"server log: {cluster.log_tail(3)}"
+        )
+    return lsn
 
 
 def _read(path: Path) -> str:
@@ -725,7 +730,5 @@ def clear_prefetch(pgdata: Path, timeout: float = 10.0) -> None:
     (it exits when recovery ends)."""
     from tasks.walspool import prefetcher_pid
 
-    deadline = time.monotonic() + timeout
-    while prefetcher_pid(pgdata / "pg_wal") is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    poll_until(lambda: prefetcher_pid(pgdata / "pg_wal") is None, timeout=timeout, interval=0.05)
     shutil.rmtree(pgdata / "pg_wal" / "gravl-dr" / "prefetch", ignore_errors=True)

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import pytest
+from test_pure_logic import FakeClock
 
 from tasks.counts import databases_to_count, snapshots_agree
 from tasks.expectations import ExpectationSpec, group_by_table, results_of
@@ -21,19 +22,6 @@ from tasks.retention import (
     parse_wal_key,
     wal_needs,
 )
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 def test_poll_until_backs_off_by_the_time_waited_and_still_stops_at_the_deadline() -> None:

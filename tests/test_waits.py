@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from conftest_failover import sql
 
-from tasks.errors import TransientError
+from tasks.errors import PreconditionFailed, TransientError
+from tasks.pgcluster import LocalCluster, chown_tree
+from tasks.recovery import RecoveryTarget, wait_for_pause, wait_for_recovery
 from tasks.topology import wait_for_zero_lag
 
 
@@ -41,3 +44,23 @@ def test_wait_for_zero_lag_holds_one_connection_per_node_and_logs_progress(
     assert "bytes behind" in lines[0] and "gives up at" in lines[0]
     assert len(lines) <= 2  # after 5 s, then every 15 s: no flood
     sql(pair.standby.dsn(), "SELECT pg_wal_replay_resume()")
+
+
+def test_recovery_waits_give_up_at_their_timeout_with_the_servers_word(
+    cluster_factory: Callable[..., LocalCluster],
+) -> None:
+    # GIVEN a server that stays in recovery for ever (a standby with no primary and no archive)
+    cluster = cluster_factory("gravl-test-waits-")
+    cluster.stop()
+    (cluster.pgdata / "standby.signal").touch()
+    chown_tree(cluster.pgdata, cluster.os_user)
+    cluster.start()
+    # WHEN the restore waits for it to promote, or the drill for it to pause at a restore point
+    # THEN each gives up at its deadline, saying what it waited for and quoting the server's log
+    with pytest.raises(PreconditionFailed, match=r"recovery did not finish within 1s; server log: "):
+        wait_for_recovery(cluster, RecoveryTarget(), timeout=1)
+    with pytest.raises(
+        PreconditionFailed, match=r"recovery did not reach name never within 1s; server log: "
+    ):
+        wait_for_pause(cluster, RecoveryTarget(kind="name", value="never"), timeout=1)
+    assert cluster.is_running()
