@@ -7,21 +7,17 @@ and re-plans from observation at every start, so it resumes wherever an earlier 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import yaml
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from flows.common import human_bytes
+from flows.common import human_bytes, logger
 from flows.failover import (
     ReconnectFailed,
     Timeline,
@@ -38,7 +34,7 @@ from flows.failover import (
 )
 from flows.node_step import call_node_step, observe
 from flows.params import ConfigPath, OptionalText
-from tasks.config import Config, Node, config_path, load_config
+from tasks.config import Config, Node, load_config
 from tasks.dns_switch import check_dns_config, node_dns_value
 from tasks.errors import DRError, one_line
 from tasks.failover import FailbackPlan, NodeState, Refused, Step, plan_failback
@@ -57,6 +53,9 @@ from tasks.topology import (
     promote_after_stop,
     wait_for_zero_lag,
 )
+
+if TYPE_CHECKING:
+    from flows.backup import BackupReport
 
 
 class FailbackReport(RunReport):
@@ -240,32 +239,18 @@ def finish_home_rebuild(cfg: Config, home: Node) -> str:
     return call_node_step(cfg, home, "finish-rebuild", where=where).detail
 
 
-def _config_for_primary(cfg: Config, source: Path, primary: Node) -> Path:
-    """A copy of the config whose primary is ``primary``: the backup flow backs up the configured
-    primary, and after a failover that is not the node serving writes."""
-    data = cfg.model_dump(mode="json")
-    data["primary"] = primary.model_dump(mode="json")
-    data["replicas"] = [
-        r.model_dump(mode="json") for r in [cfg.primary, *cfg.replicas] if r.name != primary.name
-    ]
-    directory = source.parent if os.access(source.parent, os.W_OK) else Path(tempfile.gettempdir())
-    fd, name = tempfile.mkstemp(prefix=".gravl-dr-failback-", suffix=".yaml", dir=directory)
-    with os.fdopen(fd, "w") as fh:
-        yaml.safe_dump(data, fh, sort_keys=False)
-    return Path(name)
-
-
-def backup_current_primary(cfg: Config, config_file: str | None, current: Node) -> str:
-    """The backup flow as a subflow, pointed at the node that is the primary now."""
+def backup_current_primary(config_file: str | None, current: Node) -> BackupReport:
+    """The backup flow as a subflow, on the operator's own config: it backs up the node that is
+    the primary when it runs (it follows the primary, flows.common.follow_primary), which the
+    plan expects to be ``current``; the report names the node it backed up."""
     from flows.backup import backup_flow
 
-    tmp = _config_for_primary(cfg, config_path(config_file), current)
-    try:
-        report = backup_flow(config_path=str(tmp), kind="physical", dry_run=False)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    return report.backup_id
+    report = backup_flow(config_path=config_file, kind="physical", dry_run=False)
+    if report.node != current.name:
+        logger().warning(
+            "the backup was taken of %s, the primary when it ran, not %s", report.node, current.name
+        )
+    return report
 
 
 # ------------------------------------------------------------------------------ the flow
@@ -296,8 +281,9 @@ class _Run:
 
 
 def _backup(r: _Run, step: Step) -> str:
-    r.report.backup_id = backup_current_primary(r.cfg, r.config_file, r.source())
-    return f"backup {r.report.backup_id} of {r.source().name}"
+    backup = backup_current_primary(r.config_file, r.source())
+    r.report.backup_id = backup.backup_id
+    return f"backup {backup.backup_id} of {backup.node}"
 
 
 def _keep_wal(r: _Run, step: Step) -> str:
