@@ -124,6 +124,12 @@ def stop(pgdata: Path) -> None:
 
 
 def empty_dir(path: Path) -> None:
+    # a previous round's WAL prefetcher may still have been writing while its directory went
+    for _ in range(50):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            break
+        time.sleep(0.1)
     path.mkdir(mode=0o700)
     chown_tree(path, PG)
 
