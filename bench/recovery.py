@@ -235,14 +235,15 @@ def main() -> None:
     if args.warm:  # the fixed cost of a flow command through the warm process (flows/cli/warm.py)
         from flows.cli.warm import wait_for_socket
 
-        env["GRAVL_DR_WARM_SOCKET"] = str(base / "warm.sock")
+        warm_dir = make_private_dir("gravl-bench-warm-", "root")  # the socket's folder: ours alone
+        env["GRAVL_DR_WARM_SOCKET"] = str(warm_dir / "warm.sock")
         warm = subprocess.Popen(
             [GRAVL_DR, "warm"],
             env={**os.environ, **env},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        if not wait_for_socket(base / "warm.sock", 120):
+        if not wait_for_socket(warm_dir / "warm.sock", 120):
             raise SystemExit("gravl-dr warm did not start")
     res: dict[str, Any] = {
         "scale": args.scale,
@@ -396,6 +397,7 @@ def main() -> None:
                 print("WARNING: gravl-dr warm exited during the run: later samples were cold", flush=True)
             warm.terminate()
             warm.wait()
+            cleanup(warm_dir)
         server.terminate()
         server.wait()
         cleanup(home, base)
