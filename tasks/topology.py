@@ -323,21 +323,28 @@ def observe_node(
         )
     extra: dict[str, object] = {}
     if pgdata is not None and local_facts and not base.get("postmaster_running"):
-        # A dead server's own files say how far its WAL got (the RPO reference) and how it stopped.
-        try:
-            ctl = controldata(pgdata, os_user=os_user, bindir=bindir)
-            extra["control_state"] = ctl.get("Database cluster state")
-            extra["checkpoint_lsn"] = ctl.get("Latest checkpoint location")
-            extra["system_identifier"] = ctl.get("Database system identifier")
-            tli = ctl.get("Latest checkpoint's TimeLineID")
-            extra["timeline"] = int(tli) if tli and tli.isdigit() else None
-            extra["last_local_lsn"] = last_local_wal_lsn(pgdata, os_user=os_user, bindir=bindir)
-            extra["rewind_capable"] = rewind_possible(ctl)
-        except DRError as exc:
-            log.warning("could not read %s's data directory: %s", node.name, one_line(exc))
+        extra = _stopped_server_facts(node, pgdata, os_user=os_user, bindir=bindir)
     return NodeState.model_validate(
         {**base, "reachable": False, "error": error, "answered": answered, **extra}
     )
+
+
+def _stopped_server_facts(node: Node, pgdata: Path, *, os_user: str, bindir: str) -> dict[str, object]:
+    """A dead server's own files: how far its WAL got (the RPO reference) and how it stopped."""
+    try:
+        ctl = controldata(pgdata, os_user=os_user, bindir=bindir)
+        tli = ctl.get("Latest checkpoint's TimeLineID")
+        return {
+            "control_state": ctl.get("Database cluster state"),
+            "checkpoint_lsn": ctl.get("Latest checkpoint location"),
+            "system_identifier": ctl.get("Database system identifier"),
+            "timeline": int(tli) if tli and tli.isdigit() else None,
+            "last_local_lsn": last_local_wal_lsn(pgdata, os_user=os_user, bindir=bindir),
+            "rewind_capable": rewind_possible(ctl),
+        }
+    except DRError as exc:
+        log.warning("could not read %s's data directory: %s", node.name, one_line(exc))
+        return {}
 
 
 def observe_primary(cfg: Config) -> NodeState:
