@@ -496,7 +496,7 @@ def restore_env(dsn: str, dbname: str | None = None, *, superuser: bool = False)
 
 def _spool(repo: Repository, manifest: Manifest, key: bytes | None, index: int) -> Path:
     """Decode and verify one dump into a temporary file (pg_restore -j needs a seekable file)."""
-    fd, tmp_name = tempfile.mkstemp(prefix="gravl-restore-", suffix=".pgc")
+    fd, tmp_name = tempfile.mkstemp(prefix=f"gravl-restore-{os.getpid()}-", suffix=".pgc")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -703,6 +703,37 @@ def _prepare_tablespace_dirs(manifest: Manifest, mapping: dict[str, str], os_use
         chown_tree(path, os_user)
 
 
+_TEMPORARY = re.compile(r"^gravl-restore-(?:stage-)?(\d+)-")
+
+
+def sweep_stale_temporaries(tmpdir: Path) -> list[Path]:
+    """Remove the staging directories and spooled dumps that a killed restore left in
+    ``tmpdir`` (their names carry the restoring process's id; that process is gone): a staged
+    backup is as large as the backup, and a kill -9 runs no clean-up. Returns what was removed."""
+    removed: list[Path] = []
+    for entry in tmpdir.iterdir():
+        m = _TEMPORARY.match(entry.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        log.info("removed %s, left by a restore that was killed", entry)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _stage_objects(
     repo: Repository, manifest: Manifest, indexes: list[int], jobs: int
 ) -> tuple[Path, FileRepository]:
@@ -711,7 +742,8 @@ def _stage_objects(
     read once; nothing of the backup reaches the target until every object verified. Needs
     the stored (compressed) size of the objects in temporary space: checked first."""
     need = sum(manifest.objects[i].size for i in indexes)
-    staging = Path(tempfile.mkdtemp(prefix="gravl-restore-stage-"))
+    sweep_stale_temporaries(Path(tempfile.gettempdir()))
+    staging = Path(tempfile.mkdtemp(prefix=f"gravl-restore-stage-{os.getpid()}-"))
     free = shutil.disk_usage(staging).free
     if free < need + (64 << 20):
         shutil.rmtree(staging, ignore_errors=True)

@@ -334,3 +334,76 @@ def test_a_corrupt_object_fails_the_whole_cluster_restore_with_one_line_and_an_u
     # THEN one clear error line names the corrupt object, and the target is as it was
     assert_one_line_error(proc, last, "SHA-256")
     _nothing_restored(target)
+
+
+SLOW_CLUSTER_RESTORE = """
+import sys, time
+from pathlib import Path
+from tasks.backup import resolve_backup
+from tasks.config import load_config
+from tasks.repository import FileRepository
+from tasks.restore import restore_cluster
+
+class SlowRepository(FileRepository):  # a slow link: the restore is still staging when killed
+    def iter_object(self, key, chunk_size=1 << 12):
+        for chunk in super().iter_object(key, 1 << 12):
+            time.sleep(0.01)
+            yield chunk
+
+cfg = load_config(sys.argv[1])
+repo = SlowRepository(Path(sys.argv[2]), "file://" + sys.argv[2])
+manifest = resolve_backup(repo, sys.argv[3])
+restore_cluster(cfg, repo, manifest, sys.argv[4], jobs=1, tablespace_map={sys.argv[5]: sys.argv[6]})
+"""
+
+
+def test_a_whole_cluster_restore_killed_while_staging_leaves_the_target_untouched_and_its_staging_swept(
+    logical_backup: tuple[Path, str],
+    prod_cluster: ProdCluster,
+    cluster_factory: Callable[..., LocalCluster],
+    pg_dir: Path,
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from tasks.restore import sweep_stale_temporaries
+
+    # GIVEN a whole-cluster restore from a slow repository into a fresh cluster
+    cfg_path, backup_id = logical_backup
+    repo_dir = load_config(str(cfg_path)).repository.url.removeprefix("file://")
+    target = cluster_factory()
+    assert prod_cluster.tablespace_dir is not None
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SLOW_CLUSTER_RESTORE,
+            str(cfg_path),
+            repo_dir,
+            backup_id,
+            target.dsn("postgres"),
+            str(prod_cluster.tablespace_dir),
+            str(pg_dir / "app_space"),
+        ],
+        stderr=subprocess.PIPE,
+    )
+    # WHEN it is killed with -9 while it downloads into its staging directory
+    tmp = Path(tempfile.gettempdir())
+    deadline = time.monotonic() + 120
+    while not (staged := [p for p in tmp.glob(f"gravl-restore-stage-{proc.pid}-*") if any(p.rglob("*.zst"))]):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # THEN nothing of the backup reached the target
+    _nothing_restored(target)
+    # AND the next restore's sweep removes the killed one's staging (and only that)
+    assert staged[0].exists()
+    removed = sweep_stale_temporaries(tmp)
+    assert staged[0] in removed and not staged[0].exists()
+    assert all(f"-{proc.pid}-" in p.name for p in removed if p.name.startswith("gravl-restore-stage-"))

@@ -64,7 +64,7 @@ def rechunk(data: bytes, sizes: tuple[int, ...]) -> list[bytes]:
 
 
 @pytest.mark.parametrize("codec", ["zstd", "lz4", "gzip", "none"])
-@pytest.mark.parametrize("key", [None, KEY])
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "encrypted"])
 @pytest.mark.parametrize("threads", [0, None])
 def test_an_encoded_object_decodes_to_its_raw_bytes(
     codec: str, key: bytes | None, threads: int | None
@@ -214,8 +214,7 @@ def test_collect_done_lets_a_programming_error_through() -> None:
 # ---------------------------------------------------------------- the background pusher
 
 
-@pytest.fixture
-def pg_wal(tmp_path: Path) -> Path:
+def make_pg_wal(tmp_path: Path) -> Path:
     folder = tmp_path / "pg_wal"
     (folder / "archive_status").mkdir(parents=True)
     return folder
@@ -228,9 +227,8 @@ def ready(pg_wal: Path, name: str, data: bytes) -> Path:
     return path
 
 
-def test_the_pusher_marks_every_ready_file_it_pushed_history_files_included(
-    pg_wal: Path, tmp_path: Path
-) -> None:
+def test_the_pusher_marks_every_ready_file_it_pushed_history_files_included(tmp_path: Path) -> None:
+    pg_wal = make_pg_wal(tmp_path)
     # GIVEN a promoted server's pg_wal: the new timeline's history file and a segment are .ready
     repo = FileRepository(tmp_path / "repo", f"file://{tmp_path / 'repo'}")
     history = ready(pg_wal, "00000002.history", b"1\t0/3000000\tno recovery target specified\n")
@@ -257,7 +255,8 @@ def test_the_pusher_marks_every_ready_file_it_pushed_history_files_included(
     assert already_archived(history, "stamp") and already_archived(segment, "stamp")
 
 
-def test_the_pusher_marks_a_failed_push_and_the_waiter_gets_the_reason(pg_wal: Path, tmp_path: Path) -> None:
+def test_the_pusher_marks_a_failed_push_and_the_waiter_gets_the_reason(tmp_path: Path) -> None:
+    pg_wal = make_pg_wal(tmp_path)
     # GIVEN a segment archived already with other content
     repo = FileRepository(tmp_path / "repo", f"file://{tmp_path / 'repo'}")
     path = ready(pg_wal, segment_name(1, 9), b"first content" * 100)
@@ -272,7 +271,8 @@ def test_the_pusher_marks_a_failed_push_and_the_waiter_gets_the_reason(pg_wal: P
     assert wait_for_pusher(path, "stamp", timeout=0.2, alive=lambda: True).status is Handover.NO_ANSWER
 
 
-def test_the_waiter_answers_archived_as_soon_as_the_mark_appears(pg_wal: Path, tmp_path: Path) -> None:
+def test_the_waiter_answers_archived_as_soon_as_the_mark_appears(tmp_path: Path) -> None:
+    pg_wal = make_pg_wal(tmp_path)
     repo = FileRepository(tmp_path / "repo", f"file://{tmp_path / 'repo'}")
     path = ready(pg_wal, segment_name(1, 4), b"wal" * 1000)
     pusher = threading.Thread(
@@ -288,12 +288,14 @@ def test_the_waiter_answers_archived_as_soon_as_the_mark_appears(pg_wal: Path, t
     assert outcome.status is Handover.ARCHIVED and outcome.archived and outcome.error is None
 
 
-def test_the_waiter_stops_waiting_for_a_pusher_that_is_gone(pg_wal: Path) -> None:
+def test_the_waiter_stops_waiting_for_a_pusher_that_is_gone(tmp_path: Path) -> None:
+    pg_wal = make_pg_wal(tmp_path)
     path = ready(pg_wal, segment_name(1, 5), b"wal")
     assert wait_for_pusher(path, "stamp", timeout=30, alive=lambda: False).status is Handover.NO_ANSWER
 
 
-def test_a_file_without_its_ready_mark_is_not_handed_to_the_pusher(pg_wal: Path) -> None:
+def test_a_file_without_its_ready_mark_is_not_handed_to_the_pusher(tmp_path: Path) -> None:
+    pg_wal = make_pg_wal(tmp_path)
     # a file pushed by hand has no .ready: the pusher works from archive_status, so wal-push
     # pushes it itself (and starts no pusher)
     path = pg_wal / segment_name(1, 6)
@@ -303,7 +305,8 @@ def test_a_file_without_its_ready_mark_is_not_handed_to_the_pusher(pg_wal: Path)
     assert not (pg_wal / "gravl-dr" / "pusher.log").exists()
 
 
-def test_a_failure_mark_names_the_file_it_was_for(pg_wal: Path) -> None:
+def test_a_failure_mark_names_the_file_it_was_for(tmp_path: Path) -> None:
+    pg_wal = make_pg_wal(tmp_path)
     path = ready(pg_wal, segment_name(1, 7), b"wal")
     mark_failed(path, "repository down")
     path.write_bytes(b"a new file under the same name")
@@ -315,7 +318,8 @@ def test_a_failure_mark_names_the_file_it_was_for(pg_wal: Path) -> None:
 # ---------------------------------------------------------------- one background process per pg_wal, the prefetcher's state
 
 
-def test_only_one_process_holds_a_pg_wal_lock_and_a_dead_pid_is_no_pusher(pg_wal: Path) -> None:
+def test_only_one_process_holds_a_pg_wal_lock_and_a_dead_pid_is_no_pusher(tmp_path: Path) -> None:
+    pg_wal = make_pg_wal(tmp_path)
     first = take_lock(pg_wal, PUSHER_LOCK)
     assert first is not None
     try:

@@ -279,12 +279,14 @@ def wal_fetch(config: str | None, name: str, dest: str, prefetch: int) -> int:
     the prefetcher holds is served from there; otherwise it is fetched here, and the background
     prefetcher is told (or started) to fetch the next ones while recovery replays this one."""
     from tasks.errors import one_line
-    from tasks.walarchive import WalMissing, fetch_file, repository_reachable
-    from tasks.walnames import parse_wal_name
     from tasks.walspool import config_stamp, note_wanted, prefetch_primed, take_prefetched
 
     stamp = config_stamp(_config_file(config))
     try:
+        # (imported here: even a module that fails to import must stop recovery, not end it)
+        from tasks.walarchive import WalMissing, fetch_file, repository_reachable
+        from tasks.walnames import parse_wal_name
+
         wal = parse_wal_name(name)
         target = Path(dest).absolute()
         repo, settings = open_wal_repository(config, target.parent, stamp)
