@@ -7,34 +7,26 @@ and re-plans from observation at every start, so it resumes wherever an earlier 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import yaml
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from flows.common import human_bytes
+from flows.common import human_bytes, logger
 from flows.failover import (
     ReconnectFailed,
     Timeline,
-    TimelineEvent,
     _finish,
     _record,
     approval_gate,
-    approval_text,
     check_replica_health,
-    markdown_table,
     reconnect_apps,
     record_role_change_task,
-    report_sections,
     resolve_nodes,
     set_approval,
     switch_dns,
@@ -42,15 +34,15 @@ from flows.failover import (
 )
 from flows.node_step import call_node_step, observe
 from flows.params import ConfigPath, OptionalText
-from tasks.config import Config, Node, config_path, load_config
-from tasks.dns_switch import DNSChange, check_dns_config, node_dns_value
+from tasks.config import Config, Node, load_config
+from tasks.dns_switch import check_dns_config, node_dns_value
 from tasks.errors import DRError, one_line
 from tasks.failover import FailbackPlan, NodeState, Refused, Step, plan_failback
-from tasks.hooks import HookResult, ReconnectEvent
+from tasks.hooks import ReconnectEvent
 from tasks.node_steps import HERE, NodeStepArgs, NodeStepName, NodeStepResult, step_location
 from tasks.reporting import report_key
+from tasks.runreport import RunReport
 from tasks.topology import (
-    CanaryResult,
     CleanStop,
     LagResult,
     RebuildResult,
@@ -62,13 +54,13 @@ from tasks.topology import (
     wait_for_zero_lag,
 )
 
+if TYPE_CHECKING:
+    from flows.backup import BackupReport
 
-class FailbackReport(BaseModel):
-    cluster: str
-    status: str = "running"
+
+class FailbackReport(RunReport):
     home: str
     from_primary: str | None = None
-    plan: list[str] = []
     backup_id: str | None = None
     rebuild: RebuildResult | None = None
     rebuild_steps: list[RebuildResult] = []
@@ -76,25 +68,14 @@ class FailbackReport(BaseModel):
     diverged_timeline: int | None = None
     fork_lsn: str | None = None  # where the current primary's timeline left home's
     end_lsn: str | None = None  # how far home's own WAL went
-    rpo_bytes: int | None = None  # what home wrote that never reached the node promoted in its place
+    # rpo_bytes (RunReport): what home wrote that never reached the node promoted in its place
     old_data: list[str] = []  # kept next to home's pgdata: the old data directory and/or its WAL
     old_data_bytes: int | None = None
     discarded: list[str] = []
     lag: LagResult | None = None
-    approver: str | None = None
-    approval_note: str | None = None
-    approved_at: datetime | None = None
-    auto_approved: bool = False
     switchover: SwitchoverResult | None = None
     rejoined: list[str] = []
-    dns: DNSChange | None = None
-    hooks: list[HookResult] = []
-    canary: CanaryResult | None = None
     total_seconds: float | None = None
-    evidence: list[str] = []
-    notes: list[str] = []
-    timeline: list[TimelineEvent] = []
-    error: str | None = None
     started_at: datetime | None = None
 
 
@@ -124,23 +105,17 @@ def failback_markdown(r: FailbackReport) -> str:
             "rebuild",
             f"{r.rebuild.method} in {r.rebuild.seconds:.1f} s ({r.rebuild.detail})" if r.rebuild else "-",
         ),
-        ("approved by", approval_text(r)),
+        ("approved by", r.approval_text()),
         ("rejoined as standbys", ", ".join(r.rejoined) or "-"),
-        ("DNS", r.dns.detail if r.dns else "-"),
-        ("validation", f"canary row {r.canary.row_id} at {r.canary.lsn}" if r.canary else "-"),
+        *r.switch_rows(),
         ("total", f"{r.total_seconds:.1f} s" if r.total_seconds is not None else "-"),
     ]
-    lines = [f"# {title}", "", *markdown_table(rows)]
-    lines += old_data_section(r)
-    lines += report_sections(r)
-    lines += [
-        "",
-        "## Next",
-        "- Nothing to do."
+    next_step = (
+        "Nothing to do."
         if r.status == "complete"
-        else "- Re-run `gravl-dr failback`: it observes the nodes and resumes where this run stopped.",
-    ]
-    return "\n".join(lines) + "\n"
+        else "Re-run `gravl-dr failback`: it observes the nodes and resumes where this run stopped."
+    )
+    return r.render(title, rows, [next_step], before=old_data_section(r))
 
 
 def old_data_section(r: FailbackReport) -> list[str]:
@@ -264,32 +239,18 @@ def finish_home_rebuild(cfg: Config, home: Node) -> str:
     return call_node_step(cfg, home, "finish-rebuild", where=where).detail
 
 
-def _config_for_primary(cfg: Config, source: Path, primary: Node) -> Path:
-    """A copy of the config whose primary is ``primary``: the backup flow backs up the configured
-    primary, and after a failover that is not the node serving writes."""
-    data = cfg.model_dump(mode="json")
-    data["primary"] = primary.model_dump(mode="json")
-    data["replicas"] = [
-        r.model_dump(mode="json") for r in [cfg.primary, *cfg.replicas] if r.name != primary.name
-    ]
-    directory = source.parent if os.access(source.parent, os.W_OK) else Path(tempfile.gettempdir())
-    fd, name = tempfile.mkstemp(prefix=".gravl-dr-failback-", suffix=".yaml", dir=directory)
-    with os.fdopen(fd, "w") as fh:
-        yaml.safe_dump(data, fh, sort_keys=False)
-    return Path(name)
-
-
-def backup_current_primary(cfg: Config, config_file: str | None, current: Node) -> str:
-    """The backup flow as a subflow, pointed at the node that is the primary now."""
+def backup_current_primary(config_file: str | None, current: Node) -> BackupReport:
+    """The backup flow as a subflow, on the operator's own config: it backs up the node that is
+    the primary when it runs (it follows the primary, flows.common.follow_primary), which the
+    plan expects to be ``current``; the report names the node it backed up."""
     from flows.backup import backup_flow
 
-    tmp = _config_for_primary(cfg, config_path(config_file), current)
-    try:
-        report = backup_flow(config_path=str(tmp), kind="physical", dry_run=False)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    return report.backup_id
+    report = backup_flow(config_path=config_file, kind="physical", dry_run=False)
+    if report.node != current.name:
+        logger().warning(
+            "the backup was taken of %s, the primary when it ran, not %s", report.node, current.name
+        )
+    return report
 
 
 # ------------------------------------------------------------------------------ the flow
@@ -320,8 +281,9 @@ class _Run:
 
 
 def _backup(r: _Run, step: Step) -> str:
-    r.report.backup_id = backup_current_primary(r.cfg, r.config_file, r.source())
-    return f"backup {r.report.backup_id} of {r.source().name}"
+    backup = backup_current_primary(r.config_file, r.source())
+    r.report.backup_id = backup.backup_id
+    return f"backup {backup.backup_id} of {backup.node}"
 
 
 def _keep_wal(r: _Run, step: Step) -> str:
@@ -589,22 +551,13 @@ def failback_flow(
     report.total_seconds = tl.elapsed()
     tl.add("report", f"done in {report.total_seconds:.1f}s")
     report.timeline = tl.events
-    metrics: dict[str, tuple[float, str]] = {
-        "gravl_failback_duration_seconds": (report.total_seconds, "Last failback: total wall time"),
-        "gravl_failback_old_data_bytes": (
-            float(report.old_data_bytes or 0),
-            "Bytes of the old primary's data kept next to its data directory (delete them once read)",
-        ),
+    metrics: dict[str, float] = {
+        "gravl_failback_duration_seconds": report.total_seconds,
+        "gravl_failback_old_data_bytes": float(report.old_data_bytes or 0),
     }
     if report.rpo_bytes is not None:
-        metrics["gravl_failback_unreplicated_bytes"] = (
-            float(report.rpo_bytes),
-            "Last failback: WAL bytes the old primary wrote that never reached the new one",
-        )
+        metrics["gravl_failback_unreplicated_bytes"] = float(report.rpo_bytes)
     if report.switchover:
-        metrics["gravl_failback_write_unavailable_seconds"] = (
-            report.switchover.unavailable_seconds,
-            "Last failback: clean shutdown to first write",
-        )
+        metrics["gravl_failback_write_unavailable_seconds"] = report.switchover.unavailable_seconds
     _finish(cfg, report, key, "failback", failback_markdown, metrics)
     return report

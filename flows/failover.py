@@ -8,7 +8,7 @@ an interruption converges. Promotion and DNS switch never retry blindly; the nex
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -37,7 +37,7 @@ from tasks.failover import (
 from tasks.hooks import HookResult, ReconnectEvent, run_hooks
 from tasks.metrics import outcome_metric
 from tasks.node_steps import NodeStepArgs
-from tasks.reporting import bullets, kv_table, report_key, section
+from tasks.reporting import bullets, report_key, section
 from tasks.runreport import RunReport
 from tasks.runreport import (
     TimelineEvent as TimelineEvent,  # re-exported: failback builds its timeline with it
@@ -175,27 +175,9 @@ def approval_gate(
     return approve(what, answer.approver, "approval form", answer.comment or "approved in the UI", True)
 
 
-def set_approval(report: Any, record: ApprovalRecord) -> None:
+def set_approval(report: RunReport, record: ApprovalRecord) -> None:
     report.approver, report.approval_note = record.approver, record.note
     report.approved_at, report.auto_approved = record.at, record.how == "auto_approve"
-
-
-def approval_text(r: Any) -> str:
-    """Kept for the failback report until it is a RunReport: ``RunReport.approval_text``."""
-    return str(RunReport.approval_text(r))
-
-
-def push_dr_metrics(cfg: Config, job: str, values: Mapping[str, float | tuple[float, str]]) -> None:
-    push_flow_metrics(cfg, job, {k: v[0] if isinstance(v, tuple) else v for k, v in values.items()})
-
-
-def markdown_table(rows: Sequence[tuple[str, object]]) -> list[str]:
-    return kv_table(rows)
-
-
-def report_sections(r: Any) -> list[str]:
-    """Kept for the failback report until it is a RunReport: ``RunReport.sections``."""
-    return list(RunReport.sections(r))
 
 
 # ------------------------------------------------------------------------------ tasks
@@ -406,7 +388,7 @@ def _finish(
     key: str,
     job: str,
     markdown: Callable[[Any], str],
-    metrics: Mapping[str, float | tuple[float, str]],
+    metrics: Mapping[str, float],
 ) -> None:
     publish_report(key, markdown(report), f"{job} of {cfg.cluster}")
     now = time.time()
@@ -416,7 +398,7 @@ def _finish(
         metrics = {outcome_metric(job, "failure"): now, **metrics}
     else:
         metrics = {outcome_metric(job, "refusal"): now}
-    push_dr_metrics(cfg, job, metrics)
+    push_flow_metrics(cfg, job, metrics)
 
 
 def failover_metrics(r: FailoverReport) -> dict[str, float]:
