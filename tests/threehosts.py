@@ -106,7 +106,7 @@ def three_hosts() -> Iterator[Hosts]:
             extra_conf={
                 "wal_log_hints": "on",
                 "archive_mode": "on",
-                "archive_command": f"'{GRAVL_DR} --config {configs['primary']} wal-push --sync %p'",
+                "archive_command": f"'{GRAVL_DR} --config {configs['primary']} wal-push %p'",
             }
         )
         primary.start()
@@ -117,7 +117,7 @@ def three_hosts() -> Iterator[Hosts]:
             {
                 "listen_addresses": "'127.0.0.2'",
                 "port": str(standby.port),
-                "archive_command": f"'{GRAVL_DR} --config {configs['standby-1']} wal-push --sync %p'",
+                "archive_command": f"'{GRAVL_DR} --config {configs['standby-1']} wal-push %p'",
             }
         )
         configure_standby(standby.pgdata, Node(name="primary", dsn=primary.dsn()), "standby-1", os_user=PG)
