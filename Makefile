@@ -32,7 +32,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check flows tasks deployments tests bench scripts
 
 typecheck: venv
-	$(VENV)/bin/mypy flows tasks deployments
+	$(VENV)/bin/mypy flows tasks deployments tests bench
 
 # The pure tier: no server, no CLI process; seconds, not minutes (the tiers are set in tests/conftest.py).
 unit: venv

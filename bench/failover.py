@@ -15,6 +15,16 @@ servers with wal_log_hints=on, and a Route 53 zone on a local moto server. Then:
    to first write); rows lost = committed writes missing on the final primary.
 
 Flow runs go to one Prefect test harness (a local server started once), like the tests.
+
+    .venv/bin/python bench/failover.py --three-hosts --runs 2 [--rows 20000]
+
+runs the same measures across three "hosts" (tests/threehosts.py): a real `prefect server`, the
+failover and failback deployments on an orchestrating worker whose config has no pgdata, and the
+node-local steps (fence, rebuild, clean stop, restart as a standby) as `node-step` runs on each
+node's own worker. The old primary comes back through `gravl-dr guard` before each failback.
+RTO is the flow's own measure and, from outside, SIGKILL to the run's Completed state (a flow
+run's start on a worker included); the write-unavailability window is the client's longest gap
+during the failback run, next to the flow's own measure.
 """
 
 from __future__ import annotations
@@ -215,6 +225,95 @@ def one_run(moto: str, rows: int, workdir: Path) -> dict[str, float]:
             shutil.rmtree(b, ignore_errors=True)
 
 
+def _table_value(markdown: str, label: str) -> float:
+    """The number at the start of a report table row's value ("| RTO (...) | 2.40 s |")."""
+    for line in markdown.splitlines():
+        if line.startswith(f"| {label}"):
+            cell = line.split("|")[2].strip()
+            try:
+                return float(cell.split()[0])
+            except (ValueError, IndexError):
+                return -1.0
+    return -1.0
+
+
+def three_host_run(h: Any, rows: int) -> dict[str, float]:
+    """One failover and failback across the three hosts; the cluster ends as it began."""
+    from threehosts import artifact, start_run, wait_run
+
+    from gravl_testlib import run_cli
+
+    params = {"auto_approve": True, "approved_by": "bench"}
+    sql(
+        h.primary.dsn(),
+        "INSERT INTO items (tag, n) SELECT 'before', g FROM generate_series(1, %s) g",
+        (rows,),
+    )
+    wait_replayed(h.primary, h.standby)
+    expected = sql(h.primary.dsn(), "SELECT count(*) FROM items")[0][0]
+    pid = h.primary.postmaster_pid()
+    assert pid
+    t_kill = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    fo = wait_run(h, start_run(h, "failover/failover-manual", params))
+    kill_to_completed = time.monotonic() - t_kill
+    assert fo.state.is_completed(), fo.state
+    report = artifact(h, "failover-report-gravl", fo.id)
+    lost_rows = expected - sql(h.standby.dsn(), "SELECT count(*) FROM items")[0][0]
+    guard = run_cli("guard", "--node", "primary", config=h.configs["primary"])
+    assert guard.returncode == 0, guard.stderr
+    deadline = time.monotonic() + 60
+    while _exists(pid) and time.monotonic() < deadline:  # PostgreSQL takes a zombie for a live postmaster
+        time.sleep(0.1)
+    h.primary.start()
+    writer = Writer([h.standby.dsn(), h.primary.dsn()])
+    writer.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    fb = wait_run(h, start_run(h, "failback/failback-manual", {**params, "backup": False}))
+    t1 = time.monotonic()
+    time.sleep(0.3)
+    writer.stop.set()
+    writer.join()
+    assert fb.state.is_completed(), fb.state
+    back = artifact(h, "failback-report-gravl", fb.id)
+    committed = {seq for _, seq in writer.commits}
+    on_home = {r[0] for r in sql(h.primary.dsn(), "SELECT n FROM items WHERE tag = 'writer'")}
+    sql(h.primary.dsn(), "DELETE FROM items WHERE tag = 'writer'")
+    return {
+        "rto_flow_s": _table_value(report, "RTO"),
+        "kill_to_run_completed_s": kill_to_completed,
+        "rpo_bytes": _table_value(report, "RPO"),
+        "rows_lost_failover": float(lost_rows),
+        "failback_run_s": t1 - t0,
+        "switchover_unavailable_flow_s": _table_value(back, "write unavailability"),
+        "switchover_gap_client_s": writer.longest_gap(t0, t1 + 0.3),
+        "writes_during_failback": float(len(committed)),
+        "rows_lost_failback": float(len(committed - on_home)),
+    }
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def main_three_hosts(runs: int, rows: int) -> list[dict[str, float]]:
+    sys.path.insert(0, str(REPO / "tests"))
+    from threehosts import three_hosts
+
+    results = []
+    with three_hosts() as h:
+        for i in range(runs):
+            res = three_host_run(h, rows)
+            results.append(res)
+            print(f"run {i + 1}: " + ", ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -222,7 +321,20 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rows", type=int, default=20000)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--three-hosts",
+        action="store_true",
+        help="node steps on each node's own worker, flows through deployments (tests/threehosts.py)",
+    )
     args = parser.parse_args()
+    if args.three_hosts:
+        hosts_results = main_three_hosts(args.runs, args.rows)
+        _print_table(hosts_results)
+        if args.json:
+            Path(args.json).write_text(
+                json.dumps({"mode": "three-hosts", "runs": hosts_results}, indent=2) + "\n"
+            )
+        return 0
 
     from moto.server import ThreadedMotoServer
     from prefect.testing.utilities import prefect_test_harness
@@ -242,14 +354,17 @@ def main() -> int:
         moto.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    keys = list(results[0])
-    print("\n| metric | median | min | max |\n|---|---:|---:|---:|")
-    for k in keys:
-        vals = [r[k] for r in results]
-        print(f"| {k} | {statistics.median(vals):.3f} | {min(vals):.3f} | {max(vals):.3f} |")
+    _print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": results}, indent=2) + "\n")
     return 0
+
+
+def _print_table(results: list[dict[str, float]]) -> None:
+    print("\n| metric | median | min | max |\n|---|---:|---:|---:|")
+    for k in list(results[0]):
+        vals = [r[k] for r in results]
+        print(f"| {k} | {statistics.median(vals):.3f} | {min(vals):.3f} | {max(vals):.3f} |")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -124,6 +123,12 @@ def stop(pgdata: Path) -> None:
 
 
 def empty_dir(path: Path) -> None:
+    # a previous round's WAL prefetcher may still have been writing while its directory went
+    for _ in range(50):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            break
+        time.sleep(0.1)
     path.mkdir(mode=0o700)
     chown_tree(path, PG)
 
@@ -180,6 +185,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep-logs", type=Path, help="copy the restored servers' logs here")
     parser.add_argument("--s3", action="store_true", help="both repositories in S3 (moto over HTTPS)")
+    parser.add_argument(
+        "--warm", action="store_true", help="gravl-dr's flow commands through a running `gravl-dr warm`"
+    )
     args = parser.parse_args()
     global KEEP_LOGS
     KEEP_LOGS = args.keep_logs
@@ -222,6 +230,20 @@ def main() -> None:
     env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     server, url, home = start_prefect_server()
     env["PREFECT_API_URL"] = url
+    warm: subprocess.Popen[bytes] | None = None
+    if args.warm:  # the fixed cost of a flow command through the warm process (flows/cli/warm.py)
+        from flows.cli.warm import wait_for_socket
+
+        warm_dir = make_private_dir("gravl-bench-warm-", "root")  # the socket's folder: ours alone
+        env["GRAVL_DR_WARM_SOCKET"] = str(warm_dir / "warm.sock")
+        warm = subprocess.Popen(
+            [GRAVL_DR, "warm"],
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        if not wait_for_socket(warm_dir / "warm.sock", 120):
+            raise SystemExit("gravl-dr warm did not start")
     res: dict[str, Any] = {
         "scale": args.scale,
         "rounds": args.rounds,
@@ -229,6 +251,7 @@ def main() -> None:
         "wal_seconds": args.wal_seconds,
         "load_at_start": os.getloadavg()[0],
         "repository": "s3 (moto over HTTPS)" if args.s3 else "file",
+        "warm": args.warm,
     }
     samples: dict[str, list[float]] = {}
 
@@ -368,6 +391,12 @@ def main() -> None:
         source.destroy()
         for stop_service in s3_services:
             stop_service()
+        if warm is not None:
+            if warm.poll() is not None:
+                print("WARNING: gravl-dr warm exited during the run: later samples were cold", flush=True)
+            warm.terminate()
+            warm.wait()
+            cleanup(warm_dir)
         server.terminate()
         server.wait()
         cleanup(home, base)
@@ -382,14 +411,14 @@ def main() -> None:
         ("restore + replay, until promoted", "restore_replay"),
     ]
     print(
-        f"\n## {res['repository']} repositories, pgbench scale {args.scale} ({res['db_mb']} MB), {res['wal_after_backup_mb']} MB of WAL after "
+        f"\n## {res['repository']} repositories{', gravl-dr warm' if args.warm else ''}, pgbench scale {args.scale} ({res['db_mb']} MB), {res['wal_after_backup_mb']} MB of WAL after "
         f"the backup, {args.rounds} rounds, {cores} cores, load {res['load_at_start']:.1f} -> "
         f"{res['load_at_end']:.1f}\n"
     )
     print("| step (median) | pgBackRest | gravl-dr | ratio | peak RSS pgBackRest | peak RSS gravl-dr |")
     print("|---|---|---|---|---|---|")
     for label, key in rows:
-        g, p = med.get(f"{key}_gravl_s"), med.get(f"{key}_pgbr_s")
+        g, p = med[f"{key}_gravl_s"], med[f"{key}_pgbr_s"]
         gr, pr = med.get(f"{key}_gravl_rss_mb"), med.get(f"{key}_pgbr_rss_mb")
         print(
             f"| {label} | {p:.2f} s | {g:.2f} s | {g / p:.2f}x | "
@@ -417,4 +446,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -41,6 +41,7 @@ class BackupReport(BaseModel):
     messages: list[str] = []
     databases: list[str] = []
     warnings: list[str] = []
+    node: str | None = None  # the node backed up: the primary when the backup ran
 
 
 @task(name="preflight", cache_policy=NO_CACHE, **NETWORK_RETRIES)
@@ -184,7 +185,11 @@ def backup_flow(
     try:
         pre = preflight(cfg, repo, kind)
         report = BackupReport(
-            backup_id=pre.backup_id, kind=kind, dry_run=dry_run, messages=list(pre.messages)
+            backup_id=pre.backup_id,
+            kind=kind,
+            dry_run=dry_run,
+            messages=list(pre.messages),
+            node=cfg.primary.name,
         )
         if dry_run:
             report.total_seconds = time.monotonic() - t0

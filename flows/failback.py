@@ -7,72 +7,60 @@ and re-plans from observation at every start, so it resumes wherever an earlier 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
-import yaml
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from flows.common import human_bytes
+from flows.common import human_bytes, logger
 from flows.failover import (
     ReconnectFailed,
     Timeline,
-    TimelineEvent,
     _finish,
     _record,
     approval_gate,
-    approval_text,
     check_replica_health,
-    markdown_table,
     reconnect_apps,
     record_role_change_task,
-    report_sections,
     resolve_nodes,
     set_approval,
     switch_dns,
     validate_primary,
 )
+from flows.node_step import call_node_step, observe
 from flows.params import ConfigPath, OptionalText
-from tasks.config import Config, Node, config_path, load_config
-from tasks.dns_switch import DNSChange, check_dns_config, node_dns_value
+from tasks.config import Config, Node, load_config
+from tasks.dns_switch import check_dns_config, node_dns_value
 from tasks.errors import DRError, one_line
-from tasks.failover import FailbackPlan, NodeState, Refused, plan_failback
-from tasks.hooks import HookResult, ReconnectEvent
+from tasks.failover import FailbackPlan, NodeState, Refused, Step, plan_failback
+from tasks.hooks import ReconnectEvent
+from tasks.node_steps import HERE, NodeStepArgs, NodeStepName, NodeStepResult, step_location
 from tasks.reporting import report_key
+from tasks.runreport import RunReport
 from tasks.topology import (
-    CanaryResult,
+    CleanStop,
     LagResult,
     RebuildResult,
     RewindFailed,
     SwitchoverResult,
-    discard_old_data,
-    finish_rebuild,
-    keep_old_wal,
-    local_pgdata,
+    in_recovery,
     observe_node,
-    reclone_node,
-    rejoin_as_standby,
-    rewind_node,
-    save_local_settings,
-    start_as_standby,
-    stop_for_rebuild,
-    switch_over,
+    promote_after_stop,
     wait_for_zero_lag,
 )
 
+if TYPE_CHECKING:
+    from flows.backup import BackupReport
 
-class FailbackReport(BaseModel):
-    cluster: str
-    status: str = "running"
+
+class FailbackReport(RunReport):
     home: str
     from_primary: str | None = None
-    plan: list[str] = []
     backup_id: str | None = None
     rebuild: RebuildResult | None = None
     rebuild_steps: list[RebuildResult] = []
@@ -80,25 +68,14 @@ class FailbackReport(BaseModel):
     diverged_timeline: int | None = None
     fork_lsn: str | None = None  # where the current primary's timeline left home's
     end_lsn: str | None = None  # how far home's own WAL went
-    rpo_bytes: int | None = None  # what home wrote that never reached the node promoted in its place
+    # rpo_bytes (RunReport): what home wrote that never reached the node promoted in its place
     old_data: list[str] = []  # kept next to home's pgdata: the old data directory and/or its WAL
     old_data_bytes: int | None = None
     discarded: list[str] = []
     lag: LagResult | None = None
-    approver: str | None = None
-    approval_note: str | None = None
-    approved_at: datetime | None = None
-    auto_approved: bool = False
     switchover: SwitchoverResult | None = None
     rejoined: list[str] = []
-    dns: DNSChange | None = None
-    hooks: list[HookResult] = []
-    canary: CanaryResult | None = None
     total_seconds: float | None = None
-    evidence: list[str] = []
-    notes: list[str] = []
-    timeline: list[TimelineEvent] = []
-    error: str | None = None
     started_at: datetime | None = None
 
 
@@ -128,23 +105,17 @@ def failback_markdown(r: FailbackReport) -> str:
             "rebuild",
             f"{r.rebuild.method} in {r.rebuild.seconds:.1f} s ({r.rebuild.detail})" if r.rebuild else "-",
         ),
-        ("approved by", approval_text(r)),
+        ("approved by", r.approval_text()),
         ("rejoined as standbys", ", ".join(r.rejoined) or "-"),
-        ("DNS", r.dns.detail if r.dns else "-"),
-        ("validation", f"canary row {r.canary.row_id} at {r.canary.lsn}" if r.canary else "-"),
+        *r.switch_rows(),
         ("total", f"{r.total_seconds:.1f} s" if r.total_seconds is not None else "-"),
     ]
-    lines = [f"# {title}", "", *markdown_table(rows)]
-    lines += old_data_section(r)
-    lines += report_sections(r)
-    lines += [
-        "",
-        "## Next",
-        "- Nothing to do."
+    next_step = (
+        "Nothing to do."
         if r.status == "complete"
-        else "- Re-run `gravl-dr failback`: it observes the nodes and resumes where this run stopped.",
-    ]
-    return "\n".join(lines) + "\n"
+        else "Re-run `gravl-dr failback`: it observes the nodes and resumes where this run stopped."
+    )
+    return r.render(title, rows, [next_step], before=old_data_section(r))
 
 
 def old_data_section(r: FailbackReport) -> list[str]:
@@ -185,48 +156,53 @@ def old_data_section(r: FailbackReport) -> list[str]:
 
 @task(name="assess-home", cache_policy=NO_CACHE)
 def assess_home(cfg: Config) -> NodeState:
-    state = observe_node(
-        cfg.primary, "primary", os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir, attempts=2
-    )
-    return state
+    # Home's own files decide the rebuild (marker, control file): read them here or on its worker.
+    return observe(cfg, cfg.primary, "primary", attempts=2, facts=True)
+
+
+def _local_step(
+    cfg: Config, node: Node, step: Step, name: NodeStepName, args: NodeStepArgs | None = None
+) -> NodeStepResult:
+    return call_node_step(cfg, node, name, args, where=step.where)
 
 
 @task(name="stop-old-primary", cache_policy=NO_CACHE)
-def stop_old_primary(cfg: Config, node: Node) -> str:
-    return stop_for_rebuild(node, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+def stop_old_primary(cfg: Config, node: Node, step: Step) -> str:
+    return _local_step(cfg, node, step, "stop-for-rebuild").detail
 
 
 @task(name="save-local-settings", cache_policy=NO_CACHE)
-def save_settings(cfg: Config, node: Node) -> str:
-    return save_local_settings(node, os_user=cfg.postgres.os_user)
+def save_settings(cfg: Config, node: Node, step: Step) -> str:
+    return _local_step(cfg, node, step, "save-local-settings").detail
 
 
 @task(name="keep-old-wal", cache_policy=NO_CACHE)
-def keep_wal(cfg: Config, node: Node, timeline: int, fork_lsn: str, end_lsn: str) -> tuple[str, int]:
-    path, size = keep_old_wal(
-        node, timeline=timeline, fork_lsn=fork_lsn, end_lsn=end_lsn, os_user=cfg.postgres.os_user
-    )
-    return str(path), size
+def keep_wal(
+    cfg: Config, node: Node, step: Step, timeline: int, fork_lsn: str, end_lsn: str
+) -> tuple[str, int]:
+    args = NodeStepArgs(timeline=timeline, fork_lsn=fork_lsn, end_lsn=end_lsn)
+    res = _local_step(cfg, node, step, "keep-old-wal", args)
+    return str(res.payload["path"]), int(res.payload["size"])
 
 
-@task(name="rewind-old-primary", cache_policy=NO_CACHE)
-def rewind_old_primary(cfg: Config, node: Node, source: Node) -> RebuildResult:
-    return rewind_node(node, source, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+def _rebuild_task(name: str, step_name: NodeStepName) -> Any:
+    @task(name=name, cache_policy=NO_CACHE)
+    def rebuild(cfg: Config, node: Node, source: Node, step: Step) -> RebuildResult:
+        res = _local_step(cfg, node, step, step_name, NodeStepArgs(source=source.name))
+        return RebuildResult.model_validate(res.payload)
+
+    return rebuild
 
 
-@task(name="reclone-old-primary", cache_policy=NO_CACHE)
-def reclone_old_primary(cfg: Config, node: Node, source: Node) -> RebuildResult:
-    return reclone_node(node, source, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
-
-
-@task(name="start-as-standby", cache_policy=NO_CACHE)
-def start_standby(cfg: Config, node: Node, source: Node) -> RebuildResult:
-    return start_as_standby(node, source, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+rewind_old_primary = _rebuild_task("rewind-old-primary", "rewind")
+reclone_old_primary = _rebuild_task("reclone-old-primary", "reclone")
+start_standby = _rebuild_task("start-as-standby", "start-as-standby")
 
 
 @task(name="discard-old-data", cache_policy=NO_CACHE)
-def discard_old(node: Node) -> tuple[list[str], int]:
-    return discard_old_data(node)
+def discard_old(cfg: Config, node: Node, step: Step) -> tuple[list[str], int]:
+    res = _local_step(cfg, node, step, "discard-old-data")
+    return [str(p) for p in res.payload["removed"]], int(res.payload["freed"])
 
 
 @task(name="wait-for-zero-lag", cache_policy=NO_CACHE)
@@ -235,186 +211,223 @@ def wait_zero_lag(standby: Node, primary: Node, timeout: float) -> LagResult:
 
 
 @task(name="switchover", cache_policy=NO_CACHE)
-def switchover(cfg: Config, old: Node, new: Node, label: str) -> SwitchoverResult:
-    return switch_over(old, new, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir, label=label)
+def switchover(cfg: Config, old: Node, new: Node, label: str, where: str) -> SwitchoverResult:
+    """Clean shutdown of ``old`` where its files are (the plan's ``where``), then over libpq: ``new``
+    replays past the shutdown checkpoint, is promoted, and takes the first write."""
+    new_was_standby = in_recovery(new)
+    if not new_was_standby:
+        probe = observe_node(old, "replica", connect_timeout=3)
+        if probe.reachable:
+            raise Refused(f"split brain: {old.name} runs and {new.name} is already a primary")
+    res = call_node_step(cfg, old, "stop-cleanly", where=where)
+    stop = CleanStop.model_validate(res.payload)
+    return promote_after_stop(old, new, stop, new_was_standby=new_was_standby, label=label)
 
 
 @task(name="rejoin-former-primary", cache_policy=NO_CACHE)
-def rejoin_former_primary(cfg: Config, node: Node, primary: Node) -> LagResult:
-    return rejoin_as_standby(node, primary, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+def rejoin_former_primary(cfg: Config, node: Node, primary: Node, where: str) -> LagResult:
+    call_node_step(cfg, node, "restart-as-standby", NodeStepArgs(source=primary.name), where=where)
+    return wait_for_zero_lag(node, primary, timeout=120)
 
 
-def _config_for_primary(cfg: Config, source: Path, primary: Node) -> Path:
-    """A copy of the config whose primary is ``primary``: the backup flow backs up the configured
-    primary, and after a failover that is not the node serving writes."""
-    data = cfg.model_dump(mode="json")
-    data["primary"] = primary.model_dump(mode="json")
-    data["replicas"] = [
-        r.model_dump(mode="json") for r in [cfg.primary, *cfg.replicas] if r.name != primary.name
-    ]
-    directory = source.parent if os.access(source.parent, os.W_OK) else Path(tempfile.gettempdir())
-    fd, name = tempfile.mkstemp(prefix=".gravl-dr-failback-", suffix=".yaml", dir=directory)
-    with os.fdopen(fd, "w") as fh:
-        yaml.safe_dump(data, fh, sort_keys=False)
-    return Path(name)
+@task(name="finish-rebuild", cache_policy=NO_CACHE)
+def finish_home_rebuild(cfg: Config, home: Node) -> str:
+    """Home takes writes: its rebuild bookkeeping (marker, saved settings) must not outlive this."""
+    where = step_location(home)
+    if where is None:
+        return "no data directory or worker for it: nothing to clean up"
+    return call_node_step(cfg, home, "finish-rebuild", where=where).detail
 
 
-def backup_current_primary(cfg: Config, config_file: str | None, current: Node) -> str:
-    """The backup flow as a subflow, pointed at the node that is the primary now."""
+def backup_current_primary(config_file: str | None, current: Node) -> BackupReport:
+    """The backup flow as a subflow, on the operator's own config: it backs up the node that is
+    the primary when it runs (it follows the primary, flows.common.follow_primary), which the
+    plan expects to be ``current``; the report names the node it backed up."""
     from flows.backup import backup_flow
 
-    tmp = _config_for_primary(cfg, config_path(config_file), current)
-    try:
-        report = backup_flow(config_path=str(tmp), kind="physical", dry_run=False)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    return report.backup_id
+    report = backup_flow(config_path=config_file, kind="physical", dry_run=False)
+    if report.node != current.name:
+        logger().warning(
+            "the backup was taken of %s, the primary when it ran, not %s", report.node, current.name
+        )
+    return report
 
 
 # ------------------------------------------------------------------------------ the flow
 
 
-def _apply(
-    cfg: Config,
-    config_file: str | None,
-    plan: FailbackPlan,
-    report: FailbackReport,
-    tl: Timeline,
-    nodes: dict[str, Node],
-    home: Node,
-    current: Node | None,
-    current_name: str | None,
-    *,
-    approved_by: str | None,
-    auto_approve: bool,
-    approval_timeout_seconds: int,
-    catch_up_timeout_seconds: int,
-) -> str | None:
-    """Apply the plan step by step; each step re-checks its own precondition. Returns a DNS error, if any."""
+@dataclass
+class _Run:
+    """What every step of one failback plan needs."""
+
+    cfg: Config
+    config_file: str | None
+    plan: FailbackPlan
+    report: FailbackReport
+    tl: Timeline
+    nodes: dict[str, Node]
+    home: Node
+    current: Node | None
+    current_name: str | None
+    approved_by: str | None
+    auto_approve: bool
+    approval_timeout_seconds: int
+    catch_up_timeout_seconds: int
     dns_error: str | None = None
-    for step in plan.steps:
-        node = nodes[step.node]
-        if step.kind == "backup-current-primary":
-            assert current is not None
-            report.backup_id = backup_current_primary(cfg, config_file, current)
-            tl.add(step.kind, f"backup {report.backup_id} of {current.name}")
-        elif step.kind == "stop-old-primary":
-            tl.add(step.kind, f"{node.name}: {stop_old_primary(cfg, node)}")
-        elif step.kind == "save-local-settings":
-            tl.add(step.kind, save_settings(cfg, node))
-        elif step.kind == "keep-old-wal":
-            assert plan.diverged_timeline is not None and plan.fork_lsn and plan.end_lsn
-            path, size = keep_wal(cfg, node, plan.diverged_timeline, plan.fork_lsn, plan.end_lsn)
-            if path not in report.old_data:
-                report.old_data.append(path)
-            tl.add(
-                step.kind,
-                f"WAL {plan.fork_lsn}..{plan.end_lsn} of timeline {plan.diverged_timeline} "
-                f"kept in {path} ({size} bytes)",
-            )
-        elif step.kind in ("rewind-old-primary", "reclone-old-primary", "start-as-standby"):
-            assert current is not None
-            fn = {
-                "rewind-old-primary": rewind_old_primary,
-                "reclone-old-primary": reclone_old_primary,
-                "start-as-standby": start_standby,
-            }[step.kind]
-            res = fn(cfg, node, current)
-            report.rebuild_steps.append(res)
-            if step.kind != "start-as-standby":
-                report.rebuild = res
-            if res.old_data and res.old_data not in report.old_data:
-                report.old_data.append(res.old_data)
-            tl.add(step.kind, f"{node.name}: {res.method} in {res.seconds:.1f}s ({res.detail})")
-        elif step.kind == "discard-old-data":
-            removed, freed = discard_old(node)
-            report.discarded += removed
-            report.old_data = [p for p in report.old_data if p not in removed]
-            tl.add(step.kind, f"deleted {len(removed)} kept director(ies), {freed} bytes")
-        elif step.kind == "wait-for-zero-lag":
-            assert current is not None
-            report.lag = wait_zero_lag(node, current, catch_up_timeout_seconds)
-            tl.add(
-                step.kind,
-                f"{node.name} replayed {report.lag.replay_lsn} = {current.name}'s {report.lag.primary_lsn}",
-            )
-        elif step.kind == "approve":
-            set_approval(
-                report,
-                approval_gate(
-                    what=f"switch over from {current_name} to {home.name}",
-                    plan_lines=report.plan,
-                    approved_by=approved_by,
-                    auto_approve=auto_approve,
-                    timeout_seconds=approval_timeout_seconds,
-                ),
-            )
-            tl.add(step.kind, f"approved by {report.approver}" + (" (auto_approve)" if auto_approve else ""))
-        elif step.kind == "switchover":
-            assert current is not None
-            report.switchover = switchover(cfg, current, home, f"failback {tl.started.isoformat()}")
-            so = report.switchover
-            home_dir = local_pgdata(home)
-            if home_dir is not None:
-                finish_rebuild(home_dir)
-            _record(
-                report,
-                tl,
-                record_role_change_task(
-                    cfg, "failback", home.name, [current.name], so.promote.timeline, so.promote.promoted_lsn
-                ),
-            )
-            tl.add(
-                step.kind,
-                f"{current.name} shut down cleanly at checkpoint {so.final_checkpoint_lsn}; "
-                f"{home.name} replayed {so.replayed_lsn} and was promoted (timeline "
-                f"{so.promote.timeline}); writes were unavailable {so.unavailable_seconds:.2f}s",
-            )
-        elif step.kind == "rejoin-former-primary":
-            lag = rejoin_former_primary(cfg, node, home)
-            report.rejoined.append(node.name)
-            tl.add(step.kind, f"{node.name} streams from {home.name}, replayed {lag.replay_lsn}")
-        elif step.kind == "switch-dns":
-            expected = [node_dns_value(n) for n in nodes.values() if n.name != home.name]
-            try:
-                report.dns = switch_dns(cfg, expected, node_dns_value(home))
-                tl.add(step.kind, report.dns.detail)
-            except DRError as exc:
-                dns_error = f"DNS switch failed: {one_line(exc)}"
-                tl.add(step.kind, dns_error)
-        elif step.kind == "reconnect-apps":
-            if dns_error:
-                tl.add(step.kind, "skipped: DNS does not point at the primary")
-                continue
-            event = ReconnectEvent(
-                cluster=cfg.cluster,
-                event="failback",
-                new_primary=home.name,
-                old_primary=current_name or "-",
-                host=node_dns_value(home),
-                dns_record=cfg.dns.record,
-            )
-            report.hooks = reconnect_apps(cfg, event)
-            tl.add(step.kind, f"{sum(h.ok for h in report.hooks)}/{len(report.hooks)} hook(s) ok")
-        elif step.kind == "validate":
-            report.canary = validate_primary(home, f"failback {tl.started.isoformat()}")
-            home_dir = local_pgdata(home)
-            if home_dir is not None:
-                finish_rebuild(home_dir)  # it takes writes: a stale rebuild marker must not outlive this
-            _record(
-                report,
-                tl,
-                record_role_change_task(
-                    cfg, "failback", home.name, [n for n in nodes if n != home.name], None, None
-                ),
-            )
-            tl.add(step.kind, f"canary write on {home.name} read back")
-    if report.old_data:
+
+    def source(self) -> Node:
+        assert self.current is not None
+        return self.current
+
+
+def _backup(r: _Run, step: Step) -> str:
+    backup = backup_current_primary(r.config_file, r.source())
+    r.report.backup_id = backup.backup_id
+    return f"backup {backup.backup_id} of {backup.node}"
+
+
+def _keep_wal(r: _Run, step: Step) -> str:
+    p = r.plan
+    assert p.diverged_timeline is not None and p.fork_lsn and p.end_lsn
+    path, size = keep_wal(r.cfg, r.nodes[step.node], step, p.diverged_timeline, p.fork_lsn, p.end_lsn)
+    if path not in r.report.old_data:
+        r.report.old_data.append(path)
+        r.report.old_data_bytes = (r.report.old_data_bytes or 0) + size
+    return f"WAL {p.fork_lsn}..{p.end_lsn} of timeline {p.diverged_timeline} kept in {path} ({size} bytes)"
+
+
+def _rebuild(r: _Run, step: Step) -> str:
+    fn = {
+        "rewind-old-primary": rewind_old_primary,
+        "reclone-old-primary": reclone_old_primary,
+        "start-as-standby": start_standby,
+    }[step.kind]
+    node = r.nodes[step.node]
+    res: RebuildResult = fn(r.cfg, node, r.source(), step)
+    r.report.rebuild_steps.append(res)
+    if step.kind != "start-as-standby":
+        r.report.rebuild = res
+    if res.old_data and res.old_data not in r.report.old_data:
+        r.report.old_data.append(res.old_data)
+        r.report.old_data_bytes = (r.report.old_data_bytes or 0) + (res.old_data_bytes or 0)
+    return f"{node.name}: {res.method} in {res.seconds:.1f}s ({res.detail})"
+
+
+def _discard(r: _Run, step: Step) -> str:
+    removed, freed = discard_old(r.cfg, r.nodes[step.node], step)
+    r.report.discarded += removed
+    r.report.old_data = [p for p in r.report.old_data if p not in removed]
+    return f"deleted {len(removed)} kept director(ies), {freed} bytes"
+
+
+def _wait_lag(r: _Run, step: Step) -> str:
+    cur = r.source()
+    r.report.lag = wait_zero_lag(r.nodes[step.node], cur, r.catch_up_timeout_seconds)
+    return f"{step.node} replayed {r.report.lag.replay_lsn} = {cur.name}'s {r.report.lag.primary_lsn}"
+
+
+def _approve(r: _Run, step: Step) -> str:
+    record = approval_gate(
+        what=f"switch over from {r.current_name} to {r.home.name}",
+        plan_lines=r.report.plan,
+        approved_by=r.approved_by,
+        auto_approve=r.auto_approve,
+        timeout_seconds=r.approval_timeout_seconds,
+    )
+    set_approval(r.report, record)
+    return f"approved by {r.report.approver}" + (" (auto_approve)" if r.auto_approve else "")
+
+
+def _switchover(r: _Run, step: Step) -> str:
+    cur, home = r.source(), r.home
+    so = switchover(r.cfg, cur, home, f"failback {r.tl.started.isoformat()}", step.where)
+    r.report.switchover = so
+    _record(
+        r.report,
+        r.tl,
+        record_role_change_task(
+            r.cfg, "failback", home.name, [cur.name], so.promote.timeline, so.promote.promoted_lsn
+        ),
+    )
+    return (
+        f"{cur.name} shut down cleanly at checkpoint {so.final_checkpoint_lsn}; {home.name} replayed "
+        f"{so.replayed_lsn} and was promoted (timeline {so.promote.timeline}); writes were unavailable "
+        f"{so.unavailable_seconds:.2f}s"
+    )
+
+
+def _rejoin(r: _Run, step: Step) -> str:
+    lag = rejoin_former_primary(r.cfg, r.nodes[step.node], r.home, step.where)
+    r.report.rejoined.append(step.node)
+    return f"{step.node} streams from {r.home.name}, replayed {lag.replay_lsn}"
+
+
+def _dns(r: _Run, step: Step) -> str:
+    expected = [node_dns_value(n) for n in r.nodes.values() if n.name != r.home.name]
+    try:
+        r.report.dns = switch_dns(r.cfg, expected, node_dns_value(r.home))
+    except DRError as exc:
+        r.dns_error = f"DNS switch failed: {one_line(exc)}"
+        return r.dns_error
+    return r.report.dns.detail
+
+
+def _reconnect(r: _Run, step: Step) -> str:
+    if r.dns_error:
+        return "skipped: DNS does not point at the primary"
+    event = ReconnectEvent(
+        cluster=r.cfg.cluster,
+        event="failback",
+        new_primary=r.home.name,
+        old_primary=r.current_name or "-",
+        host=node_dns_value(r.home),
+        dns_record=r.cfg.dns.record,
+    )
+    r.report.hooks = reconnect_apps(r.cfg, event)
+    return f"{sum(h.ok for h in r.report.hooks)}/{len(r.report.hooks)} hook(s) ok"
+
+
+def _validate(r: _Run, step: Step) -> str:
+    home = r.home
+    r.report.canary = validate_primary(home, f"failback {r.tl.started.isoformat()}")
+    finished = finish_home_rebuild(
+        r.cfg, home
+    )  # it takes writes: a stale rebuild marker must not outlive this
+    demoted = [n for n in r.nodes if n != home.name]
+    _record(r.report, r.tl, record_role_change_task(r.cfg, "failback", home.name, demoted, None, None))
+    return f"canary write on {home.name} read back; {finished}"
+
+
+_STEPS: dict[str, Callable[[_Run, Step], str]] = {
+    "backup-current-primary": _backup,
+    "stop-old-primary": lambda r, s: f"{s.node}: {stop_old_primary(r.cfg, r.nodes[s.node], s)}",
+    "save-local-settings": lambda r, s: save_settings(r.cfg, r.nodes[s.node], s),
+    "keep-old-wal": _keep_wal,
+    "rewind-old-primary": _rebuild,
+    "reclone-old-primary": _rebuild,
+    "start-as-standby": _rebuild,
+    "discard-old-data": _discard,
+    "wait-for-zero-lag": _wait_lag,
+    "approve": _approve,
+    "switchover": _switchover,
+    "rejoin-former-primary": _rejoin,
+    "switch-dns": _dns,
+    "reconnect-apps": _reconnect,
+    "validate": _validate,
+}
+
+
+def _apply(r: _Run) -> str | None:
+    """Apply the plan step by step; each step re-checks its own precondition. Returns a DNS error, if any."""
+    for step in r.plan.steps:
+        r.tl.add(step.kind, _STEPS[step.kind](r, step))
+    if r.report.old_data and all(
+        step_location(r.nodes[s.node]) == HERE for s in r.plan.steps if s.where == HERE
+    ):
         from tasks.topology import dir_size
 
-        report.old_data_bytes = sum(dir_size(Path(p)) for p in report.old_data if Path(p).exists())
-    return dns_error
+        r.report.old_data_bytes = sum(dir_size(Path(p)) for p in r.report.old_data if Path(p).exists())
+    return r.dns_error
 
 
 @flow(name="failback", log_prints=False)
@@ -472,7 +485,7 @@ def failback_flow(
             plan: FailbackPlan = plan_failback(
                 home_state, others, backup=backup and attempt == 0, discard_old_data=discard_old_data
             )
-            report.plan = [f"{s.kind} {s.node}: {s.reason}" for s in plan.steps]
+            report.plan = [s.describe() for s in plan.steps]
             report.notes += [n for n in plan.notes if n not in report.notes]
             if plan.rpo_bytes is not None or report.rpo_bytes is None:
                 report.diverged_timeline, report.fork_lsn = plan.diverged_timeline, plan.fork_lsn
@@ -492,19 +505,21 @@ def failback_flow(
             tl.add("plan", ", ".join(plan.kinds()))
             try:
                 dns_error = _apply(
-                    cfg,
-                    config_path,
-                    plan,
-                    report,
-                    tl,
-                    nodes,
-                    home,
-                    current,
-                    current_name,
-                    approved_by=approved_by,
-                    auto_approve=auto_approve,
-                    approval_timeout_seconds=approval_timeout_seconds,
-                    catch_up_timeout_seconds=catch_up_timeout_seconds,
+                    _Run(
+                        cfg,
+                        config_path,
+                        plan,
+                        report,
+                        tl,
+                        nodes,
+                        home,
+                        current,
+                        current_name,
+                        approved_by,
+                        auto_approve,
+                        approval_timeout_seconds,
+                        catch_up_timeout_seconds,
+                    )
                 )
                 break
             except RewindFailed as exc:
@@ -536,22 +551,13 @@ def failback_flow(
     report.total_seconds = tl.elapsed()
     tl.add("report", f"done in {report.total_seconds:.1f}s")
     report.timeline = tl.events
-    metrics: dict[str, tuple[float, str]] = {
-        "gravl_failback_duration_seconds": (report.total_seconds, "Last failback: total wall time"),
-        "gravl_failback_old_data_bytes": (
-            float(report.old_data_bytes or 0),
-            "Bytes of the old primary's data kept next to its data directory (delete them once read)",
-        ),
+    metrics: dict[str, float] = {
+        "gravl_failback_duration_seconds": report.total_seconds,
+        "gravl_failback_old_data_bytes": float(report.old_data_bytes or 0),
     }
     if report.rpo_bytes is not None:
-        metrics["gravl_failback_unreplicated_bytes"] = (
-            float(report.rpo_bytes),
-            "Last failback: WAL bytes the old primary wrote that never reached the new one",
-        )
+        metrics["gravl_failback_unreplicated_bytes"] = float(report.rpo_bytes)
     if report.switchover:
-        metrics["gravl_failback_write_unavailable_seconds"] = (
-            report.switchover.unavailable_seconds,
-            "Last failback: clean shutdown to first write",
-        )
+        metrics["gravl_failback_write_unavailable_seconds"] = report.switchover.unavailable_seconds
     _finish(cfg, report, key, "failback", failback_markdown, metrics)
     return report

@@ -8,7 +8,8 @@ an interruption converges. Promotion and DNS switch never retry blindly; the nex
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -19,14 +20,24 @@ from prefect.states import Completed
 from pydantic import BaseModel, Field
 
 from flows.common import human_bytes, logger, publish_report, push_flow_metrics
+from flows.node_step import call_node_step, observe
 from flows.params import ConfigPath, OptionalText
 from tasks.config import Config, Node, load_config
 from tasks.dns_switch import DNSChange, check_dns_config, node_dns_value, switch_record
 from tasks.errors import ConfigError, DRError, PermanentError, one_line
-from tasks.failover import DEFAULT_MAX_LAG_BYTES, FailoverPlan, NodeState, Refused, plan_failover, rpo_bytes
+from tasks.failover import (
+    DEFAULT_MAX_LAG_BYTES,
+    FailoverPlan,
+    NodeState,
+    Refused,
+    Step,
+    plan_failover,
+    rpo_bytes,
+)
 from tasks.hooks import HookResult, ReconnectEvent, run_hooks
 from tasks.metrics import outcome_metric
-from tasks.reporting import bullets, kv_table, report_key, section
+from tasks.node_steps import NodeStepArgs
+from tasks.reporting import bullets, report_key, section
 from tasks.runreport import RunReport
 from tasks.runreport import (
     TimelineEvent as TimelineEvent,  # re-exported: failback builds its timeline with it
@@ -36,10 +47,9 @@ from tasks.topology import (
     FenceResult,
     PromoteResult,
     canary_write,
-    fence_node,
+    fence_read_only,
+    not_fenced,
     observe_node,
-    observe_primary,
-    observe_replicas,
     promote_node,
 )
 
@@ -165,27 +175,9 @@ def approval_gate(
     return approve(what, answer.approver, "approval form", answer.comment or "approved in the UI", True)
 
 
-def set_approval(report: Any, record: ApprovalRecord) -> None:
+def set_approval(report: RunReport, record: ApprovalRecord) -> None:
     report.approver, report.approval_note = record.approver, record.note
     report.approved_at, report.auto_approved = record.at, record.how == "auto_approve"
-
-
-def approval_text(r: Any) -> str:
-    """Kept for the failback report until it is a RunReport: ``RunReport.approval_text``."""
-    return str(RunReport.approval_text(r))
-
-
-def push_dr_metrics(cfg: Config, job: str, values: Mapping[str, float | tuple[float, str]]) -> None:
-    push_flow_metrics(cfg, job, {k: v[0] if isinstance(v, tuple) else v for k, v in values.items()})
-
-
-def markdown_table(rows: Sequence[tuple[str, object]]) -> list[str]:
-    return kv_table(rows)
-
-
-def report_sections(r: Any) -> list[str]:
-    """Kept for the failback report until it is a RunReport: ``RunReport.sections``."""
-    return list(RunReport.sections(r))
 
 
 # ------------------------------------------------------------------------------ tasks
@@ -193,23 +185,38 @@ def report_sections(r: Any) -> list[str]:
 
 @task(name="assess-primary", cache_policy=NO_CACHE)
 def assess_primary(cfg: Config) -> NodeState:
-    state = observe_primary(cfg)
+    # The node's own files count only when it does not answer (was it fenced? how far did its WAL go?).
+    state = observe(cfg, cfg.primary, "primary", attempts=3, facts=False)
     logger().info("%s", state.evidence())
     return state
 
 
 @task(name="check-replica-health", cache_policy=NO_CACHE)
-def check_replica_health(cfg: Config) -> list[NodeState]:
-    states = observe_replicas(cfg)
+def check_replica_health(cfg: Config, facts: bool = False) -> list[NodeState]:
+    states = [observe(cfg, r, "replica", attempts=2, facts=facts) for r in cfg.replicas]
     for s in states:
         logger().info("%s", s.evidence())
     return states
 
 
 @task(name="fence-old-primary", cache_policy=NO_CACHE)
-def fence_old_primary(cfg: Config, node: Node, clean: bool) -> FenceResult:
-    state = observe_node(node, "primary", os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
-    res = fence_node(node, state, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir, clean=clean)
+def fence_old_primary(cfg: Config, node: Node, step: Step) -> FenceResult:
+    """Fence as the plan decided: stop and mark (here or on the node's worker), or read-only over SQL."""
+    if step.method == "stop":
+        try:
+            res = FenceResult.model_validate(
+                call_node_step(cfg, node, "fence", NodeStepArgs(clean=True), where=step.where).payload
+            )
+        except DRError as exc:
+            logger().warning(
+                "%s: fence by stopping failed (%s): making it read-only instead", node.name, one_line(exc)
+            )
+            res = fence_read_only(node)
+            res = res.model_copy(update={"action": f"stop failed ({one_line(exc)}); {res.action}"})
+    elif step.method == "read-only":
+        res = fence_read_only(node)
+    else:
+        res = not_fenced(node, "unreachable, and neither its pgdata nor a work pool of it is known")
     (logger().info if res.fenced else logger().warning)("%s: %s", node.name, res.action)
     return res
 
@@ -381,7 +388,7 @@ def _finish(
     key: str,
     job: str,
     markdown: Callable[[Any], str],
-    metrics: Mapping[str, float | tuple[float, str]],
+    metrics: Mapping[str, float],
 ) -> None:
     publish_report(key, markdown(report), f"{job} of {cfg.cluster}")
     now = time.time()
@@ -391,7 +398,7 @@ def _finish(
         metrics = {outcome_metric(job, "failure"): now, **metrics}
     else:
         metrics = {outcome_metric(job, "refusal"): now}
-    push_dr_metrics(cfg, job, metrics)
+    push_flow_metrics(cfg, job, metrics)
 
 
 def failover_metrics(r: FailoverReport) -> dict[str, float]:
@@ -403,6 +410,97 @@ def failover_metrics(r: FailoverReport) -> dict[str, float]:
     if r.fenced is not None:
         out["gravl_failover_old_primary_unfenced"] = 0.0 if r.fenced else 1.0
     return out
+
+
+@dataclass
+class _Failover:
+    """What every step of one failover plan needs."""
+
+    cfg: Config
+    report: FailoverReport
+    tl: Timeline
+    target: Node
+    old: Node
+    force: bool
+    approved_by: str | None
+    auto_approve: bool
+    approval_timeout_seconds: int
+    dns_error: str | None = None
+
+
+def _approve_step(r: _Failover, step: Step) -> None:
+    record = approval_gate(
+        what=f"promote {r.target.name} in place of {r.old.name}",
+        plan_lines=r.report.plan,
+        approved_by=r.approved_by,
+        auto_approve=r.auto_approve,
+        timeout_seconds=r.approval_timeout_seconds,
+    )
+    set_approval(r.report, record)
+    r.tl.add("approve", f"approved by {r.report.approver}" + (" (auto_approve)" if r.auto_approve else ""))
+
+
+def _fence_step(r: _Failover, step: Step) -> None:
+    fence = fence_old_primary(r.cfg, r.old, step)
+    r.report.fence, r.report.fenced = fence.action, fence.fenced
+    r.tl.add("fence-old-primary", fence.action)
+    if not fence.fenced:
+        r.report.warnings.append(f"{r.old.name} could not be fenced: {fence.action}")
+
+
+def _promote_step(r: _Failover, step: Step) -> None:
+    promoted = promote_replica(r.cfg, r.target, r.old, r.force)
+    r.report.promoted_lsn = promoted.promoted_lsn
+    r.tl.add(
+        "promote-replica",
+        f"{r.target.name} promoted, timeline {promoted.timeline} from {promoted.promoted_lsn}"
+        if not promoted.already_primary
+        else f"{r.target.name} already primary",
+    )
+    outcome = record_role_change_task(
+        r.cfg, "failover", r.target.name, [r.old.name], promoted.timeline, promoted.promoted_lsn
+    )
+    _record(r.report, r.tl, outcome)
+
+
+def _dns_step(r: _Failover, step: Step) -> None:
+    try:
+        r.report.dns = switch_dns(r.cfg, [node_dns_value(r.old)], node_dns_value(r.target))
+        r.tl.add("switch-dns", r.report.dns.detail)
+    except DRError as exc:
+        r.dns_error = f"DNS switch failed: {one_line(exc)}"
+        r.tl.add("switch-dns", r.dns_error)
+
+
+def _reconnect_step(r: _Failover, step: Step) -> None:
+    if r.dns_error:
+        r.tl.add("reconnect-apps", "skipped: DNS does not point at the new primary")
+        return
+    event = ReconnectEvent(
+        cluster=r.cfg.cluster,
+        event="failover",
+        new_primary=r.target.name,
+        old_primary=r.old.name,
+        host=node_dns_value(r.target),
+        dns_record=r.cfg.dns.record,
+    )
+    r.report.hooks = reconnect_apps(r.cfg, event)
+    r.tl.add("reconnect-apps", f"{sum(h.ok for h in r.report.hooks)}/{len(r.report.hooks)} hook(s) ok")
+
+
+def _validate_step(r: _Failover, step: Step) -> None:
+    r.report.canary = validate_primary(r.target, f"failover {r.tl.started.isoformat()}")
+    r.report.rto_seconds = round(r.tl.add("validate", f"canary write on {r.target.name} read back"), 3)
+
+
+_FAILOVER_STEPS: dict[str, Callable[[_Failover, Step], None]] = {
+    "approve": _approve_step,
+    "fence-old-primary": _fence_step,
+    "promote-replica": _promote_step,
+    "switch-dns": _dns_step,
+    "reconnect-apps": _reconnect_step,
+    "validate": _validate_step,
+}
 
 
 @flow(name="failover", log_prints=False)
@@ -474,68 +572,12 @@ def failover_flow(
             + f": {', '.join(plan.kinds())}",
         )
         target, old = nodes[plan.target], nodes[plan.old_primary]
-        dns_error: str | None = None
+        run = _Failover(
+            cfg, report, tl, target, old, force, approved_by, auto_approve, approval_timeout_seconds
+        )
         for step in plan.steps:
-            if step.kind == "approve":
-                set_approval(
-                    report,
-                    approval_gate(
-                        what=f"promote {target.name} in place of {old.name}",
-                        plan_lines=report.plan,
-                        approved_by=approved_by,
-                        auto_approve=auto_approve,
-                        timeout_seconds=approval_timeout_seconds,
-                    ),
-                )
-                tl.add(
-                    "approve", f"approved by {report.approver}" + (" (auto_approve)" if auto_approve else "")
-                )
-            elif step.kind == "fence-old-primary":
-                fence = fence_old_primary(cfg, old, clean=True)
-                report.fence, report.fenced = fence.action, fence.fenced
-                tl.add("fence-old-primary", fence.action)
-                if not fence.fenced:
-                    report.warnings.append(f"{old.name} could not be fenced: {fence.action}")
-            elif step.kind == "promote-replica":
-                promoted = promote_replica(cfg, target, old, force)
-                report.promoted_lsn = promoted.promoted_lsn
-                tl.add(
-                    "promote-replica",
-                    f"{target.name} promoted, timeline {promoted.timeline} from {promoted.promoted_lsn}"
-                    if not promoted.already_primary
-                    else f"{target.name} already primary",
-                )
-                _record(
-                    report,
-                    tl,
-                    record_role_change_task(
-                        cfg, "failover", target.name, [old.name], promoted.timeline, promoted.promoted_lsn
-                    ),
-                )
-            elif step.kind == "switch-dns":
-                try:
-                    report.dns = switch_dns(cfg, [node_dns_value(old)], node_dns_value(target))
-                    tl.add("switch-dns", report.dns.detail)
-                except DRError as exc:
-                    dns_error = f"DNS switch failed: {one_line(exc)}"
-                    tl.add("switch-dns", dns_error)
-            elif step.kind == "reconnect-apps":
-                if dns_error:
-                    tl.add("reconnect-apps", "skipped: DNS does not point at the new primary")
-                    continue
-                event = ReconnectEvent(
-                    cluster=cfg.cluster,
-                    event="failover",
-                    new_primary=target.name,
-                    old_primary=old.name,
-                    host=node_dns_value(target),
-                    dns_record=cfg.dns.record,
-                )
-                report.hooks = reconnect_apps(cfg, event)
-                tl.add("reconnect-apps", f"{sum(h.ok for h in report.hooks)}/{len(report.hooks)} hook(s) ok")
-            elif step.kind == "validate":
-                report.canary = validate_primary(target, f"failover {tl.started.isoformat()}")
-                report.rto_seconds = round(tl.add("validate", f"canary write on {target.name} read back"), 3)
+            _FAILOVER_STEPS[step.kind](run, step)
+        dns_error = run.dns_error
         if plan.already_promoted:
             already = promote_node(target)  # read-only: it is a primary
             report.promoted_lsn = report.promoted_lsn or already.promoted_lsn

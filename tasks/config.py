@@ -23,8 +23,19 @@ class _Strict(BaseModel):
 class Node(_Strict):
     name: str = "primary"
     dsn: str = Field(description="libpq connection string; no password (use .pgpass or PGPASSWORD)")
-    pgdata: str | None = None
+    pgdata: str | None = Field(
+        default=None, description="the node's data directory, when it is on the host reading this config"
+    )
     dns_value: str | None = None
+    work_pool: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+        description=(
+            "Prefect process work pool whose worker runs on this node's host: node-local steps "
+            "(fence by stopping, rebuild, start/stop) run there as `node-step/<work_pool>` runs "
+            "when this config has no pgdata for the node"
+        ),
+    )
 
     @field_validator("dsn")
     @classmethod
@@ -198,6 +209,18 @@ class BackupConfig(_Strict):
         return value
 
 
+class NodeStepsConfig(_Strict):
+    pickup_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=60, description="a node step no worker of the node's pool picked up by then is withdrawn"
+    )
+    observe_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=30, description="the same for reading a node's data directory while planning (an RTO cost)"
+    )
+    timeout_seconds: Annotated[float, Field(gt=0, le=86400)] = Field(
+        default=3600, description="a node step still running after this is reported as unknown, not success"
+    )
+
+
 class Config(_Strict):
     cluster: str = Field(default="gravl", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     primary: Node
@@ -210,6 +233,7 @@ class Config(_Strict):
     reconnect: list[ReconnectHook] = []
     postgres: PostgresConfig = PostgresConfig()
     backup: BackupConfig = BackupConfig()
+    node_steps: NodeStepsConfig = NodeStepsConfig()
 
 
 def _describe(err: ValidationError) -> str:

@@ -94,6 +94,13 @@ class NodeState(BaseModel):
     rebuild_phase: str | None = None  # tasks.topology's marker: rewinding, rewind-failed, rewound, cloned...
     kept_old_data: list[str] = []  # old data directories / WAL kept next to pgdata by earlier rebuilds
     history: list[tuple[int, str]] = []  # a primary's timeline history: (timeline, where it ended)
+    # Where this node's local steps can run: "here", "pool:<work pool>" (its own worker), or None
+    runs_on: str | None = None
+
+    @property
+    def steps_at(self) -> str | None:
+        """Where node-local steps for this node run, or None when they cannot run anywhere."""
+        return self.runs_on or ("here" if self.local_pgdata else None)
 
     @property
     def accepts_writes(self) -> bool:
@@ -185,12 +192,26 @@ READY_PHASES = ("rewound", "cloned")
 REWIND_SAFE_STATES = ("shut down", "shut down in recovery", "in production")
 
 
+FenceMethod = Literal["stop", "read-only", "none"]
+
+
 class Step(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     kind: StepKind
     node: str
     reason: str
+    # Where it runs: "libpq" (the orchestrator, over SQL), "here" (the node's files on this host),
+    # "pool:<work pool>" (a node-step run on the node's own worker).
+    where: str = "libpq"
+    method: FenceMethod | None = None  # fence-old-primary: stop the server, or make it read-only
+
+    def describe(self) -> str:
+        where = {"libpq": "", "here": " [on this host]"}.get(
+            self.where, f" [on work pool {self.where.removeprefix('pool:')}]"
+        )
+        how = f" ({self.method})" if self.method else ""
+        return f"{self.kind}{how} {self.node}{where}: {self.reason}"
 
 
 class FailoverPlan(BaseModel):
@@ -211,7 +232,7 @@ class FailoverPlan(BaseModel):
 
     def step_lines(self) -> list[str]:
         """Each step as one line (the report's plan and the terminal preview)."""
-        return [f"{s.kind} {s.node}: {s.reason}" for s in self.steps]
+        return [s.describe() for s in self.steps]
 
     def preview(self) -> list[str]:
         """What an operator reads before approving: the evidence, then the numbered plan."""
@@ -245,48 +266,7 @@ def plan_failover(
     """
     everyone = [primary, *replicas]
     promoted = [r for r in replicas if r.accepts_writes]
-    notes: list[str] = []
-    if len(promoted) > 1:
-        raise _refuse(
-            f"split brain: several replicas accept writes ({', '.join(r.name for r in promoted)}); "
-            "resolve by hand",
-            everyone,
-        )
-    if primary.accepts_writes:
-        if planned and not primary.local_pgdata:
-            raise _refuse(
-                f"planned failover needs {primary.name}'s pgdata on this host to stop it cleanly", everyone
-            )
-        if promoted and not force:
-            raise _refuse(
-                f"split brain: {primary.name} and {promoted[0].name} both accept writes; stop "
-                f"{primary.name} or re-run with --force to fence it",
-                everyone,
-            )
-        if not promoted and not (force or planned):
-            raise _refuse(
-                f"refusing to fail over: primary {primary.name} is up and accepting writes at "
-                f"{primary.current_lsn}; stop it first or pass --force",
-                everyone,
-            )
-        notes.append(
-            f"{primary.name} was accepting writes: it is fenced before anything is promoted"
-            + (" (planned: clean shutdown, no data loss)" if planned else " (forced)")
-        )
-    elif primary.alive_but_refusing:
-        # Not down: it answered. Promoting now would leave two primaries that both take writes.
-        if not force:
-            raise _refuse(
-                f"refusing to fail over: primary {primary.name} is alive — it answered but refused "
-                f"gravl-dr's login ({primary.error}); fix the login (pg_hba, password, connection "
-                "slots) or pass --force to fence it and promote anyway",
-                everyone,
-            )
-        notes.append(
-            f"FORCED: {primary.name} is alive but refused our login; it is fenced before anything "
-            "is promoted"
-            + ("" if primary.local_pgdata else " — without its data directory here it may NOT be fenceable")
-        )
+    notes = _unsafe_primary_notes(primary, promoted, everyone, force=force, planned=planned)
 
     if promoted:
         target = promoted[0]
@@ -342,13 +322,7 @@ def plan_failover(
             )
         )
     if alive or not primary.fenced or primary.postmaster_running:
-        if primary.local_pgdata:
-            how = "stop it and mark its data directory so a restart stays read-only"
-        elif primary.reachable:
-            how = "make it refuse writes (default_transaction_read_only) and end its sessions"
-        else:
-            how = "unreachable and no local data directory: record that it could not be fenced"
-        steps.append(Step(kind="fence-old-primary", node=primary.name, reason=how))
+        steps.append(_fence_step(primary))
     if not already:
         if not alive:
             steps.append(Step(kind="approve", node=target.name, reason=f"promote {target.name}"))
@@ -379,6 +353,84 @@ def plan_failover(
         lag_bytes=lag,
         evidence=[s.evidence() for s in everyone],
         notes=notes,
+    )
+
+
+def _unsafe_primary_notes(
+    primary: NodeState, promoted: list[NodeState], everyone: list[NodeState], *, force: bool, planned: bool
+) -> list[str]:
+    """Refuse a failover that would leave two writable primaries; notes on what force/planned allow."""
+    notes: list[str] = []
+    if len(promoted) > 1:
+        raise _refuse(
+            f"split brain: several replicas accept writes ({', '.join(r.name for r in promoted)}); "
+            "resolve by hand",
+            everyone,
+        )
+    if primary.accepts_writes:
+        if planned and not primary.steps_at:
+            raise _refuse(
+                f"planned failover needs {primary.name}'s pgdata on this host or its work pool "
+                "to stop it cleanly",
+                everyone,
+            )
+        if promoted and not force:
+            raise _refuse(
+                f"split brain: {primary.name} and {promoted[0].name} both accept writes; stop "
+                f"{primary.name} or re-run with --force to fence it",
+                everyone,
+            )
+        if not promoted and not (force or planned):
+            raise _refuse(
+                f"refusing to fail over: primary {primary.name} is up and accepting writes at "
+                f"{primary.current_lsn}; stop it first or pass --force",
+                everyone,
+            )
+        notes.append(
+            f"{primary.name} was accepting writes: it is fenced before anything is promoted"
+            + (" (planned: clean shutdown, no data loss)" if planned else " (forced)")
+        )
+    elif primary.alive_but_refusing:
+        # Not down: it answered. Promoting now would leave two primaries that both take writes.
+        if not force:
+            raise _refuse(
+                f"refusing to fail over: primary {primary.name} is alive — it answered but refused "
+                f"gravl-dr's login ({primary.error}); fix the login (pg_hba, password, connection "
+                "slots) or pass --force to fence it and promote anyway",
+                everyone,
+            )
+        notes.append(
+            f"FORCED: {primary.name} is alive but refused our login; it is fenced before anything "
+            "is promoted"
+            + ("" if primary.steps_at else " — without its data directory or worker it may NOT be fenceable")
+        )
+    return notes
+
+
+def _fence_step(primary: NodeState) -> Step:
+    """Stop-and-mark where the node's files can be reached (here or its worker), else read-only over SQL."""
+    where = primary.steps_at
+    if where:
+        return Step(
+            kind="fence-old-primary",
+            node=primary.name,
+            reason="stop it and mark its data directory so a restart stays read-only",
+            where=where,
+            method="stop",
+        )
+    if primary.reachable:
+        return Step(
+            kind="fence-old-primary",
+            node=primary.name,
+            reason="no data directory or worker for it: make it refuse writes "
+            "(default_transaction_read_only) and end its sessions",
+            method="read-only",
+        )
+    return Step(
+        kind="fence-old-primary",
+        node=primary.name,
+        reason="unreachable, and no data directory or worker for it: record that it could not be fenced",
+        method="none",
     )
 
 
@@ -461,6 +513,7 @@ def plan_failback(
                 node=home.name,
                 reason=f"{stopped[0].name} is already stopped; check {home.name} replayed its final "
                 "checkpoint, then promote",
+                where=stopped[0].steps_at or "libpq",
             ),
         ]
     else:
@@ -485,18 +538,22 @@ def plan_failback(
                     "checked, nothing is rebuilt",
                     everyone,
                 )
-            if not home.local_pgdata:
-                raise _refuse(f"cannot rebuild {home.name}: its pgdata is not on this host", everyone)
+            if not (home.steps_at and home.local_pgdata):
+                raise _refuse(
+                    f"cannot rebuild {home.name}: its pgdata is not on this host and no worker of its "
+                    "work pool read it",
+                    everyone,
+                )
             divergence = _divergence(home, current)
             rebuild, rebuild_notes = _rebuild_steps(
                 home, current, discard_old_data=discard_old_data, rpo=divergence[3]
             )
             steps += rebuild
             notes += rebuild_notes
-        if not current.local_pgdata:
+        if not current.steps_at:
             raise _refuse(
-                f"cannot switch over: {current.name}'s pgdata is not on this host (a clean "
-                "shutdown needs pg_ctl)",
+                f"cannot switch over: {current.name}'s pgdata is not on this host and it has no "
+                "work pool (a clean shutdown needs pg_ctl on its host)",
                 everyone,
             )
         steps += [
@@ -510,6 +567,7 @@ def plan_failback(
                 kind="switchover",
                 node=home.name,
                 reason=f"clean shutdown of {current.name}, {home.name} replays the final LSN, promote",
+                where=current.steps_at or "libpq",
             ),
         ]
     for other in others:
@@ -519,21 +577,23 @@ def plan_failback(
                     kind="rejoin-former-primary",
                     node=other.name,
                     reason=f"restart {other.name} as a standby of {home.name}",
+                    where=other.steps_at or "libpq",
                 )
             )
         elif not (other.is_standby and other.upstream == home.address):
-            if other.local_pgdata:
+            if other.steps_at:
                 steps.append(
                     Step(
                         kind="rejoin-former-primary",
                         node=other.name,
                         reason=f"point {other.name} at {home.name}",
+                        where=other.steps_at,
                     )
                 )
             else:
                 notes.append(
-                    f"{other.name} does not stream from {home.name} and its pgdata is not "
-                    "here: re-point it by hand"
+                    f"{other.name} does not stream from {home.name} and neither its pgdata nor "
+                    "a work pool of it is known: re-point it by hand"
                 )
     steps += [
         Step(kind="switch-dns", node=home.name, reason=f"point the record back at {home.name}"),
@@ -541,6 +601,10 @@ def plan_failback(
         Step(kind="validate", node=home.name, reason=f"canary write and read on {home.name}"),
     ]
     tli, fork, end, rpo = divergence
+    local = {"stop-old-primary", "save-local-settings", "keep-old-wal", "rewind-old-primary"}
+    local |= {"reclone-old-primary", "start-as-standby", "discard-old-data"}
+    where = home.steps_at or "here"
+    steps = [s.model_copy(update={"where": where}) if s.kind in local else s for s in steps]
     return FailbackPlan(
         home=home.name,
         current=current.name if current else None,
@@ -569,6 +633,30 @@ def _divergence(home: NodeState, current: NodeState) -> tuple[int | None, str | 
     return tli, fork, end, max(0, end_pos - fork_pos)
 
 
+def _rebuild_method(home: NodeState, current: NodeState, *, running: bool) -> tuple[str, str]:
+    """Start, rewind or re-clone, and why: read off home's rebuild marker and control file."""
+    n, cur, phase = home.name, current.name, home.rebuild_phase
+    if phase in READY_PHASES and not running:
+        return "start", f"{n} was already {phase}: start it as a standby"
+    if phase in READY_PHASES:
+        return "reclone", f"{n} was {phase} but does not follow {cur}'s timeline"
+    if phase in ("rewinding", "rewind-failed"):
+        return (
+            "reclone",
+            f"pg_rewind of {n} was {'interrupted' if phase == 'rewinding' else 'failed'}: "
+            "its data directory is not trusted",
+        )
+    if phase == "moved-aside":
+        return "reclone", f"a re-clone of {n} was interrupted: finish it"
+    if phase is not None:
+        return "reclone", f"unknown rebuild phase {phase!r}"
+    if home.rewind_capable is False:
+        return "reclone", "pg_rewind impossible (needs wal_log_hints=on or data checksums)"
+    if not running and home.control_state not in REWIND_SAFE_STATES:
+        return "reclone", f"control file says {home.control_state or 'nothing readable'}: not safe to rewind"
+    return "rewind", f"control file {home.control_state or 'of a standby stopped cleanly'}"
+
+
 def _rebuild_steps(
     home: NodeState, current: NodeState, *, discard_old_data: bool, rpo: int | None
 ) -> tuple[list[Step], list[str]]:
@@ -593,32 +681,9 @@ def _rebuild_steps(
                 f"stream from {cur}: stop it cleanly so its files can be rebuilt",
             )
         )
-    method: str
     if phase in READY_PHASES and running and home.timeline == current.timeline:
         return [], [f"{n} was {phase} and runs on {cur}'s timeline {current.timeline}: waiting for it"]
-    if phase in READY_PHASES and not running:
-        method, why = "start", f"{n} was already {phase}: start it as a standby"
-    elif phase in READY_PHASES:
-        method, why = "reclone", f"{n} was {phase} but does not follow {cur}'s timeline"
-    elif phase in ("rewinding", "rewind-failed"):
-        method, why = (
-            "reclone",
-            f"pg_rewind of {n} was {'interrupted' if phase == 'rewinding' else 'failed'}: "
-            "its data directory is not trusted",
-        )
-    elif phase == "moved-aside":
-        method, why = "reclone", f"a re-clone of {n} was interrupted: finish it"
-    elif phase is not None:
-        method, why = "reclone", f"unknown rebuild phase {phase!r}"
-    elif home.rewind_capable is False:
-        method, why = "reclone", "pg_rewind impossible (needs wal_log_hints=on or data checksums)"
-    elif not running and home.control_state not in REWIND_SAFE_STATES:
-        method, why = (
-            "reclone",
-            f"control file says {home.control_state or 'nothing readable'}: not safe to rewind",
-        )
-    else:
-        method, why = "rewind", f"control file {home.control_state or 'of a standby stopped cleanly'}"
+    method, why = _rebuild_method(home, current, running=running)
     if phase is None:
         steps.append(
             Step(

@@ -179,7 +179,7 @@ def push_metrics(
     gateway: str | None,
     job: str,
     grouping: Mapping[str, str],
-    values: Mapping[str, float | tuple[float, str]],
+    values: Mapping[str, float],
     timeout: float = 10,
 ) -> bool:
     """Push catalog gauges ``name -> value`` (help texts from the catalog); returns False when no
@@ -191,8 +191,7 @@ def push_metrics(
 
     registry = CollectorRegistry()
     for name, value in values.items():
-        number = value[0] if isinstance(value, tuple) else value
-        Gauge(name, CATALOG[name].help, registry=registry).set(number)
+        Gauge(name, CATALOG[name].help, registry=registry).set(value)
     try:
         pushadd_to_gateway(gateway, job=job, registry=registry, grouping_key=dict(grouping), timeout=timeout)
     except OSError as exc:

@@ -56,10 +56,13 @@ class RunReport(BaseModel):
         return f"{self.approver}{when} — {how} ({self.approval_note or '-'})"
 
     def shared_rows(self) -> list[tuple[str, object]]:
-        """The rows every run's table ends its approval, DNS and validation part with."""
+        """The rows every run's table has: who approved, then ``switch_rows``."""
+        return [("approved by", self.approval_text()), *self.switch_rows()]
+
+    def switch_rows(self) -> list[tuple[str, object]]:
+        """Where clients were sent (DNS) and the canary write that proved the new primary."""
         canary = self.canary
         return [
-            ("approved by", self.approval_text()),
             ("DNS", self.dns.detail if self.dns else "-"),
             ("validation", f"canary row {canary.row_id} at {canary.lsn}" if canary else "-"),
         ]

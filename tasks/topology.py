@@ -26,6 +26,7 @@ from tasks.config import Config, Node
 from tasks.errors import CommandFailed, DRError, PermanentError, PreconditionFailed, TransientError, one_line
 from tasks.failover import READY_PHASES, REWIND_SAFE_STATES, NodeState, server_answered
 from tasks.libpq import client_env
+from tasks.node_steps import step_location
 from tasks.pgcluster import chown_tree, postmaster_running, start_server
 from tasks.polling import Progress, poll_until
 from tasks.postgres import ServerUnreachable, connection, dsn_field
@@ -322,26 +323,37 @@ def observe_node(
         )
     extra: dict[str, object] = {}
     if pgdata is not None and local_facts and not base.get("postmaster_running"):
-        # A dead server's own files say how far its WAL got (the RPO reference) and how it stopped.
-        try:
-            ctl = controldata(pgdata, os_user=os_user, bindir=bindir)
-            extra["control_state"] = ctl.get("Database cluster state")
-            extra["checkpoint_lsn"] = ctl.get("Latest checkpoint location")
-            extra["system_identifier"] = ctl.get("Database system identifier")
-            tli = ctl.get("Latest checkpoint's TimeLineID")
-            extra["timeline"] = int(tli) if tli and tli.isdigit() else None
-            extra["last_local_lsn"] = last_local_wal_lsn(pgdata, os_user=os_user, bindir=bindir)
-            extra["rewind_capable"] = rewind_possible(ctl)
-        except DRError as exc:
-            log.warning("could not read %s's data directory: %s", node.name, one_line(exc))
+        extra = _stopped_server_facts(node, pgdata, os_user=os_user, bindir=bindir)
     return NodeState.model_validate(
         {**base, "reachable": False, "error": error, "answered": answered, **extra}
     )
 
 
+def _stopped_server_facts(node: Node, pgdata: Path, *, os_user: str, bindir: str) -> dict[str, object]:
+    """A dead server's own files: how far its WAL got (the RPO reference) and how it stopped."""
+    try:
+        ctl = controldata(pgdata, os_user=os_user, bindir=bindir)
+        tli = ctl.get("Latest checkpoint's TimeLineID")
+        return {
+            "control_state": ctl.get("Database cluster state"),
+            "checkpoint_lsn": ctl.get("Latest checkpoint location"),
+            "system_identifier": ctl.get("Database system identifier"),
+            "timeline": int(tli) if tli and tli.isdigit() else None,
+            "last_local_lsn": last_local_wal_lsn(pgdata, os_user=os_user, bindir=bindir),
+            "rewind_capable": rewind_possible(ctl),
+        }
+    except DRError as exc:
+        log.warning("could not read %s's data directory: %s", node.name, one_line(exc))
+        return {}
+
+
 def observe_primary(cfg: Config) -> NodeState:
-    """The configured primary as failover judges it: three attempts (a restart is not an outage)."""
-    return observe_node(
+    """The configured primary as failover judges it: three attempts (a restart is not an outage).
+
+    Over libpq and the local data directory only; where its node steps would run is recorded
+    (the flow also asks the node's own worker when it does not answer).
+    """
+    state = observe_node(
         cfg.primary,
         "primary",
         os_user=cfg.postgres.os_user,
@@ -349,6 +361,7 @@ def observe_primary(cfg: Config) -> NodeState:
         attempts=3,
         connect_timeout=3,
     )
+    return state.model_copy(update={"runs_on": step_location(cfg.primary)})
 
 
 def observe_replicas(cfg: Config) -> list[NodeState]:
@@ -361,7 +374,7 @@ def observe_replicas(cfg: Config) -> list[NodeState]:
             bindir=cfg.postgres.bindir,
             attempts=2,
             connect_timeout=3,
-        )
+        ).model_copy(update={"runs_on": step_location(r)})
         for r in cfg.replicas
     ]
 
@@ -399,58 +412,66 @@ def _write_fence_marker(pgdata: Path, os_user: str, reason: str) -> None:
     chown_tree(pgdata / FENCE_MARKER, os_user)
 
 
-def fence_node(
-    node: Node, state: NodeState, *, os_user: str, bindir: str = "auto", clean: bool = True
-) -> FenceResult:
-    """Stop the old primary and mark it, or at least make it refuse writes; say what was done."""
-    pgdata = local_pgdata(node)
-    if pgdata is not None:
-        was_running = postmaster_running(pgdata)
-        if was_running:
-            try:
-                stop_server(
-                    pgdata, os_user=os_user, bindir=bindir, mode="fast" if clean else "immediate", timeout=30
-                )
-            except CommandFailed:
-                stop_server(pgdata, os_user=os_user, bindir=bindir, mode="immediate", timeout=30)
-        _write_fence_marker(pgdata, os_user, "failover")
-        what = (
-            "stopped it (clean shutdown)"
-            if was_running and clean
-            else "stopped it"
-            if was_running
-            else "it was down"
-        )
-        return FenceResult(
-            node=node.name,
-            fenced=True,
-            action=f"{what}; placed standby.signal in {pgdata} so a restart comes up read-only",
-        )
-    if state.reachable:
+def fence_by_stop(node: Node, *, os_user: str, bindir: str = "auto", clean: bool = True) -> FenceResult:
+    """Stop the old primary (if it runs) and mark its data directory so a restart comes up read-only.
+
+    A node-local step: it needs the node's data directory on this host.
+    """
+    pgdata = node_pgdata(node)
+    was_running = postmaster_running(pgdata)
+    if was_running:
         try:
-            with connection(node.dsn, timeout=3) as conn:
-                conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
-                conn.execute("SELECT pg_reload_conf()")
-                ended = conn.execute(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
-                ).fetchone()
-        except (ServerUnreachable, psycopg.Error) as exc:
-            return FenceResult(
-                node=node.name, fenced=False, action=f"could not make it read-only: {one_line(exc)}"
+            stop_server(
+                pgdata, os_user=os_user, bindir=bindir, mode="fast" if clean else "immediate", timeout=30
             )
+        except CommandFailed:
+            stop_server(pgdata, os_user=os_user, bindir=bindir, mode="immediate", timeout=30)
+    _write_fence_marker(pgdata, os_user, "failover")
+    what = (
+        "stopped it (clean shutdown)"
+        if was_running and clean
+        else "stopped it"
+        if was_running
+        else "it was down"
+    )
+    return FenceResult(
+        node=node.name,
+        fenced=True,
+        action=f"{what}; placed standby.signal in {pgdata} so a restart comes up read-only",
+    )
+
+
+def fence_read_only(node: Node) -> FenceResult:
+    """The soft fence over libpq: default_transaction_read_only=on and its sessions ended."""
+    try:
+        with connection(node.dsn, timeout=3) as conn:
+            conn.execute("SET statement_timeout = '10s'")
+            conn.execute("SET lock_timeout = '5s'")
+            conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+            conn.execute("SELECT pg_reload_conf()")
+            ended = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            ).fetchone()
+    except (ServerUnreachable, psycopg.Error) as exc:
         return FenceResult(
-            node=node.name,
-            fenced=True,
-            action=f"made it read-only (default_transaction_read_only=on) and ended "
-            f"{ended[0] if ended else 0} session(s); a client can still override it — "
-            "stop it when you can",
+            node=node.name, fenced=False, action=f"could not make it read-only: {one_line(exc)}"
         )
     return FenceResult(
         node=node.name,
+        fenced=True,
+        action=f"made it read-only (default_transaction_read_only=on) and ended "
+        f"{ended[0] if ended else 0} session(s); a client can still override it — "
+        "stop it when you can",
+    )
+
+
+def not_fenced(node: Node, why: str) -> FenceResult:
+    return FenceResult(
+        node=node.name,
         fenced=False,
-        action="NOT fenced: unreachable and its pgdata is not on this host — make sure it "
-        "cannot come back as a primary (power it off or cut it from the network)",
+        action=f"NOT fenced: {why} — make sure it cannot come back as a primary (power it off or cut it "
+        "from the network)",
     )
 
 
@@ -1071,37 +1092,58 @@ class SwitchoverResult(Frozen):
     unavailable_seconds: float  # clean shutdown started -> first write committed on the new primary
 
 
-def switch_over(
-    old: Node, new: Node, *, os_user: str, bindir: str = "auto", label: str, replay_timeout: float = 60
-) -> SwitchoverResult:
-    """Zero-loss switchover: stop ``old`` cleanly, check ``new`` replayed its shutdown checkpoint, promote.
+class CleanStop(Frozen):
+    """A clean shutdown of the primary being switched away from, as its own host saw it."""
+
+    node: str
+    control_state: str | None
+    final_checkpoint_lsn: str | None
+    stopping_at: datetime  # wall clock when the shutdown began (the start of write unavailability)
+
+
+def in_recovery(node: Node) -> bool:
+    with connection(node.dsn, timeout=3) as conn:
+        row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+    return bool(row and row[0])
+
+
+def stop_cleanly(node: Node, *, os_user: str, bindir: str = "auto") -> CleanStop:
+    """The node-local half of a switchover: CHECKPOINT (so the shutdown one is short), then a fast shutdown.
 
     A clean ("fast") shutdown makes the walsenders send everything up to and including the
-    shutdown checkpoint before the server exits (walsender.c WalSndDone), so a streaming standby
-    that has replayed past that record has every committed transaction.
+    shutdown checkpoint before the server exits (walsender.c WalSndDone).
     """
-    pgdata = local_pgdata(old)
-    if pgdata is None:
-        raise PreconditionFailed(f"cannot switch over: {old.name}'s pgdata is not on this host")
-    with connection(new.dsn, timeout=3) as conn:
-        row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-    new_is_standby = bool(row and row[0])
+    pgdata = node_pgdata(node)
+    if postmaster_running(pgdata):
+        with contextlib.suppress(DRError, psycopg.Error), connection(node.dsn, timeout=3) as conn:
+            conn.execute("SET statement_timeout = '60s'")
+            conn.execute("CHECKPOINT")
+    stopping_at = datetime.now(UTC)
+    ctl = stop_server(pgdata, os_user=os_user, bindir=bindir, mode="fast")
+    return CleanStop(
+        node=node.name,
+        control_state=ctl.get("Database cluster state"),
+        final_checkpoint_lsn=ctl.get("Latest checkpoint location"),
+        stopping_at=stopping_at,
+    )
+
+
+def promote_after_stop(
+    old: Node, new: Node, stop: CleanStop, *, new_was_standby: bool, label: str, replay_timeout: float = 60
+) -> SwitchoverResult:
+    """The libpq half of a switchover: ``new`` replayed past ``old``'s shutdown checkpoint, promote, first write.
+
+    A streaming standby that has replayed past that record has every committed transaction.
+    """
     final: str | None = None
     replayed: str | None = None
-    if postmaster_running(pgdata):
-        if not new_is_standby:
-            raise PreconditionFailed(f"split brain: {old.name} runs and {new.name} is already a primary")
-        with contextlib.suppress(DRError, psycopg.Error), connection(old.dsn, timeout=3) as conn:
-            conn.execute("CHECKPOINT")  # so the shutdown checkpoint has little left to write
-    t_stop = time.monotonic()
-    ctl = stop_server(pgdata, os_user=os_user, bindir=bindir, mode="fast")
-    if new_is_standby:
-        if ctl.get("Database cluster state") != "shut down":
+    if new_was_standby:
+        if stop.control_state != "shut down":
             raise PermanentError(
-                f"{old.name} is not cleanly shut down ({ctl.get('Database cluster state')}): a zero-loss "
+                f"{old.name} is not cleanly shut down ({stop.control_state}): a zero-loss "
                 "switchover is impossible; use failover instead"
             )
-        final = ctl.get("Latest checkpoint location")
+        final = stop.final_checkpoint_lsn
         if not final:
             raise PermanentError(f"pg_controldata of {old.name} has no checkpoint location")
         replayed = wait_replayed(new, final, timeout=replay_timeout)
@@ -1114,17 +1156,26 @@ def switch_over(
         replayed_lsn=replayed,
         promote=promoted,
         first_write=first,
-        unavailable_seconds=time.monotonic() - t_stop,
+        unavailable_seconds=max(0.0, (first.written_at - stop.stopping_at).total_seconds()),
     )
 
 
-def rejoin_as_standby(
-    node: Node, primary: Node, *, os_user: str, bindir: str = "auto", timeout: float = 120
-) -> LagResult:
-    """Restart ``node`` (cleanly stopped, same history) as a standby of ``primary`` and wait for it to stream."""
-    pgdata = local_pgdata(node)
-    if pgdata is None:
-        raise PreconditionFailed(f"cannot rejoin {node.name}: its pgdata is not on this host")
+def switch_over(
+    old: Node, new: Node, *, os_user: str, bindir: str = "auto", label: str, replay_timeout: float = 60
+) -> SwitchoverResult:
+    """Zero-loss switchover with both halves on this host: stop ``old`` cleanly, ``new`` replays, promote."""
+    new_was_standby = in_recovery(new)
+    if not new_was_standby and postmaster_running(node_pgdata(old)):
+        raise PreconditionFailed(f"split brain: {old.name} runs and {new.name} is already a primary")
+    stop = stop_cleanly(old, os_user=os_user, bindir=bindir)
+    return promote_after_stop(
+        old, new, stop, new_was_standby=new_was_standby, label=label, replay_timeout=replay_timeout
+    )
+
+
+def restart_as_standby(node: Node, primary: Node, *, os_user: str, bindir: str = "auto") -> str:
+    """The node-local half of a rejoin: stop ``node`` (never a primary), point it at ``primary``, start it."""
+    pgdata = node_pgdata(node)
     with contextlib.suppress(ServerUnreachable), connection(node.dsn, timeout=3) as conn:
         row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
         if row and not row[0]:
@@ -1132,4 +1183,12 @@ def rejoin_as_standby(
     stop_server(pgdata, os_user=os_user, bindir=bindir, mode="fast")
     configure_standby(pgdata, primary, node.name, os_user=os_user)
     start_server(pgdata, os_user=os_user, bindir=bindir)
+    return f"restarted as a standby of {primary.name}"
+
+
+def rejoin_as_standby(
+    node: Node, primary: Node, *, os_user: str, bindir: str = "auto", timeout: float = 120
+) -> LagResult:
+    """Restart ``node`` (cleanly stopped, same history) as a standby of ``primary`` and wait for it to stream."""
+    restart_as_standby(node, primary, os_user=os_user, bindir=bindir)
     return wait_for_zero_lag(node, primary, timeout=timeout)

@@ -294,7 +294,7 @@ restore_physical(cfg, repo, resolve_backup(repo, "latest", cluster=cfg.cluster),
 
 
 def test_a_physical_restore_is_on_disk_before_pg_control_makes_it_startable(
-    make_config, file_repo_url, pg_dir
+    make_config: Callable[..., Path], file_repo_url: str, pg_dir: Path
 ) -> None:
     import subprocess
     import sys

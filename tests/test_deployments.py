@@ -34,6 +34,14 @@ EXPECTED: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "drill-failover-manual": ("flows/drill_failover.py:drill_failover_flow", "drill-failover", []),
 }
 SCHEDULE_WORDS = {"nightly", "weekly", "daily", "10min", "manual"}
+# Node-local steps: one node-step deployment per node, named after (and on) the node's work pool.
+NODE_STEP_DEPLOYMENTS = ("gravl-dr-node-primary", "gravl-dr-node-standby-1")
+for _pool in NODE_STEP_DEPLOYMENTS:
+    EXPECTED[_pool] = ("flows/node_step.py:node_step_flow", "node-step", [])
+
+
+def pool_of(name: str) -> str:
+    return name if name in NODE_STEP_DEPLOYMENTS else POOL
 
 
 def raw() -> dict[str, Any]:
@@ -79,8 +87,13 @@ def test_the_documented_deployments_with_their_schedules() -> None:
     for name, (entrypoint, flow_name, schedules) in EXPECTED.items():
         dep = deps[name]
         assert dep["entrypoint"] == entrypoint, name
-        # one vocabulary: <flow>-<schedule>
-        assert name.startswith(f"{flow_name}-") and name.removeprefix(f"{flow_name}-") in SCHEDULE_WORDS, name
+        # one vocabulary: <flow>-<schedule>; a node step's deployment is named after its node's pool
+        if flow_name == "node-step":
+            assert dep["work_pool"]["name"] == name and name.startswith("gravl-dr-node-"), name
+        else:
+            assert (
+                name.startswith(f"{flow_name}-") and name.removeprefix(f"{flow_name}-") in SCHEDULE_WORDS
+            ), name
         scheds = dep.get("schedules") or []
         assert [(s["cron"], s["timezone"]) for s in scheds] == schedules, name
         assert ("manual" in dep["tags"]) == (not schedules), name
@@ -112,7 +125,7 @@ def test_every_deployment_runs_on_the_one_process_pool_with_no_path_of_the_image
     assert raw()["pull"] is None
     for name, dep in deployments().items():
         pool = dep["work_pool"]
-        assert pool["name"] == POOL, name
+        assert pool["name"] == pool_of(name), name
         assert "GRAVL_DR_CONFIG" not in pool["job_variables"]["env"], name  # the worker's environment
         # config_path stays null so the flow reads $GRAVL_DR_CONFIG; nothing secret is a parameter
         assert dep.get("parameters", {}).get("config_path") is None, name
@@ -121,7 +134,11 @@ def test_every_deployment_runs_on_the_one_process_pool_with_no_path_of_the_image
                 name,
                 key,
             )
-        assert dep.get("concurrency_limit") == 1, f"{name}: overlapping runs must not pile up"
+        if name in NODE_STEP_DEPLOYMENTS:
+            # one at a time through the failover/failback deployments; a killed run holds no slot
+            assert "concurrency_limit" not in dep, name
+        else:
+            assert dep.get("concurrency_limit") == 1, f"{name}: overlapping runs must not pile up"
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -197,8 +214,11 @@ def test_prefect_deploy_all_registers_every_deployment(prefect_harness: None) ->
     # GIVEN the session's Prefect API (STACK.md: deploy exits 1 on a bad cron or a missing pool)
     api = str(prefect.settings.PREFECT_API_URL.value())
     with tempfile.TemporaryDirectory(prefix="gravl-prefect-home-") as home:
-        pool = _prefect("work-pool", "create", POOL, "--type", "process", "--overwrite", api=api, home=home)
-        assert pool.returncode == 0, pool.stdout + pool.stderr
+        for name in (POOL, *NODE_STEP_DEPLOYMENTS):
+            pool = _prefect(
+                "work-pool", "create", name, "--type", "process", "--overwrite", api=api, home=home
+            )
+            assert pool.returncode == 0, pool.stdout + pool.stderr
         # WHEN
         proc = _prefect("deploy", "--all", api=api, home=home)
     # THEN every deployment is registered as written, working in the checkout it was deployed from
@@ -211,7 +231,7 @@ def test_prefect_deploy_all_registers_every_deployment(prefect_harness: None) ->
                 except Exception:  # noqa: BLE001 - reported below with deploy's own output
                     continue
                 created.append(dep.id)
-                assert dep.work_pool_name == POOL
+                assert dep.work_pool_name == pool_of(name)
                 assert dep.pull_steps == [
                     {
                         "prefect.deployments.steps.set_working_directory": {

@@ -178,7 +178,12 @@ def test_worker_matches_prefect_yaml_and_the_configmap_is_a_valid_config() -> No
     prefect_yaml = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
     worker = docs[("Deployment", "gravl-dr-worker")]["spec"]["template"]["spec"]
     container = worker["containers"][0]
-    pool = {d["work_pool"]["name"] for d in prefect_yaml["deployments"]}
+    # (node-step deployments run on each node's own pool: test_node_step_pod_runs_the_node_pools_worker)
+    pool = {
+        d["work_pool"]["name"]
+        for d in prefect_yaml["deployments"]
+        if not d["entrypoint"].startswith("flows/node_step.py")
+    }
     # the Kubernetes-only values live in the pool's base job template, not in prefect.yaml
     template = json.loads((K8S / "process-pool-template.json").read_text())
     defaults = template["variables"]["properties"]
@@ -200,6 +205,37 @@ def test_worker_matches_prefect_yaml_and_the_configmap_is_a_valid_config() -> No
     # the embedded gravl-dr.yaml is accepted by the real config model
     cfg = parse_config(yaml.safe_load(docs[("ConfigMap", "gravl-dr-config")]["data"]["gravl-dr.yaml"]))
     assert cfg.repository.encryption_key_env in {e["name"] for e in container["env"]}
+
+
+def test_node_step_pod_runs_the_node_pools_worker_next_to_its_data() -> None:
+    # GIVEN the Kubernetes variant of node steps: a worker inside the database node's own pod
+    node_dir = K8S / "node-step"
+    kust = yaml.safe_load((node_dir / "kustomization.yaml").read_text())
+    assert set(kust["resources"]) == {p.name for p in node_dir.glob("*.yaml")} - {"kustomization.yaml"}
+    docs = {d["kind"]: d for p in node_dir.glob("*.yaml") for d in yaml.safe_load_all(p.read_text())}
+    pod = docs["StatefulSet"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    script = container["args"][0]
+    # THEN the guard runs before PostgreSQL, and the worker polls the node's pool
+    assert script.index("gravl-dr guard") < script.index("pg_ctl") < script.index("prefect worker start")
+    assert '--pool "gravl-dr-node-$NODE"' in script and "--type process" in script
+    assert pod["securityContext"]["runAsNonRoot"] is True  # PostgreSQL refuses root
+    # AND the node's own config is valid, names this node's pgdata on the mounted volume, and only it
+    cfg = parse_config(yaml.safe_load(docs["ConfigMap"]["data"]["gravl-dr.yaml"]))
+    mine = [n for n in [cfg.primary, *cfg.replicas] if n.pgdata]
+    assert [n.name for n in mine] == [env["NODE"]] and mine[0].pgdata == env["PGDATA"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert env["PGDATA"].startswith(mounts["data"] + "/")  # old copies kept next to it, same volume
+    assert docs["StatefulSet"]["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    assert docs["ConfigMap"]["metadata"]["name"] in {
+        v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v
+    }
+    # AND prefect.yaml's node-step deployments are each on the pool they are named after
+    prefect_yaml = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    nodes = [d for d in prefect_yaml["deployments"] if d["entrypoint"] == "flows/node_step.py:node_step_flow"]
+    assert nodes and all(d["name"] == d["work_pool"]["name"] for d in nodes)
+    assert all(d["name"].startswith("gravl-dr-node-") for d in nodes)
 
 
 def test_rbac_allows_exactly_the_configured_rollout_restarts() -> None:

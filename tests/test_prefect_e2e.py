@@ -32,6 +32,7 @@ from tasks.sample import create_database, load_sample
 pytestmark = pytest.mark.slow
 
 POOL = "gravl-dr-pool"
+NODE_POOLS = ("gravl-dr-node-primary", "gravl-dr-node-standby-1")  # prefect.yaml's node-step pools
 PREFECT = str(Path(sys.executable).parent / "prefect")
 CLUSTER = "gravl"
 
@@ -139,8 +140,9 @@ def stack(pushgateway: str) -> Iterator[Stack]:
             pushgateway=pushgateway,
         )
         # GIVEN the pool and the deployments, deployed from the checkout as its header says
-        pool = _prefect(st.env(), "work-pool", "create", POOL, "--type", "process")
-        assert pool.returncode == 0, pool.stdout + pool.stderr
+        for name in (POOL, *NODE_POOLS):
+            pool = _prefect(st.env(), "work-pool", "create", name, "--type", "process")
+            assert pool.returncode == 0, pool.stdout + pool.stderr
         deploy = _prefect(st.env(), "deploy", "--all")
         assert deploy.returncode == 0, deploy.stdout[-4000:] + deploy.stderr[-4000:]
         # AND a process worker started elsewhere, whose environment names the config
@@ -296,7 +298,8 @@ def _snapshot(st: Stack) -> dict[str, Any]:
 def test_serve_next_to_the_deployments_changes_none_of_them(stack: Stack) -> None:
     # GIVEN the deployed deployments
     before = _snapshot(stack)
-    assert len(before) >= 11 and all(v["work_pool"] == POOL for v in before.values())
+    assert len(before) >= 11
+    assert all(v["work_pool"] == (name if name in NODE_POOLS else POOL) for name, v in before.items())
     # WHEN an operator starts serve.py against the same server
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "deployments" / "serve.py")],

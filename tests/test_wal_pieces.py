@@ -9,6 +9,7 @@ import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -45,6 +46,7 @@ from tasks.walworkers import (
     wait_for_pusher,
 )
 
+T = TypeVar("T")
 KEY = bytes(range(32))
 RAW = b"".join(hashlib.sha256(str(i).encode()).digest() for i in range(4000)) + b"\0" * 50_000
 
@@ -161,6 +163,13 @@ def finished(value: object = None, error: BaseException | None = None) -> Future
         fut.set_exception(error)
     else:
         fut.set_result(value)
+    return fut
+
+
+def settled(value: T) -> Future[T]:
+    """A future that already holds ``value``, typed as it."""
+    fut: Future[T] = Future()
+    fut.set_result(value)
     return fut
 
 
@@ -361,7 +370,7 @@ def test_the_prefetcher_restarts_only_when_recovery_asks_outside_its_range(tmp_p
 def test_a_segment_not_archived_yet_is_retried_from_there_a_second_later(tmp_path: Path) -> None:
     state = prefetcher(tmp_path / "pg_wal" / "gravl-dr" / "prefetch")
     state.timeline, state.next_segno, state.now = 1, 20, 5.0
-    state.in_flight = {segment_name(1, 17): finished(False), segment_name(1, 18): finished(True)}
+    state.in_flight = {segment_name(1, 17): settled(False), segment_name(1, 18): settled(True)}
     collect_done(state.in_flight, state.fetched_one, state.failed_one)
     assert (state.next_segno, state.retry_at, state.fetched) == (17, 6.0, 1)
     assert state.ours == {segment_name(1, 18)}

@@ -113,6 +113,9 @@ def run_remote(argv: Sequence[str]) -> int | None:
     except OSError:
         sock.close()
         return None
+    except KeyboardInterrupt:  # Ctrl-C before the command started: nothing ran
+        sys.stderr.write("gravl-dr: interrupted\n")
+        return 130
     return _wait_for_status(sock)
 
 
@@ -128,15 +131,14 @@ def _handshake(sock: socket.socket, argv: Sequence[str], env: dict[str, str]) ->
     answer = sock.recv(1)
     if answer != b"A":
         return False  # N + reason, or the daemon closed: run in-process
+    _forward_signals(sock)  # from "go" on, a signal is the command's
     sock.sendall(b"G")
     return True
 
 
-def _wait_for_status(sock: socket.socket) -> int:
-    """Forward signals until the child's exit status arrives; exit as it did. (A Python signal
-    handler runs in this thread between two calls, so it may write to the socket; the
-    interrupted recv is retried, PEP 475.)"""
-    sock.settimeout(None)
+def _forward_signals(sock: socket.socket) -> None:
+    """A signal this client gets goes to the command. (A Python signal handler runs in this
+    thread between two calls, so it may write to the socket; an interrupted recv is retried.)"""
 
     def forward(signum: int, frame: Any) -> None:
         with contextlib.suppress(OSError):
@@ -144,9 +146,17 @@ def _wait_for_status(sock: socket.socket) -> int:
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
+
+
+def _wait_for_status(sock: socket.socket) -> int:
+    """Wait for the command's exit status (the signals go on being forwarded); exit as it did."""
+    sock.settimeout(None)
     buf = b""
     while len(buf) < 5:
-        chunk = sock.recv(64)
+        try:
+            chunk = sock.recv(64)
+        except OSError:
+            chunk = b""
         if not chunk:
             sys.stderr.write("gravl-dr: error: the warm process ended the command without an exit status\n")
             return 255
