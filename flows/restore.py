@@ -249,7 +249,7 @@ def _markdown(manifest: Manifest, report: RestoreReport, where: str, physical_ta
 
 
 @flow(name="restore")
-def restore_flow(
+def restore_flow(  # noqa: C901 - the runbook's steps in order; the decisions are in tasks.restore
     config_path: ConfigPath = None,
     backup: BackupRef = "latest",
     pgdata: OptionalText = None,

@@ -249,7 +249,7 @@ def _refuse(message: str, states: Sequence[NodeState]) -> Refused:
     return Refused(message + " | " + " | ".join(s.evidence() for s in states))
 
 
-def plan_failover(
+def plan_failover(  # noqa: C901 - one decision table, covered by the planner replay tests
     primary: NodeState,
     replicas: Sequence[NodeState],
     *,
@@ -472,7 +472,7 @@ class FailbackPlan(BaseModel):
         return [s.kind for s in self.steps]
 
 
-def plan_failback(
+def plan_failback(  # noqa: C901 - one decision table, covered by the planner replay tests
     home: NodeState, others: Sequence[NodeState], *, backup: bool = True, discard_old_data: bool = False
 ) -> FailbackPlan:
     """Plan the way back to the configured primary ``home`` from whichever node is primary now.
