@@ -511,6 +511,13 @@ def run_prefetcher(
     idle_exit: float = 30.0,
 ) -> int:
     """Keep ``depth`` segments prefetched ahead of recovery until it ends; returns the count."""
+    data_dir = pg_wal.absolute().parent
+    if not (data_dir / "recovery.signal").exists() and not (data_dir / "standby.signal").exists():
+        # No recovery to serve. PostgreSQL's last restore_command calls (the new timeline's
+        # history probes) come just before it removes recovery.signal: a prefetcher those calls
+        # start sees a server already promoted, and used to idle out for ``idle_exit`` seconds
+        # while the restore flow waited for it to go (tasks.recovery.clear_prefetch).
+        return 0
     lock = take_lock(pg_wal, PREFETCHER_LOCK)
     if lock is None:
         return 0  # another prefetcher serves this pg_wal

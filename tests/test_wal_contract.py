@@ -352,6 +352,7 @@ def test_fetch_prefetches_the_next_segments(pg_wal: Path, file_config: Path, tmp
         assert push(file_config, path).returncode == 0
     restore_wal = tmp_path / "pg_wal"
     restore_wal.mkdir()
+    (tmp_path / "recovery.signal").touch()  # a server in archive recovery (the prefetcher serves no other)
     # WHEN recovery asks for the first
     proc = fetch(file_config, paths[0].name, restore_wal / "RECOVERYXLOG", "--prefetch", "4")
     assert proc.returncode == 0, proc.stderr
@@ -410,6 +411,7 @@ def test_s3_push_fetch_duplicate_and_conflict(pg_wal: Path, s3_config: Path, tmp
     assert push(s3_config, paths[0]).returncode == 0  # identical again: success
     restore_wal = tmp_path / "pg_wal"
     restore_wal.mkdir()
+    (tmp_path / "recovery.signal").touch()  # a server in archive recovery (the prefetcher serves no other)
     proc = fetch(s3_config, paths[0].name, restore_wal / "RECOVERYXLOG")
     assert proc.returncode == 0, proc.stderr
     assert (restore_wal / "RECOVERYXLOG").read_bytes() == paths[0].read_bytes()

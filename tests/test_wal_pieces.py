@@ -33,6 +33,7 @@ from tasks.walspool import (
     WANT_FILE,
     already_archived,
     mark_failed,
+    prefetcher_pid,
     pusher_pid,
     take_lock,
     write_pid,
@@ -42,6 +43,7 @@ from tasks.walworkers import (
     PrefetchState,
     collect_done,
     hand_to_pusher,
+    run_prefetcher,
     run_pusher,
     wait_for_pusher,
 )
@@ -375,3 +377,29 @@ def test_a_segment_not_archived_yet_is_retried_from_there_a_second_later(tmp_pat
     assert (state.next_segno, state.retry_at, state.fetched) == (17, 6.0, 1)
     assert state.ours == {segment_name(1, 18)}
     state.pool.shutdown()
+
+
+@pytest.mark.parametrize("signal", [None, "recovery.signal", "standby.signal"])
+def test_a_prefetcher_started_after_recovery_ended_exits_at_once(tmp_path: Path, signal: str | None) -> None:
+    # GIVEN a data directory whose server promoted (no signal file) or is still recovering
+    pg_wal = make_pg_wal(tmp_path / "data")
+    if signal:
+        (pg_wal.parent / signal).touch()
+    repo = FileRepository(tmp_path / "repo", f"file://{tmp_path / 'repo'}")
+    # WHEN a prefetcher starts (as restore_command's last calls start one)
+    done = threading.Event()
+
+    def prefetch() -> None:
+        run_prefetcher(repo, WalSettings(), pg_wal, "stamp", depth=2, parallel=1, idle_exit=30)
+        done.set()
+
+    threading.Thread(target=prefetch, daemon=True).start()
+    finished_at_once = done.wait(timeout=3)
+    if not finished_at_once:
+        shutil.rmtree(pg_wal)  # its loop ends with pg_wal
+        done.wait(timeout=10)
+    # THEN without recovery it exits at once and takes no lock (it used to idle out its 30 s,
+    # and the restore waited for it); in recovery it keeps serving
+    assert finished_at_once == (signal is None)
+    if signal is None:
+        assert prefetcher_pid(pg_wal) is None
