@@ -219,6 +219,11 @@ class NodeStepsConfig(_Strict):
     timeout_seconds: Annotated[float, Field(gt=0, le=86400)] = Field(
         default=3600, description="a node step still running after this is reported as unknown, not success"
     )
+    worker_lost_seconds: Annotated[float, Field(gt=0, le=86400)] = Field(
+        default=90,
+        description="a node step whose work pool has had no worker heartbeat for this long (or no ONLINE "
+        "worker) is given up as unknown and its run marked Crashed: 3 of Prefect's default 30 s heartbeats",
+    )
 
 
 class Config(_Strict):
