@@ -81,6 +81,10 @@ class RetentionConfig(_Strict):
     # Leftovers of killed or failed runs (open multipart uploads, temporary files, backup folders
     # without a manifest) are swept by expire once this old; a running backup holds the lock.
     incomplete_grace_hours: Annotated[float, Field(ge=0)] = 24
+    # Node-step outcomes (node-steps/<flow-run id>.json) are deleted once this old (by the time
+    # their step recorded them). An orchestrator reads one as soon as its run ends, and waits at most
+    # node_steps.timeout_seconds (at most 1 day): the 1-day floor keeps every one it could still read.
+    node_step_days: Annotated[float, Field(ge=1, le=3650)] = 7
 
 
 class DNSConfig(_Strict):
