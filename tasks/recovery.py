@@ -729,10 +729,53 @@ def check_server_can_read(config_file: str, cfg: Config, os_user: str) -> None:
             )
 
 
-def clear_prefetch(pgdata: Path, timeout: float = 10.0) -> None:
+def clear_prefetch(pgdata: Path, timeout: float = 10.0) -> int | None:
     """Drop what wal-fetch prefetched and recovery did not use, once the prefetcher is gone
-    (it exits when recovery ends)."""
+    (it exits when recovery ends). A prefetcher still there after ``timeout`` seconds is
+    stopped, with a warning saying what it was doing: recovery has ended, so nothing it fetches
+    can be served any more, and it would write into the folder being removed. Returns the pid
+    of a prefetcher stopped that way, else None."""
+
+    pg_wal = pgdata / "pg_wal"
+    stopped = None
+    if not poll_until(lambda: _prefetcher_gone(pg_wal), timeout=timeout, interval=0.05):
+        stopped = _stop_prefetcher(pg_wal, timeout)
+    shutil.rmtree(pg_wal / "gravl-dr" / "prefetch", ignore_errors=True)
+    return stopped
+
+
+def _prefetcher_gone(pg_wal: Path) -> bool:
+    """No live prefetcher; one that is our own child (started without switching users) and has
+    exited is reaped here, else its zombie would look alive."""
     from tasks.walspool import prefetcher_pid
 
-    poll_until(lambda: prefetcher_pid(pgdata / "pg_wal") is None, timeout=timeout, interval=0.05)
-    shutil.rmtree(pgdata / "pg_wal" / "gravl-dr" / "prefetch", ignore_errors=True)
+    pid = prefetcher_pid(pg_wal)
+    if pid is None:
+        return True
+    with contextlib.suppress(ChildProcessError):
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    return False
+
+
+def _stop_prefetcher(pg_wal: Path, waited: float) -> int | None:
+    import signal
+
+    from tasks import walspool
+
+    pid = walspool.our_prefetcher(pg_wal)
+    if pid is None:  # gone meanwhile, or the pid file names a process that is not ours
+        return None
+    log.warning(
+        "the WAL prefetcher of %s (pid %d) was still running %.0f s after recovery ended (%s): stopping it",
+        pg_wal,
+        pid,
+        waited,
+        walspool.prefetcher_activity(pg_wal),
+    )
+    for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        if poll_until(lambda: _prefetcher_gone(pg_wal), timeout=grace, interval=0.05):
+            return pid
+    log.warning("the WAL prefetcher of %s (pid %d) did not stop", pg_wal, pid)
+    return pid

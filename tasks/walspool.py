@@ -251,6 +251,57 @@ def prefetcher_pid(pg_wal: Path) -> int | None:
     return _live_pid(pg_wal, PREFETCHER_PID)
 
 
+def lock_held(pg_wal: Path, name: str) -> bool:
+    """Whether some process holds the spool's lock ``name`` (taken and released at once if not)."""
+    import fcntl
+
+    try:
+        fd = os.open(spool_root(pg_wal) / name, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # (closing releases a lock taken here)
+    return False
+
+
+def our_prefetcher(pg_wal: Path) -> int | None:
+    """The pid of this pg_wal's live prefetcher when it is provably ours to stop: it holds the
+    prefetcher lock and its command line is ``wal-fetch-daemon`` of this pg_wal (a stale pid
+    file naming a reused pid never designates another process)."""
+    pid = prefetcher_pid(pg_wal)
+    if pid is None or not lock_held(pg_wal, PREFETCHER_LOCK):
+        return None
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    wanted = {str(pg_wal).encode(), str(pg_wal.absolute()).encode()}
+    return pid if b"wal-fetch-daemon" in argv and wanted & set(argv) else None
+
+
+def prefetcher_activity(pg_wal: Path) -> str:
+    """What the prefetcher says it is doing: the segment recovery last asked for, what it is
+    fetching or holds, and the last line of its log (for a warning, never for a decision)."""
+    folder = spool_root(pg_wal) / "prefetch"
+    parts = []
+    with contextlib.suppress(OSError):
+        parts.append(f"recovery last asked for {(folder / WANT_FILE).read_text().strip()}")
+    with contextlib.suppress(OSError, IndexError):
+        held = (folder / "window").read_text().split()[1:]
+        parts.append(f"fetching or holding {' '.join(held) if held else 'nothing'}")
+    with contextlib.suppress(OSError, IndexError):
+        with open(spool_root(pg_wal) / PREFETCHER_LOG, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 2000))
+            lines = fh.read().decode(errors="replace").strip().splitlines()
+        parts.append(f"its log's last line: {lines[-1].strip()[:300]}")
+    return "; ".join(parts) or "no trace of its work"
+
+
 # ---------------------------------------------------------------- settings cache (no pydantic on the hot path)
 
 

@@ -500,6 +500,11 @@ class PrefetchState:
             )
 
 
+def _recovering(data_dir: Path) -> bool:
+    """Whether the server of ``data_dir`` is (still) in archive recovery or a standby."""
+    return (data_dir / "recovery.signal").exists() or (data_dir / "standby.signal").exists()
+
+
 def run_prefetcher(
     repo: Repository,
     settings: WalSettings,
@@ -512,7 +517,7 @@ def run_prefetcher(
 ) -> int:
     """Keep ``depth`` segments prefetched ahead of recovery until it ends; returns the count."""
     data_dir = pg_wal.absolute().parent
-    if not (data_dir / "recovery.signal").exists() and not (data_dir / "standby.signal").exists():
+    if not _recovering(data_dir):
         # No recovery to serve. PostgreSQL's last restore_command calls (the new timeline's
         # history probes) come just before it removes recovery.signal: a prefetcher those calls
         # start sees a server already promoted, and used to idle out for ``idle_exit`` seconds
@@ -524,8 +529,6 @@ def run_prefetcher(
     write_pid(pg_wal, PREFETCHER_PID)
     folder = spool_root(pg_wal) / "prefetch"
     ensure_dir(folder, pg_wal)
-    signal_file = pg_wal.absolute().parent / "recovery.signal"
-    in_recovery = signal_file.exists()
     for entry in os.listdir(folder):  # what an earlier prefetcher left is not trusted
         if entry not in (WANT_FILE, walserve.WINDOW_FILE):
             _unlink(folder, entry)
@@ -535,9 +538,11 @@ def run_prefetcher(
             state = PrefetchState(repo, settings, pool, folder.absolute(), stamp, depth)
             while pg_wal.is_dir():
                 now = time.monotonic()
-                if in_recovery and not signal_file.exists() and not state.in_flight:
-                    break  # recovery ended: the server promoted
-                in_recovery = in_recovery or signal_file.exists()
+                if not state.in_flight and not _recovering(data_dir):
+                    # recovery ended: the server promoted (recovery.signal or standby.signal is
+                    # gone; checked on every turn, so a signal file removed while this process
+                    # was starting, or a promoted standby, ends it too)
+                    break
                 state.turn(now)
                 if not state.in_flight and now - state.active > idle_exit:
                     break
