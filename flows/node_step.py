@@ -11,17 +11,20 @@ picked up is never read as a success.
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from flows.common import logger
+from flows.node_watch import PoolWatcher, give_up_run
 from flows.params import ConfigPath, OptionalText
 from tasks.config import Config, Node, load_config
-from tasks.errors import DRError, PermanentError, TransientError, one_line
+from tasks.errors import ConfigError, DRError, PermanentError, TransientError, one_line
 from tasks.failover import NodeState
 from tasks.node_steps import (
     HERE,
@@ -50,6 +53,7 @@ def node_step_flow(
     fork_lsn: OptionalText = None,
     end_lsn: OptionalText = None,
     clean: bool = True,
+    restore: OptionalText = None,
     config_path: ConfigPath = None,
 ) -> NodeStepResult:
     """Run one node-local step on this node's host; the failover and failback flows start it.
@@ -57,7 +61,7 @@ def node_step_flow(
     Args:
         step: The step: observe, fence, stop-for-rebuild, save-local-settings, keep-old-wal,
             rewind, reclone, start-as-standby, discard-old-data, finish-rebuild, stop-cleanly,
-            restart-as-standby.
+            restart-as-standby, restore.
         node: The node (its name in the config); this worker's config must have its pgdata.
         source: The node to rebuild from or to follow as a standby (rewind, reclone,
             start-as-standby, restart-as-standby).
@@ -66,6 +70,8 @@ def node_step_flow(
         fork_lsn: keep-old-wal: where the new primary's history left that timeline.
         end_lsn: keep-old-wal: how far the node's own WAL goes.
         clean: fence: a clean (fast) shutdown; untick for an immediate one.
+        restore: restore: what to restore, as the restore flow passes it (JSON: backup id,
+            recovery target, start, replace_existing; names and values, never a secret).
         config_path: The gravl-dr config file; empty: $GRAVL_DR_CONFIG of the worker, then
             gravl-dr.yaml in its working directory.
     """
@@ -86,7 +92,10 @@ def node_step_flow(
     )
     step_task = task(name=step, cache_policy=NO_CACHE)(run_node_step)
     try:
-        result = step_task(cfg, node, step, args)
+        if step == "restore":
+            result = _restore_here(cfg, repo, node, restore, config_path)
+        else:
+            result = step_task(cfg, node, step, args)
     except BaseException as exc:
         if run_id:
             with contextlib.suppress(DRError):
@@ -96,6 +105,29 @@ def node_step_flow(
     if run_id:
         write_step_result(repo, run_id, result)
     return result
+
+
+def _restore_here(
+    cfg: Config, repo: Any, node_name: str, request: str | None, config_path: str | None
+) -> NodeStepResult:
+    """The restore step: the restore flow's own steps, on this node's host (flows.restore)."""
+    from flows.restore import restore_on_node_here
+    from tasks.noderestore import NodeRestoreRequest, find_node
+
+    try:
+        req = NodeRestoreRequest.model_validate_json(request or "")
+    except ValidationError as exc:
+        raise ConfigError(f"restore step: unreadable request ({one_line(exc)})") from None
+    report = restore_on_node_here(cfg, repo, find_node(cfg, node_name), req, config_path)
+    return NodeStepResult(
+        step="restore",
+        node=node_name,
+        ok=True,
+        detail=f"restored {report.backup_id} into {report.target}",
+        payload=report.model_dump(mode="json"),
+        host=socket.gethostname(),
+        at=datetime.now(UTC),
+    )
 
 
 # ------------------------------------------------------------------------------ the calling side
@@ -109,8 +141,10 @@ def call_node_step(
     *,
     where: str | None,
     pickup_timeout: float | None = None,
+    step_timeout: float | None = None,
 ) -> NodeStepResult:
-    """Run ``step`` for ``node`` where the plan says: in-process (``here``) or on its work pool."""
+    """Run ``step`` for ``node`` where the plan says: in-process (``here``) or on its work pool
+    (``step_timeout``: how long it may run once picked up; default node_steps.timeout_seconds)."""
     args = args or NodeStepArgs()
     if where == HERE:
         return run_node_step(cfg, node.name, step, args)
@@ -118,11 +152,25 @@ def call_node_step(
         raise PermanentError(
             f"{node.name}: {step} needs its data directory, which is {describe_location(where)}"
         )
-    return _run_on_pool(cfg, node, step, args, where, pickup_timeout or cfg.node_steps.pickup_timeout_seconds)
+    return _run_on_pool(
+        cfg,
+        node,
+        step,
+        args,
+        where,
+        pickup_timeout or cfg.node_steps.pickup_timeout_seconds,
+        step_timeout or cfg.node_steps.timeout_seconds,
+    )
 
 
 def _run_on_pool(
-    cfg: Config, node: Node, step: str, args: NodeStepArgs, where: str, pickup_timeout: float
+    cfg: Config,
+    node: Node,
+    step: str,
+    args: NodeStepArgs,
+    where: str,
+    pickup_timeout: float,
+    step_timeout: float,
 ) -> NodeStepResult:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
@@ -140,19 +188,30 @@ def _run_on_pool(
         ) from None
     logger().info("%s on %s: run %s on work pool %s", step, node.name, run.name, pool)
     with get_client(sync_client=True) as client:
-        state = _wait_state(client, run.id, lambda s: s.type.value != "SCHEDULED", pickup_timeout)
+        watch = PoolWatcher(client, pool, cfg.node_steps.worker_lost_seconds)
+        state = _wait_state(client, run.id, lambda s: s.type.value != "SCHEDULED", pickup_timeout, watch)
         if state is None or state.type.value == "SCHEDULED":
             with contextlib.suppress(Exception):
                 client.delete_flow_run(run.id)  # never let a stale stop or rebuild run later
+            lost = watch.check()
             raise TransientError(
-                f"{node.name}: no worker of work pool {pool} picked up {step} within {pickup_timeout:.0f}s "
-                f"(is `prefect worker start --pool {pool}` running on {node.name}'s host?)"
+                f"{node.name}: no worker of work pool {pool} picked up {step} "
+                + (f"({lost})" if lost else f"within {pickup_timeout:.0f}s")
+                + f" (is `prefect worker start --pool {pool}` running on {node.name}'s host?)"
             )
-        state = _wait_state(client, run.id, lambda s: s.is_final(), cfg.node_steps.timeout_seconds)
+        state = _wait_state(client, run.id, lambda s: s.is_final(), step_timeout, watch)
+        lost = None if state is not None and state.is_final() else watch.check()
+        if lost:
+            give_up_run(client, run.id, lost)
+            logger().error("%s: %s (run %s): its worker is gone: %s", node.name, step, run.name, lost)
+            raise TransientError(
+                f"{node.name}: {step} (run {run.name}) outcome unknown, treated as not done: {lost}; "
+                "the run is marked Crashed so no worker starts or finishes it later"
+            )
     if state is None or not state.is_final():
         raise TransientError(
             f"{node.name}: {step} (run {run.name}, work pool {pool}) still not finished after "
-            f"{cfg.node_steps.timeout_seconds:.0f}s: its outcome is unknown"
+            f"{step_timeout:.0f}s: its outcome is unknown"
         )
     result = read_step_result(open_repository(cfg.repository), str(run.id))
     if result is None:
@@ -165,13 +224,16 @@ def _run_on_pool(
     return raise_for_result(result, where)
 
 
-def _wait_state(client: Any, run_id: Any, done: Any, timeout: float) -> Any:
+def _wait_state(client: Any, run_id: Any, done: Any, timeout: float, watch: PoolWatcher) -> Any:
+    """The run's state once ``done``; or the last state seen at the timeout or when the pool is lost."""
     last: list[Any] = [None]
 
     def check() -> bool:
         with contextlib.suppress(Exception):  # a blip of the API: ask again
             last[0] = client.read_flow_run(run_id).state
-        return last[0] is not None and bool(done(last[0]))
+        if last[0] is not None and bool(done(last[0])):
+            return True
+        return watch.check() is not None
 
     poll_until(check, timeout=timeout, interval=0.5)
     return last[0]
@@ -187,6 +249,8 @@ def _step_params(args: NodeStepArgs) -> dict[str, Any]:
         out["fork_lsn"] = args.fork_lsn
     if args.end_lsn:
         out["end_lsn"] = args.end_lsn
+    if args.restore:
+        out["restore"] = args.restore
     return out
 
 

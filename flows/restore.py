@@ -7,6 +7,7 @@ server itself says it reached, failing when that is short of the target."""
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 from typing import Annotated
@@ -16,19 +17,31 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, WithJsonSchema
 
 from flows.common import NETWORK_RETRIES, human_bytes, load, logger, publish_report
+from flows.node_step import call_node_step
 from flows.params import BackupRef, ConfigPath, OptionalPort, OptionalText, OptionalTextList, OptionalTime
 from tasks import recovery as rec
 from tasks import restore as rsteps
 from tasks import walarchive, walspool
-from tasks.config import Config
+from tasks.config import Config, Node
 from tasks.config import config_path as resolve_config_path
 from tasks.errors import DRError, PreconditionFailed, one_line
+from tasks.failover import NodeState
 from tasks.models import Manifest
+from tasks.node_steps import HERE, NodeStepArgs, describe_location, step_location
+from tasks.noderestore import (
+    NodeRestoreRequest,
+    PreparedPgdata,
+    carry_node_settings,
+    find_node,
+    plan_node_restore,
+    prepare_node_pgdata,
+)
 from tasks.pgcluster import LocalCluster, free_port
-from tasks.postgres import safe_dsn
+from tasks.postgres import dsn_field, safe_dsn
 from tasks.replay import ArchiveView, archive_view, describe_archive_view
 from tasks.reporting import bullets, document, kv_table, report_key, section
 from tasks.repository import Repository
+from tasks.topology import observe_node
 
 
 class RestoreReport(BaseModel):
@@ -50,6 +63,12 @@ class RestoreReport(BaseModel):
     recovery_seconds: float | None = None
     databases: list[str] = []
     not_carried_over: list[str] = []
+    node: str | None = None  # a restore into a configured node's data directory
+    runs_on: str | None = None  # where it ran: "here" or "pool:<work pool>"
+    host: str | None = None  # the host that wrote the data directory
+    stopped: str | None = None  # the node's server, stopped because the operator asked to replace it
+    kept_aside: str | None = None  # the node's previous data directory, moved aside (never deleted)
+    node_settings: list[str] = []  # the node's own configuration files carried into the restored directory
 
 
 @task(name="restore-physical", cache_policy=NO_CACHE)
@@ -158,9 +177,12 @@ def start_restored_server(
     port: int,
     target: rec.RecoveryTarget | None = None,
     config_file: str | None = None,
+    host: str = "127.0.0.1",
 ) -> int:
     rsteps.set_port(Path(pgdata), port, cfg.postgres.os_user)
-    cluster = LocalCluster(Path(pgdata), port, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+    cluster = LocalCluster(
+        Path(pgdata), port, host=host, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir
+    )
     if config_file is not None:
         rec.start_prefetcher(Path(pgdata), config_file, cfg.postgres.os_user, rec.repository_env(cfg))
     try:
@@ -175,7 +197,7 @@ def start_restored_server(
         cluster.wait_ready()
     # else pg_ctl -w saw it accept connections; wait-for-recovery follows it from there (and
     # explains a server that stops: a fast recovery can end, short of a target, within a second)
-    logger().info("restored server is up on 127.0.0.1:%d", port)
+    logger().info("restored server is up on %s:%d", host, port)
     return port
 
 
@@ -188,8 +210,11 @@ def wait_for_recovery(
     view: ArchiveView,
     manifest: Manifest,
     timeout: float,
+    host: str = "127.0.0.1",
 ) -> rec.RecoveryOutcome:
-    cluster = LocalCluster(Path(pgdata), port, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+    cluster = LocalCluster(
+        Path(pgdata), port, host=host, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir
+    )
     outcome = rec.wait_for_recovery(cluster, target, timeout)
     parent = rec.read_history_switchpoint(Path(pgdata), outcome.timeline)
     followed = parent[0] if parent else manifest.timeline
@@ -209,8 +234,10 @@ def wait_for_recovery(
 
 
 @task(name="stop-restored-server", cache_policy=NO_CACHE)
-def stop_restored_server(cfg: Config, pgdata: str, port: int) -> str:
-    cluster = LocalCluster(Path(pgdata), port, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir)
+def stop_restored_server(cfg: Config, pgdata: str, port: int, host: str = "127.0.0.1") -> str:
+    cluster = LocalCluster(
+        Path(pgdata), port, host=host, os_user=cfg.postgres.os_user, bindir=cfg.postgres.bindir
+    )
     what = rec.stop_after_failed_recovery(cluster)
     logger().warning("recovery failed: %s", what)
     return what
@@ -228,6 +255,13 @@ def _markdown(manifest: Manifest, report: RestoreReport, where: str, physical_ta
         ("total (RTO)", f"{report.seconds:.1f} s"),
         ("started", f"port {report.port}" if report.started else "no"),
     ]
+    if report.node:
+        rows += [
+            ("node", f"{report.node} ({describe_location(report.runs_on)}, host {report.host or '?'})"),
+            ("its server", report.stopped or "was not running"),
+            ("its previous data directory", f"kept in {report.kept_aside}" if report.kept_aside else "none"),
+            ("its own settings kept", ", ".join(report.node_settings) or "-"),
+        ]
     if physical_target:
         rows += [
             ("recovery target", report.target_point),
@@ -248,12 +282,220 @@ def _markdown(manifest: Manifest, report: RestoreReport, where: str, physical_ta
     return document(lines)
 
 
+def restore_into_pgdata(
+    cfg: Config,
+    repo: Repository,
+    manifest: Manifest,
+    pgdata: str,
+    *,
+    config_path: str | None,
+    target: rec.RecoveryTarget,
+    ts_map: dict[str, str],
+    start: bool,
+    port: int | None,
+    keep_archiving: bool,
+    recovery_timeout: float,
+    host: str = "127.0.0.1",
+    prepared: PreparedPgdata | None = None,
+) -> RestoreReport:
+    """The physical restore's steps on the host that has ``pgdata``: the restore flow's, and a
+    node's `restore` step's (one code path). ``prepared``: a node's directory made ready for it."""
+    t0 = time.monotonic()
+    view = inspect_wal_archive(repo, manifest)
+    rsteps.check_archive_reaches(view, manifest, target)
+    res = restore_physical(cfg, repo, manifest, pgdata, ts_map)
+    settings = keep_node_settings(cfg, prepared) if prepared is not None else []
+    use_archive = view.has_wal_after_backup or target.kind != "end"
+    config_file = None
+    if use_archive:
+        config_file = str(resolve_config_path(config_path).absolute())
+        write_recovery_settings(cfg, config_file, pgdata, target, keep_archiving, manifest.start_wal)
+    report = RestoreReport(
+        backup_id=manifest.id,
+        kind=manifest.kind,
+        target=res.target,
+        raw_bytes=res.raw_bytes,
+        seconds=res.seconds,
+        verify_seconds=res.verify_seconds,
+        data_seconds=res.seconds,
+        target_point=target.describe(),
+        archive_used=use_archive,
+        node_settings=settings,
+    )
+    report.not_carried_over = rsteps.restore_notes(manifest)
+    for note in report.not_carried_over:
+        logger().warning("%s", note)
+    if start:
+        report.port = port or free_port()
+        try:
+            start_restored_server(
+                cfg, pgdata, report.port, target if use_archive else None, config_file, host=host
+            )
+            report.started = True
+            outcome = (
+                wait_for_recovery(
+                    cfg, pgdata, report.port, target, view, manifest, recovery_timeout, host=host
+                )
+                if use_archive
+                else None
+            )
+        except BaseException as exc:
+            # never leave a server up, promoted and writable, short of what was asked
+            stopped = stop_restored_server(cfg, pgdata, report.port, host=host)
+            if isinstance(exc, DRError):
+                raise PreconditionFailed(f"{one_line(exc)}; {stopped}") from exc
+            raise
+        if outcome is not None:
+            report.reached_lsn = outcome.reached_lsn
+            report.last_xact_time = outcome.last_xact_time.isoformat() if outcome.last_xact_time else None
+            report.timeline = outcome.timeline
+            report.stop_message = outcome.stop_message
+            report.recovery_seconds = outcome.seconds
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+# ------------------------------------------------------------------ a restore into a configured node
+
+
+@task(name="check-node-roles", cache_policy=NO_CACHE)
+def check_node_roles(cfg: Config) -> list[NodeState]:
+    """Every configured node as libpq sees it now: who runs, who accepts writes."""
+    states = [
+        observe_node(
+            n,
+            "primary" if n is cfg.primary else "replica",
+            os_user=cfg.postgres.os_user,
+            bindir=cfg.postgres.bindir,
+            connect_timeout=3,
+            local_facts=False,
+        )
+        for n in [cfg.primary, *cfg.replicas]
+    ]
+    for s in states:
+        logger().info("%s: %s", s.name, s.evidence())
+    return states
+
+
+@task(name="prepare-node-data-directory", cache_policy=NO_CACHE)
+def prepare_node_data_directory(cfg: Config, node: Node, replace_existing: bool) -> PreparedPgdata:
+    prepared = prepare_node_pgdata(cfg, node, replace_existing=replace_existing)
+    logger().info(
+        "%s: data directory %s ready for the restore; %s; %s",
+        node.name,
+        prepared.pgdata,
+        prepared.stopped or "no server was running",
+        f"its previous contents kept in {prepared.kept_aside}" if prepared.kept_aside else "it was empty",
+    )
+    return prepared
+
+
+@task(name="keep-node-settings", cache_policy=NO_CACHE)
+def keep_node_settings(cfg: Config, prepared: PreparedPgdata) -> list[str]:
+    carried = carry_node_settings(prepared, os_user=cfg.postgres.os_user)
+    if carried:
+        logger().info("kept the node's own %s (from %s)", ", ".join(carried), prepared.kept_aside)
+    return carried
+
+
+def _node_address(node: Node) -> tuple[str, int | None]:
+    host = dsn_field(node.dsn, "host") or dsn_field(node.dsn, "hostaddr") or "127.0.0.1"
+    port = dsn_field(node.dsn, "port")
+    # gravl-dr starts servers without a Unix socket (pg_ctl -o "-k ''"): reach it over TCP
+    return ("127.0.0.1" if host.startswith("/") else host.split(",")[0]), int(port) if port else None
+
+
+def restore_on_node_here(
+    cfg: Config, repo: Repository, node: Node, req: NodeRestoreRequest, config_path: str | None
+) -> RestoreReport:
+    """A restore into ``node``'s data directory on this host: in the restore flow when this config
+    has its pgdata, and in the node's own `restore` step on its worker otherwise."""
+    target = rec.RecoveryTarget.from_options(
+        time=req.target_time, lsn=req.target_lsn, name=req.target_name, xid=req.target_xid
+    )
+    manifest = select_backup(repo, req.backup, cfg.cluster, "physical", target)
+    host, node_port = _node_address(node)
+    prepared = prepare_node_data_directory(cfg, node, req.replace_existing)
+    try:
+        report = restore_into_pgdata(
+            cfg,
+            repo,
+            manifest,
+            prepared.pgdata,
+            config_path=config_path,
+            target=target,
+            ts_map=rsteps.parse_tablespace_map(req.tablespace_map),
+            start=req.start,
+            port=req.port or node_port,
+            keep_archiving=req.keep_archiving,
+            recovery_timeout=req.recovery_timeout,
+            host=host,
+            prepared=prepared,
+        )
+    except DRError as exc:
+        if prepared.kept_aside is None:
+            raise
+        raise type(exc)(
+            f"{one_line(exc)}; {node.name}'s previous data directory is kept in {prepared.kept_aside}"
+        ) from exc
+    return report.model_copy(
+        update={
+            "node": node.name,
+            "host": socket.gethostname(),
+            "stopped": prepared.stopped,
+            "kept_aside": prepared.kept_aside,
+        }
+    )
+
+
+def _restore_on_node(
+    cfg: Config, repo: Repository, node_name: str, req: NodeRestoreRequest, config_path: str | None
+) -> tuple[RestoreReport, Manifest]:
+    """Plan from libpq (refuse before anything is touched), then restore where the node's files are."""
+    node = find_node(cfg, node_name)
+    where = step_location(node)
+    plan_node_restore(
+        node, where, check_node_roles(cfg), replace_existing=req.replace_existing, start=req.start
+    )
+    target = rec.RecoveryTarget.from_options(
+        time=req.target_time, lsn=req.target_lsn, name=req.target_name, xid=req.target_xid
+    )
+    manifest = select_backup(repo, req.backup, cfg.cluster, "physical", target)
+    req = req.model_copy(update={"backup": manifest.id})  # the node restores exactly this one
+    if where == HERE:
+        report = restore_on_node_here(cfg, repo, node, req, config_path)
+    else:
+        # validate here first: a target past the archive never reaches the node
+        rsteps.check_archive_reaches(inspect_wal_archive(repo, manifest), manifest, target)
+        step_timeout = cfg.node_steps.timeout_seconds + (req.recovery_timeout if req.start else 0)
+        res = call_node_step(
+            cfg,
+            node,
+            "restore",
+            NodeStepArgs(restore=req.model_dump_json()),
+            where=where,
+            step_timeout=step_timeout,
+        )
+        report = RestoreReport.model_validate(res.payload)
+        logger().info(
+            "%s restored %s into %s on host %s (%s)",
+            node.name,
+            manifest.id,
+            report.target,
+            report.host,
+            describe_location(where),
+        )
+    return report.model_copy(update={"runs_on": where}), manifest
+
+
 @flow(name="restore")
-def restore_flow(  # noqa: C901 - the runbook's steps in order; the decisions are in tasks.restore
+def restore_flow(
     config_path: ConfigPath = None,
     backup: BackupRef = "latest",
     pgdata: OptionalText = None,
     dsn: OptionalText = None,
+    node: OptionalText = None,
+    replace_existing: bool = False,
     start: bool = False,
     port: OptionalPort = None,
     jobs: Annotated[int, Field(ge=1, le=64)] = 2,
@@ -268,7 +510,8 @@ def restore_flow(  # noqa: C901 - the runbook's steps in order; the decisions ar
     no_owner: bool = False,
 ) -> RestoreReport:
     """Restore a physical backup into an empty data directory (recovering to the end of the WAL
-    archive or to a target), or a logical one: the whole cluster into a fresh cluster, or one
+    archive or to a target), or into a configured node's data directory (on the node's own host,
+    through its work pool), or a logical one: the whole cluster into a fresh cluster, or one
     database (``database``) into an existing empty database.
 
     Args:
@@ -277,11 +520,16 @@ def restore_flow(  # noqa: C901 - the runbook's steps in order; the decisions ar
         backup: The backup to restore: an id as `gravl-dr list` prints it, or latest (the newest
             backup that fits: physical for a data directory, logical for a database).
         pgdata: Physical restore: an empty (or absent) data directory on the worker's host.
-            Give this or dsn, not both.
+            Give this, node or dsn: one of them.
         dsn: Logical restore: the empty database to restore into, as a libpq connection string
             without a password (the worker's .pgpass or PGPASSFILE supplies it).
+        node: Physical restore into this configured node's data directory: here when this
+            config has its pgdata, else as a `restore` node step on the node's work_pool. Never
+            into a node that accepts writes.
+        replace_existing: node: restore even when the node's server runs (a standby: it is
+            stopped) or its data directory is not empty (it is moved aside, kept, and reported).
         start: Physical restore: start the restored server and wait for its recovery to finish.
-        port: Port for the started server; empty: a free port.
+        port: Port for the started server; empty: a free port (node: the port of its dsn).
         jobs: Logical restore: parallel pg_restore jobs.
         target_time: Point-in-time recovery: stop at this time (without a time zone: UTC).
             Give at most one target; none: recover to the end of the WAL archive.
@@ -306,19 +554,58 @@ def restore_flow(  # noqa: C901 - the runbook's steps in order; the decisions ar
         name=target_name,
         xid=target_xid,
     )
+    if node is not None:
+        if pgdata is not None or dsn is not None:
+            raise PreconditionFailed(
+                "restore needs exactly one of --node, --pgdata (physical) or --dsn (logical)"
+            )
+        req = NodeRestoreRequest(
+            backup=backup,
+            target_time=target_time.isoformat() if target_time else None,
+            target_lsn=target_lsn,
+            target_name=target_name,
+            target_xid=target_xid,
+            start=start,
+            port=port,
+            keep_archiving=keep_archiving,
+            recovery_timeout=recovery_timeout,
+            tablespace_map=list(tablespace_map or []),
+            replace_existing=replace_existing,
+        )
+        t0 = time.monotonic()
+        try:
+            report, manifest = _restore_on_node(cfg, repo, node, req, config_path)
+        except BaseException as exc:
+            publish_report(
+                report_key("restore", cfg.cluster),
+                f"# Restore into node {node}: FAILED\n\n`{one_line(exc)}`\n\n"
+                "Nothing was restored where a step refused before acting; otherwise do not start the "
+                "node's data directory, and read the error for where its previous contents are kept.\n",
+            )
+            raise
+        report.seconds = time.monotonic() - t0
+        where = f"node {node}: {report.target}"
+        publish_report(report_key("restore", cfg.cluster), _markdown(manifest, report, where, True))
+        return report
     rsteps.check_restore_request(pgdata, dsn, target)
     t0 = time.monotonic()
     kind = "physical" if pgdata else "logical"
     manifest = select_backup(repo, backup, cfg.cluster, kind, target)
     try:
         if pgdata:
-            view = inspect_wal_archive(repo, manifest)
-            rsteps.check_archive_reaches(view, manifest, target)
-            res = restore_physical(cfg, repo, manifest, pgdata, ts_map)
-            use_archive = view.has_wal_after_backup or target.kind != "end"
-            if use_archive:
-                config_file = str(resolve_config_path(config_path).absolute())
-                write_recovery_settings(cfg, config_file, pgdata, target, keep_archiving, manifest.start_wal)
+            report = restore_into_pgdata(
+                cfg,
+                repo,
+                manifest,
+                pgdata,
+                config_path=config_path,
+                target=target,
+                ts_map=ts_map,
+                start=start,
+                port=port,
+                keep_archiving=keep_archiving,
+                recovery_timeout=recovery_timeout,
+            )
         else:
             assert dsn is not None
             whole = bool(manifest.databases) and database is None
@@ -329,55 +616,24 @@ def restore_flow(  # noqa: C901 - the runbook's steps in order; the decisions ar
                 )
             else:
                 res = restore_logical(cfg, repo, manifest, dsn, jobs, database, no_owner)
-        report = RestoreReport(
-            backup_id=manifest.id,
-            kind=manifest.kind,
-            target=res.target,
-            raw_bytes=res.raw_bytes,
-            seconds=res.seconds,
-            verify_seconds=res.verify_seconds,
-            data_seconds=res.seconds,
-            target_point=target.describe(),
-        )
-        report.not_carried_over = rsteps.restore_notes(manifest)
-        if dsn is not None:
+            report = RestoreReport(
+                backup_id=manifest.id,
+                kind=manifest.kind,
+                target=res.target,
+                raw_bytes=res.raw_bytes,
+                seconds=res.seconds,
+                verify_seconds=res.verify_seconds,
+                data_seconds=res.seconds,
+                target_point=target.describe(),
+            )
+            report.not_carried_over = rsteps.restore_notes(manifest)
             report.databases = (
                 [d.name for d in manifest.databases if d.object]
                 if whole
                 else [database or manifest.database or "?"]
             )
-        for note in report.not_carried_over:
-            logger().warning("%s", note)
-        if pgdata:
-            report.archive_used = use_archive
-        if pgdata and start:
-            report.port = port or free_port()
-            try:
-                start_restored_server(
-                    cfg,
-                    pgdata,
-                    report.port,
-                    target if use_archive else None,
-                    config_file if use_archive else None,
-                )
-                report.started = True
-                outcome = (
-                    wait_for_recovery(cfg, pgdata, report.port, target, view, manifest, recovery_timeout)
-                    if use_archive
-                    else None
-                )
-            except BaseException as exc:
-                # never leave a server up, promoted and writable, short of what was asked
-                stopped = stop_restored_server(cfg, pgdata, report.port)
-                if isinstance(exc, DRError):
-                    raise PreconditionFailed(f"{one_line(exc)}; {stopped}") from exc
-                raise
-            if outcome is not None:
-                report.reached_lsn = outcome.reached_lsn
-                report.last_xact_time = outcome.last_xact_time.isoformat() if outcome.last_xact_time else None
-                report.timeline = outcome.timeline
-                report.stop_message = outcome.stop_message
-                report.recovery_seconds = outcome.seconds
+            for note in report.not_carried_over:
+                logger().warning("%s", note)
         report.seconds = time.monotonic() - t0
     except BaseException as exc:
         publish_report(

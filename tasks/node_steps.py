@@ -46,6 +46,7 @@ NodeStepName = Literal[
     "finish-rebuild",
     "stop-cleanly",
     "restart-as-standby",
+    "restore",  # a backup into the node's data directory: the restore flow's own steps (flows.restore)
 ]
 NODE_STEPS: tuple[str, ...] = NodeStepName.__args__  # type: ignore[attr-defined]
 
@@ -64,6 +65,7 @@ class NodeStepArgs(BaseModel):
     fork_lsn: str | None = None
     end_lsn: str | None = None
     clean: bool = True  # fence: a clean (fast) shutdown, else immediate
+    restore: str | None = None  # restore: a tasks.noderestore.NodeRestoreRequest as JSON
 
 
 class NodeStepResult(BaseModel):

@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest_failover import sql, wait_until
+from test_prefect_e2e import _prefect
 from threehosts import (
     NODE_POOLS,
     Hosts,
@@ -37,7 +38,7 @@ from threehosts import (
     wait_run,
 )
 
-from gravl_testlib import run_cli
+from gravl_testlib import assert_one_line_error, run_cli
 from tasks.topology import FENCE_MARKER
 
 pytestmark = pytest.mark.slow
@@ -235,3 +236,114 @@ def test_failover_guard_and_an_interrupted_failback_across_three_hosts(hosts: Ho
     final = artifact(h, "failback-report-gravl", run.id)
     assert "Failback complete" in final, final
     assert list(h.base.glob("primary.gravl-dr-old-*")), final
+
+
+def _latest_artifact(h: Hosts, key: str) -> str:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with client(h.api) as api:
+        found = api.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC
+        )
+    assert found, f"no artifact {key}"
+    return str(found[0].data)
+
+
+def _restore_steps(h: Hosts, pool: str) -> list[Any]:
+    return [r for r in node_step_runs(h, pool) if r.parameters.get("step") == "restore"]
+
+
+@pytest.mark.timeout(600)
+def test_restore_into_a_node_runs_on_its_own_host_through_its_work_pool(hosts: Hosts) -> None:
+    """`gravl-dr restore --node` from the orchestrator's config (no pgdata for any node): refused
+    over a writable primary and over a running standby without --replace-existing, refused when no
+    worker picks it up (nothing touched each time), then restored on standby-1's own worker."""
+    h = hosts
+    orchestrator = h.configs["orchestrator"]
+    # GIVEN 500 rows in a backup taken by the backup deployment, and 100 more only in the archived WAL
+    sql(h.primary.dsn(), "CREATE TABLE restored (id int PRIMARY KEY)")
+    sql(h.primary.dsn(), "INSERT INTO restored SELECT g FROM generate_series(1, 500) g")
+    backup = wait_run(h, start_run(h, "backup/backup-nightly", {}))
+    assert backup.state.is_completed(), run_logs(h, backup.id)[-3000:]
+    sql(h.primary.dsn(), "INSERT INTO restored SELECT g FROM generate_series(501, 600) g")
+    segment = sql(h.primary.dsn(), "SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+    wait_until(
+        lambda: (
+            sql(h.primary.dsn(), "SELECT last_archived_wal >= %s FROM pg_stat_archiver", (segment,))
+            == [(True,)]
+        ),
+        60,
+        "the WAL after the backup archived",
+    )
+    primary_pid, standby_pid = h.primary.postmaster_pid(), h.standby.postmaster_pid()
+
+    # WHEN a restore over the writable primary is asked for, even with --replace-existing
+    over_primary = run_cli(
+        "restore", "latest", "--node", "primary", "--replace-existing", config=orchestrator, env=h.env()
+    )
+    # THEN it is refused before any node step, and the primary runs on, writable, on the same files
+    assert_one_line_error(over_primary, "node primary accepts writes")
+    assert not _restore_steps(h, NODE_POOLS["primary"])
+    assert h.primary.postmaster_pid() == primary_pid and not _in_recovery(h.primary.dsn())
+
+    # WHEN a restore over the running standby is asked for without --replace-existing
+    over_standby = run_cli("restore", "latest", "--node", "standby-1", config=orchestrator, env=h.env())
+    # THEN it is refused too, and standby-1 still streams
+    assert_one_line_error(over_standby, "PostgreSQL is running on node standby-1", "--replace-existing")
+    assert h.standby.postmaster_pid() == standby_pid and _in_recovery(h.standby.dsn())
+
+    # WHEN the primary's host is lost, and standby-1's worker takes no work (its pool paused)
+    h.primary.stop()
+    paused = _prefect(h.env(), "work-pool", "pause", NODE_POOLS["standby-1"])
+    assert paused.returncode == 0, paused.stdout + paused.stderr
+    quick = h.base / "orchestrator-quick.yaml"
+    quick.write_text(
+        orchestrator.read_text().replace("pickup_timeout_seconds: 90", "pickup_timeout_seconds: 3")
+    )
+    try:
+        unpicked = run_cli(
+            "restore",
+            "latest",
+            "--node",
+            "standby-1",
+            "--replace-existing",
+            "--start",
+            config=quick,
+            env=h.env(),
+        )
+    finally:
+        resumed = _prefect(h.env(), "work-pool", "resume", NODE_POOLS["standby-1"])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    # THEN the error names the node and its pool, the unpicked run is gone, standby-1 is untouched
+    assert_one_line_error(
+        unpicked, "standby-1: no worker of work pool gravl-dr-node-standby-1 picked up restore"
+    )
+    assert not _restore_steps(h, NODE_POOLS["standby-1"])
+    assert h.standby.postmaster_pid() == standby_pid and _in_recovery(h.standby.dsn())
+
+    # WHEN the restore into standby-1 is asked for with --replace-existing --start
+    done = run_cli(
+        "restore",
+        "latest",
+        "--node",
+        "standby-1",
+        "--replace-existing",
+        "--start",
+        config=orchestrator,
+        env=h.env(),
+    )
+    # THEN it ran as a restore step on standby-1's own worker, which alone knows its data directory
+    assert done.returncode == 0, done.stdout + done.stderr
+    (step,) = _restore_steps(h, NODE_POOLS["standby-1"])
+    assert step.state.is_completed(), step.state
+    assert "node standby-1: written on host" in done.stdout, done.stdout
+    # AND its server runs on the restored files, at standby-1's own address, promoted, with every row
+    wait_until(lambda: not _in_recovery(h.standby.dsn()), 60, "the restored standby-1 promoted")
+    assert sql(h.standby.dsn(), "SELECT count(*), max(id) FROM restored") == [(600, 600)]
+    # AND its previous data directory is kept aside, and the report says where, from which backup
+    (kept,) = h.base.glob("standby-1.gravl-dr-before-restore-*")
+    assert (kept / "standby.signal").exists() and (kept / "PG_VERSION").exists()
+    report = _latest_artifact(h, "restore-report-gravl")
+    assert "complete" in report and "standby-1 (work pool gravl-dr-node-standby-1" in report, report
+    assert str(kept) in report and "postgresql.conf" in report, report

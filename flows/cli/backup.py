@@ -44,6 +44,16 @@ def register(sub: Any) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--pgdata", help="empty directory for a physical restore")
     target.add_argument("--dsn", help="empty database for a logical restore")
+    target.add_argument(
+        "--node",
+        metavar="NAME",
+        help="physical restore into this configured node's data directory (on its host, via its work_pool)",
+    )
+    p.add_argument(
+        "--replace-existing",
+        action="store_true",
+        help="--node: stop its server (never a writable one) and keep its data directory aside",
+    )
     p.add_argument("--start", action="store_true", help="start the restored server")
     p.add_argument("--port", type=int, help="port for the restored server (default: a free one)")
     p.add_argument("--jobs", type=int, default=2, help="pg_restore -j (logical)")
@@ -206,6 +216,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         backup=manifest.id,
         pgdata=str(Path(args.pgdata).absolute()) if args.pgdata else None,
         dsn=args.dsn,
+        node=args.node,
+        replace_existing=args.replace_existing,
         start=args.start,
         port=args.port,
         jobs=args.jobs,
@@ -223,7 +235,18 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def _check_restore_into(args: argparse.Namespace) -> str:
-    """'physical' (an empty --pgdata) or 'logical' (a reachable --dsn); the password leaves the DSN."""
+    """'physical' (an empty --pgdata, or a --node the flow checks) or 'logical' (a reachable
+    --dsn); the password leaves the DSN."""
+    if args.replace_existing and not args.node:
+        raise PreconditionFailed("--replace-existing goes with --node")
+    if args.node:
+        from tasks.node_steps import step_location
+        from tasks.noderestore import check_node_reachable, find_node
+
+        # an unknown node, or one whose files are out of reach, dies here, before Prefect starts
+        node = find_node(load_config(args.config), args.node)
+        check_node_reachable(node, step_location(node))
+        return "physical"
     if args.pgdata:
         from tasks.restore import check_pgdata_target
 
@@ -250,7 +273,7 @@ def _recovery_point(args: argparse.Namespace, kind: str) -> RecoveryTarget:
         time=args.target_time, lsn=args.target_lsn, name=args.target_name, xid=args.target_xid
     )
     if target.kind != "end" and kind != "physical":
-        raise PreconditionFailed("--target-* needs a physical restore (--pgdata)")
+        raise PreconditionFailed("--target-* needs a physical restore (--pgdata or --node)")
     if (args.database or args.no_owner) and kind != "logical":
         raise PreconditionFailed("--database and --no-owner need a logical restore (--dsn)")
     if args.no_owner and not args.database:
@@ -265,6 +288,10 @@ def _print_restore(report: RestoreReport, *, as_json: bool) -> None:
         return
     where = f", server running on port {report.port}" if report.started else ""
     print(f"restored {report.backup_id} into {report.target} in {report.seconds:.1f}s{where}")
+    if report.node:
+        print(f"node {report.node}: written on host {report.host} ({report.runs_on})")
+        if report.kept_aside:
+            print(f"its previous data directory is kept in {report.kept_aside}")
     if report.reached_lsn:
         print(
             f"recovered to {report.target_point}: reached {report.reached_lsn} on timeline "

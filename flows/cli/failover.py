@@ -1,7 +1,8 @@
 """Entry point: CLI commands for failover, failback and the failover drill.
 
 Approval: ``--yes`` skips it; on a terminal the plan is shown and the operator types ``yes``
-before any flow starts; otherwise the flow pauses for the Prefect UI's approval form, which
+before any flow starts (Ctrl-C there ends the command, exit 130, also when it was started with
+SIGINT ignored); otherwise the flow pauses for the Prefect UI's approval form, which
 needs a Prefect server (``PREFECT_API_URL``) someone can open.
 """
 
@@ -14,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from flows.cli.runner import run_flow
+from flows.cli.runner import ctrl_c_interrupts, run_flow
 from tasks.config import Config, load_config
 from tasks.errors import PreconditionFailed
 from tasks.failover import DEFAULT_MAX_LAG_BYTES, Refused
@@ -74,8 +75,9 @@ def _preflight(args: argparse.Namespace) -> Config:
 def _ask(lines: Callable[[], list[str]], question: str) -> str | None:
     """Terminal approval; None means: let the flow pause for the UI (or skip with --yes)."""
     if sys.stdin.isatty():
-        print("\n".join(lines()))
-        answer = input(f"{question} Type 'yes' to go on: ").strip().lower()
+        with ctrl_c_interrupts():  # the operator's Ctrl-C ends the command, however it was started
+            print("\n".join(lines()))
+            answer = input(f"{question} Type 'yes' to go on: ").strip().lower()
         if answer != "yes":
             raise Refused("not approved on the terminal: nothing changed")
         return f"{getpass.getuser()} (terminal)"

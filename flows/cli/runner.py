@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 from flows.prefect_env import apply_prefect_defaults
@@ -54,6 +54,22 @@ class Terminated(SystemExit):
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated(128 + signum)
+
+
+@contextlib.contextmanager
+def ctrl_c_interrupts() -> Iterator[None]:
+    """While the operator is asked a question on the terminal, Ctrl-C (SIGINT) raises
+    KeyboardInterrupt — also in a process started with SIGINT ignored, as a script's background
+    job or a CI runner's step is (Python then installs no handler, and the prompt would wait
+    forever): Ctrl-C is the operator's way out of the question. The previous disposition is back
+    afterwards."""
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: set outside Python, nothing to put back
+            signal.signal(signal.SIGINT, previous)
 
 
 def run_flow(flow_fn: Callable[..., T], **params: Any) -> T:

@@ -12,6 +12,7 @@ process exactly as it would without one.
 
 Protocol (one Unix stream connection per command, same user only):
   client  -> ``GRV1`` + length (4 bytes) with the three descriptors, then the JSON request
+             (argv, environment, directory, and the forwarded signals the client ignores)
   server  -> ``A`` (accepted) or ``N`` + a reason (the client runs the command itself)
   client  -> ``G`` (go: from here on the command runs there, never twice)
   client  -> ``S`` + signal number, for each signal the client receives
@@ -121,7 +122,13 @@ def run_remote(argv: Sequence[str]) -> int | None:
 
 def _handshake(sock: socket.socket, argv: Sequence[str], env: dict[str, str]) -> bool:
     request = json.dumps(
-        {"argv": list(argv), "env": env, "cwd": os.getcwd(), "fingerprint": fingerprint(env)}
+        {
+            "argv": list(argv),
+            "env": env,
+            "cwd": os.getcwd(),
+            "fingerprint": fingerprint(env),
+            "ignored": ignored_signals(),
+        }
     ).encode()
     fds = array.array("i", [0, 1, 2])
     sock.sendmsg(
@@ -134,6 +141,13 @@ def _handshake(sock: socket.socket, argv: Sequence[str], env: dict[str, str]) ->
     _forward_signals(sock)  # from "go" on, a signal is the command's
     sock.sendall(b"G")
     return True
+
+
+def ignored_signals() -> list[int]:
+    """The forwarded signals this process was started with ignored (``nohup``: SIGHUP; a
+    script's background job: SIGINT and SIGQUIT). The command ignores them too, as it would
+    in-process; the client still forwards them (a terminal prompt answers Ctrl-C regardless)."""
+    return [int(sig) for sig in FORWARDED if signal.getsignal(sig) == signal.SIG_IGN]
 
 
 def _forward_signals(sock: socket.socket) -> None:

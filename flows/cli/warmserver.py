@@ -308,9 +308,13 @@ def _run_child(request: dict[str, Any], fds: list[int], run_command: RunCommand)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        # the signal dispositions a command started by the client would have had: what the
+        # client ignores (nohup, a background job) stays ignored, the rest as Python starts
+        ignored = {int(s) for s in request.get("ignored", [])} & {int(s) for s in warm.FORWARDED}
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.SIG_DFL)
+        if signal.SIGINT not in ignored:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         _stdio()
         _fresh_prefect_state()
         argv = list(request["argv"])
