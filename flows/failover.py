@@ -216,7 +216,12 @@ def fence_old_primary(cfg: Config, node: Node, step: Step) -> FenceResult:
     elif step.method == "read-only":
         res = fence_read_only(node)
     else:
-        res = not_fenced(node, "unreachable, and neither its pgdata nor a work pool of it is known")
+        res = not_fenced(
+            node,
+            f"unreachable, and its work pool {node.work_pool}'s worker did not report (see the evidence)"
+            if node.work_pool
+            else "unreachable, and neither its pgdata nor a work pool of it is known",
+        )
     (logger().info if res.fenced else logger().warning)("%s: %s", node.name, res.action)
     return res
 

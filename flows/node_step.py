@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field, ValidationError
 
 from flows.common import logger
+from flows.node_watch import PoolWatcher, give_up_run
 from flows.params import ConfigPath, OptionalText
 from tasks.config import Config, Node, load_config
 from tasks.errors import ConfigError, DRError, PermanentError, TransientError, one_line
@@ -187,15 +188,26 @@ def _run_on_pool(
         ) from None
     logger().info("%s on %s: run %s on work pool %s", step, node.name, run.name, pool)
     with get_client(sync_client=True) as client:
-        state = _wait_state(client, run.id, lambda s: s.type.value != "SCHEDULED", pickup_timeout)
+        watch = PoolWatcher(client, pool, cfg.node_steps.worker_lost_seconds)
+        state = _wait_state(client, run.id, lambda s: s.type.value != "SCHEDULED", pickup_timeout, watch)
         if state is None or state.type.value == "SCHEDULED":
             with contextlib.suppress(Exception):
                 client.delete_flow_run(run.id)  # never let a stale stop or rebuild run later
+            lost = watch.check()
             raise TransientError(
-                f"{node.name}: no worker of work pool {pool} picked up {step} within {pickup_timeout:.0f}s "
-                f"(is `prefect worker start --pool {pool}` running on {node.name}'s host?)"
+                f"{node.name}: no worker of work pool {pool} picked up {step} "
+                + (f"({lost})" if lost else f"within {pickup_timeout:.0f}s")
+                + f" (is `prefect worker start --pool {pool}` running on {node.name}'s host?)"
             )
-        state = _wait_state(client, run.id, lambda s: s.is_final(), step_timeout)
+        state = _wait_state(client, run.id, lambda s: s.is_final(), step_timeout, watch)
+        lost = None if state is not None and state.is_final() else watch.check()
+        if lost:
+            give_up_run(client, run.id, lost)
+            logger().error("%s: %s (run %s): its worker is gone: %s", node.name, step, run.name, lost)
+            raise TransientError(
+                f"{node.name}: {step} (run {run.name}) outcome unknown, treated as not done: {lost}; "
+                "the run is marked Crashed so no worker starts or finishes it later"
+            )
     if state is None or not state.is_final():
         raise TransientError(
             f"{node.name}: {step} (run {run.name}, work pool {pool}) still not finished after "
@@ -212,13 +224,16 @@ def _run_on_pool(
     return raise_for_result(result, where)
 
 
-def _wait_state(client: Any, run_id: Any, done: Any, timeout: float) -> Any:
+def _wait_state(client: Any, run_id: Any, done: Any, timeout: float, watch: PoolWatcher) -> Any:
+    """The run's state once ``done``; or the last state seen at the timeout or when the pool is lost."""
     last: list[Any] = [None]
 
     def check() -> bool:
         with contextlib.suppress(Exception):  # a blip of the API: ask again
             last[0] = client.read_flow_run(run_id).state
-        return last[0] is not None and bool(done(last[0]))
+        if last[0] is not None and bool(done(last[0])):
+            return True
+        return watch.check() is not None
 
     poll_until(check, timeout=timeout, interval=0.5)
     return last[0]

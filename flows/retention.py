@@ -32,6 +32,7 @@ class RetentionReport(BaseModel):
     notes: list[str] = []
     leftovers: list[str] = []
     leftover_bytes: int = 0
+    node_step_results: int = 0  # node-step outcomes older than retention.node_step_days
     broken: dict[str, str] = {}
     invalid: dict[str, str] = {}
     verified: list[str] = []
@@ -124,6 +125,25 @@ def sweep_leftovers(
     return [i.describe() for i in items], size
 
 
+@task(name="expire-node-step-results", cache_policy=NO_CACHE, **NETWORK_RETRIES)
+def expire_node_step_results(cfg: Config, repo: Repository, dry_run: bool) -> tuple[int, list[str]]:
+    """The outcomes node-step runs recorded, once older than retention.node_step_days."""
+    days = cfg.retention.node_step_days
+    old, notes = steps.expired_step_results(
+        steps.read_step_result_times(repo), datetime.now(UTC), timedelta(days=days)
+    )
+    if old and not dry_run:
+        steps.delete_keys(repo, old)
+    if old:
+        logger().info(
+            "%s %d node-step outcome(s) older than %g days",
+            "would expire" if dry_run else "expired",
+            len(old),
+            days,
+        )
+    return len(old), notes
+
+
 @task(name="expire-wal", cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def expire_wal(repo: Repository, plan: steps.RetentionPlan) -> int:
     if not plan.expire_wal:
@@ -163,6 +183,10 @@ def _markdown(report: RetentionReport, cfg: Config, repo_url: str) -> str:
                 ("leftovers of killed runs", f"{len(report.leftovers)} ({report.leftover_bytes} bytes)"),
                 (f"WAL files {'to expire' if report.dry_run else 'expired'}", report.wal_expired),
                 ("WAL files kept", report.wal_kept),
+                (
+                    f"node-step outcomes {'to expire' if report.dry_run else 'expired'}",
+                    report.node_step_results,
+                ),
                 ("WAL kept from", ", ".join(report.wal_kept_from) or "everything"),
                 ("took", f"{report.seconds:.1f} s"),
             ]
@@ -219,6 +243,8 @@ def expire_flow(config_path: ConfigPath = None, dry_run: bool = False) -> Retent
         verified=state.verified,
     )
     report.leftovers, report.leftover_bytes = sweep_leftovers(cfg, repo, state, dry_run)
+    report.node_step_results, step_notes = expire_node_step_results(cfg, repo, dry_run)
+    report.notes = [*report.notes, *step_notes]
     if not dry_run:
         expire_backups(repo, plan)
         expire_wal(repo, plan)

@@ -81,6 +81,10 @@ class RetentionConfig(_Strict):
     # Leftovers of killed or failed runs (open multipart uploads, temporary files, backup folders
     # without a manifest) are swept by expire once this old; a running backup holds the lock.
     incomplete_grace_hours: Annotated[float, Field(ge=0)] = 24
+    # Node-step outcomes (node-steps/<flow-run id>.json) are deleted once this old (by the time
+    # their step recorded them). An orchestrator reads one as soon as its run ends, and waits at most
+    # node_steps.timeout_seconds (at most 1 day): the 1-day floor keeps every one it could still read.
+    node_step_days: Annotated[float, Field(ge=1, le=3650)] = 7
 
 
 class DNSConfig(_Strict):
@@ -218,6 +222,11 @@ class NodeStepsConfig(_Strict):
     )
     timeout_seconds: Annotated[float, Field(gt=0, le=86400)] = Field(
         default=3600, description="a node step still running after this is reported as unknown, not success"
+    )
+    worker_lost_seconds: Annotated[float, Field(gt=0, le=86400)] = Field(
+        default=90,
+        description="a node step whose work pool has had no worker heartbeat for this long (or no ONLINE "
+        "worker) is given up as unknown and its run marked Crashed: 3 of Prefect's default 30 s heartbeats",
     )
 
 

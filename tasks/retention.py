@@ -472,6 +472,36 @@ def sweep_leftovers(repo: Repository, items: Sequence[Incomplete]) -> int:
     return freed
 
 
+def expired_step_results(
+    written: Mapping[str, datetime | None], now: datetime, max_age: timedelta
+) -> tuple[list[str], list[str]]:
+    """The node-step outcomes to delete (recorded more than ``max_age`` ago), and notes on the ones
+    left alone because when they were written is unknown (unreadable: never guessed old)."""
+    old = sorted(k for k, at in written.items() if at is not None and now - at > max_age)
+    unknown = sorted(k for k, at in written.items() if at is None)
+    notes = [f"left alone {k}: not a readable node-step outcome (its age is unknown)" for k in unknown]
+    return old, notes
+
+
+def read_step_result_times(repo: Repository) -> dict[str, datetime | None]:
+    """When each ``node-steps/*.json`` outcome was recorded (its ``at``), None when unreadable."""
+    from pydantic import ValidationError
+
+    from tasks.node_steps import RESULT_PREFIX, NodeStepResult
+
+    out: dict[str, datetime | None] = {}
+    for key in repo.list_keys(RESULT_PREFIX.rstrip("/")):
+        if not key.endswith(".json"):
+            continue
+        try:
+            out[key] = NodeStepResult.model_validate_json(repo.get_bytes(key)).at
+        except NotFound:
+            continue  # deleted meanwhile
+        except (ValueError, ValidationError):
+            out[key] = None
+    return out
+
+
 def _delete_all(repo: Repository, keys: Iterable[str], workers: int = 8) -> int:
     keys = list(keys)
     if not keys:

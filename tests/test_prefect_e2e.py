@@ -334,3 +334,118 @@ def test_every_deployed_form_describes_every_parameter(stack: Stack) -> None:
     assert schemas["drill-weekly"]["target_time"]["format"] == "date-time"
     assert schemas["restore-manual"]["jobs"]["minimum"] == 1
     assert json.dumps(schemas)  # plain JSON, as the UI receives it
+
+
+def test_a_node_worker_killed_mid_step_is_given_up_in_seconds_and_failover_goes_on(
+    stack: Stack, pg_pair: Any, tmp_path: Path
+) -> None:
+    """The primary's whole host dies while its worker runs the failover's observe step (worker and
+    step process SIGKILLed): the failover stops waiting once the pool's heartbeats stop, not after
+    node_steps.timeout_seconds, marks the run Crashed, and treats the node as unreachable."""
+    import signal
+    import socket
+
+    from conftest_failover import in_recovery
+    from prefect.client.schemas.filters import LogFilter, LogFilterTextSearch
+    from threehosts import run_process
+
+    from gravl_testlib import run_cli
+
+    pool = NODE_POOLS[0]
+    pair = pg_pair()
+    # The primary's address answers TCP but never speaks (our own silent listener): each libpq
+    # attempt, the orchestrator's and the node's, waits out its connect timeout, so the node
+    # step is still running when its host dies.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    dsn = f"host=127.0.0.1 port={silent.getsockname()[1]} dbname=gravl user=postgres"
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    chown_tree(repo, "postgres")
+    standby = {"name": "standby-1", "dsn": pair.standby.dsn()}
+    common = {"cluster": CLUSTER, "repository": {"url": f"file://{repo}"}}
+    node_cfg = write_config(
+        tmp_path / "node.yaml",
+        {
+            **common,
+            "primary": {"name": "home", "dsn": dsn, "pgdata": str(pair.home.pgdata)},
+            "replicas": [standby],
+        },
+    )
+    orchestrator_cfg = write_config(
+        tmp_path / "orchestrator.yaml",
+        {
+            **common,
+            "primary": {"name": "home", "dsn": dsn, "work_pool": pool},
+            "replicas": [standby],
+            "node_steps": {"observe_timeout_seconds": 120, "timeout_seconds": 900, "worker_lost_seconds": 5},
+        },
+    )
+    worker_env = dict(
+        stack.env(),
+        GRAVL_DR_CONFIG=str(node_cfg),
+        PREFECT_WORKER_HEARTBEAT_SECONDS="1",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+    )
+    worker_env.pop("PREFECT_LOGGING_EXTRA_LOGGERS", None)
+    with open(tmp_path / "node-worker.log", "wb") as log:
+        worker = subprocess.Popen(
+            [PREFECT, "worker", "start", "--pool", pool, "--type", "process"],
+            env=worker_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd="/",
+        )
+    killed: list[tuple[Any, int]] = []
+
+    def kill_host_mid_step() -> None:
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+        with _client(stack.api) as api:
+            deadline = time.monotonic() + 200
+            while time.monotonic() < deadline and not killed:
+                for run in api.read_flow_runs(
+                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[pool]))
+                ):
+                    pid = run_process(run.id) if run.state and run.state.is_running() else None
+                    if pid:
+                        os.kill(worker.pid, signal.SIGKILL)
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append((run.id, pid))
+                        return
+                time.sleep(0.2)
+
+    import threading
+
+    killer = threading.Thread(target=kill_host_mid_step, daemon=True)
+    try:
+        pair.kill_home()
+        killer.start()
+        t0 = time.monotonic()
+        proc = run_cli("failover", "--yes", config=orchestrator_cfg, env=stack.env(), timeout=300)
+        took = time.monotonic() - t0
+        killer.join(5)
+        out = proc.stdout + proc.stderr
+        # THEN the step was killed mid-run, and the failover did not wait out timeout_seconds (900 s)
+        assert killed, out[-3000:]
+        with _client(stack.api) as api:
+            run = api.read_flow_run(killed[0][0])
+        assert run.state is not None and run.state.is_crashed(), run.state
+        assert "gravl-dr gave up" in (run.state.message or ""), run.state.message
+        assert f"work pool {pool}" in (run.state.message or "") and "last heartbeat" in (
+            run.state.message or ""
+        )
+        # AND the node is treated as unreachable with no worker, as before: promoted, reported unfenced
+        with _client(stack.api) as api:
+            found = api.read_logs(log_filter=LogFilter(text=LogFilterTextSearch(query="did not report")))
+            said = [log.message for log in found]
+        assert any(pool in m and "last heartbeat" in m for m in said), said
+        assert not in_recovery(pair.standby.dsn()), out[-3000:]
+        assert "NOT fenced" in out and f"its work pool {pool}'s worker did not report" in out, out[-3000:]
+        assert took < 300
+    finally:
+        silent.close()
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait(timeout=10)

@@ -433,3 +433,76 @@ def test_cli_expire_on_a_missing_repository_is_a_one_line_error(tmp_path: Path) 
     )
     proc = run_cli("expire", config=cfg)
     assert_one_line_error(proc, "does not exist")
+
+
+# ---------------------------------------------------------------- node-step outcomes
+
+
+def test_node_step_outcomes_expire_by_the_age_they_were_recorded_at() -> None:
+    from tasks.retention import expired_step_results
+
+    written = {
+        "node-steps/a.json": NOW - timedelta(days=8),
+        "node-steps/b.json": NOW - timedelta(days=6, hours=23),
+        "node-steps/c.json": None,  # unreadable: its age is unknown
+        "node-steps/d.json": NOW - timedelta(minutes=1),
+    }
+    old, notes = expired_step_results(written, NOW, timedelta(days=7))
+    assert old == ["node-steps/a.json"]
+    assert notes == ["left alone node-steps/c.json: not a readable node-step outcome (its age is unknown)"]
+
+
+def test_a_node_step_outcome_age_below_one_day_is_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        RetentionConfig(node_step_days=0.5)
+
+
+def test_expire_deletes_old_node_step_outcomes_only(
+    prefect_harness: None,
+    repo_url: str,
+    moto_endpoint: str,
+    make_config: Callable[..., Path],
+) -> None:
+    from flows.retention import expire_flow
+    from tasks.node_steps import NodeStepResult, write_step_result
+
+    # GIVEN a repository with one backup, and outcomes recorded 10 days, 3 days and a minute ago,
+    # plus one that is not an outcome at all
+    cfg_path = make_config(repo_url, moto=moto_endpoint, retention={"node_step_days": 7})
+    repo = open_repository(
+        RepositoryConfig(
+            url=repo_url,
+            endpoint_url=moto_endpoint if repo_url.startswith("s3://") else None,
+            region="eu-north-1",
+        )
+    )
+    now = datetime.now(UTC)
+    m = manifest(1)
+    repo.put_bytes(f"backups/{m.id}/manifest.json", m.to_json())
+    for run_id, age in (
+        ("old", timedelta(days=10)),
+        ("week", timedelta(days=3)),
+        ("new", timedelta(minutes=1)),
+    ):
+        write_step_result(
+            repo, run_id, NodeStepResult(step="fence", node="primary", ok=True, host="h", at=now - age)
+        )
+    repo.put_bytes("node-steps/garbage.json", b"{not json")
+    before = repo.list_keys("node-steps")
+
+    # WHEN a dry run, then a real one
+    dry = expire_flow(config_path=str(cfg_path), dry_run=True)
+    assert dry.node_step_results == 1 and repo.list_keys("node-steps") == before
+    report = expire_flow(config_path=str(cfg_path), dry_run=False)
+
+    # THEN only the 10-day-old outcome is gone; the unreadable one is named, not guessed old
+    assert report.node_step_results == 1
+    assert repo.list_keys("node-steps") == [
+        "node-steps/garbage.json",
+        "node-steps/new.json",
+        "node-steps/week.json",
+    ]
+    assert any("node-steps/garbage.json" in n for n in report.notes), report.notes
+    assert [b.id for b in list_backups(repo)] == [m.id]
