@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.config import Config, Node
 from tasks.errors import ConfigError, PreconditionFailed
 from tasks.failover import NodeState
+from tasks.roles import RoleEvent, primary_by_history
 
 # The node's own configuration files, carried from the replaced directory into the restored one.
 NODE_CONFIG_FILES = ("postgresql.conf", "pg_hba.conf", "pg_ident.conf", "postgresql.auto.conf")
@@ -207,3 +208,29 @@ def carry_node_settings(prepared: PreparedPgdata, *, os_user: str) -> list[str]:
             chown_tree(new / name, os_user)
             carried.append(name)
     return carried
+
+
+def restore_role_event(
+    history: list[RoleEvent],
+    configured_primary: str,
+    node: str,
+    *,
+    timeline: int | None,
+    backup_id: str,
+    at: datetime,
+) -> RoleEvent | None:
+    """The role change a started (so promoted) restore into ``node`` makes, for the history that
+    `gravl-dr guard` and every flow read (pure): none when the history already names it primary;
+    else ``node`` is the primary and the one the history named is demoted, so that, when it comes
+    back, the guard keeps it a standby instead of a second writable node."""
+    current = primary_by_history(history, configured_primary)
+    if current == node:
+        return None
+    return RoleEvent(
+        at=at,
+        event="restore",
+        primary=node,
+        demoted=[current],
+        timeline=timeline,
+        note=f"backup {backup_id} restored into {node} and promoted",
+    )
