@@ -271,20 +271,83 @@ def known_missing(name: str, dest: str, stamp: str, since_ns: int) -> bool:
     return _prefetcher_alive(folder)
 
 
-def ask(name: str, dest: str, stamp: str, since_ns: int, wait: float = ASK_WAIT) -> int | None:
-    """Have the live prefetcher look ``name`` up now: 1 when it is not in the archive, 0 when
-    the prefetcher fetched it (a segment) and it was served, None when there is no answer here
-    (the full command then answers)."""
+def _spawn_prefetcher(config: str, dest: str) -> bool:
+    """Start the background prefetcher of ``dest``'s pg_wal, detached (double fork, own session,
+    output appended to its log), when restore primed it (``want``) and the server is in
+    recovery: PostgreSQL's first call, a history probe, then costs one interpreter start (the
+    prefetcher's, which serves the rest of recovery) instead of two (the full command's and
+    the prefetcher it starts). A second prefetcher started meanwhile exits at once (its lock)."""
+    pg_wal = os.path.dirname(os.path.abspath(dest))
+    pgdata = os.path.dirname(pg_wal)
+    if not os.path.exists(os.path.join(prefetch_folder(dest), "want")) or not any(
+        os.path.exists(os.path.join(pgdata, f)) for f in ("recovery.signal", "standby.signal")
+    ):
+        return False
+    argv = [sys.executable, "-P", "-m", "flows.cli", "--config", os.path.abspath(config), "-v"]
+    argv += ["wal-fetch-daemon", pg_wal]
+    try:
+        log_fd = os.open(
+            os.path.join(pg_wal, "gravl-dr", "prefetcher.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
+        )
+    except OSError:
+        return False
+    try:
+        child = os.fork()
+        if child == 0:  # pragma: no cover - in the forked child
+            try:
+                if os.fork() == 0:
+                    os.setsid()
+                    null = os.open(os.devnull, os.O_RDONLY)
+                    os.dup2(null, 0)
+                    os.dup2(log_fd, 1)
+                    os.dup2(log_fd, 2)
+                    os.execv(sys.executable, argv)
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+    except OSError:
+        return False
+    finally:
+        os.close(log_fd)
+    return True
+
+
+def _wait_alive(folder: str, wait: float) -> bool:
     import time
 
-    segment = len(name) == 24
+    deadline = time.monotonic() + wait
+    while not _prefetcher_alive(folder):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _can_ask(name: str, dest: str, config: str | None, wait: float) -> bool:
+    """Whether ``name`` may be asked about, and a live prefetcher is there to answer: a history
+    probe (which starts one, given ``config``, when none runs) or a segment the prefetcher
+    already found missing (the end of the archive)."""
     folder = prefetch_folder(dest)
-    if not (segment or (len(name) == 16 and name.endswith(".history") and HEX.issuperset(name[:8]))):
+    if len(name) == 24:
+        return _prefetcher_alive(folder) and os.path.exists(os.path.join(folder, name + MISSING_SUFFIX))
+    if not (len(name) == 16 and name.endswith(".history") and HEX.issuperset(name[:8])):
+        return False
+    if _prefetcher_alive(folder):
+        return True
+    return config is not None and _spawn_prefetcher(config, dest) and _wait_alive(folder, wait)
+
+
+def ask(
+    name: str, dest: str, stamp: str, since_ns: int, wait: float = ASK_WAIT, config: str | None = None
+) -> int | None:
+    """Have the live prefetcher look ``name`` up now: 1 when it is not in the archive, 0 when
+    the prefetcher fetched it (a segment) and it was served, None when there is no answer here
+    (the full command then answers). See ``_can_ask`` for what is asked."""
+    import time
+
+    if not _can_ask(name, dest, config, wait):
         return None
-    if not _prefetcher_alive(folder):
-        return None
-    if segment and not os.path.exists(os.path.join(folder, name + MISSING_SUFFIX)):
-        return None  # only a segment the prefetcher found missing: the end of the archive
+    folder = prefetch_folder(dest)
     path = os.path.join(folder, name + ASK_SUFFIX)
     tmp = os.path.join(folder, f".{name}.ask.{os.getpid()}")
     try:
@@ -303,7 +366,7 @@ def ask(name: str, dest: str, stamp: str, since_ns: int, wait: float = ASK_WAIT)
             if known_missing(name, dest, stamp, since_ns):
                 answer = 1
                 break
-            if segment and serve(name, dest, stamp):
+            if len(name) == 24 and serve(name, dest, stamp):
                 answer = 0
                 break
             if not os.path.exists(path) or not _prefetcher_alive(folder):
@@ -350,7 +413,7 @@ def main(argv: list[str]) -> int:
         stamp = config_stamp(config)
         if len(name) == 24 and serve(name, dest, stamp, wait=WAIT_SECONDS):
             return 0
-        answer = ask(name, dest, stamp, since)
+        answer = ask(name, dest, stamp, since, config=config)
         if answer is not None:
             return answer
     # everything else: the full command, with the same arguments

@@ -11,6 +11,8 @@ A real server's recovery from S3 through this path is in test_restore_s3_replay 
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,7 +41,7 @@ def seg(segno: int) -> str:
 class Recovering:
     """A folder shaped like a data directory in archive recovery, with its prefetcher running."""
 
-    def __init__(self, base: Path, endpoint: str, bucket: str) -> None:
+    def __init__(self, base: Path, endpoint: str, bucket: str, *, start: bool = True) -> None:
         self.data = base / "data"
         self.pg_wal = self.data / "pg_wal"
         (self.pg_wal / "archive_status").mkdir(parents=True)
@@ -64,16 +66,21 @@ class Recovering:
         self.log = base / "prefetcher.log"
         # recovery is at segment 1: the prefetcher looks for segment 2 onwards
         walspool.note_wanted(self.pg_wal / "RECOVERYXLOG", seg(1))
+        self.folder = walspool.spool_root(self.pg_wal) / "prefetch"
+        self.proc: subprocess.Popen[bytes] | None = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [GRAVL_DR, "--config", str(self.config), "-v", "wal-fetch-daemon", str(self.pg_wal)],
                 stdout=out,
                 stderr=out,
             )
-        self.folder = walspool.spool_root(self.pg_wal) / "prefetch"
         deadline = time.monotonic() + 60
         while not (self.folder / walserve.WINDOW_FILE).exists():
-            assert self.proc.poll() is None, self.log.read_text()
+            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
             assert time.monotonic() < deadline, "the prefetcher did not start"
             time.sleep(0.05)
 
@@ -110,12 +117,16 @@ class Recovering:
             assert time.monotonic() < deadline, f"{path.name} never appeared: {self.log.read_text()[-2000:]}"
             time.sleep(0.01)
 
-    def answered_by_prefetcher(self, name: str) -> bool:
-        return f"asked for {name}: not in the archive" in self.log.read_text()
+    def answered_by_prefetcher(self, name: str, log: Path | None = None) -> bool:
+        return f"asked for {name}: not in the archive" in (log or self.log).read_text()
 
     def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        pid = walspool.prefetcher_pid(self.pg_wal)  # one the fast path started
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -197,3 +208,30 @@ def test_a_failing_look_up_stops_recovery(recovering: Recovering, s3_fault_proxy
     assert rc > 125, err
     assert got is None
     assert "gravl-dr: error" in err
+
+
+def test_a_history_probe_with_no_prefetcher_running_starts_one_that_answers(
+    tmp_path: Path, s3_fault_proxy: S3FaultProxy, s3_bucket: str
+) -> None:
+    # GIVEN a restored data directory in recovery, primed for prefetching, no prefetcher running
+    # (the operator starts the server with pg_ctl after `gravl-dr restore`)
+    rec = Recovering(tmp_path, s3_fault_proxy.url, s3_bucket, start=False)
+    try:
+        # WHEN PostgreSQL's first call probes for the next timeline's history file
+        rc, got, err = rec.restore_command("00000002.history")
+        # THEN the fast path started the prefetcher and the prefetcher's look-up answered
+        # (one interpreter start, not the full command's and then the prefetcher's)
+        assert rc == 1, err
+        assert got is None
+        pid = walspool.prefetcher_pid(rec.pg_wal)
+        assert pid is not None
+        spool_log = walspool.spool_root(rec.pg_wal) / walspool.PREFETCHER_LOG
+        assert rec.answered_by_prefetcher("00000002.history", spool_log), spool_log.read_text()
+        # AND a file archived meanwhile is still delivered
+        history = b"1\t0/5000000\tno recovery target specified\n"
+        rec.archive("00000002.history", history)
+        rc, got, err = rec.restore_command("00000002.history")
+        assert rc == 0, err
+        assert got == history
+    finally:
+        rec.close()
