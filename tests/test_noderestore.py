@@ -200,6 +200,16 @@ def test_replace_existing_keeps_the_old_directory_aside_and_the_nodes_own_settin
     assert "postgresql.auto.conf" in carried and "pg_hba.conf" in carried
     assert "port = 6543" in (c.pgdata / "postgresql.auto.conf").read_text()
 
+    # WHEN that restore was killed midway (no pg_control yet: the backup's files only) and re-run
+    (c.pgdata / "postgresql.auto.conf").write_text("port = 5432\n")
+    again = prepare_node_pgdata(_cfg(), node, replace_existing=True)
+    # THEN the partial directory is kept aside too, and the node's settings still come from its own
+    assert again.kept_aside and len(_aside(c.pgdata)) == 2
+    assert again.settings_from == prepared.kept_aside
+    c.pgdata.mkdir(mode=0o700)
+    carry_node_settings(again, os_user="postgres")
+    assert "port = 6543" in (c.pgdata / "postgresql.auto.conf").read_text()
+
 
 # ------------------------------------------------------------------ CLI: one line, before Prefect
 
