@@ -226,16 +226,19 @@ def _config(tmp_path: Path, **standby: Any) -> Path:
     )
 
 
+@pytest.mark.integration  # starts a process
 def test_cli_restore_into_an_unknown_node_is_one_line(tmp_path: Path) -> None:
     proc = run_cli("restore", "latest", "--node", "standby-9", config=_config(tmp_path))
     assert_one_line_error(proc, "node 'standby-9' is not in the config", "primary, standby-1")
 
 
+@pytest.mark.integration  # starts a process
 def test_cli_restore_into_a_node_out_of_reach_is_one_line(tmp_path: Path) -> None:
     proc = run_cli("restore", "latest", "--node", "standby-1", config=_config(tmp_path))
     assert_one_line_error(proc, "node standby-1 has no pgdata in this config and no work_pool")
 
 
+@pytest.mark.integration  # starts a process
 def test_cli_replace_existing_goes_with_node(tmp_path: Path) -> None:
     proc = run_cli(
         "restore", "latest", "--pgdata", str(tmp_path / "d"), "--replace-existing", config=_config(tmp_path)
