@@ -397,15 +397,20 @@ def prepare_node_data_directory(cfg: Config, node: Node, replace_existing: bool)
 def keep_node_settings(cfg: Config, prepared: PreparedPgdata) -> list[str]:
     carried = carry_node_settings(prepared, os_user=cfg.postgres.os_user)
     if carried:
-        logger().info("kept the node's own %s (from %s)", ", ".join(carried), prepared.kept_aside)
+        logger().info("kept the node's own %s (from %s)", ", ".join(carried), prepared.settings_from)
+    elif prepared.kept_aside:
+        logger().warning(
+            "no earlier data directory of this node holds its own settings: the backup's configuration is used"
+        )
     return carried
 
 
-def _node_address(node: Node) -> tuple[str, int | None]:
+def _node_address(node: Node) -> tuple[str, int]:
+    """Where the node's restored server listens, as its dsn says (libpq's default port 5432)."""
     host = dsn_field(node.dsn, "host") or dsn_field(node.dsn, "hostaddr") or "127.0.0.1"
-    port = dsn_field(node.dsn, "port")
+    port = (dsn_field(node.dsn, "port") or "5432").split(",")[0]
     # gravl-dr starts servers without a Unix socket (pg_ctl -o "-k ''"): reach it over TCP
-    return ("127.0.0.1" if host.startswith("/") else host.split(",")[0]), int(port) if port else None
+    return ("127.0.0.1" if host.startswith("/") else host.split(",")[0]), int(port)
 
 
 def restore_on_node_here(

@@ -106,6 +106,7 @@ class PreparedPgdata(BaseModel):
     pgdata: str
     stopped: str | None = None
     kept_aside: str | None = None
+    settings_from: str | None = None  # the kept directory whose configuration files are the node's own
 
 
 def _accepts_writes(node: Node) -> bool | None:
@@ -187,9 +188,21 @@ def prepare_node_pgdata(cfg: Config, node: Node, *, replace_existing: bool) -> P
         stopped = f"stopped its server (control file: {ctl.get('Database cluster state')})"
     if not nonempty:
         return PreparedPgdata(pgdata=str(pgdata), stopped=stopped)
+    # A directory without global/pg_control is a restore that was killed midway (restore moves
+    # pg_control into place last): its configuration files are the backup's, not the node's.
+    own = (pgdata / "global" / "pg_control").is_file()
+    earlier = [d for d in kept_before_restore(pgdata) if (d / "global" / "pg_control").is_file()]
     aside = aside_path(pgdata)
     pgdata.rename(aside)  # same parent, same filesystem: atomic, nothing copied
-    return PreparedPgdata(pgdata=str(pgdata), stopped=stopped, kept_aside=str(aside))
+    settings_from = str(aside) if own else (str(earlier[-1]) if earlier else None)
+    return PreparedPgdata(
+        pgdata=str(pgdata), stopped=stopped, kept_aside=str(aside), settings_from=settings_from
+    )
+
+
+def kept_before_restore(pgdata: Path) -> list[Path]:
+    """The node's directories earlier restores kept aside, oldest first (their names sort by time)."""
+    return sorted(p for p in pgdata.parent.glob(pgdata.name + ".gravl-dr-before-restore-*") if p.is_dir())
 
 
 def carry_node_settings(prepared: PreparedPgdata, *, os_user: str) -> list[str]:
@@ -198,9 +211,9 @@ def carry_node_settings(prepared: PreparedPgdata, *, os_user: str) -> list[str]:
     Recovery settings are written after this, over what the old postgresql.auto.conf said."""
     from tasks.pgcluster import chown_tree
 
-    if prepared.kept_aside is None:
+    if prepared.settings_from is None:
         return []
-    old, new = Path(prepared.kept_aside), Path(prepared.pgdata)
+    old, new = Path(prepared.settings_from), Path(prepared.pgdata)
     carried = []
     for name in NODE_CONFIG_FILES:
         if (old / name).is_file():

@@ -200,6 +200,16 @@ def test_replace_existing_keeps_the_old_directory_aside_and_the_nodes_own_settin
     assert "postgresql.auto.conf" in carried and "pg_hba.conf" in carried
     assert "port = 6543" in (c.pgdata / "postgresql.auto.conf").read_text()
 
+    # WHEN that restore was killed midway (no pg_control yet: the backup's files only) and re-run
+    (c.pgdata / "postgresql.auto.conf").write_text("port = 5432\n")
+    again = prepare_node_pgdata(_cfg(), node, replace_existing=True)
+    # THEN the partial directory is kept aside too, and the node's settings still come from its own
+    assert again.kept_aside and len(_aside(c.pgdata)) == 2
+    assert again.settings_from == prepared.kept_aside
+    c.pgdata.mkdir(mode=0o700)
+    carry_node_settings(again, os_user="postgres")
+    assert "port = 6543" in (c.pgdata / "postgresql.auto.conf").read_text()
+
 
 # ------------------------------------------------------------------ CLI: one line, before Prefect
 
@@ -216,16 +226,19 @@ def _config(tmp_path: Path, **standby: Any) -> Path:
     )
 
 
+@pytest.mark.integration  # starts a process
 def test_cli_restore_into_an_unknown_node_is_one_line(tmp_path: Path) -> None:
     proc = run_cli("restore", "latest", "--node", "standby-9", config=_config(tmp_path))
     assert_one_line_error(proc, "node 'standby-9' is not in the config", "primary, standby-1")
 
 
+@pytest.mark.integration  # starts a process
 def test_cli_restore_into_a_node_out_of_reach_is_one_line(tmp_path: Path) -> None:
     proc = run_cli("restore", "latest", "--node", "standby-1", config=_config(tmp_path))
     assert_one_line_error(proc, "node standby-1 has no pgdata in this config and no work_pool")
 
 
+@pytest.mark.integration  # starts a process
 def test_cli_replace_existing_goes_with_node(tmp_path: Path) -> None:
     proc = run_cli(
         "restore", "latest", "--pgdata", str(tmp_path / "d"), "--replace-existing", config=_config(tmp_path)
