@@ -674,7 +674,7 @@ def start_prefetcher(pgdata: Path, config_path: str, os_user: str, env: dict[str
     log_path.touch(exist_ok=True)
     chown_tree(log_path, os_user)
     try:
-        spawn_detached(
+        pid = spawn_detached(
             [
                 python,
                 "-P",
@@ -689,6 +689,15 @@ def start_prefetcher(pgdata: Path, config_path: str, os_user: str, env: dict[str
             log=log_path,
             env=env,
             os_user=os_user,
+        )
+        # its pid until it writes its own (the same process, or runuser's parent of it): the
+        # first restore_command calls, which may come while it is still starting, wait for it
+        # instead of starting a second one (tasks.walserve.ask)
+        walspool.atomic_write(
+            walspool.spool_root(pg_wal) / walspool.PREFETCHER_PID,
+            str(pid).encode(),
+            like=pg_wal,
+            durable=False,
         )
     except (OSError, PreconditionFailed) as exc:  # wal-fetch starts it itself then
         log.warning("could not start the WAL prefetcher early: %s", exc)

@@ -283,6 +283,10 @@ def _spawn_prefetcher(config: str, dest: str) -> bool:
         os.path.exists(os.path.join(pgdata, f)) for f in ("recovery.signal", "standby.signal")
     ):
         return False
+    pid_path = os.path.join(pg_wal, "gravl-dr", "prefetcher.pid")
+    running = _starting_pid(prefetch_folder(dest))
+    if running > 0 and _alive(running):
+        return True  # one is running or starting (restore started it): wait for it
     argv = [sys.executable, "-P", "-m", "flows.cli", "--config", os.path.abspath(config), "-v"]
     argv += ["wal-fetch-daemon", pg_wal]
     try:
@@ -295,13 +299,19 @@ def _spawn_prefetcher(config: str, dest: str) -> bool:
         child = os.fork()
         if child == 0:  # pragma: no cover - in the forked child
             try:
-                if os.fork() == 0:
+                grandchild = os.fork()
+                if grandchild == 0:
                     os.setsid()
                     null = os.open(os.devnull, os.O_RDONLY)
                     os.dup2(null, 0)
                     os.dup2(log_fd, 1)
                     os.dup2(log_fd, 2)
                     os.execv(sys.executable, argv)
+                # its pid until it writes its own (the same): the next calls wait for it
+                tmp = f"{pid_path}.{os.getpid()}.tmp"
+                with open(tmp, "w") as fh:
+                    fh.write(str(grandchild))
+                os.replace(tmp, pid_path)
             finally:
                 os._exit(0)
         os.waitpid(child, 0)
@@ -312,13 +322,25 @@ def _spawn_prefetcher(config: str, dest: str) -> bool:
     return True
 
 
+def _starting_pid(folder: str) -> int:
+    """The pid in the prefetcher's pid file (0 when none or unreadable)."""
+    try:
+        with open(os.path.join(os.path.dirname(folder), "prefetcher.pid")) as fh:
+            return int(fh.read(32).strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def _wait_alive(folder: str, wait: float) -> bool:
+    """Wait until the prefetcher is up (its window names a live pid); False after ``wait``
+    seconds, or at once when the process starting it is gone."""
     import time
 
     deadline = time.monotonic() + wait
     while not _prefetcher_alive(folder):
-        if time.monotonic() >= deadline:
-            return False
+        pid = _starting_pid(folder)
+        if time.monotonic() >= deadline or not (pid > 0 and _alive(pid)):
+            return _prefetcher_alive(folder)
         time.sleep(0.005)
     return True
 
