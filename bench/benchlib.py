@@ -29,11 +29,17 @@ class Timed:
     stderr: str
 
 
-def _tree_peak(pid: int, stop: threading.Event, out: list[float], root_only: bool) -> None:
-    """Poll the peak RSS (VmHWM) of a process, and of its descendants unless root_only."""
+def _tree_peak(
+    pid: int, stop: threading.Event, out: list[float], root_only: bool, warm_pid: int | None = None
+) -> None:
+    """Poll the peak RSS (VmHWM) of a process, and of its descendants unless root_only. With
+    ``warm_pid`` (a `gravl-dr warm` process), its descendants are counted too, not itself: the
+    child it forked to run this command, and that child's own subprocesses."""
     peak = 0.0
     while not stop.is_set():
         pids = [pid] if root_only else _descendants(pid)
+        if warm_pid is not None:
+            pids += _descendants(warm_pid)[1:]
         total = 0.0
         for p in pids:
             try:
@@ -65,9 +71,15 @@ def _descendants(pid: int) -> list[int]:
 
 
 def timed(
-    argv: list[str] | str, *, shell: bool = False, env: dict[str, str] | None = None, root_only: bool = True
+    argv: list[str] | str,
+    *,
+    shell: bool = False,
+    env: dict[str, str] | None = None,
+    root_only: bool = True,
+    warm_pid: int | None = None,
 ) -> Timed:
-    """Run a command; wall time and peak RSS (of the process itself, or its whole tree)."""
+    """Run a command; wall time and peak RSS (of the process itself, or its whole tree; with
+    ``warm_pid``, plus what the warm process forked meanwhile: see ``_tree_peak``)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     os.sync()  # earlier steps' dirty pages must not be written back on this step's clock
@@ -76,7 +88,9 @@ def timed(
         argv, shell=shell, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     stop, peaks = threading.Event(), list[float]()
-    watcher = threading.Thread(target=_tree_peak, args=(proc.pid, stop, peaks, root_only), daemon=True)
+    watcher = threading.Thread(
+        target=_tree_peak, args=(proc.pid, stop, peaks, root_only, warm_pid), daemon=True
+    )
     watcher.start()
     out, err = proc.communicate()
     seconds = time.monotonic() - t0

@@ -101,6 +101,7 @@ def main() -> None:
 
     def note(key: str, t: Timed) -> None:
         samples.setdefault(key, []).append(t.seconds)
+        samples.setdefault(f"{key}_rss_mb", []).append(t.peak_rss_mb)
 
     try:
         source.initdb(
@@ -135,20 +136,39 @@ def main() -> None:
             for mode in modes[r % 4 :] + modes[: r % 4]:
                 target = base / f"restore-{mode}"
                 if mode == "pgbr":
-                    note("pgbr_info", must(timed(as_pg(*pgbr, "info")), "pgbackrest info"))
+                    note("pgbr_info", must(timed(as_pg(*pgbr, "info"), root_only=False), "pgbackrest info"))
                     target.mkdir(mode=0o700)
                     chown_tree(target, PG)
                     note(
                         "pgbr_restore",
-                        must(timed(as_pg(*pgbr, f"--pg1-path={target}", "restore")), "pgbackrest restore"),
+                        must(
+                            timed(as_pg(*pgbr, f"--pg1-path={target}", "restore"), root_only=False),
+                            "pgbackrest restore",
+                        ),
                     )
                 else:
                     e = mode_env[mode]
                     gravl = [GRAVL_DR, "--config", str(cfg)]
-                    note(f"{mode}_dry_run", must(timed([*gravl, "backup", "--dry-run"], env=e), "dry run"))
+                    # the command's whole tree; warm: the thin client and what the warm process forked
+                    warm_pid = None if mode == "cold" else daemon.pid
+                    note(
+                        f"{mode}_dry_run",
+                        must(
+                            timed([*gravl, "backup", "--dry-run"], env=e, root_only=False, warm_pid=warm_pid),
+                            "dry run",
+                        ),
+                    )
                     note(
                         f"{mode}_restore",
-                        must(timed([*gravl, "restore", tiny, "--pgdata", str(target)], env=e), "restore"),
+                        must(
+                            timed(
+                                [*gravl, "restore", tiny, "--pgdata", str(target)],
+                                env=e,
+                                root_only=False,
+                                warm_pid=warm_pid,
+                            ),
+                            "restore",
+                        ),
                     )
                 shutil.rmtree(target, ignore_errors=True)
                 if daemon.poll() is not None:  # it exits when the code changes: warm samples would be cold
@@ -179,6 +199,17 @@ def main() -> None:
         print(
             f"| {label} | {med['cold_' + step]:.2f} s | {med['warm_' + step]:.2f} s "
             f"| {med['nohb_' + step]:.2f} s | {med[peer]:.2f} s |"
+        )
+    print("\npeak RSS of the command's process tree (warm: the thin client plus the forked child's tree):\n")
+    print("| command | gravl-dr in-process | gravl-dr warm | warm, heartbeat off | pgBackRest |")
+    print("|---|---|---|---|---|")
+    for label, step, peer in (
+        ("`backup --dry-run` (pgBackRest: `info`)", "dry_run", "pgbr_info"),
+        ("restore of a tiny backup", "restore", "pgbr_restore"),
+    ):
+        print(
+            f"| {label} | {med[f'cold_{step}_rss_mb']:.0f} MB | {med[f'warm_{step}_rss_mb']:.0f} MB "
+            f"| {med[f'nohb_{step}_rss_mb']:.0f} MB | {med[f'{peer}_rss_mb']:.0f} MB |"
         )
     print(f"\nmedians of {args.rounds} rounds; load average {res['load']:.1f} on {res['cores']} cores")
     if args.json:

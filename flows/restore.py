@@ -35,6 +35,7 @@ from tasks.noderestore import (
     find_node,
     plan_node_restore,
     prepare_node_pgdata,
+    restore_role_event,
 )
 from tasks.pgcluster import LocalCluster, free_port
 from tasks.postgres import dsn_field, safe_dsn
@@ -69,6 +70,7 @@ class RestoreReport(BaseModel):
     stopped: str | None = None  # the node's server, stopped because the operator asked to replace it
     kept_aside: str | None = None  # the node's previous data directory, moved aside (never deleted)
     node_settings: list[str] = []  # the node's own configuration files carried into the restored directory
+    role_change: str | None = None  # what the role history says after a started node restore
 
 
 @task(name="restore-physical", cache_policy=NO_CACHE)
@@ -261,6 +263,7 @@ def _markdown(manifest: Manifest, report: RestoreReport, where: str, physical_ta
             ("its server", report.stopped or "was not running"),
             ("its previous data directory", f"kept in {report.kept_aside}" if report.kept_aside else "none"),
             ("its own settings kept", ", ".join(report.node_settings) or "-"),
+            ("role history", report.role_change or "unchanged (not started)"),
         ]
     if physical_target:
         rows += [
@@ -394,15 +397,20 @@ def prepare_node_data_directory(cfg: Config, node: Node, replace_existing: bool)
 def keep_node_settings(cfg: Config, prepared: PreparedPgdata) -> list[str]:
     carried = carry_node_settings(prepared, os_user=cfg.postgres.os_user)
     if carried:
-        logger().info("kept the node's own %s (from %s)", ", ".join(carried), prepared.kept_aside)
+        logger().info("kept the node's own %s (from %s)", ", ".join(carried), prepared.settings_from)
+    elif prepared.kept_aside:
+        logger().warning(
+            "no earlier data directory of this node holds its own settings: the backup's configuration is used"
+        )
     return carried
 
 
-def _node_address(node: Node) -> tuple[str, int | None]:
+def _node_address(node: Node) -> tuple[str, int]:
+    """Where the node's restored server listens, as its dsn says (libpq's default port 5432)."""
     host = dsn_field(node.dsn, "host") or dsn_field(node.dsn, "hostaddr") or "127.0.0.1"
-    port = dsn_field(node.dsn, "port")
+    port = (dsn_field(node.dsn, "port") or "5432").split(",")[0]
     # gravl-dr starts servers without a Unix socket (pg_ctl -o "-k ''"): reach it over TCP
-    return ("127.0.0.1" if host.startswith("/") else host.split(",")[0]), int(port) if port else None
+    return ("127.0.0.1" if host.startswith("/") else host.split(",")[0]), int(port)
 
 
 def restore_on_node_here(
@@ -446,6 +454,31 @@ def restore_on_node_here(
             "kept_aside": prepared.kept_aside,
         }
     )
+
+
+@task(name="record-role-change", cache_policy=NO_CACHE)
+def record_restore_role_change(cfg: Config, repo: Repository, report: RestoreReport) -> str:
+    """A started node restore promoted it: record that in the role history (never fails the run)."""
+    from tasks.roles import now, record_role_change, role_history
+
+    assert report.node is not None
+    try:
+        event = restore_role_event(
+            role_history(repo),
+            cfg.primary.name,
+            report.node,
+            timeline=report.timeline,
+            backup_id=report.backup_id,
+            at=now(),
+        )
+        if event is None:
+            return f"unchanged: it already names {report.node} the primary"
+        key = record_role_change(repo, event)
+    except DRError as exc:
+        logger().warning("role change NOT recorded: %s", one_line(exc))
+        return f"NOT recorded ({one_line(exc)}): `gravl-dr guard` cannot know the old primary was demoted"
+    logger().info("recorded %s: %s primary, %s demoted", key, event.primary, ", ".join(event.demoted))
+    return f"recorded {key}: {event.primary} primary, {', '.join(event.demoted)} demoted"
 
 
 def _restore_on_node(
@@ -575,6 +608,8 @@ def restore_flow(
         t0 = time.monotonic()
         try:
             report, manifest = _restore_on_node(cfg, repo, node, req, config_path)
+            if report.started:
+                report.role_change = record_restore_role_change(cfg, repo, report)
         except BaseException as exc:
             publish_report(
                 report_key("restore", cfg.cluster),

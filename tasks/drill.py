@@ -394,9 +394,16 @@ def sweep_abandoned(base: str, bindir: str = "auto") -> int:
 
 
 def teardown_instance(instance: DrillInstance) -> dict[str, bool]:
-    """Stop the server (fast, then immediate, then SIGKILL) and remove the directory."""
+    """Stop the server (fast, then immediate, then SIGKILL) and its WAL prefetcher, and remove
+    the directory."""
+    from tasks.recovery import clear_prefetch
+
     cluster = instance.cluster()
     pid = cluster.postmaster_pid()
+    # the prefetcher serves a recovery that ends here (paused, never promoted): it is told to
+    # exit, and waited for, before its folder goes (else it may outlive the drill for a moment)
+    with contextlib.suppress(OSError):
+        clear_prefetch(instance.pgdata, timeout=5)
     with contextlib.suppress(Exception):
         cluster.stop(mode="fast", timeout=30)
     cluster.destroy()  # immediate stop + SIGKILL of the postmaster if still there

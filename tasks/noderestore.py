@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.config import Config, Node
 from tasks.errors import ConfigError, PreconditionFailed
 from tasks.failover import NodeState
+from tasks.roles import RoleEvent, primary_by_history
 
 # The node's own configuration files, carried from the replaced directory into the restored one.
 NODE_CONFIG_FILES = ("postgresql.conf", "pg_hba.conf", "pg_ident.conf", "postgresql.auto.conf")
@@ -105,6 +106,7 @@ class PreparedPgdata(BaseModel):
     pgdata: str
     stopped: str | None = None
     kept_aside: str | None = None
+    settings_from: str | None = None  # the kept directory whose configuration files are the node's own
 
 
 def _accepts_writes(node: Node) -> bool | None:
@@ -186,9 +188,21 @@ def prepare_node_pgdata(cfg: Config, node: Node, *, replace_existing: bool) -> P
         stopped = f"stopped its server (control file: {ctl.get('Database cluster state')})"
     if not nonempty:
         return PreparedPgdata(pgdata=str(pgdata), stopped=stopped)
+    # A directory without global/pg_control is a restore that was killed midway (restore moves
+    # pg_control into place last): its configuration files are the backup's, not the node's.
+    own = (pgdata / "global" / "pg_control").is_file()
+    earlier = [d for d in kept_before_restore(pgdata) if (d / "global" / "pg_control").is_file()]
     aside = aside_path(pgdata)
     pgdata.rename(aside)  # same parent, same filesystem: atomic, nothing copied
-    return PreparedPgdata(pgdata=str(pgdata), stopped=stopped, kept_aside=str(aside))
+    settings_from = str(aside) if own else (str(earlier[-1]) if earlier else None)
+    return PreparedPgdata(
+        pgdata=str(pgdata), stopped=stopped, kept_aside=str(aside), settings_from=settings_from
+    )
+
+
+def kept_before_restore(pgdata: Path) -> list[Path]:
+    """The node's directories earlier restores kept aside, oldest first (their names sort by time)."""
+    return sorted(p for p in pgdata.parent.glob(pgdata.name + ".gravl-dr-before-restore-*") if p.is_dir())
 
 
 def carry_node_settings(prepared: PreparedPgdata, *, os_user: str) -> list[str]:
@@ -197,9 +211,9 @@ def carry_node_settings(prepared: PreparedPgdata, *, os_user: str) -> list[str]:
     Recovery settings are written after this, over what the old postgresql.auto.conf said."""
     from tasks.pgcluster import chown_tree
 
-    if prepared.kept_aside is None:
+    if prepared.settings_from is None:
         return []
-    old, new = Path(prepared.kept_aside), Path(prepared.pgdata)
+    old, new = Path(prepared.settings_from), Path(prepared.pgdata)
     carried = []
     for name in NODE_CONFIG_FILES:
         if (old / name).is_file():
@@ -207,3 +221,29 @@ def carry_node_settings(prepared: PreparedPgdata, *, os_user: str) -> list[str]:
             chown_tree(new / name, os_user)
             carried.append(name)
     return carried
+
+
+def restore_role_event(
+    history: list[RoleEvent],
+    configured_primary: str,
+    node: str,
+    *,
+    timeline: int | None,
+    backup_id: str,
+    at: datetime,
+) -> RoleEvent | None:
+    """The role change a started (so promoted) restore into ``node`` makes, for the history that
+    `gravl-dr guard` and every flow read (pure): none when the history already names it primary;
+    else ``node`` is the primary and the one the history named is demoted, so that, when it comes
+    back, the guard keeps it a standby instead of a second writable node."""
+    current = primary_by_history(history, configured_primary)
+    if current == node:
+        return None
+    return RoleEvent(
+        at=at,
+        event="restore",
+        primary=node,
+        demoted=[current],
+        timeline=timeline,
+        note=f"backup {backup_id} restored into {node} and promoted",
+    )

@@ -730,17 +730,23 @@ def check_server_can_read(config_file: str, cfg: Config, os_user: str) -> None:
 
 
 def clear_prefetch(pgdata: Path, timeout: float = 10.0) -> int | None:
-    """Drop what wal-fetch prefetched and recovery did not use, once the prefetcher is gone
-    (it exits when recovery ends). A prefetcher still there after ``timeout`` seconds is
-    stopped, with a warning saying what it was doing: recovery has ended, so nothing it fetches
-    can be served any more, and it would write into the folder being removed. Returns the pid
-    of a prefetcher stopped that way, else None."""
+    """Once the server promoted (no restore_command call will come any more): tell the WAL
+    prefetcher to exit (it lingers a few seconds after recovery.signal goes, for PostgreSQL's
+    last calls), then drop what it prefetched that recovery did not use. A prefetcher still
+    there after ``timeout`` seconds (a request to the repository that hangs) is stopped, with
+    a warning saying what it was doing: nothing it fetches can be served any more, and it would
+    write into the folder being removed. Returns the pid of a prefetcher stopped that way."""
+    from tasks.walworkers import STOP_FILE
 
     pg_wal = pgdata / "pg_wal"
+    folder = pg_wal / "gravl-dr" / "prefetch"
+    with contextlib.suppress(OSError):
+        if folder.is_dir():
+            (folder / STOP_FILE).touch()
     stopped = None
-    if not poll_until(lambda: _prefetcher_gone(pg_wal), timeout=timeout, interval=0.05):
+    if not poll_until(lambda: _prefetcher_gone(pg_wal), timeout=timeout, interval=0.02):
         stopped = _stop_prefetcher(pg_wal, timeout)
-    shutil.rmtree(pg_wal / "gravl-dr" / "prefetch", ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
     return stopped
 
 
@@ -766,7 +772,8 @@ def _stop_prefetcher(pg_wal: Path, waited: float) -> int | None:
     if pid is None:  # gone meanwhile, or the pid file names a process that is not ours
         return None
     log.warning(
-        "the WAL prefetcher of %s (pid %d) was still running %.0f s after recovery ended (%s): stopping it",
+        "the WAL prefetcher of %s (pid %d) had not exited %.0f s after recovery ended and it was "
+        "told to (%s): stopping it",
         pg_wal,
         pid,
         waited,

@@ -36,7 +36,9 @@ class RoleEvent(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     at: datetime
-    event: Literal["failover", "failback"]
+    event: Literal[
+        "failover", "failback", "restore"
+    ]  # restore: a node restored and promoted (--node --start)
     primary: str
     demoted: list[str]
     timeline: int | None = None

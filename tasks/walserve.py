@@ -10,8 +10,19 @@ fetches or holds in ``window``). The segment is handed over as a hard link; the 
 stays (its mark renamed ``.served``) for PostgreSQL's second request for the last segment at the
 end of recovery, and the prefetcher drops older served ones. Everything else — not prefetched, a history or partial file, any check
 failing — is handed by ``exec`` to the full ``gravl-dr wal-fetch``, which owns the contract
-(0 fetched, 1 not in the archive, > 125 for anything else). This script answers 1 only from a
-live prefetcher's fresh "not in the archive" mark (``known_missing``).
+(0 fetched, 1 not in the archive, > 125 for anything else).
+
+"Not in the archive" ends recovery, so this script answers 1 only from a check of the
+repository that *began after the request did*: it asks a live prefetcher (``ask``: a
+``<name>.ask`` file holding the request's start on the system-wide monotonic clock), which looks
+the name up (its repository client is warm: one or two requests, no interpreter start) and
+writes a "not in the archive" mark stamped with when that look-up began (``known_missing``). A
+mark from an earlier look-up (a segment past the end probed ahead, the same history file
+probed at the start of recovery) is never an answer: the archive may have grown since. Asked
+are the timeline history probes (PostgreSQL's ``NNNNNNNN.history`` calls at the start and the
+end of recovery) and a segment the prefetcher already found missing (the end of the archive);
+the prefetcher fetches an asked segment it finds. No live prefetcher, no answer within
+ASK_WAIT seconds, a name it found, or a look-up that failed: the full command answers.
 
 A prefetched segment is served only when all of these hold:
 
@@ -35,7 +46,8 @@ import sys
 MARK_SUFFIX = ".ok"
 MISSING_SUFFIX = ".missing"
 SERVED_SUFFIX = ".served"  # the mark of the last segment served, kept for a second request
-MISSING_FRESH = 2.0  # seconds a prefetcher's "not in the archive" stays true (it re-checks each second)
+ASK_SUFFIX = ".ask"  # "<name>.ask": recovery asked for name at (monotonic ns) the file's content
+ASK_WAIT = 10.0  # at most, for the prefetcher's answer to an ask (then the full command)
 WINDOW_FILE = "window"  # "<prefetcher pid> <name> <name>...": what it is fetching or holds
 WAIT_SECONDS = 60.0  # at most, for a segment the prefetcher is fetching (then the full command)
 PREFETCH = os.path.join("gravl-dr", "prefetch")  # under pg_wal, see tasks.walspool.spool_root
@@ -229,37 +241,143 @@ def serve(name: str, dest: str, stamp: str, wait: float = 0.0) -> bool:
     return True
 
 
-def missing_text(stamp: str) -> str:
-    return f"stamp={stamp}\nboot={boot_id()}\n"
+def missing_text(stamp: str, checked_ns: int) -> str:
+    """A "not in the archive" mark: ``checked_ns`` is when the look-up began (time.monotonic_ns)."""
+    return f"stamp={stamp}\nboot={boot_id()}\nchecked={checked_ns}\n"
 
 
-def known_missing(name: str, dest: str, stamp: str) -> bool:
-    """True when a live prefetcher found ``name`` absent from this repository within the last
-    MISSING_FRESH seconds (after checking the repository is reachable): recovery may be told
-    "not in the archive" (exit 1) without starting the full command, as pgBackRest's
-    asynchronous archive-get does from its spool."""
-    import time
-
-    folder = prefetch_folder(dest)
-    path = os.path.join(folder, name + MISSING_SUFFIX)
-    try:
-        age = time.time() - os.stat(path).st_mtime
-    except OSError:
-        return False
-    mark = read_mark(path)
-    if (
-        mark is None
-        or mark.get("stamp") != stamp
-        or mark.get("boot") != boot_id()
-        or not 0 <= age < MISSING_FRESH
-    ):
-        return False
+def _prefetcher_alive(folder: str) -> bool:
     try:
         with open(os.path.join(folder, WINDOW_FILE)) as fh:
             pid = fh.read(200).split()[0]
     except (OSError, IndexError):
         return False
     return pid.isdigit() and _alive(int(pid))
+
+
+def known_missing(name: str, dest: str, stamp: str, since_ns: int) -> bool:
+    """True when a live prefetcher found ``name`` absent from this repository (after checking
+    the repository is reachable) in a look-up that began at or after ``since_ns``
+    (time.monotonic_ns, one clock for every process of this boot): recovery may be told "not in
+    the archive" (exit 1) without starting the full command, as pgBackRest's asynchronous
+    archive-get does from its spool."""
+    folder = prefetch_folder(dest)
+    mark = read_mark(os.path.join(folder, name + MISSING_SUFFIX))
+    if mark is None or mark.get("stamp") != stamp or mark.get("boot") != boot_id():
+        return False
+    checked = mark.get("checked", "")
+    if not checked.isdigit() or int(checked) < since_ns:
+        return False
+    return _prefetcher_alive(folder)
+
+
+def _spawn_prefetcher(config: str, dest: str) -> bool:
+    """Start the background prefetcher of ``dest``'s pg_wal, detached (double fork, own session,
+    output appended to its log), when restore primed it (``want``) and the server is in
+    recovery: PostgreSQL's first call, a history probe, then costs one interpreter start (the
+    prefetcher's, which serves the rest of recovery) instead of two (the full command's and
+    the prefetcher it starts). A second prefetcher started meanwhile exits at once (its lock)."""
+    pg_wal = os.path.dirname(os.path.abspath(dest))
+    pgdata = os.path.dirname(pg_wal)
+    if not os.path.exists(os.path.join(prefetch_folder(dest), "want")) or not any(
+        os.path.exists(os.path.join(pgdata, f)) for f in ("recovery.signal", "standby.signal")
+    ):
+        return False
+    argv = [sys.executable, "-P", "-m", "flows.cli", "--config", os.path.abspath(config), "-v"]
+    argv += ["wal-fetch-daemon", pg_wal]
+    try:
+        log_fd = os.open(
+            os.path.join(pg_wal, "gravl-dr", "prefetcher.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
+        )
+    except OSError:
+        return False
+    try:
+        child = os.fork()
+        if child == 0:  # pragma: no cover - in the forked child
+            try:
+                if os.fork() == 0:
+                    os.setsid()
+                    null = os.open(os.devnull, os.O_RDONLY)
+                    os.dup2(null, 0)
+                    os.dup2(log_fd, 1)
+                    os.dup2(log_fd, 2)
+                    os.execv(sys.executable, argv)
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+    except OSError:
+        return False
+    finally:
+        os.close(log_fd)
+    return True
+
+
+def _wait_alive(folder: str, wait: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + wait
+    while not _prefetcher_alive(folder):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _can_ask(name: str, dest: str, config: str | None, wait: float) -> bool:
+    """Whether ``name`` may be asked about, and a live prefetcher is there to answer: a history
+    probe (which starts one, given ``config``, when none runs) or a segment the prefetcher
+    already found missing (the end of the archive)."""
+    folder = prefetch_folder(dest)
+    if len(name) == 24:
+        return _prefetcher_alive(folder) and os.path.exists(os.path.join(folder, name + MISSING_SUFFIX))
+    if not (len(name) == 16 and name.endswith(".history") and HEX.issuperset(name[:8])):
+        return False
+    if _prefetcher_alive(folder):
+        return True
+    return config is not None and _spawn_prefetcher(config, dest) and _wait_alive(folder, wait)
+
+
+def ask(
+    name: str, dest: str, stamp: str, since_ns: int, wait: float = ASK_WAIT, config: str | None = None
+) -> int | None:
+    """Have the live prefetcher look ``name`` up now: 1 when it is not in the archive, 0 when
+    the prefetcher fetched it (a segment) and it was served, None when there is no answer here
+    (the full command then answers). See ``_can_ask`` for what is asked."""
+    import time
+
+    if not _can_ask(name, dest, config, wait):
+        return None
+    folder = prefetch_folder(dest)
+    path = os.path.join(folder, name + ASK_SUFFIX)
+    tmp = os.path.join(folder, f".{name}.ask.{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, str(since_ns).encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        return None
+    answer = None
+    deadline = time.monotonic() + wait
+    try:
+        while time.monotonic() < deadline:
+            if known_missing(name, dest, stamp, since_ns):
+                answer = 1
+                break
+            if len(name) == 24 and serve(name, dest, stamp):
+                answer = 0
+                break
+            if not os.path.exists(path) or not _prefetcher_alive(folder):
+                break  # found (a history file), the look-up failed, or the prefetcher went
+            time.sleep(0.002)
+    finally:
+        try:  # noqa: SIM105
+            os.unlink(path)
+        except OSError:
+            pass
+    return answer
 
 
 def parse_argv(argv: list[str]) -> tuple[str, str, str] | None:
@@ -289,11 +407,15 @@ def main(argv: list[str]) -> int:
     parsed = parse_argv(argv)
     if parsed is not None:
         config, name, dest = parsed
+        import time
+
+        since = time.monotonic_ns()  # a "not in the archive" must come from a later look-up
         stamp = config_stamp(config)
         if len(name) == 24 and serve(name, dest, stamp, wait=WAIT_SECONDS):
             return 0
-        if (len(name) == 24 or name.endswith(".history")) and known_missing(name, dest, stamp):
-            return 1
+        answer = ask(name, dest, stamp, since, config=config)
+        if answer is not None:
+            return answer
     # everything else: the full command, with the same arguments
     try:
         os.execv(sys.executable, [sys.executable, "-P", "-m", "flows.cli", *argv])

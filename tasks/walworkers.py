@@ -319,15 +319,17 @@ def _prefetch_one(
     repo: Repository, name: str, settings: WalSettings, folder: Path, stamp: str, pgdata: Path
 ) -> bool:
     """Fetch, verify and mark one segment ahead; False when it is not (yet) archived (then a
-    fresh "missing" mark lets the fast path answer recovery's request for it at once)."""
+    "missing" mark stamped with when this look-up began answers a request for it that came
+    before that: see ``walserve.ask``)."""
+    checked = time.monotonic_ns()
     key = find_object(repo, name, settings)
     if key is None:
-        _mark_missing(repo, name, folder, stamp)
+        _mark_missing(repo, name, folder, stamp, checked)
         return False
     try:
         _size, header = write_verified(repo, key, name, settings, folder / name, pgdata)
     except WalMissing:
-        _mark_missing(repo, name, folder, stamp)
+        _mark_missing(repo, name, folder, stamp, checked)
         return False
     with contextlib.suppress(FileNotFoundError):
         (folder / (name + walserve.MISSING_SUFFIX)).unlink()
@@ -341,13 +343,32 @@ def _prefetch_one(
     return True
 
 
-def _probe_history(repo: Repository, name: str, settings: WalSettings, folder: Path, stamp: str) -> bool:
-    if find_object(repo, name, settings) is not None:
-        with contextlib.suppress(FileNotFoundError):
-            (folder / (name + walserve.MISSING_SUFFIX)).unlink()
-        return True
-    _mark_missing(repo, name, folder, stamp)
-    return False
+def _answer_ask(
+    repo: Repository, name: str, settings: WalSettings, folder: Path, stamp: str, pgdata: Path
+) -> bool:
+    """Look up a name recovery asked the fast path for (``walserve.ask``): a segment is
+    fetched like one ahead; a history file found is left to the full command (the ask file goes,
+    so the fast path stops waiting), one not found is marked missing."""
+    if len(name) == 24:
+        found = _prefetch_one(repo, name, settings, folder, stamp, pgdata)
+    else:
+        checked = time.monotonic_ns()
+        found = find_object(repo, name, settings) is not None
+        if found:
+            _unlink(folder, name + walserve.MISSING_SUFFIX, name + walserve.ASK_SUFFIX)
+        else:
+            _mark_missing(repo, name, folder, stamp, checked)
+    log.info("asked for %s: %s", name, "found" if found else "not in the archive")
+    return found
+
+
+def _askable(name: str) -> bool:
+    """A segment or timeline history name (an ask file's name is never a path)."""
+    try:
+        kind = parse_wal_name(name).kind
+    except DRError:
+        return False
+    return kind in ("segment", "history")
 
 
 def _prune_served(folder: Path, keep: str) -> None:
@@ -358,13 +379,13 @@ def _prune_served(folder: Path, keep: str) -> None:
             _unlink(folder, entry, entry[:24])
 
 
-def _mark_missing(repo: Repository, name: str, folder: Path, stamp: str) -> None:
-    """Record that ``name`` is not in the archive, once the repository proved reachable (an
-    unmounted repository is not the end of the archive)."""
+def _mark_missing(repo: Repository, name: str, folder: Path, stamp: str, checked_ns: int) -> None:
+    """Record that ``name`` was not in the archive in a look-up begun at ``checked_ns``, once the
+    repository proved reachable (an unmounted repository is not the end of the archive)."""
     repository_reachable(repo)
     atomic_write(
         folder / (name + walserve.MISSING_SUFFIX),
-        walserve.missing_text(stamp).encode(),
+        walserve.missing_text(stamp, checked_ns).encode(),
         like=folder.parent.parent,
         durable=False,
     )
@@ -394,7 +415,6 @@ class PrefetchState:
     ours: set[str] = field(default_factory=set)  # prefetched, not yet taken by the fast path
     in_flight: dict[str, Future[bool]] = field(default_factory=dict)
     retry_at: float = 0.0
-    history_at: float = 0.0
     active: float = field(default_factory=time.monotonic)
     now: float = 0.0  # when this turn started
 
@@ -407,20 +427,37 @@ class PrefetchState:
         self.follow_recovery(now)
         collect_done(self.in_flight, self.fetched_one, self.failed_one)
         self.note_taken(now)
-        if not self.timeline:
-            return
-        if now >= self.history_at:
-            # recovery_target_timeline = latest: PostgreSQL probes for the next timeline's
-            # history file at the start and at the end of recovery
-            self.history_at = now + walserve.MISSING_FRESH / 3
-            nxt = f"{self.timeline + 1:08X}.history"
-            if nxt not in self.in_flight:
-                self.in_flight[nxt] = self.pool.submit(
-                    _probe_history, self.repo, nxt, self.settings, self.folder, self.stamp
-                )
-        if now >= self.retry_at:
+        self.answer_asks()
+        if self.timeline and now >= self.retry_at:
             self.fill()
         self.publish_window()
+
+    def answer_asks(self) -> None:
+        """Look up every name the fast path asked about (``walserve.ask``) and has no answer
+        from a look-up begun after it asked."""
+        for entry in os.listdir(self.folder):
+            if not entry.endswith(walserve.ASK_SUFFIX) or entry.startswith("."):
+                continue
+            name = entry[: -len(walserve.ASK_SUFFIX)]
+            if name in self.in_flight or not _askable(name):
+                continue
+            try:
+                since = int((self.folder / entry).read_text())
+            except (OSError, ValueError):
+                continue
+            if not self.answered(name, since):
+                self.in_flight[name] = self.pool.submit(
+                    _answer_ask, self.repo, name, self.settings, self.folder, self.stamp, self.pg_wal.parent
+                )
+
+    def answered(self, name: str, since: int) -> bool:
+        """Whether the fast path has its answer: a "missing" mark of a look-up begun at or after
+        ``since``, or the verified segment."""
+        if (self.folder / (name + walserve.MARK_SUFFIX)).exists():
+            return True
+        mark = walserve.read_mark(str(self.folder / (name + walserve.MISSING_SUFFIX))) or {}
+        checked = mark.get("checked", "")
+        return checked.isdigit() and int(checked) >= since
 
     def follow_recovery(self, now: float) -> None:
         """Start again from the segment recovery asked for, when it moved out of our range."""
@@ -446,7 +483,7 @@ class PrefetchState:
 
     def fetched_one(self, name: str, ok: bool) -> None:
         if name.endswith(".history"):
-            return  # a probe: its "missing" mark is all the fast path needs
+            return  # an ask: its "missing" mark is all the fast path needs
         if not ok:
             self.resume_from(name)
             return
@@ -457,7 +494,9 @@ class PrefetchState:
             self.ours.add(name)
 
     def failed_one(self, name: str, exc: DRError | OSError) -> None:
+        _unlink(self.folder, name + walserve.ASK_SUFFIX)  # a waiting fast path hands over at once
         if name.endswith(".history"):
+            log.warning("look-up of %s failed: %s", name, exc)
             return
         log.warning("prefetch of %s failed: %s", name, exc)
         self.resume_from(name)
@@ -500,6 +539,10 @@ class PrefetchState:
             )
 
 
+STOP_FILE = "stop"  # in the prefetch folder: the restore flow's "recovery is over, exit now"
+LINGER_AFTER_RECOVERY = 5.0
+
+
 def _recovering(data_dir: Path) -> bool:
     """Whether the server of ``data_dir`` is (still) in archive recovery or a standby."""
     return (data_dir / "recovery.signal").exists() or (data_dir / "standby.signal").exists()
@@ -514,14 +557,19 @@ def run_prefetcher(
     depth: int,
     parallel: int,
     idle_exit: float = 30.0,
+    linger: float = LINGER_AFTER_RECOVERY,
 ) -> int:
-    """Keep ``depth`` segments prefetched ahead of recovery until it ends; returns the count."""
+    """Keep ``depth`` segments prefetched ahead of recovery until it ends; returns the count.
+
+    It ends ``linger`` seconds after the signal files went (PostgreSQL removes recovery.signal
+    before its last restore_command call, the parent timeline's history file), at once when
+    asked to (``STOP_FILE``: the restore flow, once the server promoted), or after ``idle_exit``
+    seconds without work."""
     data_dir = pg_wal.absolute().parent
     if not _recovering(data_dir):
-        # No recovery to serve. PostgreSQL's last restore_command calls (the new timeline's
-        # history probes) come just before it removes recovery.signal: a prefetcher those calls
-        # start sees a server already promoted, and used to idle out for ``idle_exit`` seconds
-        # while the restore flow waited for it to go (tasks.recovery.clear_prefetch).
+        # No recovery to serve: a prefetcher started by the very last restore_command calls
+        # used to idle out for ``idle_exit`` seconds while the restore flow waited for it to go
+        # (tasks.recovery.clear_prefetch).
         return 0
     lock = take_lock(pg_wal, PREFETCHER_LOCK)
     if lock is None:
@@ -536,12 +584,13 @@ def run_prefetcher(
     try:
         with ThreadPoolExecutor(max(1, parallel), thread_name_prefix="wal-prefetch") as pool:
             state = PrefetchState(repo, settings, pool, folder.absolute(), stamp, depth)
-            while pg_wal.is_dir():
+            ended_at: float | None = None
+            while pg_wal.is_dir() and not (folder / STOP_FILE).exists():
                 now = time.monotonic()
-                if not state.in_flight and not _recovering(data_dir):
-                    # recovery ended: the server promoted (recovery.signal or standby.signal is
-                    # gone; checked on every turn, so a signal file removed while this process
-                    # was starting, or a promoted standby, ends it too)
+                # recovery ended when recovery.signal or standby.signal went (checked on every
+                # turn: one removed while this process was starting, or a promoted standby's)
+                ended_at = None if _recovering(data_dir) else (ended_at or now)
+                if ended_at is not None and now - ended_at > linger and not state.in_flight:
                     break
                 state.turn(now)
                 if not state.in_flight and now - state.active > idle_exit:

@@ -103,6 +103,10 @@ def test_drill_from_encrypted_s3_replays_archived_wal(
             with connection(copy.dsn()) as conn, connection(source.dsn()) as src:
                 query = "SELECT count(*) FROM workout_logs"
                 assert conn.execute(query).fetchone() == src.execute(query).fetchone() == (250,)
+            # the end-of-recovery probes (the segment after the end, the timeline history files)
+            # were answered by the prefetcher's look-ups, not by starting the full command
+            prefetcher_log = (target_dir / "pg_wal" / "gravl-dr" / "prefetcher.log").read_text()
+            assert "asked for 00000001.history: not in the archive" in prefetcher_log, prefetcher_log
         finally:
             copy.destroy()
     finally:

@@ -7,6 +7,7 @@ The restore through a node's own work pool, on a real Prefect server, is in test
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,10 @@ from tasks.noderestore import (
     find_node,
     plan_node_restore,
     prepare_node_pgdata,
+    restore_role_event,
 )
 from tasks.pgcluster import LocalCluster, free_port
+from tasks.roles import RoleEvent
 
 NODE = Node(name="standby-1", dsn="host=127.0.0.2 port=5432 user=postgres", work_pool="pool-s1")
 POOL = "pool:pool-s1"
@@ -103,6 +106,38 @@ def test_the_node_step_request_carries_no_unknown_field() -> None:
     assert NodeRestoreRequest(backup="latest").replace_existing is False
 
 
+T0 = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
+
+
+def _event(event: str, primary: str, demoted: str) -> RoleEvent:
+    return RoleEvent.model_validate({"at": T0, "event": event, "primary": primary, "demoted": [demoted]})
+
+
+@pytest.mark.parametrize(
+    ("history", "node", "demoted"),
+    [
+        ([], "primary", None),  # the configured primary restored in place: nobody else was primary
+        ([], "standby-1", ["primary"]),
+        ([_event("failover", "standby-1", "primary")], "standby-1", None),
+        ([_event("failover", "standby-1", "primary")], "primary", ["standby-1"]),
+        (
+            [_event("failover", "standby-1", "primary"), _event("failback", "primary", "standby-1")],
+            "standby-1",
+            ["primary"],
+        ),
+    ],
+)
+def test_a_started_node_restore_demotes_the_primary_the_history_names(
+    history: list[RoleEvent], node: str, demoted: list[str] | None
+) -> None:
+    event = restore_role_event(history, "primary", node, timeline=3, backup_id="b1", at=T0)
+    if demoted is None:
+        assert event is None
+        return
+    assert event is not None and event.event == "restore" and event.primary == node
+    assert event.demoted == demoted and event.timeline == 3 and "b1" in event.note
+
+
 # ------------------------------------------------------------------ node side, on a real server
 
 
@@ -165,6 +200,16 @@ def test_replace_existing_keeps_the_old_directory_aside_and_the_nodes_own_settin
     assert "postgresql.auto.conf" in carried and "pg_hba.conf" in carried
     assert "port = 6543" in (c.pgdata / "postgresql.auto.conf").read_text()
 
+    # WHEN that restore was killed midway (no pg_control yet: the backup's files only) and re-run
+    (c.pgdata / "postgresql.auto.conf").write_text("port = 5432\n")
+    again = prepare_node_pgdata(_cfg(), node, replace_existing=True)
+    # THEN the partial directory is kept aside too, and the node's settings still come from its own
+    assert again.kept_aside and len(_aside(c.pgdata)) == 2
+    assert again.settings_from == prepared.kept_aside
+    c.pgdata.mkdir(mode=0o700)
+    carry_node_settings(again, os_user="postgres")
+    assert "port = 6543" in (c.pgdata / "postgresql.auto.conf").read_text()
+
 
 # ------------------------------------------------------------------ CLI: one line, before Prefect
 
@@ -181,18 +226,67 @@ def _config(tmp_path: Path, **standby: Any) -> Path:
     )
 
 
+@pytest.mark.integration  # starts a process
 def test_cli_restore_into_an_unknown_node_is_one_line(tmp_path: Path) -> None:
     proc = run_cli("restore", "latest", "--node", "standby-9", config=_config(tmp_path))
     assert_one_line_error(proc, "node 'standby-9' is not in the config", "primary, standby-1")
 
 
+@pytest.mark.integration  # starts a process
 def test_cli_restore_into_a_node_out_of_reach_is_one_line(tmp_path: Path) -> None:
     proc = run_cli("restore", "latest", "--node", "standby-1", config=_config(tmp_path))
     assert_one_line_error(proc, "node standby-1 has no pgdata in this config and no work_pool")
 
 
+@pytest.mark.integration  # starts a process
 def test_cli_replace_existing_goes_with_node(tmp_path: Path) -> None:
     proc = run_cli(
         "restore", "latest", "--pgdata", str(tmp_path / "d"), "--replace-existing", config=_config(tmp_path)
     )
     assert_one_line_error(proc, "--replace-existing goes with --node")
+
+
+# ------------------------------------------------------------------ in-process: this config has the node's pgdata
+
+
+def test_restore_into_a_node_whose_pgdata_is_here_runs_in_process(prefect_harness: None) -> None:
+    from test_pitr import start_archiving_primary, stop_archiving, switch_and_wait
+    from test_pitr import take_backup as pitr_backup
+
+    from flows.restore import restore_flow
+
+    arch = start_archiving_primary("gravl-test-noderestore-here-")
+    try:
+        # GIVEN 50 rows in a backup and 25 more in the archived WAL, and a config with the node's pgdata
+        arch.sql("CREATE TABLE t (id int PRIMARY KEY)")
+        arch.sql("INSERT INTO t SELECT generate_series(1, 50)")
+        pitr_backup(arch)
+        arch.sql("INSERT INTO t SELECT generate_series(51, 75)")
+        switch_and_wait(arch)
+        node = {"name": "primary", "dsn": arch.cluster.dsn("postgres"), "pgdata": str(arch.cluster.pgdata)}
+        config = write_config(
+            arch.base / "node.yaml",
+            {"cluster": "gravl", "primary": node, "repository": {"url": f"file://{arch.repo_dir}"}},
+        )
+        pid = arch.cluster.postmaster_pid()
+        # WHEN a restore into the node is asked for while it accepts writes
+        with pytest.raises(PreconditionFailed, match="node primary accepts writes"):
+            restore_flow(config_path=str(config), node="primary", replace_existing=True)
+        # THEN it runs on, untouched
+        assert arch.cluster.postmaster_pid() == pid and not _aside(arch.cluster.pgdata)
+
+        # WHEN it is down and the restore runs with --replace-existing --start
+        arch.cluster.stop()
+        report = restore_flow(
+            config_path=str(config), node="primary", replace_existing=True, start=True, recovery_timeout=120
+        )
+        # THEN it ran here, into the node's own directory, on the node's own port, with every row
+        assert report.runs_on == "here" and report.node == "primary" and report.started
+        assert report.port == arch.cluster.port and report.target == str(arch.cluster.pgdata)
+        assert arch.sql("SELECT count(*) FROM t") == [(75,)]
+        assert report.kept_aside and Path(report.kept_aside) == _aside(arch.cluster.pgdata)[0]
+        # AND the configured primary restored in place is no role change
+        assert report.role_change and report.role_change.startswith("unchanged"), report.role_change
+        assert not list((arch.repo_dir / "roles").glob("*.json"))
+    finally:
+        stop_archiving(arch)

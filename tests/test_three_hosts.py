@@ -351,3 +351,11 @@ def test_restore_into_a_node_runs_on_its_own_host_through_its_work_pool(hosts: H
     report = _latest_artifact(h, "restore-report-gravl")
     assert "complete" in report and "standby-1 (work pool gravl-dr-node-standby-1" in report, report
     assert str(kept) in report and "postgresql.conf" in report, report
+    # AND the role history names standby-1 the primary: the old primary's host, back, stays read-only
+    assert "role history: recorded" in done.stdout, done.stdout
+    guard = run_cli("guard", "--node", "primary", config=h.configs["primary"])
+    assert guard.returncode == 0 and "standby" in guard.stdout, guard.stdout + guard.stderr
+    h.primary.start()
+    wait_until(lambda: _in_recovery(h.primary.dsn()), 30, "the old primary up in recovery")
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        sql(h.primary.dsn(), "INSERT INTO restored VALUES (601)")

@@ -15,10 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from s3fault import S3FaultProxy
 
 from gravl_testlib import GRAVL_DR, write_config
 from tasks import walspool
+from tasks.config import load_config
 from tasks.recovery import clear_prefetch
+from tasks.repository import open_repository
+from tasks.walarchive import push_file
+from tasks.walformat import WalSettings
 
 pytestmark = pytest.mark.integration  # starts processes
 
@@ -40,11 +45,13 @@ def pgdata(tmp_path: Path, file_repo_dir: Path) -> Iterator[Path]:
 
 
 def start_prefetcher(pgdata: Path) -> subprocess.Popen[bytes]:
+    """As restore_command starts it: detached, -v (its log tells what it does)."""
     proc = subprocess.Popen(
         [
             GRAVL_DR,
             "--config",
             str(pgdata.parent / "gravl-dr.yaml"),
+            "-v",
             "wal-fetch-daemon",
             str(pgdata / "pg_wal"),
             "--idle",
@@ -85,29 +92,66 @@ def test_a_prefetcher_exits_when_its_recovery_or_standby_signal_goes(pgdata: Pat
         proc.wait()
 
 
-def test_the_restore_stops_a_prefetcher_that_does_not_exit_and_says_so(
+def test_the_restore_ends_the_prefetcher_at_once_after_the_promotion(
     pgdata: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # GIVEN a prefetcher that does not exit (its data directory still says recovery) and what
-    # it prefetched
+    # GIVEN a prefetcher that would linger (its data directory still says recovery)
     (pgdata / "recovery.signal").touch()
-    walspool.note_wanted(pgdata / "pg_wal" / "RECOVERYXLOG", "000000010000000000000005")
     proc = start_prefetcher(pgdata)
     try:
-        # WHEN the restore clears the prefetch folder after recovery
+        # WHEN the restore clears the prefetch folder after the promotion
         with caplog.at_level(logging.WARNING, logger="tasks.recovery"):
             started = time.monotonic()
-            stopped = clear_prefetch(pgdata, timeout=1.0)
+            stopped = clear_prefetch(pgdata, timeout=10)
             took = time.monotonic() - started
+        # THEN the prefetcher exits on its own at once (the restore used to wait up to 10 s)
+        assert exits_within(proc, 5)
+        assert stopped is None and took < 3
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert not (pgdata / "pg_wal" / "gravl-dr" / "prefetch").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_restore_stops_a_prefetcher_stuck_on_the_repository_and_says_so(
+    tmp_path: Path, s3_fault_proxy: S3FaultProxy, s3_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # GIVEN a prefetcher in recovery on an S3 repository whose answer to the next segment hangs
+    data = tmp_path / "data"
+    (data / "pg_wal" / "archive_status").mkdir(parents=True)
+    (data / "recovery.signal").touch()
+    config = write_config(
+        tmp_path / "gravl-dr.yaml",
+        {
+            "cluster": "gravl",
+            "primary": {"dsn": "host=127.0.0.1 port=1 user=postgres"},
+            "repository": {"url": f"s3://{s3_bucket}/gravl", "endpoint_url": s3_fault_proxy.url},
+        },
+    )
+    cfg = load_config(str(config))
+    staged = tmp_path / "000000010000000000000002"
+    staged.write_bytes(b"w" * 16 * 1024 * 1024)
+    push_file(open_repository(cfg.repository), staged, WalSettings(codec=cfg.repository.compression))
+    hang = s3_fault_proxy.add("GET", "000000010000000000000002", action="delay", delay=60, times=None)
+    walspool.note_wanted(data / "pg_wal" / "RECOVERYXLOG", "000000010000000000000001")
+    proc = start_prefetcher(data)
+    try:
+        deadline = time.monotonic() + 30
+        while not s3_fault_proxy.fired(hang):
+            assert time.monotonic() < deadline, "the prefetcher never asked for the segment"
+            time.sleep(0.05)
+        # WHEN the restore clears the prefetch folder after the promotion
+        with caplog.at_level(logging.WARNING, logger="tasks.recovery"):
+            stopped = clear_prefetch(data, timeout=1.0)
         # THEN it stops that prefetcher (it used to give up silently and leave it running),
-        # names its pid and what it was doing, and removes the folder
+        # naming its pid and what it was doing, and removes the folder
         assert stopped == proc.pid
         assert exits_within(proc, 5)
-        assert took < 8
         warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-        assert f"pid {proc.pid}" in warning and "still running" in warning
-        assert "000000010000000000000005" in warning  # what recovery last asked for
-        assert not (pgdata / "pg_wal" / "gravl-dr" / "prefetch").exists()
+        assert f"pid {proc.pid}" in warning and "had not exited" in warning
+        assert "000000010000000000000002" in warning  # what it was fetching
+        assert not (data / "pg_wal" / "gravl-dr" / "prefetch").exists()
     finally:
         proc.kill()
         proc.wait()

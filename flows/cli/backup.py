@@ -292,6 +292,8 @@ def _print_restore(report: RestoreReport, *, as_json: bool) -> None:
         print(f"node {report.node}: written on host {report.host} ({report.runs_on})")
         if report.kept_aside:
             print(f"its previous data directory is kept in {report.kept_aside}")
+        if report.role_change:
+            print(f"role history: {report.role_change}")
     if report.reached_lsn:
         print(
             f"recovered to {report.target_point}: reached {report.reached_lsn} on timeline "
