@@ -28,6 +28,7 @@ from tasks.errors import ConfigError, DRError, PermanentError, one_line
 from tasks.failover import (
     DEFAULT_MAX_LAG_BYTES,
     FailoverPlan,
+    FenceAhead,
     NodeState,
     Refused,
     Step,
@@ -184,11 +185,26 @@ def set_approval(report: RunReport, record: ApprovalRecord) -> None:
 
 
 @task(name="assess-primary", cache_policy=NO_CACHE)
-def assess_primary(cfg: Config) -> NodeState:
+def assess_primary(cfg: Config, ahead: FenceAhead | None = None) -> tuple[NodeState, FenceResult | None]:
+    """Observe the primary. When it does not answer and its own worker is asked for its files'
+    facts, that worker also gets ``ahead`` (the planner's other inputs) and fences it in the same
+    run when the plan would fence it first: the fence result comes back with the state."""
     # The node's own files count only when it does not answer (was it fenced? how far did its WAL go?).
-    state = observe(cfg, cfg.primary, "primary", attempts=3, facts=False)
+    reported: dict[str, Any] = {}
+    state = observe(
+        cfg,
+        cfg.primary,
+        "primary",
+        attempts=3,
+        facts=False,
+        fence_ahead=ahead.model_dump_json() if ahead is not None else None,
+        reported=reported,
+    )
     logger().info("%s", state.evidence())
-    return state
+    if reported.get("fence_decision"):
+        logger().info("%s: %s", cfg.primary.name, reported["fence_decision"])
+    fence = FenceResult.model_validate(reported["fence"]) if reported.get("fence") else None
+    return state, fence
 
 
 @task(name="check-replica-health", cache_policy=NO_CACHE)
@@ -430,6 +446,7 @@ class _Failover:
     approved_by: str | None
     auto_approve: bool
     approval_timeout_seconds: int
+    fenced_ahead: FenceResult | None = None
     dns_error: str | None = None
 
 
@@ -446,7 +463,11 @@ def _approve_step(r: _Failover, step: Step) -> None:
 
 
 def _fence_step(r: _Failover, step: Step) -> None:
-    fence = fence_old_primary(r.cfg, r.old, step)
+    if r.fenced_ahead is not None and step.method == "stop":
+        fence = r.fenced_ahead  # its worker fenced it in the run that observed it, as this plan says
+        logger().info("%s: fenced by its worker while observing it: %s", r.old.name, fence.action)
+    else:
+        fence = fence_old_primary(r.cfg, r.old, step)
     r.report.fence, r.report.fenced = fence.action, fence.fenced
     r.tl.add("fence-old-primary", fence.action)
     if not fence.fenced:
@@ -558,9 +579,12 @@ def failover_flow(
     try:
         if not cfg.replicas:
             raise ConfigError("no replicas in the config: nothing to fail over to")
-        primary_state = assess_primary(cfg)
-        tl.add("assess-primary", primary_state.evidence())
+        # The replicas first: the primary's own worker gets their states with the planner's
+        # other inputs, and fences it in the run that observes it when the plan would.
         replica_states = check_replica_health(cfg)
+        ahead = FenceAhead(replicas=replica_states, max_lag_bytes=max_lag_bytes, force=force, planned=planned)
+        primary_state, fenced_ahead = assess_primary(cfg, ahead)
+        tl.add("assess-primary", primary_state.evidence())
         tl.add("check-replica-health", "; ".join(s.evidence() for s in replica_states))
         report.evidence = [primary_state.evidence(), *(s.evidence() for s in replica_states)]
         plan: FailoverPlan = plan_failover(
@@ -578,8 +602,19 @@ def failover_flow(
         )
         target, old = nodes[plan.target], nodes[plan.old_primary]
         run = _Failover(
-            cfg, report, tl, target, old, force, approved_by, auto_approve, approval_timeout_seconds
+            cfg,
+            report,
+            tl,
+            target,
+            old,
+            force,
+            approved_by,
+            auto_approve,
+            approval_timeout_seconds,
+            fenced_ahead,
         )
+        if fenced_ahead is not None and "fence-old-primary" not in plan.kinds():
+            report.fence, report.fenced = fenced_ahead.action, fenced_ahead.fenced  # said, not lost
         for step in plan.steps:
             _FAILOVER_STEPS[step.kind](run, step)
         dns_error = run.dns_error

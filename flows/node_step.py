@@ -54,6 +54,7 @@ def node_step_flow(
     end_lsn: OptionalText = None,
     clean: bool = True,
     restore: OptionalText = None,
+    fence_ahead: OptionalText = None,
     config_path: ConfigPath = None,
 ) -> NodeStepResult:
     """Run one node-local step on this node's host; the failover and failback flows start it.
@@ -72,6 +73,8 @@ def node_step_flow(
         clean: fence: a clean (fast) shutdown; untick for an immediate one.
         restore: restore: what to restore, as the restore flow passes it (JSON: backup id,
             recovery target, start, replace_existing; names and values, never a secret).
+        fence_ahead: observe (from the failover flow): the planner's other inputs, as JSON; the
+            node is fenced in the same run when the failover plan would fence it first.
         config_path: The gravl-dr config file; empty: $GRAVL_DR_CONFIG of the worker, then
             gravl-dr.yaml in its working directory.
     """
@@ -89,6 +92,7 @@ def node_step_flow(
         fork_lsn=fork_lsn,
         end_lsn=end_lsn,
         clean=clean,
+        fence_ahead=fence_ahead,
     )
     step_task = task(name=step, cache_policy=NO_CACHE)(run_node_step)
     try:
@@ -251,14 +255,25 @@ def _step_params(args: NodeStepArgs) -> dict[str, Any]:
         out["end_lsn"] = args.end_lsn
     if args.restore:
         out["restore"] = args.restore
+    if args.fence_ahead:
+        out["fence_ahead"] = args.fence_ahead
     return out
 
 
 def observe(
-    cfg: Config, node: Node, role: Literal["primary", "replica"], *, attempts: int = 1, facts: bool
+    cfg: Config,
+    node: Node,
+    role: Literal["primary", "replica"],
+    *,
+    attempts: int = 1,
+    facts: bool,
+    fence_ahead: str | None = None,
+    reported: dict[str, Any] | None = None,
 ) -> NodeState:
     """Observe ``node`` over libpq (with its data directory when it is here), and ask its own worker
-    for its data directory's facts when they are needed (``facts``) or it does not answer."""
+    for its data directory's facts when they are needed (``facts``) or it does not answer.
+    ``fence_ahead`` goes with that question (the worker may fence in the same run); what the
+    worker reported besides the state (its fence) is put in ``reported``."""
     where = step_location(node)
     state = observe_node(
         node,
@@ -276,7 +291,7 @@ def observe(
             cfg,
             node,
             "observe",
-            NodeStepArgs(role=role),
+            NodeStepArgs(role=role, fence_ahead=fence_ahead),
             where=where,
             pickup_timeout=cfg.node_steps.observe_timeout_seconds,
         )
@@ -286,6 +301,8 @@ def observe(
         note = f"{state.error or 'no answer'}; its worker did not report: {one_line(exc)}"
         return state.model_copy(update={"runs_on": None, "error": note})
     remote = NodeState.model_validate(res.payload)
+    if reported is not None:
+        reported.update(res.payload)
     logger().info(
         "%s: observed by its worker in %.1fs: %s", node.name, time.monotonic() - t0, remote.evidence()
     )

@@ -434,6 +434,46 @@ def _fence_step(primary: NodeState) -> Step:
     )
 
 
+class FenceAhead(BaseModel):
+    """Everything the failover planner needs besides the old primary's own facts.
+
+    The failover flow sends it with the `observe` node step to the old primary's own worker, so
+    that the run which reads the node's data directory can also fence it, exactly when the
+    planner would: one node-step process on the failover path instead of two (each one a fresh
+    process importing Prefect, seconds of RTO).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    replicas: list[NodeState]
+    max_lag_bytes: int
+    force: bool = False
+    planned: bool = False
+
+
+def fence_ahead(seen: NodeState, ahead: FenceAhead) -> tuple[bool, str]:
+    """Whether to fence the old primary in the run that observed it (``seen``), and why.
+
+    The decision is ``plan_failover``'s, on the same inputs the orchestrator plans with once the
+    observation is back: yes only when that plan's first step is the stop-and-mark fence of this
+    node — a fence that needs no approval first (a live primary's fence comes after the approval,
+    so it is left to the flow) — and never when the plan would be refused (no healthy replica,
+    too much lag, a live primary without --force).
+    """
+    try:
+        plan = plan_failover(
+            seen, ahead.replicas, max_lag_bytes=ahead.max_lag_bytes, force=ahead.force, planned=ahead.planned
+        )
+    except Refused as exc:
+        return False, f"not fenced here: the planner refuses ({str(exc).split(' | ')[0]})"
+    first = plan.steps[0] if plan.steps else None
+    if first is not None and first.kind == "fence-old-primary" and first.method == "stop":
+        return True, "the plan fences it first, before any approval"
+    if any(s.kind == "fence-old-primary" for s in plan.steps):
+        return False, "not fenced here: the plan fences it only after the approval"
+    return False, "not fenced here: the plan needs no fence (already fenced and down)"
+
+
 def _same_system(a: NodeState, b: NodeState) -> bool:
     return (
         a.system_identifier is None

@@ -66,6 +66,9 @@ class NodeStepArgs(BaseModel):
     end_lsn: str | None = None
     clean: bool = True  # fence: a clean (fast) shutdown, else immediate
     restore: str | None = None  # restore: a tasks.noderestore.NodeRestoreRequest as JSON
+    fence_ahead: str | None = (
+        None  # observe: tasks.failover.FenceAhead (JSON): fence in the same run if planned
+    )
 
 
 class NodeStepResult(BaseModel):
@@ -125,7 +128,15 @@ def _observe(cfg: Config, node: Node, args: NodeStepArgs) -> tuple[str, BaseMode
     from tasks.topology import observe_node
 
     state = observe_node(node, args.role, **_kw(cfg), attempts=2, connect_timeout=3)
-    return state.evidence(), state
+    if not args.fence_ahead:
+        return state.evidence(), state
+    from tasks.failover import FenceAhead, fence_ahead
+    from tasks.topology import fence_by_stop
+
+    go, why = fence_ahead(state, FenceAhead.model_validate_json(args.fence_ahead))
+    fence = fence_by_stop(node, **_kw(cfg), clean=True) if go and node.pgdata else None
+    extra = {"fence": fence.model_dump(mode="json") if fence else None, "fence_decision": why}
+    return f"{state.evidence()}; {fence.action if fence else why}", {**state.model_dump(mode="json"), **extra}
 
 
 def _fence(cfg: Config, node: Node, args: NodeStepArgs) -> tuple[str, BaseModel | dict[str, Any]]:
