@@ -16,6 +16,7 @@ write archived within about a minute (tests/test_pitr.py measures it with a shor
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
@@ -106,7 +107,12 @@ def observe_primary(cfg: Config) -> PrimaryStatus:
     elif status.in_recovery:
         logger().warning("the configured primary %s is in recovery (a standby)", safe_dsn(cfg.primary.dsn))
     for r in status.replicas:
-        logger().info("replica %s: %s, replay lag %s", r.name, r.state, human_bytes(r.replay_lag_bytes))
+        if r.replay_lag_bytes is None:
+            logger().warning(
+                "replica %s: %s, replay position not reported yet (lag unknown)", r.name, r.state
+            )
+        else:
+            logger().info("replica %s: %s, replay lag %s", r.name, r.state, human_bytes(r.replay_lag_bytes))
     return status
 
 
@@ -124,7 +130,12 @@ def _push_replication(cfg: Config, status: PrimaryStatus | None) -> None:
             cfg.metrics.pushgateway,
             JOB,
             {"cluster": cfg.cluster, "replica": r.name},
-            {"gravl_replication_lag_bytes": float(r.replay_lag_bytes)},
+            # unknown is NaN (no alert fires on it, no graph shows 0), never a stale or a 0 value
+            {
+                "gravl_replication_lag_bytes": math.nan
+                if r.replay_lag_bytes is None
+                else float(r.replay_lag_bytes)
+            },
         )
 
 

@@ -87,7 +87,10 @@ _ALL: list[Metric] = [
     *_job(
         "wal-check",
         ("cluster", "replica"),
-        ("gravl_replication_lag_bytes", "Bytes of WAL the replica has not replayed yet"),
+        (
+            "gravl_replication_lag_bytes",
+            "Bytes of WAL the replica has not replayed yet (NaN until it reports its replay position)",
+        ),
     ),
     *_job(
         "drill",

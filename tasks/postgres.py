@@ -174,9 +174,13 @@ def check_version(info: ServerInfo) -> None:
 
 @dataclass(frozen=True)
 class ReplicaLag:
+    """One streaming replica as the primary sees it. ``replay_lag_bytes`` is None until the replica
+    has reported its replay position (pg_stat_replication.replay_lsn is NULL right after it
+    connects): unknown, never 0, which would read as "caught up"."""
+
     name: str
     state: str
-    replay_lag_bytes: int
+    replay_lag_bytes: int | None
 
 
 @dataclass(frozen=True)
@@ -198,7 +202,7 @@ def observe_primary(dsn: str, timeout: int = 5) -> PrimaryStatus:
             rows = conn.execute(
                 """
                 SELECT coalesce(nullif(application_name, ''), client_addr::text, pid::text), state,
-                       coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::bigint
+                       pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint
                 FROM pg_stat_replication WHERE NOT pg_is_in_recovery() ORDER BY 1
                 """
             ).fetchall()
@@ -209,5 +213,5 @@ def observe_primary(dsn: str, timeout: int = 5) -> PrimaryStatus:
     return PrimaryStatus(
         up=True,
         in_recovery=bool(rec[0]) if rec else False,
-        replicas=tuple(ReplicaLag(str(r[0]), str(r[1]), int(r[2])) for r in rows),
+        replicas=tuple(ReplicaLag(str(r[0]), str(r[1]), None if r[2] is None else int(r[2])) for r in rows),
     )

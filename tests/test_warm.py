@@ -355,19 +355,21 @@ def _interrupted_at_the_prompt(
     return proc.returncode, err
 
 
+def _interrupted_warm_and_not(warm: Warm, cfg: Path, **how: Any) -> list[tuple[int, str]]:
+    """The same interruption at the prompt through the warm process, then in-process."""
+    envs = (warm.env, {**warm.env, "GRAVL_DR_NO_WARM": "1"})
+    return [_interrupted_at_the_prompt(env, cfg, **how) for env in envs]
+
+
 def test_ctrl_c_reaches_the_command_in_the_warm_process(
     warm_process: Warm, make_config: Any, file_repo_url: str
 ) -> None:
-    cfg = make_config(file_repo_url)
-    # GIVEN a command waiting for an answer on the terminal, warm or not
-    # WHEN the operator presses Ctrl-C
-    results = [
-        _interrupted_at_the_prompt(env, cfg)
-        for env in (warm_process.env, {**warm_process.env, "GRAVL_DR_NO_WARM": "1"})
-    ]
+    # GIVEN a command waiting for an answer on the terminal
+    # WHEN the operator presses Ctrl-C, warm or not
+    served, alone = _interrupted_warm_and_not(warm_process, make_config(file_repo_url))
     # THEN it is interrupted the same way, warm or not
-    assert results[0] == results[1]
-    assert results[0][0] == 130 and "gravl-dr: interrupted" in results[0][1]
+    assert served == alone
+    assert served[0] == 130 and "gravl-dr: interrupted" in served[1]
 
 
 def test_ctrl_c_at_the_prompt_ends_a_command_started_with_sigint_ignored(
@@ -375,30 +377,26 @@ def test_ctrl_c_at_the_prompt_ends_a_command_started_with_sigint_ignored(
 ) -> None:
     # GIVEN a command started with SIGINT and SIGQUIT ignored (a script's background job; the CI
     # runs that hung here: Python installs no SIGINT handler then, and the prompt waited forever)
-    cfg = make_config(file_repo_url)
-    results = [
-        # WHEN the operator presses Ctrl-C at its prompt, warm or not
-        _interrupted_at_the_prompt(env, cfg, ignored=(signal.SIGINT, signal.SIGQUIT))
-        for env in (warm_process.env, {**warm_process.env, "GRAVL_DR_NO_WARM": "1"})
-    ]
+    # WHEN the operator presses Ctrl-C at its prompt, warm or not
+    served, alone = _interrupted_warm_and_not(
+        warm_process, make_config(file_repo_url), ignored=(signal.SIGINT, signal.SIGQUIT)
+    )
     # THEN the question still ends the command, warm or not
-    assert results[0] == results[1]
-    assert results[0][0] == 130 and "gravl-dr: interrupted" in results[0][1]
+    assert served == alone
+    assert served[0] == 130 and "gravl-dr: interrupted" in served[1]
 
 
 def test_a_signal_the_client_ignores_is_ignored_by_the_command_in_the_warm_process(
     warm_process: Warm, make_config: Any, file_repo_url: str
 ) -> None:
-    # GIVEN a command started under nohup (SIGHUP ignored), waiting at its prompt, warm or not
-    cfg = make_config(file_repo_url)
-    results = [
-        # WHEN the terminal hangs up (SIGHUP), then the operator presses Ctrl-C
-        _interrupted_at_the_prompt(env, cfg, ignored=(signal.SIGHUP,), first=signal.SIGHUP)
-        for env in (warm_process.env, {**warm_process.env, "GRAVL_DR_NO_WARM": "1"})
-    ]
+    # GIVEN a command started under nohup (SIGHUP ignored), waiting at its prompt
+    # WHEN the terminal hangs up (SIGHUP), then the operator presses Ctrl-C, warm or not
+    served, alone = _interrupted_warm_and_not(
+        warm_process, make_config(file_repo_url), ignored=(signal.SIGHUP,), first=signal.SIGHUP
+    )
     # THEN the hang-up did not end it (as in-process, where SIGHUP stays ignored): Ctrl-C did
-    assert results[0] == results[1]
-    assert results[0][0] == 130 and "gravl-dr: interrupted" in results[0][1]
+    assert served == alone
+    assert served[0] == 130 and "gravl-dr: interrupted" in served[1]
 
 
 def test_kill_9_of_the_client_ends_the_command_it_started(
