@@ -317,6 +317,13 @@ def test_a_missing_mark_answers_1_only_from_a_look_up_begun_after_the_request(
         # that look-up fails (the prefetcher drops the ask)
         asked()
         ask_file.unlink()
+    elif why == "other-config":
+        # a look-up begun after the request, but stamped for another config, is no answer: the
+        # fast path keeps waiting until the (playing) prefetcher drops the ask
+        since = asked()
+        mark.write_text(walserve.missing_text(walserve.config_stamp(str(stamp_of)), since + 1))
+        time.sleep(0.5)
+        ask_file.unlink()
     # THEN the full command answers (never "missing" from a look-up older than the request)
     proc.communicate(timeout=60)
     assert proc.returncode > 125
