@@ -152,6 +152,7 @@ def write_recovery_settings(
     target: rec.RecoveryTarget,
     keep_archiving: bool,
     start_wal: str | None = None,
+    early_prefetcher: int | None = None,
 ) -> None:
     rec.check_server_can_read(config_file, cfg, cfg.postgres.os_user)
     rec.write_recovery_settings(
@@ -161,6 +162,8 @@ def write_recovery_settings(
         os_user=cfg.postgres.os_user,
         keep_archiving=keep_archiving,
     )
+    if early_prefetcher is not None:
+        rec.adopt_early_prefetcher(Path(pgdata), early_prefetcher, cfg.postgres.os_user)
     if start_wal:
         walspool.prime_prefetch(Path(pgdata), start_wal)
     logger().info(
@@ -306,13 +309,26 @@ def restore_into_pgdata(
     t0 = time.monotonic()
     view = inspect_wal_archive(repo, manifest)
     rsteps.check_archive_reaches(view, manifest, target)
-    res = restore_physical(cfg, repo, manifest, pgdata, ts_map)
-    settings = keep_node_settings(cfg, prepared) if prepared is not None else []
     use_archive = view.has_wal_after_backup or target.kind != "end"
-    config_file = None
-    if use_archive:
-        config_file = str(resolve_config_path(config_path).absolute())
-        write_recovery_settings(cfg, config_file, pgdata, target, keep_archiving, manifest.start_wal)
+    config_file = str(resolve_config_path(config_path).absolute()) if use_archive else None
+    early = None
+    if start and config_file is not None:
+        # the WAL prefetcher starts now and waits for the recovery settings: the data step
+        # hides its start, and PostgreSQL's first restore_command call finds it running
+        early = rec.spawn_early_prefetcher(
+            Path(pgdata), config_file, cfg.postgres.os_user, rec.repository_env(cfg)
+        )
+    try:
+        res = restore_physical(cfg, repo, manifest, pgdata, ts_map)
+        settings = keep_node_settings(cfg, prepared) if prepared is not None else []
+        if config_file is not None:
+            write_recovery_settings(
+                cfg, config_file, pgdata, target, keep_archiving, manifest.start_wal, early
+            )
+    except BaseException:
+        if early is not None:
+            rec.end_early_prefetcher(Path(pgdata), early)
+        raise
     report = RestoreReport(
         backup_id=manifest.id,
         kind=manifest.kind,

@@ -703,6 +703,83 @@ def start_prefetcher(pgdata: Path, config_path: str, os_user: str, env: dict[str
         log.warning("could not start the WAL prefetcher early: %s", exc)
 
 
+PREFETCHER_AWAIT = 3600.0  # at most, for an early prefetcher to see the recovery settings
+
+
+def spawn_early_prefetcher(pgdata: Path, config_path: str, os_user: str, env: dict[str, str]) -> int | None:
+    """Start the WAL prefetcher of a restore that will start its server *before* the data step:
+    the restore's own work hides its interpreter's and its repository client's start, and
+    PostgreSQL's first restore_command call (the probe for the next timeline's history file)
+    finds it running. It waits (tasks.walworkers.await_recovery) for recovery.signal and the
+    primed prefetch, and exits without serving when this process goes, when told to stop, or
+    after PREFETCHER_AWAIT seconds; until then it holds no lock and writes nothing in
+    ``pgdata`` (its output goes to its log in the spool once it serves). Returns its pid (of
+    runuser when switching users), None when it could not be started (the restore then starts
+    one just before the server, as without it)."""
+    from tasks.proc import spawn_detached
+
+    pg_wal = (pgdata / "pg_wal").absolute()
+    argv = _prefetcher_argv(pg_wal, config_path)
+    argv += ["--await-recovery", str(PREFETCHER_AWAIT), "--restore-pid", str(os.getpid())]
+    try:
+        return spawn_detached(argv, log=Path(os.devnull), env=env, os_user=os_user)
+    except (OSError, PreconditionFailed) as exc:
+        log.warning("could not start the WAL prefetcher early: %s", exc)
+        return None
+
+
+def _is_early_prefetcher(pid: int, pg_wal: Path) -> bool:
+    """Whether ``pid`` is the live prefetcher this process started for ``pg_wal`` (reaped here
+    when it exited)."""
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"wal-fetch-daemon" in argv and str(pg_wal.absolute()).encode() in argv
+
+
+def adopt_early_prefetcher(pgdata: Path, pid: int, os_user: str) -> bool:
+    """Once the recovery settings are written and before the prefetch is primed: name the early
+    prefetcher in the spool's pid file (restore_command calls then wait for it rather than
+    start another, and clear_prefetch finds it) and give it its log. False when it is gone."""
+    from tasks import walspool
+
+    pg_wal = (pgdata / "pg_wal").absolute()
+    if not _is_early_prefetcher(pid, pg_wal):
+        return False
+    log_path = walspool.spool_root(pg_wal) / walspool.PREFETCHER_LOG
+    walspool.ensure_dir(log_path.parent, pg_wal)
+    log_path.touch(exist_ok=True)
+    chown_tree(log_path, os_user)
+    walspool.atomic_write(
+        walspool.spool_root(pg_wal) / walspool.PREFETCHER_PID, str(pid).encode(), like=pg_wal, durable=False
+    )
+    return True
+
+
+def end_early_prefetcher(pgdata: Path, pid: int) -> None:
+    """A restore that failed before its server started ends the prefetcher it started early
+    (provably ours: our own child, not reaped yet, running wal-fetch-daemon of this pg_wal)."""
+    import signal
+
+    pg_wal = (pgdata / "pg_wal").absolute()
+    if not _is_early_prefetcher(pid, pg_wal):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(ChildProcessError):
+        poll_until(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, timeout=5.0, interval=0.02)
+
+
+def _prefetcher_argv(pg_wal: Path, config_path: str) -> list[str]:
+    python = _interpreter(gravl_dr_executable()) or sys.executable
+    config = str(Path(config_path).absolute())
+    return [python, "-P", "-m", "flows.cli", "--config", config, "-v", "wal-fetch-daemon", str(pg_wal)]
+
+
 def check_server_can_read(config_file: str, cfg: Config, os_user: str) -> None:
     """restore_command runs as the server's OS user: it must read the config and the repository
     (else every wal-fetch would fail and recovery would stop)."""
@@ -745,12 +822,14 @@ def clear_prefetch(pgdata: Path, timeout: float = 10.0) -> int | None:
     there after ``timeout`` seconds (a request to the repository that hangs) is stopped, with
     a warning saying what it was doing: nothing it fetches can be served any more, and it would
     write into the folder being removed. Returns the pid of a prefetcher stopped that way."""
+    from tasks import walspool
     from tasks.walworkers import STOP_FILE
 
     pg_wal = pgdata / "pg_wal"
     folder = pg_wal / "gravl-dr" / "prefetch"
     with contextlib.suppress(OSError):
-        if folder.is_dir():
+        if folder.parent.is_dir():  # (the folder may not be there yet for an early prefetcher)
+            walspool.ensure_dir(folder, pg_wal)
             (folder / STOP_FILE).touch()
     stopped = None
     if not poll_until(lambda: _prefetcher_gone(pg_wal), timeout=timeout, interval=0.02):

@@ -548,6 +548,47 @@ def _recovering(data_dir: Path) -> bool:
     return (data_dir / "recovery.signal").exists() or (data_dir / "standby.signal").exists()
 
 
+def await_recovery(pg_wal: Path, timeout: float, watch: int | None = None, poll: float = 0.01) -> bool:
+    """For a prefetcher the restore started early (tasks.recovery.spawn_early_prefetcher):
+    wait until recovery.signal (or standby.signal) and the primed ``want`` file exist. False
+    (the prefetcher exits without serving) after ``timeout`` seconds, when told to stop
+    (``STOP_FILE``), when ``pg_wal`` went after it was there, or when the restore's process
+    ``watch`` is gone: a failed or killed restore leaves no prefetcher behind, and none that
+    waits holds the lock."""
+    # (os.path: the data directory is the restore's, unreadable to the server's user, until
+    # the data step ends)
+    data_dir = str(pg_wal.absolute().parent)
+    folder = str(spool_root(pg_wal) / "prefetch")
+    signals = [os.path.join(data_dir, name) for name in ("recovery.signal", "standby.signal")]
+    deadline = time.monotonic() + timeout
+    seen = False
+    while time.monotonic() < deadline:
+        here = os.path.isdir(pg_wal)
+        if (
+            os.path.exists(os.path.join(folder, STOP_FILE))
+            or (seen and not here)
+            or not _process_alive(watch)
+        ):
+            return False
+        seen = seen or here
+        if any(map(os.path.exists, signals)) and os.path.exists(os.path.join(folder, WANT_FILE)):
+            return True
+        time.sleep(poll)
+    return False
+
+
+def _process_alive(pid: int | None) -> bool:
+    if pid is None:
+        return True
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def run_prefetcher(
     repo: Repository,
     settings: WalSettings,

@@ -107,6 +107,11 @@ def test_drill_from_encrypted_s3_replays_archived_wal(
             # were answered by the prefetcher's look-ups, not by starting the full command
             prefetcher_log = (target_dir / "pg_wal" / "gravl-dr" / "prefetcher.log").read_text()
             assert "asked for 00000001.history: not in the archive" in prefetcher_log, prefetcher_log
+            # and the prefetcher was up before the server started (the restore starts it before
+            # the settings step): PostgreSQL's first call, the probe for the next timeline's
+            # history file, found it running instead of waiting for its interpreter and boto3
+            assert "has its repository open before its server started" in prefetcher_log, prefetcher_log
+            assert "asked for 00000002.history: not in the archive" in prefetcher_log, prefetcher_log
         finally:
             copy.destroy()
     finally:

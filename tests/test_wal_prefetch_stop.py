@@ -7,6 +7,7 @@ file going away, as PostgreSQL does it at promotion.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -20,7 +21,12 @@ from s3fault import S3FaultProxy
 from gravl_testlib import GRAVL_DR, write_config
 from tasks import walspool
 from tasks.config import load_config
-from tasks.recovery import clear_prefetch
+from tasks.recovery import (
+    adopt_early_prefetcher,
+    clear_prefetch,
+    end_early_prefetcher,
+    spawn_early_prefetcher,
+)
 from tasks.repository import open_repository
 from tasks.walarchive import push_file
 from tasks.walformat import WalSettings
@@ -174,3 +180,98 @@ def test_a_stale_pid_file_never_gets_another_process_killed(pgdata: Path) -> Non
     finally:
         other.kill()
         other.wait()
+
+
+def _exited(pid: int, seconds: float) -> bool:
+    """Whether our child ``pid`` exits (and is reaped) within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return True
+        except ChildProcessError:
+            return not Path(f"/proc/{pid}").exists()
+        time.sleep(0.05)
+    return False
+
+
+def test_an_early_prefetcher_waits_for_the_recovery_settings_without_the_lock_then_serves(
+    pgdata: Path,
+) -> None:
+    # GIVEN a prefetcher the restore starts before its data step (which then hides the
+    # interpreter's and the repository client's start)
+    pg_wal = pgdata / "pg_wal"
+    config = str(pgdata.parent / "gravl-dr.yaml")
+    pid = spawn_early_prefetcher(pgdata, config, "root", {})
+    assert pid is not None
+    try:
+        time.sleep(3)
+        # THEN while there is no recovery to serve it waits: no lock, no window, no pid file
+        assert not _exited(pid, 0.1)
+        assert not walspool.lock_held(pg_wal, walspool.PREFETCHER_LOCK)
+        assert not (pg_wal / "gravl-dr" / "prefetch" / "window").exists()
+        assert walspool.prefetcher_pid(pg_wal) is None
+        # WHEN the restore writes recovery.signal, names it in the pid file and primes the prefetch
+        (pgdata / "recovery.signal").touch()
+        assert adopt_early_prefetcher(pgdata, pid, "root")
+        assert walspool.prefetcher_pid(pg_wal) == pid  # restore_command waits for this one
+        walspool.prime_prefetch(pgdata, "000000010000000000000002")
+        # THEN it serves (it holds the lock and lists its window) before any server started
+        deadline = time.monotonic() + 30
+        while not (pg_wal / "gravl-dr" / "prefetch" / "window").exists():
+            assert time.monotonic() < deadline, "the early prefetcher did not start serving"
+            assert not _exited(pid, 0.05), (pg_wal / "gravl-dr" / "prefetcher.log").read_text()
+        assert walspool.our_prefetcher(pg_wal) == pid
+        log_text = (pg_wal / "gravl-dr" / "prefetcher.log").read_text()
+        assert "has its repository open before its server started" in log_text, log_text
+        # AND it still ends with the recovery (the restore tells it once the server promoted)
+        assert clear_prefetch(pgdata, timeout=10) is None
+        assert _exited(pid, 5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+        _exited(pid, 5)
+
+
+def test_an_early_prefetcher_never_outlives_a_restore_that_did_not_start_recovery(pgdata: Path) -> None:
+    pg_wal = pgdata / "pg_wal"
+    config = str(pgdata.parent / "gravl-dr.yaml")
+    # GIVEN early prefetchers whose restore fails before it writes the recovery settings
+    failed = spawn_early_prefetcher(pgdata, config, "root", {})
+    cleared = spawn_early_prefetcher(pgdata, config, "root", {})
+    assert failed is not None and cleared is not None
+    try:
+        # WHEN the restore fails: THEN it ends the one it started
+        end_early_prefetcher(pgdata, failed)
+        assert not Path(f"/proc/{failed}").exists()
+        # WHEN the drill's teardown clears the prefetch folder of one the pid file names
+        assert adopt_early_prefetcher(pgdata, cleared, "root")
+        stopped = clear_prefetch(pgdata, timeout=10)
+        # THEN it exits by itself (nothing had to be killed) and never took the lock
+        assert stopped is None
+        assert _exited(cleared, 5)
+        assert not walspool.lock_held(pg_wal, walspool.PREFETCHER_LOCK)
+    finally:
+        for pid in (failed, cleared):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+            _exited(pid, 5)
+    # AND one whose restore process is killed exits by itself, without serving
+    restore = subprocess.Popen(["sleep", "600"])
+    daemon = subprocess.Popen(
+        [GRAVL_DR, "--config", config, "-v", "wal-fetch-daemon", str(pg_wal)]
+        + ["--await-recovery", "600", "--restore-pid", str(restore.pid)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1)
+        restore.kill()
+        restore.wait()
+        _out, err = daemon.communicate(timeout=60)
+        assert daemon.returncode == 0, err
+        assert "did not start recovery" in err
+        assert not (pg_wal / "gravl-dr" / "prefetch" / "window").exists()
+    finally:
+        daemon.kill()
+        daemon.wait()

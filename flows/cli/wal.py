@@ -11,6 +11,7 @@ end of the archive, or PostgreSQL would promote at an earlier point and lose dat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -75,6 +76,16 @@ def register(sub: Any) -> None:
     p.add_argument("pg_wal")
     p.add_argument("--depth", type=int, default=DEFAULT_PREFETCH)
     p.add_argument("--idle", type=float, default=PREFETCHER_IDLE_EXIT)
+    p.add_argument(
+        "--await-recovery",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="started before the restore wrote recovery.signal: wait for it (at most SECONDS)",
+    )
+    p.add_argument(
+        "--restore-pid", type=int, default=None, help="with --await-recovery: stop waiting when it exits"
+    )
     p.set_defaults(func=cmd_wal_fetch_daemon)
 
     p = sub.add_parser(
@@ -325,13 +336,33 @@ def _ensure_prefetcher(config: str | None, pg_wal: Path, depth: int) -> None:
     ensure_prefetcher(pg_wal, _daemon_command(config, "wal-fetch-daemon", str(pg_wal), "--depth", str(depth)))
 
 
+def _log_to(path: Path) -> None:
+    """From now on, this process's output goes to ``path`` (appended)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
 def cmd_wal_fetch_daemon(args: argparse.Namespace) -> int:
-    from tasks.walspool import config_stamp
-    from tasks.walworkers import run_prefetcher
+    from tasks.walspool import PREFETCHER_LOG, config_stamp, spool_root
+    from tasks.walworkers import await_recovery, run_prefetcher
 
     pg_wal = Path(args.pg_wal).absolute()
     stamp = config_stamp(_config_file(args.config))
     repo, settings = open_wal_repository(args.config, pg_wal, stamp)
+    if args.await_recovery > 0:
+        # the S3 client (boto3's import and set-up) is made on first use: before the wait
+        getattr(repo, "client", None)
+        if not await_recovery(pg_wal, args.await_recovery, watch=args.restore_pid):
+            log.info("WAL prefetcher of %s exits: the restore did not start recovery", pg_wal)
+            return 0
+        _log_to(spool_root(pg_wal) / PREFETCHER_LOG)
+    started = "after" if (pg_wal.parent / "postmaster.pid").exists() else "before"
+    log.info("WAL prefetcher of %s has its repository open %s its server started", pg_wal, started)
     depth = max(1, min(64, args.depth))
     got = run_prefetcher(
         repo,
