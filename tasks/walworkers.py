@@ -417,6 +417,9 @@ class PrefetchState:
     retry_at: float = 0.0
     active: float = field(default_factory=time.monotonic)
     now: float = 0.0  # when this turn started
+    # asks run here, never queued behind the segments being fetched ahead (recovery waits on
+    # them: the first, a history probe, comes while the first ``depth`` segments are fetched)
+    ask_pool: ThreadPoolExecutor | None = None
 
     @property
     def pg_wal(self) -> Path:
@@ -446,7 +449,7 @@ class PrefetchState:
             except (OSError, ValueError):
                 continue
             if not self.answered(name, since):
-                self.in_flight[name] = self.pool.submit(
+                self.in_flight[name] = (self.ask_pool or self.pool).submit(
                     _answer_ask, self.repo, name, self.settings, self.folder, self.stamp, self.pg_wal.parent
                 )
 
@@ -623,8 +626,11 @@ def run_prefetcher(
             _unlink(folder, entry)
     fetched = 0
     try:
-        with ThreadPoolExecutor(max(1, parallel), thread_name_prefix="wal-prefetch") as pool:
-            state = PrefetchState(repo, settings, pool, folder.absolute(), stamp, depth)
+        with (
+            ThreadPoolExecutor(max(1, parallel), thread_name_prefix="wal-prefetch") as pool,
+            ThreadPoolExecutor(2, thread_name_prefix="wal-ask") as ask_pool,
+        ):
+            state = PrefetchState(repo, settings, pool, folder.absolute(), stamp, depth, ask_pool=ask_pool)
             ended_at: float | None = None
             while pg_wal.is_dir() and not (folder / STOP_FILE).exists():
                 now = time.monotonic()
