@@ -42,7 +42,7 @@ from tasks.postgres import dsn_field, safe_dsn
 from tasks.replay import ArchiveView, archive_view, describe_archive_view
 from tasks.reporting import bullets, document, kv_table, report_key, section
 from tasks.repository import Repository
-from tasks.topology import observe_node
+from tasks.topology import observe_configured_nodes
 
 
 class RestoreReport(BaseModel):
@@ -380,17 +380,7 @@ def restore_into_pgdata(
 @task(name="check-node-roles", cache_policy=NO_CACHE)
 def check_node_roles(cfg: Config) -> list[NodeState]:
     """Every configured node as libpq sees it now: who runs, who accepts writes."""
-    states = [
-        observe_node(
-            n,
-            "primary" if n is cfg.primary else "replica",
-            os_user=cfg.postgres.os_user,
-            bindir=cfg.postgres.bindir,
-            connect_timeout=3,
-            local_facts=False,
-        )
-        for n in [cfg.primary, *cfg.replicas]
-    ]
+    states = observe_configured_nodes(cfg)
     for s in states:
         logger().info("%s: %s", s.name, s.evidence())
     return states

@@ -193,14 +193,9 @@ SELECT pg_is_in_recovery(),
 """
 
 
-def find_primary(cfg: Config, repo: Repository | None = None) -> tuple[Config, PrimaryChoice]:
-    """Ask every configured node who it is; the config with the node that accepts writes as primary.
-
-    Raises SplitBrain when two nodes are out of recovery. With nobody writable the role history
-    (when ``repo`` is given and readable) names the node, else the configured primary stays.
-    """
-    nodes = [cfg.primary, *cfg.replicas]
-    states = [
+def observe_configured_nodes(cfg: Config) -> list[NodeState]:
+    """Every configured node as libpq sees it now (no local files): who runs, who accepts writes."""
+    return [
         observe_node(
             n,
             "primary" if n is cfg.primary else "replica",
@@ -209,8 +204,17 @@ def find_primary(cfg: Config, repo: Repository | None = None) -> tuple[Config, P
             connect_timeout=3,
             local_facts=False,
         )
-        for n in nodes
+        for n in [cfg.primary, *cfg.replicas]
     ]
+
+
+def find_primary(cfg: Config, repo: Repository | None = None) -> tuple[Config, PrimaryChoice]:
+    """Ask every configured node who it is; the config with the node that accepts writes as primary.
+
+    Raises SplitBrain when two nodes are out of recovery. With nobody writable the role history
+    (when ``repo`` is given and readable) names the node, else the configured primary stays.
+    """
+    states = observe_configured_nodes(cfg)
     history = []
     if repo is not None and not any(s.accepts_writes for s in states):
         try:

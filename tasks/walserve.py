@@ -184,7 +184,8 @@ def check_prefetched(name: str, dest: str, stamp: str) -> tuple[str, str, int] |
     return path, mark_path, st.st_size
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (one of another user's counts: EPERM)."""
     try:
         os.kill(pid, 0)
     except PermissionError:
@@ -201,7 +202,7 @@ def in_prefetch_window(name: str, folder: str) -> bool:
             pid, *held = fh.read(8192).split()
     except (OSError, ValueError):
         return False
-    return name in held and pid.isdigit() and _alive(int(pid))
+    return name in held and pid.isdigit() and process_alive(int(pid))
 
 
 def serve(name: str, dest: str, stamp: str, wait: float = 0.0) -> bool:
@@ -252,7 +253,7 @@ def _prefetcher_alive(folder: str) -> bool:
             pid = fh.read(200).split()[0]
     except (OSError, IndexError):
         return False
-    return pid.isdigit() and _alive(int(pid))
+    return pid.isdigit() and process_alive(int(pid))
 
 
 def known_missing(name: str, dest: str, stamp: str, since_ns: int) -> bool:
@@ -285,7 +286,7 @@ def _spawn_prefetcher(config: str, dest: str) -> bool:
         return False
     pid_path = os.path.join(pg_wal, "gravl-dr", "prefetcher.pid")
     running = _starting_pid(prefetch_folder(dest))
-    if running > 0 and _alive(running):
+    if running > 0 and process_alive(running):
         return True  # one is running or starting (restore started it): wait for it
     argv = [sys.executable, "-P", "-m", "flows.cli", "--config", os.path.abspath(config), "-v"]
     argv += ["wal-fetch-daemon", pg_wal]
@@ -339,7 +340,7 @@ def _wait_alive(folder: str, wait: float) -> bool:
     deadline = time.monotonic() + wait
     while not _prefetcher_alive(folder):
         pid = _starting_pid(folder)
-        if time.monotonic() >= deadline or not (pid > 0 and _alive(pid)):
+        if time.monotonic() >= deadline or not (pid > 0 and process_alive(pid)):
             return _prefetcher_alive(folder)
         time.sleep(0.005)
     return True

@@ -581,15 +581,7 @@ def await_recovery(pg_wal: Path, timeout: float, watch: int | None = None, poll:
 
 
 def _process_alive(pid: int | None) -> bool:
-    if pid is None:
-        return True
-    try:
-        os.kill(pid, 0)
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
+    return pid is None or walserve.process_alive(pid)
 
 
 def run_prefetcher(
