@@ -165,7 +165,7 @@ def write_recovery_settings(
     if early_prefetcher is not None:
         rec.adopt_early_prefetcher(Path(pgdata), early_prefetcher, cfg.postgres.os_user)
     if start_wal:
-        walspool.prime_prefetch(Path(pgdata), start_wal)
+        walspool.prime_prefetch(Path(pgdata), start_wal, config_file, cfg.repository)
     logger().info(
         "wrote recovery.signal and recovery settings: %s, restore_command %s, "
         "timeline latest, then promote%s",
