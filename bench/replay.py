@@ -181,17 +181,20 @@ def main() -> None:
         # ---- one restore per tool (not timed): the reference directories
         refs: dict[str, Path] = {}
         for tool, program in tools.items():
-            ref = base / f"ref-{tool}"
-            ref.mkdir(mode=0o700)
-            chown_tree(ref, PG)
+            # restored where each round runs it (pgBackRest's restore_command names that path),
+            # then kept aside as the reference
+            run = base / f"run-{tool}"
+            run.mkdir(mode=0o700)
+            chown_tree(run, PG)
             if tool == "pgbr":
                 must(
-                    timed(as_pg(*pgbr, f"--pg1-path={ref}", "restore"), root_only=False), "pgbackrest restore"
+                    timed(as_pg(*pgbr, f"--pg1-path={run}", "restore"), root_only=False), "pgbackrest restore"
                 )
             else:
-                cmd = [program, "--config", str(cfg), "restore", "latest", "--pgdata", str(ref)]
+                cmd = [program, "--config", str(cfg), "restore", "latest", "--pgdata", str(run)]
                 must(timed(cmd, env=env, root_only=False), f"{tool} restore")
-            refs[tool] = ref
+            refs[tool] = base / f"ref-{tool}"
+            run.rename(refs[tool])
         # ---- replay rounds, rotating the order
         names = list(tools)
         for r in range(args.rounds):
