@@ -8,39 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from gravl_testlib import run_cli
-from tasks.polling import poll_until
+from gravl_testlib import run_cli, settled_flow_run_events
 
 
 def _api() -> str:
     import prefect
 
     return str(prefect.settings.PREFECT_API_URL.value())
-
-
-def _run_events(run_id: Any) -> list[Any]:
-    """Every event the server stored for this flow run (as its resource), newest first."""
-    from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventResourceFilter
-
-    with get_client(sync_client=True) as client:
-        page = client.read_events(
-            filter=EventFilter(resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"])), limit=50
-        )
-    return list(page.events)
-
-
-def _settled_events(run_id: Any) -> list[Any]:
-    """The run's events once its terminal state event is stored (the server persists in batches;
-    a heartbeat is sent before the run ends, so it is stored by then too)."""
-    events: list[Any] = []
-
-    def settled() -> bool:
-        events[:] = _run_events(run_id)
-        return any(e.event == "prefect.flow-run.Completed" for e in events)
-
-    assert poll_until(settled, timeout=60, interval=0.25), f"no Completed event for run {run_id}: {events}"
-    return events
 
 
 def _last_run() -> tuple[Any, list[Any]]:
@@ -67,7 +41,7 @@ def test_a_cli_flow_run_sends_its_heartbeat_without_prefects_heartbeat_thread(
     assert proc.returncode == 0, proc.stderr
     run, logs = _last_run()
     assert run.state is not None and run.state.is_completed(), run.state
-    beats = [e for e in _settled_events(run.id) if e.event == "prefect.flow-run.heartbeat"]
+    beats = [e for e in settled_flow_run_events(run.id) if e.event == "prefect.flow-run.heartbeat"]
     assert len(beats) == 1, beats  # one at the start; the next would come 180 s later
     import prefect
 
@@ -96,6 +70,6 @@ def test_heartbeat_off_sends_no_heartbeat_and_still_records_the_run(
     # THEN the run completed and no heartbeat event names it
     assert proc.returncode == 0, proc.stderr
     run, _ = _last_run()
-    events = _settled_events(run.id)
+    events = settled_flow_run_events(run.id)
     assert [e.event for e in events if e.event == "prefect.flow-run.heartbeat"] == []
     assert "prefect.flow-run.Running" in {e.event for e in events}

@@ -19,7 +19,14 @@ from typing import Any
 import pytest
 
 from flows.cli import warm
-from gravl_testlib import GRAVL_DR, REPO_ROOT, assert_one_line_error, run_cli, write_config
+from gravl_testlib import (
+    GRAVL_DR,
+    REPO_ROOT,
+    assert_one_line_error,
+    run_cli,
+    settled_flow_run_events,
+    write_config,
+)
 from tasks.polling import poll_until
 
 
@@ -161,6 +168,10 @@ def test_a_flow_command_through_the_warm_process_is_the_same_run_output_and_arti
     assert warm_run.state is not None and warm_run.state.is_completed(), warm_run.state
     assert any("Finished in state Completed" in str(log.message) for log in warm_logs)
     assert [a.key for a in warm_artifacts] == [a.key for a in cold_artifacts] == ["backup-report-gravl"]
+    # ... and its flow-run heartbeat (what a zombie-run automation keys on), as in-process
+    for run in (warm_run, cold_run):
+        beats = [e for e in settled_flow_run_events(run.id) if e.event == "prefect.flow-run.heartbeat"]
+        assert [e.resource.id for e in beats] == [f"prefect.flow-run.{run.id}"], beats
     # AND it printed the same, with the same exit status
     assert alone.returncode == served.returncode == 0
     assert _normalize(served.stdout) == _normalize(alone.stdout)
