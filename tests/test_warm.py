@@ -474,6 +474,7 @@ def test_the_kubernetes_worker_runs_the_warm_process_beside_the_worker_and_resta
         assert warm.private_dir_ok(sock.parent)
         assert pod.poll() is None
         first = _listener(sock)
+        assert first is not None
         # AND when it exits (as it does when gravl-dr's code changes), it comes back
         os.kill(first, signal.SIGKILL)
         assert poll_until(lambda: (p := _listener(sock)) and p != first, timeout=120, interval=0.2)
