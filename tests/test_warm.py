@@ -510,3 +510,129 @@ def _listener(sock: Path) -> int | None:
             return int(pid)
     except OSError:
         return None
+
+
+def _at_terminal(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run gravl-dr as typed at a terminal: stdin and stderr on a pseudo-terminal (stdout a pipe);
+    its exit status and what it wrote to the terminal."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [GRAVL_DR, *argv], stdin=slave, stdout=subprocess.PIPE, stderr=slave, env=env, cwd=str(REPO_ROOT)
+    )
+    os.close(slave)
+    chunks = []
+    while True:  # drain the terminal until every holder of its other side closed it (EIO)
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.stdout is not None
+    proc.stdout.read()
+    proc.wait(timeout=300)
+    os.close(master)
+    return proc.returncode, b"".join(chunks).decode(errors="replace").replace("\r", "")
+
+
+def _first_use_env(runtime: Path, **extra: str) -> dict[str, str]:
+    import prefect
+
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": str(prefect.settings.PREFECT_API_URL.value()),
+        "GRAVL_DR_NO_WARM": "",
+        "XDG_RUNTIME_DIR": str(runtime),  # this test's own socket directory
+        **extra,
+    }
+    env.pop(warm.SOCKET_ENV, None)
+    return env
+
+
+def test_a_flow_command_at_a_terminal_starts_a_warm_process_that_serves_the_next_and_exits_when_idle(
+    prefect_harness: None, make_config: Any, file_repo_url: str
+) -> None:
+    # GIVEN an operator at a terminal, no warm process for this environment
+    cfg = make_config(file_repo_url)
+    runtime = Path(tempfile.mkdtemp(prefix="gravl-xdg-"))
+    env = _first_use_env(runtime, GRAVL_DR_WARM_IDLE="5", PYTHONPROFILEIMPORTTIME="1", PGPASSWORD="s3cret-x")
+    sock = warm.socket_path(env)
+    argv = ["--config", str(cfg), "backup", "--dry-run"]
+    try:
+        # WHEN a flow command runs, then another
+        first, first_err = _at_terminal(argv, env)
+        assert first == 0, first_err
+        assert warm.wait_for_socket(sock, 120), "no warm process was started"
+        daemon = _listener(sock)
+        assert daemon is not None
+        second, second_err = _at_terminal(argv, env)
+        # THEN the first ran in-process (it imported Prefect) and started the warm process...
+        assert "prefect" in _imported(first_err)
+        # ... which served the second (the client imported no Prefect) with its flow run
+        assert second == 0, second_err
+        assert not {m for m in _imported(second_err) if m.split(".")[0] == "prefect"}
+        run, _, artifacts = _last_run()
+        assert run.state is not None and run.state.is_completed(), run.state
+        assert [a.key for a in artifacts] == ["backup-report-gravl"]
+        # AND it is private (socket 0600 in a 0700 directory), detached, and holds no secret
+        assert warm.private_dir_ok(sock.parent) and (sock.stat().st_mode & 0o777) == 0o600
+        assert os.getsid(daemon) == daemon
+        assert b"s3cret-x" not in Path(f"/proc/{daemon}/environ").read_bytes()
+        # AND it exits after its idle time, taking its socket with it
+        assert poll_until(lambda: not Path(f"/proc/{daemon}").exists(), timeout=60, interval=0.2)
+        assert not sock.exists()
+    finally:
+        for pid in _processes_with(f"XDG_RUNTIME_DIR={runtime}"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_a_command_without_a_terminal_never_starts_a_warm_process(
+    prefect_harness: None, make_config: Any, file_repo_url: str
+) -> None:
+    # GIVEN a script (no terminal), warm processes allowed, none running
+    cfg = make_config(file_repo_url)
+    runtime = Path(tempfile.mkdtemp(prefix="gravl-xdg-"))
+    env = _first_use_env(runtime)
+    try:
+        # WHEN it runs a flow command, and a command typed at a terminal opts out
+        proc = subprocess.run(
+            [GRAVL_DR, "--config", str(cfg), "backup", "--dry-run"],
+            env=env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=300,
+        )
+        typed, err = _at_terminal(
+            ["--config", str(cfg), "backup", "--dry-run"], {**env, "GRAVL_DR_NO_WARM": "1"}
+        )
+        # THEN both ran, and neither started a warm process
+        assert proc.returncode == 0 and typed == 0, proc.stderr + err
+        assert not warm.socket_path(env).parent.exists()
+        assert _processes_with(f"XDG_RUNTIME_DIR={runtime}") == []
+    finally:
+        for pid in _processes_with(f"XDG_RUNTIME_DIR={runtime}"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_only_flow_commands_start_a_warm_process() -> None:
+    import argparse
+
+    from flows.cli.app import build_parser
+
+    # GIVEN the parser's commands
+    [sub] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    commands = set(sub.choices)
+    # THEN every command that starts one exists, and none of the hooks, `list` or `guard` does
+    assert commands >= warm.FLOW_COMMANDS
+    assert not warm.FLOW_COMMANDS & {"wal-push", "wal-fetch", "list", "verify", "guard", "warm", "unlock"}
+    # AND the command word is found after the global options
+    assert warm.command_word(["--config", "backup", "-v", "restore", "latest"]) == "restore"
+    assert warm.command_word(["-v"]) is None
