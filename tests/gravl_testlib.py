@@ -79,3 +79,28 @@ def take_backup(cfg: Any, repo: Any, kind: str = "physical") -> Any:
         raise
     finally:
         steps.release_lock(repo, pre.backup_id)
+
+
+def flow_run_events(run_id: Any) -> list[Any]:
+    """Every event the server stored for this flow run (as its resource), newest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventResourceFilter
+
+    with get_client(sync_client=True) as client:
+        page = client.read_events(
+            filter=EventFilter(resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"])), limit=50
+        )
+    return list(page.events)
+
+
+def settled_flow_run_events(run_id: Any) -> list[Any]:
+    """The run's events once its terminal state event is stored (the server persists in batches;
+    a heartbeat is sent before the run ends, so it is stored by then too)."""
+    events: list[Any] = []
+
+    def settled() -> bool:
+        events[:] = flow_run_events(run_id)
+        return any(e.event == "prefect.flow-run.Completed" for e in events)
+
+    assert poll_until(settled, timeout=60, interval=0.25), f"no Completed event for run {run_id}: {events}"
+    return events

@@ -190,7 +190,8 @@ def test_worker_matches_prefect_yaml_and_the_configmap_is_a_valid_config() -> No
     config_path = {defaults["env"]["default"]["GRAVL_DR_CONFIG"]}
     assert defaults["working_dir"]["default"] == container["workingDir"]
     # same pool, and the config mounted where the job variables point
-    assert pool == {container["command"][container["command"].index("--pool") + 1]}
+    words = " ".join([*container["command"], *container.get("args", [])]).split()
+    assert pool == {words[words.index("--pool") + 1]}
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert config_path <= mounts
     assert worker["securityContext"]["runAsNonRoot"] is True  # PostgreSQL refuses root

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from test_replay import backup
 
@@ -50,3 +52,28 @@ def test_a_target_needs_wal_after_the_backup_and_within_the_archive() -> None:
     check_archive_reaches(more, manifest, RecoveryTarget.from_options(lsn="0/7FFFFFF"))
     with pytest.raises(PreconditionFailed, match="past the end of the archive"):
         check_archive_reaches(more, manifest, RecoveryTarget.from_options(lsn="0/8000001"))
+
+
+def test_the_flush_behind_thread_runs_only_while_the_restore_writes_and_never_fails_it(
+    tmp_path: Path,
+) -> None:
+    """flushing_behind (tasks/restore.py): a thread flushes the target's filesystem while the
+    body writes, ends with the body, and a target that vanishes under it (the clean-up of a
+    failed restore) is not an error of its own: the final sync decides."""
+    import threading
+
+    from tasks.restore import flushing_behind
+
+    target = tmp_path / "pgdata"
+    target.mkdir()
+
+    def flushers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "gravl-flush-behind"]
+
+    with flushing_behind(lambda: [target, tmp_path / "not-there"], pause=0.01):
+        assert len(flushers()) == 1
+        (target / "f").write_bytes(b"x" * 65536)
+        target.joinpath("f").unlink()
+        target.rmdir()  # gone while the thread still flushes
+        threading.Event().wait(0.05)
+    assert flushers() == []

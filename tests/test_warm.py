@@ -4,10 +4,13 @@ request it must not serve (another environment, a stale socket) runs in-process 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import time
@@ -19,7 +22,14 @@ from typing import Any
 import pytest
 
 from flows.cli import warm
-from gravl_testlib import GRAVL_DR, REPO_ROOT, assert_one_line_error, run_cli, write_config
+from gravl_testlib import (
+    GRAVL_DR,
+    REPO_ROOT,
+    assert_one_line_error,
+    run_cli,
+    settled_flow_run_events,
+    write_config,
+)
 from tasks.polling import poll_until
 
 
@@ -161,6 +171,10 @@ def test_a_flow_command_through_the_warm_process_is_the_same_run_output_and_arti
     assert warm_run.state is not None and warm_run.state.is_completed(), warm_run.state
     assert any("Finished in state Completed" in str(log.message) for log in warm_logs)
     assert [a.key for a in warm_artifacts] == [a.key for a in cold_artifacts] == ["backup-report-gravl"]
+    # ... and its flow-run heartbeat (what a zombie-run automation keys on), as in-process
+    for run in (warm_run, cold_run):
+        beats = [e for e in settled_flow_run_events(run.id) if e.event == "prefect.flow-run.heartbeat"]
+        assert [e.resource.id for e in beats] == [f"prefect.flow-run.{run.id}"], beats
     # AND it printed the same, with the same exit status
     assert alone.returncode == served.returncode == 0
     assert _normalize(served.stdout) == _normalize(alone.stdout)
@@ -420,3 +434,205 @@ def test_kill_9_of_the_client_ends_the_command_it_started(
     assert gone, f"the command {children} outlived its client"
     # AND the warm process still serves the next command
     assert run_cli("--help", env=warm_process.env).returncode == 0
+
+
+def test_the_kubernetes_worker_runs_the_warm_process_beside_the_worker_and_restarts_it(
+    tmp_path: Path,
+) -> None:
+    import yaml
+
+    # GIVEN the shipped worker container's start script, run as the container would run it:
+    # its environment, `gravl-dr` on PATH, and a stand-in `prefect` that just waits
+    manifest = yaml.safe_load((REPO_ROOT / "infra/kubernetes/worker-deployment.yaml").read_text())
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    work = Path(tempfile.mkdtemp(prefix="gravl-k8s-work-"))
+    sock = work / Path(env["GRAVL_DR_WARM_SOCKET"]).relative_to("/work")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "prefect").write_text("#!/bin/sh\nexec sleep 600\n")
+    (fake / "prefect").chmod(0o755)
+    path = f"{fake}:{Path(GRAVL_DR).parent}:{os.environ['PATH']}"
+    run_env = {
+        **os.environ,
+        "GRAVL_DR_WARM_SOCKET": str(sock),
+        "POD_NAME": "w-1",
+        "PATH": path,
+        "GRAVL_DR_NO_WARM": "",
+    }
+    pod = subprocess.Popen(
+        [*container["command"], *container["args"]],
+        env=run_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        # THEN the warm process listens on the socket the container's commands look for, in a
+        # directory only its user can enter, while the worker runs (as the container's main process)
+        assert warm.wait_for_socket(sock, 120), "the warm process did not listen"
+        assert warm.private_dir_ok(sock.parent)
+        assert pod.poll() is None
+        first = _listener(sock)
+        assert first is not None
+        # AND when it exits (as it does when gravl-dr's code changes), it comes back
+        os.kill(first, signal.SIGKILL)
+        assert poll_until(lambda: (p := _listener(sock)) and p != first, timeout=120, interval=0.2)
+    finally:
+        os.killpg(pod.pid, signal.SIGKILL)  # the container's process group: the worker and the loop
+        pod.wait(timeout=30)
+        for pid in _processes_with(f"GRAVL_DR_WARM_SOCKET={sock}"):  # the warm process left it (setsid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _processes_with(env_entry: str) -> list[int]:
+    """This user's processes whose environment holds env_entry (a unique path: ours alone)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            try:
+                entries = Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if env_entry.encode() in entries:
+                found.append(int(name))
+    return found
+
+
+def _listener(sock: Path) -> int | None:
+    """The pid of the process listening on a Unix socket (its peer credentials), or None."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(sock))
+            pid, _uid, _gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            return int(pid)
+    except OSError:
+        return None
+
+
+def _at_terminal(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run gravl-dr as typed at a terminal: stdin and stderr on a pseudo-terminal (stdout a pipe);
+    its exit status and what it wrote to the terminal."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [GRAVL_DR, *argv], stdin=slave, stdout=subprocess.PIPE, stderr=slave, env=env, cwd=str(REPO_ROOT)
+    )
+    os.close(slave)
+    chunks = []
+    while True:  # drain the terminal until every holder of its other side closed it (EIO)
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.stdout is not None
+    proc.stdout.read()
+    proc.wait(timeout=300)
+    os.close(master)
+    return proc.returncode, b"".join(chunks).decode(errors="replace").replace("\r", "")
+
+
+def _first_use_env(runtime: Path, **extra: str) -> dict[str, str]:
+    import prefect
+
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": str(prefect.settings.PREFECT_API_URL.value()),
+        "GRAVL_DR_NO_WARM": "",
+        "XDG_RUNTIME_DIR": str(runtime),  # this test's own socket directory
+        **extra,
+    }
+    env.pop(warm.SOCKET_ENV, None)
+    return env
+
+
+def test_a_flow_command_at_a_terminal_starts_a_warm_process_that_serves_the_next_and_exits_when_idle(
+    prefect_harness: None, make_config: Any, file_repo_url: str
+) -> None:
+    # GIVEN an operator at a terminal, no warm process for this environment
+    cfg = make_config(file_repo_url)
+    runtime = Path(tempfile.mkdtemp(prefix="gravl-xdg-"))
+    env = _first_use_env(runtime, GRAVL_DR_WARM_IDLE="5", PYTHONPROFILEIMPORTTIME="1", PGPASSWORD="s3cret-x")
+    sock = warm.socket_path(env)
+    argv = ["--config", str(cfg), "backup", "--dry-run"]
+    try:
+        # WHEN a flow command runs, then another
+        first, first_err = _at_terminal(argv, env)
+        assert first == 0, first_err
+        assert warm.wait_for_socket(sock, 120), "no warm process was started"
+        daemon = _listener(sock)
+        assert daemon is not None
+        second, second_err = _at_terminal(argv, env)
+        # THEN the first ran in-process (it imported Prefect) and started the warm process...
+        assert "prefect" in _imported(first_err)
+        # ... which served the second (the client imported no Prefect) with its flow run
+        assert second == 0, second_err
+        assert not {m for m in _imported(second_err) if m.split(".")[0] == "prefect"}
+        run, _, artifacts = _last_run()
+        assert run.state is not None and run.state.is_completed(), run.state
+        assert [a.key for a in artifacts] == ["backup-report-gravl"]
+        # AND it is private (socket 0600 in a 0700 directory), detached, and holds no secret
+        assert warm.private_dir_ok(sock.parent) and (sock.stat().st_mode & 0o777) == 0o600
+        assert os.getsid(daemon) == daemon
+        assert b"s3cret-x" not in Path(f"/proc/{daemon}/environ").read_bytes()
+        # AND it exits after its idle time, taking its socket with it
+        assert poll_until(lambda: not Path(f"/proc/{daemon}").exists(), timeout=60, interval=0.2)
+        assert not sock.exists()
+    finally:
+        for pid in _processes_with(f"XDG_RUNTIME_DIR={runtime}"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_a_command_without_a_terminal_never_starts_a_warm_process(
+    prefect_harness: None, make_config: Any, file_repo_url: str
+) -> None:
+    # GIVEN a script (no terminal), warm processes allowed, none running
+    cfg = make_config(file_repo_url)
+    runtime = Path(tempfile.mkdtemp(prefix="gravl-xdg-"))
+    env = _first_use_env(runtime)
+    try:
+        # WHEN it runs a flow command, and a command typed at a terminal opts out
+        proc = subprocess.run(
+            [GRAVL_DR, "--config", str(cfg), "backup", "--dry-run"],
+            env=env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=300,
+        )
+        typed, err = _at_terminal(
+            ["--config", str(cfg), "backup", "--dry-run"], {**env, "GRAVL_DR_NO_WARM": "1"}
+        )
+        # THEN both ran, and neither started a warm process
+        assert proc.returncode == 0 and typed == 0, proc.stderr + err
+        assert not warm.socket_path(env).parent.exists()
+        assert _processes_with(f"XDG_RUNTIME_DIR={runtime}") == []
+    finally:
+        for pid in _processes_with(f"XDG_RUNTIME_DIR={runtime}"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_only_flow_commands_start_a_warm_process() -> None:
+    import argparse
+
+    from flows.cli.app import build_parser
+
+    # GIVEN the parser's commands
+    [sub] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    commands = set(sub.choices)
+    # THEN every command that starts one exists, and none of the hooks, `list` or `guard` does
+    assert commands >= warm.FLOW_COMMANDS
+    assert not warm.FLOW_COMMANDS & {"wal-push", "wal-fetch", "list", "verify", "guard", "warm", "unlock"}
+    # AND the command word is found after the global options
+    assert warm.command_word(["--config", "backup", "-v", "restore", "latest"]) == "restore"
+    assert warm.command_word(["-v"]) is None

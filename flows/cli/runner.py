@@ -12,16 +12,18 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 from flows.prefect_env import apply_prefect_defaults
 
 T = TypeVar("T")
 
 # Prefect's flow-run heartbeat thread sleeps in one-second steps and every flow run joins it at
-# its end: up to a second of each flow command. Off (per command, for attended CLI runs): that
-# second is saved, but a command killed with -9 leaves its run Running instead of letting a
-# zombie-run automation mark it Crashed. Deployment runs (the worker) always keep it.
+# its end: up to a second of each flow command. A CLI command therefore runs its flow with
+# Prefect's heartbeat off and sends the same heartbeat events itself (flows.cli.heartbeat), from
+# a thread that stops at once. Off (per command): no heartbeat at all, so a command killed with
+# -9 leaves its run Running instead of letting a zombie-run automation mark it Crashed.
+# Deployment runs (the worker) keep Prefect's own.
 HEARTBEAT_ENV = "GRAVL_DR_FLOW_HEARTBEAT"
 
 
@@ -72,12 +74,17 @@ def ctrl_c_interrupts() -> Iterator[None]:
             signal.signal(signal.SIGINT, previous)
 
 
-def run_flow(flow_fn: Callable[..., T], **params: Any) -> T:
+def run_flow(flow_fn: Callable[..., T], /, *, subflows: bool = False, **params: Any) -> T:
     """Run a flow in-process: against PREFECT_API_URL when set, else Prefect's ephemeral mode.
 
     SIGTERM (a supervisor or Kubernetes stopping us) becomes an exception, not a silent death:
     the flow tears down what it started (a drill's server), and the exit handlers stop
-    Prefect's ephemeral API server, which would otherwise live on as an orphan."""
+    Prefect's ephemeral API server, which would otherwise live on as an orphan.
+
+    The run's heartbeat comes from :class:`flows.cli.heartbeat.FlowRunHeartbeat`, not from
+    Prefect's engine (see HEARTBEAT_ENV above). ``subflows``: the flow runs other flows in this
+    process; the hook reaches only the top-level run, so such a flow keeps Prefect's heartbeat
+    (and its join), which its subflows then have too."""
     prefect_environment()
     signal.signal(signal.SIGTERM, _on_sigterm)
     import prefect.logging.configuration
@@ -90,12 +97,29 @@ def run_flow(flow_fn: Callable[..., T], **params: Any) -> T:
     for handler in list(root.handlers):  # Prefect prints flow and task logs itself
         root.removeHandler(handler)
     quiet_console_tracebacks()
-    if os.environ.get(HEARTBEAT_ENV, "").lower() not in ("off", "0", "false", "no"):
+    off = os.environ.get(HEARTBEAT_ENV, "").lower() in ("off", "0", "false", "no")
+    if subflows and not off:
         return flow_fn(**params)
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    import prefect.context
 
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        return flow_fn(**params)
+    current = prefect.context.get_settings_context()
+    seconds = None if off else current.settings.flows.heartbeat_frequency
+    # the same settings with Prefect's heartbeat off: a copy, not temporary_settings, which
+    # validates every setting again from its sources (about 20 ms of each command)
+    flows_settings = current.settings.flows.model_copy(update={"heartbeat_frequency": None})
+    quiet = current.settings.model_copy(update={"flows": flows_settings})
+    with prefect.context.SettingsContext(profile=current.profile, settings=quiet):
+        if seconds is None:
+            return flow_fn(**params)
+        from flows.cli.heartbeat import FlowRunHeartbeat
+
+        beat = FlowRunHeartbeat(seconds)
+        flow: Any = flow_fn
+        with_beat: Any = flow.with_options(on_running=[*flow.on_running_hooks, beat.hook])
+        try:
+            return cast(T, with_beat(**params))
+        finally:
+            beat.stop()
 
 
 def exit_without_teardown(code: int) -> NoReturn:

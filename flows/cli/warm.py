@@ -19,6 +19,15 @@ Protocol (one Unix stream connection per command, same user only):
   server  -> ``X`` + exit status (4 bytes, signed; -N: killed by signal N)
 If the client goes away (kill -9), the server's session sees end-of-file and sends SIGTERM to
 the command, then SIGKILL after ``ORPHAN_GRACE_SECONDS``.
+
+Started on first use: a flow command typed at a terminal (stdin and stderr are terminals) that
+finds no warm process for its environment starts one in the background — detached, on the
+per-environment socket in the owner-only directory, exiting after ``GRAVL_DR_WARM_IDLE`` seconds
+(default 1800) without a command — and runs itself in-process; the next command is served warm.
+Scripts, cron, CI, tests and PostgreSQL's hooks (no terminal) never start one, nor does a
+command with ``GRAVL_DR_NO_WARM`` set or an explicit ``GRAVL_DR_WARM_SOCKET`` (the operator runs
+that warm process: systemd, the Kubernetes worker). The started process gets only the
+import-time environment and the basics (PATH, HOME, locale), never the command's secrets.
 """
 
 from __future__ import annotations
@@ -40,6 +49,26 @@ from typing import Any
 MAGIC = b"GRV1"
 SOCKET_ENV = "GRAVL_DR_WARM_SOCKET"  # an explicit socket (else one per environment, see socket_path)
 OFF_ENV = "GRAVL_DR_NO_WARM"  # set (non-empty): never use a warm process
+IDLE_ENV = "GRAVL_DR_WARM_IDLE"  # seconds a warm process started on first use waits for a command
+IDLE_SECONDS = 1800.0
+# The commands that run a flow (what the warm process saves time for): only they start one.
+FLOW_COMMANDS = frozenset(
+    {"backup", "restore", "demo", "expire", "wal-check", "drill", "failover", "failback", "drill-failover"}
+)
+# What a warm process started on first use keeps of the command's environment, besides the
+# import-time variables: enough to find its home, binaries and locale, nothing secret.
+BASIC_NAMES = (
+    "HOME",
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "XDG_RUNTIME_DIR",
+    "USER",
+    "LOGNAME",
+)
 ACCEPT_TIMEOUT = 5.0  # seconds to wait for A/N before running in-process
 ORPHAN_GRACE_SECONDS = 30.0
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -69,9 +98,9 @@ def fingerprint(env: Mapping[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def socket_dir() -> Path:
+def socket_dir(env: Mapping[str, str] = os.environ) -> Path:
     """Owner-only directory for this user's warm sockets."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    base = env.get("XDG_RUNTIME_DIR") or "/tmp"
     return Path(base) / f"gravl-dr-warm-{os.geteuid()}"
 
 
@@ -79,7 +108,7 @@ def socket_path(env: Mapping[str, str]) -> Path:
     explicit = env.get(SOCKET_ENV)
     if explicit:
         return Path(explicit)
-    return socket_dir() / f"{fingerprint(env)}.sock"
+    return socket_dir(env) / f"{fingerprint(env)}.sock"
 
 
 def private_dir_ok(path: Path) -> bool:
@@ -100,12 +129,14 @@ def run_remote(argv: Sequence[str]) -> int | None:
         return None
     path = socket_path(env)
     if not os.path.exists(path) or not private_dir_ok(path.parent):
+        start_on_first_use(argv, env, path)
         return None
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(ACCEPT_TIMEOUT)
         sock.connect(str(path))
     except OSError:
+        start_on_first_use(argv, env, path)
         return None  # stale socket or no daemon: in-process
     try:
         if not _handshake(sock, argv, env):
@@ -118,6 +149,65 @@ def run_remote(argv: Sequence[str]) -> int | None:
         sys.stderr.write("gravl-dr: interrupted\n")
         return 130
     return _wait_for_status(sock)
+
+
+def command_word(argv: Sequence[str]) -> str | None:
+    """The command of a gravl-dr command line (the first word that is not a global option)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--config":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def start_on_first_use(argv: Sequence[str], env: Mapping[str, str], path: Path) -> bool:
+    """Start a warm process for this environment in the background when a flow command is typed
+    at a terminal and none answers (see the module's docstring); True if one was started."""
+    if env.get(SOCKET_ENV) or command_word(argv) not in FLOW_COMMANDS:
+        return False
+    try:
+        if not (os.isatty(0) and os.isatty(2)):
+            return False
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+    except OSError:
+        return False
+    if not private_dir_ok(path.parent):
+        return False
+    try:
+        idle = float(env.get(IDLE_ENV) or IDLE_SECONDS)
+    except ValueError:
+        idle = IDLE_SECONDS
+    if not idle > 0:
+        idle = IDLE_SECONDS
+    keep = {
+        k: v
+        for k, v in env.items()
+        if k in BASIC_NAMES or k.startswith(IMPORT_TIME_PREFIXES) or k in IMPORT_TIME_NAMES
+    }
+    command = [sys.executable, "-m", "flows.cli", "warm", "--socket", str(path), "--idle-exit", str(idle)]
+    try:
+        log = os.open(path.with_suffix(".log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError:
+        return False
+    try:
+        os.posix_spawn(
+            sys.executable,
+            [*command, "--detach"],
+            keep,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, log, 1),
+                (os.POSIX_SPAWN_DUP2, log, 2),
+            ],
+            setsid=True,
+        )
+    except OSError:
+        return False
+    finally:
+        os.close(log)
+    return True
 
 
 def _handshake(sock: socket.socket, argv: Sequence[str], env: dict[str, str]) -> bool:

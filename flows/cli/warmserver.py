@@ -59,6 +59,11 @@ def register(sub: Any, run_command: RunCommand) -> None:
         metavar="SECONDS",
         help="exit after this long without a command",
     )
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="(started on first use) work in / rather than in the directory it was started from",
+    )
     p.set_defaults(func=lambda args: serve(args, run_command))
 
 
@@ -96,6 +101,19 @@ def warm_up() -> None:
     import flows.unlock
     import flows.verify
     import flows.wal  # noqa: F401
+
+
+def _warm_up_for_forking() -> dict[str, float]:
+    """Import everything; the sources loaded (to notice a code change). Refuses if an import
+    started a thread: a fork would copy its locks in whatever state."""
+    warm_up()
+    if threading.active_count() != 1:
+        from tasks.errors import PreconditionFailed
+
+        raise PreconditionFailed(
+            f"importing Prefect started {threading.active_count() - 1} thread(s): forking would not be safe"
+        )
+    return _loaded_sources()
 
 
 def _loaded_sources() -> dict[str, float]:
@@ -152,14 +170,13 @@ def serve(args: argparse.Namespace, run_command: RunCommand) -> int:
     env = dict(os.environ)
     path = Path(args.socket) if args.socket else warm.socket_path(env)
     mine = warm.fingerprint(env)
-    warm_up()
-    if threading.active_count() != 1:
-        from tasks.errors import PreconditionFailed
-
-        raise PreconditionFailed(
-            f"importing Prefect started {threading.active_count() - 1} thread(s): forking would not be safe"
-        )
-    sources = _loaded_sources()
+    lock = _lock(path)
+    if lock is None:
+        sys.stderr.write(f"gravl-dr: another warm process serves {path}\n")
+        return 0
+    sources = _warm_up_for_forking()
+    if args.detach:
+        os.chdir("/")  # hold no operator's directory (each command works in its own)
     with contextlib.suppress(OSError):
         os.setsid()  # no controlling terminal: a child reading the client's terminal is never stopped
     sock = _listen(path)
@@ -186,6 +203,7 @@ def serve(args: argparse.Namespace, run_command: RunCommand) -> int:
                 code = 1
                 try:
                     sock.close()
+                    os.close(lock)  # the lock is the warm process's alone, not its commands'
                     code = _session(conn, mine, run_command, "the code changed on disk" if stale else None)
                 finally:
                     os._exit(code)
@@ -197,6 +215,22 @@ def serve(args: argparse.Namespace, run_command: RunCommand) -> int:
         with contextlib.suppress(OSError):
             if os.stat(path).st_ino == ident:
                 path.unlink()
+
+
+def _lock(path: Path) -> int | None:
+    """One warm process per socket: an exclusive lock held for its lifetime (two commands that
+    each start one at the same moment leave one; the other exits at once)."""
+    import fcntl
+
+    if path.parent == warm.socket_dir():
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:

@@ -1,0 +1,75 @@
+"""The flow-run heartbeat of a CLI command (flows/cli/heartbeat.py): the command's flow run sends
+Prefect's ``prefect.flow-run.heartbeat`` event for its own resource — what a zombie-run
+automation keys on — while Prefect's engine runs it with its own heartbeat thread off (that
+thread sleeps in one-second steps and the engine joins it at the end of every run);
+``GRAVL_DR_FLOW_HEARTBEAT=off`` means no heartbeat at all."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gravl_testlib import run_cli, settled_flow_run_events
+
+
+def _api() -> str:
+    import prefect
+
+    return str(prefect.settings.PREFECT_API_URL.value())
+
+
+def _last_run() -> tuple[Any, list[Any]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        [run] = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    return run, logs
+
+
+def test_a_cli_flow_run_sends_its_heartbeat_without_prefects_heartbeat_thread(
+    prefect_harness: None, make_config: Any, file_repo_url: str
+) -> None:
+    # GIVEN a config and the engine's debug logs shipped to the API
+    cfg = make_config(file_repo_url)
+    env = {"PREFECT_API_URL": _api(), "GRAVL_DR_NO_WARM": "1", "PREFECT_LOGGING_LEVEL": "DEBUG"}
+    # WHEN a flow command runs
+    proc = run_cli("backup", "--dry-run", config=cfg, env=env)
+    # THEN its run completed, and the server holds a heartbeat event for that run, as Prefect
+    # sends it: the run's resource id, name and Prefect version, the flow as related resource
+    assert proc.returncode == 0, proc.stderr
+    run, logs = _last_run()
+    assert run.state is not None and run.state.is_completed(), run.state
+    beats = [e for e in settled_flow_run_events(run.id) if e.event == "prefect.flow-run.heartbeat"]
+    assert len(beats) == 1, beats  # one at the start; the next would come 180 s later
+    import prefect
+
+    assert dict(beats[0].resource) == {
+        "prefect.resource.id": f"prefect.flow-run.{run.id}",
+        "prefect.resource.name": run.name,
+        "prefect.version": prefect.__version__,
+    }
+    related = {r.id: r.role for r in beats[0].related}
+    assert related.get(f"prefect.flow.{run.flow_id}") == "flow", related
+    # AND Prefect's engine ran it without its own heartbeat thread (the one it joins in
+    # one-second steps): the engine logs starting that thread at debug level, and it did not
+    messages = [str(log.message) for log in logs]
+    assert any(m.startswith("Executing flow 'backup'") for m in messages), messages  # debug logs arrive
+    assert not [m for m in messages if "heartbeat" in m.lower()], messages
+
+
+def test_heartbeat_off_sends_no_heartbeat_and_still_records_the_run(
+    prefect_harness: None, make_config: Any, file_repo_url: str
+) -> None:
+    # GIVEN an operator who turned the CLI's flow-run heartbeat off
+    cfg = make_config(file_repo_url)
+    env = {"PREFECT_API_URL": _api(), "GRAVL_DR_NO_WARM": "1", "GRAVL_DR_FLOW_HEARTBEAT": "off"}
+    # WHEN a flow command runs
+    proc = run_cli("backup", "--dry-run", config=cfg, env=env)
+    # THEN the run completed and no heartbeat event names it
+    assert proc.returncode == 0, proc.stderr
+    run, _ = _last_run()
+    events = settled_flow_run_events(run.id)
+    assert [e.event for e in events if e.event == "prefect.flow-run.heartbeat"] == []
+    assert "prefect.flow-run.Running" in {e.event for e in events}
