@@ -20,6 +20,7 @@ missing answers only a request made before its look-up began (tests/test_wal_ask
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,3 +196,84 @@ def test_settings_left_under_another_config_version_are_not_used(
     assert got is None
     assert any("moved/wal/00000002" in unquote(r[2]) for r in s3_fault_proxy.log), s3_fault_proxy.log
     assert not any("gravl/wal/00000002" in unquote(r[2]) for r in s3_fault_proxy.log), s3_fault_proxy.log
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_restored_directory_started_with_pg_ctl_replays_from_s3_with_a_lean_prefetcher(
+    moto_endpoint: str, s3_bucket: str
+) -> None:
+    from flows.backup import backup_flow
+    from flows.restore import restore_flow
+    from gravl_testlib import write_config
+    from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir
+    from tasks.postgres import connection
+    from tasks.recovery import gravl_dr_executable, repository_env
+    from tasks.sample import create_database, load_sample
+
+    base = make_private_dir("gravl-test-replay-costs-", "postgres")
+    source = LocalCluster(base / "data", free_port(), dbname="gravl")
+    config = write_config(
+        base / "gravl-dr.yaml",
+        {
+            "cluster": "replay-costs",
+            "primary": {"dsn": source.dsn()},
+            "repository": {
+                "url": f"s3://{s3_bucket}/gravl",
+                "endpoint_url": moto_endpoint,
+                "region": "eu-north-1",
+            },
+        },
+    )
+    chown_tree(base, "postgres")
+    copy: LocalCluster | None = None
+    try:
+        # GIVEN a source archiving to S3, a backup, then writes archived after it
+        source.initdb(
+            extra_conf={
+                "archive_mode": "on",
+                "archive_command": f"'{gravl_dr_executable()} --config {config} wal-push %p'",
+            }
+        )
+        env = repository_env(load_config(str(config)))
+        source.start(env=env)
+        create_database(source.dsn("postgres"), "gravl")
+        load_sample(source.dsn(), users=20, logs=200, custom=5)
+        backup = backup_flow(config_path=str(config), kind="physical")
+        with connection(source.dsn()) as conn:
+            conn.execute(
+                "INSERT INTO workout_logs (user_id, workout_id, completed_at, sets, reps) "
+                "SELECT 1 + g % 20, 1 + g % 30, now(), 3, 10 FROM generate_series(1, 50) g"
+            )
+        from drill_helpers import switch_and_wait
+
+        switch_and_wait(source)
+        # WHEN it is restored without --start, and the operator starts it with pg_ctl (the
+        # prefetcher's imports go to its log)
+        target = base / "restored"
+        restore_flow(config_path=str(config), backup=backup.backup_id, pgdata=str(target))
+        copy = LocalCluster(target, free_port(), dbname="gravl")
+        copy.start(env={**env, "PYTHONPROFILEIMPORTTIME": "1"})
+        deadline = time.monotonic() + 120
+        while True:
+            with connection(copy.dsn()) as conn:
+                row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+            if row == (False,):
+                break
+            assert time.monotonic() < deadline, "not promoted"
+            time.sleep(0.1)
+        # THEN every row archived after the backup is there
+        with connection(copy.dsn()) as conn, connection(source.dsn()) as src:
+            query = "SELECT count(*) FROM workout_logs"
+            assert conn.execute(query).fetchone() == src.execute(query).fetchone() == (250,)
+        # AND PostgreSQL's first call was answered by a prefetcher that loaded neither the CLI's
+        # parser nor the config model (the restore left the repository's settings)
+        log = (target / "pg_wal" / "gravl-dr" / "prefetcher.log").read_text()
+        assert "asked for 00000002.history: not in the archive" in log, log[-3000:]
+        assert re.search(r"\|\s+flows\.cli\.wal$", log, re.M), log[-3000:]
+        for module in ("flows.cli.app", "tasks.config", "pydantic"):
+            assert not re.search(rf"\|\s+{re.escape(module)}(\.|$)", log, re.M), module
+    finally:
+        if copy is not None:
+            copy.destroy()
+        source.destroy()
+        shutil.rmtree(base, ignore_errors=True)
