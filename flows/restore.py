@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
 
@@ -153,8 +154,10 @@ def write_recovery_settings(
     keep_archiving: bool,
     start_wal: str | None = None,
     early_prefetcher: int | None = None,
+    checked: bool = False,
 ) -> None:
-    rec.check_server_can_read(config_file, cfg, cfg.postgres.os_user)
+    if not checked:
+        rec.check_server_can_read(config_file, cfg, cfg.postgres.os_user)
     rec.write_recovery_settings(
         Path(pgdata),
         config_path=config_file,
@@ -165,7 +168,7 @@ def write_recovery_settings(
     if early_prefetcher is not None:
         rec.adopt_early_prefetcher(Path(pgdata), early_prefetcher, cfg.postgres.os_user)
     if start_wal:
-        walspool.prime_prefetch(Path(pgdata), start_wal)
+        walspool.prime_prefetch(Path(pgdata), start_wal, config_file, cfg.repository)
     logger().info(
         "wrote recovery.signal and recovery settings: %s, restore_command %s, "
         "timeline latest, then promote%s",
@@ -288,6 +291,29 @@ def _markdown(manifest: Manifest, report: RestoreReport, where: str, physical_ta
     return document(lines)
 
 
+def _restore_data(
+    cfg: Config,
+    repo: Repository,
+    manifest: Manifest,
+    pgdata: str,
+    ts_map: dict[str, str],
+    config_file: str | None,
+) -> rsteps.RestoreResult:
+    """The data step; with a restore_command to come, whether its OS user can run gravl-dr and
+    read the config and the repository is checked (processes started as that user) while the
+    data is written, not after it."""
+    with ThreadPoolExecutor(1, thread_name_prefix="check-server-can-read") as pool:
+        checking = (
+            pool.submit(rec.check_server_can_read, config_file, cfg, cfg.postgres.os_user)
+            if config_file is not None
+            else None
+        )
+        res = restore_physical(cfg, repo, manifest, pgdata, ts_map)
+        if checking is not None:
+            checking.result()
+    return res
+
+
 def restore_into_pgdata(
     cfg: Config,
     repo: Repository,
@@ -319,11 +345,11 @@ def restore_into_pgdata(
             Path(pgdata), config_file, cfg.postgres.os_user, rec.repository_env(cfg)
         )
     try:
-        res = restore_physical(cfg, repo, manifest, pgdata, ts_map)
+        res = _restore_data(cfg, repo, manifest, pgdata, ts_map, config_file)
         settings = keep_node_settings(cfg, prepared) if prepared is not None else []
         if config_file is not None:
             write_recovery_settings(
-                cfg, config_file, pgdata, target, keep_archiving, manifest.start_wal, early
+                cfg, config_file, pgdata, target, keep_archiving, manifest.start_wal, early, checked=True
             )
     except BaseException:
         if early is not None:

@@ -404,6 +404,22 @@ def read_history_switchpoint(pgdata: Path, timeline: int) -> tuple[int, str] | N
     return int(parts[0]), parts[1].strip()
 
 
+def postmaster_gone(cluster: LocalCluster) -> bool:
+    """The cheap half of "is the server still running" (no process started): its
+    postmaster.pid is gone, unreadable, or names no live process. False means "probably
+    running"; True is confirmed by ``pg_ctl status`` before anyone acts on it."""
+    pid = cluster.postmaster_pid()
+    if pid is None or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # a live process of another user: the postmaster, as far as we can tell
+    return False
+
+
 def _raise_if_stopped(cluster: LocalCluster, target: RecoveryTarget) -> None:
     """PreconditionFailed with the server's own reason when it is no longer running."""
     if not cluster.is_running():
@@ -424,23 +440,42 @@ def wait_for_recovery(cluster: LocalCluster, target: RecoveryTarget, timeout: fl
     status = "server starting"
     failed_with: list[str] = []  # the error of the last attempt to ask the server, if it failed
 
+    # One connection, kept across polls (a hot standby's session lives through the promotion),
+    # and a liveness check without a process: a poll costs the server one query, not a backend
+    # start and a `pg_ctl status`, which took CPU from the replay on a small machine.
+    session: list[Any] = []  # the open connection, if any
+    stack = contextlib.ExitStack()
+
     def promoted_row() -> tuple[Any, ...] | None:
         """The server's state once it has promoted; None (and a progress line) until then."""
         nonlocal status
-        _raise_if_stopped(cluster, target)
+        if postmaster_gone(cluster) or (failed_with and not session):
+            _raise_if_stopped(cluster, target)
         failed_with.clear()
         try:
-            with connection(cluster.dsn("postgres"), timeout=3) as conn:
-                row = conn.execute(
+            if not session:
+                session.append(
+                    stack.enter_context(
+                        connection(cluster.dsn("postgres"), timeout=3, options="-c statement_timeout=5000")
+                    )
+                )
+            row = (
+                session[0]
+                .execute(
                     "SELECT pg_is_in_recovery(), pg_last_xact_replay_timestamp(),"
                     " CASE WHEN pg_is_in_recovery() THEN NULL"
                     " ELSE pg_walfile_name(pg_current_wal_lsn()) END,"
                     " CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text"
                     " ELSE pg_current_wal_lsn()::text END"
-                ).fetchone()
+                )
+                .fetchone()
+            )
             assert row is not None
         except Exception as exc:  # noqa: BLE001 - the server may not accept connections yet
             failed_with.append(type(exc).__name__)
+            session.clear()
+            with contextlib.suppress(Exception):
+                stack.close()
             progress.tick(status)
             return None
         if not row[0]:
@@ -455,8 +490,9 @@ def wait_for_recovery(cluster: LocalCluster, target: RecoveryTarget, timeout: fl
         return None
 
     # quick at first (most restores and drills finish within a minute; the wait is part of the
-    # measured RTO), then twice a second: one connection each
-    row = poll_until(promoted_row, timeout=timeout, interval=lambda waited: 0.1 if waited < 60 else 0.5)
+    # measured RTO), then twice a second
+    with stack:
+        row = poll_until(promoted_row, timeout=timeout, interval=lambda waited: 0.05 if waited < 60 else 0.5)
     if row is None:
         raise PreconditionFailed(
             f"recovery did not finish within {timeout:.0f}s ({failed_with[0]})"

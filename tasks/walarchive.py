@@ -87,14 +87,19 @@ def name_of_key(key: str) -> str | None:
 # ---------------------------------------------------------------- finding objects
 
 
-def find_object(repo: Repository, name: str, settings: WalSettings) -> str | None:
+def find_object(
+    repo: Repository, name: str, settings: WalSettings, *, probe_first: bool = True
+) -> str | None:
     """The key under which ``name`` is archived, or None. One request in the usual case (the
-    configured codec); on S3 a miss costs one prefix listing, not a probe per codec."""
+    configured codec); on S3 a miss costs one prefix listing, not a probe per codec. Without
+    ``probe_first`` the configured codec's key gets no request of its own (a GET of it just
+    failed, or the name is usually absent: a history probe): one listing answers for every
+    variant. On S3 a None always comes from a listing that succeeded (see repository_reachable)."""
     variants = key_variants(name, settings.codec, settings.encrypted)
-    if repo.exists(variants[0]):
+    if probe_first and repo.exists(variants[0]):
         return variants[0]
     found = _stored_names(repo, name)
-    for key in variants[1:]:
+    for key in variants[1:] if probe_first else variants:
         if repo.exists(key) if found is None else key.rsplit("/", 1)[-1] in found:
             return key
     return None
@@ -140,9 +145,10 @@ def duplicate_variants(keys: list[str]) -> dict[str, list[str]]:
     return {name: found for name, found in by_name.items() if len(found) > 1}
 
 
-def repository_reachable(repo: Repository) -> None:
+def repository_reachable(repo: Repository, *, listed: bool = False) -> None:
     """Raise unless the repository answers and looks like one (a missing file is then truly
-    missing, not a mount that went away)."""
+    missing, not a mount that went away). ``listed``: find_object just returned None, which on
+    a bucket means a listing of it succeeded: that is the proof, no request more is made."""
     from tasks.repository import FileRepository
 
     if isinstance(repo, FileRepository):
@@ -152,7 +158,8 @@ def repository_reachable(repo: Repository) -> None:
         if not any((root / d).is_dir() for d in ("wal", "backups")):
             raise StorageUnavailable(f"repository {repo.url} holds neither backups nor WAL: is it mounted?")
         return
-    repo.check()
+    if not listed:
+        repo.check()
 
 
 # ---------------------------------------------------------------- local files

@@ -55,6 +55,8 @@ XLP_LONG_HEADER = 0x0002
 # XLogLongPageHeaderData: magic, info, tli, pageaddr, rem_len, (pad), sysid, seg_size, blcksz
 LONG_HEADER = struct.Struct("<HHIQI4xQII")
 HEX = frozenset("0123456789ABCDEF")
+# the background prefetcher's (and pusher's) entry: flows.cli.wal.daemon_main, without the CLI
+DAEMON_MAIN = "import sys; from flows.cli.wal import daemon_main; sys.exit(daemon_main(sys.argv[1:]))"
 
 
 def config_stamp(config_path: str) -> str:
@@ -288,7 +290,8 @@ def _spawn_prefetcher(config: str, dest: str) -> bool:
     running = _starting_pid(prefetch_folder(dest))
     if running > 0 and process_alive(running):
         return True  # one is running or starting (restore started it): wait for it
-    argv = [sys.executable, "-P", "-m", "flows.cli", "--config", os.path.abspath(config), "-v"]
+    # as flows.cli.wal.daemon_argv (not imported: this script loads no package)
+    argv = [sys.executable, "-P", "-c", DAEMON_MAIN, "--config", os.path.abspath(config), "-v"]
     argv += ["wal-fetch-daemon", pg_wal]
     try:
         log_fd = os.open(

@@ -21,13 +21,15 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tasks import walserve
 from tasks.walnames import WAL_NAME_RE, parse_wal_name, segment_name
 
 if TYPE_CHECKING:
+    from tasks.config import RepositoryConfig
     from tasks.repository import Repository
     from tasks.walarchive import PushResult
     from tasks.walformat import WalSettings
@@ -305,19 +307,53 @@ def prefetcher_activity(pg_wal: Path) -> str:
 # ---------------------------------------------------------------- settings cache (no pydantic on the hot path)
 
 
+# what an S3 repository's client needs besides the url (tasks.config.RepositoryConfig's fields)
+S3_FIELDS = (
+    "endpoint_url",
+    "region",
+    "storage_class",
+    "sse",
+    "kms_key_id",
+    "part_size_mb",
+    "upload_concurrency",
+)
+
+
+@dataclass(frozen=True)
+class CachedRepositoryConfig:
+    """tasks.config.RepositoryConfig's fields, as validated under the cached config version:
+    what S3Repository reads, without importing the config model (pydantic and every model of
+    the config cost the background prefetcher's start, which PostgreSQL's first call waits for)."""
+
+    url: str
+    compression: str
+    compression_level: int | None
+    encryption_key_env: str | None
+    endpoint_url: str | None = None
+    region: str | None = None
+    storage_class: str | None = None
+    sse: str | None = None
+    kms_key_id: str | None = None
+    part_size_mb: int = 16
+    upload_concurrency: int = 4
+
+
 def save_settings_cache(pg_wal: Path, stamp: str, repo_cfg: Any) -> None:
-    """Remember what a file-repository push or fetch needs from this config version, so the next
-    calls skip loading the config model (pydantic costs more than the push itself). Holds no
-    secret: only the name of the key's environment variable."""
-    if not str(repo_cfg.url).startswith("file://"):
-        return
-    body = {
+    """Remember what a push or fetch needs from this config version, so the next calls skip
+    loading the config model (pydantic costs more than the push itself). Holds no secret: the
+    name of the key's environment variable, and for S3 the bucket's settings (the SDK finds the
+    credentials in its environment)."""
+    body: dict[str, Any] = {
         "config": stamp,
         "url": repo_cfg.url,
         "codec": repo_cfg.compression,
         "level": repo_cfg.compression_level,
         "key_env": repo_cfg.encryption_key_env,
     }
+    if str(repo_cfg.url).startswith("s3://"):
+        body["s3"] = {name: getattr(repo_cfg, name) for name in S3_FIELDS}
+    elif not str(repo_cfg.url).startswith("file://"):
+        return
     with contextlib.suppress(OSError):
         atomic_write(
             spool_root(pg_wal) / "settings.json", json.dumps(body).encode(), like=pg_wal, durable=False
@@ -325,7 +361,7 @@ def save_settings_cache(pg_wal: Path, stamp: str, repo_cfg: Any) -> None:
 
 
 def load_settings_cache(pg_wal: Path, stamp: str) -> tuple[Repository, WalSettings] | None:
-    """The file repository and settings saved under this exact config version, or None."""
+    """The repository and settings saved under this exact config version, or None."""
     try:
         body = json.loads((spool_root(pg_wal) / "settings.json").read_bytes())
     except (OSError, ValueError):
@@ -334,21 +370,47 @@ def load_settings_cache(pg_wal: Path, stamp: str) -> tuple[Repository, WalSettin
         return None
     from urllib.parse import urlparse
 
-    from tasks.repository import FileRepository
     from tasks.streams import CODEC_SUFFIX, load_key
     from tasks.walformat import WalSettings
 
     url = str(body.get("url", ""))
-    path = urlparse(url).path
     codec = body.get("codec")
-    if not url.startswith("file://") or not path.startswith("/") or codec not in CODEC_SUFFIX:
-        return None
     level = body.get("level")
+    key_env = body.get("key_env")
+    if codec not in CODEC_SUFFIX or not (key_env is None or isinstance(key_env, str)):
+        return None
     settings = WalSettings(
         codec=str(codec),
         level=int(level) if isinstance(level, int) else None,
-        key=load_key(body.get("key_env") or None),
+        key=load_key(key_env or None),
     )
+    s3 = body.get("s3")
+    if (
+        url.startswith("s3://")
+        and isinstance(s3, dict)
+        and set(s3) == set(S3_FIELDS)
+        and all(isinstance(s3[name], int) for name in ("part_size_mb", "upload_concurrency"))
+        and all(s3[name] is None or isinstance(s3[name], str) for name in S3_FIELDS[:5])
+    ):
+        from tasks.repository import S3Repository
+
+        try:
+            cached = CachedRepositoryConfig(
+                url=url,
+                compression=str(codec),
+                compression_level=settings.level,
+                encryption_key_env=key_env,
+                **s3,
+            )
+        except TypeError:
+            return None
+        # the same fields, read the same way: validated when this config version was loaded
+        return S3Repository(cast("RepositoryConfig", cached)), settings
+    path = urlparse(url).path
+    if not url.startswith("file://") or not path.startswith("/"):
+        return None
+    from tasks.repository import FileRepository
+
     return FileRepository(Path(path), url), settings
 
 
@@ -366,12 +428,18 @@ def note_wanted(dest: Path, name: str) -> None:
         atomic_write(folder / WANT_FILE, name.encode(), like=folder.parent.parent, durable=False)
 
 
-def prime_prefetch(pgdata: Path, start_wal: str) -> None:
+def prime_prefetch(
+    pgdata: Path, start_wal: str, config_file: str | None = None, repo_cfg: Any = None
+) -> None:
     """Before a restored server starts: tell the prefetcher to begin at the backup's first
-    segment (``start_wal``), so it fetches ahead while recovery is still starting."""
+    segment (``start_wal``), so it fetches ahead while recovery is still starting; with
+    ``config_file`` and its ``repo_cfg``, leave the repository's settings for it (the
+    prefetcher that PostgreSQL's first call starts then loads no config model)."""
     wal = parse_wal_name(start_wal)
     if wal.kind != "segment" or not wal.segno:
         return
+    if config_file is not None and repo_cfg is not None:
+        save_settings_cache(pgdata / "pg_wal", config_stamp(config_file), repo_cfg)
     note_wanted(pgdata / "pg_wal" / "RECOVERYXLOG", segment_name(wal.timeline, wal.segno - 1))
 
 

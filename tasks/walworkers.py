@@ -38,8 +38,9 @@ from tasks import walserve
 from tasks.errors import DRError
 from tasks.walarchive import (
     PushResult,
-    WalMissing,
+    WalVanished,
     find_object,
+    object_key,
     push_file,
     repository_reachable,
     write_verified,
@@ -322,15 +323,17 @@ def _prefetch_one(
     "missing" mark stamped with when this look-up began answers a request for it that came
     before that: see ``walserve.ask``)."""
     checked = time.monotonic_ns()
-    key = find_object(repo, name, settings)
-    if key is None:
-        _mark_missing(repo, name, folder, stamp, checked)
-        return False
     try:
+        # one request in the usual case: the GET of the configured codec's key, no look-up first
+        _size, header = write_verified(
+            repo, object_key(name, settings.codec, settings.encrypted), name, settings, folder / name, pgdata
+        )
+    except WalVanished:  # not under that key: one listing finds any other variant, or none
+        key = find_object(repo, name, settings, probe_first=False)
+        if key is None:
+            _mark_missing(repo, name, folder, stamp, checked)
+            return False
         _size, header = write_verified(repo, key, name, settings, folder / name, pgdata)
-    except WalMissing:
-        _mark_missing(repo, name, folder, stamp, checked)
-        return False
     with contextlib.suppress(FileNotFoundError):
         (folder / (name + walserve.MISSING_SUFFIX)).unlink()
     st = (folder / name).stat()
@@ -353,7 +356,7 @@ def _answer_ask(
         found = _prefetch_one(repo, name, settings, folder, stamp, pgdata)
     else:
         checked = time.monotonic_ns()
-        found = find_object(repo, name, settings) is not None
+        found = find_object(repo, name, settings, probe_first=False) is not None  # one listing
         if found:
             _unlink(folder, name + walserve.MISSING_SUFFIX, name + walserve.ASK_SUFFIX)
         else:
@@ -380,9 +383,10 @@ def _prune_served(folder: Path, keep: str) -> None:
 
 
 def _mark_missing(repo: Repository, name: str, folder: Path, stamp: str, checked_ns: int) -> None:
-    """Record that ``name`` was not in the archive in a look-up begun at ``checked_ns``, once the
-    repository proved reachable (an unmounted repository is not the end of the archive)."""
-    repository_reachable(repo)
+    """Record that ``name`` was not in the archive in a look-up begun at ``checked_ns`` (by
+    find_object), once the repository proved reachable (an unmounted repository is not the end
+    of the archive; on a bucket, find_object's listing is the proof)."""
+    repository_reachable(repo, listed=True)
     atomic_write(
         folder / (name + walserve.MISSING_SUFFIX),
         walserve.missing_text(stamp, checked_ns).encode(),

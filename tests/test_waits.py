@@ -64,3 +64,37 @@ def test_recovery_waits_give_up_at_their_timeout_with_the_servers_word(
     ):
         wait_for_pause(cluster, RecoveryTarget(kind="name", value="never"), timeout=1)
     assert cluster.is_running()
+
+
+def test_the_restore_polls_for_the_promotion_on_one_session_and_sees_a_killed_server(
+    cluster_factory: Callable[..., LocalCluster],
+) -> None:
+    """wait_for_recovery polls every 50 ms: on one kept session (a new backend per poll, and a
+    `pg_ctl status` process per poll, took CPU from the replay it waits for), and a server
+    killed with -9 under it is still reported as stopped, with the server's word, at once."""
+    import os
+    import signal
+    import threading
+    import time
+
+    # GIVEN a server that stays in recovery (a standby with no primary and no archive)
+    cluster = cluster_factory("gravl-test-waits-poll-")
+    cluster.stop()
+    (cluster.pgdata / "standby.signal").touch()
+    chown_tree(cluster.pgdata, cluster.os_user)
+    cluster.start()
+    before = sessions(cluster.dsn("postgres"))
+    # WHEN the restore waits 2 s for it to promote
+    with pytest.raises(PreconditionFailed, match=r"recovery did not finish within 2s"):
+        wait_for_recovery(cluster, RecoveryTarget(), timeout=2)
+    # THEN it opened one session (and sessions() one), not one per poll (about 40)
+    assert sessions(cluster.dsn("postgres")) - before <= 2
+    # WHEN its postmaster is killed with -9 while the restore waits
+    pid = cluster.postmaster_pid()
+    assert pid is not None
+    threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
+    t0 = time.monotonic()
+    with pytest.raises(PreconditionFailed, match=r"restored server stopped during recovery"):
+        wait_for_recovery(cluster, RecoveryTarget(), timeout=600)
+    # THEN the wait ends within seconds of the kill, not at its deadline
+    assert time.monotonic() - t0 < 300

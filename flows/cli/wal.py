@@ -217,10 +217,46 @@ def cmd_wal_push(args: argparse.Namespace) -> int:
     return wal_push(args.config, args.path, args.parallel, synchronous=args.sync)
 
 
+def daemon_argv(python: str, config_file: str, *args: str) -> list[str]:
+    """The command line of a background pusher or prefetcher: ``python -P -c DAEMON_MAIN
+    --config CFG -v wal-fetch-daemon PG_WAL ...`` (tasks.walserve.DAEMON_MAIN runs
+    ``daemon_main``). Not ``-m flows.cli``: that loads the CLI's parser and every command's
+    module (the config model, the flows' modules), and PostgreSQL's first restore_command call
+    after a plain ``pg_ctl start`` waits for this process. Its words still name the command and
+    pg_wal (tasks.walspool.our_prefetcher checks them before stopping one)."""
+    from tasks.walserve import DAEMON_MAIN
+
+    return [python, "-P", "-c", DAEMON_MAIN, "--config", config_file, "-v", *args]
+
+
+def daemon_main(argv: Sequence[str]) -> int:
+    """The entry of ``wal-push-daemon`` and ``wal-fetch-daemon``: this module's parser only;
+    every error is one line and a non-zero exit, as with the CLI's."""
+    from tasks.errors import DRError, one_line
+
+    parser = argparse.ArgumentParser(prog="gravl-dr")
+    parser.add_argument("--config")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    if args.command not in ("wal-push-daemon", "wal-fetch-daemon"):
+        parser.error(f"{args.command} is not run this way")
+    _log_setup(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except DRError as exc:
+        sys.stderr.write(f"gravl-dr: error: {one_line(exc)}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        sys.stderr.write(f"gravl-dr: error: unexpected {type(exc).__name__}: {one_line(exc)}\n")
+        return 1
+
+
 def _daemon_command(config: str | None, *args: str) -> list[str]:
-    """The command line of a background pusher or prefetcher (this CLI, run as a module)."""
-    config_file = str(Path(_config_file(config)).absolute())
-    return [sys.executable, "-P", "-m", "flows.cli", "--config", config_file, "-v", *args]
+    """The command line of a background pusher or prefetcher (see daemon_argv)."""
+    return daemon_argv(sys.executable, str(Path(_config_file(config)).absolute()), *args)
 
 
 def wal_push(config: str | None, path_arg: str, parallel: int, *, synchronous: bool = False) -> int:
