@@ -73,3 +73,31 @@ def test_heartbeat_off_sends_no_heartbeat_and_still_records_the_run(
     events = settled_flow_run_events(run.id)
     assert [e.event for e in events if e.event == "prefect.flow-run.heartbeat"] == []
     assert "prefect.flow-run.Running" in {e.event for e in events}
+
+
+def test_the_heartbeat_event_names_the_same_resources_as_prefects_own() -> None:
+    import uuid
+
+    from prefect import flow
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.flow_engine import FlowRunEngine
+
+    from flows.cli.heartbeat import heartbeat_resource
+
+    # GIVEN a flow run of a deployment, with tags (the richest case Prefect's engine handles)
+    @flow(name="backup")
+    def backup() -> None: ...
+
+    run = FlowRun(
+        id=uuid.uuid4(),
+        name="brave-otter",
+        flow_id=uuid.uuid4(),
+        deployment_id=uuid.uuid4(),
+        tags=["gravl-dr", "nightly", "gravl-dr"],
+    )
+    # WHEN gravl-dr and Prefect's engine each build the heartbeat's resource and related resources
+    ours = heartbeat_resource(run, "backup")
+    resource, related = FlowRunEngine(flow=backup, flow_run=run)._build_heartbeat_event_template()
+    # THEN they are the same (a zombie-run automation matches either alike)
+    assert ours[0] == resource
+    assert ours[1] == [dict(r) for r in related]

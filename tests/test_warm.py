@@ -636,3 +636,32 @@ def test_only_flow_commands_start_a_warm_process() -> None:
     # AND the command word is found after the global options
     assert warm.command_word(["--config", "backup", "-v", "restore", "latest"]) == "restore"
     assert warm.command_word(["-v"]) is None
+
+
+def test_no_second_start_while_the_last_one_is_recent(tmp_path: Path) -> None:
+    # GIVEN the log of a warm process started (or failed) a moment ago, and one of long ago
+    sock = tmp_path / "abc.sock"
+    log = sock.with_suffix(".log")
+    log.write_text("gravl-dr: error: warm process failed\n")
+    # WHEN a command would start one now
+    # THEN it does not while the log is recent...
+    assert warm._start_log(sock) is None
+    # ... and does once it is old, noting the start in the log (owner-only)
+    old = time.time() - warm.START_BACKOFF_SECONDS - 1
+    os.utime(log, (old, old))
+    fd = warm._start_log(sock)
+    assert fd is not None
+    os.close(fd)
+    assert "starting a warm process on first use" in log.read_text().splitlines()[-1]
+    fresh = tmp_path / "new.sock"
+    fd = warm._start_log(fresh)
+    assert fd is not None
+    os.close(fd)
+    assert (fresh.with_suffix(".log").stat().st_mode & 0o777) == 0o600
+    # AND an unusable idle time falls back to the default
+    assert (
+        warm.idle_seconds({warm.IDLE_ENV: "x"})
+        == warm.idle_seconds({warm.IDLE_ENV: "-3"})
+        == warm.IDLE_SECONDS
+    )
+    assert warm.idle_seconds({warm.IDLE_ENV: "5"}) == 5.0

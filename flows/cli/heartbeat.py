@@ -82,17 +82,20 @@ class FlowRunHeartbeat:
         context = contextvars.copy_context()
         thread = threading.Thread(
             target=context.run,
-            args=(self._loop, resource, related),
+            args=(self._loop, flow_run, resource, related),
             name=f"gravl-dr-heartbeat-{key}",
             daemon=True,
         )
         self._threads[key] = thread
         thread.start()
 
-    def _loop(self, resource: dict[str, str], related: list[dict[str, str]]) -> None:
+    def _loop(self, flow_run: Any, resource: dict[str, str], related: list[dict[str, str]]) -> None:
         from prefect.events import emit_event
 
         while not self._stop.is_set():
+            state = getattr(flow_run, "state", None)  # the engine's own FlowRun: it sets its state
+            if state is not None and state.is_final():
+                return  # as Prefect's loop: never a heartbeat after the run's final state
             try:
                 emit_event(event=EVENT, resource=resource, related=related)
             except Exception:  # as Prefect's loop: a lost beat never ends the command

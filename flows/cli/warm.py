@@ -69,6 +69,7 @@ BASIC_NAMES = (
     "USER",
     "LOGNAME",
 )
+START_BACKOFF_SECONDS = 30.0  # no second start while its log was written this recently
 ACCEPT_TIMEOUT = 5.0  # seconds to wait for A/N before running in-process
 ORPHAN_GRACE_SECONDS = 30.0
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -165,36 +166,25 @@ def command_word(argv: Sequence[str]) -> str | None:
 def start_on_first_use(argv: Sequence[str], env: Mapping[str, str], path: Path) -> bool:
     """Start a warm process for this environment in the background when a flow command is typed
     at a terminal and none answers (see the module's docstring); True if one was started."""
-    if env.get(SOCKET_ENV) or command_word(argv) not in FLOW_COMMANDS:
+    if env.get(SOCKET_ENV) or command_word(argv) not in FLOW_COMMANDS or not _at_a_terminal():
         return False
     try:
-        if not (os.isatty(0) and os.isatty(2)):
-            return False
         path.parent.mkdir(mode=0o700, exist_ok=True)
     except OSError:
         return False
-    if not private_dir_ok(path.parent):
+    log = _start_log(path) if private_dir_ok(path.parent) else None
+    if log is None:
         return False
-    try:
-        idle = float(env.get(IDLE_ENV) or IDLE_SECONDS)
-    except ValueError:
-        idle = IDLE_SECONDS
-    if not idle > 0:
-        idle = IDLE_SECONDS
     keep = {
         k: v
         for k, v in env.items()
         if k in BASIC_NAMES or k.startswith(IMPORT_TIME_PREFIXES) or k in IMPORT_TIME_NAMES
     }
-    command = [sys.executable, "-m", "flows.cli", "warm", "--socket", str(path), "--idle-exit", str(idle)]
-    try:
-        log = os.open(path.with_suffix(".log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    except OSError:
-        return False
+    command = [sys.executable, "-m", "flows.cli", "warm", "--socket", str(path)]
     try:
         os.posix_spawn(
             sys.executable,
-            [*command, "--detach"],
+            [*command, "--idle-exit", str(idle_seconds(env)), "--detach"],
             keep,
             file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
@@ -208,6 +198,43 @@ def start_on_first_use(argv: Sequence[str], env: Mapping[str, str], path: Path) 
     finally:
         os.close(log)
     return True
+
+
+def _at_a_terminal() -> bool:
+    """An operator typing: stdin and stderr are terminals (a script's, cron's or a test's are not)."""
+    try:
+        return os.isatty(0) and os.isatty(2)
+    except OSError:
+        return False
+
+
+def idle_seconds(env: Mapping[str, str]) -> float:
+    try:
+        idle = float(env.get(IDLE_ENV) or IDLE_SECONDS)
+    except ValueError:
+        return IDLE_SECONDS
+    return idle if idle > 0 else IDLE_SECONDS
+
+
+def _start_log(path: Path) -> int | None:
+    """The started process's log (beside its socket), opened for it; None while one is starting
+    or just failed (its log was written in the last START_BACKOFF_SECONDS)."""
+    log_path = path.with_suffix(".log")
+    try:
+        if time.time() - os.stat(log_path).st_mtime < START_BACKOFF_SECONDS:
+            return None
+    except OSError:
+        pass  # no log yet: never started here
+    try:
+        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError:
+        return None
+    try:
+        os.write(log, f"gravl-dr: starting a warm process on first use ({time.ctime()})\n".encode())
+    except OSError:
+        os.close(log)
+        return None
+    return log
 
 
 def _handshake(sock: socket.socket, argv: Sequence[str], env: dict[str, str]) -> bool:
