@@ -407,8 +407,12 @@ def read_history_switchpoint(pgdata: Path, timeline: int) -> tuple[int, str] | N
 def postmaster_gone(cluster: LocalCluster) -> bool:
     """The cheap half of "is the server still running" (no process started): its
     postmaster.pid is gone, unreadable, or names no live process. False means "probably
-    running"; True is confirmed by ``pg_ctl status`` before anyone acts on it."""
-    pid = cluster.postmaster_pid()
+    running"; True is confirmed by ``pg_ctl status`` before anyone acts on it. A postmaster.pid
+    we may not read says nothing: the failed connections then bring ``pg_ctl status`` in."""
+    try:
+        pid = cluster.postmaster_pid()
+    except OSError:
+        return False
     if pid is None or pid <= 0:
         return True
     try:

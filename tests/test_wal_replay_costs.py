@@ -277,3 +277,45 @@ def test_a_restored_directory_started_with_pg_ctl_replays_from_s3_with_a_lean_pr
             copy.destroy()
         source.destroy()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_prefetcher_started_before_the_data_step_writes_nothing_while_it_waits(
+    tmp_path: Path, s3_fault_proxy: S3FaultProxy, s3_bucket: str
+) -> None:
+    import os
+    import subprocess
+
+    from gravl_testlib import GRAVL_DR, write_config
+
+    # GIVEN an empty target directory (the restore's data step has not run yet)
+    data = tmp_path / "data"
+    data.mkdir()
+    config = write_config(
+        tmp_path / "gravl-dr.yaml",
+        {
+            "cluster": "gravl",
+            "primary": {"dsn": "host=127.0.0.1 port=1 user=postgres"},
+            "repository": {"url": f"s3://{s3_bucket}/gravl", "endpoint_url": s3_fault_proxy.url},
+        },
+    )
+    out = tmp_path / "prefetcher.out"
+    # WHEN `restore --start` starts the prefetcher early (tasks.recovery.spawn_early_prefetcher)
+    with open(out, "wb") as fh:
+        proc = subprocess.Popen(
+            [GRAVL_DR, "--config", str(config), "-v", "wal-fetch-daemon", str(data / "pg_wal")]
+            + ["--await-recovery", "60", "--restore-pid", str(os.getpid())],
+            stdout=fh,
+            stderr=fh,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        # THEN until it has its repository open and waits, and then, it writes nothing there (it
+        # once cached the repository's settings in pg_wal: the restore found its target not empty)
+        while "waits for the recovery settings" not in out.read_text():
+            assert list(data.iterdir()) == []
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
+            time.sleep(0.05)
+        assert list(data.iterdir()) == []
+    finally:
+        proc.kill()
+        proc.wait()

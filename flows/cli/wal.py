@@ -194,9 +194,12 @@ def _log_setup(verbose: bool) -> None:
 # ---------------------------------------------------------------- wal-push
 
 
-def open_wal_repository(config: str | None, pg_wal: Path, stamp: str) -> tuple[Any, Any]:
+def open_wal_repository(
+    config: str | None, pg_wal: Path, stamp: str, *, cache: bool = True
+) -> tuple[Any, Any]:
     """(repository, WalSettings): from the settings cache when this config version was seen
-    before (file repositories), else from the config."""
+    before, else from the config (and then cached, unless ``cache`` is False: a prefetcher
+    started before the restore's data step writes nothing in the data directory)."""
     from tasks.walformat import WalSettings
     from tasks.walspool import load_settings_cache, save_settings_cache
 
@@ -209,7 +212,8 @@ def open_wal_repository(config: str | None, pg_wal: Path, stamp: str) -> tuple[A
     cfg = load_config(config)
     repo = open_repository(cfg.repository)
     settings = WalSettings.from_config(cfg.repository)
-    save_settings_cache(pg_wal, stamp, cfg.repository)
+    if cache:
+        save_settings_cache(pg_wal, stamp, cfg.repository)
     return repo, settings
 
 
@@ -389,10 +393,11 @@ def cmd_wal_fetch_daemon(args: argparse.Namespace) -> int:
 
     pg_wal = Path(args.pg_wal).absolute()
     stamp = config_stamp(_config_file(args.config))
-    repo, settings = open_wal_repository(args.config, pg_wal, stamp)
+    repo, settings = open_wal_repository(args.config, pg_wal, stamp, cache=args.await_recovery <= 0)
     if args.await_recovery > 0:
         # the S3 client (boto3's import and set-up) is made on first use: before the wait
         getattr(repo, "client", None)
+        log.info("WAL prefetcher of %s has its repository open: waits for the recovery settings", pg_wal)
         if not await_recovery(pg_wal, args.await_recovery, watch=args.restore_pid):
             log.info("WAL prefetcher of %s exits: the restore did not start recovery", pg_wal)
             return 0
