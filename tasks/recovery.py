@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks import walserve
 from tasks.backup import list_backups, resolve_backup
 from tasks.errors import ConfigError, NotFound, PreconditionFailed
 from tasks.models import LSN_RE, Manifest, format_lsn, parse_lsn
@@ -715,17 +716,7 @@ def start_prefetcher(pgdata: Path, config_path: str, os_user: str, env: dict[str
     chown_tree(log_path, os_user)
     try:
         pid = spawn_detached(
-            [
-                python,
-                "-P",
-                "-m",
-                "flows.cli",
-                "--config",
-                str(Path(config_path).absolute()),
-                "-v",
-                "wal-fetch-daemon",
-                str(pg_wal),
-            ],
+            walserve.daemon_argv(python, str(Path(config_path).absolute()), "wal-fetch-daemon", str(pg_wal)),
             log=log_path,
             env=env,
             os_user=os_user,
@@ -817,7 +808,7 @@ def end_early_prefetcher(pgdata: Path, pid: int) -> None:
 def _prefetcher_argv(pg_wal: Path, config_path: str) -> list[str]:
     python = _interpreter(gravl_dr_executable()) or sys.executable
     config = str(Path(config_path).absolute())
-    return [python, "-P", "-m", "flows.cli", "--config", config, "-v", "wal-fetch-daemon", str(pg_wal)]
+    return walserve.daemon_argv(python, config, "wal-fetch-daemon", str(pg_wal))
 
 
 def check_server_can_read(config_file: str, cfg: Config, os_user: str) -> None:

@@ -59,6 +59,16 @@ HEX = frozenset("0123456789ABCDEF")
 DAEMON_MAIN = "import sys; from flows.cli.wal import daemon_main; sys.exit(daemon_main(sys.argv[1:]))"
 
 
+def daemon_argv(python: str, config_file: str, *args: str) -> list[str]:
+    """The command line of a background pusher or prefetcher: ``python -P -c DAEMON_MAIN
+    --config CFG -v wal-fetch-daemon PG_WAL ...``. Not ``-m flows.cli``: that loads the CLI's
+    parser and every command's module (the config model, the flows' modules), and PostgreSQL's
+    first restore_command call after a plain ``pg_ctl start`` waits for this process. Its words
+    still name the command and pg_wal (tasks.walspool.our_prefetcher checks them before
+    stopping one)."""
+    return [python, "-P", "-c", DAEMON_MAIN, "--config", config_file, "-v", *args]
+
+
 def config_stamp(config_path: str) -> str:
     """Identifies a config file's version: prefetched state is only trusted under the same one."""
     p = os.path.abspath(config_path)
@@ -290,9 +300,7 @@ def _spawn_prefetcher(config: str, dest: str) -> bool:
     running = _starting_pid(prefetch_folder(dest))
     if running > 0 and process_alive(running):
         return True  # one is running or starting (restore started it): wait for it
-    # as flows.cli.wal.daemon_argv (not imported: this script loads no package)
-    argv = [sys.executable, "-P", "-c", DAEMON_MAIN, "--config", os.path.abspath(config), "-v"]
-    argv += ["wal-fetch-daemon", pg_wal]
+    argv = daemon_argv(sys.executable, os.path.abspath(config), "wal-fetch-daemon", pg_wal)
     try:
         log_fd = os.open(
             os.path.join(pg_wal, "gravl-dr", "prefetcher.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600

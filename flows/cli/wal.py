@@ -221,18 +221,6 @@ def cmd_wal_push(args: argparse.Namespace) -> int:
     return wal_push(args.config, args.path, args.parallel, synchronous=args.sync)
 
 
-def daemon_argv(python: str, config_file: str, *args: str) -> list[str]:
-    """The command line of a background pusher or prefetcher: ``python -P -c DAEMON_MAIN
-    --config CFG -v wal-fetch-daemon PG_WAL ...`` (tasks.walserve.DAEMON_MAIN runs
-    ``daemon_main``). Not ``-m flows.cli``: that loads the CLI's parser and every command's
-    module (the config model, the flows' modules), and PostgreSQL's first restore_command call
-    after a plain ``pg_ctl start`` waits for this process. Its words still name the command and
-    pg_wal (tasks.walspool.our_prefetcher checks them before stopping one)."""
-    from tasks.walserve import DAEMON_MAIN
-
-    return [python, "-P", "-c", DAEMON_MAIN, "--config", config_file, "-v", *args]
-
-
 def daemon_main(argv: Sequence[str]) -> int:
     """The entry of ``wal-push-daemon`` and ``wal-fetch-daemon``: this module's parser only;
     every error is one line and a non-zero exit, as with the CLI's."""
@@ -259,7 +247,9 @@ def daemon_main(argv: Sequence[str]) -> int:
 
 
 def _daemon_command(config: str | None, *args: str) -> list[str]:
-    """The command line of a background pusher or prefetcher (see daemon_argv)."""
+    """The command line of a background pusher or prefetcher (tasks.walserve.daemon_argv)."""
+    from tasks.walserve import daemon_argv
+
     return daemon_argv(sys.executable, str(Path(_config_file(config)).absolute()), *args)
 
 
