@@ -14,7 +14,7 @@ noise hits every column:
 - gravl-dr warm: the same two commands with `gravl-dr warm` running: the command is a thin
   client and a child forked from the warm process runs it (same flow run, same artifact);
 - gravl-dr warm, heartbeat off: the same with GRAVL_DR_FLOW_HEARTBEAT=off (no flow-run heartbeat
-  at all). Before flows/cli/heartbeat.py this column saved up to a second per run (Prefect's
+  at all). Before flows/heartbeat.py this column saved up to a second per run (Prefect's
   heartbeat thread, which each flow run joined at its end, sleeps in one-second steps); since,
   the CLI sends the heartbeat itself from a thread that stops at once, and it should match "warm";
 - pgBackRest: `pgbackrest info` (what a dry run checks: the repository and the stanza) and

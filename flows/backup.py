@@ -18,6 +18,7 @@ from flows.common import (
     publish_report,
     push_flow_metrics,
 )
+from flows.heartbeat import send_heartbeat
 from flows.params import BackupKind, ConfigPath
 from tasks import backup as steps
 from tasks.config import Config
@@ -159,7 +160,7 @@ def _markdown(report: BackupReport, repo_url: str, error: str | None = None) -> 
     return document(lines)
 
 
-@flow(name="backup", log_prints=False)
+@flow(name="backup", log_prints=False, on_running=[send_heartbeat])
 def backup_flow(
     config_path: ConfigPath = None,
     kind: BackupKind = "physical",

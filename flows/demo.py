@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from flows.backup import backup_flow
 from flows.common import human_bytes, logger, publish_report
 from flows.drill import run_drill
+from flows.heartbeat import send_heartbeat
 from flows.restore import restore_flow
 from tasks.errors import PermanentError
 from tasks.pgcluster import LocalCluster, free_port, make_private_dir
@@ -99,7 +100,7 @@ def compare_tables(source_dsn: str, restored_dsn: str, label: str) -> tuple[int,
 SUITES_DIR = Path(__file__).resolve().parent.parent / "expectations"
 
 
-@flow(name="demo")
+@flow(name="demo", on_running=[send_heartbeat])
 def demo_flow(
     users: Annotated[int, Field(ge=1, le=1_000_000)] = 500,
     logs: Annotated[int, Field(ge=0, le=100_000_000)] = 20000,

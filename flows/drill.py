@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.common import NETWORK_RETRIES, human_bytes, load, logger, publish_report, push_flow_metrics
+from flows.heartbeat import send_heartbeat
 from flows.params import BackupKind, BackupRef, ConfigPath, OptionalTime
 from tasks import backup as bsteps
 from tasks import drill as dsteps
@@ -719,7 +720,7 @@ def _cleanup_hook(flow: Any, flow_run: Any, state: Any) -> None:
 # ---------------------------------------------------------------- the flow
 
 
-@flow(name="drill", on_cancellation=[_cleanup_hook], on_crashed=[_cleanup_hook])
+@flow(name="drill", on_cancellation=[_cleanup_hook], on_crashed=[_cleanup_hook], on_running=[send_heartbeat])
 def drill_flow(
     config_path: ConfigPath = None,
     backup: BackupRef = "latest",

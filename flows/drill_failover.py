@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from flows.common import publish_report, push_flow_metrics
 from flows.failback import FailbackReport, failback_flow
 from flows.failover import FailoverReport, failover_flow
+from flows.heartbeat import send_heartbeat
 from flows.params import ConfigPath, OptionalText
 from tasks.config import load_config
 from tasks.failover import DEFAULT_MAX_LAG_BYTES
@@ -29,7 +30,7 @@ class DrillFailoverReport(BaseModel):
     failback: FailbackReport
 
 
-@flow(name="drill-failover", log_prints=False)
+@flow(name="drill-failover", log_prints=False, on_running=[send_heartbeat])
 def drill_failover_flow(
     config_path: ConfigPath = None,
     backup: bool = False,

@@ -32,6 +32,7 @@ from flows.failover import (
     switch_dns,
     validate_primary,
 )
+from flows.heartbeat import send_heartbeat
 from flows.node_step import call_node_step, observe
 from flows.params import ConfigPath, OptionalText
 from tasks.config import Config, Node, load_config
@@ -430,7 +431,7 @@ def _apply(r: _Run) -> str | None:
     return r.dns_error
 
 
-@flow(name="failback", log_prints=False)
+@flow(name="failback", log_prints=False, on_running=[send_heartbeat])
 def failback_flow(
     config_path: ConfigPath = None,
     backup: Annotated[bool, Field(description="back up the current primary first")] = True,

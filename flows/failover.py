@@ -20,6 +20,7 @@ from prefect.states import Completed
 from pydantic import BaseModel, Field
 
 from flows.common import human_bytes, logger, publish_report, push_flow_metrics
+from flows.heartbeat import send_heartbeat
 from flows.node_step import call_node_step, observe
 from flows.params import ConfigPath, OptionalText
 from tasks.config import Config, Node, load_config
@@ -529,7 +530,7 @@ _FAILOVER_STEPS: dict[str, Callable[[_Failover, Step], None]] = {
 }
 
 
-@flow(name="failover", log_prints=False)
+@flow(name="failover", log_prints=False, on_running=[send_heartbeat])
 def failover_flow(
     config_path: ConfigPath = None,
     max_lag_bytes: Annotated[

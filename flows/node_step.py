@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field, ValidationError
 
 from flows.common import logger
+from flows.heartbeat import send_heartbeat
 from flows.node_watch import PoolWatcher, give_up_run
 from flows.params import ConfigPath, OptionalText
 from tasks.config import Config, Node, load_config
@@ -43,7 +44,7 @@ from tasks.polling import poll_until
 from tasks.topology import observe_node
 
 
-@flow(name="node-step", log_prints=False)
+@flow(name="node-step", log_prints=False, on_running=[send_heartbeat])
 def node_step_flow(
     step: NodeStepName,
     node: Annotated[str, Field(min_length=1, max_length=200)],

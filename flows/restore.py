@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, WithJsonSchema
 
 from flows.common import NETWORK_RETRIES, human_bytes, load, logger, publish_report
+from flows.heartbeat import send_heartbeat
 from flows.node_step import call_node_step
 from flows.params import BackupRef, ConfigPath, OptionalPort, OptionalText, OptionalTextList, OptionalTime
 from tasks import recovery as rec
@@ -553,7 +554,7 @@ def _restore_on_node(
     return report.model_copy(update={"runs_on": where}), manifest
 
 
-@flow(name="restore")
+@flow(name="restore", on_running=[send_heartbeat])
 def restore_flow(
     config_path: ConfigPath = None,
     backup: BackupRef = "latest",

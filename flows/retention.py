@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.common import NETWORK_RETRIES, load, logger, publish_report, push_flow_metrics
+from flows.heartbeat import send_heartbeat
 from flows.params import ConfigPath
 from tasks import retention as steps
 from tasks.config import Config
@@ -216,7 +217,7 @@ def _markdown(report: RetentionReport, cfg: Config, repo_url: str) -> str:
     return document(lines)
 
 
-@flow(name="expire", log_prints=False)
+@flow(name="expire", log_prints=False, on_running=[send_heartbeat])
 def expire_flow(config_path: ConfigPath = None, dry_run: bool = False) -> RetentionReport:
     """Expire backups and WAL beyond the retention policy (retention.full_days, retention.min_full).
 

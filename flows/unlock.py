@@ -11,6 +11,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import NETWORK_RETRIES, load, logger, publish_report
+from flows.heartbeat import send_heartbeat
 from flows.params import ConfigPath
 from tasks import backup as steps
 from tasks.errors import one_line
@@ -33,7 +34,7 @@ def break_lock(repo: Repository, force: bool) -> str:
     return done
 
 
-@flow(name="unlock", log_prints=False)
+@flow(name="unlock", log_prints=False, on_running=[send_heartbeat])
 def unlock_flow(config_path: ConfigPath = None, force: bool = False) -> str:
     """Remove the repository's backup lock when the backup holding it is gone (a host that died).
 

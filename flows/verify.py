@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.common import NETWORK_RETRIES, human_bytes, load, logger, publish_report
+from flows.heartbeat import send_heartbeat
 from flows.params import BackupKind, BackupRef, ConfigPath
 from tasks import backup as steps
 from tasks.config import Config
@@ -65,7 +66,7 @@ def verify_backup(cfg: Config, repo: Repository, manifest: Manifest, deep: bool)
     )
 
 
-@flow(name="verify", log_prints=False)
+@flow(name="verify", log_prints=False, on_running=[send_heartbeat])
 def verify_flow(
     config_path: ConfigPath = None,
     backup: BackupRef = "latest",

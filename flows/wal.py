@@ -34,6 +34,7 @@ from flows.common import (
     publish_report,
     push_flow_metrics,
 )
+from flows.heartbeat import send_heartbeat
 from flows.params import ConfigPath
 from tasks import walcheck
 from tasks.config import Config
@@ -268,7 +269,7 @@ def watch_archive_lag(cfg: Config, minutes: int, every_seconds: int) -> list[wal
     return samples
 
 
-@flow(name="wal-check")
+@flow(name="wal-check", on_running=[send_heartbeat])
 def wal_check_flow(
     config_path: ConfigPath = None,
     check_server: bool = True,

@@ -1,4 +1,4 @@
-"""The flow-run heartbeat of a CLI command (flows/cli/heartbeat.py): the command's flow run sends
+"""The flow-run heartbeat of a CLI command (flows/heartbeat.py): the command's flow run sends
 Prefect's ``prefect.flow-run.heartbeat`` event for its own resource — what a zombie-run
 automation keys on — while Prefect's engine runs it with its own heartbeat thread off (that
 thread sleeps in one-second steps and the engine joins it at the end of every run);
@@ -82,7 +82,7 @@ def test_the_heartbeat_event_names_the_same_resources_as_prefects_own() -> None:
     from prefect.client.schemas.objects import FlowRun
     from prefect.flow_engine import FlowRunEngine
 
-    from flows.cli.heartbeat import heartbeat_resource
+    from flows.heartbeat import heartbeat_resource
 
     # GIVEN a flow run of a deployment, with tags (the richest case Prefect's engine handles)
     @flow(name="backup")
@@ -101,3 +101,102 @@ def test_the_heartbeat_event_names_the_same_resources_as_prefects_own() -> None:
     # THEN they are the same (a zombie-run automation matches either alike)
     assert ours[0] == resource
     assert ours[1] == [dict(r) for r in related]
+
+
+SUBFLOW_SCRIPT = """
+import sys
+from prefect import flow
+from flows.backup import backup_flow
+from flows.cli.runner import run_flow
+from flows.heartbeat import send_heartbeat
+
+@flow(name="outer-flow-check", on_running=[send_heartbeat])
+def outer(config_path: str) -> None:
+    backup_flow(config_path=config_path, kind="physical", dry_run=True)
+
+run_flow(outer, config_path=sys.argv[1])
+"""
+
+
+def test_a_flow_run_inside_a_cli_commands_flow_sends_its_heartbeat_too(
+    prefect_harness: None, make_config: Any, file_repo_url: str
+) -> None:
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from gravl_testlib import REPO_ROOT
+
+    # GIVEN a flow that runs the backup flow inside it, as failback, drill-failover and the demo
+    # do, run the way the CLI runs its flows (run_flow), with the engine's debug logs shipped
+    cfg = make_config(file_repo_url)
+    env = {**__import__("os").environ, "PREFECT_API_URL": _api(), "PREFECT_LOGGING_LEVEL": "DEBUG"}
+    # WHEN it runs
+    proc = subprocess.run(
+        [sys.executable, "-c", SUBFLOW_SCRIPT, str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=str(REPO_ROOT),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with get_client(sync_client=True) as client:
+        [outer_run] = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["outer-flow-check"])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=1,
+        )
+        assert outer_run.state is not None and outer_run.state.is_completed(), outer_run.state
+        [inner] = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[outer_run.id])
+            )
+        )
+        runs = {"outer": outer_run, "inner backup": inner}
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[outer_run.id, inner.id]))
+        )
+    # THEN both runs (the outer one and the backup run inside it) sent their heartbeat event,
+    # for their own resource
+    for what, run in runs.items():
+        beats = [e for e in settled_flow_run_events(run.id) if e.event == "prefect.flow-run.heartbeat"]
+        assert len(beats) == 1, (what, beats)
+        assert beats[0].resource.id == f"prefect.flow-run.{run.id}", what
+    # AND Prefect's engine started its own heartbeat thread for neither (the one it joins in
+    # one-second steps at the end of each run): it logs that at debug level
+    messages = [str(log.message) for log in logs]
+    assert any(m.startswith("Executing flow 'backup'") for m in messages), messages
+    assert not [m for m in messages if "heartbeat" in m.lower()], messages
+
+
+def test_every_gravl_dr_flow_sends_its_heartbeat_when_run_by_a_cli_command() -> None:
+    import importlib
+    import pkgutil
+
+    from prefect import Flow
+
+    import flows
+    from flows.heartbeat import send_heartbeat
+
+    # GIVEN every flow of the flows package (a command runs one, and some run others inside it)
+    found: dict[str, Any] = {}
+    for info in pkgutil.iter_modules(flows.__path__):
+        module = importlib.import_module(f"flows.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, Flow) and value.__module__ == module.__name__:
+                found[value.name] = value
+    # THEN each has the heartbeat hook: with Prefect's heartbeat off for the command, a flow
+    # without it would run with no heartbeat at all
+    assert {"backup", "restore", "failover", "failback", "drill", "drill-failover", "demo"} <= set(found)
+    assert [name for name, f in found.items() if send_heartbeat not in f.on_running_hooks] == []

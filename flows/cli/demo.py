@@ -21,6 +21,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import demo_flow, summary
 
     t0 = time.monotonic()
-    report = run_flow(demo_flow, subflows=True, users=args.users, logs=args.logs, keep=args.keep)
+    report = run_flow(demo_flow, users=args.users, logs=args.logs, keep=args.keep)
     print(summary(report, time.monotonic() - t0))
     return 0 if report.ok else 1

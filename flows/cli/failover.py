@@ -165,7 +165,6 @@ def cmd_failback(args: argparse.Namespace) -> int:
 
     report = run_flow(
         failback_flow,
-        subflows=True,  # its backup step is the backup flow
         config_path=args.config,
         backup=not args.no_backup,
         approved_by=approved_by,
@@ -204,7 +203,6 @@ def cmd_drill(args: argparse.Namespace) -> int:
 
     report = run_flow(
         drill_failover_flow,
-        subflows=True,  # the failover and failback flows
         config_path=args.config,
         backup=args.backup,
         approved_by=approved_by,

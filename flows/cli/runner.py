@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, NoReturn, TypeVar
 
 from flows.prefect_env import apply_prefect_defaults
 
@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 # Prefect's flow-run heartbeat thread sleeps in one-second steps and every flow run joins it at
 # its end: up to a second of each flow command. A CLI command therefore runs its flow with
-# Prefect's heartbeat off and sends the same heartbeat events itself (flows.cli.heartbeat), from
+# Prefect's heartbeat off and sends the same heartbeat events itself (flows.heartbeat), from
 # a thread that stops at once. Off (per command): no heartbeat at all, so a command killed with
 # -9 leaves its run Running instead of letting a zombie-run automation mark it Crashed.
 # Deployment runs (the worker) keep Prefect's own.
@@ -74,17 +74,15 @@ def ctrl_c_interrupts() -> Iterator[None]:
             signal.signal(signal.SIGINT, previous)
 
 
-def run_flow(flow_fn: Callable[..., T], /, *, subflows: bool = False, **params: Any) -> T:
+def run_flow(flow_fn: Callable[..., T], /, **params: Any) -> T:
     """Run a flow in-process: against PREFECT_API_URL when set, else Prefect's ephemeral mode.
 
     SIGTERM (a supervisor or Kubernetes stopping us) becomes an exception, not a silent death:
     the flow tears down what it started (a drill's server), and the exit handlers stop
     Prefect's ephemeral API server, which would otherwise live on as an orphan.
 
-    The run's heartbeat comes from :class:`flows.cli.heartbeat.FlowRunHeartbeat`, not from
-    Prefect's engine (see HEARTBEAT_ENV above). ``subflows``: the flow runs other flows in this
-    process; the hook reaches only the top-level run, so such a flow keeps Prefect's heartbeat
-    (and its join), which its subflows then have too."""
+    The run's heartbeat, and that of every flow it runs inside it, comes from
+    :mod:`flows.heartbeat`, not from Prefect's engine (see HEARTBEAT_ENV above)."""
     prefect_environment()
     signal.signal(signal.SIGTERM, _on_sigterm)
     import prefect.logging.configuration
@@ -98,8 +96,6 @@ def run_flow(flow_fn: Callable[..., T], /, *, subflows: bool = False, **params: 
         root.removeHandler(handler)
     quiet_console_tracebacks()
     off = os.environ.get(HEARTBEAT_ENV, "").lower() in ("off", "0", "false", "no")
-    if subflows and not off:
-        return flow_fn(**params)
     import prefect.context
 
     current = prefect.context.get_settings_context()
@@ -111,15 +107,10 @@ def run_flow(flow_fn: Callable[..., T], /, *, subflows: bool = False, **params: 
     with prefect.context.SettingsContext(profile=current.profile, settings=quiet):
         if seconds is None:
             return flow_fn(**params)
-        from flows.cli.heartbeat import FlowRunHeartbeat
+        from flows.heartbeat import cli_heartbeat
 
-        beat = FlowRunHeartbeat(seconds)
-        flow: Any = flow_fn
-        with_beat: Any = flow.with_options(on_running=[*flow.on_running_hooks, beat.hook])
-        try:
-            return cast(T, with_beat(**params))
-        finally:
-            beat.stop()
+        with cli_heartbeat(seconds):
+            return flow_fn(**params)
 
 
 def exit_without_teardown(code: int) -> NoReturn:

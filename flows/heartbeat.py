@@ -1,26 +1,32 @@
-"""Entry point support: the flow-run heartbeat of a CLI command, sent by gravl-dr instead of by
+"""Orchestration support: the flow-run heartbeat of a CLI command, sent by gravl-dr instead of by
 Prefect's engine, so that the run does not wait for Prefect's heartbeat thread at its end.
 
 Prefect 3.9's engine sends ``prefect.flow-run.heartbeat`` events from a thread that sleeps in
 one-second steps, and the sync engine joins that thread when the flow function returns: each
 flow run lasts up to a second longer than its work. A CLI command runs its flow with Prefect's
-heartbeat off and starts :class:`FlowRunHeartbeat` from an ``on_running`` hook (Prefect's public
-state-hook API): the same event, for the same resource (``prefect.flow-run.<id>``, its name and
+heartbeat off and makes a :class:`FlowRunHeartbeat` current (:func:`cli_heartbeat`); every gravl-dr
+flow has :func:`send_heartbeat` as its ``on_running`` hook (Prefect's public state-hook API), so
+the command's run and the flows it runs inside it (failback's backup, drill-failover's failover
+and failback, the demo's) each get their heartbeat: the same event, for the same resource (``prefect.flow-run.<id>``, its name and
 Prefect's version) with the same related resources (the flow, the deployment, the run's tags),
 at Prefect's configured frequency (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, at least 30 s), first
 at once. A zombie-run automation (Prefect's "detect zombie flows" recipe: after a heartbeat,
 expect another heartbeat or a terminal state event of the same ``prefect.flow-run.*`` resource)
 treats it exactly as Prefect's own. The thread waits on an Event, so stopping it is immediate;
-the command stops it as soon as the flow function returns, after the run's final state.
+the command stops it as soon as the flow function returns, after the run's final state. Outside a
+CLI command (a deployment run on a worker) no heartbeat is current, the hook does nothing and
+Prefect's engine sends the heartbeat itself.
 
 Prefect is imported only inside the functions: this module is imported by every flow command.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger("gravl_dr.heartbeat")
@@ -108,3 +114,27 @@ class FlowRunHeartbeat:
         self._stop.set()
         for thread in self._threads.values():
             thread.join(timeout=5)
+
+
+_current: FlowRunHeartbeat | None = None  # one command per process (the warm process forks one per command)
+
+
+def send_heartbeat(flow: Any, flow_run: Any, state: Any) -> None:
+    """The ``on_running`` hook of every gravl-dr flow: the run's heartbeat, when a CLI command
+    made one current (else Prefect's engine sends it)."""
+    if _current is not None:
+        _current.hook(flow, flow_run, state)
+
+
+@contextlib.contextmanager
+def cli_heartbeat(seconds: int) -> Iterator[FlowRunHeartbeat]:
+    """While the CLI runs its flow with Prefect's heartbeat off: every flow run started meanwhile
+    sends its heartbeat from here; none after this ends."""
+    global _current
+    beat = FlowRunHeartbeat(seconds)
+    previous, _current = _current, beat
+    try:
+        yield beat
+    finally:
+        _current = previous
+        beat.stop()
