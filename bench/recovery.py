@@ -52,6 +52,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,100 @@ def s3_repositories(base: Path) -> tuple[dict[str, Any], str, list[Callable[[], 
     return gravl_repo, pgbr_repo, [proxy.close, moto.terminate]
 
 
+@dataclass
+class SideBySide:
+    """One source cluster archiving every WAL file into both tools' repositories."""
+
+    base: Path
+    sock: Path
+    cfg: Path
+    port: int
+    pgbr: list[str]
+    source: LocalCluster
+    services: list[Callable[[], object]]  # what to stop at the end (moto, the TLS proxy)
+
+    @property
+    def conn(self) -> list[str]:
+        return ["-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"]
+
+
+def side_by_side(prefix: str, s3: bool, cores: int) -> SideBySide:
+    """The workspace of a side-by-side run: both repositories (directories, or one S3 bucket of
+    a moto server behind a TLS proxy), gravl-dr's config, pgBackRest's (zstd level 3,
+    process-max = cores, synchronous archive-get); nothing started yet."""
+    base = make_private_dir(prefix, PG)
+    sock = base / "sock"
+    sock.mkdir()
+    for d in ("gravl-repo", "pgbr-repo", "pgbr-log", "pgbr-lock", "pgbr-spool"):
+        (base / d).mkdir()
+    chown_tree(base, PG)
+    cfg = base / "gravl-dr.yaml"
+    port = free_port()
+    gravl_repo: dict[str, Any] = {"url": f"file://{base / 'gravl-repo'}"}
+    pgbr_repo = f"repo1-path={base / 'pgbr-repo'}\n"
+    services: list[Callable[[], object]] = []
+    if s3:
+        gravl_repo, pgbr_repo, services = s3_repositories(base)
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "cluster": "bench",
+                "primary": {"dsn": f"host=127.0.0.1 port={port} user=postgres dbname=postgres"},
+                "repository": {**gravl_repo, "compression": "zstd"},
+            }
+        )
+    )
+    conf = base / "pgbackrest.conf"
+    conf.write_text(
+        f"[global]\n{pgbr_repo}"
+        f"log-path={base / 'pgbr-log'}\nlock-path={base / 'pgbr-lock'}\n"
+        f"spool-path={base / 'pgbr-spool'}\ncompress-type=zst\ncompress-level=3\nlog-level-console=warn\n"
+        f"log-level-file=off\nprocess-max={cores}\nstart-fast=y\n\n"
+        f"[bench]\npg1-path={base / 'data'}\npg1-port={port}\npg1-socket-path={sock}\n"
+    )
+    chown_tree(base, PG)
+    pgbr = ["pgbackrest", f"--config={conf}", "--stanza=bench"]
+    return SideBySide(
+        base, sock, cfg, port, pgbr, LocalCluster(base / "data", port, dbname="bench"), services
+    )
+
+
+def start_source(w: SideBySide) -> None:
+    """Create and start the source cluster (data checksums; archive_command pushes each WAL file
+    with gravl-dr, then with pgBackRest), the pgBackRest stanza and the `bench` database."""
+    w.source.initdb(
+        checksums=True,
+        extra_conf={
+            "max_wal_size": "'4GB'",
+            "checkpoint_timeout": "'30min'",
+            "archive_mode": "on",
+            "archive_command": f"'{GRAVL_DR} --config {w.cfg} wal-push %p && {' '.join(w.pgbr)} archive-push %p'",
+            "unix_socket_directories": f"'{w.sock}'",
+        },
+    )
+    chown_tree(w.base, PG)
+    subprocess.run(
+        as_pg(f"{BIN}/pg_ctl", "-D", str(w.source.pgdata), "-l", str(w.source.logfile), "-w", "-s", "start"),
+        check=True,
+    )
+    must(timed(as_pg(*w.pgbr, "stanza-create"), root_only=False), "pgbackrest stanza-create")
+    subprocess.run([f"{BIN}/createdb", *w.conn, "bench"], check=True)
+
+
+def archive_all_and_stop(w: SideBySide) -> None:
+    """Switch to a new WAL file, wait until both tools archived every one, stop the source."""
+    sql(w.port, "SELECT pg_switch_wal()")
+    status = w.source.pgdata / "pg_wal" / "archive_status"
+    deadline = time.monotonic() + 600
+    while any(n.endswith(".ready") for n in os.listdir(status)):
+        if time.monotonic() > deadline:
+            raise SystemExit("archiving did not drain")
+        time.sleep(0.2)
+    subprocess.run(
+        as_pg(f"{BIN}/pg_ctl", "-D", str(w.source.pgdata), "-m", "fast", "-w", "-s", "stop"), check=True
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -196,39 +291,8 @@ def main() -> None:
     if subprocess.run(as_pg(GRAVL_DR, "--help"), capture_output=True).returncode:
         raise SystemExit(f"the postgres user cannot run {GRAVL_DR}: use a venv made from /usr/bin/python3")
     cores = os.cpu_count() or 2
-    base = make_private_dir("gravl-bench-recovery-", PG)
-    sock = base / "sock"
-    sock.mkdir()
-    for d in ("gravl-repo", "pgbr-repo", "pgbr-log", "pgbr-lock", "pgbr-spool"):
-        (base / d).mkdir()
-    chown_tree(base, PG)
-    cfg = base / "gravl-dr.yaml"
-    port = free_port()
-    gravl_repo: dict[str, Any] = {"url": f"file://{base / 'gravl-repo'}"}
-    pgbr_repo = f"repo1-path={base / 'pgbr-repo'}\n"
-    s3_services: list[Callable[[], object]] = []
-    if args.s3:
-        gravl_repo, pgbr_repo, s3_services = s3_repositories(base)
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "cluster": "bench",
-                "primary": {"dsn": f"host=127.0.0.1 port={port} user=postgres dbname=postgres"},
-                "repository": {**gravl_repo, "compression": "zstd"},
-            }
-        )
-    )
-    conf = base / "pgbackrest.conf"
-    conf.write_text(
-        f"[global]\n{pgbr_repo}"
-        f"log-path={base / 'pgbr-log'}\nlock-path={base / 'pgbr-lock'}\n"
-        f"spool-path={base / 'pgbr-spool'}\ncompress-type=zst\ncompress-level=3\nlog-level-console=warn\n"
-        f"log-level-file=off\nprocess-max={cores}\nstart-fast=y\n\n"
-        f"[bench]\npg1-path={base / 'data'}\npg1-port={port}\npg1-socket-path={sock}\n"
-    )
-    chown_tree(base, PG)
-    pgbr = ["pgbackrest", f"--config={conf}", "--stanza=bench"]
-    source = LocalCluster(base / "data", port, dbname="bench")
+    w = side_by_side("gravl-bench-recovery-", args.s3, cores)
+    base, sock, cfg, port, pgbr, source = w.base, w.sock, w.cfg, w.port, w.pgbr, w.source
     env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     server, url, home = start_prefect_server()
     env["PREFECT_API_URL"] = url
@@ -273,24 +337,8 @@ def main() -> None:
         )
 
     try:
-        source.initdb(
-            checksums=True,
-            extra_conf={
-                "max_wal_size": "'4GB'",
-                "checkpoint_timeout": "'30min'",
-                "archive_mode": "on",
-                "archive_command": f"'{GRAVL_DR} --config {cfg} wal-push %p && {' '.join(pgbr)} archive-push %p'",
-                "unix_socket_directories": f"'{sock}'",
-            },
-        )
-        chown_tree(base, PG)
-        subprocess.run(
-            as_pg(f"{BIN}/pg_ctl", "-D", str(source.pgdata), "-l", str(source.logfile), "-w", "-s", "start"),
-            check=True,
-        )
-        must(timed(as_pg(*pgbr, "stanza-create"), root_only=False), "pgbackrest stanza-create")
-        conn = ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
-        subprocess.run([f"{BIN}/createdb", *conn, "bench"], check=True)
+        start_source(w)
+        conn = w.conn
         # a tiny backup first: what a flow command costs with (almost) no data
         tiny_run = gravl("backup", "--kind", "physical", "--json")
         tiny = json.loads(tiny_run.stdout[tiny_run.stdout.index("{") :])
@@ -334,16 +382,7 @@ def main() -> None:
         res["wal_after_backup_mb"] = round(
             sql(port, f"SELECT pg_current_wal_lsn() - '{start_lsn}'::pg_lsn") / 2**20
         )
-        sql(port, "SELECT pg_switch_wal()")
-        status = source.pgdata / "pg_wal" / "archive_status"
-        deadline = time.monotonic() + 600
-        while any(n.endswith(".ready") for n in os.listdir(status)):
-            if time.monotonic() > deadline:
-                raise SystemExit("archiving did not drain")
-            time.sleep(0.2)
-        subprocess.run(
-            as_pg(f"{BIN}/pg_ctl", "-D", str(source.pgdata), "-m", "fast", "-w", "-s", "stop"), check=True
-        )
+        archive_all_and_stop(w)
         # ---- restore, replay, restore + replay
         for r in range(args.rounds):
             order = ["gravl", "pgbr"] if r % 2 == 0 else ["pgbr", "gravl"]
@@ -397,7 +436,7 @@ def main() -> None:
             )
     finally:
         source.destroy()
-        for stop_service in s3_services:
+        for stop_service in w.services:
             stop_service()
         if warm is not None:
             if warm.poll() is not None:

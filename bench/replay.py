@@ -34,11 +34,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from benchlib import BIN, GRAVL_DR, cleanup, start_prefect_server, timed
-from recovery import PG, as_pg, must, prepare_restored, s3_repositories, sql, start_and_wait
+from recovery import (
+    PG,
+    archive_all_and_stop,
+    as_pg,
+    must,
+    prepare_restored,
+    side_by_side,
+    sql,
+    start_and_wait,
+    start_source,
+)
 
-from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir
+from tasks.pgcluster import chown_tree, free_port
 
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})")
 
@@ -92,38 +101,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     cores = os.cpu_count() or 2
-    base = make_private_dir("gravl-bench-replay-", PG)
-    sock = base / "sock"
-    sock.mkdir()
-    for d in ("gravl-repo", "pgbr-repo", "pgbr-log", "pgbr-lock", "pgbr-spool"):
-        (base / d).mkdir()
-    cfg = base / "gravl-dr.yaml"
-    port = free_port()
-    gravl_repo: dict[str, Any] = {"url": f"file://{base / 'gravl-repo'}"}
-    pgbr_repo = f"repo1-path={base / 'pgbr-repo'}\n"
-    services: list[Any] = []
-    if args.s3:
-        gravl_repo, pgbr_repo, services = s3_repositories(base)
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "cluster": "bench",
-                "primary": {"dsn": f"host=127.0.0.1 port={port} user=postgres dbname=postgres"},
-                "repository": {**gravl_repo, "compression": "zstd"},
-            }
-        )
-    )
-    conf = base / "pgbackrest.conf"
-    conf.write_text(
-        f"[global]\n{pgbr_repo}"
-        f"log-path={base / 'pgbr-log'}\nlock-path={base / 'pgbr-lock'}\n"
-        f"spool-path={base / 'pgbr-spool'}\ncompress-type=zst\ncompress-level=3\nlog-level-console=warn\n"
-        f"log-level-file=off\nprocess-max={cores}\nstart-fast=y\n\n"
-        f"[bench]\npg1-path={base / 'data'}\npg1-port={port}\npg1-socket-path={sock}\n"
-    )
-    chown_tree(base, PG)
-    pgbr = ["pgbackrest", f"--config={conf}", "--stanza=bench"]
-    source = LocalCluster(base / "data", port, dbname="bench")
+    w = side_by_side("gravl-bench-replay-", args.s3, cores)
+    base, sock, cfg, port, pgbr, source = w.base, w.sock, w.cfg, w.port, w.pgbr, w.source
     server, url, home = start_prefect_server()
     env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_API_URL": url}
     tools = {"gravl": GRAVL_DR, "pgbr": ""}
@@ -132,24 +111,8 @@ def main() -> None:
     res: dict[str, Any] = {"rounds": args.rounds, "load_at_start": os.getloadavg()[0], "s3": args.s3}
     samples: dict[str, dict[str, list[float]]] = {t: {} for t in tools}
     try:
-        source.initdb(
-            checksums=True,
-            extra_conf={
-                "max_wal_size": "'4GB'",
-                "checkpoint_timeout": "'30min'",
-                "archive_mode": "on",
-                "archive_command": f"'{GRAVL_DR} --config {cfg} wal-push %p && {' '.join(pgbr)} archive-push %p'",
-                "unix_socket_directories": f"'{sock}'",
-            },
-        )
-        chown_tree(base, PG)
-        subprocess.run(
-            as_pg(f"{BIN}/pg_ctl", "-D", str(source.pgdata), "-l", str(source.logfile), "-w", "-s", "start"),
-            check=True,
-        )
-        must(timed(as_pg(*pgbr, "stanza-create"), root_only=False), "pgbackrest stanza-create")
-        conn = ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
-        subprocess.run([f"{BIN}/createdb", *conn, "bench"], check=True)
+        start_source(w)
+        conn = w.conn
         print(f"pgbench -i -s {args.scale} ...", flush=True)
         subprocess.run(
             [f"{BIN}/pgbench", "-i", "-q", "-s", str(args.scale), *conn, "bench"],
@@ -168,16 +131,7 @@ def main() -> None:
             check=True,
             capture_output=True,
         )
-        sql(port, "SELECT pg_switch_wal()")
-        status = source.pgdata / "pg_wal" / "archive_status"
-        deadline = time.monotonic() + 600
-        while any(n.endswith(".ready") for n in os.listdir(status)):
-            if time.monotonic() > deadline:
-                raise SystemExit("archiving did not drain")
-            time.sleep(0.2)
-        subprocess.run(
-            as_pg(f"{BIN}/pg_ctl", "-D", str(source.pgdata), "-m", "fast", "-w", "-s", "stop"), check=True
-        )
+        archive_all_and_stop(w)
         # ---- one restore per tool (not timed): the reference directories
         refs: dict[str, Path] = {}
         for tool, program in tools.items():
@@ -232,7 +186,7 @@ def main() -> None:
             )
     finally:
         source.destroy()
-        for stop_service in services:
+        for stop_service in w.services:
             stop_service()
         server.terminate()
         server.wait()
