@@ -84,3 +84,32 @@ def switch_and_wait(cluster: LocalCluster, timeout: float = 30) -> str:
                 return str(name)
             time.sleep(0.1)
     raise AssertionError(f"{name} not archived after {timeout}s: {cluster.log_tail()}")
+
+
+def archive_backup_then_writes(source: LocalCluster, config: Path) -> tuple[Any, dict[str, str]]:
+    """A source archiving into the config's repository (started with what its archive_command
+    needs, as an operator's service definition would), a physical backup of it, then 50 rows
+    written and archived after the backup: the backup's report and the repository's environment."""
+    from flows.backup import backup_flow
+    from tasks.config import load_config
+    from tasks.recovery import gravl_dr_executable, repository_env
+    from tasks.sample import create_database, load_sample
+
+    source.initdb(
+        extra_conf={
+            "archive_mode": "on",
+            "archive_command": f"'{gravl_dr_executable()} --config {config} wal-push %p'",
+        }
+    )
+    env = repository_env(load_config(str(config)))
+    source.start(env=env)
+    create_database(source.dsn("postgres"), "gravl")
+    load_sample(source.dsn(), users=20, logs=200, custom=5)
+    backup = backup_flow(config_path=str(config), kind="physical")
+    with connection(source.dsn()) as conn:
+        conn.execute(
+            "INSERT INTO workout_logs (user_id, workout_id, completed_at, sets, reps) "
+            "SELECT 1 + g % 20, 1 + g % 30, now(), 3, 10 FROM generate_series(1, 50) g"
+        )
+    switch_and_wait(source)
+    return backup, env

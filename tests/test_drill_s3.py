@@ -13,17 +13,15 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from drill_helpers import assert_no_leftovers, check, failed_names, switch_and_wait
+from drill_helpers import archive_backup_then_writes, assert_no_leftovers, check, failed_names
 
-from flows.backup import backup_flow
 from flows.drill import drill_flow
 from flows.restore import restore_flow
 from gravl_testlib import write_config
-from tasks.config import Config, load_config
+from tasks.config import Config
 from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir
 from tasks.postgres import connection
-from tasks.recovery import gravl_dr_executable, repository_env
-from tasks.sample import create_database, load_sample
+from tasks.recovery import repository_env
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 PG_USER = "postgres"
@@ -59,24 +57,8 @@ def test_drill_from_encrypted_s3_replays_archived_wal(
     try:
         # GIVEN a source archiving to S3 (started with what its archive_command needs, as an
         # operator's service definition would), a backup, then writes archived after it
-        source.initdb(
-            extra_conf={
-                "archive_mode": "on",
-                "archive_command": f"'{gravl_dr_executable()} --config {config} wal-push %p'",
-            }
-        )
-        env = repository_env(load_config(str(config)))
+        backup, env = archive_backup_then_writes(source, config)
         assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", KEY_ENV} <= set(env)
-        source.start(env=env)
-        create_database(source.dsn("postgres"), "gravl")
-        load_sample(source.dsn(), users=20, logs=200, custom=5)
-        backup = backup_flow(config_path=str(config), kind="physical")
-        with connection(source.dsn()) as conn:
-            conn.execute(
-                "INSERT INTO workout_logs (user_id, workout_id, completed_at, sets, reps) "
-                "SELECT 1 + g % 20, 1 + g % 30, now(), 3, 10 FROM generate_series(1, 50) g"
-            )
-        switch_and_wait(source)
         # WHEN the backup is drilled to the end of the archive
         report = drill_flow(config_path=str(config), backup=backup.backup_id)
         # THEN the restored server fetched and decrypted the archived WAL from S3, counts were

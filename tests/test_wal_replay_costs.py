@@ -202,13 +202,12 @@ def test_settings_left_under_another_config_version_are_not_used(
 def test_a_restored_directory_started_with_pg_ctl_replays_from_s3_with_a_lean_prefetcher(
     moto_endpoint: str, s3_bucket: str
 ) -> None:
-    from flows.backup import backup_flow
+    from drill_helpers import archive_backup_then_writes
+
     from flows.restore import restore_flow
     from gravl_testlib import write_config
     from tasks.pgcluster import LocalCluster, chown_tree, free_port, make_private_dir
     from tasks.postgres import connection
-    from tasks.recovery import gravl_dr_executable, repository_env
-    from tasks.sample import create_database, load_sample
 
     base = make_private_dir("gravl-test-replay-costs-", "postgres")
     source = LocalCluster(base / "data", free_port(), dbname="gravl")
@@ -228,25 +227,7 @@ def test_a_restored_directory_started_with_pg_ctl_replays_from_s3_with_a_lean_pr
     copy: LocalCluster | None = None
     try:
         # GIVEN a source archiving to S3, a backup, then writes archived after it
-        source.initdb(
-            extra_conf={
-                "archive_mode": "on",
-                "archive_command": f"'{gravl_dr_executable()} --config {config} wal-push %p'",
-            }
-        )
-        env = repository_env(load_config(str(config)))
-        source.start(env=env)
-        create_database(source.dsn("postgres"), "gravl")
-        load_sample(source.dsn(), users=20, logs=200, custom=5)
-        backup = backup_flow(config_path=str(config), kind="physical")
-        with connection(source.dsn()) as conn:
-            conn.execute(
-                "INSERT INTO workout_logs (user_id, workout_id, completed_at, sets, reps) "
-                "SELECT 1 + g % 20, 1 + g % 30, now(), 3, 10 FROM generate_series(1, 50) g"
-            )
-        from drill_helpers import switch_and_wait
-
-        switch_and_wait(source)
+        backup, env = archive_backup_then_writes(source, config)
         # WHEN it is restored without --start, and the operator starts it with pg_ctl (the
         # prefetcher's imports go to its log)
         target = base / "restored"
