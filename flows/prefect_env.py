@@ -17,6 +17,12 @@ PREFECT_DEFAULTS: dict[str, str] = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "PREFECT_UI_ENABLED": "false",
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    # Without PREFECT_API_URL a command starts Prefect's temporary API server as a subprocess
+    # writing to the command's own stderr, and stops it at exit; a service of that server cut
+    # off mid-flush by the stop logs an ERROR with a traceback there ("Error flushing 1 events"),
+    # after the command's own one-line result. Only its fatal errors reach the terminal; what
+    # matters to the command fails in the command's own API calls.
+    "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
 }
 
 

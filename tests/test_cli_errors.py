@@ -152,3 +152,54 @@ def test_a_flow_command_ending_without_teardown_keeps_its_run_logs_and_artifact(
     assert run.state is not None and run.state.is_completed(), run.state
     assert any("Finished in state Completed" in str(log.message) for log in logs)
     assert [a.key for a in artifacts] == ["backup-report-gravl"]
+
+
+def test_the_temporary_api_server_of_a_command_prints_only_fatal_errors(
+    tmp_path: Path, file_repo_url: str, pg_primary: LocalCluster
+) -> None:
+    import os
+    import subprocess
+    import time
+
+    from gravl_testlib import GRAVL_DR, REPO_ROOT
+
+    # GIVEN a flow command run without PREFECT_API_URL (Prefect starts a temporary API server
+    # as its subprocess, writing to the command's stderr; stopping it at the end can cut off one
+    # of its services mid-flush, which it logs as an ERROR with a traceback)
+    cfg = write_config(
+        tmp_path / "c.yaml", {"primary": {"dsn": pg_primary.dsn()}, "repository": {"url": file_repo_url}}
+    )
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_SERVER_LOGGING_LEVEL")
+    }
+    env["GRAVL_DR_NO_WARM"] = "1"
+    proc = subprocess.Popen(
+        [GRAVL_DR, "--config", str(cfg), "backup", "--dry-run"],
+        env=env,
+        cwd=str(REPO_ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # WHEN its temporary server is up
+    server_env: dict[str, str] = {}
+    deadline = time.monotonic() + 120
+    while not server_env and proc.poll() is None and time.monotonic() < deadline:
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                argv = cmdline.read_bytes().split(b"\0")
+                stat = (cmdline.parent / "stat").read_text()
+                if b"uvicorn" in argv and int(stat.rsplit(")", 1)[1].split()[1]) == proc.pid:
+                    raw = (cmdline.parent / "environ").read_bytes().split(b"\0")
+                    server_env = dict(e.decode().split("=", 1) for e in raw if b"=" in e)
+            except (OSError, ValueError):
+                continue
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=300)
+    # THEN the command succeeded, and its server logs only fatal errors to the terminal
+    assert proc.returncode == 0, err
+    assert server_env, "no temporary API server seen"
+    assert server_env.get("PREFECT_SERVER_LOGGING_LEVEL") == "CRITICAL", server_env.get(
+        "PREFECT_SERVER_LOGGING_LEVEL"
+    )
+    assert "Traceback" not in err
